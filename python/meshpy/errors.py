@@ -1,0 +1,58 @@
+"""Exceptions raised by meshpy.
+
+Every error derives from :class:`MeshpyError` and also from the builtin that fits, so
+``except ValueError`` keeps working for code that does not know meshpy.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MeshpyError",
+    "CheckpointIOError",
+    "CheckpointFormatError",
+    "UnsupportedTypeError",
+    "UnsupportedArchitectureError",
+    "MissingTensorError",
+    "ShapeError",
+    "ContextOverflowError",
+    "InvalidArgumentError",
+]
+
+
+class MeshpyError(Exception):
+    """Base class of every meshpy error."""
+
+
+class CheckpointIOError(MeshpyError, OSError):
+    """A checkpoint file could not be opened or read."""
+
+
+class CheckpointFormatError(MeshpyError, ValueError):
+    """A checkpoint file is truncated or corrupt."""
+
+
+class UnsupportedTypeError(MeshpyError, ValueError):
+    """A tensor type (quantization or dtype) that meshpy cannot compute with."""
+
+
+class UnsupportedArchitectureError(MeshpyError, ValueError):
+    """A model architecture meshpy has no forward pass for."""
+
+
+class MissingTensorError(MeshpyError, KeyError):
+    """A tensor the model needs is absent from the checkpoint."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeError(MeshpyError, ValueError):
+    """Tensor shapes that do not fit together."""
+
+
+class ContextOverflowError(MeshpyError, ValueError):
+    """A prompt or generation longer than the model's context or KV cache."""
+
+
+class InvalidArgumentError(MeshpyError, ValueError):
+    """A bad argument passed to the Rust core."""

@@ -1,0 +1,40 @@
+//! The one error type of the Rust core. Each variant maps to a `meshpy.errors` class in
+//! `py/errors.rs`; messages are written for the user who has to fix the input.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the Rust core.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be opened, mapped or read.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint file is truncated or corrupt; `detail` says where and what.
+    #[error("{path}: {detail}")]
+    Format { path: PathBuf, detail: String },
+    /// A tensor type (quantization format or dtype) that no kernel handles.
+    #[error("unsupported tensor type {name}; supported: {supported}")]
+    UnsupportedType { name: String, supported: String },
+    /// A model architecture that has no forward pass here.
+    #[error("unsupported architecture {name:?}; supported: {supported}")]
+    UnsupportedArchitecture { name: String, supported: String },
+    /// A tensor the model needs is not in the checkpoint.
+    #[error("tensor {name:?} not found in checkpoint; it has: {available}")]
+    MissingTensor { name: String, available: String },
+    /// Tensor shapes or lengths that do not fit together.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A sequence longer than the context (or the KV cache) holds.
+    #[error("context overflow: {needed} positions needed, the limit is {limit}")]
+    ContextOverflow { needed: usize, limit: usize },
+    /// A bad argument from the caller (Python or a peer).
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+/// Result with the core's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

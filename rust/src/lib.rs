@@ -1,0 +1,22 @@
+//! meshpy's Rust core, exposed to Python as `meshpy._native`.
+//!
+//! The pure-Rust modules (`quant`, `checkpoint`, `compute`, `model`) know nothing of Python
+//! and test with `cargo test`; `py` holds the thin bindings, one file per exposed concept.
+
+pub mod checkpoint;
+pub mod compute;
+pub mod error;
+pub mod model;
+pub mod quant;
+
+mod py;
+
+pub use error::{Error, Result};
+
+use pyo3::prelude::*;
+
+/// The `meshpy._native` extension module: exports only.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    py::register(m)
+}

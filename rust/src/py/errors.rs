@@ -1,0 +1,35 @@
+//! Maps the core's [`Error`] onto the exception classes of `meshpy.errors`, which also
+//! inherit a builtin (`ValueError`, `OSError`, ...) so callers can catch either.
+
+use pyo3::prelude::*;
+
+use crate::error::Error;
+
+/// The `meshpy.errors` class name for each variant.
+fn class_name(err: &Error) -> &'static str {
+    match err {
+        Error::Io { .. } => "CheckpointIOError",
+        Error::Format { .. } => "CheckpointFormatError",
+        Error::UnsupportedType { .. } => "UnsupportedTypeError",
+        Error::UnsupportedArchitecture { .. } => "UnsupportedArchitectureError",
+        Error::MissingTensor { .. } => "MissingTensorError",
+        Error::Shape(_) => "ShapeError",
+        Error::ContextOverflow { .. } => "ContextOverflowError",
+        Error::InvalidArgument(_) => "InvalidArgumentError",
+    }
+}
+
+/// Converts a core error into the matching `meshpy.errors` exception.
+pub(crate) fn to_py_err(err: Error) -> PyErr {
+    let message = err.to_string();
+    Python::attach(|py| {
+        let class = py
+            .import("meshpy.errors")
+            .and_then(|module| module.getattr(class_name(&err)));
+        match class.and_then(|class| class.call1((message.clone(),))) {
+            Ok(instance) => PyErr::from_value(instance),
+            // meshpy.errors is part of the package; this only happens in a broken install.
+            Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),
+        }
+    })
+}

@@ -1,0 +1,15 @@
+//! Thin pyo3 bindings: convert arguments into owned Rust values, release the GIL for the
+//! work, convert results back. One file per exposed concept.
+
+mod errors;
+
+use pyo3::prelude::*;
+
+#[allow(unused_imports)] // used by the bindings as they land
+pub(crate) use errors::to_py_err;
+
+/// Registers every binding on the `meshpy._native` module.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
