@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Builds the extension in place for development, without pip: python/meshpy/_native.abi3.so.
+# Then `PYTHONPATH=python python -m pytest` uses this tree. Usage: scripts/develop.sh [release|dev]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+profile=${1:-release}
+cargo build --profile "$profile" --features extension-module --lib
+dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+cp "target/$dir/libmeshpy_native.so" python/meshpy/_native.abi3.so
