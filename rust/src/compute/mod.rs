@@ -1,1 +1,9 @@
-//! (module being written)
+//! The compute layer: a spinning fork-join pool, weight matrices and their products, and the
+//! element-wise ops of a transformer block.
+
+pub mod matmul;
+pub mod ops;
+pub mod pool;
+
+pub use matmul::{ActRows, ActRowsMut, QMatrix};
+pub use pool::{Ctx, SharedMut, ThreadPool};

@@ -1,0 +1,5 @@
+"""`python -m meshpy` is the `meshpy` command."""
+
+from meshpy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""`meshpy generate`: stream one reply to the terminal, then the speeds."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from meshpy.generation import Model
+from meshpy.sampling import SamplingParams
+from meshpy.settings import GenerateSettings
+
+__all__ = ["run_generate"]
+
+
+def run_generate(settings: GenerateSettings) -> int:
+    """Loads the model, streams the reply to stdout and prints timings to stderr."""
+    t0 = time.perf_counter()
+    model = Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, n_spans=settings.spans)
+    load_seconds = time.perf_counter() - t0
+    sampling = SamplingParams(
+        temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed
+    )
+    gen = model.stream(settings.prompt, max_tokens=settings.max_tokens, sampling=sampling, raw=settings.raw)
+    for piece in gen:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = gen.stats
+    print(
+        f"[loaded in {load_seconds:.2f} s; prompt {s.prompt_tokens} tokens at {s.prefill_tokens_per_second:.1f} tok/s; "
+        f"generated {s.completion_tokens} tokens at {s.decode_tokens_per_second:.1f} tok/s; finish: {s.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0

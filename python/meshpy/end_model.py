@@ -1,0 +1,84 @@
+"""The End model: the part of a model that stays on the node taking the request.
+
+It holds the tokenizer, the chat template, the token embedding, the final norm and the
+output head; text never leaves it, the layers in between only ever see hidden states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from meshpy import _native
+from meshpy.chat_template import render_chat
+from meshpy.errors import ChatTemplateError, ContextOverflowError
+from meshpy.models.config import ModelConfig
+from meshpy.models.source import ModelSource
+from meshpy.tokenizer import Tokenizer
+
+__all__ = ["EndModel", "Prompt"]
+
+#: A prompt: plain text, or chat messages (`[{"role": ..., "content": ...}, ...]`).
+Prompt = str | Sequence[dict[str, Any]]
+
+
+class EndModel:
+    """Tokenizer, chat template, embedding and head of one model."""
+
+    def __init__(self, source: ModelSource, config: ModelConfig, pool: _native.ThreadPool) -> None:
+        self.source = source
+        self.config = config
+        if source.format == "gguf":
+            self.tokenizer = Tokenizer.from_gguf_metadata(source.metadata)
+        elif source.tokenizer_json is not None:
+            self.tokenizer = Tokenizer.from_hf_files(
+                source.tokenizer_json, source.tokenizer_config, source.generation_config
+            )
+        else:
+            raise FileNotFoundError(f"{source.path}: no tokenizer.json beside the weights")
+        self.chat_template = source.chat_template
+        self.embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
+        self.head = _native.OutputHead(
+            source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool
+        )
+
+    def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
+        """Token ids of a prompt. Messages always go through the chat template; a string does
+        too (as one user message) unless `raw`."""
+        if isinstance(prompt, str) and raw:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        # The template writes any BOS itself, so special tokens are not added again.
+        return self.tokenizer.encode(self.render(messages), add_special_tokens=False)
+
+    def render(self, messages: Sequence[dict[str, Any]]) -> str:
+        """The chat template applied to messages, ending with the assistant's turn."""
+        if not self.chat_template:
+            raise ChatTemplateError(
+                f"{self.source.path} ships no chat template; pass raw text instead (--raw)"
+            )
+        return render_chat(
+            self.chat_template,
+            list(messages),
+            add_generation_prompt=True,
+            bos_token=self.tokenizer.bos_text or "",
+            eos_token=self.tokenizer.eos_text or "",
+        )
+
+    def check_context(self, n_prompt: int, max_new: int = 0) -> None:
+        """Raises when a prompt does not fit the model's context."""
+        limit = self.config.max_positions
+        if n_prompt >= limit:
+            raise ContextOverflowError(
+                f"the prompt has {n_prompt} tokens; the model's context holds {limit}"
+            )
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        """Hidden states `(len(ids), hidden)` entering the first layer."""
+        return self.embedding.lookup(list(ids))
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits `(rows, vocab)` from the last layer's hidden states."""
+        return self.head.logits(np.ascontiguousarray(hidden, dtype=np.float32))

@@ -1,0 +1,224 @@
+"""Generating text: prefill the prompt through the pipeline, then decode token by token.
+
+`Model` is the single-process engine and the public entry point of the Python API:
+`meshpy.load_model(path)` gives one, `model.generate(...)` returns the text with token
+counts and timings, `model.stream(...)` yields text pieces as they are decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from meshpy import _native
+from meshpy.end_model import EndModel, Prompt
+from meshpy.models.config import ModelConfig, read_config
+from meshpy.models.source import ModelSource, open_model_source
+from meshpy.pipeline import LocalPipeline, LocalSpan, PipelineSession, split_layers
+from meshpy.sampling import Sampler, SamplingParams
+from meshpy.tokenizer import IncrementalDecoder
+
+__all__ = ["Model", "Completion", "GenerationStats", "Generation", "load_model", "default_threads"]
+
+log = logging.getLogger(__name__)
+
+#: Prompt tokens per prefill pass: bounds the scratch memory of a long prompt.
+PREFILL_CHUNK = 512
+
+
+def default_threads() -> int:
+    """Compute threads to use: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class GenerationStats:
+    """Token counts and timings of one generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class Completion:
+    """The result of `Model.generate`."""
+
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Generation:
+    """An iterator of text pieces; `stats` and `token_ids` fill in as it runs."""
+
+    def __init__(self, model: Model, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams) -> None:
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.token_ids: list[int] = []
+        self._pieces = self._run(model, prompt_ids, max_tokens, sampling)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _run(self, model: Model, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams) -> Iterator[str]:
+        decoder = IncrementalDecoder(model.end.tokenizer)
+        for token in model.generate_ids(prompt_ids, max_tokens, sampling, stats=self.stats):
+            self.token_ids.append(token)
+            piece = decoder.add(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+
+class Model:
+    """A model whose layers run in this process, as one span or several fed in turn."""
+
+    def __init__(self, source: ModelSource, config: ModelConfig, end: EndModel, pipeline: LocalPipeline) -> None:
+        self.source = source
+        self.config = config
+        self.end = end
+        self.pipeline = pipeline
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        quantize: str | None = None,
+        n_spans: int = 1,
+    ) -> Model:
+        """Loads a GGUF file or an HF checkpoint directory.
+
+        `quantize` ("Q8_0" or "Q4_0") converts float weight matrices at load; `n_spans`
+        cuts the layers into that many spans run one after another (as the mesh would).
+        """
+        source = open_model_source(Path(path))
+        config = read_config(source)
+        pool = _native.ThreadPool(threads or default_threads())
+        end = EndModel(source, config, pool)
+        spans = [LocalSpan(source, config, r, pool, quantize) for r in split_layers(config.n_layers, n_spans)]
+        log.info("loaded %s: %d layers in %d span(s), %d threads", source.path, config.n_layers, n_spans, pool.n_threads)
+        return cls(source, config, end, LocalPipeline(spans, config.max_positions))
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - the Tokenizer class
+        """The model's tokenizer."""
+        return self.end.tokenizer
+
+    def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
+        """Token ids of a prompt (chat template applied unless `raw`)."""
+        return self.end.encode(prompt, raw=raw)
+
+    def new_session(self) -> PipelineSession:
+        """A fresh generation session (KV caches on every span)."""
+        return self.pipeline.new_session()
+
+    def prefill(self, session: PipelineSession, ids: Sequence[int]) -> np.ndarray:
+        """Runs prompt tokens through the model; returns the logits of the last one."""
+        hidden = None
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            hidden = self.pipeline.forward(session, self.end.embed(ids[start : start + PREFILL_CHUNK]))
+        if hidden is None:
+            raise ValueError("the prompt is empty")
+        return self.end.logits(hidden[-1:])[0]
+
+    def logits_all(self, ids: Sequence[int], session: PipelineSession | None = None) -> np.ndarray:
+        """Next-token logits `(len(ids), vocab)` at every position (teacher forcing)."""
+        session = session or self.new_session()
+        self.end.check_context(session.n_positions + len(ids))
+        parts = [
+            self.end.logits(self.pipeline.forward(session, self.end.embed(ids[start : start + PREFILL_CHUNK])))
+            for start in range(0, len(ids), PREFILL_CHUNK)
+        ]
+        return np.concatenate(parts)
+
+    def step(self, session: PipelineSession, token: int) -> np.ndarray:
+        """Runs one token; returns the next-token logits."""
+        return self.end.logits(self.pipeline.forward(session, self.end.embed([token])))[0]
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        sampling: SamplingParams | None = None,
+        *,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[int]:
+        """Yields generated token ids until an end-of-turn token or `max_tokens`."""
+        stats = stats if stats is not None else GenerationStats(prompt_tokens=len(prompt_ids))
+        self.end.check_context(len(prompt_ids))
+        sampler = Sampler(sampling or SamplingParams())
+        stop_ids = self.end.tokenizer.stop_ids
+        budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
+        session = self.new_session()
+        t0 = time.perf_counter()
+        logits = self.prefill(session, prompt_ids)
+        stats.prefill_seconds = time.perf_counter() - t0
+        stats.finish_reason = "length"
+        for i in range(budget):
+            token = sampler.sample(logits)
+            if token in stop_ids:
+                stats.finish_reason = "stop"
+                break
+            stats.completion_tokens += 1
+            yield token
+            if i + 1 < budget:
+                t0 = time.perf_counter()
+                logits = self.step(session, token)
+                stats.decode_seconds += time.perf_counter() - t0
+                stats.decode_steps += 1
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        raw: bool = False,
+    ) -> Generation:
+        """Text pieces as they are generated; the returned object's `stats` fill in."""
+        return Generation(self, self.encode(prompt, raw=raw), max_tokens, sampling or SamplingParams())
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        raw: bool = False,
+    ) -> Completion:
+        """The whole reply, with token ids, counts and timings."""
+        gen = self.stream(prompt, max_tokens=max_tokens, sampling=sampling, raw=raw)
+        text = "".join(gen)
+        return Completion(text=text, token_ids=gen.token_ids, stats=gen.stats)
+
+
+def load_model(path: str | os.PathLike[str], **kwargs: object) -> Model:
+    """Loads a model for single-process generation (see `Model.load`)."""
+    return Model.load(path, **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Reading models: checkpoint files, configuration and tensor names per architecture family."""

@@ -1,0 +1,94 @@
+"""The settings of a model, read from its checkpoint, and the names of its tensors.
+
+`read_config(source)` dispatches on the architecture the checkpoint declares (GGUF
+`general.architecture` or HF `config.json` `architectures`/`model_type`) to the family
+module that knows its keys and tensor names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from meshpy.errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from meshpy.models.source import ModelSource
+
+__all__ = ["ModelConfig", "read_config", "SUPPORTED_ARCHITECTURES"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the End model and the spans need to know about a model."""
+
+    architecture: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    vocab_size: int
+    max_positions: int
+    rope_inv_freq: np.ndarray = field(repr=False)
+    rope_interleaved: bool
+    rope_attention_factor: float
+    attn_scale: float
+    embedding_name: str
+    output_norm_name: str
+    output_name: str
+    embedding_scale: float
+    layer_tensor_names: tuple[dict[str, str], ...] = field(repr=False)
+
+    def layer_names(self, layer: int) -> dict[str, str]:
+        """Tensor names of one layer by role (`attn_q` -> `blk.3.attn_q.weight`)."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
+        return dict(self.layer_tensor_names[layer])
+
+    def span_config(self, quantize: str | None = None) -> dict[str, Any]:
+        """The settings a Rust span takes."""
+        return {
+            "hidden": self.hidden,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "eps": self.eps,
+            "rope_inv_freq": [float(x) for x in self.rope_inv_freq],
+            "rope_interleaved": self.rope_interleaved,
+            "rope_attention_factor": self.rope_attention_factor,
+            "attn_scale": self.attn_scale,
+            "max_positions": self.max_positions,
+            "quantize": quantize,
+        }
+
+
+def read_config(source: ModelSource) -> ModelConfig:
+    """Reads the model's settings from its checkpoint."""
+    from meshpy.models import llama
+
+    arch = architecture_of(source)
+    if arch in llama.ARCHITECTURES:
+        return llama.read_config(source)
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture {arch!r} in {source.path}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+SUPPORTED_ARCHITECTURES = ("llama (GGUF) / LlamaForCausalLM (HF)",)
+
+
+def architecture_of(source: ModelSource) -> str:
+    """The architecture name the checkpoint declares."""
+    if source.format == "gguf":
+        arch = source.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise UnsupportedArchitectureError(f"{source.path}: no general.architecture in the GGUF metadata")
+        return arch
+    archs = source.config.get("architectures") or []
+    if archs:
+        return str(archs[0])
+    return str(source.config.get("model_type", "unknown"))

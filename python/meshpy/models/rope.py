@@ -1,0 +1,59 @@
+"""Rotary position embedding frequencies, with the scaling types checkpoints configure.
+
+Computed here once per model and handed to the Rust span as a float32 array of inverse
+frequencies (one per rotated pair), so every family and scaling type shares one kernel.
+Follows transformers' modeling_rope_utils.py (`_compute_default_rope_parameters`,
+`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from meshpy.errors import UnsupportedArchitectureError
+
+__all__ = ["default_inv_freq", "scaled_inv_freq", "SUPPORTED_ROPE_TYPES"]
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def default_inv_freq(base: float, n_rot: int) -> np.ndarray:
+    """`1 / base^(2i / n_rot)` for i < n_rot/2, computed in float32 as transformers does."""
+    exponents = np.arange(0, n_rot, 2, dtype=np.int64).astype(np.float32) / np.float32(n_rot)
+    return (np.float32(1.0) / (np.float32(base) ** exponents)).astype(np.float32)
+
+
+def scaled_inv_freq(base: float, n_rot: int, scaling: Mapping[str, Any] | None) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and the attention factor for an HF `rope_scaling` dict."""
+    inv_freq = default_inv_freq(base, n_rot)
+    if not scaling:
+        return inv_freq, 1.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32), 1.0
+    if kind == "llama3":
+        return _llama3(inv_freq, scaling), 1.0
+    raise UnsupportedArchitectureError(
+        f"unsupported rope scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+    )
+
+
+def _llama3(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    low_wavelen = old_ctx / low
+    high_wavelen = old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)

@@ -1,0 +1,96 @@
+"""Running the transformer layers: a pipeline of spans, each a contiguous layer range.
+
+A local pipeline runs its spans in this process through the Rust CPU forward pass; the
+mesh (remote spans on workers) plugs in behind the same interface: `new_session()` and
+`forward(session, hidden)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from meshpy import _native
+from meshpy.models.config import ModelConfig
+from meshpy.models.source import ModelSource
+
+__all__ = ["LocalSpan", "LocalPipeline", "PipelineSession", "split_layers"]
+
+
+def split_layers(n_layers: int, n_spans: int) -> list[range]:
+    """Cuts `0..n_layers` into `n_spans` contiguous ranges of near-equal size."""
+    if not 1 <= n_spans <= n_layers:
+        raise ValueError(f"cannot cut {n_layers} layers into {n_spans} spans")
+    base, extra = divmod(n_layers, n_spans)
+    ranges, start = [], 0
+    for i in range(n_spans):
+        size = base + (1 if i < extra else 0)
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+class LocalSpan:
+    """Layers `layers` of a model, loaded from the checkpoint into this process."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        config: ModelConfig,
+        layers: range,
+        pool: _native.ThreadPool,
+        quantize: str | None = None,
+    ) -> None:
+        if layers.step != 1 or not 0 <= layers.start < layers.stop <= config.n_layers:
+            raise ValueError(f"layer range {layers} outside 0..{config.n_layers}")
+        self.layers = layers
+        self.native = _native.LlamaSpan(
+            source.checkpoint,
+            config.span_config(quantize),
+            layers.start,
+            [config.layer_names(i) for i in layers],
+            pool,
+        )
+
+    def new_cache(self, max_len: int) -> _native.KvCache:
+        """An empty KV cache for one session."""
+        return self.native.new_cache(max_len)
+
+    def forward(self, hidden: np.ndarray, cache: _native.KvCache) -> np.ndarray:
+        """The span's output hidden states for one session's next rows."""
+        return self.native.forward(np.ascontiguousarray(hidden, dtype=np.float32), cache)
+
+
+class PipelineSession:
+    """One generation's state across the pipeline: a KV cache per span."""
+
+    def __init__(self, caches: Sequence[_native.KvCache]) -> None:
+        self.caches = list(caches)
+
+    @property
+    def n_positions(self) -> int:
+        """Positions processed so far."""
+        return len(self.caches[0]) if self.caches else 0
+
+
+class LocalPipeline:
+    """Spans covering every layer, run one after another in this process."""
+
+    def __init__(self, spans: Sequence[LocalSpan], max_positions: int) -> None:
+        covered = [i for s in spans for i in s.layers]
+        if covered != list(range(len(covered))):
+            raise ValueError(f"spans must cover the layers in order, got {[s.layers for s in spans]}")
+        self.spans = list(spans)
+        self.max_positions = max_positions
+
+    def new_session(self, max_len: int | None = None) -> PipelineSession:
+        """A fresh session with empty caches."""
+        n = min(max_len or self.max_positions, self.max_positions)
+        return PipelineSession([span.new_cache(n) for span in self.spans])
+
+    def forward(self, session: PipelineSession, hidden: np.ndarray) -> np.ndarray:
+        """Runs hidden states through every span, extending the session's caches."""
+        for span, cache in zip(self.spans, session.caches):
+            hidden = span.forward(hidden, cache)
+        return hidden

@@ -1,0 +1,282 @@
+//! Weight matrices and their products with activations, split across a job's threads.
+//!
+//! A [`QMatrix`] holds one weight matrix (rows = output features) in its checkpoint type,
+//! memory-mapped when used as stored, owned when converted at load. Products follow ggml:
+//! the activations are first quantized to the weight type's `activation_type()` (8-bit
+//! blocks for quantized weights, plain f32 for float weights), then each output is the
+//! block dot product of one weight row with one activation row.
+
+use std::ops::Range;
+
+use crate::checkpoint::TensorData;
+use crate::compute::pool::{Ctx, SharedMut};
+use crate::error::{Error, Result};
+use crate::quant::{self, GgmlType, VecDotFn};
+
+/// Storage of a matrix's bytes.
+enum Storage {
+    /// Borrowed from the checkpoint's memory map: pages load as rows are first used.
+    Mapped(TensorData),
+    /// Converted at load (quantize-on-load); u64 words keep block structs aligned.
+    Owned { words: Vec<u64>, len: usize },
+}
+
+/// A weight matrix `rows x cols` in a GGUF block type, ready for products.
+pub struct QMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    storage: Storage,
+    dot: VecDotFn,
+}
+
+impl QMatrix {
+    /// Uses a 2-D checkpoint tensor as stored (shape `[rows, cols]`).
+    pub fn from_tensor(name: &str, data: TensorData) -> Result<Self> {
+        let (rows, cols) = matrix_shape(name, &data.info().shape)?;
+        let ty = data.info().ty;
+        let row_bytes = ty.row_bytes(cols)?;
+        if data.bytes().len() != rows * row_bytes {
+            return Err(Error::Shape(format!(
+                "{name}: {} bytes for {rows}x{cols} {}",
+                data.bytes().len(),
+                ty.name()
+            )));
+        }
+        Self::check_computable(name, ty)?;
+        Ok(QMatrix { ty, rows, cols, row_bytes, storage: Storage::Mapped(data), dot: quant::vec_dot_fn(ty) })
+    }
+
+    /// Converts a 2-D checkpoint tensor to `target` at load (e.g. f16 -> Q8_0), row by row.
+    pub fn from_tensor_as(name: &str, data: TensorData, target: GgmlType) -> Result<Self> {
+        if data.info().ty == target {
+            return Self::from_tensor(name, data);
+        }
+        Self::check_computable(name, target)?;
+        let (rows, cols) = matrix_shape(name, &data.info().shape)?;
+        let src_ty = data.info().ty;
+        let src_row = src_ty.row_bytes(cols)?;
+        let row_bytes = target.row_bytes(cols)?;
+        let len = rows * row_bytes;
+        let mut words = vec![0u64; len.div_ceil(8)];
+        let bytes: &mut [u8] = bytemuck_words(&mut words, len);
+        let mut tmp = vec![0f32; cols];
+        for r in 0..rows {
+            let src = data
+                .bytes()
+                .get(r * src_row..(r + 1) * src_row)
+                .ok_or_else(|| Error::Shape(format!("{name}: tensor shorter than its shape")))?;
+            quant::dequantize_row(src_ty, src, &mut tmp)?;
+            quant::quantize_row(target, &tmp, &mut bytes[r * row_bytes..(r + 1) * row_bytes])?;
+        }
+        Ok(QMatrix {
+            ty: target,
+            rows,
+            cols,
+            row_bytes,
+            storage: Storage::Owned { words, len },
+            dot: quant::vec_dot_fn(target),
+        })
+    }
+
+    fn check_computable(name: &str, ty: GgmlType) -> Result<()> {
+        match ty {
+            GgmlType::Q8_1 | GgmlType::Q8K => Err(Error::UnsupportedType {
+                name: format!("{} (tensor {name})", ty.name()),
+                supported: "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The weight type.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of weights.
+    pub fn nbytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Mapped(data) => data.bytes(),
+            Storage::Owned { words, len } => {
+                // SAFETY: u64 words reinterpreted as bytes; len <= words.len() * 8.
+                unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len) }
+            }
+        }
+    }
+
+    /// The bytes of row `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> &[u8] {
+        &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.rows {
+            return Err(Error::InvalidArgument(format!("row {r} out of range 0..{}", self.rows)));
+        }
+        quant::dequantize_row(self.ty, self.row(r), out)
+    }
+
+    /// The type activations are quantized to before a product with this matrix.
+    pub fn activation_type(&self) -> GgmlType {
+        self.ty.activation_type()
+    }
+
+    /// This thread's share of `out[t * out_stride + r] (+)= W[r] . act[t]` for every token
+    /// `t < n_tokens` and row `r`; `act` holds `n_tokens` rows quantized by
+    /// [`quantize_activations`] for this matrix's activation type. With `accumulate` the
+    /// product is added to `out` (residual connections), and `bias` is added when given.
+    ///
+    /// Rows are split between threads, so every thread reads every activation row while each
+    /// weight row is read once and reused for all tokens from L1.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_part(
+        &self,
+        ctx: &Ctx,
+        act: ActRowsMut,
+        n_tokens: usize,
+        out: SharedMut<f32>,
+        out_stride: usize,
+        accumulate: bool,
+        bias: Option<&[f32]>,
+    ) {
+        let rows = ctx.split_aligned(self.rows, 4);
+        self.matmul_rows(rows, act, n_tokens, out, out_stride, accumulate, bias);
+    }
+
+    /// [`Self::matmul_part`] for an explicit row range (single-threaded callers pass all rows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_rows(
+        &self,
+        rows: Range<usize>,
+        act: ActRowsMut,
+        n_tokens: usize,
+        out: SharedMut<f32>,
+        out_stride: usize,
+        accumulate: bool,
+        bias: Option<&[f32]>,
+    ) {
+        debug_assert_eq!(act.ty(), self.activation_type());
+        debug_assert_eq!(act.cols, self.cols);
+        let bytes = self.bytes();
+        for r in rows {
+            let w = &bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
+            let b = bias.map_or(0.0, |b| b[r]);
+            for t in 0..n_tokens {
+                // SAFETY: activation rows were written before the caller's barrier.
+                let y = (self.dot)(self.cols, w, unsafe { act.row(t) }) + b;
+                // SAFETY: rows are split between threads, so (t, r) is written by this thread only.
+                let slot = unsafe { &mut out.slice_mut(t * out_stride + r..t * out_stride + r + 1)[0] };
+                if accumulate {
+                    *slot += y;
+                } else {
+                    *slot = y;
+                }
+            }
+        }
+    }
+}
+
+fn matrix_shape(name: &str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape {
+        [rows, cols] => Ok((*rows, *cols)),
+        _ => Err(Error::Shape(format!("{name}: expected a 2-D matrix, got shape {shape:?}"))),
+    }
+}
+
+fn bytemuck_words(words: &mut [u64], len: usize) -> &mut [u8] {
+    assert!(len <= words.len() * 8);
+    // SAFETY: any byte pattern is a valid u64 and vice versa; the view stays within `words`.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
+}
+
+/// Activation rows quantized for products with matrices of one activation type.
+pub struct ActRows {
+    ty: GgmlType,
+    cols: usize,
+    row_bytes: usize,
+    words: Vec<u64>,
+}
+
+impl ActRows {
+    /// A buffer for up to `n_tokens` rows of `cols` values in activation type `ty`.
+    pub fn new(ty: GgmlType, cols: usize, n_tokens: usize) -> Result<Self> {
+        let row_bytes = ty.row_bytes(cols)?;
+        Ok(ActRows { ty, cols, row_bytes, words: vec![0u64; (row_bytes * n_tokens).div_ceil(8)] })
+    }
+
+    /// The activation type.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// A handle through which a job's threads fill disjoint rows.
+    pub fn shared(&mut self) -> ActRowsMut {
+        let len = self.words.len() * 8;
+        ActRowsMut {
+            ty: self.ty,
+            cols: self.cols,
+            row_bytes: self.row_bytes,
+            bytes: SharedMut::new(bytemuck_words(&mut self.words, len)),
+        }
+    }
+}
+
+/// Writable view of an [`ActRows`] shared by a job's threads.
+#[derive(Clone, Copy)]
+pub struct ActRowsMut {
+    ty: GgmlType,
+    cols: usize,
+    row_bytes: usize,
+    bytes: SharedMut<u8>,
+}
+
+impl ActRowsMut {
+    /// The activation type.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Row `t`'s bytes.
+    ///
+    /// # Safety
+    /// No thread may write row `t` until the next barrier.
+    #[inline]
+    pub unsafe fn row(&self, t: usize) -> &[u8] {
+        self.bytes.slice(t * self.row_bytes..(t + 1) * self.row_bytes)
+    }
+
+    /// Quantizes row `t` from `x` (`cols` values).
+    ///
+    /// # Safety
+    /// No other thread may touch row `t` until the next barrier.
+    #[inline]
+    pub unsafe fn set_row(&self, t: usize, x: &[f32]) {
+        debug_assert_eq!(x.len(), self.cols);
+        let dst = self.bytes.slice_mut(t * self.row_bytes..(t + 1) * self.row_bytes);
+        if self.ty == GgmlType::F32 {
+            for (d, v) in dst.chunks_exact_mut(4).zip(x) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        } else {
+            quant::quantize_activations(self.ty, x, dst);
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! The Llama family's decoder layers on the CPU, run as a span (layers a..b).
+//!
+//! Follows transformers' models/llama/modeling_llama.py (LlamaDecoderLayer: RMSNorm ->
+//! grouped-query attention with RoPE -> residual; RMSNorm -> SwiGLU MLP -> residual) and
+//! llama.cpp's llm_build_llama for the GGUF layout. Rotary frequencies (with any scaling:
+//! Llama 3, linear, ...) come precomputed from the Python family module.
+//!
+//! One forward call runs a batch of sequence chunks (each a session's next tokens with its
+//! own KV cache) through every layer of the span; all threads of the pool run the whole
+//! pass and meet at barriers between ops (see `compute::pool`).
+
+use crate::checkpoint::Checkpoint;
+use crate::compute::{ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
+use crate::error::{Error, Result};
+use crate::model::kv_cache::KvCache;
+use crate::model::weights::{expect_shape, LayerNames, LayerTensors};
+use crate::quant::GgmlType;
+
+/// Settings of a Llama-family span, read from the checkpoint by the Python family module.
+#[derive(Clone, Debug)]
+pub struct LlamaConfig {
+    /// Width of the hidden states.
+    pub hidden: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Rotary inverse frequencies, one per rotated pair (`n_rot / 2` values), scaling applied.
+    pub rope_inv_freq: Vec<f32>,
+    /// Whether rotary pairs are adjacent (GGUF Llama) or half a head apart (HF layout).
+    pub rope_interleaved: bool,
+    /// Factor on the rotary cos/sin (1.0 unless a scaling type such as YaRN sets it).
+    pub rope_attention_factor: f32,
+    /// Multiplier of q.k scores (usually `1/sqrt(head_dim)`).
+    pub attn_scale: f32,
+    /// Positions a session may reach (the model's context length).
+    pub max_positions: usize,
+    /// Convert float weight matrices to this type at load (Q8_0 or Q4_0), if set.
+    pub quantize: Option<GgmlType>,
+}
+
+impl LlamaConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!("n_heads {} must be a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));
+        }
+        if self.rope_inv_freq.len() * 2 > self.head_dim {
+            return bad(format!("{} rotary pairs exceed head_dim {}", self.rope_inv_freq.len(), self.head_dim));
+        }
+        if self.hidden == 0 || self.head_dim == 0 {
+            return bad("hidden and head_dim must be positive".into());
+        }
+        Ok(())
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+}
+
+/// One decoder layer's weights.
+struct LlamaLayer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatrix,
+    w_up: QMatrix,
+    w_down: QMatrix,
+}
+
+impl LlamaLayer {
+    fn load(checkpoint: &Checkpoint, cfg: &LlamaConfig, names: LayerNames) -> Result<Self> {
+        let mut t = LayerTensors::new(checkpoint, names, cfg.quantize);
+        let layer = LlamaLayer {
+            attn_norm: t.vector("attn_norm", cfg.hidden)?,
+            wq: t.matrix("attn_q")?,
+            wk: t.matrix("attn_k")?,
+            wv: t.matrix("attn_v")?,
+            wo: t.matrix("attn_output")?,
+            ffn_norm: t.vector("ffn_norm", cfg.hidden)?,
+            w_gate: t.matrix("ffn_gate")?,
+            w_up: t.matrix("ffn_up")?,
+            w_down: t.matrix("ffn_down")?,
+        };
+        t.finish()?;
+        let ffn = layer.w_gate.rows();
+        expect_shape(&layer.wq, "attn_q", cfg.q_dim(), cfg.hidden)?;
+        expect_shape(&layer.wk, "attn_k", cfg.kv_dim(), cfg.hidden)?;
+        expect_shape(&layer.wv, "attn_v", cfg.kv_dim(), cfg.hidden)?;
+        expect_shape(&layer.wo, "attn_output", cfg.hidden, cfg.q_dim())?;
+        expect_shape(&layer.w_up, "ffn_up", ffn, cfg.hidden)?;
+        expect_shape(&layer.w_down, "ffn_down", cfg.hidden, ffn)?;
+        Ok(layer)
+    }
+
+    fn nbytes(&self) -> usize {
+        [&self.wq, &self.wk, &self.wv, &self.wo, &self.w_gate, &self.w_up, &self.w_down]
+            .iter()
+            .map(|m| m.nbytes())
+            .sum::<usize>()
+            + 4 * (self.attn_norm.len() + self.ffn_norm.len())
+    }
+}
+
+/// A session's next tokens in a batched forward call. Its positions continue the cache:
+/// `cache.len() .. cache.len() + n_tokens`.
+pub struct SeqChunk<'a> {
+    /// The session's KV cache for this span.
+    pub cache: &'a mut KvCache,
+    /// Rows of the batch's hidden states that belong to this session (consecutive).
+    pub n_tokens: usize,
+}
+
+/// Layers `first_layer .. first_layer + n_layers` of a Llama-family model.
+pub struct LlamaSpan {
+    cfg: LlamaConfig,
+    first_layer: usize,
+    layers: Vec<LlamaLayer>,
+    /// Distinct activation types needed by the matrices reading each input.
+    act_types: ActTypes,
+    max_ffn: usize,
+}
+
+/// Activation types per matrix group, the union over the span's layers.
+struct ActTypes {
+    attn_in: Vec<GgmlType>,
+    attn_out: Vec<GgmlType>,
+    ffn_in: Vec<GgmlType>,
+    ffn_mid: Vec<GgmlType>,
+}
+
+fn union_types<'a>(mats: impl Iterator<Item = &'a QMatrix>) -> Vec<GgmlType> {
+    let mut out: Vec<GgmlType> = Vec::new();
+    for m in mats {
+        if !out.contains(&m.activation_type()) {
+            out.push(m.activation_type());
+        }
+    }
+    out
+}
+
+impl LlamaSpan {
+    /// Loads layers `first_layer ..` with one name map per layer. Only these layers'
+    /// tensors are touched, so resident memory grows with the span, not the model.
+    pub fn load(checkpoint: &Checkpoint, cfg: LlamaConfig, first_layer: usize, layer_names: Vec<LayerNames>) -> Result<Self> {
+        cfg.validate()?;
+        let layers = layer_names
+            .into_iter()
+            .map(|names| LlamaLayer::load(checkpoint, &cfg, names))
+            .collect::<Result<Vec<_>>>()?;
+        let act_types = ActTypes {
+            attn_in: union_types(layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv])),
+            attn_out: union_types(layers.iter().map(|l| &l.wo)),
+            ffn_in: union_types(layers.iter().flat_map(|l| [&l.w_gate, &l.w_up])),
+            ffn_mid: union_types(layers.iter().map(|l| &l.w_down)),
+        };
+        let max_ffn = layers.first().map_or(0, |l| l.w_gate.rows());
+        if layers.iter().any(|l| l.w_gate.rows() != max_ffn) {
+            return Err(Error::Shape("layers of one span must share the MLP width".into()));
+        }
+        Ok(LlamaSpan { cfg, first_layer, layers, act_types, max_ffn })
+    }
+
+    /// The span's settings.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Index of the first layer in the whole model.
+    pub fn first_layer(&self) -> usize {
+        self.first_layer
+    }
+
+    /// Number of layers in the span.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Bytes of weights the span holds.
+    pub fn nbytes(&self) -> usize {
+        self.layers.iter().map(LlamaLayer::nbytes).sum()
+    }
+
+    /// A new, empty KV cache for this span holding up to `max_len` positions (at most the
+    /// model's context).
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(self.layers.len(), self.cfg.kv_dim(), max_len.min(self.cfg.max_positions))
+    }
+
+    /// Runs the batch through every layer: `hidden` holds `(sum of n_tokens, hidden)` rows,
+    /// sequence after sequence, and is overwritten with the span's output. Each sequence's
+    /// cache grows by its token count; on error no cache changes.
+    pub fn forward(&self, pool: &ThreadPool, hidden: &mut [f32], seqs: &mut [SeqChunk]) -> Result<()> {
+        let cfg = &self.cfg;
+        let d = cfg.hidden;
+        let n_tok: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        if n_tok == 0 {
+            return Ok(());
+        }
+        if hidden.len() != n_tok * d {
+            return Err(Error::Shape(format!(
+                "hidden states have {} values, expected {n_tok} tokens x {d}",
+                hidden.len()
+            )));
+        }
+        for s in seqs.iter() {
+            if s.cache.n_layers() != self.layers.len() || s.cache.kv_dim() != cfg.kv_dim() {
+                return Err(Error::InvalidArgument("KV cache was made for a different span".into()));
+            }
+            let needed = s.cache.len() + s.n_tokens;
+            if needed > s.cache.max_len() {
+                return Err(Error::ContextOverflow { needed, limit: s.cache.max_len() });
+            }
+        }
+        for s in seqs.iter_mut() {
+            s.cache.reserve(s.n_tokens)?;
+        }
+
+        // Per row: which sequence, which position; rotary tables per row.
+        let half = cfg.rope_inv_freq.len();
+        let mut row_seq = Vec::with_capacity(n_tok);
+        let mut row_pos = Vec::with_capacity(n_tok);
+        for (i, s) in seqs.iter().enumerate() {
+            for j in 0..s.n_tokens {
+                row_seq.push(i);
+                row_pos.push(s.cache.len() + j);
+            }
+        }
+        let mut cos = vec![0f32; n_tok * half];
+        let mut sin = vec![0f32; n_tok * half];
+        for (r, &p) in row_pos.iter().enumerate() {
+            ops::rope_table(p, &cfg.rope_inv_freq, &mut cos[r * half..(r + 1) * half], &mut sin[r * half..(r + 1) * half]);
+        }
+        if cfg.rope_attention_factor != 1.0 {
+            cos.iter_mut().chain(sin.iter_mut()).for_each(|v| *v *= cfg.rope_attention_factor);
+        }
+
+        // Scratch for the whole pass.
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let mut xn = vec![0f32; n_tok * d];
+        let mut q = vec![0f32; n_tok * qd];
+        let mut k = vec![0f32; n_tok * kvd];
+        let mut v = vec![0f32; n_tok * kvd];
+        let mut att = vec![0f32; n_tok * qd];
+        let mut gate = vec![0f32; n_tok * self.max_ffn];
+        let mut up = vec![0f32; n_tok * self.max_ffn];
+        let make = |types: &[GgmlType], cols: usize| -> Result<Vec<ActRows>> {
+            types.iter().map(|&t| ActRows::new(t, cols, n_tok)).collect()
+        };
+        let mut act_attn_in = make(&self.act_types.attn_in, d)?;
+        let mut act_attn_out = make(&self.act_types.attn_out, qd)?;
+        let mut act_ffn_in = make(&self.act_types.ffn_in, d)?;
+        let mut act_ffn_mid = make(&self.act_types.ffn_mid, self.max_ffn)?;
+        let shared_acts = |rows: &mut Vec<ActRows>| rows.iter_mut().map(|a| a.shared()).collect::<Vec<_>>();
+        let bufs = Buffers {
+            x: SharedMut::new(hidden),
+            xn: SharedMut::new(&mut xn),
+            q: SharedMut::new(&mut q),
+            k: SharedMut::new(&mut k),
+            v: SharedMut::new(&mut v),
+            att: SharedMut::new(&mut att),
+            gate: SharedMut::new(&mut gate),
+            up: SharedMut::new(&mut up),
+            act_attn_in: shared_acts(&mut act_attn_in),
+            act_attn_out: shared_acts(&mut act_attn_out),
+            act_ffn_in: shared_acts(&mut act_ffn_in),
+            act_ffn_mid: shared_acts(&mut act_ffn_mid),
+        };
+        let caches: Vec<Vec<(SharedMut<f32>, SharedMut<f32>)>> = seqs
+            .iter_mut()
+            .map(|s| (0..self.layers.len()).map(|l| s.cache.layer_shared(l)).collect())
+            .collect();
+        let max_ctx = seqs.iter().map(|s| s.cache.len() + s.n_tokens).max().unwrap_or(0);
+        let pass = Pass { span: self, n_tok, row_seq: &row_seq, row_pos: &row_pos, cos: &cos, sin: &sin, bufs: &bufs, caches: &caches, max_ctx };
+
+        pool.run(|ctx| pass.run(ctx));
+
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.n_tokens);
+        }
+        Ok(())
+    }
+}
+
+/// Scratch buffers of one forward call, shared by the job's threads.
+struct Buffers {
+    x: SharedMut<f32>,
+    xn: SharedMut<f32>,
+    q: SharedMut<f32>,
+    k: SharedMut<f32>,
+    v: SharedMut<f32>,
+    att: SharedMut<f32>,
+    gate: SharedMut<f32>,
+    up: SharedMut<f32>,
+    act_attn_in: Vec<ActRowsMut>,
+    act_attn_out: Vec<ActRowsMut>,
+    act_ffn_in: Vec<ActRowsMut>,
+    act_ffn_mid: Vec<ActRowsMut>,
+}
+
+fn act_for(acts: &[ActRowsMut], m: &QMatrix) -> ActRowsMut {
+    *acts
+        .iter()
+        .find(|a| a.ty() == m.activation_type())
+        .expect("activation types are collected from these matrices at load")
+}
+
+/// One forward call's shared state; `run` is what every thread executes.
+struct Pass<'a> {
+    span: &'a LlamaSpan,
+    n_tok: usize,
+    row_seq: &'a [usize],
+    row_pos: &'a [usize],
+    cos: &'a [f32],
+    sin: &'a [f32],
+    bufs: &'a Buffers,
+    caches: &'a [Vec<(SharedMut<f32>, SharedMut<f32>)>],
+    max_ctx: usize,
+}
+
+impl Pass<'_> {
+    fn run(&self, ctx: &Ctx) {
+        let cfg = &self.span.cfg;
+        let (d, hd) = (cfg.hidden, cfg.head_dim);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let half = cfg.rope_inv_freq.len();
+        let n = self.n_tok;
+        let b = self.bufs;
+        let my_rows = ctx.split(n);
+        let mut scores = vec![0f32; self.max_ctx];
+
+        for (li, layer) in self.span.layers.iter().enumerate() {
+            // Attention input: RMSNorm, then quantize for q/k/v (same rows: no barrier between).
+            // SAFETY (all SharedMut accesses below): each thread writes only its own rows
+            // (or matrix rows) between barriers; reads of others' data follow a barrier.
+            for t in my_rows.clone() {
+                let x = unsafe { b.x.slice(t * d..(t + 1) * d) };
+                let xn = unsafe { b.xn.slice_mut(t * d..(t + 1) * d) };
+                ops::rms_norm(x, &layer.attn_norm, cfg.eps, xn);
+                for a in &b.act_attn_in {
+                    unsafe { a.set_row(t, xn) };
+                }
+            }
+            ctx.barrier();
+            layer.wq.matmul_part(ctx, act_for(&b.act_attn_in, &layer.wq), n, b.q, qd, false, None);
+            layer.wk.matmul_part(ctx, act_for(&b.act_attn_in, &layer.wk), n, b.k, kvd, false, None);
+            layer.wv.matmul_part(ctx, act_for(&b.act_attn_in, &layer.wv), n, b.v, kvd, false, None);
+            ctx.barrier();
+
+            // RoPE on q and k, then append k and v to each row's session cache.
+            for t in my_rows.clone() {
+                let (c, s) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
+                let qrow = unsafe { b.q.slice_mut(t * qd..(t + 1) * qd) };
+                for h in qrow.chunks_exact_mut(hd) {
+                    ops::rope_apply(h, c, s, cfg.rope_interleaved);
+                }
+                let krow = unsafe { b.k.slice_mut(t * kvd..(t + 1) * kvd) };
+                for h in krow.chunks_exact_mut(hd) {
+                    ops::rope_apply(h, c, s, cfg.rope_interleaved);
+                }
+                let (kc, vc) = self.caches[self.row_seq[t]][li];
+                let p = self.row_pos[t];
+                unsafe {
+                    kc.slice_mut(p * kvd..(p + 1) * kvd).copy_from_slice(krow);
+                    vc.slice_mut(p * kvd..(p + 1) * kvd).copy_from_slice(b.v.slice(t * kvd..(t + 1) * kvd));
+                }
+            }
+            ctx.barrier();
+
+            // Attention: (row, head) items dealt round-robin, which balances the causal triangle.
+            let group = cfg.n_heads / cfg.n_kv_heads;
+            for item in (ctx.tid..n * cfg.n_heads).step_by(ctx.nth) {
+                let (t, h) = (item / cfg.n_heads, item % cfg.n_heads);
+                let kvh = h / group;
+                let p = self.row_pos[t];
+                let (kc, vc) = self.caches[self.row_seq[t]][li];
+                let (keys, values) = unsafe { (kc.slice(kvh * hd..(p + 1) * kvd), vc.slice(kvh * hd..(p + 1) * kvd)) };
+                let qh = unsafe { b.q.slice(t * qd + h * hd..t * qd + (h + 1) * hd) };
+                let out = unsafe { b.att.slice_mut(t * qd + h * hd..t * qd + (h + 1) * hd) };
+                ops::attend(qh, keys, values, kvd, 0, p, cfg.attn_scale, &mut scores, out);
+            }
+            ctx.barrier();
+            for t in my_rows.clone() {
+                let row = unsafe { b.att.slice(t * qd..(t + 1) * qd) };
+                for a in &b.act_attn_out {
+                    unsafe { a.set_row(t, row) };
+                }
+            }
+            ctx.barrier();
+            layer.wo.matmul_part(ctx, act_for(&b.act_attn_out, &layer.wo), n, b.x, d, true, None);
+            ctx.barrier();
+
+            // MLP: RMSNorm, SwiGLU, down projection added to the residual.
+            for t in my_rows.clone() {
+                let x = unsafe { b.x.slice(t * d..(t + 1) * d) };
+                let xn = unsafe { b.xn.slice_mut(t * d..(t + 1) * d) };
+                ops::rms_norm(x, &layer.ffn_norm, cfg.eps, xn);
+                for a in &b.act_ffn_in {
+                    unsafe { a.set_row(t, xn) };
+                }
+            }
+            ctx.barrier();
+            let ffn = layer.w_gate.rows();
+            layer.w_gate.matmul_part(ctx, act_for(&b.act_ffn_in, &layer.w_gate), n, b.gate, ffn, false, None);
+            layer.w_up.matmul_part(ctx, act_for(&b.act_ffn_in, &layer.w_up), n, b.up, ffn, false, None);
+            ctx.barrier();
+            for t in my_rows.clone() {
+                let g = unsafe { b.gate.slice_mut(t * ffn..(t + 1) * ffn) };
+                ops::silu_mul(g, unsafe { b.up.slice(t * ffn..(t + 1) * ffn) });
+                for a in &b.act_ffn_mid {
+                    unsafe { a.set_row(t, g) };
+                }
+            }
+            ctx.barrier();
+            layer.w_down.matmul_part(ctx, act_for(&b.act_ffn_mid, &layer.w_down), n, b.x, d, true, None);
+            ctx.barrier();
+        }
+    }
+}

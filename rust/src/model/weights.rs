@@ -1,0 +1,97 @@
+//! Finding a span's tensors in a checkpoint by role, and loading them.
+
+use std::collections::BTreeMap;
+
+use crate::checkpoint::Checkpoint;
+use crate::compute::QMatrix;
+use crate::error::{Error, Result};
+use crate::quant::{self, GgmlType};
+
+/// One layer's tensor names by role (e.g. `"attn_q" -> "blk.3.attn_q.weight"`), as the
+/// Python family module names them for this checkpoint.
+pub type LayerNames = BTreeMap<String, String>;
+
+/// Takes tensors of one layer by role; every role given must be used.
+pub struct LayerTensors<'a> {
+    checkpoint: &'a Checkpoint,
+    names: LayerNames,
+    quantize: Option<GgmlType>,
+}
+
+impl<'a> LayerTensors<'a> {
+    /// Wraps one layer's names. `quantize` converts float matrices to that type at load.
+    pub fn new(checkpoint: &'a Checkpoint, names: LayerNames, quantize: Option<GgmlType>) -> Self {
+        LayerTensors { checkpoint, names, quantize }
+    }
+
+    fn take_name(&mut self, role: &str) -> Result<String> {
+        self.names.remove(role).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "no tensor named for role {role:?}; roles given: {}",
+                self.names.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    /// Whether a role was named (optional tensors such as biases).
+    pub fn has(&self, role: &str) -> bool {
+        self.names.contains_key(role)
+    }
+
+    /// A weight matrix, quantized on load when asked and the stored type is a float type.
+    pub fn matrix(&mut self, role: &str) -> Result<QMatrix> {
+        let name = self.take_name(role)?;
+        let data = self.checkpoint.data(&name)?;
+        match (self.quantize, data.info().ty) {
+            (Some(target), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => {
+                QMatrix::from_tensor_as(&name, data, target)
+            }
+            _ => QMatrix::from_tensor(&name, data),
+        }
+    }
+
+    /// A 1-D tensor (norm weight or bias) of `len` values, dequantized to f32.
+    pub fn vector(&mut self, role: &str, len: usize) -> Result<Vec<f32>> {
+        let name = self.take_name(role)?;
+        load_vector(self.checkpoint, &name, len)
+    }
+
+    /// Errors if a named role was never taken: a name the forward pass would ignore.
+    pub fn finish(self) -> Result<()> {
+        if self.names.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "tensors named but not used by this architecture: {}",
+                self.names.iter().map(|(r, n)| format!("{r}={n}")).collect::<Vec<_>>().join(", ")
+            )))
+        }
+    }
+}
+
+/// Loads a 1-D tensor of `len` values as f32, whatever its stored type.
+pub fn load_vector(checkpoint: &Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> {
+    let data = checkpoint.data(name)?;
+    let numel: usize = data.info().shape.iter().product();
+    if numel != len {
+        return Err(Error::Shape(format!(
+            "{name}: expected {len} values, the checkpoint has shape {:?}",
+            data.info().shape
+        )));
+    }
+    let mut out = vec![0f32; len];
+    quant::dequantize_row(data.info().ty, data.bytes(), &mut out)?;
+    Ok(out)
+}
+
+/// Checks a matrix is `rows x cols`.
+pub fn expect_shape(m: &QMatrix, what: &str, rows: usize, cols: usize) -> Result<()> {
+    if m.rows() != rows || m.cols() != cols {
+        return Err(Error::Shape(format!(
+            "{what}: expected {rows}x{cols}, the checkpoint has {}x{}",
+            m.rows(),
+            m.cols()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! Bindings for spans, KV caches, the token embedding and the output head. Arguments are
+//! copied into owned Rust values, then the GIL is released for the forward pass.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::checkpoint::PyCheckpoint;
+use super::to_py_err;
+use crate::compute::ThreadPool;
+use crate::model::{KvCache, LlamaConfig, LlamaSpan, OutputHead, SeqChunk, TokenEmbedding};
+use crate::quant::GgmlType;
+
+/// Compute threads shared by the spans and heads of one process.
+#[pyclass(name = "ThreadPool", module = "meshpy._native", frozen)]
+pub struct PyThreadPool {
+    pool: Arc<ThreadPool>,
+}
+
+#[pymethods]
+impl PyThreadPool {
+    #[new]
+    fn new(n_threads: usize) -> PyResult<Self> {
+        if n_threads == 0 || n_threads > 1024 {
+            return Err(PyValueError::new_err(format!("n_threads must be in 1..=1024, got {n_threads}")));
+        }
+        Ok(PyThreadPool { pool: Arc::new(ThreadPool::new(n_threads)) })
+    }
+
+    #[getter]
+    fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+}
+
+/// One session's KV cache for one span.
+#[pyclass(name = "KvCache", module = "meshpy._native", frozen)]
+pub struct PyKvCache {
+    inner: Arc<Mutex<KvCache>>,
+}
+
+impl PyKvCache {
+    fn lock(&self) -> MutexGuard<'_, KvCache> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl PyKvCache {
+    /// Positions held.
+    #[getter]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn __len__(&self) -> usize {
+        self.lock().len()
+    }
+
+    #[getter]
+    fn max_len(&self) -> usize {
+        self.lock().max_len()
+    }
+
+    /// Bytes allocated now.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.lock().nbytes()
+    }
+
+    #[getter]
+    fn bytes_per_position(&self) -> usize {
+        self.lock().bytes_per_position()
+    }
+
+    /// Forgets positions from `len` on.
+    fn truncate(&self, len: usize) {
+        self.lock().truncate(len);
+    }
+}
+
+fn required<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
+    match d.get_item(key)? {
+        Some(v) => v.extract::<T>().map_err(|e| PyValueError::new_err(format!("config[{key:?}]: {e}"))),
+        None => Err(PyValueError::new_err(format!("config is missing {key:?}"))),
+    }
+}
+
+fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
+    let quantize = match d.get_item("quantize")? {
+        Some(v) if !v.is_none() => Some(GgmlType::from_name(&v.extract::<String>()?).map_err(to_py_err)?),
+        _ => None,
+    };
+    Ok(LlamaConfig {
+        hidden: required(d, "hidden")?,
+        n_heads: required(d, "n_heads")?,
+        n_kv_heads: required(d, "n_kv_heads")?,
+        head_dim: required(d, "head_dim")?,
+        eps: required(d, "eps")?,
+        rope_inv_freq: required(d, "rope_inv_freq")?,
+        rope_interleaved: required(d, "rope_interleaved")?,
+        rope_attention_factor: required(d, "rope_attention_factor")?,
+        attn_scale: required(d, "attn_scale")?,
+        max_positions: required(d, "max_positions")?,
+        quantize,
+    })
+}
+
+/// Rows of a C-contiguous float32 `(rows, width)` array, copied.
+fn rows_of(array: &PyReadonlyArray2<'_, f32>, width: usize) -> PyResult<(usize, Vec<f32>)> {
+    let shape = array.shape();
+    if shape[1] != width {
+        return Err(PyValueError::new_err(format!("expected hidden states of width {width}, got shape {shape:?}")));
+    }
+    Ok((shape[0], array.as_array().iter().copied().collect()))
+}
+
+fn to_array2<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, cols: usize) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    PyArray1::from_vec(py, data).reshape([rows, cols])
+}
+
+/// Layers a..b of a Llama-family model on the CPU.
+#[pyclass(name = "LlamaSpan", module = "meshpy._native", frozen)]
+pub struct PyLlamaSpan {
+    span: Arc<LlamaSpan>,
+    pool: Arc<ThreadPool>,
+}
+
+#[pymethods]
+impl PyLlamaSpan {
+    /// Loads the layers named in `layer_names` (one role -> tensor-name map per layer).
+    #[new]
+    fn new(
+        py: Python<'_>,
+        checkpoint: &PyCheckpoint,
+        config: &Bound<'_, PyDict>,
+        first_layer: usize,
+        layer_names: Vec<BTreeMap<String, String>>,
+        pool: &PyThreadPool,
+    ) -> PyResult<Self> {
+        let cfg = llama_config(config)?;
+        let ckpt = checkpoint.inner();
+        let span = py.detach(|| LlamaSpan::load(&ckpt, cfg, first_layer, layer_names)).map_err(to_py_err)?;
+        Ok(PyLlamaSpan { span: Arc::new(span), pool: Arc::clone(&pool.pool) })
+    }
+
+    #[getter]
+    fn first_layer(&self) -> usize {
+        self.span.first_layer()
+    }
+
+    #[getter]
+    fn n_layers(&self) -> usize {
+        self.span.n_layers()
+    }
+
+    #[getter]
+    fn hidden(&self) -> usize {
+        self.span.config().hidden
+    }
+
+    /// Bytes of weights held.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.span.nbytes()
+    }
+
+    /// A new session cache of at most `max_len` positions.
+    fn new_cache(&self, max_len: usize) -> PyKvCache {
+        PyKvCache { inner: Arc::new(Mutex::new(self.span.new_cache(max_len))) }
+    }
+
+    /// Runs `(tokens, hidden)` states of one session through the span; returns the output.
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        hidden: PyReadonlyArray2<'py, f32>,
+        cache: &PyKvCache,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let d = self.span.config().hidden;
+        let (rows, mut data) = rows_of(&hidden, d)?;
+        let (span, pool, cache) = (Arc::clone(&self.span), Arc::clone(&self.pool), Arc::clone(&cache.inner));
+        py.detach(|| {
+            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+            span.forward(&pool, &mut data, &mut [SeqChunk { cache: &mut cache, n_tokens: rows }])
+        })
+        .map_err(to_py_err)?;
+        to_array2(py, data, rows, d)
+    }
+
+    /// Runs several sessions in one pass: `hidden` stacks each session's rows in the order
+    /// of `entries`, a list of `(cache, n_tokens)`.
+    fn forward_batch<'py>(
+        &self,
+        py: Python<'py>,
+        hidden: PyReadonlyArray2<'py, f32>,
+        entries: Vec<(PyRef<'py, PyKvCache>, usize)>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let d = self.span.config().hidden;
+        let (rows, mut data) = rows_of(&hidden, d)?;
+        let caches: Vec<(Arc<Mutex<KvCache>>, usize)> = entries.iter().map(|(c, n)| (Arc::clone(&c.inner), *n)).collect();
+        for (i, (c, _)) in caches.iter().enumerate() {
+            if caches[..i].iter().any(|(o, _)| Arc::ptr_eq(o, c)) {
+                return Err(PyValueError::new_err("a KV cache appears twice in one batch"));
+            }
+        }
+        let (span, pool) = (Arc::clone(&self.span), Arc::clone(&self.pool));
+        py.detach(|| {
+            let mut guards: Vec<MutexGuard<'_, KvCache>> =
+                caches.iter().map(|(c, _)| c.lock().unwrap_or_else(|e| e.into_inner())).collect();
+            let mut seqs: Vec<SeqChunk> =
+                guards.iter_mut().zip(&caches).map(|(g, (_, n))| SeqChunk { cache: &mut **g, n_tokens: *n }).collect();
+            span.forward(&pool, &mut data, &mut seqs)
+        })
+        .map_err(to_py_err)?;
+        to_array2(py, data, rows, d)
+    }
+}
+
+/// The token embedding table.
+#[pyclass(name = "TokenEmbedding", module = "meshpy._native", frozen)]
+pub struct PyTokenEmbedding {
+    inner: Arc<TokenEmbedding>,
+}
+
+#[pymethods]
+impl PyTokenEmbedding {
+    #[new]
+    #[pyo3(signature = (checkpoint, name, scale = 1.0))]
+    fn new(checkpoint: &PyCheckpoint, name: &str, scale: f32) -> PyResult<Self> {
+        let inner = TokenEmbedding::load(&checkpoint.inner(), name, scale).map_err(to_py_err)?;
+        Ok(PyTokenEmbedding { inner: Arc::new(inner) })
+    }
+
+    #[getter]
+    fn vocab(&self) -> usize {
+        self.inner.vocab()
+    }
+
+    #[getter]
+    fn hidden(&self) -> usize {
+        self.inner.hidden()
+    }
+
+    /// Hidden states `(len(ids), hidden)` for token ids.
+    fn lookup<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let inner = Arc::clone(&self.inner);
+        let n = ids.len();
+        let data = py.detach(|| inner.lookup(&ids)).map_err(to_py_err)?;
+        to_array2(py, data, n, self.inner.hidden())
+    }
+}
+
+/// Final norm and vocabulary projection.
+#[pyclass(name = "OutputHead", module = "meshpy._native", frozen)]
+pub struct PyOutputHead {
+    inner: Arc<OutputHead>,
+    pool: Arc<ThreadPool>,
+}
+
+#[pymethods]
+impl PyOutputHead {
+    #[new]
+    fn new(checkpoint: &PyCheckpoint, norm_name: &str, weight_name: &str, eps: f32, pool: &PyThreadPool) -> PyResult<Self> {
+        let inner = OutputHead::load(&checkpoint.inner(), norm_name, weight_name, eps).map_err(to_py_err)?;
+        Ok(PyOutputHead { inner: Arc::new(inner), pool: Arc::clone(&pool.pool) })
+    }
+
+    #[getter]
+    fn vocab(&self) -> usize {
+        self.inner.vocab()
+    }
+
+    /// Logits `(rows, vocab)` for hidden states `(rows, hidden)`.
+    fn logits<'py>(&self, py: Python<'py>, hidden: PyReadonlyArray2<'py, f32>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let rows = hidden.shape()[0];
+        let data: Vec<f32> = hidden.as_array().iter().copied().collect();
+        let (inner, pool) = (Arc::clone(&self.inner), Arc::clone(&self.pool));
+        let logits = py.detach(|| inner.logits(&pool, &data)).map_err(to_py_err)?;
+        to_array2(py, logits, rows, self.inner.vocab())
+    }
+}
+
+/// Registers the model classes.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyThreadPool>()?;
+    m.add_class::<PyKvCache>()?;
+    m.add_class::<PyLlamaSpan>()?;
+    m.add_class::<PyTokenEmbedding>()?;
+    m.add_class::<PyOutputHead>()?;
+    Ok(())
+}

@@ -1,0 +1,61 @@
+"""The Llama span forward pass against transformers on a tiny random f32 checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshpy.generation import Model
+from tests.fixtures import tiny_llama
+
+# f32 weights, f32 arithmetic on both sides: differences are rounding order only.
+LOGIT_ATOL = 1e-4
+
+HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("torch") is not None
+
+
+def ours(model_dir: Path, n_spans: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    model = Model.load(model_dir, threads=2, n_spans=n_spans)
+    session = model.new_session()
+    prefill = model.logits_all(tiny_llama.PREFILL_IDS, session)
+    decode = np.stack([model.logits_all([t], session)[0] for t in tiny_llama.DECODE_IDS])
+    return prefill, decode
+
+
+def test_logits_match_stored_transformers_reference(tiny_llama_dir: Path) -> None:
+    ref = np.load(tiny_llama_dir / "reference_logits.npz")
+    prefill, decode = ours(tiny_llama_dir)
+    assert prefill.shape == ref["prefill"].shape
+    np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+
+
+def test_two_spans_give_the_same_logits(tiny_llama_dir: Path) -> None:
+    one = ours(tiny_llama_dir, n_spans=1)
+    three = ours(tiny_llama_dir, n_spans=3)
+    np.testing.assert_array_equal(one[0], three[0])
+    np.testing.assert_array_equal(one[1], three[1])
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="live comparison needs torch and transformers")
+@pytest.mark.parametrize("seed", [1, 2])
+def test_logits_match_live_transformers(tmp_path: Path, seed: int) -> None:
+    model_dir = tiny_llama.build_checkpoint(tmp_path / "tiny", seed=seed)
+    ref_prefill, ref_decode = tiny_llama.reference_logits(model_dir)
+    prefill, decode = ours(model_dir)
+    np.testing.assert_allclose(prefill, ref_prefill, atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(decode, ref_decode, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_quantize_on_load_stays_close(tiny_llama_dir: Path) -> None:
+    ref = np.load(tiny_llama_dir / "reference_logits.npz")["prefill"]
+    for quant, bound in (("Q8_0", 0.05), ("Q4_0", 0.5)):
+        model = Model.load(tiny_llama_dir, threads=2, quantize=quant)
+        got = model.logits_all(tiny_llama.PREFILL_IDS)
+        err = np.abs(got - ref).max()
+        assert err < bound, f"{quant}: max logit error {err}"
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
