@@ -157,7 +157,7 @@ fn read_value(
             if count > (r.remaining() / min_bytes) as u64 {
                 return Err(r.error(format!(
                     "array of {count} elements at byte offset {at} (for {}) cannot fit in the {} \
-                     bytes left in the file",
+                     bytes left in the file; is it truncated?",
                     what(),
                     r.remaining()
                 )));
@@ -244,7 +244,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header> {
     if kv_count > room / MIN_KV_BYTES || tensor_count > room / MIN_TENSOR_INFO_BYTES {
         return Err(r.error(format!(
             "header claims {kv_count} metadata entries and {tensor_count} tensors, which cannot \
-             fit in the {room} bytes after byte offset {}",
+             fit in the {room} bytes after byte offset {}; is the file truncated?",
             r.pos()
         )));
     }

@@ -1,0 +1,1 @@
+"""Model families and the files they load from (see :mod:`meshpy.models.source`)."""
