@@ -78,10 +78,13 @@ impl Checkpoint {
     }
 
     /// `(type name, shape)` of a tensor, shape outermost first.
-    fn tensor_info<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyTuple>> {
+    fn tensor_info<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+    ) -> PyResult<(&'static str, Bound<'py, PyTuple>)> {
         let info = self.inner.info(name).map_err(to_py_err)?;
-        let shape = PyTuple::new(py, &info.shape)?;
-        PyTuple::new(py, [info.ty.name().into_pyobject(py)?.into_any(), shape.into_any()])
+        Ok((info.ty.name(), PyTuple::new(py, &info.shape)?))
     }
 
     /// A copy of a tensor's raw little-endian bytes.
