@@ -16,6 +16,7 @@ __all__ = [
     "ShapeError",
     "ContextOverflowError",
     "InvalidArgumentError",
+    "ModelSourceError",
 ]
 
 
@@ -56,3 +57,7 @@ class ContextOverflowError(MeshpyError, ValueError):
 
 class InvalidArgumentError(MeshpyError, ValueError):
     """A bad argument passed to the Rust core."""
+
+
+class ModelSourceError(MeshpyError, FileNotFoundError):
+    """A model path that is missing or lacks the files a model needs (weights, shards)."""

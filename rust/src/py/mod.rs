@@ -1,6 +1,7 @@
 //! Thin pyo3 bindings: convert arguments into owned Rust values, release the GIL for the
 //! work, convert results back. One file per exposed concept.
 
+mod checkpoint;
 mod errors;
 
 use pyo3::prelude::*;
@@ -11,5 +12,6 @@ pub(crate) use errors::to_py_err;
 /// Registers every binding on the `meshpy._native` module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    checkpoint::register(m)?;
     Ok(())
 }
