@@ -19,6 +19,7 @@ import numpy as np
 from meshpy import _native
 from meshpy.end_model import EndModel, Prompt
 from meshpy.models.config import ModelConfig, read_config
+from meshpy.models.packaged import PACKAGED_MODELS, resolve_packaged
 from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalPipeline, LocalSpan, PipelineSession, split_layers
 from meshpy.sampling import Sampler, SamplingParams
@@ -118,7 +119,7 @@ class Model:
         `quantize` ("Q8_0" or "Q4_0") converts float weight matrices at load; `n_spans`
         cuts the layers into that many spans run one after another (as the mesh would).
         """
-        source = open_model_source(Path(path))
+        source = open_model_source(model_path(path))
         config = read_config(source)
         pool = _native.ThreadPool(threads or default_threads())
         end = EndModel(source, config, pool)
@@ -217,6 +218,14 @@ class Model:
         gen = self.stream(prompt, max_tokens=max_tokens, sampling=sampling, raw=raw)
         text = "".join(gen)
         return Completion(text=text, token_ids=gen.token_ids, stats=gen.stats)
+
+
+def model_path(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint path, or the path of a packaged model given by short name."""
+    p = Path(path)
+    if not p.exists() and str(path) in PACKAGED_MODELS:
+        return resolve_packaged(str(path))
+    return p
 
 
 def load_model(path: str | os.PathLike[str], **kwargs: object) -> Model:

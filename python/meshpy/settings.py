@@ -116,7 +116,7 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace | dict[str, Any])
 class GenerateSettings:
     """`meshpy generate`: one prompt through a model in this process."""
 
-    model: Path = setting(help="a .gguf file or an HF checkpoint directory", short="-m")
+    model: Path = setting(help="a .gguf file, an HF checkpoint directory, or a packaged model (smollm2, gemma3-270m)", short="-m")
     prompt: str = setting(help="the prompt (a user message, unless --raw)", short="-p")
     max_tokens: int = setting(256, "most tokens to generate", minimum=1, short="-n")
     temperature: float = setting(0.0, "sampling temperature; 0 is greedy", minimum=0.0, maximum=100.0)

@@ -11,8 +11,15 @@ use crate::checkpoint::{self, MetaValue};
 
 /// A memory-mapped checkpoint: one GGUF file, or one or more safetensors shards.
 #[pyclass(frozen, name = "Checkpoint", module = "meshpy._native")]
-struct Checkpoint {
+pub(crate) struct Checkpoint {
     inner: checkpoint::Checkpoint,
+}
+
+impl Checkpoint {
+    /// The Rust checkpoint, for other bindings that load from it.
+    pub(crate) fn inner(&self) -> &checkpoint::Checkpoint {
+        &self.inner
+    }
 }
 
 /// A metadata value as a Python object; arrays become lists.

@@ -3,15 +3,16 @@
 
 mod checkpoint;
 mod errors;
+mod model;
 
 use pyo3::prelude::*;
 
-#[allow(unused_imports)] // used by the bindings as they land
 pub(crate) use errors::to_py_err;
 
 /// Registers every binding on the `meshpy._native` module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     checkpoint::register(m)?;
+    model::register(m)?;
     Ok(())
 }

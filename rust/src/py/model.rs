@@ -9,7 +9,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::checkpoint::PyCheckpoint;
+use super::checkpoint::Checkpoint as PyCheckpoint;
 use super::to_py_err;
 use crate::compute::ThreadPool;
 use crate::model::{KvCache, LlamaConfig, LlamaSpan, OutputHead, SeqChunk, TokenEmbedding};
@@ -144,7 +144,7 @@ impl PyLlamaSpan {
     ) -> PyResult<Self> {
         let cfg = llama_config(config)?;
         let ckpt = checkpoint.inner();
-        let span = py.detach(|| LlamaSpan::load(&ckpt, cfg, first_layer, layer_names)).map_err(to_py_err)?;
+        let span = py.detach(|| LlamaSpan::load(ckpt, cfg, first_layer, layer_names)).map_err(to_py_err)?;
         Ok(PyLlamaSpan { span: Arc::new(span), pool: Arc::clone(&pool.pool) })
     }
 
@@ -232,7 +232,7 @@ impl PyTokenEmbedding {
     #[new]
     #[pyo3(signature = (checkpoint, name, scale = 1.0))]
     fn new(checkpoint: &PyCheckpoint, name: &str, scale: f32) -> PyResult<Self> {
-        let inner = TokenEmbedding::load(&checkpoint.inner(), name, scale).map_err(to_py_err)?;
+        let inner = TokenEmbedding::load(checkpoint.inner(), name, scale).map_err(to_py_err)?;
         Ok(PyTokenEmbedding { inner: Arc::new(inner) })
     }
 
@@ -266,7 +266,7 @@ pub struct PyOutputHead {
 impl PyOutputHead {
     #[new]
     fn new(checkpoint: &PyCheckpoint, norm_name: &str, weight_name: &str, eps: f32, pool: &PyThreadPool) -> PyResult<Self> {
-        let inner = OutputHead::load(&checkpoint.inner(), norm_name, weight_name, eps).map_err(to_py_err)?;
+        let inner = OutputHead::load(checkpoint.inner(), norm_name, weight_name, eps).map_err(to_py_err)?;
         Ok(PyOutputHead { inner: Arc::new(inner), pool: Arc::clone(&pool.pool) })
     }
 
