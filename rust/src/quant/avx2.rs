@@ -1,6 +1,7 @@
-//! AVX2 + FMA + F16C twins of the reference dot products, one block (or super-block) per
-//! loop step: integer products within a block (`vpmaddubsw` + `vpmaddwd`), one f32 FMA per
-//! block into a vector accumulator, one horizontal sum at the end.
+//! AVX2 + FMA + F16C twins of the reference dot products: integer products within a block
+//! (`vpmaddubsw` + `vpmaddwd`), one f32 FMA per block into a vector accumulator, one
+//! horizontal sum at the end. Legacy formats go four blocks per step so their eight f16
+//! scales convert in one `vcvtph2ps`; k-quants go one 256-element super-block per step.
 //!
 //! Followed: ggml/src/ggml-cpu/arch/x86/quants.c in ggml-org/llama.cpp (`ggml_vec_dot_*` AVX2
 //! paths: nibble unpacking, `bytes_from_bits_32`, the Q4_K scale shuffles, the Q6_K bsums
@@ -74,16 +75,86 @@ pub(super) fn hsum_ps128(s: __m128) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// The f16 at `p` as f32.
+/// The two f16 at `p` (a 32-bit read) as f32 lanes 0 and 1 (lanes 2, 3 are zero).
+///
+/// Scales are always converted in pairs or more: a lone 16-bit load into a vector register
+/// compiles to `vpinsrw` into whatever register is free, which can be an accumulator, and the
+/// false dependency serializes the loop. A 32-bit load (`vmovd`) has no such input.
 ///
 /// # Safety
-/// `p` must be readable for 2 bytes.
+/// `p` must be readable for 4 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
-    let bits = read_unaligned(p.cast::<u16>());
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+pub(super) unsafe fn f16_pair(p: *const u8) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128(read_unaligned(p.cast::<i32>())))
 }
+
+/// Four u16 at `p`, `p + stride`, ... packed into a u64, first in the low bits.
+///
+/// # Safety
+/// The four 2-byte reads must be in bounds.
+#[inline(always)]
+unsafe fn gather4_u16(p: *const u8, stride: usize) -> i64 {
+    let r = |k: usize| read_unaligned(p.add(k * stride).cast::<u16>()) as u64;
+    (r(0) | (r(1) << 16) | (r(2) << 32) | (r(3) << 48)) as i64
+}
+
+/// The scales `f16(w.d) * f16(a.d)` of four consecutive blocks (`d` first in each block):
+/// eight scalar 16-bit reads, one `vcvtph2ps`.
+///
+/// # Safety
+/// Four blocks of `w_stride` / `a_stride` bytes readable at `w` / `a`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scales4(w: *const u8, w_stride: usize, a: *const u8, a_stride: usize) -> __m256 {
+    let f = _mm256_cvtph_ps(_mm_set_epi64x(gather4_u16(a, a_stride), gather4_u16(w, w_stride)));
+    _mm256_castps128_ps256(_mm_mul_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f)))
+}
+
+/// Lane `k` of `v` in all eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lane(v: __m256, k: i32) -> __m256 {
+    _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(k))
+}
+
+/// Copies the last `count` (< 4) blocks into zeroed four-block buffers, so the last partial
+/// step of a four-blocks-per-step loop runs the same code (a zero scale adds nothing).
+///
+/// # Safety
+/// `count` blocks of `W / 4` and `A / 4` bytes readable at `w` and `a`.
+#[inline(always)]
+pub(super) unsafe fn pad_tail<const W: usize, const A: usize>(
+    count: usize,
+    w: *const u8,
+    a: *const u8,
+) -> ([u8; W], [u8; A]) {
+    let (mut wt, mut at) = ([0u8; W], [0u8; A]);
+    std::ptr::copy_nonoverlapping(w, wt.as_mut_ptr(), count * (W / 4));
+    std::ptr::copy_nonoverlapping(a, at.as_mut_ptr(), count * (A / 4));
+    (wt, at)
+}
+
+/// Runs `$step` on pointers to each group of four blocks, the last partial group padded.
+macro_rules! by_fours {
+    ($nb:expr, $w:expr, $a:expr, $wsize:literal, $asize:literal, |$x:ident, $y:ident| $step:expr) => {{
+        let full = $nb - $nb % 4;
+        for i in (0..full).step_by(4) {
+            let ($x, $y) = ($w.add($wsize * i), $a.add($asize * i));
+            $step;
+        }
+        if full < $nb {
+            let (wt, at) = $crate::quant::avx2::pad_tail::<{ 4 * $wsize }, { 4 * $asize }>(
+                $nb - full,
+                $w.add($wsize * full),
+                $a.add($asize * full),
+            );
+            let ($x, $y) = (wt.as_ptr(), at.as_ptr());
+            $step;
+        }
+    }};
+}
+pub(super) use by_fours;
 
 /// The f32 at `p`.
 ///
@@ -186,7 +257,7 @@ float_dot!(
     f16_f32,
     2,
     |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-    |p: *const u8| f16_at(p)
+    |p: *const u8| half::f16::from_bits(read_unaligned(p.cast::<u16>())).to_f32()
 );
 float_dot!(
     bf16_f32,
@@ -199,7 +270,8 @@ float_dot!(
 );
 
 // ---------------------------------------------------------------------------------------------
-// Legacy formats: one 32-element block per step.
+// Legacy formats: four 32-element blocks per step, their eight f16 scales in one conversion,
+// one accumulator per block position.
 
 /// Q4_0 (18-byte blocks) x Q8_0 (34-byte blocks).
 ///
@@ -208,32 +280,41 @@ float_dot!(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_q8_0(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let eight = _mm256_set1_epi8(8);
-    let mut acc = _mm256_setzero_ps();
-    for i in 0..nb {
-        let (x, y) = (w.add(18 * i), a.add(34 * i));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
-        let sums = dot_u8_i8_offset(nibbles(x.add(2)), load(y.add(2)), eight);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc);
-    }
-    hsum_ps(acc)
+    let mut acc = [_mm256_setzero_ps(); 4];
+    by_fours!(nb, w, a, 18, 34, |x, y| {
+        let s = scales4(x, 18, y, 34);
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let sums = dot_u8_i8_offset(nibbles(x.add(18 * k + 2)), load(y.add(34 * k + 2)), eight);
+            *acc = _mm256_fmadd_ps(lane(s, k as i32), _mm256_cvtepi32_ps(sums), *acc);
+        }
+    });
+    hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
 }
 
-/// Q4_1 (20-byte blocks) x Q8_1 (36-byte blocks): the min term `m * s` sums in a scalar.
+/// Q4_1 (20-byte blocks) x Q8_1 (36-byte blocks). `d, m` and `d, s` are adjacent, so one
+/// 32-bit read per block fetches both; the `m * s` products sum in the odd lanes of `acc_m`.
 ///
 /// # Safety
 /// As [`q4_0_q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1_q8_1(nb: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut mins = 0.0f32;
-    for i in 0..nb {
-        let (x, y) = (w.add(20 * i), a.add(36 * i));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
-        mins += f16_at(x.add(2)) * f16_at(y.add(2));
-        let sums = dot_u8_i8(nibbles(x.add(4)), load(y.add(4)));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc);
-    }
-    hsum_ps(acc) + mins
+    let gather = |p: *const u8, stride: usize| {
+        let r = |k: usize| read_unaligned(p.add(k * stride).cast::<i32>());
+        _mm_set_epi32(r(3), r(2), r(1), r(0))
+    };
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc_m = _mm256_setzero_ps();
+    by_fours!(nb, w, a, 20, 36, |x, y| {
+        // [d0*da0, m0*s0, d1*da1, m1*s1, ...]
+        let p = _mm256_mul_ps(_mm256_cvtph_ps(gather(x, 20)), _mm256_cvtph_ps(gather(y, 36)));
+        acc_m = _mm256_add_ps(acc_m, p);
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let sums = dot_u8_i8(nibbles(x.add(20 * k + 4)), load(y.add(36 * k + 4)));
+            *acc = _mm256_fmadd_ps(lane(p, 2 * k as i32), _mm256_cvtepi32_ps(sums), *acc);
+        }
+    });
+    let mins = _mm256_blend_ps::<0b1010_1010>(_mm256_setzero_ps(), acc_m);
+    hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + hsum_ps(mins)
 }
 
 /// Q5_0 (22-byte blocks) x Q8_0: the fifth bits come from `qh` as 0x10 per byte.
@@ -243,16 +324,18 @@ unsafe fn q4_1_q8_1(nb: usize, w: *const u8, a: *const u8) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_0_q8_0(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let sixteen = _mm256_set1_epi8(16);
-    let mut acc = _mm256_setzero_ps();
-    for i in 0..nb {
-        let (x, y) = (w.add(22 * i), a.add(34 * i));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
-        let high = _mm256_and_si256(bytes_from_bits(read_unaligned(x.add(2).cast::<u32>())), sixteen);
-        let q = _mm256_or_si256(nibbles(x.add(6)), high);
-        let sums = dot_u8_i8_offset(q, load(y.add(2)), sixteen);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc);
-    }
-    hsum_ps(acc)
+    let mut acc = [_mm256_setzero_ps(); 4];
+    by_fours!(nb, w, a, 22, 34, |x, y| {
+        let s = scales4(x, 22, y, 34);
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let xb = x.add(22 * k);
+            let high = _mm256_and_si256(bytes_from_bits(read_unaligned(xb.add(2).cast::<u32>())), sixteen);
+            let q = _mm256_or_si256(nibbles(xb.add(6)), high);
+            let sums = dot_u8_i8_offset(q, load(y.add(34 * k + 2)), sixteen);
+            *acc = _mm256_fmadd_ps(lane(s, k as i32), _mm256_cvtepi32_ps(sums), *acc);
+        }
+    });
+    hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
 }
 
 /// Q8_0 x Q8_0: signed x signed through `|x| * (y with x's sign)`.
@@ -261,15 +344,16 @@ unsafe fn q5_0_q8_0(nb: usize, w: *const u8, a: *const u8) -> f32 {
 /// As [`q4_0_q8_0`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_q8_0(nb: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for i in 0..nb {
-        let (x, y) = (w.add(34 * i), a.add(34 * i));
-        let d = _mm256_set1_ps(f16_at(x) * f16_at(y));
-        let (xv, yv) = (load(x.add(2)), load(y.add(2)));
-        let sums = dot_u8_i8(_mm256_abs_epi8(xv), _mm256_sign_epi8(yv, xv));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc);
-    }
-    hsum_ps(acc)
+    let mut acc = [_mm256_setzero_ps(); 4];
+    by_fours!(nb, w, a, 34, 34, |x, y| {
+        let s = scales4(x, 34, y, 34);
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let (xv, yv) = (load(x.add(34 * k + 2)), load(y.add(34 * k + 2)));
+            let sums = dot_u8_i8(_mm256_abs_epi8(xv), _mm256_sign_epi8(yv, xv));
+            *acc = _mm256_fmadd_ps(lane(s, k as i32), _mm256_cvtepi32_ps(sums), *acc);
+        }
+    });
+    hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -293,9 +377,8 @@ unsafe fn q4_k_q8_k(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc_m = _mm_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(144 * i), a.add(292 * i));
-        let dy = f32_at(y);
-        let d = f16_at(x) * dy;
-        let dmin = f16_at(x.add(2)) * dy;
+        // [d * dy, dmin * dy]
+        let dd = _mm_mul_ps(f16_pair(x), _mm_set1_ps(f32_at(y)));
         let unpacked = unpack_q4k_scales(&*x.add(4).cast::<[u8; 12]>());
         // i16 lanes: scales 0..8, then mins 0..8.
         let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(unpacked.as_ptr().cast()));
@@ -304,7 +387,7 @@ unsafe fn q4_k_q8_k(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let bsums = load(y.add(260));
         let sums32 = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
         let mprod = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), sums32);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mprod), acc_m);
+        acc_m = _mm_fmadd_ps(_mm_permute_ps::<0b0101_0101>(dd), _mm_cvtepi32_ps(mprod), acc_m);
 
         let scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm));
         let mut sumi = _mm256_setzero_si256();
@@ -319,7 +402,7 @@ unsafe fn q4_k_q8_k(nb: usize, w: *const u8, a: *const u8) -> f32 {
             sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p_lo, s_lo));
             sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p_hi, s_hi));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_ps(acc) - hsum_ps128(acc_m)
 }
@@ -334,7 +417,8 @@ unsafe fn q6_k_q8_k(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let (x, y) = (w.add(210 * i), a.add(292 * i));
-        let d = f16_at(x.add(208)) * f32_at(y);
+        // The 32-bit read at 206 ends with `d` (lane 1); lane 0 is two scale bytes, unused.
+        let d = _mm_cvtss_f32(_mm_movehdup_ps(f16_pair(x.add(206)))) * f32_at(y);
         let scales = _mm_loadu_si128(x.add(192).cast());
         // 32 * sum_g sc_g * bsum_g, as 8 i32 lanes.
         let corr = _mm256_madd_epi16(load(y.add(260)), _mm256_cvtepi8_epi16(scales));

@@ -3,8 +3,8 @@
 //! fuse the multiply, pair-sum and accumulate).
 //!
 //! Legacy formats run four 32-element blocks per step: two 512-bit registers of two blocks
-//! each, the eight f16 scales converted by one `vcvtph2ps` and spread to the lanes of their
-//! block by `vpermps`. A last step of fewer than four blocks runs on a zero-padded copy (a
+//! each; the f16 scales come in by masked loads and one `vpermt2w`, are converted by
+//! `vcvtph2ps` and spread to the lanes of their block by `vpermps`. A last step of fewer than four blocks runs on a zero-padded copy (a
 //! zero scale contributes nothing). k-quants run one 256-element super-block per step with
 //! i32 accumulation across it and one FMA at its end.
 //!
@@ -17,9 +17,9 @@
 //! F16C; plus VNNI for the `vnni` build). All loads are unaligned or masked.
 
 use std::arch::x86_64::*;
-use std::ptr::{copy_nonoverlapping, read_unaligned};
+use std::ptr::read_unaligned;
 
-use super::avx2::{f16_at, f32_at, hsum_ps};
+use super::avx2::{by_fours, f16_pair, f32_at, hsum_ps};
 use super::reference::unpack_q4k_scales;
 use super::{check_dot, GgmlType, VecDotFn};
 
@@ -118,37 +118,68 @@ wrapper!(vec_dot_bf16_f32_avx512, GgmlType::BF16, bf16_f32);
 // ---------------------------------------------------------------------------------------------
 // Helpers shared by both builds (base features, so both can inline them).
 
-/// Four u16 at `p`, `p + stride`, ... packed into a u64, first in the low bits.
+/// Where the f16 scales of four consecutive blocks lie in the 128 bytes from their start:
+/// masked 16-bit loads fetch only those halves (`lo` from the first 64 bytes, `hi` from the
+/// next 64), and `vpermt2w` with `idx` moves them to the low lanes: lanes 0..4 the `d` of each
+/// block or, for `pairs`, lanes 2k and 2k + 1 the adjacent `d, m` / `d, s` of block k.
 ///
-/// # Safety
-/// The four 2-byte reads must be in bounds.
-#[inline(always)]
-unsafe fn gather4_u16(p: *const u8, stride: usize) -> u64 {
-    let r = |k: usize| read_unaligned(p.add(k * stride).cast::<u16>()) as u64;
-    r(0) | (r(1) << 16) | (r(2) << 32) | (r(3) << 48)
+/// Masked loads read nothing past the halves they name (so no read leaves the four blocks),
+/// and they keep the compiler from rebuilding the quant loads out of a wide scale load.
+struct ScaleGather {
+    idx: [i16; 32],
+    lo: u32,
+    hi: u32,
 }
 
-/// Four u32 at `p`, `p + stride`, ... as the lanes of an xmm register.
-///
-/// # Safety
-/// The four 4-byte reads must be in bounds.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn gather4_u32(p: *const u8, stride: usize) -> __m128i {
-    let r = |k: usize| read_unaligned(p.add(k * stride).cast::<i32>());
-    _mm_set_epi32(r(3), r(2), r(1), r(0))
+const fn scale_gather(stride: usize, pairs: bool) -> ScaleGather {
+    let mut g = ScaleGather { idx: [0; 32], lo: 0, hi: 0 };
+    let per_block = if pairs { 2 } else { 1 };
+    let mut k = 0;
+    while k < 4 {
+        let mut j = 0;
+        while j < per_block {
+            let half = k * stride / 2 + j;
+            if half < 32 {
+                g.lo |= 1 << half;
+            } else {
+                g.hi |= 1 << (half - 32);
+            }
+            // vpermt2w numbers the halves of both sources 0..64, as in memory.
+            g.idx[per_block * k + j] = half as i16;
+            j += 1;
+        }
+        k += 1;
+    }
+    g
 }
 
-/// The four block scales `f16(w.d) * f16(a.d)` of four consecutive blocks, `d` first in each.
+const SCALES_18: ScaleGather = scale_gather(18, false);
+const SCALES_22: ScaleGather = scale_gather(22, false);
+const SCALES_34: ScaleGather = scale_gather(34, false);
+const PAIRS_20: ScaleGather = scale_gather(20, true);
+const PAIRS_36: ScaleGather = scale_gather(36, true);
+
+/// The halves named by `g` from the four blocks at `p`, in the low lanes.
 ///
 /// # Safety
-/// Four blocks of `w_stride` / `a_stride` bytes readable at `w` / `a`.
+/// The named halves must be readable (they lie inside the four blocks).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn scales4(w: *const u8, w_stride: usize, a: *const u8, a_stride: usize) -> __m512 {
-    let halves = _mm_set_epi64x(gather4_u16(a, a_stride) as i64, gather4_u16(w, w_stride) as i64);
-    let f = _mm256_cvtph_ps(halves);
-    _mm512_castps128_ps512(_mm_mul_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f)))
+unsafe fn halves(p: *const u8, g: &ScaleGather) -> __m128i {
+    let idx = _mm512_loadu_si512(g.idx.as_ptr().cast());
+    let lo = _mm512_maskz_loadu_epi16(g.lo, p.cast());
+    let hi = _mm512_maskz_loadu_epi16(g.hi, p.add(64).cast());
+    _mm512_castsi512_si128(_mm512_permutex2var_epi16(lo, idx, hi))
+}
+
+/// The four block scales `f16(w.d) * f16(a.d)` in lanes 0..4.
+///
+/// # Safety
+/// Four blocks readable at `w` and at `a`, laid out as `wg` and `ag` describe.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn scales4(w: *const u8, wg: &ScaleGather, a: *const u8, ag: &ScaleGather) -> __m512 {
+    _mm512_castps128_ps512(_mm_mul_ps(_mm_cvtph_ps(halves(w, wg)), _mm_cvtph_ps(halves(a, ag))))
 }
 
 /// Spreads lanes `i` and `j` of `s` over the two 8-lane halves of a register: the scale of
@@ -183,18 +214,6 @@ unsafe fn nibbles2(p0: *const u8, p1: *const u8) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn load2(p0: *const u8, p1: *const u8) -> __m512i {
     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(p0.cast())), _mm256_loadu_si256(p1.cast()))
-}
-
-/// Copies the last `count` (< 4) blocks into zeroed four-block buffers.
-///
-/// # Safety
-/// `count` blocks of `W / 4` and `A / 4` bytes readable at `w` and `a`.
-#[inline(always)]
-unsafe fn tail<const W: usize, const A: usize>(count: usize, w: *const u8, a: *const u8) -> ([u8; W], [u8; A]) {
-    let (mut wt, mut at) = ([0u8; W], [0u8; A]);
-    copy_nonoverlapping(w, wt.as_mut_ptr(), count * (W / 4));
-    copy_nonoverlapping(a, at.as_mut_ptr(), count * (A / 4));
-    (wt, at)
 }
 
 /// `[i16; 32]` with lane `l` = `l / width`.
@@ -286,23 +305,6 @@ macro_rules! quant_kernels {
         wrapper!(vec_dot_q4_k_q8_k, GgmlType::Q4K, q4_k_q8_k);
         wrapper!(vec_dot_q6_k_q8_k, GgmlType::Q6K, q6_k_q8_k);
 
-        /// Runs `$step` over `nb` blocks four at a time, the last partial group zero-padded.
-        macro_rules! by_fours {
-            ($nb:expr, $w:expr, $a:expr, $wsize:literal, $asize:literal, |$x:ident, $y:ident| $step:expr) => {{
-                let full = $nb - $nb % 4;
-                for i in (0..full).step_by(4) {
-                    let ($x, $y) = ($w.add($wsize * i), $a.add($asize * i));
-                    $step;
-                }
-                if full < $nb {
-                    let (wt, at) =
-                        tail::<{ 4 * $wsize }, { 4 * $asize }>($nb - full, $w.add($wsize * full), $a.add($asize * full));
-                    let ($x, $y) = (wt.as_ptr(), at.as_ptr());
-                    $step;
-                }
-            }};
-        }
-
         /// Q4_0 (18-byte blocks) x Q8_0 (34-byte blocks).
         ///
         /// # Safety
@@ -312,7 +314,7 @@ macro_rules! quant_kernels {
             let eight = _mm512_set1_epi8(8);
             let mut acc = [_mm512_setzero_ps(); 2];
             by_fours!(nb, w, a, 18, 34, |x, y| {
-                let s = scales4(x, 18, y, 34);
+                let s = scales4(x, &SCALES_18, y, &SCALES_34);
                 let i01 = dot_u8_i8_offset(nibbles2(x.add(2), x.add(20)), load2(y.add(2), y.add(36)), eight);
                 let i23 = dot_u8_i8_offset(nibbles2(x.add(38), x.add(56)), load2(y.add(70), y.add(104)), eight);
                 acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), spread(s, 0, 1), acc[0]);
@@ -333,7 +335,7 @@ macro_rules! quant_kernels {
             let mut acc_m = _mm256_setzero_ps();
             by_fours!(nb, w, a, 20, 36, |x, y| {
                 // [d0*da0, m0*s0, d1*da1, m1*s1, ...]
-                let p = _mm256_mul_ps(_mm256_cvtph_ps(gather4_u32(x, 20)), _mm256_cvtph_ps(gather4_u32(y, 36)));
+                let p = _mm256_mul_ps(_mm256_cvtph_ps(halves(x, &PAIRS_20)), _mm256_cvtph_ps(halves(y, &PAIRS_36)));
                 acc_m = _mm256_add_ps(acc_m, p);
                 let p = _mm512_castps256_ps512(p);
                 let i01 = dot_u8_i8(nibbles2(x.add(4), x.add(24)), load2(y.add(4), y.add(40)));
@@ -360,7 +362,7 @@ macro_rules! quant_kernels {
                 _mm512_mask_add_epi8(q, high, q, sixteen)
             };
             by_fours!(nb, w, a, 22, 34, |x, y| {
-                let s = scales4(x, 22, y, 34);
+                let s = scales4(x, &SCALES_22, y, &SCALES_34);
                 let i01 = dot_u8_i8_offset(quants(x), load2(y.add(2), y.add(36)), sixteen);
                 let i23 = dot_u8_i8_offset(quants(x.add(44)), load2(y.add(70), y.add(104)), sixteen);
                 acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), spread(s, 0, 1), acc[0]);
@@ -383,7 +385,7 @@ macro_rules! quant_kernels {
                 dot_u8_i8(_mm512_abs_epi8(xv), yv)
             };
             by_fours!(nb, w, a, 34, 34, |x, y| {
-                let s = scales4(x, 34, y, 34);
+                let s = scales4(x, &SCALES_34, y, &SCALES_34);
                 let i01 = dot(load2(x.add(2), x.add(36)), load2(y.add(2), y.add(36)));
                 let i23 = dot(load2(x.add(70), x.add(104)), load2(y.add(70), y.add(104)));
                 acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), spread(s, 0, 1), acc[0]);
@@ -412,7 +414,8 @@ macro_rules! quant_kernels {
             let mut acc_m = _mm256_setzero_ps();
             for i in 0..nb {
                 let (x, y) = (w.add(144 * i), a.add(292 * i));
-                let dy = f32_at(y);
+                // [d * dy, dmin * dy]
+                let dd = _mm_mul_ps(f16_pair(x), _mm_set1_ps(f32_at(y)));
                 let unpacked = unpack_q4k_scales(&*x.add(4).cast::<[u8; 12]>());
                 // i16 lanes: scales 0..8, then mins 0..8.
                 let sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(unpacked.as_ptr().cast()));
@@ -420,7 +423,8 @@ macro_rules! quant_kernels {
                     _mm256_loadu_si256(y.add(260).cast()),
                     _mm256_permutexvar_epi16(min_pairs, sm),
                 );
-                acc_m = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(x.add(2)) * dy), _mm256_cvtepi32_ps(mprod), acc_m);
+                let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
+                acc_m = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(mprod), acc_m);
 
                 let sm = _mm512_castsi256_si512(sm);
                 let mut sumi = _mm512_setzero_si512();
@@ -431,7 +435,7 @@ macro_rules! quant_kernels {
                     let scales = _mm512_permutexvar_epi16(pick, sm);
                     sumi = dot_scaled(sumi, q, _mm512_loadu_si512(y.add(4 + 64 * c).cast()), scales);
                 }
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(x) * dy), _mm512_cvtepi32_ps(sumi), acc);
+                acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dd), _mm512_cvtepi32_ps(sumi), acc);
             }
             _mm512_reduce_add_ps(acc) - hsum_ps(acc_m)
         }
@@ -453,7 +457,8 @@ macro_rules! quant_kernels {
             let mut acc = _mm512_setzero_ps();
             for i in 0..nb {
                 let (x, y) = (w.add(210 * i), a.add(292 * i));
-                let d = f16_at(x.add(208)) * f32_at(y);
+                // The 32-bit read at 206 ends with `d` (lane 1); lane 0 is two scale bytes.
+                let d = _mm_cvtss_f32(_mm_movehdup_ps(f16_pair(x.add(206)))) * f32_at(y);
                 let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192).cast()));
                 let corr = _mm256_madd_epi16(_mm256_loadu_si256(y.add(260).cast()), sc);
                 let sc = _mm512_castsi256_si512(sc);
