@@ -1,37 +1,61 @@
-//! TEMPORARY minimal tensor-type enum so `checkpoint` compiles before the real `quant`
-//! module lands; the integrator drops this commit when merging.
+//! Quantized tensor formats (ggml's block types) and their CPU kernels: the type enum, and
+//! dispatch of dequantize / quantize / dot products to the scalar reference or the SIMD
+//! twin the CPU can run.
+//!
+//! Layout: [`blocks`] holds the block structs, [`reference`] the scalar kernels (the
+//! definition of correct), `avx2` and `avx512` the x86 SIMD twins with the same signatures,
+//! [`activation`] the per-matmul activation quantizers. SIMD kernels are chosen at run time
+//! (`is_x86_feature_detected!`), never at compile time, so one wheel runs on any x86-64.
+//!
+//! Dot products are dispatch-once-then-call: [`vec_dot_fn`] is called once per weight matrix
+//! and the returned [`VecDotFn`] once per row.
+
+pub mod activation;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+pub mod blocks;
+pub mod reference;
+
+#[cfg(test)]
+mod tests;
+
+
+use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
+use blocks::{as_blocks, as_blocks_mut};
 
-/// A tensor storage type, numbered as in ggml.
-#[allow(non_camel_case_types)]
+/// A ggml tensor type with kernels here. Ids are ggml's (`enum ggml_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GgmlType {
-    /// 32-bit float.
+    /// 32-bit float (id 0).
     F32,
-    /// 16-bit IEEE float.
+    /// IEEE half (id 1).
     F16,
-    /// 32 weights: f16 scale, 4-bit values.
+    /// 4-bit, scale only, blocks of 32 (id 2).
     Q4_0,
-    /// 32 weights: f16 scale and min, 4-bit values.
+    /// 4-bit, scale and min, blocks of 32 (id 3).
     Q4_1,
-    /// 32 weights: f16 scale, 5-bit values.
+    /// 5-bit, scale only, blocks of 32 (id 6).
     Q5_0,
-    /// 32 weights: f16 scale, 8-bit values.
+    /// 8-bit, scale only, blocks of 32 (id 8).
     Q8_0,
-    /// 32 weights: f16 scale and sum, 8-bit values.
+    /// 8-bit with block sum, blocks of 32; activations for Q4_1 (id 9).
     Q8_1,
-    /// 256-weight super-block, 4-bit values.
+    /// 4-bit k-quant, super-blocks of 256 (id 12).
     Q4K,
-    /// 256-weight super-block, 6-bit values.
+    /// 6-bit k-quant, super-blocks of 256 (id 14).
     Q6K,
-    /// 256-weight super-block, 8-bit values (activations).
+    /// 8-bit k-quant with sums of 16; activations for the k-quants (id 15).
     Q8K,
-    /// bfloat16.
+    /// bfloat16 (id 30).
     BF16,
 }
 
-const ALL: [GgmlType; 11] = [
+/// Every supported type, in id order.
+const ALL_TYPES: [GgmlType; 11] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Q4_0,
@@ -45,23 +69,64 @@ const ALL: [GgmlType; 11] = [
     GgmlType::BF16,
 ];
 
-fn supported() -> String {
-    ALL.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+/// ggml's names for the type ids it defines and we do not support (some are retired).
+fn unsupported_ggml_name(id: u32) -> Option<&'static str> {
+    Some(match id {
+        4 => "Q4_2",
+        5 => "Q4_3",
+        7 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        13 => "Q5_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        31 => "Q4_0_4_4",
+        32 => "Q4_0_4_8",
+        33 => "Q4_0_8_8",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        36 => "IQ4_NL_4_4",
+        37 => "IQ4_NL_4_8",
+        38 => "IQ4_NL_8_8",
+        39 => "MXFP4",
+        40 => "NVFP4",
+        41 => "Q1_0",
+        _ => return None,
+    })
+}
+
+/// "F32, F16, ..." for error messages.
+fn supported_list() -> String {
+    ALL_TYPES.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
 }
 
 impl GgmlType {
-    /// The type with ggml id `id`, or `Error::UnsupportedType`.
+    /// The type with ggml id `id`; `Error::UnsupportedType` (naming ggml's type when it has
+    /// one) for any other id.
     pub fn from_ggml_id(id: u32) -> Result<GgmlType> {
-        ALL.iter()
-            .copied()
-            .find(|t| t.ggml_id() == id)
-            .ok_or_else(|| Error::UnsupportedType {
-                name: format!("ggml type id {id}"),
-                supported: supported(),
-            })
+        if let Some(&ty) = ALL_TYPES.iter().find(|t| t.ggml_id() == id) {
+            return Ok(ty);
+        }
+        let name = match unsupported_ggml_name(id) {
+            Some(name) => name.to_string(),
+            None => format!("ggml type id {id}"),
+        };
+        Err(Error::UnsupportedType { name, supported: supported_list() })
     }
 
-    /// The type's ggml id.
+    /// ggml's id for this type.
     pub fn ggml_id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,
@@ -78,7 +143,8 @@ impl GgmlType {
         }
     }
 
-    /// The type's name as ggml spells it ("Q4_K").
+    /// ggml's name: "F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q8_1", "Q4_K", "Q6_K",
+    /// "Q8_K", "BF16".
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",
@@ -95,53 +161,301 @@ impl GgmlType {
         }
     }
 
-    /// The type named `name` (as [`GgmlType::name`] spells it), or `Error::UnsupportedType`.
+    /// The type named `name`, case-insensitively; the k-quants also answer without the
+    /// underscore ("q4k"). `Error::UnsupportedType` for any other name.
     pub fn from_name(name: &str) -> Result<GgmlType> {
-        ALL.iter()
-            .copied()
-            .find(|t| t.name() == name)
-            .ok_or_else(|| Error::UnsupportedType {
-                name: name.to_string(),
-                supported: supported(),
-            })
+        let upper = name.trim().to_ascii_uppercase();
+        let found = ALL_TYPES.iter().find(|t| {
+            let canonical = t.name();
+            upper == canonical || (canonical.ends_with("_K") && upper == canonical.replace('_', ""))
+        });
+        if let Some(&ty) = found {
+            return Ok(ty);
+        }
+        // Name ggml's unsupported types the way ggml spells them ("q5_1" -> "Q5_1").
+        let known = (0..64).filter_map(unsupported_ggml_name).find(|&known| known == upper);
+        let name = known.map_or_else(|| name.to_string(), str::to_string);
+        Err(Error::UnsupportedType { name, supported: supported_list() })
     }
 
-    /// Weights per block.
+    /// Elements per block: 1 for F32/F16/BF16, 32 for the legacy formats, 256 for k-quants.
     pub fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q8_1 => 32,
-            GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8K => 256,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q8_1 => {
+                blocks::QK
+            }
+            GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8K => blocks::QK_K,
         }
     }
 
     /// Bytes per block.
     pub fn block_bytes(self) -> usize {
+        use std::mem::size_of;
         match self {
             GgmlType::F32 => 4,
             GgmlType::F16 | GgmlType::BF16 => 2,
-            GgmlType::Q4_0 => 18,
-            GgmlType::Q4_1 => 20,
-            GgmlType::Q5_0 => 22,
-            GgmlType::Q8_0 => 34,
-            GgmlType::Q8_1 => 36,
-            GgmlType::Q4K => 144,
-            GgmlType::Q6K => 210,
-            GgmlType::Q8K => 292,
+            GgmlType::Q4_0 => size_of::<blocks::BlockQ4_0>(),
+            GgmlType::Q4_1 => size_of::<blocks::BlockQ4_1>(),
+            GgmlType::Q5_0 => size_of::<blocks::BlockQ5_0>(),
+            GgmlType::Q8_0 => size_of::<blocks::BlockQ8_0>(),
+            GgmlType::Q8_1 => size_of::<blocks::BlockQ8_1>(),
+            GgmlType::Q4K => size_of::<blocks::BlockQ4K>(),
+            GgmlType::Q6K => size_of::<blocks::BlockQ6K>(),
+            GgmlType::Q8K => size_of::<blocks::BlockQ8K>(),
         }
     }
 
-    /// Bytes of a row of `n` weights; an error if `n` is not a whole number of blocks.
+    /// Bytes of a row of `n` elements; `Error::Shape` unless `n` is a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Result<usize> {
-        if n % self.block_len() != 0 {
+        if !n.is_multiple_of(self.block_len()) {
             return Err(Error::Shape(format!(
-                "a {} row of {n} weights is not a whole number of {}-weight blocks",
+                "a {} row needs a multiple of {} elements, got {n}",
                 self.name(),
                 self.block_len()
             )));
         }
-        (n / self.block_len())
-            .checked_mul(self.block_bytes())
-            .ok_or_else(|| Error::Shape(format!("a {} row of {n} weights overflows", self.name())))
+        Ok(n / self.block_len() * self.block_bytes())
     }
+
+    /// The type activations are quantized to for [`vec_dot_fn`] with weights of this type:
+    /// Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1, Q8_K for Q4_K/Q6_K, F32 for F32/F16/BF16.
+    /// The activation-only types Q8_1 and Q8_K answer themselves (they have no dot product).
+    pub fn activation_type(self) -> GgmlType {
+        match self {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
+            GgmlType::Q4_1 | GgmlType::Q8_1 => GgmlType::Q8_1,
+            GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8K => GgmlType::Q8K,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => GgmlType::F32,
+        }
+    }
+
+    /// Whether this type only ever holds activations (Q8_1, Q8_K): no dot product takes it as
+    /// the weight side.
+    pub fn is_activation_only(self) -> bool {
+        matches!(self, GgmlType::Q8_1 | GgmlType::Q8K)
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Dequantizes one row: `src` is exactly `ty.row_bytes(dst.len())` bytes. Bit-exact with
+/// ggml's `dequantize_row_*` (and gguf-py's numpy dequantizers).
+pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    let expected = ty.row_bytes(dst.len())?;
+    if src.len() != expected {
+        return Err(Error::Shape(format!(
+            "{} elements of {ty} take {expected} bytes, got {}",
+            dst.len(),
+            src.len()
+        )));
+    }
+    use reference as r;
+    match ty {
+        GgmlType::F32 => r::dequantize_row_f32_ref(src, dst),
+        GgmlType::F16 => r::dequantize_row_f16_ref(src, dst),
+        GgmlType::BF16 => r::dequantize_row_bf16_ref(src, dst),
+        GgmlType::Q4_0 => r::dequantize_row_q4_0_ref(as_blocks(src)?, dst),
+        GgmlType::Q4_1 => r::dequantize_row_q4_1_ref(as_blocks(src)?, dst),
+        GgmlType::Q5_0 => r::dequantize_row_q5_0_ref(as_blocks(src)?, dst),
+        GgmlType::Q8_0 => r::dequantize_row_q8_0_ref(as_blocks(src)?, dst),
+        GgmlType::Q8_1 => r::dequantize_row_q8_1_ref(as_blocks(src)?, dst),
+        GgmlType::Q4K => r::dequantize_row_q4_k_ref(as_blocks(src)?, dst),
+        GgmlType::Q6K => r::dequantize_row_q6_k_ref(as_blocks(src)?, dst),
+        GgmlType::Q8K => r::dequantize_row_q8_k_ref(as_blocks(src)?, dst),
+    }
+    Ok(())
+}
+
+/// Types [`quantize_row`] can produce.
+const QUANTIZE_TARGETS: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q8_1, Q8_K";
+
+/// Quantizes one row into `dst` (exactly `ty.row_bytes(src.len())` bytes), bit-exact with
+/// ggml's `quantize_row_*_ref`. Targets: Q8_0, Q8_1, Q8_K (activations), Q4_0, Q4_1, Q5_0
+/// (quantize-on-load), F16, BF16, F32; Q4_K and Q6_K give `Error::UnsupportedType`.
+pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
+    if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+        return Err(Error::UnsupportedType {
+            name: format!("{ty} (as a quantization target)"),
+            supported: QUANTIZE_TARGETS.to_string(),
+        });
+    }
+    let expected = ty.row_bytes(src.len())?;
+    if dst.len() != expected {
+        return Err(Error::Shape(format!(
+            "{} elements of {ty} take {expected} bytes, got a {}-byte buffer",
+            src.len(),
+            dst.len()
+        )));
+    }
+    use reference as r;
+    match ty {
+        GgmlType::F32 => r::quantize_row_f32_ref(src, dst),
+        GgmlType::F16 => r::quantize_row_f16_ref(src, dst),
+        GgmlType::BF16 => r::quantize_row_bf16_ref(src, dst),
+        GgmlType::Q4_0 => r::quantize_row_q4_0_ref(src, as_blocks_mut(dst)?),
+        GgmlType::Q4_1 => r::quantize_row_q4_1_ref(src, as_blocks_mut(dst)?),
+        GgmlType::Q5_0 => r::quantize_row_q5_0_ref(src, as_blocks_mut(dst)?),
+        GgmlType::Q8_0 => r::quantize_row_q8_0_ref(src, as_blocks_mut(dst)?),
+        GgmlType::Q8_1 => r::quantize_row_q8_1_ref(src, as_blocks_mut(dst)?),
+        GgmlType::Q8K => r::quantize_row_q8_k_ref(src, as_blocks_mut(dst)?),
+        GgmlType::Q4K | GgmlType::Q6K => unreachable!("rejected above"),
+    }
+    Ok(())
+}
+
+/// Dot product of one weight row (`n` elements of the weight type, as bytes) with one
+/// activation row already in that type's [`GgmlType::activation_type`] (as bytes; for F32
+/// activations, f32 little-endian bytes).
+///
+/// Panics if `w` or `a` is not exactly `n` elements long, or `n` is not a whole number of
+/// blocks: lengths are the caller's invariant, checked once per row. [`vec_dot`] is the
+/// checked form that returns an error instead.
+pub type VecDotFn = fn(n: usize, w: &[u8], a: &[u8]) -> f32;
+
+/// Instruction-set levels with kernels, in increasing order of capability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// Portable Rust, any CPU.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL (plus the AVX2 set).
+    Avx512,
+    /// AVX-512 with VNNI (`vpdpbusd`, `vpdpwssd`).
+    Avx512Vnni,
+}
+
+impl SimdLevel {
+    /// Lower-case name: "scalar", "avx2", "avx512", "avx512vnni".
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+            SimdLevel::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// Every level, lowest first.
+    pub const ALL: [SimdLevel; 4] =
+        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni];
+}
+
+/// The best level this CPU runs, detected once and cached.
+pub fn detected_simd() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> SimdLevel {
+    let avx2 = is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c");
+    let avx512 = avx2
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl");
+    if avx512 && is_x86_feature_detected!("avx512vnni") {
+        SimdLevel::Avx512Vnni
+    } else if avx512 {
+        SimdLevel::Avx512
+    } else if avx2 {
+        SimdLevel::Avx2
+    } else {
+        SimdLevel::Scalar
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> SimdLevel {
+    SimdLevel::Scalar
+}
+
+/// The fastest dot-product kernel this CPU runs for weights of type `ty`.
+///
+/// Panics for Q8_1 and Q8_K: they are activation-only types with no weight-side kernel
+/// (see [`GgmlType::is_activation_only`]). Every other type has at least a scalar kernel.
+pub fn vec_dot_fn(ty: GgmlType) -> VecDotFn {
+    let best = detected_simd();
+    SimdLevel::ALL
+        .iter()
+        .rev()
+        .filter(|&&level| level <= best)
+        .find_map(|&level| vec_dot_fn_at(ty, level))
+        .unwrap_or_else(|| panic!("{ty} is an activation-only type: it has no vec_dot kernel"))
+}
+
+/// The dot-product kernel for weights of type `ty` at exactly `level`; `None` when that level
+/// has none for `ty` (Q8_1, Q8_K) or this CPU cannot run it. For tests and benchmarks.
+pub fn vec_dot_fn_at(ty: GgmlType, level: SimdLevel) -> Option<VecDotFn> {
+    if level > detected_simd() {
+        return None;
+    }
+    match level {
+        SimdLevel::Scalar => reference::vec_dot_fn_ref(ty),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => avx2::vec_dot_fn(ty),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => avx512::vec_dot_fn(ty, false),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512Vnni => avx512::vec_dot_fn(ty, true),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => None,
+    }
+}
+
+/// Checked dot product: `w` holds `n` elements of `ty`, `a` holds `n` elements of
+/// `ty.activation_type()`. Errors instead of panicking on bad lengths or activation-only
+/// types; uses the fastest kernel.
+pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Result<f32> {
+    if ty.is_activation_only() {
+        return Err(Error::UnsupportedType {
+            name: format!("{ty} (activation-only, not a weight type)"),
+            supported: "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K".to_string(),
+        });
+    }
+    let at = ty.activation_type();
+    let (w_bytes, a_bytes) = (ty.row_bytes(n)?, at.row_bytes(n)?);
+    if w.len() != w_bytes || a.len() != a_bytes {
+        return Err(Error::Shape(format!(
+            "vec_dot of {n} elements needs {w_bytes} bytes of {ty} and {a_bytes} bytes of {at}, \
+             got {} and {}",
+            w.len(),
+            a.len()
+        )));
+    }
+    Ok(vec_dot_fn(ty)(n, w, a))
+}
+
+/// Fast activation quantization, once per matmul: the contract of [`quantize_row`] for
+/// Q8_0, Q8_1 and Q8_K (and bit-identical output), with SIMD where the CPU has it.
+///
+/// Panics if `ty` is not one of those three or the lengths do not fit (`dst` must be exactly
+/// `ty.row_bytes(src.len())` bytes): the forward pass sizes these buffers itself.
+pub fn quantize_activations(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
+    activation::quantize_activations(detected_simd(), ty, src, dst)
+}
+
+/// Panics unless `w` and `a` hold exactly `n` elements of `wt` and its activation type;
+/// returns the number of weight blocks. Called once per row by every [`VecDotFn`].
+#[inline]
+pub(crate) fn check_dot(wt: GgmlType, n: usize, w: &[u8], a: &[u8]) -> usize {
+    let at = wt.activation_type();
+    let blocks = n / wt.block_len();
+    let ok = n.is_multiple_of(wt.block_len())
+        && w.len() == blocks * wt.block_bytes()
+        && a.len() == n / at.block_len() * at.block_bytes();
+    assert!(
+        ok,
+        "vec_dot {wt}: n = {n} with {} weight bytes and {} activation bytes ({at})",
+        w.len(),
+        a.len()
+    );
+    blocks
 }

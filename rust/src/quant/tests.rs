@@ -1,0 +1,571 @@
+//! Tests across the quant modules: SIMD against scalar for every type and level this CPU
+//! has, quantization error bounds, activation quantizers bit-identical to the reference,
+//! error paths, and (ignored by default) the throughput table of every dot kernel.
+//!
+//! Error bounds are measured on gaussian data (n = 4096, several seeds) and set with margin;
+//! the measured values are in the comments beside each constant.
+
+use super::blocks::{BlockQ4K, BlockQ6K, F16Le, QK_K};
+use super::reference::dequantize_row_q4_k_ref;
+use super::*;
+
+/// Weight types with a dot product.
+const WEIGHT_TYPES: [GgmlType; 9] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q6K,
+];
+
+/// SIMD dot vs scalar dot: |simd - scalar| <= this * sum |w_i * a_i| (dequantized values).
+/// Both sum exact integer products per block; only the f32 accumulation order differs.
+const SIMD_REL_TOL: f32 = 1e-5;
+
+/// Gaussian rows per error-bound check (the bounds were set from 300).
+const DOT_SEEDS: u64 = 32;
+
+// Round trip: RMS(dequantize(quantize(x)) - x) / RMS(x) on gaussian rows of n = 4096.
+// Measured: the worst of 300 rows, in the comment; it varies little from row to row, so the
+// bounds sit ~10-20% above it (and the test also fails if a bound is 4x too loose).
+/// Q4_0 round-trip relative RMS error (measured 0.0895).
+const MAX_RMSE_Q4_0: f64 = 0.10;
+/// Q4_1 round-trip relative RMS error (measured 0.0808).
+const MAX_RMSE_Q4_1: f64 = 0.09;
+/// Q5_0 round-trip relative RMS error (measured 0.0442).
+const MAX_RMSE_Q5_0: f64 = 0.05;
+/// Q8_0 round-trip relative RMS error (measured 0.00558).
+const MAX_RMSE_Q8_0: f64 = 0.0065;
+/// Q8_1 round-trip relative RMS error (measured 0.00558, the quants are Q8_0's).
+const MAX_RMSE_Q8_1: f64 = 0.0065;
+/// Q8_K round-trip relative RMS error (measured 0.00768).
+const MAX_RMSE_Q8_K: f64 = 0.0088;
+/// Q4_K round-trip relative RMS error, with the simple test quantizer below (measured 0.0809).
+const MAX_RMSE_Q4_K: f64 = 0.09;
+/// Q6_K round-trip relative RMS error, with the simple test quantizer below (measured 0.0200).
+const MAX_RMSE_Q6_K: f64 = 0.023;
+/// F16 round-trip relative RMS error (measured 2.1e-4; half rounding is at most 2^-11).
+const MAX_RMSE_F16: f64 = 2.5e-4;
+/// BF16 round-trip relative RMS error (measured 1.73e-3; at most 2^-8).
+const MAX_RMSE_BF16: f64 = 2.0e-3;
+
+// Quantized dot vs the exact (f64) dot of the original f32 rows, relative to sum |w_i * x_i|,
+// with weights quantized to the type and activations to its activation type, n = 4096.
+// Measured: the worst of 300 row pairs, in the comment; bounds ~1.5x that.
+/// Q4_0 x Q8_0 dot error (measured 6.8e-3).
+const MAX_DOT_ERROR_Q4_0: f64 = 1.0e-2;
+/// Q4_1 x Q8_1 dot error (measured 6.8e-3; Q8_1's f16 block sums add to Q4_1's error).
+const MAX_DOT_ERROR_Q4_1: f64 = 1.0e-2;
+/// Q5_0 x Q8_0 dot error (measured 3.1e-3).
+const MAX_DOT_ERROR_Q5_0: f64 = 4.5e-3;
+/// Q8_0 x Q8_0 dot error (measured 5.6e-4).
+const MAX_DOT_ERROR_Q8_0: f64 = 8.0e-4;
+/// Q4_K x Q8_K dot error, test quantizer (measured 5.7e-3).
+const MAX_DOT_ERROR_Q4_K: f64 = 8.5e-3;
+/// Q6_K x Q8_K dot error, test quantizer (measured 1.2e-3).
+const MAX_DOT_ERROR_Q6_K: f64 = 1.7e-3;
+/// F16 x F32 dot error (measured 1.4e-5).
+const MAX_DOT_ERROR_F16: f64 = 2.0e-5;
+/// BF16 x F32 dot error (measured 1.2e-4).
+const MAX_DOT_ERROR_BF16: f64 = 1.8e-4;
+/// F32 x F32 dot error: f32 accumulation only (measured 1.0e-8).
+const MAX_DOT_ERROR_F32: f64 = 5.0e-8;
+
+// ---------------------------------------------------------------------------------------------
+// Data.
+
+/// A small deterministic generator (xorshift64*), so tests need no extra crates.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    fn gaussian(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    fn gaussians(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.gaussian()).collect()
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// Quantizes a weight row to `ty`: `quantize_row` where it supports `ty`, else the simple
+/// test quantizers below (Q4_K, Q6_K).
+fn quantize_weights(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    match ty {
+        GgmlType::Q4K => quantize_q4k_for_tests(x),
+        GgmlType::Q6K => quantize_q6k_for_tests(x),
+        _ => {
+            let mut out = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
+            quantize_row(ty, x, &mut out).expect("supported target");
+            out
+        }
+    }
+}
+
+/// Dequantizes a row of `n` elements.
+fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n];
+    dequantize_row(ty, bytes, &mut out).expect("valid row");
+    out
+}
+
+/// Activations for weights of type `ty`, as the forward pass makes them.
+fn activations(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let at = ty.activation_type();
+    if at == GgmlType::F32 {
+        return x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    }
+    let mut out = vec![0u8; at.row_bytes(x.len()).expect("whole blocks")];
+    quantize_activations(at, x, &mut out);
+    out
+}
+
+/// A simple Q4_K quantizer for test data (no search for optimal scales, unlike ggml's
+/// `make_qkx2_quants`): sub-block range to a 6-bit scale and min, then nearest quants.
+fn quantize_q4k_for_tests(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for xb in x.chunks_exact(QK_K) {
+        let mut scale = [0.0f32; 8];
+        let mut min = [0.0f32; 8];
+        for (j, sub) in xb.chunks_exact(32).enumerate() {
+            let lo = sub.iter().fold(0.0f32, |m, &v| m.min(v));
+            let hi = sub.iter().fold(f32::MIN, |m, &v| m.max(v));
+            scale[j] = (hi - lo) / 15.0;
+            min[j] = -lo;
+        }
+        let d = scale.iter().fold(0.0f32, |m, &v| m.max(v)) / 63.0;
+        let dmin = min.iter().fold(0.0f32, |m, &v| m.max(v)) / 63.0;
+        let (d16, dmin16) = (F16Le::from_f32(d), F16Le::from_f32(dmin));
+        let q6 = |v: f32, unit: f32| if unit > 0.0 { (v / unit).round().clamp(0.0, 63.0) as u8 } else { 0 };
+        let sc: [u8; 8] = std::array::from_fn(|j| q6(scale[j], d16.to_f32()));
+        let mn: [u8; 8] = std::array::from_fn(|j| q6(min[j], dmin16.to_f32()));
+        let mut block = BlockQ4K { d: d16, dmin: dmin16, ..BlockQ4K::default() };
+        for j in 0..4 {
+            block.scales[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+            block.scales[j + 4] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
+            block.scales[j + 8] = (sc[j + 4] & 0x0F) | ((mn[j + 4] & 0x0F) << 4);
+        }
+        let mut q = [0u8; QK_K];
+        for (j, sub) in xb.chunks_exact(32).enumerate() {
+            let step = d16.to_f32() * sc[j] as f32;
+            let offset = dmin16.to_f32() * mn[j] as f32;
+            for (l, &v) in sub.iter().enumerate() {
+                q[32 * j + l] =
+                    if step > 0.0 { ((v + offset) / step).round().clamp(0.0, 15.0) as u8 } else { 0 };
+            }
+        }
+        for c in 0..4 {
+            for l in 0..32 {
+                block.qs[32 * c + l] = q[64 * c + l] | (q[64 * c + 32 + l] << 4);
+            }
+        }
+        out.extend_from_slice(blocks::block_bytes(std::slice::from_ref(&block)));
+    }
+    out
+}
+
+/// A simple Q6_K quantizer for test data: per-16 absmax scales (8-bit), nearest quants.
+fn quantize_q6k_for_tests(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for xb in x.chunks_exact(QK_K) {
+        let scale: [f32; 16] =
+            std::array::from_fn(|g| xb[16 * g..16 * g + 16].iter().fold(0.0f32, |m, v| m.max(v.abs())) / 31.0);
+        let d = scale.iter().fold(0.0f32, |m, &v| m.max(v)) / 127.0;
+        let d16 = F16Le::from_f32(d);
+        let mut block = BlockQ6K { d: d16, ..BlockQ6K::default() };
+        for g in 0..16 {
+            block.scales[g] =
+                if d16.to_f32() > 0.0 { (scale[g] / d16.to_f32()).round().clamp(-128.0, 127.0) as i8 } else { 0 };
+        }
+        for (e, &v) in xb.iter().enumerate() {
+            let step = d16.to_f32() * block.scales[e / 16] as f32;
+            let q = if step != 0.0 { (v / step).round().clamp(-32.0, 31.0) as i32 + 32 } else { 32 } as u8;
+            let (h, r) = (e / 128, e % 128);
+            let (byte, nibble_shift) = (64 * h + r % 64, 4 * (r / 64));
+            block.ql[byte] |= (q & 0x0F) << nibble_shift;
+            block.qh[32 * h + r % 32] |= (q >> 4) << (2 * (r / 32));
+        }
+        out.extend_from_slice(blocks::block_bytes(std::slice::from_ref(&block)));
+    }
+    out
+}
+
+/// Random weight bytes for `n` elements of `ty`: every quant bit pattern, finite scales.
+fn random_weights(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
+    let mut bytes = rng.bytes(ty.row_bytes(n).expect("whole blocks"));
+    let scale = |rng: &mut Rng| F16Le::from_f32((rng.uniform() as f32 - 0.5) * 0.2).0;
+    let size = ty.block_bytes();
+    for block in bytes.chunks_exact_mut(size) {
+        match ty {
+            GgmlType::F32 => block.copy_from_slice(&rng.gaussian().to_le_bytes()),
+            GgmlType::F16 => block.copy_from_slice(&F16Le::from_f32(rng.gaussian()).0),
+            GgmlType::BF16 => block.copy_from_slice(&blocks::f32_to_bf16(rng.gaussian()).to_le_bytes()),
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => block[0..2].copy_from_slice(&scale(rng)),
+            GgmlType::Q4_1 | GgmlType::Q4K => {
+                block[0..2].copy_from_slice(&scale(rng));
+                block[2..4].copy_from_slice(&scale(rng));
+            }
+            GgmlType::Q6K => block[208..210].copy_from_slice(&scale(rng)),
+            GgmlType::Q8_1 | GgmlType::Q8K => unreachable!("not a weight type"),
+        }
+    }
+    bytes
+}
+
+/// sum |w_i * a_i| over the dequantized rows: the scale of a dot product's rounding error.
+fn abs_dot(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f64 {
+    let wf = dequantize(ty, w, n);
+    let af = dequantize(ty.activation_type(), a, n);
+    wf.iter().zip(&af).map(|(&w, &a)| (w as f64 * a as f64).abs()).sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMD against scalar.
+
+#[test]
+fn every_level_the_cpu_has_offers_every_weight_type() {
+    for level in SimdLevel::ALL {
+        for ty in WEIGHT_TYPES {
+            assert_eq!(vec_dot_fn_at(ty, level).is_some(), level <= detected_simd(), "{ty} at {level:?}");
+        }
+        assert!(vec_dot_fn_at(GgmlType::Q8_1, level).is_none());
+        assert!(vec_dot_fn_at(GgmlType::Q8K, level).is_none());
+    }
+}
+
+#[test]
+fn simd_dots_match_scalar_on_random_blocks() {
+    let mut rng = Rng::new(1);
+    for ty in WEIGHT_TYPES {
+        let bl = ty.block_len();
+        // Odd block counts exercise the AVX-512 zero-padded tail (1..3 leftover blocks) and,
+        // for the float types, the 32/16/8-lane steps and the scalar or masked tails.
+        let counts: &[usize] = if bl == 1 { &[1, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 257, 576] } else { &[1, 2, 3, 4, 5, 6, 7, 9, 18, 33] };
+        for &count in counts {
+            let n = count * bl;
+            let w = random_weights(ty, n, &mut rng);
+            let a = activations(ty, &rng.gaussians(n));
+            let reference = vec_dot_fn_at(ty, SimdLevel::Scalar).expect("scalar kernel")(n, &w, &a);
+            let scale = abs_dot(ty, &w, &a, n) as f32;
+            for level in [SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni] {
+                let Some(kernel) = vec_dot_fn_at(ty, level) else { continue };
+                let got = kernel(n, &w, &a);
+                assert!(
+                    (got - reference).abs() <= SIMD_REL_TOL * scale + 1e-30,
+                    "{ty} {level:?} n={n}: {got} vs scalar {reference} (scale {scale})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_dots_match_scalar_at_extreme_quants() {
+    // Largest products: every quant at its extreme, activations at +-127 (Q8_0 weights also
+    // at -128), so any i16 saturation in the SIMD paths would show.
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+        let n = 8 * ty.block_len();
+        for (wbyte, sign) in [(0xFFu8, 1.0f32), (0x00, 1.0), (0x80, -1.0), (0xFF, -1.0)] {
+            let mut w = vec![wbyte; ty.row_bytes(n).expect("whole blocks")];
+            // Restore finite scales over the constant quant bytes.
+            for block in w.chunks_exact_mut(ty.block_bytes()) {
+                let one = F16Le::from_f32(0.01).0;
+                match ty {
+                    GgmlType::Q6K => block[208..210].copy_from_slice(&one),
+                    GgmlType::Q4_1 | GgmlType::Q4K => {
+                        block[0..2].copy_from_slice(&one);
+                        block[2..4].copy_from_slice(&one);
+                    }
+                    _ => block[0..2].copy_from_slice(&one),
+                }
+            }
+            let x: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { sign } else { -sign }).collect();
+            let a = activations(ty, &x);
+            let reference = vec_dot_fn_at(ty, SimdLevel::Scalar).expect("scalar kernel")(n, &w, &a);
+            let scale = abs_dot(ty, &w, &a, n) as f32;
+            for level in [SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni] {
+                let Some(kernel) = vec_dot_fn_at(ty, level) else { continue };
+                let got = kernel(n, &w, &a);
+                assert!(
+                    (got - reference).abs() <= SIMD_REL_TOL * scale + 1e-30,
+                    "{ty} {level:?} byte {wbyte:#x}: {got} vs scalar {reference}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn kernels_read_unaligned_rows() {
+    // Rows at odd addresses, as inside a memory-mapped file.
+    let mut rng = Rng::new(2);
+    for ty in WEIGHT_TYPES {
+        let n = 5 * ty.block_len().max(32);
+        let w = random_weights(ty, n, &mut rng);
+        let a = activations(ty, &rng.gaussians(n));
+        let mut wbuf = vec![0u8; w.len() + 1];
+        wbuf[1..].copy_from_slice(&w);
+        let mut abuf = vec![0u8; a.len() + 3];
+        abuf[3..].copy_from_slice(&a);
+        let expected = vec_dot_fn_at(ty, SimdLevel::Scalar).expect("scalar")(n, &w, &a);
+        for level in SimdLevel::ALL {
+            let Some(kernel) = vec_dot_fn_at(ty, level) else { continue };
+            let got = kernel(n, &wbuf[1..], &abuf[3..]);
+            let scale = abs_dot(ty, &w, &a, n) as f32;
+            assert!((got - expected).abs() <= SIMD_REL_TOL * scale, "{ty} {level:?}");
+        }
+    }
+}
+
+#[test]
+fn simd_activation_quantizers_are_bit_identical_to_reference() {
+    let mut rng = Rng::new(3);
+    let mut inputs: Vec<Vec<f32>> = (0..6).map(|_| rng.gaussians(4 * QK_K)).collect();
+    // Edge cases: zeros, exact halves after scaling, +-amax ties, a lone extreme, denormals.
+    let mut edge = vec![0.0f32; 4 * QK_K];
+    for (i, v) in edge.iter_mut().enumerate().skip(QK_K) {
+        *v = ((i % 255) as f32 - 127.0) * 0.5;
+    }
+    edge[2 * QK_K] = -7.0;
+    edge[2 * QK_K + 100] = 7.0;
+    edge[3 * QK_K + 5] = 1e-40;
+    inputs.push(edge);
+    inputs.push((0..4 * QK_K).map(|i| (i as f32 - 300.0) * 0.25).collect());
+    for x in &inputs {
+        for ty in [GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8K] {
+            let mut reference = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
+            quantize_row(ty, x, &mut reference).expect("activation type");
+            for level in SimdLevel::ALL.into_iter().filter(|&l| l <= detected_simd()) {
+                let mut got = vec![0u8; reference.len()];
+                activation::quantize_activations(level, ty, x, &mut got);
+                assert_eq!(got, reference, "{ty} at {level:?}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Error bounds.
+
+/// RMS(dequantize(quantize(x)) - x) / RMS(x), the worst of 8 gaussian rows of 4096.
+fn worst_round_trip_error(ty: GgmlType) -> f64 {
+    (0..DOT_SEEDS)
+        .map(|seed| {
+            let x = Rng::new(100 + seed).gaussians(4096);
+            let y = dequantize(ty, &quantize_weights(ty, &x), x.len());
+            let err: f64 = x.iter().zip(&y).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+            let norm: f64 = x.iter().map(|&a| (a as f64).powi(2)).sum();
+            (err / norm).sqrt()
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn round_trip_errors_are_within_bounds() {
+    let bounds = [
+        (GgmlType::Q4_0, MAX_RMSE_Q4_0),
+        (GgmlType::Q4_1, MAX_RMSE_Q4_1),
+        (GgmlType::Q5_0, MAX_RMSE_Q5_0),
+        (GgmlType::Q8_0, MAX_RMSE_Q8_0),
+        (GgmlType::Q8_1, MAX_RMSE_Q8_1),
+        (GgmlType::Q8K, MAX_RMSE_Q8_K),
+        (GgmlType::Q4K, MAX_RMSE_Q4_K),
+        (GgmlType::Q6K, MAX_RMSE_Q6_K),
+        (GgmlType::F16, MAX_RMSE_F16),
+        (GgmlType::BF16, MAX_RMSE_BF16),
+    ];
+    for (ty, bound) in bounds {
+        let err = worst_round_trip_error(ty);
+        println!("round trip {ty}: {err:.5} (bound {bound})");
+        assert!(err <= bound, "{ty}: round-trip error {err} over {bound}");
+        // A bound far above the measurement would not catch a regression.
+        assert!(err > bound / 4.0, "{ty}: round-trip error {err} far under {bound}: tighten it");
+    }
+    let x = Rng::new(7).gaussians(4096);
+    assert_eq!(dequantize(GgmlType::F32, &quantize_weights(GgmlType::F32, &x), x.len()), x);
+}
+
+#[test]
+fn quantized_dots_are_within_bounds_of_the_f32_dot() {
+    let bounds = [
+        (GgmlType::Q4_0, MAX_DOT_ERROR_Q4_0),
+        (GgmlType::Q4_1, MAX_DOT_ERROR_Q4_1),
+        (GgmlType::Q5_0, MAX_DOT_ERROR_Q5_0),
+        (GgmlType::Q8_0, MAX_DOT_ERROR_Q8_0),
+        (GgmlType::Q4K, MAX_DOT_ERROR_Q4_K),
+        (GgmlType::Q6K, MAX_DOT_ERROR_Q6_K),
+        (GgmlType::F16, MAX_DOT_ERROR_F16),
+        (GgmlType::BF16, MAX_DOT_ERROR_BF16),
+        (GgmlType::F32, MAX_DOT_ERROR_F32),
+    ];
+    for (ty, bound) in bounds {
+        let mut worst = 0.0f64;
+        for seed in 0..DOT_SEEDS {
+            let mut rng = Rng::new(200 + seed);
+            let (w, x) = (rng.gaussians(4096), rng.gaussians(4096));
+            let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let scale: f64 = w.iter().zip(&x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let got = vec_dot_fn(ty)(w.len(), &quantize_weights(ty, &w), &activations(ty, &x));
+            worst = worst.max((got as f64 - exact).abs() / scale);
+        }
+        println!("dot {ty}: {worst:.2e} (bound {bound:.1e})");
+        assert!(worst <= bound, "{ty}: dot error {worst} over {bound}");
+    }
+}
+
+#[test]
+fn q4k_test_quantizer_agrees_with_reference_decoding() {
+    // The packing of the test quantizer must be what the reference decodes: a constant
+    // sub-block decodes to (nearly) itself.
+    let x: Vec<f32> = (0..QK_K).map(|i| (i / 32) as f32 - 3.5).collect();
+    let bytes = quantize_q4k_for_tests(&x);
+    let mut y = vec![0.0f32; QK_K];
+    dequantize_row_q4_k_ref(blocks::as_blocks(&bytes).expect("one block"), &mut y);
+    for (a, b) in x.iter().zip(&y) {
+        assert!((a - b).abs() < 0.1, "{a} vs {b}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Types and errors.
+
+#[test]
+fn ids_names_and_sizes() {
+    let expected = [
+        (GgmlType::F32, 0, "F32", 1, 4),
+        (GgmlType::F16, 1, "F16", 1, 2),
+        (GgmlType::Q4_0, 2, "Q4_0", 32, 18),
+        (GgmlType::Q4_1, 3, "Q4_1", 32, 20),
+        (GgmlType::Q5_0, 6, "Q5_0", 32, 22),
+        (GgmlType::Q8_0, 8, "Q8_0", 32, 34),
+        (GgmlType::Q8_1, 9, "Q8_1", 32, 36),
+        (GgmlType::Q4K, 12, "Q4_K", 256, 144),
+        (GgmlType::Q6K, 14, "Q6_K", 256, 210),
+        (GgmlType::Q8K, 15, "Q8_K", 256, 292),
+        (GgmlType::BF16, 30, "BF16", 1, 2),
+    ];
+    for (ty, id, name, len, bytes) in expected {
+        assert_eq!(GgmlType::from_ggml_id(id).expect("supported"), ty);
+        assert_eq!((ty.ggml_id(), ty.name(), ty.block_len(), ty.block_bytes()), (id, name, len, bytes));
+        assert_eq!(GgmlType::from_name(name).expect("known"), ty);
+        assert_eq!(GgmlType::from_name(&name.to_lowercase()).expect("case-insensitive"), ty);
+    }
+    assert_eq!(GgmlType::from_name("q4k").expect("k-quant without underscore"), GgmlType::Q4K);
+    assert_eq!(GgmlType::Q4_1.activation_type(), GgmlType::Q8_1);
+    assert_eq!(GgmlType::Q5_0.activation_type(), GgmlType::Q8_0);
+    assert_eq!(GgmlType::Q6K.activation_type(), GgmlType::Q8K);
+    assert_eq!(GgmlType::BF16.activation_type(), GgmlType::F32);
+}
+
+#[test]
+fn unsupported_types_are_named() {
+    let named = |r: Result<GgmlType>| match r {
+        Err(Error::UnsupportedType { name, supported }) => {
+            assert!(supported.contains("Q4_K"), "{supported}");
+            name
+        }
+        other => panic!("expected UnsupportedType, got {other:?}"),
+    };
+    assert_eq!(named(GgmlType::from_ggml_id(7)), "Q5_1");
+    assert_eq!(named(GgmlType::from_ggml_id(17)), "IQ2_XS");
+    assert_eq!(named(GgmlType::from_ggml_id(1000)), "ggml type id 1000");
+    assert_eq!(named(GgmlType::from_name("iq2_xs")), "IQ2_XS");
+    assert_eq!(named(GgmlType::from_name("float8")), "float8");
+}
+
+#[test]
+fn wrong_lengths_are_errors_not_panics() {
+    assert!(matches!(GgmlType::Q4_0.row_bytes(33), Err(Error::Shape(_))));
+    assert_eq!(GgmlType::Q4_0.row_bytes(64).expect("two blocks"), 36);
+    let mut out = vec![0.0f32; 64];
+    assert!(matches!(dequantize_row(GgmlType::Q4_0, &[0u8; 35], &mut out), Err(Error::Shape(_))));
+    assert!(matches!(dequantize_row(GgmlType::Q4_0, &[0u8; 37], &mut out), Err(Error::Shape(_))));
+    assert!(matches!(dequantize_row(GgmlType::Q4K, &[0u8; 144], &mut out), Err(Error::Shape(_))));
+    assert!(matches!(dequantize_row(GgmlType::F16, &[0u8; 127], &mut out), Err(Error::Shape(_))));
+    let x = vec![0.5f32; 64];
+    assert!(matches!(quantize_row(GgmlType::Q8_0, &x, &mut [0u8; 67]), Err(Error::Shape(_))));
+    assert!(matches!(quantize_row(GgmlType::Q8_0, &x[..40], &mut [0u8; 68]), Err(Error::Shape(_))));
+    assert!(matches!(quantize_row(GgmlType::Q4K, &[0.0; 256], &mut [0u8; 144]), Err(Error::UnsupportedType { .. })));
+    assert!(matches!(quantize_row(GgmlType::Q6K, &[0.0; 256], &mut [0u8; 210]), Err(Error::UnsupportedType { .. })));
+    assert!(matches!(vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 67]), Err(Error::Shape(_))));
+    assert!(matches!(vec_dot(GgmlType::Q4_0, 60, &[0u8; 36], &[0u8; 68]), Err(Error::Shape(_))));
+    assert!(matches!(vec_dot(GgmlType::Q8K, 256, &[0u8; 292], &[0u8; 292]), Err(Error::UnsupportedType { .. })));
+    assert_eq!(vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 68]).expect("valid"), 0.0);
+}
+
+#[test]
+#[should_panic(expected = "vec_dot Q4_1")]
+fn vec_dot_fn_panics_on_a_short_row() {
+    vec_dot_fn(GgmlType::Q4_1)(64, &[0u8; 39], &[0u8; 72]);
+}
+
+#[test]
+#[should_panic(expected = "activation-only")]
+fn vec_dot_fn_panics_for_activation_only_types() {
+    vec_dot_fn(GgmlType::Q8K);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput (run with `cargo test --release --lib quant::tests::throughput -- --ignored
+// --nocapture`).
+
+#[test]
+#[ignore = "benchmark: prints GB/s of every dot kernel"]
+fn throughput() {
+    use std::time::Instant;
+    let (rows, n) = (576usize, 1536usize);
+    let mut rng = Rng::new(9);
+    println!("matrix-vector product, {rows} rows x {n} columns, one thread; GB/s of weights read");
+    println!("{:<6} {:>10} {:>9} {:>9} {:>9} {:>11}", "type", "bytes", "scalar", "avx2", "avx512", "avx512vnni");
+    for ty in WEIGHT_TYPES {
+        let w: Vec<u8> = (0..rows).flat_map(|_| random_weights(ty, n, &mut rng)).collect();
+        let a = activations(ty, &rng.gaussians(n));
+        let row = ty.row_bytes(n).expect("whole blocks");
+        let mut cells = Vec::new();
+        for level in SimdLevel::ALL {
+            let Some(kernel) = vec_dot_fn_at(ty, level) else {
+                cells.push("-".to_string());
+                continue;
+            };
+            let mut out = vec![0.0f32; rows];
+            let mut best = f64::MAX;
+            let reps = if level == SimdLevel::Scalar { 3 } else { 30 };
+            for _ in 0..reps {
+                let start = Instant::now();
+                for (o, wr) in out.iter_mut().zip(w.chunks_exact(row)) {
+                    *o = kernel(n, wr, &a);
+                }
+                best = best.min(start.elapsed().as_secs_f64());
+                std::hint::black_box(&out);
+            }
+            cells.push(format!("{:.1}", w.len() as f64 / best / 1e9));
+        }
+        println!("{:<6} {:>10} {:>9} {:>9} {:>9} {:>11}", ty.name(), w.len(), cells[0], cells[1], cells[2], cells[3]);
+    }
+}
