@@ -161,10 +161,10 @@ impl ThreadPool {
         // A job that panicked may have left the barrier half-counted; no thread is in it now.
         shared.barrier.arrived.store(0, Ordering::Relaxed);
         if nth > 1 {
-            let job_ref: &Job = &job;
+            let job_ref: *const (dyn Fn(&Ctx) + Sync + '_) = &job;
             // SAFETY: erase the lifetime; we wait for `pending == 0` before returning, so no
             // worker touches the job after this frame ends.
-            let ptr: *const Job = unsafe { std::mem::transmute(job_ref as *const Job) };
+            let ptr: *const Job = unsafe { std::mem::transmute::<*const (dyn Fn(&Ctx) + Sync + '_), *const Job>(job_ref) };
             unsafe { *shared.job.get() = Some(ptr) };
             shared.panicked.store(false, Ordering::Relaxed);
             shared.barrier.poisoned.store(false, Ordering::Relaxed);

@@ -85,7 +85,10 @@ impl PyKvCache {
 
 fn required<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
     match d.get_item(key)? {
-        Some(v) => v.extract::<T>().map_err(|e| PyValueError::new_err(format!("config[{key:?}]: {e}"))),
+        Some(v) => v
+            .extract::<T>()
+            .map_err(Into::into)
+            .map_err(|e: PyErr| PyValueError::new_err(format!("config[{key:?}]: {e}"))),
         None => Err(PyValueError::new_err(format!("config is missing {key:?}"))),
     }
 }
