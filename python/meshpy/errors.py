@@ -16,6 +16,8 @@ __all__ = [
     "ShapeError",
     "ContextOverflowError",
     "InvalidArgumentError",
+    "ChatTemplateError",
+    "InvalidSamplingError",
 ]
 
 
@@ -56,3 +58,11 @@ class ContextOverflowError(MeshpyError, ValueError):
 
 class InvalidArgumentError(MeshpyError, ValueError):
     """A bad argument passed to the Rust core."""
+
+
+class ChatTemplateError(MeshpyError, ValueError):
+    """A chat template that does not compile or render, or that called ``raise_exception``."""
+
+
+class InvalidSamplingError(MeshpyError, ValueError):
+    """Sampling parameters out of range (negative temperature, top_p outside (0, 1], ...)."""
