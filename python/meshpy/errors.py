@@ -17,6 +17,8 @@ __all__ = [
     "ContextOverflowError",
     "InvalidArgumentError",
     "ModelSourceError",
+    "ChatTemplateError",
+    "InvalidSamplingError",
 ]
 
 
@@ -61,3 +63,11 @@ class InvalidArgumentError(MeshpyError, ValueError):
 
 class ModelSourceError(MeshpyError, FileNotFoundError):
     """A model path that is missing or lacks the files a model needs (weights, shards)."""
+
+
+class ChatTemplateError(MeshpyError, ValueError):
+    """A chat template that does not compile or render, or that called ``raise_exception``."""
+
+
+class InvalidSamplingError(MeshpyError, ValueError):
+    """Sampling parameters out of range (negative temperature, top_p outside (0, 1], ...)."""
