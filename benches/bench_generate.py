@@ -80,17 +80,23 @@ def bench_llama_cpp(path: Path, threads: int, ids: list[int], n_decode: int, rep
         model_path=str(path), n_ctx=len(ids) + n_decode + 8, n_batch=len(ids), n_ubatch=len(ids),
         n_threads=threads, n_threads_batch=threads, verbose=False,
     )
+    n_vocab = llm.n_vocab()
+
+    def last_token() -> int:
+        # Without logits_all, llama-cpp-python keeps no copy of the logits: read the context's.
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
     prefill, decode = [], []
     for _ in range(repeats):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
         prefill.append(time.perf_counter() - t0)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = last_token()
         t0 = time.perf_counter()
         for _ in range(n_decode):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = last_token()
         decode.append((time.perf_counter() - t0) / n_decode)
     return len(ids) / statistics.median(prefill), 1.0 / statistics.median(decode)
 
