@@ -2,6 +2,7 @@
 //! work, convert results back. One file per exposed concept.
 
 mod errors;
+mod quant;
 
 use pyo3::prelude::*;
 
@@ -11,5 +12,6 @@ pub(crate) use errors::to_py_err;
 /// Registers every binding on the `meshpy._native` module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    quant::register(m)?;
     Ok(())
 }

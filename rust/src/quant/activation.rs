@@ -20,8 +20,15 @@ pub fn quantize_activations(level: SimdLevel, ty: GgmlType, src: &[f32], dst: &m
         matches!(ty, GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8K),
         "quantize_activations: {ty} is not an activation type (Q8_0, Q8_1, Q8_K)"
     );
-    let fits = ty.row_bytes(src.len()).is_ok_and(|bytes| bytes == dst.len());
-    assert!(fits, "quantize_activations: {} elements do not fit {} bytes of {ty}", src.len(), dst.len());
+    let fits = ty
+        .row_bytes(src.len())
+        .is_ok_and(|bytes| bytes == dst.len());
+    assert!(
+        fits,
+        "quantize_activations: {} elements do not fit {} bytes of {ty}",
+        src.len(),
+        dst.len()
+    );
 
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 {
@@ -110,7 +117,10 @@ mod avx2 {
         ];
         let sign = _mm256_set1_ps(-0.0);
         let abs = |v: __m256| _mm256_andnot_ps(sign, v);
-        let amax = hmax(_mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3]))));
+        let amax = hmax(_mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        ));
         let d = amax / 127.0;
         let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
         let q = v.map(|v| round_away(_mm256_mul_ps(v, id)));
