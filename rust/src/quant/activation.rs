@@ -8,7 +8,7 @@
 //! ggml/src/ggml-cpu/arch/x86/quants.c (`quantize_row_q8_0`, `_q8_1`, `_q8_K`) for the
 //! packing; ggml rounds half-to-even there, we keep the reference's rounding instead.
 
-use super::blocks::{view_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use super::blocks::view_blocks_mut;
 use super::reference::{quantize_row_q8_0_ref, quantize_row_q8_1_ref, quantize_row_q8_k_ref};
 use super::{GgmlType, SimdLevel};
 
@@ -36,9 +36,9 @@ pub fn quantize_activations(level: SimdLevel, ty: GgmlType, src: &[f32], dst: &m
         // are present; the lengths were checked above.
         unsafe {
             match ty {
-                GgmlType::Q8_0 => avx2::q8_0(src, view_blocks_mut::<BlockQ8_0>(dst)),
-                GgmlType::Q8_1 => avx2::q8_1(src, view_blocks_mut::<BlockQ8_1>(dst)),
-                _ => avx2::q8_k(src, view_blocks_mut::<BlockQ8K>(dst)),
+                GgmlType::Q8_0 => avx2::q8_0(src, view_blocks_mut(dst)),
+                GgmlType::Q8_1 => avx2::q8_1(src, view_blocks_mut(dst)),
+                _ => avx2::q8_k(src, view_blocks_mut(dst)),
             }
         }
         return;
