@@ -224,3 +224,20 @@ def test_accepts_bytes_like_inputs() -> None:
 
 def test_simd_level() -> None:
     assert _native.simd_level() in {"scalar", "avx2", "avx512", "avx512vnni"}
+
+
+def test_stubs_match_the_extension() -> None:
+    """The `# quant` section of _native.pyi names the functions and parameters the module has."""
+    import ast
+    import inspect
+    import re
+
+    # Sections are headed "# <name> (rust/src/py/<file>.rs)"; ours runs to the next header.
+    stub = Path(_native.__file__).with_name("_native.pyi").read_text()
+    parts = re.split(r"^# (\w+) \(rust/src/py/\w+\.rs\)$", stub, flags=re.MULTILINE)
+    section = dict(zip(parts[1::2], parts[2::2]))["quant"]
+    functions = [node for node in ast.parse(section).body if isinstance(node, ast.FunctionDef)]
+    assert {f.name for f in functions} == {"dequantize", "quantize", "vec_dot", "simd_level"}
+    for f in functions:
+        runtime = list(inspect.signature(getattr(_native, f.name)).parameters)
+        assert runtime == [a.arg for a in f.args.args], f.name

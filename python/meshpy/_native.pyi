@@ -1,5 +1,5 @@
-"""Type stubs for meshpy._native, the Rust extension. Each section belongs to one binding
-file in rust/src/py/; keep a section next to its file's functions."""
+"""Type stubs for meshpy._native, the Rust extension. One section per binding file, headed
+"# <name> (rust/src/py/<name>.rs)"; tests check each section against the module."""
 
 from typing import Final
 
