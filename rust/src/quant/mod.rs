@@ -8,7 +8,9 @@
 //! (`is_x86_feature_detected!`), never at compile time, so one wheel runs on any x86-64.
 //!
 //! Dot products are dispatch-once-then-call: [`vec_dot_fn`] is called once per weight matrix
-//! and the returned [`VecDotFn`] once per row.
+//! and the returned [`VecDotFn`] once per row. Kernels over several rows at once (weights
+//! repacked row-interleaved at load time) are meant to sit beside these with their own fn
+//! type and dispatch; `VecDotFn` stays the one-row contract and their reference.
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
