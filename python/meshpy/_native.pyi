@@ -1,15 +1,19 @@
-"""Type stubs of meshpy._native, the Rust extension (private: import from meshpy)."""
+"""Type stubs of meshpy._native, the Rust extension (private: import from meshpy). One
+section per binding file, headed "# <name> (rust/src/py/<name>.rs)"; tests check them."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-__version__: str
+import numpy as np
+import numpy.typing as npt
 
-# checkpoint
+__version__: Final[str]
+
+# checkpoint (rust/src/py/checkpoint.rs)
 
 class Checkpoint:
     """A memory-mapped checkpoint: one GGUF file, or one or more safetensors shards.
@@ -36,3 +40,86 @@ class Checkpoint:
         """Test hook: reads the named tensors in place; returns the wrapping sum of their bytes."""
     def __len__(self) -> int: ...
     def __contains__(self, name: str) -> bool: ...
+
+# quant (rust/src/py/quant.rs)
+# Type names are ggml's, any case: "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q8_0",
+# "Q8_1", "Q4_K", "Q6_K", "Q8_K". `data`/`w` take bytes, bytearray, or anything with
+# tobytes() (numpy arrays, memoryview), read as raw bytes.
+
+def dequantize(type_name: str, data: bytes | bytearray | memoryview | npt.NDArray[np.generic], n: int) -> npt.NDArray[np.float32]:
+    """The n elements encoded in data (exactly n elements of that type), bit-exact with ggml."""
+
+def quantize(type_name: str, x: npt.NDArray[np.float32]) -> bytes:
+    """x (1-D float32) encoded as that type, bit-exact with ggml's reference quantizers."""
+
+def vec_dot(type_name: str, w: bytes | bytearray | memoryview | npt.NDArray[np.generic], x: npt.NDArray[np.float32]) -> float:
+    """Dot of weight row w with x (1-D float32), x quantized to the type's activation format."""
+
+def simd_level() -> str:
+    """The kernels' instruction set on this CPU: "scalar", "avx2", "avx512" or "avx512vnni"."""
+
+# model (rust/src/py/model.rs)
+
+class ThreadPool:
+    """Compute threads shared by the spans and heads of one process."""
+
+    def __init__(self, n_threads: int) -> None: ...
+    @property
+    def n_threads(self) -> int: ...
+
+class KvCache:
+    """One session's KV cache for one span."""
+
+    @property
+    def len(self) -> int: ...
+    def __len__(self) -> int: ...
+    @property
+    def max_len(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def bytes_per_position(self) -> int: ...
+    def truncate(self, len: int) -> None: ...
+
+class LlamaSpan:
+    """Layers first_layer .. first_layer + n_layers of a Llama-family model on the CPU."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        config: dict[str, Any],
+        first_layer: int,
+        layer_names: Sequence[dict[str, str]],
+        pool: ThreadPool,
+    ) -> None: ...
+    @property
+    def first_layer(self) -> int: ...
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def hidden(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def new_cache(self, max_len: int) -> KvCache: ...
+    def forward(self, hidden: npt.NDArray[np.float32], cache: KvCache) -> npt.NDArray[np.float32]: ...
+    def forward_batch(
+        self, hidden: npt.NDArray[np.float32], entries: Sequence[tuple[KvCache, int]]
+    ) -> npt.NDArray[np.float32]: ...
+
+class TokenEmbedding:
+    """The token embedding table."""
+
+    def __init__(self, checkpoint: Checkpoint, name: str, scale: float = 1.0) -> None: ...
+    @property
+    def vocab(self) -> int: ...
+    @property
+    def hidden(self) -> int: ...
+    def lookup(self, ids: Sequence[int]) -> npt.NDArray[np.float32]: ...
+
+class OutputHead:
+    """Final norm and vocabulary projection."""
+
+    def __init__(self, checkpoint: Checkpoint, norm_name: str, weight_name: str, eps: float, pool: ThreadPool) -> None: ...
+    @property
+    def vocab(self) -> int: ...
+    def logits(self, hidden: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...

@@ -4,6 +4,7 @@
 mod checkpoint;
 mod errors;
 mod model;
+mod quant;
 
 use pyo3::prelude::*;
 
@@ -14,5 +15,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     checkpoint::register(m)?;
     model::register(m)?;
+    quant::register(m)?;
     Ok(())
 }

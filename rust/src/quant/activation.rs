@@ -8,7 +8,7 @@
 //! ggml/src/ggml-cpu/arch/x86/quants.c (`quantize_row_q8_0`, `_q8_1`, `_q8_K`) for the
 //! packing; ggml rounds half-to-even there, we keep the reference's rounding instead.
 
-use super::blocks::{view_blocks_mut, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use super::blocks::view_blocks_mut;
 use super::reference::{quantize_row_q8_0_ref, quantize_row_q8_1_ref, quantize_row_q8_k_ref};
 use super::{GgmlType, SimdLevel};
 
@@ -20,8 +20,15 @@ pub fn quantize_activations(level: SimdLevel, ty: GgmlType, src: &[f32], dst: &m
         matches!(ty, GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8K),
         "quantize_activations: {ty} is not an activation type (Q8_0, Q8_1, Q8_K)"
     );
-    let fits = ty.row_bytes(src.len()).is_ok_and(|bytes| bytes == dst.len());
-    assert!(fits, "quantize_activations: {} elements do not fit {} bytes of {ty}", src.len(), dst.len());
+    let fits = ty
+        .row_bytes(src.len())
+        .is_ok_and(|bytes| bytes == dst.len());
+    assert!(
+        fits,
+        "quantize_activations: {} elements do not fit {} bytes of {ty}",
+        src.len(),
+        dst.len()
+    );
 
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 {
@@ -29,9 +36,9 @@ pub fn quantize_activations(level: SimdLevel, ty: GgmlType, src: &[f32], dst: &m
         // are present; the lengths were checked above.
         unsafe {
             match ty {
-                GgmlType::Q8_0 => avx2::q8_0(src, view_blocks_mut::<BlockQ8_0>(dst)),
-                GgmlType::Q8_1 => avx2::q8_1(src, view_blocks_mut::<BlockQ8_1>(dst)),
-                _ => avx2::q8_k(src, view_blocks_mut::<BlockQ8K>(dst)),
+                GgmlType::Q8_0 => avx2::q8_0(src, view_blocks_mut(dst)),
+                GgmlType::Q8_1 => avx2::q8_1(src, view_blocks_mut(dst)),
+                _ => avx2::q8_k(src, view_blocks_mut(dst)),
             }
         }
         return;
@@ -110,7 +117,10 @@ mod avx2 {
         ];
         let sign = _mm256_set1_ps(-0.0);
         let abs = |v: __m256| _mm256_andnot_ps(sign, v);
-        let amax = hmax(_mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3]))));
+        let amax = hmax(_mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        ));
         let d = amax / 127.0;
         let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
         let q = v.map(|v| round_away(_mm256_mul_ps(v, id)));

@@ -107,8 +107,14 @@ unsafe fn gather4_u16(p: *const u8, stride: usize) -> i64 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scales4(w: *const u8, w_stride: usize, a: *const u8, a_stride: usize) -> __m256 {
-    let f = _mm256_cvtph_ps(_mm_set_epi64x(gather4_u16(a, a_stride), gather4_u16(w, w_stride)));
-    _mm256_castps128_ps256(_mm_mul_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps::<1>(f)))
+    let f = _mm256_cvtph_ps(_mm_set_epi64x(
+        gather4_u16(a, a_stride),
+        gather4_u16(w, w_stride),
+    ));
+    _mm256_castps128_ps256(_mm_mul_ps(
+        _mm256_castps256_ps128(f),
+        _mm256_extractf128_ps::<1>(f),
+    ))
 }
 
 /// Lane `k` of `v` in all eight lanes.
@@ -194,7 +200,12 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 fn bytes_from_bits(bits: u32) -> __m256i {
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(bits as i32),
-        _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
     );
     // Each byte keeps every bit but its own position; all-ones iff that bit was set.
     let probe = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
@@ -233,12 +244,14 @@ macro_rules! float_dot {
             while i + 32 <= n {
                 for (k, acc) in acc.iter_mut().enumerate() {
                     let j = i + 8 * k;
-                    *acc = _mm256_fmadd_ps($load(w.add($width * j)), _mm256_loadu_ps(a.add(j)), *acc);
+                    *acc =
+                        _mm256_fmadd_ps($load(w.add($width * j)), _mm256_loadu_ps(a.add(j)), *acc);
                 }
                 i += 32;
             }
             while i + 8 <= n {
-                acc[0] = _mm256_fmadd_ps($load(w.add($width * i)), _mm256_loadu_ps(a.add(i)), acc[0]);
+                acc[0] =
+                    _mm256_fmadd_ps($load(w.add($width * i)), _mm256_loadu_ps(a.add(i)), acc[0]);
                 i += 8;
             }
             let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -252,7 +265,12 @@ macro_rules! float_dot {
     };
 }
 
-float_dot!(f32_f32, 4, |p: *const u8| _mm256_loadu_ps(p.cast()), |p: *const u8| f32_at(p));
+float_dot!(
+    f32_f32,
+    4,
+    |p: *const u8| _mm256_loadu_ps(p.cast()),
+    |p: *const u8| f32_at(p)
+);
 float_dot!(
     f16_f32,
     2,
@@ -288,7 +306,10 @@ unsafe fn q4_0_q8_0(nb: usize, w: *const u8, a: *const u8) -> f32 {
             *acc = _mm256_fmadd_ps(lane(s, k as i32), _mm256_cvtepi32_ps(sums), *acc);
         }
     });
-    hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    hsum_ps(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ))
 }
 
 /// Q4_1 (20-byte blocks) x Q8_1 (36-byte blocks). `d, m` and `d, s` are adjacent, so one
@@ -306,7 +327,10 @@ unsafe fn q4_1_q8_1(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc_m = _mm256_setzero_ps();
     by_fours!(nb, w, a, 20, 36, |x, y| {
         // [d0*da0, m0*s0, d1*da1, m1*s1, ...]
-        let p = _mm256_mul_ps(_mm256_cvtph_ps(gather(x, 20)), _mm256_cvtph_ps(gather(y, 36)));
+        let p = _mm256_mul_ps(
+            _mm256_cvtph_ps(gather(x, 20)),
+            _mm256_cvtph_ps(gather(y, 36)),
+        );
         acc_m = _mm256_add_ps(acc_m, p);
         for (k, acc) in acc.iter_mut().enumerate() {
             let sums = dot_u8_i8(nibbles(x.add(20 * k + 4)), load(y.add(36 * k + 4)));
@@ -314,7 +338,10 @@ unsafe fn q4_1_q8_1(nb: usize, w: *const u8, a: *const u8) -> f32 {
         }
     });
     let mins = _mm256_blend_ps::<0b1010_1010>(_mm256_setzero_ps(), acc_m);
-    hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + hsum_ps(mins)
+    hsum_ps(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    )) + hsum_ps(mins)
 }
 
 /// Q5_0 (22-byte blocks) x Q8_0: the fifth bits come from `qh` as 0x10 per byte.
@@ -329,13 +356,19 @@ unsafe fn q5_0_q8_0(nb: usize, w: *const u8, a: *const u8) -> f32 {
         let s = scales4(x, 22, y, 34);
         for (k, acc) in acc.iter_mut().enumerate() {
             let xb = x.add(22 * k);
-            let high = _mm256_and_si256(bytes_from_bits(read_unaligned(xb.add(2).cast::<u32>())), sixteen);
+            let high = _mm256_and_si256(
+                bytes_from_bits(read_unaligned(xb.add(2).cast::<u32>())),
+                sixteen,
+            );
             let q = _mm256_or_si256(nibbles(xb.add(6)), high);
             let sums = dot_u8_i8_offset(q, load(y.add(34 * k + 2)), sixteen);
             *acc = _mm256_fmadd_ps(lane(s, k as i32), _mm256_cvtepi32_ps(sums), *acc);
         }
     });
-    hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    hsum_ps(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ))
 }
 
 /// Q8_0 x Q8_0: signed x signed through `|x| * (y with x's sign)`.
@@ -353,7 +386,10 @@ unsafe fn q8_0_q8_0(nb: usize, w: *const u8, a: *const u8) -> f32 {
             *acc = _mm256_fmadd_ps(lane(s, k as i32), _mm256_cvtepi32_ps(sums), *acc);
         }
     });
-    hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    hsum_ps(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -385,9 +421,16 @@ unsafe fn q4_k_q8_k(nb: usize, w: *const u8, a: *const u8) -> f32 {
 
         // Min term: mins . (activation sums of each 32), the sums from `bsums` pairs.
         let bsums = load(y.add(260));
-        let sums32 = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
+        let sums32 = _mm_hadd_epi16(
+            _mm256_castsi256_si128(bsums),
+            _mm256_extracti128_si256::<1>(bsums),
+        );
         let mprod = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), sums32);
-        acc_m = _mm_fmadd_ps(_mm_permute_ps::<0b0101_0101>(dd), _mm_cvtepi32_ps(mprod), acc_m);
+        acc_m = _mm_fmadd_ps(
+            _mm_permute_ps::<0b0101_0101>(dd),
+            _mm_cvtepi32_ps(mprod),
+            acc_m,
+        );
 
         let scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm));
         let mut sumi = _mm256_setzero_si256();
@@ -440,7 +483,8 @@ unsafe fn q6_k_q8_k(nb: usize, w: *const u8, a: *const u8) -> f32 {
             for (k, &q) in quants.iter().enumerate() {
                 // Groups 8h + 2k and 8h + 2k + 1 (16 elements each) share this vector.
                 let g = (8 * h + 2 * k) as i64;
-                let pick = _mm_set_epi64x((g + 1) * 0x0101_0101_0101_0101, g * 0x0101_0101_0101_0101);
+                let pick =
+                    _mm_set_epi64x((g + 1) * 0x0101_0101_0101_0101, g * 0x0101_0101_0101_0101);
                 let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
                 let p = _mm256_maddubs_epi16(q, load(y.add(4 + 128 * h + 32 * k)));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, sc));

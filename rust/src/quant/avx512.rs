@@ -97,7 +97,9 @@ macro_rules! float_dot {
     };
 }
 
-float_dot!(f32_f32, 4, |p| _mm512_loadu_ps(p.cast()), |m, p| _mm512_maskz_loadu_ps(m, p.cast()));
+float_dot!(f32_f32, 4, |p| _mm512_loadu_ps(p.cast()), |m, p| {
+    _mm512_maskz_loadu_ps(m, p.cast())
+});
 float_dot!(
     f16_f32,
     2,
@@ -107,8 +109,12 @@ float_dot!(
 float_dot!(
     bf16_f32,
     2,
-    |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())))),
-    |m, p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()))))
+    |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(p.cast())
+    ))),
+    |m, p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+        _mm256_maskz_loadu_epi16(m, p.cast())
+    )))
 );
 
 wrapper!(vec_dot_f32_f32_avx512, GgmlType::F32, f32_f32);
@@ -132,7 +138,11 @@ struct ScaleGather {
 }
 
 const fn scale_gather(stride: usize, pairs: bool) -> ScaleGather {
-    let mut g = ScaleGather { idx: [0; 32], lo: 0, hi: 0 };
+    let mut g = ScaleGather {
+        idx: [0; 32],
+        lo: 0,
+        hi: 0,
+    };
     let per_block = if pairs { 2 } else { 1 };
     let mut k = 0;
     while k < 4 {
@@ -179,7 +189,10 @@ unsafe fn halves(p: *const u8, g: &ScaleGather) -> __m128i {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn scales4(w: *const u8, wg: &ScaleGather, a: *const u8, ag: &ScaleGather) -> __m512 {
-    _mm512_castps128_ps512(_mm_mul_ps(_mm_cvtph_ps(halves(w, wg)), _mm_cvtph_ps(halves(a, ag))))
+    _mm512_castps128_ps512(_mm_mul_ps(
+        _mm_cvtph_ps(halves(w, wg)),
+        _mm_cvtph_ps(halves(a, ag)),
+    ))
 }
 
 /// Spreads lanes `i` and `j` of `s` over the two 8-lane halves of a register: the scale of
@@ -201,7 +214,10 @@ fn spread(s: __m512, i: i32, j: i32) -> __m512 {
 unsafe fn nibbles2(p0: *const u8, p1: *const u8) -> __m512i {
     let both = _mm256_loadu2_m128i(p1.cast(), p0.cast());
     // qwords [0,1,0,1,2,3,2,3]: each block twice; the second copy shifted down a nibble.
-    let twice = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0), _mm512_castsi256_si512(both));
+    let twice = _mm512_permutexvar_epi64(
+        _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0),
+        _mm512_castsi256_si512(both),
+    );
     let shifted = _mm512_srlv_epi64(twice, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
     _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F))
 }
@@ -213,7 +229,10 @@ unsafe fn nibbles2(p0: *const u8, p1: *const u8) -> __m512i {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn load2(p0: *const u8, p1: *const u8) -> __m512i {
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(p0.cast())), _mm256_loadu_si256(p1.cast()))
+    _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_loadu_si256(p0.cast())),
+        _mm256_loadu_si256(p1.cast()),
+    )
 }
 
 /// `[i16; 32]` with lane `l` = `l / width`.
@@ -277,7 +296,10 @@ mod ops_vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub fn dot_u8_i8_offset(x: __m512i, y: __m512i, offset: __m512i) -> __m512i {
         let zero = _mm512_setzero_si512();
-        _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, x, y), _mm512_dpbusd_epi32(zero, offset, y))
+        _mm512_sub_epi32(
+            _mm512_dpbusd_epi32(zero, x, y),
+            _mm512_dpbusd_epi32(zero, offset, y),
+        )
     }
 
     /// `acc + sum of pairs of (x . y)_i16 * scales_i16`.
@@ -315,8 +337,16 @@ macro_rules! quant_kernels {
             let mut acc = [_mm512_setzero_ps(); 2];
             by_fours!(nb, w, a, 18, 34, |x, y| {
                 let s = scales4(x, &SCALES_18, y, &SCALES_34);
-                let i01 = dot_u8_i8_offset(nibbles2(x.add(2), x.add(20)), load2(y.add(2), y.add(36)), eight);
-                let i23 = dot_u8_i8_offset(nibbles2(x.add(38), x.add(56)), load2(y.add(70), y.add(104)), eight);
+                let i01 = dot_u8_i8_offset(
+                    nibbles2(x.add(2), x.add(20)),
+                    load2(y.add(2), y.add(36)),
+                    eight,
+                );
+                let i23 = dot_u8_i8_offset(
+                    nibbles2(x.add(38), x.add(56)),
+                    load2(y.add(70), y.add(104)),
+                    eight,
+                );
                 acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), spread(s, 0, 1), acc[0]);
                 acc[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i23), spread(s, 2, 3), acc[1]);
             });
@@ -335,7 +365,10 @@ macro_rules! quant_kernels {
             let mut acc_m = _mm256_setzero_ps();
             by_fours!(nb, w, a, 20, 36, |x, y| {
                 // [d0*da0, m0*s0, d1*da1, m1*s1, ...]
-                let p = _mm256_mul_ps(_mm256_cvtph_ps(halves(x, &PAIRS_20)), _mm256_cvtph_ps(halves(y, &PAIRS_36)));
+                let p = _mm256_mul_ps(
+                    _mm256_cvtph_ps(halves(x, &PAIRS_20)),
+                    _mm256_cvtph_ps(halves(y, &PAIRS_36)),
+                );
                 acc_m = _mm256_add_ps(acc_m, p);
                 let p = _mm512_castps256_ps512(p);
                 let i01 = dot_u8_i8(nibbles2(x.add(4), x.add(24)), load2(y.add(4), y.add(40)));
@@ -343,7 +376,8 @@ macro_rules! quant_kernels {
                 acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), spread(p, 0, 2), acc[0]);
                 acc[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i23), spread(p, 4, 6), acc[1]);
             });
-            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + hsum_ps(_mm256_maskz_mov_ps(0xAA, acc_m))
+            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+                + hsum_ps(_mm256_maskz_mov_ps(0xAA, acc_m))
         }
 
         /// Q5_0 (22-byte blocks) x Q8_0: the fifth bits of two blocks form one 64-bit byte
@@ -364,7 +398,8 @@ macro_rules! quant_kernels {
             by_fours!(nb, w, a, 22, 34, |x, y| {
                 let s = scales4(x, &SCALES_22, y, &SCALES_34);
                 let i01 = dot_u8_i8_offset(quants(x), load2(y.add(2), y.add(36)), sixteen);
-                let i23 = dot_u8_i8_offset(quants(x.add(44)), load2(y.add(70), y.add(104)), sixteen);
+                let i23 =
+                    dot_u8_i8_offset(quants(x.add(44)), load2(y.add(70), y.add(104)), sixteen);
                 acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i01), spread(s, 0, 1), acc[0]);
                 acc[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i23), spread(s, 2, 3), acc[1]);
             });
@@ -407,7 +442,9 @@ macro_rules! quant_kernels {
             let halves = _mm512_loadu_si512(HALVES.as_ptr().cast());
             // i16 lanes [8, 8, 9, 9, ..., 15, 15]: each min twice, against two bsums.
             let min_pairs = _mm256_add_epi16(
-                _mm256_srli_epi16::<1>(_mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+                _mm256_srli_epi16::<1>(_mm256_setr_epi16(
+                    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                )),
                 _mm256_set1_epi16(8),
             );
             let mut acc = _mm512_setzero_ps();
@@ -433,7 +470,12 @@ macro_rules! quant_kernels {
                     let q = _mm512_and_si512(_mm512_srlv_epi64(q, nibble_shift), low4);
                     let pick = _mm512_add_epi16(halves, _mm512_set1_epi16(2 * c as i16));
                     let scales = _mm512_permutexvar_epi16(pick, sm);
-                    sumi = dot_scaled(sumi, q, _mm512_loadu_si512(y.add(4 + 64 * c).cast()), scales);
+                    sumi = dot_scaled(
+                        sumi,
+                        q,
+                        _mm512_loadu_si512(y.add(4 + 64 * c).cast()),
+                        scales,
+                    );
                 }
                 acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dd), _mm512_cvtepi32_ps(sumi), acc);
             }
@@ -472,10 +514,19 @@ macro_rules! quant_kernels {
                     let high_lo = _mm512_and_si512(_mm512_sllv_epi64(qh, shift_lo), bits45);
                     let high_hi = _mm512_and_si512(_mm512_srlv_epi64(qh, shift_hi), bits45);
                     let q_lo = _mm512_or_si512(_mm512_and_si512(ql, low4), high_lo);
-                    let q_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(ql), low4), high_hi);
+                    let q_hi = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(ql), low4),
+                        high_hi,
+                    );
                     let g = 8 * h as i16;
-                    let s_lo = _mm512_permutexvar_epi16(_mm512_add_epi16(quarters, _mm512_set1_epi16(g)), sc);
-                    let s_hi = _mm512_permutexvar_epi16(_mm512_add_epi16(quarters, _mm512_set1_epi16(g + 4)), sc);
+                    let s_lo = _mm512_permutexvar_epi16(
+                        _mm512_add_epi16(quarters, _mm512_set1_epi16(g)),
+                        sc,
+                    );
+                    let s_hi = _mm512_permutexvar_epi16(
+                        _mm512_add_epi16(quarters, _mm512_set1_epi16(g + 4)),
+                        sc,
+                    );
                     let y_lo = _mm512_loadu_si512(y.add(4 + 128 * h).cast());
                     let y_hi = _mm512_loadu_si512(y.add(68 + 128 * h).cast());
                     sumi = dot_scaled(sumi, q_lo, y_lo, s_lo);
@@ -495,5 +546,8 @@ mod base {
 
 mod vnni {
     //! AVX-512 VNNI kernels.
-    quant_kernels!("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c", ops_vnni);
+    quant_kernels!(
+        "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",
+        ops_vnni
+    );
 }

@@ -195,31 +195,52 @@ const _: () = {
 
 impl Default for BlockQ8_0 {
     fn default() -> Self {
-        BlockQ8_0 { d: F16Le::default(), qs: [0; QK] }
+        BlockQ8_0 {
+            d: F16Le::default(),
+            qs: [0; QK],
+        }
     }
 }
 
 impl Default for BlockQ8_1 {
     fn default() -> Self {
-        BlockQ8_1 { d: F16Le::default(), s: F16Le::default(), qs: [0; QK] }
+        BlockQ8_1 {
+            d: F16Le::default(),
+            s: F16Le::default(),
+            qs: [0; QK],
+        }
     }
 }
 
 impl Default for BlockQ4K {
     fn default() -> Self {
-        BlockQ4K { d: F16Le::default(), dmin: F16Le::default(), scales: [0; 12], qs: [0; QK_K / 2] }
+        BlockQ4K {
+            d: F16Le::default(),
+            dmin: F16Le::default(),
+            scales: [0; 12],
+            qs: [0; QK_K / 2],
+        }
     }
 }
 
 impl Default for BlockQ6K {
     fn default() -> Self {
-        BlockQ6K { ql: [0; QK_K / 2], qh: [0; QK_K / 4], scales: [0; QK_K / 16], d: F16Le::default() }
+        BlockQ6K {
+            ql: [0; QK_K / 2],
+            qh: [0; QK_K / 4],
+            scales: [0; QK_K / 16],
+            d: F16Le::default(),
+        }
     }
 }
 
 impl Default for BlockQ8K {
     fn default() -> Self {
-        BlockQ8K { d: F32Le::default(), qs: [0; QK_K], bsums: [I16Le::default(); QK_K / 16] }
+        BlockQ8K {
+            d: F32Le::default(),
+            qs: [0; QK_K],
+            bsums: [I16Le::default(); QK_K / 16],
+        }
     }
 }
 
@@ -307,13 +328,17 @@ pub fn as_blocks_mut<B: Block>(bytes: &mut [u8]) -> Result<&mut [B]> {
         )));
     }
     // SAFETY: as in `as_blocks`; the exclusive borrow of `bytes` moves to the result.
-    Ok(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<B>(), bytes.len() / size) })
+    Ok(unsafe {
+        std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<B>(), bytes.len() / size)
+    })
 }
 
 /// Views a slice of blocks as its bytes (for writing quantized rows out).
 pub fn block_bytes<B: Block>(blocks: &[B]) -> &[u8] {
     // SAFETY: blocks are plain bytes without padding (the `Block` contract).
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks)) }
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), std::mem::size_of_val(blocks))
+    }
 }
 
 /// Converts a bf16 bit pattern to f32 (exact).
@@ -341,18 +366,32 @@ mod tests {
 
     #[test]
     fn views_check_length_not_alignment() {
-        let bytes = vec![0u8; 18 * 3 + 1];
+        let bytes = [0u8; 18 * 3 + 1];
         // Every offset works: blocks have alignment 1.
         for start in 0..2 {
             let view: &[BlockQ4_0] = as_blocks(&bytes[start..start + 36]).expect("whole blocks");
             assert_eq!(view.len(), 2);
         }
-        assert!(matches!(as_blocks::<BlockQ4_0>(&bytes[..35]), Err(Error::Shape(_))));
+        assert!(matches!(
+            as_blocks::<BlockQ4_0>(&bytes[..35]),
+            Err(Error::Shape(_))
+        ));
     }
 
     #[test]
     fn bf16_rounding_matches_half_crate() {
-        for &x in &[0.0f32, -0.0, 1.0, 1.00390625, 1.005859375, -3.14159, 1e-40, 65504.0, f32::MAX, f32::INFINITY] {
+        // Ties (1 + 2^-8, 1 + 3 * 2^-9), a subnormal, the extremes.
+        let ties = [1.0 + 1.0 / 256.0, 1.0 + 3.0 / 512.0];
+        for &x in ties.iter().chain(&[
+            0.0f32,
+            -0.0,
+            1.0,
+            -2.5e-3,
+            1e-40,
+            65504.0,
+            f32::MAX,
+            f32::INFINITY,
+        ]) {
             assert_eq!(f32_to_bf16(x), bf16::from_f32(x).to_bits(), "{x}");
             assert_eq!(bf16_to_f32(f32_to_bf16(x)), bf16::from_f32(x).to_f32());
         }

@@ -8,7 +8,9 @@
 //! (`is_x86_feature_detected!`), never at compile time, so one wheel runs on any x86-64.
 //!
 //! Dot products are dispatch-once-then-call: [`vec_dot_fn`] is called once per weight matrix
-//! and the returned [`VecDotFn`] once per row.
+//! and the returned [`VecDotFn`] once per row. Kernels over several rows at once (weights
+//! repacked row-interleaved at load time) are meant to sit beside these with their own fn
+//! type and dispatch; `VecDotFn` stays the one-row contract and their reference.
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
@@ -20,7 +22,6 @@ pub mod reference;
 
 #[cfg(test)]
 mod tests;
-
 
 use std::sync::OnceLock;
 
@@ -109,7 +110,11 @@ fn unsupported_ggml_name(id: u32) -> Option<&'static str> {
 
 /// "F32, F16, ..." for error messages.
 fn supported_list() -> String {
-    ALL_TYPES.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+    ALL_TYPES
+        .iter()
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl GgmlType {
@@ -123,7 +128,10 @@ impl GgmlType {
             Some(name) => name.to_string(),
             None => format!("ggml type id {id}"),
         };
-        Err(Error::UnsupportedType { name, supported: supported_list() })
+        Err(Error::UnsupportedType {
+            name,
+            supported: supported_list(),
+        })
     }
 
     /// ggml's id for this type.
@@ -173,9 +181,14 @@ impl GgmlType {
             return Ok(ty);
         }
         // Name ggml's unsupported types the way ggml spells them ("q5_1" -> "Q5_1").
-        let known = (0..64).filter_map(unsupported_ggml_name).find(|&known| known == upper);
+        let known = (0..64)
+            .filter_map(unsupported_ggml_name)
+            .find(|&known| known == upper);
         let name = known.map_or_else(|| name.to_string(), str::to_string);
-        Err(Error::UnsupportedType { name, supported: supported_list() })
+        Err(Error::UnsupportedType {
+            name,
+            supported: supported_list(),
+        })
     }
 
     /// Elements per block: 1 for F32/F16/BF16, 32 for the legacy formats, 256 for k-quants.
@@ -342,8 +355,12 @@ impl SimdLevel {
     }
 
     /// Every level, lowest first.
-    pub const ALL: [SimdLevel; 4] =
-        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni];
+    pub const ALL: [SimdLevel; 4] = [
+        SimdLevel::Scalar,
+        SimdLevel::Avx2,
+        SimdLevel::Avx512,
+        SimdLevel::Avx512Vnni,
+    ];
 }
 
 /// The best level this CPU runs, detected once and cached.

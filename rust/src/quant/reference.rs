@@ -26,7 +26,14 @@ pub fn unpack_q4k_scales(packed: &[u8; 12]) -> [u8; 16] {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;
-    let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
+    let word = |i: usize| {
+        u32::from_le_bytes([
+            packed[4 * i],
+            packed[4 * i + 1],
+            packed[4 * i + 2],
+            packed[4 * i + 3],
+        ])
+    };
     let (u0, u1, u2) = (word(0), word(1), word(2));
     let scales_lo = u0 & KMASK1;
     let scales_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
@@ -395,7 +402,9 @@ pub fn vec_dot_f16_f32_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
 /// BF16 weights x F32 activations.
 pub fn vec_dot_bf16_f32_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::BF16, n, w, a);
-    float_dot(n, w, a, 2, |b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+    float_dot(n, w, a, 2, |b| {
+        bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))
+    })
 }
 
 /// Q4_0 x Q8_0: `sum_b dw*da * sum_j (q_j - 8) * a_j`.
@@ -437,7 +446,11 @@ pub fn vec_dot_q5_0_q8_0_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
         let q = q5_0_quants(x);
-        let isum: i32 = q.iter().zip(&y.qs).map(|(&q, &a)| (q as i32 - 16) * a as i32).sum();
+        let isum: i32 = q
+            .iter()
+            .zip(&y.qs)
+            .map(|(&q, &a)| (q as i32 - 16) * a as i32)
+            .sum();
         sum += x.d.to_f32() * y.d.to_f32() * isum as f32;
     }
     sum
@@ -449,7 +462,11 @@ pub fn vec_dot_q8_0_q8_0_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let (w, a) = (view_blocks::<BlockQ8_0>(w), view_blocks::<BlockQ8_0>(a));
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
-        let isum: i32 = x.qs.iter().zip(&y.qs).map(|(&q, &a)| q as i32 * a as i32).sum();
+        let isum: i32 =
+            x.qs.iter()
+                .zip(&y.qs)
+                .map(|(&q, &a)| q as i32 * a as i32)
+                .sum();
         sum += x.d.to_f32() * y.d.to_f32() * isum as f32;
     }
     sum
@@ -471,7 +488,8 @@ pub fn vec_dot_q4_k_q8_k_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
         }
         let mut msum = 0i32;
         for j in 0..8 {
-            msum += sm[8 + j] as i32 * (y.bsums[2 * j].get() as i32 + y.bsums[2 * j + 1].get() as i32);
+            msum +=
+                sm[8 + j] as i32 * (y.bsums[2 * j].get() as i32 + y.bsums[2 * j + 1].get() as i32);
         }
         let da = y.d.get();
         sum += x.d.to_f32() * da * isum as f32 - x.dmin.to_f32() * da * msum as f32;

@@ -162,10 +162,20 @@ fn quantize_q4k_for_tests(x: &[f32]) -> Vec<u8> {
         let d = scale.iter().fold(0.0f32, |m, &v| m.max(v)) / 63.0;
         let dmin = min.iter().fold(0.0f32, |m, &v| m.max(v)) / 63.0;
         let (d16, dmin16) = (F16Le::from_f32(d), F16Le::from_f32(dmin));
-        let q6 = |v: f32, unit: f32| if unit > 0.0 { (v / unit).round().clamp(0.0, 63.0) as u8 } else { 0 };
+        let q6 = |v: f32, unit: f32| {
+            if unit > 0.0 {
+                (v / unit).round().clamp(0.0, 63.0) as u8
+            } else {
+                0
+            }
+        };
         let sc: [u8; 8] = std::array::from_fn(|j| q6(scale[j], d16.to_f32()));
         let mn: [u8; 8] = std::array::from_fn(|j| q6(min[j], dmin16.to_f32()));
-        let mut block = BlockQ4K { d: d16, dmin: dmin16, ..BlockQ4K::default() };
+        let mut block = BlockQ4K {
+            d: d16,
+            dmin: dmin16,
+            ..BlockQ4K::default()
+        };
         for j in 0..4 {
             block.scales[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
             block.scales[j + 4] = (mn[j] & 63) | ((mn[j + 4] >> 4) << 6);
@@ -176,8 +186,11 @@ fn quantize_q4k_for_tests(x: &[f32]) -> Vec<u8> {
             let step = d16.to_f32() * sc[j] as f32;
             let offset = dmin16.to_f32() * mn[j] as f32;
             for (l, &v) in sub.iter().enumerate() {
-                q[32 * j + l] =
-                    if step > 0.0 { ((v + offset) / step).round().clamp(0.0, 15.0) as u8 } else { 0 };
+                q[32 * j + l] = if step > 0.0 {
+                    ((v + offset) / step).round().clamp(0.0, 15.0) as u8
+                } else {
+                    0
+                };
             }
         }
         for c in 0..4 {
@@ -194,18 +207,32 @@ fn quantize_q4k_for_tests(x: &[f32]) -> Vec<u8> {
 fn quantize_q6k_for_tests(x: &[f32]) -> Vec<u8> {
     let mut out = Vec::new();
     for xb in x.chunks_exact(QK_K) {
-        let scale: [f32; 16] =
-            std::array::from_fn(|g| xb[16 * g..16 * g + 16].iter().fold(0.0f32, |m, v| m.max(v.abs())) / 31.0);
+        let scale: [f32; 16] = std::array::from_fn(|g| {
+            xb[16 * g..16 * g + 16]
+                .iter()
+                .fold(0.0f32, |m, v| m.max(v.abs()))
+                / 31.0
+        });
         let d = scale.iter().fold(0.0f32, |m, &v| m.max(v)) / 127.0;
         let d16 = F16Le::from_f32(d);
-        let mut block = BlockQ6K { d: d16, ..BlockQ6K::default() };
-        for g in 0..16 {
-            block.scales[g] =
-                if d16.to_f32() > 0.0 { (scale[g] / d16.to_f32()).round().clamp(-128.0, 127.0) as i8 } else { 0 };
+        let mut block = BlockQ6K {
+            d: d16,
+            ..BlockQ6K::default()
+        };
+        for (sc, &s) in block.scales.iter_mut().zip(&scale) {
+            *sc = if d16.to_f32() > 0.0 {
+                (s / d16.to_f32()).round().clamp(-128.0, 127.0) as i8
+            } else {
+                0
+            };
         }
         for (e, &v) in xb.iter().enumerate() {
             let step = d16.to_f32() * block.scales[e / 16] as f32;
-            let q = if step != 0.0 { (v / step).round().clamp(-32.0, 31.0) as i32 + 32 } else { 32 } as u8;
+            let q = if step != 0.0 {
+                (v / step).round().clamp(-32.0, 31.0) as i32 + 32
+            } else {
+                32
+            } as u8;
             let (h, r) = (e / 128, e % 128);
             let (byte, nibble_shift) = (64 * h + r % 64, 4 * (r / 64));
             block.ql[byte] |= (q & 0x0F) << nibble_shift;
@@ -225,8 +252,12 @@ fn random_weights(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
         match ty {
             GgmlType::F32 => block.copy_from_slice(&rng.gaussian().to_le_bytes()),
             GgmlType::F16 => block.copy_from_slice(&F16Le::from_f32(rng.gaussian()).0),
-            GgmlType::BF16 => block.copy_from_slice(&blocks::f32_to_bf16(rng.gaussian()).to_le_bytes()),
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => block[0..2].copy_from_slice(&scale(rng)),
+            GgmlType::BF16 => {
+                block.copy_from_slice(&blocks::f32_to_bf16(rng.gaussian()).to_le_bytes())
+            }
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                block[0..2].copy_from_slice(&scale(rng))
+            }
             GgmlType::Q4_1 | GgmlType::Q4K => {
                 block[0..2].copy_from_slice(&scale(rng));
                 block[2..4].copy_from_slice(&scale(rng));
@@ -242,7 +273,10 @@ fn random_weights(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
 fn abs_dot(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f64 {
     let wf = dequantize(ty, w, n);
     let af = dequantize(ty.activation_type(), a, n);
-    wf.iter().zip(&af).map(|(&w, &a)| (w as f64 * a as f64).abs()).sum()
+    wf.iter()
+        .zip(&af)
+        .map(|(&w, &a)| (w as f64 * a as f64).abs())
+        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -252,7 +286,11 @@ fn abs_dot(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f64 {
 fn every_level_the_cpu_has_offers_every_weight_type() {
     for level in SimdLevel::ALL {
         for ty in WEIGHT_TYPES {
-            assert_eq!(vec_dot_fn_at(ty, level).is_some(), level <= detected_simd(), "{ty} at {level:?}");
+            assert_eq!(
+                vec_dot_fn_at(ty, level).is_some(),
+                level <= detected_simd(),
+                "{ty} at {level:?}"
+            );
         }
         assert!(vec_dot_fn_at(GgmlType::Q8_1, level).is_none());
         assert!(vec_dot_fn_at(GgmlType::Q8K, level).is_none());
@@ -266,7 +304,11 @@ fn simd_dots_match_scalar_on_random_blocks() {
         let bl = ty.block_len();
         // Odd block counts exercise the AVX-512 zero-padded tail (1..3 leftover blocks) and,
         // for the float types, the 32/16/8-lane steps and the scalar or masked tails.
-        let counts: &[usize] = if bl == 1 { &[1, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 257, 576] } else { &[1, 2, 3, 4, 5, 6, 7, 9, 18, 33] };
+        let counts: &[usize] = if bl == 1 {
+            &[1, 3, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 100, 257, 576]
+        } else {
+            &[1, 2, 3, 4, 5, 6, 7, 9, 18, 33]
+        };
         for &count in counts {
             let n = count * bl;
             let w = random_weights(ty, n, &mut rng);
@@ -274,7 +316,9 @@ fn simd_dots_match_scalar_on_random_blocks() {
             let reference = vec_dot_fn_at(ty, SimdLevel::Scalar).expect("scalar kernel")(n, &w, &a);
             let scale = abs_dot(ty, &w, &a, n) as f32;
             for level in [SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni] {
-                let Some(kernel) = vec_dot_fn_at(ty, level) else { continue };
+                let Some(kernel) = vec_dot_fn_at(ty, level) else {
+                    continue;
+                };
                 let got = kernel(n, &w, &a);
                 assert!(
                     (got - reference).abs() <= SIMD_REL_TOL * scale + 1e-30,
@@ -289,7 +333,14 @@ fn simd_dots_match_scalar_on_random_blocks() {
 fn simd_dots_match_scalar_at_extreme_quants() {
     // Largest products: every quant at its extreme, activations at +-127 (Q8_0 weights also
     // at -128), so any i16 saturation in the SIMD paths would show.
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ] {
         let n = 8 * ty.block_len();
         for (wbyte, sign) in [(0xFFu8, 1.0f32), (0x00, 1.0), (0x80, -1.0), (0xFF, -1.0)] {
             let mut w = vec![wbyte; ty.row_bytes(n).expect("whole blocks")];
@@ -305,12 +356,16 @@ fn simd_dots_match_scalar_at_extreme_quants() {
                     _ => block[0..2].copy_from_slice(&one),
                 }
             }
-            let x: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { sign } else { -sign }).collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| if i % 3 == 0 { sign } else { -sign })
+                .collect();
             let a = activations(ty, &x);
             let reference = vec_dot_fn_at(ty, SimdLevel::Scalar).expect("scalar kernel")(n, &w, &a);
             let scale = abs_dot(ty, &w, &a, n) as f32;
             for level in [SimdLevel::Avx2, SimdLevel::Avx512, SimdLevel::Avx512Vnni] {
-                let Some(kernel) = vec_dot_fn_at(ty, level) else { continue };
+                let Some(kernel) = vec_dot_fn_at(ty, level) else {
+                    continue;
+                };
                 let got = kernel(n, &w, &a);
                 assert!(
                     (got - reference).abs() <= SIMD_REL_TOL * scale + 1e-30,
@@ -335,10 +390,15 @@ fn kernels_read_unaligned_rows() {
         abuf[3..].copy_from_slice(&a);
         let expected = vec_dot_fn_at(ty, SimdLevel::Scalar).expect("scalar")(n, &w, &a);
         for level in SimdLevel::ALL {
-            let Some(kernel) = vec_dot_fn_at(ty, level) else { continue };
+            let Some(kernel) = vec_dot_fn_at(ty, level) else {
+                continue;
+            };
             let got = kernel(n, &wbuf[1..], &abuf[3..]);
             let scale = abs_dot(ty, &w, &a, n) as f32;
-            assert!((got - expected).abs() <= SIMD_REL_TOL * scale, "{ty} {level:?}");
+            assert!(
+                (got - expected).abs() <= SIMD_REL_TOL * scale,
+                "{ty} {level:?}"
+            );
         }
     }
 }
@@ -379,7 +439,11 @@ fn worst_round_trip_error(ty: GgmlType) -> f64 {
         .map(|seed| {
             let x = Rng::new(100 + seed).gaussians(4096);
             let y = dequantize(ty, &quantize_weights(ty, &x), x.len());
-            let err: f64 = x.iter().zip(&y).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+            let err: f64 = x
+                .iter()
+                .zip(&y)
+                .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                .sum();
             let norm: f64 = x.iter().map(|&a| (a as f64).powi(2)).sum();
             (err / norm).sqrt()
         })
@@ -405,10 +469,16 @@ fn round_trip_errors_are_within_bounds() {
         println!("round trip {ty}: {err:.5} (bound {bound})");
         assert!(err <= bound, "{ty}: round-trip error {err} over {bound}");
         // A bound far above the measurement would not catch a regression.
-        assert!(err > bound / 4.0, "{ty}: round-trip error {err} far under {bound}: tighten it");
+        assert!(
+            err > bound / 4.0,
+            "{ty}: round-trip error {err} far under {bound}: tighten it"
+        );
     }
     let x = Rng::new(7).gaussians(4096);
-    assert_eq!(dequantize(GgmlType::F32, &quantize_weights(GgmlType::F32, &x), x.len()), x);
+    assert_eq!(
+        dequantize(GgmlType::F32, &quantize_weights(GgmlType::F32, &x), x.len()),
+        x
+    );
 }
 
 #[test]
@@ -430,7 +500,11 @@ fn quantized_dots_are_within_bounds_of_the_f32_dot() {
             let mut rng = Rng::new(200 + seed);
             let (w, x) = (rng.gaussians(4096), rng.gaussians(4096));
             let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let scale: f64 = w.iter().zip(&x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let scale: f64 = w
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
             let got = vec_dot_fn(ty)(w.len(), &quantize_weights(ty, &w), &activations(ty, &x));
             worst = worst.max((got as f64 - exact).abs() / scale);
         }
@@ -472,11 +546,20 @@ fn ids_names_and_sizes() {
     ];
     for (ty, id, name, len, bytes) in expected {
         assert_eq!(GgmlType::from_ggml_id(id).expect("supported"), ty);
-        assert_eq!((ty.ggml_id(), ty.name(), ty.block_len(), ty.block_bytes()), (id, name, len, bytes));
+        assert_eq!(
+            (ty.ggml_id(), ty.name(), ty.block_len(), ty.block_bytes()),
+            (id, name, len, bytes)
+        );
         assert_eq!(GgmlType::from_name(name).expect("known"), ty);
-        assert_eq!(GgmlType::from_name(&name.to_lowercase()).expect("case-insensitive"), ty);
+        assert_eq!(
+            GgmlType::from_name(&name.to_lowercase()).expect("case-insensitive"),
+            ty
+        );
     }
-    assert_eq!(GgmlType::from_name("q4k").expect("k-quant without underscore"), GgmlType::Q4K);
+    assert_eq!(
+        GgmlType::from_name("q4k").expect("k-quant without underscore"),
+        GgmlType::Q4K
+    );
     assert_eq!(GgmlType::Q4_1.activation_type(), GgmlType::Q8_1);
     assert_eq!(GgmlType::Q5_0.activation_type(), GgmlType::Q8_0);
     assert_eq!(GgmlType::Q6K.activation_type(), GgmlType::Q8K);
@@ -504,19 +587,55 @@ fn wrong_lengths_are_errors_not_panics() {
     assert!(matches!(GgmlType::Q4_0.row_bytes(33), Err(Error::Shape(_))));
     assert_eq!(GgmlType::Q4_0.row_bytes(64).expect("two blocks"), 36);
     let mut out = vec![0.0f32; 64];
-    assert!(matches!(dequantize_row(GgmlType::Q4_0, &[0u8; 35], &mut out), Err(Error::Shape(_))));
-    assert!(matches!(dequantize_row(GgmlType::Q4_0, &[0u8; 37], &mut out), Err(Error::Shape(_))));
-    assert!(matches!(dequantize_row(GgmlType::Q4K, &[0u8; 144], &mut out), Err(Error::Shape(_))));
-    assert!(matches!(dequantize_row(GgmlType::F16, &[0u8; 127], &mut out), Err(Error::Shape(_))));
+    assert!(matches!(
+        dequantize_row(GgmlType::Q4_0, &[0u8; 35], &mut out),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        dequantize_row(GgmlType::Q4_0, &[0u8; 37], &mut out),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        dequantize_row(GgmlType::Q4K, &[0u8; 144], &mut out),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        dequantize_row(GgmlType::F16, &[0u8; 127], &mut out),
+        Err(Error::Shape(_))
+    ));
     let x = vec![0.5f32; 64];
-    assert!(matches!(quantize_row(GgmlType::Q8_0, &x, &mut [0u8; 67]), Err(Error::Shape(_))));
-    assert!(matches!(quantize_row(GgmlType::Q8_0, &x[..40], &mut [0u8; 68]), Err(Error::Shape(_))));
-    assert!(matches!(quantize_row(GgmlType::Q4K, &[0.0; 256], &mut [0u8; 144]), Err(Error::UnsupportedType { .. })));
-    assert!(matches!(quantize_row(GgmlType::Q6K, &[0.0; 256], &mut [0u8; 210]), Err(Error::UnsupportedType { .. })));
-    assert!(matches!(vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 67]), Err(Error::Shape(_))));
-    assert!(matches!(vec_dot(GgmlType::Q4_0, 60, &[0u8; 36], &[0u8; 68]), Err(Error::Shape(_))));
-    assert!(matches!(vec_dot(GgmlType::Q8K, 256, &[0u8; 292], &[0u8; 292]), Err(Error::UnsupportedType { .. })));
-    assert_eq!(vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 68]).expect("valid"), 0.0);
+    assert!(matches!(
+        quantize_row(GgmlType::Q8_0, &x, &mut [0u8; 67]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        quantize_row(GgmlType::Q8_0, &x[..40], &mut [0u8; 68]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        quantize_row(GgmlType::Q4K, &[0.0; 256], &mut [0u8; 144]),
+        Err(Error::UnsupportedType { .. })
+    ));
+    assert!(matches!(
+        quantize_row(GgmlType::Q6K, &[0.0; 256], &mut [0u8; 210]),
+        Err(Error::UnsupportedType { .. })
+    ));
+    assert!(matches!(
+        vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 67]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        vec_dot(GgmlType::Q4_0, 60, &[0u8; 36], &[0u8; 68]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        vec_dot(GgmlType::Q8K, 256, &[0u8; 292], &[0u8; 292]),
+        Err(Error::UnsupportedType { .. })
+    ));
+    assert_eq!(
+        vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 68]).expect("valid"),
+        0.0
+    );
 }
 
 #[test]
@@ -542,9 +661,14 @@ fn throughput() {
     let (rows, n) = (576usize, 1536usize);
     let mut rng = Rng::new(9);
     println!("matrix-vector product, {rows} rows x {n} columns, one thread; GB/s of weights read");
-    println!("{:<6} {:>10} {:>9} {:>9} {:>9} {:>11}", "type", "bytes", "scalar", "avx2", "avx512", "avx512vnni");
+    println!(
+        "{:<6} {:>10} {:>9} {:>9} {:>9} {:>11}",
+        "type", "bytes", "scalar", "avx2", "avx512", "avx512vnni"
+    );
     for ty in WEIGHT_TYPES {
-        let w: Vec<u8> = (0..rows).flat_map(|_| random_weights(ty, n, &mut rng)).collect();
+        let w: Vec<u8> = (0..rows)
+            .flat_map(|_| random_weights(ty, n, &mut rng))
+            .collect();
         let a = activations(ty, &rng.gaussians(n));
         let row = ty.row_bytes(n).expect("whole blocks");
         let mut cells = Vec::new();
@@ -566,6 +690,14 @@ fn throughput() {
             }
             cells.push(format!("{:.1}", w.len() as f64 / best / 1e9));
         }
-        println!("{:<6} {:>10} {:>9} {:>9} {:>9} {:>11}", ty.name(), w.len(), cells[0], cells[1], cells[2], cells[3]);
+        println!(
+            "{:<6} {:>10} {:>9} {:>9} {:>9} {:>11}",
+            ty.name(),
+            w.len(),
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3]
+        );
     }
 }

@@ -1,0 +1,124 @@
+//! Bindings for `quant`: dequantize, quantize and dot products over ggml block formats, and
+//! the SIMD level in use. Arguments become owned Rust values (or GIL-free views of immutable
+//! `bytes`) before the work runs with the GIL released.
+
+use numpy::{PyArray1, PyReadonlyArray1};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyByteArray, PyBytes};
+
+use super::to_py_err;
+use crate::quant::{self, GgmlType};
+
+/// Raw bytes from Python: `bytes` (borrowed without a copy; they are immutable), `bytearray`
+/// (copied), or anything with `tobytes()` such as a numpy array or `memoryview` (copied in C
+/// order, so any dtype and shape gives its raw bytes).
+fn raw_bytes(data: &Bound<'_, PyAny>) -> PyResult<PyBackedBytes> {
+    if data.is_instance_of::<PyBytes>() || data.is_instance_of::<PyByteArray>() {
+        return data.extract::<PyBackedBytes>().map_err(PyErr::from);
+    }
+    match data.call_method0("tobytes") {
+        Ok(bytes) => bytes.extract::<PyBackedBytes>().map_err(PyErr::from),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "expected bytes, bytearray or an array with tobytes(), got {}",
+            data.get_type().name()?
+        ))),
+    }
+}
+
+/// A 1-D float32 numpy array as an owned vector.
+fn floats(x: &PyReadonlyArray1<'_, f32>) -> Vec<f32> {
+    match x.as_slice() {
+        Ok(slice) => slice.to_vec(),
+        Err(_) => x.as_array().iter().copied().collect(),
+    }
+}
+
+/// The type named `type_name` (ggml's spelling, any case: "Q4_K", "q8_0", "f16").
+fn parse_type(type_name: &str) -> PyResult<GgmlType> {
+    GgmlType::from_name(type_name).map_err(to_py_err)
+}
+
+/// dequantize(type_name, data, n) -> numpy.ndarray[float32]: the `n` elements encoded in
+/// `data`, which must be exactly the bytes of `n` elements of that type (whole blocks).
+#[pyfunction]
+fn dequantize<'py>(
+    py: Python<'py>,
+    type_name: &str,
+    data: &Bound<'py, PyAny>,
+    n: usize,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let ty = parse_type(type_name)?;
+    let bytes = raw_bytes(data)?;
+    let out = py
+        .detach(|| {
+            let mut out = vec![0.0f32; n];
+            quant::dequantize_row(ty, &bytes, &mut out).map(|()| out)
+        })
+        .map_err(to_py_err)?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
+/// quantize(type_name, x) -> bytes: `x` (1-D float32) encoded as that type, bit-exact with
+/// ggml's reference quantizers. Targets: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q8_1, Q8_K.
+#[pyfunction]
+fn quantize<'py>(
+    py: Python<'py>,
+    type_name: &str,
+    x: PyReadonlyArray1<'py, f32>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let ty = parse_type(type_name)?;
+    let x = floats(&x);
+    let out = py
+        .detach(|| {
+            let mut out = vec![0u8; ty.row_bytes(x.len())?];
+            quant::quantize_row(ty, &x, &mut out).map(|()| out)
+        })
+        .map_err(to_py_err)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// vec_dot(type_name, w, x) -> float: the dot product of a weight row `w` (raw bytes of
+/// `len(x)` elements of that type) with `x` (1-D float32), computed as the forward pass does:
+/// `x` quantized to the type's activation format, then the fastest kernel for this CPU.
+#[pyfunction]
+fn vec_dot<'py>(
+    py: Python<'py>,
+    type_name: &str,
+    w: &Bound<'py, PyAny>,
+    x: PyReadonlyArray1<'py, f32>,
+) -> PyResult<f32> {
+    let ty = parse_type(type_name)?;
+    let w = raw_bytes(w)?;
+    let x = floats(&x);
+    py.detach(|| {
+        let n = x.len();
+        let at = ty.activation_type();
+        let a = if at == GgmlType::F32 {
+            x.iter().flat_map(|v| v.to_le_bytes()).collect()
+        } else {
+            let mut a = vec![0u8; at.row_bytes(n)?];
+            quant::quantize_activations(at, &x, &mut a);
+            a
+        };
+        quant::vec_dot(ty, n, &w, &a)
+    })
+    .map_err(to_py_err)
+}
+
+/// simd_level() -> str: the instruction set the kernels use on this CPU: "scalar", "avx2",
+/// "avx512" or "avx512vnni".
+#[pyfunction]
+fn simd_level() -> &'static str {
+    quant::detected_simd().name()
+}
+
+/// Adds the quant functions to the module.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(vec_dot, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    Ok(())
+}
