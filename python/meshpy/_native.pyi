@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -91,6 +91,7 @@ class LlamaSpan:
         first_layer: int,
         layer_names: Sequence[dict[str, str]],
         pool: ThreadPool,
+        progress: Callable[[int], object] | None = None,
     ) -> None: ...
     @property
     def first_layer(self) -> int: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,17 +113,24 @@ class Model:
         threads: int | None = None,
         quantize: str | None = None,
         n_spans: int = 1,
+        progress: Callable[[int, int], object] | None = None,
     ) -> Model:
         """Loads a GGUF file or an HF checkpoint directory.
 
         `quantize` ("Q8_0" or "Q4_0") converts float weight matrices at load; `n_spans`
-        cuts the layers into that many spans run one after another (as the mesh would).
+        cuts the layers into that many spans run one after another (as the mesh would);
+        `progress(layers_loaded, n_layers)` is called as layers load.
         """
         source = open_model_source(model_path(path))
         config = read_config(source)
         pool = _native.ThreadPool(threads or default_threads())
         end = EndModel(source, config, pool)
-        spans = [LocalSpan(source, config, r, pool, quantize) for r in split_layers(config.n_layers, n_spans)]
+        spans = []
+        for layers in split_layers(config.n_layers, n_spans):
+            report = None
+            if progress is not None:
+                report = lambda done, start=layers.start: progress(start + done, config.n_layers)  # noqa: E731
+            spans.append(LocalSpan(source, config, layers, pool, quantize, report))
         log.info("loaded %s: %d layers in %d span(s), %d threads", source.path, config.n_layers, n_spans, pool.n_threads)
         return cls(source, config, end, LocalPipeline(spans, config.max_positions))
 

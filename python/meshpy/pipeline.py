@@ -7,7 +7,7 @@ mesh (remote spans on workers) plugs in behind the same interface: `new_session(
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,6 +41,7 @@ class LocalSpan:
         layers: range,
         pool: _native.ThreadPool,
         quantize: str | None = None,
+        progress: Callable[[int], object] | None = None,
     ) -> None:
         if layers.step != 1 or not 0 <= layers.start < layers.stop <= config.n_layers:
             raise ValueError(f"layer range {layers} outside 0..{config.n_layers}")
@@ -51,6 +52,7 @@ class LocalSpan:
             layers.start,
             [config.layer_names(i) for i in layers],
             pool,
+            progress,
         )
 
     def new_cache(self, max_len: int) -> _native.KvCache:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from meshpy.cli.progress import ProgressBar
 from meshpy.generation import Model
 from meshpy.sampling import SamplingParams
 from meshpy.settings import GenerateSettings
@@ -15,7 +16,18 @@ __all__ = ["run_generate"]
 def run_generate(settings: GenerateSettings) -> int:
     """Loads the model, streams the reply to stdout and prints timings to stderr."""
     t0 = time.perf_counter()
-    model = Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, n_spans=settings.spans)
+    bar = ProgressBar("loading layers", 1)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done)
+
+    try:
+        model = Model.load(
+            settings.model, threads=settings.threads, quantize=settings.quantize, n_spans=settings.spans, progress=progress
+        )
+    finally:
+        bar.close()
     load_seconds = time.perf_counter() - t0
     sampling = SamplingParams(
         temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed

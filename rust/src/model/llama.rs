@@ -155,11 +155,23 @@ impl LlamaSpan {
     /// Loads layers `first_layer ..` with one name map per layer. Only these layers'
     /// tensors are touched, so resident memory grows with the span, not the model.
     pub fn load(checkpoint: &Checkpoint, cfg: LlamaConfig, first_layer: usize, layer_names: Vec<LayerNames>) -> Result<Self> {
+        Self::load_with_progress(checkpoint, cfg, first_layer, layer_names, &mut |_| {})
+    }
+
+    /// [`Self::load`], calling `on_layer(layers_done)` after each layer.
+    pub fn load_with_progress(
+        checkpoint: &Checkpoint,
+        cfg: LlamaConfig,
+        first_layer: usize,
+        layer_names: Vec<LayerNames>,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
         cfg.validate()?;
-        let layers = layer_names
-            .into_iter()
-            .map(|names| LlamaLayer::load(checkpoint, &cfg, names))
-            .collect::<Result<Vec<_>>>()?;
+        let mut layers = Vec::with_capacity(layer_names.len());
+        for names in layer_names {
+            layers.push(LlamaLayer::load(checkpoint, &cfg, names)?);
+            on_layer(layers.len());
+        }
         let act_types = ActTypes {
             attn_in: union_types(layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv])),
             attn_out: union_types(layers.iter().map(|l| &l.wo)),

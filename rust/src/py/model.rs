@@ -135,8 +135,10 @@ pub struct PyLlamaSpan {
 
 #[pymethods]
 impl PyLlamaSpan {
-    /// Loads the layers named in `layer_names` (one role -> tensor-name map per layer).
+    /// Loads the layers named in `layer_names` (one role -> tensor-name map per layer);
+    /// `progress(layers_done)` is called after each layer when given.
     #[new]
+    #[pyo3(signature = (checkpoint, config, first_layer, layer_names, pool, progress = None))]
     fn new(
         py: Python<'_>,
         checkpoint: &PyCheckpoint,
@@ -144,10 +146,25 @@ impl PyLlamaSpan {
         first_layer: usize,
         layer_names: Vec<BTreeMap<String, String>>,
         pool: &PyThreadPool,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let cfg = llama_config(config)?;
         let ckpt = checkpoint.inner();
-        let span = py.detach(|| LlamaSpan::load(ckpt, cfg, first_layer, layer_names)).map_err(to_py_err)?;
+        let mut callback_error: Option<PyErr> = None;
+        let span = py
+            .detach(|| {
+                LlamaSpan::load_with_progress(ckpt, cfg, first_layer, layer_names, &mut |done| {
+                    if let (Some(cb), None) = (&progress, &callback_error) {
+                        if let Err(e) = Python::attach(|py| cb.call1(py, (done,)).map(drop)) {
+                            callback_error = Some(e);
+                        }
+                    }
+                })
+            })
+            .map_err(to_py_err)?;
+        if let Some(e) = callback_error {
+            return Err(e);
+        }
         Ok(PyLlamaSpan { span: Arc::new(span), pool: Arc::clone(&pool.pool) })
     }
 
