@@ -195,6 +195,32 @@ def test_ids_equal_live_llama_cpp(
     assert mismatches(tokenizer, texts, expected, add_special) == []
 
 
+FUZZ_POOL = (
+    list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" * 3)
+    + list(" \n\t\r.,;:!?'\"()[]{}<>/\\|-_=+*&^%$#@~`")
+    + list("éèàüöñçßøåœ日本語中文한국어ſK²٣①")
+    + ["🎉", "👍🏽", "\u00a0", "\u3000", "\u200b", "\u0301", "\U00020000", "\x01", "\x7f", "\x85"]
+    + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<b>"]
+    + ["'s", "'S", "'ll", "'Re", "  ", "   ", "\n\n", " \n", "\r\n"]
+)
+
+
+def fuzz_texts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FUZZ_POOL) for _ in range(rng.randint(0, 40))) for _ in range(count)]
+
+
+@pytest.mark.reference
+@needs_llama_cpp
+def test_random_texts_equal_live_llama_cpp(
+    tokenizer: Tokenizer, gguf_path: Path, llama_vocab: LlamaVocabs
+) -> None:
+    llm = llama_vocab(gguf_path)
+    texts = fuzz_texts(300, 2024)
+    expected = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in texts]
+    assert mismatches(tokenizer, texts, expected, True) == []
+
+
 @pytest.mark.reference
 @needs_llama_cpp
 def test_other_pre_tokenizers_equal_live_llama_cpp(
@@ -206,7 +232,7 @@ def test_other_pre_tokenizers_equal_live_llama_cpp(
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    texts = fixture("smollm2")["texts"]
+    texts = fixture("smollm2")["texts"] + fuzz_texts(200, 7)
     for pre in script.PRE_VARIANTS:
         path = tmp_path / f"vocab-{pre}.gguf"
         script.write_vocab_only_gguf(smollm2_gguf, path, pre)
@@ -290,13 +316,18 @@ def test_incremental_decoder_holds_incomplete_characters(tokenizer: Tokenizer) -
     assert pieces[:-2] == [""] * (len(ids) - 1) and pieces[-2] == char and pieces[-1] == ""
 
 
+def random_id_sequences(tokenizer: Tokenizer, count: int, seed: int) -> list[list[int]]:
+    """Id sequences with many lone UTF-8 bytes (byte-level pieces, <0x..> tokens) mixed in."""
+    rng = random.Random(seed)
+    n = tokenizer.vocab_size
+    byte_like = [i for i in range(min(n, 600)) if tokenizer.decode([i]) == "\ufffd"]
+    assert byte_like
+    return [[rng.choice(byte_like) if rng.random() < 0.4 else rng.randrange(n) for _ in range(30)] for _ in range(count)]
+
+
 def test_incremental_decoder_on_random_ids(tokenizer: Tokenizer) -> None:
     """Arbitrary id sequences (broken UTF-8 included) stream to exactly decode(ids)."""
-    rng = random.Random(1234)
-    n = tokenizer.vocab_size
-    byte_like = [i for i in range(min(n, 600)) if tokenizer.decode([i]) in ("\ufffd", "")]
-    for _ in range(40):
-        ids = [rng.choice(byte_like) if byte_like and rng.random() < 0.4 else rng.randrange(n) for _ in range(30)]
+    for ids in random_id_sequences(tokenizer, 40, 1234):
         for skip in (False, True):
             assert "".join(stream(tokenizer, ids, skip)) == tokenizer.decode(ids, skip)
 
@@ -391,6 +422,10 @@ def test_from_hf_files(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> None:
         assert tok.decode(ids) == text
         for skip in (False, True):
             assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip)
+    # tokenizer.json decoding (no piece table): streams exactly, equals llama.cpp-style decoding
+    for ids in random_id_sequences(tok, 40, 99):
+        for skip in (False, True):
+            assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip) == smollm2_tokenizer.decode(ids, skip)
 
 
 def test_from_hf_files_post_processor_adds_bos(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> None:
