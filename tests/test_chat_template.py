@@ -63,7 +63,11 @@ def transformers_tokenizer(smollm2_gguf: Path) -> Any:
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
-    [{"role": "user", "content": "  padded  "}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "é 🎉"}],
+    [
+        {"role": "user", "content": "  padded  "},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "é 🎉"},
+    ],
     [{"role": "system", "content": "sys"}, {"role": "user", "content": "<b>x</b>"}],
 ]
 

@@ -63,8 +63,13 @@ def smollm2_tokenizer(smollm2_metadata: dict[str, Any]) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def gemma3_tokenizer(gemma3_gguf: Path) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(gguf_metadata(gemma3_gguf))
+def gemma3_metadata(gemma3_gguf: Path) -> dict[str, Any]:
+    return gguf_metadata(gemma3_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(gemma3_metadata: dict[str, Any]) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(gemma3_metadata)
 
 
 @pytest.fixture(params=MODELS)
@@ -108,13 +113,22 @@ def test_ids_equal_stored_transformers(smollm2_tokenizer: Tokenizer, add_special
     assert mismatches(smollm2_tokenizer, fixture("smollm2")["texts"], refs[key], add_special) == []
 
 
-@pytest.mark.parametrize("pre", ["llama3", "llama-bpe", "qwen2", "gpt-2", "default"])
-def test_other_pre_tokenizers_equal_stored_llama_cpp(smollm2_metadata: dict[str, Any], pre: str) -> None:
-    """SmolLM2's vocabulary under other tokenizer.ggml.pre values, against llama.cpp loading
-    the same metadata (a vocab-only GGUF)."""
-    refs = stored("smollm2", "llama_cpp_pre_variants")
-    tok = Tokenizer.from_gguf_metadata({**smollm2_metadata, "tokenizer.ggml.pre": pre})
-    assert mismatches(tok, fixture("smollm2")["texts"], refs[pre], False) == []
+def variant_cases() -> list[tuple[str, str]]:
+    return [(model, name) for model in MODELS for name in (fixture(model)["llama_cpp_variants"] or {"missing": None})]
+
+
+@pytest.mark.parametrize(("model", "variant"), variant_cases())
+def test_metadata_variants_equal_stored_llama_cpp(request: pytest.FixtureRequest, model: str, variant: str) -> None:
+    """The model's vocabulary with some metadata changed (other tokenizer.ggml.pre regexes on
+    SmolLM2, add_space_prefix on Gemma), against llama.cpp loading the same metadata."""
+    refs = stored(model, "llama_cpp_variants")[variant]
+    metadata = request.getfixturevalue(f"{model}_metadata")
+    tok = Tokenizer.from_gguf_metadata({**metadata, **refs["metadata"]})
+    texts = fixture(model)["texts"]
+    assert mismatches(tok, texts, refs["with_special"], True) == []
+    assert mismatches(tok, texts, refs["without_special"], False) == []
+    for ids, expected in zip(refs["with_special"], refs["detokenize"], strict=True):
+        assert tok.decode(ids) == expected
 
 
 def test_pre_tokenizer_choice_changes_ids(smollm2_metadata: dict[str, Any]) -> None:
@@ -127,6 +141,13 @@ def test_pre_tokenizer_choice_changes_ids(smollm2_metadata: dict[str, Any]) -> N
     assert corpus["smollm"] != corpus["llama3"] != corpus["default"] != corpus["smollm"]
 
 
+def test_space_prefix_changes_ids(gemma3_metadata: dict[str, Any], gemma3_tokenizer: Tokenizer) -> None:
+    prefixed = Tokenizer.from_gguf_metadata({**gemma3_metadata, "tokenizer.ggml.add_space_prefix": True})
+    assert prefixed.encode("Hello") == [2, gemma3_tokenizer.token_to_id("▁Hello")]
+    assert gemma3_tokenizer.encode("Hello") == [2, gemma3_tokenizer.token_to_id("Hello")]
+    assert prefixed.decode(prefixed.encode("Hello", add_special_tokens=False)) == "Hello"
+
+
 @pytest.mark.parametrize(
     ("pre", "pieces"),
     [
@@ -137,7 +158,9 @@ def test_pre_tokenizer_choice_changes_ids(smollm2_metadata: dict[str, Any]) -> N
         ("default", [" ", "123", "45", "a", "'", "s"]),
     ],
 )
-def test_pre_tokenizer_splits_digits_as_llama_cpp(smollm2_metadata: dict[str, Any], pre: str, pieces: list[str]) -> None:
+def test_pre_tokenizer_splits_digits_as_llama_cpp(
+    smollm2_metadata: dict[str, Any], pre: str, pieces: list[str]
+) -> None:
     tok = Tokenizer.from_gguf_metadata({**smollm2_metadata, "tokenizer.ggml.pre": pre})
     got = [piece for piece, _ in tok.backend.pre_tokenizer.pre_tokenize_str(" 12345a's")]
     assert got == [p.replace(" ", "Ġ") for p in pieces]
@@ -221,28 +244,34 @@ def test_random_texts_equal_live_llama_cpp(
     assert mismatches(tokenizer, texts, expected, True) == []
 
 
-@pytest.mark.reference
-@needs_llama_cpp
-def test_other_pre_tokenizers_equal_live_llama_cpp(
-    smollm2_metadata: dict[str, Any], smollm2_gguf: Path, tmp_path: Path
-) -> None:
-    import llama_cpp
-
+def fixture_script() -> Any:
     spec = importlib.util.spec_from_file_location("make_tokenizer_fixtures", FIXTURE_SCRIPT)
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.reference
+@needs_llama_cpp
+def test_pre_tokenizer_variants_equal_live_llama_cpp(
+    smollm2_metadata: dict[str, Any], smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    """Each regex family on SmolLM2's vocabulary, on the fixture texts and random ones."""
+    import llama_cpp
+
+    script = fixture_script()
     texts = fixture("smollm2")["texts"] + fuzz_texts(200, 7)
-    for pre in script.PRE_VARIANTS:
-        path = tmp_path / f"vocab-{pre}.gguf"
-        script.write_vocab_only_gguf(smollm2_gguf, path, pre)
+    for name, overrides in script.VARIANTS["smollm2"].items():
+        path = tmp_path / "vocab.gguf"
+        script.write_vocab_only_gguf(smollm2_gguf, path, overrides)
         llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=True)
         try:
             expected = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
         finally:
             llm.close()
-        tok = Tokenizer.from_gguf_metadata({**smollm2_metadata, "tokenizer.ggml.pre": pre})
-        assert mismatches(tok, texts, expected, False) == [], pre
+        tok = Tokenizer.from_gguf_metadata({**smollm2_metadata, **overrides})
+        assert mismatches(tok, texts, expected, False) == [], name
 
 
 @pytest.fixture(scope="session")
@@ -255,7 +284,9 @@ def transformers_smollm2(smollm2_gguf: Path) -> Any:
 @pytest.mark.reference
 @needs_transformers
 @pytest.mark.parametrize("add_special", [True, False], ids=["with_special", "without_special"])
-def test_ids_equal_live_transformers(smollm2_tokenizer: Tokenizer, transformers_smollm2: Any, add_special: bool) -> None:
+def test_ids_equal_live_transformers(
+    smollm2_tokenizer: Tokenizer, transformers_smollm2: Any, add_special: bool
+) -> None:
     texts = fixture("smollm2")["texts"]
     expected = [transformers_smollm2.encode(t, add_special_tokens=add_special) for t in texts]
     assert mismatches(smollm2_tokenizer, texts, expected, add_special) == []
@@ -322,7 +353,10 @@ def random_id_sequences(tokenizer: Tokenizer, count: int, seed: int) -> list[lis
     n = tokenizer.vocab_size
     byte_like = [i for i in range(min(n, 600)) if tokenizer.decode([i]) == "\ufffd"]
     assert byte_like
-    return [[rng.choice(byte_like) if rng.random() < 0.4 else rng.randrange(n) for _ in range(30)] for _ in range(count)]
+    def one() -> list[int]:
+        return [rng.choice(byte_like) if rng.random() < 0.4 else rng.randrange(n) for _ in range(30)]
+
+    return [one() for _ in range(count)]
 
 
 def test_incremental_decoder_on_random_ids(tokenizer: Tokenizer) -> None:
@@ -428,6 +462,22 @@ def test_from_hf_files(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> None:
             assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip) == smollm2_tokenizer.decode(ids, skip)
 
 
+def test_from_hf_dir(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    _save(smollm2_tokenizer, tmp_path)
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    tok = Tokenizer.from_hf_dir(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids) == (1, 2, frozenset({0, 2, 7}))
+    (tmp_path / "generation_config.json").unlink()
+    assert Tokenizer.from_hf_dir(tmp_path).stop_ids == frozenset({0, 2})
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointFormatError, match="JSON object"):
+        Tokenizer.from_hf_dir(tmp_path)
+    with pytest.raises(CheckpointFormatError, match="no tokenizer.json"):
+        Tokenizer.from_hf_dir(tmp_path / "missing")
+
+
 def test_from_hf_files_post_processor_adds_bos(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> None:
     from tokenizers import processors
 
@@ -463,9 +513,7 @@ def test_from_hf_files_errors(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> N
 def test_from_hf_files_equals_transformers(transformers_smollm2: Any, tmp_path: Path) -> None:
     """A tokenizer.json written by transformers loads and encodes as transformers does."""
     transformers_smollm2.save_pretrained(str(tmp_path))
-    with (tmp_path / "tokenizer_config.json").open(encoding="utf-8") as f:
-        config = json.load(f)
-    tok = Tokenizer.from_hf_files(tmp_path / "tokenizer.json", config)
+    tok = Tokenizer.from_hf_dir(tmp_path)
     assert (tok.bos_id, tok.eos_id) == (transformers_smollm2.bos_token_id, transformers_smollm2.eos_token_id)
     for text in fixture("smollm2")["texts"]:
         expected = transformers_smollm2.encode(text)

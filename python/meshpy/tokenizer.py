@@ -351,6 +351,18 @@ class Tokenizer:
             stop.add(eos_id)
         return cls(backend, bos_id=bos_id, eos_id=eos_id, stop_ids=stop)
 
+    @classmethod
+    def from_hf_dir(cls, directory: Path | str) -> Tokenizer:
+        """Load a checkpoint directory: ``tokenizer.json``, and ``tokenizer_config.json`` and
+        ``generation_config.json`` when present (see :meth:`from_hf_files`)."""
+        folder = Path(directory)
+        tokenizer_json = folder / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise CheckpointFormatError(f"{folder} has no tokenizer.json")
+        configs = [folder / name for name in ("tokenizer_config.json", "generation_config.json")]
+        config, gen = (_load_json(p) if p.is_file() else None for p in configs)
+        return cls.from_hf_files(tokenizer_json, config, gen)
+
     # -- encoding and decoding ----------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -676,7 +688,7 @@ def _build_sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str], typ
     )
 
 
-def load_json(path: Path | str) -> dict[str, Any]:
+def _load_json(path: Path | str) -> dict[str, Any]:
     """Read a JSON object file (tokenizer_config.json, generation_config.json)."""
     p = Path(path)
     try:
