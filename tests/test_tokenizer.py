@@ -218,6 +218,26 @@ def test_ids_equal_live_llama_cpp(
     assert mismatches(tokenizer, texts, expected, add_special) == []
 
 
+# llama.cpp also ends generation on fill-in-the-middle tokens and on "</s>" (which in Gemma's
+# vocabulary is the HTML strikethrough tag); meshpy stops on end-of-text/turn tokens only.
+LLAMA_CPP_ONLY_STOPS = {"<reponame>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<|fim_repo|>", "<fim_pad>",
+                        "<|fim_pad|>", "<fim-pad>", "<PAD>", "<|file_sep|>", "</s>"}
+
+
+@pytest.mark.reference
+@needs_llama_cpp
+def test_special_ids_equal_live_llama_cpp(tokenizer: Tokenizer, gguf_path: Path, llama_vocab: LlamaVocabs) -> None:
+    import llama_cpp
+
+    vocab = llama_vocab(gguf_path)._model.vocab
+    assert tokenizer.vocab_size == llama_cpp.llama_vocab_n_tokens(vocab)
+    assert tokenizer.bos_id == llama_cpp.llama_vocab_bos(vocab)
+    assert tokenizer.eos_id == llama_cpp.llama_vocab_eos(vocab)
+    eog = {i for i in range(tokenizer.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    assert tokenizer.stop_ids <= eog
+    assert {tokenizer.id_to_token(i) for i in eog - tokenizer.stop_ids} <= LLAMA_CPP_ONLY_STOPS
+
+
 FUZZ_POOL = (
     list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" * 3)
     + list(" \n\t\r.,;:!?'\"()[]{}<>/\\|-_=+*&^%$#@~`")
@@ -429,6 +449,23 @@ def test_gguf_bos_eos_flags(smollm2_metadata: dict[str, Any]) -> None:
     no_flag = {k: v for k, v in smollm2_metadata.items() if k != "tokenizer.ggml.add_bos_token"}
     assert Tokenizer.from_gguf_metadata({**no_flag, "tokenizer.ggml.pre": "llama3"}).encode("Hi")[0] == 1
     assert Tokenizer.from_gguf_metadata(no_flag).encode("Hi")[0] != 1
+
+
+def test_metadata_as_numpy_arrays_and_bytes(smollm2_metadata: dict[str, Any], smollm2_tokenizer: Tokenizer) -> None:
+    """Readers may hand over arrays as numpy arrays and strings as bytes."""
+    import numpy as np
+
+    md = dict(smollm2_metadata)
+    md["tokenizer.ggml.tokens"] = [t.encode("utf-8") for t in md["tokenizer.ggml.tokens"]]
+    md["tokenizer.ggml.merges"] = [m.encode("utf-8") for m in md["tokenizer.ggml.merges"]]
+    md["tokenizer.ggml.token_type"] = np.asarray(md["tokenizer.ggml.token_type"], dtype=np.int32)
+    md["tokenizer.ggml.model"] = b"gpt2"
+    md["tokenizer.ggml.pre"] = b"smollm"
+    md["tokenizer.ggml.bos_token_id"] = np.uint32(1)
+    md["tokenizer.ggml.add_bos_token"] = np.bool_(False)
+    tok = Tokenizer.from_gguf_metadata(md)
+    for text in fixture("smollm2")["texts"]:
+        assert tok.encode(text) == smollm2_tokenizer.encode(text)
 
 
 def test_eot_token_id_is_a_stop_id(smollm2_metadata: dict[str, Any]) -> None:

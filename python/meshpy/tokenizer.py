@@ -198,7 +198,7 @@ def _as_str(value: Any) -> str:
 class Tokenizer:
     """Encodes text to token ids and decodes ids to text, as the model's own tokenizer does.
 
-    Build one with :meth:`from_gguf_metadata` or :meth:`from_hf_files`.
+    Build one with :meth:`from_gguf_metadata`, :meth:`from_hf_files` or :meth:`from_hf_dir`.
     """
 
     def __init__(
@@ -245,7 +245,8 @@ class Tokenizer:
         if not tokens:
             raise CheckpointFormatError("tokenizer.ggml.tokens is empty")
         n = len(tokens)
-        types = list(metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * n)
+        raw_types = metadata.get("tokenizer.ggml.token_type")
+        types = [TOKEN_TYPE_NORMAL] * n if raw_types is None else list(raw_types)
         if len(types) < n:
             raise CheckpointFormatError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
         types = [int(t) for t in types[:n]]
