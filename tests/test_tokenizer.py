@@ -63,8 +63,13 @@ def smollm2_tokenizer(smollm2_metadata: dict[str, Any]) -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def gemma3_tokenizer(gemma3_gguf: Path) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(gguf_metadata(gemma3_gguf))
+def gemma3_metadata(gemma3_gguf: Path) -> dict[str, Any]:
+    return gguf_metadata(gemma3_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(gemma3_metadata: dict[str, Any]) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(gemma3_metadata)
 
 
 @pytest.fixture(params=MODELS)
@@ -108,13 +113,22 @@ def test_ids_equal_stored_transformers(smollm2_tokenizer: Tokenizer, add_special
     assert mismatches(smollm2_tokenizer, fixture("smollm2")["texts"], refs[key], add_special) == []
 
 
-@pytest.mark.parametrize("pre", ["llama3", "llama-bpe", "qwen2", "gpt-2", "default"])
-def test_other_pre_tokenizers_equal_stored_llama_cpp(smollm2_metadata: dict[str, Any], pre: str) -> None:
-    """SmolLM2's vocabulary under other tokenizer.ggml.pre values, against llama.cpp loading
-    the same metadata (a vocab-only GGUF)."""
-    refs = stored("smollm2", "llama_cpp_pre_variants")
-    tok = Tokenizer.from_gguf_metadata({**smollm2_metadata, "tokenizer.ggml.pre": pre})
-    assert mismatches(tok, fixture("smollm2")["texts"], refs[pre], False) == []
+def variant_cases() -> list[tuple[str, str]]:
+    return [(model, name) for model in MODELS for name in (fixture(model)["llama_cpp_variants"] or {"missing": None})]
+
+
+@pytest.mark.parametrize(("model", "variant"), variant_cases())
+def test_metadata_variants_equal_stored_llama_cpp(request: pytest.FixtureRequest, model: str, variant: str) -> None:
+    """The model's vocabulary with some metadata changed (other tokenizer.ggml.pre regexes on
+    SmolLM2, add_space_prefix on Gemma), against llama.cpp loading the same metadata."""
+    refs = stored(model, "llama_cpp_variants")[variant]
+    metadata = request.getfixturevalue(f"{model}_metadata")
+    tok = Tokenizer.from_gguf_metadata({**metadata, **refs["metadata"]})
+    texts = fixture(model)["texts"]
+    assert mismatches(tok, texts, refs["with_special"], True) == []
+    assert mismatches(tok, texts, refs["without_special"], False) == []
+    for ids, expected in zip(refs["with_special"], refs["detokenize"], strict=True):
+        assert tok.decode(ids) == expected
 
 
 def test_pre_tokenizer_choice_changes_ids(smollm2_metadata: dict[str, Any]) -> None:
@@ -127,6 +141,13 @@ def test_pre_tokenizer_choice_changes_ids(smollm2_metadata: dict[str, Any]) -> N
     assert corpus["smollm"] != corpus["llama3"] != corpus["default"] != corpus["smollm"]
 
 
+def test_space_prefix_changes_ids(gemma3_metadata: dict[str, Any], gemma3_tokenizer: Tokenizer) -> None:
+    prefixed = Tokenizer.from_gguf_metadata({**gemma3_metadata, "tokenizer.ggml.add_space_prefix": True})
+    assert prefixed.encode("Hello") == [2, gemma3_tokenizer.token_to_id("▁Hello")]
+    assert gemma3_tokenizer.encode("Hello") == [2, gemma3_tokenizer.token_to_id("Hello")]
+    assert prefixed.decode(prefixed.encode("Hello", add_special_tokens=False)) == "Hello"
+
+
 @pytest.mark.parametrize(
     ("pre", "pieces"),
     [
@@ -137,7 +158,9 @@ def test_pre_tokenizer_choice_changes_ids(smollm2_metadata: dict[str, Any]) -> N
         ("default", [" ", "123", "45", "a", "'", "s"]),
     ],
 )
-def test_pre_tokenizer_splits_digits_as_llama_cpp(smollm2_metadata: dict[str, Any], pre: str, pieces: list[str]) -> None:
+def test_pre_tokenizer_splits_digits_as_llama_cpp(
+    smollm2_metadata: dict[str, Any], pre: str, pieces: list[str]
+) -> None:
     tok = Tokenizer.from_gguf_metadata({**smollm2_metadata, "tokenizer.ggml.pre": pre})
     got = [piece for piece, _ in tok.backend.pre_tokenizer.pre_tokenize_str(" 12345a's")]
     assert got == [p.replace(" ", "Ġ") for p in pieces]
@@ -195,28 +218,80 @@ def test_ids_equal_live_llama_cpp(
     assert mismatches(tokenizer, texts, expected, add_special) == []
 
 
+# llama.cpp also ends generation on fill-in-the-middle tokens and on "</s>" (which in Gemma's
+# vocabulary is the HTML strikethrough tag); meshpy stops on end-of-text/turn tokens only.
+LLAMA_CPP_ONLY_STOPS = {"<reponame>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<|fim_repo|>", "<fim_pad>",
+                        "<|fim_pad|>", "<fim-pad>", "<PAD>", "<|file_sep|>", "</s>"}
+
+
 @pytest.mark.reference
 @needs_llama_cpp
-def test_other_pre_tokenizers_equal_live_llama_cpp(
-    smollm2_metadata: dict[str, Any], smollm2_gguf: Path, tmp_path: Path
-) -> None:
+def test_special_ids_equal_live_llama_cpp(tokenizer: Tokenizer, gguf_path: Path, llama_vocab: LlamaVocabs) -> None:
     import llama_cpp
 
+    vocab = llama_vocab(gguf_path)._model.vocab
+    assert tokenizer.vocab_size == llama_cpp.llama_vocab_n_tokens(vocab)
+    assert tokenizer.bos_id == llama_cpp.llama_vocab_bos(vocab)
+    assert tokenizer.eos_id == llama_cpp.llama_vocab_eos(vocab)
+    eog = {i for i in range(tokenizer.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    assert tokenizer.stop_ids <= eog
+    assert {tokenizer.id_to_token(i) for i in eog - tokenizer.stop_ids} <= LLAMA_CPP_ONLY_STOPS
+
+
+FUZZ_POOL = (
+    list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" * 3)
+    + list(" \n\t\r.,;:!?'\"()[]{}<>/\\|-_=+*&^%$#@~`")
+    + list("éèàüöñçßøåœ日本語中文한국어ſK²٣①")
+    + ["🎉", "👍🏽", "\u00a0", "\u3000", "\u200b", "\u0301", "\U00020000", "\x01", "\x7f", "\x85"]
+    + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<b>"]
+    + ["'s", "'S", "'ll", "'Re", "  ", "   ", "\n\n", " \n", "\r\n"]
+)
+
+
+def fuzz_texts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FUZZ_POOL) for _ in range(rng.randint(0, 40))) for _ in range(count)]
+
+
+@pytest.mark.reference
+@needs_llama_cpp
+def test_random_texts_equal_live_llama_cpp(
+    tokenizer: Tokenizer, gguf_path: Path, llama_vocab: LlamaVocabs
+) -> None:
+    llm = llama_vocab(gguf_path)
+    texts = fuzz_texts(300, 2024)
+    expected = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in texts]
+    assert mismatches(tokenizer, texts, expected, True) == []
+
+
+def fixture_script() -> Any:
     spec = importlib.util.spec_from_file_location("make_tokenizer_fixtures", FIXTURE_SCRIPT)
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    texts = fixture("smollm2")["texts"]
-    for pre in script.PRE_VARIANTS:
-        path = tmp_path / f"vocab-{pre}.gguf"
-        script.write_vocab_only_gguf(smollm2_gguf, path, pre)
+    return script
+
+
+@pytest.mark.reference
+@needs_llama_cpp
+def test_pre_tokenizer_variants_equal_live_llama_cpp(
+    smollm2_metadata: dict[str, Any], smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    """Each regex family on SmolLM2's vocabulary, on the fixture texts and random ones."""
+    import llama_cpp
+
+    script = fixture_script()
+    texts = fixture("smollm2")["texts"] + fuzz_texts(200, 7)
+    for name, overrides in script.VARIANTS["smollm2"].items():
+        path = tmp_path / "vocab.gguf"
+        script.write_vocab_only_gguf(smollm2_gguf, path, overrides)
         llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=True)
         try:
             expected = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
         finally:
             llm.close()
-        tok = Tokenizer.from_gguf_metadata({**smollm2_metadata, "tokenizer.ggml.pre": pre})
-        assert mismatches(tok, texts, expected, False) == [], pre
+        tok = Tokenizer.from_gguf_metadata({**smollm2_metadata, **overrides})
+        assert mismatches(tok, texts, expected, False) == [], name
 
 
 @pytest.fixture(scope="session")
@@ -229,7 +304,9 @@ def transformers_smollm2(smollm2_gguf: Path) -> Any:
 @pytest.mark.reference
 @needs_transformers
 @pytest.mark.parametrize("add_special", [True, False], ids=["with_special", "without_special"])
-def test_ids_equal_live_transformers(smollm2_tokenizer: Tokenizer, transformers_smollm2: Any, add_special: bool) -> None:
+def test_ids_equal_live_transformers(
+    smollm2_tokenizer: Tokenizer, transformers_smollm2: Any, add_special: bool
+) -> None:
     texts = fixture("smollm2")["texts"]
     expected = [transformers_smollm2.encode(t, add_special_tokens=add_special) for t in texts]
     assert mismatches(smollm2_tokenizer, texts, expected, add_special) == []
@@ -290,13 +367,21 @@ def test_incremental_decoder_holds_incomplete_characters(tokenizer: Tokenizer) -
     assert pieces[:-2] == [""] * (len(ids) - 1) and pieces[-2] == char and pieces[-1] == ""
 
 
+def random_id_sequences(tokenizer: Tokenizer, count: int, seed: int) -> list[list[int]]:
+    """Id sequences with many lone UTF-8 bytes (byte-level pieces, <0x..> tokens) mixed in."""
+    rng = random.Random(seed)
+    n = tokenizer.vocab_size
+    byte_like = [i for i in range(min(n, 600)) if tokenizer.decode([i]) == "\ufffd"]
+    assert byte_like
+    def one() -> list[int]:
+        return [rng.choice(byte_like) if rng.random() < 0.4 else rng.randrange(n) for _ in range(30)]
+
+    return [one() for _ in range(count)]
+
+
 def test_incremental_decoder_on_random_ids(tokenizer: Tokenizer) -> None:
     """Arbitrary id sequences (broken UTF-8 included) stream to exactly decode(ids)."""
-    rng = random.Random(1234)
-    n = tokenizer.vocab_size
-    byte_like = [i for i in range(min(n, 600)) if tokenizer.decode([i]) in ("\ufffd", "")]
-    for _ in range(40):
-        ids = [rng.choice(byte_like) if byte_like and rng.random() < 0.4 else rng.randrange(n) for _ in range(30)]
+    for ids in random_id_sequences(tokenizer, 40, 1234):
         for skip in (False, True):
             assert "".join(stream(tokenizer, ids, skip)) == tokenizer.decode(ids, skip)
 
@@ -366,6 +451,23 @@ def test_gguf_bos_eos_flags(smollm2_metadata: dict[str, Any]) -> None:
     assert Tokenizer.from_gguf_metadata(no_flag).encode("Hi")[0] != 1
 
 
+def test_metadata_as_numpy_arrays_and_bytes(smollm2_metadata: dict[str, Any], smollm2_tokenizer: Tokenizer) -> None:
+    """Readers may hand over arrays as numpy arrays and strings as bytes."""
+    import numpy as np
+
+    md = dict(smollm2_metadata)
+    md["tokenizer.ggml.tokens"] = [t.encode("utf-8") for t in md["tokenizer.ggml.tokens"]]
+    md["tokenizer.ggml.merges"] = [m.encode("utf-8") for m in md["tokenizer.ggml.merges"]]
+    md["tokenizer.ggml.token_type"] = np.asarray(md["tokenizer.ggml.token_type"], dtype=np.int32)
+    md["tokenizer.ggml.model"] = b"gpt2"
+    md["tokenizer.ggml.pre"] = b"smollm"
+    md["tokenizer.ggml.bos_token_id"] = np.uint32(1)
+    md["tokenizer.ggml.add_bos_token"] = np.bool_(False)
+    tok = Tokenizer.from_gguf_metadata(md)
+    for text in fixture("smollm2")["texts"]:
+        assert tok.encode(text) == smollm2_tokenizer.encode(text)
+
+
 def test_eot_token_id_is_a_stop_id(smollm2_metadata: dict[str, Any]) -> None:
     tok = Tokenizer.from_gguf_metadata({**smollm2_metadata, "tokenizer.ggml.eot_token_id": 7})
     assert 7 in tok.stop_ids and tok.eos_id == 2
@@ -391,6 +493,26 @@ def test_from_hf_files(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> None:
         assert tok.decode(ids) == text
         for skip in (False, True):
             assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip)
+    # tokenizer.json decoding (no piece table): streams exactly, equals llama.cpp-style decoding
+    for ids in random_id_sequences(tok, 40, 99):
+        for skip in (False, True):
+            assert "".join(stream(tok, ids, skip)) == tok.decode(ids, skip) == smollm2_tokenizer.decode(ids, skip)
+
+
+def test_from_hf_dir(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    _save(smollm2_tokenizer, tmp_path)
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    tok = Tokenizer.from_hf_dir(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids) == (1, 2, frozenset({0, 2, 7}))
+    (tmp_path / "generation_config.json").unlink()
+    assert Tokenizer.from_hf_dir(tmp_path).stop_ids == frozenset({0, 2})
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointFormatError, match="JSON object"):
+        Tokenizer.from_hf_dir(tmp_path)
+    with pytest.raises(CheckpointFormatError, match="no tokenizer.json"):
+        Tokenizer.from_hf_dir(tmp_path / "missing")
 
 
 def test_from_hf_files_post_processor_adds_bos(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> None:
@@ -428,9 +550,7 @@ def test_from_hf_files_errors(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> N
 def test_from_hf_files_equals_transformers(transformers_smollm2: Any, tmp_path: Path) -> None:
     """A tokenizer.json written by transformers loads and encodes as transformers does."""
     transformers_smollm2.save_pretrained(str(tmp_path))
-    with (tmp_path / "tokenizer_config.json").open(encoding="utf-8") as f:
-        config = json.load(f)
-    tok = Tokenizer.from_hf_files(tmp_path / "tokenizer.json", config)
+    tok = Tokenizer.from_hf_dir(tmp_path)
     assert (tok.bos_id, tok.eos_id) == (transformers_smollm2.bos_token_id, transformers_smollm2.eos_token_id)
     for text in fixture("smollm2")["texts"]:
         expected = transformers_smollm2.encode(text)

@@ -7,16 +7,24 @@
 
 from __future__ import annotations
 
-from meshpy.errors import MeshpyError
+from meshpy.chat_template import render_chat
+from meshpy.errors import ChatTemplateError, InvalidSamplingError, MeshpyError
 from meshpy.generation import Completion, Generation, GenerationStats, Model, load_model
-from meshpy.sampling import SamplingParams
+from meshpy.sampling import Sampler, SamplingParams
+from meshpy.tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = [
+    "ChatTemplateError",
     "Completion",
     "Generation",
     "GenerationStats",
+    "IncrementalDecoder",
+    "InvalidSamplingError",
     "MeshpyError",
     "Model",
+    "Sampler",
     "SamplingParams",
+    "Tokenizer",
     "load_model",
+    "render_chat",
 ]

@@ -198,7 +198,7 @@ def _as_str(value: Any) -> str:
 class Tokenizer:
     """Encodes text to token ids and decodes ids to text, as the model's own tokenizer does.
 
-    Build one with :meth:`from_gguf_metadata` or :meth:`from_hf_files`.
+    Build one with :meth:`from_gguf_metadata`, :meth:`from_hf_files` or :meth:`from_hf_dir`.
     """
 
     def __init__(
@@ -245,7 +245,8 @@ class Tokenizer:
         if not tokens:
             raise CheckpointFormatError("tokenizer.ggml.tokens is empty")
         n = len(tokens)
-        types = list(metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * n)
+        raw_types = metadata.get("tokenizer.ggml.token_type")
+        types = [TOKEN_TYPE_NORMAL] * n if raw_types is None else list(raw_types)
         if len(types) < n:
             raise CheckpointFormatError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
         types = [int(t) for t in types[:n]]
@@ -350,6 +351,18 @@ class Tokenizer:
         if eos_id is not None:
             stop.add(eos_id)
         return cls(backend, bos_id=bos_id, eos_id=eos_id, stop_ids=stop)
+
+    @classmethod
+    def from_hf_dir(cls, directory: Path | str) -> Tokenizer:
+        """Load a checkpoint directory: ``tokenizer.json``, and ``tokenizer_config.json`` and
+        ``generation_config.json`` when present (see :meth:`from_hf_files`)."""
+        folder = Path(directory)
+        tokenizer_json = folder / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise CheckpointFormatError(f"{folder} has no tokenizer.json")
+        configs = [folder / name for name in ("tokenizer_config.json", "generation_config.json")]
+        config, gen = (_load_json(p) if p.is_file() else None for p in configs)
+        return cls.from_hf_files(tokenizer_json, config, gen)
 
     # -- encoding and decoding ----------------------------------------------------------------
 
@@ -676,7 +689,7 @@ def _build_sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str], typ
     )
 
 
-def load_json(path: Path | str) -> dict[str, Any]:
+def _load_json(path: Path | str) -> dict[str, Any]:
     """Read a JSON object file (tokenizer_config.json, generation_config.json)."""
     p = Path(path)
     try:
