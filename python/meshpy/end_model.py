@@ -82,3 +82,12 @@ class EndModel:
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Logits `(rows, vocab)` from the last layer's hidden states."""
         return self.head.logits(np.ascontiguousarray(hidden, dtype=np.float32))
+
+    def samplable(self, logits: np.ndarray) -> np.ndarray:
+        """One row of logits with the head's rows past the tokenizer's vocabulary (padding
+        some checkpoints carry) set to -inf: they name no token, so are never sampled."""
+        n_tokens = self.tokenizer.vocab_size
+        if logits.shape[-1] > n_tokens:
+            logits = logits.copy()
+            logits[n_tokens:] = -np.inf
+        return logits

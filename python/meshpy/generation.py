@@ -190,7 +190,7 @@ class Model:
         stats.prefill_seconds = time.perf_counter() - t0
         stats.finish_reason = "length"
         for i in range(budget):
-            token = sampler.sample(logits)
+            token = sampler.sample(self.end.samplable(logits))
             if token in stop_ids:
                 stats.finish_reason = "stop"
                 break
