@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from meshpy.generation import Model
+from tests.conftest import DATA
 from tests.fixtures import tiny_llama
 
 # f32 weights, f32 arithmetic on both sides: differences are rounding order only.
@@ -25,9 +26,11 @@ def ours(model_dir: Path, n_spans: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return prefill, decode
 
 
-def test_logits_match_stored_transformers_reference(tiny_llama_dir: Path) -> None:
-    ref = np.load(tiny_llama_dir / "reference_logits.npz")
-    prefill, decode = ours(tiny_llama_dir)
+@pytest.mark.parametrize("variant", list(tiny_llama.VARIANTS))
+def test_logits_match_stored_transformers_reference(variant: str) -> None:
+    model_dir = DATA / variant
+    ref = np.load(model_dir / "reference_logits.npz")
+    prefill, decode = ours(model_dir)
     assert prefill.shape == ref["prefill"].shape
     np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
     np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
@@ -42,9 +45,10 @@ def test_two_spans_give_the_same_logits(tiny_llama_dir: Path) -> None:
 
 @pytest.mark.reference
 @pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="live comparison needs torch and transformers")
+@pytest.mark.parametrize("variant", list(tiny_llama.VARIANTS))
 @pytest.mark.parametrize("seed", [1, 2])
-def test_logits_match_live_transformers(tmp_path: Path, seed: int) -> None:
-    model_dir = tiny_llama.build_checkpoint(tmp_path / "tiny", seed=seed)
+def test_logits_match_live_transformers(tmp_path: Path, seed: int, variant: str) -> None:
+    model_dir = tiny_llama.build_checkpoint(tmp_path / "tiny", seed=seed, variant=variant)
     ref_prefill, ref_decode = tiny_llama.reference_logits(model_dir)
     prefill, decode = ours(model_dir)
     np.testing.assert_allclose(prefill, ref_prefill, atol=LOGIT_ATOL, rtol=0)
