@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -140,24 +139,3 @@ def test_invalid_logits_raise(logits: np.ndarray) -> None:
     for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=0)):
         with pytest.raises(InvalidSamplingError):
             Sampler(params).sample(logits)
-
-
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(temperature=0.8, top_k=40, seed=0),
-        SamplingParams(temperature=0.8, top_p=0.9, seed=0),
-        SamplingParams(temperature=0.8, seed=0),
-    ],
-    ids=["top_k", "top_p", "full"],
-)
-def test_fast_enough_for_a_large_vocabulary(params: SamplingParams) -> None:
-    """Gemma 3's 262,144-entry vocabulary: well under the time of a decode step."""
-    logits = random_logits(9, 262_144)
-    sampler = Sampler(params)
-    sampler.sample(logits)
-    start = time.perf_counter()
-    for _ in range(20):
-        sampler.sample(logits)
-    per_token = (time.perf_counter() - start) / 20
-    assert per_token < 0.05, f"{per_token * 1e3:.1f} ms per token"
