@@ -16,6 +16,8 @@ __all__ = [
     "ShapeError",
     "ContextOverflowError",
     "InvalidArgumentError",
+    "FrameError",
+    "FrameTooLargeError",
     "ModelSourceError",
     "ChatTemplateError",
     "InvalidSamplingError",
@@ -59,6 +61,14 @@ class ContextOverflowError(MeshpyError, ValueError):
 
 class InvalidArgumentError(MeshpyError, ValueError):
     """A bad argument passed to the Rust core."""
+
+
+class FrameError(MeshpyError, ValueError):
+    """A malformed wire frame: bad magic, unknown version, kind or dtype, lengths that lie."""
+
+
+class FrameTooLargeError(FrameError):
+    """A wire frame, or one of its counts, over the receiver's limits."""
 
 
 class ModelSourceError(MeshpyError, FileNotFoundError):

@@ -34,6 +34,17 @@ pub enum Error {
     /// A bad argument from the caller (Python or a peer).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A malformed wire frame (bad magic, unknown version, kind or dtype, a truncated section,
+    /// lengths that disagree); the message names the field, its value and its byte offset.
+    #[error("malformed frame: {0}")]
+    Frame(String),
+    /// A wire frame (or one of its counts) over the receiver's `wire::Limits`.
+    #[error("frame too large: {what} is {value}, the limit is {limit}")]
+    FrameTooLarge {
+        what: &'static str,
+        value: u64,
+        limit: u64,
+    },
 }
 
 /// Result with the core's [`Error`].

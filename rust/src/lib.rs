@@ -1,13 +1,15 @@
 //! meshpy's Rust core, exposed to Python as `meshpy._native`.
 //!
-//! The pure-Rust modules (`quant`, `checkpoint`, `compute`, `model`) know nothing of Python
-//! and test with `cargo test`; `py` holds the thin bindings, one file per exposed concept.
+//! The pure-Rust modules (`quant`, `checkpoint`, `compute`, `model`, `wire`) know nothing of
+//! Python and test with `cargo test`; `py` holds the thin bindings, one file per exposed
+//! concept.
 
 pub mod checkpoint;
 pub mod compute;
 pub mod error;
 pub mod model;
 pub mod quant;
+pub mod wire;
 
 mod py;
 

@@ -16,6 +16,8 @@ fn class_name(err: &Error) -> &'static str {
         Error::Shape(_) => "ShapeError",
         Error::ContextOverflow { .. } => "ContextOverflowError",
         Error::InvalidArgument(_) => "InvalidArgumentError",
+        Error::Frame(_) => "FrameError",
+        Error::FrameTooLarge { .. } => "FrameTooLargeError",
     }
 }
 

@@ -1,0 +1,455 @@
+//! Typed messages and their encoding to and decoding from whole frames.
+//!
+//! Encoding checks the message (the same rules decoding enforces, limits aside), sizes the
+//! frame exactly, and writes it in one pass; f32 tensors are converted to their wire dtype
+//! straight into the frame. Decoding checks the fixed header and every count against
+//! [`Limits`] before it allocates, reads each field bounds-checked, and borrows the tensor
+//! bytes from the input.
+
+use super::batch::{
+    check_batch, Entry, ModelId, SessionId, Span, ENTRY_LEN, MAX_MODEL_NAME_LEN, MODEL_HASH_LEN,
+};
+use super::frame::{padding, FrameHeader, Kind, Limits, Reader, Writer, FIXED_HEADER_LEN};
+use super::reply::{ErrorCode, ErrorReply};
+use super::tensor::{DType, Shape, Tensor, TensorView, MAX_DIMS};
+use crate::error::{Error, Result};
+
+/// A `Forward` request: run `entries` through layers `span` of `model`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Forward<'a> {
+    /// The model the client routes for; a worker serving another replies `WrongModel`.
+    pub model: ModelId,
+    /// The layers to run.
+    pub span: Span,
+    /// The sessions in the batch, in row order.
+    pub entries: Vec<Entry>,
+    /// Input hidden states, `(sum of n_tokens, hidden)`.
+    pub hidden: Tensor<'a>,
+}
+
+/// A `ForwardResult` reply: the request's entries echoed, and the span's output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForwardResult<'a> {
+    /// The request's entries, in the same order.
+    pub entries: Vec<Entry>,
+    /// Output hidden states, `(sum of n_tokens, hidden)`.
+    pub hidden: Tensor<'a>,
+}
+
+/// A message: what one frame carries.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message<'a> {
+    /// Run a batch through a span.
+    Forward(Forward<'a>),
+    /// A span's output.
+    ForwardResult(ForwardResult<'a>),
+    /// A failed request.
+    Error(ErrorReply),
+    /// Close these sessions, freeing their KV caches.
+    CloseSession(Vec<SessionId>),
+    /// The sessions a `CloseSession` closed (those the worker held; unknown ones are left
+    /// out).
+    CloseSessionAck(Vec<SessionId>),
+    /// A probe; the peer answers `Pong` with the same nonce.
+    Ping(u64),
+    /// The answer to a `Ping`.
+    Pong(u64),
+}
+
+/// Bytes of an encoded tensor descriptor with `ndim` dimensions: dtype, ndim, u32 dims.
+fn tensor_desc_len(ndim: usize) -> usize {
+    2 + 4 * ndim
+}
+
+/// Bytes of a u32 count followed by `n` items of `item` bytes.
+fn list_len(n: usize, item: usize) -> usize {
+    4 + n * item
+}
+
+impl<'a> Message<'a> {
+    /// The frame kind of this message.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Forward(_) => Kind::Forward,
+            Message::ForwardResult(_) => Kind::ForwardResult,
+            Message::Error(_) => Kind::Error,
+            Message::CloseSession(_) => Kind::CloseSession,
+            Message::CloseSessionAck(_) => Kind::CloseSessionAck,
+            Message::Ping(_) => Kind::Ping,
+            Message::Pong(_) => Kind::Pong,
+        }
+    }
+
+    /// The tensor the payload carries, if the kind has one.
+    pub fn tensor(&self) -> Option<&Tensor<'a>> {
+        match self {
+            Message::Forward(f) => Some(&f.hidden),
+            Message::ForwardResult(r) => Some(&r.hidden),
+            _ => None,
+        }
+    }
+
+    /// Checks what the decoder would reject (limits aside); errors are the caller's
+    /// (`InvalidArgument` / `Shape`), not the frame's.
+    fn check(&self) -> Result<()> {
+        let invalid = Error::InvalidArgument;
+        match self {
+            Message::Forward(f) => {
+                if f.model.name.len() > MAX_MODEL_NAME_LEN {
+                    return Err(invalid(format!(
+                        "model name is {} bytes, at most {MAX_MODEL_NAME_LEN} fit a frame",
+                        f.model.name.len()
+                    )));
+                }
+                if let Some(problem) = f.span.problem() {
+                    return Err(invalid(problem));
+                }
+                check_entry_count(f.entries.len())?;
+                f.hidden.check()?;
+                check_batch(&f.entries, &f.hidden.shape()).map_err(invalid)?;
+            }
+            Message::ForwardResult(r) => {
+                check_entry_count(r.entries.len())?;
+                r.hidden.check()?;
+                check_batch(&r.entries, &r.hidden.shape()).map_err(invalid)?;
+            }
+            Message::Error(e) => {
+                // Keeps the header section length within its u32 field.
+                if e.message.len() > (u32::MAX as usize) / 2 {
+                    return Err(invalid(format!(
+                        "error message of {} bytes is too long for a frame",
+                        e.message.len()
+                    )));
+                }
+            }
+            Message::CloseSession(ids) | Message::CloseSessionAck(ids) => {
+                check_entry_count(ids.len())?;
+            }
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Bytes of the header section before padding.
+    fn section_len(&self) -> usize {
+        match self {
+            Message::Forward(f) => {
+                MODEL_HASH_LEN
+                    + 1
+                    + f.model.name.len()
+                    + 8
+                    + list_len(f.entries.len(), ENTRY_LEN)
+                    + tensor_desc_len(f.hidden.shape().dims().len())
+            }
+            Message::ForwardResult(r) => {
+                list_len(r.entries.len(), ENTRY_LEN)
+                    + tensor_desc_len(r.hidden.shape().dims().len())
+            }
+            Message::Error(e) => 2 + 1 + 16 + 4 + e.message.len(),
+            Message::CloseSession(ids) | Message::CloseSessionAck(ids) => list_len(ids.len(), 16),
+            Message::Ping(_) | Message::Pong(_) => 8,
+        }
+    }
+
+    /// The fixed header this message encodes with; checks the message first.
+    fn frame_header(&self) -> Result<FrameHeader> {
+        self.check()?;
+        let section = self.section_len();
+        let header_len = u32::try_from(section + padding(section)).map_err(|_| {
+            Error::InvalidArgument(format!("header section of {section} bytes overflows u32"))
+        })?;
+        Ok(FrameHeader {
+            kind: self.kind(),
+            header_len,
+            payload_len: self.tensor().map_or(0, |t| t.byte_len() as u64),
+        })
+    }
+
+    /// Bytes of the encoded frame, after checking the message.
+    pub fn encoded_len(&self) -> Result<usize> {
+        let h = self.frame_header()?;
+        frame_len_usize(&h)
+    }
+
+    /// The message as a new frame (allocated once, at its exact size).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let h = self.frame_header()?;
+        let mut out = vec![0u8; frame_len_usize(&h)?];
+        self.write(&h, &mut out);
+        Ok(out)
+    }
+
+    /// Appends the frame to `out` (reuse one buffer across frames to save allocations).
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<()> {
+        let h = self.frame_header()?;
+        let start = out.len();
+        out.resize(start + frame_len_usize(&h)?, 0);
+        self.write(&h, &mut out[start..]);
+        Ok(())
+    }
+
+    /// Writes the frame into `buf`, sized exactly by `h`.
+    fn write(&self, h: &FrameHeader, buf: &mut [u8]) {
+        let mut w = Writer::new(buf);
+        h.write(&mut w);
+        match self {
+            Message::Forward(f) => {
+                w.bytes(&f.model.hash);
+                w.u8(f.model.name.len() as u8);
+                w.bytes(f.model.name.as_bytes());
+                w.u32(f.span.first_layer);
+                w.u32(f.span.layer_count);
+                write_entries(&mut w, &f.entries);
+                write_tensor_desc(&mut w, &f.hidden);
+            }
+            Message::ForwardResult(r) => {
+                write_entries(&mut w, &r.entries);
+                write_tensor_desc(&mut w, &r.hidden);
+            }
+            Message::Error(e) => {
+                w.u16(e.code as u16);
+                w.u8(u8::from(e.session.is_some()));
+                w.u128(e.session.map_or(0, |s| s.0));
+                w.u32(e.message.len() as u32);
+                w.bytes(e.message.as_bytes());
+            }
+            Message::CloseSession(ids) | Message::CloseSessionAck(ids) => {
+                w.u32(ids.len() as u32);
+                for id in ids {
+                    w.u128(id.0);
+                }
+            }
+            Message::Ping(nonce) | Message::Pong(nonce) => w.u64(*nonce),
+        }
+        let pad = FIXED_HEADER_LEN + h.header_len as usize - w.pos();
+        w.bytes(&[0u8; 8][..pad]);
+        if let Some(t) = self.tensor() {
+            t.write_bytes(w.reserve(t.byte_len()));
+        }
+        debug_assert_eq!(w.pos(), buf.len(), "encoder sized the frame wrongly");
+    }
+
+    /// Decodes one whole frame (exactly its bytes), checking it against `limits`. Tensors
+    /// borrow from `frame`. Never panics: any input that is not a valid frame is an
+    /// `Error::Frame` naming the field, or `Error::FrameTooLarge`.
+    pub fn decode(frame: &'a [u8], limits: &Limits) -> Result<Message<'a>> {
+        let h = FrameHeader::parse(frame, limits)?;
+        // parse() checked frame_len against the limits; it may still exceed usize on 32-bit.
+        let total = h.frame_len().unwrap_or(u64::MAX);
+        if frame.len() as u64 != total {
+            return Err(Error::Frame(format!(
+                "{} frame is {total} bytes by its header (24 + {} + {}), the buffer holds {}",
+                h.kind,
+                h.header_len,
+                h.payload_len,
+                frame.len()
+            )));
+        }
+        let section_end = FIXED_HEADER_LEN + h.header_len as usize;
+        let mut r = Reader::new(&frame[FIXED_HEADER_LEN..section_end], FIXED_HEADER_LEN);
+        let payload = &frame[section_end..];
+        if h.kind != Kind::Forward && h.kind != Kind::ForwardResult && !payload.is_empty() {
+            return Err(Error::Frame(format!(
+                "a {} frame has no payload, this one has {} bytes",
+                h.kind,
+                payload.len()
+            )));
+        }
+        let msg = match h.kind {
+            Kind::Forward => {
+                let hash = r.array::<MODEL_HASH_LEN>("model hash")?;
+                let name_len = r.u8("model name length")?;
+                let name = read_str(&mut r, name_len.into(), "model name")?;
+                let span = Span {
+                    first_layer: r.u32("first layer")?,
+                    layer_count: r.u32("layer count")?,
+                };
+                if let Some(problem) = span.problem() {
+                    return Err(Error::Frame(problem));
+                }
+                let entries = read_entries(&mut r, limits)?;
+                let hidden = read_batch_tensor(&mut r, &entries, payload, limits)?;
+                Message::Forward(Forward {
+                    model: ModelId { hash, name },
+                    span,
+                    entries,
+                    hidden,
+                })
+            }
+            Kind::ForwardResult => {
+                let entries = read_entries(&mut r, limits)?;
+                let hidden = read_batch_tensor(&mut r, &entries, payload, limits)?;
+                Message::ForwardResult(ForwardResult { entries, hidden })
+            }
+            Kind::Error => {
+                let at = r.offset();
+                let code =
+                    ErrorCode::from_code(r.u16("error code")?).map_err(|e| at_byte(e, at))?;
+                let at = r.offset();
+                let has_session = r.u8("has-session flag")?;
+                let session = r.u128("session id")?;
+                let session = match (has_session, session) {
+                    (0, 0) => None,
+                    (1, id) => Some(SessionId(id)),
+                    (0, _) => {
+                        return Err(Error::Frame(format!(
+                            "error frame: no session (byte {at} is 0) but a nonzero session id"
+                        )))
+                    }
+                    (flag, _) => {
+                        return Err(Error::Frame(format!(
+                            "error frame: has-session flag is {flag} at byte {at}, must be 0 or 1"
+                        )))
+                    }
+                };
+                let len = r.u32("error message length")?;
+                let message = read_str(&mut r, len as usize, "error message")?;
+                Message::Error(ErrorReply {
+                    code,
+                    session,
+                    message,
+                })
+            }
+            Kind::CloseSession | Kind::CloseSessionAck => {
+                let n = read_count(&mut r, 16, "session id count", limits)?;
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(SessionId(r.u128("session id")?));
+                }
+                if h.kind == Kind::CloseSession {
+                    Message::CloseSession(ids)
+                } else {
+                    Message::CloseSessionAck(ids)
+                }
+            }
+            Kind::Ping => Message::Ping(r.u64("nonce")?),
+            Kind::Pong => Message::Pong(r.u64("nonce")?),
+        };
+        r.finish(h.kind.name())?;
+        Ok(msg)
+    }
+}
+
+/// The frame length as usize (it may not fit on 32-bit targets).
+fn frame_len_usize(h: &FrameHeader) -> Result<usize> {
+    h.frame_len()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| Error::InvalidArgument("frame larger than the address space".to_string()))
+}
+
+/// An entry or id count the u32 count field can carry.
+fn check_entry_count(n: usize) -> Result<()> {
+    if u32::try_from(n).is_err() {
+        return Err(Error::InvalidArgument(format!(
+            "{n} entries do not fit a frame"
+        )));
+    }
+    Ok(())
+}
+
+/// Adds the byte offset to a frame error about a value read at `at`.
+fn at_byte(err: Error, at: usize) -> Error {
+    match err {
+        Error::Frame(msg) => Error::Frame(format!("byte {at}: {msg}")),
+        other => other,
+    }
+}
+
+fn write_entries(w: &mut Writer<'_>, entries: &[Entry]) {
+    w.u32(entries.len() as u32);
+    for e in entries {
+        w.u128(e.session.0);
+        w.u64(e.step);
+        w.u32(e.start_pos);
+        w.u32(e.n_tokens);
+    }
+}
+
+fn write_tensor_desc(w: &mut Writer<'_>, t: &Tensor<'_>) {
+    let shape = t.shape();
+    w.u8(t.dtype() as u8);
+    w.u8(shape.dims().len() as u8);
+    for &d in shape.dims() {
+        w.u32(d);
+    }
+}
+
+/// `len` bytes of UTF-8 as a string (the length was read from the frame; `take` checks it
+/// against the bytes present before anything is allocated).
+fn read_str(r: &mut Reader<'_>, len: usize, field: &str) -> Result<String> {
+    let at = r.offset();
+    let bytes = r.take(len, field)?;
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Ok(s.to_owned()),
+        Err(e) => Err(Error::Frame(format!(
+            "{field} at byte {at} is not UTF-8 ({e})"
+        ))),
+    }
+}
+
+/// A u32 count of items of `item_len` bytes, checked against the entry limit and against the
+/// bytes left in the section, so the caller can allocate for it.
+fn read_count(r: &mut Reader<'_>, item_len: usize, field: &str, limits: &Limits) -> Result<usize> {
+    let at = r.offset();
+    let n = r.u32(field)?;
+    Limits::check("entry count", n.into(), limits.max_entries.into())?;
+    let n = n as usize;
+    let needed = n.saturating_mul(item_len);
+    if needed > r.remaining() {
+        return Err(Error::Frame(format!(
+            "{field} {n} at byte {at} needs {needed} bytes, the section has {} left",
+            r.remaining()
+        )));
+    }
+    Ok(n)
+}
+
+fn read_entries(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<Entry>> {
+    let n = read_count(r, ENTRY_LEN, "entry count", limits)?;
+    let mut entries = Vec::with_capacity(n);
+    for _ in 0..n {
+        entries.push(Entry {
+            session: SessionId(r.u128("entry session")?),
+            step: r.u64("entry step")?,
+            start_pos: r.u32("entry start position")?,
+            n_tokens: r.u32("entry token count")?,
+        });
+    }
+    Ok(entries)
+}
+
+/// Reads a tensor descriptor and checks it and the payload against the batch and `limits`.
+fn read_batch_tensor<'a>(
+    r: &mut Reader<'_>,
+    entries: &[Entry],
+    payload: &'a [u8],
+    limits: &Limits,
+) -> Result<Tensor<'a>> {
+    let at = r.offset();
+    let dtype = DType::from_code(r.u8("tensor dtype")?).map_err(|e| at_byte(e, at))?;
+    let ndim = r.u8("tensor rank")?;
+    if ndim == 0 || ndim as usize > MAX_DIMS {
+        return Err(Error::Frame(format!(
+            "tensor rank {ndim} at byte {} (1 to {MAX_DIMS})",
+            at + 1
+        )));
+    }
+    let mut dims = [0u32; MAX_DIMS];
+    for d in &mut dims[..ndim as usize] {
+        *d = r.u32("tensor dimension")?;
+    }
+    let shape = Shape::new(&dims[..ndim as usize])?;
+    let (tokens, hidden) = check_batch(entries, &shape).map_err(Error::Frame)?;
+    Limits::check("token count", tokens, limits.max_tokens.into())?;
+    Limits::check("hidden width", hidden.into(), limits.max_hidden.into())?;
+    let view = TensorView::new(dtype, shape, payload).map_err(|_| {
+        Error::Frame(format!(
+            "payload is {} bytes, a {} tensor of shape {:?} is {}",
+            payload.len(),
+            dtype.name(),
+            shape.dims(),
+            shape.byte_len(dtype).unwrap_or(u64::MAX)
+        ))
+    })?;
+    Ok(Tensor::View(view))
+}

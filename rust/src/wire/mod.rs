@@ -1,0 +1,83 @@
+//! The mesh's frame format: what an End node and a worker send each other, as bytes.
+//!
+//! Pure Rust, no I/O: a transport (libp2p request/response) carries one frame per request or
+//! response body. [`Message::encode`] writes a frame, [`Message::decode`] reads one (tensors
+//! as zero-copy views into the input), [`FrameHeader::parse`] reads just the fixed header so a
+//! transport can refuse an oversized frame before reading its body.
+//!
+//! # Frame
+//!
+//! All integers are little-endian. A frame is a 24-byte fixed header, a header section of
+//! `header_len` bytes, and a payload of `payload_len` bytes:
+//!
+//! | offset | size | field                                                              |
+//! |-------:|-----:|--------------------------------------------------------------------|
+//! |      0 |    4 | magic `b"MSHP"`                                                    |
+//! |      4 |    2 | version u16, `1`                                                   |
+//! |      6 |    1 | kind u8: 1 Forward, 2 ForwardResult, 3 Error, 4 CloseSession, 5 CloseSessionAck, 6 Ping, 7 Pong |
+//! |      7 |    1 | flags u8, `0` (none defined in version 1)                          |
+//! |      8 |    4 | header_len u32: bytes of the header section, padding included       |
+//! |     12 |    4 | reserved u32, `0`                                                  |
+//! |     16 |    8 | payload_len u64: bytes of the payload                              |
+//! |     24 |  h.. | header section: the kind's fields (below), then 0..=7 zero bytes so that `24 + header_len` is a multiple of 8 |
+//! | 24 + header_len | payload_len | payload: raw little-endian tensor bytes, row-major (kinds 1 and 2 only; otherwise empty) |
+//!
+//! The payload thus starts 8-byte aligned relative to the frame. Unknown versions, kinds,
+//! flags, dtypes and error codes, nonzero reserved or padding bytes, and any byte the kind
+//! does not account for are errors: a version 1 reader accepts exactly version 1 frames.
+//!
+//! # Header sections
+//!
+//! Shared pieces:
+//!
+//! - *entries*: `n: u32`, then `n` entries of 32 bytes each:
+//!   `session u128 (16) | step u64 (8) | start_pos u32 (4) | n_tokens u32 (4)`.
+//! - *tensor*: `dtype u8 (1 f32, 2 f16, 3 bf16) | ndim u8 (1..=4) | ndim × dim u32`, outermost
+//!   first; the payload is exactly `product(dims) × size(dtype)` bytes.
+//!
+//! | kind | header section |
+//! |------|----------------|
+//! | Forward (1) | `model hash [u8; 32] \| name_len u8 \| name (UTF-8) \| first_layer u32 \| layer_count u32 \| entries \| tensor` |
+//! | ForwardResult (2) | `entries \| tensor` |
+//! | Error (3) | `code u16 \| has_session u8 (0/1) \| session u128 (0 when absent) \| message_len u32 \| message (UTF-8)` |
+//! | CloseSession (4), CloseSessionAck (5) | `n u32 \| n × session u128` |
+//! | Ping (6), Pong (7) | `nonce u64` |
+//!
+//! In `Forward` and `ForwardResult` the tensor is `(sum of n_tokens, hidden)`: entry `i`'s
+//! rows follow entry `i - 1`'s. A batch has at least one entry, every entry at least one
+//! token, no session twice, `start_pos + n_tokens` fits a u32, and `layer_count >= 1`.
+//!
+//! # Example
+//!
+//! A `Forward` of model "tiny" (hash bytes 0..=31), layers 2..5, one entry (session 0x0102,
+//! step 7, start 5, 2 tokens) and a bf16 tensor of shape (2, 4) is 136 bytes: the fixed
+//! header, 91 bytes of fields + 5 bytes of padding (header_len 96), 16 bytes of payload.
+//! The test `golden_forward_frame` holds its hex dump.
+//!
+//! # Limits
+//!
+//! [`Limits`] bounds what a receiver accepts (frame and header bytes, entries, tokens, hidden
+//! width); every count is checked against them, and against the bytes actually present,
+//! before anything is allocated. The codec checks structure only: whether a worker hosts the
+//! model and span, or knows a session, is the worker's to answer with an [`ErrorReply`].
+
+mod batch;
+mod frame;
+mod message;
+mod reply;
+mod tensor;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_fuzz;
+
+pub use batch::{Entry, ModelId, SessionId, Span, ENTRY_LEN, MAX_MODEL_NAME_LEN, MODEL_HASH_LEN};
+pub use frame::{FrameHeader, Kind, Limits, FIXED_HEADER_LEN, MAGIC, PAYLOAD_ALIGN, VERSION};
+pub use message::{Forward, ForwardResult, Message};
+pub use reply::{ErrorCode, ErrorReply};
+pub use tensor::{
+    bf16_bytes_to_f32, bf16_to_f32, f16_bytes_to_f32, f32_bytes_to_f32, f32_to_bf16,
+    f32_to_bf16_bytes, f32_to_f16_bytes, f32_to_f32_bytes, DType, Shape, Tensor, TensorView,
+    MAX_DIMS,
+};
