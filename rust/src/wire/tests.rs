@@ -370,6 +370,19 @@ fn slice_conversions_agree_with_scalar_at_every_length() {
             );
         }
     }
+    // The portable bf16 loops agree with the dispatched (AVX2 where available) ones.
+    let x = values(1000);
+    let (mut a, mut b) = (vec![0u8; 2000], vec![0u8; 2000]);
+    f32_to_bf16_bytes(&x, &mut a).unwrap();
+    tensor::encode_bf16_body(&x, &mut b);
+    assert_eq!(a, b);
+    let (mut fa, mut fb) = (vec![0f32; 1000], vec![1f32; 1000]);
+    bf16_bytes_to_f32(&a, &mut fa).unwrap();
+    tensor::decode_bf16_body(&a, &mut fb);
+    assert_eq!(
+        fa.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        fb.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
     assert!(f32_to_bf16_bytes(&[1.0; 3], &mut [0u8; 5]).is_err());
     assert!(bf16_bytes_to_f32(&[0u8; 5], &mut [0f32; 2]).is_err());
     assert!(f32_to_f16_bytes(&[1.0; 3], &mut [0u8; 8]).is_err());
