@@ -5,6 +5,7 @@ mod checkpoint;
 mod errors;
 mod model;
 mod quant;
+mod wire;
 
 use pyo3::prelude::*;
 
@@ -16,5 +17,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     checkpoint::register(m)?;
     model::register(m)?;
     quant::register(m)?;
+    wire::register(m)?;
     Ok(())
 }
