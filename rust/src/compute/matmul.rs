@@ -2,7 +2,7 @@
 //!
 //! A [`QMatrix`] holds one weight matrix (rows = output features) in its checkpoint type,
 //! memory-mapped when used as stored, owned when converted at load. Products follow ggml:
-//! the activations are first quantized to the weight type's `activation_type()` (8-bit
+//! the activations are first quantized to the weight type's `activation_type()` (16-bit A16
 //! blocks for quantized weights, plain f32 for float weights), then each output is the
 //! block dot product of one weight row with one activation row.
 
@@ -82,7 +82,7 @@ impl QMatrix {
 
     fn check_computable(name: &str, ty: GgmlType) -> Result<()> {
         match ty {
-            GgmlType::Q8_1 | GgmlType::Q8K => Err(Error::UnsupportedType {
+            GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => Err(Error::UnsupportedType {
                 name: format!("{} (tensor {name})", ty.name()),
                 supported: "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K".into(),
             }),
