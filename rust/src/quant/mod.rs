@@ -10,18 +10,23 @@
 //! (`is_x86_feature_detected!`), never at compile time, so one wheel runs on any x86-64.
 //!
 //! Dot products are dispatch-once-then-call: [`vec_dot_fn`] is called once per weight matrix
-//! and the returned [`VecDotFn`] once per row. Kernels over several rows at once (weights
-//! repacked row-interleaved at load time) are meant to sit beside these with their own fn
-//! type and dispatch; `VecDotFn` stays the one-row contract and their reference.
+//! and the returned [`VecDotFn`] once per row. Kernels over 16 rows at once (weights
+//! repacked row-interleaved at load time) are in [`repack`] (layouts, scalar reference,
+//! dispatch) and `avx512_repacked` (VNNI); `VecDotFn` stays the one-row contract.
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_repacked;
 pub mod blocks;
 pub mod reference;
+pub mod repack;
 
+#[cfg(test)]
+mod repack_tests;
 #[cfg(test)]
 mod tests;
 
