@@ -10,7 +10,7 @@
 //! pass and meet at barriers between ops (see `compute::pool`).
 
 use crate::checkpoint::Checkpoint;
-use crate::compute::{ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
+use crate::compute::{attention, ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::KvCache;
 use crate::model::weights::{expect_shape, LayerNames, LayerTensors};
@@ -389,7 +389,7 @@ impl Pass<'_> {
                 let (keys, values) = unsafe { (kc.slice(kvh * hd..(p + 1) * kvd), vc.slice(kvh * hd..(p + 1) * kvd)) };
                 let qh = unsafe { b.q.slice(t * qd + h * hd..t * qd + (h + 1) * hd) };
                 let out = unsafe { b.att.slice_mut(t * qd + h * hd..t * qd + (h + 1) * hd) };
-                ops::attend(qh, keys, values, kvd, 0, p, cfg.attn_scale, &mut scores, out);
+                attention::attend(qh, keys, values, kvd, 0, p, cfg.attn_scale, &mut scores, out);
             }
             ctx.barrier();
             for t in my_rows.clone() {
