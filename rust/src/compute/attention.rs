@@ -4,11 +4,8 @@
 //! 16 (up to 256), else the scalar `ops::attend_ref`, the definition. The kernel keeps the
 //! reference's steps (scores `q.k * scale`, a max-subtracted softmax, the weighted sum of
 //! values) with 16-lane FMAs, a vector `exp` and the output accumulated in registers; only
-//! the f32 summation order and `exp`'s last bit differ from the reference.
-//!
-//! The vector `exp` follows the classic Cephes `expf` scheme (range reduction by `ln 2` in two
-//! parts, a degree-6 polynomial, `vscalefps` for the power of two), as in the SIMD `expf` of
-//! many BLAS / ML libraries.
+//! the f32 summation order and `exp`'s last bit (`fastmath`'s vector `exp`) differ from the
+//! reference.
 
 use super::ops;
 
@@ -48,8 +45,7 @@ pub fn attend(
 /// Whether the AVX-512 kernel runs heads of width `hd` on this CPU.
 #[cfg(target_arch = "x86_64")]
 fn simd_ok(hd: usize) -> bool {
-    use crate::quant::{detected_simd, SimdLevel};
-    hd.is_multiple_of(16) && hd > 0 && hd <= avx512::MAX_HD && detected_simd() >= SimdLevel::Avx512
+    hd.is_multiple_of(16) && hd > 0 && hd <= avx512::MAX_HD && super::fastmath::avx512_ok()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -58,27 +54,10 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
+    use super::super::fastmath::avx512::exp;
+
     /// Widest head the kernel takes (its output registers).
     pub(super) const MAX_HD: usize = 256;
-
-    /// `e^x` on 16 lanes (max error ~2 ulp; 0 below -87.3, saturated above 88.7).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) fn exp(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.5)), _mm512_set1_ps(88.7));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        let r2 = _mm512_mul_ps(r, r);
-        let p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-        _mm512_scalef_ps(p, n)
-    }
 
     /// See `super::attend`.
     ///
@@ -188,24 +167,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn vector_exp_is_accurate() {
-        if !simd_ok(16) {
-            return;
-        }
-        use std::arch::x86_64::*;
-        let mut worst = 0.0f64;
-        for i in 0..20000 {
-            let x = -87.0 + i as f32 * (87.0 + 10.0) / 20000.0;
-            let mut out = [0f32; 16];
-            // SAFETY: simd_ok found AVX-512 F.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), avx512::exp(_mm512_set1_ps(x))) };
-            let want = (x as f64).exp();
-            worst = worst.max(((out[0] as f64 - want) / want).abs());
-        }
-        assert!(worst < 3e-7, "relative error {worst}");
     }
 }

@@ -202,9 +202,13 @@ impl QMatrix {
         accumulate: bool,
         bias: Option<&[f32]>,
     ) {
+        self.matmul_rows(self.part_rows(ctx), act, n_tokens, out, out_stride, accumulate, bias);
+    }
+
+    /// The rows (output features) this thread computes in [`Self::matmul_part`].
+    pub fn part_rows(&self, ctx: &Ctx) -> Range<usize> {
         let align = if self.is_repacked() { ROWS } else { 4 };
-        let rows = ctx.split_aligned(self.rows, align);
-        self.matmul_rows(rows, act, n_tokens, out, out_stride, accumulate, bias);
+        ctx.split_aligned(self.rows, align)
     }
 
     /// [`Self::matmul_part`] for an explicit row range (single-threaded callers pass all rows).
