@@ -23,6 +23,8 @@ pub(super) fn kernel(kind: RepackedKind) -> RepackedFn {
     match kind {
         RepackedKind::Q4 => q4,
         RepackedKind::Q8 => q8,
+        RepackedKind::Q4K => q4k,
+        RepackedKind::Q6K => q6k,
     }
 }
 
@@ -36,17 +38,18 @@ macro_rules! entry {
     ($name:ident, $tile:ident) => {
         fn $name(rp: &Repacked, g: usize, a: &[&[u8]], out: &mut [[f32; ROWS]]) {
             check_repacked(rp, g, a, out);
-            let (q, s) = rp.group_ptrs(g);
+            let (q, s, p) = rp.group_ptrs(g);
             let nb = rp.blocks_per_row();
             // SAFETY: handed out only when the CPU has the features the tile kernels enable
             // (module doc); `check_repacked` proved each activation row holds `nb` A16 blocks
-            // and there is an output per row; `group_ptrs` points at `nb` tiles.
+            // and there is an output per row; `group_ptrs` points at `nb` tiles (and their
+            // super-block headers).
             unsafe {
                 match a.len() {
-                    1 => $tile::<1>(nb, q, s, ptrs(a), out),
-                    2 => $tile::<2>(nb, q, s, ptrs(a), out),
-                    3 => $tile::<3>(nb, q, s, ptrs(a), out),
-                    4 => $tile::<4>(nb, q, s, ptrs(a), out),
+                    1 => $tile::<1>(nb, q, s, p, ptrs(a), out),
+                    2 => $tile::<2>(nb, q, s, p, ptrs(a), out),
+                    3 => $tile::<3>(nb, q, s, p, ptrs(a), out),
+                    4 => $tile::<4>(nb, q, s, p, ptrs(a), out),
                     _ => {}
                 }
             }
@@ -56,6 +59,8 @@ macro_rules! entry {
 
 entry!(q4, q4_tile);
 entry!(q8, q8_tile);
+entry!(q4k, q4k_tile);
+entry!(q6k, q6k_tile);
 
 /// The f32 at `p`.
 ///
@@ -100,6 +105,35 @@ unsafe fn scale_block<const NT: usize>(
     }
 }
 
+/// The i32 sums of one Q4-layout tile (256 quant bytes at `qt`) with block `b` of each
+/// token, in two interleaved chains per token.
+///
+/// # Safety
+/// `qt` readable for 256 bytes, each `a[t]` for `b + 1` A16 blocks; features as the tiles.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_isum<const NT: usize>(qt: *const u8, a: &[*const u8; NT], b: usize) -> [[__m512i; 2]; NT] {
+    let mask = _mm512_set1_epi32(0x000F_000F);
+    let mut isum = [[_mm512_setzero_si512(); 2]; NT];
+    for c in 0..4 {
+        let v = _mm512_loadu_si512(qt.add(64 * c).cast());
+        let w = [
+            _mm512_and_si512(v, mask),
+            _mm512_and_si512(_mm512_srli_epi32::<4>(v), mask),
+            _mm512_and_si512(_mm512_srli_epi32::<8>(v), mask),
+            _mm512_and_si512(_mm512_srli_epi32::<12>(v), mask),
+        ];
+        for t in 0..NT {
+            // Pairs 4c..4c+4 of block b: bytes 8 + 4 * (4c + s) of its A16 block.
+            let ap = a[t].add(72 * b + 8 + 16 * c);
+            for (k, w) in w.iter().enumerate() {
+                isum[t][k & 1] = _mm512_dpwssd_epi32(isum[t][k & 1], *w, pair(ap.add(4 * k)));
+            }
+        }
+    }
+    isum
+}
+
 /// Q4 tiles (256 quant bytes, 64 scale bytes) x `NT` A16 rows.
 ///
 /// # Safety
@@ -110,33 +144,112 @@ unsafe fn q4_tile<const NT: usize>(
     nb: usize,
     q: *const u8,
     s: *const u8,
+    _p: *const u8,
     a: [*const u8; NT],
     out: &mut [[f32; ROWS]],
 ) {
-    let mask = _mm512_set1_epi32(0x000F_000F);
     let mut acc = [_mm512_setzero_ps(); NT];
     for b in 0..nb {
-        let (qt, st) = (q.add(256 * b), s.add(64 * b));
+        let st = s.add(64 * b);
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(st.cast()));
         let m = _mm512_cvtph_ps(_mm256_loadu_si256(st.add(32).cast()));
+        let isum = q4_isum(q.add(256 * b), &a, b);
+        scale_block(&mut acc, &isum, &a, b, d, Some(m));
+    }
+    for (o, acc) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), acc);
+    }
+}
+
+/// 16 bytes at `p` (u8, or i8 when `signed`) as 16 f32.
+///
+/// # Safety
+/// `p` readable for 16 bytes; AVX-512 F present.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn bytes_ps(p: *const u8, signed: bool) -> __m512 {
+    let v = _mm_loadu_si128(p.cast());
+    _mm512_cvtepi32_ps(if signed { _mm512_cvtepi8_epi32(v) } else { _mm512_cvtepu8_epi32(v) })
+}
+
+/// Q4_K tiles (Q4 quants, 32 bytes of u8 scales and mins; 64-byte super-block headers of
+/// f16 `d`, `dmin`) x `NT` A16 rows.
+///
+/// # Safety
+/// As [`q4_tile`], and `p` readable for `nb / 8` headers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4k_tile<const NT: usize>(
+    nb: usize,
+    q: *const u8,
+    s: *const u8,
+    p: *const u8,
+    a: [*const u8; NT],
+    out: &mut [[f32; ROWS]],
+) {
+    let mut acc = [_mm512_setzero_ps(); NT];
+    let (mut dv, mut mv) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for b in 0..nb {
+        if b % 8 == 0 {
+            let head = p.add(64 * (b / 8));
+            dv = _mm512_cvtph_ps(_mm256_loadu_si256(head.cast()));
+            mv = _mm512_cvtph_ps(_mm256_loadu_si256(head.add(32).cast()));
+        }
+        let st = s.add(32 * b);
+        let d = _mm512_mul_ps(dv, bytes_ps(st, false));
+        let m = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(mv, bytes_ps(st.add(16), false)));
+        let isum = q4_isum(q.add(256 * b), &a, b);
+        scale_block(&mut acc, &isum, &a, b, d, Some(m));
+    }
+    for (o, acc) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), acc);
+    }
+}
+
+/// Q6_K tiles (low nibbles as Q4, then two chunks of high bit pairs; i8 scales per half
+/// block; 32-byte super-block headers of f16 `d`) x `NT` A16 rows. The two chains of a
+/// token are the block's two halves, scaled separately.
+///
+/// # Safety
+/// As [`q4k_tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6k_tile<const NT: usize>(
+    nb: usize,
+    q: *const u8,
+    s: *const u8,
+    p: *const u8,
+    a: [*const u8; NT],
+    out: &mut [[f32; ROWS]],
+) {
+    let (low4, high2, off) = (_mm512_set1_epi32(0x000F_000F), _mm512_set1_epi32(0x0003_0003), _mm512_set1_epi16(32));
+    let mut acc = [_mm512_setzero_ps(); NT];
+    let mut dv = _mm512_setzero_ps();
+    for b in 0..nb {
+        if b % 8 == 0 {
+            dv = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(32 * (b / 8)).cast()));
+        }
+        let (qt, st) = (q.add(384 * b), s.add(32 * b));
         let mut isum = [[_mm512_setzero_si512(); 2]; NT];
         for c in 0..4 {
             let v = _mm512_loadu_si512(qt.add(64 * c).cast());
-            let w = [
-                _mm512_and_si512(v, mask),
-                _mm512_and_si512(_mm512_srli_epi32::<4>(v), mask),
-                _mm512_and_si512(_mm512_srli_epi32::<8>(v), mask),
-                _mm512_and_si512(_mm512_srli_epi32::<12>(v), mask),
-            ];
-            for t in 0..NT {
-                // Pairs 4c..4c+4 of block b: bytes 8 + 4 * (4c + s) of its A16 block.
-                let ap = a[t].add(72 * b + 8 + 16 * c);
-                for (k, w) in w.iter().enumerate() {
-                    isum[t][k & 1] = _mm512_dpwssd_epi32(isum[t][k & 1], *w, pair(ap.add(4 * k)));
+            let hw = _mm512_loadu_si512(qt.add(256 + 64 * (c / 2)).cast());
+            let hw = if c % 2 == 1 { _mm512_srli_epi32::<8>(hw) } else { hw };
+            for k in 0..4 {
+                let nib = _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(4 * k as i32)), low4);
+                let hb = _mm512_and_si512(_mm512_srl_epi32(hw, _mm_cvtsi32_si128(2 * k as i32)), high2);
+                let w = _mm512_sub_epi16(_mm512_or_si512(nib, _mm512_slli_epi32::<4>(hb)), off);
+                for t in 0..NT {
+                    let ap = a[t].add(72 * b + 8 + 16 * c + 4 * k);
+                    isum[t][c / 2] = _mm512_dpwssd_epi32(isum[t][c / 2], w, pair(ap));
                 }
             }
         }
-        scale_block(&mut acc, &isum, &a, b, d, Some(m));
+        let d0 = _mm512_mul_ps(dv, bytes_ps(st, true));
+        let d1 = _mm512_mul_ps(dv, bytes_ps(st.add(16), true));
+        for t in 0..NT {
+            let da = _mm512_set1_ps(f32_at(a[t].add(72 * b)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][0]), _mm512_mul_ps(d0, da), acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t][1]), _mm512_mul_ps(d1, da), acc[t]);
+        }
     }
     for (o, acc) in out.iter_mut().zip(acc) {
         _mm512_storeu_ps(o.as_mut_ptr(), acc);
@@ -152,6 +265,7 @@ unsafe fn q8_tile<const NT: usize>(
     nb: usize,
     q: *const u8,
     s: *const u8,
+    _p: *const u8,
     a: [*const u8; NT],
     out: &mut [[f32; ROWS]],
 ) {

@@ -49,7 +49,7 @@ pub fn unpack_q4k_scales(packed: &[u8; 12]) -> [u8; 16] {
 
 /// The 256 quants of a Q4_K block in element order (0..16 each).
 #[inline]
-fn q4k_quants(x: &BlockQ4K) -> [u8; QK_K] {
+pub(crate) fn q4k_quants(x: &BlockQ4K) -> [u8; QK_K] {
     let mut q = [0u8; QK_K];
     for c in 0..4 {
         for l in 0..32 {
@@ -63,7 +63,7 @@ fn q4k_quants(x: &BlockQ4K) -> [u8; QK_K] {
 
 /// The 256 quants of a Q6_K block in element order, already minus 32 (-32..32).
 #[inline]
-fn q6k_quants(x: &BlockQ6K) -> [i8; QK_K] {
+pub(crate) fn q6k_quants(x: &BlockQ6K) -> [i8; QK_K] {
     let mut q = [0i8; QK_K];
     for h in 0..2 {
         let (ql, qh) = (&x.ql[64 * h..64 * h + 64], &x.qh[32 * h..32 * h + 32]);

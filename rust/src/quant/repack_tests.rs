@@ -6,6 +6,9 @@ use super::blocks::F16Le;
 use super::repack::{repacked_fn_at, Repacked, RepackedKind, MAX_TOKENS, ROWS};
 use super::*;
 
+/// Every type with a repacked layout.
+const REPACKED: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
+
 /// |kernel - reference| <= this * sum |w_i a_i|: only the f32 summation order differs.
 const REL_TOL: f32 = 1e-5;
 
@@ -30,8 +33,30 @@ impl Gen {
 }
 
 fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+        return kquant_bytes(ty, x);
+    }
     let mut out = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
     quantize_row(ty, x, &mut out).expect("quantizable");
+    out
+}
+
+/// k-quant rows for tests (no quantizer here): random quant bytes seeded from `x`, scales
+/// from its magnitude, so rows differ; Q6_K scales are signed.
+fn kquant_bytes(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut gen = Gen(x.iter().fold(0x51u64, |h, v| h.rotate_left(5) ^ v.to_bits() as u64) | 1);
+    let mut out = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
+    out.iter_mut().for_each(|b| *b = gen.next() as u8);
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for block in out.chunks_exact_mut(ty.block_bytes()) {
+        let d = F16Le::from_f32(amax / 500.0).0;
+        if ty == GgmlType::Q4K {
+            block[0..2].copy_from_slice(&d);
+            block[2..4].copy_from_slice(&F16Le::from_f32(amax / 900.0).0);
+        } else {
+            block[208..210].copy_from_slice(&d);
+        }
+    }
     out
 }
 
@@ -96,8 +121,9 @@ fn check(ty: GgmlType, rows: usize, cols: usize, w: &[u8], acts: &[Vec<u8>]) {
 #[test]
 fn repacking_is_lossless() {
     let mut gen = Gen(0x9E37_79B9_7F4A_7C15);
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-        for (rows, cols) in [(1, 32), (17, 64), (40, 96)] {
+    for ty in REPACKED {
+        let cols_of = |c: usize| if ty.block_len() == 256 { 256 * c.div_ceil(32) } else { c };
+        for (rows, cols) in [(1, 32), (17, 64), (40, 96)].map(|(r, c)| (r, cols_of(c))) {
             let w = matrix(ty, rows, cols, &mut gen);
             let rp = Repacked::new(ty, rows, cols, &w).expect("repackable");
             let row_bytes = ty.row_bytes(cols).expect("whole blocks");
@@ -109,14 +135,19 @@ fn repacking_is_lossless() {
             }
         }
     }
-    assert!(Repacked::new(GgmlType::Q4K, 1, 256, &[0u8; 144]).is_none());
+    assert!(Repacked::new(GgmlType::Q5_0, 1, 32, &[0u8; 22]).is_none());
 }
 
 #[test]
 fn repacked_kernels_match_the_row_reference() {
     let mut gen = Gen(0x1234_5678_9ABC_DEF1);
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-        for (rows, cols) in [(16, 32), (15, 64), (33, 576), (64, 160)] {
+    for ty in REPACKED {
+        let shapes: &[(usize, usize)] = if ty.block_len() == 256 {
+            &[(16, 256), (15, 512), (33, 1024)]
+        } else {
+            &[(16, 32), (15, 64), (33, 576), (64, 160)]
+        };
+        for &(rows, cols) in shapes {
             let w = matrix(ty, rows, cols, &mut gen);
             let acts: Vec<Vec<u8>> = (0..7).map(|_| quantized(GgmlType::A16, &gen.normals(cols))).collect();
             check(ty, rows, cols, &w, &acts);
@@ -127,13 +158,14 @@ fn repacked_kernels_match_the_row_reference() {
 #[test]
 fn repacked_kernels_at_extreme_quants() {
     // Every quant byte at an extreme, activations at +-32767: any i16/i32 overflow would show.
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in REPACKED {
         let (rows, cols) = (16, 256);
         for byte in [0x00u8, 0xFF, 0x80, 0x7F] {
             let mut w = vec![byte; rows * ty.row_bytes(cols).expect("whole blocks")];
             for block in w.chunks_exact_mut(ty.block_bytes()) {
-                block[0..2].copy_from_slice(&F16Le::from_f32(0.01).0);
-                if ty == GgmlType::Q4_1 {
+                let at = if ty == GgmlType::Q6K { 208 } else { 0 };
+                block[at..at + 2].copy_from_slice(&F16Le::from_f32(0.01).0);
+                if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K) {
                     block[2..4].copy_from_slice(&F16Le::from_f32(-0.05).0);
                 }
             }
