@@ -6,7 +6,7 @@
 //! weights), then each output is the block dot product of one weight row with one
 //! activation row.
 //!
-//! Where the CPU has a multi-row kernel for the type (Q4_0, Q4_1, Q8_0 with AVX-512 VNNI),
+//! Where the CPU has a multi-row kernel for the type (every quantized type with AVX-512 VNNI),
 //! the weights are repacked at load into 16-row interleaved tiles (`quant::repack`) and the
 //! checkpoint's pages are released; products then run as a tiled matrix-matrix product:
 //! 16 rows x up to 4 tokens per kernel call, weights reused from registers across the

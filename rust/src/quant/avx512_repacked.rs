@@ -23,6 +23,7 @@ pub(super) fn kernel(kind: RepackedKind) -> RepackedFn {
     match kind {
         RepackedKind::Q4 => q4,
         RepackedKind::Q8 => q8,
+        RepackedKind::Q5 => q5,
         RepackedKind::Q4K => q4k,
         RepackedKind::Q6K => q6k,
     }
@@ -59,6 +60,7 @@ macro_rules! entry {
 
 entry!(q4, q4_tile);
 entry!(q8, q8_tile);
+entry!(q5, q5_tile);
 entry!(q4k, q4k_tile);
 entry!(q6k, q6k_tile);
 
@@ -155,6 +157,46 @@ unsafe fn q4_tile<const NT: usize>(
         let m = _mm512_cvtph_ps(_mm256_loadu_si256(st.add(32).cast()));
         let isum = q4_isum(q.add(256 * b), &a, b);
         scale_block(&mut acc, &isum, &a, b, d, Some(m));
+    }
+    for (o, acc) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), acc);
+    }
+}
+
+/// Q5 tiles (Q4 nibbles, then a chunk of fifth bits; 32 bytes of f16 `d`) x `NT` A16 rows:
+/// each pair is `(nibbles | fifth << 4) - 16` as i16.
+///
+/// # Safety
+/// As [`q4_tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q5_tile<const NT: usize>(
+    nb: usize,
+    q: *const u8,
+    s: *const u8,
+    _p: *const u8,
+    a: [*const u8; NT],
+    out: &mut [[f32; ROWS]],
+) {
+    let (low4, bit, off) = (_mm512_set1_epi32(0x000F_000F), _mm512_set1_epi32(0x0001_0001), _mm512_set1_epi16(16));
+    let mut acc = [_mm512_setzero_ps(); NT];
+    for b in 0..nb {
+        let qt = q.add(320 * b);
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(s.add(32 * b).cast()));
+        let hw = _mm512_loadu_si512(qt.add(256).cast());
+        let mut isum = [[_mm512_setzero_si512(); 2]; NT];
+        for c in 0..4 {
+            let v = _mm512_loadu_si512(qt.add(64 * c).cast());
+            for k in 0..4 {
+                let nib = _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(4 * k as i32)), low4);
+                let hb = _mm512_and_si512(_mm512_srl_epi32(hw, _mm_cvtsi32_si128((4 * c + k) as i32)), bit);
+                let w = _mm512_sub_epi16(_mm512_or_si512(nib, _mm512_slli_epi32::<4>(hb)), off);
+                for t in 0..NT {
+                    let ap = a[t].add(72 * b + 8 + 16 * c + 4 * k);
+                    isum[t][k & 1] = _mm512_dpwssd_epi32(isum[t][k & 1], w, pair(ap));
+                }
+            }
+        }
+        scale_block(&mut acc, &isum, &a, b, d, None);
     }
     for (o, acc) in out.iter_mut().zip(acc) {
         _mm512_storeu_ps(o.as_mut_ptr(), acc);

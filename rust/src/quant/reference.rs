@@ -80,7 +80,7 @@ pub(crate) fn q6k_quants(x: &BlockQ6K) -> [i8; QK_K] {
 
 /// The 32 quants of a Q5_0 block in element order (0..32, before subtracting 16).
 #[inline]
-fn q5_0_quants(x: &BlockQ5_0) -> [u8; QK] {
+pub(crate) fn q5_0_quants(x: &BlockQ5_0) -> [u8; QK] {
     let qh = u32::from_le_bytes(x.qh);
     let mut q = [0u8; QK];
     for j in 0..QK / 2 {

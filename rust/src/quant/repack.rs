@@ -18,6 +18,10 @@
 //!   `c`, lane `r` holds row `r`'s elements `4c, 4c + 2, 4c + 1, 4c + 3` in bytes 0..4, so the
 //!   low bytes of the 16-bit halves (sign-extended) are the pair `(4c, 4c + 1)` and the high
 //!   bytes the pair `(4c + 2, 4c + 3)`. Scales: 16 f16 `d` (32 bytes).
+//! - [`RepackedKind::Q5`] (from Q5_0): the low 4 bits as Q4 (256 bytes), then one chunk of
+//!   fifth bits: lane `r` holds the bit of element `8c + 2s` at bit `4c + s` and of
+//!   `8c + 2s + 1` at bit `16 + 4c + s`. Scales: 16 f16 `d` (32 bytes). Element =
+//!   `d * (q - 16)`.
 //! - [`RepackedKind::Q4K`] (from Q4_K): quants as Q4; per tile 16 u8 sub-block scales then
 //!   16 u8 mins (32 bytes); per group and 256-column super-block 16 f16 `d` then 16 f16
 //!   `dmin` (64 bytes, the *super* array). Element = `d * sc * q - dmin * m`.
@@ -38,9 +42,10 @@
 use std::ops::Range;
 
 use super::blocks::{
-    view_blocks, BlockA16, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0, F16Le, QK, QK_K,
+    view_blocks, BlockA16, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, F16Le, QK,
+    QK_K,
 };
-use super::reference::{q4k_quants, q6k_quants, unpack_q4k_scales};
+use super::reference::{q4k_quants, q5_0_quants, q6k_quants, unpack_q4k_scales};
 use super::{GgmlType, SimdLevel};
 
 /// Rows per interleaved group.
@@ -56,6 +61,8 @@ pub enum RepackedKind {
     Q4,
     /// 8-bit signed quants with a scale per block (from Q8_0).
     Q8,
+    /// Q5_0: 5-bit quants with a scale per block, offset 16.
+    Q5,
     /// Q4_K: 4-bit quants, 6-bit scales and mins per block, f16 `d`, `dmin` per super-block.
     Q4K,
     /// Q6_K: 6-bit quants, i8 scales per 16 elements, f16 `d` per super-block.
@@ -68,6 +75,7 @@ impl RepackedKind {
         match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 => Some(RepackedKind::Q4),
             GgmlType::Q8_0 => Some(RepackedKind::Q8),
+            GgmlType::Q5_0 => Some(RepackedKind::Q5),
             GgmlType::Q4K => Some(RepackedKind::Q4K),
             GgmlType::Q6K => Some(RepackedKind::Q6K),
             _ => None,
@@ -79,6 +87,7 @@ impl RepackedKind {
         match self {
             RepackedKind::Q4 | RepackedKind::Q4K => 256,
             RepackedKind::Q8 => 512,
+            RepackedKind::Q5 => 320,
             RepackedKind::Q6K => 384,
         }
     }
@@ -87,7 +96,7 @@ impl RepackedKind {
     pub fn scale_bytes(self) -> usize {
         match self {
             RepackedKind::Q4 => 64,
-            RepackedKind::Q8 | RepackedKind::Q4K | RepackedKind::Q6K => 32,
+            RepackedKind::Q8 | RepackedKind::Q5 | RepackedKind::Q4K | RepackedKind::Q6K => 32,
         }
     }
 
@@ -96,7 +105,7 @@ impl RepackedKind {
         match self {
             RepackedKind::Q4K => 64,
             RepackedKind::Q6K => 32,
-            RepackedKind::Q4 | RepackedKind::Q8 => 0,
+            RepackedKind::Q4 | RepackedKind::Q8 | RepackedKind::Q5 => 0,
         }
     }
 }
@@ -161,6 +170,7 @@ fn source_blocks(ty: GgmlType, row: &[u8]) -> Vec<SrcBlock> {
             .iter()
             .map(|b| block(nibbles(&b.qs), [b.d.0, F16Le::from_f32(-8.0 * b.d.to_f32()).0]))
             .collect(),
+        GgmlType::Q5_0 => view_blocks::<BlockQ5_0>(row).iter().map(|b| block(q5_0_quants(b), [b.d.0, [0; 2]])).collect(),
         GgmlType::Q8_0 => view_blocks::<BlockQ8_0>(row)
             .iter()
             .map(|b| block(b.qs.map(|v| v as u8), [b.d.0, [0; 2]]))
@@ -263,6 +273,18 @@ impl Repacked {
                 let quants = &mut rp.quants.bytes_mut()[tile * qb..(tile + 1) * qb];
                 match kind {
                     RepackedKind::Q4 | RepackedKind::Q4K => put_nibbles(quants, lane, &blk.q),
+                    RepackedKind::Q5 => {
+                        put_nibbles(quants, lane, &blk.q);
+                        let mut word = 0u32;
+                        for c in 0..4 {
+                            for s in 0..4 {
+                                let e = 8 * c + 2 * s;
+                                word |= ((blk.q[e] >> 4) as u32) << (4 * c + s);
+                                word |= ((blk.q[e + 1] >> 4) as u32) << (16 + 4 * c + s);
+                            }
+                        }
+                        quants[256 + 4 * lane..256 + 4 * lane + 4].copy_from_slice(&word.to_le_bytes());
+                    }
                     RepackedKind::Q6K => {
                         put_nibbles(quants, lane, &blk.q);
                         for h in 0..2 {
@@ -288,7 +310,7 @@ impl Repacked {
                 }
                 let scales = &mut rp.scales.bytes_mut()[tile * sb..(tile + 1) * sb];
                 match kind {
-                    RepackedKind::Q4 | RepackedKind::Q8 => {
+                    RepackedKind::Q4 | RepackedKind::Q8 | RepackedKind::Q5 => {
                         for (k, bytes) in blk.scales.iter().enumerate().take(sb / 32) {
                             scales[32 * k + 2 * lane..32 * k + 2 * lane + 2].copy_from_slice(bytes);
                         }
@@ -396,6 +418,20 @@ impl Repacked {
                 }
                 let d = f16(scales, 2 * lane);
                 (q, [d, d], 0.0)
+            }
+            RepackedKind::Q5 => {
+                let mut q = get_nibbles(quants, lane);
+                let at = 256 + 4 * lane;
+                let word = u32::from_le_bytes([quants[at], quants[at + 1], quants[at + 2], quants[at + 3]]);
+                for c in 0..4 {
+                    for s in 0..4 {
+                        let e = 8 * c + 2 * s;
+                        q[e] |= (((word >> (4 * c + s)) & 1) << 4) as i32;
+                        q[e + 1] |= (((word >> (16 + 4 * c + s)) & 1) << 4) as i32;
+                    }
+                }
+                let d = f16(scales, 2 * lane);
+                (q.map(|v| v - 16), [d, d], 0.0)
             }
             RepackedKind::Q4K => {
                 let sup = supers();

@@ -7,7 +7,8 @@ use super::repack::{repacked_fn_at, Repacked, RepackedKind, MAX_TOKENS, ROWS};
 use super::*;
 
 /// Every type with a repacked layout.
-const REPACKED: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
+const REPACKED: [GgmlType; 6] =
+    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
 
 /// |kernel - reference| <= this * sum |w_i a_i|: only the f32 summation order differs.
 const REL_TOL: f32 = 1e-5;
@@ -135,7 +136,7 @@ fn repacking_is_lossless() {
             }
         }
     }
-    assert!(Repacked::new(GgmlType::Q5_0, 1, 32, &[0u8; 22]).is_none());
+    assert!(Repacked::new(GgmlType::F16, 1, 32, &[0u8; 64]).is_none());
 }
 
 #[test]
