@@ -414,9 +414,19 @@ impl Pass<'_> {
             }
             ctx.barrier();
 
-            // Attention: (row, head) items dealt round-robin, which balances the causal triangle.
+            // Attention over (row, head) items. Several rows: dealt round-robin, which
+            // balances the causal triangle. One row (decode): contiguous heads per thread, so
+            // the heads sharing a KV head mostly run on one thread and read its keys and
+            // values from memory once (then from L2).
             let group = cfg.n_heads / cfg.n_kv_heads;
-            for item in (ctx.tid..n * cfg.n_heads).step_by(ctx.nth) {
+            let items = n * cfg.n_heads;
+            let (start, end, step) = if n == 1 {
+                let mine = ctx.split(items);
+                (mine.start, mine.end, 1)
+            } else {
+                (ctx.tid, items, ctx.nth)
+            };
+            for item in (start..end).step_by(step) {
                 let (t, h) = (item / cfg.n_heads, item % cfg.n_heads);
                 let kvh = h / group;
                 let p = self.row_pos[t];
