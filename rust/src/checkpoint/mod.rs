@@ -195,6 +195,30 @@ impl TensorData {
     }
 }
 
+impl TensorData {
+    /// Drops this tensor's pages from the process (`MADV_DONTNEED`), for callers that have
+    /// copied the bytes elsewhere (repacked weights): the resident set then holds the copy
+    /// only. The map stays valid: a later read faults the same bytes back in from the file.
+    /// A hint only; errors are ignored, and it is a no-op off Unix. Pages shared with a
+    /// neighbouring tensor (the range is widened to whole pages) are dropped too and, like
+    /// all of them, come back on their next read.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        {
+            // SAFETY: the map is a read-only mapping of a file that nothing writes through,
+            // so DONTNEED only unmaps clean pages: the next access refaults identical bytes
+            // from the page cache / file, and no live reference ever observes other contents.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    self.start,
+                    self.end - self.start,
+                )
+            };
+        }
+    }
+}
+
 impl std::fmt::Debug for TensorData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TensorData")

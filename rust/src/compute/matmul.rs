@@ -1,17 +1,29 @@
 //! Weight matrices and their products with activations, split across a job's threads.
 //!
-//! A [`QMatrix`] holds one weight matrix (rows = output features) in its checkpoint type,
-//! memory-mapped when used as stored, owned when converted at load. Products follow ggml:
-//! the activations are first quantized to the weight type's `activation_type()` (8-bit
-//! blocks for quantized weights, plain f32 for float weights), then each output is the
-//! block dot product of one weight row with one activation row.
+//! A [`QMatrix`] holds one weight matrix (rows = output features) in its checkpoint type.
+//! Products follow ggml: the activations are first quantized to the weight type's
+//! `activation_type()` (16-bit A16 blocks for quantized weights, plain f32 for float
+//! weights), then each output is the block dot product of one weight row with one
+//! activation row.
+//!
+//! Where the CPU has a multi-row kernel for the type (every quantized type with AVX-512 VNNI),
+//! the weights are repacked at load into 16-row interleaved tiles (`quant::repack`) and the
+//! checkpoint's pages are released; products then run as a tiled matrix-matrix product:
+//! 16 rows x up to 4 tokens per kernel call, weights reused from registers across the
+//! tokens, tokens taken in blocks of [`TOKEN_BLOCK`] so a thread's weights stay in L2 while
+//! the block's activations stay in L1. Other types stay memory-mapped (or owned after
+//! quantize-on-load) and run one row at a time.
 
 use std::ops::Range;
 
 use crate::checkpoint::TensorData;
 use crate::compute::pool::{Ctx, SharedMut};
 use crate::error::{Error, Result};
+use crate::quant::repack::{self, Repacked, RepackedFn, RepackedKind, MAX_TOKENS, ROWS};
 use crate::quant::{self, GgmlType, VecDotFn};
+
+/// Tokens per block of the tiled product: 32 A16 rows of 576 columns are ~41 KB.
+const TOKEN_BLOCK: usize = 32;
 
 /// Storage of a matrix's bytes.
 enum Storage {
@@ -19,6 +31,8 @@ enum Storage {
     Mapped(TensorData),
     /// Converted at load (quantize-on-load); u64 words keep block structs aligned.
     Owned { words: Vec<u64>, len: usize },
+    /// Repacked at load for the multi-row kernel.
+    Repacked { weights: Repacked, kernel: RepackedFn },
 }
 
 /// A weight matrix `rows x cols` in a GGUF block type, ready for products.
@@ -31,9 +45,33 @@ pub struct QMatrix {
     dot: VecDotFn,
 }
 
+/// The repacked form of `rows x cols` weights of `ty` in `bytes`, when this CPU has a
+/// multi-row kernel for the type.
+fn try_repack(ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Storage> {
+    let kernel = repack::repacked_fn(RepackedKind::for_type(ty)?)?;
+    let weights = Repacked::new(ty, rows, cols, bytes)?;
+    Some(Storage::Repacked { weights, kernel })
+}
+
 impl QMatrix {
-    /// Uses a 2-D checkpoint tensor as stored (shape `[rows, cols]`).
+    /// Uses a 2-D checkpoint tensor (shape `[rows, cols]`): repacked for the multi-row
+    /// kernel where there is one (the tensor's mapped pages are then released), else as
+    /// stored.
     pub fn from_tensor(name: &str, data: TensorData) -> Result<Self> {
+        let mut m = Self::from_tensor_unpacked(name, data)?;
+        if let Storage::Mapped(data) = &m.storage {
+            if let Some(storage) = try_repack(m.ty, m.rows, m.cols, data.bytes()) {
+                data.release();
+                m.storage = storage;
+            }
+        }
+        Ok(m)
+    }
+
+    /// Uses a 2-D checkpoint tensor as stored, never repacked: for tables read a row at a
+    /// time ([`Self::dequantize_row`], e.g. token embeddings), where pages load as rows are
+    /// first used.
+    pub fn from_tensor_unpacked(name: &str, data: TensorData) -> Result<Self> {
         let (rows, cols) = matrix_shape(name, &data.info().shape)?;
         let ty = data.info().ty;
         let row_bytes = ty.row_bytes(cols)?;
@@ -48,7 +86,8 @@ impl QMatrix {
         Ok(QMatrix { ty, rows, cols, row_bytes, storage: Storage::Mapped(data), dot: quant::vec_dot_fn(ty) })
     }
 
-    /// Converts a 2-D checkpoint tensor to `target` at load (e.g. f16 -> Q8_0), row by row.
+    /// Converts a 2-D checkpoint tensor to `target` at load (e.g. f16 -> Q8_0), row by row,
+    /// then repacks it where [`Self::from_tensor`] would.
     pub fn from_tensor_as(name: &str, data: TensorData, target: GgmlType) -> Result<Self> {
         if data.info().ty == target {
             return Self::from_tensor(name, data);
@@ -70,19 +109,14 @@ impl QMatrix {
             quant::dequantize_row(src_ty, src, &mut tmp)?;
             quant::quantize_row(target, &tmp, &mut bytes[r * row_bytes..(r + 1) * row_bytes])?;
         }
-        Ok(QMatrix {
-            ty: target,
-            rows,
-            cols,
-            row_bytes,
-            storage: Storage::Owned { words, len },
-            dot: quant::vec_dot_fn(target),
-        })
+        data.release();
+        let storage = try_repack(target, rows, cols, bytes).unwrap_or(Storage::Owned { words, len });
+        Ok(QMatrix { ty: target, rows, cols, row_bytes, storage, dot: quant::vec_dot_fn(target) })
     }
 
     fn check_computable(name: &str, ty: GgmlType) -> Result<()> {
         match ty {
-            GgmlType::Q8_1 | GgmlType::Q8K => Err(Error::UnsupportedType {
+            GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => Err(Error::UnsupportedType {
                 name: format!("{} (tensor {name})", ty.name()),
                 supported: "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K".into(),
             }),
@@ -105,11 +139,20 @@ impl QMatrix {
         self.cols
     }
 
-    /// Bytes of weights.
+    /// Bytes of weights held (a repacked matrix counts its padding rows).
     pub fn nbytes(&self) -> usize {
-        self.rows * self.row_bytes
+        match &self.storage {
+            Storage::Repacked { weights, .. } => weights.nbytes(),
+            _ => self.rows * self.row_bytes,
+        }
     }
 
+    /// Whether the matrix runs on the repacked multi-row kernel.
+    pub fn is_repacked(&self) -> bool {
+        matches!(self.storage, Storage::Repacked { .. })
+    }
+
+    /// The ggml-layout bytes (mapped or owned storage; empty when repacked).
     fn bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Mapped(data) => data.bytes(),
@@ -117,13 +160,8 @@ impl QMatrix {
                 // SAFETY: u64 words reinterpreted as bytes; len <= words.len() * 8.
                 unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len) }
             }
+            Storage::Repacked { .. } => &[],
         }
-    }
-
-    /// The bytes of row `r`.
-    #[inline]
-    pub fn row(&self, r: usize) -> &[u8] {
-        &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
     /// Dequantizes row `r` into `out` (`cols` values).
@@ -131,7 +169,14 @@ impl QMatrix {
         if r >= self.rows {
             return Err(Error::InvalidArgument(format!("row {r} out of range 0..{}", self.rows)));
         }
-        quant::dequantize_row(self.ty, self.row(r), out)
+        if let Storage::Repacked { weights, .. } = &self.storage {
+            if out.len() != self.cols {
+                return Err(Error::Shape(format!("row of {} values into {}", self.cols, out.len())));
+            }
+            weights.dequantize_row(r, out);
+            return Ok(());
+        }
+        quant::dequantize_row(self.ty, &self.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes], out)
     }
 
     /// The type activations are quantized to before a product with this matrix.
@@ -144,8 +189,8 @@ impl QMatrix {
     /// [`quantize_activations`] for this matrix's activation type. With `accumulate` the
     /// product is added to `out` (residual connections), and `bias` is added when given.
     ///
-    /// Rows are split between threads, so every thread reads every activation row while each
-    /// weight row is read once and reused for all tokens from L1.
+    /// Rows are split between threads (in whole 16-row groups when repacked), so every
+    /// thread reads every activation row while each weight row is read once per token block.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_part(
         &self,
@@ -157,8 +202,13 @@ impl QMatrix {
         accumulate: bool,
         bias: Option<&[f32]>,
     ) {
-        let rows = ctx.split_aligned(self.rows, 4);
-        self.matmul_rows(rows, act, n_tokens, out, out_stride, accumulate, bias);
+        self.matmul_rows(self.part_rows(ctx), act, n_tokens, out, out_stride, accumulate, bias);
+    }
+
+    /// The rows (output features) this thread computes in [`Self::matmul_part`].
+    pub fn part_rows(&self, ctx: &Ctx) -> Range<usize> {
+        let align = if self.is_repacked() { ROWS } else { 4 };
+        ctx.split_aligned(self.rows, align)
     }
 
     /// [`Self::matmul_part`] for an explicit row range (single-threaded callers pass all rows).
@@ -175,19 +225,57 @@ impl QMatrix {
     ) {
         debug_assert_eq!(act.ty(), self.activation_type());
         debug_assert_eq!(act.cols, self.cols);
+        let store = |t: usize, r0: usize, ys: &[f32]| {
+            // SAFETY: rows are split between threads, so (t, r0..) is written by this thread only.
+            let dst = unsafe { out.slice_mut(t * out_stride + r0..t * out_stride + r0 + ys.len()) };
+            let bias = bias.map(|b| &b[r0..r0 + ys.len()]);
+            for (i, (d, &y)) in dst.iter_mut().zip(ys).enumerate() {
+                let y = y + bias.map_or(0.0, |b| b[i]);
+                *d = if accumulate { *d + y } else { y };
+            }
+        };
+        if let Storage::Repacked { weights, kernel } = &self.storage {
+            return repacked_product(weights, *kernel, rows, act, n_tokens, store);
+        }
         let bytes = self.bytes();
         for r in rows {
             let w = &bytes[r * self.row_bytes..(r + 1) * self.row_bytes];
-            let b = bias.map_or(0.0, |b| b[r]);
             for t in 0..n_tokens {
                 // SAFETY: activation rows were written before the caller's barrier.
-                let y = (self.dot)(self.cols, w, unsafe { act.row(t) }) + b;
-                // SAFETY: rows are split between threads, so (t, r) is written by this thread only.
-                let slot = unsafe { &mut out.slice_mut(t * out_stride + r..t * out_stride + r + 1)[0] };
-                if accumulate {
-                    *slot += y;
-                } else {
-                    *slot = y;
+                let y = (self.dot)(self.cols, w, unsafe { act.row(t) });
+                store(t, r, &[y]);
+            }
+        }
+    }
+}
+
+/// The tiled product over repacked weights: token blocks of [`TOKEN_BLOCK`], then each
+/// 16-row group touching `rows`, then up to [`MAX_TOKENS`] tokens per kernel call; `store`
+/// receives each token's outputs for the group's rows inside `rows`.
+fn repacked_product(
+    weights: &Repacked,
+    kernel: RepackedFn,
+    rows: Range<usize>,
+    act: ActRowsMut,
+    n_tokens: usize,
+    store: impl Fn(usize, usize, &[f32]),
+) {
+    if rows.is_empty() {
+        return;
+    }
+    let groups = rows.start / ROWS..rows.end.div_ceil(ROWS);
+    let mut buf = [[0f32; ROWS]; MAX_TOKENS];
+    for t0 in (0..n_tokens).step_by(TOKEN_BLOCK) {
+        let t1 = (t0 + TOKEN_BLOCK).min(n_tokens);
+        for g in groups.clone() {
+            let (r0, r1) = ((g * ROWS).max(rows.start), ((g + 1) * ROWS).min(rows.end));
+            for tc in (t0..t1).step_by(MAX_TOKENS) {
+                let nt = (t1 - tc).min(MAX_TOKENS);
+                // SAFETY: activation rows were written before the caller's barrier.
+                let a: [&[u8]; MAX_TOKENS] = std::array::from_fn(|i| unsafe { act.row(tc + i.min(nt - 1)) });
+                kernel(weights, g, &a[..nt], &mut buf[..nt]);
+                for (i, ys) in buf[..nt].iter().enumerate() {
+                    store(tc + i, r0, &ys[r0 - g * ROWS..r1 - g * ROWS]);
                 }
             }
         }

@@ -1,6 +1,8 @@
 //! The compute layer: a spinning fork-join pool, weight matrices and their products, and the
 //! element-wise ops of a transformer block.
 
+pub mod attention;
+pub mod fastmath;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

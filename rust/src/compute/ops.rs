@@ -117,8 +117,9 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// `keys`/`values` are the cache rows laid out `(position, n_kv_heads, head_dim)` with
 /// `stride = n_kv_heads * head_dim` and this head's offset already applied; positions
 /// before `first` are outside the sliding window. `scores` is scratch of `last + 1` floats.
+/// The scalar reference; the forward pass calls `compute::attention::attend`.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(
+pub fn attend_ref(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -186,7 +187,7 @@ mod tests {
         let v = [3.0f32, -1.0];
         let mut scores = [0f32; 1];
         let mut out = [0f32; 2];
-        attend(&q, &k, &v, 2, 0, 0, 1.0, &mut scores, &mut out);
+        attend_ref(&q, &k, &v, 2, 0, 0, 1.0, &mut scores, &mut out);
         assert_eq!(out, [3.0, -1.0]);
     }
 }

@@ -16,7 +16,7 @@ pub struct TokenEmbedding {
 impl TokenEmbedding {
     /// Loads the table named `name`.
     pub fn load(checkpoint: &Checkpoint, name: &str, scale: f32) -> Result<Self> {
-        Ok(TokenEmbedding { weight: QMatrix::from_tensor(name, checkpoint.data(name)?)?, scale })
+        Ok(TokenEmbedding { weight: QMatrix::from_tensor_unpacked(name, checkpoint.data(name)?)?, scale })
     }
 
     /// Vocabulary size.
@@ -70,7 +70,7 @@ impl OutputHead {
     /// Logits `(rows, vocab)` for hidden states `(rows, hidden)`.
     pub fn logits(&self, pool: &ThreadPool, hidden: &[f32]) -> Result<Vec<f32>> {
         let d = self.weight.cols();
-        if hidden.is_empty() || hidden.len() % d != 0 {
+        if hidden.is_empty() || !hidden.len().is_multiple_of(d) {
             return Err(Error::Shape(format!("hidden states of {} values are not rows of {d}", hidden.len())));
         }
         let n = hidden.len() / d;

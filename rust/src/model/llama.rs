@@ -10,7 +10,7 @@
 //! pass and meet at barriers between ops (see `compute::pool`).
 
 use crate::checkpoint::Checkpoint;
-use crate::compute::{ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
+use crate::compute::{attention, fastmath, ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::KvCache;
 use crate::model::weights::{expect_shape, LayerNames, LayerTensors};
@@ -46,7 +46,7 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!("n_heads {} must be a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));
         }
         if self.rope_inv_freq.len() * 2 > self.head_dim {
@@ -261,7 +261,6 @@ impl LlamaSpan {
 
         // Scratch for the whole pass.
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let mut xn = vec![0f32; n_tok * d];
         let mut q = vec![0f32; n_tok * qd];
         let mut k = vec![0f32; n_tok * kvd];
         let mut v = vec![0f32; n_tok * kvd];
@@ -271,24 +270,38 @@ impl LlamaSpan {
         let make = |types: &[GgmlType], cols: usize| -> Result<Vec<ActRows>> {
             types.iter().map(|&t| ActRows::new(t, cols, n_tok)).collect()
         };
-        let mut act_attn_in = make(&self.act_types.attn_in, d)?;
-        let mut act_attn_out = make(&self.act_types.attn_out, qd)?;
-        let mut act_ffn_in = make(&self.act_types.ffn_in, d)?;
-        let mut act_ffn_mid = make(&self.act_types.ffn_mid, self.max_ffn)?;
+        // Activation rows are quantized by every thread into its own buffers (the products
+        // read all rows): no barrier between a quantization and the product that reads it.
+        let nth = pool.n_threads();
+        let mut owned: Vec<[Vec<ActRows>; 4]> = (0..nth)
+            .map(|_| -> Result<[Vec<ActRows>; 4]> {
+                Ok([
+                    make(&self.act_types.attn_in, d)?,
+                    make(&self.act_types.attn_out, qd)?,
+                    make(&self.act_types.ffn_in, d)?,
+                    make(&self.act_types.ffn_mid, self.max_ffn)?,
+                ])
+            })
+            .collect::<Result<_>>()?;
         let shared_acts = |rows: &mut Vec<ActRows>| rows.iter_mut().map(|a| a.shared()).collect::<Vec<_>>();
+        let acts = owned
+            .iter_mut()
+            .map(|[attn_in, attn_out, ffn_in, ffn_mid]| ThreadActs {
+                attn_in: shared_acts(attn_in),
+                attn_out: shared_acts(attn_out),
+                ffn_in: shared_acts(ffn_in),
+                ffn_mid: shared_acts(ffn_mid),
+            })
+            .collect();
         let bufs = Buffers {
             x: SharedMut::new(hidden),
-            xn: SharedMut::new(&mut xn),
             q: SharedMut::new(&mut q),
             k: SharedMut::new(&mut k),
             v: SharedMut::new(&mut v),
             att: SharedMut::new(&mut att),
             gate: SharedMut::new(&mut gate),
             up: SharedMut::new(&mut up),
-            act_attn_in: shared_acts(&mut act_attn_in),
-            act_attn_out: shared_acts(&mut act_attn_out),
-            act_ffn_in: shared_acts(&mut act_ffn_in),
-            act_ffn_mid: shared_acts(&mut act_ffn_mid),
+            acts,
         };
         let caches: Vec<Vec<(SharedMut<f32>, SharedMut<f32>)>> = seqs
             .iter_mut()
@@ -309,17 +322,22 @@ impl LlamaSpan {
 /// Scratch buffers of one forward call, shared by the job's threads.
 struct Buffers {
     x: SharedMut<f32>,
-    xn: SharedMut<f32>,
     q: SharedMut<f32>,
     k: SharedMut<f32>,
     v: SharedMut<f32>,
     att: SharedMut<f32>,
     gate: SharedMut<f32>,
     up: SharedMut<f32>,
-    act_attn_in: Vec<ActRowsMut>,
-    act_attn_out: Vec<ActRowsMut>,
-    act_ffn_in: Vec<ActRowsMut>,
-    act_ffn_mid: Vec<ActRowsMut>,
+    /// Per thread (indexed by `Ctx::tid`): its quantized activation rows.
+    acts: Vec<ThreadActs>,
+}
+
+/// One thread's activation buffers, one per distinct activation type of each input.
+struct ThreadActs {
+    attn_in: Vec<ActRowsMut>,
+    attn_out: Vec<ActRowsMut>,
+    ffn_in: Vec<ActRowsMut>,
+    ffn_mid: Vec<ActRowsMut>,
 }
 
 fn act_for(acts: &[ActRowsMut], m: &QMatrix) -> ActRowsMut {
@@ -343,6 +361,11 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
+    /// Six barriers per layer: after q/k/v, after RoPE and the cache append, after
+    /// attention, after the output projection, after gate/up + SwiGLU, after the down
+    /// projection. Norms and quantization run on every thread for all rows into its own
+    /// buffers (cheaper than a barrier for decode's single row), SwiGLU on the columns the
+    /// thread itself computed.
     fn run(&self, ctx: &Ctx) {
         let cfg = &self.span.cfg;
         let (d, hd) = (cfg.hidden, cfg.head_dim);
@@ -350,25 +373,37 @@ impl Pass<'_> {
         let half = cfg.rope_inv_freq.len();
         let n = self.n_tok;
         let b = self.bufs;
+        let acts = &b.acts[ctx.tid];
         let my_rows = ctx.split(n);
         let mut scores = vec![0f32; self.max_ctx];
-
-        for (li, layer) in self.span.layers.iter().enumerate() {
-            // Attention input: RMSNorm, then quantize for q/k/v (same rows: no barrier between).
-            // SAFETY (all SharedMut accesses below): each thread writes only its own rows
-            // (or matrix rows) between barriers; reads of others' data follow a barrier.
-            for t in my_rows.clone() {
-                let x = unsafe { b.x.slice(t * d..(t + 1) * d) };
-                let xn = unsafe { b.xn.slice_mut(t * d..(t + 1) * d) };
-                ops::rms_norm(x, &layer.attn_norm, cfg.eps, xn);
-                for a in &b.act_attn_in {
+        let mut xn = vec![0f32; d];
+        // Quantizes every row of `src` (width `w`) into this thread's `dst` buffers.
+        // SAFETY (all SharedMut accesses below): each thread writes only its own rows,
+        // matrix rows or private buffers between barriers; reads of others' data follow a
+        // barrier.
+        let quantize_all = |src: SharedMut<f32>, w: usize, dst: &[ActRowsMut]| {
+            for t in 0..n {
+                let row = unsafe { src.slice(t * w..(t + 1) * w) };
+                for a in dst {
+                    unsafe { a.set_row(t, row) };
+                }
+            }
+        };
+        let norm_all = |norm: &[f32], dst: &[ActRowsMut], xn: &mut [f32]| {
+            for t in 0..n {
+                ops::rms_norm(unsafe { b.x.slice(t * d..(t + 1) * d) }, norm, cfg.eps, xn);
+                for a in dst {
                     unsafe { a.set_row(t, xn) };
                 }
             }
-            ctx.barrier();
-            layer.wq.matmul_part(ctx, act_for(&b.act_attn_in, &layer.wq), n, b.q, qd, false, None);
-            layer.wk.matmul_part(ctx, act_for(&b.act_attn_in, &layer.wk), n, b.k, kvd, false, None);
-            layer.wv.matmul_part(ctx, act_for(&b.act_attn_in, &layer.wv), n, b.v, kvd, false, None);
+        };
+
+        for (li, layer) in self.span.layers.iter().enumerate() {
+            // Attention input: RMSNorm, quantize, q/k/v.
+            norm_all(&layer.attn_norm, &acts.attn_in, &mut xn);
+            layer.wq.matmul_part(ctx, act_for(&acts.attn_in, &layer.wq), n, b.q, qd, false, None);
+            layer.wk.matmul_part(ctx, act_for(&acts.attn_in, &layer.wk), n, b.k, kvd, false, None);
+            layer.wv.matmul_part(ctx, act_for(&acts.attn_in, &layer.wv), n, b.v, kvd, false, None);
             ctx.barrier();
 
             // RoPE on q and k, then append k and v to each row's session cache.
@@ -391,9 +426,19 @@ impl Pass<'_> {
             }
             ctx.barrier();
 
-            // Attention: (row, head) items dealt round-robin, which balances the causal triangle.
+            // Attention over (row, head) items. Several rows: dealt round-robin, which
+            // balances the causal triangle. One row (decode): contiguous heads per thread, so
+            // the heads sharing a KV head mostly run on one thread and read its keys and
+            // values from memory once (then from L2).
             let group = cfg.n_heads / cfg.n_kv_heads;
-            for item in (ctx.tid..n * cfg.n_heads).step_by(ctx.nth) {
+            let items = n * cfg.n_heads;
+            let (start, end, step) = if n == 1 {
+                let mine = ctx.split(items);
+                (mine.start, mine.end, 1)
+            } else {
+                (ctx.tid, items, ctx.nth)
+            };
+            for item in (start..end).step_by(step) {
                 let (t, h) = (item / cfg.n_heads, item % cfg.n_heads);
                 let kvh = h / group;
                 let p = self.row_pos[t];
@@ -401,42 +446,32 @@ impl Pass<'_> {
                 let (keys, values) = unsafe { (kc.slice(kvh * hd..(p + 1) * kvd), vc.slice(kvh * hd..(p + 1) * kvd)) };
                 let qh = unsafe { b.q.slice(t * qd + h * hd..t * qd + (h + 1) * hd) };
                 let out = unsafe { b.att.slice_mut(t * qd + h * hd..t * qd + (h + 1) * hd) };
-                ops::attend(qh, keys, values, kvd, 0, p, cfg.attn_scale, &mut scores, out);
+                attention::attend(qh, keys, values, kvd, 0, p, cfg.attn_scale, &mut scores, out);
             }
             ctx.barrier();
-            for t in my_rows.clone() {
-                let row = unsafe { b.att.slice(t * qd..(t + 1) * qd) };
-                for a in &b.act_attn_out {
-                    unsafe { a.set_row(t, row) };
-                }
-            }
-            ctx.barrier();
-            layer.wo.matmul_part(ctx, act_for(&b.act_attn_out, &layer.wo), n, b.x, d, true, None);
+            quantize_all(b.att, qd, &acts.attn_out);
+            layer.wo.matmul_part(ctx, act_for(&acts.attn_out, &layer.wo), n, b.x, d, true, None);
             ctx.barrier();
 
             // MLP: RMSNorm, SwiGLU, down projection added to the residual.
-            for t in my_rows.clone() {
-                let x = unsafe { b.x.slice(t * d..(t + 1) * d) };
-                let xn = unsafe { b.xn.slice_mut(t * d..(t + 1) * d) };
-                ops::rms_norm(x, &layer.ffn_norm, cfg.eps, xn);
-                for a in &b.act_ffn_in {
-                    unsafe { a.set_row(t, xn) };
-                }
-            }
-            ctx.barrier();
+            norm_all(&layer.ffn_norm, &acts.ffn_in, &mut xn);
             let ffn = layer.w_gate.rows();
-            layer.w_gate.matmul_part(ctx, act_for(&b.act_ffn_in, &layer.w_gate), n, b.gate, ffn, false, None);
-            layer.w_up.matmul_part(ctx, act_for(&b.act_ffn_in, &layer.w_up), n, b.up, ffn, false, None);
-            ctx.barrier();
-            for t in my_rows.clone() {
-                let g = unsafe { b.gate.slice_mut(t * ffn..(t + 1) * ffn) };
-                ops::silu_mul(g, unsafe { b.up.slice(t * ffn..(t + 1) * ffn) });
-                for a in &b.act_ffn_mid {
-                    unsafe { a.set_row(t, g) };
-                }
+            layer.w_gate.matmul_part(ctx, act_for(&acts.ffn_in, &layer.w_gate), n, b.gate, ffn, false, None);
+            layer.w_up.matmul_part(ctx, act_for(&acts.ffn_in, &layer.w_up), n, b.up, ffn, false, None);
+            // SwiGLU on the columns this thread computed in both products (else after a barrier).
+            let cols = layer.w_gate.part_rows(ctx);
+            let own = cols == layer.w_up.part_rows(ctx);
+            if !own {
+                ctx.barrier();
+            }
+            let cols = if own { cols } else { ctx.split(ffn) };
+            for t in 0..n {
+                let g = unsafe { b.gate.slice_mut(t * ffn + cols.start..t * ffn + cols.end) };
+                fastmath::silu_mul(g, unsafe { b.up.slice(t * ffn + cols.start..t * ffn + cols.end) });
             }
             ctx.barrier();
-            layer.w_down.matmul_part(ctx, act_for(&b.act_ffn_mid, &layer.w_down), n, b.x, d, true, None);
+            quantize_all(b.gate, ffn, &acts.ffn_mid);
+            layer.w_down.matmul_part(ctx, act_for(&acts.ffn_mid, &layer.w_down), n, b.x, d, true, None);
             ctx.barrier();
         }
     }

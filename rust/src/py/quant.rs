@@ -61,7 +61,8 @@ fn dequantize<'py>(
 }
 
 /// quantize(type_name, x) -> bytes: `x` (1-D float32) encoded as that type, bit-exact with
-/// ggml's reference quantizers. Targets: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q8_1, Q8_K.
+/// ggml's reference quantizers. Targets: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q8_1, Q8_K
+/// (and meshpy's activation type A16).
 #[pyfunction]
 fn quantize<'py>(
     py: Python<'py>,
@@ -81,7 +82,8 @@ fn quantize<'py>(
 
 /// vec_dot(type_name, w, x) -> float: the dot product of a weight row `w` (raw bytes of
 /// `len(x)` elements of that type) with `x` (1-D float32), computed as the forward pass does:
-/// `x` quantized to the type's activation format, then the fastest kernel for this CPU.
+/// `x` quantized to the type's activation format (A16 for quantized types, f32 for float
+/// ones), then the fastest per-row kernel for this CPU.
 #[pyfunction]
 fn vec_dot<'py>(
     py: Python<'py>,
@@ -94,6 +96,10 @@ fn vec_dot<'py>(
     let x = floats(&x);
     py.detach(|| {
         let n = x.len();
+        if ty.is_activation_only() {
+            // No kernel takes it as weights: let `vec_dot` name the error.
+            return quant::vec_dot(ty, n, &w, &[]);
+        }
         let at = ty.activation_type();
         let a = if at == GgmlType::F32 {
             x.iter().flat_map(|v| v.to_le_bytes()).collect()

@@ -4,22 +4,29 @@
 //!
 //! Layout: [`blocks`] holds the block structs, [`reference`] the scalar kernels (the
 //! definition of correct), `avx2` and `avx512` the x86 SIMD twins with the same signatures,
-//! [`activation`] the per-matmul activation quantizers. SIMD kernels are chosen at run time
+//! [`activation`] the per-matmul activation quantizer (f32 to meshpy's 16-bit A16 blocks,
+//! the activation format of every quantized weight type: ggml's 8-bit Q8_0/Q8_1/Q8_K cost
+//! measurable next-token agreement; their block types stay for quantize / dequantize). SIMD kernels are chosen at run time
 //! (`is_x86_feature_detected!`), never at compile time, so one wheel runs on any x86-64.
 //!
 //! Dot products are dispatch-once-then-call: [`vec_dot_fn`] is called once per weight matrix
-//! and the returned [`VecDotFn`] once per row. Kernels over several rows at once (weights
-//! repacked row-interleaved at load time) are meant to sit beside these with their own fn
-//! type and dispatch; `VecDotFn` stays the one-row contract and their reference.
+//! and the returned [`VecDotFn`] once per row. Kernels over 16 rows at once (weights
+//! repacked row-interleaved at load time) are in [`repack`] (layouts, scalar reference,
+//! dispatch) and `avx512_repacked` (VNNI); `VecDotFn` stays the one-row contract.
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_repacked;
 pub mod blocks;
 pub mod reference;
+pub mod repack;
 
+#[cfg(test)]
+mod repack_tests;
 #[cfg(test)]
 mod tests;
 
@@ -53,9 +60,15 @@ pub enum GgmlType {
     Q8K,
     /// bfloat16 (id 30).
     BF16,
+    /// meshpy's 16-bit activation blocks of 32 ([`blocks::BlockA16`]), the activations of
+    /// every quantized weight type. Not a ggml type: it never appears in files.
+    A16,
 }
 
-/// Every supported type, in id order.
+/// [`GgmlType::ggml_id`] of A16, which ggml does not define: outside ggml's id range.
+pub const A16_ID: u32 = 0x4131_3600;
+
+/// Every ggml type supported in files, in id order (A16 is meshpy's, not listed).
 const ALL_TYPES: [GgmlType; 11] = [
     GgmlType::F32,
     GgmlType::F16,
@@ -148,6 +161,7 @@ impl GgmlType {
             GgmlType::Q6K => 14,
             GgmlType::Q8K => 15,
             GgmlType::BF16 => 30,
+            GgmlType::A16 => A16_ID,
         }
     }
 
@@ -166,11 +180,12 @@ impl GgmlType {
             GgmlType::Q6K => "Q6_K",
             GgmlType::Q8K => "Q8_K",
             GgmlType::BF16 => "BF16",
+            GgmlType::A16 => "A16",
         }
     }
 
     /// The type named `name`, case-insensitively; the k-quants also answer without the
-    /// underscore ("q4k"). `Error::UnsupportedType` for any other name.
+    /// underscore ("q4k"); "A16" names meshpy's activation type. `Error::UnsupportedType` for any other name.
     pub fn from_name(name: &str) -> Result<GgmlType> {
         let upper = name.trim().to_ascii_uppercase();
         let found = ALL_TYPES.iter().find(|t| {
@@ -179,6 +194,9 @@ impl GgmlType {
         });
         if let Some(&ty) = found {
             return Ok(ty);
+        }
+        if upper == "A16" {
+            return Ok(GgmlType::A16);
         }
         // Name ggml's unsupported types the way ggml spells them ("q5_1" -> "Q5_1").
         let known = (0..64)
@@ -195,9 +213,12 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q8_1 => {
-                blocks::QK
-            }
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q8_0
+            | GgmlType::Q8_1
+            | GgmlType::A16 => blocks::QK,
             GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8K => blocks::QK_K,
         }
     }
@@ -216,6 +237,7 @@ impl GgmlType {
             GgmlType::Q4K => size_of::<blocks::BlockQ4K>(),
             GgmlType::Q6K => size_of::<blocks::BlockQ6K>(),
             GgmlType::Q8K => size_of::<blocks::BlockQ8K>(),
+            GgmlType::A16 => size_of::<blocks::BlockA16>(),
         }
     }
 
@@ -232,21 +254,26 @@ impl GgmlType {
     }
 
     /// The type activations are quantized to for [`vec_dot_fn`] with weights of this type:
-    /// Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1, Q8_K for Q4_K/Q6_K, F32 for F32/F16/BF16.
-    /// The activation-only types Q8_1 and Q8_K answer themselves (they have no dot product).
+    /// A16 for every quantized type, F32 for F32/F16/BF16. The activation-only types (Q8_1,
+    /// Q8_K, A16) answer themselves (they have no dot product).
     pub fn activation_type(self) -> GgmlType {
         match self {
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => GgmlType::Q8_0,
-            GgmlType::Q4_1 | GgmlType::Q8_1 => GgmlType::Q8_1,
-            GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8K => GgmlType::Q8K,
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q8_0
+            | GgmlType::Q4K
+            | GgmlType::Q6K => GgmlType::A16,
+            GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => self,
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => GgmlType::F32,
         }
     }
 
-    /// Whether this type only ever holds activations (Q8_1, Q8_K): no dot product takes it as
-    /// the weight side.
+    /// Whether this type only ever holds activations (Q8_1, Q8_K, A16): no dot product takes
+    /// it as the weight side. (Q8_1 and Q8_K are ggml's 8-bit activation formats, kept for
+    /// quantize / dequantize; nothing computes with them.)
     pub fn is_activation_only(self) -> bool {
-        matches!(self, GgmlType::Q8_1 | GgmlType::Q8K)
+        matches!(self, GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16)
     }
 }
 
@@ -280,16 +307,18 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
         GgmlType::Q4K => r::dequantize_row_q4_k_ref(as_blocks(src)?, dst),
         GgmlType::Q6K => r::dequantize_row_q6_k_ref(as_blocks(src)?, dst),
         GgmlType::Q8K => r::dequantize_row_q8_k_ref(as_blocks(src)?, dst),
+        GgmlType::A16 => r::dequantize_row_a16_ref(as_blocks(src)?, dst),
     }
     Ok(())
 }
 
 /// Types [`quantize_row`] can produce.
-const QUANTIZE_TARGETS: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q8_1, Q8_K";
+const QUANTIZE_TARGETS: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q8_1, Q8_K, A16";
 
 /// Quantizes one row into `dst` (exactly `ty.row_bytes(src.len())` bytes), bit-exact with
-/// ggml's `quantize_row_*_ref`. Targets: Q8_0, Q8_1, Q8_K (activations), Q4_0, Q4_1, Q5_0
-/// (quantize-on-load), F16, BF16, F32; Q4_K and Q6_K give `Error::UnsupportedType`.
+/// ggml's `quantize_row_*_ref`. Targets: A16 (activations; meshpy's own), Q8_0, Q8_1, Q8_K,
+/// Q4_0, Q4_1, Q5_0 (quantize-on-load), F16, BF16, F32; Q4_K and Q6_K give
+/// `Error::UnsupportedType`.
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
     if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
         return Err(Error::UnsupportedType {
@@ -316,6 +345,7 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         GgmlType::Q8_0 => r::quantize_row_q8_0_ref(src, as_blocks_mut(dst)?),
         GgmlType::Q8_1 => r::quantize_row_q8_1_ref(src, as_blocks_mut(dst)?),
         GgmlType::Q8K => r::quantize_row_q8_k_ref(src, as_blocks_mut(dst)?),
+        GgmlType::A16 => r::quantize_row_a16_ref(src, as_blocks_mut(dst)?),
         GgmlType::Q4K | GgmlType::Q6K => unreachable!("rejected above"),
     }
     Ok(())
@@ -396,7 +426,7 @@ fn detect() -> SimdLevel {
 
 /// The fastest dot-product kernel this CPU runs for weights of type `ty`.
 ///
-/// Panics for Q8_1 and Q8_K: they are activation-only types with no weight-side kernel
+/// Panics for Q8_1, Q8_K and A16: they are activation-only types with no weight-side kernel
 /// (see [`GgmlType::is_activation_only`]). Every other type has at least a scalar kernel.
 pub fn vec_dot_fn(ty: GgmlType) -> VecDotFn {
     let best = detected_simd();
@@ -409,7 +439,7 @@ pub fn vec_dot_fn(ty: GgmlType) -> VecDotFn {
 }
 
 /// The dot-product kernel for weights of type `ty` at exactly `level`; `None` when that level
-/// has none for `ty` (Q8_1, Q8_K) or this CPU cannot run it. For tests and benchmarks.
+/// has none for `ty` (Q8_1, Q8_K, A16) or this CPU cannot run it. For tests and benchmarks.
 pub fn vec_dot_fn_at(ty: GgmlType, level: SimdLevel) -> Option<VecDotFn> {
     if level > detected_simd() {
         return None;
@@ -419,9 +449,7 @@ pub fn vec_dot_fn_at(ty: GgmlType, level: SimdLevel) -> Option<VecDotFn> {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => avx2::vec_dot_fn(ty),
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => avx512::vec_dot_fn(ty, false),
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512Vnni => avx512::vec_dot_fn(ty, true),
+        SimdLevel::Avx512 | SimdLevel::Avx512Vnni => avx512::vec_dot_fn(ty),
         #[cfg(not(target_arch = "x86_64"))]
         _ => None,
     }
@@ -450,10 +478,10 @@ pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Result<f32> {
     Ok(vec_dot_fn(ty)(n, w, a))
 }
 
-/// Fast activation quantization, once per matmul: the contract of [`quantize_row`] for
-/// Q8_0, Q8_1 and Q8_K (and bit-identical output), with SIMD where the CPU has it.
+/// Fast activation quantization, once per matmul: the contract of [`quantize_row`] for A16
+/// (and bit-identical output), with SIMD where the CPU has it.
 ///
-/// Panics if `ty` is not one of those three or the lengths do not fit (`dst` must be exactly
+/// Panics if `ty` is not A16 or the lengths do not fit (`dst` must be exactly
 /// `ty.row_bytes(src.len())` bytes): the forward pass sizes these buffers itself.
 pub fn quantize_activations(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
     activation::quantize_activations(detected_simd(), ty, src, dst)

@@ -11,7 +11,7 @@ use half::f16;
 
 use super::blocks::{
     bf16_to_f32, f32_to_bf16, view_blocks, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K,
-    BlockQ8K, BlockQ8_0, BlockQ8_1, F16Le, F32Le, I16Le, QK, QK_K,
+    BlockA16, BlockQ8K, BlockQ8_0, BlockQ8_1, F16Le, F32Le, I16Le, QK, QK_K,
 };
 use super::{check_dot, GgmlType, VecDotFn};
 
@@ -49,7 +49,7 @@ pub fn unpack_q4k_scales(packed: &[u8; 12]) -> [u8; 16] {
 
 /// The 256 quants of a Q4_K block in element order (0..16 each).
 #[inline]
-fn q4k_quants(x: &BlockQ4K) -> [u8; QK_K] {
+pub(crate) fn q4k_quants(x: &BlockQ4K) -> [u8; QK_K] {
     let mut q = [0u8; QK_K];
     for c in 0..4 {
         for l in 0..32 {
@@ -63,7 +63,7 @@ fn q4k_quants(x: &BlockQ4K) -> [u8; QK_K] {
 
 /// The 256 quants of a Q6_K block in element order, already minus 32 (-32..32).
 #[inline]
-fn q6k_quants(x: &BlockQ6K) -> [i8; QK_K] {
+pub(crate) fn q6k_quants(x: &BlockQ6K) -> [i8; QK_K] {
     let mut q = [0i8; QK_K];
     for h in 0..2 {
         let (ql, qh) = (&x.ql[64 * h..64 * h + 64], &x.qh[32 * h..32 * h + 32]);
@@ -80,7 +80,7 @@ fn q6k_quants(x: &BlockQ6K) -> [i8; QK_K] {
 
 /// The 32 quants of a Q5_0 block in element order (0..32, before subtracting 16).
 #[inline]
-fn q5_0_quants(x: &BlockQ5_0) -> [u8; QK] {
+pub(crate) fn q5_0_quants(x: &BlockQ5_0) -> [u8; QK] {
     let qh = u32::from_le_bytes(x.qh);
     let mut q = [0u8; QK];
     for j in 0..QK / 2 {
@@ -212,6 +212,17 @@ pub fn dequantize_row_q8_k_ref(src: &[BlockQ8K], dst: &mut [f32]) {
         let d = x.d.get();
         for (o, &q) in out.iter_mut().zip(&x.qs) {
             *o = q as f32 * d;
+        }
+    }
+}
+
+/// A16 to f32: `d * q`.
+pub fn dequantize_row_a16_ref(src: &[BlockA16], dst: &mut [f32]) {
+    assert_eq!(dst.len(), src.len() * QK);
+    for (x, out) in src.iter().zip(dst.chunks_exact_mut(QK)) {
+        let d = x.d.get();
+        for (o, q) in out.iter_mut().zip(&x.qs) {
+            *o = q.get() as f32 * d;
         }
     }
 }
@@ -365,6 +376,25 @@ pub fn quantize_row_q8_k_ref(src: &[f32], dst: &mut [BlockQ8K]) {
     }
 }
 
+/// A16: `d = amax / 32767`, `q = round_even(x / d)` (clamped to +-32767), `s = d * sum(q)`.
+/// The SIMD quantizer in `activation` produces the same bytes.
+pub fn quantize_row_a16_ref(src: &[f32], dst: &mut [BlockA16]) {
+    assert_eq!(src.len(), dst.len() * QK);
+    for (x, y) in src.chunks_exact(QK).zip(dst.iter_mut()) {
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 32767.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in y.qs.iter_mut().zip(x) {
+            let r = (v * id).round_ties_even().clamp(-32767.0, 32767.0) as i16;
+            *q = I16Le::new(r);
+            sum += r as i32;
+        }
+        y.d = F32Le::new(d);
+        y.s = F32Le::new(sum as f32 * d); // |sum| < 2^21: exact in f32
+    }
+}
+
 /// Sets `bsums` from `qs`.
 #[inline]
 pub(crate) fn fill_q8k_sums(y: &mut BlockQ8K) {
@@ -407,126 +437,115 @@ pub fn vec_dot_bf16_f32_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     })
 }
 
-/// Q4_0 x Q8_0: `sum_b dw*da * sum_j (q_j - 8) * a_j`.
-pub fn vec_dot_q4_0_q8_0_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
+/// Q4_0 x A16: `sum_b dw * da * sum_j (q_j - 8) * a_j`.
+pub fn vec_dot_q4_0_a16_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q4_0, n, w, a);
-    let (w, a) = (view_blocks::<BlockQ4_0>(w), view_blocks::<BlockQ8_0>(a));
+    let (w, a) = (view_blocks::<BlockQ4_0>(w), view_blocks::<BlockA16>(a));
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
         let mut isum = 0i32;
         for j in 0..QK / 2 {
-            isum += ((x.qs[j] & 0x0F) as i32 - 8) * y.qs[j] as i32;
-            isum += ((x.qs[j] >> 4) as i32 - 8) * y.qs[j + 16] as i32;
+            isum += ((x.qs[j] & 0x0F) as i32 - 8) * y.qs[j].get() as i32;
+            isum += ((x.qs[j] >> 4) as i32 - 8) * y.qs[j + 16].get() as i32;
         }
-        sum += x.d.to_f32() * y.d.to_f32() * isum as f32;
+        sum += x.d.to_f32() * (y.d.get() * isum as f32);
     }
     sum
 }
 
-/// Q4_1 x Q8_1: `sum_b dw*da * sum_j q_j * a_j + m * s`.
-pub fn vec_dot_q4_1_q8_1_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
+/// Q4_1 x A16: `sum_b dw * da * sum_j q_j * a_j + m * s`.
+pub fn vec_dot_q4_1_a16_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q4_1, n, w, a);
-    let (w, a) = (view_blocks::<BlockQ4_1>(w), view_blocks::<BlockQ8_1>(a));
+    let (w, a) = (view_blocks::<BlockQ4_1>(w), view_blocks::<BlockA16>(a));
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
         let mut isum = 0i32;
         for j in 0..QK / 2 {
-            isum += (x.qs[j] & 0x0F) as i32 * y.qs[j] as i32;
-            isum += (x.qs[j] >> 4) as i32 * y.qs[j + 16] as i32;
+            isum += (x.qs[j] & 0x0F) as i32 * y.qs[j].get() as i32;
+            isum += (x.qs[j] >> 4) as i32 * y.qs[j + 16].get() as i32;
         }
-        sum += x.d.to_f32() * y.d.to_f32() * isum as f32 + x.m.to_f32() * y.s.to_f32();
+        sum += x.d.to_f32() * (y.d.get() * isum as f32) + x.m.to_f32() * y.s.get();
     }
     sum
 }
 
-/// Q5_0 x Q8_0: `sum_b dw*da * sum_j (q_j - 16) * a_j`.
-pub fn vec_dot_q5_0_q8_0_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
+/// Q5_0 x A16: `sum_b dw * da * sum_j (q_j - 16) * a_j`.
+pub fn vec_dot_q5_0_a16_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q5_0, n, w, a);
-    let (w, a) = (view_blocks::<BlockQ5_0>(w), view_blocks::<BlockQ8_0>(a));
+    let (w, a) = (view_blocks::<BlockQ5_0>(w), view_blocks::<BlockA16>(a));
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
         let q = q5_0_quants(x);
-        let isum: i32 = q
-            .iter()
-            .zip(&y.qs)
-            .map(|(&q, &a)| (q as i32 - 16) * a as i32)
-            .sum();
-        sum += x.d.to_f32() * y.d.to_f32() * isum as f32;
+        let isum: i32 = q.iter().zip(&y.qs).map(|(&q, a)| (q as i32 - 16) * a.get() as i32).sum();
+        sum += x.d.to_f32() * (y.d.get() * isum as f32);
     }
     sum
 }
 
-/// Q8_0 x Q8_0: `sum_b dw*da * sum_j q_j * a_j`.
-pub fn vec_dot_q8_0_q8_0_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
+/// Q8_0 x A16: `sum_b dw * da * sum_j q_j * a_j` (|sum| <= 32 * 128 * 32767 fits i32).
+pub fn vec_dot_q8_0_a16_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q8_0, n, w, a);
-    let (w, a) = (view_blocks::<BlockQ8_0>(w), view_blocks::<BlockQ8_0>(a));
+    let (w, a) = (view_blocks::<BlockQ8_0>(w), view_blocks::<BlockA16>(a));
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
-        let isum: i32 =
-            x.qs.iter()
-                .zip(&y.qs)
-                .map(|(&q, &a)| q as i32 * a as i32)
-                .sum();
-        sum += x.d.to_f32() * y.d.to_f32() * isum as f32;
+        let isum: i32 = x.qs.iter().zip(&y.qs).map(|(&q, a)| q as i32 * a.get() as i32).sum();
+        sum += x.d.to_f32() * (y.d.get() * isum as f32);
     }
     sum
 }
 
-/// Q4_K x Q8_K: `d*da * sum_j sc_j * (q . a)_j - dmin*da * sum_j m_j * (sum of a)_j` over the
-/// eight sub-blocks, the activation sums taken from `bsums`.
-pub fn vec_dot_q4_k_q8_k_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
+/// Q4_K x A16: per sub-block j of 32 (one A16 block each),
+/// `d*sc_j * da_j * (q . a)_j - dmin*m_j * s_j`, summed in f32 per sub-block.
+pub fn vec_dot_q4_k_a16_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q4K, n, w, a);
-    let (w, a) = (view_blocks::<BlockQ4K>(w), view_blocks::<BlockQ8K>(a));
+    let (w, a) = (view_blocks::<BlockQ4K>(w), view_blocks::<BlockA16>(a));
     let mut sum = 0.0f32;
-    for (x, y) in w.iter().zip(a) {
+    for (x, ys) in w.iter().zip(a.chunks_exact(QK_K / QK)) {
         let sm = unpack_q4k_scales(&x.scales);
         let q = q4k_quants(x);
-        let mut isum = 0i32;
-        for (j, (q, a)) in q.chunks_exact(32).zip(y.qs.chunks_exact(32)).enumerate() {
-            let dot: i32 = q.iter().zip(a).map(|(&q, &a)| q as i32 * a as i32).sum();
-            isum += sm[j] as i32 * dot;
+        let (d, dmin) = (x.d.to_f32(), x.dmin.to_f32());
+        for (j, (q, y)) in q.chunks_exact(QK).zip(ys).enumerate() {
+            let dot: i32 = q.iter().zip(&y.qs).map(|(&q, a)| q as i32 * a.get() as i32).sum();
+            sum += d * sm[j] as f32 * (y.d.get() * dot as f32) - dmin * sm[8 + j] as f32 * y.s.get();
         }
-        let mut msum = 0i32;
-        for j in 0..8 {
-            msum +=
-                sm[8 + j] as i32 * (y.bsums[2 * j].get() as i32 + y.bsums[2 * j + 1].get() as i32);
-        }
-        let da = y.d.get();
-        sum += x.d.to_f32() * da * isum as f32 - x.dmin.to_f32() * da * msum as f32;
     }
     sum
 }
 
-/// Q6_K x Q8_K: `d*da * sum_g sc_g * ((q - 32) . a)_g` over the sixteen groups of 16.
-pub fn vec_dot_q6_k_q8_k_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
+/// Q6_K x A16: per group g of 16, `d * sc_g * da * ((q - 32) . a)_g`; the two groups of an
+/// A16 block are combined in f32 (an i32 sum of `sc * dot` could overflow).
+pub fn vec_dot_q6_k_a16_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q6K, n, w, a);
-    let (w, a) = (view_blocks::<BlockQ6K>(w), view_blocks::<BlockQ8K>(a));
+    let (w, a) = (view_blocks::<BlockQ6K>(w), view_blocks::<BlockA16>(a));
     let mut sum = 0.0f32;
-    for (x, y) in w.iter().zip(a) {
+    for (x, ys) in w.iter().zip(a.chunks_exact(QK_K / QK)) {
         let q = q6k_quants(x);
-        let mut isum = 0i32;
-        for (g, (q, a)) in q.chunks_exact(16).zip(y.qs.chunks_exact(16)).enumerate() {
-            let dot: i32 = q.iter().zip(a).map(|(&q, &a)| q as i32 * a as i32).sum();
-            isum += x.scales[g] as i32 * dot;
+        let d = x.d.to_f32();
+        for (j, (q, y)) in q.chunks_exact(QK).zip(ys).enumerate() {
+            let dot = |h: usize| -> f32 {
+                let r = 16 * h..16 * h + 16;
+                q[r.clone()].iter().zip(&y.qs[r]).map(|(&q, a)| q as i32 * a.get() as i32).sum::<i32>() as f32
+            };
+            let groups = x.scales[2 * j] as f32 * dot(0) + x.scales[2 * j + 1] as f32 * dot(1);
+            sum += d * (y.d.get() * groups);
         }
-        sum += x.d.to_f32() * y.d.get() * isum as f32;
     }
     sum
 }
 
-/// The scalar kernel for weights of type `ty`; `None` for the activation-only Q8_1 and Q8_K.
+/// The scalar kernel for weights of type `ty`; `None` for the activation-only Q8_1, Q8_K, A16.
 pub fn vec_dot_fn_ref(ty: GgmlType) -> Option<VecDotFn> {
     Some(match ty {
         GgmlType::F32 => vec_dot_f32_f32_ref,
         GgmlType::F16 => vec_dot_f16_f32_ref,
         GgmlType::BF16 => vec_dot_bf16_f32_ref,
-        GgmlType::Q4_0 => vec_dot_q4_0_q8_0_ref,
-        GgmlType::Q4_1 => vec_dot_q4_1_q8_1_ref,
-        GgmlType::Q5_0 => vec_dot_q5_0_q8_0_ref,
-        GgmlType::Q8_0 => vec_dot_q8_0_q8_0_ref,
-        GgmlType::Q4K => vec_dot_q4_k_q8_k_ref,
-        GgmlType::Q6K => vec_dot_q6_k_q8_k_ref,
-        GgmlType::Q8_1 | GgmlType::Q8K => return None,
+        GgmlType::Q4_0 => vec_dot_q4_0_a16_ref,
+        GgmlType::Q4_1 => vec_dot_q4_1_a16_ref,
+        GgmlType::Q5_0 => vec_dot_q5_0_a16_ref,
+        GgmlType::Q8_0 => vec_dot_q8_0_a16_ref,
+        GgmlType::Q4K => vec_dot_q4_k_a16_ref,
+        GgmlType::Q6K => vec_dot_q6_k_a16_ref,
+        GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => return None,
     })
 }
 

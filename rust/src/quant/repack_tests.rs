@@ -1,0 +1,183 @@
+//! Tests of the repacked layouts and kernels: repacking is lossless (dequantization equals
+//! the source type's), the scalar repacked reference equals the per-row reference dot, and
+//! the SIMD kernels match the scalar reference for 1..4 tokens, partial groups and extremes.
+
+use super::blocks::F16Le;
+use super::repack::{repacked_fn_at, Repacked, RepackedKind, MAX_TOKENS, ROWS};
+use super::*;
+
+/// Every type with a repacked layout.
+const REPACKED: [GgmlType; 6] =
+    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
+
+/// |kernel - reference| <= this * sum |w_i a_i|: only the f32 summation order differs.
+const REL_TOL: f32 = 1e-5;
+
+/// A small deterministic generator (xorshift), gaussian-ish by summing uniforms.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn normal(&mut self) -> f32 {
+        (0..4).map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32).sum::<f32>() * 1.7 - 3.4
+    }
+
+    fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
+}
+
+fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+        return kquant_bytes(ty, x);
+    }
+    let mut out = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
+    quantize_row(ty, x, &mut out).expect("quantizable");
+    out
+}
+
+/// k-quant rows for tests (no quantizer here): random quant bytes seeded from `x`, scales
+/// from its magnitude, so rows differ; Q6_K scales are signed.
+fn kquant_bytes(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut gen = Gen(x.iter().fold(0x51u64, |h, v| h.rotate_left(5) ^ v.to_bits() as u64) | 1);
+    let mut out = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
+    out.iter_mut().for_each(|b| *b = gen.next() as u8);
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for block in out.chunks_exact_mut(ty.block_bytes()) {
+        let d = F16Le::from_f32(amax / 500.0).0;
+        if ty == GgmlType::Q4K {
+            block[0..2].copy_from_slice(&d);
+            block[2..4].copy_from_slice(&F16Le::from_f32(amax / 900.0).0);
+        } else {
+            block[208..210].copy_from_slice(&d);
+        }
+    }
+    out
+}
+
+/// Weights `rows x cols` of `ty` with rows of different magnitudes.
+fn matrix(ty: GgmlType, rows: usize, cols: usize, gen: &mut Gen) -> Vec<u8> {
+    (0..rows)
+        .flat_map(|r| {
+            let scale = 0.01 * (1 + r % 7) as f32;
+            quantized(ty, &gen.normals(cols).iter().map(|v| v * scale).collect::<Vec<_>>())
+        })
+        .collect()
+}
+
+/// sum |w_i a_i| of row `r` with activation row `a`, both dequantized.
+fn abs_dot(ty: GgmlType, w: &[u8], a: &[u8], cols: usize) -> f32 {
+    let (mut wf, mut af) = (vec![0f32; cols], vec![0f32; cols]);
+    dequantize_row(ty, w, &mut wf).expect("row");
+    dequantize_row(GgmlType::A16, a, &mut af).expect("row");
+    wf.iter().zip(&af).map(|(w, a)| (w * a).abs()).sum()
+}
+
+/// Checks every kernel level this CPU has on one matrix against the per-row reference.
+fn check(ty: GgmlType, rows: usize, cols: usize, w: &[u8], acts: &[Vec<u8>]) {
+    let rp = Repacked::new(ty, rows, cols, w).expect("repackable");
+    let row_bytes = ty.row_bytes(cols).expect("whole blocks");
+    let dot = reference::vec_dot_fn_ref(ty).expect("weight type");
+    let kind = RepackedKind::for_type(ty).expect("repackable type");
+    let mut levels = 0;
+    for level in SimdLevel::ALL {
+        let Some(kernel) = repacked_fn_at(kind, level) else { continue };
+        levels += 1;
+        for nt in 1..=MAX_TOKENS.min(acts.len()) {
+            for chunk in acts.chunks(nt) {
+                let a: Vec<&[u8]> = chunk.iter().map(|a| a.as_slice()).collect();
+                let mut out = vec![[f32::NAN; ROWS]; a.len()];
+                for g in 0..rp.groups() {
+                    kernel(&rp, g, &a, &mut out);
+                    for (t, (o, act)) in out.iter().zip(&a).enumerate() {
+                        for (i, &got) in o.iter().enumerate() {
+                            let r = g * ROWS + i;
+                            if r >= rows {
+                                assert_eq!(got, 0.0, "{ty} {level:?} padding row {r}");
+                                continue;
+                            }
+                            let wr = &w[r * row_bytes..(r + 1) * row_bytes];
+                            let want = dot(cols, wr, act);
+                            let tol = REL_TOL * abs_dot(ty, wr, act, cols) + 1e-30;
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{ty} {level:?} {rows}x{cols} row {r} token {t}/{nt}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let expected = if detected_simd() >= SimdLevel::Avx512Vnni { 2 } else { 1 };
+    assert_eq!(levels, expected, "scalar reference plus the VNNI kernel where the CPU has it");
+}
+
+#[test]
+fn repacking_is_lossless() {
+    let mut gen = Gen(0x9E37_79B9_7F4A_7C15);
+    for ty in REPACKED {
+        let cols_of = |c: usize| if ty.block_len() == 256 { 256 * c.div_ceil(32) } else { c };
+        for (rows, cols) in [(1, 32), (17, 64), (40, 96)].map(|(r, c)| (r, cols_of(c))) {
+            let w = matrix(ty, rows, cols, &mut gen);
+            let rp = Repacked::new(ty, rows, cols, &w).expect("repackable");
+            let row_bytes = ty.row_bytes(cols).expect("whole blocks");
+            for r in 0..rows {
+                let (mut want, mut got) = (vec![0f32; cols], vec![0f32; cols]);
+                dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut want).expect("row");
+                rp.dequantize_row(r, &mut got);
+                assert_eq!(got, want, "{ty} row {r}");
+            }
+        }
+    }
+    assert!(Repacked::new(GgmlType::F16, 1, 32, &[0u8; 64]).is_none());
+}
+
+#[test]
+fn repacked_kernels_match_the_row_reference() {
+    let mut gen = Gen(0x1234_5678_9ABC_DEF1);
+    for ty in REPACKED {
+        let shapes: &[(usize, usize)] = if ty.block_len() == 256 {
+            &[(16, 256), (15, 512), (33, 1024)]
+        } else {
+            &[(16, 32), (15, 64), (33, 576), (64, 160)]
+        };
+        for &(rows, cols) in shapes {
+            let w = matrix(ty, rows, cols, &mut gen);
+            let acts: Vec<Vec<u8>> = (0..7).map(|_| quantized(GgmlType::A16, &gen.normals(cols))).collect();
+            check(ty, rows, cols, &w, &acts);
+        }
+    }
+}
+
+#[test]
+fn repacked_kernels_at_extreme_quants() {
+    // Every quant byte at an extreme, activations at +-32767: any i16/i32 overflow would show.
+    for ty in REPACKED {
+        let (rows, cols) = (16, 256);
+        for byte in [0x00u8, 0xFF, 0x80, 0x7F] {
+            let mut w = vec![byte; rows * ty.row_bytes(cols).expect("whole blocks")];
+            for block in w.chunks_exact_mut(ty.block_bytes()) {
+                let at = if ty == GgmlType::Q6K { 208 } else { 0 };
+                block[at..at + 2].copy_from_slice(&F16Le::from_f32(0.01).0);
+                if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K) {
+                    block[2..4].copy_from_slice(&F16Le::from_f32(-0.05).0);
+                }
+            }
+            let acts: Vec<Vec<u8>> = [1.0f32, -1.0]
+                .iter()
+                .map(|&sign| {
+                    let x: Vec<f32> = (0..cols).map(|i| if i % 5 == 0 { -sign } else { sign }).collect();
+                    quantized(GgmlType::A16, &x)
+                })
+                .collect();
+            check(ty, rows, cols, &w, &acts);
+        }
+    }
+}
