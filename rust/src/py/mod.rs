@@ -1,6 +1,7 @@
 //! Thin pyo3 bindings: convert arguments into owned Rust values, release the GIL for the
 //! work, convert results back. One file per exposed concept.
 
+mod buffers;
 mod checkpoint;
 mod errors;
 mod model;

@@ -7,11 +7,10 @@ use numpy::{
     IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyByteArray, PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict};
 
+use super::buffers::raw_bytes;
 use super::to_py_err;
 use crate::error::Error;
 use crate::wire::{
@@ -58,20 +57,6 @@ fn matrix_of(hidden: &PyReadonlyArray2<'_, f32>) -> PyResult<(Vec<f32>, Shape)> 
     Ok((data, Shape::matrix(rows, cols)))
 }
 
-/// Raw bytes from Python: `bytes` (borrowed without a copy), `bytearray` (copied), or anything
-/// with `tobytes()` such as `memoryview` (copied).
-fn raw_bytes(data: &Bound<'_, PyAny>) -> PyResult<PyBackedBytes> {
-    if data.is_instance_of::<PyBytes>() || data.is_instance_of::<PyByteArray>() {
-        return data.extract::<PyBackedBytes>().map_err(PyErr::from);
-    }
-    match data.call_method0("tobytes") {
-        Ok(bytes) => bytes.extract::<PyBackedBytes>().map_err(PyErr::from),
-        Err(_) => Err(PyTypeError::new_err(format!(
-            "expected bytes, bytearray or memoryview, got {}",
-            data.get_type().name()?
-        ))),
-    }
-}
 
 /// Encodes `msg` with the GIL released and returns the frame as `bytes`.
 fn encode<'py>(py: Python<'py>, msg: Message<'_>) -> PyResult<Bound<'py, PyBytes>> {
