@@ -250,7 +250,10 @@ impl GgmlType {
                 self.block_len()
             )));
         }
-        Ok(n / self.block_len() * self.block_bytes())
+        // Row lengths come from file headers: an absurd one must be an error, not a wrap.
+        (n / self.block_len())
+            .checked_mul(self.block_bytes())
+            .ok_or_else(|| Error::Shape(format!("a {} row of {n} elements overflows the address space", self.name())))
     }
 
     /// The type activations are quantized to for [`vec_dot_fn`] with weights of this type:
