@@ -1,0 +1,71 @@
+//! The node's libp2p behaviour (identify, ping, Kademlia in server mode, the tensor
+//! request/response protocol) and the swarm built around it: TCP with Noise and Yamux, and
+//! QUIC, on tokio. Both transports can always dial; which ones listen is the node's choice.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::kad::store::MemoryStore;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{identify, kad, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
+
+use super::codec::{FrameCodec, PROTOCOL};
+use super::NodeConfig;
+use crate::error::{Error, Result};
+
+/// Kademlia protocol of meshpy meshes: a name of our own keeps our DHT apart from the public
+/// IPFS one if the two ever meet.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshpy/kad/1");
+
+/// Identify's protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/meshpy/id/1";
+
+/// Every protocol a node runs.
+#[derive(NetworkBehaviour)]
+pub struct MeshBehaviour {
+    /// Exchanges listen addresses and protocols with each peer.
+    pub identify: identify::Behaviour,
+    /// Keeps connections checked and measures round trips.
+    pub ping: ping::Behaviour,
+    /// The DHT: routing and provider records per (model, layer).
+    pub kad: kad::Behaviour<MemoryStore>,
+    /// Tensor frames.
+    pub tensor: request_response::Behaviour<FrameCodec>,
+}
+
+/// Builds the swarm for `keypair` with `config`'s timeouts and limits.
+pub fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<Swarm<MeshBehaviour>> {
+    let net = |what: &str, e: &dyn std::fmt::Display| Error::Network(format!("{what}: {e}"));
+    let mut tcp_config = tcp::Config::default();
+    tcp_config = tcp_config.nodelay(true);
+    let request_timeout = config.request_timeout;
+    let query_timeout = config.query_timeout;
+    let limits = config.limits;
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
+        .map_err(|e| net("TCP transport", &e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_query_timeout(query_timeout);
+            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+            kad.set_mode(Some(kad::Mode::Server));
+            MeshBehaviour {
+                identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())),
+                ping: ping::Behaviour::new(ping::Config::new()),
+                kad,
+                tensor: request_response::Behaviour::with_codec(
+                    FrameCodec { limits },
+                    [(PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(request_timeout),
+                ),
+            }
+        })
+        .map_err(|e| net("behaviour", &e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    Ok(swarm)
+}
