@@ -65,7 +65,14 @@ pub fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<Swarm<MeshBe
             }
         })
         .map_err(|e| net("behaviour", &e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(300))
+                // Every meshpy node speaks every protocol we open streams for, so a stream can
+                // carry its first frame with the protocol proposal instead of waiting a round
+                // trip for the confirmation (multistream-select "V1 lazy"): one loopback round
+                // trip less per tensor request.
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }

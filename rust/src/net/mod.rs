@@ -5,7 +5,7 @@
 //!
 //! The node runs on a tokio runtime of its own; other threads (Python's included) drive it
 //! through [`NodeHandle`]'s blocking calls, which send commands over a channel and wait on a
-//! oneshot reply. Inbound requests go to a [`FrameHandler`] on tokio's blocking pool:
+//! reply channel. Inbound requests go to a [`FrameHandler`] on tokio's blocking pool:
 //! [`EchoHandler`] for network tests, [`SpanHandler`] to serve a span of layers with a KV
 //! cache per session.
 

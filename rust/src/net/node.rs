@@ -1,6 +1,6 @@
 //! The running node: a tokio runtime of its own driving the swarm in one event loop, and the
 //! blocking [`NodeHandle`] other threads use. Each call is a [`Command`] over a channel with a
-//! oneshot for the answer; the loop owns the swarm and every pending query, dial and request.
+//! one-slot reply channel for the answer; the loop owns the swarm and every pending query, dial and request.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Deref;
@@ -14,8 +14,7 @@ use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{identify, Multiaddr, PeerId, Swarm};
-use tokio::runtime::Runtime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent};
 use super::codec::{error_frame, Request};
@@ -26,15 +25,20 @@ use crate::wire::{ErrorCode, ErrorReply};
 /// Providers of a key: each peer with the addresses known for it.
 pub type Providers = Vec<(PeerId, Vec<Multiaddr>)>;
 
+/// Where the loop sends one answer: a channel of capacity one, so sending never blocks the
+/// loop and the caller waits with a plain timeout, independent of the runtime (which may be
+/// gone by then).
+type Reply<T> = std::sync::mpsc::SyncSender<T>;
+
 /// What a handle asks of the event loop.
 enum Command {
-    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
-    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
-    Dial(Multiaddr, oneshot::Sender<Result<PeerId>>),
-    Bootstrap(oneshot::Sender<Result<()>>),
-    StartProviding(Vec<u8>, oneshot::Sender<Result<()>>),
-    GetProviders(Vec<u8>, oneshot::Sender<Result<Providers>>),
-    Request { peer: PeerId, frame: Vec<u8>, reply: oneshot::Sender<Result<Vec<u8>>> },
+    ListenAddrs(Reply<Vec<Multiaddr>>),
+    ConnectedPeers(Reply<Vec<PeerId>>),
+    Dial(Multiaddr, Reply<Result<PeerId>>),
+    Bootstrap(Reply<Result<()>>),
+    StartProviding(Vec<u8>, Reply<Result<()>>),
+    GetProviders(Vec<u8>, Reply<Result<Providers>>),
+    Request { peer: PeerId, frame: Vec<u8>, reply: Reply<Result<Vec<u8>>> },
     Shutdown,
 }
 
@@ -46,19 +50,19 @@ type HandlerSlot = Arc<RwLock<Option<Arc<dyn FrameHandler>>>>;
 #[derive(Clone)]
 pub struct NodeHandle {
     commands: mpsc::UnboundedSender<Command>,
-    runtime: tokio::runtime::Handle,
     peer_id: PeerId,
     handler: HandlerSlot,
     request_timeout: Duration,
     query_timeout: Duration,
 }
 
-/// A libp2p node: identity, listeners, DHT, tensor protocol, on a runtime it owns. Dereferences
-/// to its [`NodeHandle`]; dropping it shuts it down.
+/// A libp2p node: identity, listeners, DHT, tensor protocol, driven by one dedicated thread
+/// running a current-thread tokio runtime (one thread keeps a request's hops off other cores'
+/// run queues; handlers run on the runtime's blocking pool). Dereferences to its
+/// [`NodeHandle`]; dropping it shuts it down.
 pub struct Node {
     handle: NodeHandle,
-    runtime: Mutex<Option<Runtime>>,
-    event_loop: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Deref for Node {
@@ -76,16 +80,15 @@ impl Node {
     pub fn start(config: NodeConfig) -> Result<Node> {
         let keypair = identity::load_or_create(&config.node_dir)?;
         let peer_id = keypair.public().to_peer_id();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .max_blocking_threads(64)
-            .thread_name("meshpy-net")
+            .thread_name("meshpy-net-blocking")
             .enable_all()
             .build()
             .map_err(|e| Error::Network(format!("cannot start the node's runtime: {e}")))?;
         let handler: HandlerSlot = Arc::new(RwLock::new(config.handler.clone()));
         let (tx, rx) = mpsc::unbounded_channel();
-        let event_loop = runtime.block_on(async {
+        let state = runtime.block_on(async {
             let mut swarm = build_swarm(keypair, &config)?;
             let listen_addrs = listen(&mut swarm, &config).await?;
             let mut state = Loop::new(swarm, Arc::clone(&handler), listen_addrs);
@@ -96,21 +99,25 @@ impl Node {
                 // The first bootstrap runs in the background; `bootstrap()` waits for one.
                 let _ = state.swarm.behaviour_mut().kad.bootstrap();
             }
-            Ok::<_, Error>(tokio::spawn(state.run(rx)))
+            Ok::<_, Error>(state)
         })?;
+        let handle = NodeHandle {
+            commands: tx,
+            peer_id,
+            handler,
+            request_timeout: config.request_timeout,
+            query_timeout: config.query_timeout,
+        };
+        let thread = std::thread::Builder::new()
+            .name("meshpy-net".to_string())
+            .spawn(move || {
+                runtime.block_on(state.run(rx));
+                // In-flight handler calls get a few seconds to finish.
+                runtime.shutdown_timeout(Duration::from_secs(5));
+            })
+            .map_err(|e| Error::Network(format!("cannot start the node's thread: {e}")))?;
         tracing::info!(%peer_id, "node started");
-        Ok(Node {
-            handle: NodeHandle {
-                commands: tx,
-                runtime: runtime.handle().clone(),
-                peer_id,
-                handler,
-                request_timeout: config.request_timeout,
-                query_timeout: config.query_timeout,
-            },
-            runtime: Mutex::new(Some(runtime)),
-            event_loop: Mutex::new(Some(event_loop)),
-        })
+        Ok(Node { handle, thread: Mutex::new(Some(thread)) })
     }
 
     /// A handle for other threads.
@@ -118,17 +125,16 @@ impl Node {
         self.handle.clone()
     }
 
-    /// Stops the node: closes the listeners and connections, waits for the event loop, and
-    /// shuts the runtime down (in-flight handler calls get a few seconds to finish). Later
-    /// calls on any handle fail with a network error. Idempotent.
+    /// Stops the node: closes the listeners and connections, ends the event loop, shuts the
+    /// runtime down and joins its thread. Later calls on any handle fail with a network error.
+    /// Idempotent.
     pub fn shutdown(&self) {
-        let runtime = self.runtime.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(runtime) = runtime else { return };
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(thread) = thread else { return };
         let _ = self.handle.commands.send(Command::Shutdown);
-        if let Some(task) = self.event_loop.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), task).await });
+        if thread.join().is_err() {
+            tracing::error!("the node's thread panicked");
         }
-        runtime.shutdown_timeout(Duration::from_secs(5));
         tracing::info!(peer_id = %self.handle.peer_id, "node stopped");
     }
 }
@@ -241,14 +247,15 @@ impl NodeHandle {
     }
 
     /// Sends a command and waits at most `timeout` for its answer.
-    fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command, timeout: Duration, what: &str) -> Result<T> {
-        let (tx, rx) = oneshot::channel();
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command, timeout: Duration, what: &str) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.commands.send(make(tx)).map_err(|_| stopped())?;
-        let answer = self.runtime.block_on(async { tokio::time::timeout(timeout, rx).await });
-        match answer {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(_)) => Err(stopped()),
-            Err(_) => Err(Error::Timeout(format!("{what} got no answer within {:.3} s", timeout.as_secs_f64()))),
+        match rx.recv_timeout(timeout) {
+            Ok(value) => Ok(value),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(stopped()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(Error::Timeout(format!("{what} got no answer within {:.3} s", timeout.as_secs_f64())))
+            }
         }
     }
 }
@@ -273,11 +280,11 @@ struct Loop {
     listen_addrs: Vec<Multiaddr>,
     /// Addresses learned per peer (identify, dials, provider lookups).
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
-    dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId>>>,
-    bootstraps: HashMap<QueryId, oneshot::Sender<Result<()>>>,
-    provides: HashMap<QueryId, oneshot::Sender<Result<()>>>,
-    lookups: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<Result<Providers>>)>,
-    requests: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>>>>,
+    dials: HashMap<ConnectionId, Reply<Result<PeerId>>>,
+    bootstraps: HashMap<QueryId, Reply<Result<()>>>,
+    provides: HashMap<QueryId, Reply<Result<()>>>,
+    lookups: HashMap<QueryId, (HashSet<PeerId>, Reply<Result<Providers>>)>,
+    requests: HashMap<OutboundRequestId, Reply<Result<Vec<u8>>>>,
     /// Handler answers coming back from the blocking pool.
     responses_tx: mpsc::UnboundedSender<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
     responses_rx: mpsc::UnboundedReceiver<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
@@ -345,7 +352,7 @@ impl Loop {
         let listeners: Vec<_> = self.swarm.listeners().cloned().collect();
         tracing::debug!(?listeners, "closing listeners");
         // Dropping the swarm closes every listener and connection; pending callers see their
-        // oneshot dropped and report the node as shut down.
+        // reply channel dropped and report the node as shut down.
     }
 
     fn on_command(&mut self, command: Command) {
@@ -486,6 +493,11 @@ impl Loop {
             let _ = self.swarm.behaviour_mut().tensor.send_response(channel, error_frame(reply));
             return;
         };
+        if handler.inline() {
+            let answer = handler.handle(peer, &frame);
+            let _ = self.swarm.behaviour_mut().tensor.send_response(channel, answer);
+            return;
+        }
         let responses = self.responses_tx.clone();
         tokio::task::spawn_blocking(move || {
             let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(peer, &frame)))

@@ -18,6 +18,12 @@ pub trait FrameHandler: Send + Sync + 'static {
     fn session_count(&self) -> usize {
         0
     }
+
+    /// Whether `handle` is cheap enough (microseconds, no blocking) to run on the node's event
+    /// loop instead of the blocking pool, saving two thread hops per request.
+    fn inline(&self) -> bool {
+        false
+    }
 }
 
 /// Echo mode: a `Forward` comes back as a `ForwardResult` with the same entries and tensor
@@ -46,6 +52,10 @@ impl FrameHandler for EchoHandler {
             Ok(other) => return unexpected(other.kind()),
         };
         reply.encode().unwrap_or_else(|e| error_frame_for(&e, None))
+    }
+
+    fn inline(&self) -> bool {
+        true
     }
 }
 
