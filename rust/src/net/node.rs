@@ -419,10 +419,8 @@ impl Loop {
                 }
             }
             SwarmEvent::Behaviour(_) => {}
-            SwarmEvent::NewListenAddr { address, .. } => {
-                if !self.listen_addrs.contains(&address) {
-                    self.listen_addrs.push(address);
-                }
+            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
+                self.listen_addrs.push(address);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| *a != address),
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
@@ -520,11 +518,9 @@ impl Loop {
             return;
         };
         match result {
-            QueryResult::Bootstrap(result) => {
-                if step.last {
-                    if let Some(tx) = self.bootstraps.remove(&id) {
-                        let _ = tx.send(result.map(drop).map_err(|e| Error::Network(format!("bootstrap: {e}"))));
-                    }
+            QueryResult::Bootstrap(result) if step.last => {
+                if let Some(tx) = self.bootstraps.remove(&id) {
+                    let _ = tx.send(result.map(drop).map_err(|e| Error::Network(format!("bootstrap: {e}"))));
                 }
             }
             QueryResult::StartProviding(result) => {

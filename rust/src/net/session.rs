@@ -53,6 +53,9 @@ struct Table {
     used_bytes: u64,
 }
 
+/// The sessions of one request, in entry order, each marked when this request created it.
+type Admitted = Vec<(Arc<Mutex<Session>>, bool)>;
+
 /// A refusal: the reply to send, as an error code, maybe a session, and a message.
 type Refusal = Box<ErrorReply>;
 
@@ -168,7 +171,7 @@ impl SpanHandler {
     }
 
     /// Finds or creates each entry's session and reserves KV bytes for the request's tokens.
-    fn admit(&self, entries: &[Entry], total_tokens: u64) -> Result<Vec<(Arc<Mutex<Session>>, bool)>, Refusal> {
+    fn admit(&self, entries: &[Entry], total_tokens: u64) -> Result<Admitted, Refusal> {
         self.expire_idle();
         let bpp = self.bytes_per_position();
         let mut table = self.lock_table();
