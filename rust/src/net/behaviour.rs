@@ -1,16 +1,14 @@
-//! The node's libp2p behaviour (identify, ping, Kademlia in server mode, the tensor
-//! request/response protocol) and the swarm built around it: TCP with Noise and Yamux, and
+//! The node's libp2p behaviour (identify, ping, Kademlia in server mode, and raw streams for
+//! the tensor protocol) and the swarm built around it: TCP with Noise and Yamux, and
 //! QUIC, on tokio. Both transports can always dial; which ones listen is the node's choice.
 
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::kad::store::MemoryStore;
-use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, kad, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
-use super::codec::{FrameCodec, PROTOCOL};
 use super::NodeConfig;
 use crate::error::{Error, Result};
 
@@ -30,18 +28,16 @@ pub struct MeshBehaviour {
     pub ping: ping::Behaviour,
     /// The DHT: routing and provider records per (model, layer).
     pub kad: kad::Behaviour<MemoryStore>,
-    /// Tensor frames.
-    pub tensor: request_response::Behaviour<FrameCodec>,
+    /// Streams of the tensor protocol (frames on long-lived streams; see `codec`).
+    pub stream: libp2p_stream::Behaviour,
 }
 
-/// Builds the swarm for `keypair` with `config`'s timeouts and limits.
+/// Builds the swarm for `keypair` with `config`'s timeouts.
 pub fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<Swarm<MeshBehaviour>> {
     let net = |what: &str, e: &dyn std::fmt::Display| Error::Network(format!("{what}: {e}"));
     let mut tcp_config = tcp::Config::default();
     tcp_config = tcp_config.nodelay(true);
-    let request_timeout = config.request_timeout;
     let query_timeout = config.query_timeout;
-    let limits = config.limits;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
@@ -57,11 +53,7 @@ pub fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<Swarm<MeshBe
                 identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
-                tensor: request_response::Behaviour::with_codec(
-                    FrameCodec { limits },
-                    [(PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default().with_request_timeout(request_timeout),
-                ),
+                stream: libp2p_stream::Behaviour::new(),
             }
         })
         .map_err(|e| net("behaviour", &e))?

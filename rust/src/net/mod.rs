@@ -1,7 +1,7 @@
 //! meshpy's peer-to-peer layer: a libp2p node per process (persistent Ed25519 identity, TCP
 //! with Noise and Yamux and/or QUIC, identify, ping, a Kademlia DHT holding provider records
-//! per "<model-id>/layer/<i>", and the tensor request/response protocol "/meshpy/tensor/1"
-//! carrying one `wire` frame per request and per response).
+//! per "<model-id>/layer/<i>", and the tensor protocol "/meshpy/tensor/1": one `wire` frame
+//! per request and one per answer, on long-lived libp2p streams reused across requests).
 //!
 //! The node runs on a tokio runtime of its own; other threads (Python's included) drive it
 //! through [`NodeHandle`]'s blocking calls, which send commands over a channel and wait on a
@@ -15,6 +15,7 @@ pub mod identity;
 mod node;
 mod serve;
 mod session;
+mod tensor;
 
 #[cfg(test)]
 mod tests;
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use behaviour::{KAD_PROTOCOL, IDENTIFY_PROTOCOL};
-pub use codec::{error_frame, FrameCodec, Request, PROTOCOL};
+pub use codec::{error_frame, PROTOCOL};
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::{Node, NodeHandle};
 pub use serve::{EchoHandler, FrameHandler};
@@ -72,8 +73,8 @@ pub struct NodeConfig {
     pub transport: Transport,
     /// Peers to join through, as multiaddrs ending in `/p2p/<peer id>`.
     pub bootstrap: Vec<Multiaddr>,
-    /// Default and longest time a tensor request may take, both directions (a prefill forward
-    /// on the worker included).
+    /// Default time a tensor request may take, both directions and the worker's forward (a
+    /// long prefill included); [`NodeHandle::request`] can override it per call.
     pub request_timeout: Duration,
     /// Longest time a DHT query (bootstrap, provide, find providers) or a dial may take.
     pub query_timeout: Duration,

@@ -10,17 +10,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::kad::{self, QueryId, QueryResult};
 use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 
 use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent};
-use super::codec::{error_frame, Request};
+use super::codec::PROTOCOL;
+use super::tensor::{self, HandlerSlot, StreamPool};
 use super::{identity, FrameHandler, NodeConfig, Transport};
 use crate::error::{Error, Result};
-use crate::wire::{ErrorCode, ErrorReply};
 
 /// Providers of a key: each peer with the addresses known for it.
 pub type Providers = Vec<(PeerId, Vec<Multiaddr>)>;
@@ -38,12 +37,9 @@ enum Command {
     Bootstrap(Reply<Result<()>>),
     StartProviding(Vec<u8>, Reply<Result<()>>),
     GetProviders(Vec<u8>, Reply<Result<Providers>>),
-    Request { peer: PeerId, frame: Vec<u8>, reply: Reply<Result<Vec<u8>>> },
+    Request { peer: PeerId, frame: Vec<u8>, timeout: Duration, reply: Reply<Result<Vec<u8>>> },
     Shutdown,
 }
-
-/// The handler slot, shared by the node (to set it) and the loop (to call it).
-type HandlerSlot = Arc<RwLock<Option<Arc<dyn FrameHandler>>>>;
 
 /// A cheap, cloneable way to drive a node from any thread. Every call blocks the calling
 /// thread (never the node's runtime) until the loop answers or the call times out.
@@ -91,7 +87,13 @@ impl Node {
         let state = runtime.block_on(async {
             let mut swarm = build_swarm(keypair, &config)?;
             let listen_addrs = listen(&mut swarm, &config).await?;
-            let mut state = Loop::new(swarm, Arc::clone(&handler), listen_addrs);
+            let mut control = swarm.behaviour().stream.new_control();
+            let incoming = control
+                .accept(PROTOCOL)
+                .map_err(|_| Error::Network(format!("{PROTOCOL} is already served")))?;
+            tokio::spawn(tensor::serve(incoming, Arc::clone(&handler), config.limits));
+            let pool = StreamPool::new(control, config.limits);
+            let mut state = Loop::new(swarm, pool, listen_addrs);
             for addr in &config.bootstrap {
                 state.add_bootstrap_peer(addr)?;
             }
@@ -233,7 +235,9 @@ impl NodeHandle {
     /// caller decodes it.
     pub fn request(&self, peer: PeerId, frame: Vec<u8>, timeout: Option<Duration>) -> Result<Vec<u8>> {
         let timeout = timeout.unwrap_or(self.request_timeout);
-        self.call(|reply| Command::Request { peer, frame, reply }, timeout, "request")?
+        // The loop's task gives up at `timeout` too, so no stream waits forever; the margin
+        // lets its own error (more precise) arrive first.
+        self.call(|reply| Command::Request { peer, frame, timeout, reply }, timeout + Duration::from_millis(200), "request")?
     }
 
     /// Sets (or clears) the handler of inbound tensor requests.
@@ -276,7 +280,7 @@ fn split_peer(addr: &Multiaddr) -> (Multiaddr, Option<PeerId>) {
 /// The event loop's state: the swarm and what each pending call waits for.
 struct Loop {
     swarm: Swarm<MeshBehaviour>,
-    handler: HandlerSlot,
+    pool: StreamPool,
     listen_addrs: Vec<Multiaddr>,
     /// Addresses learned per peer (identify, dials, provider lookups).
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
@@ -284,27 +288,19 @@ struct Loop {
     bootstraps: HashMap<QueryId, Reply<Result<()>>>,
     provides: HashMap<QueryId, Reply<Result<()>>>,
     lookups: HashMap<QueryId, (HashSet<PeerId>, Reply<Result<Providers>>)>,
-    requests: HashMap<OutboundRequestId, Reply<Result<Vec<u8>>>>,
-    /// Handler answers coming back from the blocking pool.
-    responses_tx: mpsc::UnboundedSender<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
-    responses_rx: mpsc::UnboundedReceiver<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
 }
 
 impl Loop {
-    fn new(swarm: Swarm<MeshBehaviour>, handler: HandlerSlot, listen_addrs: Vec<Multiaddr>) -> Self {
-        let (responses_tx, responses_rx) = mpsc::unbounded_channel();
+    fn new(swarm: Swarm<MeshBehaviour>, pool: StreamPool, listen_addrs: Vec<Multiaddr>) -> Self {
         Loop {
             swarm,
-            handler,
+            pool,
             listen_addrs,
             addresses: HashMap::new(),
             dials: HashMap::new(),
             bootstraps: HashMap::new(),
             provides: HashMap::new(),
             lookups: HashMap::new(),
-            requests: HashMap::new(),
-            responses_tx,
-            responses_rx,
         }
     }
 
@@ -341,16 +337,12 @@ impl Loop {
                     Some(Command::Shutdown) | None => break,
                     Some(command) => self.on_command(command),
                 },
-                Some((channel, frame)) = self.responses_rx.recv() => {
-                    if self.swarm.behaviour_mut().tensor.send_response(channel, frame).is_err() {
-                        tracing::debug!("the requester left before its response was sent");
-                    }
-                }
                 event = self.swarm.select_next_some() => self.on_event(event),
             }
         }
         let listeners: Vec<_> = self.swarm.listeners().cloned().collect();
         tracing::debug!(?listeners, "closing listeners");
+        self.pool.clear();
         // Dropping the swarm closes every listener and connection; pending callers see their
         // reply channel dropped and report the node as shut down.
     }
@@ -401,9 +393,14 @@ impl Loop {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key.into());
                 self.lookups.insert(id, (HashSet::new(), tx));
             }
-            Command::Request { peer, frame, reply } => {
-                let id = self.swarm.behaviour_mut().tensor.send_request(&peer, Request::Frame(frame));
-                self.requests.insert(id, reply);
+            Command::Request { peer, frame, timeout, reply } => {
+                let pool = self.pool.clone();
+                tokio::spawn(async move {
+                    let answer = tokio::time::timeout(timeout, pool.request(peer, frame)).await.unwrap_or_else(|_| {
+                        Err(Error::Timeout(format!("request to {peer}: no answer within {:.3} s", timeout.as_secs_f64())))
+                    });
+                    let _ = reply.send(answer);
+                });
             }
             Command::Shutdown => {}
         }
@@ -411,7 +408,6 @@ impl Loop {
 
     fn on_event(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(MeshBehaviourEvent::Tensor(e)) => self.on_tensor(e),
             SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 for addr in info.listen_addrs {
@@ -439,75 +435,6 @@ impl Loop {
             }
             _ => {}
         }
-    }
-
-    fn on_tensor(&mut self, event: request_response::Event<Request, Vec<u8>>) {
-        use request_response::{Event, Message};
-        match event {
-            Event::Message { peer, message: Message::Request { request, channel, .. }, .. } => {
-                self.serve(peer, request, channel);
-            }
-            Event::Message { message: Message::Response { request_id, response }, .. } => {
-                if let Some(tx) = self.requests.remove(&request_id) {
-                    let _ = tx.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure { peer, request_id, error, .. } => {
-                if let Some(tx) = self.requests.remove(&request_id) {
-                    let err = match error {
-                        request_response::OutboundFailure::Timeout => {
-                            Error::Timeout(format!("request to {peer}: no response in time"))
-                        }
-                        other => Error::Network(format!("request to {peer} failed: {other}")),
-                    };
-                    let _ = tx.send(Err(err));
-                }
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "inbound request failed: {error}");
-            }
-            Event::ResponseSent { .. } => {}
-        }
-    }
-
-    /// Answers a refused frame at once, and hands a whole one to the handler on the blocking
-    /// pool; its answer comes back through `responses_tx`.
-    fn serve(&mut self, peer: PeerId, request: Request, channel: ResponseChannel<Vec<u8>>) {
-        let frame = match request {
-            Request::Frame(frame) => frame,
-            Request::Refused(reply) => {
-                tracing::debug!(%peer, "refused a frame: {}", reply.message);
-                let _ = self.swarm.behaviour_mut().tensor.send_response(channel, error_frame(reply));
-                return;
-            }
-        };
-        let handler = self.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(handler) = handler else {
-            let reply = ErrorReply {
-                code: ErrorCode::InvalidRequest,
-                session: None,
-                message: "this node serves no layers".to_string(),
-            };
-            let _ = self.swarm.behaviour_mut().tensor.send_response(channel, error_frame(reply));
-            return;
-        };
-        if handler.inline() {
-            let answer = handler.handle(peer, &frame);
-            let _ = self.swarm.behaviour_mut().tensor.send_response(channel, answer);
-            return;
-        }
-        let responses = self.responses_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(peer, &frame)))
-                .unwrap_or_else(|_| {
-                    error_frame(ErrorReply {
-                        code: ErrorCode::Internal,
-                        session: None,
-                        message: "the handler panicked".to_string(),
-                    })
-                });
-            let _ = responses.send((channel, answer));
-        });
     }
 
     fn on_kad(&mut self, event: kad::Event) {
