@@ -239,3 +239,41 @@ def test_span_worker_survives_garbage_while_a_session_runs(smollm2_worker) -> No
     thread.join()
     assert not errors, errors
     client.request(worker.peer_id, _native.encode_close_session([sid]))
+
+
+def test_span_worker_over_quic_expires_idle_sessions(smollm2_worker, tmp_path: Path) -> None:  # noqa: ANN001
+    """A second worker serving the same span object, over QUIC, with a 0.5 s idle timeout."""
+    from meshpy.models.config import read_config
+    from meshpy.models.packaged import resolve_packaged
+    from meshpy.models.source import open_model_source
+    from meshpy.pipeline import LocalSpan
+
+    local, config, _, _, model_hash = smollm2_worker
+    source = open_model_source(resolve_packaged("smollm2"))
+    span = LocalSpan(source, read_config(source), range(10, 20), _native.ThreadPool(1))
+    with _native.Node(str(tmp_path / "w"), 0, "quic", [], span.native, model_name="smollm2", model_hash=model_hash,
+                      idle_timeout=0.5) as worker, _native.Node(str(tmp_path / "c"), 0, "quic") as client:
+        client.dial(worker.listen_addrs()[0])
+        x = np.random.default_rng(1).standard_normal((4, HIDDEN)).astype(np.float32)
+        frame = forward(x, "f32", 55, 0, 0, model_hash, (10, 10), "smollm2")
+        got = _native.decode_frame(client.request(worker.peer_id, frame))
+        np.testing.assert_array_equal(got["hidden"], span.forward(x, span.new_cache(64)))
+        assert worker.session_count() == 1
+        deadline = time.monotonic() + 10
+        while worker.session_count() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.session_count() == 0, "an idle session expires without further requests"
+        frame = forward(x[:1], "f32", 55, 4, 1, model_hash, (10, 10), "smollm2")
+        assert _native.decode_frame(client.request(worker.peer_id, frame))["code"] == "unknown_session"
+
+
+def test_stub_section_matches_the_node_class() -> None:
+    """The `# net` section of _native.pyi names the Node class's public members."""
+    import ast
+
+    stub = Path(_native.__file__).with_name("_native.pyi").read_text()
+    section = stub.split("# net (rust/src/py/net.rs)")[1]
+    (cls,) = [n for n in ast.parse(section).body if isinstance(n, ast.ClassDef)]
+    stubbed = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)} - {"__init__", "__enter__", "__exit__"}
+    actual = {name for name in dir(_native.Node) if not name.startswith("_")}
+    assert stubbed == actual

@@ -92,6 +92,7 @@ impl Node {
                 .accept(PROTOCOL)
                 .map_err(|_| Error::Network(format!("{PROTOCOL} is already served")))?;
             tokio::spawn(tensor::serve(incoming, Arc::clone(&handler), config.limits));
+            tokio::spawn(tensor::maintain(Arc::clone(&handler), Duration::from_secs(1)));
             let pool = StreamPool::new(control, config.limits);
             let mut state = Loop::new(swarm, pool, listen_addrs);
             for addr in &config.bootstrap {

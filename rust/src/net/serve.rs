@@ -19,6 +19,10 @@ pub trait FrameHandler: Send + Sync + 'static {
         0
     }
 
+    /// Housekeeping the node runs about once a second (on its event-loop thread, so keep it
+    /// short): e.g. dropping idle sessions.
+    fn maintain(&self) {}
+
     /// Whether `handle` is cheap enough (microseconds, no blocking) to run on the node's event
     /// loop instead of the blocking pool, saving two thread hops per request.
     fn inline(&self) -> bool {

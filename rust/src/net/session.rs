@@ -92,7 +92,7 @@ impl SpanHandler {
     }
 
     /// Drops sessions idle for longer than the idle timeout; returns how many. Runs before
-    /// every request too, so calling it is only needed to free memory while no request comes.
+    /// every request and, through [`FrameHandler::maintain`], about once a second.
     pub fn expire_idle(&self) -> usize {
         let now = Instant::now();
         let mut table = self.lock_table();
@@ -322,5 +322,9 @@ impl FrameHandler for SpanHandler {
 
     fn session_count(&self) -> usize {
         self.lock_table().sessions.len()
+    }
+
+    fn maintain(&self) {
+        self.expire_idle();
     }
 }

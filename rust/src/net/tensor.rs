@@ -110,6 +110,19 @@ pub(crate) async fn serve(mut incoming: IncomingStreams, handler: HandlerSlot, l
     }
 }
 
+/// Calls the handler's housekeeping every `period` until the runtime stops.
+pub(crate) async fn maintain(handler: HandlerSlot, period: std::time::Duration) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let current = handler.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(h) = current {
+            h.maintain();
+        }
+    }
+}
+
 /// Answers frames on one stream until the peer closes it or a frame is refused.
 async fn serve_stream(peer: PeerId, mut stream: Stream, handler: HandlerSlot, limits: Limits) {
     loop {
