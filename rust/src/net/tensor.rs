@@ -62,46 +62,77 @@ impl StreamPool {
 
     /// Sends `frame` to `peer` and returns the answer frame.
     pub(crate) async fn request(&self, peer: PeerId, frame: Vec<u8>) -> Result<Vec<u8>> {
-        if !is_whole_frame(&frame) {
-            return self.request_once(peer, &frame).await;
-        }
-        if let Some(stream) = self.take_idle(peer) {
-            match self.exchange(peer, stream, &frame).await {
-                Ok(answer) => return Ok(answer),
-                Err(e) => tracing::debug!(%peer, "reused tensor stream failed ({e}); retrying on a new one"),
+        let whole = is_whole_frame(&frame);
+        if whole {
+            if let Some(stream) = self.take_idle(peer) {
+                match self.exchange(peer, stream, &frame, true).await {
+                    Ok(answer) => return answer,
+                    Err(Unanswered(e)) => {
+                        tracing::debug!(%peer, "reused tensor stream failed ({e}); retrying on a new one")
+                    }
+                }
             }
         }
-        let stream = self.open(peer).await?;
-        self.exchange(peer, stream, &frame).await
+        let mut attempt = 0;
+        loop {
+            let stream = self.open(peer).await?;
+            match self.exchange(peer, stream, &frame, whole).await {
+                Err(Unanswered(e)) if attempt + 1 < OPEN_ATTEMPTS => {
+                    tracing::debug!(%peer, "a new tensor stream got no answer ({e}); retrying");
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(attempt)).await;
+                }
+                Err(Unanswered(e)) => return Err(e),
+                Ok(answer) => return answer,
+            }
+        }
     }
 
-    /// One frame each way on `stream`, which goes back to the pool after a clean answer.
-    async fn exchange(&self, peer: PeerId, mut stream: Stream, frame: &[u8]) -> Result<Vec<u8>> {
+    /// One request each way on `stream`; a whole frame's stream goes back to the pool after a
+    /// clean answer, other bytes are followed by closing the write side. The outer error is a
+    /// stream that ended or broke before any answer (retryable on a fresh stream: the peer
+    /// did not process the request), the inner result the request's.
+    async fn exchange(
+        &self,
+        peer: PeerId,
+        mut stream: Stream,
+        bytes: &[u8],
+        whole: bool,
+    ) -> std::result::Result<Result<Vec<u8>>, Unanswered> {
         let what = format!("request to {peer}");
-        write_frame(&mut stream, frame).await.map_err(|e| Error::Network(format!("{what}: {e}")))?;
-        let answer = read_frame(&mut stream, &self.limits).await.map_err(|e| e.into_error(&what))?;
+        if whole {
+            write_frame(&mut stream, bytes).await.map_err(|e| Unanswered(Error::Network(format!("{what}: {e}"))))?;
+        } else {
+            let sent = async {
+                stream.write_all(bytes).await?;
+                stream.close().await
+            };
+            // The server may answer and close before reading everything; its answer counts.
+            if let Err(e) = sent.await {
+                tracing::debug!(%peer, "writing a partial frame: {e}");
+            }
+        }
+        let answer = match read_frame(&mut stream, &self.limits).await {
+            Ok(answer) => answer,
+            Err(e @ (ReadError::Closed | ReadError::Io(_))) => return Err(Unanswered(e.into_error(&what))),
+            Err(e) => return Ok(Err(e.into_error(&what))),
+        };
         // After an error answer the server may close the stream; do not reuse it.
-        if answer.get(6) != Some(&(Kind::Error as u8)) {
+        if whole && answer.get(6) != Some(&(Kind::Error as u8)) {
             self.put_idle(peer, stream);
         }
-        Ok(answer)
-    }
-
-    /// Sends bytes that are not one whole frame on a fresh stream and closes its write side.
-    async fn request_once(&self, peer: PeerId, bytes: &[u8]) -> Result<Vec<u8>> {
-        let what = format!("request to {peer}");
-        let mut stream = self.open(peer).await?;
-        let sent = async {
-            stream.write_all(bytes).await?;
-            stream.close().await
-        };
-        // The server may answer and close before reading everything; its answer still counts.
-        if let Err(e) = sent.await {
-            tracing::debug!(%peer, "writing a partial frame: {e}");
-        }
-        read_frame(&mut stream, &self.limits).await.map_err(|e| e.into_error(&what))
+        Ok(Ok(answer))
     }
 }
+
+/// How often a request is tried on fresh streams that end without an answer. libp2p-stream
+/// drops an inbound stream when several arrive before the server's accept loop runs (its
+/// hand-over channel holds one), which concurrent requesters hit; such a stream was never
+/// read, so sending again is safe.
+const OPEN_ATTEMPTS: u64 = 8;
+
+/// A request that got no answer at all (see [`StreamPool::exchange`]).
+struct Unanswered(Error);
 
 /// Accepts tensor streams and serves each on a task of its own until the runtime stops.
 pub(crate) async fn serve(mut incoming: IncomingStreams, handler: HandlerSlot, limits: Limits) {

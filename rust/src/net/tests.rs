@@ -252,3 +252,34 @@ fn node_without_handler_refuses_requests_and_both_transports_listen() {
     assert_eq!(a.session_count(), 0);
     assert!("udp".parse::<Transport>().is_err());
 }
+
+/// Many threads share one node's streams to one worker: every answer matches its request.
+fn concurrent_requests(transport: Transport) {
+    let (da, db) = (TempDir::new(), TempDir::new());
+    let a = Node::start(config(&da, transport, vec![])).unwrap();
+    let b = Node::start(config(&db, transport, vec![])).unwrap();
+    b.dial(a.listen_addrs().unwrap()[0].clone()).unwrap();
+    let peer = a.peer_id();
+    std::thread::scope(|scope| {
+        for t in 0..6u64 {
+            let handle = b.handle();
+            scope.spawn(move || {
+                for i in 0..40u64 {
+                    let nonce = t << 32 | i;
+                    let reply = handle.request(peer, Message::Ping(nonce).encode().unwrap(), None).unwrap();
+                    assert_eq!(Message::decode(&reply, &Limits::default()).unwrap(), Message::Pong(nonce));
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn concurrent_requests_tcp() {
+    concurrent_requests(Transport::Tcp);
+}
+
+#[test]
+fn concurrent_requests_quic() {
+    concurrent_requests(Transport::Quic);
+}
