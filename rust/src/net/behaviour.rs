@@ -9,6 +9,7 @@ use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, kad, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
+use super::streams::{Opener, TensorStreams};
 use super::NodeConfig;
 use crate::error::{Error, Result};
 
@@ -29,11 +30,16 @@ pub struct MeshBehaviour {
     /// The DHT: routing and provider records per (model, layer).
     pub kad: kad::Behaviour<MemoryStore>,
     /// Streams of the tensor protocol (frames on long-lived streams; see `codec`).
-    pub stream: libp2p_stream::Behaviour,
+    pub tensor: TensorStreams,
 }
 
-/// Builds the swarm for `keypair` with `config`'s timeouts.
-pub fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<Swarm<MeshBehaviour>> {
+/// Inbound tensor streams, as the swarm accepts them.
+pub(crate) type InboundStreams = futures::channel::mpsc::UnboundedReceiver<(libp2p::PeerId, libp2p::Stream)>;
+
+/// Builds the swarm for `keypair` with `config`'s timeouts; also returns the handle that opens
+/// tensor streams and the queue of inbound ones.
+pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swarm<MeshBehaviour>, Opener, InboundStreams)> {
+    let (tensor, opener, inbound) = TensorStreams::new();
     let net = |what: &str, e: &dyn std::fmt::Display| Error::Network(format!("{what}: {e}"));
     let mut tcp_config = tcp::Config::default();
     tcp_config = tcp_config.nodelay(true);
@@ -53,7 +59,7 @@ pub fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<Swarm<MeshBe
                 identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
-                stream: libp2p_stream::Behaviour::new(),
+                tensor,
             }
         })
         .map_err(|e| net("behaviour", &e))?
@@ -66,5 +72,5 @@ pub fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<Swarm<MeshBe
                 .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
         })
         .build();
-    Ok(swarm)
+    Ok((swarm, opener, inbound))
 }

@@ -15,6 +15,7 @@ pub mod identity;
 mod node;
 mod serve;
 mod session;
+mod streams;
 mod tensor;
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ use libp2p::{identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 
 use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent};
-use super::codec::PROTOCOL;
 use super::tensor::{self, HandlerSlot, StreamPool};
 use super::{identity, FrameHandler, NodeConfig, Transport};
 use crate::error::{Error, Result};
@@ -85,15 +84,11 @@ impl Node {
         let handler: HandlerSlot = Arc::new(RwLock::new(config.handler.clone()));
         let (tx, rx) = mpsc::unbounded_channel();
         let state = runtime.block_on(async {
-            let mut swarm = build_swarm(keypair, &config)?;
+            let (mut swarm, opener, incoming) = build_swarm(keypair, &config)?;
             let listen_addrs = listen(&mut swarm, &config).await?;
-            let mut control = swarm.behaviour().stream.new_control();
-            let incoming = control
-                .accept(PROTOCOL)
-                .map_err(|_| Error::Network(format!("{PROTOCOL} is already served")))?;
             tokio::spawn(tensor::serve(incoming, Arc::clone(&handler), config.limits));
             tokio::spawn(tensor::maintain(Arc::clone(&handler), Duration::from_secs(1)));
-            let pool = StreamPool::new(control, config.limits);
+            let pool = StreamPool::new(opener, config.limits);
             let mut state = Loop::new(swarm, pool, listen_addrs);
             for addr in &config.bootstrap {
                 state.add_bootstrap_peer(addr)?;

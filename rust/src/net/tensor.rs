@@ -16,9 +16,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
-use libp2p_stream::{Control, IncomingStreams};
 
-use super::codec::{error_frame, is_whole_frame, read_frame, write_frame, ReadError, PROTOCOL};
+use super::behaviour::InboundStreams;
+use super::streams::Opener;
+use super::codec::{error_frame, is_whole_frame, read_frame, write_frame, ReadError};
 use super::FrameHandler;
 use crate::error::{Error, Result};
 use crate::wire::{ErrorCode, ErrorReply, Kind, Limits, FIXED_HEADER_LEN};
@@ -29,14 +30,14 @@ pub(crate) type HandlerSlot = Arc<RwLock<Option<Arc<dyn FrameHandler>>>>;
 /// Idle tensor streams per peer, and how to open more.
 #[derive(Clone)]
 pub(crate) struct StreamPool {
-    control: Control,
+    opener: Opener,
     idle: Arc<Mutex<HashMap<PeerId, Vec<Stream>>>>,
     limits: Limits,
 }
 
 impl StreamPool {
-    pub(crate) fn new(control: Control, limits: Limits) -> Self {
-        StreamPool { control, idle: Arc::default(), limits }
+    pub(crate) fn new(opener: Opener, limits: Limits) -> Self {
+        StreamPool { opener, idle: Arc::default(), limits }
     }
 
     fn take_idle(&self, peer: PeerId) -> Option<Stream> {
@@ -53,9 +54,8 @@ impl StreamPool {
     }
 
     async fn open(&self, peer: PeerId) -> Result<Stream> {
-        let mut control = self.control.clone();
-        control
-            .open_stream(peer, PROTOCOL)
+        self.opener
+            .open(peer)
             .await
             .map_err(|e| Error::Network(format!("cannot open a tensor stream to {peer}: {e}")))
     }
@@ -125,17 +125,17 @@ impl StreamPool {
     }
 }
 
-/// How often a request is tried on fresh streams that end without an answer. libp2p-stream
-/// drops an inbound stream when several arrive before the server's accept loop runs (its
-/// hand-over channel holds one), which concurrent requesters hit; such a stream was never
-/// read, so sending again is safe.
-const OPEN_ATTEMPTS: u64 = 8;
+/// How often a request is tried on fresh streams that end without any answer (a connection
+/// that died as the stream opened; the next try dials again). Such a stream never delivered an
+/// answer, and the server only ends a stream unanswered when it could not read the request,
+/// so sending again is safe.
+const OPEN_ATTEMPTS: u64 = 2;
 
 /// A request that got no answer at all (see [`StreamPool::exchange`]).
 struct Unanswered(Error);
 
 /// Accepts tensor streams and serves each on a task of its own until the runtime stops.
-pub(crate) async fn serve(mut incoming: IncomingStreams, handler: HandlerSlot, limits: Limits) {
+pub(crate) async fn serve(mut incoming: InboundStreams, handler: HandlerSlot, limits: Limits) {
     while let Some((peer, stream)) = incoming.next().await {
         tokio::spawn(serve_stream(peer, stream, Arc::clone(&handler), limits));
     }

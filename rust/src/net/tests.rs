@@ -261,7 +261,7 @@ fn concurrent_requests(transport: Transport) {
     b.dial(a.listen_addrs().unwrap()[0].clone()).unwrap();
     let peer = a.peer_id();
     std::thread::scope(|scope| {
-        for t in 0..6u64 {
+        for t in 0..24u64 {
             let handle = b.handle();
             scope.spawn(move || {
                 for i in 0..40u64 {
