@@ -277,3 +277,20 @@ def test_stub_section_matches_the_node_class() -> None:
     stubbed = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)} - {"__init__", "__enter__", "__exit__"}
     actual = {name for name in dir(_native.Node) if not name.startswith("_")}
     assert stubbed == actual
+
+
+def test_close_leaves_no_threads(tmp_path: Path) -> None:
+    """Closing a node joins its thread and its runtime's blocking pool (libp2p's one global
+    timer thread is started by the first node and shared)."""
+    def n_threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    with echo_node(tmp_path / "warm", "both") as a, echo_node(tmp_path / "warm2", "both") as b:
+        b.dial(a.listen_addrs()[0])
+        b.request(a.peer_id, _native.encode_ping(1))
+    before = n_threads()
+    for i in range(3):
+        with echo_node(tmp_path / f"a{i}", "both") as a, echo_node(tmp_path / f"b{i}", "both") as b:
+            b.dial(a.listen_addrs()[1])
+            b.request(a.peer_id, _native.encode_ping(i))
+    assert n_threads() == before

@@ -153,8 +153,10 @@ impl PyNode {
     /// too). Raises RequestTimeoutError after `timeout` seconds (default: the node's), and
     /// NetworkError when the peer cannot be reached or drops the connection.
     #[pyo3(signature = (peer, frame, timeout = None))]
-    fn request<'py>(&self, py: Python<'py>, peer: &str, frame: Vec<u8>, timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
+    fn request<'py>(&self, py: Python<'py>, peer: &str, frame: &[u8], timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
         let peer = parse_peer(peer)?;
+        // One memcpy into an owned buffer, then the GIL is released for the round trip.
+        let frame = frame.to_vec();
         let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
         let reply = py.detach(|| self.node.request(peer, frame, timeout)).map_err(to_py_err)?;
         Ok(PyBytes::new(py, &reply))
