@@ -204,6 +204,12 @@ def test_span_worker_refusals(smollm2_worker) -> None:  # noqa: ANN001
     big = np.zeros((2000, HIDDEN), np.float32)
     assert remote_step(smollm2_worker, 906, 0, big, "bf16")["code"] == "cannot_hold_session"
     assert _native.decode_frame(client.request(worker.peer_id, _native.encode_close_session([904])))["sessions"] == [904]
+    # A prefill slower than the caller's timeout: the call raises, the worker carries on.
+    prefill = forward(np.zeros((128, HIDDEN), np.float32), "bf16", 907, 0, 0, model_hash, (0, config.n_layers), "smollm2")
+    with pytest.raises(RequestTimeoutError):
+        client.request(worker.peer_id, prefill, timeout=0.01)
+    assert _native.decode_frame(client.request(worker.peer_id, _native.encode_ping(3))) == {"kind": "pong", "nonce": 3}
+    client.request(worker.peer_id, _native.encode_close_session([907]))
 
 
 def test_span_worker_survives_garbage_while_a_session_runs(smollm2_worker) -> None:  # noqa: ANN001
