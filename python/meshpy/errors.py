@@ -18,6 +18,9 @@ __all__ = [
     "InvalidArgumentError",
     "FrameError",
     "FrameTooLargeError",
+    "IdentityError",
+    "NetworkError",
+    "RequestTimeoutError",
     "ModelSourceError",
     "ChatTemplateError",
     "InvalidSamplingError",
@@ -69,6 +72,18 @@ class FrameError(MeshpyError, ValueError):
 
 class FrameTooLargeError(FrameError):
     """A wire frame, or one of its counts, over the receiver's limits."""
+
+
+class IdentityError(MeshpyError, ValueError):
+    """A node's identity key file is corrupt or not an Ed25519 key."""
+
+
+class NetworkError(MeshpyError, ConnectionError):
+    """A network operation failed: listen, dial, a lost connection, a DHT query, a stopped node."""
+
+
+class RequestTimeoutError(MeshpyError, TimeoutError):
+    """A network request or query got no answer in time."""
 
 
 class ModelSourceError(MeshpyError, FileNotFoundError):

@@ -45,6 +45,16 @@ pub enum Error {
         value: u64,
         limit: u64,
     },
+    /// A node's identity key file is unreadable as a key (corrupt, truncated, another format).
+    #[error("{path}: not a valid node identity key: {detail}")]
+    Identity { path: PathBuf, detail: String },
+    /// A network operation failed: listening, dialing, a lost connection, a peer that does not
+    /// speak the protocol, a DHT query with no answer, a node already shut down.
+    #[error("network error: {0}")]
+    Network(String),
+    /// A network request got no answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
 }
 
 /// Result with the core's [`Error`].

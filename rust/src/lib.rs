@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod compute;
 pub mod error;
 pub mod model;
+pub mod net;
 pub mod quant;
 pub mod wire;
 

@@ -18,6 +18,9 @@ fn class_name(err: &Error) -> &'static str {
         Error::InvalidArgument(_) => "InvalidArgumentError",
         Error::Frame(_) => "FrameError",
         Error::FrameTooLarge { .. } => "FrameTooLargeError",
+        Error::Identity { .. } => "IdentityError",
+        Error::Network(_) => "NetworkError",
+        Error::Timeout(_) => "RequestTimeoutError",
     }
 }
 

@@ -5,6 +5,7 @@ mod buffers;
 mod checkpoint;
 mod errors;
 mod model;
+mod net;
 mod quant;
 mod wire;
 
@@ -17,6 +18,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     checkpoint::register(m)?;
     model::register(m)?;
+    net::register(m)?;
     quant::register(m)?;
     wire::register(m)?;
     Ok(())

@@ -133,6 +133,13 @@ pub struct PyLlamaSpan {
     pool: Arc<ThreadPool>,
 }
 
+impl PyLlamaSpan {
+    /// The span and its compute pool, for serving it from Rust (`py/net.rs`).
+    pub(crate) fn parts(&self) -> (Arc<LlamaSpan>, Arc<ThreadPool>) {
+        (Arc::clone(&self.span), Arc::clone(&self.pool))
+    }
+}
+
 #[pymethods]
 impl PyLlamaSpan {
     /// Loads the layers named in `layer_names` (one role -> tensor-name map per layer);

@@ -1,0 +1,76 @@
+//! The node's libp2p behaviour (identify, ping, Kademlia in server mode, and raw streams for
+//! the tensor protocol) and the swarm built around it: TCP with Noise and Yamux, and
+//! QUIC, on tokio. Both transports can always dial; which ones listen is the node's choice.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::kad::store::MemoryStore;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{identify, kad, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
+
+use super::streams::{Opener, TensorStreams};
+use super::NodeConfig;
+use crate::error::{Error, Result};
+
+/// Kademlia protocol of meshpy meshes: a name of our own keeps our DHT apart from the public
+/// IPFS one if the two ever meet.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshpy/kad/1");
+
+/// Identify's protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/meshpy/id/1";
+
+/// Every protocol a node runs.
+#[derive(NetworkBehaviour)]
+pub struct MeshBehaviour {
+    /// Exchanges listen addresses and protocols with each peer.
+    pub identify: identify::Behaviour,
+    /// Keeps connections checked and measures round trips.
+    pub ping: ping::Behaviour,
+    /// The DHT: routing and provider records per (model, layer).
+    pub kad: kad::Behaviour<MemoryStore>,
+    /// Streams of the tensor protocol (frames on long-lived streams; see `codec`).
+    pub tensor: TensorStreams,
+}
+
+/// Inbound tensor streams, as the swarm accepts them.
+pub(crate) type InboundStreams = futures::channel::mpsc::UnboundedReceiver<(libp2p::PeerId, libp2p::Stream)>;
+
+/// Builds the swarm for `keypair` with `config`'s timeouts; also returns the handle that opens
+/// tensor streams and the queue of inbound ones.
+pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swarm<MeshBehaviour>, Opener, InboundStreams)> {
+    let (tensor, opener, inbound) = TensorStreams::new();
+    let net = |what: &str, e: &dyn std::fmt::Display| Error::Network(format!("{what}: {e}"));
+    let mut tcp_config = tcp::Config::default();
+    tcp_config = tcp_config.nodelay(true);
+    let query_timeout = config.query_timeout;
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
+        .map_err(|e| net("TCP transport", &e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_query_timeout(query_timeout);
+            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+            kad.set_mode(Some(kad::Mode::Server));
+            MeshBehaviour {
+                identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())),
+                ping: ping::Behaviour::new(ping::Config::new()),
+                kad,
+                tensor,
+            }
+        })
+        .map_err(|e| net("behaviour", &e))?
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(300))
+                // Every meshpy node speaks every protocol we open streams for, so a stream can
+                // carry its first frame with the protocol proposal instead of waiting a round
+                // trip for the confirmation (multistream-select "V1 lazy"): one loopback round
+                // trip less per tensor request.
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
+        .build();
+    Ok((swarm, opener, inbound))
+}

@@ -1,0 +1,128 @@
+//! The tensor protocol "/meshpy/tensor/1" on a libp2p stream: the requester writes one wire
+//! frame, the server answers with one frame, and the stream may carry the next request.
+//! Frames delimit themselves by their fixed header, so no extra length prefix is needed.
+//!
+//! [`read_frame`] takes the 24-byte fixed header first and checks it with
+//! [`FrameHeader::parse`] against the receiver's [`Limits`], so an oversized or garbled frame
+//! is refused before its body is read or any buffer is sized from its lengths. A refusal is
+//! answered with an `Error` frame, after which the server closes that stream (its unread rest
+//! cannot be resynchronised); a peer that closes or breaks its stream mid-frame fails that one
+//! request, never the connection or other streams.
+
+use std::io;
+
+use futures::prelude::*;
+use libp2p::StreamProtocol;
+
+use crate::error::Error;
+use crate::wire::{ErrorCode, ErrorReply, FrameHeader, Limits, Message, SessionId, FIXED_HEADER_LEN};
+
+/// The protocol name of tensor streams.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/meshpy/tensor/1");
+
+/// Why reading a frame stopped short of a whole frame.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The stream ended cleanly before the first byte of a frame (the peer is done with it).
+    Closed,
+    /// The frame is refused (garbled, over the limits, cut short by the end of the stream);
+    /// the reply says why, and the stream can still carry it.
+    Refused(ErrorReply),
+    /// The stream failed (reset, connection lost).
+    Io(io::Error),
+}
+
+impl ReadError {
+    /// The error as a core error, for a requester (which has nobody to reply to).
+    pub fn into_error(self, what: &str) -> Error {
+        match self {
+            ReadError::Closed => Error::Network(format!("{what}: the peer closed the stream without answering")),
+            ReadError::Refused(r) => Error::Network(format!("{what}: bad response frame: {}: {}", r.code, r.message)),
+            ReadError::Io(e) => Error::Network(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// Reads one frame: the fixed header, checked against `limits`, then exactly the bytes it
+/// announces.
+pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits) -> Result<Vec<u8>, ReadError> {
+    let mut fixed = [0u8; FIXED_HEADER_LEN];
+    let got = read_full(io, &mut fixed).await.map_err(ReadError::Io)?;
+    if got == 0 {
+        return Err(ReadError::Closed);
+    }
+    if got < FIXED_HEADER_LEN {
+        return Err(refused(
+            ErrorCode::MalformedFrame,
+            format!("truncated frame: the stream ended after {got} of the {FIXED_HEADER_LEN} fixed header bytes"),
+        ));
+    }
+    let header = FrameHeader::parse(&fixed, limits).map_err(|e| ReadError::Refused(ErrorReply::from_error(&e, None)))?;
+    // parse() checked frame_len against the limits: this is memory we agreed to spend.
+    let total = header
+        .frame_len()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| refused(ErrorCode::FrameTooLarge, "frame length does not fit this machine".to_string()))?;
+    let mut frame = vec![0u8; total];
+    frame[..FIXED_HEADER_LEN].copy_from_slice(&fixed);
+    let got = read_full(io, &mut frame[FIXED_HEADER_LEN..]).await.map_err(ReadError::Io)?;
+    if got < total - FIXED_HEADER_LEN {
+        return Err(refused(
+            ErrorCode::MalformedFrame,
+            format!(
+                "truncated frame: the stream ended after {} of the {total} bytes its header announces",
+                FIXED_HEADER_LEN + got
+            ),
+        ));
+    }
+    Ok(frame)
+}
+
+/// Fills `buf` unless the stream ends first; returns the bytes read.
+async fn read_full<T: AsyncRead + Unpin>(io: &mut T, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match io.read(&mut buf[filled..]).await {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn refused(code: ErrorCode, message: String) -> ReadError {
+    ReadError::Refused(ErrorReply { code, session: None, message })
+}
+
+/// Writes `frame` and flushes it.
+pub async fn write_frame<T: AsyncWrite + Unpin>(io: &mut T, frame: &[u8]) -> io::Result<()> {
+    io.write_all(frame).await?;
+    io.flush().await
+}
+
+/// Whether `bytes` are exactly one frame by their fixed header (the body is not checked).
+/// Anything else is sent on a stream of its own that the sender then closes, so the server
+/// sees where it ends.
+pub fn is_whole_frame(bytes: &[u8]) -> bool {
+    FrameHeader::parse(bytes, &Limits::unlimited())
+        .ok()
+        .and_then(|h| h.frame_len())
+        .is_some_and(|n| n == bytes.len() as u64)
+}
+
+/// An `Error` frame for `reply` (falls back to a bare internal error if the message cannot be
+/// encoded, which only an over-long message could cause).
+pub fn error_frame(reply: ErrorReply) -> Vec<u8> {
+    Message::Error(reply).encode().unwrap_or_else(|e| {
+        Message::Error(ErrorReply { code: ErrorCode::Internal, session: None, message: e.to_string() })
+            .encode()
+            .unwrap_or_default()
+    })
+}
+
+/// An `Error` frame for a core error.
+pub fn error_frame_for(err: &Error, session: Option<SessionId>) -> Vec<u8> {
+    error_frame(ErrorReply::from_error(err, session))
+}

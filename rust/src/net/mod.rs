@@ -1,0 +1,110 @@
+//! meshpy's peer-to-peer layer: a libp2p node per process (persistent Ed25519 identity, TCP
+//! with Noise and Yamux and/or QUIC, identify, ping, a Kademlia DHT holding provider records
+//! per "<model-id>/layer/<i>", and the tensor protocol "/meshpy/tensor/1": one `wire` frame
+//! per request and one per answer, on long-lived libp2p streams reused across requests).
+//!
+//! The node runs on a tokio runtime of its own; other threads (Python's included) drive it
+//! through [`NodeHandle`]'s blocking calls, which send commands over a channel and wait on a
+//! reply channel. Inbound requests go to a [`FrameHandler`] on tokio's blocking pool:
+//! [`EchoHandler`] for network tests, [`SpanHandler`] to serve a span of layers with a KV
+//! cache per session.
+
+mod behaviour;
+mod codec;
+pub mod identity;
+mod node;
+mod serve;
+mod session;
+mod streams;
+mod tensor;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use behaviour::{KAD_PROTOCOL, IDENTIFY_PROTOCOL};
+pub use codec::{error_frame, PROTOCOL};
+pub use libp2p::{Multiaddr, PeerId};
+pub use node::{Node, NodeHandle};
+pub use serve::{EchoHandler, FrameHandler};
+pub use session::{SessionLimits, SpanHandler};
+
+use crate::error::{Error, Result};
+use crate::wire::Limits;
+
+/// Which transports a node listens on (it can dial over both either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP with Noise encryption and Yamux multiplexing.
+    Tcp,
+    /// QUIC (v1), encrypted and multiplexed by the protocol itself.
+    Quic,
+    /// One listener of each.
+    Both,
+}
+
+impl FromStr for Transport {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tcp" => Ok(Transport::Tcp),
+            "quic" => Ok(Transport::Quic),
+            "both" => Ok(Transport::Both),
+            _ => Err(Error::InvalidArgument(format!("unknown transport {s:?}; known: tcp, quic, both"))),
+        }
+    }
+}
+
+/// How to start a [`Node`].
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// Directory holding the identity key (created if missing).
+    pub node_dir: PathBuf,
+    /// Address to listen on (127.0.0.1 for a node only this machine may reach).
+    pub listen_host: IpAddr,
+    /// Port to listen on; 0 takes a free one (the same number for TCP and QUIC when given).
+    pub port: u16,
+    /// Which listeners to open.
+    pub transport: Transport,
+    /// Peers to join through, as multiaddrs ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Default time a tensor request may take, both directions and the worker's forward (a
+    /// long prefill included); [`NodeHandle::request`] can override it per call.
+    pub request_timeout: Duration,
+    /// Longest time a DHT query (bootstrap, provide, find providers) or a dial may take.
+    pub query_timeout: Duration,
+    /// What the node accepts in frames, from requesters and responders alike.
+    pub limits: Limits,
+    /// Answers inbound tensor requests; `None` refuses them with an `InvalidRequest` error.
+    pub handler: Option<Arc<dyn FrameHandler>>,
+}
+
+impl NodeConfig {
+    /// A config with defaults: 127.0.0.1, port 0, TCP, no bootstrap peers, 60 s requests,
+    /// 30 s queries, default frame limits, no handler.
+    pub fn new(node_dir: impl Into<PathBuf>) -> Self {
+        NodeConfig {
+            node_dir: node_dir.into(),
+            listen_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 0,
+            transport: Transport::Tcp,
+            bootstrap: Vec::new(),
+            request_timeout: Duration::from_secs(60),
+            query_timeout: Duration::from_secs(30),
+            limits: Limits::default(),
+            handler: None,
+        }
+    }
+}
+
+/// A DHT key for "layer `layer` of model `model_id`", the record a worker provides for each
+/// layer it serves.
+pub fn layer_key(model_id: &str, layer: u32) -> Vec<u8> {
+    format!("{model_id}/layer/{layer}").into_bytes()
+}

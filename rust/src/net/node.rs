@@ -1,0 +1,505 @@
+//! The running node: a tokio runtime of its own driving the swarm in one event loop, and the
+//! blocking [`NodeHandle`] other threads use. Each call is a [`Command`] over a channel with a
+//! one-slot reply channel for the answer; the loop owns the swarm and every pending query, dial and request.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::kad::{self, QueryId, QueryResult};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{identify, Multiaddr, PeerId, Swarm};
+use tokio::sync::mpsc;
+
+use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent};
+use super::tensor::{self, HandlerSlot, StreamPool};
+use super::{identity, FrameHandler, NodeConfig, Transport};
+use crate::error::{Error, Result};
+
+/// Providers of a key: each peer with the addresses known for it.
+pub type Providers = Vec<(PeerId, Vec<Multiaddr>)>;
+
+/// Where the loop sends one answer: a channel of capacity one, so sending never blocks the
+/// loop and the caller waits with a plain timeout, independent of the runtime (which may be
+/// gone by then).
+type Reply<T> = std::sync::mpsc::SyncSender<T>;
+
+/// What a handle asks of the event loop.
+enum Command {
+    ListenAddrs(Reply<Vec<Multiaddr>>),
+    ConnectedPeers(Reply<Vec<PeerId>>),
+    Dial(Multiaddr, Reply<Result<PeerId>>),
+    Bootstrap(Reply<Result<()>>),
+    StartProviding(Vec<u8>, Reply<Result<()>>),
+    GetProviders(Vec<u8>, Reply<Result<Providers>>),
+    Request { peer: PeerId, frame: Vec<u8>, timeout: Duration, reply: Reply<Result<Vec<u8>>> },
+    Shutdown,
+}
+
+/// A cheap, cloneable way to drive a node from any thread. Every call blocks the calling
+/// thread (never the node's runtime) until the loop answers or the call times out.
+#[derive(Clone)]
+pub struct NodeHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    peer_id: PeerId,
+    handler: HandlerSlot,
+    request_timeout: Duration,
+    query_timeout: Duration,
+}
+
+/// A libp2p node: identity, listeners, DHT, tensor protocol, driven by one dedicated thread
+/// running a current-thread tokio runtime (one thread keeps a request's hops off other cores'
+/// run queues; handlers run on the runtime's blocking pool). Dereferences to its
+/// [`NodeHandle`]; dropping it shuts it down.
+pub struct Node {
+    handle: NodeHandle,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Deref for Node {
+    type Target = NodeHandle;
+
+    fn deref(&self) -> &NodeHandle {
+        &self.handle
+    }
+}
+
+impl Node {
+    /// Loads (or creates) the identity in `config.node_dir`, opens the listeners and waits until
+    /// each reports its address (so [`NodeHandle::listen_addrs`] shows the real ports), dials
+    /// the bootstrap peers and starts a DHT bootstrap in the background.
+    pub fn start(config: NodeConfig) -> Result<Node> {
+        let keypair = identity::load_or_create(&config.node_dir)?;
+        let peer_id = keypair.public().to_peer_id();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(64)
+            .thread_name("meshpy-net-blocking")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Network(format!("cannot start the node's runtime: {e}")))?;
+        let handler: HandlerSlot = Arc::new(RwLock::new(config.handler.clone()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = runtime.block_on(async {
+            let (mut swarm, opener, incoming) = build_swarm(keypair, &config)?;
+            let listen_addrs = listen(&mut swarm, &config).await?;
+            tokio::spawn(tensor::serve(incoming, Arc::clone(&handler), config.limits));
+            tokio::spawn(tensor::maintain(Arc::clone(&handler), Duration::from_secs(1)));
+            let pool = StreamPool::new(opener, config.limits);
+            let mut state = Loop::new(swarm, pool, listen_addrs);
+            for addr in &config.bootstrap {
+                state.add_bootstrap_peer(addr)?;
+            }
+            if !config.bootstrap.is_empty() {
+                // The first bootstrap runs in the background; `bootstrap()` waits for one.
+                let _ = state.swarm.behaviour_mut().kad.bootstrap();
+            }
+            Ok::<_, Error>(state)
+        })?;
+        let handle = NodeHandle {
+            commands: tx,
+            peer_id,
+            handler,
+            request_timeout: config.request_timeout,
+            query_timeout: config.query_timeout,
+        };
+        let thread = std::thread::Builder::new()
+            .name("meshpy-net".to_string())
+            .spawn(move || {
+                runtime.block_on(state.run(rx));
+                // In-flight handler calls get a few seconds to finish.
+                runtime.shutdown_timeout(Duration::from_secs(5));
+            })
+            .map_err(|e| Error::Network(format!("cannot start the node's thread: {e}")))?;
+        tracing::info!(%peer_id, "node started");
+        Ok(Node { handle, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the node: closes the listeners and connections, ends the event loop, shuts the
+    /// runtime down and joins its thread. Later calls on any handle fail with a network error.
+    /// Idempotent.
+    pub fn shutdown(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(thread) = thread else { return };
+        let _ = self.handle.commands.send(Command::Shutdown);
+        if thread.join().is_err() {
+            tracing::error!("the node's thread panicked");
+        }
+        tracing::info!(peer_id = %self.handle.peer_id, "node stopped");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Opens the configured listeners and waits for their first addresses.
+async fn listen(swarm: &mut Swarm<MeshBehaviour>, config: &NodeConfig) -> Result<Vec<Multiaddr>> {
+    let host = match config.listen_host {
+        std::net::IpAddr::V4(ip) => Protocol::Ip4(ip),
+        std::net::IpAddr::V6(ip) => Protocol::Ip6(ip),
+    };
+    let mut wanted = Vec::new();
+    if matches!(config.transport, Transport::Tcp | Transport::Both) {
+        wanted.push(Multiaddr::empty().with(host.clone()).with(Protocol::Tcp(config.port)));
+    }
+    if matches!(config.transport, Transport::Quic | Transport::Both) {
+        wanted.push(Multiaddr::empty().with(host).with(Protocol::Udp(config.port)).with(Protocol::QuicV1));
+    }
+    let mut pending = HashSet::new();
+    for addr in wanted {
+        let id = swarm.listen_on(addr.clone()).map_err(|e| Error::Network(format!("cannot listen on {addr}: {e}")))?;
+        pending.insert(id);
+    }
+    let mut addrs = Vec::new();
+    let wait = async {
+        while !pending.is_empty() {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { listener_id, address } => {
+                    pending.remove(&listener_id);
+                    addrs.push(address);
+                }
+                SwarmEvent::ListenerClosed { reason: Err(e), .. } | SwarmEvent::ListenerError { error: e, .. } => {
+                    return Err(Error::Network(format!("listener failed: {e}")));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(config.query_timeout, wait)
+        .await
+        .map_err(|_| Error::Timeout("the listeners reported no address".to_string()))??;
+    Ok(addrs)
+}
+
+impl NodeHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Addresses the node listens on, each ending in `/p2p/<peer id>` (what others pass as
+    /// bootstrap addresses).
+    pub fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        self.call(Command::ListenAddrs, self.query_timeout, "listen_addrs")
+    }
+
+    /// Peers with an open connection.
+    pub fn connected_peers(&self) -> Result<Vec<PeerId>> {
+        self.call(Command::ConnectedPeers, self.query_timeout, "connected_peers")
+    }
+
+    /// Connects to `addr` and returns the peer's id once the connection is up; the address is
+    /// remembered for the peer (and added to the DHT routing table when it names the peer).
+    pub fn dial(&self, addr: Multiaddr) -> Result<PeerId> {
+        self.call(|tx| Command::Dial(addr, tx), self.query_timeout, "dial")?
+    }
+
+    /// Runs a Kademlia bootstrap (a lookup of our own id, filling the routing table) and waits
+    /// for it to finish. Fails when no peer is known.
+    pub fn bootstrap(&self) -> Result<()> {
+        self.call(Command::Bootstrap, self.query_timeout * 2, "bootstrap")?
+    }
+
+    /// Announces this node as a provider of `key` (kept in the local store and sent to the
+    /// peers closest to the key) and waits for the announcement to finish.
+    pub fn start_providing(&self, key: &[u8]) -> Result<()> {
+        self.call(|tx| Command::StartProviding(key.to_vec(), tx), self.query_timeout * 2, "start_providing")?
+    }
+
+    /// Every provider of `key` the DHT knows of (this node included when it provides it), with
+    /// the addresses known for each; an empty list when there is none.
+    pub fn get_providers(&self, key: &[u8]) -> Result<Providers> {
+        self.call(|tx| Command::GetProviders(key.to_vec(), tx), self.query_timeout * 2, "get_providers")?
+    }
+
+    /// Sends `frame` to `peer` (dialing it if needed, from addresses learned through the DHT,
+    /// identify or [`dial`](Self::dial)) and returns the response frame. `timeout` defaults to
+    /// the node's request timeout; no answer within it is [`Error::Timeout`], a lost connection
+    /// or a refused stream [`Error::Network`]. An `Error` frame is a successful answer here: the
+    /// caller decodes it.
+    pub fn request(&self, peer: PeerId, frame: Vec<u8>, timeout: Option<Duration>) -> Result<Vec<u8>> {
+        let timeout = timeout.unwrap_or(self.request_timeout);
+        // The loop's task gives up at `timeout` too, so no stream waits forever; the margin
+        // lets its own error (more precise) arrive first.
+        self.call(|reply| Command::Request { peer, frame, timeout, reply }, timeout + Duration::from_millis(200), "request")?
+    }
+
+    /// Sets (or clears) the handler of inbound tensor requests.
+    pub fn set_handler(&self, handler: Option<Arc<dyn FrameHandler>>) {
+        *self.handler.write().unwrap_or_else(|e| e.into_inner()) = handler;
+    }
+
+    /// Sessions the handler holds (0 without a handler).
+    pub fn session_count(&self) -> usize {
+        self.handler.read().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |h| h.session_count())
+    }
+
+    /// Sends a command and waits at most `timeout` for its answer.
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command, timeout: Duration, what: &str) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.commands.send(make(tx)).map_err(|_| stopped())?;
+        match rx.recv_timeout(timeout) {
+            Ok(value) => Ok(value),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(stopped()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(Error::Timeout(format!("{what} got no answer within {:.3} s", timeout.as_secs_f64())))
+            }
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::Network("the node is shut down".to_string())
+}
+
+/// `addr` without a trailing `/p2p/<id>`, and that id.
+fn split_peer(addr: &Multiaddr) -> (Multiaddr, Option<PeerId>) {
+    let mut base = addr.clone();
+    match base.pop() {
+        Some(Protocol::P2p(peer)) => (base, Some(peer)),
+        _ => (addr.clone(), None),
+    }
+}
+
+/// The event loop's state: the swarm and what each pending call waits for.
+struct Loop {
+    swarm: Swarm<MeshBehaviour>,
+    pool: StreamPool,
+    listen_addrs: Vec<Multiaddr>,
+    /// Addresses learned per peer (identify, dials, provider lookups).
+    addresses: HashMap<PeerId, Vec<Multiaddr>>,
+    dials: HashMap<ConnectionId, Reply<Result<PeerId>>>,
+    bootstraps: HashMap<QueryId, Reply<Result<()>>>,
+    provides: HashMap<QueryId, Reply<Result<()>>>,
+    lookups: HashMap<QueryId, (HashSet<PeerId>, Reply<Result<Providers>>)>,
+}
+
+impl Loop {
+    fn new(swarm: Swarm<MeshBehaviour>, pool: StreamPool, listen_addrs: Vec<Multiaddr>) -> Self {
+        Loop {
+            swarm,
+            pool,
+            listen_addrs,
+            addresses: HashMap::new(),
+            dials: HashMap::new(),
+            bootstraps: HashMap::new(),
+            provides: HashMap::new(),
+            lookups: HashMap::new(),
+        }
+    }
+
+    /// Adds a bootstrap address (which must name its peer) to the routing table and dials it.
+    fn add_bootstrap_peer(&mut self, addr: &Multiaddr) -> Result<()> {
+        let (base, peer) = split_peer(addr);
+        let peer = peer.ok_or_else(|| {
+            Error::InvalidArgument(format!("bootstrap address {addr} must end in /p2p/<peer id>"))
+        })?;
+        self.learn(peer, base);
+        if let Err(e) = self.swarm.dial(addr.clone()) {
+            tracing::warn!(%addr, "cannot dial bootstrap peer: {e}");
+        }
+        Ok(())
+    }
+
+    /// Remembers an address of `peer` for the swarm (dialing), the DHT and provider answers.
+    fn learn(&mut self, peer: PeerId, addr: Multiaddr) {
+        if peer == *self.swarm.local_peer_id() {
+            return;
+        }
+        let known = self.addresses.entry(peer).or_default();
+        if !known.contains(&addr) {
+            known.push(addr.clone());
+            self.swarm.add_peer_address(peer, addr.clone());
+            self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+        }
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Shutdown) | None => break,
+                    Some(command) => self.on_command(command),
+                },
+                event = self.swarm.select_next_some() => self.on_event(event),
+            }
+        }
+        let listeners: Vec<_> = self.swarm.listeners().cloned().collect();
+        tracing::debug!(?listeners, "closing listeners");
+        self.pool.clear();
+        // Dropping the swarm closes every listener and connection; pending callers see their
+        // reply channel dropped and report the node as shut down.
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let local = *self.swarm.local_peer_id();
+        match command {
+            Command::ListenAddrs(tx) => {
+                let addrs = self.listen_addrs.iter().map(|a| a.clone().with(Protocol::P2p(local))).collect();
+                let _ = tx.send(addrs);
+            }
+            Command::ConnectedPeers(tx) => {
+                let _ = tx.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Dial(addr, tx) => {
+                let (base, peer) = split_peer(&addr);
+                if let Some(peer) = peer {
+                    self.learn(peer, base);
+                }
+                let opts = DialOpts::from(addr.clone());
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.dials.insert(id, tx);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Error::Network(format!("cannot dial {addr}: {e}"))));
+                    }
+                }
+            }
+            Command::Bootstrap(tx) => match self.swarm.behaviour_mut().kad.bootstrap() {
+                Ok(id) => {
+                    self.bootstraps.insert(id, tx);
+                }
+                Err(_) => {
+                    let _ = tx.send(Err(Error::Network("cannot bootstrap: no known peers".to_string())));
+                }
+            },
+            Command::StartProviding(key, tx) => match self.swarm.behaviour_mut().kad.start_providing(key.into()) {
+                Ok(id) => {
+                    self.provides.insert(id, tx);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(Error::Network(format!("cannot store the provider record: {e}"))));
+                }
+            },
+            Command::GetProviders(key, tx) => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(key.into());
+                self.lookups.insert(id, (HashSet::new(), tx));
+            }
+            Command::Request { peer, frame, timeout, reply } => {
+                let pool = self.pool.clone();
+                tokio::spawn(async move {
+                    let answer = tokio::time::timeout(timeout, pool.request(peer, frame)).await.unwrap_or_else(|_| {
+                        Err(Error::Timeout(format!("request to {peer}: no answer within {:.3} s", timeout.as_secs_f64())))
+                    });
+                    let _ = reply.send(answer);
+                });
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for addr in info.listen_addrs {
+                    self.learn(peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(_) => {}
+            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| *a != address),
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if endpoint.is_dialer() {
+                    self.learn(peer_id, split_peer(endpoint.get_remote_address()).0);
+                }
+                if let Some(tx) = self.dials.remove(&connection_id) {
+                    let _ = tx.send(Ok(peer_id));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                if let Some(tx) = self.dials.remove(&connection_id) {
+                    let _ = tx.send(Err(Error::Network(format!("dial failed: {error}"))));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed { id, result, step, .. } = event else {
+            if let kad::Event::RoutingUpdated { peer, .. } = event {
+                tracing::debug!(%peer, "routing table updated");
+            }
+            return;
+        };
+        match result {
+            QueryResult::Bootstrap(result) if step.last => {
+                if let Some(tx) = self.bootstraps.remove(&id) {
+                    let _ = tx.send(result.map(drop).map_err(|e| Error::Network(format!("bootstrap: {e}"))));
+                }
+            }
+            QueryResult::StartProviding(result) => {
+                if let Some(tx) = self.provides.remove(&id) {
+                    let _ = tx.send(result.map(drop).map_err(|e| Error::Network(format!("start providing: {e}"))));
+                }
+            }
+            QueryResult::GetProviders(result) => {
+                let failed = match result {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        if let Some((found, _)) = self.lookups.get_mut(&id) {
+                            found.extend(providers);
+                        }
+                        None
+                    }
+                    Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => None,
+                    Err(e) => Some(e.to_string()),
+                };
+                if step.last {
+                    if let Some((found, tx)) = self.lookups.remove(&id) {
+                        let answer = match failed {
+                            Some(e) if found.is_empty() => Err(Error::Timeout(format!("get providers: {e}"))),
+                            _ => Ok(self.with_addresses(found)),
+                        };
+                        let _ = tx.send(answer);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Each provider with its known addresses (ours for ourselves), sorted by peer id.
+    fn with_addresses(&mut self, peers: HashSet<PeerId>) -> Providers {
+        let local = *self.swarm.local_peer_id();
+        let mut out: Providers = peers
+            .into_iter()
+            .map(|peer| {
+                let mut addrs = if peer == local {
+                    self.listen_addrs.clone()
+                } else {
+                    self.addresses.get(&peer).cloned().unwrap_or_default()
+                };
+                if let Some(bucket) = self.swarm.behaviour_mut().kad.kbucket(peer) {
+                    for entry in bucket.iter().filter(|e| *e.node.key.preimage() == peer) {
+                        for addr in entry.node.value.iter() {
+                            if !addrs.contains(addr) {
+                                addrs.push(addr.clone());
+                            }
+                        }
+                    }
+                }
+                (peer, addrs)
+            })
+            .collect();
+        out.sort_by_key(|(peer, _)| peer.to_bytes());
+        out
+    }
+}

@@ -1,0 +1,73 @@
+//! Serving tensor requests: the [`FrameHandler`] a node calls for each inbound frame (on
+//! tokio's blocking pool, so a long forward never stalls the swarm), and [`EchoHandler`], which
+//! answers without a model, for testing the network alone.
+
+use libp2p::PeerId;
+
+use super::codec::{error_frame, error_frame_for};
+use crate::wire::{ErrorCode, ErrorReply, ForwardResult, Limits, Message};
+
+/// Answers one request frame with one response frame. Implementations never fail: every
+/// problem becomes an `Error` frame, so the requester always learns why.
+pub trait FrameHandler: Send + Sync + 'static {
+    /// The response frame for `request`, a whole frame (already within the node's limits,
+    /// not decoded) from `peer`.
+    fn handle(&self, peer: PeerId, request: &[u8]) -> Vec<u8>;
+
+    /// Sessions held (for status and tests); handlers without sessions hold none.
+    fn session_count(&self) -> usize {
+        0
+    }
+
+    /// Housekeeping the node runs about once a second (on its event-loop thread, so keep it
+    /// short): e.g. dropping idle sessions.
+    fn maintain(&self) {}
+
+    /// Whether `handle` is cheap enough (microseconds, no blocking) to run on the node's event
+    /// loop instead of the blocking pool, saving two thread hops per request.
+    fn inline(&self) -> bool {
+        false
+    }
+}
+
+/// Echo mode: a `Forward` comes back as a `ForwardResult` with the same entries and tensor
+/// bytes, `Ping` as `Pong`, `CloseSession` as an acknowledgement of every id; anything else is
+/// an `InvalidRequest` error.
+#[derive(Clone, Debug, Default)]
+pub struct EchoHandler {
+    /// What the handler decodes.
+    pub limits: Limits,
+}
+
+impl EchoHandler {
+    /// An echo handler decoding within `limits`.
+    pub fn new(limits: Limits) -> Self {
+        EchoHandler { limits }
+    }
+}
+
+impl FrameHandler for EchoHandler {
+    fn handle(&self, _peer: PeerId, request: &[u8]) -> Vec<u8> {
+        let reply = match Message::decode(request, &self.limits) {
+            Err(e) => return error_frame_for(&e, None),
+            Ok(Message::Forward(f)) => Message::ForwardResult(ForwardResult { entries: f.entries, hidden: f.hidden }),
+            Ok(Message::Ping(nonce)) => Message::Pong(nonce),
+            Ok(Message::CloseSession(ids)) => Message::CloseSessionAck(ids),
+            Ok(other) => return unexpected(other.kind()),
+        };
+        reply.encode().unwrap_or_else(|e| error_frame_for(&e, None))
+    }
+
+    fn inline(&self) -> bool {
+        true
+    }
+}
+
+/// The error frame for a request of a kind a worker does not serve (a reply kind).
+pub(crate) fn unexpected(kind: crate::wire::Kind) -> Vec<u8> {
+    error_frame(ErrorReply {
+        code: ErrorCode::InvalidRequest,
+        session: None,
+        message: format!("a {kind} frame is not a request"),
+    })
+}

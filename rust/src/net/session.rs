@@ -1,0 +1,330 @@
+//! Serving a span of layers: [`SpanHandler`] answers `Forward` frames by running a
+//! [`LlamaSpan`] on the CPU, entirely in Rust, with one KV cache per session.
+//!
+//! Sessions start with a `Forward` whose start position is 0 and live until `CloseSession`,
+//! until they stay unused for the idle timeout, or until the worker drops. KV memory is
+//! accounted per position actually held (`positions x bytes per position`), against a budget:
+//! a request that would push the total past it is refused with `CannotHoldSession`, so the
+//! client picks another provider. Every refused request leaves every cache as it was.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+use super::codec::{error_frame, error_frame_for};
+use super::serve::{unexpected, FrameHandler};
+use crate::compute::ThreadPool;
+use crate::error::Error;
+use crate::model::{KvCache, LlamaSpan, SeqChunk};
+use crate::wire::{
+    Entry, ErrorCode, ErrorReply, Forward, ForwardResult, Limits, Message, ModelId, SessionId, Span, Tensor,
+};
+
+/// How many sessions, how long, and how much KV memory a [`SpanHandler`] allows.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    /// KV cache bytes all sessions together may hold.
+    pub kv_budget_bytes: u64,
+    /// A session unused this long is dropped.
+    pub idle_timeout: Duration,
+    /// Most positions one session may reach (capped by the model's context).
+    pub max_positions: usize,
+}
+
+impl Default for SessionLimits {
+    /// 512 MiB of KV cache, 5 minutes of idleness, the model's whole context.
+    fn default() -> Self {
+        SessionLimits { kv_budget_bytes: 512 << 20, idle_timeout: Duration::from_secs(300), max_positions: usize::MAX }
+    }
+}
+
+/// One session's state on this worker.
+struct Session {
+    cache: KvCache,
+    last_used: Instant,
+}
+
+/// Every session, and the KV bytes they hold or have reserved for requests in flight.
+#[derive(Default)]
+struct Table {
+    sessions: HashMap<SessionId, Arc<Mutex<Session>>>,
+    used_bytes: u64,
+}
+
+/// The sessions of one request, in entry order, each marked when this request created it.
+type Admitted = Vec<(Arc<Mutex<Session>>, bool)>;
+
+/// A refusal: the reply to send, as an error code, maybe a session, and a message.
+type Refusal = Box<ErrorReply>;
+
+fn refuse(code: ErrorCode, session: Option<SessionId>, message: String) -> Refusal {
+    Box::new(ErrorReply { code, session, message })
+}
+
+/// Serves `Forward` requests for one span of one model from a session table; see the module
+/// documentation for the session rules.
+pub struct SpanHandler {
+    span: Arc<LlamaSpan>,
+    pool: Arc<ThreadPool>,
+    model: ModelId,
+    limits: Limits,
+    session_limits: SessionLimits,
+    table: Mutex<Table>,
+}
+
+impl SpanHandler {
+    /// A handler running `span` on `pool` for requests naming `model`, decoding frames within
+    /// `limits`.
+    pub fn new(span: Arc<LlamaSpan>, pool: Arc<ThreadPool>, model: ModelId, limits: Limits, session_limits: SessionLimits) -> Self {
+        SpanHandler { span, pool, model, limits, session_limits, table: Mutex::new(Table::default()) }
+    }
+
+    /// The layers served.
+    pub fn span(&self) -> Span {
+        Span { first_layer: self.span.first_layer() as u32, layer_count: self.span.n_layers() as u32 }
+    }
+
+    /// KV cache bytes the sessions hold (positions x bytes per position).
+    pub fn used_kv_bytes(&self) -> u64 {
+        self.lock_table().used_bytes
+    }
+
+    /// Drops sessions idle for longer than the idle timeout; returns how many. Runs before
+    /// every request and, through [`FrameHandler::maintain`], about once a second.
+    pub fn expire_idle(&self) -> usize {
+        let now = Instant::now();
+        let mut table = self.lock_table();
+        let idle = self.session_limits.idle_timeout;
+        let mut expired = Vec::new();
+        for (id, session) in &table.sessions {
+            // A session busy with a request is in use, not idle.
+            if let Ok(s) = session.try_lock() {
+                if now.duration_since(s.last_used) > idle {
+                    expired.push((*id, s.cache.len()));
+                }
+            }
+        }
+        let bpp = self.bytes_per_position();
+        for (id, len) in &expired {
+            table.sessions.remove(id);
+            table.used_bytes = table.used_bytes.saturating_sub(*len as u64 * bpp);
+            tracing::info!(session = %id, "session expired after {:.0} s idle", idle.as_secs_f64());
+        }
+        expired.len()
+    }
+
+    fn lock_table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bytes_per_position(&self) -> u64 {
+        let cfg = self.span.config();
+        2 * self.span.n_layers() as u64 * (cfg.n_kv_heads * cfg.head_dim) as u64 * 4
+    }
+
+    fn max_positions(&self) -> usize {
+        self.session_limits.max_positions.min(self.span.config().max_positions)
+    }
+
+    /// Runs a decoded `Forward`; the response frame or a refusal.
+    fn forward(&self, req: Forward<'_>) -> Result<Vec<u8>, Refusal> {
+        let first_session = req.entries.first().map(|e| e.session);
+        if req.model.hash != self.model.hash {
+            return Err(refuse(
+                ErrorCode::WrongModel,
+                first_session,
+                format!("this worker serves {}, not {}", self.model, req.model),
+            ));
+        }
+        let mine = self.span();
+        if req.span != mine {
+            return Err(refuse(
+                ErrorCode::WrongSpan,
+                first_session,
+                format!(
+                    "this worker serves layers {}..{}, the request asks for {}..{}",
+                    mine.first_layer,
+                    mine.end(),
+                    req.span.first_layer,
+                    req.span.end()
+                ),
+            ));
+        }
+        let hidden = self.span.config().hidden;
+        let dims = req.hidden.shape();
+        if dims.dims().last().copied() != Some(hidden as u32) {
+            return Err(refuse(
+                ErrorCode::InvalidRequest,
+                first_session,
+                format!("hidden states of shape {:?}; this model's width is {hidden}", dims.dims()),
+            ));
+        }
+        let total_tokens: u64 = req.entries.iter().map(|e| u64::from(e.n_tokens)).sum();
+        let sessions = self.admit(&req.entries, total_tokens)?;
+        let result = self.run(&req, &sessions);
+        if result.is_err() {
+            self.release(&req.entries, &sessions, total_tokens);
+        }
+        result
+    }
+
+    /// Finds or creates each entry's session and reserves KV bytes for the request's tokens.
+    fn admit(&self, entries: &[Entry], total_tokens: u64) -> Result<Admitted, Refusal> {
+        self.expire_idle();
+        let bpp = self.bytes_per_position();
+        let mut table = self.lock_table();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            match table.sessions.get(&e.session) {
+                Some(s) => out.push((Arc::clone(s), false)),
+                None if e.start_pos == 0 => {
+                    let cache = self.span.new_cache(self.max_positions());
+                    out.push((Arc::new(Mutex::new(Session { cache, last_used: Instant::now() })), true));
+                }
+                None => {
+                    return Err(refuse(
+                        ErrorCode::UnknownSession,
+                        Some(e.session),
+                        format!(
+                            "session {} is not held here (expired, closed or never started); start it again at position 0",
+                            e.session
+                        ),
+                    ))
+                }
+            }
+        }
+        let needed = total_tokens * bpp;
+        if table.used_bytes + needed > self.session_limits.kv_budget_bytes {
+            let e = entries.iter().zip(&out).find(|(_, (_, new))| *new).map_or(entries[0], |(e, _)| *e);
+            return Err(refuse(
+                ErrorCode::CannotHoldSession,
+                Some(e.session),
+                format!(
+                    "cannot hold session {}: {} more KV bytes would pass the budget ({} of {} bytes in use)",
+                    e.session, needed, table.used_bytes, self.session_limits.kv_budget_bytes
+                ),
+            ));
+        }
+        table.used_bytes += needed;
+        for (e, (s, new)) in entries.iter().zip(&out) {
+            if *new {
+                table.sessions.insert(e.session, Arc::clone(s));
+                tracing::info!(session = %e.session, "new session");
+            }
+        }
+        Ok(out)
+    }
+
+    /// Gives back a failed request's reservation and forgets the sessions it created.
+    fn release(&self, entries: &[Entry], sessions: &[(Arc<Mutex<Session>>, bool)], total_tokens: u64) {
+        let mut table = self.lock_table();
+        table.used_bytes = table.used_bytes.saturating_sub(total_tokens * self.bytes_per_position());
+        for (e, (s, new)) in entries.iter().zip(sessions) {
+            if *new && table.sessions.get(&e.session).is_some_and(|t| Arc::ptr_eq(t, s)) {
+                table.sessions.remove(&e.session);
+            }
+        }
+    }
+
+    /// Checks positions against each cache, runs the span, encodes the result in the request's
+    /// dtype.
+    fn run(&self, req: &Forward<'_>, sessions: &[(Arc<Mutex<Session>>, bool)]) -> Result<Vec<u8>, Refusal> {
+        let mut guards = Vec::with_capacity(sessions.len());
+        for (e, (s, _)) in req.entries.iter().zip(sessions) {
+            // Two requests for one session at once is a client bug; refuse rather than wait.
+            let guard = s.try_lock().map_err(|_| {
+                refuse(ErrorCode::StepMismatch, Some(e.session), format!("session {} is busy with another request", e.session))
+            })?;
+            let len = guard.cache.len();
+            if e.start_pos as usize != len {
+                return Err(refuse(
+                    ErrorCode::StepMismatch,
+                    Some(e.session),
+                    format!("session {}: start position {} but the cache holds {len} positions", e.session, e.start_pos),
+                ));
+            }
+            let needed = len + e.n_tokens as usize;
+            if needed > guard.cache.max_len() {
+                let err = Error::ContextOverflow { needed, limit: guard.cache.max_len() };
+                return Err(Box::new(ErrorReply::from_error(&err, Some(e.session))));
+            }
+            guards.push(guard);
+        }
+        let view = req.hidden.as_view().ok_or_else(|| {
+            refuse(ErrorCode::Internal, None, "a decoded tensor is not a view".to_string())
+        })?;
+        let mut hidden = view.to_f32();
+        {
+            let mut seqs: Vec<SeqChunk> = guards
+                .iter_mut()
+                .zip(&req.entries)
+                .map(|(g, e)| SeqChunk { cache: &mut g.cache, n_tokens: e.n_tokens as usize })
+                .collect();
+            self.span
+                .forward(&self.pool, &mut hidden, &mut seqs)
+                .map_err(|err| Box::new(ErrorReply::from_error(&err, req.entries.first().map(|e| e.session))))?;
+        }
+        let now = Instant::now();
+        for g in &mut guards {
+            g.last_used = now;
+        }
+        drop(guards);
+        let shape = req.hidden.shape();
+        let out = Tensor::from_f32(&hidden, shape, view.dtype())
+            .and_then(|t| Message::ForwardResult(ForwardResult { entries: req.entries.clone(), hidden: t }).encode())
+            .map_err(|err| Box::new(ErrorReply::from_error(&err, None)))?;
+        Ok(out)
+    }
+
+    /// Closes `ids`; returns those that were held.
+    fn close(&self, ids: &[SessionId]) -> Vec<SessionId> {
+        let bpp = self.bytes_per_position();
+        let mut closed = Vec::new();
+        for id in ids {
+            let removed = self.lock_table().sessions.remove(id);
+            if let Some(s) = removed {
+                // Wait for a request in flight on it, then give its positions back.
+                let len = s.lock().unwrap_or_else(|e| e.into_inner()).cache.len() as u64;
+                let mut table = self.lock_table();
+                table.used_bytes = table.used_bytes.saturating_sub(len * bpp);
+                closed.push(*id);
+                tracing::info!(session = %id, "session closed");
+            }
+        }
+        closed
+    }
+}
+
+impl FrameHandler for SpanHandler {
+    fn handle(&self, peer: PeerId, request: &[u8]) -> Vec<u8> {
+        let message = match Message::decode(request, &self.limits) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(%peer, "malformed request: {e}");
+                return error_frame_for(&e, None);
+            }
+        };
+        match message {
+            Message::Forward(f) => self.forward(f).unwrap_or_else(|reply| {
+                tracing::debug!(%peer, "refused a forward: {}", reply.message);
+                error_frame(*reply)
+            }),
+            Message::CloseSession(ids) => {
+                let closed = self.close(&ids);
+                Message::CloseSessionAck(closed).encode().unwrap_or_else(|e| error_frame_for(&e, None))
+            }
+            Message::Ping(nonce) => Message::Pong(nonce).encode().unwrap_or_else(|e| error_frame_for(&e, None)),
+            other => unexpected(other.kind()),
+        }
+    }
+
+    fn session_count(&self) -> usize {
+        self.lock_table().sessions.len()
+    }
+
+    fn maintain(&self) {
+        self.expire_idle();
+    }
+}

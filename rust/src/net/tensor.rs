@@ -1,0 +1,204 @@
+//! Both ends of the tensor protocol on libp2p streams.
+//!
+//! Requesting: [`StreamPool`] keeps idle streams per peer and reuses them, so a decode step
+//! costs one frame each way, with no stream negotiation and no per-request timers. A stream
+//! goes back to the pool only after a clean answer; a request on a reused stream that fails
+//! is retried once on a fresh one (the peer may have restarted). Bytes that are not exactly one
+//! frame go on a stream of their own whose write side is then closed, so the server can tell
+//! where they end.
+//!
+//! Serving: [`serve`] accepts inbound streams and answers each frame with the node's
+//! [`FrameHandler`], inline when it says it is cheap, else on tokio's blocking pool, so a long
+//! forward never stalls the node's event loop.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream};
+
+use super::behaviour::InboundStreams;
+use super::streams::Opener;
+use super::codec::{error_frame, is_whole_frame, read_frame, write_frame, ReadError};
+use super::FrameHandler;
+use crate::error::{Error, Result};
+use crate::wire::{ErrorCode, ErrorReply, Kind, Limits, FIXED_HEADER_LEN};
+
+/// The handler slot, shared by the node (to set it) and the serving tasks (to call it).
+pub(crate) type HandlerSlot = Arc<RwLock<Option<Arc<dyn FrameHandler>>>>;
+
+/// Idle tensor streams per peer, and how to open more.
+#[derive(Clone)]
+pub(crate) struct StreamPool {
+    opener: Opener,
+    idle: Arc<Mutex<HashMap<PeerId, Vec<Stream>>>>,
+    limits: Limits,
+}
+
+impl StreamPool {
+    pub(crate) fn new(opener: Opener, limits: Limits) -> Self {
+        StreamPool { opener, idle: Arc::default(), limits }
+    }
+
+    fn take_idle(&self, peer: PeerId) -> Option<Stream> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&peer)?.pop()
+    }
+
+    fn put_idle(&self, peer: PeerId, stream: Stream) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).entry(peer).or_default().push(stream);
+    }
+
+    /// Forgets every idle stream (before shutdown).
+    pub(crate) fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    async fn open(&self, peer: PeerId) -> Result<Stream> {
+        self.opener
+            .open(peer)
+            .await
+            .map_err(|e| Error::Network(format!("cannot open a tensor stream to {peer}: {e}")))
+    }
+
+    /// Sends `frame` to `peer` and returns the answer frame.
+    pub(crate) async fn request(&self, peer: PeerId, frame: Vec<u8>) -> Result<Vec<u8>> {
+        let whole = is_whole_frame(&frame);
+        if whole {
+            if let Some(stream) = self.take_idle(peer) {
+                match self.exchange(peer, stream, &frame, true).await {
+                    Ok(answer) => return answer,
+                    Err(Unanswered(e)) => {
+                        tracing::debug!(%peer, "reused tensor stream failed ({e}); retrying on a new one")
+                    }
+                }
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            let stream = self.open(peer).await?;
+            match self.exchange(peer, stream, &frame, whole).await {
+                Err(Unanswered(e)) if attempt + 1 < OPEN_ATTEMPTS => {
+                    tracing::debug!(%peer, "a new tensor stream got no answer ({e}); retrying");
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(attempt)).await;
+                }
+                Err(Unanswered(e)) => return Err(e),
+                Ok(answer) => return answer,
+            }
+        }
+    }
+
+    /// One request each way on `stream`; a whole frame's stream goes back to the pool after a
+    /// clean answer, other bytes are followed by closing the write side. The outer error is a
+    /// stream that ended or broke before any answer (retryable on a fresh stream: the peer
+    /// did not process the request), the inner result the request's.
+    async fn exchange(
+        &self,
+        peer: PeerId,
+        mut stream: Stream,
+        bytes: &[u8],
+        whole: bool,
+    ) -> std::result::Result<Result<Vec<u8>>, Unanswered> {
+        let what = format!("request to {peer}");
+        if whole {
+            write_frame(&mut stream, bytes).await.map_err(|e| Unanswered(Error::Network(format!("{what}: {e}"))))?;
+        } else {
+            let sent = async {
+                stream.write_all(bytes).await?;
+                stream.close().await
+            };
+            // The server may answer and close before reading everything; its answer counts.
+            if let Err(e) = sent.await {
+                tracing::debug!(%peer, "writing a partial frame: {e}");
+            }
+        }
+        let answer = match read_frame(&mut stream, &self.limits).await {
+            Ok(answer) => answer,
+            Err(e @ (ReadError::Closed | ReadError::Io(_))) => return Err(Unanswered(e.into_error(&what))),
+            Err(e) => return Ok(Err(e.into_error(&what))),
+        };
+        // After an error answer the server may close the stream; do not reuse it.
+        if whole && answer.get(6) != Some(&(Kind::Error as u8)) {
+            self.put_idle(peer, stream);
+        }
+        Ok(Ok(answer))
+    }
+}
+
+/// How often a request is tried on fresh streams that end without any answer (a connection
+/// that died as the stream opened; the next try dials again). Such a stream never delivered an
+/// answer, and the server only ends a stream unanswered when it could not read the request,
+/// so sending again is safe.
+const OPEN_ATTEMPTS: u64 = 2;
+
+/// A request that got no answer at all (see [`StreamPool::exchange`]).
+struct Unanswered(Error);
+
+/// Accepts tensor streams and serves each on a task of its own until the runtime stops.
+pub(crate) async fn serve(mut incoming: InboundStreams, handler: HandlerSlot, limits: Limits) {
+    while let Some((peer, stream)) = incoming.next().await {
+        tokio::spawn(serve_stream(peer, stream, Arc::clone(&handler), limits));
+    }
+}
+
+/// Calls the handler's housekeeping every `period` until the runtime stops.
+pub(crate) async fn maintain(handler: HandlerSlot, period: std::time::Duration) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let current = handler.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(h) = current {
+            h.maintain();
+        }
+    }
+}
+
+/// Answers frames on one stream until the peer closes it or a frame is refused.
+async fn serve_stream(peer: PeerId, mut stream: Stream, handler: HandlerSlot, limits: Limits) {
+    loop {
+        let frame = match read_frame(&mut stream, &limits).await {
+            Ok(frame) => frame,
+            Err(ReadError::Closed) => break,
+            Err(ReadError::Refused(reply)) => {
+                tracing::debug!(%peer, "refused a frame: {}", reply.message);
+                // The rest of the refused frame is unread: answer, then end the stream.
+                let _ = write_frame(&mut stream, &error_frame(reply)).await;
+                let _ = stream.close().await;
+                break;
+            }
+            Err(ReadError::Io(e)) => {
+                tracing::debug!(%peer, "tensor stream failed: {e}");
+                break;
+            }
+        };
+        let answer = answer(peer, frame, &handler).await;
+        if let Err(e) = write_frame(&mut stream, &answer).await {
+            tracing::debug!(%peer, "cannot send an answer: {e}");
+            break;
+        }
+    }
+}
+
+/// The handler's answer to a whole frame.
+async fn answer(peer: PeerId, frame: Vec<u8>, handler: &HandlerSlot) -> Vec<u8> {
+    debug_assert!(frame.len() >= FIXED_HEADER_LEN);
+    let handler = handler.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some(handler) = handler else {
+        return error_frame(ErrorReply {
+            code: ErrorCode::InvalidRequest,
+            session: None,
+            message: "this node serves no layers".to_string(),
+        });
+    };
+    if handler.inline() {
+        return handler.handle(peer, &frame);
+    }
+    tokio::task::spawn_blocking(move || handler.handle(peer, &frame)).await.unwrap_or_else(|e| {
+        error_frame(ErrorReply {
+            code: ErrorCode::Internal,
+            session: None,
+            message: format!("the handler failed: {e}"),
+        })
+    })
+}

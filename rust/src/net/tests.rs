@@ -1,0 +1,285 @@
+//! Nodes on 127.0.0.1 with port 0, real sockets, over TCP and over QUIC: identity files,
+//! bootstrap, provider records, echo round trips, refused and malformed frames, vanished peers.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::error::Error;
+use crate::wire::{
+    DType, Entry, ErrorCode, Forward, Limits, Message, ModelId, SessionId, Shape, Span, Tensor, FIXED_HEADER_LEN,
+};
+
+/// A fresh directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "meshpy-net-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(dir: &TempDir, transport: Transport, bootstrap: Vec<Multiaddr>) -> NodeConfig {
+    let mut c = NodeConfig::new(&dir.0);
+    c.transport = transport;
+    c.bootstrap = bootstrap;
+    c.request_timeout = Duration::from_secs(10);
+    c.query_timeout = Duration::from_secs(10);
+    c.handler = Some(Arc::new(EchoHandler::new(Limits::default())));
+    c
+}
+
+fn forward_frame(hidden: &[f32], dtype: DType) -> Vec<u8> {
+    let rows = (hidden.len() / 8) as u32;
+    Message::Forward(Forward {
+        model: ModelId { hash: [7; 32], name: "echo-test".into() },
+        span: Span { first_layer: 0, layer_count: 4 },
+        entries: vec![Entry { session: SessionId(42), step: 0, start_pos: 0, n_tokens: rows }],
+        hidden: Tensor::from_f32(hidden, Shape::matrix(rows, 8), dtype).unwrap(),
+    })
+    .encode()
+    .unwrap()
+}
+
+fn error_code(frame: &[u8]) -> ErrorCode {
+    match Message::decode(frame, &Limits::default()).unwrap() {
+        Message::Error(e) => e.code,
+        other => panic!("expected an error frame, got {:?}", other.kind()),
+    }
+}
+
+#[test]
+fn identity_is_created_once_with_owner_only_permissions() {
+    let dir = TempDir::new();
+    let a = identity::load_or_create(&dir.0).unwrap();
+    let b = identity::load_or_create(&dir.0).unwrap();
+    assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(identity::key_path(&dir.0)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
+
+#[test]
+fn corrupt_identity_is_a_clear_error() {
+    let dir = TempDir::new();
+    std::fs::create_dir_all(&dir.0).unwrap();
+    std::fs::write(identity::key_path(&dir.0), b"not a key").unwrap();
+    match identity::load_or_create(&dir.0) {
+        Err(Error::Identity { path, .. }) => assert_eq!(path, identity::key_path(&dir.0)),
+        other => panic!("expected an identity error, got {:?}", other.map(|k| k.public().to_peer_id())),
+    }
+    // The corrupt file is left for the user to inspect, not overwritten.
+    assert_eq!(std::fs::read(identity::key_path(&dir.0)).unwrap(), b"not a key");
+}
+
+/// Bootstrap, provide and find a key, echo round trips, over one transport.
+fn mesh_round_trip(transport: Transport) {
+    let (da, db, dc) = (TempDir::new(), TempDir::new(), TempDir::new());
+    let a = Node::start(config(&da, transport, vec![])).unwrap();
+    let a_addrs = a.listen_addrs().unwrap();
+    assert!(!a_addrs.is_empty());
+    for addr in &a_addrs {
+        let s = addr.to_string();
+        assert!(s.starts_with("/ip4/127.0.0.1/"), "{s}");
+        assert!(s.ends_with(&format!("/p2p/{}", a.peer_id())), "{s}");
+        assert!(!s.contains("/tcp/0/") && !s.contains("/udp/0/"), "port 0 must be resolved: {s}");
+    }
+    let b = Node::start(config(&db, transport, a_addrs.clone())).unwrap();
+    let c = Node::start(config(&dc, transport, a_addrs.clone())).unwrap();
+    b.bootstrap().unwrap();
+    c.bootstrap().unwrap();
+    assert!(b.connected_peers().unwrap().contains(&a.peer_id()));
+
+    let key = layer_key("smollm2@abc", 3);
+    assert!(c.get_providers(&key).unwrap().is_empty());
+    b.start_providing(&key).unwrap();
+    let providers = c.get_providers(&key).unwrap();
+    assert_eq!(providers.len(), 1, "{providers:?}");
+    assert_eq!(providers[0].0, b.peer_id());
+    assert!(!providers[0].1.is_empty(), "a provider comes with its addresses");
+    // The provider finds itself too.
+    assert_eq!(b.get_providers(&key).unwrap()[0].0, b.peer_id());
+
+    // c may never have connected to b: the request dials it from the provider's addresses.
+    let hidden: Vec<f32> = (0..16).map(|i| i as f32 * 0.25 - 1.0).collect();
+    for dtype in [DType::BF16, DType::F32] {
+        let frame = forward_frame(&hidden, dtype);
+        let reply = c.request(b.peer_id(), frame, None).unwrap();
+        match Message::decode(&reply, &Limits::default()).unwrap() {
+            Message::ForwardResult(r) => {
+                assert_eq!(r.entries[0].session, SessionId(42));
+                assert_eq!(r.hidden.dtype(), dtype);
+                assert_eq!(r.hidden.to_f32(), hidden, "these values are exact in bf16");
+            }
+            other => panic!("expected a forward result, got {:?}", other.kind()),
+        }
+    }
+    let pong = c.request(b.peer_id(), Message::Ping(99).encode().unwrap(), None).unwrap();
+    assert_eq!(Message::decode(&pong, &Limits::default()).unwrap(), Message::Pong(99));
+    for node in [&a, &b, &c] {
+        node.shutdown();
+    }
+    assert!(matches!(c.listen_addrs(), Err(Error::Network(_))));
+}
+
+#[test]
+fn mesh_round_trip_tcp() {
+    mesh_round_trip(Transport::Tcp);
+}
+
+#[test]
+fn mesh_round_trip_quic() {
+    mesh_round_trip(Transport::Quic);
+}
+
+/// Oversized, random and truncated frames get error replies; the node keeps serving.
+fn bad_frames(transport: Transport) {
+    let (da, db) = (TempDir::new(), TempDir::new());
+    let mut ca = config(&da, transport, vec![]);
+    ca.limits = Limits { max_frame_bytes: 4096, ..Limits::default() };
+    let a = Node::start(ca).unwrap();
+    let b = Node::start(config(&db, transport, vec![])).unwrap();
+    let a_id = b.dial(a.listen_addrs().unwrap()[0].clone()).unwrap();
+    assert_eq!(a_id, a.peer_id());
+    let good = forward_frame(&[0.5; 8], DType::BF16);
+
+    // A header announcing a 1 TiB payload, then nothing: refused from the 24 header bytes
+    // alone (the node cannot have allocated the terabyte it announces).
+    let mut huge = good[..FIXED_HEADER_LEN].to_vec();
+    huge[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let reply = b.request(a.peer_id(), huge, None).unwrap();
+    assert_eq!(error_code(&reply), ErrorCode::FrameTooLarge);
+
+    // A well-formed frame over the node's 4 KiB limit.
+    let big = forward_frame(&vec![0.5; 8 * 512], DType::F32);
+    match b.request(a.peer_id(), big, None) {
+        Ok(reply) => assert_eq!(error_code(&reply), ErrorCode::FrameTooLarge),
+        // The worker may also reset the stream it refused to read; either way, no answer body.
+        Err(Error::Network(_)) => {}
+        Err(e) => panic!("unexpected error {e}"),
+    }
+
+    // Garbage, a short stream, and a frame cut short.
+    let reply = b.request(a.peer_id(), b"definitely not a frame, but long enough".to_vec(), None).unwrap();
+    assert_eq!(error_code(&reply), ErrorCode::MalformedFrame);
+    let reply = b.request(a.peer_id(), b"MSHP".to_vec(), None).unwrap();
+    assert_eq!(error_code(&reply), ErrorCode::MalformedFrame);
+    let reply = b.request(a.peer_id(), good[..good.len() - 3].to_vec(), None).unwrap();
+    assert_eq!(error_code(&reply), ErrorCode::MalformedFrame);
+    // A whole frame whose body lies: a model name length past the section (the handler's
+    // decoder refuses it).
+    let mut lying = good.clone();
+    lying[FIXED_HEADER_LEN + 32] = 0xff;
+    let reply = b.request(a.peer_id(), lying, None).unwrap();
+    assert!(matches!(error_code(&reply), ErrorCode::MalformedFrame | ErrorCode::FrameTooLarge));
+
+    // Still serving.
+    let reply = b.request(a.peer_id(), good.clone(), None).unwrap();
+    assert!(matches!(Message::decode(&reply, &Limits::default()).unwrap(), Message::ForwardResult(_)));
+}
+
+#[test]
+fn bad_frames_tcp() {
+    bad_frames(Transport::Tcp);
+}
+
+#[test]
+fn bad_frames_quic() {
+    bad_frames(Transport::Quic);
+}
+
+/// A request to a peer that shut down fails within its timeout instead of hanging.
+fn vanished_peer(transport: Transport) {
+    let (da, db) = (TempDir::new(), TempDir::new());
+    let a = Node::start(config(&da, transport, vec![])).unwrap();
+    let b = Node::start(config(&db, transport, vec![])).unwrap();
+    b.dial(a.listen_addrs().unwrap()[0].clone()).unwrap();
+    let ping = Message::Ping(1).encode().unwrap();
+    b.request(a.peer_id(), ping.clone(), None).unwrap();
+    a.shutdown();
+    let start = Instant::now();
+    let err = b.request(a.peer_id(), ping, Some(Duration::from_secs(3))).unwrap_err();
+    assert!(matches!(err, Error::Network(_) | Error::Timeout(_)), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    // A peer nobody knows an address for fails at once.
+    let stranger = PeerId::random();
+    let err = b.request(stranger, Message::Ping(2).encode().unwrap(), Some(Duration::from_secs(3))).unwrap_err();
+    assert!(matches!(err, Error::Network(_)), "{err}");
+}
+
+#[test]
+fn vanished_peer_tcp() {
+    vanished_peer(Transport::Tcp);
+}
+
+#[test]
+fn vanished_peer_quic() {
+    vanished_peer(Transport::Quic);
+}
+
+#[test]
+fn node_without_handler_refuses_requests_and_both_transports_listen() {
+    let (da, db) = (TempDir::new(), TempDir::new());
+    let mut ca = config(&da, Transport::Both, vec![]);
+    ca.handler = None;
+    let a = Node::start(ca).unwrap();
+    let addrs = a.listen_addrs().unwrap();
+    assert!(addrs.iter().any(|a| a.to_string().contains("/tcp/")));
+    assert!(addrs.iter().any(|a| a.to_string().contains("/quic-v1/")));
+    let b = Node::start(config(&db, Transport::Quic, vec![])).unwrap();
+    let quic = addrs.iter().find(|a| a.to_string().contains("/quic-v1/")).unwrap();
+    b.dial(quic.clone()).unwrap();
+    let reply = b.request(a.peer_id(), Message::Ping(5).encode().unwrap(), None).unwrap();
+    assert_eq!(error_code(&reply), ErrorCode::InvalidRequest);
+    assert_eq!(a.session_count(), 0);
+    assert!("udp".parse::<Transport>().is_err());
+}
+
+/// Many threads share one node's streams to one worker: every answer matches its request.
+fn concurrent_requests(transport: Transport) {
+    let (da, db) = (TempDir::new(), TempDir::new());
+    let a = Node::start(config(&da, transport, vec![])).unwrap();
+    let b = Node::start(config(&db, transport, vec![])).unwrap();
+    b.dial(a.listen_addrs().unwrap()[0].clone()).unwrap();
+    let peer = a.peer_id();
+    std::thread::scope(|scope| {
+        for t in 0..24u64 {
+            let handle = b.handle();
+            scope.spawn(move || {
+                for i in 0..40u64 {
+                    let nonce = t << 32 | i;
+                    let reply = handle.request(peer, Message::Ping(nonce).encode().unwrap(), None).unwrap();
+                    assert_eq!(Message::decode(&reply, &Limits::default()).unwrap(), Message::Pong(nonce));
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn concurrent_requests_tcp() {
+    concurrent_requests(Transport::Tcp);
+}
+
+#[test]
+fn concurrent_requests_quic() {
+    concurrent_requests(Transport::Quic);
+}

@@ -1,0 +1,216 @@
+//! Bindings for `net`: a `Node` class wrapping the libp2p node. Arguments are parsed into Rust
+//! values first; every call that waits on the network releases the GIL. A node may serve
+//! nothing, echo frames, or a `LlamaSpan` (answered in Rust, no Python per token).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::model::PyLlamaSpan;
+use super::to_py_err;
+use crate::error::Error;
+use crate::net::{EchoHandler, FrameHandler, Multiaddr, Node, NodeConfig, PeerId, SessionLimits, SpanHandler, Transport};
+use crate::wire::{Limits, ModelId, MODEL_HASH_LEN};
+
+fn invalid(message: String) -> PyErr {
+    to_py_err(Error::InvalidArgument(message))
+}
+
+fn parse_addr(addr: &str) -> PyResult<Multiaddr> {
+    addr.parse().map_err(|e| invalid(format!("bad multiaddr {addr:?}: {e}")))
+}
+
+fn parse_peer(peer: &str) -> PyResult<PeerId> {
+    peer.parse().map_err(|e| invalid(format!("bad peer id {peer:?}: {e}")))
+}
+
+fn seconds(value: f64, what: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| PyValueError::new_err(format!("{what} must be a positive number of seconds, got {value}")))
+}
+
+/// A DHT key: `bytes`, or `str` taken as UTF-8.
+fn key_bytes(key: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(s) = key.extract::<String>() {
+        return Ok(s.into_bytes());
+    }
+    key.extract::<Vec<u8>>().map_err(|_| PyValueError::new_err("a DHT key is bytes or str"))
+}
+
+/// A libp2p node of the mesh.
+#[pyclass(name = "Node", module = "meshpy._native", frozen)]
+pub struct PyNode {
+    node: Node,
+}
+
+#[pymethods]
+impl PyNode {
+    /// Starts a node: loads or creates the identity in `node_dir`, listens on `host:port`
+    /// (0: a free port) over `transport` ("tcp", "quic", "both"), joins through `bootstrap`
+    /// multiaddrs. `serve` is None (refuse requests), "echo", or a `LlamaSpan`, which then
+    /// needs `model_name` and the 32-byte `model_hash`.
+    #[new]
+    #[pyo3(signature = (
+        node_dir, port = 0, transport = "tcp", bootstrap = Vec::new(), serve = None, *,
+        host = "127.0.0.1", model_name = None, model_hash = None, request_timeout = 60.0,
+        query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
+        idle_timeout = 300.0, max_positions = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        node_dir: PathBuf,
+        port: u16,
+        transport: &str,
+        bootstrap: Vec<String>,
+        serve: Option<&Bound<'_, PyAny>>,
+        host: &str,
+        model_name: Option<String>,
+        model_hash: Option<Vec<u8>>,
+        request_timeout: f64,
+        query_timeout: f64,
+        max_frame_bytes: Option<u64>,
+        kv_budget_bytes: u64,
+        idle_timeout: f64,
+        max_positions: Option<usize>,
+    ) -> PyResult<Self> {
+        let mut config = NodeConfig::new(node_dir);
+        config.port = port;
+        config.transport = transport.parse::<Transport>().map_err(to_py_err)?;
+        config.listen_host = host.parse::<IpAddr>().map_err(|e| invalid(format!("bad host {host:?}: {e}")))?;
+        config.bootstrap = bootstrap.iter().map(|a| parse_addr(a)).collect::<PyResult<_>>()?;
+        config.request_timeout = seconds(request_timeout, "request_timeout")?;
+        config.query_timeout = seconds(query_timeout, "query_timeout")?;
+        if let Some(max) = max_frame_bytes {
+            config.limits = Limits { max_frame_bytes: max, ..Limits::default() };
+        }
+        config.handler = match serve {
+            None => None,
+            Some(s) if s.is_none() => None,
+            Some(s) => Some(handler_of(s, &config.limits, model_name, model_hash, SessionLimits {
+                kv_budget_bytes,
+                idle_timeout: seconds(idle_timeout, "idle_timeout")?,
+                max_positions: max_positions.unwrap_or(usize::MAX),
+            })?),
+        };
+        let node = py.detach(|| Node::start(config)).map_err(to_py_err)?;
+        Ok(PyNode { node })
+    }
+
+    /// This node's peer id (base58).
+    #[getter]
+    fn peer_id(&self) -> String {
+        self.node.peer_id().to_string()
+    }
+
+    /// Listen addresses, each ending in /p2p/<peer id>.
+    fn listen_addrs(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let addrs = py.detach(|| self.node.listen_addrs()).map_err(to_py_err)?;
+        Ok(addrs.iter().map(ToString::to_string).collect())
+    }
+
+    /// Peer ids with an open connection.
+    fn connected_peers(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let peers = py.detach(|| self.node.connected_peers()).map_err(to_py_err)?;
+        Ok(peers.iter().map(ToString::to_string).collect())
+    }
+
+    /// Connects to a multiaddr; returns the peer id.
+    fn dial(&self, py: Python<'_>, addr: &str) -> PyResult<String> {
+        let addr = parse_addr(addr)?;
+        Ok(py.detach(|| self.node.dial(addr)).map_err(to_py_err)?.to_string())
+    }
+
+    /// Runs a DHT bootstrap and waits for it.
+    fn bootstrap(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.node.bootstrap()).map_err(to_py_err)
+    }
+
+    /// Announces this node as a provider of `key` (bytes or str).
+    fn start_providing(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<()> {
+        let key = key_bytes(key)?;
+        py.detach(|| self.node.start_providing(&key)).map_err(to_py_err)
+    }
+
+    /// Providers of `key`: a list of (peer id, [multiaddr, ...]).
+    fn get_providers(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<Vec<(String, Vec<String>)>> {
+        let key = key_bytes(key)?;
+        let providers = py.detach(|| self.node.get_providers(&key)).map_err(to_py_err)?;
+        Ok(providers
+            .into_iter()
+            .map(|(peer, addrs)| (peer.to_string(), addrs.iter().map(ToString::to_string).collect()))
+            .collect())
+    }
+
+    /// Sends a frame to `peer` and returns the response frame (an error frame is a response
+    /// too). Raises RequestTimeoutError after `timeout` seconds (default: the node's), and
+    /// NetworkError when the peer cannot be reached or drops the connection.
+    #[pyo3(signature = (peer, frame, timeout = None))]
+    fn request<'py>(&self, py: Python<'py>, peer: &str, frame: &[u8], timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
+        let peer = parse_peer(peer)?;
+        // One memcpy into an owned buffer, then the GIL is released for the round trip.
+        let frame = frame.to_vec();
+        let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
+        let reply = py.detach(|| self.node.request(peer, frame, timeout)).map_err(to_py_err)?;
+        Ok(PyBytes::new(py, &reply))
+    }
+
+    /// Sessions the served span holds (0 for echo or no handler).
+    fn session_count(&self) -> usize {
+        self.node.session_count()
+    }
+
+    /// Stops the node (listeners closed, runtime stopped). Idempotent.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.node.shutdown());
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(&self, py: Python<'_>, _t: Py<PyAny>, _v: Py<PyAny>, _tb: Py<PyAny>) {
+        self.close(py);
+    }
+}
+
+/// The handler `serve` names.
+fn handler_of(
+    serve: &Bound<'_, PyAny>,
+    limits: &Limits,
+    model_name: Option<String>,
+    model_hash: Option<Vec<u8>>,
+    session_limits: SessionLimits,
+) -> PyResult<Arc<dyn FrameHandler>> {
+    if let Ok(mode) = serve.extract::<String>() {
+        return match mode.as_str() {
+            "echo" => Ok(Arc::new(EchoHandler::new(*limits))),
+            _ => Err(invalid(format!("serve must be None, \"echo\" or a LlamaSpan, got {mode:?}"))),
+        };
+    }
+    let span = serve
+        .cast::<PyLlamaSpan>()
+        .map_err(|_| invalid("serve must be None, \"echo\" or a LlamaSpan".to_string()))?;
+    let (Some(name), Some(hash)) = (model_name, model_hash) else {
+        return Err(invalid("serving a LlamaSpan needs model_name and model_hash".to_string()));
+    };
+    let hash: [u8; MODEL_HASH_LEN] = hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid(format!("model_hash must be {MODEL_HASH_LEN} bytes, got {}", hash.len())))?;
+    let (span, pool) = span.get().parts();
+    Ok(Arc::new(SpanHandler::new(span, pool, ModelId { hash, name }, *limits, session_limits)))
+}
+
+/// Registers the net classes.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyNode>()?;
+    Ok(())
+}

@@ -1,0 +1,302 @@
+"""The libp2p node from Python: real sockets on 127.0.0.1 (port 0), TCP and QUIC.
+
+Echo workers, DHT provider records, bad frames, vanished peers; and a worker serving all of
+SmolLM2's layers from Rust, checked against the same span run in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import stat
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshpy import _native
+from meshpy.errors import IdentityError, InvalidArgumentError, NetworkError, RequestTimeoutError
+
+TRANSPORTS = ["tcp", "quic"]
+HIDDEN = 576
+
+
+def echo_node(path: Path, transport: str, bootstrap: list[str] | None = None, **kw: object) -> _native.Node:
+    return _native.Node(str(path), 0, transport, bootstrap or [], "echo", request_timeout=10.0, query_timeout=10.0, **kw)
+
+
+def forward(hidden: np.ndarray, dtype: str = "bf16", session: int = 1, start: int = 0, step: int = 0,
+            model_hash: bytes = b"\x07" * 32, layers: tuple[int, int] = (0, 1), name: str = "m") -> bytes:
+    entries = [(session, step, start, hidden.shape[0])]
+    return _native.encode_forward(model_hash, name, layers[0], layers[1], entries, hidden, dtype)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bootstrap_providers_and_echo(tmp_path: Path, transport: str) -> None:
+    with echo_node(tmp_path / "a", transport) as a:
+        addrs = a.listen_addrs()
+        assert addrs and all(x.startswith("/ip4/127.0.0.1/") and x.endswith("/p2p/" + a.peer_id) for x in addrs)
+        with echo_node(tmp_path / "b", transport, addrs) as b, echo_node(tmp_path / "c", transport, addrs) as c:
+            b.bootstrap()
+            c.bootstrap()
+            assert a.peer_id in b.connected_peers()
+            key = "smollm2@0123/layer/7"
+            assert c.get_providers(key) == []
+            b.start_providing(key)
+            providers = c.get_providers(key.encode())
+            assert [p for p, _ in providers] == [b.peer_id]
+            assert providers[0][1], "providers come with addresses"
+            x = np.linspace(-2, 2, 3 * HIDDEN, dtype=np.float32).reshape(3, HIDDEN)
+            for dtype in ("bf16", "f32", "f16"):
+                reply = _native.decode_frame(c.request(b.peer_id, forward(x, dtype)))
+                assert reply["kind"] == "forward_result" and reply["dtype"] == dtype
+                assert reply["entries"] == [(1, 0, 0, 3)]
+                expected = _native.decode_frame(forward(x, dtype))["hidden"]
+                np.testing.assert_array_equal(reply["hidden"], expected)
+            assert _native.decode_frame(c.request(b.peer_id, _native.encode_ping(77))) == {"kind": "pong", "nonce": 77}
+
+
+def test_identity_persists_with_owner_only_permissions(tmp_path: Path) -> None:
+    with echo_node(tmp_path, "tcp") as a:
+        first = a.peer_id
+    key = next(tmp_path.iterdir())
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    with echo_node(tmp_path, "tcp") as a:
+        assert a.peer_id == first
+    key.write_bytes(b"garbage")
+    with pytest.raises(IdentityError, match="not a valid node identity key"):
+        echo_node(tmp_path, "tcp")
+
+
+def test_both_transports_and_argument_errors(tmp_path: Path) -> None:
+    with _native.Node(str(tmp_path / "a"), 0, "both", serve="echo") as a:
+        addrs = a.listen_addrs()
+        assert any("/tcp/" in x for x in addrs) and any("/quic-v1" in x for x in addrs)
+        with pytest.raises(InvalidArgumentError):
+            a.dial("not a multiaddr")
+        with pytest.raises(InvalidArgumentError):
+            a.request("not a peer", b"")
+    with pytest.raises(InvalidArgumentError, match="unknown transport"):
+        _native.Node(str(tmp_path / "b"), 0, "udp")
+    with pytest.raises(InvalidArgumentError, match="serve must be"):
+        _native.Node(str(tmp_path / "c"), 0, "tcp", serve="layers")
+    with pytest.raises(InvalidArgumentError, match="/p2p/"):
+        _native.Node(str(tmp_path / "d"), 0, "tcp", ["/ip4/127.0.0.1/tcp/1"])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bad_frames_get_errors_and_node_keeps_serving(tmp_path: Path, transport: str) -> None:
+    with echo_node(tmp_path / "a", transport, max_frame_bytes=8192) as a, echo_node(tmp_path / "b", transport) as b:
+        b.dial(a.listen_addrs()[0])
+        good = forward(np.ones((1, HIDDEN), np.float32))
+        huge = bytearray(good[:24])
+        huge[16:24] = (1 << 40).to_bytes(8, "little")  # announces a 1 TiB payload
+        assert _native.decode_frame(b.request(a.peer_id, bytes(huge)))["code"] == "frame_too_large"
+        assert _native.decode_frame(b.request(a.peer_id, b"garbage" * 9))["code"] == "malformed_frame"
+        assert _native.decode_frame(b.request(a.peer_id, good[:-7]))["code"] == "malformed_frame"
+        rng = random.Random(3)
+        for _ in range(20):
+            junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+            assert _native.decode_frame(b.request(a.peer_id, junk))["kind"] == "error"
+        assert _native.decode_frame(b.request(a.peer_id, good))["kind"] == "forward_result"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_vanished_peer_fails_fast(tmp_path: Path, transport: str) -> None:
+    with echo_node(tmp_path / "a", transport) as a, echo_node(tmp_path / "b", transport) as b:
+        b.dial(a.listen_addrs()[0])
+        ping = _native.encode_ping(1)
+        b.request(a.peer_id, ping)
+        a.close()
+        t0 = time.monotonic()
+        with pytest.raises((NetworkError, RequestTimeoutError)):
+            b.request(a.peer_id, ping, timeout=3.0)
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(NetworkError, match="shut down"):
+            a.listen_addrs()
+
+
+# --- a worker serving SmolLM2 from Rust ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_worker(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from meshpy.generation import Model
+    from meshpy.models.config import read_config
+    from meshpy.models.packaged import resolve_packaged
+    from meshpy.models.source import open_model_source
+    from meshpy.pipeline import LocalSpan
+
+    path = resolve_packaged("smollm2")
+    local = Model.load(path, threads=1)
+    source = open_model_source(path)
+    config = read_config(source)
+    span = LocalSpan(source, config, range(0, config.n_layers), _native.ThreadPool(1))
+    model_hash = hashlib.sha256(b"smollm2 test hash").digest()
+    root = tmp_path_factory.mktemp("worker")
+    worker = _native.Node(str(root / "w"), 0, "tcp", [], span.native, model_name="smollm2", model_hash=model_hash,
+                          kv_budget_bytes=64 << 20, idle_timeout=300.0)
+    client = _native.Node(str(root / "c"), 0, "tcp")
+    client.dial(worker.listen_addrs()[0])
+    yield local, config, worker, client, model_hash
+    client.close()
+    worker.close()
+
+
+def remote_step(ctx, session: int, start: int, hidden: np.ndarray, dtype: str, step: int = 0) -> dict:  # noqa: ANN001
+    local, config, worker, client, model_hash = ctx
+    frame = forward(hidden, dtype, session, start, step, model_hash, (0, config.n_layers), "smollm2")
+    return _native.decode_frame(client.request(worker.peer_id, frame, timeout=60.0))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_span_worker_matches_local_span(smollm2_worker, dtype: str) -> None:  # noqa: ANN001
+    local, config, worker, client, model_hash = smollm2_worker
+    session_id = int.from_bytes(os.urandom(16), "little")
+    ids = local.encode("Write a short poem about the sea.")
+    session = local.new_session()
+    hidden = local.end.embed(ids)
+    want = local.pipeline.forward(session, hidden)
+    got = remote_step(smollm2_worker, session_id, 0, hidden, dtype)
+    assert got["kind"] == "forward_result", got
+    if dtype == "f32":
+        np.testing.assert_array_equal(got["hidden"], want)
+    else:
+        np.testing.assert_allclose(got["hidden"], want, rtol=0.05, atol=0.05 * np.abs(want).max())
+    pos = len(ids)
+    tok_local = tok_remote = int(np.argmax(local.end.logits(want[-1:])[0]))
+    for step in range(1, 5):
+        want = local.pipeline.forward(session, local.end.embed([tok_local]))
+        got = remote_step(smollm2_worker, session_id, pos, local.end.embed([tok_remote]), dtype, step)
+        assert got["kind"] == "forward_result", got
+        tok_local = int(np.argmax(local.end.logits(want)[0]))
+        tok_remote = int(np.argmax(local.end.logits(got["hidden"])[0]))
+        if dtype == "f32":
+            np.testing.assert_array_equal(got["hidden"], want)
+        assert tok_remote == tok_local
+        pos += 1
+    assert worker.session_count() >= 1
+    closed = _native.decode_frame(client.request(worker.peer_id, _native.encode_close_session([session_id, 12345])))
+    assert closed == {"kind": "close_session_ack", "sessions": [session_id]}
+    assert remote_step(smollm2_worker, session_id, pos, local.end.embed([1]), dtype)["code"] == "unknown_session"
+
+
+def test_span_worker_refusals(smollm2_worker) -> None:  # noqa: ANN001
+    local, config, worker, client, model_hash = smollm2_worker
+    x = local.end.embed([1, 2, 3])
+    before = worker.session_count()
+    assert remote_step(smollm2_worker, 901, 5, x, "bf16")["code"] == "unknown_session"
+    frame = forward(x, "bf16", 902, 0, 0, hashlib.sha256(b"other").digest(), (0, config.n_layers), "smollm2")
+    assert _native.decode_frame(client.request(worker.peer_id, frame))["code"] == "wrong_model"
+    frame = forward(x, "bf16", 903, 0, 0, model_hash, (0, 10), "smollm2")
+    assert _native.decode_frame(client.request(worker.peer_id, frame))["code"] == "wrong_span"
+    assert worker.session_count() == before, "refused requests create no session"
+    assert remote_step(smollm2_worker, 904, 0, x, "bf16")["kind"] == "forward_result"
+    assert remote_step(smollm2_worker, 904, 1, x[:1], "bf16")["code"] == "step_mismatch"
+    assert remote_step(smollm2_worker, 904, 3, x[:1], "bf16")["kind"] == "forward_result", "a refusal changes nothing"
+    narrow = np.ones((1, 100), np.float32)
+    assert remote_step(smollm2_worker, 905, 0, narrow, "bf16")["code"] == "invalid_request"
+    # Budget: 64 MiB of KV at 30 layers x 2 x 192 floats x 4 bytes (46080 bytes) per position
+    # is about 1456 positions; a 2000-token prefill cannot be held.
+    big = np.zeros((2000, HIDDEN), np.float32)
+    assert remote_step(smollm2_worker, 906, 0, big, "bf16")["code"] == "cannot_hold_session"
+    assert _native.decode_frame(client.request(worker.peer_id, _native.encode_close_session([904])))["sessions"] == [904]
+    # A prefill slower than the caller's timeout: the call raises, the worker carries on.
+    prefill = forward(np.zeros((128, HIDDEN), np.float32), "bf16", 907, 0, 0, model_hash, (0, config.n_layers), "smollm2")
+    with pytest.raises(RequestTimeoutError):
+        client.request(worker.peer_id, prefill, timeout=0.01)
+    assert _native.decode_frame(client.request(worker.peer_id, _native.encode_ping(3))) == {"kind": "pong", "nonce": 3}
+    client.request(worker.peer_id, _native.encode_close_session([907]))
+
+
+def test_span_worker_survives_garbage_while_a_session_runs(smollm2_worker) -> None:  # noqa: ANN001
+    local, config, worker, client, model_hash = smollm2_worker
+    session = local.new_session()
+    ids = local.encode("Name three colours.")
+    want = [local.pipeline.forward(session, local.end.embed(ids))]
+    errors: list[str] = []
+
+    def garbage() -> None:
+        rng = random.Random(11)
+        good = forward(local.end.embed([5]), "bf16", 7777, 0, 0, model_hash, (0, config.n_layers), "smollm2")
+        for i in range(40):
+            if i % 2:
+                junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+            else:
+                junk = good[: rng.randrange(1, len(good))]
+            reply = _native.decode_frame(client.request(worker.peer_id, junk, timeout=30.0))
+            if reply["kind"] != "error":
+                errors.append(f"garbage got {reply['kind']}")
+
+    thread = threading.Thread(target=garbage)
+    thread.start()
+    sid = 4242
+    got = remote_step(smollm2_worker, sid, 0, local.end.embed(ids), "f32")
+    pos, token = len(ids), int(np.argmax(local.end.logits(got["hidden"][-1:])[0]))
+    for step in range(1, 4):
+        want.append(local.pipeline.forward(session, local.end.embed([token])))
+        got = remote_step(smollm2_worker, sid, pos, local.end.embed([token]), "f32", step)
+        np.testing.assert_array_equal(got["hidden"], want[-1])
+        token = int(np.argmax(local.end.logits(got["hidden"])[0]))
+        pos += 1
+    thread.join()
+    assert not errors, errors
+    client.request(worker.peer_id, _native.encode_close_session([sid]))
+
+
+def test_span_worker_over_quic_expires_idle_sessions(smollm2_worker, tmp_path: Path) -> None:  # noqa: ANN001
+    """A second worker serving the same span object, over QUIC, with a 0.5 s idle timeout."""
+    from meshpy.models.config import read_config
+    from meshpy.models.packaged import resolve_packaged
+    from meshpy.models.source import open_model_source
+    from meshpy.pipeline import LocalSpan
+
+    local, config, _, _, model_hash = smollm2_worker
+    source = open_model_source(resolve_packaged("smollm2"))
+    span = LocalSpan(source, read_config(source), range(10, 20), _native.ThreadPool(1))
+    with _native.Node(str(tmp_path / "w"), 0, "quic", [], span.native, model_name="smollm2", model_hash=model_hash,
+                      idle_timeout=0.5) as worker, _native.Node(str(tmp_path / "c"), 0, "quic") as client:
+        client.dial(worker.listen_addrs()[0])
+        x = np.random.default_rng(1).standard_normal((4, HIDDEN)).astype(np.float32)
+        frame = forward(x, "f32", 55, 0, 0, model_hash, (10, 10), "smollm2")
+        got = _native.decode_frame(client.request(worker.peer_id, frame))
+        np.testing.assert_array_equal(got["hidden"], span.forward(x, span.new_cache(64)))
+        assert worker.session_count() == 1
+        deadline = time.monotonic() + 10
+        while worker.session_count() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.session_count() == 0, "an idle session expires without further requests"
+        frame = forward(x[:1], "f32", 55, 4, 1, model_hash, (10, 10), "smollm2")
+        assert _native.decode_frame(client.request(worker.peer_id, frame))["code"] == "unknown_session"
+
+
+def test_stub_section_matches_the_node_class() -> None:
+    """The `# net` section of _native.pyi names the Node class's public members."""
+    import ast
+
+    stub = Path(_native.__file__).with_name("_native.pyi").read_text()
+    section = stub.split("# net (rust/src/py/net.rs)")[1]
+    (cls,) = [n for n in ast.parse(section).body if isinstance(n, ast.ClassDef)]
+    stubbed = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)} - {"__init__", "__enter__", "__exit__"}
+    actual = {name for name in dir(_native.Node) if not name.startswith("_")}
+    assert stubbed == actual
+
+
+def test_close_leaves_no_threads(tmp_path: Path) -> None:
+    """Closing a node joins its thread and its runtime's blocking pool (libp2p's one global
+    timer thread is started by the first node and shared)."""
+    def n_threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    with echo_node(tmp_path / "warm", "both") as a, echo_node(tmp_path / "warm2", "both") as b:
+        b.dial(a.listen_addrs()[0])
+        b.request(a.peer_id, _native.encode_ping(1))
+    before = n_threads()
+    for i in range(3):
+        with echo_node(tmp_path / f"a{i}", "both") as a, echo_node(tmp_path / f"b{i}", "both") as b:
+            b.dial(a.listen_addrs()[1])
+            b.request(a.peer_id, _native.encode_ping(i))
+    assert n_threads() == before
