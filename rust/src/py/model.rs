@@ -240,7 +240,7 @@ impl PyLlamaSpan {
             let mut guards: Vec<MutexGuard<'_, KvCache>> =
                 caches.iter().map(|(c, _)| c.lock().unwrap_or_else(|e| e.into_inner())).collect();
             let mut seqs: Vec<SeqChunk> =
-                guards.iter_mut().zip(&caches).map(|(g, (_, n))| SeqChunk { cache: &mut **g, n_tokens: *n }).collect();
+                guards.iter_mut().zip(&caches).map(|(g, (_, n))| SeqChunk { cache: g, n_tokens: *n }).collect();
             span.forward(&pool, &mut data, &mut seqs)
         })
         .map_err(to_py_err)?;
