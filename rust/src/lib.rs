@@ -13,6 +13,8 @@ pub mod quant;
 pub mod wire;
 
 mod py;
+#[cfg(test)]
+mod test_rng;
 
 pub use error::{Error, Result};
 

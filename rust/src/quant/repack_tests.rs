@@ -5,6 +5,7 @@
 use super::blocks::F16Le;
 use super::repack::{repacked_fn_at, Repacked, RepackedKind, MAX_TOKENS, ROWS};
 use super::*;
+use crate::test_rng::TestRng;
 
 /// Every type with a repacked layout.
 const REPACKED: [GgmlType; 6] =
@@ -12,26 +13,6 @@ const REPACKED: [GgmlType; 6] =
 
 /// |kernel - reference| <= this * sum |w_i a_i|: only the f32 summation order differs.
 const REL_TOL: f32 = 1e-5;
-
-/// A small deterministic generator (xorshift), gaussian-ish by summing uniforms.
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn normal(&mut self) -> f32 {
-        (0..4).map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32).sum::<f32>() * 1.7 - 3.4
-    }
-
-    fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-}
 
 fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
@@ -45,9 +26,9 @@ fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
 /// k-quant rows for tests (no quantizer here): random quant bytes seeded from `x`, scales
 /// from its magnitude, so rows differ; Q6_K scales are signed.
 fn kquant_bytes(ty: GgmlType, x: &[f32]) -> Vec<u8> {
-    let mut gen = Gen(x.iter().fold(0x51u64, |h, v| h.rotate_left(5) ^ v.to_bits() as u64) | 1);
+    let mut gen = TestRng::new(x.iter().fold(0x51u64, |h, v| h.rotate_left(5) ^ v.to_bits() as u64));
     let mut out = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
-    out.iter_mut().for_each(|b| *b = gen.next() as u8);
+    out.iter_mut().for_each(|b| *b = gen.next_u64() as u8);
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     for block in out.chunks_exact_mut(ty.block_bytes()) {
         let d = F16Le::from_f32(amax / 500.0).0;
@@ -62,11 +43,11 @@ fn kquant_bytes(ty: GgmlType, x: &[f32]) -> Vec<u8> {
 }
 
 /// Weights `rows x cols` of `ty` with rows of different magnitudes.
-fn matrix(ty: GgmlType, rows: usize, cols: usize, gen: &mut Gen) -> Vec<u8> {
+fn matrix(ty: GgmlType, rows: usize, cols: usize, gen: &mut TestRng) -> Vec<u8> {
     (0..rows)
         .flat_map(|r| {
             let scale = 0.01 * (1 + r % 7) as f32;
-            quantized(ty, &gen.normals(cols).iter().map(|v| v * scale).collect::<Vec<_>>())
+            quantized(ty, &gen.gaussians(cols).iter().map(|v| v * scale).collect::<Vec<_>>())
         })
         .collect()
 }
@@ -121,7 +102,7 @@ fn check(ty: GgmlType, rows: usize, cols: usize, w: &[u8], acts: &[Vec<u8>]) {
 
 #[test]
 fn repacking_is_lossless() {
-    let mut gen = Gen(0x9E37_79B9_7F4A_7C15);
+    let mut gen = TestRng::new(0x9E37_79B9_7F4A_7C15);
     for ty in REPACKED {
         let cols_of = |c: usize| if ty.block_len() == 256 { 256 * c.div_ceil(32) } else { c };
         for (rows, cols) in [(1, 32), (17, 64), (40, 96)].map(|(r, c)| (r, cols_of(c))) {
@@ -141,7 +122,7 @@ fn repacking_is_lossless() {
 
 #[test]
 fn repacked_kernels_match_the_row_reference() {
-    let mut gen = Gen(0x1234_5678_9ABC_DEF1);
+    let mut gen = TestRng::new(0x1234_5678_9ABC_DEF1);
     for ty in REPACKED {
         let shapes: &[(usize, usize)] = if ty.block_len() == 256 {
             &[(16, 256), (15, 512), (33, 1024)]
@@ -150,7 +131,7 @@ fn repacked_kernels_match_the_row_reference() {
         };
         for &(rows, cols) in shapes {
             let w = matrix(ty, rows, cols, &mut gen);
-            let acts: Vec<Vec<u8>> = (0..7).map(|_| quantized(GgmlType::A16, &gen.normals(cols))).collect();
+            let acts: Vec<Vec<u8>> = (0..7).map(|_| quantized(GgmlType::A16, &gen.gaussians(cols))).collect();
             check(ty, rows, cols, &w, &acts);
         }
     }

@@ -5,6 +5,7 @@
 //! Error bounds are measured on gaussian data (n = 4096, several seeds) and set with margin;
 //! the measured values are in the comments beside each constant.
 
+use crate::test_rng::TestRng;
 use super::blocks::{BlockQ4K, BlockQ6K, F16Le, QK_K};
 use super::reference::dequantize_row_q4_k_ref;
 use super::*;
@@ -84,41 +85,6 @@ const MAX_DOT_ERROR_F32: f64 = 5.0e-8;
 // ---------------------------------------------------------------------------------------------
 // Data.
 
-/// A small deterministic generator (xorshift64*), so tests need no extra crates.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box-Muller).
-    fn gaussian(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-
-    fn gaussians(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.gaussian()).collect()
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next_u64() as u8).collect()
-    }
-}
 
 /// Quantizes a weight row to `ty`: `quantize_row` where it supports `ty`, else the simple
 /// test quantizers below (Q4_K, Q6_K).
@@ -250,9 +216,9 @@ fn quantize_q6k_for_tests(x: &[f32]) -> Vec<u8> {
 }
 
 /// Random weight bytes for `n` elements of `ty`: every quant bit pattern, finite scales.
-fn random_weights(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
+fn random_weights(ty: GgmlType, n: usize, rng: &mut TestRng) -> Vec<u8> {
     let mut bytes = rng.bytes(ty.row_bytes(n).expect("whole blocks"));
-    let scale = |rng: &mut Rng| F16Le::from_f32((rng.uniform() as f32 - 0.5) * 0.2).0;
+    let scale = |rng: &mut TestRng| F16Le::from_f32((rng.uniform() as f32 - 0.5) * 0.2).0;
     let size = ty.block_bytes();
     for block in bytes.chunks_exact_mut(size) {
         match ty {
@@ -305,7 +271,7 @@ fn every_level_the_cpu_has_offers_every_weight_type() {
 
 #[test]
 fn simd_dots_match_scalar_on_random_blocks() {
-    let mut rng = Rng::new(1);
+    let mut rng = TestRng::new(1);
     for ty in WEIGHT_TYPES {
         let bl = ty.block_len();
         // Odd block counts exercise the AVX-512 zero-padded tail (1..3 leftover blocks) and,
@@ -385,7 +351,7 @@ fn simd_dots_match_scalar_at_extreme_quants() {
 #[test]
 fn kernels_read_unaligned_rows() {
     // Rows at odd addresses, as inside a memory-mapped file.
-    let mut rng = Rng::new(2);
+    let mut rng = TestRng::new(2);
     for ty in WEIGHT_TYPES {
         let n = 5 * ty.block_len().max(32);
         let w = random_weights(ty, n, &mut rng);
@@ -411,7 +377,7 @@ fn kernels_read_unaligned_rows() {
 
 #[test]
 fn simd_activation_quantizers_are_bit_identical_to_reference() {
-    let mut rng = Rng::new(3);
+    let mut rng = TestRng::new(3);
     let mut inputs: Vec<Vec<f32>> = (0..6).map(|_| rng.gaussians(4 * QK_K)).collect();
     // Edge cases: zeros, exact halves after scaling, +-amax ties, a lone extreme, denormals.
     let mut edge = vec![0.0f32; 4 * QK_K];
@@ -443,7 +409,7 @@ fn simd_activation_quantizers_are_bit_identical_to_reference() {
 fn worst_round_trip_error(ty: GgmlType) -> f64 {
     (0..DOT_SEEDS)
         .map(|seed| {
-            let x = Rng::new(100 + seed).gaussians(4096);
+            let x = TestRng::new(100 + seed).gaussians(4096);
             let y = dequantize(ty, &quantize_weights(ty, &x), x.len());
             let err: f64 = x
                 .iter()
@@ -481,7 +447,7 @@ fn round_trip_errors_are_within_bounds() {
             "{ty}: round-trip error {err} far under {bound}: tighten it"
         );
     }
-    let x = Rng::new(7).gaussians(4096);
+    let x = TestRng::new(7).gaussians(4096);
     assert_eq!(
         dequantize(GgmlType::F32, &quantize_weights(GgmlType::F32, &x), x.len()),
         x
@@ -504,7 +470,7 @@ fn quantized_dots_are_within_bounds_of_the_f32_dot() {
     for (ty, bound) in bounds {
         let (mut worst, mut worst_act) = (0.0f64, 0.0f64);
         for seed in 0..DOT_SEEDS {
-            let mut rng = Rng::new(200 + seed);
+            let mut rng = TestRng::new(200 + seed);
             let (w, x) = (rng.gaussians(4096), rng.gaussians(4096));
             let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
             let scale: f64 = w
