@@ -24,6 +24,8 @@ __all__ = [
     "ModelSourceError",
     "ChatTemplateError",
     "InvalidSamplingError",
+    "NoRouteError",
+    "WorkerError",
 ]
 
 
@@ -96,3 +98,32 @@ class ChatTemplateError(MeshpyError, ValueError):
 
 class InvalidSamplingError(MeshpyError, ValueError):
     """Sampling parameters out of range (negative temperature, top_p outside (0, 1], ...)."""
+
+
+class NoRouteError(MeshpyError, LookupError):
+    """No live workers cover some layers of the model; ``missing_layers`` names them."""
+
+    def __init__(self, missing_layers: list[int], message: str | None = None) -> None:
+        self.missing_layers = list(missing_layers)
+        super().__init__(message or f"no worker serves layers {_ranges(self.missing_layers)}")
+
+
+class WorkerError(MeshpyError, RuntimeError):
+    """A worker refused a request; ``code`` is the wire error code (``unknown_session``,
+    ``cannot_hold_session``, ``wrong_model``, ...)."""
+
+    def __init__(self, code: str, message: str, peer: str | None = None) -> None:
+        self.code = code
+        self.peer = peer
+        super().__init__(f"{peer + ': ' if peer else ''}{code}: {message}")
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 7]`` as ``0-2, 7``."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

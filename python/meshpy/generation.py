@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from meshpy.end_model import EndModel, Prompt
 from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.packaged import PACKAGED_MODELS, resolve_packaged
 from meshpy.models.source import ModelSource, open_model_source
-from meshpy.pipeline import LocalPipeline, LocalSpan, PipelineSession, split_layers
+from meshpy.pipeline import LocalPipeline, LocalSpan, Pipeline, split_layers
 from meshpy.sampling import Sampler, SamplingParams
 from meshpy.tokenizer import IncrementalDecoder
 
@@ -97,9 +98,10 @@ class Generation:
 
 
 class Model:
-    """A model whose layers run in this process, as one span or several fed in turn."""
+    """A model: the End model here, its layers in this process (`Model.load`, as one span or
+    several fed in turn) or on the mesh (`meshpy.mesh.connect`)."""
 
-    def __init__(self, source: ModelSource, config: ModelConfig, end: EndModel, pipeline: LocalPipeline) -> None:
+    def __init__(self, source: ModelSource, config: ModelConfig, end: EndModel, pipeline: Pipeline) -> None:
         self.source = source
         self.config = config
         self.end = end
@@ -143,11 +145,27 @@ class Model:
         """Token ids of a prompt (chat template applied unless `raw`)."""
         return self.end.encode(prompt, raw=raw)
 
-    def new_session(self) -> PipelineSession:
+    def new_session(self) -> Any:
         """A fresh generation session (KV caches on every span)."""
         return self.pipeline.new_session()
 
-    def prefill(self, session: PipelineSession, ids: Sequence[int]) -> np.ndarray:
+    def close_session(self, session: Any) -> None:
+        """Frees a session's KV caches (on the workers, for a mesh)."""
+        self.pipeline.close_session(session)
+
+    def close(self) -> None:
+        """Releases what the model holds open (the mesh client's node)."""
+        close = getattr(self.pipeline, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def prefill(self, session: Any, ids: Sequence[int]) -> np.ndarray:
         """Runs prompt tokens through the model; returns the logits of the last one."""
         hidden = None
         for start in range(0, len(ids), PREFILL_CHUNK):
@@ -156,17 +174,22 @@ class Model:
             raise ValueError("the prompt is empty")
         return self.end.logits(hidden[-1:])[0]
 
-    def logits_all(self, ids: Sequence[int], session: PipelineSession | None = None) -> np.ndarray:
+    def logits_all(self, ids: Sequence[int], session: Any = None) -> np.ndarray:
         """Next-token logits `(len(ids), vocab)` at every position (teacher forcing)."""
-        session = session or self.new_session()
-        self.end.check_context(session.n_positions + len(ids))
-        parts = [
-            self.end.logits(self.pipeline.forward(session, self.end.embed(ids[start : start + PREFILL_CHUNK])))
-            for start in range(0, len(ids), PREFILL_CHUNK)
-        ]
+        own = session is None
+        session = self.new_session() if own else session
+        try:
+            self.end.check_context(session.n_positions + len(ids))
+            parts = [
+                self.end.logits(self.pipeline.forward(session, self.end.embed(ids[start : start + PREFILL_CHUNK])))
+                for start in range(0, len(ids), PREFILL_CHUNK)
+            ]
+        finally:
+            if own:
+                self.close_session(session)
         return np.concatenate(parts)
 
-    def step(self, session: PipelineSession, token: int) -> np.ndarray:
+    def step(self, session: Any, token: int) -> np.ndarray:
         """Runs one token; returns the next-token logits."""
         return self.end.logits(self.pipeline.forward(session, self.end.embed([token])))[0]
 
@@ -185,22 +208,26 @@ class Model:
         stop_ids = self.end.tokenizer.stop_ids
         budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
         session = self.new_session()
-        t0 = time.perf_counter()
-        logits = self.prefill(session, prompt_ids)
-        stats.prefill_seconds = time.perf_counter() - t0
-        stats.finish_reason = "length"
-        for i in range(budget):
-            token = sampler.sample(self.end.samplable(logits))
-            if token in stop_ids:
-                stats.finish_reason = "stop"
-                break
-            stats.completion_tokens += 1
-            yield token
-            if i + 1 < budget:
-                t0 = time.perf_counter()
-                logits = self.step(session, token)
-                stats.decode_seconds += time.perf_counter() - t0
-                stats.decode_steps += 1
+        try:
+            t0 = time.perf_counter()
+            logits = self.prefill(session, prompt_ids)
+            stats.prefill_seconds = time.perf_counter() - t0
+            stats.finish_reason = "length"
+            for i in range(budget):
+                token = sampler.sample(self.end.samplable(logits))
+                if token in stop_ids:
+                    stats.finish_reason = "stop"
+                    break
+                stats.completion_tokens += 1
+                yield token
+                if i + 1 < budget:
+                    t0 = time.perf_counter()
+                    logits = self.step(session, token)
+                    stats.decode_seconds += time.perf_counter() - t0
+                    stats.decode_steps += 1
+        finally:
+            # Also when the caller stops iterating early (the generator is closed).
+            self.close_session(session)
 
     def stream(
         self,

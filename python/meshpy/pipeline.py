@@ -8,6 +8,7 @@ mesh (remote spans on workers) plugs in behind the same interface: `new_session(
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -15,7 +16,22 @@ from meshpy import _native
 from meshpy.models.config import ModelConfig
 from meshpy.models.source import ModelSource
 
-__all__ = ["LocalSpan", "LocalPipeline", "PipelineSession", "split_layers"]
+__all__ = ["Pipeline", "LocalSpan", "LocalPipeline", "PipelineSession", "split_layers"]
+
+
+class Pipeline(Protocol):
+    """Runs every layer of a model for sessions: in this process or on the mesh."""
+
+    max_positions: int
+
+    def new_session(self, max_len: int | None = None) -> Any:
+        """A fresh session (empty KV caches wherever its layers run)."""
+
+    def forward(self, session: Any, hidden: np.ndarray) -> np.ndarray:
+        """The last layer's output for the session's next rows; extends its caches."""
+
+    def close_session(self, session: Any) -> None:
+        """Frees the session's caches."""
 
 
 def split_layers(n_layers: int, n_spans: int) -> list[range]:
@@ -96,3 +112,7 @@ class LocalPipeline:
         for span, cache in zip(self.spans, session.caches):
             hidden = span.forward(hidden, cache)
         return hidden
+
+    def close_session(self, session: PipelineSession) -> None:
+        """Drops the session's caches."""
+        session.caches.clear()

@@ -13,7 +13,16 @@ from typing import Any, TypeVar, get_type_hints
 
 from meshpy.errors import InvalidArgumentError
 
-__all__ = ["setting", "add_arguments", "from_namespace", "GenerateSettings"]
+__all__ = [
+    "setting",
+    "add_arguments",
+    "from_namespace",
+    "GenerateSettings",
+    "NodeSettings",
+    "BootstrapSettings",
+    "WorkerSettings",
+    "StatusSettings",
+]
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING
@@ -127,3 +136,50 @@ class GenerateSettings:
     raw: bool = setting(False, "send the prompt as is, without the chat template")
     quantize: str | None = setting(None, "quantize float weights at load", choices=("Q8_0", "Q4_0"))
     spans: int = setting(1, "run the layers as this many spans in turn (what the mesh does)", minimum=1)
+    bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several)")
+    transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=("tcp", "quic", "both"))
+    wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
+    route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
+
+
+_TRANSPORTS = ("tcp", "quic", "both")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What every mesh node shares: where it listens and how it joins."""
+
+    port: int = setting(0, "port to listen on (TCP and UDP for QUIC); 0 takes a free one", minimum=0, maximum=65535)
+    host: str = setting("0.0.0.0", "address to listen on (127.0.0.1: this machine only)")
+    transport: str = setting("both", "transports to listen on", choices=_TRANSPORTS)
+    node_dir: Path | None = setting(None, "directory of the node's identity key (default: per role and port)")
+
+
+@dataclass(frozen=True)
+class BootstrapSettings(NodeSettings):
+    """`meshpy bootstrap`: a rendezvous node; prints the addresses others pass to --bootstrap."""
+
+    port: int = setting(9000, "port to listen on (TCP and UDP for QUIC); 0 takes a free one", minimum=0, maximum=65535)
+
+
+@dataclass(frozen=True)
+class WorkerSettings(NodeSettings):
+    """`meshpy worker`: host a range of a model's layers (or echo, without --model)."""
+
+    bootstrap: str | None = setting(None, "multiaddr of a mesh node to join (comma-separated for several)")
+    model: Path | None = setting(None, "the model (GGUF file, HF directory, packaged name); none: echo mode", short="-m")
+    layers: str | None = setting(None, "layers to host, e.g. 0-7 (default: the least-covered range that fits --memory)")
+    device: str = setting("cpu", "where the layers run", choices=("cpu",))
+    memory: str | None = setting(None, "memory for weights, KV cache and runtime, e.g. 2GiB (default: what is free)")
+    kv_budget: str = setting("256MiB", "KV cache memory all sessions together may hold")
+    threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
+    idle_timeout: float = setting(300.0, "seconds before an unused session is dropped", minimum=1.0)
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    """`meshpy status`: the workers of a mesh, their layers, and layers nobody serves."""
+
+    bootstrap: str = setting(help="multiaddr of a mesh node (comma-separated for several)")
+    model: Path | None = setting(None, "only this model (default: every model the workers serve)", short="-m")
+    transport: str = setting("tcp", "transport this client listens on", choices=_TRANSPORTS)

@@ -8,7 +8,14 @@ import sys
 from collections.abc import Sequence
 
 from meshpy.errors import MeshpyError
-from meshpy.settings import GenerateSettings, add_arguments, from_namespace
+from meshpy.settings import (
+    BootstrapSettings,
+    GenerateSettings,
+    StatusSettings,
+    WorkerSettings,
+    add_arguments,
+    from_namespace,
+)
 
 __all__ = ["main"]
 
@@ -19,19 +26,39 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a reply to one prompt", description=GenerateSettings.__doc__)
     add_arguments(gen, GenerateSettings)
+    for name, cls, help_text in (
+        ("bootstrap", BootstrapSettings, "run a rendezvous node for a mesh"),
+        ("worker", WorkerSettings, "host a range of a model's layers for the mesh"),
+        ("status", StatusSettings, "list a mesh's workers and uncovered layers"),
+    ):
+        add_arguments(sub.add_parser(name, help=help_text, description=cls.__doc__), cls)
     return parser
+
+
+#: Commands that run as servers log what they do by default.
+_SERVERS = ("bootstrap", "worker")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `meshpy` script and `python -m meshpy`."""
     args = _parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    verbosity = args.verbose + (1 if args.command in _SERVERS else 0)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "generate":
             from meshpy.cli.generate import run_generate
 
             return run_generate(from_namespace(GenerateSettings, args))
+        if args.command in ("bootstrap", "worker", "status"):
+            from meshpy.cli import mesh
+
+            runner, cls = {
+                "bootstrap": (mesh.run_bootstrap, BootstrapSettings),
+                "worker": (mesh.run_worker, WorkerSettings),
+                "status": (mesh.run_status, StatusSettings),
+            }[args.command]
+            return runner(from_namespace(cls, args))  # type: ignore[operator]
     except MeshpyError as exc:
         print(f"meshpy: error: {exc}", file=sys.stderr)
         return 2

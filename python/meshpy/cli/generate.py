@@ -16,6 +16,13 @@ __all__ = ["run_generate"]
 def run_generate(settings: GenerateSettings) -> int:
     """Loads the model, streams the reply to stdout and prints timings to stderr."""
     t0 = time.perf_counter()
+    model = _connect(settings) if settings.bootstrap else _load(settings)
+    with model:
+        return _generate(model, settings, time.perf_counter() - t0)
+
+
+def _load(settings: GenerateSettings) -> Model:
+    """The whole model in this process, with a progress bar."""
     bar = ProgressBar("loading layers", 1)
 
     def progress(done: int, total: int) -> None:
@@ -23,12 +30,34 @@ def run_generate(settings: GenerateSettings) -> int:
         bar.update(done)
 
     try:
-        model = Model.load(
+        return Model.load(
             settings.model, threads=settings.threads, quantize=settings.quantize, n_spans=settings.spans, progress=progress
         )
     finally:
         bar.close()
-    load_seconds = time.perf_counter() - t0
+
+
+def _connect(settings: GenerateSettings) -> Model:
+    """The End model here, the layers on the mesh; reports the providers and the route."""
+    from meshpy.mesh import connect, describe_route
+
+    model = connect(
+        settings.model,
+        settings.bootstrap or "",
+        threads=settings.threads,
+        transport=settings.transport,
+        wire_dtype=settings.wire_dtype,
+        route_timeout=settings.route_timeout,
+    )
+    pipeline = model.pipeline
+    for p in pipeline.providers:  # type: ignore[attr-defined]
+        print(f"[provider {p.peer_id}: layers {p.layers.start}-{p.layers.stop - 1}, round trip {p.rtt * 1000:.1f} ms]",
+              file=sys.stderr)
+    print(f"[route: {describe_route(pipeline.route())}]", file=sys.stderr)  # type: ignore[attr-defined]
+    return model
+
+
+def _generate(model: Model, settings: GenerateSettings, load_seconds: float) -> int:
     sampling = SamplingParams(
         temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed
     )

@@ -1,0 +1,114 @@
+"""`meshpy bootstrap`, `meshpy worker` and `meshpy status`: running and inspecting a mesh."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections import defaultdict
+from typing import Any
+
+from meshpy.errors import _ranges
+from meshpy.mesh.identity import WORKERS_KEY, model_identity
+from meshpy.mesh.nodes import parse_bootstrap, start_node
+from meshpy.mesh.placement import format_size
+from meshpy.mesh.routing import describe_peers
+from meshpy.mesh.worker import Worker
+from meshpy.generation import model_path
+from meshpy.models.config import read_config
+from meshpy.models.source import open_model_source
+from meshpy.settings import BootstrapSettings, NodeSettings, StatusSettings, WorkerSettings
+
+__all__ = ["run_bootstrap", "run_worker", "run_status"]
+
+log = logging.getLogger(__name__)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the process as Ctrl-C does: through `finally`, announcements withdrawn."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def run_bootstrap(settings: BootstrapSettings) -> int:
+    """Starts a rendezvous node, prints its addresses, and runs until stopped."""
+    _stop_on_sigterm()
+    node, node_dir = start_node(settings, "bootstrap")
+    try:
+        print(f"meshpy bootstrap node {node.peer_id}; join with --bootstrap and one of:", file=sys.stderr)
+        for addr in node.listen_addrs():
+            print(addr, flush=True)
+        threading.Event().wait()
+    finally:
+        node.close()
+        node_dir.cleanup()
+    return 0
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    """Starts a worker and serves until stopped."""
+    _stop_on_sigterm()
+    worker = Worker(settings)
+    try:
+        worker.start()
+        print(f"meshpy worker {worker.peer_id} listening on:", file=sys.stderr)
+        for addr in worker.listen_addrs():
+            print(addr, flush=True)
+        worker.serve_forever()
+    finally:
+        worker.close()
+    return 0
+
+
+def _describe(info: dict[str, Any]) -> str:
+    mode = info.get("mode")
+    if mode == "span":
+        first, count = int(info["first_layer"]), int(info["n_layers"])
+        return (
+            f"{info.get('model_id', info.get('model_name'))} layers {first}-{first + count - 1} "
+            f"({info.get('device', '?')}, {info.get('sessions', 0)} sessions, "
+            f"KV {format_size(int(info.get('kv_used_bytes', 0)))} of {format_size(int(info.get('kv_budget_bytes', 0)))})"
+        )
+    return "echo mode" if mode == "echo" else str(mode)
+
+
+def run_status(settings: StatusSettings) -> int:
+    """Prints every worker, its addresses and layers, then each model's uncovered layers."""
+    node, node_dir = start_node(
+        NodeSettings(port=0, host="127.0.0.1", transport=settings.transport), "status", parse_bootstrap(settings.bootstrap)
+    )
+    try:
+        wanted = None
+        if settings.model is not None:
+            wanted = model_identity(open_model_source(model_path(settings.model)))
+        workers = [peer for peer, _ in node.get_providers(WORKERS_KEY)]
+        infos = describe_peers(node, workers)
+        models: dict[str, tuple[int, list[range]]] = defaultdict(lambda: (0, []))
+        print(f"{len(infos)} worker(s) answering ({len(workers) - len(infos)} listed but silent)")
+        for peer, (info, rtt) in sorted(infos.items(), key=lambda kv: (str(kv[1][0].get("model_id")), kv[1][0].get("first_layer", 0))):
+            if wanted is not None and info.get("model_hash") != wanted.digest.hex():
+                continue
+            print(f"{peer}: {_describe(info)}, round trip {rtt * 1000:.1f} ms")
+            for addr in info.get("listen_addrs", []):
+                print(f"    {addr}")
+            if info.get("mode") == "span" and "model_id" in info:
+                n, spans = models[info["model_id"]]
+                first = int(info["first_layer"])
+                spans.append(range(first, first + int(info["n_layers"])))
+                models[info["model_id"]] = (max(n, int(info.get("model_layers", 0))), spans)
+        if wanted is not None and wanted.id not in models:
+            n_layers = read_config(open_model_source(model_path(settings.model))).n_layers  # type: ignore[arg-type]
+            models[wanted.id] = (n_layers, [])
+        for model_id, (n_layers, spans) in sorted(models.items()):
+            missing = [i for i in range(n_layers) if not any(i in r for r in spans)]
+            gaps = f"no provider for layers {_ranges(missing)}" if missing else "every layer has a provider"
+            print(f"model {model_id} ({n_layers} layers): {gaps}")
+    finally:
+        node.close()
+        node_dir.cleanup()
+    return 0

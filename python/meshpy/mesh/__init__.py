@@ -1,0 +1,71 @@
+"""The mesh: workers hosting layer ranges, found through a Kademlia DHT, and End-model
+clients routing sessions through them.
+
+>>> from meshpy.mesh import connect
+>>> model = connect("smollm2", bootstrap="/ip4/192.168.1.5/tcp/9000/p2p/12D3Koo...")  # doctest: +SKIP
+>>> model.generate("Hello!", max_tokens=16).text                                     # doctest: +SKIP
+
+Workers run with `meshpy worker` or in-process with `Worker(WorkerSettings(...)).start()`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from meshpy import _native
+from meshpy.end_model import EndModel
+from meshpy.generation import Model, default_threads, model_path
+from meshpy.mesh.client import MeshPipeline, MeshSession
+from meshpy.mesh.identity import ModelIdentity, model_identity
+from meshpy.mesh.nodes import parse_bootstrap, start_node
+from meshpy.mesh.routing import Hop, Provider, describe_route
+from meshpy.mesh.worker import Worker
+from meshpy.models.config import read_config
+from meshpy.models.source import open_model_source
+from meshpy.settings import NodeSettings, WorkerSettings
+
+__all__ = [
+    "connect",
+    "Worker",
+    "WorkerSettings",
+    "MeshPipeline",
+    "MeshSession",
+    "ModelIdentity",
+    "model_identity",
+    "Provider",
+    "Hop",
+    "describe_route",
+]
+
+
+def connect(
+    model: str | os.PathLike[str],
+    bootstrap: str | Sequence[str],
+    *,
+    threads: int | None = None,
+    transport: str = "tcp",
+    host: str = "127.0.0.1",
+    wire_dtype: str = "f32",
+    route_timeout: float = 30.0,
+) -> Model:
+    """A `Model` whose End model runs here and whose layers run on the mesh joined through
+    `bootstrap`; waits up to `route_timeout` seconds for workers to cover every layer.
+
+    The End model needs the same checkpoint the workers have (its hash names the model in the
+    DHT); only embedding, final norm and head are loaded. `wire_dtype` "f32" gives exactly the
+    single-process tokens; "bf16" halves the bytes on the wire. Close the model to leave.
+    """
+    source = open_model_source(model_path(model))
+    config = read_config(source)
+    identity = model_identity(source)
+    addrs = parse_bootstrap(bootstrap if isinstance(bootstrap, str) else " ".join(bootstrap))
+    node, node_dir = start_node(NodeSettings(port=0, host=host, transport=transport), "client", addrs)
+    pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, on_close=node_dir.cleanup)
+    try:
+        pipeline.wait_for_route(route_timeout)
+        end = EndModel(source, config, _native.ThreadPool(threads or default_threads()))
+    except BaseException:
+        pipeline.close()
+        raise
+    return Model(source, config, end, pipeline)

@@ -1,0 +1,229 @@
+"""The End node's side of the mesh: sessions whose layers run on workers.
+
+`MeshPipeline` has the interface of the local pipeline (`new_session`, `forward`,
+`close_session`), so `Model` generates through the mesh exactly as it does in one process.
+Each session gets a random 128-bit id and a route (hops of contiguous layers). Every hop's
+inputs are kept for the life of the session: when a hop fails (the worker vanished, dropped
+the session, or cannot hold it), the client routes those layers through other providers,
+replays the kept inputs to rebuild their KV caches, and carries on where it was, so a lost
+worker costs time, not the generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from meshpy import _native
+from meshpy.errors import ContextOverflowError, NetworkError, NoRouteError, RequestTimeoutError, WorkerError
+from meshpy.mesh.identity import ModelIdentity
+from meshpy.mesh.routing import Hop, Provider, describe_route, discover, missing_layers, plan_route
+from meshpy.models.config import ModelConfig
+
+__all__ = ["MeshPipeline", "MeshSession", "WIRE_DTYPES"]
+
+log = logging.getLogger(__name__)
+
+WIRE_DTYPES = ("f32", "bf16", "f16")
+#: Worker refusals that another provider (or the same one, restarted) can fix.
+_RECOVERABLE = {"unknown_session", "cannot_hold_session", "step_mismatch", "wrong_span", "internal"}
+#: A provider that failed is left out of routes for this long.
+_FAILED_COOLDOWN = 30.0
+#: Reroutes one forward may try before giving up.
+_MAX_REROUTES = 4
+#: Positions per frame when replaying a hop's inputs into a new provider.
+_REPLAY_CHUNK = 512
+
+
+class _HopFailed(Exception):
+    """A hop that another provider may serve: its peer and what went wrong."""
+
+    def __init__(self, peer: str, error: Exception) -> None:
+        super().__init__(peer, error)
+        self.peer = peer
+        self.error = error
+
+
+class MeshSession:
+    """One generation on the mesh: its id, route, and every hop's inputs so far."""
+
+    def __init__(self, session_id: int, hops: Sequence[Hop], max_len: int) -> None:
+        self.id = session_id
+        self.hops = list(hops)
+        self.inputs: list[list[np.ndarray]] = [[] for _ in self.hops]
+        self.max_len = max_len
+        self.n_positions = 0
+        self.steps = 0
+        self.closed = False
+
+
+class MeshPipeline:
+    """Runs a model's layers on the workers of a mesh, reached through `node`."""
+
+    def __init__(
+        self,
+        node: _native.Node,
+        model: ModelIdentity,
+        config: ModelConfig,
+        *,
+        wire_dtype: str = "f32",
+        request_timeout: float = 120.0,
+        on_close: Callable[[], object] | None = None,
+    ) -> None:
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype {wire_dtype!r}; known: {', '.join(WIRE_DTYPES)}")
+        self.node = node
+        self.model = model
+        self.n_layers = config.n_layers
+        self.max_positions = config.max_positions
+        self.wire_dtype = wire_dtype
+        self.request_timeout = request_timeout
+        self.providers: list[Provider] = []
+        self._failed: dict[str, float] = {}
+        self._on_close = on_close
+
+    def close(self) -> None:
+        """Stops the node (and whatever `on_close` releases). Idempotent."""
+        self.node.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    # --- discovery and routes ---------------------------------------------------------
+
+    def _excluded(self) -> set[str]:
+        now = time.monotonic()
+        self._failed = {p: t for p, t in self._failed.items() if now - t < _FAILED_COOLDOWN}
+        return set(self._failed)
+
+    def refresh(self) -> list[Provider]:
+        """Looks up the model's providers again (skipping ones that failed recently)."""
+        self.providers = discover(self.node, self.model, self.n_layers, exclude=self._excluded())
+        return self.providers
+
+    def route(self, start: int = 0, stop: int | None = None) -> list[Hop]:
+        """A route over layers `start..stop` (default: all), refreshing providers when the
+        known ones do not cover them. Raises NoRouteError naming the uncovered layers."""
+        stop = self.n_layers if stop is None else stop
+        try:
+            return plan_route(self.providers, start, stop, self._excluded())
+        except NoRouteError:
+            self.refresh()
+            return plan_route(self.providers, start, stop, self._excluded())
+
+    def wait_for_route(self, timeout: float, poll: float = 0.5) -> list[Hop]:
+        """Polls the DHT until the layers are covered or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh()
+            try:
+                return plan_route(self.providers, 0, self.n_layers, self._excluded())
+            except NoRouteError as e:
+                if time.monotonic() >= deadline:
+                    raise NoRouteError(e.missing_layers, f"after {timeout:.0f} s: {e}") from None
+            time.sleep(poll)
+
+    def missing_layers(self) -> list[int]:
+        """Layers the known providers leave uncovered."""
+        return missing_layers(self.providers, self.n_layers)
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def new_session(self, max_len: int | None = None) -> MeshSession:
+        """A session on a fresh route; workers create their caches on its first forward."""
+        hops = self.route()
+        session = MeshSession(secrets.randbits(128), hops, min(max_len or self.max_positions, self.max_positions))
+        log.info("session %032x: route %s", session.id, describe_route(hops))
+        return session
+
+    def forward(self, session: MeshSession, hidden: np.ndarray) -> np.ndarray:
+        """Runs hidden states through every hop, extending the session's caches there."""
+        if session.closed:
+            raise ValueError("the session is closed")
+        x = np.ascontiguousarray(hidden, dtype=np.float32)
+        n, start = x.shape[0], session.n_positions
+        if start + n > session.max_len:
+            raise ContextOverflowError(f"{start + n} positions needed, the session holds {session.max_len}")
+        reroutes, rerouting, i = 0, False, 0
+        while i < len(session.hops):
+            try:
+                if rerouting:
+                    self._reroute(session, i)
+                    rerouting = False
+                y = self._send(session, session.hops[i], start, x)
+            except _HopFailed as failure:
+                if reroutes >= _MAX_REROUTES:
+                    raise failure.error from None
+                reroutes += 1
+                log.warning("session %032x: %s failed (%s); rerouting", session.id, failure.peer, failure.error)
+                self._failed[failure.peer] = time.monotonic()
+                rerouting = True
+                continue
+            session.inputs[i].append(x)
+            x = y
+            i += 1
+        session.n_positions += n
+        session.steps += 1
+        return x
+
+    def close_session(self, session: MeshSession) -> None:
+        """Frees the session's caches on its workers (best effort: idle expiry is the net)."""
+        if session.closed:
+            return
+        session.closed = True
+        frame = _native.encode_close_session([session.id])
+        for peer in dict.fromkeys(h.provider.peer_id for h in session.hops):
+            try:
+                self.node.request(peer, frame, timeout=5.0)
+            except (NetworkError, RequestTimeoutError) as e:
+                log.info("closing session %032x on %s: %s", session.id, peer, e)
+        session.inputs.clear()
+
+    # --- one hop ----------------------------------------------------------------------
+
+    def _send(self, session: MeshSession, hop: Hop, start: int, x: np.ndarray) -> np.ndarray:
+        """Runs `x` (positions `start..`) through one hop; the hop's output."""
+        entries = [(session.id, session.steps, start, x.shape[0])]
+        frame = _native.encode_forward(
+            self.model.digest, self.model.name, hop.layers.start, len(hop.layers), entries, x, self.wire_dtype
+        )
+        peer = hop.provider.peer_id
+        try:
+            reply = _native.decode_frame(self.node.request(peer, frame, timeout=self.request_timeout))
+        except (NetworkError, RequestTimeoutError) as e:
+            raise _HopFailed(peer, e) from e
+        if reply["kind"] == "error":
+            error = WorkerError(reply["code"], reply["message"], peer)
+            if error.code in _RECOVERABLE:
+                raise _HopFailed(peer, error)
+            raise error
+        if reply["kind"] != "forward_result" or reply["entries"] != entries:
+            raise WorkerError("invalid_request", f"unexpected answer {reply['kind']} {reply.get('entries')}", peer)
+        out = reply["hidden"]
+        if out.shape != x.shape:
+            raise WorkerError("invalid_request", f"answer of shape {out.shape} for input {x.shape}", peer)
+        return out
+
+    def _reroute(self, session: MeshSession, i: int) -> None:
+        """Replaces hop `i` by a route over its layers through other providers, and replays
+        the hop's kept inputs there so their caches hold what the lost one held."""
+        old = session.hops[i]
+        history = np.concatenate(session.inputs[i]) if session.inputs[i] else None
+        new_hops = self.route(old.layers.start, old.layers.stop)
+        new_inputs: list[list[np.ndarray]] = []
+        x = history
+        for hop in new_hops:
+            new_inputs.append([] if x is None else [x])
+            if x is not None:
+                x = np.concatenate(
+                    [self._send(session, hop, pos, x[pos : pos + _REPLAY_CHUNK]) for pos in range(0, len(x), _REPLAY_CHUNK)]
+                )
+        session.hops[i : i + 1] = new_hops
+        session.inputs[i : i + 1] = new_inputs
+        positions = 0 if history is None else len(history)
+        log.info("session %032x: layers %d-%d now on %s (%d positions replayed)", session.id,
+                 old.layers.start, old.layers.stop - 1, describe_route(new_hops), positions)

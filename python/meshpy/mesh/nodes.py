@@ -1,0 +1,77 @@
+"""Starting mesh nodes from settings: identity directories, bootstrap addresses, and the
+rendezvous node that `meshpy bootstrap` runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from meshpy import _native
+from meshpy.errors import InvalidArgumentError
+from meshpy.settings import NodeSettings
+
+__all__ = ["parse_bootstrap", "data_dir", "NodeDir", "start_node"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_bootstrap(text: str | None) -> list[str]:
+    """Multiaddrs from a comma- or space-separated list; each must end in /p2p/<peer id>."""
+    addrs = [a for a in (text or "").replace(",", " ").split() if a]
+    for a in addrs:
+        if "/p2p/" not in a:
+            raise InvalidArgumentError(f"bootstrap address {a!r} lacks /p2p/<peer id> (copy it as `meshpy bootstrap` prints it)")
+    return addrs
+
+
+def data_dir() -> Path:
+    """Where nodes keep their identities: `$MESHPY_DATA_DIR`, else `$XDG_DATA_HOME/meshpy`."""
+    if os.environ.get("MESHPY_DATA_DIR"):
+        return Path(os.environ["MESHPY_DATA_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "meshpy"
+
+
+class NodeDir:
+    """A node's identity directory: the one given; a persistent one per role and fixed port
+    (so a restarted bootstrap node keeps the address others were given); or, on a free port,
+    a temporary one removed on close."""
+
+    def __init__(self, given: Path | None, role: str, port: int) -> None:
+        self._temp: str | None = None
+        if given is not None:
+            self.path = Path(given)
+        elif port:
+            self.path = data_dir() / f"{role}-{port}"
+        else:
+            self._temp = tempfile.mkdtemp(prefix=f"meshpy-{role}-")
+            self.path = Path(self._temp)
+
+    def cleanup(self) -> None:
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
+
+
+def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = None, **kwargs: object) -> tuple[_native.Node, NodeDir]:
+    """A node listening as `settings` says, joined to the mesh through `bootstrap`."""
+    node_dir = NodeDir(settings.node_dir, role, settings.port)
+    try:
+        node = _native.Node(
+            str(node_dir.path), settings.port, settings.transport, bootstrap or [], None, host=settings.host, **kwargs
+        )
+    except BaseException:
+        node_dir.cleanup()
+        raise
+    if bootstrap:
+        try:
+            node.bootstrap()
+        except BaseException:
+            node.close()
+            node_dir.cleanup()
+            raise
+    log.info("%s node %s listening on %s", role, node.peer_id, ", ".join(node.listen_addrs()))
+    return node, node_dir

@@ -1,0 +1,143 @@
+"""Which layers a worker takes: its memory budget, what each layer costs, and the
+least-covered contiguous range of the model that fits.
+
+Workers started one after another each read the current coverage (how many providers every
+layer has) and take the window with the fewest existing providers, earliest first, so a few
+workers cover the whole model without anyone computing ranges by hand. A worker serves any
+contiguous part of its range, so overlapping ranges still chain into routes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+from meshpy.errors import InvalidArgumentError
+from meshpy.models.config import ModelConfig
+from meshpy.models.source import ModelSource
+
+__all__ = [
+    "parse_size",
+    "format_size",
+    "parse_layers",
+    "format_layers",
+    "available_memory",
+    "layer_nbytes",
+    "layers_that_fit",
+    "choose_layers",
+    "RUNTIME_OVERHEAD",
+]
+
+#: Memory a worker process needs besides weights and KV cache (interpreter, numpy, libp2p,
+#: scratch buffers); the low-memory target of the design.
+RUNTIME_OVERHEAD = 150 << 20
+#: Left free for the rest of the machine when `--memory` is not given.
+_FREE_MARGIN = 512 << 20
+
+# Bytes per block and values per block of the ggml types (llama.cpp ggml-common.h).
+_BLOCKS = {
+    "F32": (4, 1),
+    "F16": (2, 1),
+    "BF16": (2, 1),
+    "Q4_0": (18, 32),
+    "Q4_1": (20, 32),
+    "Q5_0": (22, 32),
+    "Q5_1": (24, 32),
+    "Q8_0": (34, 32),
+    "Q8_1": (36, 32),
+    "Q4_K": (144, 256),
+    "Q5_K": (176, 256),
+    "Q6_K": (210, 256),
+    "Q8_K": (292, 256),
+}
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like `2GiB`, `512MiB`, `1.5G` or `1048576`."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise InvalidArgumentError(f"{text!r} is not a size (examples: 2GiB, 512MiB, 1.5G, 1048576)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    """`n` bytes, readable (`1.5 GiB`)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def parse_layers(text: str, n_layers: int) -> range:
+    """A layer range written `a-b` (inclusive, as users count) or a single layer `a`."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not m:
+        raise InvalidArgumentError(f"--layers {text!r}: expected a range like 0-7")
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) is not None else first
+    if not first <= last < n_layers:
+        raise InvalidArgumentError(f"--layers {text!r}: the model has layers 0-{n_layers - 1}")
+    return range(first, last + 1)
+
+
+def format_layers(layers: range) -> str:
+    """`a-b`, inclusive, as `--layers` takes it."""
+    return f"{layers.start}-{layers.stop - 1}"
+
+
+def available_memory() -> int:
+    """Memory the machine can give a new process now (Linux MemAvailable), less a margin."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return max(0, int(line.split()[1]) * 1024 - _FREE_MARGIN)
+    except OSError:
+        pass
+    import os
+
+    try:
+        return max(0, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") - _FREE_MARGIN)
+    except (ValueError, OSError):
+        raise InvalidArgumentError("cannot tell how much memory is free here; pass --memory") from None
+
+
+def layer_nbytes(source: ModelSource, config: ModelConfig, layer: int) -> int:
+    """Bytes of one layer's weights as stored in the checkpoint."""
+    total = 0
+    for name in config.layer_names(layer).values():
+        type_name, shape = source.checkpoint.tensor_info(name)
+        block_bytes, block_values = _BLOCKS.get(type_name.upper(), (4, 1))
+        total += math.prod(shape) // block_values * block_bytes
+    return total
+
+
+def layers_that_fit(per_layer: Sequence[int], memory: int, kv_budget: int) -> int:
+    """How many of the heaviest layers fit in `memory` next to the KV budget and runtime."""
+    room = memory - kv_budget - RUNTIME_OVERHEAD
+    heaviest = max(per_layer)
+    return max(0, min(len(per_layer), room // heaviest)) if heaviest else len(per_layer)
+
+
+def choose_layers(coverage: Sequence[int], count: int) -> range:
+    """The `count`-layer window with the fewest providers in total, earliest on ties.
+
+    `coverage[i]` is how many providers layer `i` has now.
+    """
+    n = len(coverage)
+    if not 1 <= count <= n:
+        raise ValueError(f"cannot take {count} of {n} layers")
+    best_start, best = 0, None
+    window = sum(coverage[:count])
+    for start in range(n - count + 1):
+        if start:
+            window += coverage[start + count - 1] - coverage[start - 1]
+        # Uncovered layers first: a window's worst layer, then its total.
+        key = (min(coverage[start : start + count]) > 0, window)
+        if best is None or key < best:
+            best_start, best = start, key
+    return range(best_start, best_start + count)

@@ -1,0 +1,155 @@
+"""A worker: joins the mesh, picks its layers, loads only those (memory-mapped, repacked),
+announces them in the DHT and serves them from Rust (no Python per token).
+
+Without a model it runs in echo mode, returning hidden states unchanged, to test a network
+with no weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from meshpy import _native
+from meshpy.errors import InvalidArgumentError
+from meshpy.generation import default_threads, model_path
+from meshpy.mesh.identity import WORKERS_KEY, ModelIdentity, model_identity
+from meshpy.mesh.nodes import NodeDir, parse_bootstrap, start_node
+from meshpy.mesh.placement import (
+    available_memory,
+    choose_layers,
+    format_layers,
+    format_size,
+    layer_nbytes,
+    layers_that_fit,
+    parse_layers,
+    parse_size,
+)
+from meshpy.mesh.routing import coverage_of, discover
+from meshpy.models.config import read_config
+from meshpy.models.source import open_model_source
+from meshpy.pipeline import LocalSpan
+from meshpy.settings import WorkerSettings
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """A mesh worker running in this process. `start()` returns once it serves and has
+    announced its layers; `close()` withdraws them and stops the node."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.node: _native.Node | None = None
+        self.model: ModelIdentity | None = None
+        self.layers: range | None = None
+        self._span: LocalSpan | None = None
+        self._node_dir: NodeDir | None = None
+        self._keys: list[str] = []
+        self._stopped = threading.Event()
+
+    def start(self) -> Worker:
+        s = self.settings
+        kv_budget = parse_size(s.kv_budget)
+        bootstrap = parse_bootstrap(s.bootstrap)
+        self.node, self._node_dir = start_node(s, "worker", bootstrap)
+        try:
+            if s.model is None:
+                self._serve_echo()
+            else:
+                self._serve_model(kv_budget, has_peers=bool(bootstrap))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _serve_echo(self) -> None:
+        assert self.node is not None
+        self.node.serve("echo", info=self._info())
+        log.info("echo mode: returning hidden states unchanged")
+        self._announce([WORKERS_KEY])
+
+    def _serve_model(self, kv_budget: int, has_peers: bool) -> None:
+        assert self.node is not None and self.settings.model is not None
+        s = self.settings
+        source = open_model_source(model_path(s.model))
+        config = read_config(source)
+        self.model = model_identity(source)
+        if s.layers:
+            layers = parse_layers(s.layers, config.n_layers)
+        else:
+            per_layer = [layer_nbytes(source, config, i) for i in range(config.n_layers)]
+            memory = parse_size(s.memory) if s.memory else available_memory()
+            count = layers_that_fit(per_layer, memory, kv_budget)
+            if count == 0:
+                raise InvalidArgumentError(
+                    f"--memory {format_size(memory)} holds no layer of {self.model.id} "
+                    f"(one needs {format_size(max(per_layer))} next to a {format_size(kv_budget)} KV budget "
+                    "and 150 MiB for the process)"
+                )
+            providers = discover(self.node, self.model, config.n_layers) if has_peers else []
+            coverage = coverage_of(providers, config.n_layers)
+            layers = choose_layers(coverage, count)
+            log.info("room for %d of %d layers in %s; coverage now %s", count, config.n_layers, format_size(memory), coverage)
+        pool = _native.ThreadPool(s.threads or default_threads())
+        self._span = LocalSpan(source, config, layers, pool)
+        self.layers = layers
+        info = self._info(model_id=self.model.id, model_layers=config.n_layers, weights_bytes=self._span.native.nbytes,
+                          threads=pool.n_threads)
+        self.node.serve(
+            self._span.native,
+            model_name=self.model.name,
+            model_hash=self.model.digest,
+            kv_budget_bytes=kv_budget,
+            idle_timeout=s.idle_timeout,
+            info=info,
+        )
+        log.info("announcing layers %s of %s", format_layers(layers), self.model.id)
+        self._announce([self.model.layer_key(i) for i in layers] + [WORKERS_KEY])
+
+    def _info(self, **extra: object) -> dict[str, object]:
+        return {"device": self.settings.device, "version": _native.__version__, **extra}
+
+    def _announce(self, keys: list[str]) -> None:
+        assert self.node is not None
+        for key in keys:
+            self.node.start_providing(key)
+            self._keys.append(key)
+
+    @property
+    def peer_id(self) -> str:
+        assert self.node is not None, "the worker has not started"
+        return self.node.peer_id
+
+    def listen_addrs(self) -> list[str]:
+        assert self.node is not None, "the worker has not started"
+        return self.node.listen_addrs()
+
+    def serve_forever(self) -> None:
+        """Blocks until `close()` (from another thread or a signal handler)."""
+        while not self._stopped.wait(1.0):
+            pass
+
+    def close(self) -> None:
+        """Withdraws the announcements (best effort) and stops the node. Idempotent."""
+        self._stopped.set()
+        if self.node is not None:
+            for key in self._keys:
+                try:
+                    self.node.stop_providing(key)
+                except Exception as e:  # noqa: BLE001 - shutting down either way
+                    log.debug("stop providing %s: %s", key, e)
+            self._keys.clear()
+            self.node.close()
+            self.node = None
+        if self._node_dir is not None:
+            self._node_dir.cleanup()
+            self._node_dir = None
+
+    def __enter__(self) -> Worker:
+        return self.start() if self.node is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
