@@ -61,9 +61,10 @@ def simd_level() -> str:
 # model (rust/src/py/model.rs)
 
 class ThreadPool:
-    """Compute threads shared by the spans and heads of one process."""
+    """Compute threads shared by the spans and heads of one process. Idle threads spin
+    `idle_spin` seconds (default 0.002) for the next job before sleeping."""
 
-    def __init__(self, n_threads: int) -> None: ...
+    def __init__(self, n_threads: int, idle_spin: float | None = None) -> None: ...
     @property
     def n_threads(self) -> int: ...
 
@@ -150,6 +151,12 @@ def read_frame_header(prefix: bytes, max_frame_bytes: int | None = None) -> dict
 def error_codes() -> list[str]: ...
 def f32_to_bf16(x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint16]: ...
 def bf16_to_f32(bits: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]: ...
+
+# logging (rust/src/py/logging.rs)
+
+def init_logging(level: str) -> bool:
+    """Rust log events at `level` ("error", "warning", "info", "debug") and above go to stderr;
+    False when already set up (the first call wins)."""
 
 # net (rust/src/py/net.rs)
 # A libp2p node: identity key in node_dir, TCP+Noise+Yamux and/or QUIC, Kademlia provider

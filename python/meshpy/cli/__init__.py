@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbosity = args.verbose + (1 if args.command in _SERVERS else 0)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from meshpy import _native
+
+    _native.init_logging(logging.getLevelName(level).lower())
     try:
         if args.command == "generate":
             from meshpy.cli.generate import run_generate

@@ -20,7 +20,7 @@ from meshpy.mesh.client import MeshPipeline, MeshSession
 from meshpy.mesh.identity import ModelIdentity, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.routing import Hop, Provider, describe_route
-from meshpy.mesh.worker import Worker
+from meshpy.mesh.worker import MESH_IDLE_SPIN, Worker
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
 from meshpy.settings import NodeSettings, WorkerSettings
@@ -64,7 +64,7 @@ def connect(
     pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, on_close=node_dir.cleanup)
     try:
         pipeline.wait_for_route(route_timeout)
-        end = EndModel(source, config, _native.ThreadPool(threads or default_threads()))
+        end = EndModel(source, config, _native.ThreadPool(threads or default_threads(), idle_spin=MESH_IDLE_SPIN))
     except BaseException:
         pipeline.close()
         raise

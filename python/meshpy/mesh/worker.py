@@ -35,6 +35,11 @@ __all__ = ["Worker"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds idle compute threads spin between passes on a mesh node. Passes arrive at least a
+#: network round trip apart, and several nodes may share cores: a long spin would burn the
+#: core another node's layers need (benches/bench_mesh.py measures this).
+MESH_IDLE_SPIN = 0.0001
+
 
 class Worker:
     """A mesh worker running in this process. `start()` returns once it serves and has
@@ -93,7 +98,7 @@ class Worker:
             coverage = coverage_of(providers, config.n_layers)
             layers = choose_layers(coverage, count)
             log.info("room for %d of %d layers in %s; coverage now %s", count, config.n_layers, format_size(memory), coverage)
-        pool = _native.ThreadPool(s.threads or default_threads())
+        pool = _native.ThreadPool(s.threads or default_threads(), idle_spin=MESH_IDLE_SPIN)
         self._span = LocalSpan(source, config, layers, pool)
         self.layers = layers
         info = self._info(model_id=self.model.id, model_layers=config.n_layers, weights_bytes=self._span.native.nbytes,

@@ -15,9 +15,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long an idle worker spins for the next job before it sleeps. Decode steps come back
-/// within this window (sampling takes tens of microseconds), so they never pay a wake-up.
-const IDLE_SPIN: Duration = Duration::from_millis(2);
+/// How long an idle worker spins for the next job before it sleeps, by default. Decode steps
+/// in one process come back within this window (sampling takes tens of microseconds), so they
+/// never pay a wake-up. A mesh worker waits a network round trip and the other workers'
+/// layers between passes, and processes sharing cores must not spin through each other's
+/// turns: it uses a much shorter spin ([`ThreadPool::with_idle_spin`]).
+pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_millis(2);
 
 /// What a job sees: its thread index, the thread count, and the barrier.
 pub struct Ctx<'a> {
@@ -154,6 +157,7 @@ struct Shared {
     shutdown: AtomicBool,
     sleep_lock: Mutex<()>,
     wake: Condvar,
+    idle_spin: Duration,
 }
 
 // SAFETY: `job` is written only by `run` while no worker reads it (before the epoch bump,
@@ -172,6 +176,11 @@ pub struct ThreadPool {
 impl ThreadPool {
     /// Starts a pool that runs jobs on `n_threads` threads (at least 1).
     pub fn new(n_threads: usize) -> Self {
+        Self::with_idle_spin(n_threads, DEFAULT_IDLE_SPIN)
+    }
+
+    /// A pool whose idle workers spin `idle_spin` for the next job before sleeping.
+    pub fn with_idle_spin(n_threads: usize, idle_spin: Duration) -> Self {
         let n = n_threads.max(1);
         let shared = Arc::new(Shared {
             job: UnsafeCell::new(None),
@@ -182,6 +191,7 @@ impl ThreadPool {
             shutdown: AtomicBool::new(false),
             sleep_lock: Mutex::new(()),
             wake: Condvar::new(),
+            idle_spin,
         });
         let workers = (1..n)
             .map(|tid| {
@@ -252,7 +262,7 @@ fn worker_loop(shared: &Shared, tid: usize, nth: usize) {
         while shared.epoch.load(Ordering::Acquire) == seen && !shared.shutdown.load(Ordering::Acquire) {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(1024) && start.elapsed() > IDLE_SPIN {
+            if spins.is_multiple_of(1024) && start.elapsed() > shared.idle_spin {
                 let guard = shared.sleep_lock.lock().unwrap_or_else(|e| e.into_inner());
                 if shared.epoch.load(Ordering::Acquire) == seen && !shared.shutdown.load(Ordering::Acquire) {
                     drop(shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner()));

@@ -4,6 +4,7 @@
 mod buffers;
 mod checkpoint;
 mod errors;
+mod logging;
 mod model;
 mod net;
 mod quant;
@@ -17,6 +18,7 @@ pub(crate) use errors::to_py_err;
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     checkpoint::register(m)?;
+    logging::register(m)?;
     model::register(m)?;
     net::register(m)?;
     quant::register(m)?;

@@ -11,6 +11,7 @@ use pyo3::types::PyDict;
 
 use super::checkpoint::Checkpoint as PyCheckpoint;
 use super::to_py_err;
+use crate::compute::pool::DEFAULT_IDLE_SPIN;
 use crate::compute::ThreadPool;
 use crate::model::{KvCache, LlamaConfig, LlamaSpan, OutputHead, SeqChunk, TokenEmbedding};
 use crate::quant::GgmlType;
@@ -23,12 +24,22 @@ pub struct PyThreadPool {
 
 #[pymethods]
 impl PyThreadPool {
+    /// `idle_spin`: seconds an idle thread spins for the next job before sleeping (default
+    /// 0.002; mesh workers use less, see `compute::pool`).
     #[new]
-    fn new(n_threads: usize) -> PyResult<Self> {
+    #[pyo3(signature = (n_threads, idle_spin = None))]
+    fn new(n_threads: usize, idle_spin: Option<f64>) -> PyResult<Self> {
         if n_threads == 0 || n_threads > 1024 {
             return Err(PyValueError::new_err(format!("n_threads must be in 1..=1024, got {n_threads}")));
         }
-        Ok(PyThreadPool { pool: Arc::new(ThreadPool::new(n_threads)) })
+        let spin = match idle_spin {
+            None => DEFAULT_IDLE_SPIN,
+            Some(s) => std::time::Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| d.as_secs_f64() <= 1.0)
+                .ok_or_else(|| PyValueError::new_err(format!("idle_spin must be in [0, 1] seconds, got {s}")))?,
+        };
+        Ok(PyThreadPool { pool: Arc::new(ThreadPool::with_idle_spin(n_threads, spin)) })
     }
 
     #[getter]

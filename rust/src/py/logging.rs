@@ -1,0 +1,35 @@
+//! Rust-side logs (sessions opened, closed, expired; refused requests) on stderr, for the
+//! processes that serve: `meshpy worker` and `meshpy bootstrap` turn them on at their
+//! logging level. They go straight to stderr, not through Python's `logging`, so the
+//! serving threads never wait for the GIL to log.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use tracing::Level;
+
+/// Sends Rust log events at `level` ("error", "warning", "info", "debug") and above to
+/// stderr. The first call sets the level for the life of the process; later calls do
+/// nothing and return False.
+#[pyfunction]
+fn init_logging(level: &str) -> PyResult<bool> {
+    let level = match level.to_ascii_lowercase().as_str() {
+        "error" => Level::ERROR,
+        "warning" | "warn" => Level::WARN,
+        "info" => Level::INFO,
+        "debug" => Level::DEBUG,
+        "trace" => Level::TRACE,
+        other => return Err(PyValueError::new_err(format!("unknown log level {other:?}"))),
+    };
+    Ok(tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init()
+        .is_ok())
+}
+
+/// Registers `init_logging`.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    Ok(())
+}
