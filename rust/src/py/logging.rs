@@ -6,6 +6,8 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 /// Sends Rust log events at `level` ("error", "warning", "info", "debug") and above to
 /// stderr. The first call sets the level for the life of the process; later calls do
@@ -20,12 +22,10 @@ fn init_logging(level: &str) -> PyResult<bool> {
         "trace" => Level::TRACE,
         other => return Err(PyValueError::new_err(format!("unknown log level {other:?}"))),
     };
-    Ok(tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init()
-        .is_ok())
+    // Our events at `level`; libraries' (libp2p logs every listener at info) at warnings.
+    let filter = Targets::new().with_target("meshpy_native", level).with_default(Level::WARN.min(level));
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false).with_filter(filter);
+    Ok(tracing_subscriber::registry().with(layer).try_init().is_ok())
 }
 
 /// Registers `init_logging`.
