@@ -191,11 +191,12 @@ def test_span_worker_refusals(smollm2_worker) -> None:  # noqa: ANN001
     assert remote_step(smollm2_worker, 901, 5, x, "bf16")["code"] == "unknown_session"
     frame = forward(x, "bf16", 902, 0, 0, hashlib.sha256(b"other").digest(), (0, config.n_layers), "smollm2")
     assert _native.decode_frame(client.request(worker.peer_id, frame))["code"] == "wrong_model"
-    frame = forward(x, "bf16", 903, 0, 0, model_hash, (0, 10), "smollm2")
-    assert _native.decode_frame(client.request(worker.peer_id, frame))["code"] == "wrong_span"
+    frame = forward(x, "bf16", 903, 0, 0, model_hash, (25, 10), "smollm2")
+    reply = _native.decode_frame(client.request(worker.peer_id, frame))
+    assert reply["code"] == "wrong_span" and "serves layers 0..30" in reply["message"] and "25..35" in reply["message"]
     assert worker.session_count() == before, "refused requests create no session"
     assert remote_step(smollm2_worker, 904, 0, x, "bf16")["kind"] == "forward_result"
-    assert remote_step(smollm2_worker, 904, 1, x[:1], "bf16")["code"] == "step_mismatch"
+    assert remote_step(smollm2_worker, 904, 5, x[:1], "bf16")["code"] == "step_mismatch"
     assert remote_step(smollm2_worker, 904, 3, x[:1], "bf16")["kind"] == "forward_result", "a refusal changes nothing"
     narrow = np.ones((1, 100), np.float32)
     assert remote_step(smollm2_worker, 905, 0, narrow, "bf16")["code"] == "invalid_request"
@@ -210,6 +211,37 @@ def test_span_worker_refusals(smollm2_worker) -> None:  # noqa: ANN001
         client.request(worker.peer_id, prefill, timeout=0.01)
     assert _native.decode_frame(client.request(worker.peer_id, _native.encode_ping(3))) == {"kind": "pong", "nonce": 3}
     client.request(worker.peer_id, _native.encode_close_session([907]))
+
+
+def test_span_worker_serves_sub_spans_like_the_whole_span(smollm2_worker) -> None:  # noqa: ANN001
+    """Spans 0..10, 10..20, 20..30 of the 30-layer worker, one session each, chained, give
+    the whole span's answer bit for bit (f32 on the wire), prefill and decode."""
+    local, config, worker, client, model_hash = smollm2_worker
+    assert config.n_layers == 30
+    ids = local.encode("The sea is")
+    x = local.end.embed(ids)
+    whole_sid, part_sids = 5000, (5001, 5002, 5003)
+    before = worker.session_count()
+    pos = 0
+    for step in range(3):
+        whole = remote_step(smollm2_worker, whole_sid, pos, x, "f32", step)
+        assert whole["kind"] == "forward_result", whole
+        y = x
+        for sid, first in zip(part_sids, (0, 10, 20)):
+            frame = forward(y, "f32", sid, pos, step, model_hash, (first, 10), "smollm2")
+            part = _native.decode_frame(client.request(worker.peer_id, frame, timeout=60.0))
+            assert part["kind"] == "forward_result", part
+            y = part["hidden"]
+        np.testing.assert_array_equal(y, whole["hidden"])
+        pos += x.shape[0]
+        x = local.end.embed([int(np.argmax(local.end.logits(whole["hidden"][-1:])[0]))])
+    assert worker.session_count() == before + 4
+    # A session keeps the layers it started with.
+    frame = forward(x, "f32", part_sids[0], pos, 3, model_hash, (0, 20), "smollm2")
+    reply = _native.decode_frame(client.request(worker.peer_id, frame))
+    assert reply["code"] == "wrong_span" and "runs layers 0..10" in reply["message"]
+    closed = _native.decode_frame(client.request(worker.peer_id, _native.encode_close_session([whole_sid, *part_sids])))
+    assert sorted(closed["sessions"]) == [whole_sid, *part_sids]
 
 
 def test_span_worker_survives_garbage_while_a_session_runs(smollm2_worker) -> None:  # noqa: ANN001

@@ -6,8 +6,11 @@
 //! Llama 3, linear, ...) come precomputed from the Python family module.
 //!
 //! One forward call runs a batch of sequence chunks (each a session's next tokens with its
-//! own KV cache) through every layer of the span; all threads of the pool run the whole
-//! pass and meet at barriers between ops (see `compute::pool`).
+//! own KV cache) through every layer of the span, or through a contiguous sub-range of its
+//! layers ([`LlamaSpan::forward_layers`], with caches of that many layers); all threads of the
+//! pool run the whole pass and meet at barriers between ops (see `compute::pool`).
+
+use std::ops::Range;
 
 use crate::checkpoint::Checkpoint;
 use crate::compute::{attention, fastmath, ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
@@ -208,15 +211,45 @@ impl LlamaSpan {
     /// A new, empty KV cache for this span holding up to `max_len` positions (at most the
     /// model's context).
     pub fn new_cache(&self, max_len: usize) -> KvCache {
-        KvCache::new(self.layers.len(), self.cfg.kv_dim(), max_len.min(self.cfg.max_positions))
+        self.new_cache_for(self.layers.len(), max_len)
+    }
+
+    /// A new, empty KV cache for `n_layers` layers of this span (a sub-range run with
+    /// [`Self::forward_layers`]), holding up to `max_len` positions (at most the model's
+    /// context).
+    pub fn new_cache_for(&self, n_layers: usize, max_len: usize) -> KvCache {
+        KvCache::new(n_layers, self.cfg.kv_dim(), max_len.min(self.cfg.max_positions))
     }
 
     /// Runs the batch through every layer: `hidden` holds `(sum of n_tokens, hidden)` rows,
     /// sequence after sequence, and is overwritten with the span's output. Each sequence's
     /// cache grows by its token count; on error no cache changes.
     pub fn forward(&self, pool: &ThreadPool, hidden: &mut [f32], seqs: &mut [SeqChunk]) -> Result<()> {
+        self.forward_layers(pool, hidden, seqs, 0..self.layers.len())
+    }
+
+    /// [`Self::forward`] through layers `layers` of the span only (indices relative to its
+    /// first layer; a non-empty range within `0..n_layers`). Every cache must have been made
+    /// for `layers.len()` layers ([`Self::new_cache_for`]). Running `a..m` then `m..b` gives
+    /// the same bits as running `a..b`.
+    pub fn forward_layers(
+        &self,
+        pool: &ThreadPool,
+        hidden: &mut [f32],
+        seqs: &mut [SeqChunk],
+        layers: Range<usize>,
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let d = cfg.hidden;
+        if layers.is_empty() || layers.end > self.layers.len() {
+            return Err(Error::InvalidArgument(format!(
+                "layers {}..{} of a span of {} layers",
+                layers.start,
+                layers.end,
+                self.layers.len()
+            )));
+        }
+        let run_layers = &self.layers[layers];
         let n_tok: usize = seqs.iter().map(|s| s.n_tokens).sum();
         if n_tok == 0 {
             return Ok(());
@@ -228,8 +261,14 @@ impl LlamaSpan {
             )));
         }
         for s in seqs.iter() {
-            if s.cache.n_layers() != self.layers.len() || s.cache.kv_dim() != cfg.kv_dim() {
-                return Err(Error::InvalidArgument("KV cache was made for a different span".into()));
+            if s.cache.n_layers() != run_layers.len() || s.cache.kv_dim() != cfg.kv_dim() {
+                return Err(Error::InvalidArgument(format!(
+                    "KV cache was made for {} layers of width {}, this pass runs {} layers of width {}",
+                    s.cache.n_layers(),
+                    s.cache.kv_dim(),
+                    run_layers.len(),
+                    cfg.kv_dim()
+                )));
             }
             let needed = s.cache.len() + s.n_tokens;
             if needed > s.cache.max_len() {
@@ -305,10 +344,10 @@ impl LlamaSpan {
         };
         let caches: Vec<Vec<(SharedMut<f32>, SharedMut<f32>)>> = seqs
             .iter_mut()
-            .map(|s| (0..self.layers.len()).map(|l| s.cache.layer_shared(l)).collect())
+            .map(|s| (0..run_layers.len()).map(|l| s.cache.layer_shared(l)).collect())
             .collect();
         let max_ctx = seqs.iter().map(|s| s.cache.len() + s.n_tokens).max().unwrap_or(0);
-        let pass = Pass { span: self, n_tok, row_seq: &row_seq, row_pos: &row_pos, cos: &cos, sin: &sin, bufs: &bufs, caches: &caches, max_ctx };
+        let pass = Pass { span: self, layers: run_layers, n_tok, row_seq: &row_seq, row_pos: &row_pos, cos: &cos, sin: &sin, bufs: &bufs, caches: &caches, max_ctx };
 
         pool.run(|ctx| pass.run(ctx));
 
@@ -350,6 +389,8 @@ fn act_for(acts: &[ActRowsMut], m: &QMatrix) -> ActRowsMut {
 /// One forward call's shared state; `run` is what every thread executes.
 struct Pass<'a> {
     span: &'a LlamaSpan,
+    /// The layers this pass runs (the span's, or a sub-range); caches are indexed alike.
+    layers: &'a [LlamaLayer],
     n_tok: usize,
     row_seq: &'a [usize],
     row_pos: &'a [usize],
@@ -398,7 +439,7 @@ impl Pass<'_> {
             }
         };
 
-        for (li, layer) in self.span.layers.iter().enumerate() {
+        for (li, layer) in self.layers.iter().enumerate() {
             // Attention input: RMSNorm, quantize, q/k/v.
             norm_all(&layer.attn_norm, &acts.attn_in, &mut xn);
             layer.wq.matmul_part(ctx, act_for(&acts.attn_in, &layer.wq), n, b.q, qd, false, None);

@@ -9,3 +9,6 @@ pub mod weights;
 pub use head::{OutputHead, TokenEmbedding};
 pub use kv_cache::KvCache;
 pub use llama::{LlamaConfig, LlamaSpan, SeqChunk};
+
+#[cfg(test)]
+pub(crate) mod tests;

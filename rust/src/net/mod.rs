@@ -6,8 +6,8 @@
 //! The node runs on a tokio runtime of its own; other threads (Python's included) drive it
 //! through [`NodeHandle`]'s blocking calls, which send commands over a channel and wait on a
 //! reply channel. Inbound requests go to a [`FrameHandler`] on tokio's blocking pool:
-//! [`EchoHandler`] for network tests, [`SpanHandler`] to serve a span of layers with a KV
-//! cache per session.
+//! [`EchoHandler`] for network tests, [`SpanHandler`] to serve a span of layers (or any
+//! contiguous sub-range of it) with a KV cache per session.
 
 mod behaviour;
 mod codec;
@@ -18,6 +18,8 @@ mod session;
 mod streams;
 mod tensor;
 
+#[cfg(test)]
+mod session_tests;
 #[cfg(test)]
 mod tests;
 

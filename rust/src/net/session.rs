@@ -1,11 +1,14 @@
 //! Serving a span of layers: [`SpanHandler`] answers `Forward` frames by running a
 //! [`LlamaSpan`] on the CPU, entirely in Rust, with one KV cache per session.
 //!
-//! Sessions start with a `Forward` whose start position is 0 and live until `CloseSession`,
-//! until they stay unused for the idle timeout, or until the worker drops. KV memory is
-//! accounted per position actually held (`positions x bytes per position`), against a budget:
-//! a request that would push the total past it is refused with `CannotHoldSession`, so the
-//! client picks another provider. Every refused request leaves every cache as it was.
+//! A worker loaded with layers `a..b` serves any contiguous sub-range `s..e` of them
+//! (`a <= s < e <= b`), so a client can route a session through part of a worker's span.
+//! Sessions start with a `Forward` whose start position is 0, which also fixes the session's
+//! layers (its cache holds `e - s` layers); they live until `CloseSession`, until they stay
+//! unused for the idle timeout, or until the worker drops. KV memory is accounted per position
+//! actually held (`positions x bytes per position`, for the session's own layer count), against
+//! a budget: a request that would push the total past it is refused with `CannotHoldSession`,
+//! so the client picks another provider. Every refused request leaves every cache as it was.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,14 +45,21 @@ impl Default for SessionLimits {
 
 /// One session's state on this worker.
 struct Session {
+    /// Keys and values of the session's layers (see [`Held::span`]).
     cache: KvCache,
     last_used: Instant,
+}
+
+/// A session in the table: the layers it runs (fixed when it starts) and its state.
+struct Held {
+    span: Span,
+    session: Arc<Mutex<Session>>,
 }
 
 /// Every session, and the KV bytes they hold or have reserved for requests in flight.
 #[derive(Default)]
 struct Table {
-    sessions: HashMap<SessionId, Arc<Mutex<Session>>>,
+    sessions: HashMap<SessionId, Held>,
     used_bytes: u64,
 }
 
@@ -98,18 +108,17 @@ impl SpanHandler {
         let mut table = self.lock_table();
         let idle = self.session_limits.idle_timeout;
         let mut expired = Vec::new();
-        for (id, session) in &table.sessions {
+        for (id, held) in &table.sessions {
             // A session busy with a request is in use, not idle.
-            if let Ok(s) = session.try_lock() {
+            if let Ok(s) = held.session.try_lock() {
                 if now.duration_since(s.last_used) > idle {
-                    expired.push((*id, s.cache.len()));
+                    expired.push((*id, held_bytes(&s.cache)));
                 }
             }
         }
-        let bpp = self.bytes_per_position();
-        for (id, len) in &expired {
+        for (id, bytes) in &expired {
             table.sessions.remove(id);
-            table.used_bytes = table.used_bytes.saturating_sub(*len as u64 * bpp);
+            table.used_bytes = table.used_bytes.saturating_sub(*bytes);
             tracing::info!(session = %id, "session expired after {:.0} s idle", idle.as_secs_f64());
         }
         expired.len()
@@ -119,9 +128,10 @@ impl SpanHandler {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn bytes_per_position(&self) -> u64 {
+    /// KV bytes one position of a session running `span` costs.
+    fn bytes_per_position(&self, span: Span) -> u64 {
         let cfg = self.span.config();
-        2 * self.span.n_layers() as u64 * (cfg.n_kv_heads * cfg.head_dim) as u64 * 4
+        2 * u64::from(span.layer_count) * (cfg.n_kv_heads * cfg.head_dim) as u64 * 4
     }
 
     fn max_positions(&self) -> usize {
@@ -139,7 +149,7 @@ impl SpanHandler {
             ));
         }
         let mine = self.span();
-        if req.span != mine {
+        if req.span.first_layer < mine.first_layer || req.span.end() > mine.end() {
             return Err(refuse(
                 ErrorCode::WrongSpan,
                 first_session,
@@ -162,25 +172,40 @@ impl SpanHandler {
             ));
         }
         let total_tokens: u64 = req.entries.iter().map(|e| u64::from(e.n_tokens)).sum();
-        let sessions = self.admit(&req.entries, total_tokens)?;
+        let sessions = self.admit(&req.entries, req.span, total_tokens)?;
         let result = self.run(&req, &sessions);
         if result.is_err() {
-            self.release(&req.entries, &sessions, total_tokens);
+            self.release(&req.entries, req.span, &sessions, total_tokens);
         }
         result
     }
 
-    /// Finds or creates each entry's session and reserves KV bytes for the request's tokens.
-    fn admit(&self, entries: &[Entry], total_tokens: u64) -> Result<Admitted, Refusal> {
+    /// Finds or creates each entry's session (running `span`) and reserves KV bytes for the
+    /// request's tokens.
+    fn admit(&self, entries: &[Entry], span: Span, total_tokens: u64) -> Result<Admitted, Refusal> {
         self.expire_idle();
-        let bpp = self.bytes_per_position();
+        let bpp = self.bytes_per_position(span);
         let mut table = self.lock_table();
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             match table.sessions.get(&e.session) {
-                Some(s) => out.push((Arc::clone(s), false)),
+                Some(held) if held.span != span => {
+                    return Err(refuse(
+                        ErrorCode::WrongSpan,
+                        Some(e.session),
+                        format!(
+                            "session {} runs layers {}..{} here, the request asks for {}..{}; a session keeps the layers it started with",
+                            e.session,
+                            held.span.first_layer,
+                            held.span.end(),
+                            span.first_layer,
+                            span.end()
+                        ),
+                    ))
+                }
+                Some(held) => out.push((Arc::clone(&held.session), false)),
                 None if e.start_pos == 0 => {
-                    let cache = self.span.new_cache(self.max_positions());
+                    let cache = self.span.new_cache_for(span.layer_count as usize, self.max_positions());
                     out.push((Arc::new(Mutex::new(Session { cache, last_used: Instant::now() })), true));
                 }
                 None => {
@@ -210,19 +235,19 @@ impl SpanHandler {
         table.used_bytes += needed;
         for (e, (s, new)) in entries.iter().zip(&out) {
             if *new {
-                table.sessions.insert(e.session, Arc::clone(s));
-                tracing::info!(session = %e.session, "new session");
+                table.sessions.insert(e.session, Held { span, session: Arc::clone(s) });
+                tracing::info!(session = %e.session, "new session on layers {}..{}", span.first_layer, span.end());
             }
         }
         Ok(out)
     }
 
     /// Gives back a failed request's reservation and forgets the sessions it created.
-    fn release(&self, entries: &[Entry], sessions: &[(Arc<Mutex<Session>>, bool)], total_tokens: u64) {
+    fn release(&self, entries: &[Entry], span: Span, sessions: &[(Arc<Mutex<Session>>, bool)], total_tokens: u64) {
         let mut table = self.lock_table();
-        table.used_bytes = table.used_bytes.saturating_sub(total_tokens * self.bytes_per_position());
+        table.used_bytes = table.used_bytes.saturating_sub(total_tokens * self.bytes_per_position(span));
         for (e, (s, new)) in entries.iter().zip(sessions) {
-            if *new && table.sessions.get(&e.session).is_some_and(|t| Arc::ptr_eq(t, s)) {
+            if *new && table.sessions.get(&e.session).is_some_and(|t| Arc::ptr_eq(&t.session, s)) {
                 table.sessions.remove(&e.session);
             }
         }
@@ -262,8 +287,10 @@ impl SpanHandler {
                 .zip(&req.entries)
                 .map(|(g, e)| SeqChunk { cache: &mut g.cache, n_tokens: e.n_tokens as usize })
                 .collect();
+            let first = (req.span.first_layer - self.span.first_layer() as u32) as usize;
+            let layers = first..first + req.span.layer_count as usize;
             self.span
-                .forward(&self.pool, &mut hidden, &mut seqs)
+                .forward_layers(&self.pool, &mut hidden, &mut seqs, layers)
                 .map_err(|err| Box::new(ErrorReply::from_error(&err, req.entries.first().map(|e| e.session))))?;
         }
         let now = Instant::now();
@@ -280,21 +307,25 @@ impl SpanHandler {
 
     /// Closes `ids`; returns those that were held.
     fn close(&self, ids: &[SessionId]) -> Vec<SessionId> {
-        let bpp = self.bytes_per_position();
         let mut closed = Vec::new();
         for id in ids {
             let removed = self.lock_table().sessions.remove(id);
-            if let Some(s) = removed {
+            if let Some(held) = removed {
                 // Wait for a request in flight on it, then give its positions back.
-                let len = s.lock().unwrap_or_else(|e| e.into_inner()).cache.len() as u64;
+                let bytes = held_bytes(&held.session.lock().unwrap_or_else(|e| e.into_inner()).cache);
                 let mut table = self.lock_table();
-                table.used_bytes = table.used_bytes.saturating_sub(len * bpp);
+                table.used_bytes = table.used_bytes.saturating_sub(bytes);
                 closed.push(*id);
                 tracing::info!(session = %id, "session closed");
             }
         }
         closed
     }
+}
+
+/// KV bytes a session's cache is accounted for: its positions at its own layer count.
+fn held_bytes(cache: &KvCache) -> u64 {
+    cache.len() as u64 * cache.bytes_per_position() as u64
 }
 
 impl FrameHandler for SpanHandler {
