@@ -244,6 +244,31 @@ def test_span_worker_serves_sub_spans_like_the_whole_span(smollm2_worker) -> Non
     assert sorted(closed["sessions"]) == [whole_sid, *part_sids]
 
 
+def test_span_worker_answers_a_repeated_step_again(smollm2_worker) -> None:  # noqa: ANN001
+    """A client that lost an answer sends the step again: the worker cuts the session back to
+    that position and runs it again, with the same answer; the session then continues."""
+    local, config, worker, client, model_hash = smollm2_worker
+    session = local.new_session()
+    ids = local.encode("One, two, three,")
+    sid = 6000
+    want = local.pipeline.forward(session, local.end.embed(ids))
+    for _ in range(2):
+        got = remote_step(smollm2_worker, sid, 0, local.end.embed(ids), "f32")
+        np.testing.assert_array_equal(got["hidden"], want)
+    pos = len(ids)
+    token = int(np.argmax(local.end.logits(want[-1:])[0]))
+    for step in range(1, 4):
+        want = local.pipeline.forward(session, local.end.embed([token]))
+        first = remote_step(smollm2_worker, sid, pos, local.end.embed([token]), "f32", step)
+        again = remote_step(smollm2_worker, sid, pos, local.end.embed([token]), "f32", step)
+        np.testing.assert_array_equal(first["hidden"], want)
+        np.testing.assert_array_equal(again["hidden"], first["hidden"])
+        token = int(np.argmax(local.end.logits(want)[0]))
+        pos += 1
+    assert remote_step(smollm2_worker, sid, pos + 1, local.end.embed([token]), "f32")["code"] == "step_mismatch"
+    client.request(worker.peer_id, _native.encode_close_session([sid]))
+
+
 def test_span_worker_survives_garbage_while_a_session_runs(smollm2_worker) -> None:  # noqa: ANN001
     local, config, worker, client, model_hash = smollm2_worker
     session = local.new_session()

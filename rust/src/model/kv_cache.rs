@@ -88,6 +88,13 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// Undoes a [`truncate`](Self::truncate) from `len` positions when nothing was written
+    /// since (truncating keeps the keys and values in place): a failed retry's rollback.
+    pub(crate) fn restore_len(&mut self, len: usize) {
+        debug_assert!(len <= self.max_len && self.keys.iter().all(|k| k.len() >= len * self.kv_dim));
+        self.len = len;
+    }
+
     /// Shared handles on layer `layer`'s key and value buffers for one forward job.
     pub(crate) fn layer_shared(&mut self, layer: usize) -> (SharedMut<f32>, SharedMut<f32>) {
         (SharedMut::new(&mut self.keys[layer]), SharedMut::new(&mut self.values[layer]))

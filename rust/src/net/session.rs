@@ -9,6 +9,12 @@
 //! actually held (`positions x bytes per position`, for the session's own layer count), against
 //! a budget: a request that would push the total past it is refused with `CannotHoldSession`,
 //! so the client picks another provider. Every refused request leaves every cache as it was.
+//!
+//! Requests are idempotent: an entry whose start position is below the session's cache length
+//! is a retry (the client lost an answer, or replays a step), so the cache is cut back to that
+//! position, its KV bytes given back, and the tokens run again; a start past the length is a
+//! gap, refused with `StepMismatch`. The budget check before a request still counts all its
+//! tokens as new.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -71,6 +77,10 @@ type Refusal = Box<ErrorReply>;
 
 fn refuse(code: ErrorCode, session: Option<SessionId>, message: String) -> Refusal {
     Box::new(ErrorReply { code, session, message })
+}
+
+fn internal(message: &str) -> Refusal {
+    refuse(ErrorCode::Internal, None, message.to_string())
 }
 
 /// Serves `Forward` requests for one span of one model from a session table; see the module
@@ -173,11 +183,18 @@ impl SpanHandler {
         }
         let total_tokens: u64 = req.entries.iter().map(|e| u64::from(e.n_tokens)).sum();
         let sessions = self.admit(&req.entries, req.span, total_tokens)?;
-        let result = self.run(&req, &sessions);
-        if result.is_err() {
-            self.release(&req.entries, req.span, &sessions, total_tokens);
-        }
-        result
+        let hidden = match self.run(&req, &sessions) {
+            Ok(hidden) => hidden,
+            Err(refusal) => {
+                self.release(&req.entries, req.span, &sessions, total_tokens);
+                return Err(refusal);
+            }
+        };
+        // The caches have advanced: from here on the reservation is spent, whatever happens.
+        let view = req.hidden.as_view().ok_or_else(|| internal("a decoded tensor is not a view"))?;
+        Tensor::from_f32(&hidden, req.hidden.shape(), view.dtype())
+            .and_then(|t| Message::ForwardResult(ForwardResult { entries: req.entries.clone(), hidden: t }).encode())
+            .map_err(|err| Box::new(ErrorReply::from_error(&err, None)))
     }
 
     /// Finds or creates each entry's session (running `span`) and reserves KV bytes for the
@@ -253,35 +270,44 @@ impl SpanHandler {
         }
     }
 
-    /// Checks positions against each cache, runs the span, encodes the result in the request's
-    /// dtype.
-    fn run(&self, req: &Forward<'_>, sessions: &[(Arc<Mutex<Session>>, bool)]) -> Result<Vec<u8>, Refusal> {
+    /// Checks positions against each cache, cuts retried sessions back to their start
+    /// position, and runs the request's layers; returns the output rows. A refusal or a failed
+    /// pass leaves every cache as it was.
+    fn run(&self, req: &Forward<'_>, sessions: &[(Arc<Mutex<Session>>, bool)]) -> Result<Vec<f32>, Refusal> {
         let mut guards = Vec::with_capacity(sessions.len());
         for (e, (s, _)) in req.entries.iter().zip(sessions) {
             // Two requests for one session at once is a client bug; refuse rather than wait.
             let guard = s.try_lock().map_err(|_| {
                 refuse(ErrorCode::StepMismatch, Some(e.session), format!("session {} is busy with another request", e.session))
             })?;
-            let len = guard.cache.len();
-            if e.start_pos as usize != len {
+            let (len, start) = (guard.cache.len(), e.start_pos as usize);
+            if start > len {
                 return Err(refuse(
                     ErrorCode::StepMismatch,
                     Some(e.session),
-                    format!("session {}: start position {} but the cache holds {len} positions", e.session, e.start_pos),
+                    format!("session {}: start position {start} but the cache holds {len} positions", e.session),
                 ));
             }
-            let needed = len + e.n_tokens as usize;
+            let needed = start + e.n_tokens as usize;
             if needed > guard.cache.max_len() {
                 let err = Error::ContextOverflow { needed, limit: guard.cache.max_len() };
                 return Err(Box::new(ErrorReply::from_error(&err, Some(e.session))));
             }
             guards.push(guard);
         }
-        let view = req.hidden.as_view().ok_or_else(|| {
-            refuse(ErrorCode::Internal, None, "a decoded tensor is not a view".to_string())
-        })?;
+        let view = req.hidden.as_view().ok_or_else(|| internal("a decoded tensor is not a view"))?;
         let mut hidden = view.to_f32();
-        {
+        // Every check passed: cut retried sessions back (undone below if the pass fails).
+        let mut cut = Vec::new();
+        for (i, (g, e)) in guards.iter_mut().zip(&req.entries).enumerate() {
+            let len = g.cache.len();
+            if (e.start_pos as usize) < len {
+                tracing::debug!(session = %e.session, "retry: rewinding from {len} to {} positions", e.start_pos);
+                g.cache.truncate(e.start_pos as usize);
+                cut.push((i, len));
+            }
+        }
+        let result = {
             let mut seqs: Vec<SeqChunk> = guards
                 .iter_mut()
                 .zip(&req.entries)
@@ -289,20 +315,28 @@ impl SpanHandler {
                 .collect();
             let first = (req.span.first_layer - self.span.first_layer() as u32) as usize;
             let layers = first..first + req.span.layer_count as usize;
-            self.span
-                .forward_layers(&self.pool, &mut hidden, &mut seqs, layers)
-                .map_err(|err| Box::new(ErrorReply::from_error(&err, req.entries.first().map(|e| e.session))))?;
+            self.span.forward_layers(&self.pool, &mut hidden, &mut seqs, layers)
+        };
+        if let Err(err) = result {
+            for &(i, len) in &cut {
+                guards[i].cache.restore_len(len);
+            }
+            return Err(Box::new(ErrorReply::from_error(&err, req.entries.first().map(|e| e.session))));
         }
         let now = Instant::now();
+        let mut freed = 0;
+        for (i, len) in cut {
+            freed += (len - req.entries[i].start_pos as usize) as u64 * guards[i].cache.bytes_per_position() as u64;
+        }
         for g in &mut guards {
             g.last_used = now;
         }
         drop(guards);
-        let shape = req.hidden.shape();
-        let out = Tensor::from_f32(&hidden, shape, view.dtype())
-            .and_then(|t| Message::ForwardResult(ForwardResult { entries: req.entries.clone(), hidden: t }).encode())
-            .map_err(|err| Box::new(ErrorReply::from_error(&err, None)))?;
-        Ok(out)
+        if freed > 0 {
+            let mut table = self.lock_table();
+            table.used_bytes = table.used_bytes.saturating_sub(freed);
+        }
+        Ok(hidden)
     }
 
     /// Closes `ids`; returns those that were held.

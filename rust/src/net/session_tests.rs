@@ -106,3 +106,77 @@ fn the_budget_counts_each_session_at_its_own_layer_count() {
     ask(&h, &forward(4, 0, 0, 3, &x[..4 * TINY_HIDDEN])).unwrap();
     assert_eq!(h.used_kv_bytes(), 30 * BYTES_PER_POSITION_LAYER);
 }
+
+/// A `Forward` of several sessions' rows `(session, start, rows)` through all three layers.
+fn batch(entries: &[(u128, u32, u32)], rng: &mut TestRng) -> Vec<u8> {
+    let rows: u32 = entries.iter().map(|e| e.2).sum();
+    let hidden = rng.gaussians(rows as usize * TINY_HIDDEN);
+    Message::Forward(Forward {
+        model: model(),
+        span: Span { first_layer: 0, layer_count: TINY_LAYERS as u32 },
+        entries: entries
+            .iter()
+            .map(|&(s, start_pos, n_tokens)| Entry { session: SessionId(s), step: 0, start_pos, n_tokens })
+            .collect(),
+        hidden: Tensor::from_f32(&hidden, Shape::matrix(rows, TINY_HIDDEN as u32), DType::F32).unwrap(),
+    })
+    .encode()
+    .unwrap()
+}
+
+#[test]
+fn a_repeated_step_gives_the_same_answer_and_the_session_continues() {
+    let h = handler(SessionLimits::default());
+    let per_position = TINY_LAYERS as u64 * BYTES_PER_POSITION_LAYER;
+    let mut rng = TestRng::new(9);
+    let prompt = rng.gaussians(4 * TINY_HIDDEN);
+    let steps: Vec<Vec<f32>> = (0..3).map(|_| rng.gaussians(TINY_HIDDEN)).collect();
+    // Session 2 never retries: the reference.
+    let want: Vec<Vec<f32>> = std::iter::once(ask(&h, &forward(2, 0, 0, 3, &prompt)).unwrap())
+        .chain(steps.iter().enumerate().map(|(i, x)| ask(&h, &forward(2, 4 + i as u32, 0, 3, x)).unwrap()))
+        .collect();
+    assert_eq!(h.used_kv_bytes(), 7 * per_position);
+
+    // Session 1: the prefill twice, then each decode step twice.
+    assert_eq!(ask(&h, &forward(1, 0, 0, 3, &prompt)).unwrap(), want[0]);
+    assert_eq!(ask(&h, &forward(1, 0, 0, 3, &prompt)).unwrap(), want[0], "a repeated prefill");
+    assert_eq!(h.used_kv_bytes(), 11 * per_position, "a retry holds no extra bytes");
+    for (i, x) in steps.iter().enumerate() {
+        let pos = 4 + i as u32;
+        assert_eq!(ask(&h, &forward(1, pos, 0, 3, x)).unwrap(), want[i + 1]);
+        assert_eq!(ask(&h, &forward(1, pos, 0, 3, x)).unwrap(), want[i + 1], "step at {pos} repeated");
+        assert_eq!(h.used_kv_bytes(), (7 + pos as u64 + 1) * per_position);
+    }
+    // Back two steps: the session replays them.
+    assert_eq!(ask(&h, &forward(1, 5, 0, 3, &steps[1])).unwrap(), want[2]);
+    assert_eq!(h.used_kv_bytes(), (7 + 6) * per_position);
+    assert_eq!(ask(&h, &forward(1, 6, 0, 3, &steps[2])).unwrap(), want[3]);
+    assert_eq!(h.used_kv_bytes(), 14 * per_position);
+    // A gap is not a retry.
+    let (c, message) = ask(&h, &forward(1, 8, 0, 3, &steps[0])).unwrap_err();
+    assert_eq!(c, ErrorCode::StepMismatch);
+    assert!(message.contains("start position 8 but the cache holds 7 positions"), "{message}");
+}
+
+#[test]
+fn a_refused_retry_leaves_every_cache_as_it_was() {
+    let limits = SessionLimits { max_positions: 8, ..SessionLimits::default() };
+    let h = handler(limits);
+    let per_position = TINY_LAYERS as u64 * BYTES_PER_POSITION_LAYER;
+    let mut rng = TestRng::new(4);
+    ask(&h, &batch(&[(1, 0, 6)], &mut rng)).unwrap();
+    ask(&h, &batch(&[(2, 0, 3)], &mut rng)).unwrap();
+    assert_eq!(h.used_kv_bytes(), 9 * per_position);
+    // One entry a retry, the other a gap: the whole request is refused, nothing is cut back.
+    let refusal = ask(&h, &batch(&[(1, 2, 1), (2, 5, 1)], &mut rng)).unwrap_err();
+    assert_eq!(refusal.0, ErrorCode::StepMismatch, "{}", refusal.1);
+    // A retry that would pass the session's context.
+    assert_eq!(code(ask(&h, &batch(&[(1, 2, 7)], &mut rng))), ErrorCode::ContextOverflow);
+    assert_eq!(h.used_kv_bytes(), 9 * per_position, "refusals hold no bytes");
+    // Both sessions are where they were: they continue at 6 and 3.
+    ask(&h, &batch(&[(1, 6, 1), (2, 3, 1)], &mut rng)).unwrap();
+    assert_eq!(h.used_kv_bytes(), 11 * per_position);
+    // And a batch with one retry and one next step runs both.
+    ask(&h, &batch(&[(1, 7, 1), (2, 1, 2)], &mut rng)).unwrap();
+    assert_eq!(h.used_kv_bytes(), (8 + 3) * per_position);
+}
