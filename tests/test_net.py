@@ -59,6 +59,29 @@ def test_bootstrap_providers_and_echo(tmp_path: Path, transport: str) -> None:
             assert _native.decode_frame(c.request(b.peer_id, _native.encode_ping(77))) == {"kind": "pong", "nonce": 77}
 
 
+def test_every_node_answers_info_and_a_bootstrap_node_answers_ping(tmp_path: Path) -> None:
+    with _native.Node(str(tmp_path / "boot"), 0, "tcp", info={"role": "bootstrap", "version": "0.1.0"}) as boot, \
+            echo_node(tmp_path / "e", "tcp", info={"device": "cpu", "threads": 2}) as echo, \
+            _native.Node(str(tmp_path / "c"), 0, "tcp") as client:
+        for node in (boot, echo):
+            client.dial(node.listen_addrs()[0])
+        info = client.info(boot.peer_id)
+        assert info == {"mode": "none", "role": "bootstrap", "version": "0.1.0", "peer_id": boot.peer_id,
+                        "listen_addrs": boot.listen_addrs()}
+        assert boot.local_info() == info
+        assert _native.decode_frame(client.request(boot.peer_id, _native.encode_ping(8))) == {"kind": "pong", "nonce": 8}
+        refused = _native.decode_frame(client.request(boot.peer_id, forward(np.ones((1, 8), np.float32))))
+        assert refused["code"] == "invalid_request"
+        info = client.info(echo.peer_id, timeout=5.0)
+        assert (info["mode"], info["device"], info["threads"], info["peer_id"]) == ("echo", "cpu", 2, echo.peer_id)
+        reply = _native.decode_frame(client.request(echo.peer_id, _native.encode_info()))
+        assert reply == {"kind": "info_reply", "info": info}
+    with pytest.raises(InvalidArgumentError, match="info"):
+        _native.Node(str(tmp_path / "bad"), 0, "tcp", info={"x": float("inf")})
+    with pytest.raises(InvalidArgumentError, match="info"):
+        _native.Node(str(tmp_path / "bad"), 0, "tcp", info=["not", "a", "dict"])  # type: ignore[arg-type]
+
+
 def test_identity_persists_with_owner_only_permissions(tmp_path: Path) -> None:
     with echo_node(tmp_path, "tcp") as a:
         first = a.peer_id
@@ -182,6 +205,24 @@ def test_span_worker_matches_local_span(smollm2_worker, dtype: str) -> None:  # 
     closed = _native.decode_frame(client.request(worker.peer_id, _native.encode_close_session([session_id, 12345])))
     assert closed == {"kind": "close_session_ack", "sessions": [session_id]}
     assert remote_step(smollm2_worker, session_id, pos, local.end.embed([1]), dtype)["code"] == "unknown_session"
+
+
+def test_span_worker_info(smollm2_worker) -> None:  # noqa: ANN001
+    local, config, worker, client, model_hash = smollm2_worker
+    info = client.info(worker.peer_id)
+    assert {k: info[k] for k in ("mode", "model_name", "model_hash", "first_layer", "n_layers", "hidden")} == {
+        "mode": "span", "model_name": "smollm2", "model_hash": model_hash.hex(), "first_layer": 0,
+        "n_layers": config.n_layers, "hidden": HIDDEN,
+    }
+    assert info["kv_budget_bytes"] == 64 << 20 and info["max_positions"] == config.max_positions
+    assert info["sessions"] == worker.session_count()
+    sid = 7100
+    remote_step(smollm2_worker, sid, 0, local.end.embed([1, 2, 3, 4]), "bf16")
+    after = client.info(worker.peer_id)
+    assert after["sessions"] == info["sessions"] + 1
+    assert after["kv_used_bytes"] == info["kv_used_bytes"] + 4 * 30 * 2 * 192 * 4
+    client.request(worker.peer_id, _native.encode_close_session([sid]))
+    assert client.info(worker.peer_id)["kv_used_bytes"] == info["kv_used_bytes"]
 
 
 def test_span_worker_refusals(smollm2_worker) -> None:  # noqa: ANN001

@@ -105,6 +105,36 @@ def test_other_kinds_round_trip() -> None:
     assert _native.decode_frame(_native.encode_ping(0, pong=True)) == {"kind": "pong", "nonce": 0}
 
 
+def test_info_frames_match_rust_golden_bytes_and_carry_dicts() -> None:
+    # rust/src/wire/tests.rs GOLDEN_INFO and GOLDEN_INFO_REPLY, field by field.
+    info = bytes.fromhex("4d534850" "0100" "08" "00" "00000000" "00000000" "0000000000000000")
+    reply = bytes.fromhex(
+        "4d534850" "0100" "09" "00" "18000000" "00000000" "0000000000000000"
+        "0f000000" + b'{"mode":"echo"}'.hex() + "0000000000"
+    )
+    assert _native.encode_info() == info
+    assert _native.decode_frame(info) == {"kind": "info"}
+    assert _native.encode_info_reply({"mode": "echo"}) == reply
+    assert _native.decode_frame(reply) == {"kind": "info_reply", "info": {"mode": "echo"}}
+    rich = {"mode": "span", "first_layer": 10, "name": "été ✓", "x": [1.5, None, True], "nested": {"a": {}}}
+    assert _native.decode_frame(_native.encode_info_reply(rich))["info"] == rich
+    assert _native.read_frame_header(reply)["kind"] == "info_reply"
+
+
+def test_info_replies_must_be_json_objects() -> None:
+    for bad in ([1, 2], "mode", {"x": float("nan")}, {"x": object()}):
+        with pytest.raises(InvalidArgumentError, match="info"):
+            _native.encode_info_reply(bad)  # type: ignore[arg-type]
+    for text in (b"[1,2]", b'"mode"', b"{", b"{} {}", b"\xff"):
+        padded = -(-(4 + len(text)) // 8) * 8
+        frame = (
+            b"MSHP" + (1).to_bytes(2, "little") + b"\x09\x00" + padded.to_bytes(4, "little") + bytes(4) + bytes(8)
+            + len(text).to_bytes(4, "little") + text + bytes(padded - 4 - len(text))
+        )
+        with pytest.raises(FrameError, match="info"):
+            _native.decode_frame(frame)
+
+
 def test_decode_takes_bytes_like_and_strided_arrays() -> None:
     x = hidden_states(8, 6)
     strided = x.T  # (6, 8), not C-contiguous
@@ -171,7 +201,7 @@ def test_lying_fields_name_the_problem() -> None:
     cases = {
         "bad magic": edited(0, b"MSHQ"),
         "unsupported version 2": edited(4, b"\x02"),
-        "unknown message kind 9": edited(6, b"\x09"),
+        "unknown message kind 10": edited(6, b"\x0a"),
         "unknown tensor dtype 7": edited(105, b"\x07"),
         "tensor rank 5": edited(106, b"\x05"),
         "2 rows, the entries 3 tokens": edited(101, (3).to_bytes(4, "little")),
@@ -244,6 +274,8 @@ def test_stubs_match_the_extension() -> None:
         "encode_error",
         "encode_close_session",
         "encode_ping",
+        "encode_info",
+        "encode_info_reply",
         "decode_frame",
         "read_frame_header",
         "error_codes",

@@ -12,6 +12,7 @@
 mod behaviour;
 mod codec;
 pub mod identity;
+mod info;
 mod node;
 mod serve;
 mod session;
@@ -31,6 +32,7 @@ use std::time::Duration;
 
 pub use behaviour::{KAD_PROTOCOL, IDENTIFY_PROTOCOL};
 pub use codec::{error_frame, PROTOCOL};
+pub use info::JsonObject;
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::{Node, NodeHandle};
 pub use serve::{EchoHandler, FrameHandler};
@@ -83,13 +85,17 @@ pub struct NodeConfig {
     pub query_timeout: Duration,
     /// What the node accepts in frames, from requesters and responders alike.
     pub limits: Limits,
-    /// Answers inbound tensor requests; `None` refuses them with an `InvalidRequest` error.
+    /// Answers inbound tensor requests; `None` refuses them with an `InvalidRequest` error
+    /// (the node itself still answers `Info` and `Ping`).
     pub handler: Option<Arc<dyn FrameHandler>>,
+    /// The static part of the node's `Info` replies (device, threads, version, ...), merged
+    /// under the handler's live description.
+    pub info: JsonObject,
 }
 
 impl NodeConfig {
     /// A config with defaults: 127.0.0.1, port 0, TCP, no bootstrap peers, 60 s requests,
-    /// 30 s queries, default frame limits, no handler.
+    /// 30 s queries, default frame limits, no handler, no static info.
     pub fn new(node_dir: impl Into<PathBuf>) -> Self {
         NodeConfig {
             node_dir: node_dir.into(),
@@ -101,6 +107,7 @@ impl NodeConfig {
             query_timeout: Duration::from_secs(30),
             limits: Limits::default(),
             handler: None,
+            info: JsonObject::new(),
         }
     }
 }

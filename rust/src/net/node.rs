@@ -16,9 +16,11 @@ use libp2p::{identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 
 use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent};
-use super::tensor::{self, HandlerSlot, StreamPool};
+use super::info::{JsonObject, NodeInfo};
+use super::tensor::{self, HandlerSlot, Server, StreamPool};
 use super::{identity, FrameHandler, NodeConfig, Transport};
 use crate::error::{Error, Result};
+use crate::wire::Message;
 
 /// Providers of a key: each peer with the addresses known for it.
 pub type Providers = Vec<(PeerId, Vec<Multiaddr>)>;
@@ -47,6 +49,8 @@ pub struct NodeHandle {
     commands: mpsc::UnboundedSender<Command>,
     peer_id: PeerId,
     handler: HandlerSlot,
+    info: Arc<NodeInfo>,
+    limits: crate::wire::Limits,
     request_timeout: Duration,
     query_timeout: Duration,
 }
@@ -82,14 +86,17 @@ impl Node {
             .build()
             .map_err(|e| Error::Network(format!("cannot start the node's runtime: {e}")))?;
         let handler: HandlerSlot = Arc::new(RwLock::new(config.handler.clone()));
+        let info = Arc::new(NodeInfo::new(peer_id, config.info.clone()));
         let (tx, rx) = mpsc::unbounded_channel();
         let state = runtime.block_on(async {
             let (mut swarm, opener, incoming) = build_swarm(keypair, &config)?;
             let listen_addrs = listen(&mut swarm, &config).await?;
-            tokio::spawn(tensor::serve(incoming, Arc::clone(&handler), config.limits));
+            info.set_listen_addrs(&listen_addrs);
+            let server = Server { handler: Arc::clone(&handler), limits: config.limits, info: Arc::clone(&info) };
+            tokio::spawn(tensor::serve(incoming, server));
             tokio::spawn(tensor::maintain(Arc::clone(&handler), Duration::from_secs(1)));
             let pool = StreamPool::new(opener, config.limits);
-            let mut state = Loop::new(swarm, pool, listen_addrs);
+            let mut state = Loop::new(swarm, pool, listen_addrs, Arc::clone(&info));
             for addr in &config.bootstrap {
                 state.add_bootstrap_peer(addr)?;
             }
@@ -103,6 +110,8 @@ impl Node {
             commands: tx,
             peer_id,
             handler,
+            info,
+            limits: config.limits,
             request_timeout: config.request_timeout,
             query_timeout: config.query_timeout,
         };
@@ -236,9 +245,39 @@ impl NodeHandle {
         self.call(|reply| Command::Request { peer, frame, timeout, reply }, timeout + Duration::from_millis(200), "request")?
     }
 
-    /// Sets (or clears) the handler of inbound tensor requests.
+    /// Asks `peer` to describe itself (an `Info` request) and returns its answer, a JSON
+    /// object (see the `info` module for the keys). An `Error` frame in answer is
+    /// [`Error::Network`], an answer that is not an `InfoReply` [`Error::Frame`].
+    pub fn info(&self, peer: PeerId, timeout: Option<Duration>) -> Result<serde_json::Value> {
+        let reply = self.request(peer, Message::Info.encode()?, timeout)?;
+        match Message::decode(&reply, &self.limits)? {
+            Message::InfoReply(json) => serde_json::from_str(&json)
+                .map_err(|e| Error::Frame(format!("info reply from {peer}: {e}"))),
+            Message::Error(e) => Err(Error::Network(format!("{peer} answered info with {}: {}", e.code, e.message))),
+            other => Err(Error::Frame(format!("{peer} answered info with a {} frame", other.kind()))),
+        }
+    }
+
+    /// Sets (or clears) the handler of inbound tensor requests. Requests already running
+    /// finish on the old one; the old handler's sessions go with it.
     pub fn set_handler(&self, handler: Option<Arc<dyn FrameHandler>>) {
         *self.handler.write().unwrap_or_else(|e| e.into_inner()) = handler;
+    }
+
+    /// Merges `fields` into the static part of this node's `Info` replies.
+    pub fn set_info(&self, fields: JsonObject) {
+        self.info.update(fields);
+    }
+
+    /// What this node answers to `Info` now (see the `info` module for the keys).
+    pub fn describe(&self) -> serde_json::Value {
+        let handler = self.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
+        self.info.describe(handler.as_deref())
+    }
+
+    /// The frame limits the node was started with.
+    pub fn limits(&self) -> crate::wire::Limits {
+        self.limits
     }
 
     /// Sessions the handler holds (0 without a handler).
@@ -278,6 +317,8 @@ struct Loop {
     swarm: Swarm<MeshBehaviour>,
     pool: StreamPool,
     listen_addrs: Vec<Multiaddr>,
+    /// Where `Info` replies read the listen addresses.
+    info: Arc<NodeInfo>,
     /// Addresses learned per peer (identify, dials, provider lookups).
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     dials: HashMap<ConnectionId, Reply<Result<PeerId>>>,
@@ -287,11 +328,12 @@ struct Loop {
 }
 
 impl Loop {
-    fn new(swarm: Swarm<MeshBehaviour>, pool: StreamPool, listen_addrs: Vec<Multiaddr>) -> Self {
+    fn new(swarm: Swarm<MeshBehaviour>, pool: StreamPool, listen_addrs: Vec<Multiaddr>, info: Arc<NodeInfo>) -> Self {
         Loop {
             swarm,
             pool,
             listen_addrs,
+            info,
             addresses: HashMap::new(),
             dials: HashMap::new(),
             bootstraps: HashMap::new(),
@@ -413,8 +455,12 @@ impl Loop {
             SwarmEvent::Behaviour(_) => {}
             SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
                 self.listen_addrs.push(address);
+                self.info.set_listen_addrs(&self.listen_addrs);
             }
-            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| *a != address),
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
+                self.info.set_listen_addrs(&self.listen_addrs);
+            }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
                 if endpoint.is_dialer() {

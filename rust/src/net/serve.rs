@@ -28,11 +28,16 @@ pub trait FrameHandler: Send + Sync + 'static {
     fn inline(&self) -> bool {
         false
     }
+
+    /// The handler's live description for `Info` replies: a JSON object whose `"mode"` names
+    /// the handler, with whatever a client choosing a peer wants to know (what it serves, its
+    /// load). Called on the node's event loop, so keep it short.
+    fn info(&self) -> serde_json::Value;
 }
 
 /// Echo mode: a `Forward` comes back as a `ForwardResult` with the same entries and tensor
 /// bytes, `Ping` as `Pong`, `CloseSession` as an acknowledgement of every id; anything else is
-/// an `InvalidRequest` error.
+/// an `InvalidRequest` error. Its `Info` mode is `"echo"`.
 #[derive(Clone, Debug, Default)]
 pub struct EchoHandler {
     /// What the handler decodes.
@@ -60,6 +65,10 @@ impl FrameHandler for EchoHandler {
 
     fn inline(&self) -> bool {
         true
+    }
+
+    fn info(&self) -> serde_json::Value {
+        serde_json::json!({ "mode": "echo" })
     }
 }
 

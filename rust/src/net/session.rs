@@ -392,4 +392,26 @@ impl FrameHandler for SpanHandler {
     fn maintain(&self) {
         self.expire_idle();
     }
+
+    /// `{"mode": "span", "model_name", "model_hash" (hex), "first_layer", "n_layers",
+    /// "sessions", "kv_used_bytes", "kv_budget_bytes", "max_positions", "hidden"}`.
+    fn info(&self) -> serde_json::Value {
+        let (sessions, used) = {
+            let table = self.lock_table();
+            (table.sessions.len(), table.used_bytes)
+        };
+        let hash: String = self.model.hash.iter().map(|b| format!("{b:02x}")).collect();
+        serde_json::json!({
+            "mode": "span",
+            "model_name": self.model.name,
+            "model_hash": hash,
+            "first_layer": self.span.first_layer(),
+            "n_layers": self.span.n_layers(),
+            "sessions": sessions,
+            "kv_used_bytes": used,
+            "kv_budget_bytes": self.session_limits.kv_budget_bytes,
+            "max_positions": self.max_positions(),
+            "hidden": self.span.config().hidden,
+        })
+    }
 }

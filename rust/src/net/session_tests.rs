@@ -180,3 +180,25 @@ fn a_refused_retry_leaves_every_cache_as_it_was() {
     ask(&h, &batch(&[(1, 7, 1), (2, 1, 2)], &mut rng)).unwrap();
     assert_eq!(h.used_kv_bytes(), (8 + 3) * per_position);
 }
+
+#[test]
+fn info_describes_the_span_and_its_load() {
+    let limits = SessionLimits { kv_budget_bytes: 1 << 20, max_positions: 100, ..SessionLimits::default() };
+    let h = handler(limits);
+    ask(&h, &forward(1, 0, 1, 2, &TestRng::new(2).gaussians(3 * TINY_HIDDEN))).unwrap();
+    assert_eq!(
+        h.info(),
+        serde_json::json!({
+            "mode": "span",
+            "model_name": "tiny",
+            "model_hash": "03".repeat(32),
+            "first_layer": 0,
+            "n_layers": 3,
+            "sessions": 1,
+            "kv_used_bytes": 3 * 2 * BYTES_PER_POSITION_LAYER,
+            "kv_budget_bytes": 1 << 20,
+            "max_positions": 100,
+            "hidden": TINY_HIDDEN,
+        })
+    );
+}

@@ -9,7 +9,8 @@
 //!
 //! Serving: [`serve`] accepts inbound streams and answers each frame with the node's
 //! [`FrameHandler`], inline when it says it is cheap, else on tokio's blocking pool, so a long
-//! forward never stalls the node's event loop.
+//! forward never stalls the node's event loop. `Info` frames the node answers itself (see
+//! `info`), and `Ping` too when it has no handler.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,11 +19,13 @@ use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
 
 use super::behaviour::InboundStreams;
+use super::codec::{error_frame, error_frame_for, is_whole_frame, read_frame, write_frame, ReadError};
+use super::info::NodeInfo;
 use super::streams::Opener;
-use super::codec::{error_frame, is_whole_frame, read_frame, write_frame, ReadError};
+use super::serve::unexpected;
 use super::FrameHandler;
 use crate::error::{Error, Result};
-use crate::wire::{ErrorCode, ErrorReply, Kind, Limits, FIXED_HEADER_LEN};
+use crate::wire::{ErrorCode, ErrorReply, FrameHeader, Kind, Limits, Message, FIXED_HEADER_LEN};
 
 /// The handler slot, shared by the node (to set it) and the serving tasks (to call it).
 pub(crate) type HandlerSlot = Arc<RwLock<Option<Arc<dyn FrameHandler>>>>;
@@ -134,10 +137,18 @@ const OPEN_ATTEMPTS: u64 = 2;
 /// A request that got no answer at all (see [`StreamPool::exchange`]).
 struct Unanswered(Error);
 
+/// What serving a stream needs: the handler, the frame limits and the node's description.
+#[derive(Clone)]
+pub(crate) struct Server {
+    pub(crate) handler: HandlerSlot,
+    pub(crate) limits: Limits,
+    pub(crate) info: Arc<NodeInfo>,
+}
+
 /// Accepts tensor streams and serves each on a task of its own until the runtime stops.
-pub(crate) async fn serve(mut incoming: InboundStreams, handler: HandlerSlot, limits: Limits) {
+pub(crate) async fn serve(mut incoming: InboundStreams, server: Server) {
     while let Some((peer, stream)) = incoming.next().await {
-        tokio::spawn(serve_stream(peer, stream, Arc::clone(&handler), limits));
+        tokio::spawn(serve_stream(peer, stream, server.clone()));
     }
 }
 
@@ -155,9 +166,9 @@ pub(crate) async fn maintain(handler: HandlerSlot, period: std::time::Duration) 
 }
 
 /// Answers frames on one stream until the peer closes it or a frame is refused.
-async fn serve_stream(peer: PeerId, mut stream: Stream, handler: HandlerSlot, limits: Limits) {
+async fn serve_stream(peer: PeerId, mut stream: Stream, server: Server) {
     loop {
-        let frame = match read_frame(&mut stream, &limits).await {
+        let frame = match read_frame(&mut stream, &server.limits).await {
             Ok(frame) => frame,
             Err(ReadError::Closed) => break,
             Err(ReadError::Refused(reply)) => {
@@ -172,7 +183,7 @@ async fn serve_stream(peer: PeerId, mut stream: Stream, handler: HandlerSlot, li
                 break;
             }
         };
-        let answer = answer(peer, frame, &handler).await;
+        let answer = answer(peer, frame, &server).await;
         if let Err(e) = write_frame(&mut stream, &answer).await {
             tracing::debug!(%peer, "cannot send an answer: {e}");
             break;
@@ -180,10 +191,22 @@ async fn serve_stream(peer: PeerId, mut stream: Stream, handler: HandlerSlot, li
     }
 }
 
-/// The handler's answer to a whole frame.
-async fn answer(peer: PeerId, frame: Vec<u8>, handler: &HandlerSlot) -> Vec<u8> {
+/// The answer to a whole frame: the node's own for `Info` (and `Ping` without a handler),
+/// else the handler's.
+async fn answer(peer: PeerId, frame: Vec<u8>, server: &Server) -> Vec<u8> {
     debug_assert!(frame.len() >= FIXED_HEADER_LEN);
-    let handler = handler.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let handler = server.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
+    // read_frame checked the fixed header; the kind is all we need of it here.
+    let kind = FrameHeader::parse(&frame, &Limits::unlimited()).map(|h| h.kind).ok();
+    let node_answers = kind == Some(Kind::Info) || (handler.is_none() && kind == Some(Kind::Ping));
+    if node_answers {
+        return match Message::decode(&frame, &server.limits) {
+            Ok(Message::Info) => server.info.reply(handler.as_deref()),
+            Ok(Message::Ping(nonce)) => Message::Pong(nonce).encode().unwrap_or_else(|e| error_frame_for(&e, None)),
+            Ok(other) => unexpected(other.kind()),
+            Err(e) => error_frame_for(&e, None),
+        };
+    }
     let Some(handler) = handler else {
         return error_frame(ErrorReply {
             code: ErrorCode::InvalidRequest,

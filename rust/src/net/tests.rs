@@ -236,10 +236,14 @@ fn vanished_peer_quic() {
 }
 
 #[test]
-fn node_without_handler_refuses_requests_and_both_transports_listen() {
+fn node_without_handler_refuses_forwards_answers_info_and_ping_and_both_transports_listen() {
     let (da, db) = (TempDir::new(), TempDir::new());
     let mut ca = config(&da, Transport::Both, vec![]);
     ca.handler = None;
+    ca.info = serde_json::json!({ "version": "0.1.0", "mode": "ignored: the handler's wins" })
+        .as_object()
+        .unwrap()
+        .clone();
     let a = Node::start(ca).unwrap();
     let addrs = a.listen_addrs().unwrap();
     assert!(addrs.iter().any(|a| a.to_string().contains("/tcp/")));
@@ -247,10 +251,48 @@ fn node_without_handler_refuses_requests_and_both_transports_listen() {
     let b = Node::start(config(&db, Transport::Quic, vec![])).unwrap();
     let quic = addrs.iter().find(|a| a.to_string().contains("/quic-v1/")).unwrap();
     b.dial(quic.clone()).unwrap();
-    let reply = b.request(a.peer_id(), Message::Ping(5).encode().unwrap(), None).unwrap();
+    let reply = b.request(a.peer_id(), forward_frame(&[0.5; 8], DType::BF16), None).unwrap();
     assert_eq!(error_code(&reply), ErrorCode::InvalidRequest);
+    let reply = b.request(a.peer_id(), Message::Ping(5).encode().unwrap(), None).unwrap();
+    assert_eq!(Message::decode(&reply, &Limits::default()).unwrap(), Message::Pong(5));
+    let info = b.info(a.peer_id(), None).unwrap();
+    let listed: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        info,
+        serde_json::json!({
+            "mode": "none", "version": "0.1.0", "peer_id": a.peer_id().to_string(), "listen_addrs": listed,
+        })
+    );
+    assert_eq!(a.describe(), info);
+    // An Info frame with bytes it should not have is refused, and a reply kind is no request.
+    let mut long_info = Message::Info.encode().unwrap();
+    long_info[8] = 8;
+    long_info.extend([0u8; 8]);
+    assert_eq!(error_code(&b.request(a.peer_id(), long_info, None).unwrap()), ErrorCode::MalformedFrame);
+    let pong = Message::Pong(1).encode().unwrap();
+    assert_eq!(error_code(&b.request(a.peer_id(), pong, None).unwrap()), ErrorCode::InvalidRequest);
     assert_eq!(a.session_count(), 0);
     assert!("udp".parse::<Transport>().is_err());
+}
+
+#[test]
+fn info_merges_static_fields_under_the_handlers_and_follows_set_handler() {
+    let (da, db) = (TempDir::new(), TempDir::new());
+    let mut ca = config(&da, Transport::Tcp, vec![]);
+    ca.info = serde_json::json!({ "device": "cpu", "threads": 2 }).as_object().unwrap().clone();
+    let a = Node::start(ca).unwrap();
+    let b = Node::start(config(&db, Transport::Tcp, vec![])).unwrap();
+    b.dial(a.listen_addrs().unwrap()[0].clone()).unwrap();
+    let info = b.info(a.peer_id(), None).unwrap();
+    assert_eq!((info["mode"].as_str(), info["device"].as_str(), info["threads"].as_u64()), (Some("echo"), Some("cpu"), Some(2)));
+    assert_eq!(info["peer_id"], a.peer_id().to_string());
+    a.set_info(serde_json::json!({ "threads": 4, "layers_nbytes": 123 }).as_object().unwrap().clone());
+    a.set_handler(None);
+    let info = b.info(a.peer_id(), None).unwrap();
+    assert_eq!((info["mode"].as_str(), info["device"].as_str(), info["threads"].as_u64()), (Some("none"), Some("cpu"), Some(4)));
+    assert_eq!(info["layers_nbytes"], 123);
+    // A peer nobody knows an address for.
+    assert!(matches!(b.info(PeerId::random(), Some(Duration::from_secs(2))), Err(Error::Network(_))));
 }
 
 /// Many threads share one node's streams to one worker: every answer matches its request.

@@ -4,6 +4,7 @@
 mod buffers;
 mod checkpoint;
 mod errors;
+mod json;
 mod logging;
 mod model;
 mod net;

@@ -11,6 +11,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use super::json::{dict_to_map, value_to_dict};
 use super::model::PyLlamaSpan;
 use super::to_py_err;
 use crate::error::Error;
@@ -55,13 +56,14 @@ impl PyNode {
     /// Starts a node: loads or creates the identity in `node_dir`, listens on `host:port`
     /// (0: a free port) over `transport` ("tcp", "quic", "both"), joins through `bootstrap`
     /// multiaddrs. `serve` is None (refuse requests), "echo", or a `LlamaSpan`, which then
-    /// needs `model_name` and the 32-byte `model_hash`.
+    /// needs `model_name` and the 32-byte `model_hash`. `info` (a dict of JSON values) is the
+    /// static part of the node's `Info` replies.
     #[new]
     #[pyo3(signature = (
         node_dir, port = 0, transport = "tcp", bootstrap = Vec::new(), serve = None, *,
         host = "127.0.0.1", model_name = None, model_hash = None, request_timeout = 60.0,
         query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
-        idle_timeout = 300.0, max_positions = None,
+        idle_timeout = 300.0, max_positions = None, info = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -80,6 +82,7 @@ impl PyNode {
         kv_budget_bytes: u64,
         idle_timeout: f64,
         max_positions: Option<usize>,
+        info: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let mut config = NodeConfig::new(node_dir);
         config.port = port;
@@ -90,6 +93,9 @@ impl PyNode {
         config.query_timeout = seconds(query_timeout, "query_timeout")?;
         if let Some(max) = max_frame_bytes {
             config.limits = Limits { max_frame_bytes: max, ..Limits::default() };
+        }
+        if let Some(info) = info.filter(|i| !i.is_none()) {
+            config.info = dict_to_map(info, "info")?;
         }
         config.handler = match serve {
             None => None,
@@ -160,6 +166,24 @@ impl PyNode {
         let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
         let reply = py.detach(|| self.node.request(peer, frame, timeout)).map_err(to_py_err)?;
         Ok(PyBytes::new(py, &reply))
+    }
+
+    /// Asks `peer` to describe itself; returns its `Info` reply as a dict (keys: "mode",
+    /// "peer_id", "listen_addrs", the static info it was given, and per mode: for "span"
+    /// "model_name", "model_hash" (hex), "first_layer", "n_layers", "sessions",
+    /// "kv_used_bytes", "kv_budget_bytes", "max_positions", "hidden"). Raises NetworkError
+    /// when it answers with an error frame, FrameError when with anything else.
+    #[pyo3(signature = (peer, timeout = None))]
+    fn info<'py>(&self, py: Python<'py>, peer: &str, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        let peer = parse_peer(peer)?;
+        let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
+        let info = py.detach(|| self.node.info(peer, timeout)).map_err(to_py_err)?;
+        value_to_dict(py, &info)
+    }
+
+    /// What this node answers to `Info` now, as a dict.
+    fn local_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        value_to_dict(py, &self.node.describe())
     }
 
     /// Sessions the served span holds (0 for echo or no handler).

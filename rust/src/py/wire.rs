@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use super::buffers::raw_bytes;
+use super::json::{dict_to_json, json_to_dict};
 use super::to_py_err;
 use crate::error::Error;
 use crate::wire::{
@@ -182,11 +183,25 @@ fn encode_ping(py: Python<'_>, nonce: u64, pong: bool) -> PyResult<Bound<'_, PyB
     )
 }
 
+/// encode_info() -> bytes: an `Info` frame (asks a node to describe itself).
+#[pyfunction]
+fn encode_info(py: Python<'_>) -> PyResult<Bound<'_, PyBytes>> {
+    encode(py, Message::Info)
+}
+
+/// encode_info_reply(info) -> bytes: an `InfoReply` frame carrying the dict `info` as JSON.
+#[pyfunction]
+fn encode_info_reply<'py>(py: Python<'py>, info: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let json = dict_to_json(info, "info")?;
+    encode(py, Message::InfoReply(json))
+}
+
 /// decode_frame(data, max_frame_bytes=None) -> dict: one whole frame decoded. Keys: "kind",
 /// then per kind: forward "model_hash", "model_name", "first_layer", "layer_count";
 /// forward / forward_result "entries" (tuples), "dtype", "hidden" (float32 `(rows, width)`);
-/// error "code", "session", "message"; close_session(_ack) "sessions"; ping / pong "nonce".
-/// Raises `FrameError` / `FrameTooLargeError` for anything that is not a valid frame.
+/// error "code", "session", "message"; close_session(_ack) "sessions"; ping / pong "nonce";
+/// info_reply "info" (a dict); info none. Raises `FrameError` / `FrameTooLargeError` for
+/// anything that is not a valid frame (an info reply that is not one JSON object included).
 #[pyfunction]
 #[pyo3(signature = (data, max_frame_bytes = None))]
 fn decode_frame<'py>(
@@ -228,6 +243,8 @@ fn decode_frame<'py>(
             d.set_item("sessions", ids.iter().map(|s| s.0).collect::<Vec<_>>())?;
         }
         Message::Ping(nonce) | Message::Pong(nonce) => d.set_item("nonce", nonce)?,
+        Message::Info => {}
+        Message::InfoReply(json) => d.set_item("info", json_to_dict(py, json)?)?,
     }
     Ok(d)
 }
@@ -289,6 +306,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_error, m)?)?;
     m.add_function(wrap_pyfunction!(encode_close_session, m)?)?;
     m.add_function(wrap_pyfunction!(encode_ping, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_info, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_info_reply, m)?)?;
     m.add_function(wrap_pyfunction!(decode_frame, m)?)?;
     m.add_function(wrap_pyfunction!(read_frame_header, m)?)?;
     m.add_function(wrap_pyfunction!(error_codes, m)?)?;

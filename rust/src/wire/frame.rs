@@ -37,11 +37,15 @@ pub enum Kind {
     Ping = 6,
     /// The answer to a `Ping`, echoing its nonce.
     Pong = 7,
+    /// Asks a node to describe itself (what it serves, its load); no fields.
+    Info = 8,
+    /// The answer to an `Info`: one JSON object.
+    InfoReply = 9,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Forward,
         Kind::ForwardResult,
         Kind::Error,
@@ -49,6 +53,8 @@ impl Kind {
         Kind::CloseSessionAck,
         Kind::Ping,
         Kind::Pong,
+        Kind::Info,
+        Kind::InfoReply,
     ];
 
     /// The kind with wire code `code`, or a frame error naming it.
@@ -58,7 +64,7 @@ impl Kind {
             .find(|k| *k as u8 == code)
             .ok_or_else(|| {
                 Error::Frame(format!(
-                    "unknown message kind {code} at byte 6 (known: 1..=7)"
+                    "unknown message kind {code} at byte 6 (known: 1..=9)"
                 ))
             })
     }
@@ -73,6 +79,8 @@ impl Kind {
             Kind::CloseSessionAck => "close_session_ack",
             Kind::Ping => "ping",
             Kind::Pong => "pong",
+            Kind::Info => "info",
+            Kind::InfoReply => "info_reply",
         }
     }
 }

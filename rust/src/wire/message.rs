@@ -54,6 +54,12 @@ pub enum Message<'a> {
     Ping(u64),
     /// The answer to a `Ping`.
     Pong(u64),
+    /// Asks the peer to describe itself.
+    Info,
+    /// The answer to an `Info`: the text of one JSON object (UTF-8), kept as sent so that
+    /// decoding and encoding again gives the same bytes. Both directions check that it is an
+    /// object.
+    InfoReply(String),
 }
 
 /// Bytes of an encoded tensor descriptor with `ndim` dimensions: dtype, ndim, u32 dims.
@@ -77,6 +83,8 @@ impl<'a> Message<'a> {
             Message::CloseSessionAck(_) => Kind::CloseSessionAck,
             Message::Ping(_) => Kind::Ping,
             Message::Pong(_) => Kind::Pong,
+            Message::Info => Kind::Info,
+            Message::InfoReply(_) => Kind::InfoReply,
         }
     }
 
@@ -125,7 +133,16 @@ impl<'a> Message<'a> {
             Message::CloseSession(ids) | Message::CloseSessionAck(ids) => {
                 check_entry_count(ids.len())?;
             }
-            Message::Ping(_) | Message::Pong(_) => {}
+            Message::InfoReply(json) => {
+                if json.len() > (u32::MAX as usize) / 2 {
+                    return Err(invalid(format!(
+                        "info reply of {} bytes is too long for a frame",
+                        json.len()
+                    )));
+                }
+                check_json_object(json).map_err(|e| invalid(format!("info {e}")))?;
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Info => {}
         }
         Ok(())
     }
@@ -148,6 +165,8 @@ impl<'a> Message<'a> {
             Message::Error(e) => 2 + 1 + 16 + 4 + e.message.len(),
             Message::CloseSession(ids) | Message::CloseSessionAck(ids) => list_len(ids.len(), 16),
             Message::Ping(_) | Message::Pong(_) => 8,
+            Message::Info => 0,
+            Message::InfoReply(json) => 4 + json.len(),
         }
     }
 
@@ -220,6 +239,11 @@ impl<'a> Message<'a> {
                 }
             }
             Message::Ping(nonce) | Message::Pong(nonce) => w.u64(*nonce),
+            Message::Info => {}
+            Message::InfoReply(json) => {
+                w.u32(json.len() as u32);
+                w.bytes(json.as_bytes());
+            }
         }
         let pad = FIXED_HEADER_LEN + h.header_len as usize - w.pos();
         w.bytes(&[0u8; 8][..pad]);
@@ -324,6 +348,15 @@ impl<'a> Message<'a> {
             }
             Kind::Ping => Message::Ping(r.u64("nonce")?),
             Kind::Pong => Message::Pong(r.u64("nonce")?),
+            Kind::Info => Message::Info,
+            Kind::InfoReply => {
+                let len = r.u32("info length")?;
+                let at = r.offset();
+                let json = read_str(&mut r, len as usize, "info")?;
+                check_json_object(&json)
+                    .map_err(|e| Error::Frame(format!("info at byte {at} {e}")))?;
+                Message::InfoReply(json)
+            }
         };
         r.finish(h.kind.name())?;
         Ok(msg)
@@ -345,6 +378,24 @@ fn check_entry_count(n: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Why `json` is not the text of one JSON object, if it is not (to follow "info").
+fn check_json_object(json: &str) -> std::result::Result<(), String> {
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(other) => Err(format!(
+            "must be a JSON object, got {}",
+            match other {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                _ => "null",
+            }
+        )),
+        Err(e) => Err(format!("is not valid JSON ({e})")),
+    }
 }
 
 /// Adds the byte offset to a frame error about a value read at `at`.

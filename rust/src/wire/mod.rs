@@ -14,7 +14,7 @@
 //! |-------:|-----:|--------------------------------------------------------------------|
 //! |      0 |    4 | magic `b"MSHP"`                                                    |
 //! |      4 |    2 | version u16, `1`                                                   |
-//! |      6 |    1 | kind u8: 1 Forward, 2 ForwardResult, 3 Error, 4 CloseSession, 5 CloseSessionAck, 6 Ping, 7 Pong |
+//! |      6 |    1 | kind u8: 1 Forward, 2 ForwardResult, 3 Error, 4 CloseSession, 5 CloseSessionAck, 6 Ping, 7 Pong, 8 Info, 9 InfoReply |
 //! |      7 |    1 | flags u8, `0` (none defined in version 1)                          |
 //! |      8 |    4 | header_len u32: bytes of the header section, padding included       |
 //! |     12 |    4 | reserved u32, `0`                                                  |
@@ -42,6 +42,8 @@
 //! | Error (3) | `code u16 \| has_session u8 (0/1) \| session u128 (0 when absent) \| message_len u32 \| message (UTF-8)` |
 //! | CloseSession (4), CloseSessionAck (5) | `n u32 \| n × session u128` |
 //! | Ping (6), Pong (7) | `nonce u64` |
+//! | Info (8) | empty (`header_len` 0) |
+//! | InfoReply (9) | `json_len u32 \| json (UTF-8 text of one JSON object)` |
 //!
 //! In `Forward` and `ForwardResult` the tensor is `(sum of n_tokens, hidden)`: entry `i`'s
 //! rows follow entry `i - 1`'s. A batch has at least one entry, every entry at least one
@@ -52,7 +54,12 @@
 //! A `Forward` of model "tiny" (hash bytes 0..=31), layers 2..5, one entry (session 0x0102,
 //! step 7, start 5, 2 tokens) and a bf16 tensor of shape (2, 4) is 136 bytes: the fixed
 //! header, 91 bytes of fields + 5 bytes of padding (header_len 96), 16 bytes of payload.
-//! The test `golden_forward_frame` holds its hex dump.
+//! The test `golden_forward_frame` holds its hex dump; `golden_info_frames` those of an
+//! `Info` (24 bytes: the fixed header alone) and of the `InfoReply` `{"mode":"echo"}` (48
+//! bytes: 4 + 15 bytes of fields, 5 of padding).
+//!
+//! An `InfoReply`'s JSON is bounded by the receiver's header section limit; its keys are the
+//! node's business (see `net`), the codec only checks that it is one JSON object.
 //!
 //! # Limits
 //!

@@ -98,6 +98,12 @@ fn other_messages() -> Vec<Message<'static>> {
         Message::CloseSessionAck(vec![SessionId(1)]),
         Message::Ping(0x0123_4567_89ab_cdef),
         Message::Pong(u64::MAX),
+        Message::Info,
+        Message::InfoReply("{}".to_string()),
+        Message::InfoReply(
+            r#"{"mode": "span", "first_layer": 10, "n_layers": 10, "name": "\u00e9t\u00e9 \u2713", "x": [1.5, null]}"#
+                .to_string(),
+        ),
     ]
 }
 
@@ -475,6 +481,91 @@ fn golden_forward_frame() {
     );
 }
 
+/// Hand-checked like `GOLDEN_FORWARD`: an `Info`, then an `InfoReply` of `{"mode":"echo"}`.
+const GOLDEN_INFO: &str = "
+    4d 53 48 50 01 00                   // magic, version 1
+    08 00                               // kind 8 Info, flags
+    00 00 00 00 00 00 00 00             // header_len 0, reserved
+    00 00 00 00 00 00 00 00             // payload_len 0
+";
+const GOLDEN_INFO_REPLY: &str = "
+    4d 53 48 50 01 00                   // magic, version 1
+    09 00                               // kind 9 InfoReply, flags
+    18 00 00 00 00 00 00 00             // header_len 24 = 4 + 15 + 5 padding, reserved
+    00 00 00 00 00 00 00 00             // payload_len 0
+    0f 00 00 00                         // json_len 15
+    7b 22 6d 6f 64 65 22 3a 22 65 63 68 6f 22 7d   // {\"mode\":\"echo\"}
+    00 00 00 00 00                      // padding: 24 + 24 = 48 = 6 x 8
+";
+
+#[test]
+fn golden_info_frames() {
+    let info = hex(GOLDEN_INFO);
+    assert_eq!(info.len(), 24);
+    assert_eq!(Message::Info.encode().unwrap(), info);
+    assert_eq!(decode(&info).unwrap(), Message::Info);
+    let reply = hex(GOLDEN_INFO_REPLY);
+    assert_eq!(reply.len(), 48);
+    let msg = Message::InfoReply(r#"{"mode":"echo"}"#.to_string());
+    assert_eq!(msg.encode().unwrap(), reply);
+    assert_eq!(decode(&reply).unwrap(), msg);
+}
+
+#[test]
+fn info_replies_must_hold_one_json_object() {
+    for (json, why) in [
+        ("[1, 2]", "got an array"),
+        ("\"mode\"", "got a string"),
+        ("3", "got a number"),
+        ("null", "got null"),
+        ("{\"a\": 1", "not valid JSON"),
+        ("{} {}", "not valid JSON"),
+        ("", "not valid JSON"),
+    ] {
+        // The encoder refuses it ...
+        match Message::InfoReply(json.to_string()).encode() {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(why), "{json}: {m}"),
+            other => panic!("{json}: {other:?}"),
+        }
+        // ... and so does the decoder, from a frame written by hand.
+        let padded = (4 + json.len()).next_multiple_of(8);
+        let mut frame = hex(GOLDEN_INFO_REPLY)[..FIXED_HEADER_LEN].to_vec();
+        put_u32(&mut frame, 8, padded as u32);
+        frame.extend((json.len() as u32).to_le_bytes());
+        frame.extend(json.as_bytes());
+        frame.resize(FIXED_HEADER_LEN + padded, 0);
+        let message = frame_error(&frame);
+        assert!(
+            message.contains("info at byte 28") && message.contains(why),
+            "{json}: {message}"
+        );
+    }
+    // Lengths that lie, bytes that are not UTF-8, fields on an Info.
+    let reply = hex(GOLDEN_INFO_REPLY);
+    let with = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut f = reply.clone();
+        edit(&mut f);
+        f
+    };
+    assert!(frame_error(&with(&|f| put_u32(f, 24, 21))).contains("truncated"));
+    assert!(frame_error(&with(&|f| put_u32(f, 24, 20))).contains("not valid JSON"));
+    assert!(frame_error(&with(&|f| put_u32(f, 24, 14))).contains("not valid JSON"));
+    assert!(frame_error(&with(&|f| put_u32(f, 24, 16))).contains("not valid JSON"));
+    assert!(frame_error(&with(&|f| f[30] = 0xff)).contains("not UTF-8"));
+    let mut info = hex(GOLDEN_INFO);
+    put_u32(&mut info, 8, 8);
+    info.extend([0u8; 8]);
+    assert!(decode(&info).is_err());
+    assert!(Message::decode(
+        &reply,
+        &Limits {
+            max_header_bytes: 23,
+            ..Limits::default()
+        }
+    )
+    .is_err());
+}
+
 #[test]
 fn every_truncation_is_an_error() {
     for frame in frames_of_every_kind() {
@@ -516,7 +607,8 @@ fn fixed_header_lies_are_errors() {
     assert!(frame_error(&golden_with(|f| f[0] = b'X')).contains("bad magic"));
     assert!(frame_error(&golden_with(|f| f[4] = 2)).contains("unsupported version 2"));
     assert!(frame_error(&golden_with(|f| f[6] = 0)).contains("unknown message kind 0"));
-    assert!(frame_error(&golden_with(|f| f[6] = 8)).contains("unknown message kind 8"));
+    assert!(frame_error(&golden_with(|f| f[6] = 10))
+        .contains("unknown message kind 10 at byte 6 (known: 1..=9)"));
     assert!(frame_error(&golden_with(|f| f[7] = 1)).contains("flags"));
     assert!(frame_error(&golden_with(|f| f[13] = 1)).contains("reserved"));
     // header_len: not padding the payload to 8, or pointing past / short of the fields.

@@ -150,7 +150,7 @@ type Parts = (
 /// A random valid message (tensor kinds with random batches, shapes and dtypes).
 fn message_parts() -> impl Strategy<Value = Parts> {
     (
-        0u8..7,
+        0u8..9,
         prop::collection::vec((any::<u128>(), any::<u64>(), 0u32..1 << 20, 1u32..4), 1..5),
         1u32..6,
         1u8..4,
@@ -170,7 +170,7 @@ proptest! {
 
     #[test]
     fn random_bodies_behind_a_valid_fixed_header_never_panic(
-        kind in 0u8..9,
+        kind in 0u8..11,
         header_len in 0u32..200,
         payload_len in 0u64..200,
         body in prop::collection::vec(any::<u8>(), 0..400),
@@ -239,7 +239,9 @@ proptest! {
             3 => Message::CloseSession(ids),
             4 => Message::CloseSessionAck(ids),
             5 => Message::Ping(nonce),
-            _ => Message::Pong(nonce),
+            6 => Message::Pong(nonce),
+            7 => Message::Info,
+            _ => Message::InfoReply(serde_json::json!({ "text": text, "nonce": nonce, "ids": ids.len() }).to_string()),
         };
         let frame = msg.encode().unwrap();
         let h = FrameHeader::parse(&frame, &Limits::default()).unwrap();

@@ -1,0 +1,71 @@
+//! What a node says about itself: the answer to an `Info` frame, one JSON object.
+//!
+//! It merges, in this order (later keys win): the static description the node was given (the
+//! device, thread count, version, bytes of weights loaded, ...), the handler's live one
+//! ([`FrameHandler::info`]: what it serves, sessions, KV memory; `{"mode": "none"}` without a
+//! handler), and the node's own `peer_id` and `listen_addrs` (each ending in `/p2p/<peer id>`).
+//! Every node answers `Info`, whatever its handler, and a node without a handler still answers
+//! `Ping`.
+
+use std::sync::RwLock;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use serde_json::{json, Map, Value};
+
+use super::codec::error_frame_for;
+use super::FrameHandler;
+use crate::wire::Message;
+
+/// A JSON object (the static part of a node's description).
+pub type JsonObject = Map<String, Value>;
+
+/// The node's side of its description, shared by the event loop (which keeps the listen
+/// addresses current), the handle (which sets the static part) and the serving tasks.
+pub(crate) struct NodeInfo {
+    peer_id: PeerId,
+    listen_addrs: RwLock<Vec<Multiaddr>>,
+    fixed: RwLock<JsonObject>,
+}
+
+impl NodeInfo {
+    pub(crate) fn new(peer_id: PeerId, fixed: JsonObject) -> Self {
+        NodeInfo { peer_id, listen_addrs: RwLock::new(Vec::new()), fixed: RwLock::new(fixed) }
+    }
+
+    /// Records the listen addresses (without `/p2p/...`).
+    pub(crate) fn set_listen_addrs(&self, addrs: &[Multiaddr]) {
+        *self.listen_addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs.to_vec();
+    }
+
+    /// Merges `fields` into the static description (a key given replaces the old value).
+    pub(crate) fn update(&self, fields: JsonObject) {
+        self.fixed.write().unwrap_or_else(|e| e.into_inner()).extend(fields);
+    }
+
+    /// The whole description, with `handler`'s live part.
+    pub(crate) fn describe(&self, handler: Option<&dyn FrameHandler>) -> Value {
+        let mut out = self.fixed.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match handler.map_or_else(|| json!({ "mode": "none" }), |h| h.info()) {
+            Value::Object(live) => out.extend(live),
+            other => {
+                out.insert("handler".to_string(), other);
+            }
+        }
+        let addrs: Vec<String> = self
+            .listen_addrs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|a| a.clone().with(Protocol::P2p(self.peer_id)).to_string())
+            .collect();
+        out.insert("peer_id".to_string(), Value::String(self.peer_id.to_string()));
+        out.insert("listen_addrs".to_string(), json!(addrs));
+        Value::Object(out)
+    }
+
+    /// The `InfoReply` frame describing the node.
+    pub(crate) fn reply(&self, handler: Option<&dyn FrameHandler>) -> Vec<u8> {
+        Message::InfoReply(self.describe(handler).to_string()).encode().unwrap_or_else(|e| error_frame_for(&e, None))
+    }
+}
