@@ -371,6 +371,45 @@ def test_span_worker_over_quic_expires_idle_sessions(smollm2_worker, tmp_path: P
         assert _native.decode_frame(client.request(worker.peer_id, frame))["code"] == "unknown_session"
 
 
+def test_a_node_starts_serving_layers_after_it_joined(smollm2_worker, tmp_path: Path) -> None:  # noqa: ANN001
+    """A worker joins with no handler, then loads layers 20..22 and serves them; later it
+    stops serving, then echoes."""
+    from meshpy.models.config import read_config
+    from meshpy.models.packaged import resolve_packaged
+    from meshpy.models.source import open_model_source
+    from meshpy.pipeline import LocalSpan
+
+    _, _, _, _, model_hash = smollm2_worker
+    x = np.random.default_rng(2).standard_normal((3, HIDDEN)).astype(np.float32)
+    with _native.Node(str(tmp_path / "w"), 0, "tcp", info={"device": "cpu"}) as worker, \
+            _native.Node(str(tmp_path / "c"), 0, "tcp") as client:
+        client.dial(worker.listen_addrs()[0])
+        frame = forward(x, "f32", 81, 0, 0, model_hash, (20, 2), "smollm2")
+        assert _native.decode_frame(client.request(worker.peer_id, frame))["code"] == "invalid_request"
+        assert client.info(worker.peer_id)["mode"] == "none"
+
+        source = open_model_source(resolve_packaged("smollm2"))
+        span = LocalSpan(source, read_config(source), range(20, 22), _native.ThreadPool(1))
+        with pytest.raises(InvalidArgumentError, match="model_name and model_hash"):
+            worker.serve(span.native)
+        worker.serve(span.native, model_name="smollm2", model_hash=model_hash, kv_budget_bytes=1 << 20,
+                     info={"layers_nbytes": span.native.nbytes})
+        got = _native.decode_frame(client.request(worker.peer_id, frame))
+        np.testing.assert_array_equal(got["hidden"], span.forward(x, span.new_cache(64)))
+        info = client.info(worker.peer_id)
+        assert (info["mode"], info["first_layer"], info["n_layers"], info["sessions"]) == ("span", 20, 2, 1)
+        assert (info["device"], info["layers_nbytes"], info["kv_budget_bytes"]) == ("cpu", span.native.nbytes, 1 << 20)
+
+        worker.serve(None)
+        assert worker.session_count() == 0, "the old handler's sessions went with it"
+        assert _native.decode_frame(client.request(worker.peer_id, frame))["code"] == "invalid_request"
+        assert client.info(worker.peer_id)["mode"] == "none"
+        worker.serve("echo")
+        assert _native.decode_frame(client.request(worker.peer_id, frame))["kind"] == "forward_result"
+        with pytest.raises(InvalidArgumentError, match="serve must be"):
+            worker.serve("layers")
+
+
 def test_stub_section_matches_the_node_class() -> None:
     """The `# net` section of _native.pyi names the Node class's public members."""
     import ast

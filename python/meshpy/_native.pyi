@@ -203,6 +203,19 @@ class Node:
         Raises NetworkError on an error frame, FrameError on any other answer."""
     def local_info(self) -> dict[str, Any]:
         """What this node answers to Info now."""
+    def serve(
+        self,
+        serve: None | Literal["echo"] | LlamaSpan,
+        *,
+        model_name: str | None = None,
+        model_hash: bytes | None = None,
+        kv_budget_bytes: int = ...,
+        idle_timeout: float = 300.0,
+        max_positions: int | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        """Serves `serve` from now on (the constructor's arguments, same meaning); drops the
+        previous handler's sessions; merges `info` into the static Info."""
     def session_count(self) -> int: ...
     def close(self) -> None: ...
     def __enter__(self) -> Node: ...

@@ -186,6 +186,46 @@ impl PyNode {
         value_to_dict(py, &self.node.describe())
     }
 
+    /// Sets what the node serves from now on, with the constructor's meaning of each argument:
+    /// `serve` None (refuse forwards), "echo", or a `LlamaSpan` with `model_name` and
+    /// `model_hash`. So a worker can join the mesh first, look at what others serve, then load
+    /// and serve its layers. The previous handler's sessions are dropped. `info` is merged
+    /// into the static part of the node's Info replies.
+    #[pyo3(signature = (
+        serve, *, model_name = None, model_hash = None, kv_budget_bytes = 512 << 20,
+        idle_timeout = 300.0, max_positions = None, info = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        &self,
+        py: Python<'_>,
+        serve: Option<&Bound<'_, PyAny>>,
+        model_name: Option<String>,
+        model_hash: Option<Vec<u8>>,
+        kv_budget_bytes: u64,
+        idle_timeout: f64,
+        max_positions: Option<usize>,
+        info: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let session_limits = SessionLimits {
+            kv_budget_bytes,
+            idle_timeout: seconds(idle_timeout, "idle_timeout")?,
+            max_positions: max_positions.unwrap_or(usize::MAX),
+        };
+        let handler = match serve.filter(|s| !s.is_none()) {
+            None => None,
+            Some(s) => Some(handler_of(s, &self.node.limits(), model_name, model_hash, session_limits)?),
+        };
+        let info = info.filter(|i| !i.is_none()).map(|i| dict_to_map(i, "info")).transpose()?;
+        py.detach(|| {
+            if let Some(info) = info {
+                self.node.set_info(info);
+            }
+            self.node.set_handler(handler);
+        });
+        Ok(())
+    }
+
     /// Sessions the served span holds (0 for echo or no handler).
     fn session_count(&self) -> usize {
         self.node.session_count()
