@@ -82,6 +82,27 @@ def test_every_node_answers_info_and_a_bootstrap_node_answers_ping(tmp_path: Pat
         _native.Node(str(tmp_path / "bad"), 0, "tcp", info=["not", "a", "dict"])  # type: ignore[arg-type]
 
 
+def test_stopped_providers_are_forgotten_within_the_provider_ttl(tmp_path: Path) -> None:
+    with echo_node(tmp_path / "a", "tcp", provider_ttl=1.0) as a:
+        addrs = a.listen_addrs()
+        with echo_node(tmp_path / "b", "tcp", addrs, provider_ttl=1.0) as b, \
+                echo_node(tmp_path / "c", "tcp", addrs, provider_ttl=1.0) as c:
+            b.bootstrap()
+            c.bootstrap()
+            b.start_providing("m/layer/0")
+            c.start_providing("m/layer/0")
+            assert sorted(p for p, _ in a.get_providers("m/layer/0")) == sorted([b.peer_id, c.peer_id])
+            b.stop_providing("m/layer/0")
+            deadline = time.monotonic() + 5
+            while [p for p, _ in a.get_providers("m/layer/0")] != [c.peer_id] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert [p for p, _ in a.get_providers("m/layer/0")] == [c.peer_id]
+            time.sleep(1.5)
+            assert [p for p, _ in a.get_providers("m/layer/0")] == [c.peer_id], "a live provider re-announces"
+    with pytest.raises(ValueError, match="provider_ttl"):
+        echo_node(tmp_path / "d", "tcp", provider_ttl=0.0)
+
+
 def test_identity_persists_with_owner_only_permissions(tmp_path: Path) -> None:
     with echo_node(tmp_path, "tcp") as a:
         first = a.peer_id

@@ -44,6 +44,7 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
     let mut tcp_config = tcp::Config::default();
     tcp_config = tcp_config.nodelay(true);
     let query_timeout = config.query_timeout;
+    let provider_ttl = config.provider_ttl;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
@@ -53,6 +54,9 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config.set_query_timeout(query_timeout);
+            // Records of dead providers expire; live ones are re-announced well before.
+            kad_config.set_provider_record_ttl(Some(provider_ttl));
+            kad_config.set_provider_publication_interval(Some(provider_ttl / 4));
             let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
             MeshBehaviour {

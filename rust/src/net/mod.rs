@@ -83,6 +83,11 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// Longest time a DHT query (bootstrap, provide, find providers) or a dial may take.
     pub query_timeout: Duration,
+    /// How long the provider records this node stores for others stay valid without being
+    /// announced again; this node re-announces its own every quarter of it. A worker that
+    /// dies is thus forgotten within this time (libp2p's default is 48 hours). Every node of
+    /// a mesh should use the same value.
+    pub provider_ttl: Duration,
     /// What the node accepts in frames, from requesters and responders alike.
     pub limits: Limits,
     /// Answers inbound tensor requests; `None` refuses them with an `InvalidRequest` error
@@ -95,7 +100,8 @@ pub struct NodeConfig {
 
 impl NodeConfig {
     /// A config with defaults: 127.0.0.1, port 0, TCP, no bootstrap peers, 60 s requests,
-    /// 30 s queries, default frame limits, no handler, no static info.
+    /// 30 s queries, 10-minute provider records, default frame limits, no handler, no static
+    /// info.
     pub fn new(node_dir: impl Into<PathBuf>) -> Self {
         NodeConfig {
             node_dir: node_dir.into(),
@@ -105,6 +111,7 @@ impl NodeConfig {
             bootstrap: Vec::new(),
             request_timeout: Duration::from_secs(60),
             query_timeout: Duration::from_secs(30),
+            provider_ttl: Duration::from_secs(600),
             limits: Limits::default(),
             handler: None,
             info: JsonObject::new(),

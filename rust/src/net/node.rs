@@ -37,6 +37,12 @@ enum Command {
     Dial(Multiaddr, Reply<Result<PeerId>>),
     Bootstrap(Reply<Result<()>>),
     StartProviding(Vec<u8>, Reply<Result<()>>),
+    StopProviding(Vec<u8>, Reply<()>),
+    /// Unexpired provider records of a key in this node's own store (tests look at what a
+    /// third node holds, which a lookup cannot tell apart from what providers say of
+    /// themselves).
+    #[cfg(test)]
+    StoredProviders(Vec<u8>, Reply<Vec<PeerId>>),
     GetProviders(Vec<u8>, Reply<Result<Providers>>),
     Request { peer: PeerId, frame: Vec<u8>, timeout: Duration, reply: Reply<Result<Vec<u8>>> },
     Shutdown,
@@ -225,6 +231,19 @@ impl NodeHandle {
     /// peers closest to the key) and waits for the announcement to finish.
     pub fn start_providing(&self, key: &[u8]) -> Result<()> {
         self.call(|tx| Command::StartProviding(key.to_vec(), tx), self.query_timeout * 2, "start_providing")?
+    }
+
+    /// Stops announcing this node as a provider of `key` (before a clean shutdown, or when
+    /// it stops serving a layer): the local record goes at once, so the node no longer lists
+    /// itself nor re-announces it; the copies other nodes hold expire within the provider TTL.
+    pub fn stop_providing(&self, key: &[u8]) -> Result<()> {
+        self.call(|tx| Command::StopProviding(key.to_vec(), tx), self.query_timeout, "stop_providing")
+    }
+
+    /// See [`Command::StoredProviders`].
+    #[cfg(test)]
+    pub(crate) fn stored_providers(&self, key: &[u8]) -> Result<Vec<PeerId>> {
+        self.call(|tx| Command::StoredProviders(key.to_vec(), tx), self.query_timeout, "stored_providers")
     }
 
     /// Every provider of `key` the DHT knows of (this node included when it provides it), with
@@ -427,6 +446,17 @@ impl Loop {
                     let _ = tx.send(Err(Error::Network(format!("cannot store the provider record: {e}"))));
                 }
             },
+            Command::StopProviding(key, tx) => {
+                self.swarm.behaviour_mut().kad.stop_providing(&key.into());
+                let _ = tx.send(());
+            }
+            #[cfg(test)]
+            Command::StoredProviders(key, tx) => {
+                use libp2p::kad::store::RecordStore;
+                let now = std::time::Instant::now();
+                let records = self.swarm.behaviour_mut().kad.store_mut().providers(&key.into());
+                let _ = tx.send(records.into_iter().filter(|r| !r.is_expired(now)).map(|r| r.provider).collect());
+            }
             Command::GetProviders(key, tx) => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key.into());
                 self.lookups.insert(id, (HashSet::new(), tx));

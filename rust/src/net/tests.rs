@@ -325,3 +325,61 @@ fn concurrent_requests_tcp() {
 fn concurrent_requests_quic() {
     concurrent_requests(Transport::Quic);
 }
+
+/// Polls `f` every 100 ms until it holds or `limit` passes; returns whether it held.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// With a 2 s provider TTL: a live provider stays listed past the TTL, in a third node's store
+/// too (it re-announces every 0.5 s); one that stops providing, and one that dies without a
+/// word, drop out within it.
+#[test]
+fn provider_records_expire_unless_announced_again() {
+    let ttl = Duration::from_secs(2);
+    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new()).collect();
+    let start = |dir: &TempDir, bootstrap: Vec<Multiaddr>| {
+        let mut c = config(dir, Transport::Tcp, bootstrap);
+        c.provider_ttl = ttl;
+        Node::start(c).unwrap()
+    };
+    let a = start(&dirs[0], vec![]);
+    let boot = a.listen_addrs().unwrap();
+    let (live, quitter, crasher) = (start(&dirs[1], boot.clone()), start(&dirs[2], boot.clone()), start(&dirs[3], boot));
+    for n in [&live, &quitter, &crasher] {
+        n.bootstrap().unwrap();
+    }
+    let key = layer_key("ttl-test", 0);
+    for n in [&live, &quitter, &crasher] {
+        n.start_providing(&key).unwrap();
+    }
+    let providers = |node: &Node| -> Vec<PeerId> { node.get_providers(&key).unwrap().into_iter().map(|p| p.0).collect() };
+    let mut all = vec![live.peer_id(), quitter.peer_id(), crasher.peer_id()];
+    all.sort_by_key(|p| p.to_bytes());
+    assert_eq!(providers(&a), all);
+
+    quitter.stop_providing(&key).unwrap();
+    assert!(!providers(&quitter).contains(&quitter.peer_id()), "the local record goes at once");
+    crasher.shutdown();
+    // Within the TTL (plus a query's time) both are gone everywhere; the live one stays.
+    assert!(
+        eventually(ttl * 3, || providers(&a) == vec![live.peer_id()]),
+        "providers after the TTL: {:?}",
+        providers(&a)
+    );
+    std::thread::sleep(ttl + ttl / 2);
+    assert_eq!(providers(&a), vec![live.peer_id()]);
+    assert_eq!(providers(&quitter), vec![live.peer_id()]);
+    // More than a TTL after the first announcement, the bootstrap node's own store still
+    // holds the live provider's record: it was announced again.
+    assert_eq!(a.stored_providers(&key).unwrap(), vec![live.peer_id()], "a live provider re-announces");
+}

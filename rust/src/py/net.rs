@@ -57,13 +57,15 @@ impl PyNode {
     /// (0: a free port) over `transport` ("tcp", "quic", "both"), joins through `bootstrap`
     /// multiaddrs. `serve` is None (refuse requests), "echo", or a `LlamaSpan`, which then
     /// needs `model_name` and the 32-byte `model_hash`. `info` (a dict of JSON values) is the
-    /// static part of the node's `Info` replies.
+    /// static part of the node's `Info` replies. Provider records this node stores expire
+    /// `provider_ttl` seconds after their last announcement; its own are re-announced every
+    /// quarter of that.
     #[new]
     #[pyo3(signature = (
         node_dir, port = 0, transport = "tcp", bootstrap = Vec::new(), serve = None, *,
         host = "127.0.0.1", model_name = None, model_hash = None, request_timeout = 60.0,
         query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
-        idle_timeout = 300.0, max_positions = None, info = None,
+        idle_timeout = 300.0, max_positions = None, info = None, provider_ttl = 600.0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -83,6 +85,7 @@ impl PyNode {
         idle_timeout: f64,
         max_positions: Option<usize>,
         info: Option<&Bound<'_, PyAny>>,
+        provider_ttl: f64,
     ) -> PyResult<Self> {
         let mut config = NodeConfig::new(node_dir);
         config.port = port;
@@ -91,6 +94,7 @@ impl PyNode {
         config.bootstrap = bootstrap.iter().map(|a| parse_addr(a)).collect::<PyResult<_>>()?;
         config.request_timeout = seconds(request_timeout, "request_timeout")?;
         config.query_timeout = seconds(query_timeout, "query_timeout")?;
+        config.provider_ttl = seconds(provider_ttl, "provider_ttl")?;
         if let Some(max) = max_frame_bytes {
             config.limits = Limits { max_frame_bytes: max, ..Limits::default() };
         }
@@ -143,6 +147,13 @@ impl PyNode {
     fn start_providing(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<()> {
         let key = key_bytes(key)?;
         py.detach(|| self.node.start_providing(&key)).map_err(to_py_err)
+    }
+
+    /// Stops announcing this node as a provider of `key` (bytes or str); other nodes forget
+    /// it within the provider TTL.
+    fn stop_providing(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<()> {
+        let key = key_bytes(key)?;
+        py.detach(|| self.node.stop_providing(&key)).map_err(to_py_err)
     }
 
     /// Providers of `key`: a list of (peer id, [multiaddr, ...]).
