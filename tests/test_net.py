@@ -103,6 +103,28 @@ def test_stopped_providers_are_forgotten_within_the_provider_ttl(tmp_path: Path)
         echo_node(tmp_path / "d", "tcp", provider_ttl=0.0)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_get_providers_many_matches_single_lookups(tmp_path: Path, transport: str) -> None:
+    with echo_node(tmp_path / "a", transport) as a:
+        addrs = a.listen_addrs()
+        with echo_node(tmp_path / "b", transport, addrs) as b, echo_node(tmp_path / "c", transport, addrs) as c:
+            b.bootstrap()
+            c.bootstrap()
+            keys: list[str | bytes] = [f"m@0/layer/{i}" for i in range(32)]
+            for i, key in enumerate(keys):
+                if i % 4:
+                    b.start_providing(key)
+            keys.append(b"m@0/layer/0")  # bytes, and a key twice
+            many = c.get_providers_many(keys)
+            assert many == [c.get_providers(k) for k in keys]
+            assert [[p for p, _ in providers] for providers in many] == [
+                [b.peer_id] if i % 4 else [] for i in range(32)
+            ] + [[]]
+            assert c.get_providers_many([]) == []
+            with pytest.raises(ValueError, match="bytes or str"):
+                c.get_providers_many([1])  # type: ignore[list-item]
+
+
 def test_identity_persists_with_owner_only_permissions(tmp_path: Path) -> None:
     with echo_node(tmp_path, "tcp") as a:
         first = a.peer_id

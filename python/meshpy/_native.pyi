@@ -198,6 +198,8 @@ class Node:
     def stop_providing(self, key: bytes | str) -> None:
         """Stops announcing `key`; other nodes forget this provider within provider_ttl."""
     def get_providers(self, key: bytes | str) -> list[tuple[str, list[str]]]: ...
+    def get_providers_many(self, keys: Sequence[bytes | str]) -> list[list[tuple[str, list[str]]]]:
+        """get_providers of every key, the lookups run concurrently; one list per key, in order."""
     def request(self, peer: str, frame: bytes, timeout: float | None = None) -> bytes: ...
     def info(self, peer: str, timeout: float | None = None) -> dict[str, Any]:
         """The peer's Info reply: "mode" ("span", "echo", "none"), "peer_id", "listen_addrs",

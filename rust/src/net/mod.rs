@@ -34,7 +34,7 @@ pub use behaviour::{KAD_PROTOCOL, IDENTIFY_PROTOCOL};
 pub use codec::{error_frame, PROTOCOL};
 pub use info::JsonObject;
 pub use libp2p::{Multiaddr, PeerId};
-pub use node::{Node, NodeHandle};
+pub use node::{Node, NodeHandle, Providers};
 pub use serve::{EchoHandler, FrameHandler};
 pub use session::{SessionLimits, SpanHandler};
 

@@ -44,6 +44,7 @@ enum Command {
     #[cfg(test)]
     StoredProviders(Vec<u8>, Reply<Vec<PeerId>>),
     GetProviders(Vec<u8>, Reply<Result<Providers>>),
+    GetProvidersMany(Vec<Vec<u8>>, Reply<Result<Vec<Providers>>>),
     Request { peer: PeerId, frame: Vec<u8>, timeout: Duration, reply: Reply<Result<Vec<u8>>> },
     Shutdown,
 }
@@ -252,6 +253,13 @@ impl NodeHandle {
         self.call(|tx| Command::GetProviders(key.to_vec(), tx), self.query_timeout * 2, "get_providers")?
     }
 
+    /// [`get_providers`](Self::get_providers) of every key at once: all the lookups run
+    /// concurrently and the answer comes when the last finishes, in key order. Fails (with the
+    /// keys named) if any lookup failed without finding a provider, like a single lookup.
+    pub fn get_providers_many(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Providers>> {
+        self.call(|tx| Command::GetProvidersMany(keys, tx), self.query_timeout * 2, "get_providers_many")?
+    }
+
     /// Sends `frame` to `peer` (dialing it if needed, from addresses learned through the DHT,
     /// identify or [`dial`](Self::dial)) and returns the response frame. `timeout` defaults to
     /// the node's request timeout; no answer within it is [`Error::Timeout`], a lost connection
@@ -331,6 +339,24 @@ fn split_peer(addr: &Multiaddr) -> (Multiaddr, Option<PeerId>) {
     }
 }
 
+/// Where a provider lookup's answer goes.
+enum LookupReply {
+    /// A caller waiting for this lookup alone.
+    One(Reply<Result<Providers>>),
+    /// Slot `index` of batch `batch` (see [`Batch`]).
+    Batch { batch: u64, index: usize },
+}
+
+/// Concurrent provider lookups answered together.
+struct Batch {
+    keys: Vec<Vec<u8>>,
+    results: Vec<Providers>,
+    remaining: usize,
+    /// Lookups that failed without finding anyone: key index and why.
+    failed: Vec<(usize, Error)>,
+    reply: Reply<Result<Vec<Providers>>>,
+}
+
 /// The event loop's state: the swarm and what each pending call waits for.
 struct Loop {
     swarm: Swarm<MeshBehaviour>,
@@ -343,7 +369,9 @@ struct Loop {
     dials: HashMap<ConnectionId, Reply<Result<PeerId>>>,
     bootstraps: HashMap<QueryId, Reply<Result<()>>>,
     provides: HashMap<QueryId, Reply<Result<()>>>,
-    lookups: HashMap<QueryId, (HashSet<PeerId>, Reply<Result<Providers>>)>,
+    lookups: HashMap<QueryId, (HashSet<PeerId>, LookupReply)>,
+    batches: HashMap<u64, Batch>,
+    next_batch: u64,
 }
 
 impl Loop {
@@ -358,6 +386,8 @@ impl Loop {
             bootstraps: HashMap::new(),
             provides: HashMap::new(),
             lookups: HashMap::new(),
+            batches: HashMap::new(),
+            next_batch: 0,
         }
     }
 
@@ -459,7 +489,24 @@ impl Loop {
             }
             Command::GetProviders(key, tx) => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key.into());
-                self.lookups.insert(id, (HashSet::new(), tx));
+                self.lookups.insert(id, (HashSet::new(), LookupReply::One(tx)));
+            }
+            Command::GetProvidersMany(keys, tx) => {
+                if keys.is_empty() {
+                    let _ = tx.send(Ok(Vec::new()));
+                    return;
+                }
+                let batch = self.next_batch;
+                self.next_batch += 1;
+                for (index, key) in keys.iter().enumerate() {
+                    let id = self.swarm.behaviour_mut().kad.get_providers(key.clone().into());
+                    self.lookups.insert(id, (HashSet::new(), LookupReply::Batch { batch, index }));
+                }
+                let n = keys.len();
+                self.batches.insert(
+                    batch,
+                    Batch { keys, results: vec![Vec::new(); n], remaining: n, failed: Vec::new(), reply: tx },
+                );
             }
             Command::Request { peer, frame, timeout, reply } => {
                 let pool = self.pool.clone();
@@ -539,17 +586,50 @@ impl Loop {
                     Err(e) => Some(e.to_string()),
                 };
                 if step.last {
-                    if let Some((found, tx)) = self.lookups.remove(&id) {
+                    if let Some((found, to)) = self.lookups.remove(&id) {
                         let answer = match failed {
                             Some(e) if found.is_empty() => Err(Error::Timeout(format!("get providers: {e}"))),
                             _ => Ok(self.with_addresses(found)),
                         };
-                        let _ = tx.send(answer);
+                        match to {
+                            LookupReply::One(tx) => {
+                                let _ = tx.send(answer);
+                            }
+                            LookupReply::Batch { batch, index } => self.batch_answer(batch, index, answer),
+                        }
                     }
                 }
             }
             _ => {}
         }
+    }
+
+    /// Files one lookup's answer in its batch; answers the batch when it was the last.
+    fn batch_answer(&mut self, id: u64, index: usize, answer: Result<Providers>) {
+        let Some(batch) = self.batches.get_mut(&id) else { return };
+        match answer {
+            Ok(providers) => batch.results[index] = providers,
+            Err(e) => batch.failed.push((index, e)),
+        }
+        batch.remaining -= 1;
+        if batch.remaining > 0 {
+            return;
+        }
+        let Some(batch) = self.batches.remove(&id) else { return };
+        let answer = match batch.failed.first() {
+            None => Ok(batch.results),
+            Some((_, first)) => {
+                let keys: Vec<String> =
+                    batch.failed.iter().map(|(i, _)| String::from_utf8_lossy(&batch.keys[*i]).into_owned()).collect();
+                Err(Error::Timeout(format!(
+                    "get providers of {} of {} keys failed ({}): {first}",
+                    keys.len(),
+                    batch.keys.len(),
+                    keys.join(", ")
+                )))
+            }
+        };
+        let _ = batch.reply.send(answer);
     }
 
     /// Each provider with its known addresses (ours for ourselves), sorted by peer id.

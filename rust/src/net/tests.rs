@@ -383,3 +383,45 @@ fn provider_records_expire_unless_announced_again() {
     // holds the live provider's record: it was announced again.
     assert_eq!(a.stored_providers(&key).unwrap(), vec![live.peer_id()], "a live provider re-announces");
 }
+
+/// Forty keys looked up at once: each key's providers, in key order, and no slower than a
+/// few single lookups.
+#[test]
+fn many_provider_lookups_run_at_once() {
+    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new()).collect();
+    let a = Node::start(config(&dirs[0], Transport::Tcp, vec![])).unwrap();
+    let boot = a.listen_addrs().unwrap();
+    let nodes: Vec<Node> = dirs[1..].iter().map(|d| Node::start(config(d, Transport::Tcp, boot.clone())).unwrap()).collect();
+    for n in &nodes {
+        n.bootstrap().unwrap();
+    }
+    let (b, c, d) = (&nodes[0], &nodes[1], &nodes[2]);
+    let keys: Vec<Vec<u8>> = (0..40).map(|i| layer_key("many", i)).collect();
+    for (i, key) in keys.iter().enumerate() {
+        if i % 2 == 0 {
+            b.start_providing(key).unwrap();
+        }
+        if i % 3 == 0 {
+            c.start_providing(key).unwrap();
+        }
+    }
+    let start = Instant::now();
+    let single = d.get_providers(&keys[0]).unwrap();
+    let one = start.elapsed();
+    let start = Instant::now();
+    let all = d.get_providers_many(keys.clone()).unwrap();
+    let many = start.elapsed();
+    assert_eq!(all.len(), keys.len());
+    assert_eq!(all[0], single);
+    for (i, providers) in all.iter().enumerate() {
+        let mut want: Vec<PeerId> = [(i % 2 == 0, b.peer_id()), (i % 3 == 0, c.peer_id())]
+            .into_iter()
+            .filter_map(|(has, p)| has.then_some(p))
+            .collect();
+        want.sort_by_key(|p| p.to_bytes());
+        assert_eq!(providers.iter().map(|p| p.0).collect::<Vec<_>>(), want, "key {i}");
+        assert!(providers.iter().all(|p| !p.1.is_empty()), "key {i}: addresses");
+    }
+    assert!(many < one * 10 + Duration::from_millis(500), "40 lookups took {many:?}, one {one:?}");
+    assert_eq!(d.get_providers_many(Vec::new()).unwrap(), Vec::<Providers>::new());
+}

@@ -15,7 +15,9 @@ use super::json::{dict_to_map, value_to_dict};
 use super::model::PyLlamaSpan;
 use super::to_py_err;
 use crate::error::Error;
-use crate::net::{EchoHandler, FrameHandler, Multiaddr, Node, NodeConfig, PeerId, SessionLimits, SpanHandler, Transport};
+use crate::net::{
+    EchoHandler, FrameHandler, Multiaddr, Node, NodeConfig, PeerId, Providers, SessionLimits, SpanHandler, Transport,
+};
 use crate::wire::{Limits, ModelId, MODEL_HASH_LEN};
 
 fn invalid(message: String) -> PyErr {
@@ -35,6 +37,13 @@ fn seconds(value: f64, what: &str) -> PyResult<Duration> {
         .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| PyValueError::new_err(format!("{what} must be a positive number of seconds, got {value}")))
+}
+
+/// Providers as Python sees them: (peer id, [multiaddr, ...]) each.
+type PyProviders = Vec<(String, Vec<String>)>;
+
+fn providers_to_py(providers: Providers) -> PyProviders {
+    providers.into_iter().map(|(peer, addrs)| (peer.to_string(), addrs.iter().map(ToString::to_string).collect())).collect()
 }
 
 /// A DHT key: `bytes`, or `str` taken as UTF-8.
@@ -157,13 +166,19 @@ impl PyNode {
     }
 
     /// Providers of `key`: a list of (peer id, [multiaddr, ...]).
-    fn get_providers(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<Vec<(String, Vec<String>)>> {
+    fn get_providers(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<PyProviders> {
         let key = key_bytes(key)?;
         let providers = py.detach(|| self.node.get_providers(&key)).map_err(to_py_err)?;
-        Ok(providers
-            .into_iter()
-            .map(|(peer, addrs)| (peer.to_string(), addrs.iter().map(ToString::to_string).collect()))
-            .collect())
+        Ok(providers_to_py(providers))
+    }
+
+    /// Providers of each of `keys` (bytes or str), looked up concurrently: one list of
+    /// (peer id, [multiaddr, ...]) per key, in key order. Raises RequestTimeoutError if any
+    /// lookup failed without finding a provider.
+    fn get_providers_many(&self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<Vec<PyProviders>> {
+        let keys = keys.iter().map(key_bytes).collect::<PyResult<Vec<_>>>()?;
+        let all = py.detach(|| self.node.get_providers_many(keys)).map_err(to_py_err)?;
+        Ok(all.into_iter().map(providers_to_py).collect())
     }
 
     /// Sends a frame to `peer` and returns the response frame (an error frame is a response
