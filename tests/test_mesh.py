@@ -1,0 +1,147 @@
+"""The mesh end to end: a bootstrap node and worker processes (the real `meshpy` command) on
+127.0.0.1, an End-model client in this process, SmolLM2 Q4_1.
+
+Workers start without --layers and place themselves; the tokens through the mesh must equal
+the single-process engine's exactly (f32 hidden states on the wire).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshpy.generation import Model
+from meshpy.mesh import connect
+from meshpy.mesh.launcher import LocalMesh
+from meshpy.mesh.placement import RUNTIME_OVERHEAD, layer_nbytes
+from meshpy.models.config import read_config
+from meshpy.models.source import open_model_source
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+N_TOKENS = 64
+KV_BUDGET = 32 << 20
+
+
+def greedy(model: Model, prompt: str, n: int) -> list[int]:
+    """`n` greedy tokens, not stopping at end-of-turn (so every run compares `n`)."""
+    session = model.new_session()
+    try:
+        logits = model.prefill(session, model.encode(prompt))
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(model.end.samplable(logits))))
+            logits = model.step(session, out[-1])
+        return out
+    finally:
+        model.close_session(session)
+
+
+@pytest.fixture(scope="module")
+def local_tokens(smollm2_gguf: Path) -> list[int]:
+    return greedy(Model.load(smollm2_gguf, threads=1), PROMPT, N_TOKENS)
+
+
+def ten_layer_memory(gguf: Path) -> int:
+    """A --memory that holds 10 of SmolLM2's 30 layers next to the KV budget."""
+    source = open_model_source(gguf)
+    config = read_config(source)
+    layer = max(layer_nbytes(source, config, i) for i in range(config.n_layers))
+    return RUNTIME_OVERHEAD + KV_BUDGET + int(10.5 * layer)
+
+
+@pytest.fixture(scope="module", params=["tcp", "quic"])
+def three_workers(request: pytest.FixtureRequest, smollm2_gguf: Path) -> Iterator[LocalMesh]:
+    with LocalMesh(transport=request.param) as mesh:
+        mesh.start_bootstrap()
+        memory = ten_layer_memory(smollm2_gguf)
+        for _ in range(3):  # one after another: each reads the coverage the others left
+            mesh.add_worker(smollm2_gguf, memory=memory, kv_budget=f"{KV_BUDGET}", threads=1)
+        yield mesh
+
+
+def test_three_workers_place_themselves_and_match_one_process(three_workers: LocalMesh, smollm2_gguf: Path,
+                                                              local_tokens: list[int]) -> None:
+    mesh = three_workers
+    assert [w.layers for w in mesh.workers] == [range(0, 10), range(10, 20), range(20, 30)]
+    for w in mesh.workers:
+        assert w.wait_for(r"announcing layers \d+-\d+ of smollm2-135m-instruct\.q4_1@[0-9a-f]{12}")
+    with connect(smollm2_gguf, mesh.bootstrap_addr, transport=mesh.transport, threads=1, route_timeout=60) as model:
+        route = model.pipeline.route()
+        assert [h.layers for h in route] == [range(0, 10), range(10, 20), range(20, 30)]
+        assert greedy(model, PROMPT, N_TOKENS) == local_tokens
+        # Every session was closed on every worker.
+        assert all(p.info["sessions"] == 0 for p in model.pipeline.refresh())
+        # The public path: generate() stops at end of turn, same tokens as far as it goes.
+        completion = model.generate(PROMPT, max_tokens=N_TOKENS)
+        assert completion.token_ids == local_tokens[: len(completion.token_ids)]
+    for w in mesh.workers:
+        assert w.wait_for(r"session closed|new session", 5)
+
+
+def test_status_lists_workers_and_coverage(three_workers: LocalMesh) -> None:
+    mesh = three_workers
+    out = subprocess.run(
+        [sys.executable, "-m", "meshpy", "status", "--bootstrap", mesh.bootstrap_addr, "--transport", mesh.transport],
+        capture_output=True, text=True, timeout=120, env=mesh.env, check=True,
+    ).stdout
+    assert out.startswith("3 worker(s) answering")
+    for layers in ("0-9", "10-19", "20-29"):
+        assert re.search(rf"smollm2-135m-instruct\.q4_1@[0-9a-f]{{12}} layers {layers} \(cpu", out), out
+    assert "/ip4/127.0.0.1/" in out
+    assert re.search(r"model smollm2-135m-instruct\.q4_1@[0-9a-f]{12} \(30 layers\): every layer has a provider", out)
+
+
+def test_a_worker_holds_its_layers_not_the_model(three_workers: LocalMesh, smollm2_gguf: Path) -> None:
+    """Low memory: resident set <= its layers' weights + its KV budget + 150 MB."""
+    for w in three_workers.workers:
+        weights = sum(layer_nbytes(open_model_source(smollm2_gguf), read_config(open_model_source(smollm2_gguf)), i)
+                      for i in w.layers or ())
+        rss, peak = w.rss_bytes(), w.rss_bytes(peak=True)
+        print(f"worker {w.layers}: RSS {rss / 2**20:.1f} MiB (peak {peak / 2**20:.1f}), weights {weights / 2**20:.1f} MiB,"
+              f" KV budget {KV_BUDGET >> 20} MiB")
+        assert rss <= weights + KV_BUDGET + RUNTIME_OVERHEAD
+
+
+def test_cli_generate_through_the_mesh(three_workers: LocalMesh, smollm2_gguf: Path) -> None:
+    mesh = three_workers
+    args = ["generate", "--model", str(smollm2_gguf), "--prompt", "What is the capital of France?", "-n", "16",
+            "--threads", "1", "--transport", mesh.transport]
+    local = subprocess.run([sys.executable, "-m", "meshpy", *args], capture_output=True, text=True, timeout=300,
+                           env=mesh.env, check=True)
+    remote = subprocess.run([sys.executable, "-m", "meshpy", *args, "--bootstrap", mesh.bootstrap_addr],
+                            capture_output=True, text=True, timeout=300, env=mesh.env, check=True)
+    assert remote.stdout == local.stdout and "Paris" in remote.stdout
+    assert len(re.findall(r"\[provider \S+: layers \d+-\d+", remote.stderr)) == 3
+    assert re.search(r"\[route: layers 0-9 on \S+; layers 10-19 on \S+; layers 20-29 on \S+\]", remote.stderr)
+
+
+def test_a_vanished_worker_is_replaced_mid_generation(smollm2_gguf: Path, local_tokens: list[int]) -> None:
+    """Two providers of the middle layers; the one on the route is killed mid-decode. The
+    client replays that hop's kept inputs on the other and the tokens do not change."""
+    with LocalMesh(transport="tcp") as mesh:
+        mesh.start_bootstrap()
+        mesh.add_worker(smollm2_gguf, layers="0-9", threads=1)
+        middle = [mesh.add_worker(smollm2_gguf, layers="10-19", threads=1) for _ in range(2)]
+        mesh.add_worker(smollm2_gguf, layers="20-29", threads=1)
+        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
+            session = model.new_session()
+            logits = model.prefill(session, model.encode(PROMPT))
+            tokens = []
+            for i in range(N_TOKENS):
+                tokens.append(int(np.argmax(model.end.samplable(logits))))
+                if i == 20:
+                    on_route = session.hops[1].provider.peer_id
+                    victim = next(w for w in middle if on_route in "\n".join(w.stdout))
+                    victim.kill()
+                logits = model.step(session, tokens[-1])
+            assert tokens == local_tokens
+            assert on_route not in {h.provider.peer_id for h in session.hops}
+            model.close_session(session)
