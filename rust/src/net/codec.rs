@@ -4,7 +4,9 @@
 //!
 //! [`read_frame`] takes the 24-byte fixed header first and checks it with
 //! [`FrameHeader::parse`] against the receiver's [`Limits`], so an oversized or garbled frame
-//! is refused before its body is read or any buffer is sized from its lengths. A refusal is
+//! is refused before its body is read or any buffer is sized from its lengths; the body's
+//! buffer then grows with the bytes that actually arrive (at most [`READ_CHUNK`] ahead), so a
+//! peer announcing a large frame and sending little of it holds little memory. A refusal is
 //! answered with an `Error` frame, after which the server closes that stream (its unread rest
 //! cannot be resynchronised); a peer that closes or breaks its stream mid-frame fails that one
 //! request, never the connection or other streams.
@@ -43,6 +45,9 @@ impl ReadError {
     }
 }
 
+/// How far ahead of the bytes received a frame's buffer is allocated.
+pub const READ_CHUNK: usize = 1 << 20;
+
 /// Reads one frame: the fixed header, checked against `limits`, then exactly the bytes it
 /// announces.
 pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits) -> Result<Vec<u8>, ReadError> {
@@ -63,17 +68,22 @@ pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits) -> Re
         .frame_len()
         .and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| refused(ErrorCode::FrameTooLarge, "frame length does not fit this machine".to_string()))?;
-    let mut frame = vec![0u8; total];
-    frame[..FIXED_HEADER_LEN].copy_from_slice(&fixed);
-    let got = read_full(io, &mut frame[FIXED_HEADER_LEN..]).await.map_err(ReadError::Io)?;
-    if got < total - FIXED_HEADER_LEN {
-        return Err(refused(
-            ErrorCode::MalformedFrame,
-            format!(
-                "truncated frame: the stream ended after {} of the {total} bytes its header announces",
-                FIXED_HEADER_LEN + got
-            ),
-        ));
+    let mut frame = Vec::with_capacity(total.min(FIXED_HEADER_LEN + READ_CHUNK));
+    frame.extend_from_slice(&fixed);
+    while frame.len() < total {
+        let start = frame.len();
+        let want = (total - start).min(READ_CHUNK);
+        frame.resize(start + want, 0);
+        let got = read_full(io, &mut frame[start..]).await.map_err(ReadError::Io)?;
+        if got < want {
+            return Err(refused(
+                ErrorCode::MalformedFrame,
+                format!(
+                    "truncated frame: the stream ended after {} of the {total} bytes its header announces",
+                    start + got
+                ),
+            ));
+        }
     }
     Ok(frame)
 }

@@ -58,6 +58,7 @@ pub struct NodeHandle {
     handler: HandlerSlot,
     info: Arc<NodeInfo>,
     limits: crate::wire::Limits,
+    streams: Arc<std::sync::atomic::AtomicUsize>,
     request_timeout: Duration,
     query_timeout: Duration,
 }
@@ -94,12 +95,18 @@ impl Node {
             .map_err(|e| Error::Network(format!("cannot start the node's runtime: {e}")))?;
         let handler: HandlerSlot = Arc::new(RwLock::new(config.handler.clone()));
         let info = Arc::new(NodeInfo::new(peer_id, config.info.clone()));
+        let streams = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let state = runtime.block_on(async {
             let (mut swarm, opener, incoming) = build_swarm(keypair, &config)?;
             let listen_addrs = listen(&mut swarm, &config).await?;
             info.set_listen_addrs(&listen_addrs);
-            let server = Server { handler: Arc::clone(&handler), limits: config.limits, info: Arc::clone(&info) };
+            let server = Server {
+                handler: Arc::clone(&handler),
+                limits: config.limits,
+                info: Arc::clone(&info),
+                streams: Arc::clone(&streams),
+            };
             tokio::spawn(tensor::serve(incoming, server));
             tokio::spawn(tensor::maintain(Arc::clone(&handler), Duration::from_secs(1)));
             let pool = StreamPool::new(opener, config.limits);
@@ -119,6 +126,7 @@ impl Node {
             handler,
             info,
             limits: config.limits,
+            streams,
             request_timeout: config.request_timeout,
             query_timeout: config.query_timeout,
         };
@@ -300,6 +308,11 @@ impl NodeHandle {
     pub fn describe(&self) -> serde_json::Value {
         let handler = self.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
         self.info.describe(handler.as_deref())
+    }
+
+    /// Inbound tensor streams being served now (idle pooled streams of requesters included).
+    pub fn inbound_streams(&self) -> usize {
+        self.streams.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The frame limits the node was started with.

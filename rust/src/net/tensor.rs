@@ -13,6 +13,7 @@
 //! `info`), and `Ping` too when it has no handler.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::{AsyncWriteExt, StreamExt};
@@ -143,6 +144,24 @@ pub(crate) struct Server {
     pub(crate) handler: HandlerSlot,
     pub(crate) limits: Limits,
     pub(crate) info: Arc<NodeInfo>,
+    /// Inbound streams being served (each a task and, mid-frame, a buffer).
+    pub(crate) streams: Arc<AtomicUsize>,
+}
+
+/// Counts a stream being served for as long as it lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(Arc::clone(count))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Accepts tensor streams and serves each on a task of its own until the runtime stops.
@@ -165,8 +184,11 @@ pub(crate) async fn maintain(handler: HandlerSlot, period: std::time::Duration) 
     }
 }
 
-/// Answers frames on one stream until the peer closes it or a frame is refused.
+/// Answers frames on one stream until the peer closes it or a frame is refused. A peer that
+/// goes away mid-frame (stream reset, connection lost, write side closed early) ends the
+/// stream's task and frees its buffer; other streams and sessions carry on.
 async fn serve_stream(peer: PeerId, mut stream: Stream, server: Server) {
+    let _counted = Counted::new(&server.streams);
     loop {
         let frame = match read_frame(&mut stream, &server.limits).await {
             Ok(frame) => frame,

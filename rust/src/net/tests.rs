@@ -425,3 +425,187 @@ fn many_provider_lookups_run_at_once() {
     assert!(many < one * 10 + Duration::from_millis(500), "40 lookups took {many:?}, one {one:?}");
     assert_eq!(d.get_providers_many(Vec::new()).unwrap(), Vec::<Providers>::new());
 }
+
+/// A bare libp2p peer for tests: our swarm, driven on a runtime of its own, with no node
+/// around it, so a test can write any bytes on a tensor stream and vanish at any moment.
+struct RawPeer {
+    runtime: tokio::runtime::Runtime,
+    opener: streams::Opener,
+    swarm: tokio::task::JoinHandle<()>,
+    _dir: TempDir,
+}
+
+impl RawPeer {
+    /// A peer that knows `target`'s address `addr`.
+    fn new(transport: Transport, target: PeerId, addr: &Multiaddr) -> RawPeer {
+        use futures::StreamExt;
+        let dir = TempDir::new();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let keypair = identity::load_or_create(&dir.0).unwrap();
+        let config = config(&dir, transport, vec![]);
+        let (mut swarm, opener, _incoming) = runtime.block_on(async { behaviour::build_swarm(keypair, &config) }).unwrap();
+        let mut base = addr.clone();
+        base.pop();
+        // Kademlia hands the address out for dials by peer id (reconnections).
+        swarm.behaviour_mut().kad.add_address(&target, base);
+        let addr = addr.clone();
+        let swarm = runtime.spawn(async move {
+            swarm.dial(addr).unwrap();
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        RawPeer { runtime, opener, swarm, _dir: dir }
+    }
+
+    /// A new tensor stream to `peer` with `bytes` written on it.
+    fn stream_with(&self, peer: PeerId, bytes: &[u8]) -> libp2p::Stream {
+        use futures::AsyncWriteExt;
+        self.runtime.block_on(async {
+            let mut stream = self.opener.open(peer).await.unwrap();
+            stream.write_all(bytes).await.unwrap();
+            stream.flush().await.unwrap();
+            stream
+        })
+    }
+
+    /// Ends the peer's process, as far as the network can tell: the swarm and its connections
+    /// are dropped without a goodbye.
+    fn vanish(self) {
+        self.swarm.abort();
+        self.runtime.shutdown_background();
+    }
+}
+
+/// Peers that go away mid-frame: the worker (a span worker over the tiny model) answers or
+/// drops the stream, frees what it held, and keeps serving another peer's session, and new
+/// sessions.
+fn peer_vanishing_mid_frame(transport: Transport) {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let (dw, dc) = (TempDir::new(), TempDir::new());
+    let model = crate::wire::ModelId { hash: [3; 32], name: "tiny".into() };
+    let span = Arc::new(crate::model::tests::tiny_llama(0, 3, None));
+    let pool = Arc::new(crate::compute::ThreadPool::new(1));
+    let mut cw = config(&dw, transport, vec![]);
+    cw.handler = Some(Arc::new(SpanHandler::new(span, pool, model.clone(), Limits::default(), SessionLimits::default())));
+    let worker = Node::start(cw).unwrap();
+    let client = Node::start(config(&dc, transport, vec![])).unwrap();
+    let addr = worker.listen_addrs().unwrap()[0].clone();
+    client.dial(addr.clone()).unwrap();
+    let hidden = 64;
+    let step = |session: u128, start: u32, rows: u32| -> Vec<u8> {
+        let values: Vec<f32> = (0..rows * hidden).map(|i| ((i * 7 + start) % 13) as f32 * 0.1 - 0.6).collect();
+        Message::Forward(Forward {
+            model: model.clone(),
+            span: Span { first_layer: 0, layer_count: 3 },
+            entries: vec![Entry { session: SessionId(session), step: 0, start_pos: start, n_tokens: rows }],
+            hidden: Tensor::from_f32(&values, Shape::matrix(rows, hidden), DType::F32).unwrap(),
+        })
+        .encode()
+        .unwrap()
+    };
+    let run = |session: u128, start: u32, rows: u32| -> Vec<f32> {
+        let reply = client.request(worker.peer_id(), step(session, start, rows), None).unwrap();
+        match Message::decode(&reply, &Limits::default()).unwrap() {
+            Message::ForwardResult(r) => r.hidden.to_f32(),
+            other => panic!("expected a forward result, got {other:?}"),
+        }
+    };
+    // Session 1 starts; session 2 will do the same steps later, as the reference.
+    let mut want = vec![run(1, 0, 4)];
+    let baseline = worker.inbound_streams();
+    assert!(baseline >= 1, "the client's stream is open");
+    let streams_back = || eventually(Duration::from_secs(15), || worker.inbound_streams() == baseline);
+
+    // A Forward of 200 rows (about 51 KB) of which only the header and 1000 bytes arrive.
+    let big = step(9, 0, 200);
+    let cut = &big[..FIXED_HEADER_LEN + 1000];
+
+    // 1. The peer closes its write side: the frame is short, the worker says so.
+    let raw = RawPeer::new(transport, worker.peer_id(), &addr);
+    let mut stream = raw.stream_with(worker.peer_id(), cut);
+    let reply = raw.runtime.block_on(async {
+        stream.close().await.unwrap();
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await.unwrap();
+        reply
+    });
+    match Message::decode(&reply, &Limits::default()).unwrap() {
+        Message::Error(e) => {
+            assert_eq!(e.code, ErrorCode::MalformedFrame);
+            assert!(e.message.contains(&format!("ended after {} of the {} bytes", cut.len(), big.len())), "{}", e.message);
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert!(streams_back(), "{} streams, {baseline} before", worker.inbound_streams());
+    want.push(run(1, 4, 1));
+
+    // 2. The peer drops the stream (a reset) mid-frame.
+    let stream = raw.stream_with(worker.peer_id(), cut);
+    assert!(eventually(Duration::from_secs(5), || worker.inbound_streams() == baseline + 1));
+    drop(stream);
+    assert!(streams_back(), "{} streams, {baseline} before", worker.inbound_streams());
+    want.push(run(1, 5, 1));
+
+    // 3. The whole peer vanishes mid-frame, with a second stream waiting before its header.
+    let _stream = raw.stream_with(worker.peer_id(), cut);
+    let _idle = raw.stream_with(worker.peer_id(), &[]);
+    assert!(eventually(Duration::from_secs(5), || worker.inbound_streams() == baseline + 2));
+    raw.vanish();
+    // The worker serves on while the dead peer's streams linger ...
+    want.push(run(1, 6, 1));
+    // ... until the connection is found dead: at once over TCP (the socket closes); over QUIC
+    // only at its idle timeout (10 s or more: nothing is sent when a process dies), too long
+    // to wait for here.
+    if transport == Transport::Tcp {
+        assert!(streams_back(), "{} streams, {baseline} before", worker.inbound_streams());
+    }
+
+    // Session 1 went on as if nothing happened: session 2 now takes the same steps.
+    let again: Vec<Vec<f32>> = [(0, 4), (4, 1), (5, 1), (6, 1)].iter().map(|&(s, n)| run(2, s, n)).collect();
+    assert_eq!(again, want);
+    assert_eq!(worker.session_count(), 2, "the partial frames started no session");
+}
+
+#[test]
+fn peer_vanishing_mid_frame_tcp() {
+    peer_vanishing_mid_frame(Transport::Tcp);
+}
+
+#[test]
+fn peer_vanishing_mid_frame_quic() {
+    peer_vanishing_mid_frame(Transport::Quic);
+}
+
+/// `read_frame` over a byte stream: frames bigger than its read chunk come back whole; a frame
+/// cut short anywhere says how much of it arrived; the next frame on the stream is read after
+/// the first.
+#[test]
+fn read_frame_reads_in_chunks_and_names_truncation() {
+    use futures::executor::block_on;
+    use futures::io::Cursor;
+    let rows = (3 * codec::READ_CHUNK / (8 * 4) + 5) as u32; // a bit over 3 chunks of f32
+    let big = Message::Forward(Forward {
+        model: ModelId { hash: [1; 32], name: "m".into() },
+        span: Span { first_layer: 0, layer_count: 1 },
+        entries: vec![Entry { session: SessionId(1), step: 0, start_pos: 0, n_tokens: rows }],
+        hidden: Tensor::from_f32(&vec![0.25; rows as usize * 8], Shape::matrix(rows, 8), DType::F32).unwrap(),
+    })
+    .encode()
+    .unwrap();
+    assert!(big.len() > 3 * codec::READ_CHUNK);
+    let ping = Message::Ping(3).encode().unwrap();
+    let mut both = Cursor::new([big.clone(), ping.clone()].concat());
+    assert_eq!(block_on(codec::read_frame(&mut both, &Limits::default())).unwrap(), big);
+    assert_eq!(block_on(codec::read_frame(&mut both, &Limits::default())).unwrap(), ping);
+    assert!(matches!(block_on(codec::read_frame(&mut both, &Limits::default())), Err(codec::ReadError::Closed)));
+    for cut in [FIXED_HEADER_LEN + 1, codec::READ_CHUNK, codec::READ_CHUNK + FIXED_HEADER_LEN, big.len() - 1] {
+        match block_on(codec::read_frame(&mut Cursor::new(&big[..cut]), &Limits::default())) {
+            Err(codec::ReadError::Refused(r)) => {
+                assert_eq!(r.code, ErrorCode::MalformedFrame);
+                assert!(r.message.contains(&format!("after {cut} of the {} bytes", big.len())), "{}", r.message);
+            }
+            other => panic!("cut at {cut}: {:?}", other.map(|f| f.len())),
+        }
+    }
+}
