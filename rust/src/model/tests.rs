@@ -25,9 +25,7 @@ fn tiny_config(quantize: Option<GgmlType>) -> LlamaConfig {
         n_kv_heads: 2,
         head_dim,
         eps: 1e-5,
-        rope_inv_freq: (0..head_dim / 2)
-            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / head_dim as f32))
-            .collect(),
+        rope_inv_freq: (0..head_dim / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / head_dim as f32)).collect(),
         rope_interleaved: false,
         rope_attention_factor: 1.0,
         attn_scale: 1.0 / (head_dim as f32).sqrt(),
