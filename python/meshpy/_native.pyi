@@ -187,6 +187,7 @@ class Node:
         max_positions: int | None = None,
         info: dict[str, Any] | None = None,
         provider_ttl: float = 600.0,
+        dht_server: bool = True,
     ) -> None: ...
     @property
     def peer_id(self) -> str: ...

@@ -60,7 +60,7 @@ def connect(
     config = read_config(source)
     identity = model_identity(source)
     addrs = parse_bootstrap(bootstrap if isinstance(bootstrap, str) else " ".join(bootstrap))
-    node, node_dir = start_node(NodeSettings(port=0, host=host, transport=transport), "client", addrs)
+    node, node_dir = start_node(NodeSettings(port=0, host=host, transport=transport), "client", addrs, dht_server=False)
     pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, on_close=node_dir.cleanup)
     try:
         pipeline.wait_for_route(route_timeout)

@@ -45,6 +45,7 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
     tcp_config = tcp_config.nodelay(true);
     let query_timeout = config.query_timeout;
     let provider_ttl = config.provider_ttl;
+    let kad_mode = if config.dht_server { kad::Mode::Server } else { kad::Mode::Client };
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
@@ -58,7 +59,7 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
             kad_config.set_provider_record_ttl(Some(provider_ttl));
             kad_config.set_provider_publication_interval(Some(provider_ttl / 4));
             let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
-            kad.set_mode(Some(kad::Mode::Server));
+            kad.set_mode(Some(kad_mode));
             MeshBehaviour {
                 identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())),
                 ping: ping::Behaviour::new(ping::Config::new()),

@@ -88,6 +88,11 @@ pub struct NodeConfig {
     /// dies is thus forgotten within this time (libp2p's default is 48 hours). Every node of
     /// a mesh should use the same value.
     pub provider_ttl: Duration,
+    /// Whether this node serves the DHT (answers Kademlia queries, stores records, joins
+    /// other nodes' routing tables). Long-lived nodes (bootstrap, workers) do; short-lived
+    /// clients should not: once gone, they would linger in routing tables and every query
+    /// would wait on them (a vanished QUIC peer costs a full timeout).
+    pub dht_server: bool,
     /// What the node accepts in frames, from requesters and responders alike.
     pub limits: Limits,
     /// Answers inbound tensor requests; `None` refuses them with an `InvalidRequest` error
@@ -112,6 +117,7 @@ impl NodeConfig {
             request_timeout: Duration::from_secs(60),
             query_timeout: Duration::from_secs(30),
             provider_ttl: Duration::from_secs(600),
+            dht_server: true,
             limits: Limits::default(),
             handler: None,
             info: JsonObject::new(),

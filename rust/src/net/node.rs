@@ -15,7 +15,7 @@ use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 
-use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent};
+use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent, KAD_PROTOCOL};
 use super::info::{JsonObject, NodeInfo};
 use super::tensor::{self, HandlerSlot, Server, StreamPool};
 use super::{identity, FrameHandler, NodeConfig, Transport};
@@ -410,7 +410,7 @@ impl Loop {
         let peer = peer.ok_or_else(|| {
             Error::InvalidArgument(format!("bootstrap address {addr} must end in /p2p/<peer id>"))
         })?;
-        self.learn(peer, base);
+        self.learn(peer, base, true);
         if let Err(e) = self.swarm.dial(addr.clone()) {
             tracing::warn!(%addr, "cannot dial bootstrap peer: {e}");
         }
@@ -418,7 +418,7 @@ impl Loop {
     }
 
     /// Remembers an address of `peer` for the swarm (dialing), the DHT and provider answers.
-    fn learn(&mut self, peer: PeerId, addr: Multiaddr) {
+    fn learn(&mut self, peer: PeerId, addr: Multiaddr, dht_server: bool) {
         if peer == *self.swarm.local_peer_id() {
             return;
         }
@@ -426,6 +426,10 @@ impl Loop {
         if !known.contains(&addr) {
             known.push(addr.clone());
             self.swarm.add_peer_address(peer, addr.clone());
+        }
+        // Only peers serving the DHT go in the routing table: a client that has left would
+        // otherwise stay there, and every query would wait on it (over QUIC, a whole timeout).
+        if dht_server {
             self.swarm.behaviour_mut().kad.add_address(&peer, addr);
         }
     }
@@ -460,7 +464,7 @@ impl Loop {
             Command::Dial(addr, tx) => {
                 let (base, peer) = split_peer(&addr);
                 if let Some(peer) = peer {
-                    self.learn(peer, base);
+                    self.learn(peer, base, true);
                 }
                 let opts = DialOpts::from(addr.clone());
                 let id = opts.connection_id();
@@ -538,8 +542,9 @@ impl Loop {
         match event {
             SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                let dht_server = info.protocols.contains(&KAD_PROTOCOL);
                 for addr in info.listen_addrs {
-                    self.learn(peer_id, addr);
+                    self.learn(peer_id, addr, dht_server);
                 }
             }
             SwarmEvent::Behaviour(_) => {}
@@ -554,7 +559,7 @@ impl Loop {
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
                 if endpoint.is_dialer() {
-                    self.learn(peer_id, split_peer(endpoint.get_remote_address()).0);
+                    self.learn(peer_id, split_peer(endpoint.get_remote_address()).0, false);
                 }
                 if let Some(tx) = self.dials.remove(&connection_id) {
                     let _ = tx.send(Ok(peer_id));

@@ -68,13 +68,15 @@ impl PyNode {
     /// needs `model_name` and the 32-byte `model_hash`. `info` (a dict of JSON values) is the
     /// static part of the node's `Info` replies. Provider records this node stores expire
     /// `provider_ttl` seconds after their last announcement; its own are re-announced every
-    /// quarter of that.
+    /// quarter of that. `dht_server=False` makes a client that queries the DHT without
+    /// serving it (for End nodes and `meshpy status`: they come and go).
     #[new]
     #[pyo3(signature = (
         node_dir, port = 0, transport = "tcp", bootstrap = Vec::new(), serve = None, *,
         host = "127.0.0.1", model_name = None, model_hash = None, request_timeout = 60.0,
         query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
         idle_timeout = 300.0, max_positions = None, info = None, provider_ttl = 600.0,
+        dht_server = true,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -95,6 +97,7 @@ impl PyNode {
         max_positions: Option<usize>,
         info: Option<&Bound<'_, PyAny>>,
         provider_ttl: f64,
+        dht_server: bool,
     ) -> PyResult<Self> {
         let mut config = NodeConfig::new(node_dir);
         config.port = port;
@@ -104,6 +107,7 @@ impl PyNode {
         config.request_timeout = seconds(request_timeout, "request_timeout")?;
         config.query_timeout = seconds(query_timeout, "query_timeout")?;
         config.provider_ttl = seconds(provider_ttl, "provider_ttl")?;
+        config.dht_server = dht_server;
         if let Some(max) = max_frame_bytes {
             config.limits = Limits { max_frame_bytes: max, ..Limits::default() };
         }
