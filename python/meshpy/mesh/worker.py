@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 #: Seconds idle compute threads spin between passes on a mesh node. Passes arrive at least a
 #: network round trip apart, and several nodes may share cores: a long spin would burn the
 #: core another node's layers need (benches/bench_mesh.py measures this).
-MESH_IDLE_SPIN = 0.0001
+MESH_IDLE_SPIN = 0.0
 
 
 class Worker:

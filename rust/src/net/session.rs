@@ -31,6 +31,10 @@ use crate::wire::{
     Entry, ErrorCode, ErrorReply, Forward, ForwardResult, Limits, Message, ModelId, SessionId, Span, Tensor,
 };
 
+/// Largest request frame a [`SpanHandler`] answers on the node's event loop: 64 KiB is a few
+/// tokens of hidden states (16 of a 1024-wide model in f32, 4 of a 4096-wide one).
+const INLINE_FRAME_BYTES: usize = 64 << 10;
+
 /// How many sessions, how long, and how much KV memory a [`SpanHandler`] allows.
 #[derive(Clone, Copy, Debug)]
 pub struct SessionLimits {
@@ -363,6 +367,13 @@ fn held_bytes(cache: &KvCache) -> u64 {
 }
 
 impl FrameHandler for SpanHandler {
+    /// Decode-sized requests run inline: a step of a few tokens takes about a millisecond per
+    /// ten layers of a small model, and the hops to the blocking pool and back cost about a
+    /// tenth of that (benches/bench_mesh.py). Prefill chunks go to the blocking pool.
+    fn inline(&self, request: &[u8]) -> bool {
+        request.len() <= INLINE_FRAME_BYTES
+    }
+
     fn handle(&self, peer: PeerId, request: &[u8]) -> Vec<u8> {
         let message = match Message::decode(request, &self.limits) {
             Ok(m) => m,

@@ -236,7 +236,7 @@ async fn answer(peer: PeerId, frame: Vec<u8>, server: &Server) -> Vec<u8> {
             message: "this node serves no layers".to_string(),
         });
     };
-    if handler.inline() {
+    if handler.inline(&frame) {
         return handler.handle(peer, &frame);
     }
     tokio::task::spawn_blocking(move || handler.handle(peer, &frame)).await.unwrap_or_else(|e| {
