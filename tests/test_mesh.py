@@ -77,6 +77,11 @@ def test_three_workers_place_themselves_and_match_one_process(three_workers: Loc
         route = model.pipeline.route()
         assert [h.layers for h in route] == [range(0, 10), range(10, 20), range(20, 30)]
         assert greedy(model, PROMPT, N_TOKENS) == local_tokens
+        # bf16 on the wire rounds hidden states between spans; for this prompt the greedy
+        # tokens do not change (f32, the default, is exact by construction).
+        model.pipeline.wire_dtype = "bf16"
+        assert greedy(model, PROMPT, N_TOKENS) == local_tokens
+        model.pipeline.wire_dtype = "f32"
         # Every session was closed on every worker.
         assert all(p.info["sessions"] == 0 for p in model.pipeline.refresh())
         # The public path: generate() stops at end of turn, same tokens as far as it goes.
@@ -145,3 +150,55 @@ def test_a_vanished_worker_is_replaced_mid_generation(smollm2_gguf: Path, local_
             assert tokens == local_tokens
             assert on_route not in {h.provider.peer_id for h in session.hops}
             model.close_session(session)
+
+
+def test_in_process_workers_echo_and_no_route(smollm2_gguf: Path, tmp_path: Path, local_tokens: list[int]) -> None:
+    """The Python API: workers started in this process; echo mode; a clear error naming the
+    layers nobody serves."""
+    from meshpy import _native
+    from meshpy.errors import NoRouteError
+    from meshpy.mesh import Worker, WorkerSettings
+
+    node = dict(port=0, host="127.0.0.1", transport="tcp")
+    with LocalMesh(transport="tcp") as mesh:
+        addr = mesh.start_bootstrap()
+        with Worker(WorkerSettings(bootstrap=addr, model=None, node_dir=tmp_path / "echo", **node)) as echo:
+            assert echo.model is None and echo.layers is None
+            client = _native.Node(str(tmp_path / "c"), 0, "tcp", [addr], dht_server=False)
+            try:
+                client.bootstrap()
+                assert client.info(echo.peer_id)["mode"] == "echo"
+                x = np.arange(576, dtype=np.float32).reshape(1, 576)
+                frame = _native.encode_forward(b"\0" * 32, "any", 0, 1, [(1, 0, 0, 1)], x, "f32")
+                np.testing.assert_array_equal(_native.decode_frame(client.request(echo.peer_id, frame))["hidden"], x)
+            finally:
+                client.close()
+        first = Worker(WorkerSettings(bootstrap=addr, model=smollm2_gguf, layers="0-19", threads=1, **node)).start()
+        try:
+            assert first.layers == range(0, 20)
+            with pytest.raises(NoRouteError, match="no worker serves layers 20-29") as info:
+                connect(smollm2_gguf, addr, threads=1, route_timeout=1)
+            assert info.value.missing_layers == list(range(20, 30))
+            with Worker(WorkerSettings(bootstrap=addr, model=smollm2_gguf, memory="1GiB", threads=1, **node)) as second:
+                # Placement: the least-covered window that fits; 1 GiB holds every layer.
+                assert second.layers == range(0, 30)
+                with connect(smollm2_gguf, addr, threads=1, route_timeout=30) as model:
+                    assert greedy(model, PROMPT, N_TOKENS) == local_tokens
+        finally:
+            first.close()
+
+
+def test_worker_cli_errors(smollm2_gguf: Path) -> None:
+    """Bad settings end the worker at once with a message, before it joins anything."""
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "meshpy", "worker", "--host", "127.0.0.1", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    r = run("--model", str(smollm2_gguf), "--memory", "100MiB")
+    assert r.returncode == 2 and "holds no layer" in r.stderr
+    r = run("--model", str(smollm2_gguf), "--layers", "20-40")
+    assert r.returncode == 2 and "the model has layers 0-29" in r.stderr
+    r = run("--memory", "lots")
+    assert r.returncode == 2 and "is not a size" in r.stderr
+    r = run("--bootstrap", "/ip4/127.0.0.1/tcp/9")
+    assert r.returncode == 2 and "lacks /p2p/" in r.stderr

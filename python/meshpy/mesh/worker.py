@@ -26,8 +26,8 @@ from meshpy.mesh.placement import (
     parse_size,
 )
 from meshpy.mesh.routing import coverage_of, discover
-from meshpy.models.config import read_config
-from meshpy.models.source import open_model_source
+from meshpy.models.config import ModelConfig, read_config
+from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalSpan
 from meshpy.settings import WorkerSettings
 
@@ -35,9 +35,10 @@ __all__ = ["Worker"]
 
 log = logging.getLogger(__name__)
 
-#: Seconds idle compute threads spin between passes on a mesh node. Passes arrive at least a
-#: network round trip apart, and several nodes may share cores: a long spin would burn the
-#: core another node's layers need (benches/bench_mesh.py measures this).
+#: Seconds idle compute threads spin between passes on a mesh node: none. Passes arrive at
+#: least a network round trip apart, and nodes sharing cores would spin through each other's
+#: turns (benches/bench_mesh.py, 2 workers on 2 cores: 2 ms spin 0.35x of one process,
+#: 0.5 ms 0.6x, none 0.8x); a wake-up costs tens of microseconds.
 MESH_IDLE_SPIN = 0.0
 
 
@@ -56,15 +57,25 @@ class Worker:
         self._stopped = threading.Event()
 
     def start(self) -> Worker:
+        """Checks the settings and opens the model (failing before joining anything), then
+        joins the mesh, places and loads the layers, serves and announces them."""
         s = self.settings
         kv_budget = parse_size(s.kv_budget)
+        memory = parse_size(s.memory) if s.memory else None
         bootstrap = parse_bootstrap(s.bootstrap)
+        model = None
+        if s.model is not None:
+            source = open_model_source(model_path(s.model))
+            config = read_config(source)
+            layers = parse_layers(s.layers, config.n_layers) if s.layers else None
+            model = (source, config, layers)
+            self.model = model_identity(source)
         self.node, self._node_dir = start_node(s, "worker", bootstrap)
         try:
-            if s.model is None:
+            if model is None:
                 self._serve_echo()
             else:
-                self._serve_model(kv_budget, has_peers=bool(bootstrap))
+                self._serve_model(*model, kv_budget=kv_budget, memory=memory, has_peers=bool(bootstrap))
         except BaseException:
             self.close()
             raise
@@ -76,28 +87,14 @@ class Worker:
         log.info("echo mode: returning hidden states unchanged")
         self._announce([WORKERS_KEY])
 
-    def _serve_model(self, kv_budget: int, has_peers: bool) -> None:
-        assert self.node is not None and self.settings.model is not None
+    def _serve_model(
+        self, source: ModelSource, config: ModelConfig, layers: range | None, *, kv_budget: int, memory: int | None,
+        has_peers: bool,
+    ) -> None:
+        assert self.node is not None and self.model is not None
         s = self.settings
-        source = open_model_source(model_path(s.model))
-        config = read_config(source)
-        self.model = model_identity(source)
-        if s.layers:
-            layers = parse_layers(s.layers, config.n_layers)
-        else:
-            per_layer = [layer_nbytes(source, config, i) for i in range(config.n_layers)]
-            memory = parse_size(s.memory) if s.memory else available_memory()
-            count = layers_that_fit(per_layer, memory, kv_budget)
-            if count == 0:
-                raise InvalidArgumentError(
-                    f"--memory {format_size(memory)} holds no layer of {self.model.id} "
-                    f"(one needs {format_size(max(per_layer))} next to a {format_size(kv_budget)} KV budget "
-                    "and 150 MiB for the process)"
-                )
-            providers = discover(self.node, self.model, config.n_layers) if has_peers else []
-            coverage = coverage_of(providers, config.n_layers)
-            layers = choose_layers(coverage, count)
-            log.info("room for %d of %d layers in %s; coverage now %s", count, config.n_layers, format_size(memory), coverage)
+        if layers is None:
+            layers = self._place(source, config, kv_budget, memory if memory is not None else available_memory(), has_peers)
         pool = _native.ThreadPool(s.threads or default_threads(), idle_spin=MESH_IDLE_SPIN)
         self._span = LocalSpan(source, config, layers, pool)
         self.layers = layers
@@ -113,6 +110,23 @@ class Worker:
         )
         log.info("announcing layers %s of %s", format_layers(layers), self.model.id)
         self._announce([self.model.layer_key(i) for i in layers] + [WORKERS_KEY])
+
+    def _place(self, source: ModelSource, config: ModelConfig, kv_budget: int, memory: int, has_peers: bool) -> range:
+        """The least-covered contiguous layers that fit `memory` (see `mesh.placement`)."""
+        assert self.node is not None and self.model is not None
+        per_layer = [layer_nbytes(source, config, i) for i in range(config.n_layers)]
+        count = layers_that_fit(per_layer, memory, kv_budget)
+        if count == 0:
+            raise InvalidArgumentError(
+                f"--memory {format_size(memory)} holds no layer of {self.model.id} "
+                f"(one needs {format_size(max(per_layer))} next to a {format_size(kv_budget)} KV budget "
+                "and 150 MiB for the process)"
+            )
+        providers = discover(self.node, self.model, config.n_layers) if has_peers else []
+        coverage = coverage_of(providers, config.n_layers)
+        layers = choose_layers(coverage, count)
+        log.info("room for %d of %d layers in %s; coverage now %s", count, config.n_layers, format_size(memory), coverage)
+        return layers
 
     def _info(self, **extra: object) -> dict[str, object]:
         return {"device": self.settings.device, "version": _native.__version__, **extra}
