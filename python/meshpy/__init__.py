@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from meshpy.chat_template import render_chat
+from meshpy.client import Client, connect
 from meshpy.errors import ChatTemplateError, InvalidSamplingError, MeshpyError
 from meshpy.generation import Completion, Generation, GenerationStats, Model, load_model
 from meshpy.sampling import Sampler, SamplingParams
@@ -15,6 +16,7 @@ from meshpy.tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = [
     "ChatTemplateError",
+    "Client",
     "Completion",
     "Generation",
     "GenerationStats",
@@ -25,6 +27,7 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "Tokenizer",
+    "connect",
     "load_model",
     "render_chat",
 ]

@@ -85,6 +85,10 @@ class Generation:
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def close(self) -> None:
+        """Stops the generation early; its session's KV caches are freed (on the workers too)."""
+        self._pieces.close()
+
     def _run(self, model: Model, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams) -> Iterator[str]:
         decoder = IncrementalDecoder(model.end.tokenizer)
         for token in model.generate_ids(prompt_ids, max_tokens, sampling, stats=self.stats):
