@@ -26,6 +26,7 @@ __all__ = [
     "InvalidSamplingError",
     "NoRouteError",
     "WorkerError",
+    "format_layer_list",
 ]
 
 
@@ -105,7 +106,7 @@ class NoRouteError(MeshpyError, LookupError):
 
     def __init__(self, missing_layers: list[int], message: str | None = None) -> None:
         self.missing_layers = list(missing_layers)
-        super().__init__(message or f"no worker serves layers {_ranges(self.missing_layers)}")
+        super().__init__(message or f"no worker serves layers {format_layer_list(self.missing_layers)}")
 
 
 class WorkerError(MeshpyError, RuntimeError):
@@ -118,8 +119,8 @@ class WorkerError(MeshpyError, RuntimeError):
         super().__init__(f"{peer + ': ' if peer else ''}{code}: {message}")
 
 
-def _ranges(layers: list[int]) -> str:
-    """``[0, 1, 2, 7]`` as ``0-2, 7``."""
+def format_layer_list(layers: list[int]) -> str:
+    """Layer numbers as inclusive runs, for messages: ``[0, 1, 2, 7]`` as ``0-2, 7``."""
     runs: list[list[int]] = []
     for i in sorted(layers):
         if runs and runs[-1][1] == i - 1:

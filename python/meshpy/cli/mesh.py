@@ -9,7 +9,7 @@ import threading
 from collections import defaultdict
 from typing import Any
 
-from meshpy.errors import _ranges
+from meshpy.errors import format_layer_list
 from meshpy.mesh.identity import WORKERS_KEY, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.placement import format_size
@@ -107,7 +107,7 @@ def run_status(settings: StatusSettings) -> int:
             models[wanted.id] = (n_layers, [])
         for model_id, (n_layers, spans) in sorted(models.items()):
             missing = [i for i in range(n_layers) if not any(i in r for r in spans)]
-            gaps = f"no provider for layers {_ranges(missing)}" if missing else "every layer has a provider"
+            gaps = f"no provider for layers {format_layer_list(missing)}" if missing else "every layer has a provider"
             print(f"model {model_id} ({n_layers} layers): {gaps}")
     finally:
         node.close()

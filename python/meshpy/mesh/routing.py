@@ -21,7 +21,16 @@ from meshpy import _native
 from meshpy.errors import MeshpyError, NoRouteError
 from meshpy.mesh.identity import ModelIdentity
 
-__all__ = ["Provider", "Hop", "discover", "plan_route", "coverage_of", "describe_route", "missing_layers"]
+__all__ = [
+    "Provider",
+    "Hop",
+    "describe_peers",
+    "discover",
+    "plan_route",
+    "coverage_of",
+    "describe_route",
+    "missing_layers",
+]
 
 log = logging.getLogger(__name__)
 
