@@ -1,0 +1,372 @@
+"""The OpenAI-compatible HTTP app: routes, API key, error handler, lifespan.
+
+`create_app` builds everything the app needs around a loaded `Model`; there is no module
+state. Routes are thin: parse the request (`protocol`), run the generation on its own
+thread (`engine`), and answer JSON or server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from meshpy.errors import MeshpyError
+from meshpy.generation import Model
+from meshpy.server import protocol
+from meshpy.server.coverage import Coverage
+from meshpy.server.engine import Delta, Failed, Finished, GenerationJob
+from meshpy.server.errors import APIError, api_error, invalid
+from meshpy.server.protocol import ChatRequest, CompletionRequest, Options
+
+__all__ = ["create_app", "ServerState"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Largest request body accepted (a long prompt is well under this).
+MAX_BODY_BYTES = 16 << 20
+#: Seconds the app waits, at shutdown, for cancelled generations to free their sessions.
+SHUTDOWN_JOIN_TIMEOUT = 30.0
+
+
+class ServerState:
+    """What the app serves and what is running: the model, its name, the live generations."""
+
+    def __init__(
+        self,
+        model: Model,
+        model_name: str,
+        api_key: str | None,
+        coverage: Coverage | None,
+        default_max_tokens: int | None,
+    ) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.api_key = api_key
+        self.coverage = coverage
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+        self.jobs: set[GenerationJob] = set()
+        self.completed = 0
+        self.cancelled = 0
+
+    def check_key(self, request: Request) -> None:
+        """401 unless the request carries the API key (when one is set)."""
+        if self.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+        if not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    def check_model(self, name: str) -> None:
+        """404 for a model this server does not serve."""
+        if name != self.model_name:
+            raise APIError(
+                404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                param="model", code="model_not_found",
+            )
+
+    def prompt_ids(self, prompt: str | Sequence[Any], raw: bool, options: Options) -> tuple[list[int], int]:
+        """The prompt's token ids (chat messages, text, or token ids) and the completion
+        token limit; 400 when they do not fit the context. Blocking (chat template,
+        tokenizer): run it on a thread."""
+        model = self.model
+        param = "prompt" if raw else "messages"
+        limit = model.config.max_positions
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            vocab = model.tokenizer.vocab_size
+            bad = next((t for t in prompt if t >= vocab), None)
+            if bad is not None:
+                raise invalid(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt", "invalid_value")
+            ids = list(prompt)
+        else:
+            ids = model.encode(prompt, raw=raw)  # type: ignore[arg-type]
+        if not ids:
+            raise invalid("the prompt is empty", param, "invalid_value")
+        if len(ids) >= limit:
+            raise invalid(f"the prompt has {len(ids)} tokens; this model's context holds {limit}", param,
+                          "context_length_exceeded")
+        room = limit - len(ids)
+        if options.max_tokens is not None and options.max_tokens > room:
+            raise invalid(
+                f"this model's context holds {limit} tokens; the request asks for "
+                f"{len(ids) + options.max_tokens} ({len(ids)} in the prompt, {options.max_tokens} to complete)",
+                "max_tokens", "context_length_exceeded",
+            )
+        max_tokens = options.max_tokens or min(self.default_max_tokens or room, room)
+        return ids, max_tokens
+
+    def start(self, ids: list[int], max_tokens: int, options: Options) -> GenerationJob:
+        """Starts a generation on its own thread; it is tracked until it ends."""
+        job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, on_done=self._done)
+        self.jobs.add(job)
+        return job.start()
+
+    def _done(self, job: GenerationJob) -> None:
+        self.jobs.discard(job)
+        if job.cancelled:
+            self.cancelled += 1
+        else:
+            self.completed += 1
+
+    async def shutdown(self) -> None:
+        """Cancels every generation and waits (off the loop) for their sessions to close."""
+        jobs = list(self.jobs)
+        for job in jobs:
+            job.cancel()
+        for job in jobs:
+            if not await run_in_threadpool(job.join, SHUTDOWN_JOIN_TIMEOUT):
+                log.warning("a generation did not stop within %.0f s", SHUTDOWN_JOIN_TIMEOUT)
+
+
+# --- disconnects -------------------------------------------------------------------------
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """`(True, result)` of `work`, or `(False, None)` if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return True, task.result()
+    return False, None
+
+
+class _GenerationStream(StreamingResponse):
+    """Server-sent events of one generation; however the response ends (finished, client
+    gone, server stopping) the generation is cancelled."""
+
+    def __init__(self, events: AsyncIterator[bytes], job: GenerationJob) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+# --- the two generating endpoints ---------------------------------------------------------
+
+
+class _Shape:
+    """How one endpoint words its answers: whole body and stream chunks."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.prefix = "chatcmpl" if chat else "cmpl"
+
+    def body(self, id: str, model: str, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        build = protocol.chat_body if self.chat else protocol.completion_body
+        return build(id, model, text, finish, usage)
+
+    def chunk(self, id: str, model: str, created: int, text: str | None, finish: str | None = None,
+              usage: dict[str, int] | None = None, *, with_usage: bool, first: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            return protocol.completion_chunk(id, model, created, text, finish, usage, with_usage=with_usage)
+        delta: dict[str, Any] | None
+        if text is None:
+            delta = None
+        elif first:
+            delta = {"role": "assistant", "content": text}
+        else:
+            delta = {"content": text} if finish is None else {}
+        return protocol.chat_chunk(id, model, created, delta, finish, usage, with_usage=with_usage)
+
+
+async def _generate(
+    state: ServerState, request: Request, prompt: Any, raw: bool, options: Options, shape: _Shape
+) -> Response:
+    ids, max_tokens = await run_in_threadpool(state.prompt_ids, prompt, raw, options)
+    job = state.start(ids, max_tokens, options)
+    handed_over = False
+    try:
+        if options.stream:
+            response = await _stream(state, request, job, options, shape)
+            handed_over = isinstance(response, _GenerationStream)
+            return response
+        return await _whole(state, request, job, shape)
+    finally:
+        if not handed_over:
+            job.cancel()
+
+
+async def _whole(state: ServerState, request: Request, job: GenerationJob, shape: _Shape) -> Response:
+    async def collect() -> tuple[str, Finished]:
+        parts = []
+        while True:
+            event = await job.next_event()
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            elif isinstance(event, Failed):
+                raise api_error(event.error)
+            else:
+                return "".join(parts), event
+
+    connected, result = await _unless_disconnected(request, collect())
+    if not connected or result is None:
+        return Response(status_code=499)  # nobody reads it; the generation is cancelled
+    text, end = result
+    usage = protocol.usage_body(end.prompt_tokens, end.completion_tokens)
+    return JSONResponse(shape.body(protocol.new_id(shape.prefix), state.model_name, text, end.finish_reason, usage))
+
+
+async def _stream(state: ServerState, request: Request, job: GenerationJob, options: Options, shape: _Shape) -> Response:
+    # The first event decides the status: a generation that fails before its first text (no
+    # route, a worker refusing) is answered with an HTTP error, not a broken stream.
+    connected, first = await _unless_disconnected(request, job.next_event())
+    if not connected or first is None:
+        return Response(status_code=499)
+    if isinstance(first, Failed):
+        raise api_error(first.error)
+    id, created, model, with_usage = protocol.new_id(shape.prefix), int(time.time()), state.model_name, options.include_usage
+
+    async def events() -> AsyncIterator[bytes]:
+        event = first
+        yield _sse(shape.chunk(id, model, created, "", with_usage=with_usage, first=True))
+        while True:
+            if isinstance(event, Delta):
+                yield _sse(shape.chunk(id, model, created, event.text, with_usage=with_usage))
+            elif isinstance(event, Finished):
+                yield _sse(shape.chunk(id, model, created, "", event.finish_reason, with_usage=with_usage))
+                if with_usage:
+                    usage = protocol.usage_body(event.prompt_tokens, event.completion_tokens)
+                    yield _sse(shape.chunk(id, model, created, None, usage=usage, with_usage=True))
+                break
+            else:  # failed mid-stream: the status is sent already, so the error is an event
+                yield _sse(api_error(event.error).body())
+                break
+            event = await job.next_event()
+        yield _sse("[DONE]")
+
+    return _GenerationStream(events(), job)
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; 413 past MAX_BODY_BYTES."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", code="request_too_large")
+        chunks.append(chunk)
+    return protocol.parse_json(b"".join(chunks))
+
+
+def create_app(
+    model: Model,
+    model_name: str,
+    api_key: str | None = None,
+    coverage: Coverage | None = None,
+    *,
+    default_max_tokens: int | None = None,
+) -> Starlette:
+    """The OpenAI-compatible app serving `model` as `model_name`.
+
+    `api_key`: required as `Authorization: Bearer KEY` on /v1 routes when set. `coverage`:
+    a function describing which layers run where (see `layer_coverage`), reported by
+    `/v1/models`. `default_max_tokens`: the limit for requests naming none (default: the
+    rest of the context). The app does not own the model: close it after the app stops.
+    """
+    state = ServerState(model, model_name, api_key, coverage, default_max_tokens)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({
+            "status": "ok",
+            "model": state.model_name,
+            "active_generations": len(state.jobs),
+            "completed_generations": state.completed,
+            "cancelled_generations": state.cancelled,
+        })
+
+    async def models(request: Request) -> Response:
+        state.check_key(request)
+        if state.coverage is not None:
+            layers = await run_in_threadpool(state.coverage)
+        else:
+            layers = {"n_layers": model.config.n_layers, "local": True, "missing_layers": []}
+        entry = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "meshpy",
+                 "context_length": model.config.max_positions, "layers": layers}
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    async def chat_completions(request: Request) -> Response:
+        state.check_key(request)
+        req = ChatRequest.parse(await _json_body(request))
+        state.check_model(req.options.model)
+        return await _generate(state, request, req.messages, False, req.options, _Shape(chat=True))
+
+    async def completions(request: Request) -> Response:
+        state.check_key(request)
+        req = CompletionRequest.parse(await _json_body(request))
+        state.check_model(req.options.model)
+        return await _generate(state, request, req.prompt, True, req.options, _Shape(chat=False))
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HTTPException) and exc.status_code in (404, 405):
+            error = APIError(exc.status_code, f"no route {request.method} {request.url.path}", code="unknown_url")
+        else:
+            error = api_error(exc)
+        headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log.info("serving %s", state.model_name)
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    handlers: dict[Any, Callable[..., Any]] = {APIError: on_error, HTTPException: on_error, MeshpyError: on_error,
+                                               Exception: on_error}
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        exception_handlers=handlers,
+        lifespan=lifespan,
+    )
+    app.state.meshpy = state
+    return app

@@ -1,0 +1,304 @@
+"""The OpenAI request and response bodies the server speaks.
+
+Requests are parsed into `ChatRequest` / `CompletionRequest`, each field checked for type
+and range; a bad one raises a 400 `APIError` naming the field (`param`). Responses and
+stream chunks are built as plain dicts by the `*_body` / `*_chunk` functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from meshpy.sampling import SamplingParams
+from meshpy.server.errors import invalid
+
+__all__ = [
+    "Options",
+    "ChatRequest",
+    "CompletionRequest",
+    "parse_json",
+    "new_id",
+    "usage_body",
+    "chat_body",
+    "chat_chunk",
+    "completion_body",
+    "completion_chunk",
+]
+
+#: Roles a chat message may have; "developer" is OpenAI's newer name for "system".
+_ROLES = ("system", "user", "assistant", "developer")
+#: Most stop strings a request may give (OpenAI's limit).
+_MAX_STOPS = 4
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; 400 when it is not one."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid(f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+# --- field checks ------------------------------------------------------------------------
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(body: Mapping[str, Any], name: str, minimum: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise invalid(f"'{name}' must be an integer, got {value!r}", name, "invalid_type")
+    if minimum is not None and value < minimum:
+        raise invalid(f"'{name}' must be >= {minimum}, got {value}", name, "invalid_value")
+    return value
+
+
+def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_number(value):
+        raise invalid(f"'{name}' must be a number, got {value!r}", name, "invalid_type")
+    if not lo <= value <= hi:
+        raise invalid(f"'{name}' must be between {lo:g} and {hi:g}, got {value}", name, "invalid_value")
+    return float(value)
+
+
+def _bool(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(f"'{name}' must be a boolean, got {value!r}", name, "invalid_type")
+    return value
+
+
+def _model(body: Mapping[str, Any]) -> str:
+    value = body.get("model")
+    if value is None:
+        raise invalid("'model' is required", "model", "missing_required_parameter")
+    if not isinstance(value, str):
+        raise invalid(f"'model' must be a string, got {value!r}", "model", "invalid_type")
+    return value
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid(f"'stop' must be a string or a list of strings, got {value!r}", "stop", "invalid_type")
+    if len(stops) > _MAX_STOPS:
+        raise invalid(f"'stop' holds at most {_MAX_STOPS} strings, got {len(stops)}", "stop", "invalid_value")
+    return tuple(s for s in stops if s)
+
+
+def _reject_unsupported(body: Mapping[str, Any], extra: Sequence[tuple[str, object]] = ()) -> None:
+    """400 for options that would change the answer but that meshpy does not implement."""
+    n = _int(body, "n", minimum=1)
+    if n is not None and n > 1:
+        raise invalid(f"'n' must be 1: meshpy generates one choice per request, got {n}", "n", "unsupported_value")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _number(body, name, 0.0, -2.0, 2.0)
+        if value != 0.0:
+            raise invalid(f"'{name}' is not supported (only 0)", name, "unsupported_value")
+    for name, neutral in (("logprobs", False), ("logit_bias", None), ("tools", None), *extra):
+        value = body.get(name)
+        if value is not None and value != neutral and value != [] and value != {}:
+            raise invalid(f"'{name}' is not supported", name, "unsupported_parameter")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What both endpoints share: the token limit, sampling, stop strings, streaming."""
+
+    model: str
+    max_tokens: int | None
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], limit_fields: Sequence[str]) -> Options:
+        """Reads the shared fields; `limit_fields` name the token limit, first found wins."""
+        model = _model(body)
+        max_tokens = None
+        for name in limit_fields:
+            max_tokens = _int(body, name, minimum=1)
+            if max_tokens is not None:
+                break
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        top_k = _int(body, "top_k", minimum=0) or 0  # not OpenAI's; vLLM and llama.cpp take it
+        seed = _int(body, "seed", minimum=0)
+        if top_p == 0.0:  # only the likeliest token is left: greedy
+            temperature, top_p = 0.0, 1.0
+        stream = _bool(body, "stream")
+        include_usage = False
+        options = body.get("stream_options")
+        if options is not None:
+            if not isinstance(options, dict):
+                raise invalid("'stream_options' must be an object", "stream_options", "invalid_type")
+            if not stream:
+                raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options", "invalid_value")
+            include_usage = _bool(options, "include_usage")
+        return cls(
+            model=model,
+            max_tokens=max_tokens,
+            sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+            stop=_stop(body),
+            stream=stream,
+            include_usage=include_usage,
+        )
+
+
+def _content(value: object, where: str) -> str:
+    """A message's text: a string, or text parts (`[{"type": "text", "text": ...}]`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(f"{where}[{i}]: only text parts are supported", f"{where}[{i}]", "invalid_value")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise invalid(f"{where} must be a string or a list of text parts", where, "invalid_type")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """POST /v1/chat/completions."""
+
+    messages: list[dict[str, str]]
+    options: Options
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> ChatRequest:
+        """Checks the body; 400 naming the first bad field."""
+        raw = body.get("messages")
+        if raw is None:
+            raise invalid("'messages' is required", "messages", "missing_required_parameter")
+        if not isinstance(raw, list) or not raw:
+            raise invalid("'messages' must be a non-empty list", "messages", "invalid_value")
+        messages = []
+        for i, m in enumerate(raw):
+            where = f"messages[{i}]"
+            if not isinstance(m, dict):
+                raise invalid(f"{where} must be an object", where, "invalid_type")
+            role = m.get("role")
+            if role not in _ROLES:
+                raise invalid(f"{where}.role must be one of {', '.join(_ROLES)}, got {role!r}", f"{where}.role",
+                              "invalid_value")
+            content = m.get("content")
+            if content is None and role == "assistant":
+                content = ""
+            elif content is None:
+                raise invalid(f"{where}.content is required", f"{where}.content", "missing_required_parameter")
+            messages.append({"role": "system" if role == "developer" else role, "content": _content(content, f"{where}.content")})
+        _reject_unsupported(body, [("top_logprobs", None)])
+        return cls(messages, Options.parse(body, ("max_completion_tokens", "max_tokens")))
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """POST /v1/completions: the prompt as text (no chat template) or as token ids."""
+
+    prompt: str | list[int]
+    options: Options
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> CompletionRequest:
+        """Checks the body; 400 naming the first bad field."""
+        prompt = body.get("prompt")
+        if prompt is None:
+            raise invalid("'prompt' is required", "prompt", "missing_required_parameter")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+            pass  # token ids
+        elif not isinstance(prompt, str):
+            raise invalid("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt",
+                          "invalid_value")
+        _reject_unsupported(body, [("echo", False), ("suffix", None), ("best_of", 1)])
+        return cls(prompt, Options.parse(body, ("max_tokens",)))
+
+
+# --- responses ---------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    """A response id, e.g. `chatcmpl-3f2a...`."""
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _head(id: str, object: str, model: str, created: int | None) -> dict[str, Any]:
+    return {"id": id, "object": object, "created": int(time.time()) if created is None else created, "model": model}
+
+
+def chat_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    """A whole chat completion."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+    return {**_head(id, "chat.completion", model, None), "choices": [choice], "usage": usage}
+
+
+def chat_chunk(
+    id: str, model: str, created: int, delta: dict[str, Any] | None, finish_reason: str | None = None,
+    usage: dict[str, int] | None = None, *, with_usage: bool = False,
+) -> dict[str, Any]:
+    """One chunk of a streamed chat completion: a delta, the final finish reason, or (with
+    `delta` None) the usage chunk, whose `choices` is empty."""
+    chunk = _head(id, "chat.completion.chunk", model, created)
+    chunk["choices"] = [] if delta is None else [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    ]
+    if with_usage:
+        chunk["usage"] = usage
+    return chunk
+
+
+def completion_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    """A whole text completion."""
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {**_head(id, "text_completion", model, None), "choices": [choice], "usage": usage}
+
+
+def completion_chunk(
+    id: str, model: str, created: int, text: str | None, finish_reason: str | None = None,
+    usage: dict[str, int] | None = None, *, with_usage: bool = False,
+) -> dict[str, Any]:
+    """One chunk of a streamed text completion (`text` None: the usage chunk)."""
+    chunk = _head(id, "text_completion", model, created)
+    chunk["choices"] = [] if text is None else [
+        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    ]
+    if with_usage:
+        chunk["usage"] = usage
+    return chunk
