@@ -22,6 +22,7 @@ __all__ = [
     "BootstrapSettings",
     "WorkerSettings",
     "StatusSettings",
+    "ServeSettings",
 ]
 
 T = TypeVar("T")
@@ -183,3 +184,22 @@ class StatusSettings:
     bootstrap: str = setting(help="multiaddr of a mesh node (comma-separated for several)")
     model: Path | None = setting(None, "only this model (default: every model the workers serve)", short="-m")
     transport: str = setting("tcp", "transport this client listens on", choices=_TRANSPORTS)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """`meshpy serve`: an OpenAI-compatible HTTP server for a model, its layers in this
+    process or (with --bootstrap) on a mesh."""
+
+    model: Path = setting(help="a .gguf file, an HF checkpoint directory, or a packaged model (smollm2, gemma3-270m)", short="-m")
+    bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several)")
+    host: str = setting("127.0.0.1", "address the HTTP server listens on (0.0.0.0: every interface)")
+    port: int = setting(8000, "HTTP port; 0 takes a free one", minimum=0, maximum=65535)
+    api_key: str | None = setting(None, "require this key (Authorization: Bearer KEY) on the /v1 endpoints")
+    model_name: str | None = setting(None, "the model's name in the API (default: the --model file name without .gguf)")
+    max_tokens: int | None = setting(None, "completion tokens for requests that set no limit (default: the rest of the context)", minimum=1)
+    threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
+    quantize: str | None = setting(None, "quantize float weights at load (without --bootstrap)", choices=("Q8_0", "Q4_0"))
+    transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=_TRANSPORTS)
+    wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
+    route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)

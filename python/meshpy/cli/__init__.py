@@ -11,6 +11,7 @@ from meshpy.errors import MeshpyError
 from meshpy.settings import (
     BootstrapSettings,
     GenerateSettings,
+    ServeSettings,
     StatusSettings,
     WorkerSettings,
     add_arguments,
@@ -30,13 +31,14 @@ def _parser() -> argparse.ArgumentParser:
         ("bootstrap", BootstrapSettings, "run a rendezvous node for a mesh"),
         ("worker", WorkerSettings, "host a range of a model's layers for the mesh"),
         ("status", StatusSettings, "list a mesh's workers and uncovered layers"),
+        ("serve", ServeSettings, "serve a model over an OpenAI-compatible HTTP API"),
     ):
         add_arguments(sub.add_parser(name, help=help_text, description=cls.__doc__), cls)
     return parser
 
 
 #: Commands that run as servers log what they do by default.
-_SERVERS = ("bootstrap", "worker")
+_SERVERS = ("bootstrap", "worker", "serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from meshpy.cli.generate import run_generate
 
             return run_generate(from_namespace(GenerateSettings, args))
+        if args.command == "serve":
+            from meshpy.cli.serve import run_serve
+
+            return run_serve(from_namespace(ServeSettings, args))
         if args.command in ("bootstrap", "worker", "status"):
             from meshpy.cli import mesh
 

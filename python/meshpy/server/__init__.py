@@ -15,6 +15,6 @@ from meshpy.server.app import create_app
 from meshpy.server.coverage import Coverage, layer_coverage
 from meshpy.server.engine import GenerationJob, StopText
 from meshpy.server.errors import APIError
-from meshpy.server.runner import AppServer
+from meshpy.server.runner import AppServer, bind
 
-__all__ = ["create_app", "AppServer", "APIError", "Coverage", "layer_coverage", "GenerationJob", "StopText"]
+__all__ = ["create_app", "AppServer", "bind", "APIError", "Coverage", "layer_coverage", "GenerationJob", "StopText"]

@@ -1,0 +1,68 @@
+"""`meshpy serve`: the OpenAI-compatible server for a model, in this process or on a mesh."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from meshpy.generation import Model
+from meshpy.settings import ServeSettings
+
+__all__ = ["run_serve", "served_name"]
+
+
+def served_name(model: Path | str) -> str:
+    """The model's name in the API: the file or directory name, less `.gguf`
+    (`smollm2` for the packaged model)."""
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def _open(settings: ServeSettings) -> Model:
+    if settings.bootstrap:
+        from meshpy.mesh import connect
+
+        return connect(
+            settings.model,
+            settings.bootstrap,
+            threads=settings.threads,
+            transport=settings.transport,
+            wire_dtype=settings.wire_dtype,
+            route_timeout=settings.route_timeout,
+        )
+    return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the process as Ctrl-C does, through `finally` (the model closed, the
+    mesh left). uvicorn handles both while serving, then raises the signal again."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def run_serve(settings: ServeSettings) -> int:
+    """Opens the model, then serves it until SIGINT or SIGTERM; prints the base URL."""
+    from meshpy.server import AppServer, bind, create_app, layer_coverage
+
+    _stop_on_sigterm()
+    sock = bind(settings.host, settings.port)  # before loading: a taken port fails at once
+    try:
+        model = _open(settings)
+    except BaseException:
+        sock.close()
+        raise
+    with model:
+        name = settings.model_name or served_name(settings.model)
+        app = create_app(model, name, settings.api_key, layer_coverage(model), default_max_tokens=settings.max_tokens)
+        server = AppServer(app, sock=sock)
+        where = f"layers on the mesh via {settings.bootstrap}" if settings.bootstrap else "in this process"
+        print(f"meshpy serve: {name} ({where}); OpenAI base URL:", file=sys.stderr)
+        print(server.base_url, flush=True)
+        server.serve_forever()
+    return 0
