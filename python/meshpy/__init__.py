@@ -12,9 +12,11 @@ from meshpy.client import Client, connect
 from meshpy.errors import ChatTemplateError, InvalidSamplingError, MeshpyError
 from meshpy.generation import Completion, Generation, GenerationStats, Model, load_model
 from meshpy.sampling import Sampler, SamplingParams
+from meshpy.server import AppServer, create_app
 from meshpy.tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = [
+    "AppServer",
     "ChatTemplateError",
     "Client",
     "Completion",
@@ -28,6 +30,7 @@ __all__ = [
     "SamplingParams",
     "Tokenizer",
     "connect",
+    "create_app",
     "load_model",
     "render_chat",
 ]
