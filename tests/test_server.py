@@ -277,7 +277,7 @@ def test_dropped_requests_cancel_their_generation(server: AppServer, client: ope
                 break
     wait_until(lambda: health(server)["cancelled_generations"] == before + 1, what="cancelled stream")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base_url + "/completions", timeout=httpx.Timeout(30, read=0.5),
+        httpx.post(server.base_url + "/completions", timeout=httpx.Timeout(30, read=2.0),
                    json={"model": "smollm2", "prompt": COUNTING, "temperature": 0, "max_tokens": 4000})
     wait_until(lambda: health(server)["cancelled_generations"] == before + 2, what="cancelled request")
     assert health(server)["active_generations"] == 0
