@@ -203,3 +203,19 @@ class ServeSettings:
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=_TRANSPORTS)
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """`meshpy demo`: a whole mesh on this machine (a bootstrap node, workers splitting the
+    model, the OpenAI server), one chat request through the official openai client, then the
+    server stays up for you until Ctrl-C."""
+
+    model: Path = setting(Path("smollm2"), "the model (a packaged name, a .gguf file or an HF directory)", short="-m")
+    workers: int = setting(2, "worker processes splitting the layers", minimum=1, maximum=64)
+    prompt: str = setting("What is the capital of France? Answer in one sentence.", "the demo's chat message", short="-p")
+    max_tokens: int = setting(64, "most tokens in the demo's reply", minimum=1, short="-n")
+    host: str = setting("127.0.0.1", "address the HTTP server listens on")
+    port: int = setting(8000, "HTTP port; 0 takes a free one", minimum=0, maximum=65535)
+    threads: int | None = setting(None, "compute threads per process (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
+    once: bool = setting(False, "exit after the demo request instead of serving until Ctrl-C")

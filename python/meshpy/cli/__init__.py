@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from meshpy.errors import MeshpyError
 from meshpy.settings import (
     BootstrapSettings,
+    DemoSettings,
     GenerateSettings,
     ServeSettings,
     StatusSettings,
@@ -21,24 +23,28 @@ from meshpy.settings import (
 __all__ = ["main"]
 
 
+#: Each command: its settings, the function that runs it ("module:function", imported only
+#: when that command runs), and its help line.
+_COMMANDS: dict[str, tuple[type, str, str]] = {
+    "generate": (GenerateSettings, "meshpy.cli.generate:run_generate", "generate a reply to one prompt"),
+    "bootstrap": (BootstrapSettings, "meshpy.cli.mesh:run_bootstrap", "run a rendezvous node for a mesh"),
+    "worker": (WorkerSettings, "meshpy.cli.mesh:run_worker", "host a range of a model's layers for the mesh"),
+    "status": (StatusSettings, "meshpy.cli.mesh:run_status", "list a mesh's workers and uncovered layers"),
+    "serve": (ServeSettings, "meshpy.cli.serve:run_serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "demo": (DemoSettings, "meshpy.cli.demo:run_demo", "a whole mesh and server on this machine, one request"),
+}
+
+#: Commands that run as servers log what they do by default.
+_SERVERS = ("bootstrap", "worker", "serve")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshpy", description="Peer-to-peer, pipeline-parallel LLM inference.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate a reply to one prompt", description=GenerateSettings.__doc__)
-    add_arguments(gen, GenerateSettings)
-    for name, cls, help_text in (
-        ("bootstrap", BootstrapSettings, "run a rendezvous node for a mesh"),
-        ("worker", WorkerSettings, "host a range of a model's layers for the mesh"),
-        ("status", StatusSettings, "list a mesh's workers and uncovered layers"),
-        ("serve", ServeSettings, "serve a model over an OpenAI-compatible HTTP API"),
-    ):
+    for name, (cls, _target, help_text) in _COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=cls.__doc__), cls)
     return parser
-
-
-#: Commands that run as servers log what they do by default.
-_SERVERS = ("bootstrap", "worker", "serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,27 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from meshpy import _native
 
     _native.init_logging(logging.getLevelName(level).lower())
+    cls, target, _help = _COMMANDS[args.command]
+    module, function = target.split(":")
     try:
-        if args.command == "generate":
-            from meshpy.cli.generate import run_generate
-
-            return run_generate(from_namespace(GenerateSettings, args))
-        if args.command == "serve":
-            from meshpy.cli.serve import run_serve
-
-            return run_serve(from_namespace(ServeSettings, args))
-        if args.command in ("bootstrap", "worker", "status"):
-            from meshpy.cli import mesh
-
-            runner, cls = {
-                "bootstrap": (mesh.run_bootstrap, BootstrapSettings),
-                "worker": (mesh.run_worker, WorkerSettings),
-                "status": (mesh.run_status, StatusSettings),
-            }[args.command]
-            return runner(from_namespace(cls, args))  # type: ignore[operator]
+        run = getattr(importlib.import_module(module), function)
+        return int(run(from_namespace(cls, args)))
     except MeshpyError as exc:
         print(f"meshpy: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 from collections import defaultdict
@@ -18,6 +17,7 @@ from meshpy.mesh.worker import Worker
 from meshpy.generation import model_path
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
+from meshpy.cli.signals import stop_on_sigterm
 from meshpy.settings import BootstrapSettings, NodeSettings, StatusSettings, WorkerSettings
 
 __all__ = ["run_bootstrap", "run_worker", "run_status"]
@@ -25,19 +25,9 @@ __all__ = ["run_bootstrap", "run_worker", "run_status"]
 log = logging.getLogger(__name__)
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the process as Ctrl-C does: through `finally`, announcements withdrawn."""
-
-    def handler(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
 def run_bootstrap(settings: BootstrapSettings) -> int:
     """Starts a rendezvous node, prints its addresses, and runs until stopped."""
-    _stop_on_sigterm()
+    stop_on_sigterm()
     node, node_dir = start_node(settings, "bootstrap")
     try:
         print(f"meshpy bootstrap node {node.peer_id}; join with --bootstrap and one of:", file=sys.stderr)
@@ -52,7 +42,7 @@ def run_bootstrap(settings: BootstrapSettings) -> int:
 
 def run_worker(settings: WorkerSettings) -> int:
     """Starts a worker and serves until stopped."""
-    _stop_on_sigterm()
+    stop_on_sigterm()
     worker = Worker(settings)
     try:
         worker.start()

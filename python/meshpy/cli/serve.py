@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from meshpy.generation import Model
+from meshpy.cli.signals import stop_on_sigterm
 from meshpy.settings import ServeSettings
 
 __all__ = ["run_serve", "served_name"]
@@ -35,22 +34,11 @@ def _open(settings: ServeSettings) -> Model:
     return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize)
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the process as Ctrl-C does, through `finally` (the model closed, the
-    mesh left). uvicorn handles both while serving, then raises the signal again."""
-
-    def handler(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
 def run_serve(settings: ServeSettings) -> int:
     """Opens the model, then serves it until SIGINT or SIGTERM; prints the base URL."""
     from meshpy.server import AppServer, bind, create_app, layer_coverage
 
-    _stop_on_sigterm()
+    stop_on_sigterm()
     sock = bind(settings.host, settings.port)  # before loading: a taken port fails at once
     try:
         model = _open(settings)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -83,7 +84,9 @@ class MeshPipeline:
         self.wire_dtype = wire_dtype
         self.request_timeout = request_timeout
         self.providers: list[Provider] = []
+        # Sessions on several threads (the HTTP server) mark failures concurrently.
         self._failed: dict[str, float] = {}
+        self._failed_lock = threading.Lock()
         self._on_close = on_close
 
     def close(self) -> None:
@@ -97,8 +100,13 @@ class MeshPipeline:
 
     def _excluded(self) -> set[str]:
         now = time.monotonic()
-        self._failed = {p: t for p, t in self._failed.items() if now - t < _FAILED_COOLDOWN}
-        return set(self._failed)
+        with self._failed_lock:
+            self._failed = {p: t for p, t in self._failed.items() if now - t < _FAILED_COOLDOWN}
+            return set(self._failed)
+
+    def _mark_failed(self, peer: str) -> None:
+        with self._failed_lock:
+            self._failed[peer] = time.monotonic()
 
     def refresh(self) -> list[Provider]:
         """Looks up the model's providers again (skipping ones that failed recently)."""
@@ -160,7 +168,7 @@ class MeshPipeline:
                     raise failure.error from None
                 reroutes += 1
                 log.warning("session %032x: %s failed (%s); rerouting", session.id, failure.peer, failure.error)
-                self._failed[failure.peer] = time.monotonic()
+                self._mark_failed(failure.peer)
                 rerouting = True
                 continue
             session.inputs[i].append(x)
