@@ -23,12 +23,15 @@ GRACEFUL_SHUTDOWN = 5.0
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to `host:port` (port 0: a free one); NetworkError if it cannot be."""
+    """A TCP socket listening on `host:port` (port 0: a free one); NetworkError if it cannot be."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        # Listening now, not when uvicorn starts: clients that connect as soon as the URL is
+        # printed wait in the backlog instead of being refused.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise NetworkError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
