@@ -39,6 +39,8 @@ def test_config_names_the_optional_tensors() -> None:
     assert "attn_q_norm" not in qwen2.layer_names(0)
     assert qwen2.output_name == "lm_head.weight"
     assert not qwen2.rope_interleaved
+    # YaRN, factor 4: transformers' attention factor 0.1 ln 4 + 1 on cos/sin.
+    assert qwen2.rope_attention_factor == pytest.approx(0.1 * np.log(4.0) + 1.0)
 
     qwen3 = read_config(open_model_source(DATA / "tiny-qwen3-tied"))
     assert (qwen3.hidden, qwen3.n_heads, qwen3.head_dim) == (64, 4, 32)
@@ -168,11 +170,19 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gguf_layout_matches_stored_transformers_reference(tmp_path: Path, variant: str) -> None:
-    """The GGUF path (qwen2 / qwen3 metadata keys, `blk.N.*` names, rotate-half RoPE) gives
-    transformers' logits: embedding, spans and head run directly (the tiny GGUF carries no
-    tokenizer)."""
-    source = open_model_source(write_gguf(DATA / variant, tmp_path / f"{variant}.gguf"))
+def test_gguf_layout_matches_the_hf_layout(tmp_path: Path, variant: str) -> None:
+    """The GGUF path (qwen2 / qwen3 metadata keys, `blk.N.*` names, rotate-half RoPE) gives the
+    HF path's logits, and transformers' where no RoPE scaling is configured. Embedding, spans
+    and head run directly: the tiny GGUF carries no tokenizer. GGUF YaRN is refused (not
+    checked yet), so the checkpoint's scaling is dropped on both sides."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(DATA / variant, hf_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    scaled = cfg["rope_parameters"].get("rope_type", "default") != "default"
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_parameters"]["rope_theta"]}
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+
+    source = open_model_source(write_gguf(hf_dir, tmp_path / f"{variant}.gguf"))
     config = read_config(source)
     assert config.architecture == tiny_qwen.VARIANTS[variant][0].lower()
     assert not config.rope_interleaved
@@ -188,10 +198,30 @@ def test_gguf_layout_matches_stored_transformers_reference(tmp_path: Path, varia
             hidden = span.native.forward(hidden, cache)
         return head.logits(hidden)
 
-    ref = np.load(DATA / variant / "reference_logits.npz")
-    np.testing.assert_allclose(logits(tiny_qwen.PREFILL_IDS), ref["prefill"], atol=LOGIT_ATOL, rtol=0)
+    prefill = logits(tiny_qwen.PREFILL_IDS)
     decode = np.stack([logits([t])[0] for t in tiny_qwen.DECODE_IDS])
-    np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+    hf_prefill, hf_decode = ours(hf_dir)
+    np.testing.assert_allclose(prefill, hf_prefill, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(decode, hf_decode, atol=1e-5, rtol=0)
+    if not scaled:
+        ref = np.load(DATA / variant / "reference_logits.npz")
+        np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
+        np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+
+
+def test_gguf_yarn_is_refused(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "yarn.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointFormatError, match="rope scaling 'yarn'"):
+        read_config(open_model_source(path))
 
 
 def test_a_tensor_no_role_takes_is_refused(tmp_path: Path) -> None:

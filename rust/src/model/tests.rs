@@ -147,7 +147,8 @@ fn bad_ranges_and_caches_are_refused_without_touching_the_caches() {
     assert_eq!(cache.len(), 1);
 }
 
-/// Settings of a tiny Qwen checkpoint (tests/fixtures/tiny_qwen.py: rope theta 1e6, eps 1e-5).
+/// Settings of a tiny Qwen checkpoint (tests/fixtures/tiny_qwen.py: rope theta 1e6, eps 1e-5;
+/// the Qwen2 fixture's YaRN frequencies are left out, the reference layer takes the same ones).
 fn tiny_qwen_config(head_dim: usize) -> LlamaConfig {
     LlamaConfig {
         head_dim,
@@ -302,6 +303,7 @@ fn qwen_layers_equal_the_scalar_reference() {
 }
 
 #[test]
+#[allow(clippy::single_range_in_vec_init)] // one range of layers, not a list of indices
 fn qwen_sub_ranges_equal_the_whole_span_bit_for_bit() {
     for (dir, head_dim) in [("tiny-qwen2", 16), ("tiny-qwen3-tied", 32)] {
         let ck = open_tiny(dir);
