@@ -257,3 +257,37 @@ def test_two_workers_through_the_mesh_give_the_one_process_greedy_tokens(tmp_pat
             with connect(model_dir, addr, threads=1, route_timeout=30) as model:
                 assert [h.layers for h in model.pipeline.route()] == [range(0, 2), range(2, 3)]
                 assert greedy(model, "Pipeline parallel inference", 24) == local
+
+
+def _as_bf16_checkpoint(src: Path, out: Path, widen: bool) -> Path:
+    """A copy of `src` with every tensor rounded to bfloat16 (truncated, as
+    tests/test_checkpoint.py writes it): stored as BF16, or widened back to F32 when `widen`
+    (the same values in f32, the comparison's baseline). Real Qwen checkpoints ship bf16."""
+    from safetensors.numpy import load_file
+
+    from tests.test_checkpoint import _bf16, _write_safetensors
+
+    shutil.copytree(src, out)
+    tensors = {}
+    for name, t in load_file(src / "model.safetensors").items():
+        raw = _bf16(t)
+        if widen:
+            raw = (np.frombuffer(raw, "<u2").astype("<u4") << 16).tobytes()
+        tensors[name] = ("F32" if widen else "BF16", t.shape, raw)
+    _write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_checkpoint_equals_its_values_in_f32(tmp_path: Path, variant: str) -> None:
+    """bf16 weights (biases and q/k norms included, read as f32 vectors) give the logits of
+    the same values widened to f32, to 1e-4 (measured: bit-equal); Q8_0 on load from bf16
+    stays within the f32 checkpoint's Q8_0 bound (measured ~0.02 relative RMS)."""
+    bf16_dir = _as_bf16_checkpoint(DATA / variant, tmp_path / "bf16", widen=False)
+    f32_dir = _as_bf16_checkpoint(DATA / variant, tmp_path / "f32", widen=True)
+    ref = Model.load(f32_dir, threads=2).logits_all(tiny_qwen.PREFILL_IDS)
+    got = Model.load(bf16_dir, threads=2).logits_all(tiny_qwen.PREFILL_IDS)
+    np.testing.assert_allclose(got, ref, atol=LOGIT_ATOL, rtol=0)
+    q8 = Model.load(bf16_dir, threads=2, quantize="Q8_0").logits_all(tiny_qwen.PREFILL_IDS)
+    rel_rms = float(np.sqrt(((q8 - ref) ** 2).mean()) / ref.std())
+    assert 0 < rel_rms < 0.06, f"Q8_0 from bf16: relative RMS logit error {rel_rms:.4f}"
