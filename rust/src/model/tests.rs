@@ -296,7 +296,8 @@ fn qwen_layers_equal_the_scalar_reference() {
             }
             let max_err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             let scale = expected.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            // f32 both sides, different summation order: error ~1e-6 of the values' scale.
+            // f32 both sides, different summation order only. Skipping the k norm gives an
+            // error of ~0.25 of the values' scale.
             assert!(max_err <= 1e-4 * scale, "{dir}, {threads} threads: max error {max_err} (values up to {scale})");
         }
     }
