@@ -83,7 +83,12 @@ class KvCache:
     def truncate(self, len: int) -> None: ...
 
 class LlamaSpan:
-    """Layers first_layer .. first_layer + n_layers of a Llama-family model on the CPU."""
+    """Layers first_layer .. first_layer + n_layers of a Llama-family model on the CPU.
+
+    `layer_names` maps roles to tensor names per layer: `attn_norm`, `attn_q`, `attn_k`,
+    `attn_v`, `attn_output`, `ffn_norm`, `ffn_gate`, `ffn_up`, `ffn_down`, and optionally
+    `attn_q_bias`, `attn_k_bias`, `attn_v_bias` (Qwen2) and `attn_q_norm`, `attn_k_norm`
+    (Qwen3). A role not used is an error."""
 
     def __init__(
         self,

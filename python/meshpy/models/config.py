@@ -68,17 +68,23 @@ class ModelConfig:
 
 def read_config(source: ModelSource) -> ModelConfig:
     """Reads the model's settings from its checkpoint."""
-    from meshpy.models import llama
+    from meshpy.models import llama, qwen
 
     arch = architecture_of(source)
     if arch in llama.ARCHITECTURES:
         return llama.read_config(source)
+    if arch in qwen.ARCHITECTURES:
+        return qwen.read_config(source)
     raise UnsupportedArchitectureError(
         f"unsupported architecture {arch!r} in {source.path}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
 
-SUPPORTED_ARCHITECTURES = ("llama (GGUF) / LlamaForCausalLM (HF)",)
+SUPPORTED_ARCHITECTURES = (
+    "llama (GGUF) / LlamaForCausalLM (HF)",
+    "qwen2 (GGUF) / Qwen2ForCausalLM (HF)",
+    "qwen3 (GGUF) / Qwen3ForCausalLM (HF)",
+)
 
 
 def architecture_of(source: ModelSource) -> str:

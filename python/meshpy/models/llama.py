@@ -46,8 +46,8 @@ _HF_ROLES = {
 def read_config(source: ModelSource) -> ModelConfig:
     """Settings and names from a Llama-family checkpoint."""
     if source.format == "gguf":
-        return _from_gguf(source)
-    return _from_hf(source)
+        return from_gguf(source)
+    return from_hf(source)
 
 
 def _get(meta: dict[str, Any], key: str, where: str) -> Any:
@@ -56,7 +56,9 @@ def _get(meta: dict[str, Any], key: str, where: str) -> Any:
     return meta[key]
 
 
-def _from_gguf(source: ModelSource) -> ModelConfig:
+def from_gguf(source: ModelSource) -> ModelConfig:
+    """Settings and `blk.N.*` names from GGUF metadata under `general.architecture`'s keys
+    (shared by families built on this layer, such as Qwen)."""
     meta = source.metadata
     arch = meta["general.architecture"]
     where = str(source.path)
@@ -104,7 +106,9 @@ def _from_gguf(source: ModelSource) -> ModelConfig:
     )
 
 
-def _from_hf(source: ModelSource) -> ModelConfig:
+def from_hf(source: ModelSource) -> ModelConfig:
+    """Settings and `model.layers.N.*` names from an HF config.json (transformers' LlamaConfig
+    keys, which the Qwen configs share)."""
     cfg = source.config
     where = str(source.path / "config.json") if source.path.is_dir() else str(source.path)
     hidden = int(_get(cfg, "hidden_size", where))

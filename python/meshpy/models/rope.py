@@ -3,7 +3,8 @@
 Computed here once per model and handed to the Rust span as a float32 array of inverse
 frequencies (one per rotated pair), so every family and scaling type shares one kernel.
 Follows transformers' modeling_rope_utils.py (`_compute_default_rope_parameters`,
-`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`).
+`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`,
+`_compute_yarn_parameters`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from meshpy.errors import UnsupportedArchitectureError
 
 __all__ = ["default_inv_freq", "scaled_inv_freq", "SUPPORTED_ROPE_TYPES"]
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def default_inv_freq(base: float, n_rot: int) -> np.ndarray:
@@ -39,6 +40,8 @@ def scaled_inv_freq(base: float, n_rot: int, scaling: Mapping[str, Any] | None) 
         return (inv_freq / np.float32(scaling["factor"])).astype(np.float32), 1.0
     if kind == "llama3":
         return _llama3(inv_freq, scaling), 1.0
+    if kind == "yarn":
+        return _yarn(base, n_rot, scaling)
     raise UnsupportedArchitectureError(
         f"unsupported rope scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
     )
@@ -57,3 +60,43 @@ def _llama3(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn(base: float, dim: int, scaling: Mapping[str, Any]) -> tuple[np.ndarray, float]:
+    """YaRN (Qwen2.5 / Qwen3 long context): interpolated low frequencies, extrapolated high
+    ones, a linear ramp between; cos/sin scaled by the attention factor. float32 as in
+    transformers' `_compute_yarn_parameters`."""
+    if scaling.get("factor") is None:
+        raise UnsupportedArchitectureError("yarn rope scaling without a factor is not supported")
+    factor = float(scaling["factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+
+        def get_mscale(scale: float, mscale: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
+    extrapolation = np.float32(1.0) / pos_freqs
+    interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation_factor = np.float32(1.0) - ramp.astype(np.float32)
+    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv_freq.astype(np.float32), float(attention_factor)

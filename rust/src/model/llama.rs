@@ -5,6 +5,13 @@
 //! llama.cpp's llm_build_llama for the GGUF layout. Rotary frequencies (with any scaling:
 //! Llama 3, linear, ...) come precomputed from the Python family module.
 //!
+//! The Qwen families are this layer with optional parts, present when the checkpoint names
+//! their tensors: q/k/v biases (Qwen2/Qwen2.5, transformers' models/qwen2/modeling_qwen2.py:
+//! `q_proj`/`k_proj`/`v_proj` with `bias=True`) and a per-head RMSNorm of q and k between the
+//! projection and RoPE (Qwen3, models/qwen3/modeling_qwen3.py: `q_norm(q_proj(x).view(..,
+//! head_dim))`, then `apply_rotary_pos_emb`). `head_dim` is its own setting (Qwen3 sets it,
+//! so `n_heads * head_dim` may differ from `hidden`).
+//!
 //! One forward call runs a batch of sequence chunks (each a session's next tokens with its
 //! own KV cache) through every layer of the span, or through a contiguous sub-range of its
 //! layers ([`LlamaSpan::forward_layers`], with caches of that many layers); all threads of the
@@ -77,6 +84,13 @@ struct LlamaLayer {
     wk: QMatrix,
     wv: QMatrix,
     wo: QMatrix,
+    /// q/k/v projection biases (Qwen2), `q_dim` / `kv_dim` / `kv_dim` values.
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    /// Per-head RMSNorm weights of q and k before RoPE (Qwen3), `head_dim` values each.
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
     w_gate: QMatrix,
     w_up: QMatrix,
@@ -86,12 +100,35 @@ struct LlamaLayer {
 impl LlamaLayer {
     fn load(checkpoint: &Checkpoint, cfg: &LlamaConfig, names: LayerNames) -> Result<Self> {
         let mut t = LayerTensors::new(checkpoint, names, cfg.quantize);
+        // Roles a checkpoint may lack (the Qwen options): loaded when named.
+        let optional = |t: &mut LayerTensors, role: &str, len: usize| -> Result<Option<Vec<f32>>> {
+            if t.has(role) {
+                t.vector(role, len).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let (bq, bk, bv) = (
+            optional(&mut t, "attn_q_bias", cfg.q_dim())?,
+            optional(&mut t, "attn_k_bias", cfg.kv_dim())?,
+            optional(&mut t, "attn_v_bias", cfg.kv_dim())?,
+        );
+        let (q_norm, k_norm) =
+            (optional(&mut t, "attn_q_norm", cfg.head_dim)?, optional(&mut t, "attn_k_norm", cfg.head_dim)?);
+        if q_norm.is_some() != k_norm.is_some() {
+            return Err(Error::InvalidArgument("attn_q_norm and attn_k_norm come together".into()));
+        }
         let layer = LlamaLayer {
             attn_norm: t.vector("attn_norm", cfg.hidden)?,
             wq: t.matrix("attn_q")?,
             wk: t.matrix("attn_k")?,
             wv: t.matrix("attn_v")?,
             wo: t.matrix("attn_output")?,
+            bq,
+            bk,
+            bv,
+            q_norm,
+            k_norm,
             ffn_norm: t.vector("ffn_norm", cfg.hidden)?,
             w_gate: t.matrix("ffn_gate")?,
             w_up: t.matrix("ffn_up")?,
@@ -114,6 +151,10 @@ impl LlamaLayer {
             .map(|m| m.nbytes())
             .sum::<usize>()
             + 4 * (self.attn_norm.len() + self.ffn_norm.len())
+            + 4 * [&self.bq, &self.bk, &self.bv, &self.q_norm, &self.k_norm]
+                .iter()
+                .map(|v| v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
     }
 }
 
@@ -418,6 +459,7 @@ impl Pass<'_> {
         let my_rows = ctx.split(n);
         let mut scores = vec![0f32; self.max_ctx];
         let mut xn = vec![0f32; d];
+        let mut head_tmp = vec![0f32; hd];
         // Quantizes every row of `src` (width `w`) into this thread's `dst` buffers.
         // SAFETY (all SharedMut accesses below): each thread writes only its own rows,
         // matrix rows or private buffers between barriers; reads of others' data follow a
@@ -442,20 +484,30 @@ impl Pass<'_> {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention input: RMSNorm, quantize, q/k/v.
             norm_all(&layer.attn_norm, &acts.attn_in, &mut xn);
-            layer.wq.matmul_part(ctx, act_for(&acts.attn_in, &layer.wq), n, b.q, qd, false, None);
-            layer.wk.matmul_part(ctx, act_for(&acts.attn_in, &layer.wk), n, b.k, kvd, false, None);
-            layer.wv.matmul_part(ctx, act_for(&acts.attn_in, &layer.wv), n, b.v, kvd, false, None);
+            // Biases (Qwen2) are added by the product, as nn.Linear(bias=True) does.
+            layer.wq.matmul_part(ctx, act_for(&acts.attn_in, &layer.wq), n, b.q, qd, false, layer.bq.as_deref());
+            layer.wk.matmul_part(ctx, act_for(&acts.attn_in, &layer.wk), n, b.k, kvd, false, layer.bk.as_deref());
+            layer.wv.matmul_part(ctx, act_for(&acts.attn_in, &layer.wv), n, b.v, kvd, false, layer.bv.as_deref());
             ctx.barrier();
 
-            // RoPE on q and k, then append k and v to each row's session cache.
+            // Per-head q/k RMSNorm (Qwen3, before RoPE as in modeling_qwen3.py), RoPE on q
+            // and k, then append k and v to each row's session cache.
             for t in my_rows.clone() {
                 let (c, s) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
-                let qrow = unsafe { b.q.slice_mut(t * qd..(t + 1) * qd) };
+                let qrow = unsafe { b.q.slice_mut(t * qd..(t + 1) * qd) }; // (n_heads, head_dim)
                 for h in qrow.chunks_exact_mut(hd) {
+                    if let Some(w) = &layer.q_norm {
+                        ops::rms_norm(h, w, cfg.eps, &mut head_tmp);
+                        h.copy_from_slice(&head_tmp);
+                    }
                     ops::rope_apply(h, c, s, cfg.rope_interleaved);
                 }
-                let krow = unsafe { b.k.slice_mut(t * kvd..(t + 1) * kvd) };
+                let krow = unsafe { b.k.slice_mut(t * kvd..(t + 1) * kvd) }; // (n_kv_heads, head_dim)
                 for h in krow.chunks_exact_mut(hd) {
+                    if let Some(w) = &layer.k_norm {
+                        ops::rms_norm(h, w, cfg.eps, &mut head_tmp);
+                        h.copy_from_slice(&head_tmp);
+                    }
                     ops::rope_apply(h, c, s, cfg.rope_interleaved);
                 }
                 let (kc, vc) = self.caches[self.row_seq[t]][li];

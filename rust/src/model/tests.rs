@@ -1,5 +1,8 @@
 //! Span forward passes on the tiny random Llama checkpoint of `tests/data/tiny-llama` (3 layers,
 //! hidden 64, 4 heads, 2 KV heads): sub-ranges of a span against the whole span, bit for bit.
+//! And the Qwen options of the layer (`tests/data/tiny-qwen2`: q/k/v biases;
+//! `tests/data/tiny-qwen3-tied`: q/k norms, head_dim 32 != 64 / 4) against a scalar
+//! reference layer written from transformers' modeling_qwen2.py / modeling_qwen3.py.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -7,6 +10,7 @@ use std::path::PathBuf;
 use super::*;
 use crate::checkpoint::Checkpoint;
 use crate::compute::ThreadPool;
+use crate::model::weights::{load_vector, LayerNames};
 use crate::quant::GgmlType;
 use crate::test_rng::TestRng;
 
@@ -141,4 +145,186 @@ fn bad_ranges_and_caches_are_refused_without_touching_the_caches() {
     let mut seqs = [SeqChunk { cache: &mut cache, n_tokens: 1 }];
     span.forward_layers(&pool, &mut hidden, &mut seqs, 1..3).unwrap();
     assert_eq!(cache.len(), 1);
+}
+
+/// Settings of a tiny Qwen checkpoint (tests/fixtures/tiny_qwen.py: rope theta 1e6, eps 1e-5;
+/// the Qwen2 fixture's YaRN frequencies are left out, the reference layer takes the same ones).
+fn tiny_qwen_config(head_dim: usize) -> LlamaConfig {
+    LlamaConfig {
+        head_dim,
+        rope_inv_freq: (0..head_dim / 2).map(|i| 1.0 / 1e6f32.powf(2.0 * i as f32 / head_dim as f32)).collect(),
+        attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        ..tiny_config(None)
+    }
+}
+
+/// Role -> HF name of one Qwen layer, with the optional roles the checkpoint has.
+fn qwen_names(checkpoint: &Checkpoint, i: usize) -> LayerNames {
+    let roles = [
+        ("attn_norm", "input_layernorm.weight"),
+        ("attn_q", "self_attn.q_proj.weight"),
+        ("attn_k", "self_attn.k_proj.weight"),
+        ("attn_v", "self_attn.v_proj.weight"),
+        ("attn_output", "self_attn.o_proj.weight"),
+        ("ffn_norm", "post_attention_layernorm.weight"),
+        ("ffn_gate", "mlp.gate_proj.weight"),
+        ("ffn_up", "mlp.up_proj.weight"),
+        ("ffn_down", "mlp.down_proj.weight"),
+        ("attn_q_bias", "self_attn.q_proj.bias"),
+        ("attn_k_bias", "self_attn.k_proj.bias"),
+        ("attn_v_bias", "self_attn.v_proj.bias"),
+        ("attn_q_norm", "self_attn.q_norm.weight"),
+        ("attn_k_norm", "self_attn.k_norm.weight"),
+    ];
+    roles
+        .iter()
+        .map(|(role, name)| (role.to_string(), format!("model.layers.{i}.{name}")))
+        .filter(|(_, name)| checkpoint.data(name).is_ok())
+        .collect()
+}
+
+fn open_tiny(dir: &str) -> Checkpoint {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(dir).join("model.safetensors");
+    Checkpoint::open(&[path]).expect("the tiny checkpoint opens")
+}
+
+/// One decoder layer in plain f32 loops, over a whole sequence from position 0, in
+/// transformers' order: RMSNorm; q/k/v = x W^T + b (Qwen2); q/k per-head RMSNorm (Qwen3);
+/// rotate-half RoPE; causal GQA softmax attention; o_proj + residual; RMSNorm; SwiGLU MLP +
+/// residual.
+fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, x: &mut [f32]) {
+    let (d, hd) = (cfg.hidden, cfg.head_dim);
+    let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+    let n = x.len() / d;
+    let load = |role: &str, len: usize| names.get(role).map(|name| load_vector(ck, name, len).unwrap());
+    let ffn = ck.data(&names["ffn_gate"]).unwrap().info().shape.iter().product::<usize>() / d;
+    let linear = |w: &[f32], b: Option<&Vec<f32>>, input: &[f32], rows: usize| -> Vec<f32> {
+        let cols = input.len();
+        let dot = |r: usize| (0..cols).map(|c| w[r * cols + c] * input[c]).sum::<f32>();
+        (0..rows).map(|r| dot(r) + b.map_or(0.0, |b| b[r])).collect()
+    };
+    let rms = |v: &[f32], w: &[f32]| -> Vec<f32> {
+        let s = 1.0 / (v.iter().map(|a| a * a).sum::<f32>() / v.len() as f32 + cfg.eps).sqrt();
+        v.iter().zip(w).map(|(a, w)| a * s * w).collect()
+    };
+    let (wq, wk) = (load("attn_q", qd * d).unwrap(), load("attn_k", kvd * d).unwrap());
+    let (wv, wo) = (load("attn_v", kvd * d).unwrap(), load("attn_output", d * qd).unwrap());
+    let (bq, bk, bv) = (load("attn_q_bias", qd), load("attn_k_bias", kvd), load("attn_v_bias", kvd));
+    let (qn, kn) = (load("attn_q_norm", hd), load("attn_k_norm", hd));
+    let (an, fnorm) = (load("attn_norm", d).unwrap(), load("ffn_norm", d).unwrap());
+    let (wg, wu) = (load("ffn_gate", ffn * d).unwrap(), load("ffn_up", ffn * d).unwrap());
+    let wdn = load("ffn_down", d * ffn).unwrap();
+    let half = hd / 2;
+    let rope = |h: &mut [f32], p: usize| {
+        for i in 0..half {
+            let a = p as f32 * cfg.rope_inv_freq[i];
+            let (c, s) = ((a as f64).cos() as f32, (a as f64).sin() as f32);
+            let (x0, x1) = (h[i], h[i + half]);
+            h[i] = x0 * c - x1 * s;
+            h[i + half] = x1 * c + x0 * s;
+        }
+    };
+    let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+    for t in 0..n {
+        let h = rms(&x[t * d..(t + 1) * d], &an);
+        let mut q = linear(&wq, bq.as_ref(), &h, qd); // (n_heads, head_dim)
+        let mut k = linear(&wk, bk.as_ref(), &h, kvd); // (n_kv_heads, head_dim)
+        for (v, norm) in [(&mut q, &qn), (&mut k, &kn)] {
+            for head in v.chunks_exact_mut(hd) {
+                if let Some(w) = norm {
+                    let normed = rms(head, w);
+                    head.copy_from_slice(&normed);
+                }
+                rope(head, t);
+            }
+        }
+        qs.push(q);
+        ks.push(k);
+        vs.push(linear(&wv, bv.as_ref(), &h, kvd));
+    }
+    let group = cfg.n_heads / cfg.n_kv_heads;
+    for t in 0..n {
+        let mut att = vec![0f32; qd];
+        for h in 0..cfg.n_heads {
+            let kvh = h / group;
+            let q = &qs[t][h * hd..(h + 1) * hd];
+            let scores: Vec<f32> = (0..=t)
+                .map(|j| q.iter().zip(&ks[j][kvh * hd..]).map(|(a, b)| a * b).sum::<f32>() * cfg.attn_scale)
+                .collect();
+            let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f32 = e.iter().sum();
+            for (j, w) in e.iter().enumerate() {
+                for i in 0..hd {
+                    att[h * hd + i] += w / z * vs[j][kvh * hd + i];
+                }
+            }
+        }
+        let o = linear(&wo, None, &att, d);
+        let row = &mut x[t * d..(t + 1) * d];
+        row.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        let h = rms(row, &fnorm);
+        let (g, u) = (linear(&wg, None, &h, ffn), linear(&wu, None, &h, ffn));
+        let mid: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        let down = linear(&wdn, None, &mid, d);
+        row.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+    }
+}
+
+#[test]
+fn qwen_layers_equal_the_scalar_reference() {
+    for (dir, head_dim, optional) in [("tiny-qwen2", 16, "attn_q_bias"), ("tiny-qwen3-tied", 32, "attn_q_norm")] {
+        let ck = open_tiny(dir);
+        let cfg = tiny_qwen_config(head_dim);
+        let names: Vec<LayerNames> = (0..TINY_LAYERS).map(|i| qwen_names(&ck, i)).collect();
+        assert!(names[0].contains_key(optional), "{dir} has {optional}");
+        let span = LlamaSpan::load(&ck, cfg.clone(), 0, names.clone()).expect("the tiny Qwen span loads");
+        // 7 positions as a prefill of 5 and two decode steps, against one reference pass.
+        let input = TestRng::new(3).gaussians(7 * TINY_HIDDEN);
+        let mut expected = input.clone();
+        for layer in &names {
+            reference_layer(&ck, layer, &cfg, &mut expected);
+        }
+        for threads in [1, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut cache = span.new_cache(64);
+            let mut got = Vec::new();
+            for rows in [0..5, 5..6, 6..7] {
+                let mut hidden = input[rows.start * TINY_HIDDEN..rows.end * TINY_HIDDEN].to_vec();
+                span.forward(&pool, &mut hidden, &mut [SeqChunk { cache: &mut cache, n_tokens: rows.len() }]).unwrap();
+                got.extend(hidden);
+            }
+            let max_err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = expected.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            // f32 both sides, different summation order only. Skipping the k norm gives an
+            // error of ~0.25 of the values' scale.
+            assert!(max_err <= 1e-4 * scale, "{dir}, {threads} threads: max error {max_err} (values up to {scale})");
+        }
+    }
+}
+
+#[test]
+#[allow(clippy::single_range_in_vec_init)] // one range of layers, not a list of indices
+fn qwen_sub_ranges_equal_the_whole_span_bit_for_bit() {
+    for (dir, head_dim) in [("tiny-qwen2", 16), ("tiny-qwen3-tied", 32)] {
+        let ck = open_tiny(dir);
+        let names: Vec<LayerNames> = (0..TINY_LAYERS).map(|i| qwen_names(&ck, i)).collect();
+        for quantize in [None, Some(GgmlType::Q8_0)] {
+            let cfg = LlamaConfig { quantize, ..tiny_qwen_config(head_dim) };
+            let span = LlamaSpan::load(&ck, cfg, 0, names.clone()).unwrap();
+            let pool = ThreadPool::new(3);
+            let whole = through_ranges(&span, &pool, &[0..3]);
+            assert_eq!(through_ranges(&span, &pool, &[0..1, 1..3]), whole, "{dir}, {quantize:?}");
+        }
+    }
+}
+
+#[test]
+fn a_bias_of_the_wrong_length_is_refused() {
+    let ck = open_tiny("tiny-qwen2");
+    let mut names = qwen_names(&ck, 0);
+    // The k bias (32 values) named as the q bias (64 expected).
+    names.insert("attn_q_bias".into(), "model.layers.0.self_attn.k_proj.bias".into());
+    let err = LlamaSpan::load(&ck, tiny_qwen_config(16), 0, vec![names]).err().expect("refused");
+    assert!(err.to_string().contains("expected 64 values"), "{err}");
 }

@@ -137,7 +137,7 @@ fn to_array2<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, cols: usize) -> 
     PyArray1::from_vec(py, data).reshape([rows, cols])
 }
 
-/// Layers a..b of a Llama-family model on the CPU.
+/// Layers a..b of a Llama-family model (Llama, Qwen2, Qwen3) on the CPU.
 #[pyclass(name = "LlamaSpan", module = "meshpy._native", frozen)]
 pub struct PyLlamaSpan {
     span: Arc<LlamaSpan>,

@@ -1,0 +1,70 @@
+"""The Qwen families, Qwen2 / Qwen2.5 and Qwen3 (and their fine-tunes): the Llama layer with
+q/k/v biases (Qwen2) or a per-head RMSNorm of q and k before RoPE (Qwen3), and Qwen3's own
+`head_dim`. Settings come from an HF config.json (`Qwen2ForCausalLM`, `Qwen3ForCausalLM`:
+the Llama keys plus `head_dim`) or GGUF metadata (`qwen2`, `qwen3`: llama.cpp's keys under
+that prefix). The optional tensors are named when the checkpoint has them, as transformers'
+modeling_qwen2.py / modeling_qwen3.py create them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from meshpy.errors import CheckpointFormatError
+from meshpy.models import llama
+from meshpy.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from meshpy.models.source import ModelSource
+
+ARCHITECTURES = ("qwen2", "qwen3", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+# Optional roles of the span (see rust/src/model/llama.rs), by format.
+_GGUF_OPTIONAL = {
+    "attn_q_bias": "blk.{i}.attn_q.bias",
+    "attn_k_bias": "blk.{i}.attn_k.bias",
+    "attn_v_bias": "blk.{i}.attn_v.bias",
+    "attn_q_norm": "blk.{i}.attn_q_norm.weight",
+    "attn_k_norm": "blk.{i}.attn_k_norm.weight",
+}
+_HF_OPTIONAL = {
+    "attn_q_bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "attn_k_bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "attn_v_bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "attn_q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "attn_k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+}
+
+
+def read_config(source: ModelSource) -> ModelConfig:
+    """Settings and names from a Qwen2 / Qwen3 checkpoint."""
+    if source.format == "gguf":
+        scaling = source.metadata.get(f"{source.metadata['general.architecture']}.rope.scaling.type")
+        if scaling not in (None, "none", "linear"):
+            # llama.cpp's YaRN differs in detail from transformers'; not checked here yet.
+            raise CheckpointFormatError(f"{source.path}: GGUF rope scaling {scaling!r} is not supported yet")
+        base = llama.from_gguf(source)
+        optional, layer_prefix = _GGUF_OPTIONAL, "blk.{i}."
+        # llama.cpp permutes q/k rows only for Llama-style archs; Qwen keeps HF's rotate-half
+        # (NeoX) layout, pairs half a head apart.
+        base = dataclasses.replace(base, rope_interleaved=False)
+    else:
+        cfg = source.config
+        if cfg.get("use_sliding_window"):
+            raise CheckpointFormatError(f"{source.path}: Qwen sliding-window attention is not supported yet")
+        base = llama.from_hf(source)
+        optional, layer_prefix = _HF_OPTIONAL, "model.layers.{i}."
+    names = set(source.checkpoint.tensor_names())
+    layers = []
+    for i in range(base.n_layers):
+        roles = base.layer_names(i)
+        roles.update({r: p.format(i=i) for r, p in optional.items() if p.format(i=i) in names})
+        # Every tensor of the layer must have a role: one the forward would skip (an o_proj
+        # bias, a sliding-window variant's extra) is an error, not a silently wrong model.
+        prefix = layer_prefix.format(i=i)
+        unused = sorted(n for n in names if n.startswith(prefix) and n not in roles.values())
+        if unused:
+            raise CheckpointFormatError(f"{source.path}: tensors this Qwen layer does not use: {', '.join(unused)}")
+        layers.append(roles)
+    return dataclasses.replace(base, layer_tensor_names=tuple(layers))
