@@ -87,8 +87,10 @@ class LlamaSpan:
 
     `layer_names` maps roles to tensor names per layer: `attn_norm`, `attn_q`, `attn_k`,
     `attn_v`, `attn_output`, `ffn_norm`, `ffn_gate`, `ffn_up`, `ffn_down`, and optionally
-    `attn_q_bias`, `attn_k_bias`, `attn_v_bias` (Qwen2) and `attn_q_norm`, `attn_k_norm`
-    (Qwen3). A role not used is an error."""
+    `attn_q_bias`, `attn_k_bias`, `attn_v_bias` (Qwen2), `attn_q_norm`, `attn_k_norm`
+    (Qwen3, Gemma 3) and `attn_post_norm`, `ffn_post_norm` (Gemma 3). A role not used is an
+    error. `config` is `ModelConfig.span_config()`; its Gemma 3 keys (`norm_offset`,
+    `gelu_tanh`, `layer_sliding`, `sliding_window`, `rope_local_inv_freq`) may be left out."""
 
     def __init__(
         self,
@@ -126,7 +128,15 @@ class TokenEmbedding:
 class OutputHead:
     """Final norm and vocabulary projection."""
 
-    def __init__(self, checkpoint: Checkpoint, norm_name: str, weight_name: str, eps: float, pool: ThreadPool) -> None: ...
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        norm_name: str,
+        weight_name: str,
+        eps: float,
+        pool: ThreadPool,
+        norm_offset: float = 0.0,
+    ) -> None: ...
     @property
     def vocab(self) -> int: ...
     def logits(self, hidden: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...

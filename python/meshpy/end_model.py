@@ -41,7 +41,8 @@ class EndModel:
         self.chat_template = source.chat_template
         self.embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
         self.head = _native.OutputHead(
-            source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool
+            source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool,
+            norm_offset=config.norm_offset,
         )
 
     def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:

@@ -42,6 +42,15 @@ class ModelConfig:
     output_name: str
     embedding_scale: float
     layer_tensor_names: tuple[dict[str, str], ...] = field(repr=False)
+    #: Added to every RMSNorm weight (1.0 for Gemma 3's `x * (1 + weight)`).
+    norm_offset: float = 0.0
+    #: GELU (tanh approximation) instead of SiLU gating the MLP (Gemma 3).
+    gelu_tanh: bool = False
+    #: Per layer: whether it attends over a sliding window of `sliding_window` positions with
+    #: `rope_local_inv_freq` (Gemma 3's local layers). Empty: no layer does.
+    layer_sliding: tuple[bool, ...] = ()
+    sliding_window: int = 0
+    rope_local_inv_freq: np.ndarray | None = field(default=None, repr=False)
 
     def layer_names(self, layer: int) -> dict[str, str]:
         """Tensor names of one layer by role (`attn_q` -> `blk.3.attn_q.weight`)."""
@@ -63,18 +72,25 @@ class ModelConfig:
             "attn_scale": self.attn_scale,
             "max_positions": self.max_positions,
             "quantize": quantize,
+            "norm_offset": self.norm_offset,
+            "gelu_tanh": self.gelu_tanh,
+            "layer_sliding": list(self.layer_sliding),
+            "sliding_window": self.sliding_window,
+            "rope_local_inv_freq": [] if self.rope_local_inv_freq is None else [float(x) for x in self.rope_local_inv_freq],
         }
 
 
 def read_config(source: ModelSource) -> ModelConfig:
     """Reads the model's settings from its checkpoint."""
-    from meshpy.models import llama, qwen
+    from meshpy.models import gemma3, llama, qwen
 
     arch = architecture_of(source)
     if arch in llama.ARCHITECTURES:
         return llama.read_config(source)
     if arch in qwen.ARCHITECTURES:
         return qwen.read_config(source)
+    if arch in gemma3.ARCHITECTURES:
+        return gemma3.read_config(source)
     raise UnsupportedArchitectureError(
         f"unsupported architecture {arch!r} in {source.path}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
@@ -84,6 +100,7 @@ SUPPORTED_ARCHITECTURES = (
     "llama (GGUF) / LlamaForCausalLM (HF)",
     "qwen2 (GGUF) / Qwen2ForCausalLM (HF)",
     "qwen3 (GGUF) / Qwen3ForCausalLM (HF)",
+    "Gemma3ForCausalLM (HF, gemma3_text)",
 )
 
 

@@ -113,6 +113,17 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate = gelu_tanh(gate) * up` (GeGLU, Gemma 3's `gelu_pytorch_tanh`): PyTorch's
+/// `gelu(x, approximate="tanh")`, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+#[inline]
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()) * u;
+    }
+}
+
 /// Causal attention of one query head against keys/values `0..=last` of its KV head.
 /// `keys`/`values` are the cache rows laid out `(position, n_kv_heads, head_dim)` with
 /// `stride = n_kv_heads * head_dim` and this head's offset already applied; positions
@@ -147,6 +158,17 @@ pub fn attend_ref(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gelu_tanh_mul_matches_torch() {
+        // torch.nn.functional.gelu(x, approximate="tanh") for x = -2, -0.5, 0, 1, 3.
+        let mut g = [-2.0f32, -0.5, 0.0, 1.0, 3.0];
+        let want = [-0.045_402_3f32, -0.154_285_8, 0.0, 0.841_192, 2.996_363_5];
+        gelu_tanh_mul(&mut g, &[2.0; 5]);
+        for (got, w) in g.iter().zip(want) {
+            assert!((got - 2.0 * w).abs() < 1e-5, "{got} vs {}", 2.0 * w);
+        }
+    }
 
     #[test]
     fn rms_norm_matches_definition() {

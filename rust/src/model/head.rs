@@ -55,10 +55,12 @@ pub struct OutputHead {
 
 impl OutputHead {
     /// Loads the final norm `norm_name` and the projection `weight_name` (the embedding's
-    /// name when the model ties them).
-    pub fn load(checkpoint: &Checkpoint, norm_name: &str, weight_name: &str, eps: f32) -> Result<Self> {
+    /// name when the model ties them). `norm_offset` is added to the norm's weight (1 for
+    /// Gemma 3's `x * (1 + weight)` RMSNorm, else 0).
+    pub fn load(checkpoint: &Checkpoint, norm_name: &str, weight_name: &str, eps: f32, norm_offset: f32) -> Result<Self> {
         let weight = QMatrix::from_tensor(weight_name, checkpoint.data(weight_name)?)?;
-        let norm = load_vector(checkpoint, norm_name, weight.cols())?;
+        let mut norm = load_vector(checkpoint, norm_name, weight.cols())?;
+        norm.iter_mut().for_each(|w| *w += norm_offset);
         Ok(OutputHead { norm, eps, weight })
     }
 

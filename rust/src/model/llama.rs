@@ -12,6 +12,13 @@
 //! head_dim))`, then `apply_rotary_pos_emb`). `head_dim` is its own setting (Qwen3 sets it,
 //! so `n_heads * head_dim` may differ from `hidden`).
 //!
+//! Gemma 3's text model (transformers' models/gemma3/modeling_gemma3.py) is this layer with
+//! more options: norms computing `x * (1 + weight)` (`norm_offset`, added at load), the
+//! attention and MLP outputs RMS-normed before their residual adds (`attn_post_norm`,
+//! `ffn_post_norm`: Gemma3DecoderLayer's `post_attention_layernorm` /
+//! `post_feedforward_layernorm`), a GELU-tanh gated MLP, and sliding-window layers that
+//! attend over the last `sliding_window` positions with their own rotary table.
+//!
 //! One forward call runs a batch of sequence chunks (each a session's next tokens with its
 //! own KV cache) through every layer of the span, or through a contiguous sub-range of its
 //! layers ([`LlamaSpan::forward_layers`], with caches of that many layers); all threads of the
@@ -51,6 +58,22 @@ pub struct LlamaConfig {
     pub max_positions: usize,
     /// Convert float weight matrices to this type at load (Q8_0 or Q4_0), if set.
     pub quantize: Option<GgmlType>,
+    /// Added to every RMSNorm weight at load: 0 (Llama), or 1 for Gemma 3, whose
+    /// Gemma3RMSNorm computes `x_normed * (1.0 + weight)` in f32 (transformers'
+    /// models/gemma3/modeling_gemma3.py), q/k norms included.
+    pub norm_offset: f32,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`, Gemma 3) gating the MLP
+    /// instead of SiLU.
+    pub gelu_tanh: bool,
+    /// Per model layer (indexed from layer 0, not the span's first): whether it is a
+    /// sliding-window layer. Empty: none is.
+    pub layer_sliding: Vec<bool>,
+    /// Positions a sliding-window layer's query sees, itself included (transformers'
+    /// `sliding_window`: keys with `q - window < k <= q`).
+    pub sliding_window: usize,
+    /// Rotary inverse frequencies of the sliding-window layers (Gemma 3's
+    /// `rope_local_base_freq`, unscaled), as many as `rope_inv_freq`; empty when no layer slides.
+    pub rope_local_inv_freq: Vec<f32>,
 }
 
 impl LlamaConfig {
@@ -65,6 +88,18 @@ impl LlamaConfig {
         if self.hidden == 0 || self.head_dim == 0 {
             return bad("hidden and head_dim must be positive".into());
         }
+        if self.layer_sliding.iter().any(|&s| s) {
+            if self.sliding_window == 0 {
+                return bad("sliding-window layers need a positive sliding_window".into());
+            }
+            if self.rope_local_inv_freq.len() != self.rope_inv_freq.len() {
+                return bad(format!(
+                    "{} local rotary frequencies, {} global ones",
+                    self.rope_local_inv_freq.len(),
+                    self.rope_inv_freq.len()
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -74,6 +109,11 @@ impl LlamaConfig {
 
     fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
+    }
+
+    /// Whether model layer `layer` attends over a sliding window.
+    fn is_sliding(&self, layer: usize) -> bool {
+        self.layer_sliding.get(layer).copied().unwrap_or(false)
     }
 }
 
@@ -91,14 +131,22 @@ struct LlamaLayer {
     /// Per-head RMSNorm weights of q and k before RoPE (Qwen3), `head_dim` values each.
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
+    /// RMSNorm of the attention output before the residual add (Gemma 3's
+    /// `post_attention_layernorm`), `hidden` values.
+    attn_post_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
+    /// RMSNorm of the MLP output before the residual add (Gemma 3's
+    /// `post_feedforward_layernorm`), `hidden` values.
+    ffn_post_norm: Option<Vec<f32>>,
+    /// Whether this layer attends over a sliding window with the local rotary table.
+    sliding: bool,
     w_gate: QMatrix,
     w_up: QMatrix,
     w_down: QMatrix,
 }
 
 impl LlamaLayer {
-    fn load(checkpoint: &Checkpoint, cfg: &LlamaConfig, names: LayerNames) -> Result<Self> {
+    fn load(checkpoint: &Checkpoint, cfg: &LlamaConfig, layer: usize, names: LayerNames) -> Result<Self> {
         let mut t = LayerTensors::new(checkpoint, names, cfg.quantize);
         // Roles a checkpoint may lack (the Qwen options): loaded when named.
         let optional = |t: &mut LayerTensors, role: &str, len: usize| -> Result<Option<Vec<f32>>> {
@@ -118,7 +166,9 @@ impl LlamaLayer {
         if q_norm.is_some() != k_norm.is_some() {
             return Err(Error::InvalidArgument("attn_q_norm and attn_k_norm come together".into()));
         }
-        let layer = LlamaLayer {
+        let (attn_post_norm, ffn_post_norm) =
+            (optional(&mut t, "attn_post_norm", cfg.hidden)?, optional(&mut t, "ffn_post_norm", cfg.hidden)?);
+        let mut layer = LlamaLayer {
             attn_norm: t.vector("attn_norm", cfg.hidden)?,
             wq: t.matrix("attn_q")?,
             wk: t.matrix("attn_k")?,
@@ -129,12 +179,23 @@ impl LlamaLayer {
             bv,
             q_norm,
             k_norm,
+            attn_post_norm,
             ffn_norm: t.vector("ffn_norm", cfg.hidden)?,
+            ffn_post_norm,
+            sliding: cfg.is_sliding(layer),
             w_gate: t.matrix("ffn_gate")?,
             w_up: t.matrix("ffn_up")?,
             w_down: t.matrix("ffn_down")?,
         };
         t.finish()?;
+        if cfg.norm_offset != 0.0 {
+            for norm in [&mut layer.attn_norm, &mut layer.ffn_norm]
+                .into_iter()
+                .chain([&mut layer.q_norm, &mut layer.k_norm, &mut layer.attn_post_norm, &mut layer.ffn_post_norm].into_iter().flatten())
+            {
+                norm.iter_mut().for_each(|w| *w += cfg.norm_offset);
+            }
+        }
         let ffn = layer.w_gate.rows();
         expect_shape(&layer.wq, "attn_q", cfg.q_dim(), cfg.hidden)?;
         expect_shape(&layer.wk, "attn_k", cfg.kv_dim(), cfg.hidden)?;
@@ -151,7 +212,7 @@ impl LlamaLayer {
             .map(|m| m.nbytes())
             .sum::<usize>()
             + 4 * (self.attn_norm.len() + self.ffn_norm.len())
-            + 4 * [&self.bq, &self.bk, &self.bv, &self.q_norm, &self.k_norm]
+            + 4 * [&self.bq, &self.bk, &self.bv, &self.q_norm, &self.k_norm, &self.attn_post_norm, &self.ffn_post_norm]
                 .iter()
                 .map(|v| v.as_ref().map_or(0, Vec::len))
                 .sum::<usize>()
@@ -213,7 +274,7 @@ impl LlamaSpan {
         cfg.validate()?;
         let mut layers = Vec::with_capacity(layer_names.len());
         for names in layer_names {
-            layers.push(LlamaLayer::load(checkpoint, &cfg, names)?);
+            layers.push(LlamaLayer::load(checkpoint, &cfg, first_layer + layers.len(), names)?);
             on_layer(layers.len());
         }
         let act_types = ActTypes {
@@ -330,14 +391,24 @@ impl LlamaSpan {
                 row_pos.push(s.cache.len() + j);
             }
         }
-        let mut cos = vec![0f32; n_tok * half];
-        let mut sin = vec![0f32; n_tok * half];
-        for (r, &p) in row_pos.iter().enumerate() {
-            ops::rope_table(p, &cfg.rope_inv_freq, &mut cos[r * half..(r + 1) * half], &mut sin[r * half..(r + 1) * half]);
-        }
-        if cfg.rope_attention_factor != 1.0 {
-            cos.iter_mut().chain(sin.iter_mut()).for_each(|v| *v *= cfg.rope_attention_factor);
-        }
+        let tables = |inv_freq: &[f32], factor: f32| {
+            let mut cos = vec![0f32; n_tok * half];
+            let mut sin = vec![0f32; n_tok * half];
+            for (r, &p) in row_pos.iter().enumerate() {
+                ops::rope_table(p, inv_freq, &mut cos[r * half..(r + 1) * half], &mut sin[r * half..(r + 1) * half]);
+            }
+            if factor != 1.0 {
+                cos.iter_mut().chain(sin.iter_mut()).for_each(|v| *v *= factor);
+            }
+            (cos, sin)
+        };
+        let (cos, sin) = tables(&cfg.rope_inv_freq, cfg.rope_attention_factor);
+        // Sliding-window layers' table (Gemma 3: the local base, no scaling), when any runs.
+        let (cos_local, sin_local) = if run_layers.iter().any(|l| l.sliding) {
+            tables(&cfg.rope_local_inv_freq, 1.0)
+        } else {
+            (Vec::new(), Vec::new())
+        };
 
         // Scratch for the whole pass.
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
@@ -345,6 +416,9 @@ impl LlamaSpan {
         let mut k = vec![0f32; n_tok * kvd];
         let mut v = vec![0f32; n_tok * kvd];
         let mut att = vec![0f32; n_tok * qd];
+        // Attention or MLP output awaiting its post-norm (Gemma 3), when a layer has one.
+        let has_post = run_layers.iter().any(|l| l.attn_post_norm.is_some() || l.ffn_post_norm.is_some());
+        let mut post = vec![0f32; if has_post { n_tok * d } else { 0 }];
         let mut gate = vec![0f32; n_tok * self.max_ffn];
         let mut up = vec![0f32; n_tok * self.max_ffn];
         let make = |types: &[GgmlType], cols: usize| -> Result<Vec<ActRows>> {
@@ -379,6 +453,7 @@ impl LlamaSpan {
             k: SharedMut::new(&mut k),
             v: SharedMut::new(&mut v),
             att: SharedMut::new(&mut att),
+            post: SharedMut::new(&mut post),
             gate: SharedMut::new(&mut gate),
             up: SharedMut::new(&mut up),
             acts,
@@ -388,7 +463,20 @@ impl LlamaSpan {
             .map(|s| (0..run_layers.len()).map(|l| s.cache.layer_shared(l)).collect())
             .collect();
         let max_ctx = seqs.iter().map(|s| s.cache.len() + s.n_tokens).max().unwrap_or(0);
-        let pass = Pass { span: self, layers: run_layers, n_tok, row_seq: &row_seq, row_pos: &row_pos, cos: &cos, sin: &sin, bufs: &bufs, caches: &caches, max_ctx };
+        let pass = Pass {
+            span: self,
+            layers: run_layers,
+            n_tok,
+            row_seq: &row_seq,
+            row_pos: &row_pos,
+            cos: &cos,
+            sin: &sin,
+            cos_local: &cos_local,
+            sin_local: &sin_local,
+            bufs: &bufs,
+            caches: &caches,
+            max_ctx,
+        };
 
         pool.run(|ctx| pass.run(ctx));
 
@@ -406,6 +494,8 @@ struct Buffers {
     k: SharedMut<f32>,
     v: SharedMut<f32>,
     att: SharedMut<f32>,
+    /// `(n_tok, hidden)` when a layer has post-norms, else empty.
+    post: SharedMut<f32>,
     gate: SharedMut<f32>,
     up: SharedMut<f32>,
     /// Per thread (indexed by `Ctx::tid`): its quantized activation rows.
@@ -437,6 +527,9 @@ struct Pass<'a> {
     row_pos: &'a [usize],
     cos: &'a [f32],
     sin: &'a [f32],
+    /// The sliding-window layers' rotary table (empty when none runs).
+    cos_local: &'a [f32],
+    sin_local: &'a [f32],
     bufs: &'a Buffers,
     caches: &'a [Vec<(SharedMut<f32>, SharedMut<f32>)>],
     max_ctx: usize,
@@ -445,9 +538,9 @@ struct Pass<'a> {
 impl Pass<'_> {
     /// Six barriers per layer: after q/k/v, after RoPE and the cache append, after
     /// attention, after the output projection, after gate/up + SwiGLU, after the down
-    /// projection. Norms and quantization run on every thread for all rows into its own
-    /// buffers (cheaper than a barrier for decode's single row), SwiGLU on the columns the
-    /// thread itself computed.
+    /// projection (one more after each projection with a post-norm, Gemma 3). Norms and
+    /// quantization run on every thread for all rows into its own buffers (cheaper than a
+    /// barrier for decode's single row), SwiGLU on the columns the thread itself computed.
     fn run(&self, ctx: &Ctx) {
         let cfg = &self.span.cfg;
         let (d, hd) = (cfg.hidden, cfg.head_dim);
@@ -492,8 +585,9 @@ impl Pass<'_> {
 
             // Per-head q/k RMSNorm (Qwen3, before RoPE as in modeling_qwen3.py), RoPE on q
             // and k, then append k and v to each row's session cache.
+            let (cos, sin) = if layer.sliding { (self.cos_local, self.sin_local) } else { (self.cos, self.sin) };
             for t in my_rows.clone() {
-                let (c, s) = (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half]);
+                let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
                 let qrow = unsafe { b.q.slice_mut(t * qd..(t + 1) * qd) }; // (n_heads, head_dim)
                 for h in qrow.chunks_exact_mut(hd) {
                     if let Some(w) = &layer.q_norm {
@@ -535,23 +629,26 @@ impl Pass<'_> {
                 let (t, h) = (item / cfg.n_heads, item % cfg.n_heads);
                 let kvh = h / group;
                 let p = self.row_pos[t];
+                // A sliding-window layer sees keys `p - window < k <= p` (transformers'
+                // sliding-window causal mask), a global layer all of `0..=p`.
+                let first = if layer.sliding { (p + 1).saturating_sub(cfg.sliding_window) } else { 0 };
                 let (kc, vc) = self.caches[self.row_seq[t]][li];
                 let (keys, values) = unsafe { (kc.slice(kvh * hd..(p + 1) * kvd), vc.slice(kvh * hd..(p + 1) * kvd)) };
                 let qh = unsafe { b.q.slice(t * qd + h * hd..t * qd + (h + 1) * hd) };
                 let out = unsafe { b.att.slice_mut(t * qd + h * hd..t * qd + (h + 1) * hd) };
-                attention::attend(qh, keys, values, kvd, 0, p, cfg.attn_scale, &mut scores, out);
+                attention::attend(qh, keys, values, kvd, first, p, cfg.attn_scale, &mut scores, out);
             }
             ctx.barrier();
             quantize_all(b.att, qd, &acts.attn_out);
-            layer.wo.matmul_part(ctx, act_for(&acts.attn_out, &layer.wo), n, b.x, d, true, None);
-            ctx.barrier();
+            self.project_residual(ctx, &layer.wo, act_for(&acts.attn_out, &layer.wo), layer.attn_post_norm.as_deref(), &mut xn);
 
             // MLP: RMSNorm, SwiGLU, down projection added to the residual.
             norm_all(&layer.ffn_norm, &acts.ffn_in, &mut xn);
             let ffn = layer.w_gate.rows();
             layer.w_gate.matmul_part(ctx, act_for(&acts.ffn_in, &layer.w_gate), n, b.gate, ffn, false, None);
             layer.w_up.matmul_part(ctx, act_for(&acts.ffn_in, &layer.w_up), n, b.up, ffn, false, None);
-            // SwiGLU on the columns this thread computed in both products (else after a barrier).
+            // SwiGLU (or GeGLU with tanh GELU, Gemma 3) on the columns this thread computed in
+            // both products (else after a barrier).
             let cols = layer.w_gate.part_rows(ctx);
             let own = cols == layer.w_up.part_rows(ctx);
             if !own {
@@ -560,12 +657,37 @@ impl Pass<'_> {
             let cols = if own { cols } else { ctx.split(ffn) };
             for t in 0..n {
                 let g = unsafe { b.gate.slice_mut(t * ffn + cols.start..t * ffn + cols.end) };
-                fastmath::silu_mul(g, unsafe { b.up.slice(t * ffn + cols.start..t * ffn + cols.end) });
+                let u = unsafe { b.up.slice(t * ffn + cols.start..t * ffn + cols.end) };
+                if cfg.gelu_tanh {
+                    ops::gelu_tanh_mul(g, u);
+                } else {
+                    fastmath::silu_mul(g, u);
+                }
             }
             ctx.barrier();
             quantize_all(b.gate, ffn, &acts.ffn_mid);
-            layer.w_down.matmul_part(ctx, act_for(&acts.ffn_mid, &layer.w_down), n, b.x, d, true, None);
-            ctx.barrier();
+            self.project_residual(ctx, &layer.w_down, act_for(&acts.ffn_mid, &layer.w_down), layer.ffn_post_norm.as_deref(), &mut xn);
         }
+    }
+
+    /// `x += m @ act`, or with a post-norm (Gemma 3) `x += rms_norm(m @ act)`: the product
+    /// goes to `post`, then each thread normalizes and adds its own rows. Ends at a barrier.
+    fn project_residual(&self, ctx: &Ctx, m: &QMatrix, act: ActRowsMut, post_norm: Option<&[f32]>, xn: &mut [f32]) {
+        let (cfg, b, n) = (&self.span.cfg, self.bufs, self.n_tok);
+        let d = cfg.hidden;
+        match post_norm {
+            None => m.matmul_part(ctx, act, n, b.x, d, true, None),
+            Some(w) => {
+                m.matmul_part(ctx, act, n, b.post, d, false, None);
+                ctx.barrier();
+                for t in ctx.split(n) {
+                    // SAFETY: row t of `post` and `x` belongs to this thread after the barrier.
+                    let (o, x) = unsafe { (b.post.slice(t * d..(t + 1) * d), b.x.slice_mut(t * d..(t + 1) * d)) };
+                    ops::rms_norm(o, w, cfg.eps, xn);
+                    x.iter_mut().zip(xn.iter()).for_each(|(x, &y)| *x += y);
+                }
+            }
+        }
+        ctx.barrier();
     }
 }

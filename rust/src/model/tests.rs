@@ -35,6 +35,11 @@ fn tiny_config(quantize: Option<GgmlType>) -> LlamaConfig {
         attn_scale: 1.0 / (head_dim as f32).sqrt(),
         max_positions: 256,
         quantize,
+        norm_offset: 0.0,
+        gelu_tanh: false,
+        layer_sliding: Vec::new(),
+        sliding_window: 0,
+        rope_local_inv_freq: Vec::new(),
     }
 }
 
@@ -191,8 +196,10 @@ fn open_tiny(dir: &str) -> Checkpoint {
 /// One decoder layer in plain f32 loops, over a whole sequence from position 0, in
 /// transformers' order: RMSNorm; q/k/v = x W^T + b (Qwen2); q/k per-head RMSNorm (Qwen3);
 /// rotate-half RoPE; causal GQA softmax attention; o_proj + residual; RMSNorm; SwiGLU MLP +
-/// residual.
-fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, x: &mut [f32]) {
+/// residual. Gemma 3's options as modeling_gemma3.py applies them: norms times
+/// `norm_offset + weight`, the local rotary table and window on sliding layer `layer`,
+/// post-norms of the attention and MLP outputs, GELU-tanh.
+fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, layer: usize, x: &mut [f32]) {
     let (d, hd) = (cfg.hidden, cfg.head_dim);
     let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
     let n = x.len() / d;
@@ -205,8 +212,11 @@ fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, x: &m
     };
     let rms = |v: &[f32], w: &[f32]| -> Vec<f32> {
         let s = 1.0 / (v.iter().map(|a| a * a).sum::<f32>() / v.len() as f32 + cfg.eps).sqrt();
-        v.iter().zip(w).map(|(a, w)| a * s * w).collect()
+        v.iter().zip(w).map(|(a, w)| a * s * (w + cfg.norm_offset)).collect()
     };
+    let sliding = cfg.layer_sliding.get(layer).copied().unwrap_or(false);
+    let inv_freq = if sliding { &cfg.rope_local_inv_freq } else { &cfg.rope_inv_freq };
+    let (post_attn, post_ffn) = (load("attn_post_norm", d), load("ffn_post_norm", d));
     let (wq, wk) = (load("attn_q", qd * d).unwrap(), load("attn_k", kvd * d).unwrap());
     let (wv, wo) = (load("attn_v", kvd * d).unwrap(), load("attn_output", d * qd).unwrap());
     let (bq, bk, bv) = (load("attn_q_bias", qd), load("attn_k_bias", kvd), load("attn_v_bias", kvd));
@@ -217,7 +227,7 @@ fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, x: &m
     let half = hd / 2;
     let rope = |h: &mut [f32], p: usize| {
         for i in 0..half {
-            let a = p as f32 * cfg.rope_inv_freq[i];
+            let a = p as f32 * inv_freq[i];
             let (c, s) = ((a as f64).cos() as f32, (a as f64).sin() as f32);
             let (x0, x1) = (h[i], h[i + half]);
             h[i] = x0 * c - x1 * s;
@@ -248,25 +258,39 @@ fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, x: &m
         for h in 0..cfg.n_heads {
             let kvh = h / group;
             let q = &qs[t][h * hd..(h + 1) * hd];
-            let scores: Vec<f32> = (0..=t)
+            let first = if sliding { (t + 1).saturating_sub(cfg.sliding_window) } else { 0 };
+            let scores: Vec<f32> = (first..=t)
                 .map(|j| q.iter().zip(&ks[j][kvh * hd..]).map(|(a, b)| a * b).sum::<f32>() * cfg.attn_scale)
                 .collect();
             let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
             let z: f32 = e.iter().sum();
-            for (j, w) in e.iter().enumerate() {
+            for (j, w) in (first..=t).zip(&e) {
                 for i in 0..hd {
                     att[h * hd + i] += w / z * vs[j][kvh * hd + i];
                 }
             }
         }
-        let o = linear(&wo, None, &att, d);
+        let mut o = linear(&wo, None, &att, d);
+        if let Some(w) = &post_attn {
+            o = rms(&o, w);
+        }
         let row = &mut x[t * d..(t + 1) * d];
         row.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         let h = rms(row, &fnorm);
         let (g, u) = (linear(&wg, None, &h, ffn), linear(&wu, None, &h, ffn));
-        let mid: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-        let down = linear(&wdn, None, &mid, d);
+        let act = |g: f32| {
+            if cfg.gelu_tanh {
+                0.5 * g * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh())
+            } else {
+                g / (1.0 + (-g).exp())
+            }
+        };
+        let mid: Vec<f32> = g.iter().zip(&u).map(|(&g, u)| act(g) * u).collect();
+        let mut down = linear(&wdn, None, &mid, d);
+        if let Some(w) = &post_ffn {
+            down = rms(&down, w);
+        }
         row.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
     }
 }
@@ -282,8 +306,8 @@ fn qwen_layers_equal_the_scalar_reference() {
         // 7 positions as a prefill of 5 and two decode steps, against one reference pass.
         let input = TestRng::new(3).gaussians(7 * TINY_HIDDEN);
         let mut expected = input.clone();
-        for layer in &names {
-            reference_layer(&ck, layer, &cfg, &mut expected);
+        for (i, layer) in names.iter().enumerate() {
+            reference_layer(&ck, layer, &cfg, i, &mut expected);
         }
         for threads in [1, 3] {
             let pool = ThreadPool::new(threads);
@@ -327,4 +351,76 @@ fn a_bias_of_the_wrong_length_is_refused() {
     names.insert("attn_q_bias".into(), "model.layers.0.self_attn.k_proj.bias".into());
     let err = LlamaSpan::load(&ck, tiny_qwen_config(16), 0, vec![names]).err().expect("refused");
     assert!(err.to_string().contains("expected 64 values"), "{err}");
+}
+
+/// Settings of the tiny Gemma 3 checkpoint (tests/fixtures/tiny_gemma3.py), with a window of 4
+/// so the 7 test positions pass it: layers 0 and 1 slide with the local base 1e4, layer 2 is
+/// global with base 1e6 and linear factor 2.
+fn tiny_gemma3_config() -> LlamaConfig {
+    let head_dim = 32;
+    let inv = |base: f32, factor: f32| -> Vec<f32> {
+        (0..head_dim / 2).map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32) / factor).collect()
+    };
+    LlamaConfig {
+        head_dim,
+        eps: 1e-6,
+        rope_inv_freq: inv(1e6, 2.0),
+        attn_scale: 1.0 / 24f32.sqrt(),
+        norm_offset: 1.0,
+        gelu_tanh: true,
+        layer_sliding: vec![true, true, false],
+        sliding_window: 4,
+        rope_local_inv_freq: inv(1e4, 1.0),
+        ..tiny_config(None)
+    }
+}
+
+fn gemma3_names(i: usize) -> LayerNames {
+    [
+        ("attn_norm", "input_layernorm.weight"),
+        ("attn_q", "self_attn.q_proj.weight"),
+        ("attn_k", "self_attn.k_proj.weight"),
+        ("attn_v", "self_attn.v_proj.weight"),
+        ("attn_output", "self_attn.o_proj.weight"),
+        ("attn_q_norm", "self_attn.q_norm.weight"),
+        ("attn_k_norm", "self_attn.k_norm.weight"),
+        ("attn_post_norm", "post_attention_layernorm.weight"),
+        ("ffn_norm", "pre_feedforward_layernorm.weight"),
+        ("ffn_post_norm", "post_feedforward_layernorm.weight"),
+        ("ffn_gate", "mlp.gate_proj.weight"),
+        ("ffn_up", "mlp.up_proj.weight"),
+        ("ffn_down", "mlp.down_proj.weight"),
+    ]
+    .iter()
+    .map(|(role, name)| (role.to_string(), format!("model.layers.{i}.{name}")))
+    .collect()
+}
+
+#[test]
+fn gemma3_layers_equal_the_scalar_reference() {
+    let ck = open_tiny("tiny-gemma3");
+    let cfg = tiny_gemma3_config();
+    let names: Vec<LayerNames> = (0..TINY_LAYERS).map(gemma3_names).collect();
+    let input = TestRng::new(5).gaussians(7 * TINY_HIDDEN);
+    // Spans starting at layer 0 and at layer 1 (whose first layer must still slide).
+    for first in [0, 1] {
+        let mut want = input.clone();
+        for (i, layer) in names.iter().enumerate().skip(first) {
+            reference_layer(&ck, layer, &cfg, i, &mut want);
+        }
+        let span = LlamaSpan::load(&ck, cfg.clone(), first, names[first..].to_vec()).expect("the tiny Gemma span loads");
+        for threads in [1, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut cache = span.new_cache(64);
+            let mut got = Vec::new();
+            for rows in [0..5, 5..6, 6..7] {
+                let mut hidden = input[rows.start * TINY_HIDDEN..rows.end * TINY_HIDDEN].to_vec();
+                span.forward(&pool, &mut hidden, &mut [SeqChunk { cache: &mut cache, n_tokens: rows.len() }]).unwrap();
+                got.extend(hidden);
+            }
+            let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(max_err <= 1e-4 * scale, "from layer {first}, {threads} threads: max error {max_err} (values up to {scale})");
+        }
+    }
 }

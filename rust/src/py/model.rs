@@ -104,6 +104,13 @@ fn required<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -
     }
 }
 
+fn optional<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Option<T>> {
+    match d.get_item(key)? {
+        Some(v) if !v.is_none() => required(d, key).map(Some),
+        _ => Ok(None),
+    }
+}
+
 fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
     let quantize = match d.get_item("quantize")? {
         Some(v) if !v.is_none() => Some(GgmlType::from_name(&v.extract::<String>()?).map_err(to_py_err)?),
@@ -121,6 +128,11 @@ fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
         attn_scale: required(d, "attn_scale")?,
         max_positions: required(d, "max_positions")?,
         quantize,
+        norm_offset: optional(d, "norm_offset")?.unwrap_or(0.0),
+        gelu_tanh: optional(d, "gelu_tanh")?.unwrap_or(false),
+        layer_sliding: optional(d, "layer_sliding")?.unwrap_or_default(),
+        sliding_window: optional(d, "sliding_window")?.unwrap_or(0),
+        rope_local_inv_freq: optional(d, "rope_local_inv_freq")?.unwrap_or_default(),
     })
 }
 
@@ -303,8 +315,16 @@ pub struct PyOutputHead {
 #[pymethods]
 impl PyOutputHead {
     #[new]
-    fn new(checkpoint: &PyCheckpoint, norm_name: &str, weight_name: &str, eps: f32, pool: &PyThreadPool) -> PyResult<Self> {
-        let inner = OutputHead::load(checkpoint.inner(), norm_name, weight_name, eps).map_err(to_py_err)?;
+    #[pyo3(signature = (checkpoint, norm_name, weight_name, eps, pool, norm_offset = 0.0))]
+    fn new(
+        checkpoint: &PyCheckpoint,
+        norm_name: &str,
+        weight_name: &str,
+        eps: f32,
+        pool: &PyThreadPool,
+        norm_offset: f32,
+    ) -> PyResult<Self> {
+        let inner = OutputHead::load(checkpoint.inner(), norm_name, weight_name, eps, norm_offset).map_err(to_py_err)?;
         Ok(PyOutputHead { inner: Arc::new(inner), pool: Arc::clone(&pool.pool) })
     }
 

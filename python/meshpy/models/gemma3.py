@@ -1,0 +1,151 @@
+"""Gemma 3's text model (`Gemma3ForCausalLM`, model_type `gemma3_text`): the Llama layer with
+Gemma's options, following transformers' models/gemma3/modeling_gemma3.py:
+
+- every RMSNorm (layer norms, q/k norms, the final norm) computes `x_normed * (1 + weight)`
+  in f32 (Gemma3RMSNorm): the span and head add `norm_offset = 1` to the weights at load;
+- four norms per layer (Gemma3DecoderLayer): `input_layernorm` before attention,
+  `post_attention_layernorm` on the attention output before the residual add,
+  `pre_feedforward_layernorm` before the MLP, `post_feedforward_layernorm` on its output;
+- per-head q/k norms before RoPE (Gemma3Attention's `q_norm` / `k_norm`, as Qwen3);
+- a GELU-tanh gated MLP (`hidden_activation="gelu_pytorch_tanh"`);
+- scores scaled by `query_pre_attn_scalar ** -0.5`;
+- sliding-window layers (`layer_types`, else `sliding_window_pattern`: every 6th layer is
+  global) see the last `sliding_window` positions and rotate with the local base
+  (`rope_parameters["sliding_attention"]` / `rope_local_base_freq`, unscaled); global
+  layers use `rope_theta` with any `rope_scaling`;
+- the embedding is scaled by `sqrt(hidden)` cast to the weight's dtype
+  (Gemma3TextScaledWordEmbedding).
+
+Only the HF layout is read here; the GGUF `gemma3` architecture is not supported yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from meshpy.errors import CheckpointFormatError
+from meshpy.models import llama, rope
+from meshpy.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from meshpy.models.source import ModelSource
+
+ARCHITECTURES = ("Gemma3ForCausalLM", "gemma3_text")
+
+# Roles of one layer (see rust/src/model/llama.rs) -> HF names (modeling_gemma3.py).
+_HF_ROLES = {
+    "attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
+    "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
+    "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
+    "attn_output": "model.layers.{i}.self_attn.o_proj.weight",
+    "attn_q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "attn_k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+    "attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "ffn_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "ffn_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
+    "ffn_gate": "model.layers.{i}.mlp.gate_proj.weight",
+    "ffn_up": "model.layers.{i}.mlp.up_proj.weight",
+    "ffn_down": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+# Gemma3TextConfig's defaults for keys a config.json may leave out.
+_DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+
+
+def _rope_params(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rotary settings per layer type, from the nested `rope_parameters` (transformers 5) or
+    the older flat keys (`rope_theta`, `rope_scaling`, `rope_local_base_freq`), as
+    Gemma3TextConfig.convert_rope_params_to_dict reads them."""
+    nested = cfg.get("rope_parameters") or {}
+    full = dict(nested.get("full_attention") or {})
+    local = dict(nested.get("sliding_attention") or {})
+    if cfg.get("rope_scaling"):
+        full.update(cfg["rope_scaling"])
+    full.setdefault("rope_theta", cfg.get("rope_theta", _DEFAULT_THETA["full_attention"]))
+    local.setdefault("rope_theta", cfg.get("rope_local_base_freq", _DEFAULT_THETA["sliding_attention"]))
+    return {"full_attention": full, "sliding_attention": local}
+
+
+def _inv_freq(params: dict[str, Any], head_dim: int) -> tuple[np.ndarray, float]:
+    scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
+    return rope.scaled_inv_freq(float(params["rope_theta"]), head_dim, scaling)
+
+
+def _round_to_bf16(x: np.float32) -> np.float32:
+    """`x` rounded to the nearest bfloat16 (ties to even), as torch's `.to(torch.bfloat16)`."""
+    bits = np.array([x], dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return np.float32(rounded.view(np.float32)[0])
+
+
+def read_config(source: ModelSource) -> ModelConfig:
+    """Settings and names from a Gemma 3 text checkpoint (HF layout)."""
+    if source.format == "gguf":
+        raise CheckpointFormatError(f"{source.path}: GGUF Gemma 3 is not supported yet")
+    cfg = source.config
+    where = str(source.path)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise CheckpointFormatError(f"{where}: {key} is not supported")
+    if cfg.get("use_bidirectional_attention"):
+        raise CheckpointFormatError(f"{where}: bidirectional attention is not supported")
+    activation = cfg.get("hidden_activation", "gelu_pytorch_tanh")
+    if activation != "gelu_pytorch_tanh":
+        raise CheckpointFormatError(f"{where}: hidden_activation {activation!r} is not supported")
+
+    base = llama.from_hf(source)
+    n_layers, hidden, head_dim = base.n_layers, base.hidden, base.head_dim
+    layer_types = cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", 6)) else "full_attention"
+        for i in range(n_layers)
+    ]
+    if len(layer_types) != n_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
+        raise CheckpointFormatError(f"{where}: layer_types must name {n_layers} full/sliding layers")
+    params = _rope_params(cfg)
+    inv_freq, attention_factor = _inv_freq(params["full_attention"], head_dim)
+    local_inv_freq, local_factor = _inv_freq(params["sliding_attention"], head_dim)
+    if local_factor != 1.0 and "sliding_attention" in layer_types:
+        raise CheckpointFormatError(f"{where}: scaled RoPE on sliding-window layers is not supported")
+
+    # Gemma3TextScaledWordEmbedding multiplies by the scale cast to the weight's dtype.
+    scale = np.float32(hidden**0.5)
+    dtype = source.checkpoint.tensor_info(base.embedding_name)[0].lower()
+    if dtype == "bf16":
+        scale = _round_to_bf16(scale)
+    elif dtype == "f16":
+        scale = np.float32(np.float16(scale))
+
+    names = set(source.checkpoint.tensor_names())
+    layers = []
+    for i in range(n_layers):
+        roles = {r: p.format(i=i) for r, p in _HF_ROLES.items()}
+        missing = sorted(n for n in roles.values() if n not in names)
+        if missing:
+            raise CheckpointFormatError(f"{where}: missing Gemma 3 tensors: {', '.join(missing)}")
+        prefix = f"model.layers.{i}."
+        unused = sorted(n for n in names if n.startswith(prefix) and n not in roles.values())
+        if unused:
+            raise CheckpointFormatError(f"{where}: tensors this Gemma 3 layer does not use: {', '.join(unused)}")
+        layers.append(roles)
+
+    return dataclasses.replace(
+        base,
+        architecture=str((cfg.get("architectures") or ["Gemma3ForCausalLM"])[0]),
+        rope_inv_freq=inv_freq,
+        rope_attention_factor=attention_factor,
+        attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
+        embedding_scale=float(scale),
+        layer_tensor_names=tuple(layers),
+        norm_offset=1.0,
+        gelu_tanh=True,
+        layer_sliding=tuple(t == "sliding_attention" for t in layer_types),
+        sliding_window=int(cfg.get("sliding_window", 4096)),
+        rope_local_inv_freq=local_inv_freq,
+    )
+
+
+__all__ = ["ARCHITECTURES", "read_config"]

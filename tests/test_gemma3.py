@@ -1,0 +1,130 @@
+"""The Gemma 3 text span forward (the Llama layer with Gemma's options: `1 + weight` norms,
+post-attention / post-MLP norms, GELU-tanh MLP, query_pre_attn_scalar, sliding-window layers
+with their own RoPE base, the sqrt(hidden) embedding scale) against transformers on a tiny
+random f32 checkpoint (tests/fixtures/tiny_gemma3.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshpy.errors import CheckpointFormatError
+from meshpy.generation import Model
+from meshpy.models.config import read_config
+from meshpy.models.source import open_model_source
+from tests.conftest import DATA
+from tests.fixtures import tiny_gemma3
+from tests.test_llama_forward import HAVE_TRANSFORMERS, LOGIT_ATOL
+
+MODEL_DIR = DATA / tiny_gemma3.NAME
+
+
+def ours(model_dir: Path, n_spans: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    model = Model.load(model_dir, threads=2, n_spans=n_spans)
+    session = model.new_session()
+    prefill = model.logits_all(tiny_gemma3.PREFILL_IDS, session)
+    decode = np.stack([model.logits_all([t], session)[0] for t in tiny_gemma3.DECODE_IDS])
+    return prefill, decode
+
+
+def _with_config(tmp_path: Path, **changes: object) -> Path:
+    model_dir = tmp_path / "gemma3"
+    shutil.copytree(MODEL_DIR, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return model_dir
+
+
+def test_config_reads_gemma_settings() -> None:
+    cfg = read_config(open_model_source(MODEL_DIR))
+    assert cfg.architecture == "Gemma3ForCausalLM"
+    assert (cfg.hidden, cfg.n_heads, cfg.head_dim) == (64, 4, 32)
+    assert cfg.attn_scale == pytest.approx(24**-0.5)
+    assert cfg.embedding_scale == np.float32(64**0.5)
+    assert (cfg.norm_offset, cfg.gelu_tanh) == (1.0, True)
+    assert cfg.layer_sliding == (True, True, False)
+    assert cfg.sliding_window == 8
+    # Global: theta 1e6, linear factor 2; local: theta 1e4, unscaled.
+    np.testing.assert_allclose(cfg.rope_inv_freq[1], 1e6 ** (-2 / 32) / 2, rtol=1e-6)
+    assert cfg.rope_local_inv_freq is not None
+    np.testing.assert_allclose(cfg.rope_local_inv_freq[1], 1e4 ** (-2 / 32), rtol=1e-6)
+    assert cfg.layer_names(0)["attn_post_norm"] == "model.layers.0.post_attention_layernorm.weight"
+    assert cfg.layer_names(0)["ffn_norm"] == "model.layers.0.pre_feedforward_layernorm.weight"
+    assert cfg.output_name == "model.embed_tokens.weight"
+
+
+def test_sliding_window_pattern_without_layer_types(tmp_path: Path) -> None:
+    """Older configs give `sliding_window_pattern` (every Nth layer global) and flat RoPE keys."""
+    model_dir = _with_config(
+        tmp_path, layer_types=None, sliding_window_pattern=2, rope_parameters=None,
+        rope_theta=500000.0, rope_local_base_freq=20000.0,
+    )
+    cfg = read_config(open_model_source(model_dir))
+    assert cfg.layer_sliding == (True, False, True)
+    np.testing.assert_allclose(cfg.rope_inv_freq[1], 5e5 ** (-2 / 32), rtol=1e-6)
+    assert cfg.rope_local_inv_freq is not None
+    np.testing.assert_allclose(cfg.rope_local_inv_freq[1], 2e4 ** (-2 / 32), rtol=1e-6)
+
+
+def test_softcapping_is_refused(tmp_path: Path) -> None:
+    model_dir = _with_config(tmp_path, final_logit_softcapping=30.0)
+    with pytest.raises(CheckpointFormatError, match="softcapping"):
+        read_config(open_model_source(model_dir))
+
+
+def test_logits_match_stored_transformers_reference() -> None:
+    ref = np.load(MODEL_DIR / "reference_logits.npz")
+    prefill, decode = ours(MODEL_DIR)
+    assert prefill.shape == ref["prefill"].shape == (len(tiny_gemma3.PREFILL_IDS), 512)
+    assert decode.shape == (16, 512)
+    np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+
+
+def test_the_window_matters(tmp_path: Path) -> None:
+    """The same weights with a window wider than the prompt (or all layers global) give
+    other logits past position 8, and the same before it: the fixture exercises the window."""
+    ref = np.load(MODEL_DIR / "reference_logits.npz")["prefill"]
+    wide = Model.load(_with_config(tmp_path, sliding_window=256), threads=2).logits_all(tiny_gemma3.PREFILL_IDS)
+    np.testing.assert_allclose(wide[:8], ref[:8], atol=LOGIT_ATOL, rtol=0)
+    assert np.abs(wide[8:] - ref[8:]).max() > 100 * LOGIT_ATOL
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="live comparison needs torch and transformers")
+@pytest.mark.parametrize("seed", [1, 2])
+def test_logits_match_live_transformers(tmp_path: Path, seed: int) -> None:
+    model_dir = tiny_gemma3.build_checkpoint(tmp_path / "tiny", seed=seed)
+    ref_prefill, ref_decode = tiny_gemma3.reference_logits(model_dir)
+    prefill, decode = ours(model_dir)
+    np.testing.assert_allclose(prefill, ref_prefill, atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(decode, ref_decode, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_two_spans_give_the_same_greedy_tokens() -> None:
+    """Split between the sliding layers and the global one, and inside the sliding ones."""
+    one = Model.load(MODEL_DIR, threads=2, n_spans=1)
+    prompt = tiny_gemma3.PREFILL_IDS[:24]
+    a = list(one.generate_ids(prompt, 32))
+    assert len(a) > 0
+    for n_spans in (2, 3):
+        many = Model.load(MODEL_DIR, threads=2, n_spans=n_spans)
+        assert list(many.generate_ids(prompt, 32)) == a
+        np.testing.assert_array_equal(one.logits_all(prompt), many.logits_all(prompt))
+
+
+@pytest.mark.parametrize(("quant", "max_rel_rms"), [("Q8_0", 0.06), ("Q4_0", 0.5)])
+def test_quantize_on_load_stays_close(quant: str, max_rel_rms: float) -> None:
+    """Float matrices converted at load: relative RMS logit error with the tiny Llama's bounds
+    (tests/test_llama_forward.py); norms stay f32."""
+    ref = np.load(MODEL_DIR / "reference_logits.npz")["prefill"]
+    model = Model.load(MODEL_DIR, threads=2, quantize=quant)
+    got = model.logits_all(tiny_gemma3.PREFILL_IDS)
+    rel_rms = float(np.sqrt(((got - ref) ** 2).mean()) / ref.std())
+    print(f"\ntiny-gemma3 {quant}: relative RMS logit error {rel_rms:.3f}")
+    assert rel_rms < max_rel_rms, f"{quant}: relative RMS logit error {rel_rms:.3f}"
+    assert not np.array_equal(got, ref), f"{quant}: weights were not converted"
