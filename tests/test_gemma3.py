@@ -128,3 +128,13 @@ def test_quantize_on_load_stays_close(quant: str, max_rel_rms: float) -> None:
     print(f"\ntiny-gemma3 {quant}: relative RMS logit error {rel_rms:.3f}")
     assert rel_rms < max_rel_rms, f"{quant}: relative RMS logit error {rel_rms:.3f}"
     assert not np.array_equal(got, ref), f"{quant}: weights were not converted"
+
+
+@pytest.mark.parametrize(("hidden", "bf16_scale"), [(640, 25.25), (1152, 34.0), (2560, 50.5), (5376, 73.5)])
+def test_embedding_scale_rounds_as_torch_bf16(hidden: int, bf16_scale: float) -> None:
+    """Gemma3TextScaledWordEmbedding casts sqrt(hidden) to the weight dtype; for bf16
+    checkpoints (the released Gemma 3 sizes) that is torch's bf16 rounding (values from
+    `torch.tensor(hidden**0.5).to(torch.bfloat16)`)."""
+    from meshpy.models.gemma3 import _round_to_bf16
+
+    assert float(_round_to_bf16(np.float32(hidden**0.5))) == bf16_scale
