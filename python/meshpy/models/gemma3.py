@@ -35,21 +35,15 @@ if TYPE_CHECKING:
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "gemma3_text")
 
-# Roles of one layer (see rust/src/model/llama.rs) -> HF names (modeling_gemma3.py).
+# Roles of one layer (see rust/src/model/llama.rs) -> HF names (modeling_gemma3.py): Llama's,
+# with q/k norms and Gemma's four norms (its `post_attention_layernorm` follows attention).
 _HF_ROLES = {
-    "attn_norm": "model.layers.{i}.input_layernorm.weight",
-    "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
-    "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
-    "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
-    "attn_output": "model.layers.{i}.self_attn.o_proj.weight",
+    **llama._HF_ROLES,
     "attn_q_norm": "model.layers.{i}.self_attn.q_norm.weight",
     "attn_k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "ffn_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "ffn_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
-    "ffn_gate": "model.layers.{i}.mlp.gate_proj.weight",
-    "ffn_up": "model.layers.{i}.mlp.up_proj.weight",
-    "ffn_down": "model.layers.{i}.mlp.down_proj.weight",
 }
 
 # Gemma3TextConfig's defaults for keys a config.json may leave out.
