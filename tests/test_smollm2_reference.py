@@ -11,6 +11,7 @@ import pytest
 from meshpy.generation import Model
 from tests.conftest import DATA
 from tests.fixtures import smollm2_reference
+from tests.fixtures.metrics import kl_full, kl_top_k, log_softmax
 
 # Our activations are quantized to 8 bits before each product (as llama.cpp's are);
 # transformers computes in f32 on the dequantized weights. Bounds from the issue.
@@ -18,12 +19,6 @@ MIN_TOP1_AGREEMENT = 0.98
 MAX_MEAN_KL = 0.01
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("torch") is not None
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +36,8 @@ def test_teacher_forced_against_stored_reference(model: Model, stored: dict[str,
     assert len(ids) >= 256
     ours = log_softmax(model.logits_all(ids))
     top1 = (ours.argmax(-1) == stored["top_ids"][:, 0]).mean()
-    # KL over the reference's top-64 tokens plus one bucket for all others (a lower bound
-    # of the full KL); the live test below computes the full one.
-    p_top = np.exp(stored["top_logp"].astype(np.float64))
-    q_top = np.exp(np.take_along_axis(ours, stored["top_ids"].astype(np.int64), axis=-1))
-    p_rest = np.clip(1 - p_top.sum(-1), 1e-12, None)
-    q_rest = np.clip(1 - q_top.sum(-1), 1e-12, None)
-    kl = (p_top * (np.log(p_top) - np.log(q_top))).sum(-1) + p_rest * (np.log(p_rest) - np.log(q_rest))
+    # Over the reference's top-64 plus the rest (a lower bound); the live test takes the full KL.
+    kl = kl_top_k(stored["top_ids"], stored["top_logp"], ours)
     print(f"\nSmolLM2 vs stored transformers reference: top-1 {top1:.4f}, mean KL (top-64 + rest) {kl.mean():.5f}")
     assert top1 >= MIN_TOP1_AGREEMENT
     assert kl.mean() <= MAX_MEAN_KL
@@ -62,7 +52,7 @@ def test_teacher_forced_against_live_transformers(model: Model) -> None:
     ref = smollm2_reference.reference_log_probs(ids).astype(np.float64)
     ours = log_softmax(model.logits_all(ids))
     top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    kl = (np.exp(ref) * (ref - ours)).sum(-1)
+    kl = kl_full(ref, ours)
     print(f"\nSmolLM2 vs live transformers: top-1 {top1:.4f}, mean KL {kl.mean():.5f}, max KL {kl.max():.4f}")
     assert top1 >= MIN_TOP1_AGREEMENT
     assert kl.mean() <= MAX_MEAN_KL

@@ -14,7 +14,7 @@ import numpy as np
 from meshpy import _native
 from meshpy.chat_template import render_chat
 from meshpy.errors import ChatTemplateError, ContextOverflowError
-from meshpy.models.config import ModelConfig
+from meshpy.models.config import ModelConfig, default_chat_template
 from meshpy.models.source import ModelSource
 from meshpy.tokenizer import Tokenizer
 
@@ -38,7 +38,7 @@ class EndModel:
             )
         else:
             raise FileNotFoundError(f"{source.path}: no tokenizer.json beside the weights")
-        self.chat_template = source.chat_template
+        self.chat_template = source.chat_template or default_chat_template(source)
         self.embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
         self.head = _native.OutputHead(
             source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool,

@@ -17,7 +17,7 @@ from meshpy.errors import UnsupportedArchitectureError
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
 
-__all__ = ["ModelConfig", "read_config", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["ModelConfig", "read_config", "default_chat_template", "SUPPORTED_ARCHITECTURES"]
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,15 @@ SUPPORTED_ARCHITECTURES = (
     "llama (GGUF) / LlamaForCausalLM (HF)",
     "qwen2 (GGUF) / Qwen2ForCausalLM (HF)",
     "qwen3 (GGUF) / Qwen3ForCausalLM (HF)",
-    "Gemma3ForCausalLM (HF, gemma3_text)",
+    "gemma3 (GGUF) / Gemma3ForCausalLM (HF, gemma3_text)",
 )
+
+
+def default_chat_template(source: ModelSource) -> str | None:
+    """The family's own chat format, for a checkpoint that ships no template."""
+    from meshpy.models import gemma3
+
+    return gemma3.CHAT_TEMPLATE if architecture_of(source) in gemma3.ARCHITECTURES else None
 
 
 def architecture_of(source: ModelSource) -> str:

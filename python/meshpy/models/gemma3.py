@@ -16,7 +16,11 @@ Gemma's options, following transformers' models/gemma3/modeling_gemma3.py:
 - the embedding is scaled by `sqrt(hidden)` cast to the weight's dtype
   (Gemma3TextScaledWordEmbedding).
 
-Only the HF layout is read here; the GGUF `gemma3` architecture is not supported yet.
+GGUF `gemma3` files are read as llama.cpp reads them (src/llama-model.cpp, LLM_ARCH_GEMMA3,
+and its gemma3 graph): the converter has already added 1 to every norm weight, RoPE is NeoX
+(rotate-half, q/k not permuted), every 6th layer is global and the others slide over
+`gemma3.attention.sliding_window` positions with base 10000, queries are scaled by
+`1/sqrt(key_length)`, and the embedding by `sqrt(hidden)` in f32.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from meshpy.models.config import ModelConfig
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
 
-ARCHITECTURES = ("Gemma3ForCausalLM", "gemma3_text")
+ARCHITECTURES = ("gemma3", "Gemma3ForCausalLM", "gemma3_text")
 
 # Roles of one layer (see rust/src/model/llama.rs) -> HF names (modeling_gemma3.py): Llama's,
 # with q/k norms and Gemma's four norms (its `post_attention_layernorm` follows attention).
@@ -45,6 +49,36 @@ _HF_ROLES = {
     "ffn_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "ffn_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
+
+# Gemma's chat format, for checkpoints that ship no template (llama.cpp's gemma3 GGUFs often
+# don't; llama.cpp then falls back to the same built-in format): turns of
+# `<start_of_turn>{user|model}\n...<end_of_turn>\n`, a system message folded into the first
+# user turn, as Gemma 3's own tokenizer_config.json template does for text.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set prefix = messages[0]['content'] + '\n\n' -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+# The same roles in llama.cpp's GGUF names (its `ffn_norm` is the pre-feedforward norm).
+_GGUF_ROLES = {
+    **llama._GGUF_ROLES,
+    "attn_q_norm": "blk.{i}.attn_q_norm.weight",
+    "attn_k_norm": "blk.{i}.attn_k_norm.weight",
+    "attn_post_norm": "blk.{i}.post_attention_norm.weight",
+    "ffn_post_norm": "blk.{i}.post_ffw_norm.weight",
+}
+
+# llama.cpp's fixed settings for gemma3 (llama_model::load_hparams): every 6th layer is
+# global, and sliding layers rotate with base 10000, unscaled.
+_GGUF_SWA_PATTERN = 6
+_GGUF_LOCAL_THETA = 10_000.0
 
 # Gemma3TextConfig's defaults for keys a config.json may leave out.
 _DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
@@ -76,10 +110,59 @@ def _round_to_bf16(x: np.float32) -> np.float32:
     return np.float32(rounded.view(np.float32)[0])
 
 
+def _layer_roles(source: ModelSource, n_layers: int, patterns: dict[str, str], prefix: str) -> tuple[dict[str, str], ...]:
+    """Every layer's role -> name map, after checking that each named tensor exists and
+    that the layer has no tensor without a role (one the forward would silently skip)."""
+    where = str(source.path)
+    names = set(source.checkpoint.tensor_names())
+    layers = []
+    for i in range(n_layers):
+        roles = {r: p.format(i=i) for r, p in patterns.items()}
+        missing = sorted(n for n in roles.values() if n not in names)
+        if missing:
+            raise CheckpointFormatError(f"{where}: missing Gemma 3 tensors: {', '.join(missing)}")
+        layer_prefix = prefix.format(i=i)
+        unused = sorted(n for n in names if n.startswith(layer_prefix) and n not in roles.values())
+        if unused:
+            raise CheckpointFormatError(f"{where}: tensors this Gemma 3 layer does not use: {', '.join(unused)}")
+        layers.append(roles)
+    return tuple(layers)
+
+
+def _from_gguf(source: ModelSource) -> ModelConfig:
+    """Settings and `blk.N.*` names from a llama.cpp `gemma3` GGUF."""
+    meta = source.metadata
+    where = str(source.path)
+    for key in ("gemma3.attn_logit_softcapping", "gemma3.final_logit_softcapping"):
+        if meta.get(key) is not None:
+            raise CheckpointFormatError(f"{where}: {key} is not supported")
+    scaling = meta.get("gemma3.rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise CheckpointFormatError(f"{where}: GGUF rope scaling {scaling!r} is not supported yet")
+    # llama.from_gguf reads the global layers' RoPE (base, linear scaling) and the shapes.
+    base = llama.from_gguf(source)
+    n_layers, head_dim = base.n_layers, base.head_dim
+    n_rot = len(base.rope_inv_freq) * 2
+    window = meta.get("gemma3.attention.sliding_window")
+    if not isinstance(window, int) or window <= 0:
+        raise CheckpointFormatError(f"{where}: missing or bad 'gemma3.attention.sliding_window'")
+    return dataclasses.replace(
+        base,
+        rope_interleaved=False,
+        attn_scale=1.0 / float(np.sqrt(np.float32(head_dim))),
+        embedding_scale=float(np.sqrt(np.float32(base.hidden))),
+        layer_tensor_names=_layer_roles(source, n_layers, _GGUF_ROLES, "blk.{i}."),
+        gelu_tanh=True,
+        layer_sliding=tuple(i % _GGUF_SWA_PATTERN < _GGUF_SWA_PATTERN - 1 for i in range(n_layers)),
+        sliding_window=window,
+        rope_local_inv_freq=rope.default_inv_freq(_GGUF_LOCAL_THETA, n_rot),
+    )
+
+
 def read_config(source: ModelSource) -> ModelConfig:
-    """Settings and names from a Gemma 3 text checkpoint (HF layout)."""
+    """Settings and names from a Gemma 3 text checkpoint (HF layout or GGUF)."""
     if source.format == "gguf":
-        raise CheckpointFormatError(f"{source.path}: GGUF Gemma 3 is not supported yet")
+        return _from_gguf(source)
     cfg = source.config
     where = str(source.path)
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -113,19 +196,6 @@ def read_config(source: ModelSource) -> ModelConfig:
     elif dtype == "f16":
         scale = np.float32(np.float16(scale))
 
-    names = set(source.checkpoint.tensor_names())
-    layers = []
-    for i in range(n_layers):
-        roles = {r: p.format(i=i) for r, p in _HF_ROLES.items()}
-        missing = sorted(n for n in roles.values() if n not in names)
-        if missing:
-            raise CheckpointFormatError(f"{where}: missing Gemma 3 tensors: {', '.join(missing)}")
-        prefix = f"model.layers.{i}."
-        unused = sorted(n for n in names if n.startswith(prefix) and n not in roles.values())
-        if unused:
-            raise CheckpointFormatError(f"{where}: tensors this Gemma 3 layer does not use: {', '.join(unused)}")
-        layers.append(roles)
-
     return dataclasses.replace(
         base,
         architecture=str((cfg.get("architectures") or ["Gemma3ForCausalLM"])[0]),
@@ -133,7 +203,7 @@ def read_config(source: ModelSource) -> ModelConfig:
         rope_attention_factor=attention_factor,
         attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
         embedding_scale=float(scale),
-        layer_tensor_names=tuple(layers),
+        layer_tensor_names=_layer_roles(source, n_layers, _HF_ROLES, "model.layers.{i}."),
         norm_offset=1.0,
         gelu_tanh=True,
         layer_sliding=tuple(t == "sliding_attention" for t in layer_types),
@@ -142,4 +212,4 @@ def read_config(source: ModelSource) -> ModelConfig:
     )
 
 
-__all__ = ["ARCHITECTURES", "read_config"]
+__all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "read_config"]
