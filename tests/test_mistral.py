@@ -11,16 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshpy import _native
 from meshpy.errors import CheckpointFormatError, UnsupportedArchitectureError
 from meshpy.generation import Model
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
-from meshpy.pipeline import LocalSpan
 from tests.conftest import DATA
 from tests.fixtures import tiny_mistral
+from tests.fixtures.llama_gguf import gguf_logits, write_llama_gguf
 from tests.test_llama_forward import HAVE_TRANSFORMERS, LOGIT_ATOL
-from tests.test_qwen import GGUF_NAMES
 
 MODEL_DIR = DATA / tiny_mistral.NAME
 WINDOW = tiny_mistral.CONFIG["sliding_window"]
@@ -163,77 +161,10 @@ def test_window_with_yarn_is_refused(tmp_path: Path) -> None:
         read_config(open_model_source(model_dir))
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter (LlamaModel.permute): q/k rows reordered so each rotated pair is
-    adjacent (GGML's normal RoPE) instead of half a head apart (HF's rotate-half)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_llama_gguf(model_dir: Path, out: Path, sliding_window: int | None = None) -> Path:
-    """The HF checkpoint as llama.cpp's converter writes MistralForCausalLM: architecture
-    `llama`, `blk.N.*` names, q/k rows permuted, head_dim as `attention.key_length`, no
-    sliding window unless `sliding_window` is given; f32."""
-    import gguf
-    from safetensors.numpy import load_file
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = gguf.GGUFWriter(str(out), "llama")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_key_length(cfg["head_dim"])
-    w.add_value_length(cfg["head_dim"])
-    w.add_rope_dimension_count(cfg["head_dim"])
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_vocab_size(cfg["vocab_size"])
-    if sliding_window is not None:
-        w.add_sliding_window(sliding_window)
-    for name, t in sorted(load_file(model_dir / "model.safetensors").items()):
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            i, rest = name.removeprefix("model.layers.").split(".", 1)
-            gname = f"blk.{i}.{GGUF_NAMES[rest]}"
-            if rest == "self_attn.q_proj.weight":
-                t = _permute(t, n_head)
-            elif rest == "self_attn.k_proj.weight":
-                t = _permute(t, n_kv)
-        w.add_tensor(gname, np.ascontiguousarray(t, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
-
-
 def _gguf_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Embedding, two spans and head run directly: the tiny GGUF carries no tokenizer."""
-    source = open_model_source(path)
-    config = read_config(source)
+    config = read_config(open_model_source(path))
     assert config.architecture == "llama" and config.rope_interleaved and config.head_dim == 32
-    pool = _native.ThreadPool(2)
-    spans = [LocalSpan(source, config, r, pool) for r in (range(0, 1), range(1, 3))]
-    caches = [s.native.new_cache(256) for s in spans]
-    embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
-    head = _native.OutputHead(source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool)
-
-    def logits(ids: list[int]) -> np.ndarray:
-        hidden = embedding.lookup(ids)
-        for span, cache in zip(spans, caches):
-            hidden = span.native.forward(hidden, cache)
-        return head.logits(hidden)
-
-    prefill = logits(tiny_mistral.PREFILL_IDS)
-    return prefill, np.stack([logits([t])[0] for t in tiny_mistral.DECODE_IDS])
+    return gguf_logits(path, tiny_mistral.PREFILL_IDS, tiny_mistral.DECODE_IDS)
 
 
 def test_gguf_mistral_runs_without_a_window_as_llama_cpp(tmp_path: Path) -> None:

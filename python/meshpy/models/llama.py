@@ -1,6 +1,15 @@
 """The Llama family (Llama 2, 3, 3.1, 3.2, SmolLM, and their fine-tunes): settings and
 tensor names, from GGUF metadata (llama.cpp's keys, `blk.N.*` names) or an HF directory
-(transformers' LlamaConfig, `model.layers.N.*` names)."""
+(transformers' LlamaConfig, `model.layers.N.*` names).
+
+RoPE as each format configures it. HF: `rope_parameters` (transformers 5) or the older
+`rope_theta` + `rope_scaling`, with types `default` (Llama 2; Llama 3 with theta 5e5),
+`llama3` (3.1, 3.2), `linear` and `yarn`, computed in rope.py as transformers'
+modeling_rope_utils.py does; `dynamic` and unknown types are refused by name. GGUF: as
+llama.cpp's load_hparams reads it: `rope_freqs.weight` (the llama3 scaling as per-pair
+divisors), `rope.scaling.type` linear (the default) or none, with `rope.scaling.factor`;
+YaRN is refused until checked against llama.cpp's.
+"""
 
 from __future__ import annotations
 
