@@ -201,3 +201,15 @@ def test_gguf_architecture_mistral_is_unsupported(tmp_path: Path) -> None:
     w.close()
     with pytest.raises(UnsupportedArchitectureError, match="'mistral'.*writes Mistral as 'llama'.*supported: "):
         read_config(open_model_source(path))
+
+
+def test_bf16_checkpoint_equals_its_values_in_f32(tmp_path: Path) -> None:
+    """Released Mistral checkpoints are bf16: they give the logits of the same values widened
+    to f32 (tests/test_qwen.py's converter), to 1e-4."""
+    from tests.test_qwen import _as_bf16_checkpoint
+
+    bf16_dir = _as_bf16_checkpoint(MODEL_DIR, tmp_path / "bf16", widen=False)
+    f32_dir = _as_bf16_checkpoint(MODEL_DIR, tmp_path / "f32", widen=True)
+    ref = Model.load(f32_dir, threads=2).logits_all(tiny_mistral.PREFILL_IDS)
+    got = Model.load(bf16_dir, threads=2).logits_all(tiny_mistral.PREFILL_IDS)
+    np.testing.assert_allclose(got, ref, atol=LOGIT_ATOL, rtol=0)
