@@ -1,4 +1,5 @@
-"""The Llama span forward pass against transformers on a tiny random f32 checkpoint."""
+"""The Llama span forward pass against transformers on tiny random f32 checkpoints, one per
+RoPE type (tests/fixtures/tiny_llama.py), in the HF layout and as llama.cpp writes GGUF."""
 
 from __future__ import annotations
 
@@ -69,3 +70,29 @@ def test_quantize_on_load_stays_close(tiny_llama_dir: Path) -> None:
         rel_rms = float(np.sqrt(((got - ref) ** 2).mean()) / ref.std())
         assert rel_rms < max_rel_rms, f"{quant}: relative RMS logit error {rel_rms:.3f}"
         assert not np.array_equal(got, ref), f"{quant}: weights were not converted"
+
+
+@pytest.mark.parametrize("variant", ["tiny-llama", "tiny-llama3-tied", "tiny-llama-linear"])
+def test_gguf_layout_gives_the_transformers_logits(tmp_path: Path, variant: str) -> None:
+    """Each variant as llama.cpp's converter writes it (tests/fixtures/llama_gguf.py): q/k rows
+    permuted, linear scaling as type + factor, llama3 scaling as `rope_freqs.weight` divisors
+    (computed by the converter's formula, not ours): transformers' logits."""
+    from tests.fixtures.llama_gguf import gguf_logits, write_llama_gguf
+
+    path = write_llama_gguf(DATA / variant, tmp_path / f"{variant}.gguf")
+    prefill, decode = gguf_logits(path, tiny_llama.PREFILL_IDS, tiny_llama.DECODE_IDS)
+    ref = np.load(DATA / variant / "reference_logits.npz")
+    np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+
+
+def test_gguf_yarn_is_refused(tmp_path: Path) -> None:
+    """llama.cpp's YaRN is not transformers' in detail (not checked yet): refused, by name."""
+    from meshpy.errors import CheckpointFormatError
+    from meshpy.models.config import read_config
+    from meshpy.models.source import open_model_source
+    from tests.fixtures.llama_gguf import write_llama_gguf
+
+    path = write_llama_gguf(DATA / "tiny-llama-yarn", tmp_path / "yarn.gguf")
+    with pytest.raises(CheckpointFormatError, match="rope scaling 'yarn'"):
+        read_config(open_model_source(path))

@@ -7,12 +7,13 @@ module that knows its keys and tensor names.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from meshpy.errors import UnsupportedArchitectureError
+from meshpy.errors import CheckpointFormatError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
@@ -58,6 +59,21 @@ class ModelConfig:
             raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
         return dict(self.layer_tensor_names[layer])
 
+    def with_sliding_window(self, window: int | None, where: str) -> ModelConfig:
+        """This config with every layer attending over the last `window` positions (itself
+        included) and rotating with the one global table (Mistral); unchanged when `window`
+        is None or covers the whole context. `where` names the checkpoint in errors."""
+        if window is None or window >= self.max_positions:
+            return self
+        if window <= 0:
+            raise CheckpointFormatError(f"{where}: sliding_window must be positive, not {window}")
+        if self.rope_attention_factor != 1.0:
+            # The span's local table carries no attention factor (rust/src/model/llama.rs).
+            raise CheckpointFormatError(f"{where}: a sliding window with a scaled (YaRN) RoPE is not supported")
+        return dataclasses.replace(
+            self, layer_sliding=(True,) * self.n_layers, sliding_window=window, rope_local_inv_freq=self.rope_inv_freq
+        )
+
     def span_config(self, quantize: str | None = None) -> dict[str, Any]:
         """The settings a Rust span takes."""
         return {
@@ -82,11 +98,13 @@ class ModelConfig:
 
 def read_config(source: ModelSource) -> ModelConfig:
     """Reads the model's settings from its checkpoint."""
-    from meshpy.models import gemma3, llama, qwen
+    from meshpy.models import gemma3, llama, mistral, qwen
 
     arch = architecture_of(source)
     if arch in llama.ARCHITECTURES:
         return llama.read_config(source)
+    if arch in mistral.ARCHITECTURES:
+        return mistral.read_config(source)
     if arch in qwen.ARCHITECTURES:
         return qwen.read_config(source)
     if arch in gemma3.ARCHITECTURES:
@@ -98,6 +116,7 @@ def read_config(source: ModelSource) -> ModelConfig:
 
 SUPPORTED_ARCHITECTURES = (
     "llama (GGUF) / LlamaForCausalLM (HF)",
+    "MistralForCausalLM (HF; GGUF Mistral is llama)",
     "qwen2 (GGUF) / Qwen2ForCausalLM (HF)",
     "qwen3 (GGUF) / Qwen3ForCausalLM (HF)",
     "gemma3 (GGUF) / Gemma3ForCausalLM (HF, gemma3_text)",

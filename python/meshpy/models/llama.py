@@ -1,6 +1,15 @@
 """The Llama family (Llama 2, 3, 3.1, 3.2, SmolLM, and their fine-tunes): settings and
 tensor names, from GGUF metadata (llama.cpp's keys, `blk.N.*` names) or an HF directory
-(transformers' LlamaConfig, `model.layers.N.*` names)."""
+(transformers' LlamaConfig, `model.layers.N.*` names).
+
+RoPE as each format configures it. HF: `rope_parameters` (transformers 5) or the older
+`rope_theta` + `rope_scaling`, with types `default` (Llama 2; Llama 3 with theta 5e5),
+`llama3` (3.1, 3.2), `linear` and `yarn`, computed in rope.py as transformers'
+modeling_rope_utils.py does; `dynamic` and unknown types are refused by name. GGUF: as
+llama.cpp's load_hparams reads it: `rope_freqs.weight` (the llama3 scaling as per-pair
+divisors), `rope.scaling.type` linear (the default) or none, with `rope.scaling.factor`;
+YaRN is refused until checked against llama.cpp's.
+"""
 
 from __future__ import annotations
 
@@ -44,9 +53,12 @@ _HF_ROLES = {
 
 
 def read_config(source: ModelSource) -> ModelConfig:
-    """Settings and names from a Llama-family checkpoint."""
+    """Settings and names from a Llama-family checkpoint. A GGUF's
+    `llama.attention.sliding_window`, which llama.cpp's converter never writes for this
+    architecture, is honoured on every layer when positive (see mistral.py)."""
     if source.format == "gguf":
-        return from_gguf(source)
+        window = source.metadata.get("llama.attention.sliding_window")
+        return from_gguf(source).with_sliding_window(int(window) if window else None, str(source.path))
     return from_hf(source)
 
 
@@ -62,6 +74,7 @@ def from_gguf(source: ModelSource) -> ModelConfig:
     meta = source.metadata
     arch = meta["general.architecture"]
     where = str(source.path)
+    linear_factor = _gguf_rope_scaling(source, arch)
 
     def key(name: str, default: Any = None) -> Any:
         full = f"{arch}.{name}"
@@ -72,14 +85,8 @@ def from_gguf(source: ModelSource) -> ModelConfig:
     n_kv = int(key("attention.head_count_kv", n_heads))
     head_dim = int(key("attention.key_length", hidden // n_heads))
     n_rot = int(key("rope.dimension_count", head_dim))
-    inv_freq = rope.default_inv_freq(float(key("rope.freq_base", 10000.0)), n_rot)
     names = set(source.checkpoint.tensor_names())
-    if "rope_freqs.weight" in names:
-        # Llama 3.1+ GGUFs carry the llama3 scaling as per-pair frequency divisors.
-        factors = np.frombuffer(source.checkpoint.tensor_bytes("rope_freqs.weight"), dtype=np.float32)
-        inv_freq = (inv_freq / factors).astype(np.float32)
-    elif meta.get(f"{arch}.rope.scaling.type") == "linear":
-        inv_freq = (inv_freq / np.float32(meta[f"{arch}.rope.scaling.factor"])).astype(np.float32)
+    inv_freq = _gguf_inv_freq(source, n_rot, float(key("rope.freq_base", 10000.0)), linear_factor, names)
     n_layers = int(key("block_count"))
     vocab = len(meta.get("tokenizer.ggml.tokens", [])) or int(key("vocab_size"))
     output = "output.weight" if "output.weight" in names else "token_embd.weight"
@@ -106,6 +113,39 @@ def from_gguf(source: ModelSource) -> ModelConfig:
     )
 
 
+def _gguf_rope_scaling(source: ModelSource, arch: str) -> float:
+    """The linear RoPE scaling factor of a GGUF (1.0: none), as llama.cpp reads it
+    (llama-model.cpp, load_hparams): type `rope.scaling.type`, `linear` when absent, factor
+    `rope.scaling.factor` or the older `rope.scale_linear`; type `none` never scales. YaRN is
+    refused (llama.cpp's differs in detail from transformers' and is not checked here yet),
+    and so is any other type."""
+    meta = source.metadata
+    kind = meta.get(f"{arch}.rope.scaling.type", "linear")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor") or meta.get(f"{arch}.rope.scale_linear") or 1.0)
+    if kind == "none":
+        return 1.0
+    if kind == "linear":
+        return factor
+    if kind == "yarn":
+        raise CheckpointFormatError(f"{source.path}: GGUF rope scaling 'yarn' is not supported yet")
+    raise CheckpointFormatError(f"{source.path}: unknown GGUF rope scaling type {kind!r}; supported: none, linear")
+
+
+def _gguf_inv_freq(source: ModelSource, n_rot: int, base: float, linear_factor: float, names: set[str]) -> np.ndarray:
+    """Rotary frequencies as llama.cpp's rope applies them: `rope_freqs.weight` (Llama 3.1+:
+    the llama3 scaling baked into per-pair divisors of the frequency), then the linear
+    factor."""
+    inv_freq = rope.default_inv_freq(base, n_rot)
+    if "rope_freqs.weight" in names:
+        factors = np.frombuffer(source.checkpoint.tensor_bytes("rope_freqs.weight"), dtype=np.float32)
+        if factors.shape != inv_freq.shape:
+            raise CheckpointFormatError(f"{source.path}: rope_freqs.weight has {factors.size} values, expected {inv_freq.size}")
+        inv_freq = (inv_freq / factors).astype(np.float32)
+    if linear_factor != 1.0:
+        inv_freq = (inv_freq / np.float32(linear_factor)).astype(np.float32)
+    return inv_freq
+
+
 def from_hf(source: ModelSource) -> ModelConfig:
     """Settings and `model.layers.N.*` names from an HF config.json (transformers' LlamaConfig
     keys, which the Qwen configs share)."""
@@ -117,7 +157,10 @@ def from_hf(source: ModelSource) -> ModelConfig:
     rope_params = cfg.get("rope_parameters") or {}
     base = float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
     scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
-    inv_freq, attention_factor = rope.scaled_inv_freq(base, head_dim, scaling)
+    try:
+        inv_freq, attention_factor = rope.scaled_inv_freq(base, head_dim, scaling)
+    except CheckpointFormatError as err:
+        raise CheckpointFormatError(f"{where}: {err}") from None
     n_layers = int(_get(cfg, "num_hidden_layers", where))
     tied = bool(cfg.get("tie_word_embeddings", False))
     names = set(source.checkpoint.tensor_names())

@@ -40,11 +40,7 @@ _HF_OPTIONAL = {
 def read_config(source: ModelSource) -> ModelConfig:
     """Settings and names from a Qwen2 / Qwen3 checkpoint."""
     if source.format == "gguf":
-        scaling = source.metadata.get(f"{source.metadata['general.architecture']}.rope.scaling.type")
-        if scaling not in (None, "none", "linear"):
-            # llama.cpp's YaRN differs in detail from transformers'; not checked here yet.
-            raise CheckpointFormatError(f"{source.path}: GGUF rope scaling {scaling!r} is not supported yet")
-        base = llama.from_gguf(source)
+        base = llama.from_gguf(source)  # refuses GGUF YaRN, not checked yet
         optional, layer_prefix = _GGUF_OPTIONAL, "blk.{i}."
         # llama.cpp permutes q/k rows only for Llama-style archs; Qwen keeps HF's rotate-half
         # (NeoX) layout, pairs half a head apart.

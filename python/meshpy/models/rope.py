@@ -5,6 +5,13 @@ frequencies (one per rotated pair), so every family and scaling type shares one 
 Follows transformers' modeling_rope_utils.py (`_compute_default_rope_parameters`,
 `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`,
 `_compute_yarn_parameters`).
+
+Not supported, refused by name: `dynamic` (dynamic NTK). transformers'
+`dynamic_rope_update` recomputes the frequencies from the longest position of each forward
+call once it passes `max_position_embeddings`, so a prompt's keys and every later decode
+step rotate with different tables (and positions below the limit with the default one): one
+table per model cannot give its results. Also `longrope` and `proportional`, and any other
+type transformers may add.
 """
 
 from __future__ import annotations
@@ -15,11 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from meshpy.errors import UnsupportedArchitectureError
+from meshpy.errors import CheckpointFormatError
 
 __all__ = ["default_inv_freq", "scaled_inv_freq", "SUPPORTED_ROPE_TYPES"]
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+# Why a type transformers knows is refused (any other type is simply unknown).
+_REFUSED = {
+    "dynamic": "dynamic NTK recomputes the frequencies from each call's sequence length past "
+    "max_position_embeddings, which one fixed table cannot reproduce",
+}
 
 
 def default_inv_freq(base: float, n_rot: int) -> np.ndarray:
@@ -42,8 +55,9 @@ def scaled_inv_freq(base: float, n_rot: int, scaling: Mapping[str, Any] | None) 
         return _llama3(inv_freq, scaling), 1.0
     if kind == "yarn":
         return _yarn(base, n_rot, scaling)
-    raise UnsupportedArchitectureError(
-        f"unsupported rope scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+    why = f" ({_REFUSED[kind]})" if kind in _REFUSED else ""
+    raise CheckpointFormatError(
+        f"unsupported rope scaling type {kind!r}{why}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
     )
 
 
@@ -67,7 +81,7 @@ def _yarn(base: float, dim: int, scaling: Mapping[str, Any]) -> tuple[np.ndarray
     ones, a linear ramp between; cos/sin scaled by the attention factor. float32 as in
     transformers' `_compute_yarn_parameters`."""
     if scaling.get("factor") is None:
-        raise UnsupportedArchitectureError("yarn rope scaling without a factor is not supported")
+        raise CheckpointFormatError("yarn rope scaling without a factor is not supported")
     factor = float(scaling["factor"])
     old_ctx = float(scaling["original_max_position_embeddings"])
     attention_factor = scaling.get("attention_factor")
