@@ -166,3 +166,25 @@ def test_chat_uses_gemmas_format_when_the_gguf_ships_none(model: Model) -> None:
     text = model.end.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert model.tokenizer.token_to_id("<end_of_turn>") in model.tokenizer.stop_ids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_two_workers_through_the_mesh_give_the_one_process_greedy_tokens(gemma3_gguf: Path, model: Model, tmp_path: Path) -> None:
+    """Layers 0-8 and 9-17 on two in-process workers on 127.0.0.1 (f32 on the wire)."""
+    from meshpy.mesh import Worker, WorkerSettings, connect
+    from meshpy.mesh.launcher import LocalMesh
+    from tests.test_mesh import greedy
+
+    prompt = "Write a short poem about the sea."
+    local = greedy(model, prompt, 24)
+    node = dict(port=0, host="127.0.0.1", transport="tcp")
+    with LocalMesh(transport="tcp") as mesh:
+        addr = mesh.start_bootstrap()
+        settings = [WorkerSettings(bootstrap=addr, model=gemma3_gguf, layers=layers, threads=1,
+                                   node_dir=tmp_path / layers, **node) for layers in ("0-8", "9-17")]
+        with Worker(settings[0]) as first, Worker(settings[1]) as second:
+            assert (first.layers, second.layers) == (range(0, 9), range(9, 18))
+            with connect(gemma3_gguf, addr, threads=1, route_timeout=30) as remote:
+                assert [h.layers for h in remote.pipeline.route()] == [range(0, 9), range(9, 18)]
+                assert greedy(remote, prompt, 24) == local
