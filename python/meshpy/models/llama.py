@@ -106,9 +106,10 @@ def from_gguf(source: ModelSource) -> ModelConfig:
     )
 
 
-def from_hf(source: ModelSource) -> ModelConfig:
+def from_hf(source: ModelSource, rope_tables: tuple[np.ndarray, float] | None = None) -> ModelConfig:
     """Settings and `model.layers.N.*` names from an HF config.json (transformers' LlamaConfig
-    keys, which the Qwen configs share)."""
+    keys, which the Qwen configs share). `rope_tables` (inverse frequencies, attention factor)
+    replaces the RoPE read here, for families with their own keys (Phi-3)."""
     cfg = source.config
     where = str(source.path / "config.json") if source.path.is_dir() else str(source.path)
     hidden = int(_get(cfg, "hidden_size", where))
@@ -117,7 +118,7 @@ def from_hf(source: ModelSource) -> ModelConfig:
     rope_params = cfg.get("rope_parameters") or {}
     base = float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
     scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
-    inv_freq, attention_factor = rope.scaled_inv_freq(base, head_dim, scaling)
+    inv_freq, attention_factor = rope_tables or rope.scaled_inv_freq(base, head_dim, scaling)
     n_layers = int(_get(cfg, "num_hidden_layers", where))
     tied = bool(cfg.get("tie_word_embeddings", False))
     names = set(source.checkpoint.tensor_names())

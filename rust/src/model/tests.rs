@@ -40,6 +40,8 @@ fn tiny_config(quantize: Option<GgmlType>) -> LlamaConfig {
         layer_sliding: Vec::new(),
         sliding_window: 0,
         rope_local_inv_freq: Vec::new(),
+        rope_long_inv_freq: Vec::new(),
+        rope_long_from: 0,
     }
 }
 

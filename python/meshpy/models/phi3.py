@@ -1,0 +1,144 @@
+"""The Phi-3 family (`Phi3ForCausalLM`, model_type `phi3`: Phi-3, Phi-3.5, Phi-4, Phi-4-mini):
+the Llama layer with fused projections and Phi's RoPE options, following transformers'
+models/phi3/modeling_phi3.py and configuration_phi3.py:
+
+- `self_attn.qkv_proj.weight` stacks q, k and v rows (Phi3Attention.forward slices the
+  output at `n_heads * head_dim` and `+ n_kv_heads * head_dim`), and
+  `mlp.gate_up_proj.weight` stacks gate then up rows (Phi3MLP.forward:
+  `gate, up_states = up_states.chunk(2, dim=-1)`, `up_states * act(gate)`). The roles name
+  row ranges of the fused tensors (`config.row_slice`), which the Rust span loads as views of
+  the same bytes, so quantized GGUF tensors split the same way;
+- partial rotary embeddings (`partial_rotary_factor`, 0.75 in Phi-4-mini): only the first
+  `int(head_dim * factor)` dims of each head rotate, rotate-half pairs `(i, i + dim/2)`
+  (apply_rotary_pos_emb's `q_rot` / `q_pass`), which is the Rust rope with fewer frequencies;
+- `rope_type` `longrope` (`su` and `yarn` read as longrope, as Phi3Config does): short-factor
+  frequencies before `original_max_position_embeddings`, long-factor ones from it on, an
+  attention factor on cos/sin (modeling_rope_utils.py, `_compute_longrope_parameters`,
+  `longrope_frequency_update`); see LlamaConfig::rope_long_inv_freq in
+  rust/src/model/llama.rs for the one case that differs (a prefill crossing the boundary);
+- `sliding_window` (2047 in Phi-3-mini-4k), when set, applies to every layer
+  (Phi3Model.forward builds `create_sliding_window_causal_mask` for all of them), with the
+  same rotary table as a global layer.
+
+Only the HF layout is read here; the GGUF `phi3` architecture is refused for now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from meshpy.errors import CheckpointFormatError
+from meshpy.models import llama, rope
+from meshpy.models.config import ModelConfig, row_slice
+
+if TYPE_CHECKING:
+    from meshpy.models.source import ModelSource
+
+ARCHITECTURES = ("Phi3ForCausalLM", "phi3")
+
+_PREFIX = "model.layers.{i}."
+# Roles of one layer that are whole tensors; q/k/v and gate/up are rows of the fused ones.
+_HF_WHOLE = {
+    "attn_norm": "input_layernorm.weight",
+    "attn_output": "self_attn.o_proj.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+    "ffn_down": "mlp.down_proj.weight",
+}
+_QKV = "self_attn.qkv_proj.weight"
+_GATE_UP = "mlp.gate_up_proj.weight"
+
+
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE settings as Phi3Config.convert_rope_params_to_dict and
+    standardize_rope_params leave them: `rope_scaling` (older config.json files) or
+    `rope_parameters`, with `rope_theta` and `partial_rotary_factor` from the top level when
+    the dict lacks them, and for longrope the top-level `original_max_position_embeddings`
+    (Phi3Config's default 4096) taking priority."""
+    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    params.setdefault("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    params["rope_type"] = "longrope" if kind in ("su", "yarn") else kind
+    if params["rope_type"] == "longrope":
+        params["original_max_position_embeddings"] = cfg.get("original_max_position_embeddings", 4096)
+    return params
+
+
+def read_config(source: ModelSource) -> ModelConfig:
+    """Settings and names from a Phi-3-family checkpoint (HF layout)."""
+    if source.format == "gguf":
+        raise CheckpointFormatError(
+            f"{source.path}: GGUF phi3 is not supported yet (its rope_factors_long/short tensors and "
+            "context-length switch are unchecked); use the HF checkpoint directory"
+        )
+    cfg = source.config
+    where = str(source.path)
+    activation = cfg.get("hidden_act", "silu")
+    if activation != "silu":
+        raise CheckpointFormatError(f"{where}: hidden_act {activation!r} is not supported")
+
+    hidden, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or hidden // n_heads)
+    params = _rope_params(cfg)
+    n_rot = int(head_dim * float(params["partial_rotary_factor"]))
+    if n_rot % 2 or not 0 < n_rot <= head_dim:
+        raise CheckpointFormatError(f"{where}: {n_rot} rotary dims of a {head_dim}-wide head")
+    theta = float(params["rope_theta"])
+    long = None
+    if params["rope_type"] == "default":
+        tables = rope.default_inv_freq(theta, n_rot), 1.0
+    elif params["rope_type"] == "longrope":
+        long = rope.longrope_inv_freq(
+            theta, n_rot, params, int(cfg.get("max_position_embeddings", 4096)),
+            int(params["original_max_position_embeddings"]),
+        )
+        tables = long.short, long.attention_factor
+    else:
+        raise CheckpointFormatError(f"{where}: Phi-3 rope type {params['rope_type']!r} is not supported")
+    base = llama.from_hf(source, rope_tables=tables)
+
+    q_dim, kv_dim = base.n_heads * base.head_dim, base.n_kv_heads * base.head_dim
+    names = set(source.checkpoint.tensor_names())
+    layers = []
+    for i in range(base.n_layers):
+        prefix = _PREFIX.format(i=i)
+        qkv, gate_up = prefix + _QKV, prefix + _GATE_UP
+        roles = {role: prefix + name for role, name in _HF_WHOLE.items()}
+        missing = sorted(n for n in [*roles.values(), qkv, gate_up] if n not in names)
+        if missing:
+            raise CheckpointFormatError(f"{where}: missing Phi-3 tensors: {', '.join(missing)}")
+        rows = source.checkpoint.tensor_info(qkv)[1][0]
+        if rows != q_dim + 2 * kv_dim:
+            raise CheckpointFormatError(f"{where}: {qkv} has {rows} rows, q+k+v need {q_dim + 2 * kv_dim}")
+        fused_ffn = source.checkpoint.tensor_info(gate_up)[1][0]
+        if fused_ffn % 2:
+            raise CheckpointFormatError(f"{where}: {gate_up} has an odd number of rows ({fused_ffn})")
+        ffn = fused_ffn // 2
+        roles.update(
+            attn_q=row_slice(qkv, 0, q_dim),
+            attn_k=row_slice(qkv, q_dim, q_dim + kv_dim),
+            attn_v=row_slice(qkv, q_dim + kv_dim, q_dim + 2 * kv_dim),
+            ffn_gate=row_slice(gate_up, 0, ffn),
+            ffn_up=row_slice(gate_up, ffn, 2 * ffn),
+        )
+        # Every tensor of the layer must have a role: one the forward would skip is an error.
+        used = {*roles.values(), qkv, gate_up}
+        unused = sorted(n for n in names if n.startswith(prefix) and n not in used)
+        if unused:
+            raise CheckpointFormatError(f"{where}: tensors this Phi-3 layer does not use: {', '.join(unused)}")
+        layers.append(roles)
+
+    window = cfg.get("sliding_window")
+    return dataclasses.replace(
+        base,
+        architecture=str((cfg.get("architectures") or ["Phi3ForCausalLM"])[0]),
+        layer_tensor_names=tuple(layers),
+        layer_sliding=(True,) * base.n_layers if window is not None else (),
+        sliding_window=int(window) if window is not None else 0,
+        rope_long_inv_freq=None if long is None else long.long,
+        rope_long_from=0 if long is None else long.original_max,
+    )
+
+
+__all__ = ["ARCHITECTURES", "read_config"]
