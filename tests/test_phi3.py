@@ -266,15 +266,148 @@ def test_a_tensor_no_role_takes_is_refused(tmp_path: Path) -> None:
         read_config(open_model_source(model_dir))
 
 
-def test_gguf_phi3_is_refused(tmp_path: Path) -> None:
-    import gguf
+# HF name pieces -> llama.cpp's (convert_hf_to_gguf.py's tensor map for phi3: the fused
+# tensors keep their rows as they are).
+GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 
-    path = tmp_path / "phi3.gguf"
-    w = gguf.GGUFWriter(str(path), "phi3")
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+
+def write_gguf(model_dir: Path, out: Path, quant: str | None = None) -> Path:
+    """The HF checkpoint as llama.cpp's converter (Phi3MiniModel) writes it: `blk.N.*` names,
+    fused attn_qkv / ffn_up, q/k rows not permuted (NeoX RoPE), LongRoPE as the global
+    rope_factors_short/long tensors with the original context and attention factor as
+    metadata; the layer matrices in `quant` (Q8_0) if given, else f32."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    params = cfg["rope_parameters"]
+    w = gguf.GGUFWriter(str(out), "phi3")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(int(params["partial_rotary_factor"] * cfg["hidden_size"]) // cfg["num_attention_heads"])
+    w.add_rope_freq_base(params["rope_theta"])
+    w.add_sliding_window(cfg.get("sliding_window") or 0)
+    w.add_vocab_size(cfg["vocab_size"])
+    if params["rope_type"] == "longrope":
+        scale = cfg["max_position_embeddings"] / cfg["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(cfg["original_max_position_embeddings"])))
+        w.add_tensor("rope_factors_long.weight", np.array(params["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(params["short_factor"], np.float32))
+    for name, t in sorted(load_file(model_dir / "model.safetensors").items()):
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{i}.{GGUF_NAMES[rest]}"
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if quant is not None and gname.startswith("blk.") and t.ndim == 2:
+            qtype = gguf.GGMLQuantizationType[quant]
+            w.add_tensor(gname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(CheckpointFormatError, match="GGUF phi3 is not supported"):
+    return out
+
+
+def _direct_logits(path: Path, quantize: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding, two spans (layers 0 and 1-2) and head run directly (the tiny GGUF carries
+    no tokenizer), prefill then decode."""
+    from meshpy import _native
+    from meshpy.pipeline import LocalSpan
+
+    source = open_model_source(path)
+    config = read_config(source)
+    pool = _native.ThreadPool(2)
+    spans = [LocalSpan(source, config, r, pool, quantize=quantize) for r in (range(0, 1), range(1, 3))]
+    caches = [s.native.new_cache(256) for s in spans]
+    embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
+    head = _native.OutputHead(source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool)
+
+    def logits(ids: list[int]) -> np.ndarray:
+        hidden = embedding.lookup(ids)
+        for span, cache in zip(spans, caches):
+            hidden = span.native.forward(hidden, cache)
+        return head.logits(hidden)
+
+    prefill = logits(tiny_phi3.PREFILL_IDS)
+    return prefill, np.stack([logits([t])[0] for t in tiny_phi3.DECODE_IDS])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_config_equals_the_hf_config(tmp_path: Path, variant: str) -> None:
+    hf = read_config(open_model_source(DATA / variant))
+    gg = read_config(open_model_source(write_gguf(DATA / variant, tmp_path / "m.gguf")))
+    assert gg.architecture == "phi3" and not gg.rope_interleaved
+    np.testing.assert_array_equal(gg.rope_inv_freq, hf.rope_inv_freq)
+    if hf.rope_long_inv_freq is None:
+        assert gg.rope_long_inv_freq is None
+    else:
+        assert gg.rope_long_inv_freq is not None
+        np.testing.assert_array_equal(gg.rope_long_inv_freq, hf.rope_long_inv_freq)
+    assert gg.rope_attention_factor == pytest.approx(hf.rope_attention_factor, rel=1e-6)  # f32 in GGUF
+    assert (gg.rope_long_from, gg.layer_sliding, gg.sliding_window) == (hf.rope_long_from, hf.layer_sliding, hf.sliding_window)
+    assert gg.layer_names(1)["attn_v"] == "blk.1.attn_qkv.weight[96:128]"
+    assert gg.layer_names(1)["ffn_up"] == "blk.1.ffn_up.weight[128:256]"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_layout_matches_the_hf_layout(tmp_path: Path, variant: str) -> None:
+    """The GGUF path (phi3 keys, fused `attn_qkv` / `ffn_up`, rope factor tensors) gives the
+    HF path's logits and transformers'."""
+    prefill, decode = _direct_logits(write_gguf(DATA / variant, tmp_path / "m.gguf"))
+    hf_prefill, hf_decode = ours(DATA / variant)
+    np.testing.assert_allclose(prefill, hf_prefill, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(decode, hf_decode, atol=1e-5, rtol=0)
+    ref = np.load(DATA / variant / "reference_logits.npz")
+    np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+
+
+def test_a_q8_0_gguf_splits_its_fused_rows_as_quantize_on_load_does(tmp_path: Path) -> None:
+    """Row ranges of a Q8_0 tensor stored fused (gguf-py's quantizer) are the rows the f32
+    checkpoint's ranges quantize to on load (ggml's reference quantizer, ours): the logits
+    agree to f32 rounding."""
+    path = write_gguf(MINI, tmp_path / "q8.gguf", quant="Q8_0")
+    assert open_model_source(path).checkpoint.tensor_info("blk.0.attn_qkv.weight") == ("Q8_0", (128, 64))
+    prefill, decode = _direct_logits(path)
+    want_prefill, want_decode = _direct_logits(write_gguf(MINI, tmp_path / "f32.gguf"), quantize="Q8_0")
+    np.testing.assert_allclose(prefill, want_prefill, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(decode, want_decode, atol=1e-5, rtol=0)
+
+
+def test_gguf_with_one_rope_factor_tensor_is_refused(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "phi3.gguf"
+    w = gguf.GGUFWriter(str(path), "phi3")
+    for key, value in [("context_length", 256), ("embedding_length", 8), ("block_count", 1), ("attention.head_count", 2), ("vocab_size", 4)]:
+        w.add_uint32(f"phi3.{key}", value)
+    w.add_float32("phi3.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.add_tensor("rope_factors_long.weight", np.ones(2, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointFormatError, match="come together"):
         read_config(open_model_source(path))

@@ -20,13 +20,19 @@ models/phi3/modeling_phi3.py and configuration_phi3.py:
   (Phi3Model.forward builds `create_sliding_window_causal_mask` for all of them), with the
   same rotary table as a global layer.
 
-Only the HF layout is read here; the GGUF `phi3` architecture is refused for now.
+GGUF files of llama.cpp's `phi3` architecture are read too (see `_from_gguf`), with the same
+semantics as the HF checkpoint: LongRoPE chosen per position, not by llama.cpp's rule (long
+factors whenever the serving context exceeds the original one, llama_model::get_rope_factors),
+and the sliding window applied as transformers applies it, where llama.cpp currently turns
+Phi-3's window off (llama_model_phi3::load_arch_hparams).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from meshpy.errors import CheckpointFormatError
 from meshpy.models import llama, rope
@@ -37,16 +43,34 @@ if TYPE_CHECKING:
 
 ARCHITECTURES = ("Phi3ForCausalLM", "phi3")
 
-_PREFIX = "model.layers.{i}."
-# Roles of one layer that are whole tensors; q/k/v and gate/up are rows of the fused ones.
-_HF_WHOLE = {
-    "attn_norm": "input_layernorm.weight",
-    "attn_output": "self_attn.o_proj.weight",
-    "ffn_norm": "post_attention_layernorm.weight",
-    "ffn_down": "mlp.down_proj.weight",
-}
-_QKV = "self_attn.qkv_proj.weight"
-_GATE_UP = "mlp.gate_up_proj.weight"
+# Roles of one layer that are whole tensors, by format; q/k/v and gate/up are rows of the
+# fused tensors (HF names from modeling_phi3.py; GGUF names from llama.cpp's phi3 arch:
+# `attn_qkv` holds qkv_proj as is, `ffn_up` holds gate_up_proj, gate rows first, which
+# llama.cpp's LLM_FFN_SWIGLU splits the same way).
+_HF = dict(
+    prefix="model.layers.{i}.",
+    whole={
+        "attn_norm": "input_layernorm.weight",
+        "attn_output": "self_attn.o_proj.weight",
+        "ffn_norm": "post_attention_layernorm.weight",
+        "ffn_down": "mlp.down_proj.weight",
+    },
+    qkv="self_attn.qkv_proj.weight",
+    gate_up="mlp.gate_up_proj.weight",
+)
+_GGUF = dict(
+    prefix="blk.{i}.",
+    whole={
+        "attn_norm": "attn_norm.weight",
+        "attn_output": "attn_output.weight",
+        "ffn_norm": "ffn_norm.weight",
+        "ffn_down": "ffn_down.weight",
+    },
+    qkv="attn_qkv.weight",
+    gate_up="ffn_up.weight",
+)
+# llama.cpp also loads phi3 GGUFs whose q/k/v are separate tensors.
+_GGUF_SEPARATE_QKV = {"attn_q": "attn_q.weight", "attn_k": "attn_k.weight", "attn_v": "attn_v.weight"}
 
 
 def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -65,19 +89,54 @@ def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def read_config(source: ModelSource) -> ModelConfig:
-    """Settings and names from a Phi-3-family checkpoint (HF layout)."""
-    if source.format == "gguf":
-        raise CheckpointFormatError(
-            f"{source.path}: GGUF phi3 is not supported yet (its rope_factors_long/short tensors and "
-            "context-length switch are unchecked); use the HF checkpoint directory"
-        )
+def _layers(source: ModelSource, base: ModelConfig, layout: dict[str, Any]) -> tuple[dict[str, str], ...]:
+    """Each layer's roles: whole tensors, q/k/v as row ranges of the fused qkv tensor (or
+    separate tensors where a GGUF has them), gate/up as the two halves of the fused one.
+    Every tensor of a layer must be used: one the forward would skip is an error."""
+    where = str(source.path)
+    q_dim, kv_dim = base.n_heads * base.head_dim, base.n_kv_heads * base.head_dim
+    names = set(source.checkpoint.tensor_names())
+    layers = []
+    for i in range(base.n_layers):
+        prefix = layout["prefix"].format(i=i)
+        qkv, gate_up = prefix + layout["qkv"], prefix + layout["gate_up"]
+        whole = dict(layout["whole"])
+        if source.format == "gguf" and qkv not in names:
+            whole.update(_GGUF_SEPARATE_QKV)
+            qkv = None
+        roles = {role: prefix + name for role, name in whole.items()}
+        fused = [n for n in (qkv, gate_up) if n is not None]
+        missing = sorted(n for n in [*roles.values(), *fused] if n not in names)
+        if missing:
+            raise CheckpointFormatError(f"{where}: missing Phi-3 tensors: {', '.join(missing)}")
+        if qkv is not None:
+            rows = source.checkpoint.tensor_info(qkv)[1][0]
+            if rows != q_dim + 2 * kv_dim:
+                raise CheckpointFormatError(f"{where}: {qkv} has {rows} rows, q+k+v need {q_dim + 2 * kv_dim}")
+            roles.update(
+                attn_q=row_slice(qkv, 0, q_dim),
+                attn_k=row_slice(qkv, q_dim, q_dim + kv_dim),
+                attn_v=row_slice(qkv, q_dim + kv_dim, q_dim + 2 * kv_dim),
+            )
+        fused_ffn = source.checkpoint.tensor_info(gate_up)[1][0]
+        if fused_ffn % 2:
+            raise CheckpointFormatError(f"{where}: {gate_up} has an odd number of rows ({fused_ffn})")
+        ffn = fused_ffn // 2
+        roles.update(ffn_gate=row_slice(gate_up, 0, ffn), ffn_up=row_slice(gate_up, ffn, 2 * ffn))
+        used = {*roles.values(), *fused}
+        unused = sorted(n for n in names if n.startswith(prefix) and n not in used)
+        if unused:
+            raise CheckpointFormatError(f"{where}: tensors this Phi-3 layer does not use: {', '.join(unused)}")
+        layers.append(roles)
+    return tuple(layers)
+
+
+def _from_hf(source: ModelSource) -> tuple[ModelConfig, rope.LongRope | None, int | None]:
     cfg = source.config
     where = str(source.path)
     activation = cfg.get("hidden_act", "silu")
     if activation != "silu":
         raise CheckpointFormatError(f"{where}: hidden_act {activation!r} is not supported")
-
     hidden, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or hidden // n_heads)
     params = _rope_params(cfg)
@@ -97,45 +156,61 @@ def read_config(source: ModelSource) -> ModelConfig:
     else:
         raise CheckpointFormatError(f"{where}: Phi-3 rope type {params['rope_type']!r} is not supported")
     base = llama.from_hf(source, rope_tables=tables)
-
-    q_dim, kv_dim = base.n_heads * base.head_dim, base.n_kv_heads * base.head_dim
-    names = set(source.checkpoint.tensor_names())
-    layers = []
-    for i in range(base.n_layers):
-        prefix = _PREFIX.format(i=i)
-        qkv, gate_up = prefix + _QKV, prefix + _GATE_UP
-        roles = {role: prefix + name for role, name in _HF_WHOLE.items()}
-        missing = sorted(n for n in [*roles.values(), qkv, gate_up] if n not in names)
-        if missing:
-            raise CheckpointFormatError(f"{where}: missing Phi-3 tensors: {', '.join(missing)}")
-        rows = source.checkpoint.tensor_info(qkv)[1][0]
-        if rows != q_dim + 2 * kv_dim:
-            raise CheckpointFormatError(f"{where}: {qkv} has {rows} rows, q+k+v need {q_dim + 2 * kv_dim}")
-        fused_ffn = source.checkpoint.tensor_info(gate_up)[1][0]
-        if fused_ffn % 2:
-            raise CheckpointFormatError(f"{where}: {gate_up} has an odd number of rows ({fused_ffn})")
-        ffn = fused_ffn // 2
-        roles.update(
-            attn_q=row_slice(qkv, 0, q_dim),
-            attn_k=row_slice(qkv, q_dim, q_dim + kv_dim),
-            attn_v=row_slice(qkv, q_dim + kv_dim, q_dim + 2 * kv_dim),
-            ffn_gate=row_slice(gate_up, 0, ffn),
-            ffn_up=row_slice(gate_up, ffn, 2 * ffn),
-        )
-        # Every tensor of the layer must have a role: one the forward would skip is an error.
-        used = {*roles.values(), qkv, gate_up}
-        unused = sorted(n for n in names if n.startswith(prefix) and n not in used)
-        if unused:
-            raise CheckpointFormatError(f"{where}: tensors this Phi-3 layer does not use: {', '.join(unused)}")
-        layers.append(roles)
-
+    base = dataclasses.replace(base, architecture=str((cfg.get("architectures") or ["Phi3ForCausalLM"])[0]))
     window = cfg.get("sliding_window")
+    return base, long, None if window is None else int(window)
+
+
+def _factor_tensor(source: ModelSource, name: str) -> list[float]:
+    type_name, shape = source.checkpoint.tensor_info(name)
+    if type_name.upper() != "F32" or len(shape) != 1:
+        raise CheckpointFormatError(f"{source.path}: {name} must be a 1-D F32 tensor, it is {type_name} {shape}")
+    return np.frombuffer(source.checkpoint.tensor_bytes(name), dtype="<f4").astype(np.float32).tolist()
+
+
+def _from_gguf(source: ModelSource) -> tuple[ModelConfig, rope.LongRope | None, int | None]:
+    """llama.cpp's phi3 keys (convert_hf_to_gguf.py, Phi3MiniModel): `rope.dimension_count`
+    (the rotated dims), `rope.freq_base`; for LongRoPE the global `rope_factors_short.weight` /
+    `rope_factors_long.weight` tensors (per-pair divisors), `rope.scaling.original_context_length`
+    and `rope.scaling.attn_factor`; `attention.sliding_window` (0: none)."""
+    meta = source.metadata
+    where = str(source.path)
+    base = llama.from_gguf(source)
+    # NeoX (rotate-half) RoPE: llama.cpp does not permute phi3's q/k rows.
+    base = dataclasses.replace(base, rope_interleaved=False)
+    names = set(source.checkpoint.tensor_names())
+    factor_names = ("rope_factors_short.weight", "rope_factors_long.weight")
+    present = [n in names for n in factor_names]
+    long = None
+    if any(present):
+        if not all(present):
+            raise CheckpointFormatError(f"{where}: {' and '.join(factor_names)} come together")
+        original = meta.get("phi3.rope.scaling.original_context_length")
+        if original is None:
+            raise CheckpointFormatError(f"{where}: LongRoPE factors without phi3.rope.scaling.original_context_length")
+        scaling = {"short_factor": _factor_tensor(source, factor_names[0]), "long_factor": _factor_tensor(source, factor_names[1])}
+        if meta.get("phi3.rope.scaling.attn_factor") is not None:
+            scaling["attention_factor"] = float(meta["phi3.rope.scaling.attn_factor"])
+        theta = float(meta.get("phi3.rope.freq_base", 10000.0))
+        long = rope.longrope_inv_freq(theta, 2 * len(base.rope_inv_freq), scaling, base.max_positions, int(original))
+        base = dataclasses.replace(base, rope_inv_freq=long.short, rope_attention_factor=long.attention_factor)
+    window = int(meta.get("phi3.attention.sliding_window", 0))
+    return base, long, window or None
+
+
+def read_config(source: ModelSource) -> ModelConfig:
+    """Settings and names from a Phi-3-family checkpoint (HF directory or GGUF)."""
+    if source.format == "gguf":
+        base, long, window = _from_gguf(source)
+        layout = _GGUF
+    else:
+        base, long, window = _from_hf(source)
+        layout = _HF
     return dataclasses.replace(
         base,
-        architecture=str((cfg.get("architectures") or ["Phi3ForCausalLM"])[0]),
-        layer_tensor_names=tuple(layers),
+        layer_tensor_names=_layers(source, base, layout),
         layer_sliding=(True,) * base.n_layers if window is not None else (),
-        sliding_window=int(window) if window is not None else 0,
+        sliding_window=window or 0,
         rope_long_inv_freq=None if long is None else long.long,
         rope_long_from=0 if long is None else long.original_max,
     )
