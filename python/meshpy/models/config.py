@@ -132,7 +132,7 @@ SUPPORTED_ARCHITECTURES = (
     "qwen2 (GGUF) / Qwen2ForCausalLM (HF)",
     "qwen3 (GGUF) / Qwen3ForCausalLM (HF)",
     "Gemma3ForCausalLM (HF, gemma3_text)",
-    "Phi3ForCausalLM (HF, phi3: Phi-3, Phi-3.5, Phi-4)",
+    "phi3 (GGUF) / Phi3ForCausalLM (HF): Phi-3, Phi-3.5, Phi-4, Phi-4-mini",
 )
 
 
