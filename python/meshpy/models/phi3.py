@@ -43,11 +43,21 @@ if TYPE_CHECKING:
 
 ARCHITECTURES = ("Phi3ForCausalLM", "phi3")
 
-# Roles of one layer that are whole tensors, by format; q/k/v and gate/up are rows of the
-# fused tensors (HF names from modeling_phi3.py; GGUF names from llama.cpp's phi3 arch:
-# `attn_qkv` holds qkv_proj as is, `ffn_up` holds gate_up_proj, gate rows first, which
-# llama.cpp's LLM_FFN_SWIGLU splits the same way).
-_HF = dict(
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """One format's names of a layer: `prefix` (with `{i}`), the roles that are whole tensors,
+    and the fused tensors whose row ranges are q/k/v and gate/up."""
+
+    prefix: str
+    whole: dict[str, str]
+    qkv: str
+    gate_up: str
+
+
+# HF names from modeling_phi3.py; GGUF names from llama.cpp's phi3 arch: `attn_qkv` holds
+# qkv_proj as is, `ffn_up` holds gate_up_proj, gate rows first, which llama.cpp's
+# LLM_FFN_SWIGLU splits the same way.
+_HF = _Layout(
     prefix="model.layers.{i}.",
     whole={
         "attn_norm": "input_layernorm.weight",
@@ -58,7 +68,7 @@ _HF = dict(
     qkv="self_attn.qkv_proj.weight",
     gate_up="mlp.gate_up_proj.weight",
 )
-_GGUF = dict(
+_GGUF = _Layout(
     prefix="blk.{i}.",
     whole={
         "attn_norm": "attn_norm.weight",
@@ -89,7 +99,7 @@ def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _layers(source: ModelSource, base: ModelConfig, layout: dict[str, Any]) -> tuple[dict[str, str], ...]:
+def _layers(source: ModelSource, base: ModelConfig, layout: _Layout) -> tuple[dict[str, str], ...]:
     """Each layer's roles: whole tensors, q/k/v as row ranges of the fused qkv tensor (or
     separate tensors where a GGUF has them), gate/up as the two halves of the fused one.
     Every tensor of a layer must be used: one the forward would skip is an error."""
@@ -98,9 +108,10 @@ def _layers(source: ModelSource, base: ModelConfig, layout: dict[str, Any]) -> t
     names = set(source.checkpoint.tensor_names())
     layers = []
     for i in range(base.n_layers):
-        prefix = layout["prefix"].format(i=i)
-        qkv, gate_up = prefix + layout["qkv"], prefix + layout["gate_up"]
-        whole = dict(layout["whole"])
+        prefix = layout.prefix.format(i=i)
+        qkv: str | None = prefix + layout.qkv
+        gate_up = prefix + layout.gate_up
+        whole = dict(layout.whole)
         if source.format == "gguf" and qkv not in names:
             whole.update(_GGUF_SEPARATE_QKV)
             qkv = None

@@ -211,7 +211,7 @@ impl TensorData {
             )));
         }
         let len = self.end - self.start;
-        if len % outer != 0 {
+        if !len.is_multiple_of(outer) {
             return Err(Error::Shape(format!("{}: {len} bytes do not split into {outer} rows", self.info.name)));
         }
         let row_bytes = len / outer;
