@@ -4,6 +4,7 @@ random f32 checkpoints (tests/fixtures/tiny_phi3.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -278,11 +279,12 @@ GGUF_NAMES = {
 }
 
 
-def write_gguf(model_dir: Path, out: Path, quant: str | None = None) -> Path:
+def write_gguf(model_dir: Path, out: Path, quant: str | None = None, vocab: bool = False) -> Path:
     """The HF checkpoint as llama.cpp's converter (Phi3MiniModel) writes it: `blk.N.*` names,
     fused attn_qkv / ffn_up, q/k rows not permuted (NeoX RoPE), LongRoPE as the global
     rope_factors_short/long tensors with the original context and attention factor as
-    metadata; the layer matrices in `quant` (Q8_0) if given, else f32."""
+    metadata; the layer matrices in `quant` (Q8_0) if given, else f32. `vocab` adds a
+    placeholder SentencePiece vocabulary (one token per id) so llama.cpp will load the file."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -301,9 +303,15 @@ def write_gguf(model_dir: Path, out: Path, quant: str | None = None) -> Path:
     w.add_rope_freq_base(params["rope_theta"])
     w.add_sliding_window(cfg.get("sliding_window") or 0)
     w.add_vocab_size(cfg["vocab_size"])
+    if vocab:
+        w.add_tokenizer_model("llama")
+        w.add_token_list([f"<t{i}>".encode() for i in range(cfg["vocab_size"])])
+        w.add_token_scores([0.0] * cfg["vocab_size"])
+        w.add_token_types([gguf.TokenType.NORMAL] * cfg["vocab_size"])
     if params["rope_type"] == "longrope":
-        scale = cfg["max_position_embeddings"] / cfg["original_max_position_embeddings"]
-        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(cfg["original_max_position_embeddings"])))
+        original = cfg["original_max_position_embeddings"]
+        scale = cfg["max_position_embeddings"] / original
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
         w.add_tensor("rope_factors_long.weight", np.array(params["long_factor"], np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(params["short_factor"], np.float32))
     for name, t in sorted(load_file(model_dir / "model.safetensors").items()):
@@ -393,6 +401,30 @@ def test_a_q8_0_gguf_splits_its_fused_rows_as_quantize_on_load_does(tmp_path: Pa
     want_prefill, want_decode = _direct_logits(write_gguf(MINI, tmp_path / "f32.gguf"), quantize="Q8_0")
     np.testing.assert_allclose(prefill, want_prefill, atol=1e-5, rtol=0)
     np.testing.assert_allclose(decode, want_decode, atol=1e-5, rtol=0)
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_logits_equal_llama_cpp(tmp_path: Path, variant: str) -> None:
+    """llama.cpp runs the same GGUF (f32 KV cache) to the same logits: an independent check of
+    the phi3 names, the fused rows' order, partial rotary, the rope factor tensors and the
+    attention factor. llama.cpp rotates every position with one factor set, long when its
+    context exceeds the original one, and turns Phi-3's window off, so for the mini variant
+    both sides run without the window and with an original context (512) past the context
+    used (256): short factors everywhere."""
+    import llama_cpp
+
+    model_dir = DATA / variant
+    if variant == "tiny-phi3-mini":
+        model_dir = _with_config(tmp_path, sliding_window=None, original_max_position_embeddings=512)
+    path = write_gguf(model_dir, tmp_path / "m.gguf", vocab=True)
+    prefill, decode = _direct_logits(path)
+    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm.eval(tiny_phi3.PREFILL_IDS + tiny_phi3.DECODE_IDS)
+    theirs = np.array(llm.scores[: len(tiny_phi3.PREFILL_IDS) + len(tiny_phi3.DECODE_IDS)])
+    np.testing.assert_allclose(np.concatenate([prefill, decode]), theirs, atol=LOGIT_ATOL, rtol=0)
 
 
 def test_gguf_with_one_rope_factor_tensor_is_refused(tmp_path: Path) -> None:
