@@ -7,11 +7,10 @@ module that knows its keys and tensor names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from collections.abc import Container
-from typing import TYPE_CHECKING, Any
-
 import re
+from collections.abc import Container
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 

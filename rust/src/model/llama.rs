@@ -19,6 +19,14 @@
 //! `post_feedforward_layernorm`), a GELU-tanh gated MLP, and sliding-window layers that
 //! attend over the last `sliding_window` positions with their own rotary table.
 //!
+//! The Phi-3 family (transformers' models/phi3/modeling_phi3.py) is this layer with fused
+//! projections, read as row ranges of one tensor (`qkv_proj`: q, k, v rows; `gate_up_proj`:
+//! gate, then up rows; see `weights::tensor_ref`), partial rotary embeddings (fewer
+//! frequencies than `head_dim / 2`: only the first dims rotate, as apply_rotary_pos_emb's
+//! `q_rot` / `q_pass`), LongRoPE (a second rotary table from a position on,
+//! `rope_long_inv_freq`), and a sliding window on every layer that rotates with the global
+//! table (`rope_local_inv_freq` empty).
+//!
 //! One forward call runs a batch of sequence chunks (each a session's next tokens with its
 //! own KV cache) through every layer of the span, or through a contiguous sub-range of its
 //! layers ([`LlamaSpan::forward_layers`], with caches of that many layers); all threads of the

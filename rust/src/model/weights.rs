@@ -1,4 +1,5 @@
-//! Finding a span's tensors in a checkpoint by role, and loading them.
+//! Finding a span's tensors in a checkpoint by role (a whole tensor, or a row range of a fused
+//! one), and loading them.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
