@@ -89,8 +89,12 @@ class LlamaSpan:
     `attn_v`, `attn_output`, `ffn_norm`, `ffn_gate`, `ffn_up`, `ffn_down`, and optionally
     `attn_q_bias`, `attn_k_bias`, `attn_v_bias` (Qwen2), `attn_q_norm`, `attn_k_norm`
     (Qwen3, Gemma 3) and `attn_post_norm`, `ffn_post_norm` (Gemma 3). A role not used is an
-    error. `config` is `ModelConfig.span_config()`; its Gemma 3 keys (`norm_offset`,
-    `gelu_tanh`, `layer_sliding`, `sliding_window`, `rope_local_inv_freq`) may be left out."""
+    error. A name may end in a row range, `name[start:end]`: the role is those rows of a fused
+    tensor (Phi-3's `qkv_proj`, `gate_up_proj`), any stored type. `config` is
+    `ModelConfig.span_config()`; its Gemma 3 keys (`norm_offset`, `gelu_tanh`,
+    `layer_sliding`, `sliding_window`, `rope_local_inv_freq`: empty for sliding layers that
+    rotate as the others) and LongRoPE keys (`rope_long_inv_freq`, `rope_long_from`) may be
+    left out."""
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 
 from meshpy.errors import InvalidArgumentError
-from meshpy.models.config import ModelConfig
+from meshpy.models.config import ModelConfig, split_tensor_ref
 from meshpy.models.source import ModelSource
 
 __all__ = [
@@ -109,10 +109,13 @@ def available_memory() -> int:
 def layer_nbytes(source: ModelSource, config: ModelConfig, layer: int) -> int:
     """Bytes of one layer's weights as stored in the checkpoint."""
     total = 0
-    for name in config.layer_names(layer).values():
+    for ref in config.layer_names(layer).values():
+        # A role may be rows of a fused tensor (Phi-3's qkv_proj): count those rows only.
+        name, rows = split_tensor_ref(ref, source.checkpoint)
         type_name, shape = source.checkpoint.tensor_info(name)
         block_bytes, block_values = _BLOCKS.get(type_name.upper(), (4, 1))
-        total += math.prod(shape) // block_values * block_bytes
+        nbytes = math.prod(shape) // block_values * block_bytes
+        total += nbytes if rows is None else nbytes // shape[0] * len(rows)
     return total
 
 

@@ -8,6 +8,8 @@ module that knows its keys and tensor names.
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,7 @@ from meshpy.errors import CheckpointFormatError, UnsupportedArchitectureError
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
 
-__all__ = ["ModelConfig", "read_config", "default_chat_template", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["ModelConfig", "read_config", "default_chat_template", "SUPPORTED_ARCHITECTURES", "row_slice", "split_tensor_ref"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class ModelConfig:
     layer_sliding: tuple[bool, ...] = ()
     sliding_window: int = 0
     rope_local_inv_freq: np.ndarray | None = field(default=None, repr=False)
+    #: Rotary frequencies for positions `rope_long_from` and later (LongRoPE's long factors,
+    #: Phi-3 128k / Phi-3.5 / Phi-4-mini), with `rope_inv_freq` holding the short-factor ones.
+    #: None: one table for every position.
+    rope_long_inv_freq: np.ndarray | None = field(default=None, repr=False)
+    rope_long_from: int = 0
 
     def layer_names(self, layer: int) -> dict[str, str]:
         """Tensor names of one layer by role (`attn_q` -> `blk.3.attn_q.weight`)."""
@@ -93,12 +100,33 @@ class ModelConfig:
             "layer_sliding": list(self.layer_sliding),
             "sliding_window": self.sliding_window,
             "rope_local_inv_freq": [] if self.rope_local_inv_freq is None else [float(x) for x in self.rope_local_inv_freq],
+            "rope_long_inv_freq": [] if self.rope_long_inv_freq is None else [float(x) for x in self.rope_long_inv_freq],
+            "rope_long_from": self.rope_long_from,
         }
+
+
+_ROW_SLICE = re.compile(r"^(?P<name>.+)\[(?P<start>\d+):(?P<stop>\d+)\]$")
+
+
+def row_slice(name: str, start: int, stop: int) -> str:
+    """The reference to rows `start:stop` of tensor `name` (outermost dimension), as a role's
+    name: `qkv_proj.weight[64:96]`. The Rust span loads those rows of the fused tensor as the
+    role's matrix (rust/src/model/weights.rs, `tensor_ref`)."""
+    return f"{name}[{start}:{stop}]"
+
+
+def split_tensor_ref(ref: str, names: Container[str] = ()) -> tuple[str, range | None]:
+    """A role's tensor reference as (tensor name, rows or None); a name in `names` (the
+    checkpoint's) is taken as spelled, as the Rust loader does."""
+    match = None if ref in names else _ROW_SLICE.match(ref)
+    if match is None:
+        return ref, None
+    return match["name"], range(int(match["start"]), int(match["stop"]))
 
 
 def read_config(source: ModelSource) -> ModelConfig:
     """Reads the model's settings from its checkpoint."""
-    from meshpy.models import gemma3, llama, mistral, qwen
+    from meshpy.models import gemma3, llama, mistral, phi3, qwen
 
     arch = architecture_of(source)
     if arch in llama.ARCHITECTURES:
@@ -109,6 +137,8 @@ def read_config(source: ModelSource) -> ModelConfig:
         return qwen.read_config(source)
     if arch in gemma3.ARCHITECTURES:
         return gemma3.read_config(source)
+    if arch in phi3.ARCHITECTURES:
+        return phi3.read_config(source)
     raise UnsupportedArchitectureError(
         f"unsupported architecture {arch!r} in {source.path}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
@@ -120,6 +150,7 @@ SUPPORTED_ARCHITECTURES = (
     "qwen2 (GGUF) / Qwen2ForCausalLM (HF)",
     "qwen3 (GGUF) / Qwen3ForCausalLM (HF)",
     "gemma3 (GGUF) / Gemma3ForCausalLM (HF, gemma3_text)",
+    "phi3 (GGUF) / Phi3ForCausalLM (HF): Phi-3, Phi-3.5, Phi-4, Phi-4-mini",
 )
 
 

@@ -146,9 +146,10 @@ def _gguf_inv_freq(source: ModelSource, n_rot: int, base: float, linear_factor: 
     return inv_freq
 
 
-def from_hf(source: ModelSource) -> ModelConfig:
+def from_hf(source: ModelSource, rope_tables: tuple[np.ndarray, float] | None = None) -> ModelConfig:
     """Settings and `model.layers.N.*` names from an HF config.json (transformers' LlamaConfig
-    keys, which the Qwen configs share)."""
+    keys, which the Qwen configs share). `rope_tables` (inverse frequencies, attention factor)
+    replaces the RoPE read here, for families with their own keys (Phi-3)."""
     cfg = source.config
     where = str(source.path / "config.json") if source.path.is_dir() else str(source.path)
     hidden = int(_get(cfg, "hidden_size", where))
@@ -158,7 +159,7 @@ def from_hf(source: ModelSource) -> ModelConfig:
     base = float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
     scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
     try:
-        inv_freq, attention_factor = rope.scaled_inv_freq(base, head_dim, scaling)
+        inv_freq, attention_factor = rope_tables or rope.scaled_inv_freq(base, head_dim, scaling)
     except CheckpointFormatError as err:
         raise CheckpointFormatError(f"{where}: {err}") from None
     n_layers = int(_get(cfg, "num_hidden_layers", where))

@@ -4,27 +4,28 @@ Computed here once per model and handed to the Rust span as a float32 array of i
 frequencies (one per rotated pair), so every family and scaling type shares one kernel.
 Follows transformers' modeling_rope_utils.py (`_compute_default_rope_parameters`,
 `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`,
-`_compute_yarn_parameters`).
+`_compute_yarn_parameters`, `_compute_longrope_parameters`: Phi-3's, read by phi3.py).
 
 Not supported, refused by name: `dynamic` (dynamic NTK). transformers'
 `dynamic_rope_update` recomputes the frequencies from the longest position of each forward
 call once it passes `max_position_embeddings`, so a prompt's keys and every later decode
 step rotate with different tables (and positions below the limit with the default one): one
-table per model cannot give its results. Also `longrope` and `proportional`, and any other
-type transformers may add.
+table per model cannot give its results. Also `proportional`, `longrope` outside Phi-3, and
+any other type transformers may add.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from meshpy.errors import CheckpointFormatError
 
-__all__ = ["default_inv_freq", "scaled_inv_freq", "SUPPORTED_ROPE_TYPES"]
+__all__ = ["default_inv_freq", "scaled_inv_freq", "longrope_inv_freq", "LongRope", "SUPPORTED_ROPE_TYPES"]
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -114,3 +115,41 @@ def _yarn(base: float, dim: int, scaling: Mapping[str, Any]) -> tuple[np.ndarray
     extrapolation_factor = np.float32(1.0) - ramp.astype(np.float32)
     inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
     return inv_freq.astype(np.float32), float(attention_factor)
+
+
+@dataclass(frozen=True)
+class LongRope:
+    """LongRoPE's two frequency tables (Phi-3 128k, Phi-3.5, Phi-4-mini): `short` for
+    positions before `original_max`, `long` from it on, both with `attention_factor` on cos/sin."""
+
+    short: np.ndarray
+    long: np.ndarray
+    original_max: int
+    attention_factor: float
+
+
+def longrope_inv_freq(
+    base: float, n_rot: int, scaling: Mapping[str, Any], max_positions: int, original_max: int
+) -> LongRope:
+    """Both tables as transformers' `_compute_longrope_parameters` makes them: per-pair
+    divisors `short_factor` / `long_factor` on the default frequencies (`1 / (factor *
+    base^(2i/n_rot))`, float32), and the attention factor given, else
+    `sqrt(1 + ln(factor) / ln(original_max))` with `factor` given or
+    `max_positions / original_max` (1 when factor <= 1)."""
+    half = n_rot // 2
+    tables = []
+    for key in ("short_factor", "long_factor"):
+        factors = scaling.get(key)
+        if factors is None or len(factors) != half:
+            got = "none" if factors is None else f"{len(factors)} values"
+            raise CheckpointFormatError(f"longrope {key} must give {half} values (one per rotated pair), got {got}")
+        exponents = np.arange(0, n_rot, 2, dtype=np.int64).astype(np.float32) / np.float32(n_rot)
+        powers = (np.float32(base) ** exponents).astype(np.float32)
+        tables.append((np.float32(1.0) / (np.asarray(factors, dtype=np.float32) * powers)).astype(np.float32))
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = max_positions / original_max
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
+    return LongRope(tables[0], tables[1], int(original_max), float(attention_factor))

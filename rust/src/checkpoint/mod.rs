@@ -14,6 +14,7 @@ mod safetensors;
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -196,6 +197,38 @@ impl TensorData {
 }
 
 impl TensorData {
+    /// Rows `rows` of the outermost dimension, as a view of the same map (no copy): a role
+    /// that is part of a fused tensor (Phi-3's `qkv_proj`: q, k and v stacked as rows). Each
+    /// row of a GGUF tensor is whole blocks, so this holds for quantized types too. The view
+    /// is named `name[start:end]` and has shape `[end - start, ..inner]`.
+    pub fn rows(&self, rows: Range<usize>) -> Result<TensorData> {
+        let shape = &self.info.shape;
+        let outer = shape.first().copied().unwrap_or(0);
+        if rows.start >= rows.end || rows.end > outer {
+            return Err(Error::Shape(format!(
+                "{}: rows {}..{} outside its {outer} rows (shape {shape:?})",
+                self.info.name, rows.start, rows.end
+            )));
+        }
+        let len = self.end - self.start;
+        if !len.is_multiple_of(outer) {
+            return Err(Error::Shape(format!("{}: {len} bytes do not split into {outer} rows", self.info.name)));
+        }
+        let row_bytes = len / outer;
+        let mut sliced = shape.clone();
+        sliced[0] = rows.end - rows.start;
+        Ok(TensorData {
+            map: Arc::clone(&self.map),
+            start: self.start + rows.start * row_bytes,
+            end: self.start + rows.end * row_bytes,
+            info: Arc::new(TensorInfo {
+                name: format!("{}[{}:{}]", self.info.name, rows.start, rows.end),
+                ty: self.info.ty,
+                shape: sliced,
+            }),
+        })
+    }
+
     /// Drops this tensor's pages from the process (`MADV_DONTNEED`), for callers that have
     /// copied the bytes elsewhere (repacked weights): the resident set then holds the copy
     /// only. The map stays valid: a later read faults the same bytes back in from the file.

@@ -748,3 +748,30 @@ fn tensor_data_outlives_the_checkpoint() {
     let copy = data.clone();
     assert_eq!(copy.bytes(), &pattern(32, 1)[..]);
 }
+
+#[test]
+fn row_ranges_are_views_of_whole_rows() {
+    let dir = TempDir::new("rows");
+    let path = dir.write("m.gguf", &sample_gguf().bytes());
+    let ckpt = Checkpoint::open(&[path]).unwrap();
+    // Q4_0, 2 rows of 64 values: 2 blocks of 18 bytes per row.
+    let q = ckpt.data("blk.0.attn_q.weight").unwrap();
+    let second = q.rows(1..2).unwrap();
+    assert_eq!(second.bytes(), &pattern(2 * 2 * 18, 2)[36..72]);
+    assert_eq!(second.info().shape, vec![1, 64]);
+    assert_eq!(second.info().ty, q.info().ty);
+    assert_eq!(second.info().name, "blk.0.attn_q.weight[1:2]");
+    assert_eq!(q.rows(0..2).unwrap().bytes(), q.bytes());
+    // 3-D: rows of the outermost dimension keep the inner ones.
+    let down = ckpt.data("blk.0.ffn_down.weight").unwrap(); // [1, 2, 3] f16
+    assert_eq!(down.rows(0..1).unwrap().info().shape, vec![1, 2, 3]);
+    // 1-D: rows are elements.
+    let norm = ckpt.data("output_norm.weight").unwrap(); // 8 f32
+    assert_eq!(norm.rows(2..5).unwrap().bytes(), &pattern(32, 1)[8..20]);
+    #[allow(clippy::reversed_empty_ranges)] // empty and reversed ranges are what is refused
+    let bad = [(&q, 0..0), (&q, 1..1), (&q, 2..1), (&q, 1..3), (&norm, 0..9)];
+    for (t, r) in bad {
+        let err = t.rows(r.clone()).unwrap_err();
+        assert!(matches!(err, Error::Shape(_)), "{r:?}: {err}");
+    }
+}

@@ -19,6 +19,14 @@
 //! `post_feedforward_layernorm`), a GELU-tanh gated MLP, and sliding-window layers that
 //! attend over the last `sliding_window` positions with their own rotary table.
 //!
+//! The Phi-3 family (transformers' models/phi3/modeling_phi3.py) is this layer with fused
+//! projections, read as row ranges of one tensor (`qkv_proj`: q, k, v rows; `gate_up_proj`:
+//! gate, then up rows; see `weights::tensor_ref`), partial rotary embeddings (fewer
+//! frequencies than `head_dim / 2`: only the first dims rotate, as apply_rotary_pos_emb's
+//! `q_rot` / `q_pass`), LongRoPE (a second rotary table from a position on,
+//! `rope_long_inv_freq`), and a sliding window on every layer that rotates with the global
+//! table (`rope_local_inv_freq` empty).
+//!
 //! One forward call runs a batch of sequence chunks (each a session's next tokens with its
 //! own KV cache) through every layer of the span, or through a contiguous sub-range of its
 //! layers ([`LlamaSpan::forward_layers`], with caches of that many layers); all threads of the
@@ -72,8 +80,23 @@ pub struct LlamaConfig {
     /// `sliding_window`: keys with `q - window < k <= q`).
     pub sliding_window: usize,
     /// Rotary inverse frequencies of the sliding-window layers (Gemma 3's
-    /// `rope_local_base_freq`, unscaled), as many as `rope_inv_freq`; empty when no layer slides.
+    /// `rope_local_base_freq`, unscaled), as many as `rope_inv_freq`; empty: sliding layers
+    /// rotate as the others do (Phi-3, whose every layer slides).
     pub rope_local_inv_freq: Vec<f32>,
+    /// Rotary inverse frequencies for positions `rope_long_from` and later, as many as
+    /// `rope_inv_freq`, with the same attention factor; empty: one table for all positions.
+    /// LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): `rope_inv_freq` holds the short-factor
+    /// frequencies, this the long-factor ones, `rope_long_from` is
+    /// `original_max_position_embeddings`. transformers (modeling_rope_utils.py,
+    /// `longrope_frequency_update`) picks one table per forward call, long when
+    /// `max(position_ids) + 1 > original_max_position_embeddings`; choosing per position equals
+    /// that for token-by-token decoding (each step's one position decides, and cached keys keep
+    /// the rotation they were stored with, as in transformers' cache). It differs only for a
+    /// single call whose positions cross the boundary (a long prefill): transformers rotates
+    /// all of that call's positions with the long table, this the ones before it with the short.
+    pub rope_long_inv_freq: Vec<f32>,
+    /// First position that uses `rope_long_inv_freq`.
+    pub rope_long_from: usize,
 }
 
 impl LlamaConfig {
@@ -88,11 +111,18 @@ impl LlamaConfig {
         if self.hidden == 0 || self.head_dim == 0 {
             return bad("hidden and head_dim must be positive".into());
         }
+        if !self.rope_long_inv_freq.is_empty() && self.rope_long_inv_freq.len() != self.rope_inv_freq.len() {
+            return bad(format!(
+                "{} long-context rotary frequencies, {} short ones",
+                self.rope_long_inv_freq.len(),
+                self.rope_inv_freq.len()
+            ));
+        }
         if self.layer_sliding.iter().any(|&s| s) {
             if self.sliding_window == 0 {
                 return bad("sliding-window layers need a positive sliding_window".into());
             }
-            if self.rope_local_inv_freq.len() != self.rope_inv_freq.len() {
+            if !self.rope_local_inv_freq.is_empty() && self.rope_local_inv_freq.len() != self.rope_inv_freq.len() {
                 return bad(format!(
                     "{} local rotary frequencies, {} global ones",
                     self.rope_local_inv_freq.len(),
@@ -391,21 +421,28 @@ impl LlamaSpan {
                 row_pos.push(s.cache.len() + j);
             }
         }
-        let tables = |inv_freq: &[f32], factor: f32| {
+        // `long`: the frequencies from a position on (LongRoPE, see `rope_long_inv_freq`).
+        let tables = |inv_freq: &[f32], long: Option<(&[f32], usize)>, factor: f32| {
             let mut cos = vec![0f32; n_tok * half];
             let mut sin = vec![0f32; n_tok * half];
             for (r, &p) in row_pos.iter().enumerate() {
-                ops::rope_table(p, inv_freq, &mut cos[r * half..(r + 1) * half], &mut sin[r * half..(r + 1) * half]);
+                let freqs = match long {
+                    Some((long_freq, from)) if p >= from => long_freq,
+                    _ => inv_freq,
+                };
+                ops::rope_table(p, freqs, &mut cos[r * half..(r + 1) * half], &mut sin[r * half..(r + 1) * half]);
             }
             if factor != 1.0 {
                 cos.iter_mut().chain(sin.iter_mut()).for_each(|v| *v *= factor);
             }
             (cos, sin)
         };
-        let (cos, sin) = tables(&cfg.rope_inv_freq, cfg.rope_attention_factor);
-        // Sliding-window layers' table (Gemma 3: the local base, no scaling), when any runs.
-        let (cos_local, sin_local) = if run_layers.iter().any(|l| l.sliding) {
-            tables(&cfg.rope_local_inv_freq, 1.0)
+        let long = (!cfg.rope_long_inv_freq.is_empty()).then(|| (&cfg.rope_long_inv_freq[..], cfg.rope_long_from));
+        let (cos, sin) = tables(&cfg.rope_inv_freq, long, cfg.rope_attention_factor);
+        // Sliding-window layers' own table (Gemma 3: the local base, no scaling), when any
+        // runs and the model has one; else they share the global table (Phi-3).
+        let (cos_local, sin_local) = if run_layers.iter().any(|l| l.sliding) && !cfg.rope_local_inv_freq.is_empty() {
+            tables(&cfg.rope_local_inv_freq, None, 1.0)
         } else {
             (Vec::new(), Vec::new())
         };
@@ -527,7 +564,8 @@ struct Pass<'a> {
     row_pos: &'a [usize],
     cos: &'a [f32],
     sin: &'a [f32],
-    /// The sliding-window layers' rotary table (empty when none runs).
+    /// The sliding-window layers' rotary table (empty when none runs or they share the
+    /// global one).
     cos_local: &'a [f32],
     sin_local: &'a [f32],
     bufs: &'a Buffers,
@@ -585,7 +623,8 @@ impl Pass<'_> {
 
             // Per-head q/k RMSNorm (Qwen3, before RoPE as in modeling_qwen3.py), RoPE on q
             // and k, then append k and v to each row's session cache.
-            let (cos, sin) = if layer.sliding { (self.cos_local, self.sin_local) } else { (self.cos, self.sin) };
+            let (cos, sin) =
+                if layer.sliding && !self.cos_local.is_empty() { (self.cos_local, self.sin_local) } else { (self.cos, self.sin) };
             for t in my_rows.clone() {
                 let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
                 let qrow = unsafe { b.q.slice_mut(t * qd..(t + 1) * qd) }; // (n_heads, head_dim)

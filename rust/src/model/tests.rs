@@ -2,7 +2,10 @@
 //! hidden 64, 4 heads, 2 KV heads): sub-ranges of a span against the whole span, bit for bit.
 //! And the Qwen options of the layer (`tests/data/tiny-qwen2`: q/k/v biases;
 //! `tests/data/tiny-qwen3-tied`: q/k norms, head_dim 32 != 64 / 4) against a scalar
-//! reference layer written from transformers' modeling_qwen2.py / modeling_qwen3.py.
+//! reference layer written from transformers' modeling_qwen2.py / modeling_qwen3.py, and
+//! Gemma 3's and Phi-3's options (`tests/data/tiny-gemma3`, `tests/data/tiny-phi3-mini`: fused
+//! qkv / gate_up tensors taken by row ranges, partial rotary, a long RoPE table from a
+//! position on, every layer sliding) against the same reference.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,7 +13,7 @@ use std::path::PathBuf;
 use super::*;
 use crate::checkpoint::Checkpoint;
 use crate::compute::ThreadPool;
-use crate::model::weights::{load_vector, LayerNames};
+use crate::model::weights::{load_vector, tensor_data, LayerNames, LayerTensors};
 use crate::quant::GgmlType;
 use crate::test_rng::TestRng;
 
@@ -40,6 +43,8 @@ fn tiny_config(quantize: Option<GgmlType>) -> LlamaConfig {
         layer_sliding: Vec::new(),
         sliding_window: 0,
         rope_local_inv_freq: Vec::new(),
+        rope_long_inv_freq: Vec::new(),
+        rope_long_from: 0,
     }
 }
 
@@ -204,7 +209,7 @@ fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, layer
     let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
     let n = x.len() / d;
     let load = |role: &str, len: usize| names.get(role).map(|name| load_vector(ck, name, len).unwrap());
-    let ffn = ck.data(&names["ffn_gate"]).unwrap().info().shape.iter().product::<usize>() / d;
+    let ffn = tensor_data(ck, &names["ffn_gate"]).unwrap().info().shape.iter().product::<usize>() / d;
     let linear = |w: &[f32], b: Option<&Vec<f32>>, input: &[f32], rows: usize| -> Vec<f32> {
         let cols = input.len();
         let dot = |r: usize| (0..cols).map(|c| w[r * cols + c] * input[c]).sum::<f32>();
@@ -215,7 +220,18 @@ fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, layer
         v.iter().zip(w).map(|(a, w)| a * s * (w + cfg.norm_offset)).collect()
     };
     let sliding = cfg.layer_sliding.get(layer).copied().unwrap_or(false);
-    let inv_freq = if sliding { &cfg.rope_local_inv_freq } else { &cfg.rope_inv_freq };
+    // The rotary table of position p: the sliding layers' own (Gemma 3), else the long one
+    // from `rope_long_from` on (LongRoPE), else the global one; the attention factor on all
+    // but the local table.
+    let table = |p: usize| -> (&[f32], f32) {
+        if sliding && !cfg.rope_local_inv_freq.is_empty() {
+            (&cfg.rope_local_inv_freq, 1.0)
+        } else if !cfg.rope_long_inv_freq.is_empty() && p >= cfg.rope_long_from {
+            (&cfg.rope_long_inv_freq, cfg.rope_attention_factor)
+        } else {
+            (&cfg.rope_inv_freq, cfg.rope_attention_factor)
+        }
+    };
     let (post_attn, post_ffn) = (load("attn_post_norm", d), load("ffn_post_norm", d));
     let (wq, wk) = (load("attn_q", qd * d).unwrap(), load("attn_k", kvd * d).unwrap());
     let (wv, wo) = (load("attn_v", kvd * d).unwrap(), load("attn_output", d * qd).unwrap());
@@ -224,11 +240,14 @@ fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, layer
     let (an, fnorm) = (load("attn_norm", d).unwrap(), load("ffn_norm", d).unwrap());
     let (wg, wu) = (load("ffn_gate", ffn * d).unwrap(), load("ffn_up", ffn * d).unwrap());
     let wdn = load("ffn_down", d * ffn).unwrap();
-    let half = hd / 2;
+    // Rotate-half over the first 2 * half dims only (partial rotary: apply_rotary_pos_emb's
+    // `q_rot`, `q_pass`).
     let rope = |h: &mut [f32], p: usize| {
+        let (inv_freq, factor) = table(p);
+        let half = inv_freq.len();
         for i in 0..half {
             let a = p as f32 * inv_freq[i];
-            let (c, s) = ((a as f64).cos() as f32, (a as f64).sin() as f32);
+            let (c, s) = ((a as f64).cos() as f32 * factor, (a as f64).sin() as f32 * factor);
             let (x0, x1) = (h[i], h[i + half]);
             h[i] = x0 * c - x1 * s;
             h[i + half] = x1 * c + x0 * s;
@@ -423,4 +442,101 @@ fn gemma3_layers_equal_the_scalar_reference() {
             assert!(max_err <= 1e-4 * scale, "from layer {first}, {threads} threads: max error {max_err} (values up to {scale})");
         }
     }
+}
+
+/// Settings of the tiny Phi-4-mini-like checkpoint (tests/fixtures/tiny_phi3.py: head_dim 16,
+/// 0.75 of it rotating), with the long table from position 4 and a window of 3 on every layer
+/// so the 7 test positions cross both; the frequencies are made up (not the fixture's): this
+/// checks the layer against the scalar reference, not the config reader.
+fn tiny_phi3_config() -> LlamaConfig {
+    let pairs = 6; // 12 of 16 dims rotate
+    let inv = |base: f32, factor: f32| -> Vec<f32> {
+        (0..pairs).map(|i| 1.0 / base.powf(2.0 * i as f32 / (2 * pairs) as f32) / factor).collect()
+    };
+    LlamaConfig {
+        rope_inv_freq: inv(1e4, 1.5),
+        rope_long_inv_freq: inv(1e4, 7.0),
+        rope_long_from: 4,
+        rope_attention_factor: 1.1,
+        layer_sliding: vec![true; TINY_LAYERS],
+        sliding_window: 3,
+        ..tiny_config(None)
+    }
+}
+
+/// Role -> reference of one Phi-3 layer: q/k/v and gate/up as row ranges of the fused tensors.
+fn phi3_names(i: usize) -> LayerNames {
+    let p = format!("model.layers.{i}.");
+    let (qkv, gate_up) = (format!("{p}self_attn.qkv_proj.weight"), format!("{p}mlp.gate_up_proj.weight"));
+    [
+        ("attn_norm", format!("{p}input_layernorm.weight")),
+        ("attn_q", format!("{qkv}[0:64]")),
+        ("attn_k", format!("{qkv}[64:96]")),
+        ("attn_v", format!("{qkv}[96:128]")),
+        ("attn_output", format!("{p}self_attn.o_proj.weight")),
+        ("ffn_norm", format!("{p}post_attention_layernorm.weight")),
+        ("ffn_gate", format!("{gate_up}[0:128]")),
+        ("ffn_up", format!("{gate_up}[128:256]")),
+        ("ffn_down", format!("{p}mlp.down_proj.weight")),
+    ]
+    .into_iter()
+    .map(|(role, name)| (role.to_string(), name))
+    .collect()
+}
+
+#[test]
+fn phi3_layers_equal_the_scalar_reference() {
+    let ck = open_tiny("tiny-phi3-mini");
+    let cfg = tiny_phi3_config();
+    let names: Vec<LayerNames> = (0..TINY_LAYERS).map(phi3_names).collect();
+    let input = TestRng::new(9).gaussians(7 * TINY_HIDDEN);
+    let mut want = input.clone();
+    for (i, layer) in names.iter().enumerate() {
+        reference_layer(&ck, layer, &cfg, i, &mut want);
+    }
+    let span = LlamaSpan::load(&ck, cfg.clone(), 0, names).expect("the tiny Phi-3 span loads");
+    for threads in [1, 3] {
+        let pool = ThreadPool::new(threads);
+        let mut cache = span.new_cache(64);
+        let mut got = Vec::new();
+        // A prefill crossing the long table's first position, then two decode steps.
+        for rows in [0..5, 5..6, 6..7] {
+            let mut hidden = input[rows.start * TINY_HIDDEN..rows.end * TINY_HIDDEN].to_vec();
+            span.forward(&pool, &mut hidden, &mut [SeqChunk { cache: &mut cache, n_tokens: rows.len() }]).unwrap();
+            got.extend(hidden);
+        }
+        let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(max_err <= 1e-4 * scale, "{threads} threads: max error {max_err} (values up to {scale})");
+    }
+}
+
+#[test]
+fn row_ranges_of_a_fused_tensor_load_as_its_rows() {
+    let ck = open_tiny("tiny-phi3-mini");
+    let qkv = "model.layers.1.self_attn.qkv_proj.weight";
+    // Whole-tensor matrices in each type: a row range must hold exactly those rows.
+    for quantize in [None, Some(GgmlType::Q8_0), Some(GgmlType::Q4_0)] {
+        let take = |reference: &str| {
+            let names = LayerNames::from([("m".to_string(), reference.to_string())]);
+            LayerTensors::new(&ck, names, quantize).matrix("m").unwrap()
+        };
+        let whole = take(qkv);
+        for (start, end) in [(0, 64), (64, 96), (96, 128), (17, 18)] {
+            let part = take(&format!("{qkv}[{start}:{end}]"));
+            assert_eq!((part.rows(), part.cols(), part.ty()), (end - start, 64, whole.ty()));
+            let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+            for r in 0..end - start {
+                part.dequantize_row(r, &mut a).unwrap();
+                whole.dequantize_row(start + r, &mut b).unwrap();
+                assert_eq!(a, b, "{quantize:?}, rows {start}..{end}, row {r}");
+            }
+        }
+    }
+    // Out of range, or naming no tensor: errors that say so.
+    let names = LayerNames::from([("m".to_string(), format!("{qkv}[96:129]"))]);
+    let err = LayerTensors::new(&ck, names, None).matrix("m").err().expect("rows past the end are refused");
+    assert!(err.to_string().contains("outside its 128 rows"), "{err}");
+    let names = LayerNames::from([("m".to_string(), "model.layers.1.self_attn.qkv[0:4]".to_string())]);
+    assert!(matches!(LayerTensors::new(&ck, names, None).matrix("m"), Err(crate::Error::MissingTensor { .. })));
 }

@@ -1,15 +1,45 @@
-//! Finding a span's tensors in a checkpoint by role, and loading them.
+//! Finding a span's tensors in a checkpoint by role (a whole tensor, or a row range of a fused
+//! one), and loading them.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorData};
 use crate::compute::QMatrix;
 use crate::error::{Error, Result};
 use crate::quant::{self, GgmlType};
 
 /// One layer's tensor names by role (e.g. `"attn_q" -> "blk.3.attn_q.weight"`), as the
-/// Python family module names them for this checkpoint.
+/// Python family module names them for this checkpoint. A name may end in a row range,
+/// `name[start:end]`: the role is those rows of a fused tensor (see [`tensor_ref`]).
 pub type LayerNames = BTreeMap<String, String>;
+
+/// Splits a role's tensor reference into the tensor name and an optional row range:
+/// `"model.layers.0.self_attn.qkv_proj.weight[64:96]"` -> (`...qkv_proj.weight`, `64..96`).
+/// A name the checkpoint holds as spelled is never split, so a literal `[` in a tensor
+/// name still works.
+pub fn tensor_ref<'a>(checkpoint: &Checkpoint, reference: &'a str) -> (&'a str, Option<Range<usize>>) {
+    if checkpoint.contains(reference) {
+        return (reference, None);
+    }
+    let parsed = reference.strip_suffix(']').and_then(|head| {
+        let (name, range) = head.rsplit_once('[')?;
+        let (start, end) = range.split_once(':')?;
+        Some((name, start.parse::<usize>().ok()?..end.parse::<usize>().ok()?))
+    });
+    match parsed {
+        Some((name, rows)) => (name, Some(rows)),
+        None => (reference, None),
+    }
+}
+
+/// The bytes a role's reference names: the whole tensor, or a view of its rows.
+pub fn tensor_data(checkpoint: &Checkpoint, reference: &str) -> Result<TensorData> {
+    match tensor_ref(checkpoint, reference) {
+        (name, None) => checkpoint.data(name),
+        (name, Some(rows)) => checkpoint.data(name)?.rows(rows),
+    }
+}
 
 /// Takes tensors of one layer by role; every role given must be used.
 pub struct LayerTensors<'a> {
@@ -41,7 +71,7 @@ impl<'a> LayerTensors<'a> {
     /// A weight matrix, quantized on load when asked and the stored type is a float type.
     pub fn matrix(&mut self, role: &str) -> Result<QMatrix> {
         let name = self.take_name(role)?;
-        let data = self.checkpoint.data(&name)?;
+        let data = tensor_data(self.checkpoint, &name)?;
         match (self.quantize, data.info().ty) {
             (Some(target), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => {
                 QMatrix::from_tensor_as(&name, data, target)
@@ -69,9 +99,10 @@ impl<'a> LayerTensors<'a> {
     }
 }
 
-/// Loads a 1-D tensor of `len` values as f32, whatever its stored type.
+/// Loads a 1-D tensor (or a row range of one, `name[start:end]`) of `len` values as f32,
+/// whatever its stored type.
 pub fn load_vector(checkpoint: &Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> {
-    let data = checkpoint.data(name)?;
+    let data = tensor_data(checkpoint, name)?;
     let numel: usize = data.info().shape.iter().product();
     if numel != len {
         return Err(Error::Shape(format!(

@@ -133,6 +133,8 @@ fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
         layer_sliding: optional(d, "layer_sliding")?.unwrap_or_default(),
         sliding_window: optional(d, "sliding_window")?.unwrap_or(0),
         rope_local_inv_freq: optional(d, "rope_local_inv_freq")?.unwrap_or_default(),
+        rope_long_inv_freq: optional(d, "rope_long_inv_freq")?.unwrap_or_default(),
+        rope_long_from: optional(d, "rope_long_from")?.unwrap_or(0),
     })
 }
 
