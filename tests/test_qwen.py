@@ -51,13 +51,26 @@ def test_config_names_the_optional_tensors() -> None:
     np.testing.assert_allclose(qwen3.rope_inv_freq[1], 1e6 ** (-2 / 32), rtol=1e-6)
 
 
-def test_sliding_window_is_refused(tmp_path: Path) -> None:
-    model_dir = tmp_path / "qwen2-swa"
-    shutil.copytree(DATA / "tiny-qwen2", model_dir)
+def test_sliding_window_layers_from_max_window_layers() -> None:
+    """Qwen2Config: with use_sliding_window, layers from max_window_layers on slide."""
+    cfg = read_config(open_model_source(DATA / "tiny-qwen2-swa"))
+    assert cfg.layer_sliding == (False, True, True)
+    assert cfg.sliding_window == 16
+    np.testing.assert_array_equal(cfg.rope_local_inv_freq, cfg.rope_inv_freq)
+    # Without use_sliding_window the window is ignored, as Qwen2Config does.
+    assert read_config(open_model_source(DATA / "tiny-qwen2")).layer_sliding == ()
+
+
+def test_the_window_matters(tmp_path: Path) -> None:
+    """Dropping the window changes the logits from position 16 on, and only there."""
+    model_dir = tmp_path / "no-window"
+    shutil.copytree(DATA / "tiny-qwen2-swa", model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True, "sliding_window": 16}))
-    with pytest.raises(CheckpointFormatError, match="sliding-window"):
-        read_config(open_model_source(model_dir))
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": False, "layer_types": None}))
+    windowed = Model.load(DATA / "tiny-qwen2-swa", threads=2).logits_all(tiny_qwen.PREFILL_IDS)
+    full = Model.load(model_dir, threads=2).logits_all(tiny_qwen.PREFILL_IDS)
+    np.testing.assert_allclose(windowed[:16], full[:16], atol=1e-5, rtol=0)
+    assert np.abs(windowed[16:] - full[16:]).max() > 1e-2
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -178,8 +191,10 @@ def test_gguf_layout_matches_the_hf_layout(tmp_path: Path, variant: str) -> None
     hf_dir = tmp_path / "hf"
     shutil.copytree(DATA / variant, hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
-    scaled = cfg["rope_parameters"].get("rope_type", "default") != "default"
+    scaled = cfg["rope_parameters"].get("rope_type", "default") != "default" or cfg.get("use_sliding_window")
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_parameters"]["rope_theta"]}
+    # llama.cpp's qwen2 / qwen3 GGUFs carry no sliding window: dropped on both sides too.
+    cfg.update(use_sliding_window=False, layer_types=None)
     (hf_dir / "config.json").write_text(json.dumps(cfg))
 
     source = open_model_source(write_gguf(hf_dir, tmp_path / f"{variant}.gguf"))

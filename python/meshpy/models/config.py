@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,11 +66,15 @@ class ModelConfig:
             raise IndexError(f"layer {layer} outside 0..{self.n_layers - 1}")
         return dict(self.layer_tensor_names[layer])
 
-    def with_sliding_window(self, window: int | None, where: str) -> ModelConfig:
-        """This config with every layer attending over the last `window` positions (itself
-        included) and rotating with the one global table (Mistral); unchanged when `window`
-        is None or covers the whole context. `where` names the checkpoint in errors."""
-        if window is None or window >= self.max_positions:
+    def with_sliding_window(self, window: int | None, where: str, layers: Sequence[bool] | None = None) -> ModelConfig:
+        """This config with the layers `layers` marks (default: every layer) attending over the
+        last `window` positions (itself included) and rotating with the one global table
+        (Mistral; Qwen2/Qwen3 `layer_types`); unchanged when `window` is None or covers the
+        whole context, or no layer slides. `where` names the checkpoint in errors."""
+        sliding = tuple(bool(s) for s in layers) if layers is not None else (True,) * self.n_layers
+        if len(sliding) != self.n_layers:
+            raise CheckpointFormatError(f"{where}: {len(sliding)} layer types for {self.n_layers} layers")
+        if window is None or window >= self.max_positions or not any(sliding):
             return self
         if window <= 0:
             raise CheckpointFormatError(f"{where}: sliding_window must be positive, not {window}")
@@ -78,7 +82,7 @@ class ModelConfig:
             # The span's local table carries no attention factor (rust/src/model/llama.rs).
             raise CheckpointFormatError(f"{where}: a sliding window with a scaled (YaRN) RoPE is not supported")
         return dataclasses.replace(
-            self, layer_sliding=(True,) * self.n_layers, sliding_window=window, rope_local_inv_freq=self.rope_inv_freq
+            self, layer_sliding=sliding, sliding_window=window, rope_local_inv_freq=self.rope_inv_freq
         )
 
     def span_config(self, quantize: str | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ modeling_qwen2.py / modeling_qwen3.py create them.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshpy.errors import CheckpointFormatError
 from meshpy.models import llama
@@ -37,6 +37,23 @@ _HF_OPTIONAL = {
 }
 
 
+def _with_hf_sliding_window(base: ModelConfig, cfg: dict[str, Any], where: str) -> ModelConfig:
+    """Qwen2Config / Qwen3Config: with `use_sliding_window`, layers from `max_window_layers`
+    on (or those `layer_types` names "sliding_attention") see the last `sliding_window`
+    positions, with the one RoPE table (modeling_qwen2.py / modeling_qwen3.py pass
+    `sliding_window` to those layers' attention and build their mask with
+    `create_sliding_window_causal_mask`)."""
+    if not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
+        return base
+    n = base.n_layers
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if i >= int(cfg.get("max_window_layers", 28)) else "full_attention" for i in range(n)
+    ]
+    if set(types) - {"sliding_attention", "full_attention"}:
+        raise CheckpointFormatError(f"{where}: layer_types must name full/sliding layers, got {sorted(set(types))}")
+    return base.with_sliding_window(int(cfg["sliding_window"]), where, [t == "sliding_attention" for t in types])
+
+
 def read_config(source: ModelSource) -> ModelConfig:
     """Settings and names from a Qwen2 / Qwen3 checkpoint."""
     if source.format == "gguf":
@@ -47,9 +64,7 @@ def read_config(source: ModelSource) -> ModelConfig:
         base = dataclasses.replace(base, rope_interleaved=False)
     else:
         cfg = source.config
-        if cfg.get("use_sliding_window"):
-            raise CheckpointFormatError(f"{source.path}: Qwen sliding-window attention is not supported yet")
-        base = llama.from_hf(source)
+        base = _with_hf_sliding_window(llama.from_hf(source), cfg, str(source.path))
         optional, layer_prefix = _HF_OPTIONAL, "model.layers.{i}."
     names = set(source.checkpoint.tensor_names())
     layers = []
