@@ -16,7 +16,9 @@
 //!   (no ring wrap-around): the row of position `p` is `p - base`.
 //! - Truncating to `t` is allowed while every sliding layer still holds the keys a step at
 //!   `t` needs (`base <= t - (w - 1)`): always the start of the last step, often earlier
-//!   ones. Further back is an error, never wrong results.
+//!   ones, and 0 (starting over needs no keys). Further back is an error, never wrong
+//!   results. Truncating moves nothing (a failed retry can restore the length); a layer
+//!   truncated to 0 restarts its rows at the next step.
 
 use crate::compute::SharedMut;
 use crate::error::{Error, Result};
@@ -123,7 +125,8 @@ impl KvCache {
     /// Bytes of the positions held now: every position of a global layer, the retained rows
     /// of a sliding one. What a worker's KV budget counts.
     pub fn held_bytes(&self) -> usize {
-        self.layers.iter().map(|l| (self.len - l.base) * self.layer_position_bytes()).sum()
+        // `len < base` only after truncating to 0 (nothing held until the next step resets it).
+        self.layers.iter().map(|l| self.len.saturating_sub(l.base) * self.layer_position_bytes()).sum()
     }
 
     /// Bytes one more position costs at most, across all layers (a sliding layer's rows
@@ -167,6 +170,9 @@ impl KvCache {
         }
         let (kv_dim, len, max_len) = (self.kv_dim, self.len, self.max_len);
         for layer in &mut self.layers {
+            if len == 0 {
+                layer.base = 0; // starting over (a truncation to 0)
+            }
             let Some(w) = layer.window else {
                 let floats = needed * kv_dim;
                 for buf in [&mut layer.keys, &mut layer.values] {
@@ -218,9 +224,10 @@ impl KvCache {
     }
 
     /// Whether [`truncate`](Self::truncate) to `len` would succeed: every sliding layer still
-    /// holds the keys a step at `len` needs (its last `window - 1` positions before `len`).
+    /// holds the keys a step at `len` needs (its last `window - 1` positions before `len`;
+    /// none for 0).
     pub fn check_truncate(&self, len: usize) -> Result<()> {
-        if len >= self.len {
+        if len >= self.len || len == 0 {
             return Ok(());
         }
         for l in &self.layers {

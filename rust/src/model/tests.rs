@@ -533,11 +533,15 @@ fn a_retried_step_after_truncation_gives_the_same_output_and_old_rewinds_are_ref
         assert_eq!(&step(&mut cache), want, "retry at {pos}");
         pos += n;
     }
-    // Back to 0 after 12 windows: the sliding layers dropped those keys; refused, unchanged.
+    // Back to 2 after 12 windows: the sliding layers dropped positions 0 and 1; refused, unchanged.
     let before = (cache.len(), cache.held_bytes());
-    let err = cache.truncate(0).unwrap_err();
+    let err = cache.truncate(2).unwrap_err();
     assert!(err.to_string().contains("cannot rewind"), "{err}");
     assert_eq!((cache.len(), cache.held_bytes()), before);
+    // Back to 0 is starting over: the same outputs again.
+    cache.truncate(0).unwrap();
+    assert_eq!(cache.held_bytes(), 0);
+    assert_eq!(run_steps(&span, &pool, &mut cache, &input, total), want);
     // A cache of only the global layer rewinds anywhere.
     let mut global = span.new_cache_for(2..3, 256);
     let mut hidden = input[..total * TINY_HIDDEN].to_vec();
