@@ -195,9 +195,10 @@ impl KvCache {
                 layer.keys.copy_within(from..to, 0);
                 layer.values.copy_within(from..to, 0);
                 layer.base = keep_from;
-                // After a long chunk, give back what the bound for decode steps leaves unused.
+                // After a chunk longer than the slack, give back what decode steps leave
+                // unused (one reallocation when prefill turns to decode, not per step).
                 let steady = w.saturating_add(layer.slack).max(needed - layer.base);
-                if layer.rows(kv_dim) > 2 * steady {
+                if layer.rows(kv_dim) > steady.saturating_add(layer.slack) {
                     for buf in [&mut layer.keys, &mut layer.values] {
                         buf.truncate(steady * kv_dim);
                         buf.shrink_to_fit();
