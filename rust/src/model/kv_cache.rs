@@ -269,3 +269,75 @@ impl KvCache {
         LayerShared { keys: SharedMut::new(&mut l.keys), values: SharedMut::new(&mut l.values), base: l.base }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appends positions `len .. len + n`, each row's keys and values filled with the position.
+    fn step(cache: &mut KvCache, n: usize) {
+        cache.reserve(n).unwrap();
+        let kv_dim = cache.kv_dim();
+        for layer in 0..cache.n_layers() {
+            let l = cache.layer_shared(layer);
+            for p in cache.len()..cache.len() + n {
+                let r = p - l.base;
+                // SAFETY: one thread, rows reserved above.
+                unsafe {
+                    l.keys.slice_mut(r * kv_dim..(r + 1) * kv_dim).fill(p as f32);
+                    l.values.slice_mut(r * kv_dim..(r + 1) * kv_dim).fill(-(p as f32));
+                }
+            }
+        }
+        cache.advance(n);
+    }
+
+    /// Every row a sliding layer holds is the position it stands for.
+    fn assert_rows_hold_their_positions(cache: &KvCache) {
+        for l in &cache.layers {
+            for p in l.base..cache.len() {
+                let r = (p - l.base) * cache.kv_dim;
+                assert_eq!((l.keys[r], l.values[r]), (p as f32, -(p as f32)), "position {p} (base {})", l.base);
+            }
+        }
+    }
+
+    #[test]
+    fn a_sliding_layer_keeps_its_window_through_chunks_decode_and_retries() {
+        let (w, kv_dim) = (512, 4);
+        let mut cache = KvCache::with_windows(&[Some(w), None], kv_dim, 1 << 20);
+        let bound = |n| KvCache::sliding_rows_bound(w, n);
+        // Prefill in chunks of 512 (as the End node sends them), then 2000 decode steps, with a
+        // chunk of 700 in the middle.
+        let steps = std::iter::repeat_n(512, 8).chain(std::iter::repeat_n(1, 1000)).chain([700]).chain(std::iter::repeat_n(1, 1000));
+        for n in steps {
+            let start = cache.len();
+            step(&mut cache, n);
+            let sliding = &cache.layers[0];
+            assert!(cache.len() - sliding.base <= bound(n).min(cache.len()), "after {n} at {start}");
+            assert_eq!(cache.layers[1].base, 0);
+            // The last step can always be retried.
+            cache.check_truncate(start).unwrap();
+        }
+        assert_rows_hold_their_positions(&cache);
+        // Back to decode after the long chunk: the buffer is the decode bound again.
+        assert_eq!(cache.layers[0].keys.capacity(), bound(1) * kv_dim);
+        // A retry of the last step rewrites the same rows; one further back than the window is
+        // refused and changes nothing.
+        let len = cache.len();
+        cache.truncate(len - 1).unwrap();
+        step(&mut cache, 1);
+        assert_rows_hold_their_positions(&cache);
+        let (base, held) = (cache.layers[0].base, cache.held_bytes());
+        let err = cache.truncate(base + w - 2).unwrap_err();
+        assert!(err.to_string().contains("cannot rewind"), "{err}");
+        assert_eq!((cache.len(), cache.held_bytes()), (len, held));
+        // Held bytes: every position of the global layer, the window and slack of the other.
+        assert_eq!(held, (len + (len - base)) * 2 * kv_dim * 4);
+        // Starting over.
+        cache.truncate(0).unwrap();
+        step(&mut cache, 3);
+        assert_eq!(cache.layers[0].base, 0);
+        assert_rows_hold_their_positions(&cache);
+    }
+}
