@@ -105,6 +105,51 @@ def test_logits_match_live_transformers(tmp_path: Path, seed: int) -> None:
     np.testing.assert_allclose(decode, ref_decode, atol=LOGIT_ATOL, rtol=0)
 
 
+#: 25 windows of the fixture's 8 positions (its context is 256).
+LONG_IDS = [int(i) for i in np.random.default_rng(3).integers(3, 512, size=200)]
+
+
+def decode_long(model_dir: Path, n_spans: int = 1) -> tuple[np.ndarray, list[int]]:
+    """Logits at every position of LONG_IDS, run as prefill chunks shorter and longer than the
+    window, then one token at a time; and each span cache's held bytes at the end."""
+    model = Model.load(model_dir, threads=2, n_spans=n_spans)
+    session = model.new_session()
+    parts, start = [], 0
+    for n in (5, 1, 1, 13, 3, 20):
+        parts.append(model.logits_all(LONG_IDS[start : start + n], session))
+        start += n
+    parts += [model.logits_all([t], session) for t in LONG_IDS[start:]]
+    return np.concatenate(parts), [cache.held_bytes for cache in session.caches]
+
+
+def test_a_long_generation_keeps_only_the_window_and_the_same_logits() -> None:
+    """Sliding layers drop positions older than their window as a session goes on: decoding
+    25 windows gives the logits of one prefill over the whole sequence (whose single step holds
+    every position), and the caches hold the global layer's positions plus a bounded window per
+    sliding layer."""
+    one_shot = Model.load(MODEL_DIR, threads=2).logits_all(LONG_IDS)
+    for n_spans in (1, 2):
+        got, held = decode_long(MODEL_DIR, n_spans)
+        np.testing.assert_allclose(got, one_shot, atol=LOGIT_ATOL, rtol=0)
+        per_layer_position = 2 * 64 * 4  # keys and values of 2 KV heads of 32, f32
+        # Layer 2 (global): 200 positions; layers 0, 1 (window 8): at most 8 - 1 + slack 4 + 1.
+        assert sum(held) <= (200 + 2 * 12) * per_layer_position, (n_spans, held)
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="live comparison needs torch and transformers")
+def test_a_long_generation_matches_live_transformers() -> None:
+    """The whole 25-window sequence against transformers' forward (its sliding-window mask)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref_model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([LONG_IDS])).logits[0].numpy()
+    got, _ = decode_long(MODEL_DIR)
+    np.testing.assert_allclose(got, ref, atol=LOGIT_ATOL, rtol=0)
+
+
 def test_two_spans_give_the_same_greedy_tokens() -> None:
     """Split between the sliding layers and the global one, and inside the sliding ones."""
     one = Model.load(MODEL_DIR, threads=2, n_spans=1)

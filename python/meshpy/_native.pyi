@@ -79,8 +79,14 @@ class KvCache:
     @property
     def nbytes(self) -> int: ...
     @property
-    def bytes_per_position(self) -> int: ...
-    def truncate(self, len: int) -> None: ...
+    def held_bytes(self) -> int:
+        """Bytes of the positions held (sliding-window layers keep a bounded window)."""
+    @property
+    def bytes_per_position(self) -> int:
+        """Bytes one more position costs at most, across all layers."""
+    def truncate(self, len: int) -> None:
+        """Forgets positions from `len` on; `InvalidArgumentError` when a sliding-window
+        layer no longer holds the positions a step at `len` needs."""
 
 class LlamaSpan:
     """Layers first_layer .. first_layer + n_layers of a Llama-family model on the CPU.

@@ -1,32 +1,98 @@
 //! The KV cache of one session for the layers of one span.
+//!
+//! A global layer keeps every position. A sliding-window layer (window `w`: a query at `q`
+//! sees keys `q - w < k <= q`) keeps a bounded run of the latest positions, in one
+//! contiguous buffer whose row 0 is absolute position `base`:
+//!
+//! - A step of `n` tokens at `len` needs keys from `len - (w - 1)` on (its first query's
+//!   window), and so does a retry of that step after [`KvCache::truncate`] back to `len`.
+//! - Old rows are dropped lazily: only when the rows held plus the step's would pass
+//!   `w - 1 + slack + n` are the rows before `len - (w - 1)` dropped, by moving the rest to
+//!   the front of the buffer (`base` advances). With `slack` about `w / 4`, a decode step
+//!   copies ~4 rows amortized (against the `w` rows its attention reads) and allocates
+//!   nothing; the layer holds at most `w - 1 + slack + n_last` rows (`n_last`: the last
+//!   step's tokens).
+//! - Positions stay contiguous and in order, so attention reads them as one slice
+//!   (no ring wrap-around): the row of position `p` is `p - base`.
+//! - Truncating to `t` is allowed while every sliding layer still holds the keys a step at
+//!   `t` needs (`base <= t - (w - 1)`): always the start of the last step, often earlier
+//!   ones, and 0 (starting over needs no keys). Further back is an error, never wrong
+//!   results. Truncating moves nothing (a failed retry can restore the length); a layer
+//!   truncated to 0 restarts its rows at the next step.
 
 use crate::compute::SharedMut;
 use crate::error::{Error, Result};
 
-/// Keys and values of every position seen so far, per layer, laid out
-/// `(position, n_kv_heads, head_dim)` so appending a token is one contiguous write.
+/// One layer's keys and values, `(rows, n_kv_heads, head_dim)`, row `r` holding absolute
+/// position `base + r`.
+#[derive(Clone)]
+struct LayerKv {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    /// Sliding window (positions a query sees, itself included); `None` for a global layer.
+    window: Option<usize>,
+    /// Absolute position of row 0 (always 0 for a global layer).
+    base: usize,
+    /// Rows beyond `window - 1 + n` a sliding layer may keep before it drops old ones.
+    slack: usize,
+}
+
+impl LayerKv {
+    /// The slack of a sliding layer of window `window`: a quarter window, at least 4 rows.
+    fn default_slack(window: usize) -> usize {
+        (window / 4).max(4)
+    }
+
+    /// Rows allocated.
+    fn rows(&self, kv_dim: usize) -> usize {
+        self.keys.len() / kv_dim
+    }
+}
+
+/// Shared handles on one layer's key and value rows for one forward job.
+#[derive(Clone, Copy)]
+pub(crate) struct LayerShared {
+    /// Keys `(rows, kv_dim)`, row `p - base` holding position `p`.
+    pub keys: SharedMut<f32>,
+    /// Values, laid out as `keys`.
+    pub values: SharedMut<f32>,
+    /// Absolute position of row 0.
+    pub base: usize,
+}
+
+/// Keys and values of a session's positions, per layer, laid out `(row, n_kv_heads,
+/// head_dim)` so appending a token is one contiguous write; sliding-window layers hold a
+/// bounded window (see the module documentation).
+#[derive(Clone)]
 pub struct KvCache {
     kv_dim: usize,
     len: usize,
     max_len: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    layers: Vec<LayerKv>,
 }
 
 impl KvCache {
-    /// An empty cache for `n_layers` layers of `kv_dim = n_kv_heads * head_dim` floats per
-    /// position, holding at most `max_len` positions. Memory grows as positions arrive.
+    /// An empty cache for `n_layers` global layers of `kv_dim = n_kv_heads * head_dim` floats
+    /// per position, holding at most `max_len` positions. Memory grows as positions arrive.
     pub fn new(n_layers: usize, kv_dim: usize, max_len: usize) -> Self {
-        KvCache {
-            kv_dim,
-            len: 0,
-            max_len,
-            keys: vec![Vec::new(); n_layers],
-            values: vec![Vec::new(); n_layers],
-        }
+        Self::with_windows(&vec![None; n_layers], kv_dim, max_len)
     }
 
-    /// Positions held.
+    /// An empty cache with one layer per entry of `windows`: `Some(w)` for a sliding-window
+    /// layer of window `w >= 1` (bounded memory), `None` for a global one.
+    pub fn with_windows(windows: &[Option<usize>], kv_dim: usize, max_len: usize) -> Self {
+        let layers = windows
+            .iter()
+            .map(|&window| {
+                let window = window.map(|w| w.max(1));
+                let slack = window.map_or(0, LayerKv::default_slack);
+                LayerKv { keys: Vec::new(), values: Vec::new(), window, base: 0, slack }
+            })
+            .collect();
+        KvCache { kv_dim, len: 0, max_len, layers }
+    }
+
+    /// Positions seen (the next position is `len`).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -43,7 +109,7 @@ impl KvCache {
 
     /// Layers covered.
     pub fn n_layers(&self) -> usize {
-        self.keys.len()
+        self.layers.len()
     }
 
     /// Floats per position per layer for keys (and again for values).
@@ -53,26 +119,101 @@ impl KvCache {
 
     /// Bytes currently allocated.
     pub fn nbytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|v| v.capacity() * 4).sum()
+        self.layers.iter().map(|l| (l.keys.capacity() + l.values.capacity()) * 4).sum()
     }
 
-    /// Bytes one position costs across all layers.
+    /// Bytes of the positions held now: every position of a global layer, the retained rows
+    /// of a sliding one. What a worker's KV budget counts.
+    pub fn held_bytes(&self) -> usize {
+        // `len < base` only after truncating to 0 (nothing held until the next step resets it).
+        self.layers.iter().map(|l| self.len.saturating_sub(l.base) * self.layer_position_bytes()).sum()
+    }
+
+    /// Bytes one more position costs at most, across all layers (a sliding layer's rows
+    /// grow by at most the step's tokens; dropping its old rows comes later).
     pub fn bytes_per_position(&self) -> usize {
-        2 * self.keys.len() * self.kv_dim * 4
+        self.layers.len() * self.layer_position_bytes()
     }
 
-    /// Makes room for `extra` more positions, or says the context is full.
+    /// Bytes of one position of one layer (keys and values, f32).
+    fn layer_position_bytes(&self) -> usize {
+        2 * self.kv_dim * 4
+    }
+
+    /// The most rows a sliding layer of window `window` holds after a step of `step_tokens`
+    /// tokens: `window - 1 + slack + step_tokens` (and never more than the positions seen).
+    pub fn sliding_rows_bound(window: usize, step_tokens: usize) -> usize {
+        window.max(1) - 1 + LayerKv::default_slack(window.max(1)) + step_tokens
+    }
+
+    /// Test hook: sliding layers keep up to `slack` rows past what the next step needs
+    /// (`usize::MAX / 2`: they never drop any, an unbounded reference).
+    #[cfg(test)]
+    pub(crate) fn set_slack(&mut self, slack: usize) {
+        for l in self.layers.iter_mut().filter(|l| l.window.is_some()) {
+            l.slack = slack;
+        }
+    }
+
+    /// Layer `layer`'s sliding window, `None` for a global layer.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.layers[layer].window
+    }
+
+    /// Makes room for `extra` more positions (dropping a sliding layer's rows that no step
+    /// from `len` on needs, when it passes its bound), or says the context is full. Allocates
+    /// only when a buffer grows or shrinks, not per decode step.
     pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
         let needed = self.len + extra;
         if needed > self.max_len {
             return Err(Error::ContextOverflow { needed, limit: self.max_len });
         }
-        let floats = needed * self.kv_dim;
-        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            if buf.len() < floats {
-                // Grow geometrically so a decode step rarely reallocates.
-                let target = floats.max((buf.len() * 3 / 2).min(self.max_len * self.kv_dim));
-                buf.resize(target, 0.0);
+        let (kv_dim, len, max_len) = (self.kv_dim, self.len, self.max_len);
+        for layer in &mut self.layers {
+            if len == 0 {
+                layer.base = 0; // starting over (a truncation to 0)
+            }
+            let Some(w) = layer.window else {
+                let floats = needed * kv_dim;
+                for buf in [&mut layer.keys, &mut layer.values] {
+                    if buf.len() < floats {
+                        // Grow geometrically so a decode step rarely reallocates.
+                        let target = floats.max((buf.len() * 3 / 2).min(max_len * kv_dim));
+                        buf.reserve_exact(target - buf.len());
+                        buf.resize(target, 0.0);
+                    }
+                }
+                continue;
+            };
+            // Keys this step (and a retry of it) needs: from its first query's window on.
+            let keep_from = len.saturating_sub(w - 1).max(layer.base);
+            let bound = (w - 1 + extra).saturating_add(layer.slack);
+            if needed - layer.base > bound && keep_from > layer.base {
+                // Move rows [keep_from, len) to the front; rows from `len` on are rewritten
+                // by this step.
+                let (from, to) = ((keep_from - layer.base) * kv_dim, (len - layer.base) * kv_dim);
+                layer.keys.copy_within(from..to, 0);
+                layer.values.copy_within(from..to, 0);
+                layer.base = keep_from;
+                // After a chunk longer than the slack, give back what decode steps leave
+                // unused (one reallocation when prefill turns to decode, not per step).
+                let steady = w.saturating_add(layer.slack).max(needed - layer.base);
+                if layer.rows(kv_dim) > steady.saturating_add(layer.slack) {
+                    for buf in [&mut layer.keys, &mut layer.values] {
+                        buf.truncate(steady * kv_dim);
+                        buf.shrink_to_fit();
+                    }
+                }
+            }
+            let rows = needed - layer.base;
+            if layer.rows(kv_dim) < rows {
+                // Geometric growth up to the steady bound, then exactly what a step needs.
+                let cap = w.saturating_add(layer.slack).min(max_len);
+                let target = rows.max((layer.rows(kv_dim) * 3 / 2).min(cap));
+                for buf in [&mut layer.keys, &mut layer.values] {
+                    buf.reserve_exact(target * kv_dim - buf.len());
+                    buf.resize(target * kv_dim, 0.0);
+                }
             }
         }
         Ok(())
@@ -83,20 +224,120 @@ impl KvCache {
         self.len += n;
     }
 
-    /// Forgets every position from `len` on (to replay or roll back).
-    pub fn truncate(&mut self, len: usize) {
+    /// Whether [`truncate`](Self::truncate) to `len` would succeed: every sliding layer still
+    /// holds the keys a step at `len` needs (its last `window - 1` positions before `len`;
+    /// none for 0).
+    pub fn check_truncate(&self, len: usize) -> Result<()> {
+        if len >= self.len || len == 0 {
+            return Ok(());
+        }
+        for l in &self.layers {
+            if let Some(w) = l.window {
+                if len.saturating_sub(w - 1) < l.base {
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot rewind the KV cache to {len} positions: its sliding-window layers (window {w}) \
+                         keep positions from {} on, and a step at {len} needs them from {}",
+                        l.base,
+                        len.saturating_sub(w - 1)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every position from `len` on (to replay or roll back); an error, leaving the
+    /// cache as it was, when a sliding layer already dropped keys a step at `len` needs.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        self.check_truncate(len)?;
         self.len = self.len.min(len);
+        Ok(())
     }
 
     /// Undoes a [`truncate`](Self::truncate) from `len` positions when nothing was written
     /// since (truncating keeps the keys and values in place): a failed retry's rollback.
     pub(crate) fn restore_len(&mut self, len: usize) {
-        debug_assert!(len <= self.max_len && self.keys.iter().all(|k| k.len() >= len * self.kv_dim));
+        debug_assert!(
+            len <= self.max_len && self.layers.iter().all(|l| l.base <= len && l.keys.len() >= (len - l.base) * self.kv_dim)
+        );
         self.len = len;
     }
 
-    /// Shared handles on layer `layer`'s key and value buffers for one forward job.
-    pub(crate) fn layer_shared(&mut self, layer: usize) -> (SharedMut<f32>, SharedMut<f32>) {
-        (SharedMut::new(&mut self.keys[layer]), SharedMut::new(&mut self.values[layer]))
+    /// Shared handles on layer `layer`'s key and value rows for one forward job.
+    pub(crate) fn layer_shared(&mut self, layer: usize) -> LayerShared {
+        let l = &mut self.layers[layer];
+        LayerShared { keys: SharedMut::new(&mut l.keys), values: SharedMut::new(&mut l.values), base: l.base }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Appends positions `len .. len + n`, each row's keys and values filled with the position.
+    fn step(cache: &mut KvCache, n: usize) {
+        cache.reserve(n).unwrap();
+        let kv_dim = cache.kv_dim();
+        for layer in 0..cache.n_layers() {
+            let l = cache.layer_shared(layer);
+            for p in cache.len()..cache.len() + n {
+                let r = p - l.base;
+                // SAFETY: one thread, rows reserved above.
+                unsafe {
+                    l.keys.slice_mut(r * kv_dim..(r + 1) * kv_dim).fill(p as f32);
+                    l.values.slice_mut(r * kv_dim..(r + 1) * kv_dim).fill(-(p as f32));
+                }
+            }
+        }
+        cache.advance(n);
+    }
+
+    /// Every row a sliding layer holds is the position it stands for.
+    fn assert_rows_hold_their_positions(cache: &KvCache) {
+        for l in &cache.layers {
+            for p in l.base..cache.len() {
+                let r = (p - l.base) * cache.kv_dim;
+                assert_eq!((l.keys[r], l.values[r]), (p as f32, -(p as f32)), "position {p} (base {})", l.base);
+            }
+        }
+    }
+
+    #[test]
+    fn a_sliding_layer_keeps_its_window_through_chunks_decode_and_retries() {
+        let (w, kv_dim) = (512, 4);
+        let mut cache = KvCache::with_windows(&[Some(w), None], kv_dim, 1 << 20);
+        let bound = |n| KvCache::sliding_rows_bound(w, n);
+        // Prefill in chunks of 512 (as the End node sends them), then 2000 decode steps, with a
+        // chunk of 700 in the middle.
+        let steps = std::iter::repeat_n(512, 8).chain(std::iter::repeat_n(1, 1000)).chain([700]).chain(std::iter::repeat_n(1, 1000));
+        for n in steps {
+            let start = cache.len();
+            step(&mut cache, n);
+            let sliding = &cache.layers[0];
+            assert!(cache.len() - sliding.base <= bound(n).min(cache.len()), "after {n} at {start}");
+            assert_eq!(cache.layers[1].base, 0);
+            // The last step can always be retried.
+            cache.check_truncate(start).unwrap();
+        }
+        assert_rows_hold_their_positions(&cache);
+        // Back to decode after the long chunk: the buffer is the decode bound again.
+        assert_eq!(cache.layers[0].keys.capacity(), bound(1) * kv_dim);
+        // A retry of the last step rewrites the same rows; one further back than the window is
+        // refused and changes nothing.
+        let len = cache.len();
+        cache.truncate(len - 1).unwrap();
+        step(&mut cache, 1);
+        assert_rows_hold_their_positions(&cache);
+        let (base, held) = (cache.layers[0].base, cache.held_bytes());
+        let err = cache.truncate(base + w - 2).unwrap_err();
+        assert!(err.to_string().contains("cannot rewind"), "{err}");
+        assert_eq!((cache.len(), cache.held_bytes()), (len, held));
+        // Held bytes: every position of the global layer, the window and slack of the other.
+        assert_eq!(held, (len + (len - base)) * 2 * kv_dim * 4);
+        // Starting over.
+        cache.truncate(0).unwrap();
+        step(&mut cache, 3);
+        assert_eq!(cache.layers[0].base, 0);
+        assert_rows_hold_their_positions(&cache);
     }
 }

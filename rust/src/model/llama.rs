@@ -37,7 +37,7 @@ use std::ops::Range;
 use crate::checkpoint::Checkpoint;
 use crate::compute::{attention, fastmath, ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
 use crate::error::{Error, Result};
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, LayerShared};
 use crate::model::weights::{expect_shape, LayerNames, LayerTensors};
 use crate::quant::GgmlType;
 
@@ -343,14 +343,22 @@ impl LlamaSpan {
     /// A new, empty KV cache for this span holding up to `max_len` positions (at most the
     /// model's context).
     pub fn new_cache(&self, max_len: usize) -> KvCache {
-        self.new_cache_for(self.layers.len(), max_len)
+        self.new_cache_for(0..self.layers.len(), max_len)
     }
 
-    /// A new, empty KV cache for `n_layers` layers of this span (a sub-range run with
-    /// [`Self::forward_layers`]), holding up to `max_len` positions (at most the model's
-    /// context).
-    pub fn new_cache_for(&self, n_layers: usize, max_len: usize) -> KvCache {
-        KvCache::new(n_layers, self.cfg.kv_dim(), max_len.min(self.cfg.max_positions))
+    /// A new, empty KV cache for layers `layers` of this span (indices relative to its first
+    /// layer; a sub-range run with [`Self::forward_layers`]), holding up to `max_len`
+    /// positions (at most the model's context). Sliding-window layers keep only their window
+    /// (see `model::kv_cache`). Indices past the span make global layers (refused by
+    /// `forward_layers`).
+    pub fn new_cache_for(&self, layers: Range<usize>, max_len: usize) -> KvCache {
+        let windows: Vec<Option<usize>> = layers.map(|l| self.window_of(l)).collect();
+        KvCache::with_windows(&windows, self.cfg.kv_dim(), max_len.min(self.cfg.max_positions))
+    }
+
+    /// The sliding window of span layer `layer`, `None` for a global layer.
+    fn window_of(&self, layer: usize) -> Option<usize> {
+        self.layers.get(layer).filter(|l| l.sliding).map(|_| self.cfg.sliding_window)
     }
 
     /// Runs the batch through every layer: `hidden` holds `(sum of n_tokens, hidden)` rows,
@@ -362,7 +370,7 @@ impl LlamaSpan {
 
     /// [`Self::forward`] through layers `layers` of the span only (indices relative to its
     /// first layer; a non-empty range within `0..n_layers`). Every cache must have been made
-    /// for `layers.len()` layers ([`Self::new_cache_for`]). Running `a..m` then `m..b` gives
+    /// for these layers ([`Self::new_cache_for`]). Running `a..m` then `m..b` gives
     /// the same bits as running `a..b`.
     pub fn forward_layers(
         &self,
@@ -381,7 +389,7 @@ impl LlamaSpan {
                 self.layers.len()
             )));
         }
-        let run_layers = &self.layers[layers];
+        let run_layers = &self.layers[layers.clone()];
         let n_tok: usize = seqs.iter().map(|s| s.n_tokens).sum();
         if n_tok == 0 {
             return Ok(());
@@ -393,9 +401,12 @@ impl LlamaSpan {
             )));
         }
         for s in seqs.iter() {
-            if s.cache.n_layers() != run_layers.len() || s.cache.kv_dim() != cfg.kv_dim() {
+            let windows_match = s.cache.n_layers() == run_layers.len()
+                && layers.clone().enumerate().all(|(i, l)| s.cache.window(i) == self.window_of(l));
+            if !windows_match || s.cache.kv_dim() != cfg.kv_dim() {
                 return Err(Error::InvalidArgument(format!(
-                    "KV cache was made for {} layers of width {}, this pass runs {} layers of width {}",
+                    "KV cache was made for {} layers of width {}, this pass runs {} layers of width {} \
+                     (or other sliding-window layers: make it with new_cache_for(layers))",
                     s.cache.n_layers(),
                     s.cache.kv_dim(),
                     run_layers.len(),
@@ -407,10 +418,6 @@ impl LlamaSpan {
                 return Err(Error::ContextOverflow { needed, limit: s.cache.max_len() });
             }
         }
-        for s in seqs.iter_mut() {
-            s.cache.reserve(s.n_tokens)?;
-        }
-
         // Per row: which sequence, which position; rotary tables per row.
         let half = cfg.rope_inv_freq.len();
         let mut row_seq = Vec::with_capacity(n_tok);
@@ -495,7 +502,12 @@ impl LlamaSpan {
             up: SharedMut::new(&mut up),
             acts,
         };
-        let caches: Vec<Vec<(SharedMut<f32>, SharedMut<f32>)>> = seqs
+        // Last fallible step, after every allocation that may fail: a sliding layer may drop
+        // old rows here, which a failed pass could not undo.
+        for s in seqs.iter_mut() {
+            s.cache.reserve(s.n_tokens)?;
+        }
+        let caches: Vec<Vec<LayerShared>> = seqs
             .iter_mut()
             .map(|s| (0..run_layers.len()).map(|l| s.cache.layer_shared(l)).collect())
             .collect();
@@ -569,7 +581,8 @@ struct Pass<'a> {
     cos_local: &'a [f32],
     sin_local: &'a [f32],
     bufs: &'a Buffers,
-    caches: &'a [Vec<(SharedMut<f32>, SharedMut<f32>)>],
+    /// Per sequence, per layer: the cache rows (row `p - base` holds position `p`).
+    caches: &'a [Vec<LayerShared>],
     max_ctx: usize,
 }
 
@@ -643,11 +656,11 @@ impl Pass<'_> {
                     }
                     ops::rope_apply(h, c, s, cfg.rope_interleaved);
                 }
-                let (kc, vc) = self.caches[self.row_seq[t]][li];
-                let p = self.row_pos[t];
+                let c = self.caches[self.row_seq[t]][li];
+                let r = self.row_pos[t] - c.base;
                 unsafe {
-                    kc.slice_mut(p * kvd..(p + 1) * kvd).copy_from_slice(krow);
-                    vc.slice_mut(p * kvd..(p + 1) * kvd).copy_from_slice(b.v.slice(t * kvd..(t + 1) * kvd));
+                    c.keys.slice_mut(r * kvd..(r + 1) * kvd).copy_from_slice(krow);
+                    c.values.slice_mut(r * kvd..(r + 1) * kvd).copy_from_slice(b.v.slice(t * kvd..(t + 1) * kvd));
                 }
             }
             ctx.barrier();
@@ -671,11 +684,15 @@ impl Pass<'_> {
                 // A sliding-window layer sees keys `p - window < k <= p` (transformers'
                 // sliding-window causal mask), a global layer all of `0..=p`.
                 let first = if layer.sliding { (p + 1).saturating_sub(cfg.sliding_window) } else { 0 };
-                let (kc, vc) = self.caches[self.row_seq[t]][li];
-                let (keys, values) = unsafe { (kc.slice(kvh * hd..(p + 1) * kvd), vc.slice(kvh * hd..(p + 1) * kvd)) };
+                // Cache rows are positions from `base` on (a sliding layer drops only rows
+                // before every window of the step: `base <= first`).
+                let c = self.caches[self.row_seq[t]][li];
+                let (first, last) = (first - c.base, p - c.base);
+                let (keys, values) =
+                    unsafe { (c.keys.slice(kvh * hd..(last + 1) * kvd), c.values.slice(kvh * hd..(last + 1) * kvd)) };
                 let qh = unsafe { b.q.slice(t * qd + h * hd..t * qd + (h + 1) * hd) };
                 let out = unsafe { b.att.slice_mut(t * qd + h * hd..t * qd + (h + 1) * hd) };
-                attention::attend(qh, keys, values, kvd, first, p, cfg.attn_scale, &mut scores, out);
+                attention::attend(qh, keys, values, kvd, first, last, cfg.attn_scale, &mut scores, out);
             }
             ctx.barrier();
             quantize_all(b.att, qd, &acts.attn_out);

@@ -92,7 +92,7 @@ fn prefill_and_decode(rng_seed: u64, mut run: impl FnMut(&mut [f32], &[usize], u
 /// own pair of caches (as workers serving consecutive spans hold them).
 fn through_ranges(span: &LlamaSpan, pool: &ThreadPool, ranges: &[std::ops::Range<usize>]) -> Vec<Vec<f32>> {
     let mut caches: Vec<[KvCache; 2]> =
-        ranges.iter().map(|r| [span.new_cache_for(r.len(), 64), span.new_cache_for(r.len(), 64)]).collect();
+        ranges.iter().map(|r| [span.new_cache_for(r.clone(), 64), span.new_cache_for(r.clone(), 64)]).collect();
     prefill_and_decode(7, |hidden, tokens, _| {
         for (range, [a, b]) in ranges.iter().zip(caches.iter_mut()) {
             let mut seqs = [SeqChunk { cache: a, n_tokens: tokens[0] }, SeqChunk { cache: b, n_tokens: tokens[1] }];
@@ -137,7 +137,7 @@ fn a_span_loaded_from_a_middle_layer_equals_that_range_of_a_wider_span() {
 fn bad_ranges_and_caches_are_refused_without_touching_the_caches() {
     let span = tiny_llama(0, TINY_LAYERS, None);
     let pool = ThreadPool::new(1);
-    let mut cache = span.new_cache_for(2, 8);
+    let mut cache = span.new_cache_for(0..2, 8);
     let mut hidden = vec![0.5f32; TINY_HIDDEN];
     for range in [0..0, 2..4, 3..5] {
         let mut seqs = [SeqChunk { cache: &mut cache, n_tokens: 1 }];
@@ -511,6 +511,67 @@ fn phi3_layers_equal_the_scalar_reference() {
     }
 }
 
+/// The tiny Gemma 3 span of layers `first .. first + n` (window 4: layers 0 and 1 slide).
+pub(crate) fn tiny_gemma3(first: usize, n: usize) -> LlamaSpan {
+    let names: Vec<LayerNames> = (first..first + n).map(gemma3_names).collect();
+    LlamaSpan::load(&open_tiny("tiny-gemma3"), tiny_gemma3_config(), first, names).expect("the tiny Gemma span loads")
+}
+
+/// Step sizes of a 48-position sequence (12 windows of 4): prefill chunks shorter and longer
+/// than the window, decode runs longer than the slack, a chunk right after a drop.
+const LONG_STEPS: [usize; 21] = [5, 1, 1, 1, 7, 1, 1, 1, 1, 1, 1, 1, 1, 9, 3, 1, 1, 1, 1, 1, 8];
+
+/// Runs `LONG_STEPS` (then decode steps up to `total` positions) of one session through
+/// `span` with `cache`; returns each step's output.
+fn run_steps(span: &LlamaSpan, pool: &ThreadPool, cache: &mut KvCache, input: &[f32], total: usize) -> Vec<Vec<f32>> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    for n in LONG_STEPS.iter().copied().chain(std::iter::repeat(1)) {
+        if pos >= total {
+            break;
+        }
+        let mut hidden = input[pos * TINY_HIDDEN..(pos + n) * TINY_HIDDEN].to_vec();
+        span.forward(pool, &mut hidden, &mut [SeqChunk { cache, n_tokens: n }]).unwrap();
+        out.push(hidden);
+        pos += n;
+    }
+    out
+}
+
+#[test]
+fn sliding_layers_with_a_bounded_cache_equal_the_full_cache_bit_for_bit() {
+    let w = tiny_gemma3_config().sliding_window;
+    let total = 12 * w;
+    assert_eq!(LONG_STEPS.iter().sum::<usize>(), total);
+    let input = TestRng::new(11).gaussians(total * TINY_HIDDEN);
+    let names: Vec<LayerNames> = (0..TINY_LAYERS).map(gemma3_names).collect();
+    let ck = open_tiny("tiny-gemma3");
+    let mut want = input.clone();
+    for (i, layer) in names.iter().enumerate() {
+        reference_layer(&ck, layer, &tiny_gemma3_config(), i, &mut want);
+    }
+    let span = tiny_gemma3(0, TINY_LAYERS);
+    for threads in [1, 3] {
+        let pool = ThreadPool::new(threads);
+        let mut full = span.new_cache(256);
+        full.set_slack(usize::MAX / 2);
+        let mut bounded = span.new_cache(256);
+        let want_steps = run_steps(&span, &pool, &mut full, &input, total);
+        assert_eq!(run_steps(&span, &pool, &mut bounded, &input, total), want_steps, "{threads} threads");
+        // And both equal the scalar reference layer over the whole sequence.
+        let got: Vec<f32> = want_steps.concat();
+        let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(max_err <= 1e-4 * scale, "{threads} threads: max error {max_err} (values up to {scale})");
+        // The full cache held everything; the bounded one, every position of the global layer
+        // and at most `w - 1 + slack + 8` (the last step) of each sliding layer.
+        let layer_position = 2 * span.config().n_kv_heads * span.config().head_dim * 4;
+        assert_eq!(full.held_bytes(), 3 * total * layer_position);
+        let bound = KvCache::sliding_rows_bound(w, 8);
+        assert!(bounded.held_bytes() <= (total + 2 * bound) * layer_position, "{}", bounded.held_bytes());
+    }
+}
+
 #[test]
 fn row_ranges_of_a_fused_tensor_load_as_its_rows() {
     let ck = open_tiny("tiny-phi3-mini");
@@ -539,4 +600,79 @@ fn row_ranges_of_a_fused_tensor_load_as_its_rows() {
     assert!(err.to_string().contains("outside its 128 rows"), "{err}");
     let names = LayerNames::from([("m".to_string(), "model.layers.1.self_attn.qkv[0:4]".to_string())]);
     assert!(matches!(LayerTensors::new(&ck, names, None).matrix("m"), Err(crate::Error::MissingTensor { .. })));
+}
+
+#[test]
+fn sliding_layers_hold_a_bounded_number_of_positions_after_ten_windows() {
+    let span = tiny_gemma3(0, 2); // both sliding
+    let w = span.config().sliding_window;
+    let pool = ThreadPool::new(2);
+    let mut cache = span.new_cache(256);
+    let layer_position = 2 * span.config().n_kv_heads * span.config().head_dim * 4;
+    let total = 40 * w;
+    let input = TestRng::new(2).gaussians(total * TINY_HIDDEN);
+    let mut most_allocated = 0;
+    for p in 0..total {
+        let mut hidden = input[p * TINY_HIDDEN..(p + 1) * TINY_HIDDEN].to_vec();
+        span.forward(&pool, &mut hidden, &mut [SeqChunk { cache: &mut cache, n_tokens: 1 }]).unwrap();
+        let rows = cache.held_bytes() / (2 * layer_position);
+        assert!(rows <= KvCache::sliding_rows_bound(w, 1).min(p + 1), "position {p}: {rows} rows");
+        most_allocated = most_allocated.max(cache.nbytes());
+    }
+    // Allocated: one buffer of `w + slack` rows per layer for keys and values, from the start.
+    assert_eq!(most_allocated, 2 * KvCache::sliding_rows_bound(w, 1) * layer_position);
+    assert_eq!(cache.nbytes(), most_allocated);
+    assert_eq!(cache.len(), total);
+}
+
+#[test]
+fn a_retried_step_after_truncation_gives_the_same_output_and_old_rewinds_are_refused() {
+    let span = tiny_gemma3(0, TINY_LAYERS);
+    let w = span.config().sliding_window;
+    let total = 12 * w;
+    let input = TestRng::new(4).gaussians(total * TINY_HIDDEN);
+    let pool = ThreadPool::new(2);
+    let mut reference = span.new_cache(256);
+    let want = run_steps(&span, &pool, &mut reference, &input, total);
+    // Every step run, then retried from its start: same bits, and the session goes on.
+    let mut cache = span.new_cache(256);
+    let mut pos = 0;
+    for (n, want) in LONG_STEPS.iter().zip(&want) {
+        let step = |cache: &mut KvCache| {
+            let mut hidden = input[pos * TINY_HIDDEN..(pos + n) * TINY_HIDDEN].to_vec();
+            span.forward(&pool, &mut hidden, &mut [SeqChunk { cache, n_tokens: *n }]).unwrap();
+            hidden
+        };
+        assert_eq!(&step(&mut cache), want, "step at {pos}");
+        cache.truncate(pos).unwrap();
+        assert_eq!(cache.len(), pos);
+        assert_eq!(&step(&mut cache), want, "retry at {pos}");
+        pos += n;
+    }
+    // Back to 2 after 12 windows: the sliding layers dropped positions 0 and 1; refused, unchanged.
+    let before = (cache.len(), cache.held_bytes());
+    let err = cache.truncate(2).unwrap_err();
+    assert!(err.to_string().contains("cannot rewind"), "{err}");
+    assert_eq!((cache.len(), cache.held_bytes()), before);
+    // Back to 0 is starting over: the same outputs again.
+    cache.truncate(0).unwrap();
+    assert_eq!(cache.held_bytes(), 0);
+    assert_eq!(run_steps(&span, &pool, &mut cache, &input, total), want);
+    // A cache of only the global layer rewinds anywhere.
+    let mut global = span.new_cache_for(2..3, 256);
+    let mut hidden = input[..total * TINY_HIDDEN].to_vec();
+    span.forward_layers(&pool, &mut hidden, &mut [SeqChunk { cache: &mut global, n_tokens: total }], 2..3).unwrap();
+    global.truncate(0).unwrap();
+}
+
+#[test]
+fn a_cache_made_for_other_layers_is_refused() {
+    let span = tiny_gemma3(0, TINY_LAYERS);
+    let pool = ThreadPool::new(1);
+    // Layers 1..3 (sliding, global) run with a cache made for 0..2 (sliding, sliding).
+    let mut cache = span.new_cache_for(0..2, 16);
+    let mut hidden = vec![0.5f32; TINY_HIDDEN];
+    let err = span.forward_layers(&pool, &mut hidden, &mut [SeqChunk { cache: &mut cache, n_tokens: 1 }], 1..3).unwrap_err();
+    assert!(err.to_string().contains("sliding-window layers"), "{err}");
+    assert_eq!(cache.len(), 0);
 }

@@ -6,15 +6,19 @@
 //! Sessions start with a `Forward` whose start position is 0, which also fixes the session's
 //! layers (its cache holds `e - s` layers); they live until `CloseSession`, until they stay
 //! unused for the idle timeout, or until the worker drops. KV memory is accounted per position
-//! actually held (`positions x bytes per position`, for the session's own layer count), against
-//! a budget: a request that would push the total past it is refused with `CannotHoldSession`,
-//! so the client picks another provider. Every refused request leaves every cache as it was.
+//! actually held ([`KvCache::held_bytes`]: every position of a global layer, the bounded
+//! window of a sliding-window layer), against a budget: a request is admitted when its tokens
+//! fit as if every layer grew by all of them (the most a step can add), and after the pass
+//! the session is accounted at what it really holds. A request that does not fit is refused
+//! with `CannotHoldSession`, so the client picks another provider. Every refused request
+//! leaves every cache as it was.
 //!
 //! Requests are idempotent: an entry whose start position is below the session's cache length
 //! is a retry (the client lost an answer, or replays a step), so the cache is cut back to that
 //! position, its KV bytes given back, and the tokens run again; a start past the length is a
-//! gap, refused with `StepMismatch`. The budget check before a request still counts all its
-//! tokens as new.
+//! gap, refused with `StepMismatch`, and so is a retry further back than the sliding-window
+//! layers still hold (at least the last step can always be retried). The budget check before
+//! a request still counts all its tokens as new.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -110,7 +114,8 @@ impl SpanHandler {
         Span { first_layer: self.span.first_layer() as u32, layer_count: self.span.n_layers() as u32 }
     }
 
-    /// KV cache bytes the sessions hold (positions x bytes per position).
+    /// KV cache bytes the sessions hold ([`KvCache::held_bytes`] summed), plus reservations of
+    /// requests in flight.
     pub fn used_kv_bytes(&self) -> u64 {
         self.lock_table().used_bytes
     }
@@ -142,7 +147,8 @@ impl SpanHandler {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// KV bytes one position of a session running `span` costs.
+    /// KV bytes one more position of a session running `span` costs at most (all its layers;
+    /// sliding-window layers give theirs back once they drop old positions).
     fn bytes_per_position(&self, span: Span) -> u64 {
         let cfg = self.span.config();
         2 * u64::from(span.layer_count) * (cfg.n_kv_heads * cfg.head_dim) as u64 * 4
@@ -188,7 +194,14 @@ impl SpanHandler {
         let total_tokens: u64 = req.entries.iter().map(|e| u64::from(e.n_tokens)).sum();
         let sessions = self.admit(&req.entries, req.span, total_tokens)?;
         let hidden = match self.run(&req, &sessions) {
-            Ok(hidden) => hidden,
+            Ok((hidden, grown)) => {
+                // Account the sessions at what they hold now: the reservation counted every
+                // token on every layer, a retry gave positions back, sliding layers dropped some.
+                let reserved = total_tokens * self.bytes_per_position(req.span);
+                let mut table = self.lock_table();
+                table.used_bytes = (table.used_bytes as i128 - reserved as i128 + grown as i128).max(0) as u64;
+                hidden
+            }
             Err(refusal) => {
                 self.release(&req.entries, req.span, &sessions, total_tokens);
                 return Err(refusal);
@@ -226,7 +239,9 @@ impl SpanHandler {
                 }
                 Some(held) => out.push((Arc::clone(&held.session), false)),
                 None if e.start_pos == 0 => {
-                    let cache = self.span.new_cache_for(span.layer_count as usize, self.max_positions());
+                    let first = (span.first_layer - self.span.first_layer() as u32) as usize;
+                    let layers = first..first + span.layer_count as usize;
+                    let cache = self.span.new_cache_for(layers, self.max_positions());
                     out.push((Arc::new(Mutex::new(Session { cache, last_used: Instant::now() })), true));
                 }
                 None => {
@@ -275,9 +290,10 @@ impl SpanHandler {
     }
 
     /// Checks positions against each cache, cuts retried sessions back to their start
-    /// position, and runs the request's layers; returns the output rows. A refusal or a failed
-    /// pass leaves every cache as it was.
-    fn run(&self, req: &Forward<'_>, sessions: &[(Arc<Mutex<Session>>, bool)]) -> Result<Vec<f32>, Refusal> {
+    /// position, and runs the request's layers; returns the output rows and how many KV bytes
+    /// the sessions hold more than before (negative when a retry or a sliding layer gave
+    /// some back). A refusal or a failed pass leaves every cache as it was.
+    fn run(&self, req: &Forward<'_>, sessions: &[(Arc<Mutex<Session>>, bool)]) -> Result<(Vec<f32>, i64), Refusal> {
         let mut guards = Vec::with_capacity(sessions.len());
         for (e, (s, _)) in req.entries.iter().zip(sessions) {
             // Two requests for one session at once is a client bug; refuse rather than wait.
@@ -297,8 +313,13 @@ impl SpanHandler {
                 let err = Error::ContextOverflow { needed, limit: guard.cache.max_len() };
                 return Err(Box::new(ErrorReply::from_error(&err, Some(e.session))));
             }
+            // A retry further back than the sliding-window layers still hold.
+            if let Err(err) = guard.cache.check_truncate(start) {
+                return Err(refuse(ErrorCode::StepMismatch, Some(e.session), format!("session {}: {err}", e.session)));
+            }
             guards.push(guard);
         }
+        let held_before: i64 = guards.iter().map(|g| g.cache.held_bytes() as i64).sum();
         let view = req.hidden.as_view().ok_or_else(|| internal("a decoded tensor is not a view"))?;
         let mut hidden = view.to_f32();
         // Every check passed: cut retried sessions back (undone below if the pass fails).
@@ -307,7 +328,7 @@ impl SpanHandler {
             let len = g.cache.len();
             if (e.start_pos as usize) < len {
                 tracing::debug!(session = %e.session, "retry: rewinding from {len} to {} positions", e.start_pos);
-                g.cache.truncate(e.start_pos as usize);
+                g.cache.truncate(e.start_pos as usize).map_err(|err| internal(&err.to_string()))?;
                 cut.push((i, len));
             }
         }
@@ -328,19 +349,11 @@ impl SpanHandler {
             return Err(Box::new(ErrorReply::from_error(&err, req.entries.first().map(|e| e.session))));
         }
         let now = Instant::now();
-        let mut freed = 0;
-        for (i, len) in cut {
-            freed += (len - req.entries[i].start_pos as usize) as u64 * guards[i].cache.bytes_per_position() as u64;
-        }
+        let held_after: i64 = guards.iter().map(|g| g.cache.held_bytes() as i64).sum();
         for g in &mut guards {
             g.last_used = now;
         }
-        drop(guards);
-        if freed > 0 {
-            let mut table = self.lock_table();
-            table.used_bytes = table.used_bytes.saturating_sub(freed);
-        }
-        Ok(hidden)
+        Ok((hidden, held_after - held_before))
     }
 
     /// Closes `ids`; returns those that were held.
@@ -361,9 +374,9 @@ impl SpanHandler {
     }
 }
 
-/// KV bytes a session's cache is accounted for: its positions at its own layer count.
+/// KV bytes a session's cache is accounted for: the positions its layers hold.
 fn held_bytes(cache: &KvCache) -> u64 {
-    cache.len() as u64 * cache.bytes_per_position() as u64
+    cache.held_bytes() as u64
 }
 
 impl FrameHandler for SpanHandler {

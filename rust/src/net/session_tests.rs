@@ -8,7 +8,8 @@ use libp2p::PeerId;
 
 use super::{FrameHandler, SessionLimits, SpanHandler};
 use crate::compute::ThreadPool;
-use crate::model::tests::{tiny_llama, TINY_HIDDEN, TINY_LAYERS};
+use crate::model::tests::{tiny_gemma3, tiny_llama, TINY_HIDDEN, TINY_LAYERS};
+use crate::model::KvCache;
 use crate::test_rng::TestRng;
 use crate::wire::{DType, Entry, ErrorCode, Forward, Limits, Message, ModelId, SessionId, Shape, Span, Tensor};
 
@@ -201,4 +202,43 @@ fn info_describes_the_span_and_its_load() {
             "hidden": TINY_HIDDEN,
         })
     );
+}
+
+#[test]
+fn sliding_window_layers_let_a_budget_hold_a_longer_session() {
+    // Tiny Gemma 3: layers 0 and 1 slide over 4 positions, layer 2 is global; KV heads of 2 x 32.
+    let span = Arc::new(tiny_gemma3(0, TINY_LAYERS));
+    let per_layer = 2 * 64 * 4;
+    let w = span.config().sliding_window;
+    // Room for 40 positions of all three layers: 120 layer-positions.
+    let limits = SessionLimits { kv_budget_bytes: 120 * per_layer, ..SessionLimits::default() };
+    let h = SpanHandler::new(span, Arc::new(ThreadPool::new(2)), model(), Limits::default(), limits);
+    let mut rng = TestRng::new(8);
+    let total = 80;
+    let xs: Vec<Vec<f32>> = (0..total).map(|_| rng.gaussians(TINY_HIDDEN)).collect();
+    let mut last = Vec::new();
+    for (p, x) in xs.iter().enumerate() {
+        last = ask(&h, &forward(1, p as u32, 0, 3, x)).unwrap_or_else(|e| panic!("position {p}: {e:?}"));
+        // The global layer holds every position, each sliding layer a bounded window.
+        let held = h.used_kv_bytes() / per_layer;
+        assert!(held <= (p as u64 + 1) + 2 * KvCache::sliding_rows_bound(w, 1) as u64, "position {p}: {held}");
+    }
+    assert!(h.used_kv_bytes() < 120 * per_layer);
+    // The last step retried: same answer, same bytes; a rewind past the windows is refused.
+    let used = h.used_kv_bytes();
+    assert_eq!(ask(&h, &forward(1, total as u32 - 1, 0, 3, &xs[total - 1])).unwrap(), last);
+    assert_eq!(h.used_kv_bytes(), used);
+    let (c, message) = ask(&h, &forward(1, 2, 0, 3, &xs[2])).unwrap_err();
+    assert_eq!(c, ErrorCode::StepMismatch);
+    assert!(message.contains("cannot rewind"), "{message}");
+    assert_eq!(h.used_kv_bytes(), used);
+    // The session goes on; starting it over at 0 (a client rebuilding it) works too.
+    ask(&h, &forward(1, total as u32, 0, 3, &xs[0])).unwrap();
+    let first = ask(&h, &forward(2, 0, 0, 3, &xs[0])).unwrap();
+    assert_eq!(ask(&h, &forward(1, 0, 0, 3, &xs[0])).unwrap(), first);
+    assert_eq!(h.used_kv_bytes(), 2 * 3 * per_layer);
+    // Closing it gives every byte back.
+    let closed = Message::CloseSession(vec![SessionId(1)]).encode().unwrap();
+    h.handle(PeerId::random(), &closed);
+    assert_eq!(h.used_kv_bytes(), 3 * per_layer);
 }

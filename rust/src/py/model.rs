@@ -83,14 +83,22 @@ impl PyKvCache {
         self.lock().nbytes()
     }
 
+    /// Bytes of the positions held (sliding-window layers keep a bounded window).
+    #[getter]
+    fn held_bytes(&self) -> usize {
+        self.lock().held_bytes()
+    }
+
+    /// Bytes one more position costs at most, across all layers.
     #[getter]
     fn bytes_per_position(&self) -> usize {
         self.lock().bytes_per_position()
     }
 
-    /// Forgets positions from `len` on.
-    fn truncate(&self, len: usize) {
-        self.lock().truncate(len);
+    /// Forgets positions from `len` on; an error when a sliding-window layer no longer holds
+    /// the positions a step at `len` needs.
+    fn truncate(&self, len: usize) -> PyResult<()> {
+        self.lock().truncate(len).map_err(to_py_err)
     }
 }
 
