@@ -2,8 +2,9 @@
 sliding-window layers keep only their window.
 
     python benches/bench_kv_window.py [--contexts 1024,4096] [--threads 2] [--quantize Q8_0]
+    python benches/bench_kv_window.py --model gemma3-270m    # the packaged Q4_K_M GGUF
 
-Builds (once, cached under --dir) a random Gemma 3 checkpoint with the 270M's layer shapes
+Without --model, builds (once, cached under --dir) a random Gemma 3 checkpoint with the 270M's layer shapes
 (18 layers, 5 of every 6 sliding over 512 positions, hidden 640, 4 heads, 1 KV head of 256,
 MLP 2048) but a 512-token vocabulary, with transformers. For each context it prefills that
 many positions, then decodes: prints the session's KV bytes allocated and held (all layers),
@@ -71,14 +72,20 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantize", default="Q8_0", help="Q8_0, Q4_0 or none (f32)")
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--model", help="a real model (path or packaged name) instead of the random one; --quantize is ignored")
     args = ap.parse_args()
 
-    model = Model.load(build(args.dir), threads=args.threads, quantize=None if args.quantize == "none" else args.quantize)
+    if args.model:
+        model = Model.load(args.model, threads=args.threads)
+        what, weights = str(model.source.path.name), "as stored"
+    else:
+        model = Model.load(build(args.dir), threads=args.threads, quantize=None if args.quantize == "none" else args.quantize)
+        what, weights = "Gemma-3-270M-like random", args.quantize
     cfg = model.config
     per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
     print(f"machine: {machine()}")
-    print(f"model: Gemma-3-270M-like random ({cfg.n_layers} layers, {sum(cfg.layer_sliding)} sliding over "
-          f"{cfg.sliding_window}), weights {args.quantize}, threads {args.threads}, commit {commit()}")
+    print(f"model: {what} ({cfg.n_layers} layers, {sum(cfg.layer_sliding)} sliding over "
+          f"{cfg.sliding_window}), weights {weights}, threads {args.threads}, commit {commit()}")
     print(f"{'context':>8} {'KV allocated MiB':>17} {'KV held MiB':>12} {'all positions MiB':>18} {'decode ms/tok':>14}")
     rng = np.random.default_rng(0)
     for n in (int(c) for c in args.contexts.split(",")):
