@@ -715,7 +715,7 @@ impl Pass<'_> {
                 let g = unsafe { b.gate.slice_mut(t * ffn + cols.start..t * ffn + cols.end) };
                 let u = unsafe { b.up.slice(t * ffn + cols.start..t * ffn + cols.end) };
                 if cfg.gelu_tanh {
-                    ops::gelu_tanh_mul(g, u);
+                    fastmath::gelu_tanh_mul(g, u);
                 } else {
                     fastmath::silu_mul(g, u);
                 }
