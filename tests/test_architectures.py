@@ -16,6 +16,7 @@ from meshpy.generation import Model
 from meshpy.models.config import SUPPORTED_ARCHITECTURES, read_config
 from meshpy.models.source import open_model_source
 from tests.conftest import DATA
+from tests.fixtures.llama_gguf import finish
 
 
 def _hf(tmp_path: Path, src: str, **changes: object) -> Path:
@@ -34,10 +35,7 @@ def _gguf(path: Path, arch: str) -> Path:
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 

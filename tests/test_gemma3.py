@@ -5,8 +5,6 @@ random f32 checkpoint (tests/fixtures/tiny_gemma3.py)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,27 +14,16 @@ from meshpy.errors import CheckpointFormatError
 from meshpy.generation import Model
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
+from tests import family_checks as checks
 from tests.conftest import DATA
+from tests.family_checks import LOGIT_ATOL
 from tests.fixtures import tiny_gemma3
-from tests.test_llama_forward import HAVE_TRANSFORMERS, LOGIT_ATOL
 
 MODEL_DIR = DATA / tiny_gemma3.NAME
 
 
-def ours(model_dir: Path, n_spans: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    model = Model.load(model_dir, threads=2, n_spans=n_spans)
-    session = model.new_session()
-    prefill = model.logits_all(tiny_gemma3.PREFILL_IDS, session)
-    decode = np.stack([model.logits_all([t], session)[0] for t in tiny_gemma3.DECODE_IDS])
-    return prefill, decode
-
-
 def _with_config(tmp_path: Path, **changes: object) -> Path:
-    model_dir = tmp_path / "gemma3"
-    shutil.copytree(MODEL_DIR, model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**cfg, **changes}))
-    return model_dir
+    return checks.with_config(MODEL_DIR, tmp_path / "gemma3", **changes)
 
 
 def test_config_reads_gemma_settings() -> None:
@@ -77,12 +64,7 @@ def test_softcapping_is_refused(tmp_path: Path) -> None:
 
 
 def test_logits_match_stored_transformers_reference() -> None:
-    ref = np.load(MODEL_DIR / "reference_logits.npz")
-    prefill, decode = ours(MODEL_DIR)
-    assert prefill.shape == ref["prefill"].shape == (len(tiny_gemma3.PREFILL_IDS), 512)
-    assert decode.shape == (16, 512)
-    np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
-    np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+    checks.check_stored_reference(MODEL_DIR)
 
 
 def test_the_window_matters(tmp_path: Path) -> None:
@@ -94,15 +76,11 @@ def test_the_window_matters(tmp_path: Path) -> None:
     assert np.abs(wide[8:] - ref[8:]).max() > 100 * LOGIT_ATOL
 
 
-@pytest.mark.reference
-@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="live comparison needs torch and transformers")
+@checks.live_transformers
 @pytest.mark.parametrize("seed", [1, 2])
 def test_logits_match_live_transformers(tmp_path: Path, seed: int) -> None:
     model_dir = tiny_gemma3.build_checkpoint(tmp_path / "tiny", seed=seed)
-    ref_prefill, ref_decode = tiny_gemma3.reference_logits(model_dir)
-    prefill, decode = ours(model_dir)
-    np.testing.assert_allclose(prefill, ref_prefill, atol=LOGIT_ATOL, rtol=0)
-    np.testing.assert_allclose(decode, ref_decode, atol=LOGIT_ATOL, rtol=0)
+    checks.check_live_transformers(model_dir, tiny_gemma3.reference_logits)
 
 
 #: 25 windows of the fixture's 8 positions (its context is 256).
@@ -136,8 +114,7 @@ def test_a_long_generation_keeps_only_the_window_and_the_same_logits() -> None:
         assert sum(held) <= (200 + 2 * 12) * per_layer_position, (n_spans, held)
 
 
-@pytest.mark.reference
-@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="live comparison needs torch and transformers")
+@checks.live_transformers
 def test_a_long_generation_matches_live_transformers() -> None:
     """The whole 25-window sequence against transformers' forward (its sliding-window mask)."""
     import torch
@@ -152,27 +129,14 @@ def test_a_long_generation_matches_live_transformers() -> None:
 
 def test_two_spans_give_the_same_greedy_tokens() -> None:
     """Split between the sliding layers and the global one, and inside the sliding ones."""
-    one = Model.load(MODEL_DIR, threads=2, n_spans=1)
-    prompt = tiny_gemma3.PREFILL_IDS[:24]
-    a = list(one.generate_ids(prompt, 32))
-    assert len(a) > 0
-    for n_spans in (2, 3):
-        many = Model.load(MODEL_DIR, threads=2, n_spans=n_spans)
-        assert list(many.generate_ids(prompt, 32)) == a
-        np.testing.assert_array_equal(one.logits_all(prompt), many.logits_all(prompt))
+    checks.check_spans_give_the_same_tokens(MODEL_DIR, n_spans=(2, 3))
 
 
 @pytest.mark.parametrize(("quant", "max_rel_rms"), [("Q8_0", 0.06), ("Q4_0", 0.5)])
 def test_quantize_on_load_stays_close(quant: str, max_rel_rms: float) -> None:
     """Float matrices converted at load: relative RMS logit error with the tiny Llama's bounds
     (tests/test_llama_forward.py); norms stay f32."""
-    ref = np.load(MODEL_DIR / "reference_logits.npz")["prefill"]
-    model = Model.load(MODEL_DIR, threads=2, quantize=quant)
-    got = model.logits_all(tiny_gemma3.PREFILL_IDS)
-    rel_rms = float(np.sqrt(((got - ref) ** 2).mean()) / ref.std())
-    print(f"\ntiny-gemma3 {quant}: relative RMS logit error {rel_rms:.3f}")
-    assert rel_rms < max_rel_rms, f"{quant}: relative RMS logit error {rel_rms:.3f}"
-    assert not np.array_equal(got, ref), f"{quant}: weights were not converted"
+    checks.check_quantize_on_load(MODEL_DIR, quant, max_rel_rms)
 
 
 @pytest.mark.parametrize(("hidden", "bf16_scale"), [(640, 25.25), (1152, 34.0), (2560, 50.5), (5376, 73.5)])

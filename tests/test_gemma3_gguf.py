@@ -26,12 +26,12 @@ from meshpy.generation import Model
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
 from meshpy.tokenizer import Tokenizer
+from tests import family_checks as checks
 from tests.conftest import DATA
 from tests.fixtures import gemma3_reference
 from tests.fixtures.metrics import kl_full, kl_top_k, log_softmax
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec("torch") is not None
 
 # Against the exact f32 computation (transformers on the dequantized weights); measured:
 # top-1 1.0, mean KL ~1e-7.
@@ -139,9 +139,8 @@ def test_teacher_forced_against_live_llama_cpp(ours: np.ndarray, stored: dict[st
 
 
 @pytest.mark.slow
-@pytest.mark.reference
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="live comparison needs torch and transformers")
+@checks.live_transformers
 def test_teacher_forced_against_live_transformers(ours: np.ndarray, stored: dict[str, np.ndarray]) -> None:
     ref = gemma3_reference.transformers_log_probs(stored["ids"].tolist())
     top1 = float((ours.argmax(-1) == ref.argmax(-1)).mean())
@@ -154,11 +153,7 @@ def test_teacher_forced_against_live_transformers(ours: np.ndarray, stored: dict
 def test_two_spans_give_the_same_logits_and_tokens(gemma3_gguf: Path, model: Model) -> None:
     """Cut after layer 5 (the first global layer) and inside the sliding layers."""
     prompt = model.encode("Write a short poem about the sea.")
-    tokens = list(model.generate_ids(prompt, 24))
-    for n_spans in (2, 3):
-        split = Model.load(gemma3_gguf, threads=2, n_spans=n_spans)
-        assert list(split.generate_ids(prompt, 24)) == tokens
-        np.testing.assert_array_equal(split.logits_all(prompt), model.logits_all(prompt))
+    checks.check_spans_give_the_same_tokens(gemma3_gguf, n_spans=(2, 3), one=model, prompt=prompt, n_tokens=24)
 
 
 def test_chat_uses_gemmas_format_when_the_gguf_ships_none(model: Model) -> None:
@@ -172,19 +167,6 @@ def test_chat_uses_gemmas_format_when_the_gguf_ships_none(model: Model) -> None:
 @pytest.mark.timeout(180)
 def test_two_workers_through_the_mesh_give_the_one_process_greedy_tokens(gemma3_gguf: Path, model: Model, tmp_path: Path) -> None:
     """Layers 0-8 and 9-17 on two in-process workers on 127.0.0.1 (f32 on the wire)."""
-    from meshpy.mesh import Worker, WorkerSettings, connect
-    from meshpy.mesh.launcher import LocalMesh
-    from tests.test_mesh import greedy
-
-    prompt = "Write a short poem about the sea."
-    local = greedy(model, prompt, 24)
-    node = dict(port=0, host="127.0.0.1", transport="tcp")
-    with LocalMesh(transport="tcp") as mesh:
-        addr = mesh.start_bootstrap()
-        settings = [WorkerSettings(bootstrap=addr, model=gemma3_gguf, layers=layers, threads=1,
-                                   node_dir=tmp_path / layers, **node) for layers in ("0-8", "9-17")]
-        with Worker(settings[0]) as first, Worker(settings[1]) as second:
-            assert (first.layers, second.layers) == (range(0, 9), range(9, 18))
-            with connect(gemma3_gguf, addr, threads=1, route_timeout=30) as remote:
-                assert [h.layers for h in remote.pipeline.route()] == [range(0, 9), range(9, 18)]
-                assert greedy(remote, prompt, 24) == local
+    checks.check_mesh_gives_the_one_process_tokens(
+        gemma3_gguf, ["0-8", "9-17"], tmp_path, prompt="Write a short poem about the sea.", local=model
+    )

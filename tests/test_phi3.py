@@ -18,30 +18,19 @@ from meshpy.generation import Model
 from meshpy.mesh.placement import layer_nbytes
 from meshpy.models.config import read_config, split_tensor_ref
 from meshpy.models.source import open_model_source
+from tests import family_checks as checks
 from tests.conftest import DATA
-from tests.fixtures import tiny_phi3
-from tests.test_llama_forward import HAVE_TRANSFORMERS, LOGIT_ATOL
-from tests.test_qwen import _as_bf16_checkpoint
+from tests.family_checks import LOGIT_ATOL
+from tests.fixtures import llama_gguf, tiny_phi3
+from tests.fixtures.llama_gguf import gguf_logits
 
 VARIANTS = list(tiny_phi3.VARIANTS)
 MINI = DATA / "tiny-phi3-mini"
 
 
-def ours(model_dir: Path, n_spans: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    model = Model.load(model_dir, threads=2, n_spans=n_spans)
-    session = model.new_session()
-    prefill = model.logits_all(tiny_phi3.PREFILL_IDS, session)
-    decode = np.stack([model.logits_all([t], session)[0] for t in tiny_phi3.DECODE_IDS])
-    return prefill, decode
-
-
 def _with_config(tmp_path: Path, src: Path = MINI, **changes: object) -> Path:
-    model_dir = tmp_path / src.name
-    shutil.copytree(src, model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg.update(changes)
-    (model_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
-    return model_dir
+    """A copy of `src` with `changes` in its config.json, None leaving a key out."""
+    return checks.with_config(src, tmp_path / src.name, drop_none=True, **changes)
 
 
 def test_config_splits_the_fused_tensors_by_rows() -> None:
@@ -99,25 +88,15 @@ def test_older_config_keys_give_the_same_settings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_stored_transformers_reference(variant: str) -> None:
-    model_dir = DATA / variant
-    ref = np.load(model_dir / "reference_logits.npz")
-    prefill, decode = ours(model_dir)
-    assert prefill.shape == ref["prefill"].shape == (len(tiny_phi3.PREFILL_IDS), 512)
-    assert decode.shape == (16, 512)
-    np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
-    np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+    checks.check_stored_reference(DATA / variant)
 
 
-@pytest.mark.reference
-@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="live comparison needs torch and transformers")
+@checks.live_transformers
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_logits_match_live_transformers(tmp_path: Path, seed: int, variant: str) -> None:
     model_dir = tiny_phi3.build_checkpoint(tmp_path / "tiny", seed=seed, variant=variant)
-    ref_prefill, ref_decode = tiny_phi3.reference_logits(model_dir)
-    prefill, decode = ours(model_dir)
-    np.testing.assert_allclose(prefill, ref_prefill, atol=LOGIT_ATOL, rtol=0)
-    np.testing.assert_allclose(decode, ref_decode, atol=LOGIT_ATOL, rtol=0)
+    checks.check_live_transformers(model_dir, tiny_phi3.reference_logits)
 
 
 def test_the_long_factors_and_the_window_matter(tmp_path: Path) -> None:
@@ -127,7 +106,7 @@ def test_the_long_factors_and_the_window_matter(tmp_path: Path) -> None:
     ref = np.load(MINI / "reference_logits.npz")
     params = json.loads((MINI / "config.json").read_text())["rope_parameters"]
     short_only = _with_config(tmp_path / "short", rope_parameters={**params, "long_factor": params["short_factor"]})
-    prefill, decode = ours(short_only)
+    prefill, decode = checks.prefill_and_decode(short_only)
     np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
     np.testing.assert_allclose(decode[:4], ref["decode"][:4], atol=LOGIT_ATOL, rtol=0)
     assert np.abs(decode[4:] - ref["decode"][4:]).max(axis=1).min() > 100 * LOGIT_ATOL
@@ -141,7 +120,7 @@ def test_a_prefill_past_the_original_context_equals_decoding_to_it() -> None:
     """The table is chosen per position, so one call over positions 0..111 gives the logits of
     the 96-token prefill and 16 decode steps. (transformers would rotate every position of
     that one call with the long factors; see LlamaConfig::rope_long_inv_freq.)"""
-    prefill, decode = ours(MINI)
+    prefill, decode = checks.prefill_and_decode(MINI)
     model = Model.load(MINI, threads=2)
     whole = model.logits_all(tiny_phi3.PREFILL_IDS + tiny_phi3.DECODE_IDS)
     np.testing.assert_allclose(whole[:96], prefill, atol=1e-5, rtol=0)
@@ -150,36 +129,14 @@ def test_a_prefill_past_the_original_context_equals_decoding_to_it() -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_two_spans_give_the_same_greedy_tokens(variant: str) -> None:
-    one = Model.load(DATA / variant, threads=2, n_spans=1)
-    two = Model.load(DATA / variant, threads=2, n_spans=2)
-    assert [s.layers for s in two.pipeline.spans] == [range(0, 2), range(2, 3)]
-    prompt = tiny_phi3.PREFILL_IDS[:24]
-    a = list(one.generate_ids(prompt, 32))
-    b = list(two.generate_ids(prompt, 32))
-    assert len(a) > 0
-    assert a == b
-    np.testing.assert_array_equal(one.logits_all(prompt), two.logits_all(prompt))
+    checks.check_spans_give_the_same_tokens(DATA / variant, layers={2: [range(0, 2), range(2, 3)]})
 
 
 @pytest.mark.timeout(120)
 def test_two_workers_through_the_mesh_give_the_one_process_greedy_tokens(tmp_path: Path) -> None:
     """Phi-4-mini-like (fused tensors, partial rotary, LongRoPE, window, tied head) split over
     two in-process workers on 127.0.0.1: f32 hidden states on the wire, so the tokens equal."""
-    from meshpy.mesh import Worker, WorkerSettings, connect
-    from meshpy.mesh.launcher import LocalMesh
-    from tests.test_mesh import greedy
-
-    local = greedy(Model.load(MINI, threads=1), "Pipeline parallel inference", 24)
-    node = dict(port=0, host="127.0.0.1", transport="tcp")
-    with LocalMesh(transport="tcp") as mesh:
-        addr = mesh.start_bootstrap()
-        settings = [WorkerSettings(bootstrap=addr, model=MINI, layers=layers, threads=1,
-                                   node_dir=tmp_path / layers, **node) for layers in ("0-1", "2-2")]
-        with Worker(settings[0]) as first, Worker(settings[1]) as second:
-            assert (first.layers, second.layers) == (range(0, 2), range(2, 3))
-            with connect(MINI, addr, threads=1, route_timeout=30) as model:
-                assert [h.layers for h in model.pipeline.route()] == [range(0, 2), range(2, 3)]
-                assert greedy(model, "Pipeline parallel inference", 24) == local
+    checks.check_mesh_gives_the_one_process_tokens(MINI, ["0-1", "2-2"], tmp_path)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -191,13 +148,7 @@ def test_quantize_on_load_stays_close(variant: str, quant: str, max_rel_rms: flo
     f32 model of the same Q4_0-rounded weights measures the same (the test below), so the
     error is Q4_0's on these random weights, not the loader's: bound 0.6. (An unconverted or
     mis-split matrix gives ~1.4.)"""
-    ref = np.load(DATA / variant / "reference_logits.npz")["prefill"]
-    model = Model.load(DATA / variant, threads=2, quantize=quant)
-    got = model.logits_all(tiny_phi3.PREFILL_IDS)
-    rel_rms = float(np.sqrt(((got - ref) ** 2).mean()) / ref.std())
-    print(f"\n{variant} {quant}: relative RMS logit error {rel_rms:.3f}")
-    assert rel_rms < max_rel_rms, f"{quant}: relative RMS logit error {rel_rms:.3f}"
-    assert not np.array_equal(got, ref), f"{quant}: weights were not converted"
+    checks.check_quantize_on_load(DATA / variant, quant, max_rel_rms)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -221,7 +172,7 @@ def test_quantize_on_load_equals_the_rounded_weights_in_f32(tmp_path: Path, vari
     save_file(tensors, rounded_dir / "model.safetensors")
     want = Model.load(rounded_dir, threads=2).logits_all(tiny_phi3.PREFILL_IDS)
     got = Model.load(DATA / variant, threads=2, quantize=quant).logits_all(tiny_phi3.PREFILL_IDS)
-    rel_rms = float(np.sqrt(((got - want) ** 2).mean()) / want.std())
+    rel_rms = checks.relative_rms(got, want)
     assert rel_rms < 1e-3, f"{quant} on load vs rounded f32: relative RMS {rel_rms:.2e}"
 
 
@@ -229,14 +180,7 @@ def test_quantize_on_load_equals_the_rounded_weights_in_f32(tmp_path: Path, vari
 def test_bf16_checkpoint_equals_its_values_in_f32(tmp_path: Path, variant: str) -> None:
     """bf16 fused tensors split by rows give the logits of the same values widened to f32, to
     1e-4; Q8_0 on load from bf16 stays within the f32 checkpoint's Q8_0 bound."""
-    bf16_dir = _as_bf16_checkpoint(DATA / variant, tmp_path / "bf16", widen=False)
-    f32_dir = _as_bf16_checkpoint(DATA / variant, tmp_path / "f32", widen=True)
-    ref = Model.load(f32_dir, threads=2).logits_all(tiny_phi3.PREFILL_IDS)
-    got = Model.load(bf16_dir, threads=2).logits_all(tiny_phi3.PREFILL_IDS)
-    np.testing.assert_allclose(got, ref, atol=LOGIT_ATOL, rtol=0)
-    q8 = Model.load(bf16_dir, threads=2, quantize="Q8_0").logits_all(tiny_phi3.PREFILL_IDS)
-    rel_rms = float(np.sqrt(((q8 - ref) ** 2).mean()) / ref.std())
-    assert 0 < rel_rms < 0.06, f"Q8_0 from bf16: relative RMS logit error {rel_rms:.4f}"
+    checks.check_bf16_equals_its_values_in_f32(DATA / variant, tmp_path, q8_max_rel_rms=0.06)
 
 
 def test_layer_bytes_count_each_fused_tensor_once() -> None:
@@ -256,15 +200,9 @@ def test_other_rope_types_and_activations_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_tensor_no_role_takes_is_refused(tmp_path: Path) -> None:
-    from safetensors.numpy import load_file, save_file
-
-    model_dir = tmp_path / "phi3-bias"
-    shutil.copytree(DATA / "tiny-phi3", model_dir)
-    tensors = load_file(model_dir / "model.safetensors")
-    tensors["model.layers.1.self_attn.qkv_proj.bias"] = np.zeros(128, np.float32)
-    save_file(tensors, model_dir / "model.safetensors")
-    with pytest.raises(CheckpointFormatError, match="model.layers.1.self_attn.qkv_proj.bias"):
-        read_config(open_model_source(model_dir))
+    checks.check_an_unused_tensor_is_refused(
+        DATA / "tiny-phi3", tmp_path / "phi3-bias", "model.layers.1.self_attn.qkv_proj.bias", (128,)
+    )
 
 
 # HF name pieces -> llama.cpp's (convert_hf_to_gguf.py's tensor map for phi3: the fused
@@ -291,18 +229,11 @@ def write_gguf(model_dir: Path, out: Path, quant: str | None = None, vocab: bool
     cfg = json.loads((model_dir / "config.json").read_text())
     params = cfg["rope_parameters"]
     w = gguf.GGUFWriter(str(out), "phi3")
-    w.add_context_length(cfg["max_position_embeddings"])
+    llama_gguf.add_hf_shape(w, cfg)
     w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_dimension_count(int(params["partial_rotary_factor"] * cfg["hidden_size"]) // cfg["num_attention_heads"])
     w.add_rope_freq_base(params["rope_theta"])
     w.add_sliding_window(cfg.get("sliding_window") or 0)
-    w.add_vocab_size(cfg["vocab_size"])
     if vocab:
         w.add_tokenizer_model("llama")
         w.add_token_list([f"<t{i}>".encode() for i in range(cfg["vocab_size"])])
@@ -315,50 +246,15 @@ def write_gguf(model_dir: Path, out: Path, quant: str | None = None, vocab: bool
         w.add_tensor("rope_factors_long.weight", np.array(params["long_factor"], np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(params["short_factor"], np.float32))
     for name, t in sorted(load_file(model_dir / "model.safetensors").items()):
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            i, rest = name.removeprefix("model.layers.").split(".", 1)
-            gname = f"blk.{i}.{GGUF_NAMES[rest]}"
+        gname = llama_gguf.gguf_name(name, GGUF_NAMES)
         t = np.ascontiguousarray(t, dtype=np.float32)
         if quant is not None and gname.startswith("blk.") and t.ndim == 2:
             qtype = gguf.GGMLQuantizationType[quant]
             w.add_tensor(gname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    llama_gguf.finish(w)
     return out
-
-
-def _direct_logits(path: Path, quantize: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Embedding, two spans (layers 0 and 1-2) and head run directly (the tiny GGUF carries
-    no tokenizer), prefill then decode."""
-    from meshpy import _native
-    from meshpy.pipeline import LocalSpan
-
-    source = open_model_source(path)
-    config = read_config(source)
-    pool = _native.ThreadPool(2)
-    spans = [LocalSpan(source, config, r, pool, quantize=quantize) for r in (range(0, 1), range(1, 3))]
-    caches = [s.native.new_cache(256) for s in spans]
-    embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
-    head = _native.OutputHead(source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool)
-
-    def logits(ids: list[int]) -> np.ndarray:
-        hidden = embedding.lookup(ids)
-        for span, cache in zip(spans, caches):
-            hidden = span.native.forward(hidden, cache)
-        return head.logits(hidden)
-
-    prefill = logits(tiny_phi3.PREFILL_IDS)
-    return prefill, np.stack([logits([t])[0] for t in tiny_phi3.DECODE_IDS])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -382,13 +278,9 @@ def test_gguf_config_equals_the_hf_config(tmp_path: Path, variant: str) -> None:
 def test_gguf_layout_matches_the_hf_layout(tmp_path: Path, variant: str) -> None:
     """The GGUF path (phi3 keys, fused `attn_qkv` / `ffn_up`, rope factor tensors) gives the
     HF path's logits and transformers'."""
-    prefill, decode = _direct_logits(write_gguf(DATA / variant, tmp_path / "m.gguf"))
-    hf_prefill, hf_decode = ours(DATA / variant)
-    np.testing.assert_allclose(prefill, hf_prefill, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(decode, hf_decode, atol=1e-5, rtol=0)
-    ref = np.load(DATA / variant / "reference_logits.npz")
-    np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
-    np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+    got = gguf_logits(write_gguf(DATA / variant, tmp_path / "m.gguf"))
+    checks.assert_logits_close(got, checks.prefill_and_decode(DATA / variant), atol=1e-5)
+    checks.assert_logits_close(got, checks.stored_reference(DATA / variant))
 
 
 def test_a_q8_0_gguf_splits_its_fused_rows_as_quantize_on_load_does(tmp_path: Path) -> None:
@@ -397,10 +289,8 @@ def test_a_q8_0_gguf_splits_its_fused_rows_as_quantize_on_load_does(tmp_path: Pa
     agree to f32 rounding."""
     path = write_gguf(MINI, tmp_path / "q8.gguf", quant="Q8_0")
     assert open_model_source(path).checkpoint.tensor_info("blk.0.attn_qkv.weight") == ("Q8_0", (128, 64))
-    prefill, decode = _direct_logits(path)
-    want_prefill, want_decode = _direct_logits(write_gguf(MINI, tmp_path / "f32.gguf"), quantize="Q8_0")
-    np.testing.assert_allclose(prefill, want_prefill, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(decode, want_decode, atol=1e-5, rtol=0)
+    want = gguf_logits(write_gguf(MINI, tmp_path / "f32.gguf"), quantize="Q8_0")
+    checks.assert_logits_close(gguf_logits(path), want, atol=1e-5)
 
 
 @pytest.mark.reference
@@ -419,7 +309,7 @@ def test_gguf_logits_equal_llama_cpp(tmp_path: Path, variant: str) -> None:
     if variant == "tiny-phi3-mini":
         model_dir = _with_config(tmp_path, sliding_window=None, original_max_position_embeddings=512)
     path = write_gguf(model_dir, tmp_path / "m.gguf", vocab=True)
-    prefill, decode = _direct_logits(path)
+    prefill, decode = gguf_logits(path)
     llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     llm.eval(tiny_phi3.PREFILL_IDS + tiny_phi3.DECODE_IDS)
@@ -437,9 +327,6 @@ def test_gguf_with_one_rope_factor_tensor_is_refused(tmp_path: Path) -> None:
     w.add_float32("phi3.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     w.add_tensor("rope_factors_long.weight", np.ones(2, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    llama_gguf.finish(w)
     with pytest.raises(CheckpointFormatError, match="come together"):
         read_config(open_model_source(path))

@@ -10,25 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshpy import _native
 from meshpy.errors import CheckpointFormatError
 from meshpy.generation import Model
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
-from meshpy.pipeline import LocalSpan
+from tests import family_checks as checks
 from tests.conftest import DATA
-from tests.fixtures import tiny_qwen
-from tests.test_llama_forward import HAVE_TRANSFORMERS, LOGIT_ATOL
+from tests.fixtures import llama_gguf, tiny_qwen
+from tests.fixtures.llama_gguf import gguf_logits
 
 VARIANTS = list(tiny_qwen.VARIANTS)
-
-
-def ours(model_dir: Path, n_spans: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    model = Model.load(model_dir, threads=2, n_spans=n_spans)
-    session = model.new_session()
-    prefill = model.logits_all(tiny_qwen.PREFILL_IDS, session)
-    decode = np.stack([model.logits_all([t], session)[0] for t in tiny_qwen.DECODE_IDS])
-    return prefill, decode
 
 
 def test_config_names_the_optional_tensors() -> None:
@@ -63,10 +54,7 @@ def test_sliding_window_layers_from_max_window_layers() -> None:
 
 def test_the_window_matters(tmp_path: Path) -> None:
     """Dropping the window changes the logits from position 16 on, and only there."""
-    model_dir = tmp_path / "no-window"
-    shutil.copytree(DATA / "tiny-qwen2-swa", model_dir)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": False, "layer_types": None}))
+    model_dir = checks.with_config(DATA / "tiny-qwen2-swa", tmp_path / "no-window", use_sliding_window=False, layer_types=None)
     windowed = Model.load(DATA / "tiny-qwen2-swa", threads=2).logits_all(tiny_qwen.PREFILL_IDS)
     full = Model.load(model_dir, threads=2).logits_all(tiny_qwen.PREFILL_IDS)
     np.testing.assert_allclose(windowed[:16], full[:16], atol=1e-5, rtol=0)
@@ -75,38 +63,20 @@ def test_the_window_matters(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_stored_transformers_reference(variant: str) -> None:
-    model_dir = DATA / variant
-    ref = np.load(model_dir / "reference_logits.npz")
-    prefill, decode = ours(model_dir)
-    assert prefill.shape == ref["prefill"].shape
-    assert decode.shape == (16, ref["prefill"].shape[1])
-    np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
-    np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+    checks.check_stored_reference(DATA / variant)
 
 
-@pytest.mark.reference
-@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="live comparison needs torch and transformers")
+@checks.live_transformers
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_logits_match_live_transformers(tmp_path: Path, seed: int, variant: str) -> None:
     model_dir = tiny_qwen.build_checkpoint(tmp_path / "tiny", seed=seed, variant=variant)
-    ref_prefill, ref_decode = tiny_qwen.reference_logits(model_dir)
-    prefill, decode = ours(model_dir)
-    np.testing.assert_allclose(prefill, ref_prefill, atol=LOGIT_ATOL, rtol=0)
-    np.testing.assert_allclose(decode, ref_decode, atol=LOGIT_ATOL, rtol=0)
+    checks.check_live_transformers(model_dir, tiny_qwen.reference_logits)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_two_spans_give_the_same_greedy_tokens(variant: str) -> None:
-    one = Model.load(DATA / variant, threads=2, n_spans=1)
-    two = Model.load(DATA / variant, threads=2, n_spans=2)
-    assert [s.layers for s in two.pipeline.spans] == [range(0, 2), range(2, 3)]
-    prompt = tiny_qwen.PREFILL_IDS[:24]
-    a = list(one.generate_ids(prompt, 32))
-    b = list(two.generate_ids(prompt, 32))
-    assert len(a) > 0
-    assert a == b
-    np.testing.assert_array_equal(one.logits_all(prompt), two.logits_all(prompt))
+    checks.check_spans_give_the_same_tokens(DATA / variant, layers={2: [range(0, 2), range(2, 3)]})
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -115,31 +85,18 @@ def test_quantize_on_load_stays_close(variant: str, quant: str, max_rel_rms: flo
     """Float matrices converted at load: relative RMS logit error, with the tiny Llama's bounds
     (tests/test_llama_forward.py; an unconverted or mis-converted matrix gives ~1.4). Biases
     and norms stay f32. Measured: Q8_0 0.020 / 0.025, Q4_0 0.30 / 0.37 (Qwen2 / Qwen3)."""
-    ref = np.load(DATA / variant / "reference_logits.npz")["prefill"]
-    model = Model.load(DATA / variant, threads=2, quantize=quant)
-    got = model.logits_all(tiny_qwen.PREFILL_IDS)
-    rel_rms = float(np.sqrt(((got - ref) ** 2).mean()) / ref.std())
-    print(f"\n{variant} {quant}: relative RMS logit error {rel_rms:.3f}")
-    assert rel_rms < max_rel_rms, f"{quant}: relative RMS logit error {rel_rms:.3f}"
-    assert not np.array_equal(got, ref), f"{quant}: weights were not converted"
+    checks.check_quantize_on_load(DATA / variant, quant, max_rel_rms)
 
 
-# HF name pieces -> llama.cpp's (convert_hf_to_gguf.py's tensor map for qwen2 / qwen3).
+# HF name pieces -> llama.cpp's (convert_hf_to_gguf.py's tensor map for qwen2 / qwen3): the
+# Llama layer's, with q/k/v biases and q/k norms.
 GGUF_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
+    **llama_gguf.GGUF_NAMES,
     "self_attn.q_proj.bias": "attn_q.bias",
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
@@ -152,33 +109,14 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = cfg["model_type"]
     w = gguf.GGUFWriter(str(out), arch)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
+    llama_gguf.add_hf_shape(w, cfg)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_vocab_size(cfg["vocab_size"])
     for name, t in sorted(load_file(model_dir / "model.safetensors").items()):
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            i, rest = name.removeprefix("model.layers.").split(".", 1)
-            gname = f"blk.{i}.{GGUF_NAMES[rest]}"
-        w.add_tensor(gname, np.ascontiguousarray(t, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        w.add_tensor(llama_gguf.gguf_name(name, GGUF_NAMES), np.ascontiguousarray(t, dtype=np.float32))
+    llama_gguf.finish(w)
     return out
 
 
@@ -197,31 +135,14 @@ def test_gguf_layout_matches_the_hf_layout(tmp_path: Path, variant: str) -> None
     cfg.update(use_sliding_window=False, layer_types=None)
     (hf_dir / "config.json").write_text(json.dumps(cfg))
 
-    source = open_model_source(write_gguf(hf_dir, tmp_path / f"{variant}.gguf"))
-    config = read_config(source)
+    path = write_gguf(hf_dir, tmp_path / f"{variant}.gguf")
+    config = read_config(open_model_source(path))
     assert config.architecture == tiny_qwen.VARIANTS[variant][0].lower()
     assert not config.rope_interleaved
-    pool = _native.ThreadPool(2)
-    spans = [LocalSpan(source, config, r, pool) for r in (range(0, 1), range(1, 3))]
-    caches = [s.native.new_cache(256) for s in spans]
-    embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
-    head = _native.OutputHead(source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool)
-
-    def logits(ids: list[int]) -> np.ndarray:
-        hidden = embedding.lookup(ids)
-        for span, cache in zip(spans, caches):
-            hidden = span.native.forward(hidden, cache)
-        return head.logits(hidden)
-
-    prefill = logits(tiny_qwen.PREFILL_IDS)
-    decode = np.stack([logits([t])[0] for t in tiny_qwen.DECODE_IDS])
-    hf_prefill, hf_decode = ours(hf_dir)
-    np.testing.assert_allclose(prefill, hf_prefill, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(decode, hf_decode, atol=1e-5, rtol=0)
+    got = gguf_logits(path)
+    checks.assert_logits_close(got, checks.prefill_and_decode(hf_dir), atol=1e-5)
     if not scaled:
-        ref = np.load(DATA / variant / "reference_logits.npz")
-        np.testing.assert_allclose(prefill, ref["prefill"], atol=LOGIT_ATOL, rtol=0)
-        np.testing.assert_allclose(decode, ref["decode"], atol=LOGIT_ATOL, rtol=0)
+        checks.assert_logits_close(got, checks.stored_reference(DATA / variant))
 
 
 def test_gguf_yarn_is_refused(tmp_path: Path) -> None:
@@ -231,78 +152,29 @@ def test_gguf_yarn_is_refused(tmp_path: Path) -> None:
     w = gguf.GGUFWriter(str(path), "qwen2")
     w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    llama_gguf.finish(w)
     with pytest.raises(CheckpointFormatError, match="rope scaling 'yarn'"):
         read_config(open_model_source(path))
 
 
 def test_a_tensor_no_role_takes_is_refused(tmp_path: Path) -> None:
     """An o_proj bias (Qwen3 with attention_bias) is not in this layer: refused, named."""
-    from safetensors.numpy import load_file, save_file
-
-    model_dir = tmp_path / "qwen3-obias"
-    shutil.copytree(DATA / "tiny-qwen3-tied", model_dir)
-    tensors = load_file(model_dir / "model.safetensors")
-    tensors["model.layers.1.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
-    save_file(tensors, model_dir / "model.safetensors")
-    with pytest.raises(CheckpointFormatError, match="model.layers.1.self_attn.o_proj.bias"):
-        read_config(open_model_source(model_dir))
+    checks.check_an_unused_tensor_is_refused(
+        DATA / "tiny-qwen3-tied", tmp_path / "qwen3-obias", "model.layers.1.self_attn.o_proj.bias", (64,)
+    )
 
 
 @pytest.mark.timeout(120)
 def test_two_workers_through_the_mesh_give_the_one_process_greedy_tokens(tmp_path: Path) -> None:
     """Qwen3 (q/k norms, head_dim != hidden / heads, tied head) split over two in-process
     workers on 127.0.0.1: f32 hidden states on the wire, so the tokens equal exactly."""
-    from meshpy.mesh import Worker, WorkerSettings, connect
-    from meshpy.mesh.launcher import LocalMesh
-    from tests.test_mesh import greedy
-
-    model_dir = DATA / "tiny-qwen3-tied"
-    local = greedy(Model.load(model_dir, threads=1), "Pipeline parallel inference", 24)
-    node = dict(port=0, host="127.0.0.1", transport="tcp")
-    with LocalMesh(transport="tcp") as mesh:
-        addr = mesh.start_bootstrap()
-        settings = [WorkerSettings(bootstrap=addr, model=model_dir, layers=layers, threads=1,
-                                   node_dir=tmp_path / layers, **node) for layers in ("0-1", "2-2")]
-        with Worker(settings[0]) as first, Worker(settings[1]) as second:
-            assert (first.layers, second.layers) == (range(0, 2), range(2, 3))
-            with connect(model_dir, addr, threads=1, route_timeout=30) as model:
-                assert [h.layers for h in model.pipeline.route()] == [range(0, 2), range(2, 3)]
-                assert greedy(model, "Pipeline parallel inference", 24) == local
-
-
-def _as_bf16_checkpoint(src: Path, out: Path, widen: bool) -> Path:
-    """A copy of `src` with every tensor rounded to bfloat16 (truncated, as
-    tests/test_checkpoint.py writes it): stored as BF16, or widened back to F32 when `widen`
-    (the same values in f32, the comparison's baseline). Real Qwen checkpoints ship bf16."""
-    from safetensors.numpy import load_file
-
-    from tests.test_checkpoint import _bf16, _write_safetensors
-
-    shutil.copytree(src, out)
-    tensors = {}
-    for name, t in load_file(src / "model.safetensors").items():
-        raw = _bf16(t)
-        if widen:
-            raw = (np.frombuffer(raw, "<u2").astype("<u4") << 16).tobytes()
-        tensors[name] = ("F32" if widen else "BF16", t.shape, raw)
-    _write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})
-    return out
+    checks.check_mesh_gives_the_one_process_tokens(DATA / "tiny-qwen3-tied", ["0-1", "2-2"], tmp_path)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_checkpoint_equals_its_values_in_f32(tmp_path: Path, variant: str) -> None:
     """bf16 weights (biases and q/k norms included, read as f32 vectors) give the logits of
     the same values widened to f32, to 1e-4 (measured: bit-equal); Q8_0 on load from bf16
-    stays within the f32 checkpoint's Q8_0 bound (measured ~0.02 relative RMS)."""
-    bf16_dir = _as_bf16_checkpoint(DATA / variant, tmp_path / "bf16", widen=False)
-    f32_dir = _as_bf16_checkpoint(DATA / variant, tmp_path / "f32", widen=True)
-    ref = Model.load(f32_dir, threads=2).logits_all(tiny_qwen.PREFILL_IDS)
-    got = Model.load(bf16_dir, threads=2).logits_all(tiny_qwen.PREFILL_IDS)
-    np.testing.assert_allclose(got, ref, atol=LOGIT_ATOL, rtol=0)
-    q8 = Model.load(bf16_dir, threads=2, quantize="Q8_0").logits_all(tiny_qwen.PREFILL_IDS)
-    rel_rms = float(np.sqrt(((q8 - ref) ** 2).mean()) / ref.std())
-    assert 0 < rel_rms < 0.06, f"Q8_0 from bf16: relative RMS logit error {rel_rms:.4f}"
+    stays within the f32 checkpoint's Q8_0 bound (measured ~0.02 relative RMS). Real Qwen
+    checkpoints ship bf16."""
+    checks.check_bf16_equals_its_values_in_f32(DATA / variant, tmp_path, q8_max_rel_rms=0.06)

@@ -15,8 +15,9 @@ from meshpy.errors import CheckpointFormatError
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
 from tests.conftest import DATA
+from tests.family_checks import HAVE_TRANSFORMERS
 from tests.fixtures import tiny_llama
-from tests.test_llama_forward import HAVE_TRANSFORMERS
+from tests.fixtures.llama_gguf import finish
 
 HEAD_DIM = 16  # tiny Llama: hidden 64, 4 heads
 
@@ -104,10 +105,7 @@ def _gguf(path: Path, **meta: object) -> Path:
         else:
             w.add_float32(f"llama.{key}", float(value))  # type: ignore[arg-type]
     w.add_tensor("token_embd.weight", np.zeros((8, 64), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
