@@ -132,6 +132,12 @@ def test_two_spans_give_the_same_greedy_tokens() -> None:
     checks.check_spans_give_the_same_tokens(MODEL_DIR, n_spans=(2, 3))
 
 
+@pytest.mark.timeout(120)
+def test_two_workers_through_the_mesh_give_the_one_process_greedy_tokens(tmp_path: Path) -> None:
+    """The sliding layers on one worker, the global layer on the other."""
+    checks.check_mesh_gives_the_one_process_tokens(MODEL_DIR, ["0-1", "2-2"], tmp_path)
+
+
 @pytest.mark.parametrize(("quant", "max_rel_rms"), [("Q8_0", 0.06), ("Q4_0", 0.5)])
 def test_quantize_on_load_stays_close(quant: str, max_rel_rms: float) -> None:
     """Float matrices converted at load: relative RMS logit error with the tiny Llama's bounds

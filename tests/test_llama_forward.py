@@ -25,6 +25,14 @@ def test_two_spans_give_the_same_logits(tiny_llama_dir: Path) -> None:
     np.testing.assert_array_equal(one[1], three[1])
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("variant", list(tiny_llama.VARIANTS))
+def test_two_workers_through_the_mesh_give_the_one_process_greedy_tokens(tmp_path: Path, variant: str) -> None:
+    """Every RoPE variant over two in-process workers (the packaged SmolLM2 runs over three
+    worker processes in tests/test_mesh.py)."""
+    checks.check_mesh_gives_the_one_process_tokens(DATA / variant, ["0-0", "1-2"], tmp_path)
+
+
 @checks.live_transformers
 @pytest.mark.parametrize("variant", list(tiny_llama.VARIANTS))
 @pytest.mark.parametrize("seed", [1, 2])
