@@ -63,6 +63,12 @@ def test_softcapping_is_refused(tmp_path: Path) -> None:
         read_config(open_model_source(model_dir))
 
 
+def test_an_unsupported_rope_type_is_refused_naming_the_checkpoint(tmp_path: Path) -> None:
+    model_dir = _with_config(tmp_path, rope_parameters=None, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(CheckpointFormatError, match=f"{model_dir}.*'dynamic'"):
+        read_config(open_model_source(model_dir))
+
+
 def test_logits_match_stored_transformers_reference() -> None:
     checks.check_stored_reference(MODEL_DIR)
 

@@ -98,9 +98,12 @@ def _rope_params(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {"full_attention": full, "sliding_attention": local}
 
 
-def _inv_freq(params: dict[str, Any], head_dim: int) -> tuple[np.ndarray, float]:
+def _inv_freq(params: dict[str, Any], head_dim: int, where: str) -> tuple[np.ndarray, float]:
     scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
-    return rope.scaled_inv_freq(float(params["rope_theta"]), head_dim, scaling)
+    try:
+        return rope.scaled_inv_freq(float(params["rope_theta"]), head_dim, scaling)
+    except CheckpointFormatError as err:
+        raise CheckpointFormatError(f"{where}: {err}") from None
 
 
 def _round_to_bf16(x: np.float32) -> np.float32:
@@ -183,8 +186,8 @@ def read_config(source: ModelSource) -> ModelConfig:
     if len(layer_types) != n_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
         raise CheckpointFormatError(f"{where}: layer_types must name {n_layers} full/sliding layers")
     params = _rope_params(cfg)
-    inv_freq, attention_factor = _inv_freq(params["full_attention"], head_dim)
-    local_inv_freq, local_factor = _inv_freq(params["sliding_attention"], head_dim)
+    inv_freq, attention_factor = _inv_freq(params["full_attention"], head_dim, where)
+    local_inv_freq, local_factor = _inv_freq(params["sliding_attention"], head_dim, where)
     if local_factor != 1.0 and "sliding_attention" in layer_types:
         raise CheckpointFormatError(f"{where}: scaled RoPE on sliding-window layers is not supported")
 
