@@ -235,10 +235,7 @@ def write_gguf(model_dir: Path, out: Path, quant: str | None = None, vocab: bool
     w.add_rope_freq_base(params["rope_theta"])
     w.add_sliding_window(cfg.get("sliding_window") or 0)
     if vocab:
-        w.add_tokenizer_model("llama")
-        w.add_token_list([f"<t{i}>".encode() for i in range(cfg["vocab_size"])])
-        w.add_token_scores([0.0] * cfg["vocab_size"])
-        w.add_token_types([gguf.TokenType.NORMAL] * cfg["vocab_size"])
+        llama_gguf.add_placeholder_vocab(w, cfg["vocab_size"])
     if params["rope_type"] == "longrope":
         original = cfg["original_max_position_embeddings"]
         scale = cfg["max_position_embeddings"] / original
@@ -303,17 +300,12 @@ def test_gguf_logits_equal_llama_cpp(tmp_path: Path, variant: str) -> None:
     context exceeds the original one, and turns Phi-3's window off, so for the mini variant
     both sides run without the window and with an original context (512) past the context
     used (256): short factors everywhere."""
-    import llama_cpp
-
     model_dir = DATA / variant
     if variant == "tiny-phi3-mini":
         model_dir = _with_config(tmp_path, sliding_window=None, original_max_position_embeddings=512)
     path = write_gguf(model_dir, tmp_path / "m.gguf", vocab=True)
     prefill, decode = gguf_logits(path)
-    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    llm.eval(tiny_phi3.PREFILL_IDS + tiny_phi3.DECODE_IDS)
-    theirs = np.array(llm.scores[: len(tiny_phi3.PREFILL_IDS) + len(tiny_phi3.DECODE_IDS)])
+    theirs = llama_gguf.llama_cpp_logits(path, tiny_phi3.PREFILL_IDS + tiny_phi3.DECODE_IDS)
     np.testing.assert_allclose(np.concatenate([prefill, decode]), theirs, atol=LOGIT_ATOL, rtol=0)
 
 

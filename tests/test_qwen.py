@@ -3,6 +3,7 @@ head_dim) against transformers on tiny random f32 checkpoints (tests/fixtures/ti
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshpy.errors import CheckpointFormatError
 from meshpy.generation import Model
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
@@ -100,9 +100,11 @@ GGUF_NAMES = {
 }
 
 
-def write_gguf(model_dir: Path, out: Path) -> Path:
+def write_gguf(model_dir: Path, out: Path, vocab: bool = False) -> Path:
     """The HF checkpoint as llama.cpp's converter writes it for qwen2 / qwen3: `blk.N.*` names,
-    q/k rows NOT permuted (llama.cpp runs these archs with NeoX, rotate-half RoPE), f32."""
+    q/k rows NOT permuted (llama.cpp runs these archs with NeoX, rotate-half RoPE), YaRN as
+    type, factor and original context, f32. `vocab` adds a placeholder vocabulary so
+    llama.cpp will load the file."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -114,47 +116,101 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    llama_gguf.add_rope_scaling(w, cfg["rope_parameters"])
+    if vocab:
+        llama_gguf.add_placeholder_vocab(w, cfg["vocab_size"])
     for name, t in sorted(load_file(model_dir / "model.safetensors").items()):
         w.add_tensor(llama_gguf.gguf_name(name, GGUF_NAMES), np.ascontiguousarray(t, dtype=np.float32))
     llama_gguf.finish(w)
     return out
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_gguf_layout_matches_the_hf_layout(tmp_path: Path, variant: str) -> None:
-    """The GGUF path (qwen2 / qwen3 metadata keys, `blk.N.*` names, rotate-half RoPE) gives the
-    HF path's logits, and transformers' where no RoPE scaling is configured. Embedding, spans
-    and head run directly: the tiny GGUF carries no tokenizer. GGUF YaRN is refused (not
-    checked yet), so the checkpoint's scaling is dropped on both sides."""
+def _without_window(tmp_path: Path, variant: str) -> Path:
+    """The variant with its sliding window dropped: llama.cpp's qwen2 / qwen3 GGUFs carry none."""
     hf_dir = tmp_path / "hf"
     shutil.copytree(DATA / variant, hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
-    scaled = cfg["rope_parameters"].get("rope_type", "default") != "default" or cfg.get("use_sliding_window")
-    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_parameters"]["rope_theta"]}
-    # llama.cpp's qwen2 / qwen3 GGUFs carry no sliding window: dropped on both sides too.
     cfg.update(use_sliding_window=False, layer_types=None)
     (hf_dir / "config.json").write_text(json.dumps(cfg))
+    return hf_dir
 
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_layout_matches_the_hf_layout(tmp_path: Path, variant: str) -> None:
+    """The GGUF path (qwen2 / qwen3 metadata keys, `blk.N.*` names, rotate-half RoPE, YaRN keys)
+    gives the HF path's logits, and transformers' where the window is not dropped: for
+    tiny-qwen2, YaRN x4 over an original context of 64, as llama.cpp applies it from the GGUF,
+    equals transformers' (measured: 0 from the HF path, 5e-6 from transformers). Embedding,
+    spans and head run directly: the tiny GGUF carries no tokenizer."""
+    hf_dir = _without_window(tmp_path, variant)
     path = write_gguf(hf_dir, tmp_path / f"{variant}.gguf")
     config = read_config(open_model_source(path))
     assert config.architecture == tiny_qwen.VARIANTS[variant][0].lower()
     assert not config.rope_interleaved
     got = gguf_logits(path)
     checks.assert_logits_close(got, checks.prefill_and_decode(hf_dir), atol=1e-5)
-    if not scaled:
+    if not json.loads((DATA / variant / "config.json").read_text()).get("use_sliding_window"):
         checks.assert_logits_close(got, checks.stored_reference(DATA / variant))
 
 
-def test_gguf_yarn_is_refused(tmp_path: Path) -> None:
+def test_gguf_yarn_config_equals_the_hf_config(tmp_path: Path) -> None:
+    """The converter's YaRN keys (type, factor, original context) give the HF path's table and
+    attention factor: llama.cpp's YaRN and transformers' agree here (rope.yarn_extrapolation)."""
+    hf = read_config(open_model_source(DATA / "tiny-qwen2"))
+    gg = read_config(open_model_source(write_gguf(DATA / "tiny-qwen2", tmp_path / "yarn.gguf")))
+    np.testing.assert_allclose(gg.rope_inv_freq, hf.rope_inv_freq, rtol=1e-6, atol=0)
+    assert gg.rope_attention_factor == pytest.approx(hf.rope_attention_factor, rel=1e-7)
+    assert gg.rope_attention_factor == pytest.approx(1 + 0.1 * np.log(4.0))
+
+
+def test_gguf_yarn_keys_llama_cpp_ignores_are_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """beta_fast / beta_slow, an explicit YaRN attention factor and the log multiplier, which
+    the converter writes from an HF config but llama.cpp never reads for qwen2 (checked live
+    with llama-cpp-python 0.3.36: the logits do not move), change nothing here either, and
+    say so in a warning."""
     import gguf
 
-    path = tmp_path / "yarn.gguf"
+    plain = read_config(open_model_source(write_gguf(DATA / "tiny-qwen2", tmp_path / "plain.gguf")))
+    path = tmp_path / "keys.gguf"
     w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.add_context_length(256)
+    w.add_vocab_size(4)
+    for key, value in [("embedding_length", 64), ("block_count", 1), ("attention.head_count", 4)]:
+        w.add_uint32(f"qwen2.{key}", value)
+    w.add_float32("qwen2.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_rope_freq_base(1e6)
+    llama_gguf.add_rope_scaling(w, json.loads((DATA / "tiny-qwen2" / "config.json").read_text())["rope_parameters"])
+    w.add_rope_scaling_yarn_beta_fast(8.0)
+    w.add_rope_scaling_yarn_beta_slow(2.0)
+    w.add_rope_scaling_yarn_attn_factor(1.0)
+    w.add_rope_scaling_yarn_log_mul(0.1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))
     llama_gguf.finish(w)
-    with pytest.raises(CheckpointFormatError, match="rope scaling 'yarn'"):
-        read_config(open_model_source(path))
+    with caplog.at_level("WARNING", logger="meshpy.models.llama"):
+        config = read_config(open_model_source(path))
+    np.testing.assert_array_equal(config.rope_inv_freq, plain.rope_inv_freq)
+    assert config.rope_attention_factor == plain.rope_attention_factor
+    for key in ("yarn_beta_fast", "yarn_beta_slow", "yarn_attn_factor", "yarn_log_multiplier"):
+        assert f"qwen2.rope.scaling.{key}" in caplog.text
+    assert "as llama.cpp does" in caplog.text
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
+@pytest.mark.parametrize("variant", ["tiny-qwen2", "tiny-qwen3-tied"])
+def test_gguf_logits_equal_llama_cpp(tmp_path: Path, variant: str) -> None:
+    """llama.cpp runs the same GGUF (f32 KV cache, token ids fed directly) to the same logits:
+    an independent check of the qwen2 / qwen3 names, biases, q/k norms, NeoX RoPE and, for
+    tiny-qwen2, YaRN (ramp, factor, original context, cos/sin factor 1 + 0.1 ln 4) from the
+    GGUF keys. Measured: 4e-6. Without the YaRN keys tiny-qwen2's logits move by ~4."""
+    path = write_gguf(DATA / variant, tmp_path / "m.gguf", vocab=True)
+    theirs = llama_gguf.llama_cpp_logits(path, tiny_qwen.PREFILL_IDS + tiny_qwen.DECODE_IDS)
+    ours = np.concatenate(gguf_logits(path))
+    np.testing.assert_allclose(ours, theirs, atol=checks.LOGIT_ATOL, rtol=0)
+    if variant == "tiny-qwen2":
+        unscaled_dir = checks.with_config(DATA / variant, tmp_path / "unscaled", rope_parameters={"rope_theta": 1e6})
+        unscaled = np.concatenate(gguf_logits(write_gguf(unscaled_dir, tmp_path / "unscaled.gguf")))
+        assert np.abs(unscaled - theirs).max() > 100 * checks.LOGIT_ATOL
 
 
 def test_a_tensor_no_role_takes_is_refused(tmp_path: Path) -> None:

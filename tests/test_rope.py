@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from meshpy.errors import CheckpointFormatError
+from meshpy.models import rope
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
 from tests.conftest import DATA
@@ -125,8 +126,47 @@ def test_gguf_linear_scaling(tmp_path: Path, meta: dict[str, object], divisor: f
     np.testing.assert_allclose(cfg.rope_inv_freq, _default(10000.0) / divisor, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("kind", "match"), [("yarn", "rope scaling 'yarn' is not supported"), ("longrope", "type 'longrope'")])
-def test_gguf_other_scaling_types_are_refused(tmp_path: Path, kind: str, match: str) -> None:
-    path = _gguf(tmp_path / "m.gguf", **{"rope.scaling.type": kind, "rope.scaling.factor": 4.0})
-    with pytest.raises(CheckpointFormatError, match=match):
+@pytest.mark.parametrize(
+    ("meta", "hf_yarn", "attention_factor"),
+    [
+        # The converter's keys: type, factor, original context; llama.cpp's beta 32 / 1.
+        (
+            {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 64},
+            {"factor": 4.0, "original_max_position_embeddings": 64},
+            1 + 0.1 * np.log(4.0),
+        ),
+        # No original context: llama.cpp takes context_length (256 in _gguf).
+        (
+            {"rope.scaling.type": "yarn", "rope.scaling.factor": 2.0},
+            {"factor": 2.0, "original_max_position_embeddings": 256},
+            1 + 0.1 * np.log(2.0),
+        ),
+        # rope.scaling.attn_factor multiplies cos/sin on top of YaRN's own factor.
+        (
+            {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.attn_factor": 0.5},
+            {"factor": 4.0, "original_max_position_embeddings": 256},
+            0.5 * (1 + 0.1 * np.log(4.0)),
+        ),
+    ],
+)
+def test_gguf_yarn_is_transformers_yarn(
+    tmp_path: Path, meta: dict[str, object], hf_yarn: dict[str, float], attention_factor: float
+) -> None:
+    """llama.cpp's YaRN from GGUF keys gives transformers' table (rope.py's, checked against
+    transformers above) for the same factor, original context and betas."""
+    cfg = read_config(open_model_source(_gguf(tmp_path / "m.gguf", **meta)))
+    want, _ = rope.scaled_inv_freq(10000.0, HEAD_DIM, {"rope_type": "yarn", **hf_yarn})
+    np.testing.assert_allclose(cfg.rope_inv_freq, want, rtol=1e-6)
+    assert cfg.rope_attention_factor == pytest.approx(attention_factor, rel=1e-6)
+
+
+def test_gguf_attn_factor_scales_every_type(tmp_path: Path) -> None:
+    """llama.cpp multiplies cos/sin by `rope.scaling.attn_factor` whatever the scaling type."""
+    cfg = read_config(open_model_source(_gguf(tmp_path / "m.gguf", **{"rope.scaling.attn_factor": 0.5})))
+    assert cfg.rope_attention_factor == pytest.approx(0.5)
+
+
+def test_gguf_other_scaling_types_are_refused(tmp_path: Path) -> None:
+    path = _gguf(tmp_path / "m.gguf", **{"rope.scaling.type": "longrope", "rope.scaling.factor": 4.0})
+    with pytest.raises(CheckpointFormatError, match="type 'longrope'.*supported: none, linear, yarn"):
         read_config(open_model_source(path))

@@ -144,6 +144,9 @@ def _from_gguf(source: ModelSource) -> ModelConfig:
         raise CheckpointFormatError(f"{where}: GGUF rope scaling {scaling!r} is not supported yet")
     # llama.from_gguf reads the global layers' RoPE (base, linear scaling) and the shapes.
     base = llama.from_gguf(source)
+    if base.rope_attention_factor != 1.0:
+        # The span's local table carries no attention factor (rust/src/model/llama.rs).
+        raise CheckpointFormatError(f"{where}: gemma3.rope.scaling.attn_factor is not supported")
     n_layers, head_dim = base.n_layers, base.head_dim
     n_rot = len(base.rope_inv_freq) * 2
     window = meta.get("gemma3.attention.sliding_window")

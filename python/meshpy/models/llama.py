@@ -7,12 +7,13 @@ RoPE as each format configures it. HF: `rope_parameters` (transformers 5) or the
 `llama3` (3.1, 3.2), `linear` and `yarn`, computed in rope.py as transformers'
 modeling_rope_utils.py does; `dynamic` and unknown types are refused by name. GGUF: as
 llama.cpp's load_hparams reads it: `rope_freqs.weight` (the llama3 scaling as per-pair
-divisors), `rope.scaling.type` linear (the default) or none, with `rope.scaling.factor`;
-YaRN is refused until checked against llama.cpp's.
+divisors), `rope.scaling.type` linear (the default), none or yarn, with
+`rope.scaling.factor` (see `_gguf_rope`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ from meshpy.models.config import ModelConfig
 
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("llama", "LlamaForCausalLM")
 
@@ -74,7 +77,6 @@ def from_gguf(source: ModelSource) -> ModelConfig:
     meta = source.metadata
     arch = meta["general.architecture"]
     where = str(source.path)
-    linear_factor = _gguf_rope_scaling(source, arch)
 
     def key(name: str, default: Any = None) -> Any:
         full = f"{arch}.{name}"
@@ -86,7 +88,7 @@ def from_gguf(source: ModelSource) -> ModelConfig:
     head_dim = int(key("attention.key_length", hidden // n_heads))
     n_rot = int(key("rope.dimension_count", head_dim))
     names = set(source.checkpoint.tensor_names())
-    inv_freq = _gguf_inv_freq(source, n_rot, float(key("rope.freq_base", 10000.0)), linear_factor, names)
+    inv_freq, attention_factor = _gguf_rope(source, arch, n_rot, float(key("rope.freq_base", 10000.0)), names)
     n_layers = int(key("block_count"))
     vocab = len(meta.get("tokenizer.ggml.tokens", [])) or int(key("vocab_size"))
     output = "output.weight" if "output.weight" in names else "token_embd.weight"
@@ -103,7 +105,7 @@ def from_gguf(source: ModelSource) -> ModelConfig:
         rope_inv_freq=inv_freq,
         # llama.cpp's converter permutes q/k rows of Llama so pairs are adjacent.
         rope_interleaved=True,
-        rope_attention_factor=1.0,
+        rope_attention_factor=attention_factor,
         attn_scale=1.0 / math.sqrt(head_dim),
         embedding_name="token_embd.weight",
         output_norm_name="output_norm.weight",
@@ -113,37 +115,75 @@ def from_gguf(source: ModelSource) -> ModelConfig:
     )
 
 
-def _gguf_rope_scaling(source: ModelSource, arch: str) -> float:
-    """The linear RoPE scaling factor of a GGUF (1.0: none), as llama.cpp reads it
-    (llama-model.cpp, load_hparams): type `rope.scaling.type`, `linear` when absent, factor
-    `rope.scaling.factor` or the older `rope.scale_linear`; type `none` never scales. YaRN is
-    refused (llama.cpp's differs in detail from transformers' and is not checked here yet),
-    and so is any other type."""
+# YaRN keys llama.cpp's converter writes from an HF config (beta_fast, beta_slow,
+# extrapolation_factor, attention_factor) or for DeepSeek (yarn_log_multiplier), which
+# llama.cpp's load_hparams never reads for llama, qwen2 or qwen3 (only grok, deepseek2 and
+# a few others do): it runs these archs with llama-hparams.h's defaults instead (beta_fast
+# 32, beta_slow 1, ext_factor 1 for YaRN, no log multiplier) and YaRN's own attention factor.
+_GGUF_YARN_IGNORED = (
+    "rope.scaling.yarn_beta_fast",
+    "rope.scaling.yarn_beta_slow",
+    "rope.scaling.yarn_ext_factor",
+    "rope.scaling.yarn_attn_factor",
+    "rope.scaling.yarn_log_multiplier",
+)
+
+
+def _gguf_rope(source: ModelSource, arch: str, n_rot: int, base: float, names: set[str]) -> tuple[np.ndarray, float]:
+    """Per-pair inverse frequencies and the cos/sin factor of a GGUF, as llama.cpp reads the
+    keys (llama-model.cpp, load_hparams; llama-context.cpp, the llama_context constructor) and
+    ggml applies them (ggml-cpu/ops.cpp, `rope_yarn`):
+
+    - `rope_freqs.weight` (Llama 3.1+: the llama3 scaling as per-pair divisors of the
+      frequency), applied before any scaling type;
+    - type `rope.scaling.type`, `linear` when absent; factor `rope.scaling.factor` or the older
+      `rope.scale_linear` (1 when absent or 0); `none` never scales, `linear` divides every
+      frequency by the factor;
+    - `yarn`: ggml mixes, per pair, the frequency divided by the factor with the unscaled one,
+      weighted by the ramp over the correction dims of beta_fast 32 and beta_slow 1 and
+      `rope.scaling.original_context_length` (default `context_length`), which is
+      transformers' YaRN (rope.yarn_extrapolation says where the two differ); ext_factor is 1;
+    - cos and sin times `rope.scaling.attn_factor` (default 1), and for YaRN times
+      `1 + 0.1 ln(factor)` (rope.yarn_mscale: ggml's `rope_yarn` multiplies by it; since
+      ggml-org/llama.cpp#17945 the context cancels that and applies `get_mscale` instead, the
+      same for factor >= 1, and 1 below it).
+
+    Unlike transformers, llama.cpp never takes beta_fast / beta_slow, ext_factor,
+    `yarn_attn_factor` (HF's explicit attention_factor) or the DeepSeek log multiplier from
+    these archs' GGUFs: ignored here too, with a warning when they ask for other values than
+    llama.cpp uses (`_GGUF_YARN_IGNORED`). Any other type is refused."""
     meta = source.metadata
+    where = str(source.path)
     kind = meta.get(f"{arch}.rope.scaling.type", "linear")
     factor = float(meta.get(f"{arch}.rope.scaling.factor") or meta.get(f"{arch}.rope.scale_linear") or 1.0)
-    if kind == "none":
-        return 1.0
-    if kind == "linear":
-        return factor
-    if kind == "yarn":
-        raise CheckpointFormatError(f"{source.path}: GGUF rope scaling 'yarn' is not supported yet")
-    raise CheckpointFormatError(f"{source.path}: unknown GGUF rope scaling type {kind!r}; supported: none, linear")
-
-
-def _gguf_inv_freq(source: ModelSource, n_rot: int, base: float, linear_factor: float, names: set[str]) -> np.ndarray:
-    """Rotary frequencies as llama.cpp's rope applies them: `rope_freqs.weight` (Llama 3.1+:
-    the llama3 scaling baked into per-pair divisors of the frequency), then the linear
-    factor."""
+    attention_factor = float(meta.get(f"{arch}.rope.scaling.attn_factor", 1.0))
     inv_freq = rope.default_inv_freq(base, n_rot)
     if "rope_freqs.weight" in names:
         factors = np.frombuffer(source.checkpoint.tensor_bytes("rope_freqs.weight"), dtype=np.float32)
         if factors.shape != inv_freq.shape:
-            raise CheckpointFormatError(f"{source.path}: rope_freqs.weight has {factors.size} values, expected {inv_freq.size}")
+            raise CheckpointFormatError(f"{where}: rope_freqs.weight has {factors.size} values, expected {inv_freq.size}")
         inv_freq = (inv_freq / factors).astype(np.float32)
-    if linear_factor != 1.0:
-        inv_freq = (inv_freq / np.float32(linear_factor)).astype(np.float32)
-    return inv_freq
+    if kind == "none":
+        return inv_freq, attention_factor
+    if kind == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32), attention_factor
+    if kind == "yarn":
+        used = dict(zip(_GGUF_YARN_IGNORED, (32.0, 1.0, 1.0, rope.yarn_mscale(factor), 0.0), strict=True))
+        ignored = {
+            f"{arch}.{k}": meta[f"{arch}.{k}"]
+            for k in _GGUF_YARN_IGNORED
+            if f"{arch}.{k}" in meta and not math.isclose(float(meta[f"{arch}.{k}"]), used[k], rel_tol=1e-6)
+        }
+        if ignored:
+            log.warning("%s: ignoring %s, as llama.cpp does for %s", where, ignored, arch)
+        old_ctx = float(
+            meta.get(f"{arch}.rope.scaling.original_context_length") or _get(meta, f"{arch}.context_length", where)
+        )
+        extrapolation = rope.yarn_extrapolation(base, n_rot, old_ctx, beta_fast=32.0, beta_slow=1.0)
+        interpolation = (inv_freq / np.float32(factor)).astype(np.float32)
+        mixed = interpolation * (1 - extrapolation) + inv_freq * extrapolation
+        return mixed.astype(np.float32), attention_factor * rope.yarn_mscale(factor)
+    raise CheckpointFormatError(f"{where}: unknown GGUF rope scaling type {kind!r}; supported: none, linear, yarn")
 
 
 def from_hf(source: ModelSource, rope_tables: tuple[np.ndarray, float] | None = None) -> ModelConfig:

@@ -57,7 +57,7 @@ def _with_hf_sliding_window(base: ModelConfig, cfg: dict[str, Any], where: str) 
 def read_config(source: ModelSource) -> ModelConfig:
     """Settings and names from a Qwen2 / Qwen3 checkpoint."""
     if source.format == "gguf":
-        base = llama.from_gguf(source)  # refuses GGUF YaRN, not checked yet
+        base = llama.from_gguf(source)  # RoPE scaling (YaRN too) as llama.cpp applies it
         optional, layer_prefix = _GGUF_OPTIONAL, "blk.{i}."
         # llama.cpp permutes q/k rows only for Llama-style archs; Qwen keeps HF's rotate-half
         # (NeoX) layout, pairs half a head apart.

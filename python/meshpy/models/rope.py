@@ -25,7 +25,15 @@ import numpy as np
 
 from meshpy.errors import CheckpointFormatError
 
-__all__ = ["default_inv_freq", "scaled_inv_freq", "longrope_inv_freq", "LongRope", "SUPPORTED_ROPE_TYPES"]
+__all__ = [
+    "default_inv_freq",
+    "scaled_inv_freq",
+    "yarn_extrapolation",
+    "yarn_mscale",
+    "longrope_inv_freq",
+    "LongRope",
+    "SUPPORTED_ROPE_TYPES",
+]
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -77,6 +85,41 @@ def _llama3(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude factor `0.1 mscale ln(factor) + 1` (1 when factor <= 1), as
+    transformers' `get_mscale` and llama.cpp's llama_context (`get_mscale`) compute it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_extrapolation(
+    base: float, dim: int, old_ctx: float, beta_fast: float, beta_slow: float, truncate: bool = True
+) -> np.ndarray:
+    """Per rotated pair, YaRN's weight on the unscaled (extrapolated) frequency: 1 for pairs
+    that turn more than `beta_fast` times over `old_ctx` positions, 0 for those turning less
+    than `beta_slow` times, a linear ramp between (float32, one value per pair).
+
+    transformers (`find_correction_range`, `linear_ramp_factor`) and ggml
+    (`ggml_rope_yarn_corr_dims`, `rope_yarn_ramp`) agree: correction dims
+    `dim ln(old_ctx / (2 pi beta)) / (2 ln base)`, floored / ceiled, clamped to [0, dim - 1],
+    ramp `1 - clamp((i - low) / (high - low), 0, 1)`. They differ only where no checkpoint
+    goes: ggml computes the dims in float32 (a floor or ceil could flip exactly on an
+    integer) and always truncates; it divides by `max(0.001, high - low)` where transformers
+    adds 0.001 to `high` when the two are equal, the same unless high < low, which needs an
+    original context above about 200 base^2 positions."""
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    return (np.float32(1.0) - ramp.astype(np.float32)).astype(np.float32)
+
+
 def _yarn(base: float, dim: int, scaling: Mapping[str, Any]) -> tuple[np.ndarray, float]:
     """YaRN (Qwen2.5 / Qwen3 long context): interpolated low frequencies, extrapolated high
     ones, a linear ramp between; cos/sin scaled by the attention factor. float32 as in
@@ -87,32 +130,17 @@ def _yarn(base: float, dim: int, scaling: Mapping[str, Any]) -> tuple[np.ndarray
     old_ctx = float(scaling["original_max_position_embeddings"])
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
-
-        def get_mscale(scale: float, mscale: float = 1.0) -> float:
-            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
         if mscale and mscale_all_dim:
-            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
         else:
-            attention_factor = get_mscale(factor)
+            attention_factor = yarn_mscale(factor)
     beta_fast = float(scaling.get("beta_fast") or 32)
     beta_slow = float(scaling.get("beta_slow") or 1)
-
-    def correction_dim(rotations: float) -> float:
-        return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # as transformers: no division by zero
+    extrapolation_factor = yarn_extrapolation(base, dim, old_ctx, beta_fast, beta_slow, scaling.get("truncate", True))
     pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
     extrapolation = np.float32(1.0) / pos_freqs
     interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
-    extrapolation_factor = np.float32(1.0) - ramp.astype(np.float32)
     inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
     return inv_freq.astype(np.float32), float(attention_factor)
 
