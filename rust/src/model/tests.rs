@@ -314,35 +314,39 @@ fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, layer
     }
 }
 
+/// Checks `span` (model layers `first..`) against the scalar reference layers over 7 positions
+/// run as a prefill of 5 and two decode steps, with 1 and 3 threads: f32 both sides, only the
+/// summation order differs, so within 1e-4 of the values' scale. `what` names the case.
+fn assert_span_equals_the_reference(ck: &Checkpoint, cfg: &LlamaConfig, names: &[LayerNames], first: usize, seed: u64, what: &str) {
+    let input = TestRng::new(seed).gaussians(7 * TINY_HIDDEN);
+    let mut want = input.clone();
+    for (i, layer) in names.iter().enumerate().skip(first) {
+        reference_layer(ck, layer, cfg, i, &mut want);
+    }
+    let span = LlamaSpan::load(ck, cfg.clone(), first, names[first..].to_vec()).expect("the tiny span loads");
+    for threads in [1, 3] {
+        let pool = ThreadPool::new(threads);
+        let mut cache = span.new_cache(64);
+        let mut got = Vec::new();
+        for rows in [0..5, 5..6, 6..7] {
+            let mut hidden = input[rows.start * TINY_HIDDEN..rows.end * TINY_HIDDEN].to_vec();
+            span.forward(&pool, &mut hidden, &mut [SeqChunk { cache: &mut cache, n_tokens: rows.len() }]).unwrap();
+            got.extend(hidden);
+        }
+        let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(max_err <= 1e-4 * scale, "{what}, {threads} threads: max error {max_err} (values up to {scale})");
+    }
+}
+
 #[test]
 fn qwen_layers_equal_the_scalar_reference() {
+    // Skipping Qwen3's k norm gives an error of ~0.25 of the values' scale.
     for (dir, head_dim, optional) in [("tiny-qwen2", 16, "attn_q_bias"), ("tiny-qwen3-tied", 32, "attn_q_norm")] {
         let ck = open_tiny(dir);
-        let cfg = tiny_qwen_config(head_dim);
         let names: Vec<LayerNames> = (0..TINY_LAYERS).map(|i| qwen_names(&ck, i)).collect();
         assert!(names[0].contains_key(optional), "{dir} has {optional}");
-        let span = LlamaSpan::load(&ck, cfg.clone(), 0, names.clone()).expect("the tiny Qwen span loads");
-        // 7 positions as a prefill of 5 and two decode steps, against one reference pass.
-        let input = TestRng::new(3).gaussians(7 * TINY_HIDDEN);
-        let mut expected = input.clone();
-        for (i, layer) in names.iter().enumerate() {
-            reference_layer(&ck, layer, &cfg, i, &mut expected);
-        }
-        for threads in [1, 3] {
-            let pool = ThreadPool::new(threads);
-            let mut cache = span.new_cache(64);
-            let mut got = Vec::new();
-            for rows in [0..5, 5..6, 6..7] {
-                let mut hidden = input[rows.start * TINY_HIDDEN..rows.end * TINY_HIDDEN].to_vec();
-                span.forward(&pool, &mut hidden, &mut [SeqChunk { cache: &mut cache, n_tokens: rows.len() }]).unwrap();
-                got.extend(hidden);
-            }
-            let max_err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            let scale = expected.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            // f32 both sides, different summation order only. Skipping the k norm gives an
-            // error of ~0.25 of the values' scale.
-            assert!(max_err <= 1e-4 * scale, "{dir}, {threads} threads: max error {max_err} (values up to {scale})");
-        }
+        assert_span_equals_the_reference(&ck, &tiny_qwen_config(head_dim), &names, 0, 3, dir);
     }
 }
 
@@ -418,29 +422,10 @@ fn gemma3_names(i: usize) -> LayerNames {
 #[test]
 fn gemma3_layers_equal_the_scalar_reference() {
     let ck = open_tiny("tiny-gemma3");
-    let cfg = tiny_gemma3_config();
     let names: Vec<LayerNames> = (0..TINY_LAYERS).map(gemma3_names).collect();
-    let input = TestRng::new(5).gaussians(7 * TINY_HIDDEN);
     // Spans starting at layer 0 and at layer 1 (whose first layer must still slide).
     for first in [0, 1] {
-        let mut want = input.clone();
-        for (i, layer) in names.iter().enumerate().skip(first) {
-            reference_layer(&ck, layer, &cfg, i, &mut want);
-        }
-        let span = LlamaSpan::load(&ck, cfg.clone(), first, names[first..].to_vec()).expect("the tiny Gemma span loads");
-        for threads in [1, 3] {
-            let pool = ThreadPool::new(threads);
-            let mut cache = span.new_cache(64);
-            let mut got = Vec::new();
-            for rows in [0..5, 5..6, 6..7] {
-                let mut hidden = input[rows.start * TINY_HIDDEN..rows.end * TINY_HIDDEN].to_vec();
-                span.forward(&pool, &mut hidden, &mut [SeqChunk { cache: &mut cache, n_tokens: rows.len() }]).unwrap();
-                got.extend(hidden);
-            }
-            let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            assert!(max_err <= 1e-4 * scale, "from layer {first}, {threads} threads: max error {max_err} (values up to {scale})");
-        }
+        assert_span_equals_the_reference(&ck, &tiny_gemma3_config(), &names, first, 5, &format!("from layer {first}"));
     }
 }
 
@@ -486,29 +471,9 @@ fn phi3_names(i: usize) -> LayerNames {
 
 #[test]
 fn phi3_layers_equal_the_scalar_reference() {
-    let ck = open_tiny("tiny-phi3-mini");
-    let cfg = tiny_phi3_config();
+    // The 5-position prefill crosses the long table's first position (4) and the window (3).
     let names: Vec<LayerNames> = (0..TINY_LAYERS).map(phi3_names).collect();
-    let input = TestRng::new(9).gaussians(7 * TINY_HIDDEN);
-    let mut want = input.clone();
-    for (i, layer) in names.iter().enumerate() {
-        reference_layer(&ck, layer, &cfg, i, &mut want);
-    }
-    let span = LlamaSpan::load(&ck, cfg.clone(), 0, names).expect("the tiny Phi-3 span loads");
-    for threads in [1, 3] {
-        let pool = ThreadPool::new(threads);
-        let mut cache = span.new_cache(64);
-        let mut got = Vec::new();
-        // A prefill crossing the long table's first position, then two decode steps.
-        for rows in [0..5, 5..6, 6..7] {
-            let mut hidden = input[rows.start * TINY_HIDDEN..rows.end * TINY_HIDDEN].to_vec();
-            span.forward(&pool, &mut hidden, &mut [SeqChunk { cache: &mut cache, n_tokens: rows.len() }]).unwrap();
-            got.extend(hidden);
-        }
-        let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
-        assert!(max_err <= 1e-4 * scale, "{threads} threads: max error {max_err} (values up to {scale})");
-    }
+    assert_span_equals_the_reference(&open_tiny("tiny-phi3-mini"), &tiny_phi3_config(), &names, 0, 9, "phi3");
 }
 
 /// The tiny Gemma 3 span of layers `first .. first + n` (window 4: layers 0 and 1 slide).
