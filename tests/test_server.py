@@ -283,6 +283,31 @@ def test_dropped_requests_cancel_their_generation(server: AppServer, client: ope
     assert health(server)["active_generations"] == 0
 
 
+def test_requests_beyond_the_limits_wait_then_get_429(model: Model) -> None:
+    """One slot and one place in line: a second request waits for the running one, a third
+    is refused at once with 429 (server_busy); the waiting one runs when the slot frees, and
+    gives the same reply as alone."""
+    import concurrent.futures
+
+    with AppServer(create_app(model, "smollm2", max_concurrent=1, max_waiting=1), port=0) as busy, \
+            client_for(busy) as c, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        alone = c.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=8)
+        with c.completions.create(model="smollm2", prompt=COUNTING, temperature=0, max_tokens=4000, stream=True) as stream:
+            next(iter(stream))
+            waiting = pool.submit(c.completions.create, model="smollm2", prompt="The capital of France is",
+                                  temperature=0, max_tokens=8)
+            wait_until(lambda: health(busy)["waiting_requests"] == 1, what="a waiting request")
+            with pytest.raises(openai.RateLimitError) as refused:
+                c.completions.create(model="smollm2", prompt="Hi", max_tokens=2)
+            assert refused.value.code == "server_busy"
+            assert "busy" in refused.value.message
+            assert not waiting.done()
+        # Closing the stream cancels its generation, which frees the slot for the waiting one.
+        assert waiting.result(timeout=60).choices[0].text == alone.choices[0].text
+        state = health(busy)
+        assert (state["active_generations"], state["waiting_requests"], state["refused_busy"]) == (0, 0, 1)
+
+
 # --- the command ---------------------------------------------------------------------------
 
 

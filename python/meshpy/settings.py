@@ -198,6 +198,8 @@ class ServeSettings:
     api_key: str | None = setting(None, "require this key (Authorization: Bearer KEY) on the /v1 endpoints")
     model_name: str | None = setting(None, "the model's name in the API (default: the --model file name without .gguf)")
     max_tokens: int | None = setting(None, "completion tokens for requests that set no limit (default: the rest of the context)", minimum=1)
+    max_concurrent: int = setting(16, "generations run at once; more requests wait for a slot", minimum=1, maximum=4096)
+    max_waiting: int = setting(64, "requests waiting for a slot; beyond this they get 429 (server busy)", minimum=0, maximum=100000)
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     quantize: str | None = setting(None, "quantize float weights at load (without --bootstrap)", choices=("Q8_0", "Q4_0"))
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=_TRANSPORTS)

@@ -47,7 +47,10 @@ def run_serve(settings: ServeSettings) -> int:
         raise
     with model:
         name = settings.model_name or served_name(settings.model)
-        app = create_app(model, name, settings.api_key, layer_coverage(model), default_max_tokens=settings.max_tokens)
+        app = create_app(
+            model, name, settings.api_key, layer_coverage(model), default_max_tokens=settings.max_tokens,
+            max_concurrent=settings.max_concurrent, max_waiting=settings.max_waiting,
+        )
         server = AppServer(app, sock=sock)
         where = f"layers on the mesh via {settings.bootstrap}" if settings.bootstrap else "in this process"
         print(f"meshpy serve: {name} ({where}); OpenAI base URL:", file=sys.stderr)

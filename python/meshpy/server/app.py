@@ -42,6 +42,9 @@ T = TypeVar("T")
 MAX_BODY_BYTES = 16 << 20
 #: Seconds the app waits, at shutdown, for cancelled generations to free their sessions.
 SHUTDOWN_JOIN_TIMEOUT = 30.0
+#: Generations run at once, and requests waiting for one of those slots, by default.
+DEFAULT_MAX_CONCURRENT = 16
+DEFAULT_MAX_WAITING = 64
 
 
 class ServerState:
@@ -54,16 +57,26 @@ class ServerState:
         api_key: str | None,
         coverage: Coverage | None,
         default_max_tokens: int | None,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        max_waiting: int = DEFAULT_MAX_WAITING,
     ) -> None:
+        if max_concurrent < 1 or max_waiting < 0:
+            raise ValueError(f"max_concurrent must be >= 1 and max_waiting >= 0, got {max_concurrent}, {max_waiting}")
         self.model = model
         self.model_name = model_name
         self.api_key = api_key
         self.coverage = coverage
         self.default_max_tokens = default_max_tokens
+        self.max_concurrent = max_concurrent
+        self.max_waiting = max_waiting
         self.created = int(time.time())
         self.jobs: set[GenerationJob] = set()
+        self.waiting = 0
+        # Free generation slots; made on first use, inside the app's event loop.
+        self._slots: asyncio.Semaphore | None = None
         self.completed = 0
         self.cancelled = 0
+        self.refused_busy = 0
 
     def check_key(self, request: Request) -> None:
         """401 unless the request carries the API key (when one is set)."""
@@ -113,14 +126,42 @@ class ServerState:
         max_tokens = options.max_tokens or min(self.default_max_tokens or room, room)
         return ids, max_tokens
 
+    async def admit(self) -> None:
+        """Takes a generation slot: at once if fewer than `max_concurrent` generations run,
+        else after waiting in line (first come, first served) with at most `max_waiting`
+        others; a request beyond that is refused with 429 (which OpenAI clients retry after
+        a pause). Each generation holds the CPU and a KV cache on every worker, so running
+        more at once only slows every one of them; the wait is what a slot costs."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrent)
+        if self._slots.locked() and self.waiting >= self.max_waiting:
+            self.refused_busy += 1
+            raise APIError(
+                429, f"the server is busy: {len(self.jobs)} generations running and {self.waiting} waiting "
+                "(its limits); retry later", "rate_limit_error", code="server_busy",
+            )
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+
     def start(self, ids: list[int], max_tokens: int, options: Options) -> GenerationJob:
-        """Starts a generation on its own thread; it is tracked until it ends."""
+        """Starts a generation on its own thread, in a slot taken by `admit`; it is tracked
+        (and holds the slot) until it ends."""
         job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, on_done=self._done)
         self.jobs.add(job)
         return job.start()
 
+    def release_unused_slot(self) -> None:
+        """Gives back a slot `admit` took for a generation that never started."""
+        if self._slots is not None:
+            self._slots.release()
+
     def _done(self, job: GenerationJob) -> None:
         self.jobs.discard(job)
+        if self._slots is not None:
+            self._slots.release()
         if job.cancelled:
             self.cancelled += 1
         else:
@@ -214,7 +255,12 @@ async def _generate(
     state: ServerState, request: Request, prompt: Any, raw: bool, options: Options, shape: _Shape
 ) -> Response:
     ids, max_tokens = await run_in_threadpool(state.prompt_ids, prompt, raw, options)
-    job = state.start(ids, max_tokens, options)
+    await state.admit()
+    try:
+        job = state.start(ids, max_tokens, options)
+    except BaseException:
+        state.release_unused_slot()
+        raise
     handed_over = False
     try:
         if options.stream:
@@ -299,21 +345,27 @@ def create_app(
     coverage: Coverage | None = None,
     *,
     default_max_tokens: int | None = None,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_waiting: int = DEFAULT_MAX_WAITING,
 ) -> Starlette:
     """The OpenAI-compatible app serving `model` as `model_name`.
 
     `api_key`: required as `Authorization: Bearer KEY` on /v1 routes when set. `coverage`:
     a function describing which layers run where (see `layer_coverage`), reported by
     `/v1/models`. `default_max_tokens`: the limit for requests naming none (default: the
-    rest of the context). The app does not own the model: close it after the app stops.
+    rest of the context). `max_concurrent` generations run at once; up to `max_waiting`
+    more requests wait for a slot, and others get 429 (see `ServerState.admit`). The app
+    does not own the model: close it after the app stops.
     """
-    state = ServerState(model, model_name, api_key, coverage, default_max_tokens)
+    state = ServerState(model, model_name, api_key, coverage, default_max_tokens, max_concurrent, max_waiting)
 
     async def health(request: Request) -> Response:
         return JSONResponse({
             "status": "ok",
             "model": state.model_name,
             "active_generations": len(state.jobs),
+            "waiting_requests": state.waiting,
+            "refused_busy": state.refused_busy,
             "completed_generations": state.completed,
             "cancelled_generations": state.cancelled,
         })
