@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from meshpy.errors import CheckpointFormatError, UnsupportedArchitectureError
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
 
-__all__ = ["ModelConfig", "read_config", "default_chat_template", "SUPPORTED_ARCHITECTURES", "row_slice", "split_tensor_ref"]
+__all__ = ["ModelConfig", "read_config", "default_chat_template", "SUPPORTED_ARCHITECTURES", "row_slice", "split_tensor_ref", "check_layer_tensors", "sliding_layers"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,32 @@ def split_tensor_ref(ref: str, names: Container[str] = ()) -> tuple[str, range |
     if match is None:
         return ref, None
     return match["name"], range(int(match["start"]), int(match["stop"]))
+
+
+def sliding_layers(cfg: dict[str, Any], n_layers: int, default: Callable[[int], bool], where: str) -> tuple[bool, ...]:
+    """Which layers slide: the HF config's `layer_types` ("sliding_attention" /
+    "full_attention", transformers' key for every family with mixed layers), else
+    `default(layer)` (the family's older keys)."""
+    types = cfg.get("layer_types") or ["sliding_attention" if default(i) else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise CheckpointFormatError(f"{where}: layer_types must name {n_layers} full/sliding layers, got {types}")
+    return tuple(t == "sliding_attention" for t in types)
+
+
+def check_layer_tensors(
+    where: str, names: Set[str], family: str, layer_prefix: str, used: Iterable[str], *, check_missing: bool = True
+) -> None:
+    """Every tensor one layer `used` exists in the checkpoint's `names` (unless not
+    `check_missing`: the span loader then names a missing one, as for Llama), and no tensor
+    under `layer_prefix` is left without a role: one the forward would skip (an o_proj bias,
+    a variant's extra norm) is an error naming it, not a silently wrong model."""
+    used = set(used)
+    missing = sorted(n for n in used if n not in names) if check_missing else []
+    if missing:
+        raise CheckpointFormatError(f"{where}: missing {family} tensors: {', '.join(missing)}")
+    unused = sorted(n for n in names if n.startswith(layer_prefix) and n not in used)
+    if unused:
+        raise CheckpointFormatError(f"{where}: tensors this {family} layer does not use: {', '.join(unused)}")
 
 
 def read_config(source: ModelSource) -> ModelConfig:

@@ -32,7 +32,7 @@ import numpy as np
 
 from meshpy.errors import CheckpointFormatError
 from meshpy.models import llama, rope
-from meshpy.models.config import ModelConfig
+from meshpy.models.config import ModelConfig, check_layer_tensors, sliding_layers
 
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
@@ -114,20 +114,12 @@ def _round_to_bf16(x: np.float32) -> np.float32:
 
 
 def _layer_roles(source: ModelSource, n_layers: int, patterns: dict[str, str], prefix: str) -> tuple[dict[str, str], ...]:
-    """Every layer's role -> name map, after checking that each named tensor exists and
-    that the layer has no tensor without a role (one the forward would silently skip)."""
-    where = str(source.path)
+    """Every layer's role -> name map, each layer's tensors checked (`check_layer_tensors`)."""
     names = set(source.checkpoint.tensor_names())
     layers = []
     for i in range(n_layers):
         roles = {r: p.format(i=i) for r, p in patterns.items()}
-        missing = sorted(n for n in roles.values() if n not in names)
-        if missing:
-            raise CheckpointFormatError(f"{where}: missing Gemma 3 tensors: {', '.join(missing)}")
-        layer_prefix = prefix.format(i=i)
-        unused = sorted(n for n in names if n.startswith(layer_prefix) and n not in roles.values())
-        if unused:
-            raise CheckpointFormatError(f"{where}: tensors this Gemma 3 layer does not use: {', '.join(unused)}")
+        check_layer_tensors(str(source.path), names, "Gemma 3", prefix.format(i=i), roles.values())
         layers.append(roles)
     return tuple(layers)
 
@@ -182,16 +174,12 @@ def read_config(source: ModelSource) -> ModelConfig:
 
     base = llama.from_hf(source)
     n_layers, hidden, head_dim = base.n_layers, base.hidden, base.head_dim
-    layer_types = cfg.get("layer_types") or [
-        "sliding_attention" if (i + 1) % int(cfg.get("sliding_window_pattern", 6)) else "full_attention"
-        for i in range(n_layers)
-    ]
-    if len(layer_types) != n_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
-        raise CheckpointFormatError(f"{where}: layer_types must name {n_layers} full/sliding layers")
+    pattern = int(cfg.get("sliding_window_pattern", 6))
+    sliding = sliding_layers(cfg, n_layers, lambda i: (i + 1) % pattern != 0, where)
     params = _rope_params(cfg)
     inv_freq, attention_factor = _inv_freq(params["full_attention"], head_dim, where)
     local_inv_freq, local_factor = _inv_freq(params["sliding_attention"], head_dim, where)
-    if local_factor != 1.0 and "sliding_attention" in layer_types:
+    if local_factor != 1.0 and any(sliding):
         raise CheckpointFormatError(f"{where}: scaled RoPE on sliding-window layers is not supported")
 
     # Gemma3TextScaledWordEmbedding multiplies by the scale cast to the weight's dtype.
@@ -212,7 +200,7 @@ def read_config(source: ModelSource) -> ModelConfig:
         layer_tensor_names=_layer_roles(source, n_layers, _HF_ROLES, "model.layers.{i}."),
         norm_offset=1.0,
         gelu_tanh=True,
-        layer_sliding=tuple(t == "sliding_attention" for t in layer_types),
+        layer_sliding=sliding,
         sliding_window=int(cfg.get("sliding_window", 4096)),
         rope_local_inv_freq=local_inv_freq,
     )

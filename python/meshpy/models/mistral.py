@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from meshpy.errors import CheckpointFormatError, UnsupportedArchitectureError
 from meshpy.models import llama
-from meshpy.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from meshpy.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, check_layer_tensors
 
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
@@ -55,14 +55,7 @@ def read_config(source: ModelSource) -> ModelConfig:
 
     names = set(source.checkpoint.tensor_names())
     for i in range(base.n_layers):
-        roles = base.layer_names(i)
-        missing = sorted(n for n in roles.values() if n not in names)
-        if missing:
-            raise CheckpointFormatError(f"{where}: missing Mistral tensors: {', '.join(missing)}")
-        prefix = f"model.layers.{i}."
-        unused = sorted(n for n in names if n.startswith(prefix) and n not in roles.values())
-        if unused:
-            raise CheckpointFormatError(f"{where}: tensors this Mistral layer does not use: {', '.join(unused)}")
+        check_layer_tensors(where, names, "Mistral", f"model.layers.{i}.", base.layer_names(i).values())
 
     base = dataclasses.replace(base, architecture=str((cfg.get("architectures") or ["MistralForCausalLM"])[0]))
     window = cfg.get("sliding_window")

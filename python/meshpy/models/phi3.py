@@ -36,7 +36,7 @@ import numpy as np
 
 from meshpy.errors import CheckpointFormatError
 from meshpy.models import llama, rope
-from meshpy.models.config import ModelConfig, row_slice
+from meshpy.models.config import ModelConfig, check_layer_tensors, row_slice
 
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
@@ -116,10 +116,9 @@ def _layers(source: ModelSource, base: ModelConfig, layout: _Layout) -> tuple[di
             whole.update(_GGUF_SEPARATE_QKV)
             qkv = None
         roles = {role: prefix + name for role, name in whole.items()}
+        # The row ranges below name only the fused tensors, so these are all the layer uses.
         fused = [n for n in (qkv, gate_up) if n is not None]
-        missing = sorted(n for n in [*roles.values(), *fused] if n not in names)
-        if missing:
-            raise CheckpointFormatError(f"{where}: missing Phi-3 tensors: {', '.join(missing)}")
+        check_layer_tensors(where, names, "Phi-3", prefix, [*roles.values(), *fused])
         if qkv is not None:
             rows = source.checkpoint.tensor_info(qkv)[1][0]
             if rows != q_dim + 2 * kv_dim:
@@ -134,10 +133,6 @@ def _layers(source: ModelSource, base: ModelConfig, layout: _Layout) -> tuple[di
             raise CheckpointFormatError(f"{where}: {gate_up} has an odd number of rows ({fused_ffn})")
         ffn = fused_ffn // 2
         roles.update(ffn_gate=row_slice(gate_up, 0, ffn), ffn_up=row_slice(gate_up, ffn, 2 * ffn))
-        used = {*roles.values(), *fused}
-        unused = sorted(n for n in names if n.startswith(prefix) and n not in used)
-        if unused:
-            raise CheckpointFormatError(f"{where}: tensors this Phi-3 layer does not use: {', '.join(unused)}")
         layers.append(roles)
     return tuple(layers)
 

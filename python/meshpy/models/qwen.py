@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from meshpy.errors import CheckpointFormatError
 from meshpy.models import llama
-from meshpy.models.config import ModelConfig
+from meshpy.models.config import ModelConfig, check_layer_tensors, sliding_layers
 
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
@@ -45,13 +44,9 @@ def _with_hf_sliding_window(base: ModelConfig, cfg: dict[str, Any], where: str) 
     `create_sliding_window_causal_mask`)."""
     if not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
         return base
-    n = base.n_layers
-    types = cfg.get("layer_types") or [
-        "sliding_attention" if i >= int(cfg.get("max_window_layers", 28)) else "full_attention" for i in range(n)
-    ]
-    if set(types) - {"sliding_attention", "full_attention"}:
-        raise CheckpointFormatError(f"{where}: layer_types must name full/sliding layers, got {sorted(set(types))}")
-    return base.with_sliding_window(int(cfg["sliding_window"]), where, [t == "sliding_attention" for t in types])
+    first = int(cfg.get("max_window_layers", 28))
+    sliding = sliding_layers(cfg, base.n_layers, lambda i: i >= first, where)
+    return base.with_sliding_window(int(cfg["sliding_window"]), where, sliding)
 
 
 def read_config(source: ModelSource) -> ModelConfig:
@@ -71,11 +66,6 @@ def read_config(source: ModelSource) -> ModelConfig:
     for i in range(base.n_layers):
         roles = base.layer_names(i)
         roles.update({r: p.format(i=i) for r, p in optional.items() if p.format(i=i) in names})
-        # Every tensor of the layer must have a role: one the forward would skip (an o_proj
-        # bias, a sliding-window variant's extra) is an error, not a silently wrong model.
-        prefix = layer_prefix.format(i=i)
-        unused = sorted(n for n in names if n.startswith(prefix) and n not in roles.values())
-        if unused:
-            raise CheckpointFormatError(f"{source.path}: tensors this Qwen layer does not use: {', '.join(unused)}")
+        check_layer_tensors(str(source.path), names, "Qwen", layer_prefix.format(i=i), roles.values(), check_missing=False)
         layers.append(roles)
     return dataclasses.replace(base, layer_tensor_names=tuple(layers))
