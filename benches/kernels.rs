@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use meshpy_native::quant::blocks::F16Le;
 use meshpy_native::quant::repack::{repacked_fn, Repacked, RepackedKind, ROWS};
-use meshpy_native::quant::{detected_simd, quantize_row, vec_dot_fn, vec_dot_fn_at, GgmlType, SimdLevel};
+use meshpy_native::quant::{active_simd, quantize_row, vec_dot_fn, vec_dot_fn_at, GgmlType, SimdLevel};
 
 /// Deterministic pseudo-random numbers (xorshift).
 struct Gen(u64);
@@ -71,7 +71,7 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
 fn main() {
     let types = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
     let mut gen = Gen(0x2545_F491_4F6C_DD1D);
-    println!("one thread, {} kernels; GB/s of weights (x tokens for the 4-token column)", detected_simd().name());
+    println!("one thread, {} kernels; GB/s of weights (x tokens for the 4-token column)", active_simd().name());
     for (label, rows, cols, reps) in [("L2", 576usize, 1536usize, 200usize), ("DRAM", 16384, 4096, 5)] {
         println!("\n{label}: {rows} x {cols}");
         println!("{:<6} {:>10} {:>10} {:>10} {:>12} {:>12}", "type", "MB", "scalar", "per-row", "repacked x1", "repacked x4");

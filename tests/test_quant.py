@@ -238,7 +238,7 @@ def test_stubs_match_the_extension() -> None:
     parts = re.split(r"^# (\w+) \(rust/src/py/\w+\.rs\)$", stub, flags=re.MULTILINE)
     section = dict(zip(parts[1::2], parts[2::2]))["quant"]
     functions = [node for node in ast.parse(section).body if isinstance(node, ast.FunctionDef)]
-    assert {f.name for f in functions} == {"dequantize", "quantize", "vec_dot", "simd_level"}
+    assert {f.name for f in functions} == {"dequantize", "quantize", "vec_dot", "simd_level", "simd_levels", "set_simd_level"}
     for f in functions:
         runtime = list(inspect.signature(getattr(_native, f.name)).parameters)
         assert runtime == [a.arg for a in f.args.args], f.name

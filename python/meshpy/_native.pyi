@@ -56,7 +56,15 @@ def vec_dot(type_name: str, w: bytes | bytearray | memoryview | npt.NDArray[np.g
     """Dot of weight row w with x (1-D float32), x quantized to the type's activation format."""
 
 def simd_level() -> str:
-    """The kernels' instruction set on this CPU: "scalar", "avx2", "avx512" or "avx512vnni"."""
+    """The kernels' instruction set: "scalar", "avx2", "avx512" or "avx512vnni" (the CPU's
+    best, or what MESHPY_ISA / set_simd_level chose)."""
+
+def simd_levels() -> list[str]:
+    """Every level this CPU runs, lowest first."""
+
+def set_simd_level(name: str) -> None:
+    """Kernels run at this level from now on (models loaded earlier keep their matrix
+    kernels); InvalidArgumentError for a level this CPU lacks or an unknown name."""
 
 # model (rust/src/py/model.rs)
 

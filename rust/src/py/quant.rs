@@ -8,8 +8,7 @@ use pyo3::types::PyBytes;
 
 use super::buffers::raw_bytes;
 use super::to_py_err;
-use crate::quant::{self, GgmlType};
-
+use crate::quant::{self, GgmlType, SimdLevel};
 
 /// A 1-D float32 numpy array as an owned vector.
 fn floats(x: &PyReadonlyArray1<'_, f32>) -> Vec<f32> {
@@ -97,11 +96,30 @@ fn vec_dot<'py>(
     .map_err(to_py_err)
 }
 
-/// simd_level() -> str: the instruction set the kernels use on this CPU: "scalar", "avx2",
-/// "avx512" or "avx512vnni".
+/// simd_level() -> str: the instruction set the kernels use: "scalar", "avx2", "avx512" or
+/// "avx512vnni" (the CPU's best, or what `MESHPY_ISA` / `set_simd_level` chose).
 #[pyfunction]
 fn simd_level() -> &'static str {
-    quant::detected_simd().name()
+    quant::active_simd().name()
+}
+
+/// simd_levels() -> list[str]: every level this CPU runs, lowest first.
+#[pyfunction]
+fn simd_levels() -> Vec<&'static str> {
+    SimdLevel::ALL.iter().filter(|&&l| l <= quant::cpu_simd()).map(|l| l.name()).collect()
+}
+
+/// set_simd_level(name): kernels run at this level from now on (models loaded before keep
+/// their matrix kernels); InvalidArgumentError for a level this CPU lacks or no level.
+#[pyfunction]
+fn set_simd_level(name: &str) -> PyResult<()> {
+    let level = SimdLevel::from_name(name).ok_or_else(|| {
+        to_py_err(crate::Error::InvalidArgument(format!(
+            "{name:?} names no kernel level; choose one of {}",
+            SimdLevel::ALL.map(|l| l.name()).join(", ")
+        )))
+    })?;
+    quant::set_simd_level(level).map_err(to_py_err)
 }
 
 /// Adds the quant functions to the module.
@@ -110,5 +128,10 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(vec_dot, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
+    // A bad MESHPY_ISA fails the import with a message naming the choices, rather than
+    // silently running other kernels than asked for.
+    quant::simd_from_env().map_err(to_py_err)?;
     Ok(())
 }

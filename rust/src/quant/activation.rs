@@ -26,7 +26,7 @@ pub fn quantize_activations(level: SimdLevel, ty: GgmlType, src: &[f32], dst: &m
 
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 {
-        // SAFETY: `level` comes from `detected_simd()` (or a lower level), so AVX2, FMA and F16C
+        // SAFETY: `level` is at most `cpu_simd()`, so AVX2, FMA and F16C
         // are present; the lengths were checked above.
         unsafe { avx2::a16(src, view_blocks_mut(dst)) };
         return;

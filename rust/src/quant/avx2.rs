@@ -8,7 +8,7 @@
 //! paths: nibble unpacking, `bytes_from_bits_32`, the Q6_K bit assembly), widened to i16.
 //!
 //! Every kernel here is reached only through [`vec_dot_fn`], which `super::vec_dot_fn_at`
-//! calls only after `detected_simd()` has found AVX2, FMA and F16C; that is the safety
+//! calls only after `cpu_simd()` has found AVX2, FMA and F16C; that is the safety
 //! argument of each wrapper. All loads are unaligned (`loadu`): blocks sit at any address.
 
 use std::arch::x86_64::*;

@@ -4,7 +4,7 @@
 //! repacked multi-row kernels of `avx512_repacked`, which work on 16 rows at once.
 //!
 //! Every kernel is reached only through [`vec_dot_fn`], which `super::vec_dot_fn_at` calls
-//! only after `detected_simd()` found AVX-512 F/BW/VL with AVX2, FMA and F16C. All loads are
+//! only after `cpu_simd()` found AVX-512 F/BW/VL with AVX2, FMA and F16C. All loads are
 //! unaligned or masked.
 
 use std::arch::x86_64::*;

@@ -19,17 +19,20 @@ pub mod activation;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-#[cfg(target_arch = "x86_64")]
-mod avx512_repacked;
 pub mod blocks;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 pub mod reference;
 pub mod repack;
+#[cfg(target_arch = "x86_64")]
+mod repacked_simd;
 
 #[cfg(test)]
 mod repack_tests;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
@@ -365,6 +368,7 @@ pub type VecDotFn = fn(n: usize, w: &[u8], a: &[u8]) -> f32;
 
 /// Instruction-set levels with kernels, in increasing order of capability.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum SimdLevel {
     /// Portable Rust, any CPU.
     Scalar,
@@ -387,7 +391,13 @@ impl SimdLevel {
         }
     }
 
-    /// Every level, lowest first.
+    /// The level named `name` ([`Self::name`], any case).
+    pub fn from_name(name: &str) -> Option<SimdLevel> {
+        let name = name.trim().to_ascii_lowercase();
+        SimdLevel::ALL.into_iter().find(|l| l.name() == name)
+    }
+
+    /// Every level, lowest first (a level's index is its `as u8`).
     pub const ALL: [SimdLevel; 4] = [
         SimdLevel::Scalar,
         SimdLevel::Avx2,
@@ -397,9 +407,70 @@ impl SimdLevel {
 }
 
 /// The best level this CPU runs, detected once and cached.
-pub fn detected_simd() -> SimdLevel {
+pub fn cpu_simd() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(detect)
+}
+
+/// The environment variable that forces a kernel level (`scalar`, `avx2`, `avx512`,
+/// `avx512vnni`): tests run every path this CPU has, benchmarks compare them.
+pub const ISA_ENV: &str = "MESHPY_ISA";
+
+/// The level the kernels use, [`SimdLevel::ALL`]'s index; `u8::MAX` until first read.
+static ACTIVE: AtomicU8 = AtomicU8::new(u8::MAX);
+
+/// The level kernels are chosen at: `MESHPY_ISA` when set (and this CPU runs it), else
+/// [`cpu_simd`], or what [`set_simd_level`] chose. Matrices pick their kernels when they load;
+/// element-wise ops (norms, attention, activations) follow a change at once.
+pub fn active_simd() -> SimdLevel {
+    match ACTIVE.load(Ordering::Relaxed) {
+        u8::MAX => {
+            let level = simd_from_env().unwrap_or_else(|err| {
+                tracing::warn!("{err}; using {}", cpu_simd().name());
+                None
+            });
+            let level = level.unwrap_or_else(cpu_simd);
+            // A racing first read stores the same value.
+            ACTIVE.store(level as u8, Ordering::Relaxed);
+            level
+        }
+        i => SimdLevel::ALL[i as usize],
+    }
+}
+
+/// Makes the kernels run at `level` from now on (see [`active_simd`]); refuses a level this
+/// CPU lacks.
+pub fn set_simd_level(level: SimdLevel) -> Result<()> {
+    if level > cpu_simd() {
+        return Err(Error::InvalidArgument(format!(
+            "this CPU has no {} kernels (it runs {})",
+            level.name(),
+            SimdLevel::ALL.iter().filter(|&&l| l <= cpu_simd()).map(|l| l.name()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    ACTIVE.store(level as u8, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The level `MESHPY_ISA` names, `None` when it is unset or empty; an error naming the
+/// choices when it names no level or one this CPU lacks.
+pub fn simd_from_env() -> Result<Option<SimdLevel>> {
+    let Ok(value) = std::env::var(ISA_ENV) else { return Ok(None) };
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    let level = SimdLevel::from_name(&value).ok_or_else(|| {
+        let names: Vec<_> = SimdLevel::ALL.iter().map(|l| l.name()).collect();
+        Error::InvalidArgument(format!("{ISA_ENV}={value:?} names no kernel level; choose one of {}", names.join(", ")))
+    })?;
+    if level > cpu_simd() {
+        return Err(Error::InvalidArgument(format!(
+            "{ISA_ENV}={value}: this CPU has no {} kernels (it runs up to {})",
+            level.name(),
+            cpu_simd().name()
+        )));
+    }
+    Ok(Some(level))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -427,12 +498,13 @@ fn detect() -> SimdLevel {
     SimdLevel::Scalar
 }
 
-/// The fastest dot-product kernel this CPU runs for weights of type `ty`.
+/// The dot-product kernel for weights of type `ty` at the [`active_simd`] level (or the best
+/// below it that has one).
 ///
 /// Panics for Q8_1, Q8_K and A16: they are activation-only types with no weight-side kernel
 /// (see [`GgmlType::is_activation_only`]). Every other type has at least a scalar kernel.
 pub fn vec_dot_fn(ty: GgmlType) -> VecDotFn {
-    let best = detected_simd();
+    let best = active_simd();
     SimdLevel::ALL
         .iter()
         .rev()
@@ -444,7 +516,7 @@ pub fn vec_dot_fn(ty: GgmlType) -> VecDotFn {
 /// The dot-product kernel for weights of type `ty` at exactly `level`; `None` when that level
 /// has none for `ty` (Q8_1, Q8_K, A16) or this CPU cannot run it. For tests and benchmarks.
 pub fn vec_dot_fn_at(ty: GgmlType, level: SimdLevel) -> Option<VecDotFn> {
-    if level > detected_simd() {
+    if level > cpu_simd() {
         return None;
     }
     match level {
@@ -487,7 +559,7 @@ pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Result<f32> {
 /// Panics if `ty` is not A16 or the lengths do not fit (`dst` must be exactly
 /// `ty.row_bytes(src.len())` bytes): the forward pass sizes these buffers itself.
 pub fn quantize_activations(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
-    activation::quantize_activations(detected_simd(), ty, src, dst)
+    activation::quantize_activations(active_simd(), ty, src, dst)
 }
 
 /// Panics unless `w` and `a` hold exactly `n` elements of `wt` and its activation type;

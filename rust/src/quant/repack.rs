@@ -56,17 +56,18 @@ pub const MAX_TOKENS: usize = 4;
 
 /// The repacked layouts (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum RepackedKind {
     /// 4-bit quants with a scale and a min per block (from Q4_0 or Q4_1).
-    Q4,
+    Q4 = 0,
     /// 8-bit signed quants with a scale per block (from Q8_0).
-    Q8,
+    Q8 = 1,
     /// Q5_0: 5-bit quants with a scale per block, offset 16.
-    Q5,
+    Q5 = 2,
     /// Q4_K: 4-bit quants, 6-bit scales and mins per block, f16 `d`, `dmin` per super-block.
-    Q4K,
+    Q4K = 3,
     /// Q6_K: 6-bit quants, i8 scales per 16 elements, f16 `d` per super-block.
-    Q6K,
+    Q6K = 4,
 }
 
 impl RepackedKind {
@@ -83,7 +84,7 @@ impl RepackedKind {
     }
 
     /// Quant bytes per tile (16 rows x 32 columns).
-    pub fn quant_bytes(self) -> usize {
+    pub const fn quant_bytes(self) -> usize {
         match self {
             RepackedKind::Q4 | RepackedKind::Q4K => 256,
             RepackedKind::Q8 => 512,
@@ -93,7 +94,7 @@ impl RepackedKind {
     }
 
     /// Scale bytes per tile.
-    pub fn scale_bytes(self) -> usize {
+    pub const fn scale_bytes(self) -> usize {
         match self {
             RepackedKind::Q4 => 64,
             RepackedKind::Q8 | RepackedKind::Q5 | RepackedKind::Q4K | RepackedKind::Q6K => 32,
@@ -101,7 +102,7 @@ impl RepackedKind {
     }
 
     /// Bytes per group and 256-column super-block (k-quants; 0 for the others).
-    pub fn super_bytes(self) -> usize {
+    pub const fn super_bytes(self) -> usize {
         match self {
             RepackedKind::Q4K => 64,
             RepackedKind::Q6K => 32,
@@ -516,23 +517,27 @@ pub(crate) fn check_repacked(rp: &Repacked, g: usize, a: &[&[u8]], out: &[[f32; 
     );
 }
 
-/// The fastest repacked kernel this CPU runs for `kind`, or `None` when only the per-row
-/// kernels should be used (no AVX-512 VNNI).
+/// The repacked kernel for `kind` at the [`super::active_simd`] level, or `None` at the
+/// scalar level (where the per-row reference kernels run).
 pub fn repacked_fn(kind: RepackedKind) -> Option<RepackedFn> {
-    repacked_fn_at(kind, super::detected_simd())
+    match super::active_simd() {
+        SimdLevel::Scalar => None,
+        level => repacked_fn_at(kind, level),
+    }
 }
 
 /// The repacked kernel for `kind` at exactly `level`: the scalar reference at
-/// `SimdLevel::Scalar`, the VNNI kernel at `Avx512Vnni`, `None` otherwise or when the CPU
-/// lacks `level`. For tests and benchmarks.
+/// `SimdLevel::Scalar`, the SIMD kernel of an x86 level; `None` when the CPU lacks `level`.
+/// For tests and benchmarks.
 pub fn repacked_fn_at(kind: RepackedKind, level: SimdLevel) -> Option<RepackedFn> {
-    if level > super::detected_simd() {
+    if level > super::cpu_simd() {
         return None;
     }
     match level {
         SimdLevel::Scalar => Some(repacked_ref),
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512Vnni => Some(super::avx512_repacked::kernel(kind)),
+        _ => super::repacked_simd::kernel(kind, level),
+        #[cfg(not(target_arch = "x86_64"))]
         _ => None,
     }
 }

@@ -260,7 +260,7 @@ fn every_level_the_cpu_has_offers_every_weight_type() {
         for ty in WEIGHT_TYPES {
             assert_eq!(
                 vec_dot_fn_at(ty, level).is_some(),
-                level <= detected_simd(),
+                level <= cpu_simd(),
                 "{ty} at {level:?}"
             );
         }
@@ -393,7 +393,7 @@ fn simd_activation_quantizers_are_bit_identical_to_reference() {
         for ty in [GgmlType::A16] {
             let mut reference = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
             quantize_row(ty, x, &mut reference).expect("activation type");
-            for level in SimdLevel::ALL.into_iter().filter(|&l| l <= detected_simd()) {
+            for level in SimdLevel::ALL.into_iter().filter(|&l| l <= cpu_simd()) {
                 let mut got = vec![0u8; reference.len()];
                 activation::quantize_activations(level, ty, x, &mut got);
                 assert_eq!(got, reference, "{ty} at {level:?}");
