@@ -1,20 +1,32 @@
 """Decode and prefill speed of meshpy against llama.cpp, same GGUF, same threads, one run.
 
     python benches/bench_generate.py [--model smollm2] [--threads 2] [--prompt-tokens 512]
+        [--isa avx2] [--llama-cpp DIR]
 
 Prints tokens/s and ms/token for meshpy and for llama.cpp (`llama-cpp-python`, when
 installed; build it from source with CMAKE_ARGS="-DGGML_NATIVE=ON"), and their ratio,
-with the machine, model, quantization, threads and commit. Timings are the median of
-several repeats; nothing here asserts a speed.
+with the machine, model, quantization, threads, kernel level and commit. Decode reads
+every weight once per token, so it also prints the weight bytes per token, the machine's
+read bandwidth measured with the same thread count, and each engine's share of it; and
+meshpy's peak RSS beside its weights and KV cache (meshpy runs first, then llama.cpp).
+Timings are the median of several repeats; nothing here asserts a speed.
+
+`--isa` forces meshpy's kernels (as MESHPY_ISA does); `--llama-cpp DIR` imports llama_cpp
+from DIR first, e.g. a build for AVX2 only (`pip install --target DIR` with
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+-DGGML_AVX512=OFF"), to compare AVX2 paths on an AVX-512 machine.
+A random-weight model of any size: `python benches/make_gguf.py` (Llama-3-8B shapes).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import platform
 import statistics
+import resource
 import subprocess
 import sys
 import time
@@ -25,6 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for tests.fixtures (the benchmark text)
 
+from meshpy import _native  # noqa: E402
 from meshpy.generation import Model  # noqa: E402
 from meshpy.models.packaged import PACKAGED_MODELS, resolve_packaged  # noqa: E402
 from tests.fixtures.smollm2_reference import TEXT  # noqa: E402
@@ -101,6 +114,24 @@ def bench_llama_cpp(path: Path, threads: int, ids: list[int], n_decode: int, rep
     return len(ids) / statistics.median(prefill), 1.0 / statistics.median(decode)
 
 
+def decode_bytes_per_token(path: Path) -> int | None:
+    """Bytes of weights a decode step reads: every tensor but the token embedding (of
+    which it reads one row), unless the model ties its head to it."""
+    try:
+        import gguf
+    except ImportError:
+        return None
+    reader = gguf.GGUFReader(path)
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    tied = "output.weight" not in sizes
+    return sum(n for name, n in sizes.items() if name != "token_embd.weight" or tied)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help=f"a GGUF path or a packaged model ({', '.join(PACKAGED_MODELS)})")
@@ -108,25 +139,44 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--isa", choices=_native.simd_levels(), help="force meshpy's kernel level (default: the CPU's best)")
+    ap.add_argument("--llama-cpp", type=Path, help="import llama_cpp from this directory first (e.g. an AVX2-only build)")
+    ap.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer read to measure the bandwidth")
     args = ap.parse_args()
+    if args.isa:
+        _native.set_simd_level(args.isa)
+    if args.llama_cpp:
+        sys.path.insert(0, str(args.llama_cpp))
 
     path = Path(args.model) if Path(args.model).exists() else resolve_packaged(args.model)
     model = Model.load(path, threads=args.threads)
     ids = prompt_ids(model, args.prompt_tokens)
     quant = model.source.metadata.get("general.file_type", "?")
     print(f"machine: {machine()}")
-    print(f"model: {path.name} (general.file_type {quant}), threads {args.threads}, commit {commit()}")
+    print(f"model: {path.name} (general.file_type {quant}), threads {args.threads}, meshpy kernels {_native.simd_level()}, commit {commit()}")
     print(f"prefill {len(ids)} tokens, decode {args.decode_tokens} tokens, median of {args.repeats}")
 
     ours = bench_meshpy(model, ids, args.decode_tokens, args.repeats)
+    rss = peak_rss()
+    del model
+    gc.collect()
     ref = bench_llama_cpp(path, args.threads, ids, args.decode_tokens, args.repeats)
-    print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode ms/tok':>14}")
-    print(f"{'meshpy':10} {ours[0]:14.1f} {ours[1]:13.1f} {1000 / ours[1]:14.2f}")
+    bandwidth = _native.ThreadPool(args.threads).read_bandwidth(args.bandwidth_bytes)
+    per_token = decode_bytes_per_token(path)
+
+    print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode ms/tok':>14} {'share of bandwidth':>19}")
+    share = lambda tps: f"{tps * per_token / bandwidth:18.0%}" if per_token else f"{'?':>18}"  # noqa: E731
+    print(f"{'meshpy':10} {ours[0]:14.1f} {ours[1]:13.1f} {1000 / ours[1]:14.2f} {share(ours[1])}")
     if ref is None:
         print("llama.cpp  not installed (pip install llama-cpp-python, built from source): no yardstick")
-        return 0
-    print(f"{'llama.cpp':10} {ref[0]:14.1f} {ref[1]:13.1f} {1000 / ref[1]:14.2f}")
-    print(f"{'ratio':10} {ours[0] / ref[0]:13.2f}x {ours[1] / ref[1]:12.2f}x")
+    else:
+        print(f"{'llama.cpp':10} {ref[0]:14.1f} {ref[1]:13.1f} {1000 / ref[1]:14.2f} {share(ref[1])}")
+        print(f"{'ratio':10} {ours[0] / ref[0]:13.2f}x {ours[1] / ref[1]:12.2f}x")
+    if per_token:
+        print(f"weights read per decoded token: {per_token / 1e6:.1f} MB; "
+              f"read bandwidth ({args.threads} threads, {args.bandwidth_bytes >> 20} MiB buffer): {bandwidth / 1e9:.1f} GB/s, "
+              f"so at most {bandwidth / per_token:.1f} tok/s")
+    print(f"meshpy peak RSS: {rss / 2**20:.0f} MiB")
     return 0
 
 

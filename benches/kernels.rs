@@ -1,9 +1,11 @@
 //! Throughput of the quantized matrix-vector and matrix-matrix kernels, one thread: GB/s of
-//! weights read per type, for the per-row kernels (scalar and the best SIMD level) and the
+//! weights read per type, for the per-row kernels (scalar and the active SIMD level) and the
 //! repacked 16-row kernels (one token, and four tokens per call as in prefill), on a matrix
-//! that fits L2 and on one that streams from DRAM (larger than a 32 MB L3).
+//! that fits L2 and on one that streams from DRAM (larger than a 32 MB L3), beside a plain
+//! read of as many bytes.
 //!
-//!     cargo bench --bench kernels
+//!     cargo bench --bench kernels              # the CPU's best level
+//!     MESHPY_ISA=avx2 cargo bench --bench kernels
 //!
 //! Timings are the best of several repeats; the machine may be shared, so compare columns
 //! of one run rather than runs.
@@ -74,7 +76,10 @@ fn main() {
     println!("one thread, {} kernels; GB/s of weights (x tokens for the 4-token column)", active_simd().name());
     for (label, rows, cols, reps) in [("L2", 576usize, 1536usize, 200usize), ("DRAM", 16384, 4096, 5)] {
         println!("\n{label}: {rows} x {cols}");
-        println!("{:<6} {:>10} {:>10} {:>10} {:>12} {:>12}", "type", "MB", "scalar", "per-row", "repacked x1", "repacked x4");
+        println!(
+            "{:<6} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
+            "type", "MB", "scalar", "per-row", "repacked x1", "repacked x4", "read"
+        );
         for ty in types {
             let w = weights(ty, rows, cols, &mut gen);
             let row_bytes = ty.row_bytes(cols).expect("whole blocks");
@@ -121,14 +126,26 @@ fn main() {
                 }
                 None => ("-".into(), "-".into()),
             };
+            // The yardstick: a plain read of as many bytes (eight independent sums).
+            let words: Vec<u64> = w.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+            let t_read = best(reps, || {
+                let mut acc = [0u64; 8];
+                for chunk in words.chunks_exact(8) {
+                    for (a, &x) in acc.iter_mut().zip(chunk) {
+                        *a = a.wrapping_add(x);
+                    }
+                }
+                black_box(acc);
+            });
             println!(
-                "{:<6} {:>10.1} {:>10} {:>10} {:>12} {:>12}",
+                "{:<6} {:>10.1} {:>10} {:>10} {:>12} {:>12} {:>10}",
                 ty.name(),
                 w.len() as f64 / 1e6,
                 gbs(t_scalar, 1),
                 gbs(t_row, 1),
                 x1,
-                x4
+                x4,
+                gbs(t_read, 1)
             );
         }
     }

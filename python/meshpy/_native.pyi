@@ -75,6 +75,8 @@ class ThreadPool:
     def __init__(self, n_threads: int, idle_spin: float | None = None) -> None: ...
     @property
     def n_threads(self) -> int: ...
+    def read_bandwidth(self, n_bytes: int, repeats: int = 3) -> float:
+        """Bytes/s at which these threads read a fresh n_bytes buffer (best of repeats)."""
 
 class KvCache:
     """One session's KV cache for one span."""

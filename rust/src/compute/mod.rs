@@ -2,6 +2,7 @@
 //! element-wise ops of a transformer block.
 
 pub mod attention;
+pub mod bandwidth;
 pub mod fastmath;
 pub mod matmul;
 pub mod ops;

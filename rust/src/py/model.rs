@@ -46,6 +46,17 @@ impl PyThreadPool {
     fn n_threads(&self) -> usize {
         self.pool.n_threads()
     }
+
+    /// read_bandwidth(n_bytes, repeats=3) -> float: bytes/s at which these threads read a
+    /// fresh buffer of `n_bytes` (best of `repeats`); the yardstick of decode speed.
+    #[pyo3(signature = (n_bytes, repeats = 3))]
+    fn read_bandwidth(&self, py: Python<'_>, n_bytes: usize, repeats: usize) -> PyResult<f64> {
+        if n_bytes == 0 || n_bytes > 1 << 40 {
+            return Err(PyValueError::new_err(format!("n_bytes must be in 1..=2^40, got {n_bytes}")));
+        }
+        let pool = Arc::clone(&self.pool);
+        Ok(py.detach(move || crate::compute::bandwidth::read_bandwidth(&pool, n_bytes, repeats)))
+    }
 }
 
 /// One session's KV cache for one span.

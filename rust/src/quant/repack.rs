@@ -3,37 +3,33 @@
 //! A per-row dot product spends most of its instructions unpacking one row's quants and
 //! converting one block's f16 scales; SmolLM2's decode ran at ~12 GB/s that way, far below
 //! memory bandwidth. Here 16 rows are interleaved so that i32 lane `r` of a 512-bit register
-//! is row `r`: one `vpdpwssd` multiplies a pair of each row's quants (two i16 in the lane)
-//! by the same pair of activations (broadcast), i.e. 32 multiply-adds for 16 rows, and the
-//! 16 rows' scales of a block load as one vector of f16.
+//! is row `r` (or, for 256-bit registers, lane `r` of the tile's first or second half): one
+//! multiply-add instruction (`vpdpwssd`, or `vpmaddwd` + `vpaddd`) multiplies a pair of each
+//! row's quants (two i16 in the lane) by the same pair of activations (broadcast), and the
+//! rows' scales of a block load as one vector.
 //!
-//! Layouts (per group of 16 rows and 32-column block, a *tile*; tiles go group-major, then
-//! block; a last partial group is padded with zero rows):
-//! - [`RepackedKind::Q4`] (from Q4_1, and Q4_0 as `d * q + m` with `m = -8 d`): 256 bytes of
-//!   quants in 4 chunks of 64 bytes. Chunk `c`, 32-bit lane `r` holds row `r`'s elements
-//!   `8c + 2s` in nibble `s` (bits `4s..4s+4`) and `8c + 2s + 1` in nibble `s + 4` (bits
-//!   `16 + 4s..`), s = 0..4, so `(lane >> 4s) & 0x000F000F` is the i16 pair of elements
-//!   `(8c + 2s, 8c + 2s + 1)`. Scales: 16 f16 `d`, then 16 f16 `m` (64 bytes).
-//! - [`RepackedKind::Q8`] (from Q8_0): 512 bytes of quants in 8 chunks of 64 bytes. Chunk
-//!   `c`, lane `r` holds row `r`'s elements `4c, 4c + 2, 4c + 1, 4c + 3` in bytes 0..4, so the
-//!   low bytes of the 16-bit halves (sign-extended) are the pair `(4c, 4c + 1)` and the high
-//!   bytes the pair `(4c + 2, 4c + 3)`. Scales: 16 f16 `d` (32 bytes).
-//! - [`RepackedKind::Q5`] (from Q5_0): the low 4 bits as Q4 (256 bytes), then one chunk of
-//!   fifth bits: lane `r` holds the bit of element `8c + 2s` at bit `4c + s` and of
-//!   `8c + 2s + 1` at bit `16 + 4c + s`. Scales: 16 f16 `d` (32 bytes). Element =
-//!   `d * (q - 16)`.
-//! - [`RepackedKind::Q4K`] (from Q4_K): quants as Q4; per tile 16 u8 sub-block scales then
-//!   16 u8 mins (32 bytes); per group and 256-column super-block 16 f16 `d` then 16 f16
-//!   `dmin` (64 bytes, the *super* array). Element = `d * sc * q - dmin * m`.
-//! - [`RepackedKind::Q6K`] (from Q6_K): the low 4 bits of the 6-bit quants as Q4 (256
-//!   bytes), then the high 2 bits in 2 chunks of 64 bytes: chunk `h`, lane `r` holds, for
-//!   `u = 0, 1` (Q4 chunk `c = 2h + u`) and `s = 0..4`, the high bits of element `8c + 2s` at
-//!   bits `2(4u + s)` and of `8c + 2s + 1` at bits `16 + 2(4u + s)`. Per tile 16 i8 scales of
-//!   elements 0..16, then 16 of 16..32; per super-block 16 f16 `d`. Element =
-//!   `d * sc * (q - 32)`.
+//! A *tile* is 16 rows x 32 columns; tiles go group-major (16 rows), then block; a last
+//! partial group is padded with zero rows. Every layout is described by data, the same for
+//! the packer here, the scalar reference and the SIMD kernels (`repacked_simd`):
 //!
-//! Quants and scales live in separate 64-byte-aligned arrays, so every quant chunk is one
-//! aligned cache line. The bytes equal the source's (Q4_0/Q4_1: 20 per row-block, Q8_0: 34).
+//! - **Quants** ([`RepackedKind::planes`]): each row's 32 unsigned quants are split into bit
+//!   planes of 1, 2, 4 or 8 bits. A plane of `b` bits is `b` chunks of 64 bytes; i32 lane
+//!   `r` of a chunk is row `r`; with `f = 16 / b` fields per 16-bit half, the element pair
+//!   `(2p, 2p + 1)` sits in chunk `p / f`, field `p % f`: element `2p` at bits
+//!   `b (p % f)..` of the low half, `2p + 1` at the same bits of the high half. So
+//!   `(lane >> b (p % f)) & mask` is the i16 pair of a plane's bits. A second plane holds the
+//!   quants' high bits (Q5: the fifth bit, Q6_K: bits 4-5, Q3_K: bit 2). An 8-bit plane holds
+//!   signed bytes (Q8_0). The weight is `scale * (q - offset)` (Q5_0: 16, Q6_K: 32, Q3_K: 4),
+//!   or `table[q]` for the non-linear IQ4 types, plus a min where the type has one.
+//! - **Scales** ([`Scales`]): per tile, the 16 rows' f16 `d` (and f16 min `m`) of the legacy
+//!   types; or for the k-quants per tile the rows' 8-bit sub-block scales (one per block, or
+//!   one per 16-element half) and mins, and per group and 256-column super-block the rows'
+//!   f16 `d` (and `dmin`): the *super* array.
+//!
+//! Quants, scales and supers live in separate 64-byte-aligned arrays, so every quant chunk is
+//! one aligned cache line. Scales stay f16 and 8-bit as in the file (f32 would cost decode,
+//! which is bound by the bytes it reads, up to 20% more); one conversion per register per
+//! block is negligible.
 //!
 //! Followed: the idea of ggml-org/llama.cpp ggml/src/ggml-cpu/repack.cpp (`block_q4_0x8`,
 //! `make_block_q4_0x8`, `ggml_gemv_q4_0_8x8_q8_0`: interleave rows at load, one SIMD
@@ -54,11 +50,12 @@ pub const ROWS: usize = 16;
 /// Tokens per call of a repacked kernel, at most.
 pub const MAX_TOKENS: usize = 4;
 
-/// The repacked layouts (see the module doc).
+/// The repacked layouts (see the module doc). Discriminants index the kernels' instances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum RepackedKind {
-    /// 4-bit quants with a scale and a min per block (from Q4_0 or Q4_1).
+    /// 4-bit quants with a scale and a min per block (from Q4_1, and Q4_0 as `d * q + m`
+    /// with `m = -8 d`).
     Q4 = 0,
     /// 8-bit signed quants with a scale per block (from Q8_0).
     Q8 = 1,
@@ -66,8 +63,88 @@ pub enum RepackedKind {
     Q5 = 2,
     /// Q4_K: 4-bit quants, 6-bit scales and mins per block, f16 `d`, `dmin` per super-block.
     Q4K = 3,
-    /// Q6_K: 6-bit quants, i8 scales per 16 elements, f16 `d` per super-block.
+    /// Q6_K: 6-bit quants offset 32, i8 scales per 16 elements, f16 `d` per super-block.
     Q6K = 4,
+}
+
+/// Every layout, in discriminant order.
+pub const ALL_KINDS: [RepackedKind; 5] =
+    [RepackedKind::Q4, RepackedKind::Q8, RepackedKind::Q5, RepackedKind::Q4K, RepackedKind::Q6K];
+
+/// One bit plane of a layout's quants (module doc): `bits` per element (1, 2, 4 or 8), its
+/// chunks from byte `at` of the tile, holding bits `shl..shl + bits` of each quant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plane {
+    /// Bits per element.
+    pub bits: u32,
+    /// Byte offset of the plane's first chunk in a tile.
+    pub at: usize,
+    /// The quant bits this plane holds start here.
+    pub shl: u32,
+}
+
+impl Plane {
+    /// Chunk and bit offset (in each 16-bit half of a lane) of element pair `p`.
+    #[inline(always)]
+    pub const fn field(self, p: usize) -> (usize, u32) {
+        let per_half = (16 / self.bits) as usize;
+        (p / per_half, (p % per_half) as u32 * self.bits)
+    }
+
+    /// Bytes of the plane in a tile.
+    pub const fn bytes(self) -> usize {
+        64 * self.bits as usize
+    }
+}
+
+/// How a layout scales its quants (module doc): the per-tile and per-super-block bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scales {
+    /// Per tile: the rows' f16 `d`, then (with `min`) their f16 `m`: `d * q (+ m)`.
+    Legacy {
+        /// Whether a min follows the scales.
+        min: bool,
+    },
+    /// Per tile: the rows' 8-bit sub-block scales (one per block, or with `per_half` one
+    /// per 16 elements: all rows' first, then all rows' second), then (with `min`) their
+    /// 8-bit mins alike; per super-block the rows' f16 `d`, then (with `min`) `dmin`:
+    /// `d * sc * q - dmin * m`.
+    Super {
+        /// Scales are i8 (else u8).
+        signed: bool,
+        /// One scale (and min) per 16 elements.
+        per_half: bool,
+        /// Whether mins follow.
+        min: bool,
+    },
+}
+
+impl Scales {
+    /// Scale bytes per tile.
+    pub const fn tile_bytes(self) -> usize {
+        match self {
+            Scales::Legacy { min } => 32 * (1 + min as usize),
+            Scales::Super { per_half, min, .. } => 16 * (1 + per_half as usize) * (1 + min as usize),
+        }
+    }
+
+    /// Bytes per group and super-block (0 for the legacy layouts).
+    pub const fn super_bytes(self) -> usize {
+        match self {
+            Scales::Legacy { .. } => 0,
+            Scales::Super { min, .. } => 32 * (1 + min as usize),
+        }
+    }
+
+    /// Whether the halves of a block have their own scales.
+    pub const fn per_half(self) -> bool {
+        matches!(self, Scales::Super { per_half: true, .. })
+    }
+
+    /// Whether weights carry a min (added times the activations' sum).
+    pub const fn has_min(self) -> bool {
+        matches!(self, Scales::Legacy { min: true } | Scales::Super { min: true, .. })
+    }
 }
 
 impl RepackedKind {
@@ -83,31 +160,67 @@ impl RepackedKind {
         }
     }
 
+    /// The layout with discriminant `k` (a constant in the kernels, so matches fold away).
+    #[inline(always)]
+    pub const fn from_u8(k: u8) -> Self {
+        ALL_KINDS[k as usize]
+    }
+
+    /// The quants' bit planes, low bits first (a second plane holds the high bits).
+    #[inline(always)]
+    pub const fn planes(self) -> [Option<Plane>; 2] {
+        const fn plane(bits: u32, at: usize, shl: u32) -> Option<Plane> {
+            Some(Plane { bits, at, shl })
+        }
+        match self {
+            RepackedKind::Q4 | RepackedKind::Q4K => [plane(4, 0, 0), None],
+            RepackedKind::Q8 => [plane(8, 0, 0), None],
+            RepackedKind::Q5 => [plane(4, 0, 0), plane(1, 256, 4)],
+            RepackedKind::Q6K => [plane(4, 0, 0), plane(2, 256, 4)],
+        }
+    }
+
+    /// Subtracted from every (unsigned) quant; the 8-bit plane is signed already.
+    #[inline(always)]
+    pub const fn offset(self) -> i16 {
+        match self {
+            RepackedKind::Q5 => 16,
+            RepackedKind::Q6K => 32,
+            RepackedKind::Q4 | RepackedKind::Q8 | RepackedKind::Q4K => 0,
+        }
+    }
+
+    /// The scales' layout.
+    #[inline(always)]
+    pub const fn scales(self) -> Scales {
+        match self {
+            RepackedKind::Q4 => Scales::Legacy { min: true },
+            RepackedKind::Q8 | RepackedKind::Q5 => Scales::Legacy { min: false },
+            RepackedKind::Q4K => Scales::Super { signed: false, per_half: false, min: true },
+            RepackedKind::Q6K => Scales::Super { signed: true, per_half: true, min: false },
+        }
+    }
+
     /// Quant bytes per tile (16 rows x 32 columns).
     pub const fn quant_bytes(self) -> usize {
-        match self {
-            RepackedKind::Q4 | RepackedKind::Q4K => 256,
-            RepackedKind::Q8 => 512,
-            RepackedKind::Q5 => 320,
-            RepackedKind::Q6K => 384,
+        const fn bytes(p: Option<Plane>) -> usize {
+            match p {
+                Some(p) => p.bytes(),
+                None => 0,
+            }
         }
+        let [low, high] = self.planes();
+        bytes(low) + bytes(high)
     }
 
     /// Scale bytes per tile.
     pub const fn scale_bytes(self) -> usize {
-        match self {
-            RepackedKind::Q4 => 64,
-            RepackedKind::Q8 | RepackedKind::Q5 | RepackedKind::Q4K | RepackedKind::Q6K => 32,
-        }
+        self.scales().tile_bytes()
     }
 
     /// Bytes per group and 256-column super-block (k-quants; 0 for the others).
     pub const fn super_bytes(self) -> usize {
-        match self {
-            RepackedKind::Q4K => 64,
-            RepackedKind::Q6K => 32,
-            RepackedKind::Q4 | RepackedKind::Q8 | RepackedKind::Q5 => 0,
-        }
+        self.scales().super_bytes()
     }
 }
 
@@ -153,36 +266,33 @@ pub struct Repacked {
 
 /// One 32-element block of a source row, in the terms of the repacked layouts.
 struct SrcBlock {
-    /// Quants in element order: unsigned (Q4, Q4_K: 0..16; Q6_K: 0..64) or, for Q8, i8 bits.
+    /// Quants in element order, unsigned (offset added back), or i8 bits for Q8.
     q: [u8; QK],
-    /// Per-tile scale bytes of this row: Q4: f16 `d`, `m`; Q8: f16 `d`; Q4_K: u8 `sc`, `m`;
-    /// Q6_K: i8 `sc` of each half.
+    /// The row's per-tile scale bytes, in [`Scales`] order: legacy: f16 `d`, `m`; super:
+    /// one byte per scale (each half's with `per_half`), then per min.
     scales: [[u8; 2]; 2],
-    /// Per-super-block bytes of this row (k-quants): f16 `d`, `dmin` (Q6_K: `d` only).
+    /// Per-super-block f16 `d`, `dmin` (k-quants).
     supers: [[u8; 2]; 2],
 }
 
 /// The blocks of one source row.
 fn source_blocks(ty: GgmlType, row: &[u8]) -> Vec<SrcBlock> {
-    let block = |q: [u8; QK], scales: [[u8; 2]; 2]| SrcBlock { q, scales, supers: [[0; 2]; 2] };
+    let legacy = |q: [u8; QK], d: [u8; 2], m: [u8; 2]| SrcBlock { q, scales: [d, m], supers: [[0; 2]; 2] };
     match ty {
-        GgmlType::Q4_1 => view_blocks::<BlockQ4_1>(row).iter().map(|b| block(nibbles(&b.qs), [b.d.0, b.m.0])).collect(),
+        GgmlType::Q4_1 => view_blocks::<BlockQ4_1>(row).iter().map(|b| legacy(nibbles(&b.qs), b.d.0, b.m.0)).collect(),
         GgmlType::Q4_0 => view_blocks::<BlockQ4_0>(row)
             .iter()
-            .map(|b| block(nibbles(&b.qs), [b.d.0, F16Le::from_f32(-8.0 * b.d.to_f32()).0]))
+            .map(|b| legacy(nibbles(&b.qs), b.d.0, F16Le::from_f32(-8.0 * b.d.to_f32()).0))
             .collect(),
-        GgmlType::Q5_0 => view_blocks::<BlockQ5_0>(row).iter().map(|b| block(q5_0_quants(b), [b.d.0, [0; 2]])).collect(),
-        GgmlType::Q8_0 => view_blocks::<BlockQ8_0>(row)
-            .iter()
-            .map(|b| block(b.qs.map(|v| v as u8), [b.d.0, [0; 2]]))
-            .collect(),
+        GgmlType::Q5_0 => view_blocks::<BlockQ5_0>(row).iter().map(|b| legacy(q5_0_quants(b), b.d.0, [0; 2])).collect(),
+        GgmlType::Q8_0 => view_blocks::<BlockQ8_0>(row).iter().map(|b| legacy(b.qs.map(|v| v as u8), b.d.0, [0; 2])).collect(),
         GgmlType::Q4K => view_blocks::<BlockQ4K>(row)
             .iter()
             .flat_map(|b| {
                 let (sm, q) = (unpack_q4k_scales(&b.scales), q4k_quants(b));
                 (0..QK_K / QK).map(move |j| SrcBlock {
                     q: q[QK * j..QK * (j + 1)].try_into().expect("32 quants"),
-                    scales: [[sm[j], sm[8 + j]], [0; 2]],
+                    scales: [[sm[j], 0], [sm[8 + j], 0]],
                     supers: [b.d.0, b.dmin.0],
                 })
             })
@@ -207,31 +317,34 @@ fn nibbles(qs: &[u8; QK / 2]) -> [u8; QK] {
     std::array::from_fn(|j| if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 })
 }
 
-/// Writes row `lane`'s 32 quants `q` (low 4 bits used) into a tile's 4 nibble chunks.
-fn put_nibbles(quants: &mut [u8], lane: usize, q: &[u8; QK]) {
-    for c in 0..4 {
-        let mut word = 0u32;
-        for s in 0..4 {
-            word |= ((q[8 * c + 2 * s] & 0xF) as u32) << (4 * s);
-            word |= ((q[8 * c + 2 * s + 1] & 0xF) as u32) << (16 + 4 * s);
-        }
-        let at = 64 * c + 4 * lane;
+/// Byte offset of lane `lane`'s u32 in chunk `chunk` of `plane` in a tile's quant bytes.
+fn lane_word(plane: Plane, chunk: usize, lane: usize) -> usize {
+    plane.at + 64 * chunk + 4 * lane
+}
+
+/// Writes bits `shl..shl + bits` of row `lane`'s 32 quants into `plane` of a tile.
+fn put_plane(quants: &mut [u8], plane: Plane, lane: usize, q: &[u8; QK]) {
+    let mask = (1u32 << plane.bits) - 1;
+    for p in 0..QK / 2 {
+        let (chunk, field) = plane.field(p);
+        let at = lane_word(plane, chunk, lane);
+        let mut word = u32::from_le_bytes(quants[at..at + 4].try_into().expect("4 bytes"));
+        word |= ((q[2 * p] as u32 >> plane.shl) & mask) << field;
+        word |= ((q[2 * p + 1] as u32 >> plane.shl) & mask) << (16 + field);
         quants[at..at + 4].copy_from_slice(&word.to_le_bytes());
     }
 }
 
-/// Reads row `lane`'s 32 nibbles back (the inverse of [`put_nibbles`]).
-fn get_nibbles(quants: &[u8], lane: usize) -> [i32; QK] {
-    let mut q = [0i32; QK];
-    for c in 0..4 {
-        let at = 64 * c + 4 * lane;
-        let word = u32::from_le_bytes([quants[at], quants[at + 1], quants[at + 2], quants[at + 3]]);
-        for s in 0..4 {
-            q[8 * c + 2 * s] = ((word >> (4 * s)) & 0xF) as i32;
-            q[8 * c + 2 * s + 1] = ((word >> (16 + 4 * s)) & 0xF) as i32;
-        }
+/// Row `lane`'s bits of `plane`, shifted back into place and or-ed into `q`.
+fn get_plane(quants: &[u8], plane: Plane, lane: usize, q: &mut [u32; QK]) {
+    let mask = (1u32 << plane.bits) - 1;
+    for p in 0..QK / 2 {
+        let (chunk, field) = plane.field(p);
+        let at = lane_word(plane, chunk, lane);
+        let word = u32::from_le_bytes(quants[at..at + 4].try_into().expect("4 bytes"));
+        q[2 * p] |= ((word >> field) & mask) << plane.shl;
+        q[2 * p + 1] |= ((word >> (16 + field)) & mask) << plane.shl;
     }
-    q
 }
 
 impl Repacked {
@@ -272,53 +385,24 @@ impl Repacked {
             for (b, blk) in blocks.iter().enumerate() {
                 let tile = g * nb + b;
                 let quants = &mut rp.quants.bytes_mut()[tile * qb..(tile + 1) * qb];
-                match kind {
-                    RepackedKind::Q4 | RepackedKind::Q4K => put_nibbles(quants, lane, &blk.q),
-                    RepackedKind::Q5 => {
-                        put_nibbles(quants, lane, &blk.q);
-                        let mut word = 0u32;
-                        for c in 0..4 {
-                            for s in 0..4 {
-                                let e = 8 * c + 2 * s;
-                                word |= ((blk.q[e] >> 4) as u32) << (4 * c + s);
-                                word |= ((blk.q[e + 1] >> 4) as u32) << (16 + 4 * c + s);
-                            }
-                        }
-                        quants[256 + 4 * lane..256 + 4 * lane + 4].copy_from_slice(&word.to_le_bytes());
-                    }
-                    RepackedKind::Q6K => {
-                        put_nibbles(quants, lane, &blk.q);
-                        for h in 0..2 {
-                            let mut word = 0u32;
-                            for u in 0..2 {
-                                for s in 0..4 {
-                                    let e = 8 * (2 * h + u) + 2 * s;
-                                    word |= ((blk.q[e] >> 4) as u32) << (2 * (4 * u + s));
-                                    word |= ((blk.q[e + 1] >> 4) as u32) << (16 + 2 * (4 * u + s));
-                                }
-                            }
-                            let at = 256 + 64 * h + 4 * lane;
-                            quants[at..at + 4].copy_from_slice(&word.to_le_bytes());
-                        }
-                    }
-                    RepackedKind::Q8 => {
-                        for c in 0..8 {
-                            let at = 64 * c + 4 * lane;
-                            let q = &blk.q;
-                            quants[at..at + 4].copy_from_slice(&[q[4 * c], q[4 * c + 2], q[4 * c + 1], q[4 * c + 3]]);
-                        }
-                    }
+                for plane in kind.planes().into_iter().flatten() {
+                    put_plane(quants, plane, lane, &blk.q);
                 }
                 let scales = &mut rp.scales.bytes_mut()[tile * sb..(tile + 1) * sb];
-                match kind {
-                    RepackedKind::Q4 | RepackedKind::Q8 | RepackedKind::Q5 => {
-                        for (k, bytes) in blk.scales.iter().enumerate().take(sb / 32) {
+                match kind.scales() {
+                    Scales::Legacy { min } => {
+                        for (k, bytes) in blk.scales.iter().enumerate().take(1 + min as usize) {
                             scales[32 * k + 2 * lane..32 * k + 2 * lane + 2].copy_from_slice(bytes);
                         }
                     }
-                    RepackedKind::Q4K | RepackedKind::Q6K => {
-                        scales[lane] = blk.scales[0][0];
-                        scales[16 + lane] = blk.scales[0][1];
+                    Scales::Super { per_half, min, .. } => {
+                        // Arrays of 16 bytes: the scales (each half's), then the mins.
+                        let per = 1 + per_half as usize;
+                        for (k, bytes) in blk.scales.iter().enumerate().take(1 + min as usize) {
+                            for (h, &byte) in bytes.iter().enumerate().take(per) {
+                                scales[16 * (per * k + h) + lane] = byte;
+                            }
+                        }
                     }
                 }
                 if pb > 0 && b % (QK_K / QK) == 0 {
@@ -378,83 +462,45 @@ impl Repacked {
         )
     }
 
-    /// Quant bytes of tile (`g`, `b`).
-    #[inline]
-    fn tile_quants(&self, g: usize, b: usize) -> &[u8] {
-        let qb = self.kind.quant_bytes();
-        let t = g * self.nb + b;
-        &self.quants.bytes()[t * qb..(t + 1) * qb]
-    }
-
-    /// Scale bytes of tile (`g`, `b`).
-    #[inline]
-    fn tile_scales(&self, g: usize, b: usize) -> &[u8] {
-        let sb = self.kind.scale_bytes();
-        let t = g * self.nb + b;
-        &self.scales.bytes()[t * sb..(t + 1) * sb]
-    }
-
-    /// Row `r`'s block `b`: its quants in element order (Q6_K: minus 32), the scales of
-    /// elements 0..16 and 16..32, and the min added to every element (0 without one).
-    fn unpack(&self, r: usize, b: usize) -> ([i32; QK], [f32; 2], f32) {
+    /// Row `r`'s block `b`: its quants in element order (offset subtracted), the scales of
+    /// elements 0..16 and 16..32, and the mins added per element of each half (0 without).
+    fn unpack(&self, r: usize, b: usize) -> ([i32; QK], [f32; 2], [f32; 2]) {
         let (g, lane) = (r / ROWS, r % ROWS);
-        let (quants, scales) = (self.tile_quants(g, b), self.tile_scales(g, b));
+        let k = self.kind;
+        let t = g * self.nb + b;
+        let quants = &self.quants.bytes()[t * k.quant_bytes()..(t + 1) * k.quant_bytes()];
+        let scales = &self.scales.bytes()[t * k.scale_bytes()..(t + 1) * k.scale_bytes()];
+        let mut bits = [0u32; QK];
+        for plane in k.planes().into_iter().flatten() {
+            get_plane(quants, plane, lane, &mut bits);
+        }
+        let q = bits.map(|v| match k.planes()[0] {
+            Some(Plane { bits: 8, .. }) => v as u8 as i8 as i32,
+            _ => v as i32 - k.offset() as i32,
+        });
         let f16 = |bytes: &[u8], at: usize| F16Le([bytes[at], bytes[at + 1]]).to_f32();
-        let supers = || {
-            let pb = self.kind.super_bytes();
-            let at = (g * (self.cols / QK_K) + b / (QK_K / QK)) * pb;
-            &self.supers.bytes()[at..at + pb]
-        };
-        match self.kind {
-            RepackedKind::Q4 => {
+        match k.scales() {
+            Scales::Legacy { min } => {
                 let d = f16(scales, 2 * lane);
-                (get_nibbles(quants, lane), [d, d], f16(scales, 32 + 2 * lane))
+                let m = if min { f16(scales, 32 + 2 * lane) } else { 0.0 };
+                (q, [d, d], [m, m])
             }
-            RepackedKind::Q8 => {
-                let mut q = [0i32; QK];
-                for c in 0..8 {
-                    let at = 64 * c + 4 * lane;
-                    let e = |k: usize| quants[at + k] as i8 as i32;
-                    (q[4 * c], q[4 * c + 2], q[4 * c + 1], q[4 * c + 3]) = (e(0), e(1), e(2), e(3));
-                }
-                let d = f16(scales, 2 * lane);
-                (q, [d, d], 0.0)
-            }
-            RepackedKind::Q5 => {
-                let mut q = get_nibbles(quants, lane);
-                let at = 256 + 4 * lane;
-                let word = u32::from_le_bytes([quants[at], quants[at + 1], quants[at + 2], quants[at + 3]]);
-                for c in 0..4 {
-                    for s in 0..4 {
-                        let e = 8 * c + 2 * s;
-                        q[e] |= (((word >> (4 * c + s)) & 1) << 4) as i32;
-                        q[e + 1] |= (((word >> (16 + 4 * c + s)) & 1) << 4) as i32;
-                    }
-                }
-                let d = f16(scales, 2 * lane);
-                (q.map(|v| v - 16), [d, d], 0.0)
-            }
-            RepackedKind::Q4K => {
-                let sup = supers();
-                let (d, dmin) = (f16(sup, 2 * lane), f16(sup, 32 + 2 * lane));
-                let scale = d * scales[lane] as f32;
-                (get_nibbles(quants, lane), [scale, scale], -(dmin * scales[16 + lane] as f32))
-            }
-            RepackedKind::Q6K => {
-                let mut q = get_nibbles(quants, lane);
-                for h in 0..2 {
-                    let at = 256 + 64 * h + 4 * lane;
-                    let word = u32::from_le_bytes([quants[at], quants[at + 1], quants[at + 2], quants[at + 3]]);
-                    for u in 0..2 {
-                        for s in 0..4 {
-                            let e = 8 * (2 * h + u) + 2 * s;
-                            q[e] |= (((word >> (2 * (4 * u + s))) & 3) << 4) as i32;
-                            q[e + 1] |= (((word >> (16 + 2 * (4 * u + s))) & 3) << 4) as i32;
-                        }
-                    }
-                }
-                let d = f16(supers(), 2 * lane);
-                (q.map(|v| v - 32), [d * scales[lane] as i8 as f32, d * scales[16 + lane] as i8 as f32], 0.0)
+            Scales::Super { signed, per_half, min } => {
+                let pb = k.super_bytes();
+                let at = (g * (self.cols / QK_K) + b / (QK_K / QK)) * pb;
+                let sup = &self.supers.bytes()[at..at + pb];
+                let (d, dmin) = (f16(sup, 2 * lane), if min { f16(sup, 32 + 2 * lane) } else { 0.0 });
+                let byte = |i: usize| {
+                    let v = scales[16 * i + lane];
+                    if signed { v as i8 as f32 } else { v as f32 }
+                };
+                let per = 1 + per_half as usize;
+                let half = |h: usize| {
+                    let h = h.min(per - 1);
+                    (d * byte(h), if min { -(dmin * byte(per + h)) } else { 0.0 })
+                };
+                let ((d0, m0), (d1, m1)) = (half(0), half(1));
+                (q, [d0, d1], [m0, m1])
             }
         }
     }
@@ -463,12 +509,12 @@ impl Repacked {
     /// dequantization (the same f32 operations; Q4_0's `d * (q - 8)` is exact either way).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.rows && out.len() == self.cols, "row {r} of {}x{}", self.rows, self.cols);
-        let with_min = matches!(self.kind, RepackedKind::Q4 | RepackedKind::Q4K);
+        let with_min = self.kind.scales().has_min();
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
             let (q, scale, m) = self.unpack(r, b);
             for (i, (o, q)) in o.iter_mut().zip(q).enumerate() {
                 let v = scale[i / 16] * q as f32;
-                *o = if with_min { v + m } else { v };
+                *o = if with_min { v + m[i / 16] } else { v };
             }
         }
     }
@@ -480,7 +526,7 @@ impl Repacked {
 pub type RepackedFn = fn(rp: &Repacked, g: usize, a: &[&[u8]], out: &mut [[f32; ROWS]]);
 
 /// The scalar reference of every [`RepackedFn`]: reads the repacked layout (so it checks the
-/// packing too) and sums per block `scale * (da * isum)` per half of 16 plus `m * s`.
+/// packing too) and sums per half block `scale * (da * isum) + m * (da * asum)`.
 pub fn repacked_ref(rp: &Repacked, g: usize, a: &[&[u8]], out: &mut [[f32; ROWS]]) {
     check_repacked(rp, g, a, out);
     for (a, out) in a.iter().zip(out.iter_mut()) {
@@ -493,11 +539,12 @@ pub fn repacked_ref(rp: &Repacked, g: usize, a: &[&[u8]], out: &mut [[f32; ROWS]
             }
             for (b, y) in a.iter().enumerate() {
                 let (q, scale, m) = rp.unpack(r, b);
-                let half = |h: usize| -> f32 {
+                for h in 0..2 {
                     let r = 16 * h..16 * h + 16;
-                    q[r.clone()].iter().zip(&y.qs[r]).map(|(&q, a)| q * a.get() as i32).sum::<i32>() as f32
-                };
-                *o += scale[0] * (y.d.get() * half(0)) + scale[1] * (y.d.get() * half(1)) + m * y.s.get();
+                    let isum: i32 = q[r.clone()].iter().zip(&y.qs[r.clone()]).map(|(&q, a)| q * a.get() as i32).sum();
+                    let asum: i32 = y.qs[r].iter().map(|a| a.get() as i32).sum();
+                    *o += scale[h] * (y.d.get() * isum as f32) + m[h] * (y.d.get() * asum as f32);
+                }
             }
         }
     }

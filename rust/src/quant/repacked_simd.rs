@@ -18,7 +18,7 @@ use std::ptr::read_unaligned;
 
 use super::blocks::BlockA16;
 use super::lanes::{Avx2, Avx512Bw, Avx512Vnni, Lanes};
-use super::repack::{check_repacked, Repacked, RepackedFn, RepackedKind, MAX_TOKENS, ROWS};
+use super::repack::{check_repacked, Plane, Repacked, RepackedFn, RepackedKind, Scales, MAX_TOKENS, ROWS};
 use super::SimdLevel;
 
 /// Bytes of one A16 activation block; its quants start at byte 8.
@@ -86,15 +86,29 @@ backend!(avx512vnni, Avx512Vnni, "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,
 
 const _: () = assert!(MAX_TOKENS == 4, "the entry points dispatch 1..=4 tokens");
 
-/// The layout with discriminant `k` (a constant, so every `match` on it folds away).
+/// Repeats `$body` with `$i` bound to each literal: loops whose index picks shift counts and
+/// registers must be unrolled, and LLVM does not always unroll nested ones by itself (when
+/// it does not, shift counts become run-time values and accumulators spill).
+macro_rules! unroll {
+    ($i:ident in [$($n:literal),*] $body:block) => {
+        $({
+            let $i: usize = $n;
+            $body
+        })*
+    };
+}
+
+/// Bytes ahead of the current tile whose cache lines are prefetched: the hardware prefetcher
+/// alone left decode at about half of a plain read's bandwidth.
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Asks for the `len` bytes at `p` (whole cache lines) to be brought into L1; a hint, safe
+/// for any address.
 #[inline(always)]
-const fn kind_of(k: u8) -> RepackedKind {
-    match k {
-        0 => RepackedKind::Q4,
-        1 => RepackedKind::Q8,
-        2 => RepackedKind::Q5,
-        3 => RepackedKind::Q4K,
-        _ => RepackedKind::Q6K,
+fn prefetch(p: *const u8, len: usize) {
+    for line in (0..len).step_by(64) {
+        // SAFETY: prefetching never faults, whatever the address.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(line).cast()) };
     }
 }
 
@@ -107,47 +121,31 @@ unsafe fn f32_at(p: *const u8) -> f32 {
     read_unaligned(p.cast::<f32>())
 }
 
-/// The i32 chain of pair `s` of quad `k`: chains `0..CHAINS` sum the block's first 16
-/// elements (quads 0, 1), `2..2 + CHAINS` the last 16, so layouts with a scale per 16
-/// elements scale the halves apart.
+/// The i32 chain of pair `s` of quad `k`: layouts with a scale per 16 elements sum the
+/// block's first 16 elements (quads 0, 1) in chains `0..CHAINS` and the last 16 in
+/// `2..2 + CHAINS`, to scale them apart; the others use chains `0..CHAINS` only (fewer
+/// registers).
 #[inline(always)]
-fn chain<L: Lanes>(k: usize, s: usize) -> usize {
-    2 * (k / 2) + s % L::CHAINS
+fn chain<L: Lanes>(kind: RepackedKind, k: usize, s: usize) -> usize {
+    let half = if kind.scales().per_half() { 2 * (k / 2) } else { 0 };
+    half + s % L::CHAINS
 }
 
-/// One plane of quant bits (`repack`'s module doc): `bits` per element, its chunks starting
-/// at byte `at` of the tile, shifted left by `shl` into the quant.
-#[derive(Clone, Copy)]
-struct Plane {
-    bits: i32,
-    at: usize,
-    shl: i32,
-}
-
-/// The quant planes of a layout (at most two) and the offset subtracted from each quant.
-#[inline(always)]
-const fn planes(kind: RepackedKind) -> ([Option<Plane>; 2], i16) {
-    let low4 = Some(Plane { bits: 4, at: 0, shl: 0 });
-    match kind {
-        RepackedKind::Q4 | RepackedKind::Q4K => ([low4, None], 0),
-        RepackedKind::Q5 => ([low4, Some(Plane { bits: 1, at: 256, shl: 4 })], 16),
-        RepackedKind::Q6K => ([low4, Some(Plane { bits: 2, at: 256, shl: 4 })], 32),
-        RepackedKind::Q8 => ([None, None], 0),
-    }
-}
-
-/// The i16 pairs of elements `(2p, 2p + 1)` of one plane, `p = 4k + s`, shifted into place:
-/// pair `p` sits in chunk `p * bits / 16`, field `p % (16 / bits)` of each 16-bit half.
+/// The i16 pairs of elements `(2p, 2p + 1)` of one plane, shifted into place (see the
+/// plane layout in `repack`): a shift and a mask, or for the signed 8-bit plane a sign
+/// extension of each half's low or high byte.
 ///
 /// # Safety
-/// `qt` is a tile of the layout; `off` a half's byte offset in a chunk.
+/// `qt` is a tile with `plane`; `off` a half's byte offset in a chunk.
 #[inline(always)]
 unsafe fn plane_pair<L: Lanes>(qt: *const u8, off: usize, plane: Plane, p: usize) -> L::I {
-    let per_half = (16 / plane.bits) as usize;
-    let v = L::load(qt.add(plane.at + 64 * (p / per_half) + off));
-    let field = (p % per_half) as i32 * plane.bits;
+    let (chunk, field) = plane.field(p);
+    let v = L::load(qt.add(plane.at + 64 * chunk + off));
+    if plane.bits == 8 {
+        return if field == 0 { L::low_bytes16(v) } else { L::high_bytes16(v) };
+    }
     let mask = ((1 << plane.bits) - 1) << plane.shl;
-    L::and(L::shift(v, field - plane.shl), L::splat(mask | (mask << 16)))
+    L::and(L::shift(v, field as i32 - plane.shl as i32), L::splat(mask | (mask << 16)))
 }
 
 /// Quad `k` of a tile (elements `8k..8k + 8`) for the rows of half `h`: four registers of
@@ -158,69 +156,53 @@ unsafe fn plane_pair<L: Lanes>(qt: *const u8, off: usize, plane: Plane, p: usize
 #[inline(always)]
 unsafe fn quad<L: Lanes>(kind: RepackedKind, qt: *const u8, h: usize, k: usize) -> [L::I; 4] {
     let off = 4 * L::N * h;
-    if kind == RepackedKind::Q8 {
-        // Chunk c holds the pairs (4c, 4c + 1) in the low bytes, (4c + 2, 4c + 3) in the high.
-        let (v0, v1) = (L::load(qt.add(128 * k + off)), L::load(qt.add(128 * k + 64 + off)));
-        return [L::low_bytes16(v0), L::high_bytes16(v0), L::low_bytes16(v1), L::high_bytes16(v1)];
-    }
-    let ([low, high], offset) = planes(kind);
-    // A plain loop, not `array::from_fn`: its closure is not always inlined, and an
-    // intrinsic outside this target-feature context becomes a call.
+    let [low, high] = kind.planes();
+    let offset = kind.offset();
     let mut out = [L::zero(); 4];
-    for (s, w) in out.iter_mut().enumerate() {
+    unroll!(s in [0, 1, 2, 3] {
         let p = 4 * k + s;
         if let Some(plane) = low {
-            *w = plane_pair::<L>(qt, off, plane, p);
+            out[s] = plane_pair::<L>(qt, off, plane, p);
         }
         if let Some(plane) = high {
-            *w = L::or(*w, plane_pair::<L>(qt, off, plane, p));
+            out[s] = L::or(out[s], plane_pair::<L>(qt, off, plane, p));
         }
         if offset != 0 {
-            *w = L::sub16(*w, offset);
+            out[s] = L::sub16(out[s], offset);
         }
-    }
+    });
     out
 }
 
 /// Per-row f32 factors of one block, for the rows of a half: the scale of each 16-element
 /// half-block's i32 sum (equal for layouts with one scale per block) and the min that
-/// multiplies the activation sum (zero for layouts without one).
+/// multiplies the activations' sum (for layouts that have one).
 struct BlockScales<F> {
     d: [F; 2],
     m: Option<F>,
 }
 
-/// The scales of block `b` (tile scales at `st`, super-block header `sup` = (d, dmin)).
+/// The scales of a block (tile scales at `st`, super-block header `sup` = (d, dmin)).
 ///
 /// # Safety
 /// `st` is the block's tile scales, `sup` loaded for its super-block.
 #[inline(always)]
 unsafe fn block_scales<L: Lanes>(kind: RepackedKind, st: *const u8, h: usize, sup: (L::F, L::F)) -> BlockScales<L::F> {
     let n = L::N;
-    match kind {
-        RepackedKind::Q4 => {
+    match kind.scales() {
+        Scales::Legacy { min } => {
             let d = L::f16s(st.add(2 * n * h));
-            BlockScales { d: [d, d], m: Some(L::f16s(st.add(32 + 2 * n * h))) }
+            BlockScales { d: [d, d], m: if min { Some(L::f16s(st.add(32 + 2 * n * h))) } else { None } }
         }
-        RepackedKind::Q8 | RepackedKind::Q5 => {
-            let d = L::f16s(st.add(2 * n * h));
-            BlockScales { d: [d, d], m: None }
-        }
-        RepackedKind::Q4K => {
-            let d = L::fmul(sup.0, L::u8s(st.add(n * h)));
-            let m = L::fsub(L::fzero(), L::fmul(sup.1, L::u8s(st.add(16 + n * h))));
-            BlockScales { d: [d, d], m: Some(m) }
-        }
-        RepackedKind::Q6K => {
-            BlockScales { d: [L::fmul(sup.0, L::i8s(st.add(n * h))), L::fmul(sup.0, L::i8s(st.add(16 + n * h)))], m: None }
+        Scales::Super { signed, per_half, min } => {
+            let bytes = |i: usize| if signed { L::i8s(st.add(16 * i + n * h)) } else { L::u8s(st.add(16 * i + n * h)) };
+            let d0 = L::fmul(sup.0, bytes(0));
+            let d1 = if per_half { L::fmul(sup.0, bytes(1)) } else { d0 };
+            let per = 1 + per_half as usize;
+            let m = if min { Some(L::fsub(L::fzero(), L::fmul(sup.1, bytes(per)))) } else { None };
+            BlockScales { d: [d0, d1], m }
         }
     }
-}
-
-/// Whether the layout's two half-blocks have their own scales.
-#[inline(always)]
-const fn two_scales(kind: RepackedKind) -> bool {
-    matches!(kind, RepackedKind::Q6K)
 }
 
 /// Group `g` of `rp` times `NT` activation rows into `out` (the contract of `RepackedFn`).
@@ -230,50 +212,67 @@ const fn two_scales(kind: RepackedKind) -> bool {
 /// layout `K`; each `a[t]` holds `rp.blocks_per_row()` A16 blocks; `out.len() >= NT`.
 #[inline(always)]
 unsafe fn tiles<L: Lanes, const K: u8, const NT: usize>(rp: &Repacked, g: usize, a: [*const u8; NT], out: &mut [[f32; ROWS]]) {
-    let kind = kind_of(K);
+    let kind = RepackedKind::from_u8(K);
     let (qb, sb, pb) = (kind.quant_bytes(), kind.scale_bytes(), kind.super_bytes());
     let (q, s, p) = rp.group_ptrs(g);
     let nb = rp.blocks_per_row();
-    for h in 0..ROWS / L::N {
-        let mut acc = [L::fzero(); NT];
-        let mut sup = (L::fzero(), L::fzero());
+    // Register halves of the tile (2 at 8 lanes). With few tokens each block's halves run
+    // back to back, so the weights stream from memory once (decode is bound by that
+    // stream); with more, a half at a time over all blocks, as the accumulators of both
+    // would not fit in registers (the second pass reads the group's tiles from L2).
+    const fn halves_inside(halves: usize, nt: usize) -> usize {
+        if nt <= 2 { halves } else { 1 }
+    }
+    let halves = ROWS / L::N;
+    let inner = halves_inside(halves, NT);
+    for h0 in (0..halves).step_by(inner) {
+        let mut acc = [[L::fzero(); NT]; 2];
+        let mut sup = [(L::fzero(), L::fzero()); 2];
         for b in 0..nb {
-            if pb > 0 && b % 8 == 0 {
-                let head = p.add(pb * (b / 8) + 2 * L::N * h);
-                sup = (L::f16s(head), if pb == 64 { L::f16s(head.add(32)) } else { L::fzero() });
-            }
             let qt = q.add(qb * b);
-            let mut isum = [[L::zero(); 4]; NT];
-            for k in 0..4 {
-                let w = quad::<L>(kind, qt, h, k);
+            if h0 == 0 {
+                prefetch(qt.add(PREFETCH_AHEAD), qb);
+            }
+            for (i, h) in (h0..h0 + inner).enumerate() {
+                if pb > 0 && b % 8 == 0 {
+                    let head = p.add(pb * (b / 8) + 2 * L::N * h);
+                    sup[i] = (L::f16s(head), if kind.scales().has_min() { L::f16s(head.add(32)) } else { L::fzero() });
+                }
+                let mut isum = [[L::zero(); 4]; NT];
+                unroll!(k in [0, 1, 2, 3] {
+                    let w = quad::<L>(kind, qt, h, k);
+                    for t in 0..NT {
+                        // Pairs 4k..4k + 4 of block b: bytes 8 + 4 (4k + s) of its A16 block.
+                        let ap = a[t].add(A16 * b + 8 + 16 * k);
+                        unroll!(s in [0, 1, 2, 3] {
+                            let c = chain::<L>(kind, k, s);
+                            isum[t][c] = L::dot(isum[t][c], w[s], L::pair(ap.add(4 * s)));
+                        });
+                    }
+                });
+                let scales = block_scales::<L>(kind, s.add(sb * b), h, sup[i]);
                 for t in 0..NT {
-                    // Pairs 4k..4k + 4 of block b: bytes 8 + 4 (4k + s) of its A16 block.
-                    let ap = a[t].add(A16 * b + 8 + 16 * k);
-                    for (s, w) in w.iter().enumerate() {
-                        let c = chain::<L>(k, s);
-                        isum[t][c] = L::dot(isum[t][c], *w, L::pair(ap.add(4 * s)));
+                    let head = a[t].add(A16 * b);
+                    let da = L::fsplat(f32_at(head));
+                    let [c0, c1, c2, c3] = isum[t];
+                    let (lo, hi) = (L::add(c0, c1), L::add(c2, c3));
+                    let acc = &mut acc[i][t];
+                    if kind.scales().per_half() {
+                        *acc = L::fmadd(L::to_f(lo), L::fmul(scales.d[0], da), *acc);
+                        *acc = L::fmadd(L::to_f(hi), L::fmul(scales.d[1], da), *acc);
+                    } else {
+                        *acc = L::fmadd(L::to_f(L::add(lo, hi)), L::fmul(scales.d[0], da), *acc);
+                    }
+                    if let Some(m) = scales.m {
+                        *acc = L::fmadd(m, L::fsplat(f32_at(head.add(4))), *acc);
                     }
                 }
             }
-            let scales = block_scales::<L>(kind, s.add(sb * b), h, sup);
-            for t in 0..NT {
-                let head = a[t].add(A16 * b);
-                let da = L::fsplat(f32_at(head));
-                let [c0, c1, c2, c3] = isum[t];
-                let (lo, hi) = (L::add(c0, c1), L::add(c2, c3));
-                if two_scales(kind) {
-                    acc[t] = L::fmadd(L::to_f(lo), L::fmul(scales.d[0], da), acc[t]);
-                    acc[t] = L::fmadd(L::to_f(hi), L::fmul(scales.d[1], da), acc[t]);
-                } else {
-                    acc[t] = L::fmadd(L::to_f(L::add(lo, hi)), L::fmul(scales.d[0], da), acc[t]);
-                }
-                if let Some(m) = scales.m {
-                    acc[t] = L::fmadd(m, L::fsplat(f32_at(head.add(4))), acc[t]);
-                }
-            }
         }
-        for (o, acc) in out.iter_mut().zip(acc) {
-            L::store(o.as_mut_ptr().add(L::N * h), acc);
+        for (i, h) in (h0..h0 + inner).enumerate() {
+            for (o, acc) in out.iter_mut().zip(acc[i]) {
+                L::store(o.as_mut_ptr().add(L::N * h), acc);
+            }
         }
     }
 }
