@@ -8,11 +8,17 @@
 //! generic `ggml_vec_dot_*` do; the float dots accumulate in f64.
 //!
 //! One module per family of formats: `float` (F32, F16, BF16), `legacy` (the 32-element
-//! formats), `kquants` (the 256-element k-quants), `a16` (meshpy's activation blocks).
-//! Everything is re-exported here, so callers name `reference::<kernel>`.
+//! formats), `kquants` (the 256-element k-quants), `iquants` (IQ4_NL, IQ4_XS), `a16`
+//! (meshpy's activation blocks). Everything is re-exported here, so callers name
+//! `reference::<kernel>`.
+//!
+//! Each format also has `pub(crate)` helpers that return a block's quants in element order
+//! and its unpacked scales (`q4k_quants`, `q3k_scales`, `iq4xs_indices`, ...): dequantize and
+//! dot are written on them, and the repacking code reads blocks through them.
 
 mod a16;
 mod float;
+mod iquants;
 mod kquants;
 mod legacy;
 
@@ -22,17 +28,31 @@ pub use float::{
     quantize_row_f16_ref, quantize_row_f32_ref, vec_dot_bf16_f32_ref, vec_dot_f16_f32_ref,
     vec_dot_f32_f32_ref,
 };
+// Not used in this crate yet: the repacked layouts of these types read blocks through them.
+#[allow(unused_imports)]
+pub(crate) use iquants::{iq4nl_indices, iq4xs_indices, iq4xs_scales};
+pub use iquants::{
+    dequantize_row_iq4_nl_ref, dequantize_row_iq4_xs_ref, vec_dot_iq4_nl_a16_ref,
+    vec_dot_iq4_xs_a16_ref, KVALUES_IQ4NL,
+};
 pub(crate) use kquants::{q4k_quants, q6k_quants};
+#[allow(unused_imports)] // as above
+pub(crate) use kquants::{q2k_quants, q2k_scales, q3k_quants, q3k_scales, q5k_quants};
 pub use kquants::{
-    dequantize_row_q4_k_ref, dequantize_row_q6_k_ref, dequantize_row_q8_k_ref,
-    quantize_row_q8_k_ref, unpack_q4k_scales, vec_dot_q4_k_a16_ref, vec_dot_q6_k_a16_ref,
+    dequantize_row_q2_k_ref, dequantize_row_q3_k_ref, dequantize_row_q4_k_ref,
+    dequantize_row_q5_k_ref, dequantize_row_q6_k_ref, dequantize_row_q8_k_ref,
+    quantize_row_q8_k_ref, unpack_q4k_scales, vec_dot_q2_k_a16_ref, vec_dot_q3_k_a16_ref,
+    vec_dot_q4_k_a16_ref, vec_dot_q5_k_a16_ref, vec_dot_q6_k_a16_ref,
 };
 pub(crate) use legacy::q5_0_quants;
+#[allow(unused_imports)] // as above
+pub(crate) use legacy::q5_1_quants;
 pub use legacy::{
     dequantize_row_q4_0_ref, dequantize_row_q4_1_ref, dequantize_row_q5_0_ref,
-    dequantize_row_q8_0_ref, dequantize_row_q8_1_ref, quantize_row_q4_0_ref,
-    quantize_row_q4_1_ref, quantize_row_q5_0_ref, quantize_row_q8_0_ref, quantize_row_q8_1_ref,
-    vec_dot_q4_0_a16_ref, vec_dot_q4_1_a16_ref, vec_dot_q5_0_a16_ref, vec_dot_q8_0_a16_ref,
+    dequantize_row_q5_1_ref, dequantize_row_q8_0_ref, dequantize_row_q8_1_ref,
+    quantize_row_q4_0_ref, quantize_row_q4_1_ref, quantize_row_q5_0_ref, quantize_row_q5_1_ref,
+    quantize_row_q8_0_ref, quantize_row_q8_1_ref, vec_dot_q4_0_a16_ref, vec_dot_q4_1_a16_ref,
+    vec_dot_q5_0_a16_ref, vec_dot_q5_1_a16_ref, vec_dot_q8_0_a16_ref,
 };
 
 use super::{GgmlType, VecDotFn};
@@ -59,9 +79,15 @@ pub fn vec_dot_fn_ref(ty: GgmlType) -> Option<VecDotFn> {
         GgmlType::Q4_0 => vec_dot_q4_0_a16_ref,
         GgmlType::Q4_1 => vec_dot_q4_1_a16_ref,
         GgmlType::Q5_0 => vec_dot_q5_0_a16_ref,
+        GgmlType::Q5_1 => vec_dot_q5_1_a16_ref,
         GgmlType::Q8_0 => vec_dot_q8_0_a16_ref,
+        GgmlType::Q2K => vec_dot_q2_k_a16_ref,
+        GgmlType::Q3K => vec_dot_q3_k_a16_ref,
         GgmlType::Q4K => vec_dot_q4_k_a16_ref,
+        GgmlType::Q5K => vec_dot_q5_k_a16_ref,
         GgmlType::Q6K => vec_dot_q6_k_a16_ref,
+        GgmlType::IQ4NL => vec_dot_iq4_nl_a16_ref,
+        GgmlType::IQ4XS => vec_dot_iq4_xs_a16_ref,
         GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => return None,
     })
 }
