@@ -8,5 +8,5 @@ cargo build --profile "$profile" --features extension-module --lib
 dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
 # Copy, then rename over the old file: processes that have the old one loaded keep their
 # (unlinked) copy instead of crashing on a file rewritten under them.
-cp "target/$dir/libmeshpy_native.so" python/meshpy/.native.abi3.so.tmp
+cp "${CARGO_TARGET_DIR:-target}/$dir/libmeshpy_native.so" python/meshpy/.native.abi3.so.tmp
 mv -f python/meshpy/.native.abi3.so.tmp python/meshpy/_native.abi3.so

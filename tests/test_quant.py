@@ -1,6 +1,7 @@
 """meshpy._native quant bindings against gguf-py, the reference numpy implementation of
-ggml's formats: dequantization bit-exact on every tensor type of both packaged models,
-quantization bit-exact where gguf-py quantizes, dot products within stated bounds."""
+ggml's formats: dequantization bit-exact on every tensor type of both packaged models and on
+random blocks of the types neither holds, quantization bit-exact where gguf-py quantizes, dot
+products within stated bounds, GGUF files of every such type written by gguf-py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from meshpy import _native
 from meshpy.errors import ShapeError, UnsupportedTypeError
+from tests.fixtures.llama_gguf import finish
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -115,7 +117,7 @@ def test_vec_dot_on_real_rows(model: tuple[str, Path, set[str]], tensors_by_type
 # --- Types neither model holds: synthetic data --------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0], ids=lambda q: q.name)
 def test_quantize_and_dequantize_match_gguf_numpy(qtype: gguf.GGMLQuantizationType) -> None:
     """Legacy block types: our quantizer gives gguf-py's bytes, and decodes them identically."""
     rng = np.random.default_rng(int(qtype))
@@ -135,6 +137,88 @@ def test_q4_0_random_blocks_bit_exact() -> None:
     blocks[:, :2] = rng.uniform(-4.0, 4.0, (512, 1)).astype(np.float16).view(np.uint8)
     ours = _native.dequantize("Q4_0", blocks, 512 * 32)
     _assert_same_bits(ours, gguf.quants.dequantize(blocks, Q.Q4_0), "Q4_0")
+
+
+# Block layouts of the types tested from random blocks: byte offsets of each block's f16
+# scales, and the byte range of its packed sub-block scales (None: the type has none).
+RANDOM_BLOCK_TYPES = {
+    Q.Q5_1: ((0, 2), None),
+    Q.Q2_K: ((80, 82), (0, 16)),
+    Q.Q3_K: ((108,), (96, 108)),
+    Q.Q5_K: ((0, 2), (4, 16)),
+    Q.IQ4_NL: ((0,), None),
+    Q.IQ4_XS: ((0,), (2, 8)),
+}
+# f16 scales every set of random blocks starts with: the largest finite, the smallest
+# subnormal, the smallest normal, zeros of both signs, one.
+EXTREME_HALVES = [65504.0, -65504.0, 2.0**-24, -(2.0**-24), 2.0**-14, 0.0, -0.0, 1.0]
+
+
+def _random_blocks(qtype: gguf.GGMLQuantizationType, n_blocks: int, seed: int) -> np.ndarray:
+    """(n_blocks, block bytes) well-formed blocks: random quant and sub-block scale bytes
+    (every bit pattern), finite f16 scales of many magnitudes (EXTREME_HALVES first), and
+    blocks 8..16 / 16..24 with every sub-block scale byte 0xFF / 0x00."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    halves, scale_bytes = RANDOM_BLOCK_TYPES[qtype]
+    for at in halves:
+        magnitude = 10.0 ** rng.uniform(-6, 3, n_blocks)
+        d = (rng.standard_normal(n_blocks) * magnitude).astype(np.float16)
+        d[: len(EXTREME_HALVES)] = EXTREME_HALVES
+        blocks[:, at : at + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    if scale_bytes is not None:
+        lo, hi = scale_bytes
+        blocks[8:16, lo:hi] = 0xFF
+        blocks[16:24, lo:hi] = 0x00
+    return blocks
+
+
+@pytest.mark.parametrize("qtype", list(RANDOM_BLOCK_TYPES), ids=lambda q: q.name)
+def test_random_blocks_dequantize_bit_exact(qtype: gguf.GGMLQuantizationType) -> None:
+    """Types neither model holds, from 4096 random blocks each, against gguf-py."""
+    blocks = _random_blocks(qtype, 4096, int(qtype))
+    theirs = gguf.quants.dequantize(blocks, qtype)
+    assert np.isfinite(theirs).all()
+    _assert_same_bits(_native.dequantize(_gguf_name(qtype), blocks, theirs.size), theirs, qtype.name)
+
+
+@pytest.mark.parametrize("qtype", list(RANDOM_BLOCK_TYPES), ids=lambda q: q.name)
+def test_random_blocks_vec_dot(qtype: gguf.GGMLQuantizationType) -> None:
+    """vec_dot of random rows of 4096 elements, against numpy on gguf-py's dequantized rows."""
+    block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
+    n_rows, per_row = 16, 4096 // block_size
+    rows = _random_blocks(qtype, n_rows * per_row, 100 + int(qtype)).reshape(n_rows, -1)
+    rng = np.random.default_rng(int(qtype))
+    for row in rows:
+        w = gguf.quants.dequantize(row, qtype).astype(np.float64)
+        x = rng.standard_normal(w.size).astype(np.float32)
+        exact = float(w @ x.astype(np.float64))
+        got = _native.vec_dot(_gguf_name(qtype), row, x)
+        assert abs(got - exact) <= MAX_ACTIVATION_DOT_ERROR * float(np.abs(w * x).sum()), f"{got} vs {exact}"
+
+
+def test_gguf_file_of_every_random_block_type(tmp_path: Path) -> None:
+    """A GGUF file written by gguf-py with one tensor of each type: it opens, names the
+    types and shapes, and its bytes dequantize as gguf-py's do."""
+    path = tmp_path / "types.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    written = {}
+    for qtype in RANDOM_BLOCK_TYPES:
+        rows = _random_blocks(qtype, 24 * 8, 200 + int(qtype)).reshape(24, -1)  # 24 rows of 8 blocks
+        name = f"blk.0.{qtype.name.lower()}.weight"
+        writer.add_tensor(name, rows, raw_dtype=qtype)
+        written[name] = (qtype, rows)
+    finish(writer)
+    ckpt = _native.Checkpoint([path])
+    for name, (qtype, rows) in written.items():
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        shape = (rows.shape[0], rows.shape[1] // type_size * block_size)
+        assert ckpt.tensor_info(name) == (_gguf_name(qtype), shape)
+        data = ckpt.tensor_bytes(name)
+        assert data == rows.tobytes()
+        ours = _native.dequantize(ckpt.tensor_info(name)[0], data, shape[0] * shape[1])
+        _assert_same_bits(ours, gguf.quants.dequantize(rows, qtype), name)
 
 
 def test_f16_every_bit_pattern() -> None:
@@ -179,7 +263,7 @@ def test_f32_round_trip() -> None:
     _assert_same_bits(_native.dequantize("f32", data, x.size), x, "F32")
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "F16", "BF16", "F32"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32"])
 def test_vec_dot_synthetic(type_name: str) -> None:
     rng = np.random.default_rng(5)
     w = rng.standard_normal(4096).astype(np.float32)
@@ -195,8 +279,8 @@ def test_vec_dot_synthetic(type_name: str) -> None:
 
 
 def test_errors_are_typed() -> None:
-    with pytest.raises(UnsupportedTypeError, match="Q5_1"):
-        _native.dequantize("q5_1", b"", 0)
+    with pytest.raises(UnsupportedTypeError, match="IQ2_XXS"):
+        _native.dequantize("iq2_xxs", b"", 0)
     with pytest.raises(ValueError):  # UnsupportedTypeError is also a ValueError
         _native.dequantize("IQ2_XS", b"", 0)
     with pytest.raises(ShapeError):
@@ -205,8 +289,9 @@ def test_errors_are_typed() -> None:
         _native.dequantize("Q8_0", bytes(34), 31)
     with pytest.raises(ShapeError):
         _native.quantize("Q4_0", np.zeros(33, dtype=np.float32))
-    with pytest.raises(UnsupportedTypeError):
-        _native.quantize("Q4_K", np.zeros(256, dtype=np.float32))
+    for type_name in ("Q4_K", "Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS"):
+        with pytest.raises(UnsupportedTypeError, match="Q5_1"):  # the message lists the targets
+            _native.quantize(type_name, np.zeros(256, dtype=np.float32))
     with pytest.raises(UnsupportedTypeError):
         _native.vec_dot("Q8_K", bytes(292), np.zeros(256, dtype=np.float32))
     with pytest.raises(ShapeError):

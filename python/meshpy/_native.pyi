@@ -42,9 +42,11 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool: ...
 
 # quant (rust/src/py/quant.rs)
-# Type names are ggml's, any case: "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q8_0",
-# "Q8_1", "Q4_K", "Q6_K", "Q8_K". `data`/`w` take bytes, bytearray, or anything with
-# tobytes() (numpy arrays, memoryview), read as raw bytes.
+# Type names are ggml's, any case: "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+# "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS" (the
+# k-quants also without the underscore, "q4k"). quantize() makes every one of them but
+# Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS. `data`/`w` take bytes, bytearray, or
+# anything with tobytes() (numpy arrays, memoryview), read as raw bytes.
 
 def dequantize(type_name: str, data: bytes | bytearray | memoryview | npt.NDArray[np.generic], n: int) -> npt.NDArray[np.float32]:
     """The n elements encoded in data (exactly n elements of that type), bit-exact with ggml."""

@@ -34,7 +34,7 @@ const GGML_TYPE_NAMES: &[&str] = &[
     "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8", "MXFP4",
 ];
 
-/// "Q5_K (ggml type 13)" for a type id.
+/// "IQ2_XXS (ggml type 16)" for a type id.
 fn type_name(id: u32) -> String {
     match GGML_TYPE_NAMES.get(id as usize) {
         Some(name) => format!("{name} (ggml type {id})"),

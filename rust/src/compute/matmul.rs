@@ -118,7 +118,7 @@ impl QMatrix {
         match ty {
             GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => Err(Error::UnsupportedType {
                 name: format!("{} (tensor {name})", ty.name()),
-                supported: "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K".into(),
+                supported: quant::weight_types_list(),
             }),
             _ => Ok(()),
         }

@@ -44,8 +44,8 @@ fn dequantize<'py>(
 }
 
 /// quantize(type_name, x) -> bytes: `x` (1-D float32) encoded as that type, bit-exact with
-/// ggml's reference quantizers. Targets: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q8_1, Q8_K
-/// (and meshpy's activation type A16).
+/// ggml's reference quantizers. Targets: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1,
+/// Q8_K (and meshpy's activation type A16).
 #[pyfunction]
 fn quantize<'py>(
     py: Python<'py>,

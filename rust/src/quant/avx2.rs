@@ -17,7 +17,8 @@ use std::ptr::read_unaligned;
 use super::reference::unpack_q4k_scales;
 use super::{check_dot, GgmlType, VecDotFn};
 
-/// The AVX2 kernel for weights of type `ty`; `None` for the activation-only types.
+/// The AVX2 kernel for weights of type `ty`; `None` for the activation-only types and the
+/// types with only a scalar kernel (Q5_1, Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS).
 pub(super) fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
     Some(match ty {
         GgmlType::F32 => vec_dot_f32_f32_avx2,
@@ -29,6 +30,13 @@ pub(super) fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
         GgmlType::Q8_0 => vec_dot_q8_0_a16_avx2,
         GgmlType::Q4K => vec_dot_q4_k_a16_avx2,
         GgmlType::Q6K => vec_dot_q6_k_a16_avx2,
+        // No per-row SIMD twin yet: these run the scalar reference per row.
+        GgmlType::Q5_1
+        | GgmlType::Q2K
+        | GgmlType::Q3K
+        | GgmlType::Q5K
+        | GgmlType::IQ4NL
+        | GgmlType::IQ4XS => return None,
         GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => return None,
     })
 }

@@ -12,7 +12,8 @@ use std::arch::x86_64::*;
 use super::{check_dot, GgmlType, VecDotFn};
 
 /// The AVX-512 per-row kernel for weights of type `ty`; `None` for the activation-only types.
-/// Quantized types get the AVX2 kernels (the same at both AVX-512 levels).
+/// Quantized types get the AVX2 kernels (the same at both AVX-512 levels), so `None` too for
+/// the types with only a scalar kernel.
 pub(super) fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
     Some(match ty {
         GgmlType::F32 => vec_dot_f32_f32_avx512,

@@ -1,10 +1,11 @@
 //! ggml's quantization blocks, byte for byte, and safe views of raw bytes as block slices.
 //!
 //! Layouts follow `ggml/src/ggml-common.h` in ggml-org/llama.cpp (`block_q4_0` ...
-//! `block_q8_K`). Multi-byte fields are stored as little-endian byte arrays ([`F16Le`],
-//! [`F32Le`], [`I16Le`]) so every block has alignment 1: tensors in a memory-mapped GGUF file
-//! are only 2-byte aligned in general (blocks of 18, 20, 22, 34, 144 or 210 bytes), and an
-//! alignment-1 struct can be viewed in place from any address. The byte layout is ggml's; only
+//! `block_q8_K`, `block_iq4_nl`, `block_iq4_xs`). Multi-byte fields are stored as
+//! little-endian byte arrays ([`F16Le`], [`F32Le`], [`I16Le`]) so every block has alignment 1:
+//! tensors in a memory-mapped GGUF file are only 2-byte aligned in general (blocks of 18, 20,
+//! 22, 24, 34, 84, 110, 136, 144, 176 or 210 bytes), and an alignment-1 struct can be viewed
+//! in place from any address. The byte layout is ggml's; only
 //! the Rust alignment differs from the C structs.
 
 use std::mem::{align_of, size_of};
@@ -13,9 +14,9 @@ use half::f16;
 
 use crate::error::{Error, Result};
 
-/// Elements per block of the legacy formats (Q4_0, Q4_1, Q5_0, Q8_0, Q8_1).
+/// Elements per block of the legacy formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1) and IQ4_NL.
 pub const QK: usize = 32;
-/// Elements per super-block of the k-quants (Q4_K, Q6_K, Q8_K).
+/// Elements per super-block of the k-quants (Q2_K ... Q8_K) and IQ4_XS.
 pub const QK_K: usize = 256;
 
 /// An IEEE 754 half-precision float stored as two little-endian bytes (ggml's `ggml_half`).
@@ -109,6 +110,20 @@ pub struct BlockQ5_0 {
     pub qs: [u8; QK / 2],
 }
 
+/// Q5_1: 32 weights as `d * q + m`, q in 0..32. 24 bytes, 6 bits per weight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockQ5_1 {
+    /// Scale.
+    pub d: F16Le,
+    /// Offset: the block's minimum.
+    pub m: F16Le,
+    /// Fifth bit of each quant: bit j of this little-endian u32 belongs to element j.
+    pub qh: [u8; 4],
+    /// Low four bits: byte j holds element j (low nibble) and element j + 16 (high nibble).
+    pub qs: [u8; QK / 2],
+}
+
 /// Q8_0: 32 weights (or activations) as `d * q`, q an i8. 34 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +146,41 @@ pub struct BlockQ8_1 {
     pub qs: [i8; QK],
 }
 
+/// Q2_K: 256 weights in 16 sub-blocks of 16, `d * sc[j] * q - dmin * m[j]`, q in 0..4,
+/// `sc` and `m` 4-bit. 84 bytes, 2.625 bits per weight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockQ2K {
+    /// Byte j belongs to sub-block j (elements 16j..16j + 16): its scale in the low nibble,
+    /// its min in the high nibble.
+    pub scales: [u8; QK_K / 16],
+    /// Two bits per quant. For half h (128 elements) and l in 0..32: byte 32h + l holds, from
+    /// bit 0 up, elements 128h + l, 128h + 32 + l, 128h + 64 + l and 128h + 96 + l.
+    pub qs: [u8; QK_K / 4],
+    /// Super-block scale of the sub-block scales.
+    pub d: F16Le,
+    /// Super-block scale of the sub-block mins.
+    pub dmin: F16Le,
+}
+
+/// Q3_K: 256 weights in 16 sub-blocks of 16, `d * (sc[j] - 32) * q`, q in -4..4, `sc`
+/// 6-bit. 110 bytes, 3.4375 bits per weight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockQ3K {
+    /// Third bit of each quant: bit k of byte l belongs to element 32k + l, and
+    /// `q = (low | bit << 2) - 4`: a clear bit gives `low - 4`, a set bit `low`.
+    pub hmask: [u8; QK_K / 8],
+    /// Two low bits of each quant, laid out as [`BlockQ2K::qs`].
+    pub qs: [u8; QK_K / 4],
+    /// Sixteen 6-bit scales, stored plus 32: scale j has its low 4 bits in byte j % 8 (low
+    /// nibble for j < 8, high nibble for j >= 8) and its top 2 bits at bit 2 * (j / 4) of
+    /// byte 8 + j % 4.
+    pub scales: [u8; 12],
+    /// Super-block scale.
+    pub d: F16Le,
+}
+
 /// Q4_K: 256 weights in 8 sub-blocks of 32, `d * sc[j] * q - dmin * m[j]`, q in 0..16.
 /// 144 bytes, 4.5 bits per weight.
 #[repr(C)]
@@ -150,6 +200,24 @@ pub struct BlockQ4K {
     pub qs: [u8; QK_K / 2],
 }
 
+/// Q5_K: 256 weights in 8 sub-blocks of 32, `d * sc[j] * q - dmin * m[j]`, q in 0..32.
+/// 176 bytes, 5.5 bits per weight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockQ5K {
+    /// Super-block scale of the sub-block scales.
+    pub d: F16Le,
+    /// Super-block scale of the sub-block mins.
+    pub dmin: F16Le,
+    /// Eight 6-bit scales and eight 6-bit mins, packed as [`BlockQ4K::scales`].
+    pub scales: [u8; 12],
+    /// Fifth bit of each quant: bit k of byte l belongs to element 32k + l.
+    pub qh: [u8; QK_K / 8],
+    /// Low four bits, laid out as [`BlockQ4K::qs`]: 64-element chunk c uses bytes
+    /// 32c..32c+32, low nibbles sub-block 2c, high nibbles sub-block 2c + 1.
+    pub qs: [u8; QK_K / 2],
+}
+
 /// Q6_K: 256 weights in 16 sub-blocks of 16, `d * sc[j] * (q - 32)`, q in 0..64.
 /// 210 bytes, 6.5625 bits per weight.
 #[repr(C)]
@@ -166,6 +234,34 @@ pub struct BlockQ6K {
     pub scales: [i8; QK_K / 16],
     /// Super-block scale.
     pub d: F16Le,
+}
+
+/// IQ4_NL: 32 weights as `d * KVALUES_IQ4NL[i]`, i in 0..16 indexing a fixed non-linear table
+/// of i8 values (see `reference::KVALUES_IQ4NL`). 18 bytes, 4.5 bits per weight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockIQ4NL {
+    /// Scale.
+    pub d: F16Le,
+    /// Table indices: byte j holds element j (low nibble) and element j + 16 (high nibble).
+    pub qs: [u8; QK / 2],
+}
+
+/// IQ4_XS: 256 weights in 8 sub-blocks of 32, `d * (ls[j] - 32) * KVALUES_IQ4NL[i]`, i in
+/// 0..16, `ls` 6-bit. 136 bytes, 4.25 bits per weight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockIQ4XS {
+    /// Super-block scale.
+    pub d: F16Le,
+    /// Top 2 bits of the sub-block scales: bits 2j..2j + 2 of this little-endian u16 belong
+    /// to sub-block j.
+    pub scales_h: [u8; 2],
+    /// Low 4 bits of the sub-block scales: byte j / 2, low nibble for even j, high for odd.
+    pub scales_l: [u8; QK_K / 64],
+    /// Table indices: sub-block j uses bytes 16j..16j + 16, byte 16j + l holding element
+    /// 32j + l (low nibble) and element 32j + 16 + l (high nibble).
+    pub qs: [u8; QK_K / 2],
 }
 
 /// Q8_K: 256 activations as `d * q`, with sums of 16 quants; the activation format for the
@@ -210,11 +306,17 @@ const _: () = {
     assert!(size_of::<BlockQ4_0>() == 18 && align_of::<BlockQ4_0>() == 1);
     assert!(size_of::<BlockQ4_1>() == 20 && align_of::<BlockQ4_1>() == 1);
     assert!(size_of::<BlockQ5_0>() == 22 && align_of::<BlockQ5_0>() == 1);
+    assert!(size_of::<BlockQ5_1>() == 24 && align_of::<BlockQ5_1>() == 1);
     assert!(size_of::<BlockQ8_0>() == 34 && align_of::<BlockQ8_0>() == 1);
     assert!(size_of::<BlockQ8_1>() == 36 && align_of::<BlockQ8_1>() == 1);
+    assert!(size_of::<BlockQ2K>() == 84 && align_of::<BlockQ2K>() == 1);
+    assert!(size_of::<BlockQ3K>() == 110 && align_of::<BlockQ3K>() == 1);
     assert!(size_of::<BlockQ4K>() == 144 && align_of::<BlockQ4K>() == 1);
+    assert!(size_of::<BlockQ5K>() == 176 && align_of::<BlockQ5K>() == 1);
     assert!(size_of::<BlockQ6K>() == 210 && align_of::<BlockQ6K>() == 1);
     assert!(size_of::<BlockQ8K>() == 292 && align_of::<BlockQ8K>() == 1);
+    assert!(size_of::<BlockIQ4NL>() == 18 && align_of::<BlockIQ4NL>() == 1);
+    assert!(size_of::<BlockIQ4XS>() == 136 && align_of::<BlockIQ4XS>() == 1);
 };
 
 impl Default for BlockQ8_0 {
@@ -236,12 +338,46 @@ impl Default for BlockQ8_1 {
     }
 }
 
+impl Default for BlockQ2K {
+    fn default() -> Self {
+        BlockQ2K {
+            scales: [0; QK_K / 16],
+            qs: [0; QK_K / 4],
+            d: F16Le::default(),
+            dmin: F16Le::default(),
+        }
+    }
+}
+
+impl Default for BlockQ3K {
+    fn default() -> Self {
+        BlockQ3K {
+            hmask: [0; QK_K / 8],
+            qs: [0; QK_K / 4],
+            scales: [0; 12],
+            d: F16Le::default(),
+        }
+    }
+}
+
 impl Default for BlockQ4K {
     fn default() -> Self {
         BlockQ4K {
             d: F16Le::default(),
             dmin: F16Le::default(),
             scales: [0; 12],
+            qs: [0; QK_K / 2],
+        }
+    }
+}
+
+impl Default for BlockQ5K {
+    fn default() -> Self {
+        BlockQ5K {
+            d: F16Le::default(),
+            dmin: F16Le::default(),
+            scales: [0; 12],
+            qh: [0; QK_K / 8],
             qs: [0; QK_K / 2],
         }
     }
@@ -254,6 +390,17 @@ impl Default for BlockQ6K {
             qh: [0; QK_K / 4],
             scales: [0; QK_K / 16],
             d: F16Le::default(),
+        }
+    }
+}
+
+impl Default for BlockIQ4XS {
+    fn default() -> Self {
+        BlockIQ4XS {
+            d: F16Le::default(),
+            scales_h: [0; 2],
+            scales_l: [0; QK_K / 64],
+            qs: [0; QK_K / 2],
         }
     }
 }
@@ -291,6 +438,10 @@ unsafe impl Block for BlockQ5_0 {
     const LEN: usize = QK;
 }
 // SAFETY: as above.
+unsafe impl Block for BlockQ5_1 {
+    const LEN: usize = QK;
+}
+// SAFETY: as above.
 unsafe impl Block for BlockQ8_0 {
     const LEN: usize = QK;
 }
@@ -299,7 +450,19 @@ unsafe impl Block for BlockQ8_1 {
     const LEN: usize = QK;
 }
 // SAFETY: as above.
+unsafe impl Block for BlockQ2K {
+    const LEN: usize = QK_K;
+}
+// SAFETY: as above.
+unsafe impl Block for BlockQ3K {
+    const LEN: usize = QK_K;
+}
+// SAFETY: as above.
 unsafe impl Block for BlockQ4K {
+    const LEN: usize = QK_K;
+}
+// SAFETY: as above.
+unsafe impl Block for BlockQ5K {
     const LEN: usize = QK_K;
 }
 // SAFETY: as above.
@@ -312,6 +475,14 @@ unsafe impl Block for BlockA16 {
 }
 // SAFETY: as above.
 unsafe impl Block for BlockQ8K {
+    const LEN: usize = QK_K;
+}
+// SAFETY: as above.
+unsafe impl Block for BlockIQ4NL {
+    const LEN: usize = QK;
+}
+// SAFETY: as above.
+unsafe impl Block for BlockIQ4XS {
     const LEN: usize = QK_K;
 }
 

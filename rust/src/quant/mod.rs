@@ -51,16 +51,28 @@ pub enum GgmlType {
     Q4_1,
     /// 5-bit, scale only, blocks of 32 (id 6).
     Q5_0,
+    /// 5-bit, scale and min, blocks of 32 (id 7).
+    Q5_1,
     /// 8-bit, scale only, blocks of 32 (id 8).
     Q8_0,
     /// 8-bit with block sum, blocks of 32; activations for Q4_1 (id 9).
     Q8_1,
+    /// 2-bit k-quant, super-blocks of 256 (id 10).
+    Q2K,
+    /// 3-bit k-quant, super-blocks of 256 (id 11).
+    Q3K,
     /// 4-bit k-quant, super-blocks of 256 (id 12).
     Q4K,
+    /// 5-bit k-quant, super-blocks of 256 (id 13).
+    Q5K,
     /// 6-bit k-quant, super-blocks of 256 (id 14).
     Q6K,
     /// 8-bit k-quant with sums of 16; activations for the k-quants (id 15).
     Q8K,
+    /// 4-bit indices into a non-linear table, scale only, blocks of 32 (id 20).
+    IQ4NL,
+    /// 4-bit indices into IQ4_NL's table, 6-bit sub-block scales, super-blocks of 256 (id 23).
+    IQ4XS,
     /// bfloat16 (id 30).
     BF16,
     /// meshpy's 16-bit activation blocks of 32 ([`blocks::BlockA16`]), the activations of
@@ -72,17 +84,23 @@ pub enum GgmlType {
 pub const A16_ID: u32 = 0x4131_3600;
 
 /// Every ggml type supported in files, in id order (A16 is meshpy's, not listed).
-const ALL_TYPES: [GgmlType; 11] = [
+const ALL_TYPES: [GgmlType; 17] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q8_1,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
     GgmlType::Q4K,
+    GgmlType::Q5K,
     GgmlType::Q6K,
     GgmlType::Q8K,
+    GgmlType::IQ4NL,
+    GgmlType::IQ4XS,
     GgmlType::BF16,
 ];
 
@@ -91,18 +109,12 @@ fn unsupported_ggml_name(id: u32) -> Option<&'static str> {
     Some(match id {
         4 => "Q4_2",
         5 => "Q4_3",
-        7 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        13 => "Q5_K",
         16 => "IQ2_XXS",
         17 => "IQ2_XS",
         18 => "IQ3_XXS",
         19 => "IQ1_S",
-        20 => "IQ4_NL",
         21 => "IQ3_S",
         22 => "IQ2_S",
-        23 => "IQ4_XS",
         24 => "I8",
         25 => "I16",
         26 => "I32",
@@ -133,6 +145,17 @@ fn supported_list() -> String {
         .join(", ")
 }
 
+/// "F32, F16, Q4_0, ...": the types a weight matrix may have (every supported type that is
+/// not activation-only), for error messages.
+pub fn weight_types_list() -> String {
+    ALL_TYPES
+        .iter()
+        .filter(|t| !t.is_activation_only())
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl GgmlType {
     /// The type with ggml id `id`; `Error::UnsupportedType` (naming ggml's type when it has
     /// one) for any other id.
@@ -158,18 +181,24 @@ impl GgmlType {
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
             GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
             GgmlType::Q8_1 => 9,
+            GgmlType::Q2K => 10,
+            GgmlType::Q3K => 11,
             GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
             GgmlType::Q6K => 14,
             GgmlType::Q8K => 15,
+            GgmlType::IQ4NL => 20,
+            GgmlType::IQ4XS => 23,
             GgmlType::BF16 => 30,
             GgmlType::A16 => A16_ID,
         }
     }
 
-    /// ggml's name: "F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q8_1", "Q4_K", "Q6_K",
-    /// "Q8_K", "BF16".
+    /// ggml's name: "F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
+    /// "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS", "BF16" (and "A16").
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",
@@ -177,11 +206,17 @@ impl GgmlType {
             GgmlType::Q4_0 => "Q4_0",
             GgmlType::Q4_1 => "Q4_1",
             GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
             GgmlType::Q8_0 => "Q8_0",
             GgmlType::Q8_1 => "Q8_1",
+            GgmlType::Q2K => "Q2_K",
+            GgmlType::Q3K => "Q3_K",
             GgmlType::Q4K => "Q4_K",
+            GgmlType::Q5K => "Q5_K",
             GgmlType::Q6K => "Q6_K",
             GgmlType::Q8K => "Q8_K",
+            GgmlType::IQ4NL => "IQ4_NL",
+            GgmlType::IQ4XS => "IQ4_XS",
             GgmlType::BF16 => "BF16",
             GgmlType::A16 => "A16",
         }
@@ -212,17 +247,26 @@ impl GgmlType {
         })
     }
 
-    /// Elements per block: 1 for F32/F16/BF16, 32 for the legacy formats, 256 for k-quants.
+    /// Elements per block: 1 for F32/F16/BF16, 32 for the legacy formats and IQ4_NL, 256 for
+    /// the k-quants and IQ4_XS.
     pub fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
             GgmlType::Q4_0
             | GgmlType::Q4_1
             | GgmlType::Q5_0
+            | GgmlType::Q5_1
             | GgmlType::Q8_0
             | GgmlType::Q8_1
+            | GgmlType::IQ4NL
             | GgmlType::A16 => blocks::QK,
-            GgmlType::Q4K | GgmlType::Q6K | GgmlType::Q8K => blocks::QK_K,
+            GgmlType::Q2K
+            | GgmlType::Q3K
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+            | GgmlType::Q8K
+            | GgmlType::IQ4XS => blocks::QK_K,
         }
     }
 
@@ -235,11 +279,17 @@ impl GgmlType {
             GgmlType::Q4_0 => size_of::<blocks::BlockQ4_0>(),
             GgmlType::Q4_1 => size_of::<blocks::BlockQ4_1>(),
             GgmlType::Q5_0 => size_of::<blocks::BlockQ5_0>(),
+            GgmlType::Q5_1 => size_of::<blocks::BlockQ5_1>(),
             GgmlType::Q8_0 => size_of::<blocks::BlockQ8_0>(),
             GgmlType::Q8_1 => size_of::<blocks::BlockQ8_1>(),
+            GgmlType::Q2K => size_of::<blocks::BlockQ2K>(),
+            GgmlType::Q3K => size_of::<blocks::BlockQ3K>(),
             GgmlType::Q4K => size_of::<blocks::BlockQ4K>(),
+            GgmlType::Q5K => size_of::<blocks::BlockQ5K>(),
             GgmlType::Q6K => size_of::<blocks::BlockQ6K>(),
             GgmlType::Q8K => size_of::<blocks::BlockQ8K>(),
+            GgmlType::IQ4NL => size_of::<blocks::BlockIQ4NL>(),
+            GgmlType::IQ4XS => size_of::<blocks::BlockIQ4XS>(),
             GgmlType::A16 => size_of::<blocks::BlockA16>(),
         }
     }
@@ -267,9 +317,15 @@ impl GgmlType {
             GgmlType::Q4_0
             | GgmlType::Q4_1
             | GgmlType::Q5_0
+            | GgmlType::Q5_1
             | GgmlType::Q8_0
+            | GgmlType::Q2K
+            | GgmlType::Q3K
             | GgmlType::Q4K
-            | GgmlType::Q6K => GgmlType::A16,
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+            | GgmlType::IQ4NL
+            | GgmlType::IQ4XS => GgmlType::A16,
             GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => self,
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => GgmlType::F32,
         }
@@ -308,28 +364,57 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
         GgmlType::Q4_0 => r::dequantize_row_q4_0_ref(as_blocks(src)?, dst),
         GgmlType::Q4_1 => r::dequantize_row_q4_1_ref(as_blocks(src)?, dst),
         GgmlType::Q5_0 => r::dequantize_row_q5_0_ref(as_blocks(src)?, dst),
+        GgmlType::Q5_1 => r::dequantize_row_q5_1_ref(as_blocks(src)?, dst),
         GgmlType::Q8_0 => r::dequantize_row_q8_0_ref(as_blocks(src)?, dst),
         GgmlType::Q8_1 => r::dequantize_row_q8_1_ref(as_blocks(src)?, dst),
+        GgmlType::Q2K => r::dequantize_row_q2_k_ref(as_blocks(src)?, dst),
+        GgmlType::Q3K => r::dequantize_row_q3_k_ref(as_blocks(src)?, dst),
         GgmlType::Q4K => r::dequantize_row_q4_k_ref(as_blocks(src)?, dst),
+        GgmlType::Q5K => r::dequantize_row_q5_k_ref(as_blocks(src)?, dst),
         GgmlType::Q6K => r::dequantize_row_q6_k_ref(as_blocks(src)?, dst),
         GgmlType::Q8K => r::dequantize_row_q8_k_ref(as_blocks(src)?, dst),
+        GgmlType::IQ4NL => r::dequantize_row_iq4_nl_ref(as_blocks(src)?, dst),
+        GgmlType::IQ4XS => r::dequantize_row_iq4_xs_ref(as_blocks(src)?, dst),
         GgmlType::A16 => r::dequantize_row_a16_ref(as_blocks(src)?, dst),
     }
     Ok(())
 }
 
-/// Types [`quantize_row`] can produce.
-const QUANTIZE_TARGETS: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q8_1, Q8_K, A16";
+/// Whether [`quantize_row`] can produce `ty`: not the k-quants and IQ4 types (ggml quantizes
+/// them with searches for the best scales that meshpy does not reproduce).
+fn is_quantize_target(ty: GgmlType) -> bool {
+    !matches!(
+        ty,
+        GgmlType::Q2K
+            | GgmlType::Q3K
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+            | GgmlType::IQ4NL
+            | GgmlType::IQ4XS
+    )
+}
+
+/// "F32, F16, Q4_0, ..., A16": the types [`quantize_row`] can produce, for error messages.
+fn quantize_targets() -> String {
+    ALL_TYPES
+        .iter()
+        .chain([&GgmlType::A16])
+        .filter(|&&t| is_quantize_target(t))
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Quantizes one row into `dst` (exactly `ty.row_bytes(src.len())` bytes), bit-exact with
 /// ggml's `quantize_row_*_ref`. Targets: A16 (activations; meshpy's own), Q8_0, Q8_1, Q8_K,
-/// Q4_0, Q4_1, Q5_0 (quantize-on-load), F16, BF16, F32; Q4_K and Q6_K give
-/// `Error::UnsupportedType`.
+/// Q4_0, Q4_1, Q5_0, Q5_1 (quantize-on-load), F16, BF16, F32; the k-quants (Q2_K ... Q6_K)
+/// and IQ4_NL, IQ4_XS give `Error::UnsupportedType`.
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
-    if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
+    if !is_quantize_target(ty) {
         return Err(Error::UnsupportedType {
             name: format!("{ty} (as a quantization target)"),
-            supported: QUANTIZE_TARGETS.to_string(),
+            supported: quantize_targets(),
         });
     }
     let expected = ty.row_bytes(src.len())?;
@@ -348,11 +433,18 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         GgmlType::Q4_0 => r::quantize_row_q4_0_ref(src, as_blocks_mut(dst)?),
         GgmlType::Q4_1 => r::quantize_row_q4_1_ref(src, as_blocks_mut(dst)?),
         GgmlType::Q5_0 => r::quantize_row_q5_0_ref(src, as_blocks_mut(dst)?),
+        GgmlType::Q5_1 => r::quantize_row_q5_1_ref(src, as_blocks_mut(dst)?),
         GgmlType::Q8_0 => r::quantize_row_q8_0_ref(src, as_blocks_mut(dst)?),
         GgmlType::Q8_1 => r::quantize_row_q8_1_ref(src, as_blocks_mut(dst)?),
         GgmlType::Q8K => r::quantize_row_q8_k_ref(src, as_blocks_mut(dst)?),
         GgmlType::A16 => r::quantize_row_a16_ref(src, as_blocks_mut(dst)?),
-        GgmlType::Q4K | GgmlType::Q6K => unreachable!("rejected above"),
+        GgmlType::Q2K
+        | GgmlType::Q3K
+        | GgmlType::Q4K
+        | GgmlType::Q5K
+        | GgmlType::Q6K
+        | GgmlType::IQ4NL
+        | GgmlType::IQ4XS => unreachable!("rejected above"),
     }
     Ok(())
 }
@@ -502,7 +594,9 @@ fn detect() -> SimdLevel {
 /// below it that has one).
 ///
 /// Panics for Q8_1, Q8_K and A16: they are activation-only types with no weight-side kernel
-/// (see [`GgmlType::is_activation_only`]). Every other type has at least a scalar kernel.
+/// (see [`GgmlType::is_activation_only`]). Every other type has at least a scalar kernel;
+/// Q5_1, Q2_K, Q3_K, Q5_K, IQ4_NL and IQ4_XS have only that one (no per-row SIMD twin), so
+/// the walk down the levels ends at [`SimdLevel::Scalar`] for them.
 pub fn vec_dot_fn(ty: GgmlType) -> VecDotFn {
     let best = active_simd();
     SimdLevel::ALL
@@ -514,7 +608,8 @@ pub fn vec_dot_fn(ty: GgmlType) -> VecDotFn {
 }
 
 /// The dot-product kernel for weights of type `ty` at exactly `level`; `None` when that level
-/// has none for `ty` (Q8_1, Q8_K, A16) or this CPU cannot run it. For tests and benchmarks.
+/// has none for `ty` (Q8_1, Q8_K, A16 at every level; the scalar-only types above it) or this
+/// CPU cannot run it. For tests and benchmarks.
 pub fn vec_dot_fn_at(ty: GgmlType, level: SimdLevel) -> Option<VecDotFn> {
     if level > cpu_simd() {
         return None;
@@ -537,7 +632,7 @@ pub fn vec_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Result<f32> {
     if ty.is_activation_only() {
         return Err(Error::UnsupportedType {
             name: format!("{ty} (activation-only, not a weight type)"),
-            supported: "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K".to_string(),
+            supported: weight_types_list(),
         });
     }
     let at = ty.activation_type();

@@ -11,17 +11,39 @@ use super::reference::dequantize_row_q4_k_ref;
 use super::*;
 
 /// Weight types with a dot product.
-const WEIGHT_TYPES: [GgmlType; 9] = [
+const WEIGHT_TYPES: [GgmlType; 15] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
     GgmlType::Q4K,
+    GgmlType::Q5K,
     GgmlType::Q6K,
+    GgmlType::IQ4NL,
+    GgmlType::IQ4XS,
 ];
+
+/// Weight types with only the scalar per-row kernel: no AVX2 / AVX-512 per-row twin (their
+/// SIMD is the repacked multi-row kind, written separately).
+const SCALAR_ONLY: [GgmlType; 6] = [
+    GgmlType::Q5_1,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q5K,
+    GgmlType::IQ4NL,
+    GgmlType::IQ4XS,
+];
+
+/// Quantized weight types without a quantizer here (ggml searches for their scales): tests
+/// build their rows from random well-formed blocks.
+const NO_QUANTIZER: [GgmlType; 5] =
+    [GgmlType::Q2K, GgmlType::Q3K, GgmlType::Q5K, GgmlType::IQ4NL, GgmlType::IQ4XS];
 
 /// SIMD dot vs scalar dot: |simd - scalar| <= this * sum |w_i * a_i| (dequantized values).
 /// Both sum exact integer products per block; only the f32 accumulation order differs.
@@ -39,6 +61,8 @@ const MAX_RMSE_Q4_0: f64 = 0.10;
 const MAX_RMSE_Q4_1: f64 = 0.09;
 /// Q5_0 round-trip relative RMS error (measured 0.0442).
 const MAX_RMSE_Q5_0: f64 = 0.05;
+/// Q5_1 round-trip relative RMS error (measured 0.0390).
+const MAX_RMSE_Q5_1: f64 = 0.045;
 /// Q8_0 round-trip relative RMS error (measured 0.00558).
 const MAX_RMSE_Q8_0: f64 = 0.0065;
 /// Q8_1 round-trip relative RMS error (measured 0.00558, the quants are Q8_0's).
@@ -65,6 +89,8 @@ const MAX_DOT_ERROR_Q4_0: f64 = 7.0e-3;
 const MAX_DOT_ERROR_Q4_1: f64 = 6.0e-3;
 /// Q5_0 x A16 dot error (measured 2.63e-3; 3.1e-3 with Q8_0).
 const MAX_DOT_ERROR_Q5_0: f64 = 3.8e-3;
+/// Q5_1 x A16 dot error (measured 2.55e-3).
+const MAX_DOT_ERROR_Q5_1: f64 = 3.8e-3;
 /// Q8_0 x A16 dot error (measured 3.35e-4; 5.6e-4 with Q8_0).
 const MAX_DOT_ERROR_Q8_0: f64 = 4.8e-4;
 /// Q4_K x A16 dot error, test quantizer (measured 3.28e-3; 5.7e-3 with Q8_K).
@@ -75,6 +101,10 @@ const MAX_DOT_ERROR_Q6_K: f64 = 1.5e-3;
 /// the error the activation format adds (measured 1.38e-6 worst over the types; ggml's
 /// 8-bit Q8_0/Q8_1/Q8_K activations measured ~1e-3 on the same data).
 const MAX_A16_DOT_ERROR: f64 = 2.0e-6;
+/// As MAX_A16_DOT_ERROR, with random well-formed weight blocks (random quants, sub-block
+/// scales and mins) instead of quantized gaussian rows (measured 2.06e-6, Q5_K; 1.65e-6 to
+/// 1.95e-6 for Q2_K, Q3_K, IQ4_NL, IQ4_XS).
+const MAX_A16_DOT_ERROR_RANDOM_BLOCKS: f64 = 3.0e-6;
 /// F16 x F32 dot error (measured 1.4e-5).
 const MAX_DOT_ERROR_F16: f64 = 2.0e-5;
 /// BF16 x F32 dot error (measured 1.2e-4).
@@ -215,7 +245,21 @@ fn quantize_q6k_for_tests(x: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Random weight bytes for `n` elements of `ty`: every quant bit pattern, finite scales.
+/// Byte offsets of the f16 scales (`d`, and `m` or `dmin` where the type has one) in a block
+/// of quantized weight type `ty`: the fields random bytes must not fill with NaN or infinity.
+fn f16_scale_offsets(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::IQ4NL | GgmlType::IQ4XS => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q2K => &[80, 82],
+        GgmlType::Q3K => &[108],
+        GgmlType::Q6K => &[208],
+        _ => unreachable!("{ty} is not a quantized weight type"),
+    }
+}
+
+/// Random weight bytes for `n` elements of `ty`: every quant and sub-block scale bit
+/// pattern, finite f16 scales.
 fn random_weights(ty: GgmlType, n: usize, rng: &mut TestRng) -> Vec<u8> {
     let mut bytes = rng.bytes(ty.row_bytes(n).expect("whole blocks"));
     let scale = |rng: &mut TestRng| F16Le::from_f32((rng.uniform() as f32 - 0.5) * 0.2).0;
@@ -227,15 +271,12 @@ fn random_weights(ty: GgmlType, n: usize, rng: &mut TestRng) -> Vec<u8> {
             GgmlType::BF16 => {
                 block.copy_from_slice(&blocks::f32_to_bf16(rng.gaussian()).to_le_bytes())
             }
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
-                block[0..2].copy_from_slice(&scale(rng))
-            }
-            GgmlType::Q4_1 | GgmlType::Q4K => {
-                block[0..2].copy_from_slice(&scale(rng));
-                block[2..4].copy_from_slice(&scale(rng));
-            }
-            GgmlType::Q6K => block[208..210].copy_from_slice(&scale(rng)),
             GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => unreachable!("not a weight type"),
+            _ => {
+                for &at in f16_scale_offsets(ty) {
+                    block[at..at + 2].copy_from_slice(&scale(rng));
+                }
+            }
         }
     }
     bytes
@@ -256,16 +297,30 @@ fn abs_dot(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> f64 {
 
 #[test]
 fn every_level_the_cpu_has_offers_every_weight_type() {
+    // Every weight type has a kernel at every level the CPU has, except that the scalar-only
+    // types have one at the scalar level alone.
     for level in SimdLevel::ALL {
         for ty in WEIGHT_TYPES {
-            assert_eq!(
-                vec_dot_fn_at(ty, level).is_some(),
-                level <= cpu_simd(),
-                "{ty} at {level:?}"
-            );
+            let expected = level <= cpu_simd()
+                && (level == SimdLevel::Scalar || !SCALAR_ONLY.contains(&ty));
+            assert_eq!(vec_dot_fn_at(ty, level).is_some(), expected, "{ty} at {level:?}");
         }
         assert!(vec_dot_fn_at(GgmlType::Q8_1, level).is_none());
         assert!(vec_dot_fn_at(GgmlType::Q8K, level).is_none());
+    }
+}
+
+#[test]
+fn scalar_only_types_dispatch_to_the_scalar_reference() {
+    // `vec_dot_fn` walks down the levels to the scalar kernel: the same bits as calling it.
+    let mut rng = TestRng::new(4);
+    for ty in SCALAR_ONLY {
+        let n = 3 * ty.block_len().max(QK_K);
+        let w = random_weights(ty, n, &mut rng);
+        let a = activations(ty, &rng.gaussians(n));
+        let scalar = reference::vec_dot_fn_ref(ty).expect("weight type")(n, &w, &a);
+        assert_eq!(vec_dot_fn(ty)(n, &w, &a).to_bits(), scalar.to_bits(), "{ty}");
+        assert_eq!(vec_dot(ty, n, &w, &a).expect("valid").to_bits(), scalar.to_bits(), "{ty}");
     }
 }
 
@@ -301,33 +356,76 @@ fn simd_dots_match_scalar_on_random_blocks() {
     }
 }
 
+/// Weight bytes of `ty` for `n` elements with every byte `byte` except the f16 scales, set
+/// to `scale`.
+fn constant_weights(ty: GgmlType, n: usize, byte: u8, scale: f32) -> Vec<u8> {
+    let mut w = vec![byte; ty.row_bytes(n).expect("whole blocks")];
+    for block in w.chunks_exact_mut(ty.block_bytes()) {
+        for &at in f16_scale_offsets(ty) {
+            block[at..at + 2].copy_from_slice(&F16Le::from_f32(scale).0);
+        }
+    }
+    w
+}
+
+/// The exact (f64) dot of a weight row and an activation row, both dequantized, and
+/// sum |w_i * a_i|.
+fn dequantized_dot(ty: GgmlType, w: &[u8], a: &[u8], n: usize) -> (f64, f64) {
+    let (wf, af) = (dequantize(ty, w, n), dequantize(ty.activation_type(), a, n));
+    let exact = wf.iter().zip(&af).map(|(&w, &a)| w as f64 * a as f64).sum();
+    (exact, abs_dot(ty, w, a, n))
+}
+
+#[test]
+fn scalar_dots_equal_the_dequantized_dot_on_random_blocks() {
+    // The scalar kernel against the exact dot of what it dequantizes to: only its f32
+    // scaling and summation round, so far inside MAX_A16_DOT_ERROR. Covers every quant and
+    // sub-block scale bit pattern, the types without a quantizer included.
+    let mut rng = TestRng::new(6);
+    for ty in WEIGHT_TYPES.into_iter().filter(|t| t.activation_type() == GgmlType::A16) {
+        for count in [1, 2, 5, 16] {
+            let n = count * ty.block_len();
+            let w = random_weights(ty, n, &mut rng);
+            let a = activations(ty, &rng.gaussians(n));
+            let got = reference::vec_dot_fn_ref(ty).expect("weight type")(n, &w, &a) as f64;
+            let (exact, scale) = dequantized_dot(ty, &w, &a, n);
+            assert!(
+                (got - exact).abs() <= SIMD_REL_TOL as f64 * scale + 1e-30,
+                "{ty} n={n}: {got} vs {exact} (scale {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn scalar_dots_equal_the_dequantized_dot_at_extreme_quants() {
+    // Largest products (every byte at an extreme, activations at +-32767): an i32 overflow
+    // in a scalar kernel's exact sums would show here.
+    for ty in WEIGHT_TYPES.into_iter().filter(|t| t.activation_type() == GgmlType::A16) {
+        let n = 8 * ty.block_len();
+        for (byte, sign) in [(0xFFu8, 1.0f32), (0x00, 1.0), (0x80, -1.0), (0x7F, -1.0), (0xAA, 1.0)] {
+            let w = constant_weights(ty, n, byte, 0.01);
+            let x: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { sign } else { -sign }).collect();
+            let a = activations(ty, &x);
+            let got = reference::vec_dot_fn_ref(ty).expect("weight type")(n, &w, &a) as f64;
+            let (exact, scale) = dequantized_dot(ty, &w, &a, n);
+            assert!(
+                (got - exact).abs() <= SIMD_REL_TOL as f64 * scale + 1e-30,
+                "{ty} byte {byte:#x}: {got} vs {exact}"
+            );
+        }
+    }
+}
+
 #[test]
 fn simd_dots_match_scalar_at_extreme_quants() {
     // Largest products: every quant at its extreme, activations at +-32767 (Q8_0 weights also
     // at -128), so any i16 saturation or i32 overflow in the SIMD paths would show.
-    for ty in [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q8_0,
-        GgmlType::Q4K,
-        GgmlType::Q6K,
-    ] {
+    for ty in WEIGHT_TYPES.into_iter().filter(|t| !SCALAR_ONLY.contains(t) && t.block_len() > 1) {
         let n = 8 * ty.block_len();
         for (wbyte, sign) in [(0xFFu8, 1.0f32), (0x00, 1.0), (0x80, -1.0), (0xFF, -1.0)] {
-            let mut w = vec![wbyte; ty.row_bytes(n).expect("whole blocks")];
-            // Restore finite scales over the constant quant bytes.
-            for block in w.chunks_exact_mut(ty.block_bytes()) {
-                let one = F16Le::from_f32(0.01).0;
-                match ty {
-                    GgmlType::Q6K => block[208..210].copy_from_slice(&one),
-                    GgmlType::Q4_1 | GgmlType::Q4K => {
-                        block[0..2].copy_from_slice(&one);
-                        block[2..4].copy_from_slice(&one);
-                    }
-                    _ => block[0..2].copy_from_slice(&one),
-                }
-            }
+            // Finite scales over the constant quant bytes.
+            let w = constant_weights(ty, n, wbyte, 0.01);
             let x: Vec<f32> = (0..n)
                 .map(|i| if i % 3 == 0 { sign } else { -sign })
                 .collect();
@@ -428,6 +526,7 @@ fn round_trip_errors_are_within_bounds() {
         (GgmlType::Q4_0, MAX_RMSE_Q4_0),
         (GgmlType::Q4_1, MAX_RMSE_Q4_1),
         (GgmlType::Q5_0, MAX_RMSE_Q5_0),
+        (GgmlType::Q5_1, MAX_RMSE_Q5_1),
         (GgmlType::Q8_0, MAX_RMSE_Q8_0),
         (GgmlType::Q8_1, MAX_RMSE_Q8_1),
         (GgmlType::Q8K, MAX_RMSE_Q8_K),
@@ -460,6 +559,7 @@ fn quantized_dots_are_within_bounds_of_the_f32_dot() {
         (GgmlType::Q4_0, MAX_DOT_ERROR_Q4_0),
         (GgmlType::Q4_1, MAX_DOT_ERROR_Q4_1),
         (GgmlType::Q5_0, MAX_DOT_ERROR_Q5_0),
+        (GgmlType::Q5_1, MAX_DOT_ERROR_Q5_1),
         (GgmlType::Q8_0, MAX_DOT_ERROR_Q8_0),
         (GgmlType::Q4K, MAX_DOT_ERROR_Q4_K),
         (GgmlType::Q6K, MAX_DOT_ERROR_Q6_K),
@@ -495,6 +595,29 @@ fn quantized_dots_are_within_bounds_of_the_f32_dot() {
 }
 
 #[test]
+fn dots_without_a_quantizer_are_within_the_activation_bound() {
+    // The types with no quantizer here: weights are random well-formed blocks, so the
+    // measurable error is the activations' share, against the exact dot of the dequantized
+    // weights with the f32 activations (the second half of the test above).
+    for ty in NO_QUANTIZER {
+        let mut worst = 0.0f64;
+        for seed in 0..DOT_SEEDS {
+            let mut rng = TestRng::new(300 + seed);
+            let n = 4096;
+            let wq = random_weights(ty, n, &mut rng);
+            let x = rng.gaussians(n);
+            let got = vec_dot_fn(ty)(n, &wq, &activations(ty, &x));
+            let wd = dequantize(ty, &wq, n);
+            let exact: f64 = wd.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let scale: f64 = wd.iter().zip(&x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            worst = worst.max((got as f64 - exact).abs() / scale);
+        }
+        println!("dot {ty}, activations alone: {worst:.2e} (bound {MAX_A16_DOT_ERROR_RANDOM_BLOCKS:.1e})");
+        assert!(worst <= MAX_A16_DOT_ERROR_RANDOM_BLOCKS, "{ty}: activation dot error {worst}");
+    }
+}
+
+#[test]
 fn q4k_test_quantizer_agrees_with_reference_decoding() {
     // The packing of the test quantizer must be what the reference decodes: a constant
     // sub-block decodes to (nearly) itself.
@@ -518,11 +641,17 @@ fn ids_names_and_sizes() {
         (GgmlType::Q4_0, 2, "Q4_0", 32, 18),
         (GgmlType::Q4_1, 3, "Q4_1", 32, 20),
         (GgmlType::Q5_0, 6, "Q5_0", 32, 22),
+        (GgmlType::Q5_1, 7, "Q5_1", 32, 24),
         (GgmlType::Q8_0, 8, "Q8_0", 32, 34),
         (GgmlType::Q8_1, 9, "Q8_1", 32, 36),
+        (GgmlType::Q2K, 10, "Q2_K", 256, 84),
+        (GgmlType::Q3K, 11, "Q3_K", 256, 110),
         (GgmlType::Q4K, 12, "Q4_K", 256, 144),
+        (GgmlType::Q5K, 13, "Q5_K", 256, 176),
         (GgmlType::Q6K, 14, "Q6_K", 256, 210),
         (GgmlType::Q8K, 15, "Q8_K", 256, 292),
+        (GgmlType::IQ4NL, 20, "IQ4_NL", 32, 18),
+        (GgmlType::IQ4XS, 23, "IQ4_XS", 256, 136),
         (GgmlType::BF16, 30, "BF16", 1, 2),
     ];
     for (ty, id, name, len, bytes) in expected {
@@ -537,12 +666,17 @@ fn ids_names_and_sizes() {
             ty
         );
     }
-    assert_eq!(
-        GgmlType::from_name("q4k").expect("k-quant without underscore"),
-        GgmlType::Q4K
-    );
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
-        assert_eq!(ty.activation_type(), GgmlType::A16);
+    for (name, ty) in [
+        ("q2k", GgmlType::Q2K),
+        ("Q3K", GgmlType::Q3K),
+        ("q4k", GgmlType::Q4K),
+        ("q5k", GgmlType::Q5K),
+        ("q6k", GgmlType::Q6K),
+    ] {
+        assert_eq!(GgmlType::from_name(name).expect("k-quant without underscore"), ty);
+    }
+    for ty in WEIGHT_TYPES.into_iter().filter(|t| t.block_len() > 1) {
+        assert_eq!(ty.activation_type(), GgmlType::A16, "{ty}");
     }
     let a16 = GgmlType::A16;
     assert_eq!((a16.name(), a16.block_len(), a16.block_bytes()), ("A16", 32, 72));
@@ -556,13 +690,16 @@ fn ids_names_and_sizes() {
 fn unsupported_types_are_named() {
     let named = |r: Result<GgmlType>| match r {
         Err(Error::UnsupportedType { name, supported }) => {
-            assert!(supported.contains("Q4_K"), "{supported}");
+            for ty in ["Q4_K", "Q5_1", "Q2_K", "IQ4_NL", "IQ4_XS"] {
+                assert!(supported.split(", ").any(|s| s == ty), "{ty} not in {supported}");
+            }
             name
         }
         other => panic!("expected UnsupportedType, got {other:?}"),
     };
-    assert_eq!(named(GgmlType::from_ggml_id(7)), "Q5_1");
+    assert_eq!(named(GgmlType::from_ggml_id(16)), "IQ2_XXS");
     assert_eq!(named(GgmlType::from_ggml_id(17)), "IQ2_XS");
+    assert_eq!(named(GgmlType::from_name("iq2_xxs")), "IQ2_XXS");
     assert_eq!(named(GgmlType::from_ggml_id(1000)), "ggml type id 1000");
     assert_eq!(named(GgmlType::from_name("iq2_xs")), "IQ2_XS");
     assert_eq!(named(GgmlType::from_name("float8")), "float8");
@@ -606,6 +743,15 @@ fn wrong_lengths_are_errors_not_panics() {
         quantize_row(GgmlType::Q6K, &[0.0; 256], &mut [0u8; 210]),
         Err(Error::UnsupportedType { .. })
     ));
+    for ty in NO_QUANTIZER {
+        let mut out = vec![0u8; ty.row_bytes(256).expect("whole blocks")];
+        match quantize_row(ty, &[0.0; 256], &mut out) {
+            Err(Error::UnsupportedType { supported, .. }) => {
+                assert!(supported.contains("Q5_1") && !supported.contains(ty.name()), "{supported}");
+            }
+            other => panic!("{ty}: expected UnsupportedType, got {other:?}"),
+        }
+    }
     assert!(matches!(
         vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 143]),
         Err(Error::Shape(_))
