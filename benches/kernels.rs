@@ -14,7 +14,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use meshpy_native::quant::blocks::F16Le;
-use meshpy_native::quant::repack::{repacked_fn, Repacked, RepackedKind, ROWS};
+use meshpy_native::quant::repack::{repacked_fn, Repacked, RepackedKind, MAX_TOKENS, ROWS};
 use meshpy_native::quant::{active_simd, quantize_row, vec_dot_fn, vec_dot_fn_at, GgmlType, SimdLevel};
 
 /// Deterministic pseudo-random numbers (xorshift).
@@ -34,25 +34,30 @@ impl Gen {
 }
 
 /// `rows x cols` weights of `ty`: quantized from noise where we have a quantizer, else
-/// random bytes with small f16 scales (the k-quants).
+/// random bytes with small f16 scales (the k-quants and IQ4 types; the byte offsets of their
+/// f16 fields are ggml's block layouts).
 fn weights(ty: GgmlType, rows: usize, cols: usize, gen: &mut Gen) -> Vec<u8> {
     let row_bytes = ty.row_bytes(cols).expect("whole blocks");
     let mut out = vec![0u8; rows * row_bytes];
     let mut x = vec![0f32; cols];
+    let f16_fields: &[usize] = match ty {
+        GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q2K => &[80, 82],
+        GgmlType::Q3K => &[108],
+        GgmlType::Q6K => &[208],
+        GgmlType::IQ4NL | GgmlType::IQ4XS => &[0],
+        _ => &[],
+    };
     for row in out.chunks_exact_mut(row_bytes) {
-        match ty {
-            GgmlType::Q4K | GgmlType::Q6K => {
-                row.iter_mut().for_each(|b| *b = gen.next() as u8);
-                let at = if ty == GgmlType::Q4K { [0usize, 2] } else { [208, 208] };
-                for block in row.chunks_exact_mut(ty.block_bytes()) {
-                    for a in at {
-                        block[a..a + 2].copy_from_slice(&F16Le::from_f32(0.01).0);
-                    }
-                }
-            }
-            _ => {
-                x.iter_mut().for_each(|v| *v = gen.normal() * 0.02);
-                quantize_row(ty, &x, row).expect("quantizable");
+        if f16_fields.is_empty() {
+            x.iter_mut().for_each(|v| *v = gen.normal() * 0.02);
+            quantize_row(ty, &x, row).expect("quantizable");
+            continue;
+        }
+        row.iter_mut().for_each(|b| *b = gen.next() as u8);
+        for block in row.chunks_exact_mut(ty.block_bytes()) {
+            for &at in f16_fields {
+                block[at..at + 2].copy_from_slice(&F16Le::from_f32(0.01).0);
             }
         }
     }
@@ -71,20 +76,34 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let types = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
+    let types = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::IQ4NL,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::IQ4XS,
+    ];
     let mut gen = Gen(0x2545_F491_4F6C_DD1D);
-    println!("one thread, {} kernels; GB/s of weights (x tokens for the 4-token column)", active_simd().name());
+    println!("one thread, {} kernels; GB/s of weights (x tokens for the N-token column, N = {MAX_TOKENS})", active_simd().name());
     for (label, rows, cols, reps) in [("L2", 576usize, 1536usize, 200usize), ("DRAM", 16384, 4096, 5)] {
         println!("\n{label}: {rows} x {cols}");
         println!(
             "{:<6} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
-            "type", "MB", "scalar", "per-row", "repacked x1", "repacked x4", "read"
+            "type", "MB", "scalar", "per-row", "repacked x1", "repacked xN", "read"
         );
         for ty in types {
             let w = weights(ty, rows, cols, &mut gen);
             let row_bytes = ty.row_bytes(cols).expect("whole blocks");
             let at = ty.activation_type();
-            let acts: Vec<Vec<u8>> = (0..4)
+            let nt_bench: usize = std::env::var("NT").ok().and_then(|v| v.parse().ok()).unwrap_or(MAX_TOKENS);
+            let acts: Vec<Vec<u8>> = (0..nt_bench)
                 .map(|_| {
                     let x: Vec<f32> = (0..cols).map(|_| gen.normal()).collect();
                     let mut a = vec![0u8; at.row_bytes(cols).expect("whole blocks")];
@@ -108,7 +127,7 @@ fn main() {
             });
             let (x1, x4) = match repacked {
                 Some((kernel, rp)) => {
-                    let mut buf = [[0f32; ROWS]; 4];
+                    let mut buf = vec![[0f32; ROWS]; nt_bench];
                     let a: Vec<&[u8]> = acts.iter().map(|a| a.as_slice()).collect();
                     let t1 = best(reps, || {
                         for g in 0..rp.groups() {
@@ -122,7 +141,7 @@ fn main() {
                         }
                         black_box(&buf);
                     });
-                    (gbs(t1, 1), gbs(t4, 4))
+                    (gbs(t1, 1), gbs(t4, nt_bench))
                 }
                 None => ("-".into(), "-".into()),
             };

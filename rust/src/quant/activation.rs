@@ -52,6 +52,16 @@ mod avx2 {
         _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
     }
 
+    /// Sum of the 8 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum_epi32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
     /// A16, bit-identical to `quantize_row_a16_ref`.
     ///
     /// # Safety
@@ -85,13 +95,10 @@ mod avx2 {
             let qs = y.qs.as_mut_ptr().cast::<__m256i>();
             _mm256_storeu_si256(qs, p01);
             _mm256_storeu_si256(qs.add(1), p23);
-            let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-            let sum = _mm_cvtsi128_si32(s);
+            let (lo, hi) = (hsum_epi32(_mm256_add_epi32(q[0], q[1])), hsum_epi32(_mm256_add_epi32(q[2], q[3])));
             y.d = F32Le::new(d);
-            y.s = F32Le::new(sum as f32 * d);
+            y.s = F32Le::new((lo + hi) as f32 * d);
+            y.s_hi = F32Le::new(hi as f32 * d);
         }
     }
 }

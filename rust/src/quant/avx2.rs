@@ -15,7 +15,11 @@ use std::arch::x86_64::*;
 use std::ptr::read_unaligned;
 
 use super::reference::unpack_q4k_scales;
+use super::blocks::BlockA16;
 use super::{check_dot, GgmlType, VecDotFn};
+
+/// Bytes of one A16 activation block; its quants start at byte 8.
+const A16: usize = std::mem::size_of::<BlockA16>();
 
 /// The AVX2 kernel for weights of type `ty`; `None` for the activation-only types and the
 /// types with only a scalar kernel (Q5_1, Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS).
@@ -226,7 +230,7 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 /// 8 i32 lanes summing to `w . a` over one A16 block, `w0` / `w1` its elements 0..16 / 16..32.
 ///
 /// # Safety
-/// `a` readable for one A16 block (72 bytes).
+/// `a` readable for one A16 block (76 bytes).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot32(w0: __m256i, w1: __m256i, a: *const u8) -> __m256i {
@@ -251,7 +255,7 @@ fn widen_i8(v: __m256i) -> (__m256i, __m256i) {
     )
 }
 
-/// Q4_0 (18-byte blocks) x A16 (72-byte blocks).
+/// Q4_0 (18-byte blocks) x A16 (76-byte blocks).
 ///
 /// # Safety
 /// `w`, `a` readable for `nb` blocks each; AVX2, FMA and F16C present.
@@ -260,7 +264,7 @@ unsafe fn q4_0_a16(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let eight = _mm256_set1_epi8(8);
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
-        let (x, y) = (w.add(18 * i), a.add(72 * i));
+        let (x, y) = (w.add(18 * i), a.add(A16 * i));
         let (w0, w1) = widen_i8(_mm256_sub_epi8(nibbles(x.add(2)), eight));
         acc = fma_i32(acc, dot32(w0, w1, y), f16_at(x) * f32_at(y));
     }
@@ -276,7 +280,7 @@ unsafe fn q4_1_a16(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut mins = 0.0f32;
     for i in 0..nb {
-        let (x, y) = (w.add(20 * i), a.add(72 * i));
+        let (x, y) = (w.add(20 * i), a.add(A16 * i));
         let dm = f16_pair(x);
         let (w0, w1) = widen_i8(nibbles(x.add(4)));
         acc = fma_i32(acc, dot32(w0, w1, y), _mm_cvtss_f32(dm) * f32_at(y));
@@ -294,7 +298,7 @@ unsafe fn q5_0_a16(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let (bit4, sixteen) = (_mm256_set1_epi8(0x10), _mm256_set1_epi8(16));
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
-        let (x, y) = (w.add(22 * i), a.add(72 * i));
+        let (x, y) = (w.add(22 * i), a.add(A16 * i));
         let high = _mm256_and_si256(bytes_from_bits(read_unaligned(x.add(2).cast::<u32>())), bit4);
         let q = _mm256_sub_epi8(_mm256_or_si256(nibbles(x.add(6)), high), sixteen);
         let (w0, w1) = widen_i8(q);
@@ -311,7 +315,7 @@ unsafe fn q5_0_a16(nb: usize, w: *const u8, a: *const u8) -> f32 {
 unsafe fn q8_0_a16(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
-        let (x, y) = (w.add(34 * i), a.add(72 * i));
+        let (x, y) = (w.add(34 * i), a.add(A16 * i));
         let (w0, w1) = widen_i8(load(x.add(2)));
         acc = fma_i32(acc, dot32(w0, w1, y), f16_at(x) * f32_at(y));
     }
@@ -330,7 +334,7 @@ unsafe fn q4_k_a16(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut mins = 0.0f32;
     for i in 0..nb {
         let x = w.add(144 * i);
-        let ys = a.add(72 * 8 * i);
+        let ys = a.add(A16 * 8 * i);
         let dd = f16_pair(x);
         let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
         let sm = unpack_q4k_scales(&*x.add(4).cast::<[u8; 12]>());
@@ -340,7 +344,7 @@ unsafe fn q4_k_a16(nb: usize, w: *const u8, a: *const u8) -> f32 {
             let halves = [_mm256_and_si256(t, low4), _mm256_and_si256(_mm256_srli_epi16::<4>(t), low4)];
             for (h, q) in halves.into_iter().enumerate() {
                 let j = 2 * c + h;
-                let y = ys.add(72 * j);
+                let y = ys.add(A16 * j);
                 let w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
                 let w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q));
                 acc = fma_i32(acc, dot32(w0, w1, y), d * sm[j] as f32 * f32_at(y));
@@ -363,7 +367,7 @@ unsafe fn q6_k_a16(nb: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for i in 0..nb {
         let x = w.add(210 * i);
-        let ys = a.add(72 * 8 * i);
+        let ys = a.add(A16 * 8 * i);
         let d = f16_at(x.add(208));
         let sc = x.add(192).cast::<i8>();
         for h in 0..2 {
@@ -378,7 +382,7 @@ unsafe fn q6_k_a16(nb: usize, w: *const u8, a: *const u8) -> f32 {
             ];
             for (k, q) in q.into_iter().enumerate() {
                 let jb = 4 * h + k;
-                let y = ys.add(72 * jb);
+                let y = ys.add(A16 * jb);
                 let (w0, w1) = widen_i8(_mm256_sub_epi8(q, off));
                 let da = d * f32_at(y);
                 let qa = y.add(8);

@@ -278,7 +278,8 @@ pub struct BlockQ8K {
 }
 
 /// A16: meshpy's 16-bit activation block (not a ggml type), the activation format for every
-/// quantized weight type: 32 activations as `d * q`, q an i16 in -32767..=32767. 72 bytes.
+/// quantized weight type: 32 activations as `d * q`, q an i16 in -32767..=32767, with the sums
+/// the weight formats' mins need. 76 bytes.
 ///
 /// Eight-bit activations (ggml's Q8_0/Q8_1/Q8_K) cost ~2% of next-token agreement with an
 /// f32 reference on small models; sixteen bits make the activation error negligible
@@ -292,17 +293,20 @@ pub struct BlockA16 {
     pub s: F32Le,
     /// Quants, in element order.
     pub qs: [I16Le; QK],
+    /// `d * sum(qs[16..32])`, for weight formats with a min per 16 elements (Q2_K). After
+    /// `qs`, so the quants keep their offset (8) in the block.
+    pub s_hi: F32Le,
 }
 
 impl Default for BlockA16 {
     fn default() -> Self {
-        BlockA16 { d: F32Le::default(), s: F32Le::default(), qs: [I16Le::default(); QK] }
+        BlockA16 { d: F32Le::default(), s: F32Le::default(), qs: [I16Le::default(); QK], s_hi: F32Le::default() }
     }
 }
 
 // Sizes must equal ggml's; alignment 1 makes in-place views of unaligned bytes sound.
 const _: () = {
-    assert!(size_of::<BlockA16>() == 72 && align_of::<BlockA16>() == 1);
+    assert!(size_of::<BlockA16>() == 76 && align_of::<BlockA16>() == 1);
     assert!(size_of::<BlockQ4_0>() == 18 && align_of::<BlockQ4_0>() == 1);
     assert!(size_of::<BlockQ4_1>() == 20 && align_of::<BlockQ4_1>() == 1);
     assert!(size_of::<BlockQ5_0>() == 22 && align_of::<BlockQ5_0>() == 1);

@@ -9,15 +9,20 @@
 //! behaviour; hence `unsafe`.
 
 use std::arch::x86_64::*;
-use std::ptr::read_unaligned;
+use std::arch::asm;
 
 /// One SIMD width: `N` lanes of i32 (pairs of i16) or f32.
 pub(super) trait Lanes {
     /// Rows (lanes) per register.
     const N: usize;
-    /// Independent i32 sums per token and half block: 2 where [`Self::dot`] has a latency of
-    /// several cycles (VNNI), 1 where it ends in a 1-cycle add.
+    /// Independent i32 sums per token and half block: 2 where [`Self::dot_pair`] has a
+    /// latency of several cycles (VNNI), 1 where it ends in a 1-cycle add.
     const CHAINS: usize;
+    /// Whether the kernels loop over tokens (more than two) outside the block's weights,
+    /// which they unpack into a stack buffer first (16 registers cannot hold a block's
+    /// weights and every token's sums; loads from L1 fold into the multiply), rather than
+    /// tokens inside each weight register (32 registers can).
+    const TOKENS_OUTER: bool;
     /// Integer register.
     type I: Copy;
     /// Float register.
@@ -25,8 +30,6 @@ pub(super) trait Lanes {
 
     /// `4 N` bytes at `p` (aligned to them).
     unsafe fn load(p: *const u8) -> Self::I;
-    /// The i32 at `p`, in every lane.
-    unsafe fn pair(p: *const u8) -> Self::I;
     /// `x` in every i32 lane.
     unsafe fn splat(x: i32) -> Self::I;
     /// Zero.
@@ -48,8 +51,9 @@ pub(super) trait Lanes {
     unsafe fn lookup(table: Self::I, a: Self::I) -> Self::I;
     /// The 16 bytes at `p` in every 128-bit lane.
     unsafe fn table(p: *const u8) -> Self::I;
-    /// `acc` plus, per i32 lane, the dot product of the i16 pairs of `w` and `a`.
-    unsafe fn dot(acc: Self::I, w: Self::I, a: Self::I) -> Self::I;
+    /// `acc` plus, per i32 lane, the dot product of the i16 pairs of `w` with the pair at
+    /// `p` (an i32 broadcast to every lane).
+    unsafe fn dot_pair(acc: Self::I, w: Self::I, p: *const u8) -> Self::I;
     /// Lane-wise i32 sum.
     unsafe fn add(a: Self::I, b: Self::I) -> Self::I;
 
@@ -81,16 +85,13 @@ pub(super) struct Avx2;
 impl Lanes for Avx2 {
     const N: usize = 8;
     const CHAINS: usize = 1;
+    const TOKENS_OUTER: bool = true;
     type I = __m256i;
     type F = __m256;
 
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m256i {
         _mm256_load_si256(p.cast())
-    }
-    #[inline(always)]
-    unsafe fn pair(p: *const u8) -> __m256i {
-        _mm256_set1_epi32(read_unaligned(p.cast::<i32>()))
     }
     #[inline(always)]
     unsafe fn splat(x: i32) -> __m256i {
@@ -137,8 +138,10 @@ impl Lanes for Avx2 {
         _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()))
     }
     #[inline(always)]
-    unsafe fn dot(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
-        _mm256_add_epi32(acc, _mm256_madd_epi16(w, a))
+    unsafe fn dot_pair(acc: __m256i, w: __m256i, p: *const u8) -> __m256i {
+        // Intrinsics, not assembly: the tokens-outer loop (`TOKENS_OUTER`) reads the weights
+        // from a stack buffer, and LLVM folds those loads into `vpmaddwd`.
+        _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi32(std::ptr::read_unaligned(p.cast::<i32>()))))
     }
     #[inline(always)]
     unsafe fn add(a: __m256i, b: __m256i) -> __m256i {
@@ -199,16 +202,13 @@ pub(super) type Avx512Vnni = Avx512<true>;
 impl<const VNNI: bool> Lanes for Avx512<VNNI> {
     const N: usize = 16;
     const CHAINS: usize = if VNNI { 2 } else { 1 };
+    const TOKENS_OUTER: bool = false;
     type I = __m512i;
     type F = __m512;
 
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m512i {
         _mm512_load_si512(p.cast())
-    }
-    #[inline(always)]
-    unsafe fn pair(p: *const u8) -> __m512i {
-        _mm512_set1_epi32(read_unaligned(p.cast::<i32>()))
     }
     #[inline(always)]
     unsafe fn splat(x: i32) -> __m512i {
@@ -255,11 +255,11 @@ impl<const VNNI: bool> Lanes for Avx512<VNNI> {
         _mm512_broadcast_i32x4(_mm_loadu_si128(p.cast()))
     }
     #[inline(always)]
-    unsafe fn dot(acc: __m512i, w: __m512i, a: __m512i) -> __m512i {
+    unsafe fn dot_pair(acc: __m512i, w: __m512i, p: *const u8) -> __m512i {
         if VNNI {
-            _mm512_dpwssd_epi32(acc, w, a)
+            dpwssd_512(acc, w, p)
         } else {
-            _mm512_add_epi32(acc, _mm512_madd_epi16(w, a))
+            madd_add_512(acc, w, p)
         }
     }
     #[inline(always)]
@@ -307,4 +307,51 @@ impl<const VNNI: bool> Lanes for Avx512<VNNI> {
     unsafe fn store(p: *mut f32, v: __m512) {
         _mm512_storeu_ps(p, v)
     }
+}
+
+// The AVX-512 multiply-adds in inline assembly: written as intrinsics, LLVM sees through them
+// (it knows `vpdpwssd` is `vpmaddwd` + `vpaddd`), reassociates each token's sum into one tree
+// per token, and so keeps every unpacked weight register alive at once: they spill, and each
+// token reloads them (measured: the VNNI kernel split half its `vpdpwssd` into two and ran
+// ~25% slower). Opaque, the sums stay in the order written: weights unpacked once, then
+// every token.
+
+/// `acc + vpmaddwd(w, broadcast(i32 at p))`, 16 lanes.
+///
+/// # Safety
+/// AVX-512 F/BW present; `p` readable for 4 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn madd_add_512(acc: __m512i, w: __m512i, p: *const u8) -> __m512i {
+    let mut acc = acc;
+    let _t: __m512i;
+    asm!(
+        "vpbroadcastd {t}, dword ptr [{p}]",
+        "vpmaddwd {t}, {t}, {w}",
+        "vpaddd {acc}, {acc}, {t}",
+        acc = inout(zmm_reg) acc,
+        w = in(zmm_reg) w,
+        p = in(reg) p,
+        t = out(zmm_reg) _t,
+        options(pure, readonly, nostack, preserves_flags)
+    );
+    acc
+}
+
+/// `vpdpwssd(acc, w, broadcast(i32 at p))`, 16 lanes.
+///
+/// # Safety
+/// AVX-512 F and VNNI present; `p` readable for 4 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dpwssd_512(acc: __m512i, w: __m512i, p: *const u8) -> __m512i {
+    let mut acc = acc;
+    asm!(
+        "vpdpwssd {acc}, {w}, dword ptr [{p}]{{1to16}}",
+        acc = inout(zmm_reg) acc,
+        w = in(zmm_reg) w,
+        p = in(reg) p,
+        options(pure, readonly, nostack, preserves_flags)
+    );
+    acc
 }

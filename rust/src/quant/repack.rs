@@ -20,7 +20,8 @@
 //!   `(lane >> b (p % f)) & mask` is the i16 pair of a plane's bits. A second plane holds the
 //!   quants' high bits (Q5: the fifth bit, Q6_K: bits 4-5, Q3_K: bit 2). An 8-bit plane holds
 //!   signed bytes (Q8_0). The weight is `scale * (q - offset)` (Q5_0: 16, Q6_K: 32, Q3_K: 4),
-//!   or `table[q]` for the non-linear IQ4 types, plus a min where the type has one.
+//!   or `table[q]` for the non-linear IQ4 types, plus a min where the type has one (Q2_K: one
+//!   per 16 elements).
 //! - **Scales** ([`Scales`]): per tile, the 16 rows' f16 `d` (and f16 min `m`) of the legacy
 //!   types; or for the k-quants per tile the rows' 8-bit sub-block scales (one per block, or
 //!   one per 16-element half) and mins, and per group and 256-column super-block the rows'
@@ -38,17 +39,20 @@
 use std::ops::Range;
 
 use super::blocks::{
-    view_blocks, BlockA16, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, F16Le, QK,
-    QK_K,
+    view_blocks, BlockA16, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K,
+    BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, F16Le, QK, QK_K,
 };
-use super::reference::{q4k_quants, q5_0_quants, q6k_quants, unpack_q4k_scales};
+use super::reference::{
+    iq4nl_indices, iq4xs_indices, iq4xs_scales, q2k_quants, q2k_scales, q3k_quants, q3k_scales, q4k_quants,
+    q5_0_quants, q5_1_quants, q5k_quants, q6k_quants, unpack_q4k_scales, KVALUES_IQ4NL,
+};
 use super::{GgmlType, SimdLevel};
 
 /// Rows per interleaved group.
 pub const ROWS: usize = 16;
 
 /// Tokens per call of a repacked kernel, at most.
-pub const MAX_TOKENS: usize = 4;
+pub const MAX_TOKENS: usize = 8;
 
 /// The repacked layouts (see the module doc). Discriminants index the kernels' instances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,11 +69,36 @@ pub enum RepackedKind {
     Q4K = 3,
     /// Q6_K: 6-bit quants offset 32, i8 scales per 16 elements, f16 `d` per super-block.
     Q6K = 4,
+    /// Q5_1: 5-bit quants with a scale and a min per block.
+    Q5M = 5,
+    /// Q5_K: 5-bit quants, 6-bit scales and mins per block, f16 `d`, `dmin` per super-block.
+    Q5K = 6,
+    /// Q3_K: 3-bit quants offset 4, i8 scales per 16 elements, f16 `d` per super-block.
+    Q3K = 7,
+    /// Q2_K: 2-bit quants, 4-bit scales and mins per 16 elements, f16 `d`, `dmin` per
+    /// super-block.
+    Q2K = 8,
+    /// IQ4_NL: 4-bit indices into a table of 16 non-linear values, f16 `d` per block.
+    Iq4Nl = 9,
+    /// IQ4_XS: IQ4_NL's indices, 6-bit scales (offset 32) per block, f16 `d` per
+    /// super-block.
+    Iq4Xs = 10,
 }
 
 /// Every layout, in discriminant order.
-pub const ALL_KINDS: [RepackedKind; 5] =
-    [RepackedKind::Q4, RepackedKind::Q8, RepackedKind::Q5, RepackedKind::Q4K, RepackedKind::Q6K];
+pub const ALL_KINDS: [RepackedKind; 11] = [
+    RepackedKind::Q4,
+    RepackedKind::Q8,
+    RepackedKind::Q5,
+    RepackedKind::Q4K,
+    RepackedKind::Q6K,
+    RepackedKind::Q5M,
+    RepackedKind::Q5K,
+    RepackedKind::Q3K,
+    RepackedKind::Q2K,
+    RepackedKind::Iq4Nl,
+    RepackedKind::Iq4Xs,
+];
 
 /// One bit plane of a layout's quants (module doc): `bits` per element (1, 2, 4 or 8), its
 /// chunks from byte `at` of the tile, holding bits `shl..shl + bits` of each quant.
@@ -156,6 +185,12 @@ impl RepackedKind {
             GgmlType::Q5_0 => Some(RepackedKind::Q5),
             GgmlType::Q4K => Some(RepackedKind::Q4K),
             GgmlType::Q6K => Some(RepackedKind::Q6K),
+            GgmlType::Q5_1 => Some(RepackedKind::Q5M),
+            GgmlType::Q5K => Some(RepackedKind::Q5K),
+            GgmlType::Q3K => Some(RepackedKind::Q3K),
+            GgmlType::Q2K => Some(RepackedKind::Q2K),
+            GgmlType::IQ4NL => Some(RepackedKind::Iq4Nl),
+            GgmlType::IQ4XS => Some(RepackedKind::Iq4Xs),
             _ => None,
         }
     }
@@ -173,10 +208,12 @@ impl RepackedKind {
             Some(Plane { bits, at, shl })
         }
         match self {
-            RepackedKind::Q4 | RepackedKind::Q4K => [plane(4, 0, 0), None],
+            RepackedKind::Q4 | RepackedKind::Q4K | RepackedKind::Iq4Nl | RepackedKind::Iq4Xs => [plane(4, 0, 0), None],
             RepackedKind::Q8 => [plane(8, 0, 0), None],
-            RepackedKind::Q5 => [plane(4, 0, 0), plane(1, 256, 4)],
+            RepackedKind::Q5 | RepackedKind::Q5M | RepackedKind::Q5K => [plane(4, 0, 0), plane(1, 256, 4)],
             RepackedKind::Q6K => [plane(4, 0, 0), plane(2, 256, 4)],
+            RepackedKind::Q3K => [plane(2, 0, 0), plane(1, 128, 2)],
+            RepackedKind::Q2K => [plane(2, 0, 0), None],
         }
     }
 
@@ -186,7 +223,18 @@ impl RepackedKind {
         match self {
             RepackedKind::Q5 => 16,
             RepackedKind::Q6K => 32,
-            RepackedKind::Q4 | RepackedKind::Q8 | RepackedKind::Q4K => 0,
+            RepackedKind::Q3K => 4,
+            _ => 0,
+        }
+    }
+
+    /// The values the quants index (IQ4's non-linear table), or `None` where the quant is the
+    /// value.
+    #[inline(always)]
+    pub const fn table(self) -> Option<&'static [i8; 16]> {
+        match self {
+            RepackedKind::Iq4Nl | RepackedKind::Iq4Xs => Some(&KVALUES_IQ4NL),
+            _ => None,
         }
     }
 
@@ -194,10 +242,12 @@ impl RepackedKind {
     #[inline(always)]
     pub const fn scales(self) -> Scales {
         match self {
-            RepackedKind::Q4 => Scales::Legacy { min: true },
-            RepackedKind::Q8 | RepackedKind::Q5 => Scales::Legacy { min: false },
-            RepackedKind::Q4K => Scales::Super { signed: false, per_half: false, min: true },
-            RepackedKind::Q6K => Scales::Super { signed: true, per_half: true, min: false },
+            RepackedKind::Q4 | RepackedKind::Q5M => Scales::Legacy { min: true },
+            RepackedKind::Q8 | RepackedKind::Q5 | RepackedKind::Iq4Nl => Scales::Legacy { min: false },
+            RepackedKind::Q4K | RepackedKind::Q5K => Scales::Super { signed: false, per_half: false, min: true },
+            RepackedKind::Q6K | RepackedKind::Q3K => Scales::Super { signed: true, per_half: true, min: false },
+            RepackedKind::Q2K => Scales::Super { signed: false, per_half: true, min: true },
+            RepackedKind::Iq4Xs => Scales::Super { signed: true, per_half: false, min: false },
         }
     }
 
@@ -278,6 +328,13 @@ struct SrcBlock {
 /// The blocks of one source row.
 fn source_blocks(ty: GgmlType, row: &[u8]) -> Vec<SrcBlock> {
     let legacy = |q: [u8; QK], d: [u8; 2], m: [u8; 2]| SrcBlock { q, scales: [d, m], supers: [[0; 2]; 2] };
+    // The eight 32-element blocks of a k-quant super-block: `scales(j)` gives block j's
+    // per-tile scale bytes, `supers` the super-block's f16 `d`, `dmin`.
+    fn kblocks(q: &[u8; QK_K], scales: impl Fn(usize) -> [[u8; 2]; 2], supers: [[u8; 2]; 2]) -> Vec<SrcBlock> {
+        (0..QK_K / QK)
+            .map(|j| SrcBlock { q: q[QK * j..QK * (j + 1)].try_into().expect("32 quants"), scales: scales(j), supers })
+            .collect()
+    }
     match ty {
         GgmlType::Q4_1 => view_blocks::<BlockQ4_1>(row).iter().map(|b| legacy(nibbles(&b.qs), b.d.0, b.m.0)).collect(),
         GgmlType::Q4_0 => view_blocks::<BlockQ4_0>(row)
@@ -285,27 +342,49 @@ fn source_blocks(ty: GgmlType, row: &[u8]) -> Vec<SrcBlock> {
             .map(|b| legacy(nibbles(&b.qs), b.d.0, F16Le::from_f32(-8.0 * b.d.to_f32()).0))
             .collect(),
         GgmlType::Q5_0 => view_blocks::<BlockQ5_0>(row).iter().map(|b| legacy(q5_0_quants(b), b.d.0, [0; 2])).collect(),
+        GgmlType::Q5_1 => view_blocks::<BlockQ5_1>(row).iter().map(|b| legacy(q5_1_quants(b), b.d.0, b.m.0)).collect(),
         GgmlType::Q8_0 => view_blocks::<BlockQ8_0>(row).iter().map(|b| legacy(b.qs.map(|v| v as u8), b.d.0, [0; 2])).collect(),
+        GgmlType::IQ4NL => view_blocks::<BlockIQ4NL>(row).iter().map(|b| legacy(iq4nl_indices(b), b.d.0, [0; 2])).collect(),
         GgmlType::Q4K => view_blocks::<BlockQ4K>(row)
             .iter()
             .flat_map(|b| {
-                let (sm, q) = (unpack_q4k_scales(&b.scales), q4k_quants(b));
-                (0..QK_K / QK).map(move |j| SrcBlock {
-                    q: q[QK * j..QK * (j + 1)].try_into().expect("32 quants"),
-                    scales: [[sm[j], 0], [sm[8 + j], 0]],
-                    supers: [b.d.0, b.dmin.0],
-                })
+                let sm = unpack_q4k_scales(&b.scales);
+                kblocks(&q4k_quants(b), |j| [[sm[j], 0], [sm[8 + j], 0]], [b.d.0, b.dmin.0])
+            })
+            .collect(),
+        GgmlType::Q5K => view_blocks::<BlockQ5K>(row)
+            .iter()
+            .flat_map(|b| {
+                let sm = unpack_q4k_scales(&b.scales);
+                kblocks(&q5k_quants(b), |j| [[sm[j], 0], [sm[8 + j], 0]], [b.d.0, b.dmin.0])
             })
             .collect(),
         GgmlType::Q6K => view_blocks::<BlockQ6K>(row)
             .iter()
             .flat_map(|b| {
                 let q = q6k_quants(b).map(|v| (v + 32) as u8);
-                (0..QK_K / QK).map(move |j| SrcBlock {
-                    q: q[QK * j..QK * (j + 1)].try_into().expect("32 quants"),
-                    scales: [[b.scales[2 * j] as u8, b.scales[2 * j + 1] as u8], [0; 2]],
-                    supers: [b.d.0, [0; 2]],
-                })
+                kblocks(&q, |j| [[b.scales[2 * j] as u8, b.scales[2 * j + 1] as u8], [0; 2]], [b.d.0, [0; 2]])
+            })
+            .collect(),
+        GgmlType::Q3K => view_blocks::<BlockQ3K>(row)
+            .iter()
+            .flat_map(|b| {
+                let (q, sc) = (q3k_quants(b).map(|v| (v + 4) as u8), q3k_scales(b));
+                kblocks(&q, |j| [[sc[2 * j] as u8, sc[2 * j + 1] as u8], [0; 2]], [b.d.0, [0; 2]])
+            })
+            .collect(),
+        GgmlType::Q2K => view_blocks::<BlockQ2K>(row)
+            .iter()
+            .flat_map(|b| {
+                let (sc, m) = q2k_scales(b);
+                kblocks(&q2k_quants(b), |j| [[sc[2 * j], sc[2 * j + 1]], [m[2 * j], m[2 * j + 1]]], [b.d.0, b.dmin.0])
+            })
+            .collect(),
+        GgmlType::IQ4XS => view_blocks::<BlockIQ4XS>(row)
+            .iter()
+            .flat_map(|b| {
+                let ls = iq4xs_scales(b);
+                kblocks(&iq4xs_indices(b), |j| [[ls[j] as u8, 0], [0; 2]], [b.d.0, [0; 2]])
             })
             .collect(),
         _ => unreachable!("checked by RepackedKind::for_type"),
@@ -474,8 +553,9 @@ impl Repacked {
         for plane in k.planes().into_iter().flatten() {
             get_plane(quants, plane, lane, &mut bits);
         }
-        let q = bits.map(|v| match k.planes()[0] {
-            Some(Plane { bits: 8, .. }) => v as u8 as i8 as i32,
+        let q = bits.map(|v| match (k.planes()[0], k.table()) {
+            (Some(Plane { bits: 8, .. }), _) => v as u8 as i8 as i32,
+            (_, Some(table)) => table[v as usize] as i32,
             _ => v as i32 - k.offset() as i32,
         });
         let f16 = |bytes: &[u8], at: usize| F16Le([bytes[at], bytes[at + 1]]).to_f32();

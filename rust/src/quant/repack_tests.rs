@@ -2,41 +2,51 @@
 //! the source type's), the scalar repacked reference equals the per-row reference dot, and
 //! the SIMD kernels match the scalar reference for 1..4 tokens, partial groups and extremes.
 
-use super::blocks::F16Le;
+use super::blocks::{F16Le, QK_K};
 use super::repack::{repacked_fn_at, Repacked, RepackedKind, MAX_TOKENS, ROWS};
 use super::*;
 use crate::test_rng::TestRng;
 
 /// Every type with a repacked layout.
-const REPACKED: [GgmlType; 6] =
-    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K];
+const REPACKED: [GgmlType; 12] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::IQ4NL,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+    GgmlType::IQ4XS,
+];
 
 /// |kernel - reference| <= this * sum |w_i a_i|: only the f32 summation order differs.
 const REL_TOL: f32 = 1e-5;
 
 fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
-    if matches!(ty, GgmlType::Q4K | GgmlType::Q6K) {
-        return kquant_bytes(ty, x);
+    if ty.block_len() == QK_K || ty == GgmlType::IQ4NL {
+        return random_blocks(ty, x);
     }
     let mut out = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
     quantize_row(ty, x, &mut out).expect("quantizable");
     out
 }
 
-/// k-quant rows for tests (no quantizer here): random quant bytes seeded from `x`, scales
-/// from its magnitude, so rows differ; Q6_K scales are signed.
-fn kquant_bytes(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+/// Rows of the types we have no quantizer for (k-quants, IQ4): random bytes seeded from `x`
+/// (every quant and sub-block scale pattern), f16 scales from its magnitude (signed for the
+/// types whose values are signed), so rows differ.
+fn random_blocks(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let mut gen = TestRng::new(x.iter().fold(0x51u64, |h, v| h.rotate_left(5) ^ v.to_bits() as u64));
     let mut out = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
     out.iter_mut().for_each(|b| *b = gen.next_u64() as u8);
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     for block in out.chunks_exact_mut(ty.block_bytes()) {
-        let d = F16Le::from_f32(amax / 500.0).0;
-        if ty == GgmlType::Q4K {
-            block[0..2].copy_from_slice(&d);
-            block[2..4].copy_from_slice(&F16Le::from_f32(amax / 900.0).0);
-        } else {
-            block[208..210].copy_from_slice(&d);
+        for (i, &at) in super::tests::f16_scale_offsets(ty).iter().enumerate() {
+            let v = if i == 0 { amax / 500.0 } else { amax / 900.0 };
+            block[at..at + 2].copy_from_slice(&F16Le::from_f32(v).0);
         }
     }
     out
@@ -145,10 +155,9 @@ fn repacked_kernels_at_extreme_quants() {
         for byte in [0x00u8, 0xFF, 0x80, 0x7F] {
             let mut w = vec![byte; rows * ty.row_bytes(cols).expect("whole blocks")];
             for block in w.chunks_exact_mut(ty.block_bytes()) {
-                let at = if ty == GgmlType::Q6K { 208 } else { 0 };
-                block[at..at + 2].copy_from_slice(&F16Le::from_f32(0.01).0);
-                if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K) {
-                    block[2..4].copy_from_slice(&F16Le::from_f32(-0.05).0);
+                // The scale, then (where there is one) a negative min.
+                for (i, &at) in super::tests::f16_scale_offsets(ty).iter().enumerate() {
+                    block[at..at + 2].copy_from_slice(&F16Le::from_f32(if i == 0 { 0.01 } else { -0.05 }).0);
                 }
             }
             let acts: Vec<Vec<u8>> = [1.0f32, -1.0]

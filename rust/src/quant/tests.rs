@@ -247,7 +247,7 @@ fn quantize_q6k_for_tests(x: &[f32]) -> Vec<u8> {
 
 /// Byte offsets of the f16 scales (`d`, and `m` or `dmin` where the type has one) in a block
 /// of quantized weight type `ty`: the fields random bytes must not fill with NaN or infinity.
-fn f16_scale_offsets(ty: GgmlType) -> &'static [usize] {
+pub(super) fn f16_scale_offsets(ty: GgmlType) -> &'static [usize] {
     match ty {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::IQ4NL | GgmlType::IQ4XS => &[0],
         GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
@@ -679,7 +679,7 @@ fn ids_names_and_sizes() {
         assert_eq!(ty.activation_type(), GgmlType::A16, "{ty}");
     }
     let a16 = GgmlType::A16;
-    assert_eq!((a16.name(), a16.block_len(), a16.block_bytes()), ("A16", 32, 72));
+    assert_eq!((a16.name(), a16.block_len(), a16.block_bytes()), ("A16", 32, 76));
     assert_eq!(GgmlType::from_name("a16").expect("A16 by name"), a16);
     assert!(GgmlType::from_ggml_id(a16.ggml_id()).is_err(), "A16 is not a ggml type");
     assert!(a16.is_activation_only() && a16.activation_type() == a16);
@@ -753,11 +753,11 @@ fn wrong_lengths_are_errors_not_panics() {
         }
     }
     assert!(matches!(
-        vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 143]),
+        vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 151]),
         Err(Error::Shape(_))
     ));
     assert!(matches!(
-        vec_dot(GgmlType::Q4_0, 60, &[0u8; 36], &[0u8; 144]),
+        vec_dot(GgmlType::Q4_0, 60, &[0u8; 36], &[0u8; 152]),
         Err(Error::Shape(_))
     ));
     assert!(matches!(
@@ -765,7 +765,7 @@ fn wrong_lengths_are_errors_not_panics() {
         Err(Error::UnsupportedType { .. })
     ));
     assert_eq!(
-        vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 144]).expect("valid"),
+        vec_dot(GgmlType::Q4_0, 64, &[0u8; 36], &[0u8; 152]).expect("valid"),
         0.0
     );
 }

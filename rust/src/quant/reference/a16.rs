@@ -14,7 +14,8 @@ pub fn dequantize_row_a16_ref(src: &[BlockA16], dst: &mut [f32]) {
     }
 }
 
-/// A16: `d = amax / 32767`, `q = round_even(x / d)` (clamped to +-32767), `s = d * sum(q)`.
+/// A16: `d = amax / 32767`, `q = round_even(x / d)` (clamped to +-32767), `s = d * sum(q)`,
+/// `s_hi = d * sum(q[16..32])`.
 /// The SIMD quantizer in `activation` produces the same bytes.
 pub fn quantize_row_a16_ref(src: &[f32], dst: &mut [BlockA16]) {
     assert_eq!(src.len(), dst.len() * QK);
@@ -22,13 +23,17 @@ pub fn quantize_row_a16_ref(src: &[f32], dst: &mut [BlockA16]) {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 32767.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in y.qs.iter_mut().zip(x) {
+        let (mut sum, mut sum_hi) = (0i32, 0i32);
+        for (i, (q, &v)) in y.qs.iter_mut().zip(x).enumerate() {
             let r = (v * id).round_ties_even().clamp(-32767.0, 32767.0) as i16;
             *q = I16Le::new(r);
             sum += r as i32;
+            if i >= QK / 2 {
+                sum_hi += r as i32;
+            }
         }
         y.d = F32Le::new(d);
         y.s = F32Le::new(sum as f32 * d); // |sum| < 2^21: exact in f32
+        y.s_hi = F32Le::new(sum_hi as f32 * d);
     }
 }
