@@ -69,49 +69,55 @@ def prompt_ids(model: Model, n: int) -> list[int]:
     return ids[:n]
 
 
-def bench_meshpy(model: Model, ids: list[int], n_decode: int, repeats: int) -> tuple[float, float]:
-    prefill, decode = [], []
-    for _ in range(repeats):
-        session = model.new_session()
+class MeshpyEngine:
+    """One round of meshpy: a prefill of `ids`, then `n_decode` greedy steps."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def round(self, ids: list[int], n_decode: int) -> tuple[float, float]:
+        """(prefill seconds, seconds per decoded token)."""
+        session = self.model.new_session()
         t0 = time.perf_counter()
-        logits = model.prefill(session, ids)
-        prefill.append(time.perf_counter() - t0)
+        logits = self.model.prefill(session, ids)
+        prefill = time.perf_counter() - t0
         token = int(np.argmax(logits))
         t0 = time.perf_counter()
         for _ in range(n_decode):
-            token = int(np.argmax(model.step(session, token)))
-        decode.append((time.perf_counter() - t0) / n_decode)
-    return len(ids) / statistics.median(prefill), 1.0 / statistics.median(decode)
+            token = int(np.argmax(self.model.step(session, token)))
+        decode = (time.perf_counter() - t0) / n_decode
+        self.model.close_session(session)
+        return prefill, decode
 
 
-def bench_llama_cpp(path: Path, threads: int, ids: list[int], n_decode: int, repeats: int) -> tuple[float, float] | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
-    import llama_cpp
+class LlamaCppEngine:
+    """One round of llama.cpp on the same GGUF and thread count."""
 
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=len(ids) + n_decode + 8, n_batch=len(ids), n_ubatch=len(ids),
-        n_threads=threads, n_threads_batch=threads, verbose=False,
-    )
-    n_vocab = llm.n_vocab()
+    def __init__(self, path: Path, threads: int, n_ctx: int, n_batch: int) -> None:
+        import llama_cpp
 
-    def last_token() -> int:
+        self.llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+            n_threads=threads, n_threads_batch=threads, verbose=False,
+        )
+        self.n_vocab = self.llm.n_vocab()
+
+    def _last_token(self) -> int:
         # Without logits_all, llama-cpp-python keeps no copy of the logits: read the context's.
-        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))))
 
-    prefill, decode = [], []
-    for _ in range(repeats):
-        llm.reset()
+    def round(self, ids: list[int], n_decode: int) -> tuple[float, float]:
+        """(prefill seconds, seconds per decoded token)."""
+        self.llm.reset()
         t0 = time.perf_counter()
-        llm.eval(ids)
-        prefill.append(time.perf_counter() - t0)
-        token = last_token()
+        self.llm.eval(ids)
+        prefill = time.perf_counter() - t0
+        token = self._last_token()
         t0 = time.perf_counter()
         for _ in range(n_decode):
-            llm.eval([token])
-            token = last_token()
-        decode.append((time.perf_counter() - t0) / n_decode)
-    return len(ids) / statistics.median(prefill), 1.0 / statistics.median(decode)
+            self.llm.eval([token])
+            token = self._last_token()
+        return prefill, (time.perf_counter() - t0) / n_decode
 
 
 def decode_bytes_per_token(path: Path) -> int | None:
@@ -154,13 +160,31 @@ def main() -> int:
     quant = model.source.metadata.get("general.file_type", "?")
     print(f"machine: {machine()}")
     print(f"model: {path.name} (general.file_type {quant}), threads {args.threads}, meshpy kernels {_native.simd_level()}, commit {commit()}")
-    print(f"prefill {len(ids)} tokens, decode {args.decode_tokens} tokens, median of {args.repeats}")
+    print(f"prefill {len(ids)} tokens, decode {args.decode_tokens} tokens, median of {args.repeats} alternating rounds")
 
-    ours = bench_meshpy(model, ids, args.decode_tokens, args.repeats)
+    ours_engine = MeshpyEngine(model)
+    ours_engine.round(ids, 2)  # warm-up (first touch of scratch memory), and the peak RSS of a round
     rss = peak_rss()
-    del model
+    ref_engine = None
+    if importlib.util.find_spec("llama_cpp") is not None:
+        ref_engine = LlamaCppEngine(path, args.threads, len(ids) + args.decode_tokens + 8, len(ids))
+        ref_engine.round(ids, 2)
+    # Rounds alternate between the engines: on a shared machine the bandwidth drifts by tens
+    # of percent over minutes, and alternation gives both the same conditions.
+    rounds: dict[str, list[tuple[float, float]]] = {"meshpy": [], "llama.cpp": []}
+    for _ in range(args.repeats):
+        rounds["meshpy"].append(ours_engine.round(ids, args.decode_tokens))
+        if ref_engine is not None:
+            rounds["llama.cpp"].append(ref_engine.round(ids, args.decode_tokens))
+
+    def speeds(name: str) -> tuple[float, float]:
+        prefill, decode = zip(*rounds[name])
+        return len(ids) / statistics.median(prefill), 1.0 / statistics.median(decode)
+
+    ours = speeds("meshpy")
+    ref = speeds("llama.cpp") if ref_engine is not None else None
+    del model, ours_engine, ref_engine
     gc.collect()
-    ref = bench_llama_cpp(path, args.threads, ids, args.decode_tokens, args.repeats)
     bandwidth = _native.ThreadPool(args.threads).read_bandwidth(args.bandwidth_bytes)
     per_token = decode_bytes_per_token(path)
 
@@ -176,7 +200,7 @@ def main() -> int:
         print(f"weights read per decoded token: {per_token / 1e6:.1f} MB; "
               f"read bandwidth ({args.threads} threads, {args.bandwidth_bytes >> 20} MiB buffer): {bandwidth / 1e9:.1f} GB/s, "
               f"so at most {bandwidth / per_token:.1f} tok/s")
-    print(f"meshpy peak RSS: {rss / 2**20:.0f} MiB")
+    print(f"meshpy peak RSS: {rss / 2**20:.0f} MiB (weights in the file: {path.stat().st_size / 2**20:.0f} MiB)")
     return 0
 
 
