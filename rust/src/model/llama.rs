@@ -601,7 +601,8 @@ impl Pass<'_> {
         let b = self.bufs;
         let acts = &b.acts[ctx.tid];
         let my_rows = ctx.split(n);
-        let mut scores = vec![0f32; self.max_ctx];
+        // Scores of the heads of one KV group over the longest context.
+        let mut scores = vec![0f32; self.max_ctx * (cfg.n_heads / cfg.n_kv_heads)];
         let mut xn = vec![0f32; d];
         let mut head_tmp = vec![0f32; hd];
         // Quantizes every row of `src` (width `w`) into this thread's `dst` buffers.
@@ -665,21 +666,13 @@ impl Pass<'_> {
             }
             ctx.barrier();
 
-            // Attention over (row, head) items. Several rows: dealt round-robin, which
-            // balances the causal triangle. One row (decode): contiguous heads per thread, so
-            // the heads sharing a KV head mostly run on one thread and read its keys and
-            // values from memory once (then from L2).
+            // Attention over (row, KV head, query heads) items: the query heads sharing a KV
+            // head are attended together, reading its keys and values once. Several rows:
+            // (row, KV head) items dealt round-robin, which balances the causal triangle. One
+            // row (decode): contiguous query heads per thread, grouped by KV head.
             let group = cfg.n_heads / cfg.n_kv_heads;
-            let items = n * cfg.n_heads;
-            let (start, end, step) = if n == 1 {
-                let mine = ctx.split(items);
-                (mine.start, mine.end, 1)
-            } else {
-                (ctx.tid, items, ctx.nth)
-            };
-            for item in (start..end).step_by(step) {
-                let (t, h) = (item / cfg.n_heads, item % cfg.n_heads);
-                let kvh = h / group;
+            let mut attend_heads = |t: usize, heads: Range<usize>| {
+                let kvh = heads.start / group;
                 let p = self.row_pos[t];
                 // A sliding-window layer sees keys `p - window < k <= p` (transformers'
                 // sliding-window causal mask), a global layer all of `0..=p`.
@@ -690,9 +683,23 @@ impl Pass<'_> {
                 let (first, last) = (first - c.base, p - c.base);
                 let (keys, values) =
                     unsafe { (c.keys.slice(kvh * hd..(last + 1) * kvd), c.values.slice(kvh * hd..(last + 1) * kvd)) };
-                let qh = unsafe { b.q.slice(t * qd + h * hd..t * qd + (h + 1) * hd) };
-                let out = unsafe { b.att.slice_mut(t * qd + h * hd..t * qd + (h + 1) * hd) };
-                attention::attend(qh, keys, values, kvd, first, last, cfg.attn_scale, &mut scores, out);
+                let q = t * qd + heads.start * hd..t * qd + heads.end * hd;
+                let (qh, out) = unsafe { (b.q.slice(q.clone()), b.att.slice_mut(q)) };
+                attention::attend(qh, hd, keys, values, kvd, first, last, cfg.attn_scale, &mut scores, out);
+            };
+            if n == 1 {
+                let mine = ctx.split(cfg.n_heads);
+                let mut h = mine.start;
+                while h < mine.end {
+                    let end = ((h / group + 1) * group).min(mine.end);
+                    attend_heads(0, h..end);
+                    h = end;
+                }
+            } else {
+                for item in (ctx.tid..n * cfg.n_kv_heads).step_by(ctx.nth) {
+                    let (t, kvh) = (item / cfg.n_kv_heads, item % cfg.n_kv_heads);
+                    attend_heads(t, kvh * group..(kvh + 1) * group);
+                }
             }
             ctx.barrier();
             quantize_all(b.att, qd, &acts.attn_out);
