@@ -438,13 +438,7 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         GgmlType::Q8_1 => r::quantize_row_q8_1_ref(src, as_blocks_mut(dst)?),
         GgmlType::Q8K => r::quantize_row_q8_k_ref(src, as_blocks_mut(dst)?),
         GgmlType::A16 => r::quantize_row_a16_ref(src, as_blocks_mut(dst)?),
-        GgmlType::Q2K
-        | GgmlType::Q3K
-        | GgmlType::Q4K
-        | GgmlType::Q5K
-        | GgmlType::Q6K
-        | GgmlType::IQ4NL
-        | GgmlType::IQ4XS => unreachable!("rejected above"),
+        _ => unreachable!("{ty} was rejected above (not a quantization target)"),
     }
     Ok(())
 }
