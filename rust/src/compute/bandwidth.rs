@@ -10,9 +10,13 @@ use super::{SharedMut, ThreadPool};
 /// contiguous share, as the products split weight rows), best of `repeats` passes. The
 /// buffer is written first, so its pages exist; make it larger than the last-level cache.
 pub fn read_bandwidth(pool: &ThreadPool, n_bytes: usize, repeats: usize) -> f64 {
-    let mut words = vec![1u64; (n_bytes / 8).max(8)];
+    // The pages the weights get (huge where the OS gives them), written so they exist.
+    let mut map = super::pages::huge_zeroed(n_bytes.max(64));
+    map.fill(1);
+    // SAFETY: the map is page-aligned, so u64-aligned, and holds `len / 8` whole words.
+    let words: &mut [u64] = unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr().cast(), map.len() / 8) };
     let n = words.len();
-    let shared = SharedMut::new(&mut words);
+    let shared = SharedMut::new(words);
     let mut best = f64::MAX;
     for _ in 0..repeats.max(1) {
         let t = Instant::now();

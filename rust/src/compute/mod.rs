@@ -6,6 +6,7 @@ pub mod bandwidth;
 pub mod fastmath;
 pub mod matmul;
 pub mod ops;
+pub mod pages;
 pub mod pool;
 
 pub use matmul::{ActRows, ActRowsMut, QMatrix};

@@ -38,6 +38,8 @@
 
 use std::ops::Range;
 
+use crate::compute::pages::huge_zeroed;
+
 use super::blocks::{
     view_blocks, BlockA16, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K,
     BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, F16Le, QK, QK_K,
@@ -274,30 +276,24 @@ impl RepackedKind {
     }
 }
 
-/// One cache line, the unit of the aligned arrays.
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Line([u8; 64]);
-
-/// A 64-byte-aligned byte buffer.
+/// A page-aligned, zeroed byte buffer on huge pages where the OS gives them (see
+/// `compute::pages`: decode streams these bytes once per token).
 struct Aligned {
-    lines: Vec<Line>,
+    map: memmap2::MmapMut,
     len: usize,
 }
 
 impl Aligned {
     fn zeroed(len: usize) -> Self {
-        Aligned { lines: vec![Line([0; 64]); len.div_ceil(64)], len }
+        Aligned { map: huge_zeroed(len), len }
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `Line` is plain bytes without padding; `len <= 64 * lines.len()`.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len) }
+        &self.map[..self.len]
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`, exclusively borrowed.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), self.len) }
+        &mut self.map[..self.len]
     }
 }
 
