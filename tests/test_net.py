@@ -297,6 +297,39 @@ def test_span_worker_refusals(smollm2_worker) -> None:  # noqa: ANN001
     client.request(worker.peer_id, _native.encode_close_session([907]))
 
 
+def test_node_forward_is_one_hop_with_typed_refusals(smollm2_worker) -> None:  # noqa: ANN001
+    """`Node.forward`, the End node's per-hop call: the worker's values (bit-equal to the local
+    span in f32), refusals as WorkerError carrying the wire code and whether another provider
+    could serve it, mismatched rows refused before anything is sent."""
+    from meshpy.errors import ShapeError, WorkerError
+
+    local, config, worker, client, model_hash = smollm2_worker
+    x = local.end.embed([5, 6, 7])
+    session = local.new_session()
+    want = local.pipeline.forward(session, x)
+
+    def hop(sid: int, start: int, rows: np.ndarray, step: int = 0, digest: bytes = model_hash, dtype: str = "f32") -> np.ndarray:
+        return client.forward(worker.peer_id, digest, "smollm2", 0, config.n_layers, [(sid, step, start, len(rows))], rows,
+                              wire_dtype=dtype, timeout=60.0)
+
+    got = hop(950, 0, x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(hop(951, 0, x, dtype="bf16"), want, rtol=0.05, atol=0.05 * np.abs(want).max())
+    with pytest.raises(WorkerError) as gap:
+        hop(950, 7, x[:1], step=1)
+    assert (gap.value.code, gap.value.recoverable, gap.value.peer) == ("step_mismatch", True, worker.peer_id)
+    with pytest.raises(WorkerError) as wrong:
+        hop(952, 0, x, digest=hashlib.sha256(b"other").digest())
+    assert (wrong.value.code, wrong.value.recoverable) == ("wrong_model", False)
+    assert "this worker serves" in str(wrong.value)
+    before = worker.session_count()
+    with pytest.raises(ShapeError):
+        client.forward(worker.peer_id, model_hash, "smollm2", 0, config.n_layers, [(953, 0, 0, 2)], x)
+    assert worker.session_count() == before
+    client.request(worker.peer_id, _native.encode_close_session([950, 951]))
+
+
 def test_span_worker_serves_sub_spans_like_the_whole_span(smollm2_worker) -> None:  # noqa: ANN001
     """Spans 0..10, 10..20, 20..30 of the 30-layer worker, one session each, chained, give
     the whole span's answer bit for bit (f32 on the wire), prefill and decode."""

@@ -239,6 +239,21 @@ class Node:
     def get_providers_many(self, keys: Sequence[bytes | str]) -> list[list[tuple[str, list[str]]]]:
         """get_providers of every key, the lookups run concurrently; one list per key, in order."""
     def request(self, peer: str, frame: bytes, timeout: float | None = None) -> bytes: ...
+    def forward(
+        self,
+        peer: str,
+        model_hash: bytes,
+        model_name: str,
+        first_layer: int,
+        layer_count: int,
+        entries: Sequence[tuple[int, int, int, int]],
+        hidden: npt.NDArray[np.float32],
+        wire_dtype: str = "f32",
+        timeout: float | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """One hop of the span protocol: `hidden` (rows of `entries`, in order) through the
+        layers on `peer`; the output, same shape. WorkerError (with `code`, `recoverable`)
+        when the worker refuses or its answer is not this request's result."""
     def info(self, peer: str, timeout: float | None = None) -> dict[str, Any]:
         """The peer's Info reply: "mode" ("span", "echo", "none"), "peer_id", "listen_addrs",
         its static info, and for "span" "model_name", "model_hash" (hex), "first_layer",

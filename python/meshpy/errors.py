@@ -111,11 +111,14 @@ class NoRouteError(MeshpyError, LookupError):
 
 class WorkerError(MeshpyError, RuntimeError):
     """A worker refused a request; ``code`` is the wire error code (``unknown_session``,
-    ``cannot_hold_session``, ``wrong_model``, ...)."""
+    ``cannot_hold_session``, ``wrong_model``, ...), ``recoverable`` whether another provider
+    of the layers may serve it (the wire's rule, ``ErrorCode::recoverable`` in the core)."""
 
-    def __init__(self, code: str, message: str, peer: str | None = None) -> None:
+    def __init__(self, code: str, message: str, peer: str | None = None, *, recoverable: bool = False) -> None:
         self.code = code
+        self.message = message
         self.peer = peer
+        self.recoverable = recoverable
         super().__init__(f"{peer + ': ' if peer else ''}{code}: {message}")
 
 

@@ -52,6 +52,14 @@ pub enum Error {
     /// speak the protocol, a DHT query with no answer, a node already shut down.
     #[error("network error: {0}")]
     Network(String),
+    /// A worker refused or failed a span request; `code` says why (and whether another
+    /// provider may serve it: [`crate::wire::ErrorCode::recoverable`]).
+    #[error("{peer}: {}: {message}", code.name())]
+    Worker {
+        peer: String,
+        code: crate::wire::ErrorCode,
+        message: String,
+    },
     /// A network request got no answer in time.
     #[error("timed out: {0}")]
     Timeout(String),

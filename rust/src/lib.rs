@@ -1,6 +1,6 @@
 //! meshpy's Rust core, exposed to Python as `meshpy._native`.
 //!
-//! The pure-Rust modules (`quant`, `checkpoint`, `compute`, `model`, `wire`) know nothing of
+//! The pure-Rust modules (`quant`, `checkpoint`, `compute`, `model`, `wire`, `net`, `span`) know nothing of
 //! Python and test with `cargo test`; `py` holds the thin bindings, one file per exposed
 //! concept.
 
@@ -10,6 +10,7 @@ pub mod error;
 pub mod model;
 pub mod net;
 pub mod quant;
+pub mod span;
 pub mod wire;
 
 mod py;

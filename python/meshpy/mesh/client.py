@@ -30,8 +30,6 @@ __all__ = ["MeshPipeline", "MeshSession", "WIRE_DTYPES"]
 log = logging.getLogger(__name__)
 
 WIRE_DTYPES = ("f32", "bf16", "f16")
-#: Worker refusals that another provider (or the same one, restarted) can fix.
-_RECOVERABLE = {"unknown_session", "cannot_hold_session", "step_mismatch", "wrong_span", "internal"}
 #: A provider that failed is left out of routes for this long.
 _FAILED_COOLDOWN = 30.0
 #: Reroutes one forward may try before giving up.
@@ -194,27 +192,21 @@ class MeshPipeline:
     # --- one hop ----------------------------------------------------------------------
 
     def _send(self, session: MeshSession, hop: Hop, start: int, x: np.ndarray) -> np.ndarray:
-        """Runs `x` (positions `start..`) through one hop; the hop's output."""
+        """Runs `x` (positions `start..`) through one hop; the hop's output. One native call:
+        the frame, the round trip and the answer's checks happen in Rust without the GIL."""
         entries = [(session.id, session.steps, start, x.shape[0])]
-        frame = _native.encode_forward(
-            self.model.digest, self.model.name, hop.layers.start, len(hop.layers), entries, x, self.wire_dtype
-        )
         peer = hop.provider.peer_id
         try:
-            reply = _native.decode_frame(self.node.request(peer, frame, timeout=self.request_timeout))
+            return self.node.forward(
+                peer, self.model.digest, self.model.name, hop.layers.start, len(hop.layers), entries, x,
+                wire_dtype=self.wire_dtype, timeout=self.request_timeout,
+            )
         except (NetworkError, RequestTimeoutError) as e:
             raise _HopFailed(peer, e) from e
-        if reply["kind"] == "error":
-            error = WorkerError(reply["code"], reply["message"], peer)
-            if error.code in _RECOVERABLE:
-                raise _HopFailed(peer, error)
-            raise error
-        if reply["kind"] != "forward_result" or reply["entries"] != entries:
-            raise WorkerError("invalid_request", f"unexpected answer {reply['kind']} {reply.get('entries')}", peer)
-        out = reply["hidden"]
-        if out.shape != x.shape:
-            raise WorkerError("invalid_request", f"answer of shape {out.shape} for input {x.shape}", peer)
-        return out
+        except WorkerError as e:
+            if e.recoverable:
+                raise _HopFailed(peer, e) from e
+            raise
 
     def _reroute(self, session: MeshSession, i: int) -> None:
         """Replaces hop `i` by a route over its layers through other providers, and replays

@@ -6,8 +6,8 @@
 //! The node runs on a tokio runtime of its own; other threads (Python's included) drive it
 //! through [`NodeHandle`]'s blocking calls, which send commands over a channel and wait on a
 //! reply channel. Inbound requests go to a [`FrameHandler`] on tokio's blocking pool:
-//! [`EchoHandler`] for network tests, [`SpanHandler`] to serve a span of layers (or any
-//! contiguous sub-range of it) with a KV cache per session.
+//! [`EchoHandler`] for network tests, [`crate::span::SpanHandler`] to serve a span of layers
+//! (the span protocol's two halves live in `span`; this module is their transport).
 
 mod behaviour;
 mod codec;
@@ -15,14 +15,11 @@ pub mod identity;
 mod info;
 mod node;
 mod serve;
-mod session;
 mod streams;
 mod tensor;
 
 #[cfg(test)]
-mod session_tests;
-#[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -32,11 +29,12 @@ use std::time::Duration;
 
 pub use behaviour::{KAD_PROTOCOL, IDENTIFY_PROTOCOL};
 pub use codec::{error_frame, PROTOCOL};
+pub(crate) use codec::error_frame_for;
+pub(crate) use serve::unexpected;
 pub use info::JsonObject;
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::{Node, NodeHandle, Providers};
 pub use serve::{EchoHandler, FrameHandler};
-pub use session::{SessionLimits, SpanHandler};
 
 use crate::error::{Error, Result};
 use crate::wire::Limits;

@@ -7,16 +7,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::span::{SessionLimits, SpanHandler};
 use crate::error::Error;
 use crate::wire::{
     DType, Entry, ErrorCode, Forward, Limits, Message, ModelId, SessionId, Shape, Span, Tensor, FIXED_HEADER_LEN,
 };
 
 /// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "meshpy-net-test-{}-{}",
@@ -34,7 +35,7 @@ impl Drop for TempDir {
     }
 }
 
-fn config(dir: &TempDir, transport: Transport, bootstrap: Vec<Multiaddr>) -> NodeConfig {
+pub(crate) fn config(dir: &TempDir, transport: Transport, bootstrap: Vec<Multiaddr>) -> NodeConfig {
     let mut c = NodeConfig::new(&dir.0);
     c.transport = transport;
     c.bootstrap = bootstrap;

@@ -20,6 +20,7 @@ fn class_name(err: &Error) -> &'static str {
         Error::FrameTooLarge { .. } => "FrameTooLargeError",
         Error::Identity { .. } => "IdentityError",
         Error::Network(_) => "NetworkError",
+        Error::Worker { .. } => "WorkerError",
         Error::Timeout(_) => "RequestTimeoutError",
     }
 }
@@ -31,7 +32,16 @@ pub(crate) fn to_py_err(err: Error) -> PyErr {
         let class = py
             .import("meshpy.errors")
             .and_then(|module| module.getattr(class_name(&err)));
-        match class.and_then(|class| class.call1((message.clone(),))) {
+        let instance = class.and_then(|class| match &err {
+            // WorkerError(code, message, peer, recoverable=...): the code stays machine-readable.
+            Error::Worker { peer, code, message } => {
+                let kwargs = pyo3::types::PyDict::new(py);
+                kwargs.set_item("recoverable", code.recoverable())?;
+                class.call((code.name(), message, peer), Some(&kwargs))
+            }
+            _ => class.call1((message.clone(),)),
+        });
+        match instance {
             Ok(instance) => PyErr::from_value(instance),
             // meshpy.errors is part of the package; this only happens in a broken install.
             Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),

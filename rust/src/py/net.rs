@@ -10,15 +10,18 @@ use std::time::Duration;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2};
 
 use super::json::{dict_to_map, value_to_dict};
 use super::model::PyLlamaSpan;
+use super::wire::{entries_of, matrix_of, model_id, PyEntry};
 use super::to_py_err;
 use crate::error::Error;
 use crate::net::{
-    EchoHandler, FrameHandler, Multiaddr, Node, NodeConfig, PeerId, Providers, SessionLimits, SpanHandler, Transport,
+    EchoHandler, FrameHandler, Multiaddr, Node, NodeConfig, PeerId, Providers, Transport,
 };
-use crate::wire::{Limits, ModelId, MODEL_HASH_LEN};
+use crate::span::{self, Hop, SessionLimits, SpanHandler};
+use crate::wire::{DType, Limits, ModelId, Span, MODEL_HASH_LEN};
 
 fn invalid(message: String) -> PyErr {
     to_py_err(Error::InvalidArgument(message))
@@ -196,6 +199,41 @@ impl PyNode {
         let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
         let reply = py.detach(|| self.node.request(peer, frame, timeout)).map_err(to_py_err)?;
         Ok(PyBytes::new(py, &reply))
+    }
+
+    /// Runs hidden states through one hop of the span protocol: layers `first_layer ..
+    /// first_layer + layer_count` of the model (`model_hash`, `model_name`) on `peer`, for
+    /// `entries` (`(session, step, start_pos, n_tokens)`, the rows of `hidden` in order),
+    /// float32 `(rows, width)` sent as `wire_dtype` ("f32", "bf16", "f16"). Returns the
+    /// worker's output, float32 of the same shape. The GIL is released from encoding to
+    /// decoding. Raises WorkerError (its `code`, `recoverable`, `peer`) when the worker
+    /// refuses or answers with something other than this request's result, ShapeError when
+    /// the rows do not match the entries, NetworkError / RequestTimeoutError from the network.
+    #[pyo3(signature = (peer, model_hash, model_name, first_layer, layer_count, entries, hidden, wire_dtype = "f32", timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        peer: &str,
+        model_hash: &[u8],
+        model_name: &str,
+        first_layer: u32,
+        layer_count: u32,
+        entries: Vec<PyEntry>,
+        hidden: PyReadonlyArray2<'py, f32>,
+        wire_dtype: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let peer = parse_peer(peer)?;
+        let model = model_id(model_hash, model_name)?;
+        let wire = DType::from_name(wire_dtype).map_err(to_py_err)?;
+        let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
+        let entries = entries_of(&entries);
+        let (data, shape) = matrix_of(&hidden)?;
+        let [rows, width] = [shape.dims()[0], shape.dims()[1]].map(|n| n as usize);
+        let hop = Hop { model: &model, span: Span { first_layer, layer_count }, entries: &entries, wire };
+        let out = py.detach(|| span::forward(&self.node, peer, hop, &data, width, timeout)).map_err(to_py_err)?;
+        PyArray1::from_vec(py, out).reshape([rows, width])
     }
 
     /// Asks `peer` to describe itself; returns its `Info` reply as a dict (keys: "mode",

@@ -20,9 +20,9 @@ use crate::wire::{
 };
 
 /// An entry as Python passes it: `(session, step, start_pos, n_tokens)`.
-type PyEntry = (u128, u64, u32, u32);
+pub(super) type PyEntry = (u128, u64, u32, u32);
 
-fn entries_of(entries: &[PyEntry]) -> Vec<Entry> {
+pub(super) fn entries_of(entries: &[PyEntry]) -> Vec<Entry> {
     entries
         .iter()
         .map(|&(session, step, start_pos, n_tokens)| Entry {
@@ -42,7 +42,7 @@ fn entries_to_py(entries: &[Entry]) -> Vec<PyEntry> {
 }
 
 /// A float32 `(rows, hidden)` array, copied (any strides), with its shape.
-fn matrix_of(hidden: &PyReadonlyArray2<'_, f32>) -> PyResult<(Vec<f32>, Shape)> {
+pub(super) fn matrix_of(hidden: &PyReadonlyArray2<'_, f32>) -> PyResult<(Vec<f32>, Shape)> {
     let shape = hidden.shape();
     let dims = [shape[0], shape[1]].map(u32::try_from);
     let [Ok(rows), Ok(cols)] = dims else {
@@ -58,6 +58,17 @@ fn matrix_of(hidden: &PyReadonlyArray2<'_, f32>) -> PyResult<(Vec<f32>, Shape)> 
     Ok((data, Shape::matrix(rows, cols)))
 }
 
+
+/// The model id of a 32-byte content hash and a name.
+pub(super) fn model_id(model_hash: &[u8], model_name: &str) -> PyResult<ModelId> {
+    let hash: [u8; MODEL_HASH_LEN] = model_hash.try_into().map_err(|_| {
+        to_py_err(Error::InvalidArgument(format!(
+            "model_hash must be {MODEL_HASH_LEN} bytes, got {}",
+            model_hash.len()
+        )))
+    })?;
+    Ok(ModelId { hash, name: model_name.to_string() })
+}
 
 /// Encodes `msg` with the GIL released and returns the frame as `bytes`.
 fn encode<'py>(py: Python<'py>, msg: Message<'_>) -> PyResult<Bound<'py, PyBytes>> {
@@ -90,19 +101,11 @@ fn encode_forward<'py>(
     hidden: PyReadonlyArray2<'py, f32>,
     dtype: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let hash: [u8; MODEL_HASH_LEN] = model_hash.try_into().map_err(|_| {
-        to_py_err(Error::InvalidArgument(format!(
-            "model_hash must be {MODEL_HASH_LEN} bytes, got {}",
-            model_hash.len()
-        )))
-    })?;
+    let model = model_id(model_hash, model_name)?;
     let dtype = DType::from_name(dtype).map_err(to_py_err)?;
     let (data, shape) = matrix_of(&hidden)?;
     let msg = Message::Forward(Forward {
-        model: ModelId {
-            hash,
-            name: model_name.to_string(),
-        },
+        model,
         span: Span {
             first_layer,
             layer_count,

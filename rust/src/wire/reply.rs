@@ -49,6 +49,21 @@ impl ErrorCode {
         ErrorCode::Internal,
     ];
 
+    /// Whether another provider of the layers (or the same worker, restarted) can serve the
+    /// request after this refusal: the End node reroutes and replays the session's inputs
+    /// then. The others (wrong model, context overflow, a request the worker cannot act on,
+    /// a malformed or oversized frame) would fail anywhere, so they end the request.
+    pub fn recoverable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::UnknownSession
+                | ErrorCode::CannotHoldSession
+                | ErrorCode::StepMismatch
+                | ErrorCode::WrongSpan
+                | ErrorCode::Internal
+        )
+    }
+
     /// The code with wire value `code`, or a frame error naming it.
     pub fn from_code(code: u16) -> Result<ErrorCode> {
         ErrorCode::ALL

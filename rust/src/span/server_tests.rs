@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 
-use super::{FrameHandler, SessionLimits, SpanHandler};
+use super::{SessionLimits, SpanHandler};
+use crate::net::FrameHandler;
 use crate::compute::ThreadPool;
 use crate::model::tests::{tiny_gemma3, tiny_llama, TINY_HIDDEN, TINY_LAYERS};
 use crate::model::KvCache;

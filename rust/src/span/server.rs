@@ -1,4 +1,4 @@
-//! Serving a span of layers: [`SpanHandler`] answers `Forward` frames by running a
+//! The server half of the span protocol: a worker serving a span of layers. [`SpanHandler`] answers `Forward` frames by running a
 //! [`LlamaSpan`] on the CPU, entirely in Rust, with one KV cache per session.
 //!
 //! A worker loaded with layers `a..b` serves any contiguous sub-range `s..e` of them
@@ -26,8 +26,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
-use super::codec::{error_frame, error_frame_for};
-use super::serve::{unexpected, FrameHandler};
+use crate::net::{error_frame, error_frame_for, unexpected, FrameHandler};
 use crate::compute::ThreadPool;
 use crate::error::Error;
 use crate::model::{KvCache, LlamaSpan, SeqChunk};
