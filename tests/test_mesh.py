@@ -91,6 +91,31 @@ def test_three_workers_place_themselves_and_match_one_process(three_workers: Loc
         assert w.wait_for(r"session closed|new session", 5)
 
 
+def test_concurrent_generations_batch_on_workers_and_each_equals_its_run_alone(three_workers: LocalMesh,
+                                                                           smollm2_gguf: Path) -> None:
+    """Four greedy generations at once through the mesh: each gives the tokens of the same
+    prompt generated alone in one process, and the workers ran some of their steps together
+    (their Info counters: fewer span calls than requests)."""
+    import threading
+
+    prompts = [f"{PROMPT} Variation {i}: the keeper is {age} years old." for i, age in enumerate((30, 45, 61, 77))]
+    local = Model.load(smollm2_gguf, threads=1)
+    want = [greedy(local, p, 24) for p in prompts]
+    got: list[list[int] | None] = [None] * len(prompts)
+    with connect(smollm2_gguf, three_workers.bootstrap_addr, threads=1, route_timeout=60) as model:
+        def run(i: int) -> None:
+            got[i] = greedy(model, prompts[i], 24)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == want
+        infos = [model.pipeline.node.info(p.peer_id) for p in model.pipeline.providers]
+    assert any(i["largest_batch"] >= 2 and i["span_calls"] < i["span_requests"] for i in infos), infos
+
+
 def test_status_lists_workers_and_coverage(three_workers: LocalMesh) -> None:
     mesh = three_workers
     out = subprocess.run(

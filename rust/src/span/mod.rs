@@ -2,6 +2,7 @@
 //! ([`client`]) and the worker that answers it ([`server`]). Frames are `wire`'s; `net`
 //! carries them.
 
+mod batcher;
 pub mod client;
 mod server;
 

@@ -26,12 +26,13 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
+use super::batcher::{Batcher, Job};
 use crate::net::{error_frame, error_frame_for, unexpected, FrameHandler};
 use crate::compute::ThreadPool;
 use crate::error::Error;
 use crate::model::{KvCache, LlamaSpan, SeqChunk};
 use crate::wire::{
-    Entry, ErrorCode, ErrorReply, Forward, ForwardResult, Limits, Message, ModelId, SessionId, Span, Tensor,
+    DType, Entry, ErrorCode, ErrorReply, Forward, ForwardResult, Limits, Message, ModelId, SessionId, Shape, Span, Tensor,
 };
 
 /// Largest request frame a [`SpanHandler`] answers on the node's event loop: 64 KiB is a few
@@ -79,6 +80,43 @@ struct Table {
 /// The sessions of one request, in entry order, each marked when this request created it.
 type Admitted = Vec<(Arc<Mutex<Session>>, bool)>;
 
+/// A `Forward` that passed the checks and admission, owned, waiting for its batch.
+struct Queued {
+    entries: Vec<Entry>,
+    span: Span,
+    /// The rows, in f32; the answer goes back in `dtype` with `shape`.
+    hidden: Vec<f32>,
+    dtype: DType,
+    shape: Shape,
+    sessions: Admitted,
+    total_tokens: u64,
+}
+
+/// A queued request's sessions, locked for its batch's span call: their guards in entry
+/// order, the sessions a retry cut back (index, length before), and the KV bytes they held.
+struct Locked<'a> {
+    guards: Vec<MutexGuard<'a, Session>>,
+    cut: Vec<(usize, usize)>,
+    held_before: i64,
+}
+
+/// How requests have shared span calls: for `Info` ("span_calls", "span_requests", the
+/// largest batch).
+#[derive(Default)]
+struct BatchStats {
+    calls: u64,
+    requests: u64,
+    largest: usize,
+}
+
+impl BatchStats {
+    fn record(&mut self, requests: usize) {
+        self.calls += 1;
+        self.requests += requests as u64;
+        self.largest = self.largest.max(requests);
+    }
+}
+
 /// A refusal: the reply to send, as an error code, maybe a session, and a message.
 type Refusal = Box<ErrorReply>;
 
@@ -99,13 +137,29 @@ pub struct SpanHandler {
     limits: Limits,
     session_limits: SessionLimits,
     table: Mutex<Table>,
+    batches: Batcher<Queued>,
+    stats: Mutex<BatchStats>,
 }
 
 impl SpanHandler {
     /// A handler running `span` on `pool` for requests naming `model`, decoding frames within
     /// `limits`.
     pub fn new(span: Arc<LlamaSpan>, pool: Arc<ThreadPool>, model: ModelId, limits: Limits, session_limits: SessionLimits) -> Self {
-        SpanHandler { span, pool, model, limits, session_limits, table: Mutex::new(Table::default()) }
+        SpanHandler {
+            span,
+            pool,
+            model,
+            limits,
+            session_limits,
+            table: Mutex::new(Table::default()),
+            batches: Batcher::default(),
+            stats: Mutex::new(BatchStats::default()),
+        }
+    }
+
+    /// Whether a batch is running or requests wait for one.
+    pub fn busy(&self) -> bool {
+        self.batches.busy()
     }
 
     /// The layers served.
@@ -157,8 +211,23 @@ impl SpanHandler {
         self.session_limits.max_positions.min(self.span.config().max_positions)
     }
 
-    /// Runs a decoded `Forward`; the response frame or a refusal.
-    fn forward(&self, req: Forward<'_>) -> Result<Vec<u8>, Refusal> {
+    /// Runs a decoded `Forward`: checks it, admits its sessions, and queues it for the next
+    /// batch (see `batcher`); the response frame, a refusal's included.
+    fn forward(&self, peer: PeerId, req: Forward<'_>) -> Vec<u8> {
+        let queued = match self.check_and_admit(&req) {
+            Ok(queued) => queued,
+            Err(refusal) => {
+                tracing::debug!(%peer, "refused a forward: {}", refusal.message);
+                return error_frame(*refusal);
+            }
+        };
+        let crashed = || error_frame(*internal("the batch this request was in failed"));
+        self.batches.submit(queued, |batch| self.run_batch(batch), &crashed)
+    }
+
+    /// The checks a request passes alone (model, layers, width), then admission; the
+    /// request, owned, ready to queue.
+    fn check_and_admit(&self, req: &Forward<'_>) -> Result<Queued, Refusal> {
         let first_session = req.entries.first().map(|e| e.session);
         if req.model.hash != self.model.hash {
             return Err(refuse(
@@ -181,36 +250,95 @@ impl SpanHandler {
                 ),
             ));
         }
-        let hidden = self.span.config().hidden;
-        let dims = req.hidden.shape();
-        if dims.dims().last().copied() != Some(hidden as u32) {
+        let width = self.span.config().hidden;
+        let shape = req.hidden.shape();
+        if shape.dims().last().copied() != Some(width as u32) {
             return Err(refuse(
                 ErrorCode::InvalidRequest,
                 first_session,
-                format!("hidden states of shape {:?}; this model's width is {hidden}", dims.dims()),
+                format!("hidden states of shape {:?}; this model's width is {width}", shape.dims()),
             ));
         }
+        let view = req.hidden.as_view().ok_or_else(|| internal("a decoded tensor is not a view"))?;
         let total_tokens: u64 = req.entries.iter().map(|e| u64::from(e.n_tokens)).sum();
         let sessions = self.admit(&req.entries, req.span, total_tokens)?;
-        let hidden = match self.run(&req, &sessions) {
-            Ok((hidden, grown)) => {
-                // Account the sessions at what they hold now: the reservation counted every
-                // token on every layer, a retry gave positions back, sliding layers dropped some.
-                let reserved = total_tokens * self.bytes_per_position(req.span);
+        Ok(Queued { entries: req.entries.clone(), span: req.span, hidden: view.to_f32(), dtype: view.dtype(), shape, sessions, total_tokens })
+    }
+
+    /// Runs one batch of queued requests and answers each: those whose sessions pass the
+    /// position checks run together, one span call per distinct layer range (a session's
+    /// rows are independent of the other rows of a call, so each answer equals the request's
+    /// answer alone).
+    fn run_batch(&self, batch: &[Arc<Job<Queued>>]) {
+        let mut ready = Vec::with_capacity(batch.len());
+        for job in batch {
+            match self.lock_sessions(&job.input) {
+                Ok(locked) => ready.push((job.as_ref(), locked)),
+                Err(refusal) => {
+                    let q = &job.input;
+                    self.release(&q.entries, q.span, &q.sessions, q.total_tokens);
+                    job.answer(error_frame(*refusal));
+                }
+            }
+        }
+        while let Some(span) = ready.first().map(|(job, _)| job.input.span) {
+            let (group, rest) = ready.into_iter().partition(|(job, _)| job.input.span == span);
+            self.run_group(span, group);
+            ready = rest;
+        }
+    }
+
+    /// One span call over every request of `group` (all on layers `span`), then each
+    /// request's accounting and answer.
+    fn run_group(&self, span: Span, mut group: Vec<(&Job<Queued>, Locked<'_>)>) {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(group.len());
+        let mut hidden: Vec<f32> = group.iter().flat_map(|(job, _)| job.input.hidden.iter().copied()).collect();
+        let result = {
+            let mut seqs: Vec<SeqChunk> = group
+                .iter_mut()
+                .flat_map(|(job, locked)| locked.guards.iter_mut().zip(&job.input.entries))
+                .map(|(g, e)| SeqChunk { cache: &mut g.cache, n_tokens: e.n_tokens as usize })
+                .collect();
+            let first = (span.first_layer - self.span.first_layer() as u32) as usize;
+            self.span.forward_layers(&self.pool, &mut hidden, &mut seqs, first..first + span.layer_count as usize)
+        };
+        if let Err(err) = result {
+            for (job, mut locked) in group {
+                for &(i, len) in &locked.cut {
+                    locked.guards[i].cache.restore_len(len);
+                }
+                drop(locked);
+                let q = &job.input;
+                self.release(&q.entries, q.span, &q.sessions, q.total_tokens);
+                job.answer(error_frame(ErrorReply::from_error(&err, q.entries.first().map(|e| e.session))));
+            }
+            return;
+        }
+        let now = Instant::now();
+        let mut rows = hidden.as_slice();
+        for (job, mut locked) in group {
+            let q = &job.input;
+            let (mine, rest) = rows.split_at(q.hidden.len());
+            rows = rest;
+            let held_after: i64 = locked.guards.iter().map(|g| g.cache.held_bytes() as i64).sum();
+            let grown = held_after - locked.held_before;
+            for g in &mut locked.guards {
+                g.last_used = now;
+            }
+            drop(locked);
+            // Account the sessions at what they hold now: the reservation counted every token
+            // on every layer, a retry gave positions back, sliding layers dropped some.
+            let reserved = q.total_tokens * self.bytes_per_position(q.span);
+            {
                 let mut table = self.lock_table();
                 table.used_bytes = (table.used_bytes as i128 - reserved as i128 + grown as i128).max(0) as u64;
-                hidden
             }
-            Err(refusal) => {
-                self.release(&req.entries, req.span, &sessions, total_tokens);
-                return Err(refusal);
-            }
-        };
-        // The caches have advanced: from here on the reservation is spent, whatever happens.
-        let view = req.hidden.as_view().ok_or_else(|| internal("a decoded tensor is not a view"))?;
-        Tensor::from_f32(&hidden, req.hidden.shape(), view.dtype())
-            .and_then(|t| Message::ForwardResult(ForwardResult { entries: req.entries.clone(), hidden: t }).encode())
-            .map_err(|err| Box::new(ErrorReply::from_error(&err, None)))
+            // The caches have advanced: from here on the reservation is spent, whatever happens.
+            let frame = Tensor::from_f32(mine, q.shape, q.dtype)
+                .and_then(|t| Message::ForwardResult(ForwardResult { entries: q.entries.clone(), hidden: t }).encode())
+                .unwrap_or_else(|err| error_frame(ErrorReply::from_error(&err, None)));
+            job.answer(frame);
+        }
     }
 
     /// Finds or creates each entry's session (running `span`) and reserves KV bytes for the
@@ -288,13 +416,12 @@ impl SpanHandler {
         }
     }
 
-    /// Checks positions against each cache, cuts retried sessions back to their start
-    /// position, and runs the request's layers; returns the output rows and how many KV bytes
-    /// the sessions hold more than before (negative when a retry or a sliding layer gave
-    /// some back). A refusal or a failed pass leaves every cache as it was.
-    fn run(&self, req: &Forward<'_>, sessions: &[(Arc<Mutex<Session>>, bool)]) -> Result<(Vec<f32>, i64), Refusal> {
-        let mut guards = Vec::with_capacity(sessions.len());
-        for (e, (s, _)) in req.entries.iter().zip(sessions) {
+    /// Locks each of the request's sessions and checks its positions against the cache, then
+    /// cuts retried sessions back to their start position (undone by the caller if the pass
+    /// fails). A refusal leaves every cache as it was.
+    fn lock_sessions<'a>(&self, q: &'a Queued) -> Result<Locked<'a>, Refusal> {
+        let mut guards = Vec::with_capacity(q.sessions.len());
+        for (e, (s, _)) in q.entries.iter().zip(&q.sessions) {
             // Two requests for one session at once is a client bug; refuse rather than wait.
             let guard = s.try_lock().map_err(|_| {
                 refuse(ErrorCode::StepMismatch, Some(e.session), format!("session {} is busy with another request", e.session))
@@ -319,40 +446,27 @@ impl SpanHandler {
             guards.push(guard);
         }
         let held_before: i64 = guards.iter().map(|g| g.cache.held_bytes() as i64).sum();
-        let view = req.hidden.as_view().ok_or_else(|| internal("a decoded tensor is not a view"))?;
-        let mut hidden = view.to_f32();
-        // Every check passed: cut retried sessions back (undone below if the pass fails).
+        // Every check passed: cut retried sessions back.
         let mut cut = Vec::new();
-        for (i, (g, e)) in guards.iter_mut().zip(&req.entries).enumerate() {
+        let mut failed = None;
+        for (i, (g, e)) in guards.iter_mut().zip(&q.entries).enumerate() {
             let len = g.cache.len();
             if (e.start_pos as usize) < len {
                 tracing::debug!(session = %e.session, "retry: rewinding from {len} to {} positions", e.start_pos);
-                g.cache.truncate(e.start_pos as usize).map_err(|err| internal(&err.to_string()))?;
+                if let Err(err) = g.cache.truncate(e.start_pos as usize) {
+                    failed = Some(err);
+                    break;
+                }
                 cut.push((i, len));
             }
         }
-        let result = {
-            let mut seqs: Vec<SeqChunk> = guards
-                .iter_mut()
-                .zip(&req.entries)
-                .map(|(g, e)| SeqChunk { cache: &mut g.cache, n_tokens: e.n_tokens as usize })
-                .collect();
-            let first = (req.span.first_layer - self.span.first_layer() as u32) as usize;
-            let layers = first..first + req.span.layer_count as usize;
-            self.span.forward_layers(&self.pool, &mut hidden, &mut seqs, layers)
-        };
-        if let Err(err) = result {
+        if let Some(err) = failed {
             for &(i, len) in &cut {
                 guards[i].cache.restore_len(len);
             }
-            return Err(Box::new(ErrorReply::from_error(&err, req.entries.first().map(|e| e.session))));
+            return Err(internal(&err.to_string()));
         }
-        let now = Instant::now();
-        let held_after: i64 = guards.iter().map(|g| g.cache.held_bytes() as i64).sum();
-        for g in &mut guards {
-            g.last_used = now;
-        }
-        Ok((hidden, held_after - held_before))
+        Ok(Locked { guards, cut, held_before })
     }
 
     /// Closes `ids`; returns those that were held.
@@ -379,11 +493,14 @@ fn held_bytes(cache: &KvCache) -> u64 {
 }
 
 impl FrameHandler for SpanHandler {
-    /// Decode-sized requests run inline: a step of a few tokens takes about a millisecond per
-    /// ten layers of a small model, and the hops to the blocking pool and back cost about a
-    /// tenth of that (benches/bench_mesh.py). Prefill chunks go to the blocking pool.
+    /// Decode-sized requests of a lone session run inline: a step of a few tokens takes about
+    /// a millisecond per ten layers of a small model, and the hops to the blocking pool and
+    /// back cost about a tenth of that (benches/bench_mesh.py). With several sessions, or a
+    /// batch running, requests go to the blocking pool, where those that arrive together
+    /// batch (inline ones would run one by one on the event loop). Prefill chunks always go
+    /// to the pool.
     fn inline(&self, request: &[u8]) -> bool {
-        request.len() <= INLINE_FRAME_BYTES
+        request.len() <= INLINE_FRAME_BYTES && self.lock_table().sessions.len() <= 1 && !self.busy()
     }
 
     fn handle(&self, peer: PeerId, request: &[u8]) -> Vec<u8> {
@@ -395,10 +512,7 @@ impl FrameHandler for SpanHandler {
             }
         };
         match message {
-            Message::Forward(f) => self.forward(f).unwrap_or_else(|reply| {
-                tracing::debug!(%peer, "refused a forward: {}", reply.message);
-                error_frame(*reply)
-            }),
+            Message::Forward(f) => self.forward(peer, f),
             Message::CloseSession(ids) => {
                 let closed = self.close(&ids);
                 Message::CloseSessionAck(closed).encode().unwrap_or_else(|e| error_frame_for(&e, None))
@@ -417,15 +531,21 @@ impl FrameHandler for SpanHandler {
     }
 
     /// `{"mode": "span", "model_name", "model_hash" (hex), "first_layer", "n_layers",
-    /// "sessions", "kv_used_bytes", "kv_budget_bytes", "max_positions", "hidden"}`.
+    /// "sessions", "kv_used_bytes", "kv_budget_bytes", "max_positions", "hidden",
+    /// "span_calls", "span_requests", "largest_batch"}` (the last three: how requests have
+    /// shared span calls so far).
     fn info(&self) -> serde_json::Value {
         let (sessions, used) = {
             let table = self.lock_table();
             (table.sessions.len(), table.used_bytes)
         };
         let hash: String = self.model.hash.iter().map(|b| format!("{b:02x}")).collect();
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         serde_json::json!({
             "mode": "span",
+            "span_calls": stats.calls,
+            "span_requests": stats.requests,
+            "largest_batch": stats.largest,
             "model_name": self.model.name,
             "model_hash": hash,
             "first_layer": self.span.first_layer(),

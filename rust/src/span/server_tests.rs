@@ -192,6 +192,9 @@ fn info_describes_the_span_and_its_load() {
         h.info(),
         serde_json::json!({
             "mode": "span",
+            "span_calls": 1,
+            "span_requests": 1,
+            "largest_batch": 1,
             "model_name": "tiny",
             "model_hash": "03".repeat(32),
             "first_layer": 0,
@@ -242,4 +245,45 @@ fn sliding_window_layers_let_a_budget_hold_a_longer_session() {
     let closed = Message::CloseSession(vec![SessionId(1)]).encode().unwrap();
     h.handle(PeerId::random(), &closed);
     assert_eq!(h.used_kv_bytes(), 3 * per_layer);
+}
+
+#[test]
+fn requests_arriving_while_a_batch_runs_share_the_next_span_call_with_their_own_answers() {
+    let whole = |start: u32, rows: &[f32], s: u128| forward(s, start, 0, TINY_LAYERS as u32, rows);
+    let mut rng = TestRng::new(21);
+    let prompts: Vec<Vec<f32>> = (0..4).map(|_| rng.gaussians(3 * TINY_HIDDEN)).collect();
+    let steps: Vec<Vec<f32>> = (0..4).map(|_| rng.gaussians(TINY_HIDDEN)).collect();
+    // Each session alone, on a handler of its own: the reference answers.
+    let alone = handler(SessionLimits::default());
+    let want: Vec<Vec<f32>> = (0..4)
+        .map(|i| {
+            ask(&alone, &whole(0, &prompts[i], 10 + i as u128)).unwrap();
+            ask(&alone, &whole(3, &steps[i], 10 + i as u128)).unwrap()
+        })
+        .collect();
+
+    let h = handler(SessionLimits::default());
+    for (i, p) in prompts.iter().enumerate() {
+        ask(&h, &whole(0, p, 10 + i as u128)).unwrap();
+    }
+    // A long batch (16 sessions x 250 positions) keeps the pool busy while the four decode
+    // steps arrive; they queue and run as one call once it ends.
+    let blocker = batch(&(0..16).map(|s| (100 + s, 0, 250)).collect::<Vec<_>>(), &mut rng);
+    let got = std::thread::scope(|scope| {
+        let long = scope.spawn(|| ask(&h, &blocker).unwrap());
+        while !h.busy() {
+            std::thread::yield_now();
+        }
+        let steps: Vec<_> = (0..4).map(|i| {
+            let (h, frame) = (&h, whole(3, &steps[i], 10 + i as u128));
+            scope.spawn(move || ask(h, &frame).unwrap())
+        }).collect();
+        long.join().unwrap();
+        steps.into_iter().map(|t| t.join().unwrap()).collect::<Vec<_>>()
+    });
+    assert_eq!(got, want, "each session's answer is its answer alone, bit for bit");
+    let info = h.info();
+    let (calls, requests, largest) = (info["span_calls"].as_u64().unwrap(), info["span_requests"].as_u64().unwrap(), info["largest_batch"].as_u64().unwrap());
+    assert_eq!(requests, 4 + 1 + 4, "four prefills, the blocker, four steps");
+    assert!(largest >= 2 && calls < requests, "the steps shared span calls: {info}");
 }
