@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from meshpy import _native
+from meshpy.batching import StepBatcher
 from meshpy.end_model import EndModel, Prompt
 from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.packaged import PACKAGED_MODELS, resolve_packaged
@@ -110,6 +111,11 @@ class Model:
         self.config = config
         self.end = end
         self.pipeline = pipeline
+        #: Concurrent `step` calls run as batches where the pipeline can run several sessions
+        #: in one pass (in this process); through a mesh, the workers batch instead.
+        self.step_batcher: StepBatcher | None = None
+        if isinstance(pipeline, LocalPipeline):
+            self.step_batcher = StepBatcher(self._steps, self._step, pipeline.positions, pipeline.rewind)
 
     @classmethod
     def load(
@@ -194,8 +200,18 @@ class Model:
         return np.concatenate(parts)
 
     def step(self, session: Any, token: int) -> np.ndarray:
-        """Runs one token; returns the next-token logits."""
+        """Runs one token; returns the next-token logits. Steps of other sessions made at the
+        same time from other threads share the pass (see `meshpy.batching`)."""
+        if self.step_batcher is not None:
+            return self.step_batcher.step(session, token)
+        return self._step(session, token)
+
+    def _step(self, session: Any, token: int) -> np.ndarray:
         return self.end.logits(self.pipeline.forward(session, self.end.embed([token])))[0]
+
+    def _steps(self, sessions: Sequence[Any], tokens: Sequence[int]) -> np.ndarray:
+        assert isinstance(self.pipeline, LocalPipeline)
+        return self.end.logits(self.pipeline.forward_batch(sessions, self.end.embed(list(tokens))))
 
     def generate_ids(
         self,

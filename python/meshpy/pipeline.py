@@ -113,6 +113,26 @@ class LocalPipeline:
             hidden = span.forward(hidden, cache)
         return hidden
 
+    def forward_batch(self, sessions: Sequence[PipelineSession], hidden: np.ndarray) -> np.ndarray:
+        """One row per session (distinct sessions, `hidden` row i for `sessions[i]`) through
+        every span as one pass per span; each row's output equals its session's `forward`."""
+        for i, span in enumerate(self.spans):
+            caches = [(s.caches[i], 1) for s in sessions]
+            hidden = span.native.forward_batch(np.ascontiguousarray(hidden, dtype=np.float32), caches)
+        return hidden
+
+    @staticmethod
+    def positions(session: PipelineSession) -> list[int]:
+        """Each span's cache length, to `rewind` to."""
+        return [len(c) for c in session.caches]
+
+    @staticmethod
+    def rewind(session: PipelineSession, positions: list[int]) -> None:
+        """Cuts each cache back to `positions` (from `positions`) after a failed pass."""
+        for cache, n in zip(session.caches, positions):
+            if len(cache) > n:
+                cache.truncate(n)
+
     def close_session(self, session: PipelineSession) -> None:
         """Drops the session's caches."""
         session.caches.clear()
