@@ -95,7 +95,7 @@ def main() -> None:
                 if "span_calls" not in info:
                     continue  # a worker built before batching
                 print(f"  worker {provider.peer_id[-8:]} (layers {info['first_layer']}-{info['first_layer'] + info['n_layers'] - 1}): "
-                      f"{info['span_requests']} requests in {info['span_calls']} span calls, largest batch {info['largest_batch']}")
+                      f"{info['span_entries']} session steps in {info['span_calls']} span calls, largest batch {info['largest_batch']}")
 
 
 if __name__ == "__main__":

@@ -112,9 +112,10 @@ class Model:
         self.end = end
         self.pipeline = pipeline
         #: Concurrent `step` calls run as batches where the pipeline can run several sessions
-        #: in one pass (in this process); through a mesh, the workers batch instead.
+        #: in one pass (`forward_batch`: in this process, and through a mesh one request per
+        #: hop for the sessions on a route).
         self.step_batcher: StepBatcher | None = None
-        if isinstance(pipeline, LocalPipeline):
+        if hasattr(pipeline, "forward_batch"):
             self.step_batcher = StepBatcher(self._steps, self._step, pipeline.positions, pipeline.rewind)
 
     @classmethod
@@ -210,8 +211,8 @@ class Model:
         return self.end.logits(self.pipeline.forward(session, self.end.embed([token])))[0]
 
     def _steps(self, sessions: Sequence[Any], tokens: Sequence[int]) -> np.ndarray:
-        assert isinstance(self.pipeline, LocalPipeline)
-        return self.end.logits(self.pipeline.forward_batch(sessions, self.end.embed(list(tokens))))
+        forward_batch = self.pipeline.forward_batch  # type: ignore[attr-defined]
+        return self.end.logits(forward_batch(sessions, self.end.embed(list(tokens))))
 
     def generate_ids(
         self,

@@ -176,6 +176,53 @@ class MeshPipeline:
         session.steps += 1
         return x
 
+    def forward_batch(self, sessions: Sequence[MeshSession], hidden: np.ndarray) -> np.ndarray:
+        """One row per session (distinct sessions, row i for `sessions[i]`): sessions on the
+        same route go through each hop as one request with an entry per session, so a worker
+        runs them in one span call. Any failure raises before a session's state changes;
+        the caller then runs the sessions one by one through `forward`, whose reroute and
+        replay handle it (workers take the resent positions as retries)."""
+        x = np.ascontiguousarray(hidden, dtype=np.float32)
+        for session in sessions:
+            if session.closed:
+                raise ValueError("the session is closed")
+            if session.n_positions + 1 > session.max_len:
+                raise ContextOverflowError(f"{session.n_positions + 1} positions needed, the session holds {session.max_len}")
+        out = np.empty_like(x)
+        groups: dict[tuple, list[int]] = {}
+        for i, session in enumerate(sessions):
+            route = tuple((h.provider.peer_id, h.layers.start, h.layers.stop) for h in session.hops)
+            groups.setdefault(route, []).append(i)
+        kept: list[tuple[MeshSession, list[np.ndarray]]] = []
+        for rows in groups.values():
+            members = [sessions[i] for i in rows]
+            y = x[rows]
+            inputs = []
+            for k, hop in enumerate(members[0].hops):
+                inputs.append(y)
+                entries = [(s.id, s.steps, s.n_positions, 1) for s in members]
+                y = self.node.forward(
+                    hop.provider.peer_id, self.model.digest, self.model.name, hop.layers.start, len(hop.layers),
+                    entries, y, wire_dtype=self.wire_dtype, timeout=self.request_timeout,
+                )
+            out[rows] = y
+            kept.extend((s, [inp[j : j + 1] for inp in inputs]) for j, s in enumerate(members))
+        # Every hop of every group answered: the sessions advance.
+        for session, rows_in in kept:
+            for k, row in enumerate(rows_in):
+                session.inputs[k].append(row)
+            session.n_positions += 1
+            session.steps += 1
+        return out
+
+    @staticmethod
+    def positions(session: MeshSession) -> None:
+        """Nothing to rewind: `forward_batch` changes a session only once every hop answered."""
+
+    @staticmethod
+    def rewind(session: MeshSession, positions: None) -> None:
+        """See `positions`."""
+
     def close_session(self, session: MeshSession) -> None:
         """Frees the session's caches on its workers (best effort: idle expiry is the net)."""
         if session.closed:

@@ -100,20 +100,21 @@ struct Locked<'a> {
     held_before: i64,
 }
 
-/// How requests have shared span calls: for `Info` ("span_calls", "span_requests", the
-/// largest batch).
+/// How sessions have shared span calls: for `Info` ("span_calls", "span_entries": session
+/// entries run, "largest_batch": most entries in one call). Entries of one request and of
+/// requests batched together count alike.
 #[derive(Default)]
 struct BatchStats {
     calls: u64,
-    requests: u64,
+    entries: u64,
     largest: usize,
 }
 
 impl BatchStats {
-    fn record(&mut self, requests: usize) {
+    fn record(&mut self, entries: usize) {
         self.calls += 1;
-        self.requests += requests as u64;
-        self.largest = self.largest.max(requests);
+        self.entries += entries as u64;
+        self.largest = self.largest.max(entries);
     }
 }
 
@@ -291,7 +292,8 @@ impl SpanHandler {
     /// One span call over every request of `group` (all on layers `span`), then each
     /// request's accounting and answer.
     fn run_group(&self, span: Span, mut group: Vec<(&Job<Queued>, Locked<'_>)>) {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(group.len());
+        let entries = group.iter().map(|(job, _)| job.input.entries.len()).sum();
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(entries);
         let mut hidden: Vec<f32> = group.iter().flat_map(|(job, _)| job.input.hidden.iter().copied()).collect();
         let result = {
             let mut seqs: Vec<SeqChunk> = group
@@ -532,7 +534,7 @@ impl FrameHandler for SpanHandler {
 
     /// `{"mode": "span", "model_name", "model_hash" (hex), "first_layer", "n_layers",
     /// "sessions", "kv_used_bytes", "kv_budget_bytes", "max_positions", "hidden",
-    /// "span_calls", "span_requests", "largest_batch"}` (the last three: how requests have
+    /// "span_calls", "span_entries", "largest_batch"}` (the last three: how sessions have
     /// shared span calls so far).
     fn info(&self) -> serde_json::Value {
         let (sessions, used) = {
@@ -544,7 +546,7 @@ impl FrameHandler for SpanHandler {
         serde_json::json!({
             "mode": "span",
             "span_calls": stats.calls,
-            "span_requests": stats.requests,
+            "span_entries": stats.entries,
             "largest_batch": stats.largest,
             "model_name": self.model.name,
             "model_hash": hash,

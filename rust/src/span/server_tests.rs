@@ -193,7 +193,7 @@ fn info_describes_the_span_and_its_load() {
         serde_json::json!({
             "mode": "span",
             "span_calls": 1,
-            "span_requests": 1,
+            "span_entries": 1,
             "largest_batch": 1,
             "model_name": "tiny",
             "model_hash": "03".repeat(32),
@@ -283,7 +283,7 @@ fn requests_arriving_while_a_batch_runs_share_the_next_span_call_with_their_own_
     });
     assert_eq!(got, want, "each session's answer is its answer alone, bit for bit");
     let info = h.info();
-    let (calls, requests, largest) = (info["span_calls"].as_u64().unwrap(), info["span_requests"].as_u64().unwrap(), info["largest_batch"].as_u64().unwrap());
-    assert_eq!(requests, 4 + 1 + 4, "four prefills, the blocker, four steps");
-    assert!(largest >= 2 && calls < requests, "the steps shared span calls: {info}");
+    let (calls, entries) = (info["span_calls"].as_u64().unwrap(), info["span_entries"].as_u64().unwrap());
+    assert_eq!(entries, 4 + 16 + 4, "four prefills, the blocker's 16 sessions, four steps");
+    assert!(calls < 4 + 1 + 4, "the four steps shared span calls: {info}");
 }
