@@ -14,7 +14,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use meshpy_native::quant::blocks::F16Le;
-use meshpy_native::quant::repack::{repacked_fn, Repacked, RepackedKind, MAX_TOKENS, ROWS};
+use meshpy_native::quant::repack::{repacked_fn, repacked_types, Repacked, RepackedKind, MAX_TOKENS, ROWS};
 use meshpy_native::quant::{active_simd, quantize_row, vec_dot_fn, vec_dot_fn_at, GgmlType, SimdLevel};
 
 /// Deterministic pseudo-random numbers (xorshift).
@@ -76,20 +76,7 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let types = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::IQ4NL,
-        GgmlType::Q2K,
-        GgmlType::Q3K,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-        GgmlType::IQ4XS,
-    ];
+    let types = repacked_types();
     let mut gen = Gen(0x2545_F491_4F6C_DD1D);
     println!("one thread, {} kernels; GB/s of weights (x tokens for the N-token column, N = {MAX_TOKENS})", active_simd().name());
     for (label, rows, cols, reps) in [("L2", 576usize, 1536usize, 200usize), ("DRAM", 16384, 4096, 5)] {
@@ -98,7 +85,7 @@ fn main() {
             "{:<6} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
             "type", "MB", "scalar", "per-row", "repacked x1", "repacked xN", "read"
         );
-        for ty in types {
+        for &ty in &types {
             let w = weights(ty, rows, cols, &mut gen);
             let row_bytes = ty.row_bytes(cols).expect("whole blocks");
             let at = ty.activation_type();

@@ -153,14 +153,20 @@ def test_cli_generate_through_the_mesh(three_workers: LocalMesh, smollm2_gguf: P
     assert re.search(r"\[route: layers 0-9 on \S+; layers 10-19 on \S+; layers 20-29 on \S+\]", remote.stderr)
 
 
+def start_with_two_middle_providers(mesh: LocalMesh, gguf: Path) -> list:
+    """A bootstrap node and workers for layers 0-9, 10-19 (two of them, returned) and 20-29."""
+    mesh.start_bootstrap()
+    mesh.add_worker(gguf, layers="0-9", threads=1)
+    middle = [mesh.add_worker(gguf, layers="10-19", threads=1) for _ in range(2)]
+    mesh.add_worker(gguf, layers="20-29", threads=1)
+    return middle
+
+
 def test_a_vanished_worker_is_replaced_mid_generation(smollm2_gguf: Path, local_tokens: list[int]) -> None:
     """Two providers of the middle layers; the one on the route is killed mid-decode. The
     client replays that hop's kept inputs on the other and the tokens do not change."""
     with LocalMesh(transport="tcp") as mesh:
-        mesh.start_bootstrap()
-        mesh.add_worker(smollm2_gguf, layers="0-9", threads=1)
-        middle = [mesh.add_worker(smollm2_gguf, layers="10-19", threads=1) for _ in range(2)]
-        mesh.add_worker(smollm2_gguf, layers="20-29", threads=1)
+        middle = start_with_two_middle_providers(mesh, smollm2_gguf)
         with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
             session = model.new_session()
             logits = model.prefill(session, model.encode(PROMPT))
@@ -188,10 +194,7 @@ def test_a_worker_killed_while_batched_streams_run_changes_no_stream(smollm2_ggu
     local = Model.load(smollm2_gguf, threads=1)
     want = [greedy(local, p, 32) for p in prompts]
     with LocalMesh(transport="tcp") as mesh:
-        mesh.start_bootstrap()
-        mesh.add_worker(smollm2_gguf, layers="0-9", threads=1)
-        middle = [mesh.add_worker(smollm2_gguf, layers="10-19", threads=1) for _ in range(2)]
-        mesh.add_worker(smollm2_gguf, layers="20-29", threads=1)
+        middle = start_with_two_middle_providers(mesh, smollm2_gguf)
         with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
             sessions = [model.new_session() for _ in prompts]
             victim_peer = sessions[0].hops[1].provider.peer_id

@@ -32,19 +32,16 @@ class _Step:
 
 class StepBatcher:
     """Runs concurrent `step(session, token)` calls as batches through `run_batch`, which
-    takes `(sessions, tokens)` and returns their logits `(n, vocab)`. When a batch fails,
-    its steps run again one at a time through `run_one` (after `rewind` puts each session
-    back where it was), so each caller gets its own result or its own error."""
+    takes `(sessions, tokens)` and returns their logits `(n, vocab)`, and leaves every
+    session as it was when it raises. A batch that fails runs again one step at a time
+    through `run_one`, so each caller gets its own result or its own error."""
 
     def __init__(
         self,
         run_batch: Callable[[Sequence[Any], Sequence[int]], np.ndarray],
         run_one: Callable[[Any, int], np.ndarray],
-        positions: Callable[[Any], object],
-        rewind: Callable[[Any, object], None],
     ) -> None:
         self._run_batch, self._run_one = run_batch, run_one
-        self._positions, self._rewind = positions, rewind
         self._cond = threading.Condition()
         self._queue: list[_Step] = []
         self._running = False
@@ -101,12 +98,10 @@ class StepBatcher:
 
     def _run(self, batch: list[_Step]) -> None:
         if len(batch) > 1:
-            before = [self._positions(job.session) for job in batch]
             try:
                 logits = self._run_batch([job.session for job in batch], [job.token for job in batch])
             except Exception:  # noqa: BLE001 - rerun one by one: each caller gets its own error
-                for job, where in zip(batch, before):
-                    self._rewind(job.session, where)
+                pass
             else:
                 for job, row in zip(batch, logits):
                     job.logits = row

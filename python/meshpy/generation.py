@@ -116,7 +116,7 @@ class Model:
         #: hop for the sessions on a route).
         self.step_batcher: StepBatcher | None = None
         if hasattr(pipeline, "forward_batch"):
-            self.step_batcher = StepBatcher(self._steps, self._step, pipeline.positions, pipeline.rewind)
+            self.step_batcher = StepBatcher(self._steps, self._step)
 
     @classmethod
     def load(

@@ -115,23 +115,20 @@ class LocalPipeline:
 
     def forward_batch(self, sessions: Sequence[PipelineSession], hidden: np.ndarray) -> np.ndarray:
         """One row per session (distinct sessions, `hidden` row i for `sessions[i]`) through
-        every span as one pass per span; each row's output equals its session's `forward`."""
-        for i, span in enumerate(self.spans):
-            caches = [(s.caches[i], 1) for s in sessions]
-            hidden = span.native.forward_batch(np.ascontiguousarray(hidden, dtype=np.float32), caches)
+        every span as one pass per span; each row's output equals its session's `forward`.
+        When a pass fails, every cache is cut back to where it was before the error is raised."""
+        before = [[len(c) for c in s.caches] for s in sessions]
+        try:
+            for i, span in enumerate(self.spans):
+                caches = [(s.caches[i], 1) for s in sessions]
+                hidden = span.native.forward_batch(np.ascontiguousarray(hidden, dtype=np.float32), caches)
+        except Exception:
+            for session, lengths in zip(sessions, before):
+                for cache, n in zip(session.caches, lengths):
+                    if len(cache) > n:
+                        cache.truncate(n)
+            raise
         return hidden
-
-    @staticmethod
-    def positions(session: PipelineSession) -> list[int]:
-        """Each span's cache length, to `rewind` to."""
-        return [len(c) for c in session.caches]
-
-    @staticmethod
-    def rewind(session: PipelineSession, positions: list[int]) -> None:
-        """Cuts each cache back to `positions` (from `positions`) after a failed pass."""
-        for cache, n in zip(session.caches, positions):
-            if len(cache) > n:
-                cache.truncate(n)
 
     def close_session(self, session: PipelineSession) -> None:
         """Drops the session's caches."""

@@ -60,6 +60,14 @@ class MeshSession:
         self.closed = False
 
 
+def _check_room(session: MeshSession, n: int) -> None:
+    """Refuses a closed session, or `n` more positions than it holds."""
+    if session.closed:
+        raise ValueError("the session is closed")
+    if session.n_positions + n > session.max_len:
+        raise ContextOverflowError(f"{session.n_positions + n} positions needed, the session holds {session.max_len}")
+
+
 class MeshPipeline:
     """Runs a model's layers on the workers of a mesh, reached through `node`."""
 
@@ -148,12 +156,9 @@ class MeshPipeline:
 
     def forward(self, session: MeshSession, hidden: np.ndarray) -> np.ndarray:
         """Runs hidden states through every hop, extending the session's caches there."""
-        if session.closed:
-            raise ValueError("the session is closed")
         x = np.ascontiguousarray(hidden, dtype=np.float32)
         n, start = x.shape[0], session.n_positions
-        if start + n > session.max_len:
-            raise ContextOverflowError(f"{start + n} positions needed, the session holds {session.max_len}")
+        _check_room(session, n)
         reroutes, rerouting, i = 0, False, 0
         while i < len(session.hops):
             try:
@@ -184,10 +189,7 @@ class MeshPipeline:
         replay handle it (workers take the resent positions as retries)."""
         x = np.ascontiguousarray(hidden, dtype=np.float32)
         for session in sessions:
-            if session.closed:
-                raise ValueError("the session is closed")
-            if session.n_positions + 1 > session.max_len:
-                raise ContextOverflowError(f"{session.n_positions + 1} positions needed, the session holds {session.max_len}")
+            _check_room(session, 1)
         out = np.empty_like(x)
         groups: dict[tuple, list[int]] = {}
         for i, session in enumerate(sessions):
@@ -198,7 +200,7 @@ class MeshPipeline:
             members = [sessions[i] for i in rows]
             y = x[rows]
             inputs = []
-            for k, hop in enumerate(members[0].hops):
+            for hop in members[0].hops:
                 inputs.append(y)
                 entries = [(s.id, s.steps, s.n_positions, 1) for s in members]
                 y = self.node.forward(
@@ -214,14 +216,6 @@ class MeshPipeline:
             session.n_positions += 1
             session.steps += 1
         return out
-
-    @staticmethod
-    def positions(session: MeshSession) -> None:
-        """Nothing to rewind: `forward_batch` changes a session only once every hop answered."""
-
-    @staticmethod
-    def rewind(session: MeshSession, positions: None) -> None:
-        """See `positions`."""
 
     def close_session(self, session: MeshSession) -> None:
         """Frees the session's caches on its workers (best effort: idle expiry is the net)."""

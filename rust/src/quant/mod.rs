@@ -84,7 +84,7 @@ pub enum GgmlType {
 pub const A16_ID: u32 = 0x4131_3600;
 
 /// Every ggml type supported in files, in id order (A16 is meshpy's, not listed).
-const ALL_TYPES: [GgmlType; 17] = [
+pub(crate) const ALL_TYPES: [GgmlType; 17] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Q4_0,

@@ -102,6 +102,11 @@ pub const ALL_KINDS: [RepackedKind; 11] = [
     RepackedKind::Iq4Xs,
 ];
 
+/// Every weight type with a repacked layout, in ggml id order.
+pub fn repacked_types() -> Vec<GgmlType> {
+    super::ALL_TYPES.into_iter().filter(|&ty| RepackedKind::for_type(ty).is_some()).collect()
+}
+
 /// One bit plane of a layout's quants (module doc): `bits` per element (1, 2, 4 or 8), its
 /// chunks from byte `at` of the tile, holding bits `shl..shl + bits` of each quant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,25 +3,9 @@
 //! the SIMD kernels match the scalar reference for 1..4 tokens, partial groups and extremes.
 
 use super::blocks::{F16Le, QK_K};
-use super::repack::{repacked_fn_at, Repacked, RepackedKind, MAX_TOKENS, ROWS};
+use super::repack::{repacked_fn_at, repacked_types, Repacked, RepackedKind, MAX_TOKENS, ROWS};
 use super::*;
 use crate::test_rng::TestRng;
-
-/// Every type with a repacked layout.
-const REPACKED: [GgmlType; 12] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::IQ4NL,
-    GgmlType::Q2K,
-    GgmlType::Q3K,
-    GgmlType::Q4K,
-    GgmlType::Q5K,
-    GgmlType::Q6K,
-    GgmlType::IQ4XS,
-];
 
 /// |kernel - reference| <= this * sum |w_i a_i|: only the f32 summation order differs.
 const REL_TOL: f32 = 1e-5;
@@ -113,7 +97,7 @@ fn check(ty: GgmlType, rows: usize, cols: usize, w: &[u8], acts: &[Vec<u8>]) {
 #[test]
 fn repacking_is_lossless() {
     let mut gen = TestRng::new(0x9E37_79B9_7F4A_7C15);
-    for ty in REPACKED {
+    for ty in repacked_types() {
         let cols_of = |c: usize| if ty.block_len() == 256 { 256 * c.div_ceil(32) } else { c };
         for (rows, cols) in [(1, 32), (17, 64), (40, 96)].map(|(r, c)| (r, cols_of(c))) {
             let w = matrix(ty, rows, cols, &mut gen);
@@ -133,7 +117,7 @@ fn repacking_is_lossless() {
 #[test]
 fn repacked_kernels_match_the_row_reference() {
     let mut gen = TestRng::new(0x1234_5678_9ABC_DEF1);
-    for ty in REPACKED {
+    for ty in repacked_types() {
         let shapes: &[(usize, usize)] = if ty.block_len() == 256 {
             &[(16, 256), (15, 512), (33, 1024)]
         } else {
@@ -150,7 +134,7 @@ fn repacked_kernels_match_the_row_reference() {
 #[test]
 fn repacked_kernels_at_extreme_quants() {
     // Every quant byte at an extreme, activations at +-32767: any i16/i32 overflow would show.
-    for ty in REPACKED {
+    for ty in repacked_types() {
         let (rows, cols) = (16, 256);
         for byte in [0x00u8, 0xFF, 0x80, 0x7F] {
             let mut w = vec![byte; rows * ty.row_bytes(cols).expect("whole blocks")];
