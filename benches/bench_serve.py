@@ -1,10 +1,26 @@
-"""Aggregate streamed tokens/s through `meshpy serve` and the official openai client, with 1,
-4, 8 and 16 concurrent greedy chat completions (a thread each), one process, one run. Each
-stream asks its own question for up to `--max-tokens` tokens; the figure is all streams'
-streamed chunks (one per token) over the wall time. The server runs in its own process
-with `--threads` compute threads.
+"""Concurrent streams through `meshpy serve` and the official openai client: aggregate
+streamed tokens/s with 1, 4, 8 and 16 concurrent greedy chat completions (a thread each), in
+one process or through a mesh of workers on loopback; and, with `--long-prompt N`, how the
+other streams fare while an N-token prompt arrives mid-stream (chunked prefill).
 
-    python benches/bench_serve.py [--model smollm2] [--threads 2] [--streams 1 4 8 16] [--max-tokens 64]
+    python benches/bench_serve.py [--model smollm2] [--threads 2] [--workers 0] [--streams 1 4 8 16]
+                                  [--max-tokens 64] [--long-prompt 1500]
+
+`--workers 0` serves the model in one process with `--threads` compute threads. `--workers N`
+starts a bootstrap node and N workers (a layer range each, one thread each) and serves
+through them with one thread (so three processes share this machine's cores).
+
+Throughput: each stream asks its own question for up to `--max-tokens` tokens; the figure is
+all streams' streamed chunks (one per token) over the wall time from the first request to the
+last chunk, so it includes every prompt's prefill and the HTTP round trips.
+
+One request (one process only): the same chat request in this process (as `meshpy generate`
+runs it) and through the server, alone: time to first token beside the prefill time, and
+time per token.
+
+Long prompt: 8 streams with mixed lengths (32 to 144 tokens) decode; once each has 8 chunks
+a completion with an N-token prompt (token ids) is sent. For each stream: its median gap
+between chunks, and its largest gap while the long prompt prefilled (until its first chunk).
 
 Nothing here asserts a speed.
 """
@@ -14,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -26,17 +43,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benches.bench_generate import commit, machine  # noqa: E402
+from meshpy.generation import model_path  # noqa: E402
+from meshpy.mesh.launcher import LocalMesh  # noqa: E402
+from meshpy.mesh.placement import format_layers  # noqa: E402
+from meshpy.models.config import read_config  # noqa: E402
+from meshpy.models.source import open_model_source  # noqa: E402
+from meshpy.pipeline import split_layers  # noqa: E402
 
 
-def start_server(model: str, threads: int) -> tuple[subprocess.Popen[str], str]:
-    """`meshpy serve` on a free port; the process and its base URL, once it listens."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+def start_server(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """`meshpy serve ARGS` on a free port; the process and its base URL, once it listens."""
+    env = dict(env or os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshpy", "serve", "--model", model, "--port", "0", "--threads", str(threads)],
+        [sys.executable, "-m", "meshpy", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     assert proc.stdout is not None
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     for line in proc.stdout:
         found = re.search(r"http://[\d.]+:\d+", line)
         if found:
@@ -48,50 +71,126 @@ def start_server(model: str, threads: int) -> tuple[subprocess.Popen[str], str]:
     raise RuntimeError("meshpy serve did not report its address")
 
 
+def stream_chat(client: OpenAI, model: str, i: int, max_tokens: int, times: list[float]) -> None:
+    """One streamed greedy chat completion; appends each content chunk's arrival time."""
+    chunks = client.chat.completions.create(
+        model=model, stream=True, temperature=0, max_tokens=max_tokens,
+        messages=[{"role": "user", "content": f"Tell me a story about the number {i + 7}."}],
+    )
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].delta.content:
+            times.append(time.perf_counter())
+
+
 def run_streams(client: OpenAI, model: str, n: int, max_tokens: int) -> float:
     """Streamed tokens per second of `n` concurrent chat completions."""
-    counts = [0] * n
-
-    def stream(i: int) -> None:
-        chunks = client.chat.completions.create(
-            model=model, stream=True, temperature=0, max_tokens=max_tokens,
-            messages=[{"role": "user", "content": f"Tell me a story about the number {i + 7}."}],
-        )
-        for chunk in chunks:
-            if chunk.choices and chunk.choices[0].delta.content:
-                counts[i] += 1
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+    times: list[list[float]] = [[] for _ in range(n)]
+    threads = [threading.Thread(target=stream_chat, args=(client, model, i, max_tokens, times[i])) for i in range(n)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    return sum(len(t) for t in times) / (max(t[-1] for t in times if t) - t0)
+
+
+def single_request(client: OpenAI, model: str, path: Path, threads: int, max_tokens: int) -> None:
+    """One stream through the server beside the same request in this process (what `meshpy
+    generate` runs): time to first token against prefill time, and time per token."""
+    from meshpy.generation import Model
+
+    question = "Tell me a story about the number 7."
+    with Model.load(path, threads=threads) as local:
+        local.generate(question, max_tokens=8)  # warm-up
+        done = local.generate(question, max_tokens=max_tokens)
+    stats = done.stats
+    t0 = time.perf_counter()
+    times: list[float] = []
+    stream_chat(client, model, 0, max_tokens, times)
+    ttft = times[0] - t0
+    served = (len(times) - 1) / (times[-1] - times[0])
+    print(f"  one request: in process prefill {stats.prefill_seconds * 1e3:.1f} ms, "
+          f"{stats.decode_tokens_per_second:.1f} tok/s decode; through the server first token after "
+          f"{ttft * 1e3:.1f} ms (+{(ttft - stats.prefill_seconds) * 1e3:.1f}), {served:.1f} tok/s "
+          f"({served / stats.decode_tokens_per_second:.2f}x)")
+
+
+def long_prompt_run(client: OpenAI, model: str, n_prompt: int, vocab: int) -> None:
+    """Eight mixed-length streams; an `n_prompt`-token completion arrives mid-stream."""
+    lengths = [32, 48, 64, 80, 96, 112, 128, 144]
+    times: list[list[float]] = [[] for _ in lengths]
+    threads = [threading.Thread(target=stream_chat, args=(client, model, i, n, times[i])) for i, n in enumerate(lengths)]
+    for t in threads:
+        t.start()
+    while min(len(t) for t in times) < 8:
+        time.sleep(0.001)
+    prompt = [1000 + (7 * i) % (vocab - 2000) for i in range(n_prompt)]
+    sent = time.perf_counter()
+    first: list[float] = []
+    chunks = client.completions.create(model=model, prompt=prompt, stream=True, temperature=0, max_tokens=8)
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].text and not first:
+            first.append(time.perf_counter())
+    for t in threads:
+        t.join()
+    print(f"  {n_prompt}-token prompt sent while 8 streams decode: first token after {first[0] - sent:.2f} s")
+    worst = 0.0
+    for n, ts in zip(lengths, times):
+        gaps = [b - a for a, b in zip(ts, ts[1:])]
+        during = [b - a for a, b in zip(ts, ts[1:]) if b > sent and a < first[0]]
+        med = statistics.median(gaps)
+        peak = max(during, default=0.0)
+        worst = max(worst, peak / med)
+        print(f"    stream of {n:>3} tokens: median gap {med * 1e3:6.1f} ms, largest while it prefilled "
+              f"{peak * 1e3:6.1f} ms ({peak / med:.1f}x)")
+    print(f"  largest gap while the prompt prefilled / the stream's median: {worst:.1f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0, help="0: one process; N: a mesh of N workers")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--long-prompt", type=int, default=0, help="also run the long-prompt scenario")
     args = parser.parse_args()
-    proc, url = start_server(args.model, args.threads)
+    path = model_path(args.model)
+    config = read_config(open_model_source(path))
+    mesh = None
     try:
-        client = OpenAI(base_url=f"{url}/v1", api_key="none")
-        name = client.models.list().data[0].id
-        print(f"machine: {machine()}; commit {commit()}; model {name}; server threads {args.threads}; "
-              f"{args.max_tokens} streamed tokens per request")
-        run_streams(client, name, 1, 8)  # warm-up
-        base = None
-        for n in args.streams:
-            rate = run_streams(client, name, n, args.max_tokens)
-            base = base or rate
-            print(f"{n:>3} stream{'s' if n > 1 else ' '}: {rate:7.1f} tok/s aggregate ({rate / base:.1f}x one stream)")
+        if args.workers:
+            mesh = LocalMesh()
+            mesh.start_bootstrap()
+            for layers in split_layers(config.n_layers, args.workers):
+                mesh.add_worker(path, layers=format_layers(layers), threads=1, kv_budget="512MiB")
+            proc, url = start_server(["--model", str(path), "--bootstrap", mesh.bootstrap_addr, "--threads", "1"],
+                                     mesh.env)
+            where = f"mesh of {args.workers} workers (1 thread each), End node 1 thread"
+        else:
+            proc, url = start_server(["--model", str(path), "--threads", str(args.threads)])
+            where = f"one process, {args.threads} threads"
+        try:
+            client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=600)
+            name = client.models.list().data[0].id
+            print(f"machine: {machine()}; commit {commit()}; model {name}; {where}; "
+                  f"{args.max_tokens} streamed tokens per request")
+            run_streams(client, name, 1, 8)  # warm-up
+            if not args.workers:
+                single_request(client, name, path, args.threads, args.max_tokens)
+            base = None
+            for n in args.streams:
+                rate = run_streams(client, name, n, args.max_tokens)
+                base = base or rate
+                print(f"{n:>3} stream{'s' if n > 1 else ' '}: {rate:7.1f} tok/s aggregate ({rate / base:.1f}x one stream)")
+            if args.long_prompt:
+                long_prompt_run(client, name, args.long_prompt, config.vocab_size)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if mesh is not None:
+            mesh.close()
 
 
 if __name__ == "__main__":

@@ -183,46 +183,63 @@ def test_a_vanished_worker_is_replaced_mid_generation(smollm2_gguf: Path, local_
             model.close_session(session)
 
 
-def test_a_worker_killed_while_batched_streams_run_changes_no_stream(smollm2_gguf: Path) -> None:
-    """Four concurrent greedy streams, their steps batched at the End node and on the
-    workers; a middle worker on their routes is killed mid-decode. The failed batch falls
-    back to each session's own forward, which reroutes and replays, and every stream gives
-    the tokens it gives alone in one process."""
-    import threading
+def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm2_gguf: Path) -> None:
+    """Eight concurrent greedy chat streams through `create_app` and the openai client, their
+    steps batched by the End node's scheduler and on the workers; the middle worker their
+    sessions run on is killed mid-decode. The failed iteration falls back to each session's
+    own forward, which reroutes and replays, and every stream's text equals the one-process
+    reply."""
+    import asyncio
+    import time
 
-    prompts = [f"{PROMPT} In version {i} the bottle is {color}." for i, color in enumerate(("green", "blue", "red", "clear"))]
+    import openai
+
+    from meshpy.server import AppServer, create_app
+
+    prompts = [f"{PROMPT} In version {i} the bottle is {c}." for i, c in enumerate(
+        ("green", "blue", "red", "clear", "brown", "white", "black", "gold"))]
+    n = 40
     local = Model.load(smollm2_gguf, threads=1)
-    want = [greedy(local, p, 32) for p in prompts]
+    want = [local.generate(p, max_tokens=n).text for p in prompts]
     with LocalMesh(transport="tcp") as mesh:
         middle = start_with_two_middle_providers(mesh, smollm2_gguf)
-        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
-            sessions = [model.new_session() for _ in prompts]
-            victim_peer = sessions[0].hops[1].provider.peer_id
-            steps_done = threading.Barrier(len(prompts) + 1)
-            got: list[list[int]] = [[] for _ in prompts]
+        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model, \
+                AppServer(create_app(model, "smollm2"), port=0) as server:
+            chunks = [0] * len(prompts)
+            killed: list[list[int]] = []  # the streams' chunk counts at the kill
 
-            def run(i: int) -> None:
-                logits = model.prefill(sessions[i], model.encode(prompts[i]))
-                for n in range(32):
-                    got[i].append(int(np.argmax(model.end.samplable(logits))))
-                    if n == 12:
-                        steps_done.wait()  # the kill happens here, between steps
-                        steps_done.wait()
-                    logits = model.step(sessions[i], got[i][-1])
+            async def one(client: openai.AsyncOpenAI, i: int) -> str:
+                stream = await client.chat.completions.create(
+                    model="smollm2", messages=[{"role": "user", "content": prompts[i]}], stream=True,
+                    temperature=0, max_tokens=n)
+                parts = []
+                async with stream:
+                    async for c in stream:
+                        if c.choices and c.choices[0].delta.content:
+                            parts.append(c.choices[0].delta.content)
+                            chunks[i] += 1
+                return "".join(parts)
 
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-            for t in threads:
-                t.start()
-            steps_done.wait()
-            next(w for w in middle if victim_peer in "\n".join(w.stdout)).kill()
-            steps_done.wait()
-            for t in threads:
-                t.join()
+            def kill_when_all_decode() -> None:
+                while min(chunks) < 8:
+                    time.sleep(0.005)
+                busy = {p.peer_id for p in model.pipeline.refresh() if p.sessions and p.layers.start == 10}
+                victim = next(w for w in middle if any(peer in "\n".join(w.stdout) for peer in busy))
+                victim.kill()
+                killed.append(list(chunks))
+
+            async def all_streams() -> list[str]:
+                async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
+                                              timeout=300) as client:
+                    killer = asyncio.get_running_loop().run_in_executor(None, kill_when_all_decode)
+                    texts = await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
+                    await killer
+                    return list(texts)
+
+            got = asyncio.run(all_streams())
+            assert killed and max(killed[0]) < n - 4, f"killed mid-decode: {killed}"
             assert got == want
-            assert model.step_batcher is not None and model.step_batcher.largest >= 2
-            for s in sessions:
-                assert victim_peer not in {h.provider.peer_id for h in s.hops}
-                model.close_session(s)
+            assert model.scheduler.counters()[2] >= 2, "the streams shared iterations"
 
 
 def test_in_process_workers_echo_and_no_route(smollm2_gguf: Path, tmp_path: Path, local_tokens: list[int]) -> None:

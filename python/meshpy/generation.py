@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+import queue
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,22 +18,18 @@ from typing import Any
 import numpy as np
 
 from meshpy import _native
-from meshpy.batching import StepBatcher
 from meshpy.end_model import EndModel, Prompt
 from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.packaged import PACKAGED_MODELS, resolve_packaged
 from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalPipeline, LocalSpan, Pipeline, split_layers
 from meshpy.sampling import Sampler, SamplingParams
+from meshpy.scheduler import PREFILL_CHUNK, Scheduler
 from meshpy.tokenizer import IncrementalDecoder
 
 __all__ = ["Model", "Completion", "GenerationStats", "Generation", "load_model", "default_threads"]
 
 log = logging.getLogger(__name__)
-
-#: Prompt tokens per prefill pass: bounds the scratch memory of a long prompt.
-PREFILL_CHUNK = 512
-
 
 def default_threads() -> int:
     """Compute threads to use: the CPUs this process may run on."""
@@ -106,17 +102,15 @@ class Model:
     """A model: the End model here, its layers in this process (`Model.load`, as one span or
     several fed in turn) or on the mesh (`meshpy.mesh.connect`)."""
 
-    def __init__(self, source: ModelSource, config: ModelConfig, end: EndModel, pipeline: Pipeline) -> None:
+    def __init__(self, source: ModelSource, config: ModelConfig, end: EndModel, pipeline: Pipeline,
+                 *, lanes: int | None = None) -> None:
         self.source = source
         self.config = config
         self.end = end
         self.pipeline = pipeline
-        #: Concurrent `step` calls run as batches where the pipeline can run several sessions
-        #: in one pass (`forward_batch`: in this process, and through a mesh one request per
-        #: hop for the sessions on a route).
-        self.step_batcher: StepBatcher | None = None
-        if hasattr(pipeline, "forward_batch"):
-            self.step_batcher = StepBatcher(self._steps, self._step)
+        #: Runs every generation's iterations together (see `meshpy.scheduler`); `lanes`
+        #: batches in flight at once, by default as many as the pipeline keeps busy.
+        self.scheduler = Scheduler(self, lanes or pipeline.in_flight)
 
     @classmethod
     def load(
@@ -165,7 +159,8 @@ class Model:
         self.pipeline.close_session(session)
 
     def close(self) -> None:
-        """Releases what the model holds open (the mesh client's node)."""
+        """Stops its generations and releases what the model holds open (the mesh client's node)."""
+        self.scheduler.close()
         close = getattr(self.pipeline, "close", None)
         if close is not None:
             close()
@@ -201,18 +196,8 @@ class Model:
         return np.concatenate(parts)
 
     def step(self, session: Any, token: int) -> np.ndarray:
-        """Runs one token; returns the next-token logits. Steps of other sessions made at the
-        same time from other threads share the pass (see `meshpy.batching`)."""
-        if self.step_batcher is not None:
-            return self.step_batcher.step(session, token)
-        return self._step(session, token)
-
-    def _step(self, session: Any, token: int) -> np.ndarray:
+        """Runs one token; returns the next-token logits."""
         return self.end.logits(self.pipeline.forward(session, self.end.embed([token])))[0]
-
-    def _steps(self, sessions: Sequence[Any], tokens: Sequence[int]) -> np.ndarray:
-        forward_batch = self.pipeline.forward_batch  # type: ignore[attr-defined]
-        return self.end.logits(forward_batch(sessions, self.end.embed(list(tokens))))
 
     def generate_ids(
         self,
@@ -225,30 +210,25 @@ class Model:
         """Yields generated token ids until an end-of-turn token or `max_tokens`."""
         stats = stats if stats is not None else GenerationStats(prompt_tokens=len(prompt_ids))
         self.end.check_context(len(prompt_ids))
-        sampler = Sampler(sampling or SamplingParams())
-        stop_ids = self.end.tokenizer.stop_ids
         budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
-        session = self.new_session()
+        stats.finish_reason = "length"
+        if budget <= 0:
+            return
+        sink = _QueueSink()
+        ticket = self.scheduler.submit(
+            prompt_ids, budget, Sampler(sampling or SamplingParams()), self.end.tokenizer.stop_ids, sink, stats
+        )
         try:
-            t0 = time.perf_counter()
-            logits = self.prefill(session, prompt_ids)
-            stats.prefill_seconds = time.perf_counter() - t0
-            stats.finish_reason = "length"
-            for i in range(budget):
-                token = sampler.sample(self.end.samplable(logits))
-                if token in stop_ids:
-                    stats.finish_reason = "stop"
-                    break
-                stats.completion_tokens += 1
+            while (token := sink.tokens.get()) is not None:
                 yield token
-                if i + 1 < budget:
-                    t0 = time.perf_counter()
-                    logits = self.step(session, token)
-                    stats.decode_seconds += time.perf_counter() - t0
-                    stats.decode_steps += 1
+            if sink.error is not None:
+                raise sink.error
+            stats.finish_reason = sink.reason
         finally:
-            # Also when the caller stops iterating early (the generator is closed).
-            self.close_session(session)
+            # Also when the caller stops iterating early (the generator is closed): the
+            # session is closed (on the workers too) before this returns.
+            ticket.cancel()
+            ticket.wait()
 
     def stream(
         self,
@@ -273,6 +253,23 @@ class Model:
         gen = self.stream(prompt, max_tokens=max_tokens, sampling=sampling, raw=raw)
         text = "".join(gen)
         return Completion(text=text, token_ids=gen.token_ids, stats=gen.stats)
+
+
+class _QueueSink:
+    """Hands a scheduled generation's tokens to the thread iterating `generate_ids`."""
+
+    def __init__(self) -> None:
+        self.tokens: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+
+    def token(self, token: int) -> bool:
+        self.tokens.put(token)
+        return True
+
+    def end(self, finish_reason: str | None, error: BaseException | None) -> None:
+        self.reason, self.error = finish_reason, error
+        self.tokens.put(None)
 
 
 def model_path(path: str | os.PathLike[str]) -> Path:

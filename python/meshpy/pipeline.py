@@ -1,8 +1,8 @@
 """Running the transformer layers: a pipeline of spans, each a contiguous layer range.
 
 A local pipeline runs its spans in this process through the Rust CPU forward pass; the
-mesh (remote spans on workers) plugs in behind the same interface: `new_session()` and
-`forward(session, hidden)`.
+mesh (remote spans on workers) plugs in behind the same interface: `new_session()`,
+`forward(session, hidden)` and `forward_batch(sessions, hidden, counts)`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,20 @@ class Pipeline(Protocol):
     """Runs every layer of a model for sessions: in this process or on the mesh."""
 
     max_positions: int
+    #: Batches worth keeping in flight at once: 1 where one pass uses every core, more where
+    #: the layers run as stages on several machines.
+    in_flight: int
 
     def new_session(self, max_len: int | None = None) -> Any:
         """A fresh session (empty KV caches wherever its layers run)."""
 
     def forward(self, session: Any, hidden: np.ndarray) -> np.ndarray:
         """The last layer's output for the session's next rows; extends its caches."""
+
+    def forward_batch(self, sessions: Sequence[Any], hidden: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+        """Several distinct sessions' next rows in one pass (`hidden` stacks `counts[i]` rows
+        of `sessions[i]` in order); each session's rows come out as its `forward` would give
+        them. When it raises, no session has changed."""
 
     def close_session(self, session: Any) -> None:
         """Frees the session's caches."""
@@ -95,6 +103,8 @@ class PipelineSession:
 class LocalPipeline:
     """Spans covering every layer, run one after another in this process."""
 
+    in_flight = 1
+
     def __init__(self, spans: Sequence[LocalSpan], max_positions: int) -> None:
         covered = [i for s in spans for i in s.layers]
         if covered != list(range(len(covered))):
@@ -113,14 +123,14 @@ class LocalPipeline:
             hidden = span.forward(hidden, cache)
         return hidden
 
-    def forward_batch(self, sessions: Sequence[PipelineSession], hidden: np.ndarray) -> np.ndarray:
-        """One row per session (distinct sessions, `hidden` row i for `sessions[i]`) through
-        every span as one pass per span; each row's output equals its session's `forward`.
-        When a pass fails, every cache is cut back to where it was before the error is raised."""
+    def forward_batch(self, sessions: Sequence[PipelineSession], hidden: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+        """Distinct sessions' rows (`counts[i]` rows of `sessions[i]`, stacked in order) through
+        every span as one pass per span; each session's rows come out as its `forward` gives
+        them. When a pass fails, every cache is cut back to where it was before the error is raised."""
         before = [[len(c) for c in s.caches] for s in sessions]
         try:
             for i, span in enumerate(self.spans):
-                caches = [(s.caches[i], 1) for s in sessions]
+                caches = [(s.caches[i], n) for s, n in zip(sessions, counts)]
                 hidden = span.native.forward_batch(np.ascontiguousarray(hidden, dtype=np.float32), caches)
         except Exception:
             for session, lengths in zip(sessions, before):

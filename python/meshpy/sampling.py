@@ -10,13 +10,14 @@ given seed gives the same tokens for the same logits.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from meshpy.errors import InvalidSamplingError
 
-__all__ = ["SamplingParams", "Sampler"]
+__all__ = ["SamplingParams", "Sampler", "sample_rows"]
 
 # Nucleus search starts with this many candidates and doubles until they hold top_p of the
 # probability, so a 262k vocabulary is not fully sorted for every token.
@@ -112,6 +113,30 @@ class Sampler:
         if k >= len(probs):  # u rounded up to the total: take the last token that can be drawn
             k = int(np.flatnonzero(probs)[-1])
         return k if ids is None else int(ids[k])
+
+
+def sample_rows(samplers: Sequence[Sampler], logits: np.ndarray, n_tokens: int) -> list[int | InvalidSamplingError]:
+    """One token per row of `logits` `(rows, columns)`, row i drawn by `samplers[i]`, as each
+    sampler's `sample` would draw it. Columns from `n_tokens` on (head rows past the
+    tokenizer's vocabulary, padding some checkpoints carry) name no token and are never
+    chosen. Greedy rows take one vectorised argmax; a row's error takes its token's place."""
+    x = logits[:, :n_tokens]
+    out: list[int | InvalidSamplingError] = [0] * len(samplers)
+    greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
+    if greedy:
+        rows = x if len(greedy) == len(samplers) else x[greedy]
+        best = np.argmax(rows, axis=1)  # first maximum; a NaN counts as the maximum
+        top = rows[np.arange(len(greedy)), best]
+        for i, b, t in zip(greedy, best.tolist(), top.tolist()):
+            out[i] = b if math.isfinite(t) else InvalidSamplingError(
+                "logits contain NaN or +inf" if t != -math.inf else "every logit is -inf: no token can be chosen")
+    for i, sampler in enumerate(samplers):
+        if not sampler.params.greedy:
+            try:
+                out[i] = sampler.sample(x[i])
+            except InvalidSamplingError as e:
+                out[i] = e
+    return out
 
 
 def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:

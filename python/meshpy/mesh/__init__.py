@@ -48,13 +48,16 @@ def connect(
     host: str = "127.0.0.1",
     wire_dtype: str = "f32",
     route_timeout: float = 30.0,
+    lanes: int | None = None,
 ) -> Model:
     """A `Model` whose End model runs here and whose layers run on the mesh joined through
     `bootstrap`; waits up to `route_timeout` seconds for workers to cover every layer.
 
     The End model needs the same checkpoint the workers have (its hash names the model in the
     DHT); only embedding, final norm and head are loaded. `wire_dtype` "f32" gives exactly the
-    single-process tokens; "bf16" halves the bytes on the wire. Close the model to leave.
+    single-process tokens; "bf16" halves the bytes on the wire. `lanes`: batches of
+    generations kept in flight at once (default `MeshPipeline.in_flight`). Close the model
+    to leave.
     """
     source = open_model_source(model_path(model))
     config = read_config(source)
@@ -68,4 +71,4 @@ def connect(
     except BaseException:
         pipeline.close()
         raise
-    return Model(source, config, end, pipeline)
+    return Model(source, config, end, pipeline, lanes=lanes)

@@ -71,6 +71,10 @@ def _check_room(session: MeshSession, n: int) -> None:
 class MeshPipeline:
     """Runs a model's layers on the workers of a mesh, reached through `node`."""
 
+    #: Two batches in flight keep two stages busy: while one crosses a worker (or the End
+    #: node's head), the other crosses the next.
+    in_flight = 2
+
     def __init__(
         self,
         node: _native.Node,
@@ -181,39 +185,45 @@ class MeshPipeline:
         session.steps += 1
         return x
 
-    def forward_batch(self, sessions: Sequence[MeshSession], hidden: np.ndarray) -> np.ndarray:
-        """One row per session (distinct sessions, row i for `sessions[i]`): sessions on the
-        same route go through each hop as one request with an entry per session, so a worker
-        runs them in one span call. Any failure raises before a session's state changes;
-        the caller then runs the sessions one by one through `forward`, whose reroute and
-        replay handle it (workers take the resent positions as retries)."""
+    def forward_batch(self, sessions: Sequence[MeshSession], hidden: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+        """Distinct sessions' rows (`counts[i]` rows of `sessions[i]`, stacked in order):
+        sessions on the same route go through each hop as one request with an entry per
+        session, so a worker runs them in one span call. Any failure raises before a
+        session's state changes; the caller then runs the sessions one by one through
+        `forward`, whose reroute and replay handle it (workers take the resent positions as
+        retries)."""
         x = np.ascontiguousarray(hidden, dtype=np.float32)
-        for session in sessions:
-            _check_room(session, 1)
+        for session, n in zip(sessions, counts):
+            _check_room(session, n)
+        bounds = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
         out = np.empty_like(x)
         groups: dict[tuple, list[int]] = {}
         for i, session in enumerate(sessions):
             route = tuple((h.provider.peer_id, h.layers.start, h.layers.stop) for h in session.hops)
             groups.setdefault(route, []).append(i)
-        kept: list[tuple[MeshSession, list[np.ndarray]]] = []
-        for rows in groups.values():
-            members = [sessions[i] for i in rows]
+        kept: list[tuple[MeshSession, int, list[np.ndarray]]] = []
+        for members in groups.values():
+            rows = [r for i in members for r in range(bounds[i], bounds[i + 1])]
+            entries = [(sessions[i].id, sessions[i].steps, sessions[i].n_positions, counts[i]) for i in members]
             y = x[rows]
             inputs = []
-            for hop in members[0].hops:
+            for hop in sessions[members[0]].hops:
                 inputs.append(y)
-                entries = [(s.id, s.steps, s.n_positions, 1) for s in members]
                 y = self.node.forward(
                     hop.provider.peer_id, self.model.digest, self.model.name, hop.layers.start, len(hop.layers),
                     entries, y, wire_dtype=self.wire_dtype, timeout=self.request_timeout,
                 )
             out[rows] = y
-            kept.extend((s, [inp[j : j + 1] for inp in inputs]) for j, s in enumerate(members))
+            at = 0
+            for i in members:
+                n = counts[i]
+                kept.append((sessions[i], n, [inp[at : at + n] for inp in inputs]))
+                at += n
         # Every hop of every group answered: the sessions advance.
-        for session, rows_in in kept:
-            for k, row in enumerate(rows_in):
-                session.inputs[k].append(row)
-            session.n_positions += 1
+        for session, n, rows_in in kept:
+            for k, part in enumerate(rows_in):
+                session.inputs[k].append(part)
+            session.n_positions += n
             session.steps += 1
         return out
 

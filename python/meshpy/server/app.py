@@ -28,7 +28,7 @@ from meshpy.errors import MeshpyError
 from meshpy.generation import Model
 from meshpy.server import protocol
 from meshpy.server.coverage import Coverage
-from meshpy.server.engine import Delta, Failed, Finished, GenerationJob
+from meshpy.server.engine import Delta, Failed, Finished, GenerationJob, Outbox
 from meshpy.server.errors import APIError, api_error, invalid
 from meshpy.server.protocol import ChatRequest, CompletionRequest, Options
 
@@ -74,6 +74,8 @@ class ServerState:
         self.waiting = 0
         # Free generation slots; made on first use, inside the app's event loop.
         self._slots: asyncio.Semaphore | None = None
+        # Events from the scheduler's threads to the app's event loop; made on first use.
+        self._outbox: Outbox | None = None
         self.completed = 0
         self.cancelled = 0
         self.refused_busy = 0
@@ -147,9 +149,12 @@ class ServerState:
             self.waiting -= 1
 
     def start(self, ids: list[int], max_tokens: int, options: Options) -> GenerationJob:
-        """Starts a generation on its own thread, in a slot taken by `admit`; it is tracked
+        """Starts a generation on the model's scheduler, in a slot taken by `admit`; it is tracked
         (and holds the slot) until it ends."""
-        job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, on_done=self._done)
+        if self._outbox is None:
+            self._outbox = Outbox(asyncio.get_running_loop())
+        job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, on_done=self._done,
+                            outbox=self._outbox)
         self.jobs.add(job)
         return job.start()
 

@@ -1,12 +1,11 @@
-"""Serving logic: one request's generation on a thread of its own, its text fed to the
+"""Serving logic: one request's generation on the model's scheduler, its text fed to the
 event loop.
 
-Generation is blocking work (the Rust forward pass, or network round trips to the mesh;
-both release the GIL), so each request runs `Model.generate_ids` on its own thread and
-hands text deltas to an asyncio queue; the event loop only ever awaits that queue. A
-request that goes away sets a cancel flag that the thread checks between tokens; the
-thread then closes the token generator itself, which frees the session (its KV caches on
-every worker, for a mesh) on the thread that ran it.
+Generation runs on the scheduler's threads (`meshpy.scheduler`), every request's tokens in
+the same iterations; this request's tokens come to its `GenerationJob` there, are decoded to
+text and cut at stop strings, and reach the event loop as events on an asyncio queue, which
+is all the loop ever awaits. A request that goes away cancels its ticket: the scheduler drops
+it before its next iteration and frees its session (its KV caches on every worker, for a mesh).
 """
 
 from __future__ import annotations
@@ -16,12 +15,14 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from meshpy.generation import GenerationStats, Model
-from meshpy.sampling import SamplingParams
+from meshpy.sampling import Sampler, SamplingParams
+from meshpy.scheduler import Ticket
 from meshpy.tokenizer import IncrementalDecoder
 
-__all__ = ["StopText", "Delta", "Finished", "Failed", "Event", "GenerationJob"]
+__all__ = ["StopText", "Delta", "Finished", "Failed", "Event", "Outbox", "GenerationJob"]
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,40 @@ class Failed:
 Event = Delta | Finished | Failed
 
 
+class Outbox:
+    """Carries events from scheduler threads to one event loop, waking the loop once per
+    burst: the tokens one scheduler iteration gives all its streams cost the loop one
+    wake-up, not one each (on two cores the loop competes with the compute threads)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Callable[[Any], object], Any]] = []
+
+    def post(self, deliver: Callable[[Any], object], item: Any) -> None:
+        """Calls `deliver(item)` on the loop soon (in order with other posts)."""
+        with self._lock:
+            self._pending.append((deliver, item))
+            if len(self._pending) > 1:  # a wake-up is on its way already
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for deliver, item in pending:
+            deliver(item)
+
+
 class GenerationJob:
-    """One request's generation, run on its own thread.
+    """One request's generation on the model's scheduler.
 
     Events arrive in order: any number of `Delta`, then one `Finished` or `Failed`. `cancel`
-    may be called from any thread at any time; the generation stops after the token in
-    progress and frees its session.
+    may be called from any thread at any time; the generation stops before its next token
+    and frees its session.
     """
 
     def __init__(
@@ -105,85 +134,75 @@ class GenerationJob:
         stop: Sequence[str] = (),
         *,
         on_done: Callable[[GenerationJob], object] | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.model = model
         self.prompt_ids = list(prompt_ids)
         self.max_tokens = max_tokens
         self.sampling = sampling
         self.stop = tuple(stop)
-        #: True once the thread stopped early because of `cancel`.
+        #: True once the generation stopped early because of `cancel`.
         self.cancelled = False
-        self._cancel = threading.Event()
+        self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
         self._on_done = on_done
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox = outbox
         self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._thread = threading.Thread(target=self._run, name="meshpy-generation", daemon=True)
+        self._decoder = IncrementalDecoder(model.tokenizer)
+        self._stops = StopText(self.stop)
+        self._ticket: Ticket | None = None
 
     def start(self) -> GenerationJob:
-        """Starts the thread; call from the event loop that will read the events."""
-        self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        """Submits the generation; call from the event loop that will read the events."""
+        if self._outbox is None:
+            self._outbox = Outbox(asyncio.get_running_loop())
+        model = self.model
+        model.end.check_context(len(self.prompt_ids))
+        budget = min(self.max_tokens, model.config.max_positions - len(self.prompt_ids))
+        self._ticket = model.scheduler.submit(
+            self.prompt_ids, budget, Sampler(self.sampling), model.tokenizer.stop_ids, self, self.stats
+        )
         return self
 
     def cancel(self) -> None:
         """Asks the generation to stop (a no-op once it has ended)."""
-        self._cancel.set()
+        if self._ticket is not None:
+            self._ticket.cancel()
 
     async def next_event(self) -> Event:
         """The next event, waiting for it without blocking the loop."""
         return await self._events.get()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Waits for the thread to end; True if it has."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        """Waits for the generation to end and its session to close; True if it has."""
+        return self._ticket is None or self._ticket.wait(timeout)
 
-    # --- on the generation thread -------------------------------------------------------
+    # --- on a scheduler thread (the TokenSink) -----------------------------------------
 
     def _emit(self, event: Event) -> None:
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+        assert self._outbox is not None
+        self._outbox.post(self._events.put_nowait, event)
 
-    def _run(self) -> None:
-        stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
-        tokens = self.model.generate_ids(self.prompt_ids, self.max_tokens, self.sampling, stats=stats)
-        decoder = IncrementalDecoder(self.model.tokenizer)
-        stops = StopText(self.stop)
+    def token(self, token: int) -> bool:
+        text = self._stops.add(self._decoder.add(token))
+        if text:
+            self._emit(Delta(text))
+        return not self._stops.stopped
+
+    def end(self, finish_reason: str | None, error: BaseException | None) -> None:
         event: Event
-        try:
-            for token in tokens:
-                if self._cancel.is_set():
-                    self.cancelled = True
-                    break
-                text = stops.add(decoder.add(token))
+        if error is not None:
+            event = Failed(error)
+        else:
+            if finish_reason == "cancelled":
+                self.cancelled = True
+                log.info("generation cancelled after %d tokens", self.stats.completion_tokens)
+            elif not self._stops.stopped:
+                text = self._stops.add(self._decoder.flush()) + self._stops.flush()
                 if text:
                     self._emit(Delta(text))
-                if stops.stopped:
-                    break
-            else:
-                text = stops.add(decoder.flush())
-                text += stops.flush()
-                if text:
-                    self._emit(Delta(text))
-            reason = "stop" if stops.stopped else (stats.finish_reason or "length")
-            event = Finished(reason, stats.prompt_tokens, stats.completion_tokens)
-        except Exception as e:  # answered to the client by the route
-            event = Failed(e)
-        finally:
-            # Frees the session here, on the thread that ran the generator (a no-op if the
-            # generator ran to its end or never started).
-            try:
-                tokens.close()
-            except Exception:
-                log.exception("closing a generation's session")
-        if self.cancelled:
-            log.info("generation cancelled after %d tokens", stats.completion_tokens)
+            reason = "stop" if self._stops.stopped else (finish_reason or "length")
+            event = Finished(reason, self.stats.prompt_tokens, self.stats.completion_tokens)
         self._emit(event)
-        if self._on_done is not None and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._on_done, self)
-            except RuntimeError:
-                pass
+        if self._on_done is not None:
+            assert self._outbox is not None
+            self._outbox.post(self._on_done, self)

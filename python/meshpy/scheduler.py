@@ -1,0 +1,347 @@
+"""Every running generation advances together (issue 11, part 3).
+
+A `Scheduler` owns the generations of one model. Each of its lanes is a thread that loops:
+it takes in new requests, drops cancelled ones, and runs one *iteration* for all the rest:
+
+- every decoding generation's last token, one row each;
+- the next chunk of prompts still prefilling, sized so the iteration takes at most about twice
+  a decode-only iteration (chunked prefill: a long prompt arriving never stalls the streams
+  already running; alone, a prompt goes in chunks of `PREFILL_CHUNK`);
+
+as one embedding lookup, one `forward_batch` through the pipeline (one pass per span, or one
+request per hop of the mesh, every session with its own cache), one product with the output
+head for the rows that need logits, and sampling for all of them at once (`sample_rows`).
+Rows are independent in every kernel, so a generation's tokens are the same however many
+others share its iterations.
+
+With several lanes (a mesh: each hop is a stage on another machine) the lanes' batches are in
+flight at once, so while one batch crosses the second worker the next crosses the first.
+
+Generations report through a `TokenSink` called on the lane's thread: `token` for each token
+(returning False stops the generation there, as a stop string does), then `end` once. A
+generation whose iteration fails is run again on its own, so a bad request fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from meshpy.sampling import Sampler, sample_rows
+
+__all__ = ["Scheduler", "TokenSink", "Ticket", "PREFILL_CHUNK"]
+
+log = logging.getLogger(__name__)
+
+#: Prompt tokens per pass when nothing else is decoding: bounds a long prompt's scratch memory.
+PREFILL_CHUNK = 512
+#: Fewest prompt tokens a prefilling request gets per iteration while others decode.
+MIN_PREFILL_CHUNK = 8
+#: While others decode, an iteration's prefill part may cost this many decode-only iterations.
+PREFILL_SHARE = 1.0
+#: Weight of the newest measurement in the running averages of iteration costs.
+_EMA = 0.2
+
+
+class TokenSink(Protocol):
+    """Where a generation's tokens go; both methods are called on a scheduler thread."""
+
+    def token(self, token: int) -> bool:
+        """One generated token; False stops the generation after it (finish reason `stop`)."""
+
+    def end(self, finish_reason: str | None, error: BaseException | None) -> None:
+        """The generation ended (`stop`, `length`, `cancelled`), or failed with `error`."""
+
+
+class Ticket:
+    """A submitted generation: `cancel()` stops it, `wait()` returns once its session is
+    closed (on every worker, for a mesh)."""
+
+    def __init__(self, prompt: Sequence[int], budget: int, sampler: Sampler, stop_ids: frozenset[int],
+                 sink: TokenSink, stats: Any) -> None:
+        self.prompt = list(prompt)
+        self.budget = budget
+        self.sampler = sampler
+        self.stop_ids = stop_ids
+        self.sink = sink
+        self.stats = stats
+        self.session: Any = None
+        self.fed = 0  # prompt tokens run through the layers so far
+        self.next_token: int | None = None  # the token to run next, once decoding
+        self.started = 0.0
+        self.last = 0.0
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+
+    def cancel(self) -> None:
+        """Stops the generation before its next iteration (a no-op once it ended)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits for the generation to end and its session to close; True if it has."""
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+class _Lane:
+    """One thread running iterations over its own generations."""
+
+    def __init__(self, owner: Scheduler, index: int) -> None:
+        self.owner = owner
+        self.cond = threading.Condition()
+        self.incoming: list[Ticket] = []
+        self.active: list[Ticket] = []
+        self.stopping = False
+        # Running averages: seconds of a decode-only iteration, seconds per prompt token.
+        self.decode_cost: float | None = None
+        self.token_cost: float | None = None
+        # Iterations run, the generations' entries they held, and the most in one.
+        self.iterations = self.entries = self.largest = 0
+        self.thread = threading.Thread(target=self._loop, name=f"meshpy-scheduler-{index}", daemon=True)
+        self.thread.start()
+
+    @property
+    def load(self) -> int:
+        return len(self.active) + len(self.incoming)
+
+    def submit(self, ticket: Ticket) -> None:
+        with self.cond:
+            self.incoming.append(ticket)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.incoming and not self.active and not self.stopping:
+                    self.cond.wait()
+                new, self.incoming = self.incoming, []
+                if self.stopping:
+                    break
+            for ticket in new:
+                self._open(ticket)
+            for ticket in [t for t in self.active if t.cancelled]:
+                self._finish(ticket, "cancelled")
+            if self.active:
+                try:
+                    self._iterate()
+                except BaseException:  # a bug here must not leave callers waiting forever
+                    log.exception("scheduler iteration failed")
+                    for ticket in list(self.active):
+                        self._finish(ticket, None, RuntimeError("the scheduler failed; see the server log"))
+        for ticket in list(self.active):
+            self._finish(ticket, "cancelled")
+        for ticket in new:
+            self._end(ticket, "cancelled", None)
+
+    def _open(self, ticket: Ticket) -> None:
+        if ticket.cancelled:
+            self._end(ticket, "cancelled", None)
+            return
+        try:
+            ticket.session = self.owner.model.new_session()
+        except Exception as e:  # noqa: BLE001 - no route, no room: this request's error
+            self._end(ticket, None, e)
+            return
+        ticket.started = time.perf_counter()
+        self.active.append(ticket)
+
+    def _finish(self, ticket: Ticket, reason: str | None, error: BaseException | None = None) -> None:
+        self.active.remove(ticket)
+        try:
+            self.owner.model.close_session(ticket.session)
+        except Exception:
+            log.exception("closing a generation's session")
+        self._end(ticket, reason, error)
+
+    def _end(self, ticket: Ticket, reason: str | None, error: BaseException | None) -> None:
+        try:
+            ticket.sink.end(reason, error)
+        except Exception:
+            log.exception("a generation's sink failed at its end")
+        ticket._done.set()
+
+    # --- one iteration ----------------------------------------------------------------
+
+    def _plan(self) -> list[tuple[Ticket, list[int]]]:
+        """The rows of the next iteration: each decoding generation's token, then prompt
+        chunks (oldest request first) within this iteration's prefill budget."""
+        decoding = [(t, [t.next_token]) for t in self.active if t.next_token is not None]
+        budget = PREFILL_CHUNK
+        if decoding:
+            if self.decode_cost is None or self.token_cost is None:
+                budget = MIN_PREFILL_CHUNK
+            else:
+                budget = int(PREFILL_SHARE * self.decode_cost / self.token_cost)
+                budget = max(MIN_PREFILL_CHUNK, min(PREFILL_CHUNK, budget))
+        prefilling = []
+        for t in self.active:
+            if t.next_token is None and budget > 0:
+                chunk = t.prompt[t.fed : t.fed + budget]
+                budget -= len(chunk)
+                prefilling.append((t, chunk))
+        return decoding + prefilling
+
+    def _iterate(self) -> None:
+        plan = self._plan()
+        self.iterations += 1
+        self.entries += len(plan)
+        self.largest = max(self.largest, len(plan))
+        model = self.owner.model
+        t0 = time.perf_counter()
+        results = self._forward(plan)
+        elapsed = time.perf_counter() - t0
+        n_prompt = sum(len(ids) for t, ids in plan if t.next_token is None)
+        self._learn(elapsed, len(plan) - sum(1 for t, _ in plan if t.next_token is None), n_prompt)
+
+        # Rows that need logits: decode rows, and the last row of a prompt's final chunk.
+        want: list[tuple[Ticket, np.ndarray]] = []
+        for (ticket, ids), out in zip(plan, results):
+            if isinstance(out, BaseException):
+                self._finish(ticket, None, out)
+                continue
+            if ticket.next_token is None:
+                ticket.fed += len(ids)
+                if ticket.fed < len(ticket.prompt):
+                    continue
+                ticket.stats.prefill_seconds = time.perf_counter() - ticket.started
+            want.append((ticket, out[-1]))
+        if not want:
+            return
+        logits = model.end.logits(np.stack([row for _, row in want]))
+        tokens = sample_rows([t.sampler for t, _ in want], logits, model.end.tokenizer.vocab_size)
+        now = time.perf_counter()
+        for (ticket, _), token in zip(want, tokens):
+            if isinstance(token, BaseException):
+                self._finish(ticket, None, token)
+                continue
+            self._advance(ticket, token, now)
+
+    def _advance(self, ticket: Ticket, token: int, now: float) -> None:
+        stats = ticket.stats
+        if ticket.next_token is not None:  # a decode step ran
+            stats.decode_seconds += now - ticket.last
+            stats.decode_steps += 1
+        ticket.last = now
+        if token in ticket.stop_ids:
+            self._finish(ticket, "stop")
+            return
+        stats.completion_tokens += 1
+        try:
+            go_on = ticket.sink.token(token)
+        except Exception as e:  # noqa: BLE001 - the sink's failure ends only its generation
+            self._finish(ticket, None, e)
+            return
+        if not go_on:
+            self._finish(ticket, "stop")
+        elif stats.completion_tokens >= ticket.budget:
+            self._finish(ticket, "length")
+        else:
+            ticket.next_token = token
+
+    def _forward(self, plan: list[tuple[Ticket, list[int]]]) -> list[np.ndarray | BaseException]:
+        """The last layer's rows for each planned entry, or the error that entry alone met."""
+        end, pipeline = self.owner.model.end, self.owner.model.pipeline
+        counts = [len(chunk) for _, chunk in plan]
+        sessions = [t.session for t, _ in plan]
+        if len(plan) > 1:
+            try:
+                hidden = end.embed([i for _, chunk in plan for i in chunk])
+                out = pipeline.forward_batch(sessions, hidden, counts)
+            except Exception:  # noqa: BLE001 - run one by one: each entry gets its own error
+                pass
+            else:
+                return list(np.split(out, np.cumsum(counts)[:-1]))
+        results: list[np.ndarray | BaseException] = []
+        for session, (_, chunk) in zip(sessions, plan):
+            try:
+                results.append(pipeline.forward(session, end.embed(chunk)))
+            except Exception as e:  # noqa: BLE001 - handed to this entry's generation
+                results.append(e)
+        return results
+
+    def _learn(self, elapsed: float, n_decode: int, n_prompt: int) -> None:
+        """Updates the running costs the prefill budget is sized from."""
+        def ema(old: float | None, new: float) -> float:
+            return new if old is None else (1 - _EMA) * old + _EMA * new
+
+        if n_prompt == 0:
+            self.decode_cost = ema(self.decode_cost, elapsed)
+        elif n_decode == 0 or self.decode_cost is None:
+            self.token_cost = ema(self.token_cost, elapsed / n_prompt)
+        else:
+            self.token_cost = ema(self.token_cost, max(elapsed - self.decode_cost, 0.0) / n_prompt)
+
+
+class Scheduler:
+    """Runs a model's generations in iterations shared by all of them, on `lanes` threads
+    (each with its own generations; several keep several batches in flight on a mesh)."""
+
+    def __init__(self, model: Any, lanes: int = 1) -> None:
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
+        self.model = model
+        self.n_lanes = lanes
+        self._lanes: list[_Lane] = []
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        budget: int,
+        sampler: Sampler,
+        stop_ids: frozenset[int],
+        sink: TokenSink,
+        stats: Any,
+    ) -> Ticket:
+        """Starts a generation of up to `budget` tokens after `prompt`; its tokens go to
+        `sink`, its counts to `stats` (a `GenerationStats`)."""
+        ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats)
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the model is closed")
+            if not self._lanes:  # started on first use, so a model that never generates has no threads
+                self._lanes = [_Lane(self, i) for i in range(self.n_lanes)]
+            lane = min(self._lanes, key=lambda lane: lane.load)
+        lane.submit(ticket)
+        return ticket
+
+    @property
+    def running(self) -> int:
+        """Generations submitted and not yet ended."""
+        return sum(lane.load for lane in list(self._lanes))
+
+    def counters(self) -> tuple[int, int, int]:
+        """Iterations run, generation entries they held, and the most in one iteration (for
+        tests and benchmarks)."""
+        lanes = list(self._lanes)
+        return (sum(lane.iterations for lane in lanes), sum(lane.entries for lane in lanes),
+                max((lane.largest for lane in lanes), default=0))
+
+    def close(self) -> None:
+        """Cancels every generation, closes their sessions and stops the lanes."""
+        with self._lock:
+            self.closed = True
+            lanes, self._lanes = self._lanes, []
+        for lane in lanes:
+            lane.stop()
+        for lane in lanes:
+            lane.thread.join(timeout=30)
+
