@@ -10,9 +10,11 @@ other streams fare while an N-token prompt arrives mid-stream (chunked prefill).
 starts a bootstrap node and N workers (a layer range each, one thread each) and serves
 through them with one thread (so three processes share this machine's cores).
 
-Throughput: each stream asks its own question for up to `--max-tokens` tokens; the figure is
+Throughput: each stream asks its own question for up to `--max-tokens` tokens. "Aggregate" is
 all streams' streamed chunks (one per token) over the wall time from the first request to the
-last chunk, so it includes every prompt's prefill and the HTTP round trips.
+last chunk, so it includes every prompt's prefill, the HTTP round trips and the streams
+starting and ending at different times; "all decoding" counts the chunks that arrive while
+every stream decodes (from the last stream's first chunk to the first stream's last).
 
 One request (one process only): the same chat request in this process (as `meshpy generate`
 runs it) and through the server, alone: time to first token beside the prefill time, and
@@ -82,8 +84,10 @@ def stream_chat(client: OpenAI, model: str, i: int, max_tokens: int, times: list
             times.append(time.perf_counter())
 
 
-def run_streams(client: OpenAI, model: str, n: int, max_tokens: int) -> float:
-    """Streamed tokens per second of `n` concurrent chat completions."""
+def run_streams(client: OpenAI, model: str, n: int, max_tokens: int) -> tuple[float, float]:
+    """Streamed tokens per second of `n` concurrent chat completions: over the whole run, and
+    while all `n` decode (chunks between the last stream's first chunk and the first
+    stream's last one; 0 when no such time exists)."""
     times: list[list[float]] = [[] for _ in range(n)]
     threads = [threading.Thread(target=stream_chat, args=(client, model, i, max_tokens, times[i])) for i in range(n)]
     t0 = time.perf_counter()
@@ -91,7 +95,10 @@ def run_streams(client: OpenAI, model: str, n: int, max_tokens: int) -> float:
         t.start()
     for t in threads:
         t.join()
-    return sum(len(t) for t in times) / (max(t[-1] for t in times if t) - t0)
+    last = max(t[-1] for t in times if t)
+    start, end = max(t[0] for t in times if t), min(t[-1] for t in times if t)
+    together = sum(start < x <= end for t in times for x in t)
+    return sum(len(t) for t in times) / (last - t0), together / (end - start) if end > start else 0.0
 
 
 def single_request(client: OpenAI, model: str, path: Path, threads: int, max_tokens: int) -> None:
@@ -180,9 +187,10 @@ def main() -> None:
                 single_request(client, name, path, args.threads, args.max_tokens)
             base = None
             for n in args.streams:
-                rate = run_streams(client, name, n, args.max_tokens)
-                base = base or rate
-                print(f"{n:>3} stream{'s' if n > 1 else ' '}: {rate:7.1f} tok/s aggregate ({rate / base:.1f}x one stream)")
+                whole, decode = run_streams(client, name, n, args.max_tokens)
+                base = base or (whole, decode)
+                print(f"{n:>3} stream{'s' if n > 1 else ' '}: {whole:7.1f} tok/s aggregate ({whole / base[0]:.1f}x one "
+                      f"stream), all decoding {decode:7.1f} tok/s ({decode / base[1]:.1f}x)")
             if args.long_prompt:
                 long_prompt_run(client, name, args.long_prompt, config.vocab_size)
         finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -98,8 +99,9 @@ class Ticket:
 class _Lane:
     """One thread running iterations over its own generations."""
 
-    def __init__(self, owner: Scheduler, index: int) -> None:
-        self.owner = owner
+    def __init__(self, model: weakref.ref[Any], index: int) -> None:
+        # Weak, so a model nobody holds is freed (and its scheduler stops its lanes).
+        self._model = model
         self.cond = threading.Condition()
         self.incoming: list[Ticket] = []
         self.active: list[Ticket] = []
@@ -111,6 +113,13 @@ class _Lane:
         self.iterations = self.entries = self.largest = 0
         self.thread = threading.Thread(target=self._loop, name=f"meshpy-scheduler-{index}", daemon=True)
         self.thread.start()
+
+    @property
+    def model(self) -> Any:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model was freed")
+        return model
 
     @property
     def load(self) -> int:
@@ -155,7 +164,7 @@ class _Lane:
             self._end(ticket, "cancelled", None)
             return
         try:
-            ticket.session = self.owner.model.new_session()
+            ticket.session = self.model.new_session()
         except Exception as e:  # noqa: BLE001 - no route, no room: this request's error
             self._end(ticket, None, e)
             return
@@ -165,7 +174,7 @@ class _Lane:
     def _finish(self, ticket: Ticket, reason: str | None, error: BaseException | None = None) -> None:
         self.active.remove(ticket)
         try:
-            self.owner.model.close_session(ticket.session)
+            self.model.close_session(ticket.session)
         except Exception:
             log.exception("closing a generation's session")
         self._end(ticket, reason, error)
@@ -203,7 +212,7 @@ class _Lane:
         self.iterations += 1
         self.entries += len(plan)
         self.largest = max(self.largest, len(plan))
-        model = self.owner.model
+        model = self.model
         t0 = time.perf_counter()
         results = self._forward(plan)
         elapsed = time.perf_counter() - t0
@@ -257,7 +266,7 @@ class _Lane:
 
     def _forward(self, plan: list[tuple[Ticket, list[int]]]) -> list[np.ndarray | BaseException]:
         """The last layer's rows for each planned entry, or the error that entry alone met."""
-        end, pipeline = self.owner.model.end, self.owner.model.pipeline
+        end, pipeline = self.model.end, self.model.pipeline
         counts = [len(chunk) for _, chunk in plan]
         sessions = [t.session for t, _ in plan]
         if len(plan) > 1:
@@ -296,7 +305,7 @@ class Scheduler:
     def __init__(self, model: Any, lanes: int = 1) -> None:
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
-        self.model = model
+        self._model = weakref.ref(model)
         self.n_lanes = lanes
         self._lanes: list[_Lane] = []
         self._lock = threading.Lock()
@@ -318,7 +327,7 @@ class Scheduler:
             if self.closed:
                 raise RuntimeError("the model is closed")
             if not self._lanes:  # started on first use, so a model that never generates has no threads
-                self._lanes = [_Lane(self, i) for i in range(self.n_lanes)]
+                self._lanes = [_Lane(self._model, i) for i in range(self.n_lanes)]
             lane = min(self._lanes, key=lambda lane: lane.load)
         lane.submit(ticket)
         return ticket
@@ -334,6 +343,10 @@ class Scheduler:
         lanes = list(self._lanes)
         return (sum(lane.iterations for lane in lanes), sum(lane.entries for lane in lanes),
                 max((lane.largest for lane in lanes), default=0))
+
+    def __del__(self) -> None:
+        for lane in self._lanes:
+            lane.stop()
 
     def close(self) -> None:
         """Cancels every generation, closes their sessions and stops the lanes."""
