@@ -5,6 +5,11 @@ iteration; on the workers the entries of a request (and requests that arrive tog
 as one span call (one read of the weights for all); the workers' `Info` counters show it.
 
     python benches/bench_concurrency.py [--model smollm2] [--threads 2] [--workers 2] [--streams 1 4 8]
+                                        [--lanes 1 2] [--pin]
+
+`--lanes` sets how many batches the mesh End node keeps in flight (pipelining: while one
+batch crosses the second worker the next crosses the first); `--pin` pins worker i to CPU i,
+as if each worker had a machine of its own (the End node shares them).
 
 Each stream prefills its own prompt (`--prompt-tokens`, a different slice of the benchmark
 text per stream) and decodes `--decode-tokens` tokens; the figure is all streams' decoded
@@ -16,6 +21,7 @@ the engine and the mesh.)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -83,6 +89,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--transport", default="tcp", choices=("tcp", "quic"))
+    parser.add_argument("--pin", action="store_true", help="pin worker i to CPU i (the End node floats)")
     parser.add_argument("--lanes", type=int, nargs="+", default=[1, 2],
                         help="batches the mesh End node keeps in flight (one row each)")
     args = parser.parse_args()
@@ -101,6 +108,12 @@ def main() -> None:
         mesh.start_bootstrap()
         for layers in split_layers(n_layers, args.workers):
             mesh.add_worker(path, layers=format_layers(layers), threads=args.threads, kv_budget="256MiB")
+        if args.pin:
+            cpus = sorted(os.sched_getaffinity(0))
+            for i, worker in enumerate(mesh.workers):
+                os.sched_setaffinity(worker.proc.pid, {cpus[i % len(cpus)]})
+                for tid in os.listdir(f"/proc/{worker.proc.pid}/task"):  # threads started already
+                    os.sched_setaffinity(int(tid), {cpus[i % len(cpus)]})
         for lanes in args.lanes:
             with connect(path, mesh.bootstrap_addr, threads=args.threads, transport=args.transport,
                          lanes=lanes) as model:

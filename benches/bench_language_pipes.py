@@ -5,7 +5,8 @@ streamed tokens/s) and `--streams` concurrent ones (aggregate tokens/s), and the
 
     PYTHONPATH=python python benches/bench_language_pipes.py [--venv /work/lp-venv]
         [--hf-dir /tmp/lp-smollm2-hf] [--make-hf] [--gguf smollm2] [--max-tokens 128]
-        [--repeats 3] [--streams 4] [--no-meshpy-hf] [--mark FILE] [--wait-for FILE]
+        [--repeats 3] [--streams 4] [--concurrent-repeats 1] [--lp-threads default 1]
+        [--no-meshpy-hf] [--mark FILE] [--wait-for FILE]
 
 Language Pipes runs from its own virtual environment (`--venv`, with `language-pipes` 2.5
 installed) and loads SmolLM2-135M-Instruct in Hugging Face format from `--hf-dir`; it has no
@@ -16,8 +17,11 @@ Its 2-node setup is the one its README describes: node-1 hosts the End Model (em
 head, tokenizer, the OpenAI server, and its default one local layer) plus a Layer Model whose
 memory budget fits the first half of the layers; node-2 joins node-1 (bootstrap node) and
 hosts a Layer Model with the rest. Both run headless (`language-pipes -c NODE.toml run`) on
-127.0.0.1, CPU, its default dtype (bf16), torch's default threads, in a scratch app/model
-directory (LP_APP_DIR, LP_MODEL_DIR; the model directory is a link to `--hf-dir`).
+127.0.0.1, CPU, its default dtype (bf16), in a scratch app/model directory (LP_APP_DIR,
+LP_MODEL_DIR; the model directory is a link to `--hf-dir`). `--lp-threads` runs it once per
+value: `default` leaves torch's thread count per node (the CPU count) alone, N sets
+OMP_NUM_THREADS=N for both nodes. On a small machine the default oversubscribes the cores as
+soon as both nodes compute at once (concurrent streams), so both are shown.
 
 meshpy's 2-node setup: a bootstrap node, two workers (half the layers each, 1 thread each)
 and `meshpy serve --bootstrap` (the End node, 1 thread), on the GGUF (`--gguf`, its native
@@ -25,11 +29,14 @@ Q4_1) and, unless `--no-meshpy-hf`, on the same HF directory Language Pipes load
 
 Every system gets the same requests: one warm-up, then `--repeats` single streams of the
 prompt below (temperature 0, max_tokens `--max-tokens`) and, for the concurrent figure,
-`--streams` streams at once (a variant of the prompt each). Streamed tokens/s is content
-chunks over the time from the request to the last content chunk; time to first token is the
-time from the request to the first content chunk; medians over the repeats. Language Pipes
-computes `max_tokens` tokens but streams one chunk fewer (its last token only reaches the
-non-streamed result), so its chunk count is printed beside its figures.
+`--concurrent-repeats` rounds of `--streams` streams at once (a variant of the prompt each).
+Streamed tokens/s is content chunks over the time from the request to the last content
+chunk (aggregate: all streams' chunks over the time to the last one); time to first token is
+the time from the request to the first content chunk; medians over the repeats. Language
+Pipes computes `max_tokens` tokens but streams one chunk fewer (its last token only reaches
+the non-streamed result), so chunk counts are printed beside the figures. Each Language
+Pipes node runs its jobs one at a time in one runner thread (no batching), so concurrent
+streams take turns.
 
 `--mark FILE` exists while the timed requests run; `--wait-for FILE` makes each timed part
 wait while that file exists (for benchmarks sharing a machine). Nothing here asserts a speed.
@@ -169,6 +176,7 @@ def timed_section(mark: str | None, wait_for: str | None):
             time.sleep(2.0)
     if mark:
         Path(mark).touch()
+    print(f"  (load average {os.getloadavg()[0]:.2f} before the timed requests)", flush=True)
     try:
         yield
     finally:
@@ -177,7 +185,7 @@ def timed_section(mark: str | None, wait_for: str | None):
 
 
 def measure(fig: Figures, url: str, model: str, args: argparse.Namespace) -> None:
-    """Warm-up, `repeats` single streams, `repeats` rounds of `streams` concurrent streams."""
+    """Warm-up, `repeats` single streams, `concurrent_repeats` rounds of `streams` concurrent streams."""
     client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=900, max_retries=0)
     with timed_section(args.mark, args.wait_for):
         stream_chat(client, model, PROMPT, args.max_tokens, Stream())  # warm-up
@@ -195,7 +203,7 @@ def measure(fig: Figures, url: str, model: str, args: argparse.Namespace) -> Non
         fig.text = "".join(singles[-1].text)
         if args.streams > 1:
             rates = []
-            for _ in range(args.repeats):
+            for _ in range(args.concurrent_repeats):
                 streams = [Stream() for _ in range(args.streams)]
                 threads = [threading.Thread(target=stream_chat, args=(client, model, STREAM_PROMPTS[i % len(STREAM_PROMPTS)],
                                                                       args.max_tokens, streams[i]))
@@ -296,10 +304,17 @@ class LpNode:
         self._out.close()
 
 
-def run_language_pipes(args: argparse.Namespace, hf_dir: Path, n_layers: int) -> Figures:
+def run_language_pipes(args: argparse.Namespace, hf_dir: Path, n_layers: int, threads: str) -> Figures:
+    """Language Pipes' 2-node setup; `threads` "default" leaves torch's thread count alone,
+    a number sets OMP_NUM_THREADS for both nodes."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.pop("OMP_NUM_THREADS", None)
+    if threads != "default":
+        env["OMP_NUM_THREADS"] = threads
     version = subprocess.run([str(args.venv / "bin" / "python"), "-c",
                               "import importlib.metadata as m, torch; print(m.version('language-pipes'), torch.__version__, torch.get_num_threads())"],
-                             capture_output=True, text=True, check=True).stdout.split()
+                             capture_output=True, text=True, check=True, env=env).stdout.split()
     model_id = f"local/{hf_dir.name}"
     first = n_layers // 2  # node-1's layer model: 0..first-1, node-2: the rest
     layer = layer_bytes_bf16(hf_dir)
@@ -315,8 +330,7 @@ def run_language_pipes(args: argparse.Namespace, hf_dir: Path, n_layers: int) ->
         peer1, peer2, job_port = free_port(), free_port(), free_port()
         (tmp / "node-1.toml").write_text(toml_node("node-1", peer1, model_id, mem1, job_port=job_port, end_model=True))
         (tmp / "node-2.toml").write_text(toml_node("node-2", peer2, model_id, mem2, bootstrap_port=peer1))
-        base_env = dict(os.environ, LP_MODEL_DIR=str(tmp / "models"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        base_env.pop("PYTHONPATH", None)
+        base_env = dict(env, LP_MODEL_DIR=str(tmp / "models"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         loaded = r"Layers (\d+)-(\d+) for \S+ successfully loaded on (\S+)"
         node1 = LpNode(args.venv, "node-1", tmp / "node-1.toml", dict(base_env, LP_APP_DIR=str(tmp / "app-1")), tmp / "node-1.log")
         nodes.append(node1)
@@ -337,11 +351,13 @@ def run_language_pipes(args: argparse.Namespace, hf_dir: Path, n_layers: int) ->
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Language Pipes never listed {model_id}:\n{node1.text()[-2000:]}")
             time.sleep(0.5)
-        setup = (f"Language Pipes {version[0]} (torch {version[1]}, {version[2]} threads each), 2 nodes on 127.0.0.1, "
+        how_many = f"{version[2]} thread{'s' if version[2] != '1' else ''} per node, " + (
+            "torch's default" if threads == "default" else f"OMP_NUM_THREADS={threads}")
+        setup = (f"Language Pipes {version[0]} (torch {version[1]}, {how_many}), 2 nodes on 127.0.0.1, "
                  f"bf16 on cpu: node-1 End Model (embedding, head, layer 0 local) + layers {m1.group(1)}-{m1.group(2)}, "
                  f"OpenAI server; node-2 layers {m2.group(1)}-{m2.group(2)}")
         print(f"setup: {setup}", flush=True)
-        fig = Figures(f"Language Pipes {version[0]} (HF bf16)", setup)
+        fig = Figures(f"Language Pipes {version[0]} (HF bf16, {version[2]} thr)", setup)
         measure(fig, url, model_id, args)
         return fig
     finally:
@@ -432,8 +448,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams (1: none)")
+    parser.add_argument("--concurrent-repeats", type=int, default=1, help="rounds of concurrent streams")
     parser.add_argument("--no-meshpy-hf", action="store_true", help="skip meshpy on the HF directory")
     parser.add_argument("--no-language-pipes", action="store_true", help="measure meshpy only")
+    parser.add_argument("--lp-threads", nargs="+", default=["default", "1"],
+                        help="Language Pipes runs, each with torch's default threads per node or OMP_NUM_THREADS=N")
     parser.add_argument("--mark", help="a file that exists while timed requests run")
     parser.add_argument("--wait-for", help="before timed requests, wait while this file exists")
     args = parser.parse_args()
@@ -454,31 +473,35 @@ def main() -> None:
     if read_config(open_model_source(gguf)).n_layers != n_layers:
         raise SystemExit(f"{gguf} and {hf_dir} are not the same model")
 
-    print(f"machine: {machine()}; commit {commit()}")
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "python", "rust"],
+                           capture_output=True, text=True).stdout.strip()
+    print(f"machine: {machine()}; commit {commit()}{' with local changes to python/ or rust/' if dirty else ''}")
     print(f"model: {gguf.name} (meshpy) and {hf_dir} (HF bf16, made from it); {n_layers} layers")
     print(f"requests: streamed greedy chat completion, max_tokens {args.max_tokens}, prompt {PROMPT!r}; "
-          f"warm-up, then medians of {args.repeats}; {args.streams} concurrent streams", flush=True)
+          f"warm-up, then medians of {args.repeats}; {args.streams} concurrent streams, "
+          f"{args.concurrent_repeats} round{'s' if args.concurrent_repeats != 1 else ''}", flush=True)
 
-    figures: list[Figures] = []
-    if not args.no_language_pipes:
-        figures.append(run_language_pipes(args, hf_dir, n_layers))
-    figures.append(run_meshpy(args, gguf, f"meshpy (GGUF {gguf.stem.rsplit('.', 1)[-1]})", n_layers))
+    lps = [] if args.no_language_pipes else [run_language_pipes(args, hf_dir, n_layers, t) for t in args.lp_threads]
+    meshpys = [run_meshpy(args, gguf, f"meshpy (GGUF {gguf.stem.rsplit('.', 1)[-1]}, 1 thr)", n_layers)]
     if not args.no_meshpy_hf:
-        figures.append(run_meshpy(args, hf_dir, "meshpy (HF bf16)", n_layers))
+        meshpys.append(run_meshpy(args, hf_dir, "meshpy (HF bf16, 1 thr)", n_layers))
 
-    w = max(len(f.label) for f in figures) + (13 if len(figures) > 1 and not args.no_language_pipes else 0)
+    rows = [(f.label, f.tok_s, f.ttft * 1e3, f.agg_tok_s, "") for f in lps + meshpys]
+    for lp in lps:
+        for mp in meshpys:
+            rows.append((f"meshpy ({mp.label.split(' (', 1)[1]} / LP ({lp.label.split(' (', 1)[1]}", mp.tok_s / lp.tok_s,
+                         lp.ttft / mp.ttft, mp.agg_tok_s / lp.agg_tok_s, "x"))
+    w = max(len(r[0]) for r in rows)
     print()
     print(f"{'':<{w}}  {'tok/s 1 stream':>14}  {'first token ms':>14}  {f'tok/s {args.streams} streams':>16}")
-    for f in figures:
-        print(f"{f.label:<{w}}  {f.tok_s:14.1f}  {f.ttft * 1e3:14.0f}  {f.agg_tok_s:16.1f}")
-    if not args.no_language_pipes:
-        lp = figures[0]
-        for f in figures[1:]:
-            print(f"{'ratio ' + f.label + ' / LP':<{w}}  {f.tok_s / lp.tok_s:13.2f}x  "
-                  f"{lp.ttft / f.ttft:13.2f}x  {f.agg_tok_s / lp.agg_tok_s:15.2f}x")
-        print("(ratios: how many times faster meshpy is; time to first token as LP's / meshpy's)")
-        for f in figures[1:]:
-            print(f"greedy text, {f.label} against Language Pipes: {agreement(lp.text, f.text)}")
+    for i, (label, a, b, c, x) in enumerate(rows):
+        if i == len(lps + meshpys):
+            print("ratio meshpy / Language Pipes (how many times faster meshpy is; first token: LP's time / meshpy's)")
+        print(f"{label:<{w}}  {a:{14 - len(x)}.{2 if x else 1}f}{x}  {b:{14 - len(x)}.{2 if x else 0}f}{x}  "
+              f"{c:{16 - len(x)}.{2 if x else 1}f}{x}")
+    for lp in lps[:1]:
+        for mp in meshpys:
+            print(f"greedy text, {mp.label} against {lp.label}: {agreement(lp.text, mp.text)}")
 
 
 if __name__ == "__main__":

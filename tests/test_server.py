@@ -385,9 +385,10 @@ def test_mesh_models_list_reports_layer_coverage(mesh_server: tuple[AppServer, M
     assert [p["layers"] for p in layers["providers"]] == [[0, 14], [15, 29]]
 
 
-@pytest.mark.slow
-def test_mesh_eight_concurrent_streams_match_alone(mesh_server: tuple[AppServer, Model]) -> None:
-    server, _ = mesh_server
+def eight_streams_match_alone(server: AppServer, model: Model) -> None:
+    """Eight concurrent greedy chat streams give the texts the same requests give one at a
+    time, while /health answers and shows them running together; the scheduler ran them in
+    shared iterations."""
     args: dict[str, Any] = dict(model="smollm2", temperature=0, max_tokens=24)
 
     async def one(client: openai.AsyncOpenAI, prompt: str) -> str:
@@ -411,10 +412,22 @@ def test_mesh_eight_concurrent_streams_match_alone(mesh_server: tuple[AppServer,
 
     expected = asyncio.run(alone())
     assert all(expected) and len(set(expected)) == len(PROMPTS)
+    iterations, entries, _ = model.scheduler.counters()
     texts, active = asyncio.run(together())
     assert texts == expected
     assert max(active) > 1, active
     assert health(server)["active_generations"] == 0
+    iterations2, entries2, _ = model.scheduler.counters()
+    assert entries2 - entries > iterations2 - iterations, "some iterations carried several streams"
+
+
+def test_eight_concurrent_streams_match_alone(server: AppServer, model: Model) -> None:
+    eight_streams_match_alone(server, model)
+
+
+@pytest.mark.slow
+def test_mesh_eight_concurrent_streams_match_alone(mesh_server: tuple[AppServer, Model]) -> None:
+    eight_streams_match_alone(*mesh_server)
 
 
 @pytest.mark.slow

@@ -25,10 +25,11 @@ generation whose iteration fails is run again on its own, so a bad request fails
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -99,9 +100,10 @@ class Ticket:
 class _Lane:
     """One thread running iterations over its own generations."""
 
-    def __init__(self, model: weakref.ref[Any], index: int) -> None:
+    def __init__(self, model: weakref.ref[Any], index: int, closer: _Closer) -> None:
         # Weak, so a model nobody holds is freed (and its scheduler stops its lanes).
         self._model = model
+        self.closer = closer
         self.cond = threading.Condition()
         self.incoming: list[Ticket] = []
         self.active: list[Ticket] = []
@@ -172,19 +174,21 @@ class _Lane:
         self.active.append(ticket)
 
     def _finish(self, ticket: Ticket, reason: str | None, error: BaseException | None = None) -> None:
+        """Ends an active generation; its session closes on the closer's thread (on a mesh
+        that is a request to every worker of its route, which must not hold up the others)."""
         self.active.remove(ticket)
-        try:
-            self.model.close_session(ticket.session)
-        except Exception:
-            log.exception("closing a generation's session")
-        self._end(ticket, reason, error)
+        self._end(ticket, reason, error, close=self.model.close_session)
 
-    def _end(self, ticket: Ticket, reason: str | None, error: BaseException | None) -> None:
+    def _end(self, ticket: Ticket, reason: str | None, error: BaseException | None,
+             close: Callable[[Any], object] | None = None) -> None:
         try:
             ticket.sink.end(reason, error)
         except Exception:
             log.exception("a generation's sink failed at its end")
-        ticket._done.set()
+        if close is None:
+            ticket._done.set()
+        else:
+            self.closer.put((close, ticket))
 
     # --- one iteration ----------------------------------------------------------------
 
@@ -298,6 +302,30 @@ class _Lane:
             self.token_cost = ema(self.token_cost, max(elapsed - self.decode_cost, 0.0) / n_prompt)
 
 
+class _Closer:
+    """Closes ended generations' sessions, in order, on a thread of its own; a ticket is done
+    once its session is closed."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[[Any], object], Ticket] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="meshpy-scheduler-closer", daemon=True)
+        self.thread.start()
+
+    def put(self, item: tuple[Callable[[Any], object], Ticket] | None) -> None:
+        """A session to close (`None`: stop once the earlier ones are closed)."""
+        self._queue.put(item)
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            close, ticket = item
+            try:
+                close(ticket.session)
+            except Exception:
+                log.exception("closing a generation's session")
+            finally:
+                ticket._done.set()
+
+
 class Scheduler:
     """Runs a model's generations in iterations shared by all of them, on `lanes` threads
     (each with its own generations; several keep several batches in flight on a mesh)."""
@@ -308,6 +336,7 @@ class Scheduler:
         self._model = weakref.ref(model)
         self.n_lanes = lanes
         self._lanes: list[_Lane] = []
+        self._closer: _Closer | None = None
         self._lock = threading.Lock()
         self.closed = False
 
@@ -327,7 +356,8 @@ class Scheduler:
             if self.closed:
                 raise RuntimeError("the model is closed")
             if not self._lanes:  # started on first use, so a model that never generates has no threads
-                self._lanes = [_Lane(self._model, i) for i in range(self.n_lanes)]
+                self._closer = _Closer()
+                self._lanes = [_Lane(self._model, i, self._closer) for i in range(self.n_lanes)]
             lane = min(self._lanes, key=lambda lane: lane.load)
         lane.submit(ticket)
         return ticket
@@ -347,14 +377,20 @@ class Scheduler:
     def __del__(self) -> None:
         for lane in self._lanes:
             lane.stop()
+        if self._closer is not None:
+            self._closer.put(None)  # nothing runs: a running generation holds the model
 
     def close(self) -> None:
         """Cancels every generation, closes their sessions and stops the lanes."""
         with self._lock:
             self.closed = True
             lanes, self._lanes = self._lanes, []
+            closer, self._closer = self._closer, None
         for lane in lanes:
             lane.stop()
         for lane in lanes:
             lane.thread.join(timeout=30)
+        if closer is not None:
+            closer.put(None)
+            closer.thread.join(timeout=30)
 
