@@ -121,19 +121,16 @@ class Model:
         quantize: str | None = None,
         n_spans: int = 1,
         progress: Callable[[int, int], object] | None = None,
-        idle_spin: float | None = None,
     ) -> Model:
         """Loads a GGUF file or an HF checkpoint directory.
 
         `quantize` ("Q8_0" or "Q4_0") converts float weight matrices at load; `n_spans`
         cuts the layers into that many spans run one after another (as the mesh would);
-        `progress(layers_loaded, n_layers)` is called as layers load; `idle_spin`: seconds
-        an idle compute thread spins for the next pass before sleeping (None: the pool's
-        default, best when nothing else needs the cores between passes).
+        `progress(layers_loaded, n_layers)` is called as layers load.
         """
         source = open_model_source(model_path(path))
         config = read_config(source)
-        pool = _native.ThreadPool(threads or default_threads(), idle_spin=idle_spin)
+        pool = _native.ThreadPool(threads or default_threads())
         end = EndModel(source, config, pool)
         spans = []
         for layers in split_layers(config.n_layers, n_spans):

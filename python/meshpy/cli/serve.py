@@ -19,12 +19,6 @@ def served_name(model: Path | str) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-#: Compute threads of a server sleep as soon as a pass ends: between passes the event loop,
-#: the tokenizer and the clients on the same machine need the cores (a 2 ms spin cost time
-#: to first token 15-27 ms instead of 1-5 ms through `benches/bench_serve.py` on 2 cores).
-SERVE_IDLE_SPIN = 0.0
-
-
 def _open(settings: ServeSettings) -> Model:
     if settings.bootstrap:
         from meshpy.mesh import connect
@@ -37,7 +31,7 @@ def _open(settings: ServeSettings) -> Model:
             wire_dtype=settings.wire_dtype,
             route_timeout=settings.route_timeout,
         )
-    return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, idle_spin=SERVE_IDLE_SPIN)
+    return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize)
 
 
 def run_serve(settings: ServeSettings) -> int:
