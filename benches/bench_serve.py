@@ -189,8 +189,10 @@ def main() -> None:
             for n in args.streams:
                 whole, decode = run_streams(client, name, n, args.max_tokens)
                 base = base or (whole, decode)
+                together = (f"{decode:7.1f} tok/s ({decode / base[1]:.1f}x)" if decode and base[1]
+                            else "    n/a (the first stream ended before the last began)")
                 print(f"{n:>3} stream{'s' if n > 1 else ' '}: {whole:7.1f} tok/s aggregate ({whole / base[0]:.1f}x one "
-                      f"stream), all decoding {decode:7.1f} tok/s ({decode / base[1]:.1f}x)")
+                      f"stream), all decoding {together}")
             if args.long_prompt:
                 long_prompt_run(client, name, args.long_prompt, config.vocab_size)
         finally:
