@@ -6,7 +6,7 @@ streamed tokens/s) and `--streams` concurrent ones (aggregate tokens/s), and the
     PYTHONPATH=python python benches/bench_language_pipes.py [--venv /work/lp-venv]
         [--hf-dir /tmp/lp-smollm2-hf] [--make-hf] [--gguf smollm2] [--max-tokens 128]
         [--repeats 3] [--streams 4] [--concurrent-repeats 1] [--lp-threads default 1]
-        [--no-meshpy-hf] [--mark FILE] [--wait-for FILE]
+        [--no-meshpy-hf] [--meshpy-threads 1 2] [--mark FILE] [--wait-for FILE]
 
 Language Pipes runs from its own virtual environment (`--venv`, with `language-pipes` 2.5
 installed) and loads SmolLM2-135M-Instruct in Hugging Face format from `--hf-dir`; it has no
@@ -23,9 +23,11 @@ value: `default` leaves torch's thread count per node (the CPU count) alone, N s
 OMP_NUM_THREADS=N for both nodes. On a small machine the default oversubscribes the cores as
 soon as both nodes compute at once (concurrent streams), so both are shown.
 
-meshpy's 2-node setup: a bootstrap node, two workers (half the layers each, 1 thread each)
-and `meshpy serve --bootstrap` (the End node, 1 thread), on the GGUF (`--gguf`, its native
-Q4_1) and, unless `--no-meshpy-hf`, on the same HF directory Language Pipes loads.
+meshpy's 2-node setup: a bootstrap node, two workers (half the layers each) and `meshpy
+serve --bootstrap` (the End node), each with `--meshpy-threads` compute threads (one run per
+value: 2 is the default on this machine, like torch's; 1 keeps three processes within 2
+cores when they compute at once), on the GGUF (`--gguf`, its native Q4_1) and, unless
+`--no-meshpy-hf`, on the same HF directory Language Pipes loads.
 
 Every system gets the same requests: one warm-up, then `--repeats` single streams of the
 prompt below (temperature 0, max_tokens `--max-tokens`) and, for the concurrent figure,
@@ -369,20 +371,21 @@ def run_language_pipes(args: argparse.Namespace, hf_dir: Path, n_layers: int, th
 # ---------------------------------------------------------------- meshpy
 
 
-def run_meshpy(args: argparse.Namespace, model: Path, label: str, n_layers: int) -> Figures:
+def run_meshpy(args: argparse.Namespace, model: Path, label: str, n_layers: int, threads: int) -> Figures:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     proc = None
     with LocalMesh(env=env) as mesh:
         mesh.start_bootstrap()
         spans = [format_layers(r) for r in split_layers(n_layers, 2)]
         for layers in spans:
-            mesh.add_worker(model, layers=layers, threads=1, kv_budget="512MiB")
+            mesh.add_worker(model, layers=layers, threads=threads, kv_budget="512MiB")
         try:
-            proc, url = start_server(["--model", str(model), "--bootstrap", mesh.bootstrap_addr, "--threads", "1"], mesh.env)
+            proc, url = start_server(["--model", str(model), "--bootstrap", mesh.bootstrap_addr, "--threads", str(threads)],
+                                     mesh.env)
             client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=600)
             name = client.models.list().data[0].id
             setup = (f"meshpy, 2 nodes on 127.0.0.1 ({mesh.transport}): bootstrap node, workers layers "
-                     f"{' and '.join(spans)} (1 thread each), serve --bootstrap (End node, 1 thread); model {model}")
+                     f"{' and '.join(spans)} ({threads} thread(s) each), serve --bootstrap (End node, {threads}); model {model}")
             print(f"setup: {setup}", flush=True)
             fig = Figures(label, setup)
             measure(fig, url, name, args)
@@ -453,6 +456,8 @@ def main() -> None:
     parser.add_argument("--no-language-pipes", action="store_true", help="measure meshpy only")
     parser.add_argument("--lp-threads", nargs="+", default=["default", "1"],
                         help="Language Pipes runs, each with torch's default threads per node or OMP_NUM_THREADS=N")
+    parser.add_argument("--meshpy-threads", type=int, nargs="+", default=[1, 2],
+                        help="compute threads per meshpy process, one run per value (the HF run takes the first)")
     parser.add_argument("--mark", help="a file that exists while timed requests run")
     parser.add_argument("--wait-for", help="before timed requests, wait while this file exists")
     args = parser.parse_args()
@@ -482,9 +487,11 @@ def main() -> None:
           f"{args.concurrent_repeats} round{'s' if args.concurrent_repeats != 1 else ''}", flush=True)
 
     lps = [] if args.no_language_pipes else [run_language_pipes(args, hf_dir, n_layers, t) for t in args.lp_threads]
-    meshpys = [run_meshpy(args, gguf, f"meshpy (GGUF {gguf.stem.rsplit('.', 1)[-1]}, 1 thr)", n_layers)]
+    quant = gguf.stem.rsplit('.', 1)[-1]
+    meshpys = [run_meshpy(args, gguf, f"meshpy (GGUF {quant}, {t} thr)", n_layers, t) for t in args.meshpy_threads]
     if not args.no_meshpy_hf:
-        meshpys.append(run_meshpy(args, hf_dir, "meshpy (HF bf16, 1 thr)", n_layers))
+        t = args.meshpy_threads[0]
+        meshpys.append(run_meshpy(args, hf_dir, f"meshpy (HF bf16, {t} thr)", n_layers, t))
 
     rows = [(f.label, f.tok_s, f.ttft * 1e3, f.agg_tok_s, "") for f in lps + meshpys]
     for lp in lps:
