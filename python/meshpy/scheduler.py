@@ -1,7 +1,9 @@
 """Every running generation advances together (issue 11, part 3).
 
-A `Scheduler` owns the generations of one model. Each of its lanes is a thread that loops:
-it takes in new requests, drops cancelled ones, and runs one *iteration* for all the rest:
+A `Scheduler` owns the generations of one model. Sessions open and close on threads of their
+own (on a mesh that is route planning and a request per worker, which must not hold up the
+others). Each lane is a thread that loops: it takes in newly opened generations, drops
+cancelled ones, and runs one *iteration* for all the rest:
 
 - every decoding generation's last token, one row each;
 - the next chunk of prompts still prefilling, sized so the iteration takes at most about twice
@@ -100,12 +102,13 @@ class Ticket:
 class _Lane:
     """One thread running iterations over its own generations."""
 
-    def __init__(self, model: weakref.ref[Any], index: int, closer: _Closer) -> None:
+    def __init__(self, model: weakref.ref[Any], index: int, closer: _SessionThread) -> None:
         # Weak, so a model nobody holds is freed (and its scheduler stops its lanes).
         self._model = model
         self.closer = closer
         self.cond = threading.Condition()
-        self.incoming: list[Ticket] = []
+        self.opening = 0  # tickets given to this lane whose sessions are being opened
+        self.incoming: list[Ticket] = []  # opened, not yet running
         self.active: list[Ticket] = []
         self.stopping = False
         # Running averages: seconds of a decode-only iteration, seconds per prompt token.
@@ -125,12 +128,20 @@ class _Lane:
 
     @property
     def load(self) -> int:
-        return len(self.active) + len(self.incoming)
+        return len(self.active) + len(self.incoming) + self.opening
 
-    def submit(self, ticket: Ticket) -> None:
+    def reserve(self) -> None:
+        """Counts a ticket whose session is being opened for this lane."""
         with self.cond:
-            self.incoming.append(ticket)
-            self.cond.notify()
+            self.opening += 1
+
+    def admit(self, ticket: Ticket | None) -> None:
+        """A reserved ticket with its session open (None: its opening failed)."""
+        with self.cond:
+            self.opening -= 1
+            if ticket is not None:
+                self.incoming.append(ticket)
+                self.cond.notify()
 
     def stop(self) -> None:
         with self.cond:
@@ -145,8 +156,7 @@ class _Lane:
                 new, self.incoming = self.incoming, []
                 if self.stopping:
                     break
-            for ticket in new:
-                self._open(ticket)
+            self.active.extend(new)
             for ticket in [t for t in self.active if t.cancelled]:
                 self._finish(ticket, "cancelled")
             if self.active:
@@ -156,39 +166,17 @@ class _Lane:
                     log.exception("scheduler iteration failed")
                     for ticket in list(self.active):
                         self._finish(ticket, None, RuntimeError("the scheduler failed; see the server log"))
+        self.active.extend(new)
         for ticket in list(self.active):
             self._finish(ticket, "cancelled")
-        for ticket in new:
-            self._end(ticket, "cancelled", None)
-
-    def _open(self, ticket: Ticket) -> None:
-        if ticket.cancelled:
-            self._end(ticket, "cancelled", None)
-            return
-        try:
-            ticket.session = self.model.new_session()
-        except Exception as e:  # noqa: BLE001 - no route, no room: this request's error
-            self._end(ticket, None, e)
-            return
-        ticket.started = time.perf_counter()
-        self.active.append(ticket)
 
     def _finish(self, ticket: Ticket, reason: str | None, error: BaseException | None = None) -> None:
         """Ends an active generation; its session closes on the closer's thread (on a mesh
         that is a request to every worker of its route, which must not hold up the others)."""
         self.active.remove(ticket)
-        self._end(ticket, reason, error, close=self.model.close_session)
-
-    def _end(self, ticket: Ticket, reason: str | None, error: BaseException | None,
-             close: Callable[[Any], object] | None = None) -> None:
-        try:
-            ticket.sink.end(reason, error)
-        except Exception:
-            log.exception("a generation's sink failed at its end")
-        if close is None:
-            ticket._done.set()
-        else:
-            self.closer.put((close, ticket))
+        _tell_end(ticket, reason, error)
+        close = self.model.close_session
+        self.closer.put(lambda: _close(close, ticket))
 
     # --- one iteration ----------------------------------------------------------------
 
@@ -302,28 +290,42 @@ class _Lane:
             self.token_cost = ema(self.token_cost, max(elapsed - self.decode_cost, 0.0) / n_prompt)
 
 
-class _Closer:
-    """Closes ended generations' sessions, in order, on a thread of its own; a ticket is done
-    once its session is closed."""
+def _tell_end(ticket: Ticket, reason: str | None, error: BaseException | None) -> None:
+    try:
+        ticket.sink.end(reason, error)
+    except Exception:
+        log.exception("a generation's sink failed at its end")
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[[Any], object], Ticket] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name="meshpy-scheduler-closer", daemon=True)
+
+def _close(close: Callable[[Any], object], ticket: Ticket) -> None:
+    try:
+        close(ticket.session)
+    except Exception:
+        log.exception("closing a generation's session")
+    finally:
+        ticket._done.set()
+
+
+class _SessionThread:
+    """Runs session jobs in order on a thread of its own: opening (on a mesh, planning a
+    route, which may ask the DHT) and closing (a request to every worker of the route), so a
+    slow one never holds up the iterations of running generations."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
-    def put(self, item: tuple[Callable[[Any], object], Ticket] | None) -> None:
-        """A session to close (`None`: stop once the earlier ones are closed)."""
-        self._queue.put(item)
+    def put(self, job: Callable[[], object] | None) -> None:
+        """A job to run (`None`: stop once the earlier ones ran)."""
+        self._queue.put(job)
 
     def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            close, ticket = item
+        while (job := self._queue.get()) is not None:
             try:
-                close(ticket.session)
-            except Exception:
-                log.exception("closing a generation's session")
-            finally:
-                ticket._done.set()
+                job()
+            except Exception:  # jobs report their own errors; this is a bug
+                log.exception("a scheduler session job failed")
 
 
 class Scheduler:
@@ -336,7 +338,8 @@ class Scheduler:
         self._model = weakref.ref(model)
         self.n_lanes = lanes
         self._lanes: list[_Lane] = []
-        self._closer: _Closer | None = None
+        self._opener: _SessionThread | None = None
+        self._closer: _SessionThread | None = None
         self._lock = threading.Lock()
         self.closed = False
 
@@ -356,11 +359,33 @@ class Scheduler:
             if self.closed:
                 raise RuntimeError("the model is closed")
             if not self._lanes:  # started on first use, so a model that never generates has no threads
-                self._closer = _Closer()
+                self._opener = _SessionThread("meshpy-scheduler-opener")
+                self._closer = _SessionThread("meshpy-scheduler-closer")
                 self._lanes = [_Lane(self._model, i, self._closer) for i in range(self.n_lanes)]
             lane = min(self._lanes, key=lambda lane: lane.load)
-        lane.submit(ticket)
+            lane.reserve()
+            opener = self._opener
+        assert opener is not None
+        opener.put(lambda: self._open(ticket, lane))
         return ticket
+
+    def _open(self, ticket: Ticket, lane: _Lane) -> None:
+        """Opens the ticket's session (on the opener's thread) and hands it to its lane."""
+        model = self._model()
+        if ticket.cancelled or model is None:
+            lane.admit(None)
+            _tell_end(ticket, "cancelled", None)
+            ticket._done.set()
+            return
+        try:
+            ticket.session = model.new_session()
+        except Exception as e:  # noqa: BLE001 - no route, no room: this request's error
+            lane.admit(None)
+            _tell_end(ticket, None, e)
+            ticket._done.set()
+            return
+        ticket.started = time.perf_counter()
+        lane.admit(ticket)
 
     @property
     def running(self) -> int:
@@ -377,15 +402,20 @@ class Scheduler:
     def __del__(self) -> None:
         for lane in self._lanes:
             lane.stop()
-        if self._closer is not None:
-            self._closer.put(None)  # nothing runs: a running generation holds the model
+        for thread in (self._opener, self._closer):
+            if thread is not None:
+                thread.put(None)  # nothing runs: a running generation holds the model
 
     def close(self) -> None:
         """Cancels every generation, closes their sessions and stops the lanes."""
         with self._lock:
             self.closed = True
             lanes, self._lanes = self._lanes, []
+            opener, self._opener = self._opener, None
             closer, self._closer = self._closer, None
+        if opener is not None:  # sessions being opened first: their lanes then cancel them
+            opener.put(None)
+            opener.thread.join(timeout=30)
         for lane in lanes:
             lane.stop()
         for lane in lanes:
