@@ -74,6 +74,7 @@ if (REPO / "python" / "meshpy").is_dir():
     sys.path.insert(0, str(REPO / "python"))
 
 from benches.bench_generate import commit, machine  # noqa: E402
+from benches.bench_serve import start_server  # noqa: E402
 from meshpy.generation import model_path  # noqa: E402
 from meshpy.mesh.launcher import LocalMesh, _die_with_parent  # noqa: E402
 from meshpy.mesh.placement import format_layers  # noqa: E402
@@ -398,25 +399,6 @@ def run_meshpy(args: argparse.Namespace, model: Path, label: str, n_layers: int,
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-
-
-def start_server(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    """`meshpy serve ARGS` on a free port; the process and its base URL, once it listens."""
-    proc = subprocess.Popen([sys.executable, "-m", "meshpy", "serve", "--port", "0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 180
-    for line in proc.stdout:
-        found = re.search(r"http://[\d.]+:\d+", line)
-        if found:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            return proc, found.group(0)
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("meshpy serve did not report its address")
 
 
 # ---------------------------------------------------------------- main

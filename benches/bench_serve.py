@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from benches.bench_generate import commit, machine  # noqa: E402
 from meshpy.generation import model_path  # noqa: E402
-from meshpy.mesh.launcher import LocalMesh  # noqa: E402
+from meshpy.mesh.launcher import LocalMesh, _die_with_parent  # noqa: E402
 from meshpy.mesh.placement import format_layers  # noqa: E402
 from meshpy.models.config import read_config  # noqa: E402
 from meshpy.models.source import open_model_source  # noqa: E402
@@ -59,6 +59,7 @@ def start_server(args: list[str], env: dict[str, str] | None = None) -> tuple[su
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshpy", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 180
@@ -70,6 +71,7 @@ def start_server(args: list[str], env: dict[str, str] | None = None) -> tuple[su
         if time.monotonic() > deadline:
             break
     proc.kill()
+    proc.wait()
     raise RuntimeError("meshpy serve did not report its address")
 
 
