@@ -135,3 +135,17 @@ def test_a_cancelled_generation_stops_and_frees_its_session(model: Model) -> Non
     list(model.generate_ids(prompt, 4, stats=stats))
     assert stats.completion_tokens == 4
     assert model.scheduler.running == 0
+
+
+def test_closing_the_model_ends_running_generations(smollm2_gguf: Path) -> None:
+    """`Model.close` cancels what runs: a generation being iterated ends (finish reason
+    `cancelled`) instead of hanging, and new submissions are refused."""
+    m = Model.load(smollm2_gguf, threads=1)
+    stats = GenerationStats()
+    gen = m.generate_ids(m.encode("Tell me a long story."), 500, stats=stats)
+    got = [next(gen)]
+    m.close()
+    got += list(gen)
+    assert 1 <= len(got) < 500 and stats.finish_reason == "cancelled"
+    with pytest.raises(RuntimeError, match="closed"):
+        list(m.generate_ids([1, 2, 3], 4))
