@@ -125,6 +125,11 @@ def test_a_generation_that_fails_in_an_iteration_fails_alone(model: Model) -> No
     assert first.error is None
 
 
+def test_an_empty_prompt_is_refused_at_once(model: Model) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        list(model.generate_ids([], 4))
+
+
 def test_a_cancelled_generation_stops_and_frees_its_session(model: Model) -> None:
     prompt = model.encode("Tell me a long story about a lighthouse.")
     gen = model.generate_ids(prompt, 200)

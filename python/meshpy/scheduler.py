@@ -354,6 +354,10 @@ class Scheduler:
     ) -> Ticket:
         """Starts a generation of up to `budget` tokens after `prompt`; its tokens go to
         `sink`, its counts to `stats` (a `GenerationStats`)."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if budget < 1:
+            raise ValueError(f"a generation needs a budget of at least 1 token, got {budget}")
         ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats)
         with self._lock:
             if self.closed:
