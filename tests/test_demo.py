@@ -51,7 +51,10 @@ def test_demo_once_answers_and_stops_everything() -> None:
 def test_demo_serves_until_ctrl_c() -> None:
     import openai
 
-    proc = subprocess.Popen(DEMO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal, however the tests were started: a shell that runs them in the
+    # background (`cmd &`) passes SIGINT on ignored, and the demo would never see it.
+    proc = subprocess.Popen(DEMO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = None
         for line in proc.stdout:  # type: ignore[union-attr]
