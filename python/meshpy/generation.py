@@ -2,7 +2,9 @@
 
 `Model` is the single-process engine and the public entry point of the Python API:
 `meshpy.load_model(path)` gives one, `model.generate(...)` returns the text with token
-counts and timings, `model.stream(...)` yields text pieces as they are decoded.
+counts and timings, `model.stream(...)` yields text pieces as they are decoded. Generations
+run on the model's scheduler (`meshpy.scheduler`), so calls from several threads share its
+iterations; `prefill`, `step` and `logits_all` are the unscheduled building blocks.
 """
 
 from __future__ import annotations
