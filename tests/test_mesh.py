@@ -221,7 +221,10 @@ def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm
                 return "".join(parts)
 
             def kill_when_all_decode() -> None:
+                deadline = time.monotonic() + 120
                 while min(chunks) < 8:
+                    if time.monotonic() > deadline:
+                        return  # a stream failed or stalled: `gather` reports it
                     time.sleep(0.005)
                 busy = {p.peer_id for p in model.pipeline.refresh() if p.sessions and p.layers.start == 10}
                 victim = next(w for w in middle if any(peer in "\n".join(w.stdout) for peer in busy))

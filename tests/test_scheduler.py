@@ -5,7 +5,10 @@ inside an iteration fails alone while the others carry on unchanged."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,7 +94,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_others_tokens(model: M
     sinks = [Recorder() for _ in shorts]
     for p, sink in zip(shorts, sinks):
         submit(model, p, sink, n_short)
+    deadline = time.monotonic() + 120
     while min(len(s.tokens) for s in sinks) < 4:  # all three decoding
+        assert time.monotonic() < deadline and not any(s.ended.is_set() for s in sinks), "streams stalled"
         threading.Event().wait(0.005)
     at_submit = [len(s.tokens) for s in sinks]
     long_sink = Recorder(others=sinks)
@@ -115,11 +120,14 @@ def test_a_generation_that_fails_in_an_iteration_fails_alone(model: Model) -> No
     want = alone(model, good, N_TOKENS)
     ahead = model.encode(" ".join(f"Line {i}." for i in range(200)), raw=True)[: PREFILL_CHUNK + 40]
     first, bad, ok = Recorder(), Recorder(), Recorder()
+    iterations, entries, _ = model.scheduler.counters()
     submit(model, ahead, first, 4)
     submit(model, [*good[:3], 10**6, *good[3:]], bad)
     submit(model, good, ok)
     for sink in (first, bad, ok):
         assert sink.ended.wait(120)
+    iterations2, entries2, _ = model.scheduler.counters()
+    assert entries2 - entries > iterations2 - iterations, "some iteration held several generations"
     assert isinstance(bad.error, InvalidArgumentError) and not bad.tokens
     assert ok.error is None and ok.tokens == want
     assert first.error is None
@@ -154,3 +162,33 @@ def test_closing_the_model_ends_running_generations(smollm2_gguf: Path) -> None:
     assert 1 <= len(got) < 500 and stats.finish_reason == "cancelled"
     with pytest.raises(RuntimeError, match="closed"):
         list(m.generate_ids([1, 2, 3], 4))
+
+
+def test_a_generation_dropped_on_a_scheduler_thread_does_not_wait_for_itself(model: Model) -> None:
+    """A generator the garbage collector finalizes on a scheduler thread must not wait there
+    for its own end (that thread may be the one to end it): it only cancels."""
+    gen = model.generate_ids(model.encode("Tell me a long story."), 200)
+    next(gen)
+    closer = threading.Thread(target=gen.close, name="meshpy-scheduler-test")
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive()
+    deadline = time.monotonic() + 60
+    while model.scheduler.running:  # the lane still ends it and frees its session
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_model_nobody_holds_is_freed_with_its_threads(smollm2_gguf: Path) -> None:
+    before = set(threading.enumerate())
+    m = Model.load(smollm2_gguf, threads=1)
+    m.generate("Hi", max_tokens=4)
+    assert any(t.name.startswith("meshpy-scheduler") for t in set(threading.enumerate()) - before)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+    deadline = time.monotonic() + 10
+    while left := [t.name for t in set(threading.enumerate()) - before if t.name.startswith("meshpy-scheduler")]:
+        assert time.monotonic() < deadline, f"threads left: {left}"
+        time.sleep(0.01)

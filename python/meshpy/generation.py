@@ -26,7 +26,7 @@ from meshpy.models.packaged import PACKAGED_MODELS, resolve_packaged
 from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalPipeline, LocalSpan, Pipeline, split_layers
 from meshpy.sampling import Sampler, SamplingParams
-from meshpy.scheduler import PREFILL_CHUNK, Scheduler
+from meshpy.scheduler import PREFILL_CHUNK, Scheduler, on_scheduler_thread
 from meshpy.tokenizer import IncrementalDecoder
 
 __all__ = ["Model", "Completion", "GenerationStats", "Generation", "load_model", "default_threads"]
@@ -76,7 +76,9 @@ class Generation:
     def __init__(self, model: Model, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams) -> None:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.token_ids: list[int] = []
-        self._pieces = self._run(model, prompt_ids, max_tokens, sampling)
+        # A generator that does not refer back to this object: dropped unfinished, it is
+        # closed (its session freed) at once, not whenever the cycle collector runs.
+        self._pieces = _text_pieces(model, prompt_ids, max_tokens, sampling, self.stats, self.token_ids)
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
@@ -88,16 +90,18 @@ class Generation:
         """Stops the generation early; its session's KV caches are freed (on the workers too)."""
         self._pieces.close()
 
-    def _run(self, model: Model, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams) -> Iterator[str]:
-        decoder = IncrementalDecoder(model.end.tokenizer)
-        for token in model.generate_ids(prompt_ids, max_tokens, sampling, stats=self.stats):
-            self.token_ids.append(token)
-            piece = decoder.add(token)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+
+def _text_pieces(model: Model, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
+                 stats: GenerationStats, token_ids: list[int]) -> Iterator[str]:
+    decoder = IncrementalDecoder(model.end.tokenizer)
+    for token in model.generate_ids(prompt_ids, max_tokens, sampling, stats=stats):
+        token_ids.append(token)
+        piece = decoder.add(token)
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
 
 
 class Model:
@@ -112,7 +116,7 @@ class Model:
         self.pipeline = pipeline
         #: Runs every generation's iterations together (see `meshpy.scheduler`); `lanes`
         #: batches in flight at once, by default as many as the pipeline keeps busy.
-        self.scheduler = Scheduler(self, lanes or pipeline.in_flight)
+        self.scheduler = Scheduler(self, pipeline.in_flight if lanes is None else lanes)
 
     @classmethod
     def load(
@@ -220,17 +224,24 @@ class Model:
         ticket = self.scheduler.submit(
             prompt_ids, budget, Sampler(sampling or SamplingParams()), self.end.tokenizer.stop_ids, sink, stats
         )
+        yielded = 0
         try:
             while (token := sink.tokens.get()) is not None:
+                yielded += 1
                 yield token
             if sink.error is not None:
                 raise sink.error
             stats.finish_reason = sink.reason
         finally:
             # Also when the caller stops iterating early (the generator is closed): the
-            # session is closed (on the workers too) before this returns.
+            # session is closed (on the workers too) before this returns. Not on a scheduler
+            # thread (a generator the garbage collector finalizes there): it may be the one
+            # that has to end this generation, so it only asks.
             ticket.cancel()
-            ticket.wait()
+            if not on_scheduler_thread():
+                ticket.wait()
+                # The scheduler may have run ahead of a consumer that stopped early.
+                stats.completion_tokens = min(stats.completion_tokens, yielded)
 
     def stream(
         self,

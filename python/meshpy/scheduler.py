@@ -27,18 +27,21 @@ generation whose iteration fails is run again on its own, so a bad request fails
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from meshpy.sampling import Sampler, sample_rows
 
-__all__ = ["Scheduler", "TokenSink", "Ticket", "PREFILL_CHUNK"]
+if TYPE_CHECKING:
+    from meshpy.generation import GenerationStats
+
+__all__ = ["Scheduler", "TokenSink", "Ticket", "PREFILL_CHUNK", "on_scheduler_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,20 @@ PREFILL_CHUNK = 512
 MIN_PREFILL_CHUNK = 8
 #: While others decode, an iteration's prefill part may cost this many decode-only iterations.
 PREFILL_SHARE = 1.0
+#: Threads that open sessions, and threads that close them (on a mesh each may wait on the
+#: network: a vanished worker answers a close only by its timeout).
+SESSION_THREADS = 4
 #: Weight of the newest measurement in the running averages of iteration costs.
 _EMA = 0.2
+#: Names of the scheduler's threads start with this (see `on_scheduler_thread`).
+THREAD_PREFIX = "meshpy-scheduler"
+
+
+def on_scheduler_thread() -> bool:
+    """Whether this is one of a scheduler's threads, which must never wait for a generation
+    to end (it may be the one to end it): e.g. a generator finalized here by the garbage
+    collector."""
+    return threading.current_thread().name.startswith(THREAD_PREFIX)
 
 
 class TokenSink(Protocol):
@@ -67,7 +82,7 @@ class Ticket:
     closed (on every worker, for a mesh)."""
 
     def __init__(self, prompt: Sequence[int], budget: int, sampler: Sampler, stop_ids: frozenset[int],
-                 sink: TokenSink, stats: Any) -> None:
+                 sink: TokenSink, stats: GenerationStats) -> None:
         self.prompt = list(prompt)
         self.budget = budget
         self.sampler = sampler
@@ -88,6 +103,7 @@ class Ticket:
 
     @property
     def cancelled(self) -> bool:
+        """Whether `cancel` was called."""
         return self._cancel.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -96,13 +112,18 @@ class Ticket:
 
     @property
     def done(self) -> bool:
+        """Whether the generation ended and its session is closed."""
         return self._done.is_set()
+
+    def mark_done(self) -> None:
+        """Called by the scheduler once the generation ended and its session is closed."""
+        self._done.set()
 
 
 class _Lane:
     """One thread running iterations over its own generations."""
 
-    def __init__(self, model: weakref.ref[Any], index: int, closer: _SessionThread) -> None:
+    def __init__(self, model: weakref.ref[Any], index: int, closer: _SessionThreads) -> None:
         # Weak, so a model nobody holds is freed (and its scheduler stops its lanes).
         self._model = model
         self.closer = closer
@@ -116,7 +137,7 @@ class _Lane:
         self.token_cost: float | None = None
         # Iterations run, the generations' entries they held, and the most in one.
         self.iterations = self.entries = self.largest = 0
-        self.thread = threading.Thread(target=self._loop, name=f"meshpy-scheduler-{index}", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=f"{THREAD_PREFIX}-{index}", daemon=True)
         self.thread.start()
 
     @property
@@ -136,12 +157,19 @@ class _Lane:
             self.opening += 1
 
     def admit(self, ticket: Ticket | None) -> None:
-        """A reserved ticket with its session open (None: its opening failed)."""
+        """A reserved ticket with its session open (None: its opening failed). A lane that
+        stopped meanwhile cancels it and has its session closed."""
         with self.cond:
             self.opening -= 1
-            if ticket is not None:
+            if ticket is None:
+                return
+            if not self.stopping:
                 self.incoming.append(ticket)
                 self.cond.notify()
+                return
+        _tell_end(ticket, "cancelled", None)
+        close = self.model.close_session
+        self.closer.put(lambda: _close(close, ticket))
 
     def stop(self) -> None:
         with self.cond:
@@ -157,6 +185,7 @@ class _Lane:
                 if self.stopping:
                     break
             self.active.extend(new)
+            new = []  # an idle lane holds no ticket (nor, through its sink, the model)
             for ticket in [t for t in self.active if t.cancelled]:
                 self._finish(ticket, "cancelled")
             if self.active:
@@ -303,29 +332,42 @@ def _close(close: Callable[[Any], object], ticket: Ticket) -> None:
     except Exception:
         log.exception("closing a generation's session")
     finally:
-        ticket._done.set()
+        ticket.mark_done()
 
 
-class _SessionThread:
-    """Runs session jobs in order on a thread of its own: opening (on a mesh, planning a
-    route, which may ask the DHT) and closing (a request to every worker of the route), so a
-    slow one never holds up the iterations of running generations."""
+class _SessionThreads:
+    """Runs session jobs on a few threads of their own: opening (on a mesh, planning a route,
+    which may ask the DHT) and closing (a request to every worker of the route), so a slow
+    one holds up neither the iterations of running generations nor every other session.
+    Once stopped, jobs run at once on the caller's thread, so none is ever dropped."""
 
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.thread.start()
+    def __init__(self, name: str, n_threads: int) -> None:
+        self._pool = ThreadPoolExecutor(n_threads, thread_name_prefix=f"{THREAD_PREFIX}-{name}")
+        self._lock = threading.Lock()
+        self._stopped = False
 
-    def put(self, job: Callable[[], object] | None) -> None:
-        """A job to run (`None`: stop once the earlier ones ran)."""
-        self._queue.put(job)
+    def put(self, job: Callable[[], object]) -> None:
+        """Runs `job` soon (its errors are logged)."""
+        with self._lock:
+            if not self._stopped:
+                self._pool.submit(_logged, job)
+                return
+        _logged(job)
 
-    def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            try:
-                job()
-            except Exception:  # jobs report their own errors; this is a bug
-                log.exception("a scheduler session job failed")
+    def stop(self, timeout: float) -> None:
+        """Waits up to `timeout` for the queued jobs; later ones run inline."""
+        with self._lock:
+            self._stopped = True
+        done = threading.Event()
+        threading.Thread(target=lambda: (self._pool.shutdown(wait=True), done.set()), daemon=True).start()
+        done.wait(timeout)
+
+
+def _logged(job: Callable[[], object]) -> None:
+    try:
+        job()
+    except Exception:  # jobs report their own errors; this is a bug
+        log.exception("a scheduler session job failed")
 
 
 class Scheduler:
@@ -333,13 +375,13 @@ class Scheduler:
     (each with its own generations; several keep several batches in flight on a mesh)."""
 
     def __init__(self, model: Any, lanes: int = 1) -> None:
+        self._lanes: list[_Lane] = []
+        self._opener: _SessionThreads | None = None
+        self._closer: _SessionThreads | None = None
         if lanes < 1:
             raise ValueError(f"lanes must be >= 1, got {lanes}")
         self._model = weakref.ref(model)
         self.n_lanes = lanes
-        self._lanes: list[_Lane] = []
-        self._opener: _SessionThread | None = None
-        self._closer: _SessionThread | None = None
         self._lock = threading.Lock()
         self.closed = False
 
@@ -350,7 +392,7 @@ class Scheduler:
         sampler: Sampler,
         stop_ids: frozenset[int],
         sink: TokenSink,
-        stats: Any,
+        stats: GenerationStats,
     ) -> Ticket:
         """Starts a generation of up to `budget` tokens after `prompt`; its tokens go to
         `sink`, its counts to `stats` (a `GenerationStats`)."""
@@ -363,14 +405,13 @@ class Scheduler:
             if self.closed:
                 raise RuntimeError("the model is closed")
             if not self._lanes:  # started on first use, so a model that never generates has no threads
-                self._opener = _SessionThread("meshpy-scheduler-opener")
-                self._closer = _SessionThread("meshpy-scheduler-closer")
+                self._opener = _SessionThreads("opener", SESSION_THREADS)
+                self._closer = _SessionThreads("closer", SESSION_THREADS)
                 self._lanes = [_Lane(self._model, i, self._closer) for i in range(self.n_lanes)]
             lane = min(self._lanes, key=lambda lane: lane.load)
             lane.reserve()
-            opener = self._opener
-        assert opener is not None
-        opener.put(lambda: self._open(ticket, lane))
+            assert self._opener is not None
+            self._opener.put(lambda: self._open(ticket, lane))  # under the lock: `close` comes before or after
         return ticket
 
     def _open(self, ticket: Ticket, lane: _Lane) -> None:
@@ -379,14 +420,14 @@ class Scheduler:
         if ticket.cancelled or model is None:
             lane.admit(None)
             _tell_end(ticket, "cancelled", None)
-            ticket._done.set()
+            ticket.mark_done()
             return
         try:
             ticket.session = model.new_session()
         except Exception as e:  # noqa: BLE001 - no route, no room: this request's error
             lane.admit(None)
             _tell_end(ticket, None, e)
-            ticket._done.set()
+            ticket.mark_done()
             return
         ticket.started = time.perf_counter()
         lane.admit(ticket)
@@ -404,11 +445,12 @@ class Scheduler:
                 max((lane.largest for lane in lanes), default=0))
 
     def __del__(self) -> None:
+        # Nothing runs (a running generation holds the model): the threads just end.
         for lane in self._lanes:
             lane.stop()
-        for thread in (self._opener, self._closer):
-            if thread is not None:
-                thread.put(None)  # nothing runs: a running generation holds the model
+        for threads in (self._opener, self._closer):
+            if threads is not None:
+                threads.stop(0)
 
     def close(self) -> None:
         """Cancels every generation, closes their sessions and stops the lanes."""
@@ -417,14 +459,14 @@ class Scheduler:
             lanes, self._lanes = self._lanes, []
             opener, self._opener = self._opener, None
             closer, self._closer = self._closer, None
-        if opener is not None:  # sessions being opened first: their lanes then cancel them
-            opener.put(None)
-            opener.thread.join(timeout=30)
+        # Openings first (their lanes then cancel them); a lane still in a pass after the
+        # wait ends its generations later, and their closes then run on its own thread.
+        if opener is not None:
+            opener.stop(timeout=30)
         for lane in lanes:
             lane.stop()
         for lane in lanes:
             lane.thread.join(timeout=30)
         if closer is not None:
-            closer.put(None)
-            closer.thread.join(timeout=30)
+            closer.stop(timeout=30)
 

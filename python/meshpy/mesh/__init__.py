@@ -68,7 +68,7 @@ def connect(
     try:
         pipeline.wait_for_route(route_timeout)
         end = EndModel(source, config, _native.ThreadPool(threads or default_threads(), idle_spin=MESH_IDLE_SPIN))
+        return Model(source, config, end, pipeline, lanes=lanes)
     except BaseException:
         pipeline.close()
         raise
-    return Model(source, config, end, pipeline, lanes=lanes)

@@ -155,8 +155,9 @@ class ServerState:
             self._outbox = Outbox(asyncio.get_running_loop())
         job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, on_done=self._done,
                             outbox=self._outbox)
+        job.start()  # may raise (the model closing): then it is not tracked
         self.jobs.add(job)
-        return job.start()
+        return job
 
     def release_unused_slot(self) -> None:
         """Gives back a slot `admit` took for a generation that never started."""

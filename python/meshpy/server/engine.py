@@ -114,7 +114,10 @@ class Outbox:
         with self._lock:
             pending, self._pending = self._pending, []
         for deliver, item in pending:
-            deliver(item)
+            try:
+                deliver(item)
+            except Exception:  # one failing delivery must not drop the others' events
+                log.exception("delivering a generation event")
 
 
 class GenerationJob:
@@ -189,20 +192,23 @@ class GenerationJob:
         return not self._stops.stopped
 
     def end(self, finish_reason: str | None, error: BaseException | None) -> None:
-        event: Event
-        if error is not None:
-            event = Failed(error)
-        else:
-            if finish_reason == "cancelled":
-                self.cancelled = True
-                log.info("generation cancelled after %d tokens", self.stats.completion_tokens)
-            elif not self._stops.stopped:
-                text = self._stops.add(self._decoder.flush()) + self._stops.flush()
-                if text:
-                    self._emit(Delta(text))
-            reason = "stop" if self._stops.stopped else (finish_reason or "length")
-            event = Finished(reason, self.stats.prompt_tokens, self.stats.completion_tokens)
-        self._emit(event)
-        if self._on_done is not None:
-            assert self._outbox is not None
-            self._outbox.post(self._on_done, self)
+        event: Event = Failed(RuntimeError("the generation's end could not be reported"))
+        try:
+            if error is not None:
+                event = Failed(error)
+            else:
+                if finish_reason == "cancelled":  # the client went away, or the server stops
+                    self.cancelled = True
+                    log.info("generation cancelled after %d tokens", self.stats.completion_tokens)
+                elif not self._stops.stopped:
+                    text = self._stops.add(self._decoder.flush()) + self._stops.flush()
+                    if text:
+                        self._emit(Delta(text))
+                # OpenAI's reasons are `stop` and `length`: a cancelled one ended by its limit.
+                reason = "stop" if self._stops.stopped or finish_reason == "stop" else "length"
+                event = Finished(reason, self.stats.prompt_tokens, self.stats.completion_tokens)
+        finally:  # whatever happened above, the request hears of its end and frees its slot
+            self._emit(event)
+            if self._on_done is not None:
+                assert self._outbox is not None
+                self._outbox.post(self._on_done, self)
