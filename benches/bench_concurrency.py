@@ -57,6 +57,9 @@ class _Count:
         self.error = error
         self.ended.set()
 
+    def closed(self) -> None:
+        pass
+
 
 def run_streams(model: Model, prompts: list[list[int]], n_decode: int) -> float:
     """Decoded tokens per second of all `prompts` generated at once on the model's scheduler

@@ -49,6 +49,9 @@ class Recorder:
         self.reason, self.error = finish_reason, error
         self.ended.set()
 
+    def closed(self) -> None:
+        pass
+
 
 def submit(model: Model, prompt: Sequence[int], sink: Recorder, n: int = N_TOKENS,
            sampling: SamplingParams | None = None) -> None:

@@ -284,6 +284,9 @@ class _QueueSink:
         self.reason, self.error = finish_reason, error
         self.tokens.put(None)
 
+    def closed(self) -> None:
+        pass  # `generate_ids` waits on the ticket itself
+
 
 def model_path(path: str | os.PathLike[str]) -> Path:
     """A checkpoint path, or the path of a packaged model given by short name."""

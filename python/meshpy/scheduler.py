@@ -19,8 +19,9 @@ others share its iterations.
 With several lanes (a mesh: each hop is a stage on another machine) the lanes' batches are in
 flight at once, so while one batch crosses the second worker the next crosses the first.
 
-Generations report through a `TokenSink` called on the lane's thread: `token` for each token
-(returning False stops the generation there, as a stop string does), then `end` once. A
+Generations report through a `TokenSink` called on scheduler threads: `token` for each token
+(returning False stops the generation there, as a stop string does), then `end` once, then
+`closed` once its session is closed. A
 generation whose iteration fails is run again on its own, so a bad request fails alone.
 """
 
@@ -76,6 +77,10 @@ class TokenSink(Protocol):
     def end(self, finish_reason: str | None, error: BaseException | None) -> None:
         """The generation ended (`stop`, `length`, `cancelled`), or failed with `error`."""
 
+    def closed(self) -> None:
+        """The generation's session is closed (on every worker, for a mesh): what it held is
+        free. Called once, after `end`, on a scheduler thread."""
+
 
 class Ticket:
     """A submitted generation: `cancel()` stops it, `wait()` returns once its session is
@@ -118,6 +123,10 @@ class Ticket:
     def mark_done(self) -> None:
         """Called by the scheduler once the generation ended and its session is closed."""
         self._done.set()
+        try:
+            self.sink.closed()
+        except Exception:
+            log.exception("a generation's sink failed once its session closed")
 
 
 class _Lane:

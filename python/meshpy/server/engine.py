@@ -207,8 +207,12 @@ class GenerationJob:
                 # OpenAI's reasons are `stop` and `length`: a cancelled one ended by its limit.
                 reason = "stop" if self._stops.stopped or finish_reason == "stop" else "length"
                 event = Finished(reason, self.stats.prompt_tokens, self.stats.completion_tokens)
-        finally:  # whatever happened above, the request hears of its end and frees its slot
+        finally:  # whatever happened above, the request hears of its end
             self._emit(event)
-            if self._on_done is not None:
-                assert self._outbox is not None
-                self._outbox.post(self._on_done, self)
+
+    def closed(self) -> None:
+        # The slot frees once the session is closed, so the server's limit on running
+        # generations also bounds the sessions its workers hold.
+        if self._on_done is not None:
+            assert self._outbox is not None
+            self._outbox.post(self._on_done, self)
