@@ -151,8 +151,9 @@ class ServerState:
     def start(self, ids: list[int], max_tokens: int, options: Options) -> GenerationJob:
         """Starts a generation on the model's scheduler, in a slot taken by `admit`; it is tracked
         (and holds the slot) until it ends."""
-        if self._outbox is None:
-            self._outbox = Outbox(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if self._outbox is None or self._outbox.loop is not loop:  # the app served on another loop
+            self._outbox = Outbox(loop)
         job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, on_done=self._done,
                             outbox=self._outbox)
         job.start()  # may raise (the model closing): then it is not tracked
