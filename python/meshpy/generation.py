@@ -26,7 +26,7 @@ from meshpy.models.packaged import PACKAGED_MODELS, resolve_packaged
 from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalPipeline, LocalSpan, Pipeline, split_layers
 from meshpy.sampling import Sampler, SamplingParams
-from meshpy.scheduler import PREFILL_CHUNK, Scheduler, on_scheduler_thread
+from meshpy.scheduler import PREFILL_CHUNK, Scheduler, Ticket, TokenSink, on_scheduler_thread
 from meshpy.tokenizer import IncrementalDecoder
 
 __all__ = ["Model", "Completion", "GenerationStats", "Generation", "load_model", "default_threads"]
@@ -216,14 +216,11 @@ class Model:
         """Yields generated token ids until an end-of-turn token or `max_tokens`."""
         stats = stats if stats is not None else GenerationStats(prompt_tokens=len(prompt_ids))
         self.end.check_context(len(prompt_ids))
-        budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
         stats.finish_reason = "length"
-        if budget <= 0:
+        if max_tokens <= 0:
             return
         sink = _QueueSink()
-        ticket = self.scheduler.submit(
-            prompt_ids, budget, Sampler(sampling or SamplingParams()), self.end.tokenizer.stop_ids, sink, stats
-        )
+        ticket = self.submit(prompt_ids, max_tokens, sampling or SamplingParams(), sink, stats)
         yielded = 0
         try:
             while (token := sink.tokens.get()) is not None:
@@ -242,6 +239,15 @@ class Model:
                 ticket.wait()
                 # The scheduler may have run ahead of a consumer that stopped early.
                 stats.completion_tokens = min(stats.completion_tokens, yielded)
+
+    def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, sink: TokenSink,
+               stats: GenerationStats) -> Ticket:
+        """Starts a generation of up to `max_tokens` (>= 1) tokens on the scheduler, cut to the
+        context left after the prompt; its tokens go to `sink` (see `meshpy.scheduler`).
+        Raises ContextOverflowError when the prompt does not fit."""
+        self.end.check_context(len(prompt_ids))
+        budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
+        return self.scheduler.submit(prompt_ids, budget, Sampler(sampling), self.end.tokenizer.stop_ids, sink, stats)
 
     def stream(
         self,

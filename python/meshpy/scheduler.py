@@ -115,11 +115,6 @@ class Ticket:
         """Waits for the generation to end and its session to close; True if it has."""
         return self._done.wait(timeout)
 
-    @property
-    def done(self) -> bool:
-        """Whether the generation ended and its session is closed."""
-        return self._done.is_set()
-
     def mark_done(self) -> None:
         """Called by the scheduler once the generation ended and its session is closed."""
         self._done.set()
@@ -176,9 +171,7 @@ class _Lane:
                 self.incoming.append(ticket)
                 self.cond.notify()
                 return
-        _tell_end(ticket, "cancelled", None)
-        close = self.model.close_session
-        self.closer.put(lambda: _close(close, ticket))
+        self._end(ticket, "cancelled")
 
     def stop(self) -> None:
         with self.cond:
@@ -209,12 +202,14 @@ class _Lane:
             self._finish(ticket, "cancelled")
 
     def _finish(self, ticket: Ticket, reason: str | None, error: BaseException | None = None) -> None:
-        """Ends an active generation; its session closes on the closer's thread (on a mesh
-        that is a request to every worker of its route, which must not hold up the others)."""
+        """Ends an active generation (see `_end`)."""
         self.active.remove(ticket)
-        _tell_end(ticket, reason, error)
-        close = self.model.close_session
-        self.closer.put(lambda: _close(close, ticket))
+        self._end(ticket, reason, error)
+
+    def _end(self, ticket: Ticket, reason: str | None, error: BaseException | None = None) -> None:
+        """Tells the sink, then closes the session on the closer's threads (on a mesh that is
+        a request to every worker of its route, which must not hold up the others)."""
+        _end_ticket(ticket, reason, error, self.closer, self.model.close_session)
 
     # --- one iteration ----------------------------------------------------------------
 
@@ -246,8 +241,8 @@ class _Lane:
         t0 = time.perf_counter()
         results = self._forward(plan)
         elapsed = time.perf_counter() - t0
-        n_prompt = sum(len(ids) for t, ids in plan if t.next_token is None)
-        self._learn(elapsed, len(plan) - sum(1 for t, _ in plan if t.next_token is None), n_prompt)
+        prompt_chunks = [len(ids) for t, ids in plan if t.next_token is None]
+        self._learn(elapsed, len(plan) - len(prompt_chunks), sum(prompt_chunks))
 
         # Rows that need logits: decode rows, and the last row of a prompt's final chunk.
         want: list[tuple[Ticket, np.ndarray]] = []
@@ -328,20 +323,27 @@ class _Lane:
             self.token_cost = ema(self.token_cost, max(elapsed - self.decode_cost, 0.0) / n_prompt)
 
 
-def _tell_end(ticket: Ticket, reason: str | None, error: BaseException | None) -> None:
+def _end_ticket(ticket: Ticket, reason: str | None, error: BaseException | None,
+                closer: _SessionThreads | None = None, close: Callable[[Any], object] | None = None) -> None:
+    """Tells the ticket's sink it ended; then, with `close`, has `closer` close its session
+    before the ticket is done (without, it has no session and is done at once)."""
     try:
         ticket.sink.end(reason, error)
     except Exception:
         log.exception("a generation's sink failed at its end")
-
-
-def _close(close: Callable[[Any], object], ticket: Ticket) -> None:
-    try:
-        close(ticket.session)
-    except Exception:
-        log.exception("closing a generation's session")
-    finally:
+    if close is None or closer is None:
         ticket.mark_done()
+        return
+
+    def close_it() -> None:
+        try:
+            close(ticket.session)
+        except Exception:
+            log.exception("closing a generation's session")
+        finally:
+            ticket.mark_done()
+
+    closer.put(close_it)
 
 
 class _SessionThreads:
@@ -428,15 +430,13 @@ class Scheduler:
         model = self._model()
         if ticket.cancelled or model is None:
             lane.admit(None)
-            _tell_end(ticket, "cancelled", None)
-            ticket.mark_done()
+            _end_ticket(ticket, "cancelled", None)
             return
         try:
             ticket.session = model.new_session()
         except Exception as e:  # noqa: BLE001 - no route, no room: this request's error
             lane.admit(None)
-            _tell_end(ticket, None, e)
-            ticket.mark_done()
+            _end_ticket(ticket, None, e)
             return
         ticket.started = time.perf_counter()
         lane.admit(ticket)

@@ -209,10 +209,7 @@ class MeshPipeline:
             inputs = []
             for hop in sessions[members[0]].hops:
                 inputs.append(y)
-                y = self.node.forward(
-                    hop.provider.peer_id, self.model.digest, self.model.name, hop.layers.start, len(hop.layers),
-                    entries, y, wire_dtype=self.wire_dtype, timeout=self.request_timeout,
-                )
+                y = self._hop(hop, entries, y)
             out[rows] = y
             at = 0
             for i in members:
@@ -243,21 +240,26 @@ class MeshPipeline:
     # --- one hop ----------------------------------------------------------------------
 
     def _send(self, session: MeshSession, hop: Hop, start: int, x: np.ndarray) -> np.ndarray:
-        """Runs `x` (positions `start..`) through one hop; the hop's output. One native call:
-        the frame, the round trip and the answer's checks happen in Rust without the GIL."""
-        entries = [(session.id, session.steps, start, x.shape[0])]
+        """Runs `x` (positions `start..`) through one hop; the hop's output. A failure another
+        provider may serve raises `_HopFailed`."""
         peer = hop.provider.peer_id
         try:
-            return self.node.forward(
-                peer, self.model.digest, self.model.name, hop.layers.start, len(hop.layers), entries, x,
-                wire_dtype=self.wire_dtype, timeout=self.request_timeout,
-            )
+            return self._hop(hop, [(session.id, session.steps, start, x.shape[0])], x)
         except (NetworkError, RequestTimeoutError) as e:
             raise _HopFailed(peer, e) from e
         except WorkerError as e:
             if e.recoverable:
                 raise _HopFailed(peer, e) from e
             raise
+
+    def _hop(self, hop: Hop, entries: list[tuple[int, int, int, int]], x: np.ndarray) -> np.ndarray:
+        """One request through `hop`: `entries` (session id, step, first position, rows) for
+        the rows of `x` in order; the hop's output rows. One native call: the frame, the
+        round trip and the answer's checks happen in Rust without the GIL."""
+        return self.node.forward(
+            hop.provider.peer_id, self.model.digest, self.model.name, hop.layers.start, len(hop.layers), entries, x,
+            wire_dtype=self.wire_dtype, timeout=self.request_timeout,
+        )
 
     def _reroute(self, session: MeshSession, i: int) -> None:
         """Replaces hop `i` by a route over its layers through other providers, and replays

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshpy.generation import GenerationStats, Model
-from meshpy.sampling import Sampler, SamplingParams
+from meshpy.sampling import SamplingParams
 from meshpy.scheduler import Ticket
 from meshpy.tokenizer import IncrementalDecoder
 
@@ -158,12 +158,7 @@ class GenerationJob:
         """Submits the generation; call from the event loop that will read the events."""
         if self._outbox is None:
             self._outbox = Outbox(asyncio.get_running_loop())
-        model = self.model
-        model.end.check_context(len(self.prompt_ids))
-        budget = min(self.max_tokens, model.config.max_positions - len(self.prompt_ids))
-        self._ticket = model.scheduler.submit(
-            self.prompt_ids, budget, Sampler(self.sampling), model.tokenizer.stop_ids, self, self.stats
-        )
+        self._ticket = self.model.submit(self.prompt_ids, self.max_tokens, self.sampling, self, self.stats)
         return self
 
     def cancel(self) -> None:
