@@ -82,10 +82,11 @@ def main() -> int:
         model = Model.load(build(args.dir), threads=args.threads, quantize=None if args.quantize == "none" else args.quantize)
         what, weights = "Gemma-3-270M-like random", args.quantize
     cfg = model.config
-    per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+    per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * {"f32": 4, "f16": 2}[model.pipeline.spans[0].kv_dtype]
     print(f"machine: {machine()}")
     print(f"model: {what} ({cfg.n_layers} layers, {sum(cfg.layer_sliding)} sliding over "
-          f"{cfg.sliding_window}), weights {weights}, threads {args.threads}, commit {commit()}")
+          f"{cfg.sliding_window}), weights {weights}, {model.pipeline.spans[0].kv_dtype} KV cache, threads {args.threads}, "
+          f"commit {commit()}")
     print(f"{'context':>8} {'KV allocated MiB':>17} {'KV held MiB':>12} {'all positions MiB':>18} {'decode ms/tok':>14}")
     rng = np.random.default_rng(0)
     for n in (int(c) for c in args.contexts.split(",")):

@@ -114,6 +114,7 @@ def test_concurrent_generations_batch_on_workers_and_each_equals_its_run_alone(t
         assert got == want
         infos = [model.pipeline.node.info(p.peer_id) for p in model.pipeline.providers]
     assert any(i["largest_batch"] >= 2 and i["span_calls"] < i["span_entries"] for i in infos), infos
+    assert {i["kv_dtype"] for i in infos} == {"f16"}, "the workers' default cache, as the one process's"
 
 
 def test_status_lists_workers_and_coverage(three_workers: LocalMesh) -> None:

@@ -263,7 +263,7 @@ def test_span_worker_info(smollm2_worker) -> None:  # noqa: ANN001
     remote_step(smollm2_worker, sid, 0, local.end.embed([1, 2, 3, 4]), "bf16")
     after = client.info(worker.peer_id)
     assert after["sessions"] == info["sessions"] + 1
-    assert after["kv_used_bytes"] == info["kv_used_bytes"] + 4 * 30 * 2 * 192 * 4
+    assert after["kv_used_bytes"] == info["kv_used_bytes"] + 4 * 30 * 2 * 192 * 2  # f16 keys and values
     client.request(worker.peer_id, _native.encode_close_session([sid]))
     assert client.info(worker.peer_id)["kv_used_bytes"] == info["kv_used_bytes"]
 
@@ -284,9 +284,9 @@ def test_span_worker_refusals(smollm2_worker) -> None:  # noqa: ANN001
     assert remote_step(smollm2_worker, 904, 3, x[:1], "bf16")["kind"] == "forward_result", "a refusal changes nothing"
     narrow = np.ones((1, 100), np.float32)
     assert remote_step(smollm2_worker, 905, 0, narrow, "bf16")["code"] == "invalid_request"
-    # Budget: 64 MiB of KV at 30 layers x 2 x 192 floats x 4 bytes (46080 bytes) per position
-    # is about 1456 positions; a 2000-token prefill cannot be held.
-    big = np.zeros((2000, HIDDEN), np.float32)
+    # Budget: 64 MiB of KV at 30 layers x 2 x 192 values x 2 bytes (f16: 23040 bytes) per
+    # position is about 2912 positions; a 3000-token prefill cannot be held.
+    big = np.zeros((3000, HIDDEN), np.float32)
     assert remote_step(smollm2_worker, 906, 0, big, "bf16")["code"] == "cannot_hold_session"
     assert _native.decode_frame(client.request(worker.peer_id, _native.encode_close_session([904])))["sessions"] == [904]
     # A prefill slower than the caller's timeout: the call raises, the worker carries on.

@@ -14,6 +14,7 @@ from meshpy import _native
 from meshpy.generation import Model
 from tests.conftest import DATA
 from tests.fixtures import smollm2_reference
+from tests.family_checks import F16_KV_MAX_REL_RMS, relative_rms
 from tests.fixtures.metrics import kl_full, kl_top_k, log_softmax
 
 # Our activations are quantized to 16-bit blocks before each product; transformers computes
@@ -66,3 +67,24 @@ def test_teacher_forced_against_live_transformers(model: Model) -> None:
     print(f"\nSmolLM2 ({_native.simd_level()}) vs live transformers: top-1 {top1:.4f}, mean KL {kl.mean():.5f}, max KL {kl.max():.4f}")
     assert top1 >= MIN_TOP1_AGREEMENT
     assert kl.mean() <= MAX_MEAN_KL
+
+
+def test_f16_kv_cache_stays_within_rounding_of_f32(model: Model, smollm2_gguf: Path, stored: dict[str, np.ndarray]) -> None:
+    """SmolLM2 (Q4_1) keeps f16 keys and values by default: half the bytes per position of
+    an f32 cache, and logits within f16 rounding of the f32 cache's (at this level's kernels)."""
+    ids = stored["ids"].tolist()
+    exact = Model.load(smollm2_gguf, threads=2, kv_dtype="f32")
+    assert (model.pipeline.spans[0].kv_dtype, exact.pipeline.spans[0].kv_dtype) == ("f16", "f32")
+    halves = [m.pipeline.new_session() for m in (model, exact)]
+    try:
+        per_position = [s.caches[0].bytes_per_position for s in halves]
+    finally:
+        for m, s in zip((model, exact), halves):
+            m.close_session(s)
+    assert per_position[0] * 2 == per_position[1] == 30 * 2 * 192 * 4
+    got, ref = model.logits_all(ids), exact.logits_all(ids)
+    rel_rms = relative_rms(got, ref)
+    top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
+    print(f"\nSmolLM2 ({_native.simd_level()}) f16 KV against f32 KV over {len(ids)} positions: relative RMS {rel_rms:.2e}, top-1 {top1:.4f}")
+    assert 0 < rel_rms < F16_KV_MAX_REL_RMS
+    assert top1 >= 0.99

@@ -127,12 +127,14 @@ class Model:
         quantize: str | None = None,
         n_spans: int = 1,
         progress: Callable[[int, int], object] | None = None,
+        kv_dtype: str | None = None,
     ) -> Model:
         """Loads a GGUF file or an HF checkpoint directory.
 
         `quantize` ("Q8_0" or "Q4_0") converts float weight matrices at load; `n_spans`
         cuts the layers into that many spans run one after another (as the mesh would);
-        `progress(layers_loaded, n_layers)` is called as layers load.
+        `progress(layers_loaded, n_layers)` is called as layers load; `kv_dtype` ("f16" or
+        "f32") overrides how KV caches store keys and values (see `LocalSpan.kv_dtype`).
         """
         source = open_model_source(model_path(path))
         config = read_config(source)
@@ -143,8 +145,9 @@ class Model:
             report = None
             if progress is not None:
                 report = lambda done, start=layers.start: progress(start + done, config.n_layers)  # noqa: E731
-            spans.append(LocalSpan(source, config, layers, pool, quantize, report))
-        log.info("loaded %s: %d layers in %d span(s), %d threads", source.path, config.n_layers, n_spans, pool.n_threads)
+            spans.append(LocalSpan(source, config, layers, pool, quantize, report, kv_dtype))
+        log.info("loaded %s: %d layers in %d span(s), %d threads, %s KV cache", source.path, config.n_layers, n_spans,
+                 pool.n_threads, spans[0].kv_dtype)
         return cls(source, config, end, LocalPipeline(spans, config.max_positions))
 
     @property

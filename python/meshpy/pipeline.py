@@ -66,18 +66,26 @@ class LocalSpan:
         pool: _native.ThreadPool,
         quantize: str | None = None,
         progress: Callable[[int], object] | None = None,
+        kv_dtype: str | None = None,
     ) -> None:
         if layers.step != 1 or not 0 <= layers.start < layers.stop <= config.n_layers:
             raise ValueError(f"layer range {layers} outside 0..{config.n_layers}")
         self.layers = layers
         self.native = _native.LlamaSpan(
             source.checkpoint,
-            config.span_config(quantize),
+            config.span_config(quantize, kv_dtype),
             layers.start,
             [config.layer_names(i) for i in layers],
             pool,
             progress,
         )
+
+    @property
+    def kv_dtype(self) -> str:
+        """How the span's KV caches store keys and values: "f16" unless asked otherwise or
+        the checkpoint's K and V projections are f32 (then "f32", so full-precision
+        checkpoints match transformers to f32 rounding)."""
+        return self.native.kv_dtype
 
     def new_cache(self, max_len: int) -> _native.KvCache:
         """An empty KV cache for one session."""

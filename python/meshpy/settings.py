@@ -136,6 +136,7 @@ class GenerateSettings:
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     raw: bool = setting(False, "send the prompt as is, without the chat template")
     quantize: str | None = setting(None, "quantize float weights at load", choices=("Q8_0", "Q4_0"))
+    kv_dtype: str | None = setting(None, "KV cache type (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
     spans: int = setting(1, "run the layers as this many spans in turn (what the mesh does)", minimum=1)
     bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several)")
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=("tcp", "quic", "both"))
@@ -175,6 +176,7 @@ class WorkerSettings(NodeSettings):
     kv_budget: str = setting("256MiB", "KV cache memory all sessions together may hold")
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     idle_timeout: float = setting(300.0, "seconds before an unused session is dropped", minimum=1.0)
+    kv_dtype: str | None = setting(None, "KV cache type (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ class ServeSettings:
     max_waiting: int = setting(64, "requests waiting for a slot; beyond this they get 429 (server busy)", minimum=0, maximum=100000)
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     quantize: str | None = setting(None, "quantize float weights at load (without --bootstrap)", choices=("Q8_0", "Q4_0"))
+    kv_dtype: str | None = setting(None, "KV cache type, without --bootstrap (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=_TRANSPORTS)
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)

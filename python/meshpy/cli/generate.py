@@ -31,7 +31,8 @@ def _load(settings: GenerateSettings) -> Model:
 
     try:
         return Model.load(
-            settings.model, threads=settings.threads, quantize=settings.quantize, n_spans=settings.spans, progress=progress
+            settings.model, threads=settings.threads, quantize=settings.quantize, n_spans=settings.spans, progress=progress,
+            kv_dtype=settings.kv_dtype,
         )
     finally:
         bar.close()

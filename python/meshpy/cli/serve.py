@@ -31,7 +31,7 @@ def _open(settings: ServeSettings) -> Model:
             wire_dtype=settings.wire_dtype,
             route_timeout=settings.route_timeout,
         )
-    return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize)
+    return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, kv_dtype=settings.kv_dtype)
 
 
 def run_serve(settings: ServeSettings) -> int:

@@ -96,10 +96,10 @@ class Worker:
         if layers is None:
             layers = self._place(source, config, kv_budget, memory if memory is not None else available_memory(), has_peers)
         pool = _native.ThreadPool(s.threads or default_threads(), idle_spin=MESH_IDLE_SPIN)
-        self._span = LocalSpan(source, config, layers, pool)
+        self._span = LocalSpan(source, config, layers, pool, kv_dtype=s.kv_dtype)
         self.layers = layers
         info = self._info(model_id=self.model.id, model_layers=config.n_layers, weights_bytes=self._span.native.nbytes,
-                          threads=pool.n_threads)
+                          threads=pool.n_threads, kv_dtype=self._span.kv_dtype)
         self.node.serve(
             self._span.native,
             model_name=self.model.name,

@@ -85,8 +85,9 @@ class ModelConfig:
             self, layer_sliding=sliding, sliding_window=window, rope_local_inv_freq=self.rope_inv_freq
         )
 
-    def span_config(self, quantize: str | None = None) -> dict[str, Any]:
-        """The settings a Rust span takes."""
+    def span_config(self, quantize: str | None = None, kv_dtype: str | None = None) -> dict[str, Any]:
+        """The settings a Rust span takes. `kv_dtype` ("f16" or "f32"; None: the span's
+        default, see `LocalSpan`) is how its sessions' KV caches store keys and values."""
         return {
             "hidden": self.hidden,
             "n_heads": self.n_heads,
@@ -99,6 +100,7 @@ class ModelConfig:
             "attn_scale": self.attn_scale,
             "max_positions": self.max_positions,
             "quantize": quantize,
+            "kv_dtype": kv_dtype,
             "norm_offset": self.norm_offset,
             "gelu_tanh": self.gelu_tanh,
             "layer_sliding": list(self.layer_sliding),

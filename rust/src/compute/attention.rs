@@ -9,14 +9,102 @@
 //! f32 summation order and `exp`'s last bit (`fastmath`'s vector `exp`) differ from the
 //! reference, and each head's result is the same whichever heads share its call.
 //!
+//! Keys and values come as f32 or f16 ([`KvElem`]; the KV cache's dtype): each kernel is
+//! built once per element type, the f16 build widening every key and value register as it
+//! loads it (one `vcvtph2ps`), so an f16 cache halves the bytes attention reads.
+//!
 //! Heads sharing a KV head (grouped-query attention) are attended together: positions in
 //! blocks whose keys stay in L1 while every head of the group scores them, and each value row
 //! read once for all heads. Per head, the keys and values of a long context come from L2/L3
 //! and dominate decode at long contexts; a group of 4 heads reads them once instead of 4
 //! times.
 
+use half::f16;
+
 use super::ops;
 use crate::quant::{active_simd, cpu_simd, SimdLevel};
+
+/// The SIMD kernel of one element type and width (see `attend_at`).
+#[cfg(target_arch = "x86_64")]
+type KernelFn<E> = unsafe fn(&[f32], usize, &[E], &[E], usize, usize, usize, f32, &mut [f32], &mut [f32]);
+
+/// An element type keys and values are stored in: f32, or f16 (half the bytes).
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// The value as f32.
+    fn to_f32(self) -> f32;
+    /// `x` rounded to this type (to nearest even; out of range: infinity).
+    fn from_f32(x: f32) -> Self;
+    /// `q . row`, as `ops::dot` sums it.
+    fn dot(q: &[f32], row: &[Self]) -> f32;
+    /// `y += a * row`.
+    fn axpy(a: f32, row: &[Self], y: &mut [f32]);
+    /// The AVX-512 (`wide`) or AVX2 kernel for this type.
+    #[cfg(target_arch = "x86_64")]
+    fn kernel(wide: bool) -> KernelFn<Self>;
+}
+
+impl KvElem for f32 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline]
+    fn dot(q: &[f32], row: &[f32]) -> f32 {
+        ops::dot(q, row)
+    }
+    #[inline]
+    fn axpy(a: f32, row: &[f32], y: &mut [f32]) {
+        ops::axpy(a, row, y)
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn kernel(wide: bool) -> KernelFn<Self> {
+        if wide {
+            avx512_f32::attend
+        } else {
+            avx2_f32::attend
+        }
+    }
+}
+
+impl KvElem for f16 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn dot(q: &[f32], row: &[f16]) -> f32 {
+        let mut wide = [0f32; MAX_HD];
+        let wide = &mut wide[..row.len().min(MAX_HD)];
+        if wide.len() == row.len() {
+            for (w, &r) in wide.iter_mut().zip(row) {
+                *w = r.to_f32();
+            }
+            ops::dot(q, wide)
+        } else {
+            q.iter().zip(row).map(|(&a, &b)| a * b.to_f32()).sum()
+        }
+    }
+    fn axpy(a: f32, row: &[f16], y: &mut [f32]) {
+        for (yv, &xv) in y.iter_mut().zip(row) {
+            *yv += a * xv.to_f32();
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn kernel(wide: bool) -> KernelFn<Self> {
+        if wide {
+            avx512_f16::attend
+        } else {
+            avx2_f16::attend
+        }
+    }
+}
 
 /// Widest head the SIMD kernels take (their output registers).
 pub const MAX_HD: usize = 256;
@@ -37,11 +125,11 @@ const MAX_GROUP: usize = 64;
 /// f32 rounding.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub fn attend(
+pub fn attend<E: KvElem>(
     q: &[f32],
     hd: usize,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[E],
+    values: &[E],
     stride: usize,
     first: usize,
     last: usize,
@@ -54,12 +142,12 @@ pub fn attend(
 
 /// [`attend`] with the kernels of `level` (one the CPU has).
 #[allow(clippy::too_many_arguments)]
-pub fn attend_at(
+pub fn attend_at<E: KvElem>(
     level: SimdLevel,
     q: &[f32],
     hd: usize,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[E],
+    values: &[E],
     stride: usize,
     first: usize,
     last: usize,
@@ -81,18 +169,13 @@ pub fn attend_at(
     );
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 && hd <= MAX_HD && hd.is_multiple_of(8) {
+        let kernel = E::kernel(level >= SimdLevel::Avx512 && hd.is_multiple_of(16));
         let calls = q.chunks(MAX_GROUP * hd).zip(out.chunks_mut(MAX_GROUP * hd)).zip(scores.chunks_mut(MAX_GROUP * n));
         for ((q, out), scores) in calls {
             // SAFETY: the CPU has `level` (asserted): AVX-512 F (+ AVX2, FMA) for the wide
-            // kernel, AVX2 and FMA for the narrow one; the lengths were checked above, and
-            // each call takes at most MAX_GROUP heads.
-            unsafe {
-                if level >= SimdLevel::Avx512 && hd.is_multiple_of(16) {
-                    avx512::attend(q, hd, keys, values, stride, first, last, scale, scores, out)
-                } else {
-                    avx2::attend(q, hd, keys, values, stride, first, last, scale, scores, out)
-                }
-            }
+            // kernel, AVX2, FMA and F16C (part of our AVX2 level) for the narrow one; the
+            // lengths were checked above, and each call takes at most MAX_GROUP heads.
+            unsafe { kernel(q, hd, keys, values, stride, first, last, scale, scores, out) }
         }
         return;
     }
@@ -115,7 +198,7 @@ macro_rules! by_counts {
 /// width's intrinsics and helpers.
 macro_rules! kernel {
     ($module:ident, $features:literal, $lanes:literal, $exp:path, $hsum_all:path, $hmax_all:path,
-     load = $load:ident, store = $store:ident, set1 = $set1:ident, zero = $zero:ident, fmadd = $fmadd:ident,
+     kv = $kv:ty, load_kv = $load_kv:path, load = $load:ident, store = $store:ident, set1 = $set1:ident, zero = $zero:ident, fmadd = $fmadd:ident,
      mul = $mul:ident, sub = $sub:ident, add = $add:ident, max = $max:ident, hsum_block = $hsum_block:path,
      pass_regs = $pass_regs:literal) => {
         #[cfg(target_arch = "x86_64")]
@@ -136,8 +219,8 @@ macro_rules! kernel {
             pub(super) unsafe fn attend(
                 q: &[f32],
                 hd: usize,
-                keys: &[f32],
-                values: &[f32],
+                keys: &[$kv],
+                values: &[$kv],
                 stride: usize,
                 first: usize,
                 last: usize,
@@ -158,7 +241,7 @@ macro_rules! kernel {
                         for c in 0..nc {
                             let qc = $load(qp.add(j * hd + L * c));
                             for (i, acc) in acc.iter_mut().enumerate() {
-                                *acc = $fmadd(qc, $load(kp.add((p + i) * stride + L * c)), *acc);
+                                *acc = $fmadd(qc, $load_kv(kp.add((p + i) * stride + L * c)), *acc);
                             }
                         }
                         $store(sp.add(j * n + p), $mul($hsum_block(&acc), $set1(scale)));
@@ -172,7 +255,7 @@ macro_rules! kernel {
                         for c in 0..nc {
                             let qc = $load(qp.add(j * hd + L * c));
                             for (i, acc) in acc.iter_mut().enumerate().take(m) {
-                                *acc = $fmadd(qc, $load(kp.add((p + i) * stride + L * c)), *acc);
+                                *acc = $fmadd(qc, $load_kv(kp.add((p + i) * stride + L * c)), *acc);
                             }
                         }
                         for (i, acc) in acc.iter().enumerate().take(m) {
@@ -235,7 +318,7 @@ macro_rules! kernel {
             #[inline(always)]
             unsafe fn values_pass<const G: usize, const M: usize>(
                 (vp, sp, stride, n, first, last, j0, c0, hd, inv, op): (
-                    *const f32,
+                    *const $kv,
                     *const f32,
                     usize,
                     usize,
@@ -254,7 +337,7 @@ macro_rules! kernel {
                     let v = vp.add(p * stride + L * c0);
                     let w: [_; G] = std::array::from_fn(|j| $set1(*sp.add((j0 + j) * n + p)));
                     for k in 0..M {
-                        let vk = $load(v.add(L * k));
+                        let vk = $load_kv(v.add(L * k));
                         for j in 0..G {
                             acc[j][k] = $fmadd(w[j], vk, acc[j][k]);
                         }
@@ -365,14 +448,55 @@ unsafe fn hmax_all8(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
 }
 
-kernel!(avx512, "avx512f,avx2,fma", 16, super::super::fastmath::avx512::exp, super::hsum_all16, super::hmax_all16,
-    load = _mm512_loadu_ps, store = _mm512_storeu_ps, set1 = _mm512_set1_ps, zero = _mm512_setzero_ps,
-    fmadd = _mm512_fmadd_ps, mul = _mm512_mul_ps, sub = _mm512_sub_ps, add = _mm512_add_ps, max = _mm512_max_ps,
-    hsum_block = super::hsum16, pass_regs = 4);
-kernel!(avx2, "avx2,fma", 8, super::super::fastmath::avx2::exp, super::hsum_all8, super::hmax_all8,
-    load = _mm256_loadu_ps, store = _mm256_storeu_ps, set1 = _mm256_set1_ps, zero = _mm256_setzero_ps,
-    fmadd = _mm256_fmadd_ps, mul = _mm256_mul_ps, sub = _mm256_sub_ps, add = _mm256_add_ps, max = _mm256_max_ps,
-    hsum_block = super::hsum8, pass_regs = 2);
+/// 16 f16 values widened to f32.
+///
+/// # Safety
+/// AVX-512 F present; 16 values readable at `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn load_f16x16(p: *const f16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+}
+
+/// 8 f16 values widened to f32.
+///
+/// # Safety
+/// AVX2 and F16C present; 8 values readable at `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn load_f16x8(p: *const f16) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+}
+
+/// One kernel per register width and element type.
+macro_rules! kernels {
+    ($($module:ident: $kv:ty, $load_kv:path;)*) => {$(
+        kernel!($module, "avx512f,avx2,fma", 16, super::super::fastmath::avx512::exp, super::hsum_all16, super::hmax_all16,
+            kv = $kv, load_kv = $load_kv, load = _mm512_loadu_ps, store = _mm512_storeu_ps, set1 = _mm512_set1_ps,
+            zero = _mm512_setzero_ps, fmadd = _mm512_fmadd_ps, mul = _mm512_mul_ps, sub = _mm512_sub_ps, add = _mm512_add_ps,
+            max = _mm512_max_ps, hsum_block = super::hsum16, pass_regs = 4);
+    )*};
+}
+macro_rules! kernels_avx2 {
+    ($($module:ident: $kv:ty, $load_kv:path;)*) => {$(
+        kernel!($module, "avx2,fma,f16c", 8, super::super::fastmath::avx2::exp, super::hsum_all8, super::hmax_all8,
+            kv = $kv, load_kv = $load_kv, load = _mm256_loadu_ps, store = _mm256_storeu_ps, set1 = _mm256_set1_ps,
+            zero = _mm256_setzero_ps, fmadd = _mm256_fmadd_ps, mul = _mm256_mul_ps, sub = _mm256_sub_ps, add = _mm256_add_ps,
+            max = _mm256_max_ps, hsum_block = super::hsum8, pass_regs = 2);
+    )*};
+}
+kernels! {
+    avx512_f32: f32, _mm512_loadu_ps;
+    avx512_f16: half::f16, super::load_f16x16;
+}
+kernels_avx2! {
+    avx2_f32: f32, _mm256_loadu_ps;
+    avx2_f16: half::f16, super::load_f16x8;
+}
 
 #[cfg(test)]
 mod tests {
@@ -408,6 +532,25 @@ mod tests {
                     let (mut s1, mut o1) = (vec![0f32; n], vec![0f32; hd]);
                     attend_at(level, &q[..hd], hd, &keys[off..], &values[off..], stride, first, last, 0.125, &mut s1, &mut o1);
                     assert_eq!(o1, out[..hd], "{level:?} hd {hd} x{heads}");
+                }
+                // f16 keys and values: every level equals the reference on the same (widened)
+                // values, and stays within f16 rounding of the f32 result.
+                let (k16, v16): (Vec<f16>, Vec<f16>) =
+                    (keys.iter().map(|&x| f16::from_f32(x)).collect(), values.iter().map(|&x| f16::from_f32(x)).collect());
+                let mut want16 = vec![0f32; heads * hd];
+                for (q, o) in q.chunks_exact(hd).zip(want16.chunks_exact_mut(hd)) {
+                    let mut s = vec![0f32; n];
+                    ops::attend_ref(q, &k16[off..], &v16[off..], stride, first, last, 0.125, &mut s, o);
+                }
+                for (a, b) in want.iter().zip(&want16) {
+                    assert!((a - b).abs() <= 1e-2 * (1.0 + a.abs()), "f16 hd {hd} x{heads} {first}..={last}: {a} vs {b}");
+                }
+                for level in SimdLevel::ALL.into_iter().filter(|&l| l <= cpu_simd()) {
+                    let (mut scores, mut out) = (vec![0f32; heads * n], vec![0f32; heads * hd]);
+                    attend_at(level, &q, hd, &k16[off..], &v16[off..], stride, first, last, 0.125, &mut scores, &mut out);
+                    for (a, b) in want16.iter().zip(&out) {
+                        assert!((a - b).abs() <= 2e-6 * (1.0 + a.abs()), "f16 {level:?} hd {hd} x{heads} {first}..={last}: {a} vs {b}");
+                    }
                 }
             }
         }

@@ -3,6 +3,8 @@
 //! Semantics follow transformers' modeling_llama.py (LlamaRMSNorm, apply_rotary_pos_emb,
 //! eager_attention_forward) so that f32 checkpoints match it to rounding.
 
+use super::attention::KvElem;
+
 /// `out = x / sqrt(mean(x^2) + eps) * weight` (RMSNorm).
 #[inline]
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -128,12 +130,13 @@ pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
 /// `keys`/`values` are the cache rows laid out `(position, n_kv_heads, head_dim)` with
 /// `stride = n_kv_heads * head_dim` and this head's offset already applied; positions
 /// before `first` are outside the sliding window. `scores` is scratch of `last + 1` floats.
-/// The scalar reference; the forward pass calls `compute::attention::attend`.
+/// The scalar reference; the forward pass calls `compute::attention::attend`. Keys and values
+/// are f32 or f16 (widened exactly).
 #[allow(clippy::too_many_arguments)]
-pub fn attend_ref(
+pub fn attend_ref<E: KvElem>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[E],
+    values: &[E],
     stride: usize,
     first: usize,
     last: usize,
@@ -145,13 +148,13 @@ pub fn attend_ref(
     let scores = &mut scores[first..=last];
     for (j, s) in scores.iter_mut().enumerate() {
         let p = first + j;
-        *s = dot(q, &keys[p * stride..p * stride + hd]) * scale;
+        *s = E::dot(q, &keys[p * stride..p * stride + hd]) * scale;
     }
     softmax(scores);
     out.fill(0.0);
     for (j, &s) in scores.iter().enumerate() {
         let p = first + j;
-        axpy(s, &values[p * stride..p * stride + hd], out);
+        E::axpy(s, &values[p * stride..p * stride + hd], out);
     }
 }
 

@@ -20,15 +20,145 @@
 //!   results. Truncating moves nothing (a failed retry can restore the length); a layer
 //!   truncated to 0 restarts its rows at the next step.
 
+use half::f16;
+
 use crate::compute::SharedMut;
 use crate::error::{Error, Result};
+
+/// How a cache stores keys and values. f16 halves the memory a session holds and the bytes
+/// attention reads per step (llama.cpp's default cache type); f32 keeps them exactly as
+/// computed (reference comparisons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    /// The type named `name` ("f32" or "f16").
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            _ => Err(Error::InvalidArgument(format!("KV cache type must be f32 or f16, got {name:?}"))),
+        }
+    }
+
+    /// Its name, as `from_name` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    /// Bytes per stored value.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// One layer's keys or values, in the cache's type.
+#[derive(Clone)]
+enum Rows {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+/// `$body` with `$v` bound to the rows' vector, whatever its type.
+macro_rules! each {
+    ($rows:expr, $v:ident => $body:expr) => {
+        match $rows {
+            Rows::F32($v) => $body,
+            Rows::F16($v) => $body,
+        }
+    };
+}
+
+impl Rows {
+    fn new(dtype: KvDtype) -> Self {
+        match dtype {
+            KvDtype::F32 => Rows::F32(Vec::new()),
+            KvDtype::F16 => Rows::F16(Vec::new()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        each!(self, v => v.len())
+    }
+
+    fn capacity_bytes(&self) -> usize {
+        match self {
+            Rows::F32(v) => v.capacity() * 4,
+            Rows::F16(v) => v.capacity() * 2,
+        }
+    }
+
+    /// Grows to `len` values (zeros), reserving exactly that.
+    fn grow_to(&mut self, len: usize) {
+        each!(self, v => {
+            v.reserve_exact(len.saturating_sub(v.len()));
+            v.resize(len, Default::default());
+        })
+    }
+
+    fn shrink_to(&mut self, len: usize) {
+        each!(self, v => {
+            v.truncate(len);
+            v.shrink_to_fit();
+        })
+    }
+
+    fn copy_within(&mut self, src: std::ops::Range<usize>, dest: usize) {
+        each!(self, v => v.copy_within(src, dest))
+    }
+
+    fn shared(&mut self) -> RowsShared {
+        match self {
+            Rows::F32(v) => RowsShared::F32(SharedMut::new(v)),
+            Rows::F16(v) => RowsShared::F16(SharedMut::new(v)),
+        }
+    }
+
+    #[cfg(test)]
+    fn at(&self, i: usize) -> f32 {
+        each!(self, v => f32::from(v[i]))
+    }
+}
+
+/// A shared handle on one layer's keys or values for one forward job.
+#[derive(Clone, Copy)]
+pub(crate) enum RowsShared {
+    F32(SharedMut<f32>),
+    F16(SharedMut<f16>),
+}
+
+impl RowsShared {
+    /// Stores `src` at values `at..at + src.len()` (rounded to the cache's type).
+    ///
+    /// # Safety
+    /// As `SharedMut::slice_mut`: no other thread touches those values until the next barrier.
+    pub(crate) unsafe fn write(&self, at: usize, src: &[f32]) {
+        match self {
+            RowsShared::F32(s) => s.slice_mut(at..at + src.len()).copy_from_slice(src),
+            RowsShared::F16(s) => {
+                for (d, &x) in s.slice_mut(at..at + src.len()).iter_mut().zip(src) {
+                    *d = f16::from_f32(x);
+                }
+            }
+        }
+    }
+}
 
 /// One layer's keys and values, `(rows, n_kv_heads, head_dim)`, row `r` holding absolute
 /// position `base + r`.
 #[derive(Clone)]
 struct LayerKv {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: Rows,
+    values: Rows,
     /// Sliding window (positions a query sees, itself included); `None` for a global layer.
     window: Option<usize>,
     /// Absolute position of row 0 (always 0 for a global layer).
@@ -53,9 +183,9 @@ impl LayerKv {
 #[derive(Clone, Copy)]
 pub(crate) struct LayerShared {
     /// Keys `(rows, kv_dim)`, row `p - base` holding position `p`.
-    pub keys: SharedMut<f32>,
+    pub keys: RowsShared,
     /// Values, laid out as `keys`.
-    pub values: SharedMut<f32>,
+    pub values: RowsShared,
     /// Absolute position of row 0.
     pub base: usize,
 }
@@ -65,6 +195,7 @@ pub(crate) struct LayerShared {
 /// bounded window (see the module documentation).
 #[derive(Clone)]
 pub struct KvCache {
+    dtype: KvDtype,
     kv_dim: usize,
     len: usize,
     max_len: usize,
@@ -72,24 +203,24 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `n_layers` global layers of `kv_dim = n_kv_heads * head_dim` floats
+    /// An empty cache for `n_layers` global layers of `kv_dim = n_kv_heads * head_dim` values
     /// per position, holding at most `max_len` positions. Memory grows as positions arrive.
-    pub fn new(n_layers: usize, kv_dim: usize, max_len: usize) -> Self {
-        Self::with_windows(&vec![None; n_layers], kv_dim, max_len)
+    pub fn new(n_layers: usize, kv_dim: usize, max_len: usize, dtype: KvDtype) -> Self {
+        Self::with_windows(&vec![None; n_layers], kv_dim, max_len, dtype)
     }
 
     /// An empty cache with one layer per entry of `windows`: `Some(w)` for a sliding-window
     /// layer of window `w >= 1` (bounded memory), `None` for a global one.
-    pub fn with_windows(windows: &[Option<usize>], kv_dim: usize, max_len: usize) -> Self {
+    pub fn with_windows(windows: &[Option<usize>], kv_dim: usize, max_len: usize, dtype: KvDtype) -> Self {
         let layers = windows
             .iter()
             .map(|&window| {
                 let window = window.map(|w| w.max(1));
                 let slack = window.map_or(0, LayerKv::default_slack);
-                LayerKv { keys: Vec::new(), values: Vec::new(), window, base: 0, slack }
+                LayerKv { keys: Rows::new(dtype), values: Rows::new(dtype), window, base: 0, slack }
             })
             .collect();
-        KvCache { kv_dim, len: 0, max_len, layers }
+        KvCache { dtype, kv_dim, len: 0, max_len, layers }
     }
 
     /// Positions seen (the next position is `len`).
@@ -112,14 +243,19 @@ impl KvCache {
         self.layers.len()
     }
 
-    /// Floats per position per layer for keys (and again for values).
+    /// Values per position per layer for keys (and again for values).
     pub fn kv_dim(&self) -> usize {
         self.kv_dim
     }
 
+    /// How keys and values are stored.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
     /// Bytes currently allocated.
     pub fn nbytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.keys.capacity() + l.values.capacity()) * 4).sum()
+        self.layers.iter().map(|l| l.keys.capacity_bytes() + l.values.capacity_bytes()).sum()
     }
 
     /// Bytes of the positions held now: every position of a global layer, the retained rows
@@ -135,9 +271,9 @@ impl KvCache {
         self.layers.len() * self.layer_position_bytes()
     }
 
-    /// Bytes of one position of one layer (keys and values, f32).
+    /// Bytes of one position of one layer (keys and values).
     fn layer_position_bytes(&self) -> usize {
-        2 * self.kv_dim * 4
+        2 * self.kv_dim * self.dtype.size()
     }
 
     /// The most rows a sliding layer of window `window` holds after a step of `step_tokens`
@@ -174,13 +310,11 @@ impl KvCache {
                 layer.base = 0; // starting over (a truncation to 0)
             }
             let Some(w) = layer.window else {
-                let floats = needed * kv_dim;
+                let values = needed * kv_dim;
                 for buf in [&mut layer.keys, &mut layer.values] {
-                    if buf.len() < floats {
+                    if buf.len() < values {
                         // Grow geometrically so a decode step rarely reallocates.
-                        let target = floats.max((buf.len() * 3 / 2).min(max_len * kv_dim));
-                        buf.reserve_exact(target - buf.len());
-                        buf.resize(target, 0.0);
+                        buf.grow_to(values.max((buf.len() * 3 / 2).min(max_len * kv_dim)));
                     }
                 }
                 continue;
@@ -200,8 +334,7 @@ impl KvCache {
                 let steady = w.saturating_add(layer.slack).max(needed - layer.base);
                 if layer.rows(kv_dim) > steady.saturating_add(layer.slack) {
                     for buf in [&mut layer.keys, &mut layer.values] {
-                        buf.truncate(steady * kv_dim);
-                        buf.shrink_to_fit();
+                        buf.shrink_to(steady * kv_dim);
                     }
                 }
             }
@@ -211,8 +344,7 @@ impl KvCache {
                 let cap = w.saturating_add(layer.slack).min(max_len);
                 let target = rows.max((layer.rows(kv_dim) * 3 / 2).min(cap));
                 for buf in [&mut layer.keys, &mut layer.values] {
-                    buf.reserve_exact(target * kv_dim - buf.len());
-                    buf.resize(target * kv_dim, 0.0);
+                    buf.grow_to(target * kv_dim);
                 }
             }
         }
@@ -266,7 +398,7 @@ impl KvCache {
     /// Shared handles on layer `layer`'s key and value rows for one forward job.
     pub(crate) fn layer_shared(&mut self, layer: usize) -> LayerShared {
         let l = &mut self.layers[layer];
-        LayerShared { keys: SharedMut::new(&mut l.keys), values: SharedMut::new(&mut l.values), base: l.base }
+        LayerShared { keys: l.keys.shared(), values: l.values.shared(), base: l.base }
     }
 }
 
@@ -284,8 +416,8 @@ mod tests {
                 let r = p - l.base;
                 // SAFETY: one thread, rows reserved above.
                 unsafe {
-                    l.keys.slice_mut(r * kv_dim..(r + 1) * kv_dim).fill(p as f32);
-                    l.values.slice_mut(r * kv_dim..(r + 1) * kv_dim).fill(-(p as f32));
+                    l.keys.write(r * kv_dim, &vec![p as f32; kv_dim]);
+                    l.values.write(r * kv_dim, &vec![-(p as f32); kv_dim]);
                 }
             }
         }
@@ -297,7 +429,7 @@ mod tests {
         for l in &cache.layers {
             for p in l.base..cache.len() {
                 let r = (p - l.base) * cache.kv_dim;
-                assert_eq!((l.keys[r], l.values[r]), (p as f32, -(p as f32)), "position {p} (base {})", l.base);
+                assert_eq!((l.keys.at(r), l.values.at(r)), (p as f32, -(p as f32)), "position {p} (base {})", l.base);
             }
         }
     }
@@ -305,7 +437,7 @@ mod tests {
     #[test]
     fn a_sliding_layer_keeps_its_window_through_chunks_decode_and_retries() {
         let (w, kv_dim) = (512, 4);
-        let mut cache = KvCache::with_windows(&[Some(w), None], kv_dim, 1 << 20);
+        let mut cache = KvCache::with_windows(&[Some(w), None], kv_dim, 1 << 20, KvDtype::F32);
         let bound = |n| KvCache::sliding_rows_bound(w, n);
         // Prefill in chunks of 512 (as the End node sends them), then 2000 decode steps, with a
         // chunk of 700 in the middle.
@@ -321,7 +453,7 @@ mod tests {
         }
         assert_rows_hold_their_positions(&cache);
         // Back to decode after the long chunk: the buffer is the decode bound again.
-        assert_eq!(cache.layers[0].keys.capacity(), bound(1) * kv_dim);
+        assert_eq!(cache.layers[0].keys.capacity_bytes(), bound(1) * kv_dim * 4);
         // A retry of the last step rewrites the same rows; one further back than the window is
         // refused and changes nothing.
         let len = cache.len();
@@ -339,5 +471,23 @@ mod tests {
         step(&mut cache, 3);
         assert_eq!(cache.layers[0].base, 0);
         assert_rows_hold_their_positions(&cache);
+    }
+
+    #[test]
+    fn an_f16_cache_holds_half_the_bytes_and_its_values_rounded() {
+        let (kv_dim, n) = (8, 100);
+        let mut f32s = KvCache::new(2, kv_dim, 256, KvDtype::F32);
+        let mut f16s = KvCache::new(2, kv_dim, 256, KvDtype::F16);
+        step(&mut f32s, n);
+        step(&mut f16s, n);
+        assert_eq!(f16s.dtype().name(), "f16");
+        assert_eq!(f16s.bytes_per_position() * 2, f32s.bytes_per_position());
+        assert_eq!(f16s.held_bytes() * 2, f32s.held_bytes());
+        assert_eq!(f16s.held_bytes(), 2 * n * 2 * kv_dim * 2);
+        assert_rows_hold_their_positions(&f16s); // integers below 2048 are exact in f16
+        let l = f16s.layer_shared(0);
+        unsafe { l.keys.write(0, &[1.0 / 3.0; 8]) };
+        assert_eq!(f16s.layers[0].keys.at(0), f16::from_f32(1.0 / 3.0).to_f32());
+        assert!(KvDtype::from_name("bf16").unwrap_err().to_string().contains("f32 or f16"));
     }
 }

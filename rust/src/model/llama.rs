@@ -37,7 +37,7 @@ use std::ops::Range;
 use crate::checkpoint::Checkpoint;
 use crate::compute::{attention, fastmath, ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
 use crate::error::{Error, Result};
-use crate::model::kv_cache::{KvCache, LayerShared};
+use crate::model::kv_cache::{KvCache, KvDtype, LayerShared, RowsShared};
 use crate::model::weights::{expect_shape, LayerNames, LayerTensors};
 use crate::quant::GgmlType;
 
@@ -97,6 +97,8 @@ pub struct LlamaConfig {
     pub rope_long_inv_freq: Vec<f32>,
     /// First position that uses `rope_long_inv_freq`.
     pub rope_long_from: usize,
+    /// How sessions' KV caches store keys and values; `None`: [`LlamaSpan::default_kv_dtype`].
+    pub kv_dtype: Option<KvDtype>,
 }
 
 impl LlamaConfig {
@@ -266,6 +268,7 @@ pub struct LlamaSpan {
     /// Distinct activation types needed by the matrices reading each input.
     act_types: ActTypes,
     max_ffn: usize,
+    kv_dtype: KvDtype,
 }
 
 /// Activation types per matrix group, the union over the span's layers.
@@ -317,7 +320,25 @@ impl LlamaSpan {
         if layers.iter().any(|l| l.w_gate.rows() != max_ffn) {
             return Err(Error::Shape("layers of one span must share the MLP width".into()));
         }
-        Ok(LlamaSpan { cfg, first_layer, layers, act_types, max_ffn })
+        let kv_dtype = cfg.kv_dtype.unwrap_or_else(|| Self::default_kv_dtype(&layers));
+        Ok(LlamaSpan { cfg, first_layer, layers, act_types, max_ffn, kv_dtype })
+    }
+
+    /// The KV cache type when the config names none: f16 (half the memory and the bytes
+    /// attention reads, llama.cpp's default), except f32 when every K and V projection is
+    /// f32: a full-precision checkpoint keeps full-precision keys and values, so it matches
+    /// transformers to f32 rounding.
+    fn default_kv_dtype(layers: &[LlamaLayer]) -> KvDtype {
+        if layers.iter().all(|l| l.wk.ty() == GgmlType::F32 && l.wv.ty() == GgmlType::F32) {
+            KvDtype::F32
+        } else {
+            KvDtype::F16
+        }
+    }
+
+    /// How this span's KV caches store keys and values.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     /// The span's settings.
@@ -353,7 +374,7 @@ impl LlamaSpan {
     /// `forward_layers`).
     pub fn new_cache_for(&self, layers: Range<usize>, max_len: usize) -> KvCache {
         let windows: Vec<Option<usize>> = layers.map(|l| self.window_of(l)).collect();
-        KvCache::with_windows(&windows, self.cfg.kv_dim(), max_len.min(self.cfg.max_positions))
+        KvCache::with_windows(&windows, self.cfg.kv_dim(), max_len.min(self.cfg.max_positions), self.kv_dtype)
     }
 
     /// The sliding window of span layer `layer`, `None` for a global layer.
@@ -660,8 +681,8 @@ impl Pass<'_> {
                 let c = self.caches[self.row_seq[t]][li];
                 let r = self.row_pos[t] - c.base;
                 unsafe {
-                    c.keys.slice_mut(r * kvd..(r + 1) * kvd).copy_from_slice(krow);
-                    c.values.slice_mut(r * kvd..(r + 1) * kvd).copy_from_slice(b.v.slice(t * kvd..(t + 1) * kvd));
+                    c.keys.write(r * kvd, krow);
+                    c.values.write(r * kvd, b.v.slice(t * kvd..(t + 1) * kvd));
                 }
             }
             ctx.barrier();
@@ -681,11 +702,23 @@ impl Pass<'_> {
                 // before every window of the step: `base <= first`).
                 let c = self.caches[self.row_seq[t]][li];
                 let (first, last) = (first - c.base, p - c.base);
-                let (keys, values) =
-                    unsafe { (c.keys.slice(kvh * hd..(last + 1) * kvd), c.values.slice(kvh * hd..(last + 1) * kvd)) };
+                let rows = kvh * hd..(last + 1) * kvd;
                 let q = t * qd + heads.start * hd..t * qd + heads.end * hd;
                 let (qh, out) = unsafe { (b.q.slice(q.clone()), b.att.slice_mut(q)) };
-                attention::attend(qh, hd, keys, values, kvd, first, last, cfg.attn_scale, &mut scores, out);
+                let scale = cfg.attn_scale;
+                // SAFETY: this layer's rows were written before the barrier above; nothing
+                // writes them until the next layer.
+                unsafe {
+                    match (c.keys, c.values) {
+                        (RowsShared::F32(k), RowsShared::F32(v)) => {
+                            attention::attend(qh, hd, k.slice(rows.clone()), v.slice(rows), kvd, first, last, scale, &mut scores, out)
+                        }
+                        (RowsShared::F16(k), RowsShared::F16(v)) => {
+                            attention::attend(qh, hd, k.slice(rows.clone()), v.slice(rows), kvd, first, last, scale, &mut scores, out)
+                        }
+                        _ => unreachable!("a cache stores keys and values in one type"),
+                    }
+                }
             };
             if n == 1 {
                 let mine = ctx.split(cfg.n_heads);

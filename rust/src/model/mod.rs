@@ -7,7 +7,7 @@ pub mod llama;
 pub mod weights;
 
 pub use head::{OutputHead, TokenEmbedding};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDtype};
 pub use llama::{LlamaConfig, LlamaSpan, SeqChunk};
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ fn tiny_config(quantize: Option<GgmlType>) -> LlamaConfig {
         rope_local_inv_freq: Vec::new(),
         rope_long_inv_freq: Vec::new(),
         rope_long_from: 0,
+        kv_dtype: None,
     }
 }
 

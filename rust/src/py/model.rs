@@ -13,6 +13,7 @@ use super::checkpoint::Checkpoint as PyCheckpoint;
 use super::to_py_err;
 use crate::compute::pool::DEFAULT_IDLE_SPIN;
 use crate::compute::ThreadPool;
+use crate::model::KvDtype;
 use crate::model::{KvCache, LlamaConfig, LlamaSpan, OutputHead, SeqChunk, TokenEmbedding};
 use crate::quant::GgmlType;
 
@@ -154,6 +155,7 @@ fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
         rope_local_inv_freq: optional(d, "rope_local_inv_freq")?.unwrap_or_default(),
         rope_long_inv_freq: optional(d, "rope_long_inv_freq")?.unwrap_or_default(),
         rope_long_from: optional(d, "rope_long_from")?.unwrap_or(0),
+        kv_dtype: optional::<String>(d, "kv_dtype")?.map(|n| KvDtype::from_name(&n)).transpose().map_err(to_py_err)?,
     })
 }
 
@@ -238,6 +240,12 @@ impl PyLlamaSpan {
     #[getter]
     fn nbytes(&self) -> usize {
         self.span.nbytes()
+    }
+
+    /// How session caches store keys and values: "f32" or "f16".
+    #[getter]
+    fn kv_dtype(&self) -> &'static str {
+        self.span.kv_dtype().name()
     }
 
     /// A new session cache of at most `max_len` positions.
