@@ -10,8 +10,9 @@
 //! reference, and each head's result is the same whichever heads share its call.
 //!
 //! Keys and values come as f32 or f16 ([`KvElem`]; the KV cache's dtype): each kernel is
-//! built once per element type, the f16 build widening every key and value register as it
-//! loads it (one `vcvtph2ps`), so an f16 cache halves the bytes attention reads.
+//! built once per element type, the f16 build widening each block of keys once for all the
+//! heads that score it, and each value register as it loads it (one `vcvtph2ps`), so an f16
+//! cache halves the bytes attention reads.
 //!
 //! Heads sharing a KV head (grouped-query attention) are attended together: positions in
 //! blocks whose keys stay in L1 while every head of the group scores them, and each value row
@@ -198,7 +199,7 @@ macro_rules! by_counts {
 /// width's intrinsics and helpers.
 macro_rules! kernel {
     ($module:ident, $features:literal, $lanes:literal, $exp:path, $hsum_all:path, $hmax_all:path,
-     kv = $kv:ty, load_kv = $load_kv:path, load = $load:ident, store = $store:ident, set1 = $set1:ident, zero = $zero:ident, fmadd = $fmadd:ident,
+     kv = $kv:ty, load_kv = $load_kv:path, stage = $stage:path, load = $load:ident, store = $store:ident, set1 = $set1:ident, zero = $zero:ident, fmadd = $fmadd:ident,
      mul = $mul:ident, sub = $sub:ident, add = $add:ident, max = $max:ident, hsum_block = $hsum_block:path,
      pass_regs = $pass_regs:literal) => {
         #[cfg(target_arch = "x86_64")]
@@ -207,7 +208,9 @@ macro_rules! kernel {
 
             use std::arch::x86_64::*;
 
-            use super::{HEADS_PER_PASS, MAX_GROUP};
+            use std::mem::MaybeUninit;
+
+            use super::{HEADS_PER_PASS, MAX_GROUP, MAX_HD};
 
             /// See `super::attend`.
             ///
@@ -233,15 +236,18 @@ macro_rules! kernel {
                 let (qp, kp, vp) = (q.as_ptr(), keys.as_ptr(), values.as_ptr());
                 let sp = scores.as_mut_ptr();
                 // Scores: a block of L positions (their keys stay in L1) for every head, the
-                // L sums transposed into one register; then four at a time for the rest.
+                // L sums transposed into one register; then four at a time for the rest. An
+                // f16 block is widened once into `staged` for all heads (f32: read in place).
+                let mut staged = [MaybeUninit::<f32>::uninit(); L * MAX_HD];
                 let mut p = first;
                 while p + L <= n {
+                    let (kb, ks) = $stage(kp, p, stride, hd, L, staged.as_mut_ptr().cast());
                     for j in 0..heads {
                         let mut acc = [$zero(); L];
                         for c in 0..nc {
                             let qc = $load(qp.add(j * hd + L * c));
                             for (i, acc) in acc.iter_mut().enumerate() {
-                                *acc = $fmadd(qc, $load_kv(kp.add((p + i) * stride + L * c)), *acc);
+                                *acc = $fmadd(qc, $load(kb.add(i * ks + L * c)), *acc);
                             }
                         }
                         $store(sp.add(j * n + p), $mul($hsum_block(&acc), $set1(scale)));
@@ -472,30 +478,72 @@ unsafe fn load_f16x8(p: *const f16) -> std::arch::x86_64::__m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
 }
 
+/// Rows `row..row + rows` of f32 keys (`stride` apart) as the kernels read them: in place.
+///
+/// # Safety
+/// The rows lie within the keys.
+#[inline(always)]
+unsafe fn stage_f32(keys: *const f32, row: usize, stride: usize, _hd: usize, _rows: usize, _scratch: *mut f32) -> (*const f32, usize) {
+    (keys.add(row * stride), stride)
+}
+
+/// Rows `row..row + rows` of f16 keys (`stride` apart, `hd` values each, a multiple of 16)
+/// widened into `scratch` (`rows * hd` floats), `hd` apart.
+///
+/// # Safety
+/// AVX-512 F present; the rows lie within the keys; `scratch` holds `rows * hd` floats.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn stage_f16x16(keys: *const f16, row: usize, stride: usize, hd: usize, rows: usize, scratch: *mut f32) -> (*const f32, usize) {
+    for i in 0..rows {
+        for c in (0..hd).step_by(16) {
+            std::arch::x86_64::_mm512_storeu_ps(scratch.add(i * hd + c), load_f16x16(keys.add((row + i) * stride + c)));
+        }
+    }
+    (scratch.cast_const(), hd)
+}
+
+/// As [`stage_f16x16`] for a multiple of 8 values, with AVX2 and F16C.
+///
+/// # Safety
+/// AVX2 and F16C present; as [`stage_f16x16`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn stage_f16x8(keys: *const f16, row: usize, stride: usize, hd: usize, rows: usize, scratch: *mut f32) -> (*const f32, usize) {
+    for i in 0..rows {
+        for c in (0..hd).step_by(8) {
+            std::arch::x86_64::_mm256_storeu_ps(scratch.add(i * hd + c), load_f16x8(keys.add((row + i) * stride + c)));
+        }
+    }
+    (scratch.cast_const(), hd)
+}
+
 /// One kernel per register width and element type.
 macro_rules! kernels {
-    ($($module:ident: $kv:ty, $load_kv:path;)*) => {$(
+    ($($module:ident: $kv:ty, $load_kv:path, $stage:path;)*) => {$(
         kernel!($module, "avx512f,avx2,fma", 16, super::super::fastmath::avx512::exp, super::hsum_all16, super::hmax_all16,
-            kv = $kv, load_kv = $load_kv, load = _mm512_loadu_ps, store = _mm512_storeu_ps, set1 = _mm512_set1_ps,
+            kv = $kv, load_kv = $load_kv, stage = $stage, load = _mm512_loadu_ps, store = _mm512_storeu_ps, set1 = _mm512_set1_ps,
             zero = _mm512_setzero_ps, fmadd = _mm512_fmadd_ps, mul = _mm512_mul_ps, sub = _mm512_sub_ps, add = _mm512_add_ps,
             max = _mm512_max_ps, hsum_block = super::hsum16, pass_regs = 4);
     )*};
 }
 macro_rules! kernels_avx2 {
-    ($($module:ident: $kv:ty, $load_kv:path;)*) => {$(
+    ($($module:ident: $kv:ty, $load_kv:path, $stage:path;)*) => {$(
         kernel!($module, "avx2,fma,f16c", 8, super::super::fastmath::avx2::exp, super::hsum_all8, super::hmax_all8,
-            kv = $kv, load_kv = $load_kv, load = _mm256_loadu_ps, store = _mm256_storeu_ps, set1 = _mm256_set1_ps,
+            kv = $kv, load_kv = $load_kv, stage = $stage, load = _mm256_loadu_ps, store = _mm256_storeu_ps, set1 = _mm256_set1_ps,
             zero = _mm256_setzero_ps, fmadd = _mm256_fmadd_ps, mul = _mm256_mul_ps, sub = _mm256_sub_ps, add = _mm256_add_ps,
             max = _mm256_max_ps, hsum_block = super::hsum8, pass_regs = 2);
     )*};
 }
 kernels! {
-    avx512_f32: f32, _mm512_loadu_ps;
-    avx512_f16: half::f16, super::load_f16x16;
+    avx512_f32: f32, _mm512_loadu_ps, super::stage_f32;
+    avx512_f16: half::f16, super::load_f16x16, super::stage_f16x16;
 }
 kernels_avx2! {
-    avx2_f32: f32, _mm256_loadu_ps;
-    avx2_f16: half::f16, super::load_f16x8;
+    avx2_f32: f32, _mm256_loadu_ps, super::stage_f32;
+    avx2_f16: half::f16, super::load_f16x8, super::stage_f16x8;
 }
 
 #[cfg(test)]
