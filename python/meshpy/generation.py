@@ -51,6 +51,9 @@ class GenerationStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     finish_reason: str | None = None
+    #: Speculative decoding: tokens drafted for verification, and those the model kept.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -117,6 +120,10 @@ class Model:
         #: Runs every generation's iterations together (see `meshpy.scheduler`); `lanes`
         #: batches in flight at once, by default as many as the pipeline keeps busy.
         self.scheduler = Scheduler(self, pipeline.in_flight if lanes is None else lanes)
+        #: Whether greedy generations draft tokens by prompt lookup and verify them in one
+        #: pass (`meshpy.speculation`; the tokens are the same either way); `submit` may
+        #: override it per generation.
+        self.speculation = True
 
     @classmethod
     def load(
@@ -244,13 +251,16 @@ class Model:
                 stats.completion_tokens = min(stats.completion_tokens, yielded)
 
     def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, sink: TokenSink,
-               stats: GenerationStats) -> Ticket:
+               stats: GenerationStats, speculate: bool | None = None) -> Ticket:
         """Starts a generation of up to `max_tokens` (>= 1) tokens on the scheduler, cut to the
-        context left after the prompt; its tokens go to `sink` (see `meshpy.scheduler`).
+        context left after the prompt; its tokens go to `sink` (see `meshpy.scheduler`);
+        `speculate` (default `self.speculation`) turns drafting on or off for it.
         Raises ContextOverflowError when the prompt does not fit."""
         self.end.check_context(len(prompt_ids))
         budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
-        return self.scheduler.submit(prompt_ids, budget, Sampler(sampling), self.end.tokenizer.stop_ids, sink, stats)
+        speculate = self.speculation if speculate is None else speculate
+        return self.scheduler.submit(prompt_ids, budget, Sampler(sampling), self.end.tokenizer.stop_ids, sink, stats,
+                                     speculate)
 
     def stream(
         self,

@@ -148,6 +148,11 @@ class LocalPipeline:
             raise
         return hidden
 
+    def rewind(self, session: PipelineSession, n_positions: int) -> None:
+        """Forgets the session's positions from `n_positions` on (rejected draft tokens)."""
+        for cache in session.caches:
+            cache.truncate(n_positions)
+
     def close_session(self, session: PipelineSession) -> None:
         """Drops the session's caches."""
         session.caches.clear()

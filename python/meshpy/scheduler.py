@@ -28,6 +28,7 @@ generation whose iteration fails is run again on its own, so a bad request fails
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from meshpy.sampling import Sampler, sample_rows
+from meshpy.speculation import Speculator
 
 if TYPE_CHECKING:
     from meshpy.generation import GenerationStats
@@ -87,7 +89,7 @@ class Ticket:
     closed (on every worker, for a mesh)."""
 
     def __init__(self, prompt: Sequence[int], budget: int, sampler: Sampler, stop_ids: frozenset[int],
-                 sink: TokenSink, stats: GenerationStats) -> None:
+                 sink: TokenSink, stats: GenerationStats, speculate: bool = False) -> None:
         self.prompt = list(prompt)
         self.budget = budget
         self.sampler = sampler
@@ -97,6 +99,11 @@ class Ticket:
         self.session: Any = None
         self.fed = 0  # prompt tokens run through the layers so far
         self.next_token: int | None = None  # the token to run next, once decoding
+        # Greedy generations with speculation on draft tokens by prompt lookup; `draft` rides
+        # with `next_token` in the current iteration, `shadow` is only compared afterwards.
+        self.speculator = Speculator(prompt) if speculate and sampler.params.greedy else None
+        self.draft: list[int] = []
+        self.shadow: list[int] = []
         self.started = 0.0
         self.last = 0.0
         self._cancel = threading.Event()
@@ -214,9 +221,17 @@ class _Lane:
     # --- one iteration ----------------------------------------------------------------
 
     def _plan(self) -> list[tuple[Ticket, list[int]]]:
-        """The rows of the next iteration: each decoding generation's token, then prompt
-        chunks (oldest request first) within this iteration's prefill budget."""
-        decoding = [(t, [t.next_token]) for t in self.active if t.next_token is not None]
+        """The rows of the next iteration: each decoding generation's token (and its draft,
+        see `meshpy.speculation`), then prompt chunks (oldest request first) within this
+        iteration's prefill budget."""
+        decoding = [t for t in self.active if t.next_token is not None]
+        row_cost = self._row_cost(len(decoding))
+        for t in decoding:
+            t.draft, t.shadow = [], []
+            if t.speculator is not None:
+                # Drafts never run past the budget (so never past the context either).
+                room = t.budget - t.stats.completion_tokens - 1
+                t.draft, t.shadow = t.speculator.draft(row_cost, room)
         budget = PREFILL_CHUNK
         if decoding:
             if self.decode_cost is None or self.token_cost is None:
@@ -230,7 +245,15 @@ class _Lane:
                 chunk = t.prompt[t.fed : t.fed + budget]
                 budget -= len(chunk)
                 prefilling.append((t, chunk))
-        return decoding + prefilling
+        return [(t, [t.next_token, *t.draft]) for t in decoding] + prefilling
+
+    def _row_cost(self, n_decoding: int) -> float:
+        """What one more row costs next to one decoding generation's share of an iteration
+        (the measured cost of a prompt token over a decode-only iteration's, per decoding
+        generation); before anything is measured, a guess that lets good drafts through."""
+        if self.decode_cost is None or self.token_cost is None or self.decode_cost <= 0:
+            return 0.25
+        return max(n_decoding, 1) * self.token_cost / self.decode_cost
 
     def _iterate(self) -> None:
         plan = self._plan()
@@ -241,10 +264,12 @@ class _Lane:
         t0 = time.perf_counter()
         results = self._forward(plan)
         elapsed = time.perf_counter() - t0
-        prompt_chunks = [len(ids) for t, ids in plan if t.next_token is None]
-        self._learn(elapsed, len(plan) - len(prompt_chunks), sum(prompt_chunks))
+        # Prompt chunks and drafted tokens are the rows beyond one per decoding generation.
+        n_decode = sum(1 for t, _ in plan if t.next_token is not None)
+        self._learn(elapsed, n_decode, sum(len(ids) for _, ids in plan) - n_decode)
 
-        # Rows that need logits: decode rows, and the last row of a prompt's final chunk.
+        # Rows that need logits: decode rows (with their drafts), and the last row of a
+        # prompt's final chunk.
         want: list[tuple[Ticket, np.ndarray]] = []
         for (ticket, ids), out in zip(plan, results):
             if isinstance(out, BaseException):
@@ -255,19 +280,63 @@ class _Lane:
                 if ticket.fed < len(ticket.prompt):
                     continue
                 ticket.stats.prefill_seconds = time.perf_counter() - ticket.started
-            want.append((ticket, out[-1]))
+                out = out[-1:]
+            want.append((ticket, out))
         if not want:
             return
-        logits = model.end.logits(np.stack([row for _, row in want]))
-        tokens = sample_rows([t.sampler for t, _ in want], logits, model.end.tokenizer.vocab_size)
+        logits = model.end.logits(np.concatenate([rows for _, rows in want]))
+        samplers = [t.sampler for t, rows in want for _ in range(len(rows))]
+        tokens = sample_rows(samplers, logits, model.end.tokenizer.vocab_size)
         now = time.perf_counter()
-        for (ticket, _), token in zip(want, tokens):
-            if isinstance(token, BaseException):
-                self._finish(ticket, None, token)
+        at = 0
+        for ticket, rows in want:
+            picked, at = tokens[at : at + len(rows)], at + len(rows)
+            error = next((t for t in picked if isinstance(t, BaseException)), None)
+            if error is not None:
+                self._finish(ticket, None, error)
                 continue
-            self._advance(ticket, token, now)
+            produced: list[int] = picked  # type: ignore[assignment]
+            if ticket.speculator is not None:
+                if ticket.next_token is None:  # the prompt's last row: the first token
+                    ticket.speculator.lookup.append(produced[0])
+                else:
+                    try:
+                        produced = self._verify(ticket, produced)
+                    except Exception as e:  # noqa: BLE001 - this generation's cache could not rewind
+                        self._finish(ticket, None, e)
+                        continue
+            for token in produced:
+                if not self._advance(ticket, token, now):
+                    break
 
-    def _advance(self, ticket: Ticket, token: int, now: float) -> None:
+    def _verify(self, ticket: Ticket, produced: list[int]) -> list[int]:
+        """The tokens a decode step with a draft yields: the model's token after each drafted
+        token it agrees with, and the one after the last (so greedy output equals plain
+        decoding); the session's caches forget the rejected rows."""
+        spec = ticket.speculator
+        assert spec is not None
+        if not ticket.draft:
+            spec.observe(ticket.shadow, produced)
+            spec.lookup.append(produced[0])
+            return produced
+        kept = spec.observe(ticket.draft, produced)
+        spec.drafted += len(ticket.draft)
+        spec.accepted += kept
+        spec.passes += 1
+        stats = ticket.stats
+        stats.draft_tokens += len(ticket.draft)
+        stats.accepted_draft_tokens += kept
+        rejected = len(ticket.draft) - kept
+        if rejected:
+            session = ticket.session
+            self.model.pipeline.rewind(session, session.n_positions - rejected)
+        produced = produced[: kept + 1]
+        for token in produced:
+            spec.lookup.append(token)
+        return produced
+
+    def _advance(self, ticket: Ticket, token: int, now: float) -> bool:
+        """Hands `token` to the generation; False once it ended."""
         stats = ticket.stats
         if ticket.next_token is not None:  # a decode step ran
             stats.decode_seconds += now - ticket.last
@@ -275,19 +344,21 @@ class _Lane:
         ticket.last = now
         if token in ticket.stop_ids:
             self._finish(ticket, "stop")
-            return
+            return False
         stats.completion_tokens += 1
         try:
             go_on = ticket.sink.token(token)
         except Exception as e:  # noqa: BLE001 - the sink's failure ends only its generation
             self._finish(ticket, None, e)
-            return
+            return False
         if not go_on:
             self._finish(ticket, "stop")
         elif stats.completion_tokens >= ticket.budget:
             self._finish(ticket, "length")
         else:
             ticket.next_token = token
+            return True
+        return False
 
     def _forward(self, plan: list[tuple[Ticket, list[int]]]) -> list[np.ndarray | BaseException]:
         """The last layer's rows for each planned entry, or the error that entry alone met."""
@@ -369,6 +440,11 @@ class _SessionThreads:
         """Waits up to `timeout` for the queued jobs; later ones run inline."""
         with self._lock:
             self._stopped = True
+        if timeout <= 0 or sys.is_finalizing():
+            # No waiting, and no new thread: one started while the interpreter exits never
+            # runs, and `Thread.start` would wait for it forever.
+            self._pool.shutdown(wait=False)
+            return
         done = threading.Event()
         threading.Thread(target=lambda: (self._pool.shutdown(wait=True), done.set()), daemon=True).start()
         done.wait(timeout)
@@ -404,14 +480,16 @@ class Scheduler:
         stop_ids: frozenset[int],
         sink: TokenSink,
         stats: GenerationStats,
+        speculate: bool = False,
     ) -> Ticket:
         """Starts a generation of up to `budget` tokens after `prompt`; its tokens go to
-        `sink`, its counts to `stats` (a `GenerationStats`)."""
+        `sink`, its counts to `stats` (a `GenerationStats`). With `speculate`, a greedy
+        generation drafts tokens by prompt lookup (`meshpy.speculation`)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if budget < 1:
             raise ValueError(f"a generation needs a budget of at least 1 token, got {budget}")
-        ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats)
+        ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats, speculate)
         with self._lock:
             if self.closed:
                 raise RuntimeError("the model is closed")

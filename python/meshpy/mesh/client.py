@@ -224,6 +224,24 @@ class MeshPipeline:
             session.steps += 1
         return out
 
+    def rewind(self, session: MeshSession, n_positions: int) -> None:
+        """Forgets the session's positions from `n_positions` on (rejected draft tokens),
+        and their kept inputs. Nothing is sent: each worker cuts its cache back when the next
+        step starts at an earlier position than it holds (the span protocol's retry rule)."""
+        if not 0 <= n_positions <= session.n_positions:
+            raise ValueError(f"cannot rewind a session of {session.n_positions} positions to {n_positions}")
+        drop = session.n_positions - n_positions
+        for inputs in session.inputs:
+            left = drop
+            while left:
+                last = inputs[-1]
+                if len(last) > left:
+                    inputs[-1] = last[: len(last) - left]
+                    break
+                inputs.pop()
+                left -= len(last)
+        session.n_positions = n_positions
+
     def close_session(self, session: MeshSession) -> None:
         """Frees the session's caches on its workers (best effort: idle expiry is the net)."""
         if session.closed:

@@ -1,0 +1,128 @@
+"""Speculative decoding by prompt lookup (`meshpy.speculation`): the drafts it proposes, the
+draft length it picks, and, on real models in one process, greedy tokens exactly equal to
+plain decoding while drafts are really accepted and rejected (caches rewound), alone and
+batched with other generations. The mesh's half (workers rewinding) is in test_mesh.py."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from meshpy.generation import Completion, GenerationStats, Model
+from meshpy.sampling import SamplingParams
+from meshpy.speculation import MAX_DRAFT, PromptLookup, Speculator, best_length
+from tests.conftest import DATA
+
+PASSAGE = ("The lighthouse keeper climbed the stairs every evening at dusk. He lit the lamp, wiped the great lens, "
+           "and wrote in his log: wind from the north, sea calm, no ships. ")
+#: A prompt whose answer quotes it, so prompt lookup hits.
+QUOTING = "Repeat this passage exactly, twice:\n\n" + PASSAGE
+#: A prompt whose answer mostly does not.
+FREE = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def test_lookup_proposes_what_followed_the_latest_longest_match() -> None:
+    lookup = PromptLookup([1, 2, 3, 9, 1, 2, 4, 5, 6, 1, 2])
+    # The bigram (1, 2) last occurred before 4; the trigram (6, 1, 2) never did.
+    assert lookup.propose(3) == ([4, 5, 6], 2)
+    lookup.append(3)  # ... 1 2 3: the trigram (1, 2, 3) occurred at the start
+    assert lookup.propose(2) == ([9, 1], 3)
+    assert lookup.propose(0) == ([], 0)
+    assert PromptLookup([7, 8]).propose(4) == ([], 0)
+    # Past the end of what is known, a repeating pattern repeats on.
+    assert PromptLookup([5, 6, 5]).propose(4) == ([6, 5, 6, 5], 1)
+    assert PromptLookup([1, 2, 3, 1, 2]).propose(5) == ([3, 1, 2, 3, 1], 2)
+
+
+def test_draft_length_weighs_acceptance_against_row_cost() -> None:
+    assert best_length(0.0, 0.1, MAX_DRAFT) == 0
+    assert best_length(0.05, 0.1, MAX_DRAFT) == 0  # an extra row costs more than it brings
+    assert best_length(0.9, 0.1, MAX_DRAFT) >= 4
+    assert best_length(0.99, 0.01, MAX_DRAFT) == MAX_DRAFT
+    assert best_length(0.99, 0.01, 3) == 3
+    assert best_length(0.9, 5.0, MAX_DRAFT) == 0  # rows dearer than a whole step
+
+
+def test_a_speculator_learns_from_what_it_would_have_drafted() -> None:
+    spec = Speculator([1, 2, 3, 4, 1, 2, 3, 4, 1, 2])
+    draft, shadow = spec.draft(row_cost=0.1, limit=8)
+    assert draft == [3, 4] and not shadow  # the prior rate (0.5) pays for two
+    assert spec.observe(draft, [3, 4, 9]) == 2
+    for _ in range(5):
+        assert spec.observe([3, 4, 1, 2], [3, 4, 1, 2, 3]) == 4
+    draft, shadow = spec.draft(row_cost=0.1, limit=8)
+    assert draft == [3, 4, 1, 2, 3, 4, 1, 2], "right drafts grow"
+    assert spec.draft(row_cost=0.1, limit=3)[0] == [3, 4, 1]
+    # Rejected again and again: the rate falls until drafting stops, then only shadows.
+    for _ in range(30):
+        spec.observe([5, 5, 5], [6, 6, 6, 6])
+    draft, shadow = spec.draft(row_cost=0.3, limit=8)
+    assert draft == [] and shadow == [3]
+
+
+def speculative_and_plain(model: Model, prompt: str, n: int) -> tuple[Completion, Completion]:
+    """The same greedy request with speculation on and off."""
+    model.speculation = True
+    spec = model.generate(prompt, max_tokens=n)
+    model.speculation = False
+    try:
+        plain = model.generate(prompt, max_tokens=n)
+    finally:
+        model.speculation = True
+    return spec, plain
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_greedy_tokens_equal_plain_decoding(name: str, smollm2_gguf: Path, gemma3_gguf: Path) -> None:
+    with Model.load(smollm2_gguf if name == "smollm2" else gemma3_gguf, threads=2) as model:
+        for prompt, hits in ((QUOTING, True), (FREE, False)):
+            spec, plain = speculative_and_plain(model, prompt, 96)
+            assert spec.token_ids == plain.token_ids, prompt
+            assert plain.stats.draft_tokens == 0
+            s = spec.stats
+            print(f"\n{name} {'quoting' if hits else 'free'}: {len(spec.token_ids)} tokens, {s.draft_tokens} drafted, "
+                  f"{s.accepted_draft_tokens} kept; {s.decode_tokens_per_second:.0f} against "
+                  f"{plain.stats.decode_tokens_per_second:.0f} tok/s")
+            if hits:
+                assert s.accepted_draft_tokens >= len(spec.token_ids) // 3, s
+                assert s.draft_tokens > s.accepted_draft_tokens, "some drafts were rejected (caches rewound)"
+
+
+def test_rewinds_across_a_sliding_window_keep_the_tokens() -> None:
+    """tiny-gemma3's sliding window of 8 positions: rejected drafts rewind caches whose
+    sliding layers drop old rows (its greedy output repeats, so drafts are made)."""
+    with Model.load(DATA / "tiny-gemma3", threads=2) as model:
+        ids = [5 + (i * 7) % 40 for i in range(24)] * 2
+        stats, plain = GenerationStats(), GenerationStats()
+        model.speculation = True
+        got = list(model.generate_ids(ids, 80, stats=stats))
+        model.speculation = False
+        want = list(model.generate_ids(ids, 80, stats=plain))
+        assert got == want
+        assert stats.draft_tokens > stats.accepted_draft_tokens > 0, stats
+
+
+def test_batched_speculative_generations_each_equal_their_plain_run(smollm2_gguf: Path) -> None:
+    """Drafting generations share iterations with plain, sampled and prefilling ones."""
+    with Model.load(smollm2_gguf, threads=2) as model:
+        prompts = [model.encode(p) for p in (QUOTING, FREE, "Name three colours.", QUOTING + " Then stop.")]
+        params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams()]
+        model.speculation = False
+        want = [list(model.generate_ids(p, 48, s)) for p, s in zip(prompts, params)]
+        model.speculation = True
+        got: list[list[int] | None] = [None] * len(prompts)
+        stats = [GenerationStats() for _ in prompts]
+
+        def run(i: int) -> None:
+            got[i] = list(model.generate_ids(prompts[i], 48, params[i], stats=stats[i]))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert got == want
+        assert stats[0].accepted_draft_tokens > 0 and stats[3].accepted_draft_tokens > 0
+        assert stats[2].draft_tokens == 0, "sampled generations do not draft"
