@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshpy.generation import Model
+from meshpy.generation import GenerationStats, Model
 from meshpy.mesh import connect
 from meshpy.mesh.launcher import LocalMesh
 from meshpy.mesh.placement import RUNTIME_OVERHEAD, layer_nbytes
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
+from tests.test_speculation import QUOTING
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +116,19 @@ def test_concurrent_generations_batch_on_workers_and_each_equals_its_run_alone(t
         infos = [model.pipeline.node.info(p.peer_id) for p in model.pipeline.providers]
     assert any(i["largest_batch"] >= 2 and i["span_calls"] < i["span_entries"] for i in infos), infos
     assert {i["kv_dtype"] for i in infos} == {"f16"}, "the workers' default cache, as the one process's"
+
+
+def test_speculative_decoding_through_the_mesh_equals_plain(three_workers: LocalMesh, smollm2_gguf: Path) -> None:
+    """Drafts verified as extra rows on every worker, rejected ones rewound there (the next
+    step starts earlier than a worker holds): the plain one-process tokens."""
+    local = Model.load(smollm2_gguf, threads=1)
+    local.speculation = False
+    ids = local.encode(QUOTING)
+    want = list(local.generate_ids(ids, N_TOKENS))
+    with connect(smollm2_gguf, three_workers.bootstrap_addr, threads=1, route_timeout=60) as model:
+        stats = GenerationStats()
+        assert list(model.generate_ids(ids, N_TOKENS, stats=stats)) == want
+    assert stats.draft_tokens > stats.accepted_draft_tokens > len(want) // 3, stats
 
 
 def test_status_lists_workers_and_coverage(three_workers: LocalMesh) -> None:

@@ -27,6 +27,7 @@ from meshpy.generation import Model
 from meshpy.mesh.launcher import LocalMesh, MeshProcess
 from meshpy.sampling import SamplingParams
 from meshpy.server import AppServer, StopText, create_app, layer_coverage
+from tests.test_speculation import QUOTING
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 #: A raw prompt the model continues for thousands of tokens: generations still running
@@ -428,6 +429,34 @@ def test_eight_concurrent_streams_match_alone(server: AppServer, model: Model) -
 @pytest.mark.slow
 def test_mesh_eight_concurrent_streams_match_alone(mesh_server: tuple[AppServer, Model]) -> None:
     eight_streams_match_alone(*mesh_server)
+
+
+def speculative_stream_matches_plain(server: AppServer, model: Model) -> None:
+    """A greedy chat whose reply quotes its prompt streams, with drafts verified in shared
+    passes (fewer iterations than tokens), the text plain greedy decoding gives."""
+    messages = [{"role": "user", "content": QUOTING}]
+    model.speculation = False
+    try:
+        plain = model.generate(messages, max_tokens=64)
+    finally:
+        model.speculation = True
+    before, _, _ = model.scheduler.counters()
+    with client_for(server) as c:
+        with c.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=64,
+                                       stream=True) as stream:
+            text, _ = stream_text(stream)
+    after, _, _ = model.scheduler.counters()
+    assert text == plain.text
+    assert after - before < len(plain.token_ids) * 2 // 3, (after - before, len(plain.token_ids))
+
+
+def test_speculative_stream_matches_plain(server: AppServer, model: Model) -> None:
+    speculative_stream_matches_plain(server, model)
+
+
+@pytest.mark.slow
+def test_mesh_speculative_stream_matches_plain(mesh_server: tuple[AppServer, Model]) -> None:
+    speculative_stream_matches_plain(*mesh_server)
 
 
 @pytest.mark.slow

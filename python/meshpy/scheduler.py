@@ -216,6 +216,10 @@ class _Lane:
     def _end(self, ticket: Ticket, reason: str | None, error: BaseException | None = None) -> None:
         """Tells the sink, then closes the session on the closer's threads (on a mesh that is
         a request to every worker of its route, which must not hold up the others)."""
+        spec = ticket.speculator
+        if spec is not None and spec.passes:
+            log.info("speculation: %d tokens drafted, %d kept, %.2f tokens per verification pass",
+                     spec.drafted, spec.accepted, (spec.accepted + spec.passes) / spec.passes)
         _end_ticket(ticket, reason, error, self.closer, self.model.close_session)
 
     # --- one iteration ----------------------------------------------------------------

@@ -17,6 +17,7 @@ def run_generate(settings: GenerateSettings) -> int:
     """Loads the model, streams the reply to stdout and prints timings to stderr."""
     t0 = time.perf_counter()
     model = _connect(settings) if settings.bootstrap else _load(settings)
+    model.speculation = settings.speculate
     with model:
         return _generate(model, settings, time.perf_counter() - t0)
 

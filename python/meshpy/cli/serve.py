@@ -45,6 +45,7 @@ def run_serve(settings: ServeSettings) -> int:
     except BaseException:
         sock.close()
         raise
+    model.speculation = settings.speculate
     with model:
         name = settings.model_name or served_name(settings.model)
         app = create_app(
