@@ -22,7 +22,7 @@ from meshpy.mesh.launcher import LocalMesh
 from meshpy.mesh.placement import RUNTIME_OVERHEAD, layer_nbytes
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
-from tests.test_speculation import QUOTING
+from tests.test_speculation import FREE, QUOTING
 
 pytestmark = pytest.mark.slow
 
@@ -123,12 +123,15 @@ def test_speculative_decoding_through_the_mesh_equals_plain(three_workers: Local
     step starts earlier than a worker holds): the plain one-process tokens."""
     local = Model.load(smollm2_gguf, threads=1)
     local.speculation = False
-    ids = local.encode(QUOTING)
-    want = list(local.generate_ids(ids, N_TOKENS))
+    quoting, free = local.encode(QUOTING), local.encode(FREE)
+    want = [list(local.generate_ids(ids, N_TOKENS)) for ids in (quoting, free)]
     with connect(smollm2_gguf, three_workers.bootstrap_addr, threads=1, route_timeout=60) as model:
-        stats = GenerationStats()
-        assert list(model.generate_ids(ids, N_TOKENS, stats=stats)) == want
-    assert stats.draft_tokens > stats.accepted_draft_tokens > len(want) // 3, stats
+        hits, misses = GenerationStats(), GenerationStats()
+        assert list(model.generate_ids(quoting, N_TOKENS, stats=hits)) == want[0]
+        model.draft_length = 8  # drafts whatever the odds: most are rejected, so rewound
+        assert list(model.generate_ids(free, N_TOKENS, stats=misses)) == want[1]
+    assert hits.accepted_draft_tokens > len(want[0]) // 3, hits
+    assert misses.draft_tokens > misses.accepted_draft_tokens, misses
 
 
 def test_status_lists_workers_and_coverage(three_workers: LocalMesh) -> None:

@@ -5,7 +5,9 @@ batched with other generations. The mesh's half (workers rewinding) is in test_m
 
 from __future__ import annotations
 
+import math
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -62,15 +64,16 @@ def test_a_speculator_learns_from_what_it_would_have_drafted() -> None:
     assert draft == [] and shadow == [3]
 
 
-def speculative_and_plain(model: Model, prompt: str, n: int) -> tuple[Completion, Completion]:
-    """The same greedy request with speculation on and off."""
-    model.speculation = True
-    spec = model.generate(prompt, max_tokens=n)
-    model.speculation = False
+def speculative_and_plain(model: Model, prompt: str, n: int, draft_length: int | None = None) -> tuple[Completion, Completion]:
+    """The same greedy request with speculation on (`draft_length` tokens per match, or as
+    the generation chooses) and off."""
+    model.speculation, model.draft_length = True, draft_length
     try:
+        spec = model.generate(prompt, max_tokens=n)
+        model.speculation = False
         plain = model.generate(prompt, max_tokens=n)
     finally:
-        model.speculation = True
+        model.speculation, model.draft_length = True, None
     return spec, plain
 
 
@@ -87,7 +90,11 @@ def test_greedy_tokens_equal_plain_decoding(name: str, smollm2_gguf: Path, gemma
                   f"{plain.stats.decode_tokens_per_second:.0f} tok/s")
             if hits:
                 assert s.accepted_draft_tokens >= len(spec.token_ids) // 3, s
-                assert s.draft_tokens > s.accepted_draft_tokens, "some drafts were rejected (caches rewound)"
+        # Eight tokens per match whatever the odds, on free text: drafts are rejected and
+        # caches rewound (the adaptive length may happen to draft only what is kept).
+        spec, plain = speculative_and_plain(model, FREE, 96, draft_length=8)
+        assert spec.token_ids == plain.token_ids
+        assert spec.stats.draft_tokens > spec.stats.accepted_draft_tokens, spec.stats
 
 
 def test_rewinds_across_a_sliding_window_keep_the_tokens() -> None:
@@ -96,7 +103,7 @@ def test_rewinds_across_a_sliding_window_keep_the_tokens() -> None:
     with Model.load(DATA / "tiny-gemma3", threads=2) as model:
         ids = [5 + (i * 7) % 40 for i in range(24)] * 2
         stats, plain = GenerationStats(), GenerationStats()
-        model.speculation = True
+        model.speculation, model.draft_length = True, 8
         got = list(model.generate_ids(ids, 80, stats=stats))
         model.speculation = False
         want = list(model.generate_ids(ids, 80, stats=plain))
@@ -126,3 +133,54 @@ def test_batched_speculative_generations_each_equal_their_plain_run(smollm2_gguf
         assert got == want
         assert stats[0].accepted_draft_tokens > 0 and stats[3].accepted_draft_tokens > 0
         assert stats[2].draft_tokens == 0, "sampled generations do not draft"
+
+
+def _chi2_two_sample_p(a: Counter[int], b: Counter[int]) -> float:
+    """p-value of a chi-square test that two samples come from one distribution (2 x K
+    table; values seen fewer than 10 times in both together pooled), with the
+    Wilson-Hilferty approximation of the chi-square tail (ample for a 1e-3 threshold)."""
+    keys = [k for k in a.keys() | b.keys() if a[k] + b[k] >= 10]
+    rows = [[a[k] for k in keys] + [sum(a.values()) - sum(a[k] for k in keys)],
+            [b[k] for k in keys] + [sum(b.values()) - sum(b[k] for k in keys)]]
+    cols = [x + y for x, y in zip(*rows)]
+    keep = [i for i, c in enumerate(cols) if c > 0]
+    n = sum(cols)
+    stat = sum((row[i] - sum(row) * cols[i] / n) ** 2 / (sum(row) * cols[i] / n) for row in rows for i in keep)
+    df = len(keep) - 1
+    if df <= 0:
+        return 1.0
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def test_sampled_speculation_keeps_the_distribution() -> None:
+    """Sampled generations (top-k 3, temperature 1) that verify drafts by the rejection rule
+    against plain sampling: each of the first six tokens has the same distribution
+    (chi-square, 1000 generations each; seeded, and a fixed draft length so seeds repeat,
+    so the test is deterministic). A sampler at another temperature is told apart, so the
+    test can fail."""
+    def sample(speculate: bool, first_seed: int, temperature: float = 1.0) -> tuple[list[Counter[int]], GenerationStats]:
+        counts: list[Counter[int]] = [Counter() for _ in range(6)]
+        total = GenerationStats()
+        model.speculation = speculate
+        for seed in range(first_seed, first_seed + 1000):
+            stats = GenerationStats()
+            params = SamplingParams(temperature=temperature, top_k=3, seed=seed)
+            for j, token in enumerate(model.generate_ids(prompt, 6, params, stats=stats)):
+                counts[j][token] += 1
+            total.draft_tokens += stats.draft_tokens
+            total.accepted_draft_tokens += stats.accepted_draft_tokens
+        return counts, total
+
+    with Model.load(DATA / "tiny-llama", threads=1) as model:
+        prompt = [5 + (i * 7) % 40 for i in range(24)] * 2
+        model.draft_length = 4
+        spec, stats = sample(True, 0)
+        plain, _ = sample(False, 10**6)
+        colder, _ = sample(False, 2 * 10**6, temperature=0.6)
+    assert stats.draft_tokens > 3 * stats.accepted_draft_tokens > 0, stats  # both outcomes, often
+    p_values = [_chi2_two_sample_p(a, b) for a, b in zip(spec, plain)]
+    print(f"\nspeculative against plain sampling, tokens 1-6: p = {', '.join(f'{p:.3f}' for p in p_values)}; "
+          f"{stats.draft_tokens} drafted, {stats.accepted_draft_tokens} kept")
+    assert min(p_values) > 1e-3, p_values
+    assert min(_chi2_two_sample_p(a, b) for a, b in zip(colder, plain)) < 1e-6

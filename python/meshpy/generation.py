@@ -124,6 +124,10 @@ class Model:
         #: pass (`meshpy.speculation`; the tokens are the same either way); `submit` may
         #: override it per generation.
         self.speculation = True
+        #: Tokens drafted per lookup match; None chooses per generation from its acceptance
+        #: rate and what an extra row costs (a fixed length also lets seeded sampled
+        #: generations speculate, since their drafts then depend only on their tokens).
+        self.draft_length: int | None = None
 
     @classmethod
     def load(
@@ -260,7 +264,7 @@ class Model:
         budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
         speculate = self.speculation if speculate is None else speculate
         return self.scheduler.submit(prompt_ids, budget, Sampler(sampling), self.end.tokenizer.stop_ids, sink, stats,
-                                     speculate)
+                                     speculate, self.draft_length)
 
     def stream(
         self,

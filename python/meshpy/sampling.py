@@ -89,7 +89,46 @@ class Sampler:
         p = self.params
         if p.greedy:
             return best
+        ids, probs = self._distribution(x)
+        cdf = np.cumsum(probs)
+        u = self._rng.random() * cdf[-1]
+        k = int(np.searchsorted(cdf, u, side="right"))
+        if k >= len(probs):  # u rounded up to the total: take the last token that can be drawn
+            k = int(np.flatnonzero(probs)[-1])
+        return k if ids is None else int(ids[k])
 
+    def verify(self, logits: np.ndarray, draft: int) -> int:
+        """The token at a position where `draft` was proposed by a deterministic drafter
+        (speculative sampling's rejection rule for a draft of probability 1): `draft` with
+        the probability `sample` would give it, else a token drawn from the rest of the
+        distribution (renormalised without it). Either way the token is distributed as
+        `sample(logits)`'s. Greedy: the argmax, as `sample`."""
+        if self.params.greedy:
+            return self.sample(logits)
+        x = np.asarray(logits)
+        if x.ndim != 1 or x.size == 0 or np.isnan(x).any() or x.max() == np.inf or x.max() == -np.inf:
+            return self.sample(logits)  # raises the error `sample` gives
+        ids, probs = self._distribution(x)
+        total = float(probs.sum())
+        at = draft if ids is None else np.flatnonzero(ids == draft)
+        at = int(at) if ids is None else (int(at[0]) if len(at) else -1)
+        p_draft = float(probs[at]) / total if 0 <= at < len(probs) else 0.0
+        if self._rng.random() < p_draft:
+            return draft
+        rest = probs.copy()
+        if 0 <= at < len(rest):
+            rest[at] = 0.0
+        cdf = np.cumsum(rest)
+        u = self._rng.random() * cdf[-1]
+        k = int(np.searchsorted(cdf, u, side="right"))
+        if k >= len(rest) or rest[k] == 0.0:
+            k = int(np.flatnonzero(rest)[-1])
+        return k if ids is None else int(ids[k])
+
+    def _distribution(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """The tokens `sample` draws from and their unnormalised probabilities: `(ids,
+        probs)` with `ids` None when position is the token id (the whole vocabulary)."""
+        p = self.params
         n = x.size
         # Candidates: the top_k highest logits (as ids, ascending), or the whole vocabulary.
         if 0 < p.top_k < n:
@@ -99,20 +138,14 @@ class Sampler:
         probs = (x if cand is None else x[cand]).astype(np.float64)
         probs -= probs.max()
         probs /= p.temperature
-        np.exp(probs, out=probs)  # unnormalized softmax; the CDF below is scaled by its total
-
+        np.exp(probs, out=probs)  # unnormalized softmax; the CDF is scaled by its total
         ids: np.ndarray | None = cand  # None: position == token id
         if p.top_p < 1.0:
             probs /= probs.sum()
             order = _nucleus(probs, p.top_p)
             probs = probs[order]
             ids = order if cand is None else cand[order]
-        cdf = np.cumsum(probs)
-        u = self._rng.random() * cdf[-1]
-        k = int(np.searchsorted(cdf, u, side="right"))
-        if k >= len(probs):  # u rounded up to the total: take the last token that can be drawn
-            k = int(np.flatnonzero(probs)[-1])
-        return k if ids is None else int(ids[k])
+        return ids, probs
 
 
 def sample_rows(samplers: Sequence[Sampler], logits: np.ndarray, n_tokens: int) -> list[int | InvalidSamplingError]:

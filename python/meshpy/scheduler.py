@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from meshpy.errors import InvalidSamplingError
 from meshpy.sampling import Sampler, sample_rows
 from meshpy.speculation import Speculator
 
@@ -89,7 +90,7 @@ class Ticket:
     closed (on every worker, for a mesh)."""
 
     def __init__(self, prompt: Sequence[int], budget: int, sampler: Sampler, stop_ids: frozenset[int],
-                 sink: TokenSink, stats: GenerationStats, speculate: bool = False) -> None:
+                 sink: TokenSink, stats: GenerationStats, speculate: bool = False, draft_length: int | None = None) -> None:
         self.prompt = list(prompt)
         self.budget = budget
         self.sampler = sampler
@@ -99,9 +100,15 @@ class Ticket:
         self.session: Any = None
         self.fed = 0  # prompt tokens run through the layers so far
         self.next_token: int | None = None  # the token to run next, once decoding
-        # Greedy generations with speculation on draft tokens by prompt lookup; `draft` rides
-        # with `next_token` in the current iteration, `shadow` is only compared afterwards.
-        self.speculator = Speculator(prompt) if speculate and sampler.params.greedy else None
+        # With speculation on, tokens are drafted by prompt lookup; `draft` rides with
+        # `next_token` in the current iteration, `shadow` is only compared afterwards. A
+        # seeded sampled generation drafts only at a fixed length: the adaptive length
+        # follows timings, and would change which random numbers its tokens get.
+        params = sampler.params
+        if speculate and (params.greedy or params.seed is None or draft_length is not None):
+            self.speculator: Speculator | None = Speculator(prompt, fixed=draft_length)
+        else:
+            self.speculator = None
         self.draft: list[int] = []
         self.shadow: list[int] = []
         self.started = 0.0
@@ -289,12 +296,19 @@ class _Lane:
         if not want:
             return
         logits = model.end.logits(np.concatenate([rows for _, rows in want]))
-        samplers = [t.sampler for t, rows in want for _ in range(len(rows))]
-        tokens = sample_rows(samplers, logits, model.end.tokenizer.vocab_size)
+        n_tokens = model.end.tokenizer.vocab_size
+        # Sampled generations verifying a draft pick their tokens one row at a time (the
+        # rejection rule); every other row is picked at once.
+        verifying = [bool(t.draft) and not t.sampler.params.greedy for t, _ in want]
+        plain_rows = [r for (t, rows), v, start in zip(want, verifying, _starts(want)) if not v
+                      for r in range(start, start + len(rows))]
+        samplers = [t.sampler for (t, rows), v in zip(want, verifying) if not v for _ in range(len(rows))]
+        picks = iter(sample_rows(samplers, logits[plain_rows], n_tokens))
         now = time.perf_counter()
         at = 0
-        for ticket, rows in want:
-            picked, at = tokens[at : at + len(rows)], at + len(rows)
+        for (ticket, rows), v in zip(want, verifying):
+            block, at = logits[at : at + len(rows), :n_tokens], at + len(rows)
+            picked = _verify_sampled(ticket, block) if v else [next(picks) for _ in range(len(rows))]
             error = next((t for t in picked if isinstance(t, BaseException)), None)
             if error is not None:
                 self._finish(ticket, None, error)
@@ -314,9 +328,11 @@ class _Lane:
                     break
 
     def _verify(self, ticket: Ticket, produced: list[int]) -> list[int]:
-        """The tokens a decode step with a draft yields: the model's token after each drafted
-        token it agrees with, and the one after the last (so greedy output equals plain
-        decoding); the session's caches forget the rejected rows."""
+        """The tokens a decode step with a draft yields from the tokens picked for its rows:
+        each drafted token the pick agrees with, then the pick after the last of them (so
+        greedy output equals plain decoding, and sampled output, picked by the rejection
+        rule, is distributed as plain sampling's); the session's caches forget the rejected
+        rows."""
         spec = ticket.speculator
         assert spec is not None
         if not ticket.draft:
@@ -396,6 +412,28 @@ class _Lane:
             self.token_cost = ema(self.token_cost, elapsed / n_prompt)
         else:
             self.token_cost = ema(self.token_cost, max(elapsed - self.decode_cost, 0.0) / n_prompt)
+
+
+def _starts(want: Sequence[tuple[Ticket, np.ndarray]]) -> list[int]:
+    """The first logits row of each entry of `want`."""
+    return np.concatenate([[0], np.cumsum([len(rows) for _, rows in want])[:-1]]).astype(int).tolist()
+
+
+def _verify_sampled(ticket: Ticket, logits: np.ndarray) -> list[int | BaseException]:
+    """A sampled generation's tokens for a step with a draft: row i keeps drafted token i
+    with the rejection rule (`Sampler.verify`) and stops at the first it replaces; after
+    every drafted token kept, the last row is sampled as usual. Tokens past the first
+    replaced draft are never used, so none are drawn."""
+    out: list[int | BaseException] = []
+    try:
+        for row, draft in zip(logits, ticket.draft):
+            out.append(ticket.sampler.verify(row, draft))
+            if out[-1] != draft:
+                return out
+        out.append(ticket.sampler.sample(logits[len(ticket.draft)]))
+    except InvalidSamplingError as e:
+        out.append(e)
+    return out
 
 
 def _end_ticket(ticket: Ticket, reason: str | None, error: BaseException | None,
@@ -485,15 +523,17 @@ class Scheduler:
         sink: TokenSink,
         stats: GenerationStats,
         speculate: bool = False,
+        draft_length: int | None = None,
     ) -> Ticket:
         """Starts a generation of up to `budget` tokens after `prompt`; its tokens go to
-        `sink`, its counts to `stats` (a `GenerationStats`). With `speculate`, a greedy
-        generation drafts tokens by prompt lookup (`meshpy.speculation`)."""
+        `sink`, its counts to `stats` (a `GenerationStats`). With `speculate`, the
+        generation drafts tokens by prompt lookup (`meshpy.speculation`), `draft_length` of
+        them per match if set, else as many as its acceptance and their cost justify."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if budget < 1:
             raise ValueError(f"a generation needs a budget of at least 1 token, got {budget}")
-        ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats, speculate)
+        ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats, speculate, draft_length)
         with self._lock:
             if self.closed:
                 raise RuntimeError("the model is closed")

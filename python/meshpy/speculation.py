@@ -87,9 +87,13 @@ class Speculator:
     """One generation's drafts: what prompt lookup proposes, and how many tokens of it are
     worth a verification pass."""
 
-    def __init__(self, prompt: Sequence[int], max_draft: int = MAX_DRAFT) -> None:
+    def __init__(self, prompt: Sequence[int], max_draft: int = MAX_DRAFT, fixed: int | None = None) -> None:
+        """`fixed`: draft that many tokens whenever lookup finds a match (within the limit)
+        instead of choosing by acceptance and cost; drafts then depend only on the tokens, so
+        a seeded sampled generation repeats."""
         self.lookup = PromptLookup(prompt)
-        self.max_draft = max_draft
+        self.max_draft = max_draft if fixed is None else fixed
+        self.fixed = fixed
         # Decayed counts per n-gram length: drafted tokens compared, and those accepted.
         self._tried = [_PRIOR_WEIGHT] * (MAX_NGRAM + 1)
         self._kept = [_PRIOR_WEIGHT * r for r in _PRIOR_RATES]
@@ -111,7 +115,7 @@ class Speculator:
         self._match = n
         if not proposal:
             return [], []
-        k = best_length(self.rate(n), max(row_cost, 1e-3), len(proposal))
+        k = len(proposal) if self.fixed is not None else best_length(self.rate(n), max(row_cost, 1e-3), len(proposal))
         return (proposal[:k], []) if k else ([], proposal[:1])
 
     def observe(self, drafted: Sequence[int], produced: Sequence[int]) -> int:
