@@ -99,6 +99,23 @@ pub struct NodeConfig {
     /// The static part of the node's `Info` replies (device, threads, version, ...), merged
     /// under the handler's live description.
     pub info: JsonObject,
+    /// Link latency stand-in for tests and benchmarks (this machine's kernel has no netem):
+    /// every request this node sends waits this long before it goes out, so each of its
+    /// round trips takes that much longer. Zero unless `MESHPY_EMULATED_RTT_MS` is set.
+    pub emulated_rtt: Duration,
+}
+
+/// Environment variable giving [`NodeConfig::emulated_rtt`] in milliseconds.
+pub const EMULATED_RTT_ENV: &str = "MESHPY_EMULATED_RTT_MS";
+
+/// The round trip `MESHPY_EMULATED_RTT_MS` asks for (zero when unset or not a finite,
+/// non-negative number of milliseconds).
+fn emulated_rtt_from_env() -> Duration {
+    std::env::var(EMULATED_RTT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map_or(Duration::ZERO, |ms| Duration::from_secs_f64(ms / 1000.0))
 }
 
 impl NodeConfig {
@@ -119,6 +136,7 @@ impl NodeConfig {
             limits: Limits::default(),
             handler: None,
             info: JsonObject::new(),
+            emulated_rtt: emulated_rtt_from_env(),
         }
     }
 }

@@ -61,6 +61,7 @@ pub struct NodeHandle {
     streams: Arc<std::sync::atomic::AtomicUsize>,
     request_timeout: Duration,
     query_timeout: Duration,
+    emulated_rtt: Duration,
 }
 
 /// A libp2p node: identity, listeners, DHT, tensor protocol, driven by one dedicated thread
@@ -129,7 +130,11 @@ impl Node {
             streams,
             request_timeout: config.request_timeout,
             query_timeout: config.query_timeout,
+            emulated_rtt: config.emulated_rtt,
         };
+        if !config.emulated_rtt.is_zero() {
+            tracing::warn!("emulating a {:?} round trip on every request this node sends (tests and benchmarks only)", config.emulated_rtt);
+        }
         let thread = std::thread::Builder::new()
             .name("meshpy-net".to_string())
             .spawn(move || {
@@ -275,6 +280,9 @@ impl NodeHandle {
     /// caller decodes it.
     pub fn request(&self, peer: PeerId, frame: Vec<u8>, timeout: Option<Duration>) -> Result<Vec<u8>> {
         let timeout = timeout.unwrap_or(self.request_timeout);
+        if !self.emulated_rtt.is_zero() {
+            std::thread::sleep(self.emulated_rtt); // the calling thread's own wait, as a link's
+        }
         // The loop's task gives up at `timeout` too, so no stream waits forever; the margin
         // lets its own error (more precise) arrive first.
         self.call(|reply| Command::Request { peer, frame, timeout, reply }, timeout + Duration::from_millis(200), "request")?
