@@ -59,6 +59,32 @@ def test_bootstrap_providers_and_echo(tmp_path: Path, transport: str) -> None:
             assert _native.decode_frame(c.request(b.peer_id, _native.encode_ping(77))) == {"kind": "pong", "nonce": 77}
 
 
+def test_an_emulated_round_trip_delays_every_request_the_node_sends(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """MESHPY_EMULATED_RTT_MS (tests and benchmarks' stand-in for link latency) is read when a
+    node starts: its pings take that much longer; the node answering is unaffected."""
+    def ping_ms(client: _native.Node, peer: str) -> float:
+        times = []
+        for i in range(5):
+            t0 = time.perf_counter()
+            assert _native.decode_frame(client.request(peer, _native.encode_ping(i)))["kind"] == "pong"
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[2] * 1e3
+
+    with echo_node(tmp_path / "a", "tcp") as a:
+        addrs = a.listen_addrs()
+        with echo_node(tmp_path / "b", "tcp", addrs) as plain:
+            plain.dial(addrs[0])
+            base = ping_ms(plain, a.peer_id)
+        monkeypatch.setenv("MESHPY_EMULATED_RTT_MS", "40")
+        with echo_node(tmp_path / "c", "tcp", addrs) as slow:
+            slow.dial(addrs[0])
+            delayed = ping_ms(slow, a.peer_id)
+            reverse = ping_ms(a, slow.peer_id)
+    assert base < 20 and reverse < 20, (base, reverse)
+    assert 40 <= delayed < 40 + base + 20, delayed
+
+
 def test_every_node_answers_info_and_a_bootstrap_node_answers_ping(tmp_path: Path) -> None:
     with _native.Node(str(tmp_path / "boot"), 0, "tcp", info={"role": "bootstrap", "version": "0.1.0"}) as boot, \
             echo_node(tmp_path / "e", "tcp", info={"device": "cpu", "threads": 2}) as echo, \
