@@ -4,7 +4,7 @@ one process or through a mesh of workers on loopback; and, with `--long-prompt N
 other streams fare while an N-token prompt arrives mid-stream (chunked prefill).
 
     python benches/bench_serve.py [--model smollm2] [--threads 2] [--workers 0] [--streams 1 4 8 16]
-                                  [--max-tokens 64] [--long-prompt 1500]
+                                  [--max-tokens 64] [--long-prompt 1500] [--no-speculate]
 
 `--workers 0` serves the model in one process with `--threads` compute threads. `--workers N`
 starts a bootstrap node and N workers (a layer range each, one thread each) and serves
@@ -23,6 +23,10 @@ time per token.
 Long prompt: 8 streams with mixed lengths (32 to 144 tokens) decode; once each has 8 chunks
 a completion with an N-token prompt (token ids) is sent. For each stream: its median gap
 between chunks, and its largest gap while the long prompt prefilled (until its first chunk).
+
+The server drafts tokens by prompt lookup (speculative decoding) as it does by default;
+`--no-speculate` turns that off, so the figures show batching alone (a reply that repeats
+itself makes one stream several times faster with drafts, which shrinks the ratios).
 
 Nothing here asserts a speed.
 """
@@ -103,13 +107,14 @@ def run_streams(client: OpenAI, model: str, n: int, max_tokens: int) -> tuple[fl
     return sum(len(t) for t in times) / (last - t0), together / (end - start) if end > start else 0.0
 
 
-def single_request(client: OpenAI, model: str, path: Path, threads: int, max_tokens: int) -> None:
+def single_request(client: OpenAI, model: str, path: Path, threads: int, max_tokens: int, speculate: bool) -> None:
     """One stream through the server beside the same request in this process (what `meshpy
     generate` runs): time to first token against prefill time, and time per token."""
     from meshpy.generation import Model
 
     question = "Tell me a story about the number 7."
     with Model.load(path, threads=threads) as local:
+        local.speculation = speculate
         local.generate(question, max_tokens=8)  # warm-up
         done = local.generate(question, max_tokens=max_tokens)
     stats = done.stats
@@ -163,7 +168,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--long-prompt", type=int, default=0, help="also run the long-prompt scenario")
+    parser.add_argument("--no-speculate", action="store_true", help="serve without speculative decoding")
     args = parser.parse_args()
+    extra = ["--no-speculate"] if args.no_speculate else []
     path = model_path(args.model)
     config = read_config(open_model_source(path))
     mesh = None
@@ -173,20 +180,20 @@ def main() -> None:
             mesh.start_bootstrap()
             for layers in split_layers(config.n_layers, args.workers):
                 mesh.add_worker(path, layers=format_layers(layers), threads=1, kv_budget="512MiB")
-            proc, url = start_server(["--model", str(path), "--bootstrap", mesh.bootstrap_addr, "--threads", "1"],
+            proc, url = start_server(["--model", str(path), "--bootstrap", mesh.bootstrap_addr, "--threads", "1", *extra],
                                      mesh.env)
             where = f"mesh of {args.workers} workers (1 thread each), End node 1 thread"
         else:
-            proc, url = start_server(["--model", str(path), "--threads", str(args.threads)])
+            proc, url = start_server(["--model", str(path), "--threads", str(args.threads), *extra])
             where = f"one process, {args.threads} threads"
         try:
             client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=600)
             name = client.models.list().data[0].id
             print(f"machine: {machine()}; commit {commit()}; model {name}; {where}; "
-                  f"{args.max_tokens} streamed tokens per request")
+                  f"{args.max_tokens} streamed tokens per request; speculation {'off' if extra else 'on'}")
             run_streams(client, name, 1, 8)  # warm-up
             if not args.workers:
-                single_request(client, name, path, args.threads, args.max_tokens)
+                single_request(client, name, path, args.threads, args.max_tokens, not args.no_speculate)
             base = None
             for n in args.streams:
                 whole, decode = run_streams(client, name, n, args.max_tokens)
