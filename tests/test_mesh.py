@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from meshpy.mesh.launcher import LocalMesh
 from meshpy.mesh.placement import RUNTIME_OVERHEAD, layer_nbytes
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
+from meshpy.sampling import SamplingParams
 from tests.test_speculation import FREE, QUOTING
 
 pytestmark = pytest.mark.slow
@@ -199,6 +201,54 @@ def test_a_vanished_worker_is_replaced_mid_generation(smollm2_gguf: Path, local_
             assert tokens == local_tokens
             assert on_route not in {h.provider.peer_id for h in session.hops}
             model.close_session(session)
+
+
+class _KillAt:
+    """A TokenSink that kills the middle provider holding the session when its `at`-th token
+    arrives (on the scheduler's thread, so the next step meets the dead worker)."""
+
+    def __init__(self, model: Model, middle: list, at: int) -> None:
+        self.model, self.middle, self.at = model, middle, at
+        self.tokens: list[int] = []
+        self.killed: str | None = None
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def token(self, token: int) -> bool:
+        self.tokens.append(token)
+        if len(self.tokens) == self.at:
+            busy = {p.peer_id for p in self.model.pipeline.refresh() if p.sessions}
+            victim = next(w for w in self.middle if any(peer in "\n".join(w.stdout) for peer in busy))
+            self.killed = next(peer for peer in busy if peer in "\n".join(victim.stdout))
+            victim.kill()
+        return True
+
+    def end(self, finish_reason: str | None, error: BaseException | None) -> None:
+        self.error = error
+        self.done.set()
+
+    def closed(self) -> None:
+        pass
+
+
+def test_a_vanished_worker_is_replaced_while_drafts_are_rewound(smollm2_gguf: Path) -> None:
+    """Eight drafted tokens per match on free text (most rejected, so every hop's kept inputs
+    are cut back as caches rewind); the route's middle worker is killed mid-generation: the
+    replay on the other provider gives the plain one-process tokens."""
+    local = Model.load(smollm2_gguf, threads=1)
+    local.speculation = False
+    ids = local.encode(FREE)
+    want = list(local.generate_ids(ids, N_TOKENS))
+    with LocalMesh(transport="tcp") as mesh:
+        middle = start_with_two_middle_providers(mesh, smollm2_gguf)
+        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
+            model.draft_length = 8
+            sink, stats = _KillAt(model, middle, at=20), GenerationStats(prompt_tokens=len(ids))
+            model.submit(ids, N_TOKENS, SamplingParams(), sink, stats)
+            assert sink.done.wait(300) and sink.error is None, sink.error
+    assert sink.killed is not None
+    assert sink.tokens == want[: len(sink.tokens)] and len(sink.tokens) == len(want)
+    assert stats.draft_tokens > stats.accepted_draft_tokens, stats
 
 
 def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm2_gguf: Path) -> None:
