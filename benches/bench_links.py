@@ -3,6 +3,7 @@ plain decoding against speculative decoding by prompt lookup, on a prompt whose 
 it (lookup hits) and on free text (it mostly misses).
 
     python benches/bench_links.py [--model smollm2] [--rtt 0 5 20 50] [--max-tokens 64]
+                                  [--draft-model PATH]
 
 This machine's kernel has no netem, so link latency is emulated in user space:
 `MESHPY_EMULATED_RTT_MS` makes every request a node sends wait that long first (see
@@ -11,6 +12,9 @@ sends tensor requests, one per hop (the star route), so each hop costs one emula
 trip; the figure printed beside each setting is the measured one (median of 20 pings to each
 worker). Workers (1 thread each, layers split evenly) and the bootstrap node are processes
 of their own on the same 2 cores.
+
+With `--draft-model`, drafts come from that model run on the End node (sharing the
+tokenizer) instead of prompt lookup.
 
 For each round trip and prompt: decode tokens/s (after the prefill, `GenerationStats`),
 plain and speculative (adaptive draft length), tokens per traversal of the route, and whether
@@ -61,12 +65,14 @@ def main() -> None:
     ap.add_argument("--rtt", type=float, nargs="+", default=[0, 5, 20, 50], help="emulated round trips, ms")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--draft-model", help="draft with this local model instead of prompt lookup")
     args = ap.parse_args()
     path = model_path(args.model)
     config = read_config(open_model_source(path))
     print(f"machine: {machine()}; commit {commit()}; model {path.name}; {args.workers} workers on loopback "
-          f"(1 thread each), star route; up to {args.max_tokens} greedy tokens")
-    print(f"{'RTT ms (measured)':>18} {'prompt':>8} {'plain tok/s':>12} {'lookup tok/s':>13} {'speed-up':>9} "
+          f"(1 thread each), star route; up to {args.max_tokens} greedy tokens; drafts from "
+          f"{args.draft_model or 'prompt lookup'}")
+    print(f"{'RTT ms (measured)':>18} {'prompt':>8} {'plain tok/s':>12} {'drafts tok/s':>13} {'speed-up':>9} "
           f"{'tokens/traversal':>17} {'same tokens':>12}")
     with LocalMesh() as mesh:
         mesh.start_bootstrap()
@@ -76,6 +82,8 @@ def main() -> None:
             os.environ[RTT_ENV] = str(rtt)  # read when the End node's node starts
             try:
                 with connect(path, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
+                    if args.draft_model:
+                        model.use_draft_model(model_path(args.draft_model), threads=1)
                     measured = measured_rtt_ms(model)
                     for name, prompt in PROMPTS.items():
                         ids = model.encode(prompt, raw=True)

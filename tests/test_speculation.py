@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from meshpy.errors import InvalidArgumentError
 from meshpy.generation import Completion, GenerationStats, Model
 from meshpy.sampling import SamplingParams
 from meshpy.speculation import MAX_DRAFT, PromptLookup, Speculator, best_length
@@ -184,3 +185,30 @@ def test_sampled_speculation_keeps_the_distribution() -> None:
           f"{stats.draft_tokens} drafted, {stats.accepted_draft_tokens} kept")
     assert min(p_values) > 1e-3, p_values
     assert min(_chi2_two_sample_p(a, b) for a, b in zip(colder, plain)) < 1e-6
+
+
+def test_a_draft_model_gives_the_plain_tokens() -> None:
+    """Drafts from a small local model (`Model.use_draft_model`), four per step: from the
+    target itself (every draft kept), from a model that mostly disagrees (tiny-llama with
+    linear RoPE scaling), and from one whose 8-position sliding window cannot rewind four
+    drafted steps (its draft session starts over): always the plain tokens."""
+    with Model.load(DATA / "tiny-llama", threads=2) as model:
+        ids = [5 + (i * 7) % 40 for i in range(24)]
+        model.speculation = False
+        want = list(model.generate_ids(ids, 60))
+        model.speculation, model.draft_length = True, 4
+        kept = {}
+        for drafter in ("tiny-llama", "tiny-llama-linear", "tiny-gemma3"):
+            model.use_draft_model(DATA / drafter, threads=1)
+            stats = GenerationStats()
+            assert list(model.generate_ids(ids, 60, stats=stats)) == want, drafter
+            assert stats.draft_tokens > 0, drafter
+            kept[drafter] = stats.accepted_draft_tokens / stats.draft_tokens
+    assert kept["tiny-llama"] == 1.0 and kept["tiny-llama-linear"] < 0.5, kept
+
+
+def test_a_draft_model_must_share_the_tokenizer(smollm2_gguf: Path, gemma3_gguf: Path) -> None:
+    with Model.load(smollm2_gguf, threads=1) as model:
+        with pytest.raises(InvalidArgumentError, match="does not share the tokenizer"):
+            model.use_draft_model(gemma3_gguf, threads=1)
+        assert model.draft_model is None

@@ -27,6 +27,7 @@ from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalPipeline, LocalSpan, Pipeline, split_layers
 from meshpy.sampling import Sampler, SamplingParams
 from meshpy.scheduler import PREFILL_CHUNK, Scheduler, Ticket, TokenSink, on_scheduler_thread
+from meshpy.speculation import DraftModel
 from meshpy.tokenizer import IncrementalDecoder
 
 __all__ = ["Model", "Completion", "GenerationStats", "Generation", "load_model", "default_threads"]
@@ -128,6 +129,9 @@ class Model:
         #: rate and what an extra row costs (a fixed length also lets seeded sampled
         #: generations speculate, since their drafts then depend only on their tokens).
         self.draft_length: int | None = None
+        #: Drafts from this small local model (`meshpy.speculation.DraftModel`, sharing the
+        #: tokenizer) instead of prompt lookup; see `use_draft_model`.
+        self.draft_model: DraftModel | None = None
 
     @classmethod
     def load(
@@ -254,6 +258,11 @@ class Model:
                 # The scheduler may have run ahead of a consumer that stopped early.
                 stats.completion_tokens = min(stats.completion_tokens, yielded)
 
+    def use_draft_model(self, path: str | os.PathLike[str], *, threads: int | None = None) -> None:
+        """Drafts tokens with the model at `path` (loaded in this process) instead of prompt
+        lookup; refused unless it shares this model's tokenizer."""
+        self.draft_model = DraftModel(Model.load(path, threads=threads), self)
+
     def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, sink: TokenSink,
                stats: GenerationStats, speculate: bool | None = None) -> Ticket:
         """Starts a generation of up to `max_tokens` (>= 1) tokens on the scheduler, cut to the
@@ -264,7 +273,7 @@ class Model:
         budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
         speculate = self.speculation if speculate is None else speculate
         return self.scheduler.submit(prompt_ids, budget, Sampler(sampling), self.end.tokenizer.stop_ids, sink, stats,
-                                     speculate, self.draft_length)
+                                     speculate, self.draft_length, self.draft_model)
 
     def stream(
         self,

@@ -40,7 +40,7 @@ import numpy as np
 
 from meshpy.errors import InvalidSamplingError
 from meshpy.sampling import Sampler, sample_rows
-from meshpy.speculation import Speculator
+from meshpy.speculation import DraftModel, Speculator
 
 if TYPE_CHECKING:
     from meshpy.generation import GenerationStats
@@ -90,7 +90,8 @@ class Ticket:
     closed (on every worker, for a mesh)."""
 
     def __init__(self, prompt: Sequence[int], budget: int, sampler: Sampler, stop_ids: frozenset[int],
-                 sink: TokenSink, stats: GenerationStats, speculate: bool = False, draft_length: int | None = None) -> None:
+                 sink: TokenSink, stats: GenerationStats, speculate: bool = False, draft_length: int | None = None,
+                 draft_model: DraftModel | None = None) -> None:
         self.prompt = list(prompt)
         self.budget = budget
         self.sampler = sampler
@@ -106,7 +107,8 @@ class Ticket:
         # follows timings, and would change which random numbers its tokens get.
         params = sampler.params
         if speculate and (params.greedy or params.seed is None or draft_length is not None):
-            self.speculator: Speculator | None = Speculator(prompt, fixed=draft_length)
+            drafter = draft_model.session() if draft_model is not None else None
+            self.speculator: Speculator | None = Speculator(prompt, fixed=draft_length, drafter=drafter)
         else:
             self.speculator = None
         self.draft: list[int] = []
@@ -237,12 +239,16 @@ class _Lane:
         iteration's prefill budget."""
         decoding = [t for t in self.active if t.next_token is not None]
         row_cost = self._row_cost(len(decoding))
+        share = self.decode_cost / len(decoding) if self.decode_cost and decoding else None
         for t in decoding:
             t.draft, t.shadow = [], []
             if t.speculator is not None:
                 # Drafts never run past the budget (so never past the context either).
                 room = t.budget - t.stats.completion_tokens - 1
-                t.draft, t.shadow = t.speculator.draft(row_cost, room)
+                try:
+                    t.draft, t.shadow = t.speculator.draft(row_cost, room, share)
+                except Exception:  # noqa: BLE001 - a failing draft model costs only the draft
+                    log.exception("drafting failed; this step runs without a draft")
         budget = PREFILL_CHUNK
         if decoding:
             if self.decode_cost is None or self.token_cost is None:
@@ -440,6 +446,11 @@ def _end_ticket(ticket: Ticket, reason: str | None, error: BaseException | None,
                 closer: _SessionThreads | None = None, close: Callable[[Any], object] | None = None) -> None:
     """Tells the ticket's sink it ended; then, with `close`, has `closer` close its session
     before the ticket is done (without, it has no session and is done at once)."""
+    if ticket.speculator is not None:
+        try:
+            ticket.speculator.close()
+        except Exception:
+            log.exception("closing a generation's draft session failed")
     try:
         ticket.sink.end(reason, error)
     except Exception:
@@ -524,16 +535,18 @@ class Scheduler:
         stats: GenerationStats,
         speculate: bool = False,
         draft_length: int | None = None,
+        draft_model: DraftModel | None = None,
     ) -> Ticket:
         """Starts a generation of up to `budget` tokens after `prompt`; its tokens go to
         `sink`, its counts to `stats` (a `GenerationStats`). With `speculate`, the
         generation drafts tokens by prompt lookup (`meshpy.speculation`), `draft_length` of
-        them per match if set, else as many as its acceptance and their cost justify."""
+        them per match if set, else as many as its acceptance and their cost justify; with
+        `draft_model`, that model drafts instead of prompt lookup."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if budget < 1:
             raise ValueError(f"a generation needs a budget of at least 1 token, got {budget}")
-        ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats, speculate, draft_length)
+        ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats, speculate, draft_length, draft_model)
         with self._lock:
             if self.closed:
                 raise RuntimeError("the model is closed")

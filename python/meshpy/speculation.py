@@ -4,7 +4,9 @@ A generation's next tokens are often already in its context: a reply that quotes
 code that repeats a name, a list that repeats its pattern. `PromptLookup` finds the longest
 recent n-gram (up to `MAX_NGRAM` tokens) that ends the sequence so far and occurred before,
 and proposes the tokens that followed it then (prompt lookup decoding, as llama.cpp's
-`lookup` example and llama-cpp-python's `LlamaPromptLookupDecoding` do; no draft model).
+`lookup` example and llama-cpp-python's `LlamaPromptLookupDecoding` do). With a draft model
+(`DraftModel`: a small local model sharing the target's tokenizer), the draft is instead
+that model's greedy continuation, run on the End node (`DraftSession`).
 
 The scheduler runs the generation's next token and the k drafted ones as k + 1 rows of one
 pass (every kernel treats rows independently, so each row's logits are exactly those of
@@ -25,23 +27,32 @@ once the step's token is known).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["PromptLookup", "Speculator", "MAX_DRAFT", "MAX_NGRAM"]
+import numpy as np
+
+from meshpy.errors import InvalidArgumentError
+
+__all__ = ["PromptLookup", "Speculator", "DraftModel", "DraftSession", "MAX_DRAFT", "MAX_NGRAM"]
 
 #: Most tokens drafted for one verification pass.
 MAX_DRAFT = 8
 #: Longest n-gram looked up (longer matches are tried first).
 MAX_NGRAM = 3
-#: Acceptance rate a new generation starts from, per n-gram length (index 1..MAX_NGRAM: a
-#: single repeated token is weak evidence, three in a row strong), and how many observations
-#: that prior weighs.
-_PRIOR_RATES = (0.0, 0.1, 0.3, 0.5)
+#: Acceptance rate a new generation starts from, per draft source: index 0 a draft model,
+#: 1..MAX_NGRAM an n-gram match of that length (a single repeated token is weak evidence,
+#: three in a row strong); and how many observations that prior weighs.
+_PRIOR_RATES = (0.6, 0.1, 0.3, 0.5)
 _PRIOR_WEIGHT = 4.0
 #: A draft must promise this much more per unit of cost than plain decoding: the cost model
 #: is rough, and a wasted row also costs memory traffic the estimate leaves out.
 _MARGIN = 1.05
 assert len(_PRIOR_RATES) == MAX_NGRAM + 1
+#: A draft model that does not pay drafts one token after this many steps without a draft,
+#: to keep measuring its acceptance (lookup learns from free shadow drafts instead).
+_PROBE_EVERY = 16
 #: Weight kept by older observations at each new one (an effective window of ~32 tokens).
 _DECAY = 0.97
 
@@ -87,11 +98,15 @@ class Speculator:
     """One generation's drafts: what prompt lookup proposes, and how many tokens of it are
     worth a verification pass."""
 
-    def __init__(self, prompt: Sequence[int], max_draft: int = MAX_DRAFT, fixed: int | None = None) -> None:
-        """`fixed`: draft that many tokens whenever lookup finds a match (within the limit)
+    def __init__(self, prompt: Sequence[int], max_draft: int = MAX_DRAFT, fixed: int | None = None,
+                 drafter: DraftSession | None = None) -> None:
+        """`fixed`: draft that many tokens whenever a draft can be made (within the limit)
         instead of choosing by acceptance and cost; drafts then depend only on the tokens, so
-        a seeded sampled generation repeats."""
+        a seeded sampled generation repeats. `drafter`: draft with a draft model's session
+        instead of prompt lookup (closed by `close`)."""
         self.lookup = PromptLookup(prompt)
+        self.drafter = drafter
+        self._idle = 0  # steps since the draft model last drafted
         self.max_draft = max_draft if fixed is None else fixed
         self.fixed = fixed
         # Decayed counts per n-gram length: drafted tokens compared, and those accepted.
@@ -106,17 +121,43 @@ class Speculator:
         """Estimated chance that a token drafted from an n-gram match is accepted."""
         return self._kept[n] / self._tried[n]
 
-    def draft(self, row_cost: float, limit: int) -> tuple[list[int], list[int]]:
+    def draft(self, row_cost: float, limit: int, share: float | None = None) -> tuple[list[int], list[int]]:
         """The draft to verify with the next step (at most `limit` tokens; `row_cost`: what
-        one extra row costs relative to the generation's share of a step), and a shadow
-        draft of one token to learn from when drafting does not pay (both from the same
-        match). Returns `(draft, shadow)`; at most one is non-empty."""
+        one extra row costs relative to the generation's share of a step, `share`, in
+        seconds), and a shadow draft of one token to learn from when drafting does not pay
+        (both from the same match). Returns `(draft, shadow)`; at most one is non-empty."""
+        if self.drafter is not None:
+            return self._model_draft(row_cost, limit, share), []
         proposal, n = self.lookup.propose(min(self.max_draft, limit))
         self._match = n
         if not proposal:
             return [], []
         k = len(proposal) if self.fixed is not None else best_length(self.rate(n), max(row_cost, 1e-3), len(proposal))
         return (proposal[:k], []) if k else ([], proposal[:1])
+
+    def _model_draft(self, row_cost: float, limit: int, share: float | None) -> list[int]:
+        """The draft model's greedy continuation, as long as its acceptance pays for its
+        rows and its own steps (each draft token costs a draft-model step)."""
+        assert self.drafter is not None
+        self._match = 0
+        most = min(self.max_draft, limit)
+        if most <= 0:
+            return []
+        if self.fixed is not None:
+            k = most
+        else:
+            step = self.drafter.draft.step_seconds
+            own = step / share if step is not None and share else 0.1
+            k = best_length(self.rate(0), max(row_cost, 1e-3) + own, most)
+            if k == 0 and self._idle >= _PROBE_EVERY:
+                k = 1
+        self._idle = 0 if k else self._idle + 1
+        return self.drafter.propose(self.lookup.tokens, k) if k else []
+
+    def close(self) -> None:
+        """Frees the draft model's session, if any."""
+        if self.drafter is not None:
+            self.drafter.close()
 
     def observe(self, drafted: Sequence[int], produced: Sequence[int]) -> int:
         """The model's tokens `produced` for a step whose input rows were the last token and
@@ -127,7 +168,7 @@ class Speculator:
             kept += 1
         compared = kept + (1 if kept < len(drafted) else 0)
         n = self._match
-        if compared and n:
+        if compared and (n or self.drafter is not None):
             self._tried[n] = self._tried[n] * _DECAY**compared + compared
             self._kept[n] = self._kept[n] * _DECAY**compared + kept
         return kept
@@ -146,3 +187,80 @@ def best_length(rate: float, row_cost: float, most: int) -> int:
         if value > best_value * _MARGIN:
             best_k, best_value = k, value
     return best_k
+
+
+class DraftModel:
+    """A small model in this process that drafts tokens for a larger one sharing its
+    tokenizer (speculative decoding with a draft model); `step_seconds` is its measured cost
+    per drafted token."""
+
+    def __init__(self, model: Any, target: Any) -> None:
+        """`model` drafts for `target` (both `meshpy.generation.Model`); refused with
+        InvalidArgumentError unless their tokenizers agree (vocabulary size, stop tokens,
+        and the ids of a probe text)."""
+        a, b = model.end.tokenizer, target.end.tokenizer
+        probe = "Speculative decoding: 12 drafts, 3 kept; naïve café ☕ <tags>\n\tend."
+        if a.vocab_size != b.vocab_size or a.stop_ids != b.stop_ids or a.encode(probe) != b.encode(probe):
+            raise InvalidArgumentError(
+                f"the draft model {model.source.path.name} does not share the tokenizer of {target.source.path.name} "
+                f"(vocabulary {a.vocab_size} against {b.vocab_size}); a draft model must use the same one"
+            )
+        self.model = model
+        self.step_seconds: float | None = None
+
+    def session(self) -> DraftSession:
+        """A fresh drafting session for one generation."""
+        return DraftSession(self)
+
+
+class DraftSession:
+    """A draft model's KV cache for one generation, kept in step with the generation's
+    tokens: each proposal first rewinds to what the cache and the tokens share (drafted
+    tokens the target rejected are dropped), runs the tokens it lacks, then drafts greedily."""
+
+    def __init__(self, draft: DraftModel) -> None:
+        self.draft = draft
+        self.session = draft.model.new_session()
+        self.held: list[int] = []  # the tokens the cache holds, in order
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        """Up to `k` greedy tokens of the draft model after `tokens` (none when they would
+        not fit its context)."""
+        model = self.draft.model
+        if len(tokens) + k > model.config.max_positions:
+            return []
+        t0 = time.perf_counter()
+        same = 0
+        for a, b in zip(self.held, tokens):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(tokens) - 1)  # the last token is run again for its logits
+        if same < len(self.held):
+            try:
+                model.pipeline.rewind(self.session, same)
+            except InvalidArgumentError:
+                # Its sliding-window layers dropped rows the rewind needs (a window smaller
+                # than the drafts): start the session over.
+                model.close_session(self.session)
+                self.session, same = model.new_session(), 0
+            del self.held[same:]
+        logits = model.prefill(self.session, list(tokens[same:]))
+        self.held.extend(tokens[same:])
+        out: list[int] = []
+        while True:
+            out.append(int(np.argmax(model.end.samplable(logits))))
+            if len(out) == k:
+                break
+            logits = model.step(self.session, out[-1])
+            self.held.append(out[-1])
+        # The cost per drafted token, counting the catch-up (the tokens kept since the last
+        # draft) only when it is a step's worth, not a whole prompt or a long gap.
+        if len(tokens) - same <= k + 1:
+            per_token = (time.perf_counter() - t0) / k
+            old = self.draft.step_seconds
+            self.draft.step_seconds = per_token if old is None else 0.8 * old + 0.2 * per_token
+        return out
+
+    def close(self) -> None:
+        self.draft.model.close_session(self.session)

@@ -19,6 +19,8 @@ def run_generate(settings: GenerateSettings) -> int:
     model = _connect(settings) if settings.bootstrap else _load(settings)
     model.speculation = settings.speculate
     with model:
+        if settings.draft_model is not None:
+            model.use_draft_model(settings.draft_model, threads=settings.threads)
         return _generate(model, settings, time.perf_counter() - t0)
 
 

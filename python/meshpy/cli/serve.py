@@ -47,6 +47,8 @@ def run_serve(settings: ServeSettings) -> int:
         raise
     model.speculation = settings.speculate
     with model:
+        if settings.draft_model is not None:
+            model.use_draft_model(settings.draft_model, threads=settings.threads)
         name = settings.model_name or served_name(settings.model)
         app = create_app(
             model, name, settings.api_key, layer_coverage(model), default_max_tokens=settings.max_tokens,
