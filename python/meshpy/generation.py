@@ -50,6 +50,7 @@ class GenerationStats:
     completion_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    #: Tokens decoded after the first (with drafts, a pass may decode several).
     decode_steps: int = 0
     finish_reason: str | None = None
     #: Speculative decoding: tokens drafted for verification, and those the model kept.
@@ -121,9 +122,10 @@ class Model:
         #: Runs every generation's iterations together (see `meshpy.scheduler`); `lanes`
         #: batches in flight at once, by default as many as the pipeline keeps busy.
         self.scheduler = Scheduler(self, pipeline.in_flight if lanes is None else lanes)
-        #: Whether greedy generations draft tokens by prompt lookup and verify them in one
-        #: pass (`meshpy.speculation`; the tokens are the same either way); `submit` may
-        #: override it per generation.
+        #: Whether generations draft tokens (by prompt lookup, or `draft_model`) and verify
+        #: them in one pass (`meshpy.speculation`): greedy output is the same tokens either
+        #: way, sampled output the same distribution; seeded sampled generations draft only
+        #: with a fixed `draft_length`, so a seed repeats. `submit` may override it.
         self.speculation = True
         #: Tokens drafted per lookup match; None chooses per generation from its acceptance
         #: rate and what an extra row costs (a fixed length also lets seeded sampled

@@ -83,8 +83,8 @@ class LocalSpan:
     @property
     def kv_dtype(self) -> str:
         """How the span's KV caches store keys and values: "f16" unless asked otherwise or
-        the checkpoint's K and V projections are f32 (then "f32", so full-precision
-        checkpoints match transformers to f32 rounding)."""
+        its K and V projections, as loaded (after any `quantize`), are f32 (then "f32", so
+        full-precision checkpoints match transformers to f32 rounding)."""
         return self.native.kv_dtype
 
     def new_cache(self, max_len: int) -> _native.KvCache:

@@ -306,60 +306,64 @@ class _Lane:
         # Sampled generations verifying a draft pick their tokens one row at a time (the
         # rejection rule); every other row is picked at once.
         verifying = [bool(t.draft) and not t.sampler.params.greedy for t, _ in want]
-        plain_rows = [r for (t, rows), v, start in zip(want, verifying, _starts(want)) if not v
-                      for r in range(start, start + len(rows))]
         samplers = [t.sampler for (t, rows), v in zip(want, verifying) if not v for _ in range(len(rows))]
-        picks = iter(sample_rows(samplers, logits[plain_rows], n_tokens))
+        plain = logits
+        if any(verifying):  # (a copy of the other rows only when some are left out)
+            plain = logits[[r for (t, rows), v, start in zip(want, verifying, _starts(want)) if not v
+                            for r in range(start, start + len(rows))]]
+        picks = iter(sample_rows(samplers, plain, n_tokens))
         now = time.perf_counter()
         at = 0
         for (ticket, rows), v in zip(want, verifying):
             block, at = logits[at : at + len(rows), :n_tokens], at + len(rows)
             picked = _verify_sampled(ticket, block) if v else [next(picks) for _ in range(len(rows))]
-            error = next((t for t in picked if isinstance(t, BaseException)), None)
-            if error is not None:
-                self._finish(ticket, None, error)
-                continue
-            produced: list[int] = picked  # type: ignore[assignment]
-            if ticket.speculator is not None:
-                if ticket.next_token is None:  # the prompt's last row: the first token
-                    ticket.speculator.lookup.append(produced[0])
-                else:
-                    try:
-                        produced = self._verify(ticket, produced)
-                    except Exception as e:  # noqa: BLE001 - this generation's cache could not rewind
-                        self._finish(ticket, None, e)
-                        continue
-            for token in produced:
-                if not self._advance(ticket, token, now):
-                    break
+            self._take(ticket, picked, now)
 
-    def _verify(self, ticket: Ticket, produced: list[int]) -> list[int]:
-        """The tokens a decode step with a draft yields from the tokens picked for its rows:
-        each drafted token the pick agrees with, then the pick after the last of them (so
+    def _take(self, ticket: Ticket, picked: list[int | BaseException], now: float) -> None:
+        """Hands a generation the tokens picked for its rows this iteration: one, or with a
+        draft the drafted tokens the picks agree with and the pick after the last of them (so
         greedy output equals plain decoding, and sampled output, picked by the rejection
-        rule, is distributed as plain sampling's); the session's caches forget the rejected
-        rows."""
-        spec = ticket.speculator
-        assert spec is not None
-        if not ticket.draft:
-            spec.observe(ticket.shadow, produced)
-            spec.lookup.append(produced[0])
-            return produced
-        kept = spec.observe(ticket.draft, produced)
-        spec.drafted += len(ticket.draft)
-        spec.accepted += kept
-        spec.passes += 1
-        stats = ticket.stats
-        stats.draft_tokens += len(ticket.draft)
-        stats.accepted_draft_tokens += kept
-        rejected = len(ticket.draft) - kept
-        if rejected:
-            session = ticket.session
-            self.model.pipeline.rewind(session, session.n_positions - rejected)
-        produced = produced[: kept + 1]
-        for token in produced:
-            spec.lookup.append(token)
-        return produced
+        rule, is distributed as plain sampling's). The session's caches forget the rejected
+        rows. A row's error counts only where plain decoding would have reached it: the
+        tokens before it are handed over first."""
+        spec, draft = ticket.speculator, ticket.draft
+        kept = 0
+        while kept < len(draft) and picked[kept] == draft[kept]:
+            kept += 1
+        picked = picked[: kept + 1]  # rows past the first rejected draft are never used
+        error = next((p for p in picked if isinstance(p, BaseException)), None)
+        tokens = [p for p in picked if not isinstance(p, BaseException)]
+        if error is not None:
+            tokens = tokens[: picked.index(error)]
+        if spec is not None and error is None:
+            if ticket.next_token is None:  # the prompt's last row: the first token
+                spec.lookup.append(tokens[0])
+            else:
+                spec.observe(draft or ticket.shadow, tokens)
+                if draft:
+                    spec.passes += 1
+                    spec.drafted += len(draft)
+                    ticket.stats.draft_tokens += len(draft)
+                    rejected = len(draft) - kept
+                    if rejected:
+                        try:
+                            self.model.pipeline.rewind(ticket.session, ticket.session.n_positions - rejected)
+                        except Exception as e:  # noqa: BLE001 - this generation's caches could not rewind
+                            self._finish(ticket, None, e)
+                            return
+                for token in tokens:
+                    spec.lookup.append(token)
+        before = ticket.stats.completion_tokens
+        for i, token in enumerate(tokens):
+            if (i and ticket.cancelled) or not self._advance(ticket, token, now):
+                break
+        if spec is not None and draft and error is None:
+            # Drafted tokens kept and handed out (a stop or the budget may end the step early).
+            handed = min(kept, ticket.stats.completion_tokens - before)
+            ticket.stats.accepted_draft_tokens += handed
+            spec.accepted += handed
+        if error is not None and ticket in self.active:
+            self._finish(ticket, None, error)
 
     def _advance(self, ticket: Ticket, token: int, now: float) -> bool:
         """Hands `token` to the generation; False once it ended."""
@@ -412,12 +416,17 @@ class _Lane:
         def ema(old: float | None, new: float) -> float:
             return new if old is None else (1 - _EMA) * old + _EMA * new
 
+        # Extra rows are prompt tokens and drafted ones. A mixed iteration teaches whichever
+        # cost is unknown from the other (so a generation that drafts every step still
+        # measures both); with neither known yet, it teaches nothing.
         if n_prompt == 0:
             self.decode_cost = ema(self.decode_cost, elapsed)
-        elif n_decode == 0 or self.decode_cost is None:
+        elif n_decode == 0:
             self.token_cost = ema(self.token_cost, elapsed / n_prompt)
-        else:
+        elif self.decode_cost is not None:
             self.token_cost = ema(self.token_cost, max(elapsed - self.decode_cost, 0.0) / n_prompt)
+        elif self.token_cost is not None:
+            self.decode_cost = ema(None, max(elapsed - self.token_cost * n_prompt, 0.1 * elapsed))
 
 
 def _starts(want: Sequence[tuple[Ticket, np.ndarray]]) -> list[int]:

@@ -27,7 +27,8 @@ use crate::error::{Error, Result};
 
 /// How a cache stores keys and values. f16 halves the memory a session holds and the bytes
 /// attention reads per step (llama.cpp's default cache type); f32 keeps them exactly as
-/// computed (reference comparisons).
+/// computed (reference comparisons). f16 holds magnitudes up to 65504 (beyond, infinity, as
+/// in llama.cpp's f16 cache); keys and values of the supported families stay far below.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvDtype {
     F32,

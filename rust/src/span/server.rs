@@ -205,7 +205,7 @@ impl SpanHandler {
     /// sliding-window layers give theirs back once they drop old positions).
     fn bytes_per_position(&self, span: Span) -> u64 {
         let cfg = self.span.config();
-        2 * u64::from(span.layer_count) * (cfg.n_kv_heads * cfg.head_dim) as u64 * 4
+        2 * u64::from(span.layer_count) * (cfg.n_kv_heads * cfg.head_dim * self.span.kv_dtype().size()) as u64
     }
 
     fn max_positions(&self) -> usize {

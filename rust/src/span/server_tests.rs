@@ -11,6 +11,7 @@ use crate::net::FrameHandler;
 use crate::compute::ThreadPool;
 use crate::model::tests::{tiny_gemma3, tiny_llama, TINY_HIDDEN, TINY_LAYERS};
 use crate::model::KvCache;
+use crate::quant::GgmlType;
 use crate::test_rng::TestRng;
 use crate::wire::{DType, Entry, ErrorCode, Forward, Limits, Message, ModelId, SessionId, Shape, Span, Tensor};
 
@@ -106,6 +107,20 @@ fn the_budget_counts_each_session_at_its_own_layer_count() {
     assert_eq!(h.used_kv_bytes(), 18 * BYTES_PER_POSITION_LAYER);
     assert_eq!(code(ask(&h, &forward(4, 0, 0, 3, &x[..5 * TINY_HIDDEN]))), ErrorCode::CannotHoldSession);
     ask(&h, &forward(4, 0, 0, 3, &x[..4 * TINY_HIDDEN])).unwrap();
+    assert_eq!(h.used_kv_bytes(), 30 * BYTES_PER_POSITION_LAYER);
+}
+
+#[test]
+fn an_f16_cache_is_admitted_at_its_own_size() {
+    // Quantized weights keep f16 keys and values: 2 bytes a value, so the budget of 10 f32
+    // positions of 3 layers holds 20, and admission counts them so (not as f32).
+    let span = Arc::new(tiny_llama(0, TINY_LAYERS, Some(GgmlType::Q8_0)));
+    assert_eq!(span.kv_dtype(), crate::model::KvDtype::F16);
+    let limits = SessionLimits { kv_budget_bytes: 30 * BYTES_PER_POSITION_LAYER, ..SessionLimits::default() };
+    let h = SpanHandler::new(span, Arc::new(ThreadPool::new(2)), model(), Limits::default(), limits);
+    let x = TestRng::new(1).gaussians(21 * TINY_HIDDEN);
+    assert_eq!(code(ask(&h, &forward(1, 0, 0, 3, &x))), ErrorCode::CannotHoldSession);
+    ask(&h, &forward(2, 0, 0, 3, &x[..20 * TINY_HIDDEN])).unwrap();
     assert_eq!(h.used_kv_bytes(), 30 * BYTES_PER_POSITION_LAYER);
 }
 
