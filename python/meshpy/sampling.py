@@ -75,26 +75,11 @@ class Sampler:
 
         ``-inf`` marks a token that must not be chosen; NaN or ``+inf`` is an error.
         """
-        x = np.asarray(logits)
-        if x.ndim != 1 or x.size == 0:
-            raise InvalidSamplingError(f"logits must be a non-empty 1-D array, got shape {x.shape}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise InvalidSamplingError(f"logits must be floating point, got {x.dtype}")
-        best = int(np.argmax(x))  # first maximum
-        top = x[best]
-        if np.isnan(x).any() or top == np.inf:
-            raise InvalidSamplingError("logits contain NaN or +inf")
-        if top == -np.inf:
-            raise InvalidSamplingError("every logit is -inf: no token can be chosen")
-        p = self.params
-        if p.greedy:
+        x, best = _checked(logits)
+        if self.params.greedy:
             return best
         ids, probs = self._distribution(x)
-        cdf = np.cumsum(probs)
-        u = self._rng.random() * cdf[-1]
-        k = int(np.searchsorted(cdf, u, side="right"))
-        if k >= len(probs):  # u rounded up to the total: take the last token that can be drawn
-            k = int(np.flatnonzero(probs)[-1])
+        k = self._draw(probs)
         return k if ids is None else int(ids[k])
 
     def verify(self, logits: np.ndarray, draft: int) -> int:
@@ -103,11 +88,9 @@ class Sampler:
         the probability `sample` would give it, else a token drawn from the rest of the
         distribution (renormalised without it). Either way the token is distributed as
         `sample(logits)`'s. Greedy: the argmax, as `sample`."""
+        x, best = _checked(logits)
         if self.params.greedy:
-            return self.sample(logits)
-        x = np.asarray(logits)
-        if x.ndim != 1 or x.size == 0 or np.isnan(x).any() or x.max() == np.inf or x.max() == -np.inf:
-            return self.sample(logits)  # raises the error `sample` gives
+            return best
         ids, probs = self._distribution(x)
         total = float(probs.sum())
         at = draft if ids is None else np.flatnonzero(ids == draft)
@@ -118,12 +101,17 @@ class Sampler:
         rest = probs.copy()
         if 0 <= at < len(rest):
             rest[at] = 0.0
-        cdf = np.cumsum(rest)
+        k = self._draw(rest)
+        return k if ids is None else int(ids[k])
+
+    def _draw(self, probs: np.ndarray) -> int:
+        """An index drawn with the unnormalised probabilities `probs` (one uniform number)."""
+        cdf = np.cumsum(probs)
         u = self._rng.random() * cdf[-1]
         k = int(np.searchsorted(cdf, u, side="right"))
-        if k >= len(rest) or rest[k] == 0.0:
-            k = int(np.flatnonzero(rest)[-1])
-        return k if ids is None else int(ids[k])
+        if k >= len(probs) or probs[k] == 0.0:  # u rounded up to the total: the last token that can be drawn
+            k = int(np.flatnonzero(probs)[-1])
+        return k
 
     def _distribution(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """The tokens `sample` draws from and their unnormalised probabilities: `(ids,
@@ -146,6 +134,22 @@ class Sampler:
             probs = probs[order]
             ids = order if cand is None else cand[order]
         return ids, probs
+
+
+def _checked(logits: np.ndarray) -> tuple[np.ndarray, int]:
+    """The logits as an array and their first maximum, or the error they make."""
+    x = np.asarray(logits)
+    if x.ndim != 1 or x.size == 0:
+        raise InvalidSamplingError(f"logits must be a non-empty 1-D array, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InvalidSamplingError(f"logits must be floating point, got {x.dtype}")
+    best = int(np.argmax(x))  # first maximum
+    top = x[best]
+    if np.isnan(x).any() or top == np.inf:
+        raise InvalidSamplingError("logits contain NaN or +inf")
+    if top == -np.inf:
+        raise InvalidSamplingError("every logit is -inf: no token can be chosen")
+    return x, best
 
 
 def sample_rows(samplers: Sequence[Sampler], logits: np.ndarray, n_tokens: int) -> list[int | InvalidSamplingError]:

@@ -40,7 +40,7 @@ import numpy as np
 
 from meshpy.errors import InvalidSamplingError
 from meshpy.sampling import Sampler, sample_rows
-from meshpy.speculation import DraftModel, Speculator
+from meshpy.speculation import DraftModel, Speculator, agreeing
 
 if TYPE_CHECKING:
     from meshpy.generation import GenerationStats
@@ -227,8 +227,9 @@ class _Lane:
         a request to every worker of its route, which must not hold up the others)."""
         spec = ticket.speculator
         if spec is not None and spec.passes:
-            log.info("speculation: %d tokens drafted, %d kept, %.2f tokens per verification pass",
-                     spec.drafted, spec.accepted, (spec.accepted + spec.passes) / spec.passes)
+            stats = ticket.stats
+            log.info("speculation: %d tokens drafted, %d kept, %.2f tokens per verification pass", stats.draft_tokens,
+                     stats.accepted_draft_tokens, (stats.accepted_draft_tokens + spec.passes) / spec.passes)
         _end_ticket(ticket, reason, error, self.closer, self.model.close_session)
 
     # --- one iteration ----------------------------------------------------------------
@@ -306,17 +307,16 @@ class _Lane:
         # Sampled generations verifying a draft pick their tokens one row at a time (the
         # rejection rule); every other row is picked at once.
         verifying = [bool(t.draft) and not t.sampler.params.greedy for t, _ in want]
-        samplers = [t.sampler for (t, rows), v in zip(want, verifying) if not v for _ in range(len(rows))]
+        blocks = [range(start, start + len(rows)) for start, (_, rows) in zip(_starts(want), want)]
+        samplers = [t.sampler for (t, _), v, block in zip(want, verifying, blocks) if not v for _ in block]
         plain = logits
         if any(verifying):  # (a copy of the other rows only when some are left out)
-            plain = logits[[r for (t, rows), v, start in zip(want, verifying, _starts(want)) if not v
-                            for r in range(start, start + len(rows))]]
+            plain = logits[[r for v, block in zip(verifying, blocks) if not v for r in block]]
         picks = iter(sample_rows(samplers, plain, n_tokens))
         now = time.perf_counter()
-        at = 0
-        for (ticket, rows), v in zip(want, verifying):
-            block, at = logits[at : at + len(rows), :n_tokens], at + len(rows)
-            picked = _verify_sampled(ticket, block) if v else [next(picks) for _ in range(len(rows))]
+        for (ticket, _), v, block in zip(want, verifying, blocks):
+            picked = _verify_sampled(ticket, logits[block.start : block.stop, :n_tokens]) if v else [
+                next(picks) for _ in block]
             self._take(ticket, picked, now)
 
     def _take(self, ticket: Ticket, picked: list[int | BaseException], now: float) -> None:
@@ -327,9 +327,7 @@ class _Lane:
         rows. A row's error counts only where plain decoding would have reached it: the
         tokens before it are handed over first."""
         spec, draft = ticket.speculator, ticket.draft
-        kept = 0
-        while kept < len(draft) and picked[kept] == draft[kept]:
-            kept += 1
+        kept = agreeing(draft, picked)
         picked = picked[: kept + 1]  # rows past the first rejected draft are never used
         error = next((p for p in picked if isinstance(p, BaseException)), None)
         tokens = [p for p in picked if not isinstance(p, BaseException)]
@@ -342,7 +340,6 @@ class _Lane:
                 spec.observe(draft or ticket.shadow, tokens)
                 if draft:
                     spec.passes += 1
-                    spec.drafted += len(draft)
                     ticket.stats.draft_tokens += len(draft)
                     rejected = len(draft) - kept
                     if rejected:
@@ -359,9 +356,7 @@ class _Lane:
                 break
         if spec is not None and draft and error is None:
             # Drafted tokens kept and handed out (a stop or the budget may end the step early).
-            handed = min(kept, ticket.stats.completion_tokens - before)
-            ticket.stats.accepted_draft_tokens += handed
-            spec.accepted += handed
+            ticket.stats.accepted_draft_tokens += min(kept, ticket.stats.completion_tokens - before)
         if error is not None and ticket in self.active:
             self._finish(ticket, None, error)
 

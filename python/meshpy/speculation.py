@@ -113,9 +113,7 @@ class Speculator:
         self._tried = [_PRIOR_WEIGHT] * (MAX_NGRAM + 1)
         self._kept = [_PRIOR_WEIGHT * r for r in _PRIOR_RATES]
         self._match = 0  # n-gram length of the last draft's match
-        self.drafted = 0  # tokens sent for verification
-        self.accepted = 0  # of those, kept
-        self.passes = 0  # verification passes
+        self.passes = 0  # verification passes (the tokens are counted in GenerationStats)
 
     def rate(self, n: int) -> float:
         """Estimated chance that a token drafted from an n-gram match is accepted."""
@@ -163,15 +161,22 @@ class Speculator:
         """The model's tokens `produced` for a step whose input rows were the last token and
         `drafted` (or, for a shadow draft, the one token it produced); returns how many
         drafted tokens are kept (each equal to the model's token before it)."""
-        kept = 0
-        while kept < len(drafted) and kept < len(produced) and drafted[kept] == produced[kept]:
-            kept += 1
+        kept = agreeing(drafted, produced)
         compared = kept + (1 if kept < len(drafted) else 0)
         n = self._match
         if compared and (n or self.drafter is not None):
             self._tried[n] = self._tried[n] * _DECAY**compared + compared
             self._kept[n] = self._kept[n] * _DECAY**compared + kept
         return kept
+
+
+def agreeing(drafted: Sequence[int], picked: Sequence[object]) -> int:
+    """How many drafted tokens, from the first, equal the tokens picked for their positions
+    (a pick that is an error equals none)."""
+    kept = 0
+    while kept < len(drafted) and kept < len(picked) and drafted[kept] == picked[kept]:
+        kept += 1
+    return kept
 
 
 def best_length(rate: float, row_cost: float, most: int) -> int:

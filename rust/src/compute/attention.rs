@@ -31,10 +31,6 @@ type KernelFn<E> = unsafe fn(&[f32], usize, &[E], &[E], usize, usize, usize, f32
 
 /// An element type keys and values are stored in: f32, or f16 (half the bytes).
 pub trait KvElem: Copy + Send + Sync + 'static {
-    /// The value as f32.
-    fn to_f32(self) -> f32;
-    /// `x` rounded to this type (to nearest even; out of range: infinity).
-    fn from_f32(x: f32) -> Self;
     /// `q . row`, as `ops::dot` sums it.
     fn dot(q: &[f32], row: &[Self]) -> f32;
     /// `y += a * row`.
@@ -45,14 +41,6 @@ pub trait KvElem: Copy + Send + Sync + 'static {
 }
 
 impl KvElem for f32 {
-    #[inline]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[inline]
-    fn from_f32(x: f32) -> Self {
-        x
-    }
     #[inline]
     fn dot(q: &[f32], row: &[f32]) -> f32 {
         ops::dot(q, row)
@@ -72,14 +60,6 @@ impl KvElem for f32 {
 }
 
 impl KvElem for f16 {
-    #[inline]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    #[inline]
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
     fn dot(q: &[f32], row: &[f16]) -> f32 {
         let mut wide = [0f32; MAX_HD];
         let wide = &mut wide[..row.len().min(MAX_HD)];
