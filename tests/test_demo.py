@@ -63,9 +63,9 @@ def test_demo_serves_until_ctrl_c() -> None:
             if "Ctrl-C stops" in line:
                 break
         assert url, "no base URL printed"
-        client = openai.OpenAI(base_url=url, api_key="x")
-        reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi!"}],
-                                               max_tokens=8, temperature=0)
+        with openai.OpenAI(base_url=url, api_key="x") as client:
+            reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi!"}],
+                                                   max_tokens=8, temperature=0)
         assert reply.choices[0].message.content
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

@@ -69,27 +69,27 @@ def _ask(base_url: str, name: str, settings: DemoSettings) -> None:
     """The demo request, streamed to the terminal, then its speed."""
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key="meshpy-demo")
-    print(f"> {settings.prompt}", flush=True)
-    t0 = time.perf_counter()
-    first = None
-    usage = None
-    stream = client.chat.completions.create(
-        model=name,
-        messages=[{"role": "user", "content": settings.prompt}],
-        max_tokens=settings.max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            if choice.delta.content:
-                first = first or time.perf_counter()
-                sys.stdout.write(choice.delta.content)
-                sys.stdout.flush()
+    with openai.OpenAI(base_url=base_url, api_key="meshpy-demo") as client:
+        print(f"> {settings.prompt}", flush=True)
+        t0 = time.perf_counter()
+        first = None
+        usage = None
+        stream = client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": settings.prompt}],
+            max_tokens=settings.max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    first = first or time.perf_counter()
+                    sys.stdout.write(choice.delta.content)
+                    sys.stdout.flush()
     elapsed = time.perf_counter() - t0
     print(flush=True)
     if usage is not None and first is not None:
