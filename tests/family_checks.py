@@ -194,26 +194,34 @@ def check_mesh_gives_the_one_process_tokens(
     prompt: str = "Pipeline parallel inference",
     n_tokens: int = 24,
     local: Model | None = None,
+    transport: str = "tcp",
 ) -> None:
-    """One in-process worker per `layers` spec ("0-1": layers 0 and 1) on 127.0.0.1 over TCP:
-    f32 hidden states on the wire, so the greedy tokens equal one process's (`local`, or the
-    model loaded with one thread) exactly."""
+    """One in-process worker per `layers` spec ("0-1": layers 0 and 1) on 127.0.0.1 over
+    `transport`: f32 hidden states on the wire, so the greedy tokens equal one process's
+    (`local`, or the model loaded with one thread) exactly, on the chained route and on the
+    star one, step by step and with speculative decoding."""
     from meshpy.mesh import Worker, WorkerSettings, connect
     from meshpy.mesh.launcher import LocalMesh
     from tests.test_mesh import greedy
 
-    want = greedy(local if local is not None else Model.load(model_dir, threads=1), prompt, n_tokens)
+    local = local if local is not None else Model.load(model_dir, threads=1)
+    want = greedy(local, prompt, n_tokens)
     ranges = [range(int(first), int(last) + 1) for first, last in (spec.split("-") for spec in layers)]
-    with LocalMesh(transport="tcp") as mesh, ExitStack() as workers:
+    with LocalMesh(transport=transport) as mesh, ExitStack() as workers:
         addr = mesh.start_bootstrap()
         started = [
             workers.enter_context(Worker(WorkerSettings(
                 bootstrap=addr, model=model_dir, layers=spec, threads=1, node_dir=node_dir / spec,
-                port=0, host="127.0.0.1", transport="tcp",
+                port=0, host="127.0.0.1", transport=transport,
             )))
             for spec in layers
         ]
         assert [w.layers for w in started] == ranges
-        with connect(model_dir, addr, threads=1, route_timeout=30) as model:
+        with connect(model_dir, addr, threads=1, route_timeout=30, transport=transport) as model:
             assert [h.layers for h in model.pipeline.route()] == ranges
-            assert greedy(model, prompt, n_tokens) == want
+            for route in ("chain", "star"):
+                model.pipeline.route_mode = route
+                assert greedy(model, prompt, n_tokens) == want, route
+                assert model.speculation
+                got = list(model.generate_ids(model.encode(prompt), n_tokens))  # may stop at end of turn
+                assert got and got == want[: len(got)], route

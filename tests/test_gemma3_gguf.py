@@ -164,9 +164,14 @@ def test_chat_uses_gemmas_format_when_the_gguf_ships_none(model: Model) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_two_workers_through_the_mesh_give_the_one_process_greedy_tokens(gemma3_gguf: Path, model: Model, tmp_path: Path) -> None:
-    """Layers 0-8 and 9-17 on two in-process workers on 127.0.0.1 (f32 on the wire)."""
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["tcp", "quic"])
+def test_three_workers_through_the_mesh_give_the_one_process_greedy_tokens(
+    gemma3_gguf: Path, model: Model, tmp_path: Path, transport: str
+) -> None:
+    """Layers 0-5, 6-11 and 12-17 on three in-process workers on 127.0.0.1 (f32 on the
+    wire), chained and star, with and without speculation."""
     checks.check_mesh_gives_the_one_process_tokens(
-        gemma3_gguf, ["0-8", "9-17"], tmp_path, prompt="Write a short poem about the sea.", local=model
+        gemma3_gguf, ["0-5", "6-11", "12-17"], tmp_path, prompt="Write a short poem about the sea.", local=model,
+        transport=transport,
     )

@@ -79,7 +79,15 @@ def test_three_workers_place_themselves_and_match_one_process(three_workers: Loc
     with connect(smollm2_gguf, mesh.bootstrap_addr, transport=mesh.transport, threads=1, route_timeout=60) as model:
         route = model.pipeline.route()
         assert [h.layers for h in route] == [range(0, 10), range(10, 20), range(20, 30)]
+        # Chained (the default): each step went worker to worker.
         assert greedy(model, PROMPT, N_TOKENS) == local_tokens
+        relays = [model.pipeline.node.info(h.provider.peer_id)["relays"] for h in route]
+        assert all(n >= N_TOKENS for n in relays), relays
+        # Star: each worker a round trip from here, no relay.
+        model.pipeline.route_mode = "star"
+        assert greedy(model, PROMPT, N_TOKENS) == local_tokens
+        assert [model.pipeline.node.info(h.provider.peer_id)["relays"] for h in route] == relays
+        model.pipeline.route_mode = "chain"
         # bf16 on the wire rounds hidden states between spans; for this prompt the greedy
         # tokens do not change (f32, the default, is exact by construction).
         model.pipeline.wire_dtype = "bf16"
@@ -122,18 +130,22 @@ def test_concurrent_generations_batch_on_workers_and_each_equals_its_run_alone(t
 
 def test_speculative_decoding_through_the_mesh_equals_plain(three_workers: LocalMesh, smollm2_gguf: Path) -> None:
     """Drafts verified as extra rows on every worker, rejected ones rewound there (the next
-    step starts earlier than a worker holds): the plain one-process tokens."""
+    step starts earlier than a worker holds): the plain one-process tokens, on the chained
+    route and the star one."""
     local = Model.load(smollm2_gguf, threads=1)
     local.speculation = False
     quoting, free = local.encode(QUOTING), local.encode(FREE)
     want = [list(local.generate_ids(ids, N_TOKENS)) for ids in (quoting, free)]
     with connect(smollm2_gguf, three_workers.bootstrap_addr, threads=1, route_timeout=60) as model:
-        hits, misses = GenerationStats(), GenerationStats()
-        assert list(model.generate_ids(quoting, N_TOKENS, stats=hits)) == want[0]
-        model.draft_length = 8  # drafts whatever the odds: most are rejected, so rewound
-        assert list(model.generate_ids(free, N_TOKENS, stats=misses)) == want[1]
-    assert hits.accepted_draft_tokens > len(want[0]) // 3, hits
-    assert misses.draft_tokens > misses.accepted_draft_tokens, misses
+        for route in ("chain", "star"):
+            model.pipeline.route_mode = route
+            model.draft_length = None
+            hits, misses = GenerationStats(), GenerationStats()
+            assert list(model.generate_ids(quoting, N_TOKENS, stats=hits)) == want[0], route
+            model.draft_length = 8  # drafts whatever the odds: most are rejected, so rewound
+            assert list(model.generate_ids(free, N_TOKENS, stats=misses)) == want[1], route
+            assert hits.accepted_draft_tokens > len(want[0]) // 3, (route, hits)
+            assert misses.draft_tokens > misses.accepted_draft_tokens, (route, misses)
 
 
 def test_status_lists_workers_and_coverage(three_workers: LocalMesh) -> None:
@@ -266,7 +278,7 @@ def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm
 
     prompts = [f"{PROMPT} In version {i} the bottle is {c}." for i, c in enumerate(
         ("green", "blue", "red", "clear", "brown", "white", "black", "gold"))]
-    n = 40
+    n = 64
     local = Model.load(smollm2_gguf, threads=1)
     want = [local.generate(p, max_tokens=n).text for p in prompts]
     with LocalMesh(transport="tcp") as mesh:
@@ -290,7 +302,7 @@ def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm
 
             def kill_when_all_decode() -> None:
                 deadline = time.monotonic() + 120
-                while min(chunks) < 8:
+                while min(chunks) < 4:
                     if time.monotonic() > deadline:
                         return  # a stream failed or stalled: `gather` reports it
                     time.sleep(0.005)
@@ -310,6 +322,9 @@ def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm
             got = asyncio.run(all_streams())
             assert killed and max(killed[0]) < n - 4, f"killed mid-decode: {killed}"
             assert got == want
+            # The route was chained (the default) and stayed so after the reroute: every
+            # worker left, the new middle one included, ran relays.
+            assert all(p.info["relays"] > 0 for p in model.pipeline.refresh())
             assert model.scheduler.counters()[2] >= 2, "the streams shared iterations"
 
 

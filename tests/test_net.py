@@ -93,7 +93,7 @@ def test_every_node_answers_info_and_a_bootstrap_node_answers_ping(tmp_path: Pat
             client.dial(node.listen_addrs()[0])
         info = client.info(boot.peer_id)
         assert info == {"mode": "none", "role": "bootstrap", "version": "0.1.0", "peer_id": boot.peer_id,
-                        "listen_addrs": boot.listen_addrs()}
+                        "listen_addrs": boot.listen_addrs(), "relay": 1, "relays": 0}
         assert boot.local_info() == info
         assert _native.decode_frame(client.request(boot.peer_id, _native.encode_ping(8))) == {"kind": "pong", "nonce": 8}
         refused = _native.decode_frame(client.request(boot.peer_id, forward(np.ones((1, 8), np.float32))))

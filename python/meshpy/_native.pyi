@@ -257,6 +257,19 @@ class Node:
         """One hop of the span protocol: `hidden` (rows of `entries`, in order) through the
         layers on `peer`; the output, same shape. WorkerError (with `code`, `recoverable`)
         when the worker refuses or its answer is not this request's result."""
+    def forward_chain(
+        self,
+        route: Sequence[tuple[str, Sequence[str], int, int]],
+        model_hash: bytes,
+        model_name: str,
+        entries: Sequence[tuple[int, int, int, int]],
+        hidden: npt.NDArray[np.float32],
+        wire_dtype: str = "f32",
+        timeout: float | None = None,
+    ) -> tuple[list[npt.NDArray[np.float32]], BaseException | None]:
+        """A chained route: `hidden` through every hop of `route` (peer, its multiaddrs,
+        first layer, layer count), each worker passing its output to the next. The hops'
+        outputs in order up to the first that failed, and that failure (or None)."""
     def info(self, peer: str, timeout: float | None = None) -> dict[str, Any]:
         """The peer's Info reply: "mode" ("span", "echo", "none"), "peer_id", "listen_addrs",
         its static info, and for "span" "model_name", "model_hash" (hex), "first_layer",

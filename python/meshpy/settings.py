@@ -143,6 +143,7 @@ class GenerateSettings:
     bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several)")
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=("tcp", "quic", "both"))
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
+    route: str = setting("chain", "how a step crosses the mesh: chain (worker to worker, N+1 link crossings for N workers) or star (each worker a round trip from here, 2N)", choices=("chain", "star"))
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
 
 
@@ -211,6 +212,7 @@ class ServeSettings:
     kv_dtype: str | None = setting(None, "KV cache type, without --bootstrap (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=_TRANSPORTS)
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
+    route: str = setting("chain", "how a step crosses the mesh: chain (worker to worker, N+1 link crossings for N workers) or star (each worker a round trip from here, 2N)", choices=("chain", "star"))
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
 
 

@@ -51,6 +51,7 @@ def _connect(settings: GenerateSettings) -> Model:
         threads=settings.threads,
         transport=settings.transport,
         wire_dtype=settings.wire_dtype,
+        route=settings.route,
         route_timeout=settings.route_timeout,
     )
     pipeline = model.pipeline

@@ -29,6 +29,7 @@ def _open(settings: ServeSettings) -> Model:
             threads=settings.threads,
             transport=settings.transport,
             wire_dtype=settings.wire_dtype,
+            route=settings.route,
             route_timeout=settings.route_timeout,
         )
     return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, kv_dtype=settings.kv_dtype)

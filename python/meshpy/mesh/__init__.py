@@ -47,6 +47,7 @@ def connect(
     transport: str = "tcp",
     host: str = "127.0.0.1",
     wire_dtype: str = "f32",
+    route: str = "chain",
     route_timeout: float = 30.0,
     lanes: int | None = None,
 ) -> Model:
@@ -55,7 +56,9 @@ def connect(
 
     The End model needs the same checkpoint the workers have (its hash names the model in the
     DHT); only embedding, final norm and head are loaded. `wire_dtype` "f32" gives exactly the
-    single-process tokens; "bf16" halves the bytes on the wire. `lanes`: batches of
+    single-process tokens; "bf16" halves the bytes on the wire. `route`: "chain" passes each
+    step from worker to worker (N + 1 link crossings for N workers), "star" makes each worker a
+    round trip from here (2N); both give the same tokens. `lanes`: batches of
     generations kept in flight at once (default `MeshPipeline.in_flight`). Close the model
     to leave.
     """
@@ -64,7 +67,7 @@ def connect(
     identity = model_identity(source)
     addrs = parse_bootstrap(bootstrap if isinstance(bootstrap, str) else " ".join(bootstrap))
     node, node_dir = start_node(NodeSettings(port=0, host=host, transport=transport), "client", addrs, dht_server=False)
-    pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, on_close=node_dir.cleanup)
+    pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, route_mode=route, on_close=node_dir.cleanup)
     try:
         pipeline.wait_for_route(route_timeout)
         end = EndModel(source, config, _native.ThreadPool(threads or default_threads(), idle_spin=MESH_IDLE_SPIN))

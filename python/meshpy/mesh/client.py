@@ -2,11 +2,15 @@
 
 `MeshPipeline` has the interface of the local pipeline (`new_session`, `forward`,
 `close_session`), so `Model` generates through the mesh exactly as it does in one process.
-Each session gets a random 128-bit id and a route (hops of contiguous layers). Every hop's
-inputs are kept for the life of the session: when a hop fails (the worker vanished, dropped
-the session, or cannot hold it), the client routes those layers through other providers,
-replays the kept inputs to rebuild their KV caches, and carries on where it was, so a lost
-worker costs time, not the generation.
+Each session gets a random 128-bit id and a route (hops of contiguous layers). A step goes
+through the route chained where every worker serves relays: the first worker passes its
+output to the next and so on, the last answering this node, so N workers cost N + 1 link
+crossings instead of the star route's 2N (each hop a round trip from here). Either way every
+hop's output comes back here, and every hop's inputs are kept for the life of the session:
+when a hop fails (the worker vanished, dropped the session, or cannot hold it), the client
+goes on hop by hop from there, routes those layers through other providers, replays the kept
+inputs to rebuild their KV caches, and carries on where it was, so a lost worker costs time,
+not the generation.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ from meshpy.mesh.identity import ModelIdentity
 from meshpy.mesh.routing import Hop, Provider, describe_route, discover, missing_layers, plan_route
 from meshpy.models.config import ModelConfig
 
-__all__ = ["MeshPipeline", "MeshSession", "WIRE_DTYPES"]
+__all__ = ["MeshPipeline", "MeshSession", "ROUTE_MODES", "WIRE_DTYPES"]
 
 log = logging.getLogger(__name__)
 
 WIRE_DTYPES = ("f32", "bf16", "f16")
+#: How a step crosses the route: "chain" (worker to worker, where every hop serves relays)
+#: or "star" (each hop a round trip from the End node; what a feature needing to act between
+#: hops uses).
+ROUTE_MODES = ("chain", "star")
 #: A provider that failed is left out of routes for this long.
 _FAILED_COOLDOWN = 30.0
 #: Reroutes one forward may try before giving up.
@@ -47,6 +55,13 @@ class _HopFailed(Exception):
         self.error = error
 
 
+def _recoverable(error: BaseException) -> bool:
+    """Whether another try (the same hop direct, or another provider) may get past `error`."""
+    if isinstance(error, (NetworkError, RequestTimeoutError)):
+        return True
+    return isinstance(error, WorkerError) and error.recoverable
+
+
 class MeshSession:
     """One generation on the mesh: its id, route, and every hop's inputs so far."""
 
@@ -58,6 +73,9 @@ class MeshSession:
         self.n_positions = 0
         self.steps = 0
         self.closed = False
+        #: Cleared when a chained step broke where a hop-by-hop one then went through: the
+        #: links between these workers fail where the End node's own do not.
+        self.chained = True
 
 
 def _check_room(session: MeshSession, n: int) -> None:
@@ -82,11 +100,15 @@ class MeshPipeline:
         config: ModelConfig,
         *,
         wire_dtype: str = "f32",
+        route_mode: str = "chain",
         request_timeout: float = 120.0,
         on_close: Callable[[], object] | None = None,
     ) -> None:
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire dtype {wire_dtype!r}; known: {', '.join(WIRE_DTYPES)}")
+        if route_mode not in ROUTE_MODES:
+            raise ValueError(f"route mode {route_mode!r}; known: {', '.join(ROUTE_MODES)}")
+        self.route_mode = route_mode
         self.node = node
         self.model = model
         self.n_layers = config.n_layers
@@ -163,7 +185,18 @@ class MeshPipeline:
         x = np.ascontiguousarray(hidden, dtype=np.float32)
         n, start = x.shape[0], session.n_positions
         _check_room(session, n)
-        reroutes, rerouting, i = 0, False, 0
+        i, broke = 0, None
+        if session.chained and self._chains(session.hops):
+            outputs, error = self._chain(session.hops, [(session.id, session.steps, start, n)], x)
+            for y in outputs:
+                session.inputs[i].append(x)
+                x, i = y, i + 1
+            if error is not None:
+                if not _recoverable(error):
+                    raise error
+                broke = i
+                log.info("session %032x: the chained route broke at hop %d (%s); going on hop by hop", session.id, i, error)
+        reroutes, rerouting = 0, False
         while i < len(session.hops):
             try:
                 if rerouting:
@@ -181,6 +214,9 @@ class MeshPipeline:
             session.inputs[i].append(x)
             x = y
             i += 1
+        if broke is not None and reroutes == 0:
+            session.chained = False
+            log.warning("session %032x: hop by hop went through where the chain broke; no more chained steps", session.id)
         session.n_positions += n
         session.steps += 1
         return x
@@ -206,10 +242,18 @@ class MeshPipeline:
             rows = [r for i in members for r in range(bounds[i], bounds[i + 1])]
             entries = [(sessions[i].id, sessions[i].steps, sessions[i].n_positions, counts[i]) for i in members]
             y = x[rows]
+            hops = sessions[members[0]].hops
             inputs = []
-            for hop in sessions[members[0]].hops:
-                inputs.append(y)
-                y = self._hop(hop, entries, y)
+            if all(sessions[i].chained for i in members) and self._chains(hops):
+                outputs, error = self._chain(hops, entries, y)
+                if error is not None:
+                    raise error
+                inputs = [y, *outputs[:-1]]
+                y = outputs[-1]
+            else:
+                for hop in hops:
+                    inputs.append(y)
+                    y = self._hop(hop, entries, y)
             out[rows] = y
             at = 0
             for i in members:
@@ -263,10 +307,8 @@ class MeshPipeline:
         peer = hop.provider.peer_id
         try:
             return self._hop(hop, [(session.id, session.steps, start, x.shape[0])], x)
-        except (NetworkError, RequestTimeoutError) as e:
-            raise _HopFailed(peer, e) from e
-        except WorkerError as e:
-            if e.recoverable:
+        except (NetworkError, RequestTimeoutError, WorkerError) as e:
+            if _recoverable(e):
                 raise _HopFailed(peer, e) from e
             raise
 
@@ -277,6 +319,21 @@ class MeshPipeline:
         return self.node.forward(
             hop.provider.peer_id, self.model.digest, self.model.name, hop.layers.start, len(hop.layers), entries, x,
             wire_dtype=self.wire_dtype, timeout=self.request_timeout,
+        )
+
+    def _chains(self, hops: Sequence[Hop]) -> bool:
+        """Whether a step through `hops` goes chained: the mode asks for it, there is more
+        than one hop, and every hop's worker serves relays."""
+        return self.route_mode == "chain" and len(hops) > 1 and all(int(h.provider.info.get("relay", 0)) >= 1 for h in hops)
+
+    def _chain(
+        self, hops: Sequence[Hop], entries: list[tuple[int, int, int, int]], x: np.ndarray
+    ) -> tuple[list[np.ndarray], BaseException | None]:
+        """One chained step through `hops`: each hop's output in order up to the first that
+        failed, and that failure (None when all answered). One native call, GIL released."""
+        route = [(h.provider.peer_id, list(h.provider.info.get("listen_addrs", [])), h.layers.start, len(h.layers)) for h in hops]
+        return self.node.forward_chain(
+            route, self.model.digest, self.model.name, entries, x, wire_dtype=self.wire_dtype, timeout=self.request_timeout
         )
 
     def _reroute(self, session: MeshSession, i: int) -> None:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import meshpy
 from meshpy.errors import MeshpyError
 
 __all__ = ["MeshProcess", "LocalMesh"]
@@ -141,6 +142,10 @@ class LocalMesh:
         self.env = dict(os.environ if env is None else env)
         # Identities in the temporary directory; the hash cache stays the user's.
         self.env["MESHPY_DATA_DIR"] = self._tmp.name
+        # The processes run the meshpy this one imported (a source tree's, not an installed
+        # wheel's that happens to be on the path).
+        package_root = str(Path(meshpy.__file__).resolve().parents[1])
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, self.env.get("PYTHONPATH")) if p)
         self.bootstrap: MeshProcess | None = None
         self.bootstrap_addr = ""
         self.workers: list[MeshProcess] = []

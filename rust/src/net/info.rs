@@ -3,7 +3,8 @@
 //! It merges, in this order (later keys win): the static description the node was given (the
 //! device, thread count, version, bytes of weights loaded, ...), the handler's live one
 //! ([`FrameHandler::info`]: what it serves, sessions, KV memory; `{"mode": "none"}` without a
-//! handler), and the node's own `peer_id` and `listen_addrs` (each ending in `/p2p/<peer id>`).
+//! handler), and the node's own `peer_id`, `listen_addrs` (each ending in `/p2p/<peer id>`) and
+//! `relay` (the version of chained routes it serves) and `relays` (how many it has run).
 //! Every node answers `Info`, whatever its handler, and a node without a handler still answers
 //! `Ping`.
 
@@ -17,6 +18,9 @@ use super::codec::error_frame_for;
 use super::FrameHandler;
 use crate::wire::Message;
 
+/// The chained-route protocol version a node serves, as its `Info` says (`"relay"`).
+pub const RELAY_VERSION: u32 = 1;
+
 /// A JSON object (the static part of a node's description).
 pub type JsonObject = Map<String, Value>;
 
@@ -24,13 +28,20 @@ pub type JsonObject = Map<String, Value>;
 /// addresses current), the handle (which sets the static part) and the serving tasks.
 pub(crate) struct NodeInfo {
     peer_id: PeerId,
+    /// Relays this node has run (for `Info`'s `"relays"`).
+    relays: std::sync::atomic::AtomicU64,
     listen_addrs: RwLock<Vec<Multiaddr>>,
     fixed: RwLock<JsonObject>,
 }
 
 impl NodeInfo {
     pub(crate) fn new(peer_id: PeerId, fixed: JsonObject) -> Self {
-        NodeInfo { peer_id, listen_addrs: RwLock::new(Vec::new()), fixed: RwLock::new(fixed) }
+        NodeInfo { peer_id, relays: Default::default(), listen_addrs: RwLock::new(Vec::new()), fixed: RwLock::new(fixed) }
+    }
+
+    /// Counts a relay run.
+    pub(crate) fn count_relay(&self) {
+        self.relays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records the listen addresses (without `/p2p/...`).
@@ -60,6 +71,9 @@ impl NodeInfo {
             .map(|a| a.clone().with(Protocol::P2p(self.peer_id)).to_string())
             .collect();
         out.insert("peer_id".to_string(), Value::String(self.peer_id.to_string()));
+        // The version of chained routes (`Relay` / `Collect`) this node serves.
+        out.insert("relay".to_string(), json!(RELAY_VERSION));
+        out.insert("relays".to_string(), json!(self.relays.load(std::sync::atomic::Ordering::Relaxed)));
         out.insert("listen_addrs".to_string(), json!(addrs));
         Value::Object(out)
     }

@@ -7,13 +7,15 @@
 //! through [`NodeHandle`]'s blocking calls, which send commands over a channel and wait on a
 //! reply channel. Inbound requests go to a [`FrameHandler`] on tokio's blocking pool:
 //! [`EchoHandler`] for network tests, [`crate::span::SpanHandler`] to serve a span of layers
-//! (the span protocol's two halves live in `span`; this module is their transport).
+//! (the span protocol's two halves live in `span`; this module is their transport). A chained
+//! route's `Relay` and `Collect` the node serves itself around its handler (`relay`).
 
 mod behaviour;
 mod codec;
 pub mod identity;
 mod info;
 mod node;
+mod relay;
 mod serve;
 mod streams;
 mod tensor;
@@ -33,7 +35,7 @@ pub(crate) use codec::error_frame_for;
 pub(crate) use serve::unexpected;
 pub use info::JsonObject;
 pub use libp2p::{Multiaddr, PeerId};
-pub use node::{Node, NodeHandle, Providers};
+pub use node::{Node, NodeHandle, Pending, Providers};
 pub use serve::{EchoHandler, FrameHandler};
 
 use crate::error::{Error, Result};
@@ -100,8 +102,10 @@ pub struct NodeConfig {
     /// under the handler's live description.
     pub info: JsonObject,
     /// Link latency stand-in for tests and benchmarks (this machine's kernel has no netem):
-    /// every request this node sends waits this long before it goes out, so each of its
-    /// round trips takes that much longer. Zero unless `MESHPY_EMULATED_RTT_MS` is set.
+    /// every request this node sends waits half of it before it goes out and half after its
+    /// answer comes in, so each of its round trips takes that much longer, and a request whose
+    /// answer nobody waits on (a relay to the next hop) costs its receiver half. Zero unless
+    /// `MESHPY_EMULATED_RTT_MS` is set.
     pub emulated_rtt: Duration,
 }
 

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent, KAD_PROTOCOL};
 use super::info::{JsonObject, NodeInfo};
+use super::relay::Outbox;
 use super::tensor::{self, HandlerSlot, Server, StreamPool};
 use super::{identity, FrameHandler, NodeConfig, Transport};
 use crate::error::{Error, Result};
@@ -61,7 +62,6 @@ pub struct NodeHandle {
     streams: Arc<std::sync::atomic::AtomicUsize>,
     request_timeout: Duration,
     query_timeout: Duration,
-    emulated_rtt: Duration,
 }
 
 /// A libp2p node: identity, listeners, DHT, tensor protocol, driven by one dedicated thread
@@ -102,15 +102,19 @@ impl Node {
             let (mut swarm, opener, incoming) = build_swarm(keypair, &config)?;
             let listen_addrs = listen(&mut swarm, &config).await?;
             info.set_listen_addrs(&listen_addrs);
+            let pool = StreamPool::new(opener, config.limits, config.emulated_rtt);
+            let outbox = Arc::new(Outbox::default());
             let server = Server {
                 handler: Arc::clone(&handler),
                 limits: config.limits,
                 info: Arc::clone(&info),
                 streams: Arc::clone(&streams),
+                pool: pool.clone(),
+                request_timeout: config.request_timeout,
+                outbox: Arc::clone(&outbox),
             };
             tokio::spawn(tensor::serve(incoming, server));
-            tokio::spawn(tensor::maintain(Arc::clone(&handler), Duration::from_secs(1)));
-            let pool = StreamPool::new(opener, config.limits);
+            tokio::spawn(tensor::maintain(Arc::clone(&handler), outbox, Duration::from_secs(1)));
             let mut state = Loop::new(swarm, pool, listen_addrs, Arc::clone(&info));
             for addr in &config.bootstrap {
                 state.add_bootstrap_peer(addr)?;
@@ -130,7 +134,6 @@ impl Node {
             streams,
             request_timeout: config.request_timeout,
             query_timeout: config.query_timeout,
-            emulated_rtt: config.emulated_rtt,
         };
         if !config.emulated_rtt.is_zero() {
             tracing::warn!("emulating a {:?} round trip on every request this node sends (tests and benchmarks only)", config.emulated_rtt);
@@ -279,13 +282,19 @@ impl NodeHandle {
     /// or a refused stream [`Error::Network`]. An `Error` frame is a successful answer here: the
     /// caller decodes it.
     pub fn request(&self, peer: PeerId, frame: Vec<u8>, timeout: Option<Duration>) -> Result<Vec<u8>> {
+        self.start_request(peer, frame, timeout)?.wait()
+    }
+
+    /// [`request`](Self::request) without waiting: the request is under way when this
+    /// returns, and [`Pending::wait`] gives its answer. Several started together travel
+    /// together.
+    pub fn start_request(&self, peer: PeerId, frame: Vec<u8>, timeout: Option<Duration>) -> Result<Pending> {
         let timeout = timeout.unwrap_or(self.request_timeout);
-        if !self.emulated_rtt.is_zero() {
-            std::thread::sleep(self.emulated_rtt); // the calling thread's own wait, as a link's
-        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.commands.send(Command::Request { peer, frame, timeout, reply: tx }).map_err(|_| stopped())?;
         // The loop's task gives up at `timeout` too, so no stream waits forever; the margin
         // lets its own error (more precise) arrive first.
-        self.call(|reply| Command::Request { peer, frame, timeout, reply }, timeout + Duration::from_millis(200), "request")?
+        Ok(Pending { rx, deadline: std::time::Instant::now() + timeout + Duration::from_millis(200) })
     }
 
     /// Asks `peer` to describe itself (an `Info` request) and returns its answer, a JSON
@@ -323,6 +332,11 @@ impl NodeHandle {
         self.streams.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// How long a request may take unless its call says otherwise.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// The frame limits the node was started with.
     pub fn limits(&self) -> crate::wire::Limits {
         self.limits
@@ -343,6 +357,24 @@ impl NodeHandle {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 Err(Error::Timeout(format!("{what} got no answer within {:.3} s", timeout.as_secs_f64())))
             }
+        }
+    }
+}
+
+/// A request under way (see [`NodeHandle::start_request`]).
+pub struct Pending {
+    rx: std::sync::mpsc::Receiver<Result<Vec<u8>>>,
+    deadline: std::time::Instant,
+}
+
+impl Pending {
+    /// Blocks until the answer comes (or the request times out).
+    pub fn wait(self) -> Result<Vec<u8>> {
+        let left = self.deadline.saturating_duration_since(std::time::Instant::now());
+        match self.rx.recv_timeout(left) {
+            Ok(answer) => answer,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(stopped()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Error::Timeout("request got no answer in time".to_string())),
         }
     }
 }

@@ -29,13 +29,14 @@ pub(crate) type OpenReply = oneshot::Sender<Result<Stream, String>>;
 
 /// Asks the behaviour for a new outbound stream to a peer; cloneable, usable from any task.
 #[derive(Clone)]
-pub(crate) struct Opener(mpsc::UnboundedSender<(PeerId, OpenReply)>);
+pub(crate) struct Opener(mpsc::UnboundedSender<(PeerId, Vec<Multiaddr>, OpenReply)>);
 
 impl Opener {
-    /// A new stream to `peer`, once a connection is up and the protocol negotiated.
-    pub(crate) async fn open(&self, peer: PeerId) -> Result<Stream, String> {
+    /// A new stream to `peer`, once a connection is up and the protocol negotiated; `addrs`
+    /// are tried, besides those the node knows, if it must dial.
+    pub(crate) async fn open(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<Stream, String> {
         let (tx, rx) = oneshot::channel();
-        self.0.unbounded_send((peer, tx)).map_err(|_| "the node is shut down".to_string())?;
+        self.0.unbounded_send((peer, addrs, tx)).map_err(|_| "the node is shut down".to_string())?;
         rx.await.map_err(|_| "the connection closed while opening a stream".to_string())?
     }
 }
@@ -43,7 +44,7 @@ impl Opener {
 /// The behaviour; see the module documentation.
 pub struct TensorStreams {
     inbound: mpsc::UnboundedSender<(PeerId, Stream)>,
-    requests: mpsc::UnboundedReceiver<(PeerId, OpenReply)>,
+    requests: mpsc::UnboundedReceiver<(PeerId, Vec<Multiaddr>, OpenReply)>,
     connections: HashMap<PeerId, Vec<ConnectionId>>,
     /// Opens waiting for a connection to their peer.
     waiting: HashMap<PeerId, Vec<OpenReply>>,
@@ -65,7 +66,7 @@ impl TensorStreams {
         (behaviour, Opener(requests_tx), inbound_rx)
     }
 
-    fn open(&mut self, peer: PeerId, reply: OpenReply) {
+    fn open(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, reply: OpenReply) {
         if let Some(&connection) = self.connections.get(&peer).and_then(|c| c.first()) {
             self.events.push_back(ToSwarm::NotifyHandler { peer_id: peer, handler: NotifyHandler::One(connection), event: reply });
             return;
@@ -73,7 +74,11 @@ impl TensorStreams {
         let waiting = self.waiting.entry(peer).or_default();
         waiting.push(reply);
         if waiting.len() == 1 {
-            let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
             self.events.push_back(ToSwarm::Dial { opts });
         }
     }
@@ -147,8 +152,8 @@ impl NetworkBehaviour for TensorStreams {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Infallible, THandlerInEvent<Self>>> {
-        while let Poll::Ready(Some((peer, reply))) = self.requests.poll_next_unpin(cx) {
-            self.open(peer, reply);
+        while let Poll::Ready(Some((peer, addrs, reply))) = self.requests.poll_next_unpin(cx) {
+            self.open(peer, addrs, reply);
         }
         match self.events.pop_front() {
             Some(event) => Poll::Ready(event),

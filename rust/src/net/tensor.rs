@@ -16,12 +16,16 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use std::time::Duration;
+
+use futures::channel::oneshot;
 use futures::{AsyncWriteExt, StreamExt};
-use libp2p::{PeerId, Stream};
+use libp2p::{Multiaddr, PeerId, Stream};
 
 use super::behaviour::InboundStreams;
 use super::codec::{error_frame, error_frame_for, is_whole_frame, read_frame, write_frame, ReadError};
 use super::info::NodeInfo;
+use super::relay::{self, Outbox};
 use super::streams::Opener;
 use super::serve::unexpected;
 use super::FrameHandler;
@@ -37,11 +41,17 @@ pub(crate) struct StreamPool {
     opener: Opener,
     idle: Arc<Mutex<HashMap<PeerId, Vec<Stream>>>>,
     limits: Limits,
+    /// Half of it passes before each request goes out, half after its answer comes in
+    /// ([`super::NodeConfig::emulated_rtt`]).
+    emulated_rtt: Duration,
 }
 
+/// Told once a request's frame is written to its stream (`Ok`), or why it never was.
+pub(crate) type Sent = oneshot::Sender<std::result::Result<(), String>>;
+
 impl StreamPool {
-    pub(crate) fn new(opener: Opener, limits: Limits) -> Self {
-        StreamPool { opener, idle: Arc::default(), limits }
+    pub(crate) fn new(opener: Opener, limits: Limits, emulated_rtt: Duration) -> Self {
+        StreamPool { opener, idle: Arc::default(), limits, emulated_rtt }
     }
 
     fn take_idle(&self, peer: PeerId) -> Option<Stream> {
@@ -57,19 +67,40 @@ impl StreamPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    async fn open(&self, peer: PeerId) -> Result<Stream> {
+    async fn open(&self, peer: PeerId, addrs: &[Multiaddr]) -> Result<Stream> {
         self.opener
-            .open(peer)
+            .open(peer, addrs.to_vec())
             .await
             .map_err(|e| Error::Network(format!("cannot open a tensor stream to {peer}: {e}")))
     }
 
     /// Sends `frame` to `peer` and returns the answer frame.
     pub(crate) async fn request(&self, peer: PeerId, frame: Vec<u8>) -> Result<Vec<u8>> {
+        self.request_via(peer, &[], frame, None).await
+    }
+
+    /// [`request`](Self::request), dialing `addrs` too if no connection is up, and telling
+    /// `sent` once the frame is written (or why it could not be).
+    pub(crate) async fn request_via(&self, peer: PeerId, addrs: &[Multiaddr], frame: Vec<u8>, mut sent: Option<Sent>) -> Result<Vec<u8>> {
+        if !self.emulated_rtt.is_zero() {
+            tokio::time::sleep(self.emulated_rtt / 2).await;
+        }
+        let answer = self.exchange_any(peer, addrs, frame, &mut sent).await;
+        if let (Some(sent), Err(e)) = (sent, &answer) {
+            let _ = sent.send(Err(e.to_string()));
+        }
+        if !self.emulated_rtt.is_zero() {
+            tokio::time::sleep(self.emulated_rtt / 2).await;
+        }
+        answer
+    }
+
+    /// One request, on an idle stream or fresh ones (see the module documentation).
+    async fn exchange_any(&self, peer: PeerId, addrs: &[Multiaddr], frame: Vec<u8>, sent: &mut Option<Sent>) -> Result<Vec<u8>> {
         let whole = is_whole_frame(&frame);
         if whole {
             if let Some(stream) = self.take_idle(peer) {
-                match self.exchange(peer, stream, &frame, true).await {
+                match self.exchange(peer, stream, &frame, true, sent).await {
                     Ok(answer) => return answer,
                     Err(Unanswered(e)) => {
                         tracing::debug!(%peer, "reused tensor stream failed ({e}); retrying on a new one")
@@ -79,8 +110,8 @@ impl StreamPool {
         }
         let mut attempt = 0;
         loop {
-            let stream = self.open(peer).await?;
-            match self.exchange(peer, stream, &frame, whole).await {
+            let stream = self.open(peer, addrs).await?;
+            match self.exchange(peer, stream, &frame, whole, sent).await {
                 Err(Unanswered(e)) if attempt + 1 < OPEN_ATTEMPTS => {
                     tracing::debug!(%peer, "a new tensor stream got no answer ({e}); retrying");
                     attempt += 1;
@@ -102,6 +133,7 @@ impl StreamPool {
         mut stream: Stream,
         bytes: &[u8],
         whole: bool,
+        sent: &mut Option<Sent>,
     ) -> std::result::Result<Result<Vec<u8>>, Unanswered> {
         let what = format!("request to {peer}");
         if whole {
@@ -115,6 +147,9 @@ impl StreamPool {
             if let Err(e) = sent.await {
                 tracing::debug!(%peer, "writing a partial frame: {e}");
             }
+        }
+        if let Some(sent) = sent.take() {
+            let _ = sent.send(Ok(()));
         }
         let answer = match read_frame(&mut stream, &self.limits).await {
             Ok(answer) => answer,
@@ -138,7 +173,9 @@ const OPEN_ATTEMPTS: u64 = 2;
 /// A request that got no answer at all (see [`StreamPool::exchange`]).
 struct Unanswered(Error);
 
-/// What serving a stream needs: the handler, the frame limits and the node's description.
+/// What serving a stream needs: the handler, the frame limits and the node's description;
+/// for relays, the node's streams to other peers, its request timeout, and the outputs
+/// waiting for a `Collect`.
 #[derive(Clone)]
 pub(crate) struct Server {
     pub(crate) handler: HandlerSlot,
@@ -146,6 +183,9 @@ pub(crate) struct Server {
     pub(crate) info: Arc<NodeInfo>,
     /// Inbound streams being served (each a task and, mid-frame, a buffer).
     pub(crate) streams: Arc<AtomicUsize>,
+    pub(crate) pool: StreamPool,
+    pub(crate) request_timeout: Duration,
+    pub(crate) outbox: Arc<Outbox>,
 }
 
 /// Counts a stream being served for as long as it lives.
@@ -171,12 +211,14 @@ pub(crate) async fn serve(mut incoming: InboundStreams, server: Server) {
     }
 }
 
-/// Calls the handler's housekeeping every `period` until the runtime stops.
-pub(crate) async fn maintain(handler: HandlerSlot, period: std::time::Duration) {
+/// Calls the handler's housekeeping, and drops relay outputs nobody collected, every `period`
+/// until the runtime stops.
+pub(crate) async fn maintain(handler: HandlerSlot, outbox: Arc<Outbox>, period: std::time::Duration) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        outbox.expire();
         let current = handler.read().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(h) = current {
             h.maintain();
@@ -236,6 +278,16 @@ async fn answer(peer: PeerId, frame: Vec<u8>, server: &Server) -> Vec<u8> {
             message: "this node serves no layers".to_string(),
         });
     };
+    match kind {
+        Some(Kind::Relay) => relay::answer_relay(peer, frame, handler, server).await,
+        Some(Kind::Collect) => relay::answer_collect(&frame, server).await,
+        _ => run_handler(peer, frame, handler).await,
+    }
+}
+
+/// The handler's answer to `frame`: inline when it says the request is cheap, else on the
+/// blocking pool.
+pub(crate) async fn run_handler(peer: PeerId, frame: Vec<u8>, handler: Arc<dyn FrameHandler>) -> Vec<u8> {
     if handler.inline(&frame) {
         return handler.handle(peer, &frame);
     }

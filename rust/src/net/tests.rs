@@ -262,6 +262,7 @@ fn node_without_handler_refuses_forwards_answers_info_and_ping_and_both_transpor
         info,
         serde_json::json!({
             "mode": "none", "version": "0.1.0", "peer_id": a.peer_id().to_string(), "listen_addrs": listed,
+            "relay": 1, "relays": 0,
         })
     );
     assert_eq!(a.describe(), info);
@@ -463,7 +464,7 @@ impl RawPeer {
     fn stream_with(&self, peer: PeerId, bytes: &[u8]) -> libp2p::Stream {
         use futures::AsyncWriteExt;
         self.runtime.block_on(async {
-            let mut stream = self.opener.open(peer).await.unwrap();
+            let mut stream = self.opener.open(peer, Vec::new()).await.unwrap();
             stream.write_all(bytes).await.unwrap();
             stream.flush().await.unwrap();
             stream

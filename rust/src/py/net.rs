@@ -20,8 +20,11 @@ use crate::error::Error;
 use crate::net::{
     EchoHandler, FrameHandler, Multiaddr, Node, NodeConfig, PeerId, Providers, Transport,
 };
-use crate::span::{self, Hop, SessionLimits, SpanHandler};
+use crate::span::{self, ChainHop, Hop, SessionLimits, SpanHandler};
 use crate::wire::{DType, Limits, ModelId, Span, MODEL_HASH_LEN};
+
+/// What `forward_chain` returns: the hops' outputs, and the failure that ended the route early.
+type ChainAnswer<'py> = (Vec<Bound<'py, PyArray2<f32>>>, Option<Py<pyo3::exceptions::PyBaseException>>);
 
 fn invalid(message: String) -> PyErr {
     to_py_err(Error::InvalidArgument(message))
@@ -234,6 +237,54 @@ impl PyNode {
         let hop = Hop { model: &model, span: Span { first_layer, layer_count }, entries: &entries, wire };
         let out = py.detach(|| span::forward(&self.node, peer, hop, &data, width, timeout)).map_err(to_py_err)?;
         PyArray1::from_vec(py, out).reshape([rows, width])
+    }
+
+    /// forward_chain(route, model_hash, model_name, entries, hidden, wire_dtype="f32",
+    /// timeout=None) -> (outputs, error): runs `hidden` through every hop of `route` (tuples
+    /// of peer id, its addresses as multiaddr strings, first layer, layer count) as a chained
+    /// route: each worker passes its output to the next, and every worker's output comes
+    /// back to this node. `outputs` are the hops' outputs in route order up to the first
+    /// that failed, `error` that failure (the exception `forward` would raise) or None.
+    /// Raises only for bad arguments, before anything is sent. GIL released throughout.
+    #[pyo3(signature = (route, model_hash, model_name, entries, hidden, wire_dtype = "f32", timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_chain<'py>(
+        &self,
+        py: Python<'py>,
+        route: Vec<(String, Vec<String>, u32, u32)>,
+        model_hash: &[u8],
+        model_name: &str,
+        entries: Vec<PyEntry>,
+        hidden: PyReadonlyArray2<'py, f32>,
+        wire_dtype: &str,
+        timeout: Option<f64>,
+    ) -> PyResult<ChainAnswer<'py>> {
+        let route = route
+            .iter()
+            .map(|(peer, addrs, first_layer, layer_count)| {
+                Ok(ChainHop {
+                    peer: parse_peer(peer)?,
+                    addrs: addrs.iter().map(|a| parse_addr(a)).collect::<PyResult<_>>()?,
+                    span: Span { first_layer: *first_layer, layer_count: *layer_count },
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let model = model_id(model_hash, model_name)?;
+        let wire = DType::from_name(wire_dtype).map_err(to_py_err)?;
+        let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
+        let entries = entries_of(&entries);
+        let (data, shape) = matrix_of(&hidden)?;
+        let [rows, width] = [shape.dims()[0], shape.dims()[1]].map(|n| n as usize);
+        let outcome = py
+            .detach(|| span::forward_chain(&self.node, &route, &model, &entries, wire, &data, width, timeout))
+            .map_err(to_py_err)?;
+        let outputs = outcome
+            .outputs
+            .into_iter()
+            .map(|out| PyArray1::from_vec(py, out).reshape([rows, width]))
+            .collect::<PyResult<Vec<_>>>()?;
+        let error = outcome.failure.map(|(_, err)| to_py_err(err).into_value(py));
+        Ok((outputs, error))
     }
 
     /// Asks `peer` to describe itself; returns its `Info` reply as a dict (keys: "mode",

@@ -203,7 +203,9 @@ fn encode_info_reply<'py>(py: Python<'py>, info: &Bound<'py, PyAny>) -> PyResult
 /// then per kind: forward "model_hash", "model_name", "first_layer", "layer_count";
 /// forward / forward_result "entries" (tuples), "dtype", "hidden" (float32 `(rows, width)`);
 /// error "code", "session", "message"; close_session(_ack) "sessions"; ping / pong "nonce";
-/// info_reply "info" (a dict); info none. Raises `FrameError` / `FrameTooLargeError` for
+/// info_reply "info" (a dict); relay the forward keys, "keep" and "next" (tuples of peer id
+/// bytes, address bytes list, first layer, layer count); collect "entries", "wait_ms"; info
+/// and relayed none. Raises `FrameError` / `FrameTooLargeError` for
 /// anything that is not a valid frame (an info reply that is not one JSON object included).
 #[pyfunction]
 #[pyo3(signature = (data, max_frame_bytes = None))]
@@ -228,14 +230,33 @@ fn decode_frame<'py>(
         d.set_item("dtype", tensor.dtype().name())?;
         d.set_item("hidden", PyArray1::from_vec(py, values).reshape(dims)?)?;
     }
+    let forward_items = |f: &Forward<'_>| -> PyResult<()> {
+        d.set_item("entries", entries_to_py(&f.entries))?;
+        d.set_item("model_hash", PyBytes::new(py, &f.model.hash))?;
+        d.set_item("model_name", &f.model.name)?;
+        d.set_item("first_layer", f.span.first_layer)?;
+        d.set_item("layer_count", f.span.layer_count)
+    };
     match &msg {
-        Message::Forward(f) => {
-            d.set_item("entries", entries_to_py(&f.entries))?;
-            d.set_item("model_hash", PyBytes::new(py, &f.model.hash))?;
-            d.set_item("model_name", &f.model.name)?;
-            d.set_item("first_layer", f.span.first_layer)?;
-            d.set_item("layer_count", f.span.layer_count)?;
+        Message::Forward(f) => forward_items(f)?,
+        Message::Relay(r) => {
+            forward_items(&r.forward)?;
+            d.set_item("keep", r.keep)?;
+            let next: Vec<_> = r
+                .next
+                .iter()
+                .map(|h| {
+                    let addrs: Vec<_> = h.addrs.iter().map(|a| PyBytes::new(py, a)).collect();
+                    (PyBytes::new(py, &h.peer), addrs, h.span.first_layer, h.span.layer_count)
+                })
+                .collect();
+            d.set_item("next", next)?;
         }
+        Message::Collect(c) => {
+            d.set_item("entries", entries_to_py(&c.entries))?;
+            d.set_item("wait_ms", c.wait_ms)?;
+        }
+        Message::Relayed => {}
         Message::ForwardResult(r) => d.set_item("entries", entries_to_py(&r.entries))?,
         Message::Error(e) => {
             d.set_item("code", e.code.name())?;

@@ -1,4 +1,5 @@
-//! The client half: one hop of the End node's sessions in one call. The hidden states go
+//! The client half: one hop of the End node's sessions in one call ([`forward`]), or a whole
+//! chained route ([`forward_chain`]). The hidden states go
 //! out as a `Forward` frame, and the answer comes back checked (the same entries, the same
 //! shape) and decoded to f32, or as [`Error::Worker`] carrying the worker's refusal code, so
 //! the caller (Python's routing, rerouting and replay policy) sees values or a typed error,
@@ -6,11 +7,13 @@
 
 use std::time::Duration;
 
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 
 use crate::error::{Error, Result};
 use crate::net::NodeHandle;
-use crate::wire::{DType, Entry, ErrorCode, Forward, Message, ModelId, Shape, Span, Tensor};
+use crate::wire::{
+    Collect, DType, Entry, ErrorCode, Forward, Message, ModelId, NextHop, Relay, Shape, Span, Tensor, MAX_HOP_ADDRS,
+};
 
 /// What one hop runs: which model and layers, for which sessions' positions, in which wire
 /// dtype (the worker answers in the same one).
@@ -34,17 +37,7 @@ pub struct Hop<'a> {
 /// worker's code when it refuses, or with `InvalidRequest` when its answer is not the
 /// result of this request (other entries, another shape, another kind of frame).
 pub fn forward(node: &NodeHandle, peer: PeerId, hop: Hop<'_>, hidden: &[f32], width: usize, timeout: Option<Duration>) -> Result<Vec<f32>> {
-    let rows: u64 = hop.entries.iter().map(|e| u64::from(e.n_tokens)).sum();
-    if width == 0 || hidden.len() as u64 != rows * width as u64 {
-        return Err(Error::Shape(format!(
-            "{} hidden values for {rows} tokens of width {width}",
-            hidden.len()
-        )));
-    }
-    let shape = Shape::matrix(
-        u32::try_from(rows).map_err(|_| Error::Shape(format!("{rows} rows do not fit a frame")))?,
-        u32::try_from(width).map_err(|_| Error::Shape(format!("width {width} does not fit a frame")))?,
-    );
+    let shape = shape_of(hop.entries, hidden, width)?;
     let frame = Message::Forward(Forward {
         model: hop.model.clone(),
         span: hop.span,
@@ -53,16 +46,121 @@ pub fn forward(node: &NodeHandle, peer: PeerId, hop: Hop<'_>, hidden: &[f32], wi
     })
     .encode()?;
     let reply = node.request(peer, frame, timeout)?;
+    output_of(node, peer, &reply, hop.entries, shape)
+}
+
+/// One worker of a chained route: who, where it may be dialed, and which layers it runs.
+#[derive(Clone, Debug)]
+pub struct ChainHop {
+    /// The worker.
+    pub peer: PeerId,
+    /// Addresses the previous worker may dial it at (beyond those it knows); at most
+    /// [`MAX_HOP_ADDRS`] are sent.
+    pub addrs: Vec<Multiaddr>,
+    /// The layers it runs.
+    pub span: Span,
+}
+
+/// What a chained forward gave: each hop's output in route order, up to the first hop that
+/// failed, and that hop's index and error.
+#[derive(Debug)]
+pub struct ChainOutcome {
+    /// The outputs of hops `0..outputs.len()`.
+    pub outputs: Vec<Vec<f32>>,
+    /// The hop that failed and why; `None` when every hop answered.
+    pub failure: Option<(usize, Error)>,
+}
+
+/// Runs `hidden` through every hop of `route` as a chained route (see `net::relay`): a
+/// `Relay` to the first worker, which passes its output on, and so on, with a `Collect` to
+/// every later worker sent at the same time; each worker's output comes back as the answer
+/// to the End node's own request, checked as [`forward`] checks its answer. `model`,
+/// `entries` and `wire` mean what they mean in a [`Hop`] (whose span is each hop's).
+///
+/// Errors: [`Error::Shape`] / [`Error::InvalidArgument`] before anything is sent; once sent,
+/// failures are the outcome's, so the caller keeps what the hops before them gave.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_chain(
+    node: &NodeHandle,
+    route: &[ChainHop],
+    model: &ModelId,
+    entries: &[Entry],
+    wire: DType,
+    hidden: &[f32],
+    width: usize,
+    timeout: Option<Duration>,
+) -> Result<ChainOutcome> {
+    let Some(first) = route.first() else {
+        return Err(Error::InvalidArgument("a chained route needs at least one hop".to_string()));
+    };
+    let shape = shape_of(entries, hidden, width)?;
+    let next = route[1..]
+        .iter()
+        .map(|h| NextHop {
+            peer: h.peer.to_bytes(),
+            addrs: h.addrs.iter().take(MAX_HOP_ADDRS).map(|a| a.to_vec()).collect(),
+            span: h.span,
+        })
+        .collect();
+    let relay = Message::Relay(Relay {
+        keep: false,
+        next,
+        forward: Forward { model: model.clone(), span: first.span, entries: entries.to_vec(), hidden: Tensor::from_f32(hidden, shape, wire)? },
+    })
+    .encode()?;
+    let timeout = timeout.unwrap_or(node.request_timeout());
+    let wait_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    let collect = Message::Collect(Collect { entries: entries.to_vec(), wait_ms }).encode()?;
+    // The relay first: it is the step's path; the collects only have to be there before
+    // their outputs are.
+    let mut pending = Vec::with_capacity(route.len());
+    pending.push(node.start_request(first.peer, relay, Some(timeout)));
+    for hop in &route[1..] {
+        // The worker gives up at `timeout`; the margin lets its own answer say so.
+        pending.push(node.start_request(hop.peer, collect.clone(), Some(timeout + COLLECT_MARGIN)));
+    }
+    let mut outputs = Vec::with_capacity(route.len());
+    for (i, (hop, request)) in route.iter().zip(pending).enumerate() {
+        match request.and_then(|r| r.wait()).and_then(|reply| output_of(node, hop.peer, &reply, entries, shape)) {
+            Ok(values) => outputs.push(values),
+            Err(err) => return Ok(ChainOutcome { outputs, failure: Some((i, err)) }),
+        }
+    }
+    Ok(ChainOutcome { outputs, failure: None })
+}
+
+/// How much longer the End node waits for a `Collect`'s answer than the worker waits for
+/// its relay.
+const COLLECT_MARGIN: Duration = Duration::from_secs(2);
+
+/// The shape of `hidden` as `entries`' rows of `width`, or why it is not one.
+fn shape_of(entries: &[Entry], hidden: &[f32], width: usize) -> Result<Shape> {
+    let rows: u64 = entries.iter().map(|e| u64::from(e.n_tokens)).sum();
+    if width == 0 || hidden.len() as u64 != rows * width as u64 {
+        return Err(Error::Shape(format!(
+            "{} hidden values for {rows} tokens of width {width}",
+            hidden.len()
+        )));
+    }
+    Ok(Shape::matrix(
+        u32::try_from(rows).map_err(|_| Error::Shape(format!("{rows} rows do not fit a frame")))?,
+        u32::try_from(width).map_err(|_| Error::Shape(format!("width {width} does not fit a frame")))?,
+    ))
+}
+
+/// The output a worker's answer carries, checked against the request (`entries`, `shape`);
+/// its refusal, or an answer to something else, as [`Error::Worker`].
+fn output_of(node: &NodeHandle, peer: PeerId, reply: &[u8], entries: &[Entry], shape: Shape) -> Result<Vec<f32>> {
     let refused = |code: ErrorCode, message: String| Error::Worker { peer: peer.to_string(), code, message };
-    match Message::decode(&reply, &node.limits()).map_err(|e| refused(ErrorCode::InvalidRequest, format!("undecodable answer: {e}")))? {
-        Message::ForwardResult(r) if r.entries == hop.entries && r.hidden.shape() == shape => Ok(r.hidden.to_f32()),
+    match Message::decode(reply, &node.limits()).map_err(|e| refused(ErrorCode::InvalidRequest, format!("undecodable answer: {e}")))? {
+        Message::ForwardResult(r) if r.entries == entries && r.hidden.shape() == shape => Ok(r.hidden.to_f32()),
         Message::ForwardResult(r) => Err(refused(
             ErrorCode::InvalidRequest,
             format!(
                 "an answer for entries {:?} of shape {:?}, to a request for {:?} of shape {:?}",
                 r.entries,
                 r.hidden.shape().dims(),
-                hop.entries,
+                entries,
                 shape.dims()
             ),
         )),

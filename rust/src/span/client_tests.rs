@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 
-use super::{forward, Hop, SessionLimits, SpanHandler};
+use super::{forward, forward_chain, ChainHop, Hop, SessionLimits, SpanHandler};
 use crate::compute::ThreadPool;
 use crate::error::Error;
 use crate::model::tests::{tiny_llama, TINY_HIDDEN, TINY_LAYERS};
@@ -130,5 +130,72 @@ fn an_answer_of_another_shape_is_refused_as_the_peers_fault() {
             assert!(message.contains("shape"), "{message}");
         }
         other => panic!("expected a refusal of the answer, got {other:?}"),
+    }
+}
+
+/// A worker node serving layer `layer` of the tiny Llama alone.
+fn one_layer_worker(layer: usize, dir: &TempDir) -> Node {
+    let span = Arc::new(tiny_llama(layer, 1, None));
+    let handler = Arc::new(SpanHandler::new(span, Arc::new(ThreadPool::new(1)), model(), Limits::default(), SessionLimits::default()));
+    let mut c = config(dir, Transport::Tcp, vec![]);
+    c.handler = Some(handler);
+    Node::start(c).unwrap()
+}
+
+#[test]
+fn a_chained_route_gives_every_hops_output_as_hop_by_hop_calls_do() {
+    let dirs: Vec<TempDir> = (0..4).map(|_| TempDir::new()).collect();
+    let workers: Vec<Node> = (0..TINY_LAYERS).map(|l| one_layer_worker(l, &dirs[l])).collect();
+    let client = Node::start(config(&dirs[3], Transport::Tcp, vec![])).unwrap();
+    for w in &workers {
+        client.dial(w.listen_addrs().unwrap()[0].clone()).unwrap();
+    }
+    // The workers never met: each learns the next one's address from the relay.
+    let route: Vec<ChainHop> = workers
+        .iter()
+        .enumerate()
+        .map(|(l, w)| ChainHop { peer: w.peer_id(), addrs: w.listen_addrs().unwrap(), span: Span { first_layer: l as u32, layer_count: 1 } })
+        .collect();
+    let m = model();
+    let mut rng = TestRng::new(5);
+    let (prompt, step) = (rng.gaussians(4 * TINY_HIDDEN), rng.gaussians(TINY_HIDDEN));
+    // Session 1 chained, session 2 hop by hop, same inputs: the same outputs at every hop.
+    let star = |entries: &[Entry], x: &[f32]| -> Vec<Vec<f32>> {
+        let mut outs: Vec<Vec<f32>> = Vec::new();
+        for (hop, w) in route.iter().zip(&workers) {
+            let input = outs.last().map_or(x, |o| o.as_slice());
+            let h = Hop { model: &m, span: hop.span, entries, wire: DType::F32 };
+            let out = forward(&client, w.peer_id(), h, input, TINY_HIDDEN, TIMEOUT).unwrap();
+            outs.push(out);
+        }
+        outs
+    };
+    for (i, (start, x)) in [(0u32, &prompt), (4, &step)].into_iter().enumerate() {
+        let n = (x.len() / TINY_HIDDEN) as u32;
+        let chained = forward_chain(&client, &route, &m, &[entry(1, i as u64, start, n)], DType::F32, x, TINY_HIDDEN, TIMEOUT).unwrap();
+        assert!(chained.failure.is_none(), "{:?}", chained.failure);
+        assert_eq!(chained.outputs, star(&[entry(2, i as u64, start, n)], x), "step {i}");
+    }
+    for w in &workers {
+        assert!(w.describe()["relays"].as_u64().unwrap() >= 2);
+    }
+
+    // A stale step (older than one that ran) is refused, not run over the newer cache.
+    let stale = forward(&client, workers[0].peer_id(), Hop { model: &m, span: route[0].span, entries: &[entry(1, 0, 0, 4)], wire: DType::F32 }, &prompt, TINY_HIDDEN, TIMEOUT);
+    assert!(matches!(stale, Err(Error::Worker { code: ErrorCode::StepMismatch, ref message, .. }) if message.contains("older")), "{stale:?}");
+
+    // A Collect whose relay never comes is answered RelayFailed once its wait is over.
+    let collect = Message::Collect(crate::wire::Collect { entries: vec![entry(9, 0, 0, 1)], wait_ms: 200 }).encode().unwrap();
+    let answer = client.request(workers[1].peer_id(), collect, TIMEOUT).unwrap();
+    assert!(matches!(Message::decode(&answer, &Limits::default()), Ok(Message::Error(e)) if e.code == ErrorCode::RelayFailed));
+
+    // The last worker gone: the second cannot pass its output on, says so, and what the first
+    // gave is kept.
+    workers[2].shutdown();
+    let broken = forward_chain(&client, &route, &m, &[entry(1, 2, 5, 1)], DType::F32, &step, TINY_HIDDEN, TIMEOUT).unwrap();
+    assert_eq!(broken.outputs.len(), 1);
+    match broken.failure {
+        Some((1, Error::Worker { code: ErrorCode::RelayFailed, peer, .. })) => assert_eq!(peer, workers[1].peer_id().to_string()),
+        other => panic!("expected hop 1 to report the broken relay, got {other:?}"),
     }
 }

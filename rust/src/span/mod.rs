@@ -11,5 +11,5 @@ mod client_tests;
 #[cfg(test)]
 mod server_tests;
 
-pub use client::{forward, Hop};
+pub use client::{forward, forward_chain, ChainHop, ChainOutcome, Hop};
 pub use server::{SessionLimits, SpanHandler};

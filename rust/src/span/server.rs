@@ -18,7 +18,9 @@
 //! position, its KV bytes given back, and the tokens run again; a start past the length is a
 //! gap, refused with `StepMismatch`, and so is a retry further back than the sliding-window
 //! layers still hold (at least the last step can always be retried). The budget check before
-//! a request still counts all its tokens as new.
+//! a request still counts all its tokens as new. Steps never go back: a request whose step is
+//! older than the last one run is stale (a chained route's relay the End node overtook by
+//! retrying) and refused with `StepMismatch`, so it cannot cut a newer cache back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,6 +64,9 @@ struct Session {
     /// Keys and values of the session's layers (see [`Held::span`]).
     cache: KvCache,
     last_used: Instant,
+    /// The step of the last request that ran: an older one is stale (a relay overtaken by
+    /// the End node's own retry) and is refused rather than allowed to cut the cache back.
+    step: u64,
 }
 
 /// A session in the table: the layers it runs (fixed when it starts) and its state.
@@ -324,8 +329,9 @@ impl SpanHandler {
             rows = rest;
             let held_after: i64 = locked.guards.iter().map(|g| g.cache.held_bytes() as i64).sum();
             let grown = held_after - locked.held_before;
-            for g in &mut locked.guards {
+            for (g, e) in locked.guards.iter_mut().zip(&q.entries) {
                 g.last_used = now;
+                g.step = e.step;
             }
             drop(locked);
             // Account the sessions at what they hold now: the reservation counted every token
@@ -371,7 +377,7 @@ impl SpanHandler {
                     let first = (span.first_layer - self.span.first_layer() as u32) as usize;
                     let layers = first..first + span.layer_count as usize;
                     let cache = self.span.new_cache_for(layers, self.max_positions());
-                    out.push((Arc::new(Mutex::new(Session { cache, last_used: Instant::now() })), true));
+                    out.push((Arc::new(Mutex::new(Session { cache, last_used: Instant::now(), step: e.step })), true));
                 }
                 None => {
                     return Err(refuse(
@@ -428,6 +434,13 @@ impl SpanHandler {
             let guard = s.try_lock().map_err(|_| {
                 refuse(ErrorCode::StepMismatch, Some(e.session), format!("session {} is busy with another request", e.session))
             })?;
+            if e.step < guard.step {
+                return Err(refuse(
+                    ErrorCode::StepMismatch,
+                    Some(e.session),
+                    format!("session {}: step {} is older than step {}, which already ran", e.session, e.step, guard.step),
+                ));
+            }
             let (len, start) = (guard.cache.len(), e.start_pos as usize);
             if start > len {
                 return Err(refuse(

@@ -109,6 +109,22 @@ pub struct Entry {
 /// `(sum of n_tokens, hidden)` with `hidden >= 1`. Returns the total token count and the
 /// hidden width, or what is wrong (the caller makes it an argument or frame error).
 pub(crate) fn check_batch(entries: &[Entry], shape: &Shape) -> Result<(u64, u32), String> {
+    let tokens = check_entries(entries)?;
+    match *shape.dims() {
+        [rows, hidden] if u64::from(rows) == tokens && hidden >= 1 => Ok((tokens, hidden)),
+        [rows, hidden] if hidden >= 1 => Err(format!(
+            "the hidden-state tensor has {rows} rows, the entries {tokens} tokens"
+        )),
+        _ => Err(format!(
+            "the hidden-state tensor must be (tokens, hidden >= 1), got shape {:?}",
+            shape.dims()
+        )),
+    }
+}
+
+/// Checks entries alone (the rules of [`check_batch`] that do not involve the tensor);
+/// returns their total token count.
+pub(crate) fn check_entries(entries: &[Entry]) -> Result<u64, String> {
     if entries.is_empty() {
         return Err("a batch needs at least one entry".to_string());
     }
@@ -135,14 +151,5 @@ pub(crate) fn check_batch(entries: &[Entry], shape: &Shape) -> Result<(u64, u32)
             ));
         }
     }
-    match *shape.dims() {
-        [rows, hidden] if u64::from(rows) == tokens && hidden >= 1 => Ok((tokens, hidden)),
-        [rows, hidden] if hidden >= 1 => Err(format!(
-            "the hidden-state tensor has {rows} rows, the entries {tokens} tokens"
-        )),
-        _ => Err(format!(
-            "the hidden-state tensor must be (tokens, hidden >= 1), got shape {:?}",
-            shape.dims()
-        )),
-    }
+    Ok(tokens)
 }

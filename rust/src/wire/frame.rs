@@ -41,11 +41,17 @@ pub enum Kind {
     Info = 8,
     /// The answer to an `Info`: one JSON object.
     InfoReply = 9,
+    /// A `Forward` on a chained route: run it, then pass the output on to the next hop.
+    Relay = 10,
+    /// Asks a worker of a chained route for its output of a relayed step, once it has it.
+    Collect = 11,
+    /// A worker's answer to the `Relay` a previous worker sent it: ran, and passed on.
+    Relayed = 12,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Forward,
         Kind::ForwardResult,
         Kind::Error,
@@ -55,6 +61,9 @@ impl Kind {
         Kind::Pong,
         Kind::Info,
         Kind::InfoReply,
+        Kind::Relay,
+        Kind::Collect,
+        Kind::Relayed,
     ];
 
     /// The kind with wire code `code`, or a frame error naming it.
@@ -64,7 +73,7 @@ impl Kind {
             .find(|k| *k as u8 == code)
             .ok_or_else(|| {
                 Error::Frame(format!(
-                    "unknown message kind {code} at byte 6 (known: 1..=9)"
+                    "unknown message kind {code} at byte 6 (known: 1..=12)"
                 ))
             })
     }
@@ -81,6 +90,9 @@ impl Kind {
             Kind::Pong => "pong",
             Kind::Info => "info",
             Kind::InfoReply => "info_reply",
+            Kind::Relay => "relay",
+            Kind::Collect => "collect",
+            Kind::Relayed => "relayed",
         }
     }
 }

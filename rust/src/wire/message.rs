@@ -7,7 +7,7 @@
 //! bytes from the input.
 
 use super::batch::{
-    check_batch, Entry, ModelId, SessionId, Span, ENTRY_LEN, MAX_MODEL_NAME_LEN, MODEL_HASH_LEN,
+    check_batch, check_entries, Entry, ModelId, SessionId, Span, ENTRY_LEN, MAX_MODEL_NAME_LEN, MODEL_HASH_LEN,
 };
 use super::frame::{padding, FrameHeader, Kind, Limits, Reader, Writer, FIXED_HEADER_LEN};
 use super::reply::{ErrorCode, ErrorReply};
@@ -36,6 +36,52 @@ pub struct ForwardResult<'a> {
     pub hidden: Tensor<'a>,
 }
 
+/// Most hops a `Relay` may still name after its own.
+pub const MAX_RELAY_HOPS: usize = 64;
+/// Most addresses a relay hop may carry, and the longest one in bytes.
+pub const MAX_HOP_ADDRS: usize = 8;
+/// Longest address a relay hop may carry, in bytes.
+pub const MAX_HOP_ADDR_LEN: usize = 1024;
+/// Longest peer id a relay hop may carry, in bytes (one length byte).
+pub const MAX_PEER_ID_LEN: usize = 255;
+
+/// A hop still ahead of a `Relay`: who runs it (the transport's peer id and addresses, as
+/// bytes: the codec does not parse them) and which layers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    /// The peer's id, 1 to [`MAX_PEER_ID_LEN`] bytes.
+    pub peer: Vec<u8>,
+    /// Where the peer may be dialed, at most [`MAX_HOP_ADDRS`] of 1 to [`MAX_HOP_ADDR_LEN`]
+    /// bytes each (a hint: the transport may know others).
+    pub addrs: Vec<Vec<u8>>,
+    /// The layers it runs.
+    pub span: Span,
+}
+
+/// A `Relay` request: run `forward`, then send its output to `next[0]` as a `Relay` carrying
+/// `next[1..]` (kept), if any hops are left. A kept relay (`keep`) is answered `Relayed` and
+/// its output waits for a `Collect`; one not kept (the route's first hop, asked by the End
+/// node itself) is answered with the output, as a `Forward` is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Relay<'a> {
+    /// Whether the output waits for a `Collect` (the answer is then `Relayed`).
+    pub keep: bool,
+    /// The hops after this one, in order; at most [`MAX_RELAY_HOPS`].
+    pub next: Vec<NextHop>,
+    /// What to run here.
+    pub forward: Forward<'a>,
+}
+
+/// A `Collect` request: the output of the kept relay with these entries, as a
+/// `ForwardResult` (or the `Error` it ended with), waiting at most `wait_ms` for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Collect {
+    /// The relayed request's entries, exactly.
+    pub entries: Vec<Entry>,
+    /// How long the worker waits for the relay before answering `Timeout`.
+    pub wait_ms: u32,
+}
+
 /// A message: what one frame carries.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message<'a> {
@@ -60,6 +106,12 @@ pub enum Message<'a> {
     /// decoding and encoding again gives the same bytes. Both directions check that it is an
     /// object.
     InfoReply(String),
+    /// Run a batch through a span, then pass it on along a chained route.
+    Relay(Relay<'a>),
+    /// The output of a kept relay, once there.
+    Collect(Collect),
+    /// A kept relay ran (the output waits for its `Collect`) and went on.
+    Relayed,
 }
 
 /// Bytes of an encoded tensor descriptor with `ndim` dimensions: dtype, ndim, u32 dims.
@@ -85,6 +137,9 @@ impl<'a> Message<'a> {
             Message::Pong(_) => Kind::Pong,
             Message::Info => Kind::Info,
             Message::InfoReply(_) => Kind::InfoReply,
+            Message::Relay(_) => Kind::Relay,
+            Message::Collect(_) => Kind::Collect,
+            Message::Relayed => Kind::Relayed,
         }
     }
 
@@ -93,6 +148,7 @@ impl<'a> Message<'a> {
         match self {
             Message::Forward(f) => Some(&f.hidden),
             Message::ForwardResult(r) => Some(&r.hidden),
+            Message::Relay(r) => Some(&r.forward.hidden),
             _ => None,
         }
     }
@@ -102,19 +158,14 @@ impl<'a> Message<'a> {
     fn check(&self) -> Result<()> {
         let invalid = Error::InvalidArgument;
         match self {
-            Message::Forward(f) => {
-                if f.model.name.len() > MAX_MODEL_NAME_LEN {
-                    return Err(invalid(format!(
-                        "model name is {} bytes, at most {MAX_MODEL_NAME_LEN} fit a frame",
-                        f.model.name.len()
-                    )));
-                }
-                if let Some(problem) = f.span.problem() {
-                    return Err(invalid(problem));
-                }
-                check_entry_count(f.entries.len())?;
-                f.hidden.check()?;
-                check_batch(&f.entries, &f.hidden.shape()).map_err(invalid)?;
+            Message::Forward(f) => check_forward(f)?,
+            Message::Relay(r) => {
+                check_forward(&r.forward)?;
+                check_next_hops(&r.next).map_err(invalid)?;
+            }
+            Message::Collect(c) => {
+                check_entry_count(c.entries.len())?;
+                check_entries(&c.entries).map_err(invalid)?;
             }
             Message::ForwardResult(r) => {
                 check_entry_count(r.entries.len())?;
@@ -142,7 +193,7 @@ impl<'a> Message<'a> {
                 }
                 check_json_object(json).map_err(|e| invalid(format!("info {e}")))?;
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Info => {}
+            Message::Ping(_) | Message::Pong(_) | Message::Info | Message::Relayed => {}
         }
         Ok(())
     }
@@ -150,14 +201,9 @@ impl<'a> Message<'a> {
     /// Bytes of the header section before padding.
     fn section_len(&self) -> usize {
         match self {
-            Message::Forward(f) => {
-                MODEL_HASH_LEN
-                    + 1
-                    + f.model.name.len()
-                    + 8
-                    + list_len(f.entries.len(), ENTRY_LEN)
-                    + tensor_desc_len(f.hidden.shape().dims().len())
-            }
+            Message::Forward(f) => forward_section_len(f),
+            Message::Relay(r) => 2 + r.next.iter().map(next_hop_len).sum::<usize>() + forward_section_len(&r.forward),
+            Message::Collect(c) => 4 + list_len(c.entries.len(), ENTRY_LEN),
             Message::ForwardResult(r) => {
                 list_len(r.entries.len(), ENTRY_LEN)
                     + tensor_desc_len(r.hidden.shape().dims().len())
@@ -165,7 +211,7 @@ impl<'a> Message<'a> {
             Message::Error(e) => 2 + 1 + 16 + 4 + e.message.len(),
             Message::CloseSession(ids) | Message::CloseSessionAck(ids) => list_len(ids.len(), 16),
             Message::Ping(_) | Message::Pong(_) => 8,
-            Message::Info => 0,
+            Message::Info | Message::Relayed => 0,
             Message::InfoReply(json) => 4 + json.len(),
         }
     }
@@ -212,14 +258,26 @@ impl<'a> Message<'a> {
         let mut w = Writer::new(buf);
         h.write(&mut w);
         match self {
-            Message::Forward(f) => {
-                w.bytes(&f.model.hash);
-                w.u8(f.model.name.len() as u8);
-                w.bytes(f.model.name.as_bytes());
-                w.u32(f.span.first_layer);
-                w.u32(f.span.layer_count);
-                write_entries(&mut w, &f.entries);
-                write_tensor_desc(&mut w, &f.hidden);
+            Message::Forward(f) => write_forward(&mut w, f),
+            Message::Relay(r) => {
+                w.u8(u8::from(r.keep));
+                w.u8(r.next.len() as u8);
+                for hop in &r.next {
+                    w.u8(hop.peer.len() as u8);
+                    w.bytes(&hop.peer);
+                    w.u8(hop.addrs.len() as u8);
+                    for addr in &hop.addrs {
+                        w.u16(addr.len() as u16);
+                        w.bytes(addr);
+                    }
+                    w.u32(hop.span.first_layer);
+                    w.u32(hop.span.layer_count);
+                }
+                write_forward(&mut w, &r.forward);
+            }
+            Message::Collect(c) => {
+                w.u32(c.wait_ms);
+                write_entries(&mut w, &c.entries);
             }
             Message::ForwardResult(r) => {
                 write_entries(&mut w, &r.entries);
@@ -239,7 +297,7 @@ impl<'a> Message<'a> {
                 }
             }
             Message::Ping(nonce) | Message::Pong(nonce) => w.u64(*nonce),
-            Message::Info => {}
+            Message::Info | Message::Relayed => {}
             Message::InfoReply(json) => {
                 w.u32(json.len() as u32);
                 w.bytes(json.as_bytes());
@@ -272,7 +330,7 @@ impl<'a> Message<'a> {
         let section_end = FIXED_HEADER_LEN + h.header_len as usize;
         let mut r = Reader::new(&frame[FIXED_HEADER_LEN..section_end], FIXED_HEADER_LEN);
         let payload = &frame[section_end..];
-        if h.kind != Kind::Forward && h.kind != Kind::ForwardResult && !payload.is_empty() {
+        if !matches!(h.kind, Kind::Forward | Kind::ForwardResult | Kind::Relay) && !payload.is_empty() {
             return Err(Error::Frame(format!(
                 "a {} frame has no payload, this one has {} bytes",
                 h.kind,
@@ -280,26 +338,34 @@ impl<'a> Message<'a> {
             )));
         }
         let msg = match h.kind {
-            Kind::Forward => {
-                let hash = r.array::<MODEL_HASH_LEN>("model hash")?;
-                let name_len = r.u8("model name length")?;
-                let name = read_str(&mut r, name_len.into(), "model name")?;
-                let span = Span {
-                    first_layer: r.u32("first layer")?,
-                    layer_count: r.u32("layer count")?,
+            Kind::Forward => Message::Forward(read_forward(&mut r, payload, limits)?),
+            Kind::Relay => {
+                let at = r.offset();
+                let keep = match r.u8("keep flag")? {
+                    0 => false,
+                    1 => true,
+                    flag => return Err(Error::Frame(format!("relay keep flag is {flag} at byte {at}, must be 0 or 1"))),
                 };
-                if let Some(problem) = span.problem() {
-                    return Err(Error::Frame(problem));
+                let at = r.offset();
+                let n = r.u8("next hop count")? as usize;
+                if n > MAX_RELAY_HOPS {
+                    return Err(Error::Frame(format!("{n} next hops at byte {at}, at most {MAX_RELAY_HOPS}")));
                 }
-                let entries = read_entries(&mut r, limits)?;
-                let hidden = read_batch_tensor(&mut r, &entries, payload, limits)?;
-                Message::Forward(Forward {
-                    model: ModelId { hash, name },
-                    span,
-                    entries,
-                    hidden,
-                })
+                let mut next = Vec::with_capacity(n);
+                for _ in 0..n {
+                    next.push(read_next_hop(&mut r)?);
+                }
+                let forward = read_forward(&mut r, payload, limits)?;
+                Message::Relay(Relay { keep, next, forward })
             }
+            Kind::Collect => {
+                let wait_ms = r.u32("collect wait")?;
+                let at = r.offset();
+                let entries = read_entries(&mut r, limits)?;
+                check_entries(&entries).map_err(|e| Error::Frame(format!("collect entries at byte {at}: {e}")))?;
+                Message::Collect(Collect { entries, wait_ms })
+            }
+            Kind::Relayed => Message::Relayed,
             Kind::ForwardResult => {
                 let entries = read_entries(&mut r, limits)?;
                 let hidden = read_batch_tensor(&mut r, &entries, payload, limits)?;
@@ -404,6 +470,109 @@ fn at_byte(err: Error, at: usize) -> Error {
         Error::Frame(msg) => Error::Frame(format!("byte {at}: {msg}")),
         other => other,
     }
+}
+
+/// Checks a `Forward`'s fields (also a `Relay`'s), as the decoder would.
+fn check_forward(f: &Forward<'_>) -> Result<()> {
+    let invalid = Error::InvalidArgument;
+    if f.model.name.len() > MAX_MODEL_NAME_LEN {
+        return Err(invalid(format!(
+            "model name is {} bytes, at most {MAX_MODEL_NAME_LEN} fit a frame",
+            f.model.name.len()
+        )));
+    }
+    if let Some(problem) = f.span.problem() {
+        return Err(invalid(problem));
+    }
+    check_entry_count(f.entries.len())?;
+    f.hidden.check()?;
+    check_batch(&f.entries, &f.hidden.shape()).map_err(invalid)?;
+    Ok(())
+}
+
+/// Why a relay's next hops cannot be encoded, if they cannot.
+fn check_next_hops(next: &[NextHop]) -> std::result::Result<(), String> {
+    if next.len() > MAX_RELAY_HOPS {
+        return Err(format!("{} next hops, at most {MAX_RELAY_HOPS}", next.len()));
+    }
+    for (i, hop) in next.iter().enumerate() {
+        if hop.peer.is_empty() || hop.peer.len() > MAX_PEER_ID_LEN {
+            return Err(format!("next hop {i}: a peer id of {} bytes (1 to {MAX_PEER_ID_LEN})", hop.peer.len()));
+        }
+        if hop.addrs.len() > MAX_HOP_ADDRS {
+            return Err(format!("next hop {i}: {} addresses, at most {MAX_HOP_ADDRS}", hop.addrs.len()));
+        }
+        if let Some(a) = hop.addrs.iter().find(|a| a.is_empty() || a.len() > MAX_HOP_ADDR_LEN) {
+            return Err(format!("next hop {i}: an address of {} bytes (1 to {MAX_HOP_ADDR_LEN})", a.len()));
+        }
+        if let Some(problem) = hop.span.problem() {
+            return Err(format!("next hop {i}: {problem}"));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of a `Forward`'s header section (also the tail of a `Relay`'s).
+fn forward_section_len(f: &Forward<'_>) -> usize {
+    MODEL_HASH_LEN + 1 + f.model.name.len() + 8 + list_len(f.entries.len(), ENTRY_LEN) + tensor_desc_len(f.hidden.shape().dims().len())
+}
+
+/// Bytes of one relay hop: peer, addresses, span.
+fn next_hop_len(hop: &NextHop) -> usize {
+    1 + hop.peer.len() + 1 + hop.addrs.iter().map(|a| 2 + a.len()).sum::<usize>() + 8
+}
+
+fn write_forward(w: &mut Writer<'_>, f: &Forward<'_>) {
+    w.bytes(&f.model.hash);
+    w.u8(f.model.name.len() as u8);
+    w.bytes(f.model.name.as_bytes());
+    w.u32(f.span.first_layer);
+    w.u32(f.span.layer_count);
+    write_entries(w, &f.entries);
+    write_tensor_desc(w, &f.hidden);
+}
+
+fn read_forward<'a>(r: &mut Reader<'_>, payload: &'a [u8], limits: &Limits) -> Result<Forward<'a>> {
+    let hash = r.array::<MODEL_HASH_LEN>("model hash")?;
+    let name_len = r.u8("model name length")?;
+    let name = read_str(r, name_len.into(), "model name")?;
+    let span = read_span(r)?;
+    let entries = read_entries(r, limits)?;
+    let hidden = read_batch_tensor(r, &entries, payload, limits)?;
+    Ok(Forward { model: ModelId { hash, name }, span, entries, hidden })
+}
+
+fn read_span(r: &mut Reader<'_>) -> Result<Span> {
+    let span = Span { first_layer: r.u32("first layer")?, layer_count: r.u32("layer count")? };
+    match span.problem() {
+        Some(problem) => Err(Error::Frame(problem)),
+        None => Ok(span),
+    }
+}
+
+fn read_next_hop(r: &mut Reader<'_>) -> Result<NextHop> {
+    let at = r.offset();
+    let peer_len = r.u8("next hop peer id length")? as usize;
+    if peer_len == 0 {
+        return Err(Error::Frame(format!("next hop at byte {at} has an empty peer id")));
+    }
+    let peer = r.take(peer_len, "next hop peer id")?.to_vec();
+    let at = r.offset();
+    let n_addrs = r.u8("next hop address count")? as usize;
+    if n_addrs > MAX_HOP_ADDRS {
+        return Err(Error::Frame(format!("{n_addrs} next hop addresses at byte {at}, at most {MAX_HOP_ADDRS}")));
+    }
+    let mut addrs = Vec::with_capacity(n_addrs);
+    for _ in 0..n_addrs {
+        let at = r.offset();
+        let len = r.u16("next hop address length")? as usize;
+        if len == 0 || len > MAX_HOP_ADDR_LEN {
+            return Err(Error::Frame(format!("a next hop address of {len} bytes at byte {at} (1 to {MAX_HOP_ADDR_LEN})")));
+        }
+        addrs.push(r.take(len, "next hop address")?.to_vec());
+    }
+    let span = read_span(r)?;
+    Ok(NextHop { peer, addrs, span })
 }
 
 fn write_entries(w: &mut Writer<'_>, entries: &[Entry]) {

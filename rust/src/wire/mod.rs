@@ -14,13 +14,13 @@
 //! |-------:|-----:|--------------------------------------------------------------------|
 //! |      0 |    4 | magic `b"MSHP"`                                                    |
 //! |      4 |    2 | version u16, `1`                                                   |
-//! |      6 |    1 | kind u8: 1 Forward, 2 ForwardResult, 3 Error, 4 CloseSession, 5 CloseSessionAck, 6 Ping, 7 Pong, 8 Info, 9 InfoReply |
+//! |      6 |    1 | kind u8: 1 Forward, 2 ForwardResult, 3 Error, 4 CloseSession, 5 CloseSessionAck, 6 Ping, 7 Pong, 8 Info, 9 InfoReply, 10 Relay, 11 Collect, 12 Relayed |
 //! |      7 |    1 | flags u8, `0` (none defined in version 1)                          |
 //! |      8 |    4 | header_len u32: bytes of the header section, padding included       |
 //! |     12 |    4 | reserved u32, `0`                                                  |
 //! |     16 |    8 | payload_len u64: bytes of the payload                              |
 //! |     24 |  h.. | header section: the kind's fields (below), then 0..=7 zero bytes so that `24 + header_len` is a multiple of 8 |
-//! | 24 + header_len | payload_len | payload: raw little-endian tensor bytes, row-major (kinds 1 and 2 only; otherwise empty) |
+//! | 24 + header_len | payload_len | payload: raw little-endian tensor bytes, row-major (kinds 1, 2 and 10 only; otherwise empty) |
 //!
 //! The payload thus starts 8-byte aligned relative to the frame. Unknown versions, kinds,
 //! flags, dtypes and error codes, nonzero reserved or padding bytes, and any byte the kind
@@ -44,6 +44,20 @@
 //! | Ping (6), Pong (7) | `nonce u64` |
 //! | Info (8) | empty (`header_len` 0) |
 //! | InfoReply (9) | `json_len u32 \| json (UTF-8 text of one JSON object)` |
+//! | Relay (10) | `keep u8 (0/1) \| n u8 (<= 64) \| n × next hop \| then exactly a Forward's fields` |
+//! | Collect (11) | `wait_ms u32 \| entries` |
+//! | Relayed (12) | empty |
+//!
+//! A *next hop* is `peer_len u8 (>= 1) \| peer id bytes \| n_addrs u8 (<= 8) \| n_addrs ×
+//! (addr_len u16 (1..=1024) \| address bytes) \| first_layer u32 \| layer_count u32`; the peer
+//! id and addresses are the transport's (libp2p's binary forms), which the codec does not parse.
+//!
+//! Kinds 10-12 make a chained route: the End node sends a `Relay` (not kept) to the first
+//! worker, which answers with its output like a `Forward` and sends its output on to the next
+//! hop as a kept `Relay` naming the hops after it; a kept relay is answered `Relayed`, and its
+//! output waits for the End node's `Collect` (sent to every later hop along with the first
+//! relay). Old readers refuse the new kinds as unknown; a node says it serves them in its
+//! `Info` (`"relay": 1`).
 //!
 //! In `Forward` and `ForwardResult` the tensor is `(sum of n_tokens, hidden)`: entry `i`'s
 //! rows follow entry `i - 1`'s. A batch has at least one entry, every entry at least one
@@ -81,7 +95,10 @@ mod tests_fuzz;
 
 pub use batch::{Entry, ModelId, SessionId, Span, ENTRY_LEN, MAX_MODEL_NAME_LEN, MODEL_HASH_LEN};
 pub use frame::{FrameHeader, Kind, Limits, FIXED_HEADER_LEN, MAGIC, PAYLOAD_ALIGN, VERSION};
-pub use message::{Forward, ForwardResult, Message};
+pub use message::{
+    Collect, Forward, ForwardResult, Message, NextHop, Relay, MAX_HOP_ADDRS, MAX_HOP_ADDR_LEN, MAX_PEER_ID_LEN,
+    MAX_RELAY_HOPS,
+};
 pub use reply::{ErrorCode, ErrorReply};
 pub use tensor::{
     bf16_bytes_to_f32, bf16_to_f32, f16_bytes_to_f32, f32_bytes_to_f32, f32_to_bf16,

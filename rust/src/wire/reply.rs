@@ -32,11 +32,14 @@ pub enum ErrorCode {
     FrameTooLarge = 9,
     /// Anything else went wrong inside the worker.
     Internal = 10,
+    /// A chained route broke at this hop: the worker could not pass its output on to the
+    /// next one, or (answering a `Collect`) no relay reached it in time.
+    RelayFailed = 11,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::UnknownSession,
         ErrorCode::WrongModel,
         ErrorCode::WrongSpan,
@@ -47,6 +50,7 @@ impl ErrorCode {
         ErrorCode::MalformedFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::Internal,
+        ErrorCode::RelayFailed,
     ];
 
     /// Whether another provider of the layers (or the same worker, restarted) can serve the
@@ -61,6 +65,7 @@ impl ErrorCode {
                 | ErrorCode::StepMismatch
                 | ErrorCode::WrongSpan
                 | ErrorCode::Internal
+                | ErrorCode::RelayFailed
         )
     }
 
@@ -69,7 +74,7 @@ impl ErrorCode {
         ErrorCode::ALL
             .into_iter()
             .find(|c| *c as u16 == code)
-            .ok_or_else(|| Error::Frame(format!("unknown error code {code} (known: 1..=10)")))
+            .ok_or_else(|| Error::Frame(format!("unknown error code {code} (known: 1..=11)")))
     }
 
     /// The snake_case name ("unknown_session", ...), as Python sees it.
@@ -85,6 +90,7 @@ impl ErrorCode {
             ErrorCode::MalformedFrame => "malformed_frame",
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::Internal => "internal",
+            ErrorCode::RelayFailed => "relay_failed",
         }
     }
 

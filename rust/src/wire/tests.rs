@@ -73,6 +73,14 @@ pub(super) fn frames_of_every_kind() -> Vec<Vec<u8>> {
             hidden,
         });
         frames.push(res.encode().unwrap());
+        for keep in [false, true] {
+            let relay = Message::Relay(Relay {
+                keep,
+                next: if keep { vec![] } else { next_hops() },
+                forward: Forward { model: model(), span: Span { first_layer: 0, layer_count: 3 }, entries: entries(), hidden },
+            });
+            frames.push(relay.encode().unwrap());
+        }
     }
     for msg in other_messages() {
         frames.push(msg.encode().unwrap());
@@ -99,12 +107,76 @@ fn other_messages() -> Vec<Message<'static>> {
         Message::Ping(0x0123_4567_89ab_cdef),
         Message::Pong(u64::MAX),
         Message::Info,
+        Message::Collect(Collect { entries: entries(), wait_ms: 120_000 }),
+        Message::Relayed,
         Message::InfoReply("{}".to_string()),
         Message::InfoReply(
             r#"{"mode": "span", "first_layer": 10, "n_layers": 10, "name": "\u00e9t\u00e9 \u2713", "x": [1.5, null]}"#
                 .to_string(),
         ),
     ]
+}
+
+/// Two hops for a relay to name: one with two addresses, one with none.
+fn next_hops() -> Vec<NextHop> {
+    vec![
+        NextHop {
+            peer: vec![0x00, 0x24, 0x08, 0x01, 0x12, 0x20, 7, 7, 7],
+            addrs: vec![b"/ip4/127.0.0.1/tcp/4001".to_vec(), vec![4, 127, 0, 0, 1, 6, 0x0f, 0xa1]],
+            span: Span { first_layer: 3, layer_count: 7 },
+        },
+        NextHop { peer: vec![9; 38], addrs: vec![], span: Span { first_layer: 10, layer_count: 2 } },
+    ]
+}
+
+#[test]
+fn relays_carry_their_hops_and_collects_their_entries() {
+    let x = values(6 * 5);
+    let hidden = Tensor::from_f32(&x, Shape::matrix(6, 5), DType::BF16).unwrap();
+    let forward = Forward { model: model(), span: Span { first_layer: 0, layer_count: 3 }, entries: entries(), hidden };
+    let relay = Relay { keep: true, next: next_hops(), forward: forward.clone() };
+    let frame = Message::Relay(relay.clone()).encode().unwrap();
+    match decode(&frame).unwrap() {
+        Message::Relay(got) => {
+            assert_eq!((got.keep, &got.next), (true, &relay.next));
+            assert_eq!((&got.forward.model, got.forward.span, &got.forward.entries), (&forward.model, forward.span, &forward.entries));
+            // The same tensor bytes: the relay's tail is a Forward's fields.
+            assert_eq!(Message::Forward(got.forward).encode().unwrap(), Message::Forward(forward.clone()).encode().unwrap());
+        }
+        other => panic!("decoded {other:?}"),
+    }
+    // What an encoder refuses: hops it cannot name, entries a batch cannot have.
+    let with = |edit: &dyn Fn(&mut Relay<'_>)| {
+        let mut r = relay.clone();
+        edit(&mut r);
+        Message::Relay(r).encode()
+    };
+    assert!(with(&|r| r.next[0].peer.clear()).is_err());
+    assert!(with(&|r| r.next[0].addrs.push(vec![])).is_err());
+    assert!(with(&|r| r.next[1].addrs = vec![vec![1]; MAX_HOP_ADDRS + 1]).is_err());
+    assert!(with(&|r| r.next = vec![r.next[1].clone(); MAX_RELAY_HOPS + 1]).is_err());
+    assert!(with(&|r| r.next[1].span.layer_count = 0).is_err());
+    assert!(Message::Collect(Collect { entries: vec![], wait_ms: 1 }).encode().is_err());
+    // What a decoder refuses: the keep flag's byte (the first of the section) not 0 or 1,
+    // a hop count past the limit, an empty peer id.
+    let mut bad = frame.clone();
+    bad[FIXED_HEADER_LEN] = 2;
+    assert!(frame_error(&bad).contains("keep flag is 2"));
+    let mut bad = frame.clone();
+    bad[FIXED_HEADER_LEN + 1] = MAX_RELAY_HOPS as u8 + 1;
+    assert!(frame_error(&bad).contains("next hops"));
+    let mut bad = frame.clone();
+    bad[FIXED_HEADER_LEN + 2] = 0;
+    assert!(frame_error(&bad).contains("empty peer id"));
+    let collect = Message::Collect(Collect { entries: entries(), wait_ms: 5 }).encode().unwrap();
+    assert_eq!(decode(&collect).unwrap(), Message::Collect(Collect { entries: entries(), wait_ms: 5 }));
+    // A Collect may not carry a session twice.
+    let mut twice = collect.clone();
+    let first_session = FIXED_HEADER_LEN + 4 + 4;
+    let second = first_session + ENTRY_LEN;
+    let id: Vec<u8> = twice[first_session..first_session + 16].to_vec();
+    twice[second..second + 16].copy_from_slice(&id);
+    assert!(frame_error(&twice).contains("appears twice"));
 }
 
 fn decode(frame: &[u8]) -> crate::Result<Message<'_>> {
@@ -607,8 +679,8 @@ fn fixed_header_lies_are_errors() {
     assert!(frame_error(&golden_with(|f| f[0] = b'X')).contains("bad magic"));
     assert!(frame_error(&golden_with(|f| f[4] = 2)).contains("unsupported version 2"));
     assert!(frame_error(&golden_with(|f| f[6] = 0)).contains("unknown message kind 0"));
-    assert!(frame_error(&golden_with(|f| f[6] = 10))
-        .contains("unknown message kind 10 at byte 6 (known: 1..=9)"));
+    assert!(frame_error(&golden_with(|f| f[6] = 13))
+        .contains("unknown message kind 13 at byte 6 (known: 1..=12)"));
     assert!(frame_error(&golden_with(|f| f[7] = 1)).contains("flags"));
     assert!(frame_error(&golden_with(|f| f[13] = 1)).contains("reserved"));
     // header_len: not padding the payload to 8, or pointing past / short of the fields.
@@ -685,7 +757,7 @@ fn other_kinds_reject_lies() {
         f
     };
     assert!(frame_error(&with(&|f| f[24] = 0)).contains("byte 24: unknown error code 0"));
-    assert!(frame_error(&with(&|f| f[24] = 11)).contains("unknown error code 11"));
+    assert!(frame_error(&with(&|f| f[24] = 12)).contains("unknown error code 12"));
     assert!(frame_error(&with(&|f| f[26] = 2)).contains("has-session flag is 2"));
     assert!(frame_error(&with(&|f| f[30] = 1)).contains("nonzero session id"));
     assert!(frame_error(&with(&|f| put_u32(f, 43, 11))).contains("truncated"));

@@ -150,7 +150,7 @@ type Parts = (
 /// A random valid message (tensor kinds with random batches, shapes and dtypes).
 fn message_parts() -> impl Strategy<Value = Parts> {
     (
-        0u8..9,
+        0u8..12,
         prop::collection::vec((any::<u128>(), any::<u64>(), 0u32..1 << 20, 1u32..4), 1..5),
         1u32..6,
         1u8..4,
@@ -241,6 +241,24 @@ proptest! {
             5 => Message::Ping(nonce),
             6 => Message::Pong(nonce),
             7 => Message::Info,
+            9 => Message::Relay(Relay {
+                keep: nonce % 2 == 1,
+                next: (0..(nonce % 4) as usize)
+                    .map(|i| NextHop {
+                        peer: vec![i as u8 + 1; 1 + (nonce as usize >> 3) % 60],
+                        addrs: (0..i).map(|j| text.as_bytes().iter().copied().chain([j as u8]).collect()).collect(),
+                        span: Span { first_layer: i as u32 * 4, layer_count: 4 },
+                    })
+                    .collect(),
+                forward: Forward {
+                    model: ModelId { hash: [nonce as u8; 32], name: text.clone() },
+                    span: Span { first_layer: 0, layer_count: 1 + (nonce as u32 >> 8) % 64 },
+                    entries: entries.clone(),
+                    hidden: tensor,
+                },
+            }),
+            10 => Message::Collect(Collect { entries: entries.clone(), wait_ms: nonce as u32 }),
+            11 => Message::Relayed,
             _ => Message::InfoReply(serde_json::json!({ "text": text, "nonce": nonce, "ids": ids.len() }).to_string()),
         };
         let frame = msg.encode().unwrap();
@@ -253,6 +271,10 @@ proptest! {
                 prop_assert_eq!((&a.model, a.span, &a.entries), (&b.model, b.span, &b.entries));
             }
             (Message::ForwardResult(a), Message::ForwardResult(b)) => prop_assert_eq!(&a.entries, &b.entries),
+            (Message::Relay(a), Message::Relay(b)) => {
+                prop_assert_eq!((a.keep, &a.next), (b.keep, &b.next));
+                prop_assert_eq!((&a.forward.model, a.forward.span, &a.forward.entries), (&b.forward.model, b.forward.span, &b.forward.entries));
+            }
             _ => prop_assert_eq!(&got, &msg),
         }
         if let (Some(a), Some(b)) = (got.tensor(), msg.tensor()) {
