@@ -62,6 +62,19 @@ def _recoverable(error: BaseException) -> bool:
     return isinstance(error, WorkerError) and error.recoverable
 
 
+def _serves_relays(provider: Provider) -> bool:
+    """Whether the provider's Info says it serves chained routes (version 1 or later)."""
+    version = provider.info.get("relay")
+    return isinstance(version, int) and version >= 1
+
+
+def _addresses(provider: Provider) -> list[str]:
+    """The provider's listen addresses from its Info, the strings among them (hints for the
+    worker before it on a chained route)."""
+    addrs = provider.info.get("listen_addrs")
+    return [a for a in addrs if isinstance(a, str)] if isinstance(addrs, list) else []
+
+
 class MeshSession:
     """One generation on the mesh: its id, route, and every hop's inputs so far."""
 
@@ -324,14 +337,14 @@ class MeshPipeline:
     def _chains(self, hops: Sequence[Hop]) -> bool:
         """Whether a step through `hops` goes chained: the mode asks for it, there is more
         than one hop, and every hop's worker serves relays."""
-        return self.route_mode == "chain" and len(hops) > 1 and all(int(h.provider.info.get("relay", 0)) >= 1 for h in hops)
+        return self.route_mode == "chain" and len(hops) > 1 and all(_serves_relays(h.provider) for h in hops)
 
     def _chain(
         self, hops: Sequence[Hop], entries: list[tuple[int, int, int, int]], x: np.ndarray
     ) -> tuple[list[np.ndarray], BaseException | None]:
         """One chained step through `hops`: each hop's output in order up to the first that
         failed, and that failure (None when all answered). One native call, GIL released."""
-        route = [(h.provider.peer_id, list(h.provider.info.get("listen_addrs", [])), h.layers.start, len(h.layers)) for h in hops]
+        route = [(h.provider.peer_id, _addresses(h.provider), h.layers.start, len(h.layers)) for h in hops]
         return self.node.forward_chain(
             route, self.model.digest, self.model.name, entries, x, wire_dtype=self.wire_dtype, timeout=self.request_timeout
         )

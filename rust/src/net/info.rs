@@ -39,6 +39,11 @@ impl NodeInfo {
         NodeInfo { peer_id, relays: Default::default(), listen_addrs: RwLock::new(Vec::new()), fixed: RwLock::new(fixed) }
     }
 
+    /// The node's peer id.
+    pub(crate) fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
     /// Counts a relay run.
     pub(crate) fn count_relay(&self) {
         self.relays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
+use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
 use super::codec::{error_frame, error_frame_for};
@@ -32,7 +33,10 @@ const OUTBOX_TTL: Duration = Duration::from_secs(60);
 /// Most bytes of outputs waiting for a `Collect`; past it the oldest are dropped.
 const OUTBOX_BYTES: usize = 256 << 20;
 
-/// What the outbox holds for one relayed request (keyed by its entries).
+/// What names one relayed step: its chain id and entries.
+type Key = (u64, Vec<Entry>);
+
+/// What the outbox holds for one relayed request (keyed by its chain id and entries).
 enum Slot {
     /// The answer frame (a `ForwardResult`, or the `Error` the relay ended with).
     Ready { frame: Vec<u8>, at: Instant },
@@ -44,23 +48,24 @@ enum Slot {
 /// their relay: the two race, the `Collect` usually arriving first).
 #[derive(Default)]
 pub(crate) struct Outbox {
-    slots: Mutex<HashMap<Vec<Entry>, Slot>>,
+    slots: Mutex<HashMap<Key, Slot>>,
 }
 
 impl Outbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<Entry>, Slot>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Hands `frame` to the `Collect`s waiting for `key`, or keeps it for one.
-    pub(crate) fn put(&self, key: Vec<Entry>, frame: Vec<u8>) {
+    pub(crate) fn put(&self, key: Key, frame: Vec<u8>) {
         let mut slots = self.lock();
         if let Some(Slot::Waiting(waiters)) = slots.remove(&key) {
-            let live: Vec<_> = waiters.into_iter().filter(|w| !w.is_canceled()).collect();
-            if !live.is_empty() {
+            let mut live: Vec<_> = waiters.into_iter().filter(|w| !w.is_canceled()).collect();
+            if let Some(last) = live.pop() {
                 for w in live {
                     let _ = w.send(frame.clone());
                 }
+                let _ = last.send(frame);
                 return;
             }
         }
@@ -80,7 +85,7 @@ impl Outbox {
 
     /// The frame kept for `key`, waiting at most `wait` for it: a `RelayFailed` error frame
     /// when none comes.
-    pub(crate) async fn take(&self, key: Vec<Entry>, wait: Duration) -> Vec<u8> {
+    pub(crate) async fn take(&self, key: Key, wait: Duration) -> Vec<u8> {
         let rx = {
             let mut slots = self.lock();
             match slots.remove(&key) {
@@ -102,7 +107,7 @@ impl Outbox {
             Ok(Ok(frame)) => frame,
             _ => error_frame(ErrorReply {
                 code: ErrorCode::RelayFailed,
-                session: key.first().map(|e| e.session),
+                session: key.1.first().map(|e| e.session),
                 message: format!("no relay for this step reached this worker within {:.1} s", wait.as_secs_f64()),
             }),
         }
@@ -134,7 +139,7 @@ pub(crate) async fn answer_relay(peer: PeerId, frame: Vec<u8>, handler: Arc<dyn 
         Err(e) => return error_frame_for(&e, None),
     };
     drop(frame);
-    let next = match relay.parse_next() {
+    let next = match relay.parse_next(server.info.peer_id()) {
         Ok(next) => next,
         Err(message) => {
             return error_frame(ErrorReply { code: ErrorCode::InvalidRequest, session: relay.first_session(), message })
@@ -159,7 +164,7 @@ pub(crate) async fn answer_relay(peer: PeerId, frame: Vec<u8>, handler: Arc<dyn 
     }
     let failed = answer.get(6) == Some(&(crate::wire::Kind::Error as u8));
     let reply = if failed { answer.clone() } else { Message::Relayed.encode().unwrap_or_else(|e| error_frame_for(&e, None)) };
-    server.outbox.put(relay.entries, answer);
+    server.outbox.put((relay.chain, relay.entries), answer);
     reply
 }
 
@@ -168,7 +173,7 @@ pub(crate) async fn answer_collect(frame: &[u8], server: &Server) -> Vec<u8> {
     match Message::decode(frame, &server.limits) {
         Ok(Message::Collect(c)) => {
             let wait = Duration::from_millis(c.wait_ms.into()).min(MAX_COLLECT_WAIT);
-            server.outbox.take(c.entries, wait).await
+            server.outbox.take((c.chain, c.entries), wait).await
         }
         Ok(other) => super::serve::unexpected(other.kind()),
         Err(e) => error_frame_for(&e, None),
@@ -178,6 +183,8 @@ pub(crate) async fn answer_collect(frame: &[u8], server: &Server) -> Vec<u8> {
 /// What a relay's onward step needs once its frame is gone: the model, its entries, whether
 /// it is kept, the hops after it.
 struct RelayHead {
+    chain: u64,
+    span: crate::wire::Span,
     model: crate::wire::ModelId,
     entries: Vec<Entry>,
     keep: bool,
@@ -186,25 +193,50 @@ struct RelayHead {
 
 impl RelayHead {
     fn of(relay: &Relay<'_>) -> Self {
-        RelayHead { model: relay.forward.model.clone(), entries: relay.forward.entries.clone(), keep: relay.keep, next: relay.next.clone() }
+        RelayHead {
+            chain: relay.chain,
+            span: relay.forward.span,
+            model: relay.forward.model.clone(),
+            entries: relay.forward.entries.clone(),
+            keep: relay.keep,
+            next: relay.next.clone(),
+        }
     }
 
     fn first_session(&self) -> Option<crate::wire::SessionId> {
         self.entries.first().map(|e| e.session)
     }
 
-    /// The next hops' peers and addresses, parsed (a hop that names neither properly is the
-    /// End node's mistake: refused before anything runs).
-    fn parse_next(&self) -> Result<Vec<(PeerId, Vec<Multiaddr>)>, String> {
+    /// The next hops' peers and addresses, parsed and checked: a route goes on through the
+    /// layers after this hop's, each hop starting where the one before ends, through peers
+    /// that are neither this node nor named twice, so a relay cannot loop; a hop's addresses
+    /// may not name another peer (`/p2p/<id>`). Anything else is refused before anything runs.
+    fn parse_next(&self, me: PeerId) -> Result<Vec<(PeerId, Vec<Multiaddr>)>, String> {
+        let mut end = self.span.end();
+        let mut seen = vec![me];
         self.next
             .iter()
             .enumerate()
             .map(|(i, hop)| {
                 let peer = PeerId::from_bytes(&hop.peer).map_err(|e| format!("next hop {i}: not a peer id ({e})"))?;
+                if seen.contains(&peer) {
+                    return Err(format!("next hop {i}: {peer} is on the route already"));
+                }
+                seen.push(peer);
+                if u64::from(hop.span.first_layer) != end {
+                    return Err(format!("next hop {i} starts at layer {}, the route is at layer {end}", hop.span.first_layer));
+                }
+                end = hop.span.end();
                 let addrs = hop
                     .addrs
                     .iter()
-                    .map(|a| Multiaddr::try_from(a.clone()).map_err(|e| format!("next hop {i}: not an address ({e})")))
+                    .map(|a| {
+                        let addr = Multiaddr::try_from(a.clone()).map_err(|e| format!("next hop {i}: not an address ({e})"))?;
+                        match addr.iter().last() {
+                            Some(Protocol::P2p(id)) if id != peer => Err(format!("next hop {i}: address {addr} is another peer's")),
+                            _ => Ok(addr),
+                        }
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok((peer, addrs))
             })
@@ -228,6 +260,7 @@ async fn pass_on(
         Err(e) => return Err(format!("the handler's answer does not decode: {e}")),
     };
     let onward = Message::Relay(Relay {
+        chain: relay.chain,
         keep: true,
         next: relay.next[relay.next.len() - rest.len()..].to_vec(),
         forward: Forward { model: relay.model.clone(), span: relay.next[relay.next.len() - rest.len() - 1].span, entries: result.entries, hidden: result.hidden },

@@ -264,7 +264,8 @@ impl PyNode {
             .map(|(peer, addrs, first_layer, layer_count)| {
                 Ok(ChainHop {
                     peer: parse_peer(peer)?,
-                    addrs: addrs.iter().map(|a| parse_addr(a)).collect::<PyResult<_>>()?,
+                    // Hints a provider gave about itself: one that does not parse is left out.
+                    addrs: addrs.iter().filter_map(|a| a.parse().ok()).collect(),
                     span: Span { first_layer: *first_layer, layer_count: *layer_count },
                 })
             })

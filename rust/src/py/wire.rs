@@ -203,8 +203,8 @@ fn encode_info_reply<'py>(py: Python<'py>, info: &Bound<'py, PyAny>) -> PyResult
 /// then per kind: forward "model_hash", "model_name", "first_layer", "layer_count";
 /// forward / forward_result "entries" (tuples), "dtype", "hidden" (float32 `(rows, width)`);
 /// error "code", "session", "message"; close_session(_ack) "sessions"; ping / pong "nonce";
-/// info_reply "info" (a dict); relay the forward keys, "keep" and "next" (tuples of peer id
-/// bytes, address bytes list, first layer, layer count); collect "entries", "wait_ms"; info
+/// info_reply "info" (a dict); relay the forward keys, "chain", "keep" and "next" (tuples of peer id
+/// bytes, address bytes list, first layer, layer count); collect "chain", "entries", "wait_ms"; info
 /// and relayed none. Raises `FrameError` / `FrameTooLargeError` for
 /// anything that is not a valid frame (an info reply that is not one JSON object included).
 #[pyfunction]
@@ -241,6 +241,7 @@ fn decode_frame<'py>(
         Message::Forward(f) => forward_items(f)?,
         Message::Relay(r) => {
             forward_items(&r.forward)?;
+            d.set_item("chain", r.chain)?;
             d.set_item("keep", r.keep)?;
             let next: Vec<_> = r
                 .next
@@ -254,6 +255,7 @@ fn decode_frame<'py>(
         }
         Message::Collect(c) => {
             d.set_item("entries", entries_to_py(&c.entries))?;
+            d.set_item("chain", c.chain)?;
             d.set_item("wait_ms", c.wait_ms)?;
         }
         Message::Relayed => {}

@@ -102,22 +102,26 @@ pub fn forward_chain(
             span: h.span,
         })
         .collect();
+    let chain = next_chain_id();
     let relay = Message::Relay(Relay {
+        chain,
         keep: false,
         next,
         forward: Forward { model: model.clone(), span: first.span, entries: entries.to_vec(), hidden: Tensor::from_f32(hidden, shape, wire)? },
     })
     .encode()?;
     let timeout = timeout.unwrap_or(node.request_timeout());
-    let wait_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-    let collect = Message::Collect(Collect { entries: entries.to_vec(), wait_ms }).encode()?;
     // The relay first: it is the step's path; the collects only have to be there before
     // their outputs are.
     let mut pending = Vec::with_capacity(route.len());
     pending.push(node.start_request(first.peer, relay, Some(timeout)));
-    for hop in &route[1..] {
-        // The worker gives up at `timeout`; the margin lets its own answer say so.
-        pending.push(node.start_request(hop.peer, collect.clone(), Some(timeout + COLLECT_MARGIN)));
+    for (i, hop) in route.iter().enumerate().skip(1) {
+        // Hop i's input comes after i hops have run, each allowed `timeout`; the worker
+        // gives up then, and the margin lets its own answer say so.
+        let wait = timeout.saturating_mul(i as u32 + 1);
+        let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+        let collect = Message::Collect(Collect { chain, entries: entries.to_vec(), wait_ms }).encode()?;
+        pending.push(node.start_request(hop.peer, collect, Some(wait + COLLECT_MARGIN)));
     }
     let mut outputs = Vec::with_capacity(route.len());
     for (i, (hop, request)) in route.iter().zip(pending).enumerate() {
@@ -127,6 +131,17 @@ pub fn forward_chain(
         }
     }
     Ok(ChainOutcome { outputs, failure: None })
+}
+
+/// A chain id not used before by this process (seeded from the clock, so another process's
+/// ids differ too; a collision would need the same sessions and steps besides).
+fn next_chain_id() -> u64 {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        std::sync::atomic::AtomicU64::new(nanos ^ u64::from(std::process::id()).rotate_left(40))
+    });
+    next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// How much longer the End node waits for a `Collect`'s answer than the worker waits for

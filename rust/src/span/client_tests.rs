@@ -184,8 +184,36 @@ fn a_chained_route_gives_every_hops_output_as_hop_by_hop_calls_do() {
     let stale = forward(&client, workers[0].peer_id(), Hop { model: &m, span: route[0].span, entries: &[entry(1, 0, 0, 4)], wire: DType::F32 }, &prompt, TINY_HIDDEN, TIMEOUT);
     assert!(matches!(stale, Err(Error::Worker { code: ErrorCode::StepMismatch, ref message, .. }) if message.contains("older")), "{stale:?}");
 
+    // A relay that would loop back or skip layers is refused before anything runs.
+    let relay_to = |next: Vec<crate::wire::NextHop>| {
+        let frame = Message::Relay(crate::wire::Relay {
+            chain: 5,
+            keep: false,
+            next,
+            forward: crate::wire::Forward {
+                model: m.clone(),
+                span: route[0].span,
+                entries: vec![entry(3, 0, 0, 1)],
+                hidden: Tensor::from_f32(&step, Shape::matrix(1, TINY_HIDDEN as u32), DType::F32).unwrap(),
+            },
+        })
+        .encode()
+        .unwrap();
+        match Message::decode(&client.request(workers[0].peer_id(), frame, TIMEOUT).unwrap(), &Limits::default()).unwrap() {
+            Message::Error(e) => (e.code, e.message),
+            other => panic!("expected a refusal, got {:?}", other.kind()),
+        }
+    };
+    let hop = |w: &Node, first_layer: u32| crate::wire::NextHop { peer: w.peer_id().to_bytes(), addrs: vec![], span: Span { first_layer, layer_count: 1 } };
+    let (code, message) = relay_to(vec![hop(&workers[1], 1), hop(&workers[0], 2)]);
+    assert_eq!(code, ErrorCode::InvalidRequest);
+    assert!(message.contains("on the route already"), "{message}");
+    let (code, message) = relay_to(vec![hop(&workers[2], 2)]);
+    assert_eq!(code, ErrorCode::InvalidRequest);
+    assert!(message.contains("starts at layer 2, the route is at layer 1"), "{message}");
+
     // A Collect whose relay never comes is answered RelayFailed once its wait is over.
-    let collect = Message::Collect(crate::wire::Collect { entries: vec![entry(9, 0, 0, 1)], wait_ms: 200 }).encode().unwrap();
+    let collect = Message::Collect(crate::wire::Collect { chain: 1, entries: vec![entry(9, 0, 0, 1)], wait_ms: 200 }).encode().unwrap();
     let answer = client.request(workers[1].peer_id(), collect, TIMEOUT).unwrap();
     assert!(matches!(Message::decode(&answer, &Limits::default()), Ok(Message::Error(e)) if e.code == ErrorCode::RelayFailed));
 

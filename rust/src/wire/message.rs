@@ -64,6 +64,9 @@ pub struct NextHop {
 /// node itself) is answered with the output, as a `Forward` is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Relay<'a> {
+    /// Names this attempt at the step: a `Collect` asks for the output of this chain and
+    /// these entries, so a retry's collect never takes an earlier attempt's output.
+    pub chain: u64,
     /// Whether the output waits for a `Collect` (the answer is then `Relayed`).
     pub keep: bool,
     /// The hops after this one, in order; at most [`MAX_RELAY_HOPS`].
@@ -76,6 +79,8 @@ pub struct Relay<'a> {
 /// `ForwardResult` (or the `Error` it ended with), waiting at most `wait_ms` for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Collect {
+    /// The relay's chain id.
+    pub chain: u64,
     /// The relayed request's entries, exactly.
     pub entries: Vec<Entry>,
     /// How long the worker waits for the relay before answering `Timeout`.
@@ -202,8 +207,8 @@ impl<'a> Message<'a> {
     fn section_len(&self) -> usize {
         match self {
             Message::Forward(f) => forward_section_len(f),
-            Message::Relay(r) => 2 + r.next.iter().map(next_hop_len).sum::<usize>() + forward_section_len(&r.forward),
-            Message::Collect(c) => 4 + list_len(c.entries.len(), ENTRY_LEN),
+            Message::Relay(r) => 8 + 2 + r.next.iter().map(next_hop_len).sum::<usize>() + forward_section_len(&r.forward),
+            Message::Collect(c) => 8 + 4 + list_len(c.entries.len(), ENTRY_LEN),
             Message::ForwardResult(r) => {
                 list_len(r.entries.len(), ENTRY_LEN)
                     + tensor_desc_len(r.hidden.shape().dims().len())
@@ -260,6 +265,7 @@ impl<'a> Message<'a> {
         match self {
             Message::Forward(f) => write_forward(&mut w, f),
             Message::Relay(r) => {
+                w.u64(r.chain);
                 w.u8(u8::from(r.keep));
                 w.u8(r.next.len() as u8);
                 for hop in &r.next {
@@ -276,6 +282,7 @@ impl<'a> Message<'a> {
                 write_forward(&mut w, &r.forward);
             }
             Message::Collect(c) => {
+                w.u64(c.chain);
                 w.u32(c.wait_ms);
                 write_entries(&mut w, &c.entries);
             }
@@ -340,6 +347,7 @@ impl<'a> Message<'a> {
         let msg = match h.kind {
             Kind::Forward => Message::Forward(read_forward(&mut r, payload, limits)?),
             Kind::Relay => {
+                let chain = r.u64("chain id")?;
                 let at = r.offset();
                 let keep = match r.u8("keep flag")? {
                     0 => false,
@@ -356,14 +364,15 @@ impl<'a> Message<'a> {
                     next.push(read_next_hop(&mut r)?);
                 }
                 let forward = read_forward(&mut r, payload, limits)?;
-                Message::Relay(Relay { keep, next, forward })
+                Message::Relay(Relay { chain, keep, next, forward })
             }
             Kind::Collect => {
+                let chain = r.u64("chain id")?;
                 let wait_ms = r.u32("collect wait")?;
                 let at = r.offset();
                 let entries = read_entries(&mut r, limits)?;
                 check_entries(&entries).map_err(|e| Error::Frame(format!("collect entries at byte {at}: {e}")))?;
-                Message::Collect(Collect { entries, wait_ms })
+                Message::Collect(Collect { chain, entries, wait_ms })
             }
             Kind::Relayed => Message::Relayed,
             Kind::ForwardResult => {

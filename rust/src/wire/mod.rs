@@ -44,8 +44,8 @@
 //! | Ping (6), Pong (7) | `nonce u64` |
 //! | Info (8) | empty (`header_len` 0) |
 //! | InfoReply (9) | `json_len u32 \| json (UTF-8 text of one JSON object)` |
-//! | Relay (10) | `keep u8 (0/1) \| n u8 (<= 64) \| n × next hop \| then exactly a Forward's fields` |
-//! | Collect (11) | `wait_ms u32 \| entries` |
+//! | Relay (10) | `chain u64 \| keep u8 (0/1) \| n u8 (<= 64) \| n × next hop \| then exactly a Forward's fields` |
+//! | Collect (11) | `chain u64 \| wait_ms u32 \| entries` |
 //! | Relayed (12) | empty |
 //!
 //! A *next hop* is `peer_len u8 (>= 1) \| peer id bytes \| n_addrs u8 (<= 8) \| n_addrs ×

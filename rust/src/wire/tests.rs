@@ -75,6 +75,7 @@ pub(super) fn frames_of_every_kind() -> Vec<Vec<u8>> {
         frames.push(res.encode().unwrap());
         for keep in [false, true] {
             let relay = Message::Relay(Relay {
+                chain: 0x5eed,
                 keep,
                 next: if keep { vec![] } else { next_hops() },
                 forward: Forward { model: model(), span: Span { first_layer: 0, layer_count: 3 }, entries: entries(), hidden },
@@ -107,7 +108,7 @@ fn other_messages() -> Vec<Message<'static>> {
         Message::Ping(0x0123_4567_89ab_cdef),
         Message::Pong(u64::MAX),
         Message::Info,
-        Message::Collect(Collect { entries: entries(), wait_ms: 120_000 }),
+        Message::Collect(Collect { chain: u64::MAX, entries: entries(), wait_ms: 120_000 }),
         Message::Relayed,
         Message::InfoReply("{}".to_string()),
         Message::InfoReply(
@@ -134,11 +135,11 @@ fn relays_carry_their_hops_and_collects_their_entries() {
     let x = values(6 * 5);
     let hidden = Tensor::from_f32(&x, Shape::matrix(6, 5), DType::BF16).unwrap();
     let forward = Forward { model: model(), span: Span { first_layer: 0, layer_count: 3 }, entries: entries(), hidden };
-    let relay = Relay { keep: true, next: next_hops(), forward: forward.clone() };
+    let relay = Relay { chain: 77, keep: true, next: next_hops(), forward: forward.clone() };
     let frame = Message::Relay(relay.clone()).encode().unwrap();
     match decode(&frame).unwrap() {
         Message::Relay(got) => {
-            assert_eq!((got.keep, &got.next), (true, &relay.next));
+            assert_eq!((got.chain, got.keep, &got.next), (77, true, &relay.next));
             assert_eq!((&got.forward.model, got.forward.span, &got.forward.entries), (&forward.model, forward.span, &forward.entries));
             // The same tensor bytes: the relay's tail is a Forward's fields.
             assert_eq!(Message::Forward(got.forward).encode().unwrap(), Message::Forward(forward.clone()).encode().unwrap());
@@ -156,23 +157,23 @@ fn relays_carry_their_hops_and_collects_their_entries() {
     assert!(with(&|r| r.next[1].addrs = vec![vec![1]; MAX_HOP_ADDRS + 1]).is_err());
     assert!(with(&|r| r.next = vec![r.next[1].clone(); MAX_RELAY_HOPS + 1]).is_err());
     assert!(with(&|r| r.next[1].span.layer_count = 0).is_err());
-    assert!(Message::Collect(Collect { entries: vec![], wait_ms: 1 }).encode().is_err());
-    // What a decoder refuses: the keep flag's byte (the first of the section) not 0 or 1,
-    // a hop count past the limit, an empty peer id.
+    assert!(Message::Collect(Collect { chain: 1, entries: vec![], wait_ms: 1 }).encode().is_err());
+    // What a decoder refuses: the keep flag's byte (after the chain id) not 0 or 1, a hop
+    // count past the limit, an empty peer id.
     let mut bad = frame.clone();
-    bad[FIXED_HEADER_LEN] = 2;
+    bad[FIXED_HEADER_LEN + 8] = 2;
     assert!(frame_error(&bad).contains("keep flag is 2"));
     let mut bad = frame.clone();
-    bad[FIXED_HEADER_LEN + 1] = MAX_RELAY_HOPS as u8 + 1;
+    bad[FIXED_HEADER_LEN + 9] = MAX_RELAY_HOPS as u8 + 1;
     assert!(frame_error(&bad).contains("next hops"));
     let mut bad = frame.clone();
-    bad[FIXED_HEADER_LEN + 2] = 0;
+    bad[FIXED_HEADER_LEN + 10] = 0;
     assert!(frame_error(&bad).contains("empty peer id"));
-    let collect = Message::Collect(Collect { entries: entries(), wait_ms: 5 }).encode().unwrap();
-    assert_eq!(decode(&collect).unwrap(), Message::Collect(Collect { entries: entries(), wait_ms: 5 }));
+    let collect = Message::Collect(Collect { chain: 3, entries: entries(), wait_ms: 5 }).encode().unwrap();
+    assert_eq!(decode(&collect).unwrap(), Message::Collect(Collect { chain: 3, entries: entries(), wait_ms: 5 }));
     // A Collect may not carry a session twice.
     let mut twice = collect.clone();
-    let first_session = FIXED_HEADER_LEN + 4 + 4;
+    let first_session = FIXED_HEADER_LEN + 8 + 4 + 4;
     let second = first_session + ENTRY_LEN;
     let id: Vec<u8> = twice[first_session..first_session + 16].to_vec();
     twice[second..second + 16].copy_from_slice(&id);

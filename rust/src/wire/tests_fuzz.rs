@@ -242,6 +242,7 @@ proptest! {
             6 => Message::Pong(nonce),
             7 => Message::Info,
             9 => Message::Relay(Relay {
+                chain: nonce.rotate_left(7),
                 keep: nonce % 2 == 1,
                 next: (0..(nonce % 4) as usize)
                     .map(|i| NextHop {
@@ -257,7 +258,7 @@ proptest! {
                     hidden: tensor,
                 },
             }),
-            10 => Message::Collect(Collect { entries: entries.clone(), wait_ms: nonce as u32 }),
+            10 => Message::Collect(Collect { chain: nonce, entries: entries.clone(), wait_ms: nonce as u32 }),
             11 => Message::Relayed,
             _ => Message::InfoReply(serde_json::json!({ "text": text, "nonce": nonce, "ids": ids.len() }).to_string()),
         };
@@ -272,7 +273,7 @@ proptest! {
             }
             (Message::ForwardResult(a), Message::ForwardResult(b)) => prop_assert_eq!(&a.entries, &b.entries),
             (Message::Relay(a), Message::Relay(b)) => {
-                prop_assert_eq!((a.keep, &a.next), (b.keep, &b.next));
+                prop_assert_eq!((a.chain, a.keep, &a.next), (b.chain, b.keep, &b.next));
                 prop_assert_eq!((&a.forward.model, a.forward.span, &a.forward.entries), (&b.forward.model, b.forward.span, &b.forward.entries));
             }
             _ => prop_assert_eq!(&got, &msg),
