@@ -202,10 +202,16 @@ def init_logging(level: str) -> bool:
     False when already set up (the first call wins)."""
 
 # net (rust/src/py/net.rs)
-# A libp2p node: identity key in node_dir, TCP+Noise+Yamux and/or QUIC, Kademlia provider
+# A libp2p node: identity key in node_dir, TCP+Noise+Yamux and/or QUIC (TCP alone, under a
+# private-network layer, with network_key), Kademlia provider
 # records, and the tensor protocol "/meshpy/tensor/1" (one wire frame per request/response).
 # Calls that wait on the network release the GIL; failures raise NetworkError /
 # RequestTimeoutError / IdentityError (meshpy.errors).
+
+def generate_network_key(path: str | os.PathLike[str]) -> str:
+    """Writes a new random network key to `path` (owner-only; never over a file); its fingerprint."""
+def network_key_fingerprint(path: str | os.PathLike[str]) -> str:
+    """The fingerprint of the network key in `path`."""
 
 class Node:
     def __init__(
@@ -228,6 +234,7 @@ class Node:
         info: dict[str, Any] | None = None,
         provider_ttl: float = 600.0,
         dht_server: bool = True,
+        network_key: str | os.PathLike[str] | None = None,
     ) -> None: ...
     @property
     def peer_id(self) -> str: ...

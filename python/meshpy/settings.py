@@ -23,6 +23,7 @@ __all__ = [
     "WorkerSettings",
     "StatusSettings",
     "ServeSettings",
+    "KeygenSettings",
 ]
 
 T = TypeVar("T")
@@ -37,9 +38,12 @@ def setting(
     maximum: float | None = None,
     choices: tuple[Any, ...] | None = None,
     short: str | None = None,
+    positional: bool = False,
 ) -> Any:
-    """A settings field: default (none means required), description, bounds, choices."""
-    meta = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "short": short}
+    """A settings field: default (none means required), description, bounds, choices; a
+    positional one is given on the command line without its flag (`meshpy keygen FILE`)."""
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "short": short,
+            "positional": positional}
     if default is _MISSING:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         required = f.default is _MISSING
         help_text = meta.get("help", "")
         help_text += f" [env {_env(f.name)}" + ("]" if required else f"; default {f.default!r}]")
-        if tp is bool:
+        if meta.get("positional"):
+            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", type=str, default=None, help=help_text)
+        elif tp is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(*names, dest=f.name, type=str, default=None, choices=meta.get("choices"), help=help_text)
@@ -144,6 +150,7 @@ class GenerateSettings:
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=("tcp", "quic", "both"))
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
     route: str = setting("chain", "how a step crosses the mesh: chain (worker to worker, N+1 link crossings for N workers) or star (each worker a round trip from here, 2N)", choices=("chain", "star"))
+    network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
 
 
@@ -158,6 +165,7 @@ class NodeSettings:
     host: str = setting("0.0.0.0", "address to listen on (127.0.0.1: this machine only)")
     transport: str = setting("both", "transports to listen on", choices=_TRANSPORTS)
     node_dir: Path | None = setting(None, "directory of the node's identity key (default: per role and port)")
+    network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
 
 
 @dataclass(frozen=True)
@@ -183,12 +191,21 @@ class WorkerSettings(NodeSettings):
 
 
 @dataclass(frozen=True)
+class KeygenSettings:
+    """`meshpy keygen`: writes a new network key; give the file to every node of the mesh
+    (--network-key FILE, or MESHPY_NETWORK_KEY)."""
+
+    path: Path = setting(help="where to write the key (never over an existing file)", positional=True)
+
+
+@dataclass(frozen=True)
 class StatusSettings:
     """`meshpy status`: the workers of a mesh, their layers, and layers nobody serves."""
 
     bootstrap: str = setting(help="multiaddr of a mesh node (comma-separated for several)")
     model: Path | None = setting(None, "only this model (default: every model the workers serve)", short="-m")
     transport: str = setting("tcp", "transport this client listens on", choices=_TRANSPORTS)
+    network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
 
 
 @dataclass(frozen=True)
@@ -213,6 +230,7 @@ class ServeSettings:
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=_TRANSPORTS)
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
     route: str = setting("chain", "how a step crosses the mesh: chain (worker to worker, N+1 link crossings for N workers) or star (each worker a round trip from here, 2N)", choices=("chain", "star"))
+    network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
 
 

@@ -13,6 +13,7 @@ from meshpy.settings import (
     BootstrapSettings,
     DemoSettings,
     GenerateSettings,
+    KeygenSettings,
     ServeSettings,
     StatusSettings,
     WorkerSettings,
@@ -32,6 +33,7 @@ _COMMANDS: dict[str, tuple[type, str, str]] = {
     "status": (StatusSettings, "meshpy.cli.mesh:run_status", "list a mesh's workers and uncovered layers"),
     "serve": (ServeSettings, "meshpy.cli.serve:run_serve", "serve a model over an OpenAI-compatible HTTP API"),
     "demo": (DemoSettings, "meshpy.cli.demo:run_demo", "a whole mesh and server on this machine, one request"),
+    "keygen": (KeygenSettings, "meshpy.cli.mesh:run_keygen", "write a network key: only nodes holding it join the mesh"),
 }
 
 #: Commands that run as servers log what they do by default.

@@ -52,6 +52,7 @@ def _connect(settings: GenerateSettings) -> Model:
         transport=settings.transport,
         wire_dtype=settings.wire_dtype,
         route=settings.route,
+        network_key=settings.network_key,
         route_timeout=settings.route_timeout,
     )
     pipeline = model.pipeline

@@ -17,10 +17,11 @@ from meshpy.mesh.worker import Worker
 from meshpy.generation import model_path
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
+from meshpy import _native
 from meshpy.cli.signals import stop_on_sigterm
-from meshpy.settings import BootstrapSettings, NodeSettings, StatusSettings, WorkerSettings
+from meshpy.settings import BootstrapSettings, KeygenSettings, NodeSettings, StatusSettings, WorkerSettings
 
-__all__ = ["run_bootstrap", "run_worker", "run_status"]
+__all__ = ["run_bootstrap", "run_worker", "run_status", "run_keygen"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def _describe(info: dict[str, Any]) -> str:
 def run_status(settings: StatusSettings) -> int:
     """Prints every worker, its addresses and layers, then each model's uncovered layers."""
     node, node_dir = start_node(
-        NodeSettings(port=0, host="127.0.0.1", transport=settings.transport), "status", parse_bootstrap(settings.bootstrap),
+        NodeSettings(port=0, host="127.0.0.1", transport=settings.transport, network_key=settings.network_key), "status",
+        parse_bootstrap(settings.bootstrap),
         dht_server=False,
     )
     try:
@@ -102,4 +104,12 @@ def run_status(settings: StatusSettings) -> int:
     finally:
         node.close()
         node_dir.cleanup()
+    return 0
+
+
+def run_keygen(settings: KeygenSettings) -> int:
+    """Writes a new network key and says how to use it."""
+    fingerprint = _native.generate_network_key(str(settings.path))
+    print(f"network key {fingerprint} written to {settings.path}; give it to every node of the mesh "
+          f"(--network-key {settings.path}, or MESHPY_NETWORK_KEY)")
     return 0

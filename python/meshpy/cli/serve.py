@@ -30,6 +30,7 @@ def _open(settings: ServeSettings) -> Model:
             transport=settings.transport,
             wire_dtype=settings.wire_dtype,
             route=settings.route,
+            network_key=settings.network_key,
             route_timeout=settings.route_timeout,
         )
     return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, kv_dtype=settings.kv_dtype)

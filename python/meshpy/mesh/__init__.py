@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from meshpy import _native
 from meshpy.end_model import EndModel
@@ -48,6 +49,7 @@ def connect(
     host: str = "127.0.0.1",
     wire_dtype: str = "f32",
     route: str = "chain",
+    network_key: str | os.PathLike[str] | None = None,
     route_timeout: float = 30.0,
     lanes: int | None = None,
 ) -> Model:
@@ -58,7 +60,8 @@ def connect(
     DHT); only embedding, final norm and head are loaded. `wire_dtype` "f32" gives exactly the
     single-process tokens; "bf16" halves the bytes on the wire. `route`: "chain" passes each
     step from worker to worker (N + 1 link crossings for N workers), "star" makes each worker a
-    round trip from here (2N); both give the same tokens. `lanes`: batches of
+    round trip from here (2N); both give the same tokens. `network_key`: the mesh's key file,
+    for a mesh whose nodes hold one (TCP only). `lanes`: batches of
     generations kept in flight at once (default `MeshPipeline.in_flight`). Close the model
     to leave.
     """
@@ -66,7 +69,8 @@ def connect(
     config = read_config(source)
     identity = model_identity(source)
     addrs = parse_bootstrap(bootstrap if isinstance(bootstrap, str) else " ".join(bootstrap))
-    node, node_dir = start_node(NodeSettings(port=0, host=host, transport=transport), "client", addrs, dht_server=False)
+    key = None if network_key is None else Path(network_key)
+    node, node_dir = start_node(NodeSettings(port=0, host=host, transport=transport, network_key=key), "client", addrs, dht_server=False)
     pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, route_mode=route, on_close=node_dir.cleanup)
     try:
         pipeline.wait_for_route(route_timeout)

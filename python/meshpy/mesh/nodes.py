@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from meshpy import _native
-from meshpy.errors import InvalidArgumentError
+from meshpy.errors import InvalidArgumentError, NetworkError
 from meshpy.settings import NodeSettings
 
 __all__ = ["parse_bootstrap", "data_dir", "NodeDir", "start_node"]
@@ -60,8 +60,10 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
     """A node listening as `settings` says, joined to the mesh through `bootstrap`."""
     node_dir = NodeDir(settings.node_dir, role, settings.port)
     try:
+        key = None if settings.network_key is None else str(settings.network_key)
         node = _native.Node(
-            str(node_dir.path), settings.port, settings.transport, bootstrap or [], None, host=settings.host, **kwargs
+            str(node_dir.path), settings.port, settings.transport, bootstrap or [], None, host=settings.host,
+            network_key=key, **kwargs,
         )
     except BaseException:
         node_dir.cleanup()
@@ -69,6 +71,11 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
     if bootstrap:
         try:
             node.bootstrap()
+            # A DHT bootstrap can end without reaching anyone; a node alone is no use.
+            wanted = {a.rsplit("/p2p/", 1)[1] for a in bootstrap}
+            if not wanted & set(node.connected_peers()):
+                key_hint = "this node's network key is not the mesh's" if settings.network_key else "the mesh may have a network key (--network-key)"
+                raise NetworkError(f"cannot connect to the bootstrap node ({', '.join(bootstrap)}): it is unreachable, or {key_hint}")
         except BaseException:
             node.close()
             node_dir.cleanup()

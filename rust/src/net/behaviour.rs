@@ -1,10 +1,14 @@
 //! The node's libp2p behaviour (identify, ping, Kademlia in server mode, and raw streams for
 //! the tensor protocol) and the swarm built around it: TCP with Noise and Yamux, and
 //! QUIC, on tokio. Both transports can always dial; which ones listen is the node's choice.
+//! With a network key, TCP alone, under the private-network layer.
 
 use std::time::Duration;
 
+use libp2p::core::upgrade::Version;
+use libp2p::core::Transport as _;
 use libp2p::identity::Keypair;
+use libp2p::pnet::PnetConfig;
 use libp2p::kad::store::MemoryStore;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, kad, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
@@ -37,45 +41,68 @@ pub struct MeshBehaviour {
 pub(crate) type InboundStreams = futures::channel::mpsc::UnboundedReceiver<(libp2p::PeerId, libp2p::Stream)>;
 
 /// Builds the swarm for `keypair` with `config`'s timeouts; also returns the handle that opens
-/// tensor streams and the queue of inbound ones.
+/// tensor streams and the queue of inbound ones. With a network key, TCP connections carry
+/// libp2p's private-network layer under Noise and there is no QUIC (see `network_key`).
 pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swarm<MeshBehaviour>, Opener, InboundStreams)> {
     let (tensor, opener, inbound) = TensorStreams::new();
     let net = |what: &str, e: &dyn std::fmt::Display| Error::Network(format!("{what}: {e}"));
-    let mut tcp_config = tcp::Config::default();
-    tcp_config = tcp_config.nodelay(true);
-    let query_timeout = config.query_timeout;
-    let provider_ttl = config.provider_ttl;
+    let tcp_config = tcp::Config::default().nodelay(true);
+    let (query_timeout, provider_ttl) = (config.query_timeout, config.provider_ttl);
     let kad_mode = if config.dht_server { kad::Mode::Server } else { kad::Mode::Client };
-    let swarm = SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
-        .map_err(|e| net("TCP transport", &e))?
-        .with_quic()
-        .with_behaviour(|key| {
-            let peer_id = key.public().to_peer_id();
-            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
-            kad_config.set_query_timeout(query_timeout);
-            // Records of dead providers expire; live ones are re-announced well before.
-            kad_config.set_provider_record_ttl(Some(provider_ttl));
-            kad_config.set_provider_publication_interval(Some(provider_ttl / 4));
-            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
-            kad.set_mode(Some(kad_mode));
-            MeshBehaviour {
-                identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())),
-                ping: ping::Behaviour::new(ping::Config::new()),
-                kad,
-                tensor,
-            }
-        })
-        .map_err(|e| net("behaviour", &e))?
-        .with_swarm_config(|c| {
-            c.with_idle_connection_timeout(Duration::from_secs(300))
-                // Every meshpy node speaks every protocol we open streams for, so a stream can
-                // carry its first frame with the protocol proposal instead of waiting a round
-                // trip for the confirmation (multistream-select "V1 lazy"): one loopback round
-                // trip less per tensor request.
-                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
-        })
-        .build();
+    let behaviour = move |key: &Keypair| {
+        let peer_id = key.public().to_peer_id();
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config.set_query_timeout(query_timeout);
+        // Records of dead providers expire; live ones are re-announced well before.
+        kad_config.set_provider_record_ttl(Some(provider_ttl));
+        kad_config.set_provider_publication_interval(Some(provider_ttl / 4));
+        let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+        kad.set_mode(Some(kad_mode));
+        MeshBehaviour {
+            identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())),
+            ping: ping::Behaviour::new(ping::Config::new()),
+            kad,
+            tensor,
+        }
+    };
+    let swarm_config = |c: libp2p::swarm::Config| {
+        c.with_idle_connection_timeout(Duration::from_secs(300))
+            // Every meshpy node speaks every protocol we open streams for, so a stream can
+            // carry its first frame with the protocol proposal instead of waiting a round
+            // trip for the confirmation (multistream-select "V1 lazy"): one loopback round
+            // trip less per tensor request.
+            .with_substream_upgrade_protocol_override(Version::V1Lazy)
+    };
+    let swarm = match &config.network_key {
+        None => SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
+            .map_err(|e| net("TCP transport", &e))?
+            .with_quic()
+            .with_behaviour(behaviour)
+            .map_err(|e| net("behaviour", &e))?
+            .with_swarm_config(swarm_config)
+            .build(),
+        Some(network_key) => {
+            let psk = network_key.psk();
+            SwarmBuilder::with_existing_identity(keypair)
+                .with_tokio()
+                .with_other_transport(|key| {
+                    let noise = noise::Config::new(key)?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                        tcp::tokio::Transport::new(tcp_config)
+                            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                            .upgrade(Version::V1Lazy)
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default()),
+                    )
+                })
+                .map_err(|e| net("private TCP transport", &e))?
+                .with_behaviour(behaviour)
+                .map_err(|e| net("behaviour", &e))?
+                .with_swarm_config(swarm_config)
+                .build()
+        }
+    };
     Ok((swarm, opener, inbound))
 }

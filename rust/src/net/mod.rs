@@ -14,6 +14,7 @@ mod behaviour;
 mod codec;
 pub mod identity;
 mod info;
+pub mod network_key;
 mod node;
 mod relay;
 mod serve;
@@ -35,6 +36,7 @@ pub(crate) use codec::error_frame_for;
 pub(crate) use serve::unexpected;
 pub use info::JsonObject;
 pub use libp2p::{Multiaddr, PeerId};
+pub use network_key::NetworkKey;
 pub use node::{Node, NodeHandle, Pending, Providers};
 pub use serve::{EchoHandler, FrameHandler};
 
@@ -107,6 +109,9 @@ pub struct NodeConfig {
     /// answer nobody waits on (a relay to the next hop) costs its receiver half. Zero unless
     /// `MESHPY_EMULATED_RTT_MS` is set.
     pub emulated_rtt: Duration,
+    /// The mesh's shared key: only nodes holding it can connect (TCP only; see
+    /// `network_key`). `None`: an open mesh.
+    pub network_key: Option<NetworkKey>,
 }
 
 /// Environment variable giving [`NodeConfig::emulated_rtt`] in milliseconds.
@@ -141,6 +146,7 @@ impl NodeConfig {
             handler: None,
             info: JsonObject::new(),
             emulated_rtt: emulated_rtt_from_env(),
+            network_key: None,
         }
     }
 }

@@ -85,7 +85,23 @@ impl Node {
     /// Loads (or creates) the identity in `config.node_dir`, opens the listeners and waits until
     /// each reports its address (so [`NodeHandle::listen_addrs`] shows the real ports), dials
     /// the bootstrap peers and starts a DHT bootstrap in the background.
-    pub fn start(config: NodeConfig) -> Result<Node> {
+    pub fn start(mut config: NodeConfig) -> Result<Node> {
+        if let Some(key) = &config.network_key {
+            match config.transport {
+                Transport::Quic => {
+                    return Err(Error::InvalidArgument(
+                        "a network key protects TCP connections only: QUIC runs its own TLS handshake, which libp2p's \
+                         private-network layer cannot wrap, so a keyed node uses TCP (--transport tcp)"
+                            .to_string(),
+                    ))
+                }
+                Transport::Both => {
+                    tracing::info!("network key {}: listening on TCP only (QUIC cannot carry the key)", key.fingerprint());
+                    config.transport = Transport::Tcp;
+                }
+                Transport::Tcp => tracing::info!("network key {}: only nodes holding it can connect", key.fingerprint()),
+            }
+        }
         let keypair = identity::load_or_create(&config.node_dir)?;
         let peer_id = keypair.public().to_peer_id();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -115,7 +131,7 @@ impl Node {
             };
             tokio::spawn(tensor::serve(incoming, server));
             tokio::spawn(tensor::maintain(Arc::clone(&handler), outbox, Duration::from_secs(1)));
-            let mut state = Loop::new(swarm, pool, listen_addrs, Arc::clone(&info));
+            let mut state = Loop::new(swarm, pool, listen_addrs, Arc::clone(&info), config.network_key.is_some());
             for addr in &config.bootstrap {
                 state.add_bootstrap_peer(addr)?;
             }
@@ -425,10 +441,12 @@ struct Loop {
     lookups: HashMap<QueryId, (HashSet<PeerId>, LookupReply)>,
     batches: HashMap<u64, Batch>,
     next_batch: u64,
+    /// Whether the mesh is keyed (refused connections are then said to be about the key).
+    keyed: bool,
 }
 
 impl Loop {
-    fn new(swarm: Swarm<MeshBehaviour>, pool: StreamPool, listen_addrs: Vec<Multiaddr>, info: Arc<NodeInfo>) -> Self {
+    fn new(swarm: Swarm<MeshBehaviour>, pool: StreamPool, listen_addrs: Vec<Multiaddr>, info: Arc<NodeInfo>, keyed: bool) -> Self {
         Loop {
             swarm,
             pool,
@@ -441,6 +459,7 @@ impl Loop {
             lookups: HashMap::new(),
             batches: HashMap::new(),
             next_batch: 0,
+            keyed,
         }
     }
 
@@ -605,10 +624,17 @@ impl Loop {
                     let _ = tx.send(Ok(peer_id));
                 }
             }
-            SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError { connection_id, error, peer_id } => {
+                tracing::debug!(peer = ?peer_id, "dial failed: {error}");
                 if let Some(tx) = self.dials.remove(&connection_id) {
                     let _ = tx.send(Err(Error::Network(format!("dial failed: {error}"))));
                 }
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                // With a network key, a peer without it (or with another) fails here, in the
+                // handshake, before it is anyone: its address is all there is to name.
+                let why = if self.keyed { " (no network key, or another one)" } else { "" };
+                tracing::warn!(from = %send_back_addr, "refused a connection: {error}{why}");
             }
             _ => {}
         }

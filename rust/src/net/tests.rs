@@ -611,3 +611,54 @@ fn read_frame_reads_in_chunks_and_names_truncation() {
         }
     }
 }
+
+#[test]
+fn a_network_key_admits_only_the_nodes_holding_it() {
+    let keys = TempDir::new();
+    std::fs::create_dir_all(&keys.0).unwrap();
+    let (mine, theirs) = (keys.0.join("mesh.key"), keys.0.join("other.key"));
+    let key = NetworkKey::generate(&mine).unwrap();
+    let other = NetworkKey::generate(&theirs).unwrap();
+    assert_ne!(key.fingerprint(), other.fingerprint());
+    assert_eq!(NetworkKey::load(&mine).unwrap().fingerprint(), key.fingerprint());
+    // Never over an existing file; a file that is no key says how to make one.
+    assert!(matches!(NetworkKey::generate(&mine), Err(Error::InvalidArgument(m)) if m.contains("not overwriting")));
+    std::fs::write(keys.0.join("bad.key"), "not a key").unwrap();
+    assert!(matches!(NetworkKey::load(&keys.0.join("bad.key")), Err(Error::InvalidArgument(m)) if m.contains("meshpy keygen")));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&mine).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    let dirs: Vec<TempDir> = (0..5).map(|_| TempDir::new()).collect();
+    let keyed = |dir: &TempDir, k: Option<NetworkKey>, transport: Transport| {
+        let mut c = config(dir, transport, vec![]);
+        c.network_key = k;
+        Node::start(c)
+    };
+    // "both" with a key listens on TCP alone; "quic" with a key is refused, saying why.
+    let a = keyed(&dirs[0], Some(key), Transport::Both).unwrap();
+    let addrs = a.listen_addrs().unwrap();
+    assert!(!addrs.is_empty() && addrs.iter().all(|a| a.to_string().contains("/tcp/")), "{addrs:?}");
+    match keyed(&dirs[4], Some(key), Transport::Quic) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("QUIC"), "{m}"),
+        other => panic!("expected QUIC with a key refused, got {:?}", other.map(|n| n.peer_id())),
+    }
+    let member = keyed(&dirs[1], Some(key), Transport::Tcp).unwrap();
+    let outsider = keyed(&dirs[2], None, Transport::Tcp).unwrap();
+    let stranger = keyed(&dirs[3], Some(other), Transport::Tcp).unwrap();
+    // The member connects and is answered.
+    assert_eq!(member.dial(addrs[0].clone()).unwrap(), a.peer_id());
+    let reply = member.request(a.peer_id(), Message::Ping(9).encode().unwrap(), None).unwrap();
+    assert_eq!(Message::decode(&reply, &Limits::default()).unwrap(), Message::Pong(9));
+    // Without the key, or with another, the connection never completes: no dial, no request.
+    for node in [&outsider, &stranger] {
+        assert!(node.dial(addrs[0].clone()).is_err());
+        assert!(node.request(a.peer_id(), Message::Ping(1).encode().unwrap(), Some(Duration::from_secs(3))).is_err());
+    }
+    // Nor can the keyed node reach an open one.
+    let open_addr = outsider.listen_addrs().unwrap()[0].clone();
+    assert!(a.dial(open_addr).is_err());
+    assert!(!a.connected_peers().unwrap().contains(&outsider.peer_id()));
+}

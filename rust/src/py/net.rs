@@ -18,7 +18,7 @@ use super::wire::{entries_of, matrix_of, model_id, PyEntry};
 use super::to_py_err;
 use crate::error::Error;
 use crate::net::{
-    EchoHandler, FrameHandler, Multiaddr, Node, NodeConfig, PeerId, Providers, Transport,
+    EchoHandler, FrameHandler, Multiaddr, NetworkKey, Node, NodeConfig, PeerId, Providers, Transport,
 };
 use crate::span::{self, ChainHop, Hop, SessionLimits, SpanHandler};
 use crate::wire::{DType, Limits, ModelId, Span, MODEL_HASH_LEN};
@@ -82,7 +82,7 @@ impl PyNode {
         host = "127.0.0.1", model_name = None, model_hash = None, request_timeout = 60.0,
         query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
         idle_timeout = 300.0, max_positions = None, info = None, provider_ttl = 600.0,
-        dht_server = true,
+        dht_server = true, network_key = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -104,6 +104,7 @@ impl PyNode {
         info: Option<&Bound<'_, PyAny>>,
         provider_ttl: f64,
         dht_server: bool,
+        network_key: Option<PathBuf>,
     ) -> PyResult<Self> {
         let mut config = NodeConfig::new(node_dir);
         config.port = port;
@@ -114,6 +115,7 @@ impl PyNode {
         config.query_timeout = seconds(query_timeout, "query_timeout")?;
         config.provider_ttl = seconds(provider_ttl, "provider_ttl")?;
         config.dht_server = dht_server;
+        config.network_key = network_key.map(|path| NetworkKey::load(&path)).transpose().map_err(to_py_err)?;
         if let Some(max) = max_frame_bytes {
             config.limits = Limits { max_frame_bytes: max, ..Limits::default() };
         }
@@ -394,7 +396,23 @@ fn handler_of(
 }
 
 /// Registers the net classes.
+/// generate_network_key(path) -> str: writes a new random network key to `path` (owner-only,
+/// never over an existing file) and returns its fingerprint.
+#[pyfunction]
+fn generate_network_key(path: PathBuf) -> PyResult<String> {
+    Ok(NetworkKey::generate(&path).map_err(to_py_err)?.fingerprint())
+}
+
+/// network_key_fingerprint(path) -> str: the fingerprint of the key in `path` (a clear error
+/// when the file is missing or not a key).
+#[pyfunction]
+fn network_key_fingerprint(path: PathBuf) -> PyResult<String> {
+    Ok(NetworkKey::load(&path).map_err(to_py_err)?.fingerprint())
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyNode>()?;
+    m.add_function(wrap_pyfunction!(generate_network_key, m)?)?;
+    m.add_function(wrap_pyfunction!(network_key_fingerprint, m)?)?;
     Ok(())
 }

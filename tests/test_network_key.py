@@ -1,0 +1,84 @@
+"""Private meshes (issue 12 part 1): `meshpy keygen` and `--network-key`, with real processes on
+127.0.0.1. A keyed mesh generates the one-process tokens; a node without the key or with
+another one cannot join, announce or be answered, and the keyed node logs each refusal. QUIC
+cannot carry the key (its TLS handshake has no room for libp2p's private-network layer), so a
+keyed node refuses it, saying why."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshpy.errors import MeshpyError
+from meshpy.generation import Model
+from meshpy.mesh import connect
+from meshpy.mesh.launcher import LocalMesh
+from tests.test_mesh import greedy
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def meshpy(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshpy", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_keygen_writes_an_owner_only_key_once(tmp_path: Path) -> None:
+    key = tmp_path / "mesh.key"
+    done = meshpy("keygen", str(key))
+    assert done.returncode == 0, done.stderr
+    assert "network key" in done.stdout and str(key) in done.stdout
+    assert key.read_text().startswith("/key/swarm/psk/1.0.0/\n/base16/\n")
+    assert key.stat().st_mode & 0o777 == 0o600
+    again = meshpy("keygen", str(key))
+    assert again.returncode == 2 and "not overwriting" in again.stderr
+
+
+def test_a_keyed_mesh_admits_only_its_members(smollm2_gguf: Path, tmp_path: Path) -> None:
+    key, other = tmp_path / "mesh.key", tmp_path / "other.key"
+    for path in (key, other):
+        assert meshpy("keygen", str(path)).returncode == 0
+    want = greedy(Model.load(smollm2_gguf, threads=1), PROMPT, 24)
+    env = {**os.environ, "MESHPY_NETWORK_KEY": str(key)}
+    with LocalMesh(transport="tcp", env=env) as mesh:
+        mesh.start_bootstrap()
+        mesh.add_worker(smollm2_gguf, layers="0-14", threads=1)
+        mesh.add_worker(smollm2_gguf, layers="15-29", threads=1)
+        # Members: the same tokens as one process, over either route.
+        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60, network_key=key) as model:
+            for route in ("chain", "star"):
+                model.pipeline.route_mode = route
+                assert greedy(model, PROMPT, 24) == want, route
+        # A client without the key, or with another, cannot join.
+        for client_key in (None, other):
+            with pytest.raises(MeshpyError):
+                connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=5, network_key=client_key)
+        # Nor can a worker: it never gets to announce its layers.
+        open_env = {k: v for k, v in mesh.env.items() if k != "MESHPY_NETWORK_KEY"}
+        for worker_env in (open_env, {**open_env, "MESHPY_NETWORK_KEY": str(other)}):
+            done = meshpy("worker", "--port", "0", "--host", "127.0.0.1", "--transport", "tcp", "--bootstrap",
+                          mesh.bootstrap_addr, "--model", str(smollm2_gguf), "--layers", "0-29", "--threads", "1",
+                          env=worker_env)
+            assert done.returncode != 0 and "announcing" not in done.stderr, done.stderr[-2000:]
+        # The keyed nodes said why they refused.
+        assert mesh.bootstrap is not None
+        assert mesh.bootstrap.wait_for(r"refused a connection.*no network key, or another one", 10)
+        # Only the two members serve layers.
+        status = meshpy("status", "--bootstrap", mesh.bootstrap_addr, "--network-key", str(key))
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.startswith("2 worker(s) answering"), status.stdout
+
+
+def test_a_keyed_node_refuses_quic_and_says_why(tmp_path: Path) -> None:
+    key = tmp_path / "mesh.key"
+    assert meshpy("keygen", str(key)).returncode == 0
+    done = meshpy("bootstrap", "--port", "0", "--host", "127.0.0.1", "--transport", "quic", "--network-key", str(key),
+                  timeout=60)
+    assert done.returncode == 2
+    assert "QUIC" in done.stderr and "--transport tcp" in done.stderr, done.stderr
