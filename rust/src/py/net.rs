@@ -23,6 +23,40 @@ use crate::net::{
 use crate::span::{self, ChainHop, Hop, SessionLimits, SpanHandler};
 use crate::wire::{DType, Limits, ModelId, Span, MODEL_HASH_LEN};
 
+/// The arguments `forward` and `forward_chain` share, parsed.
+struct StepArgs {
+    model: ModelId,
+    wire: DType,
+    timeout: Option<Duration>,
+    entries: Vec<crate::wire::Entry>,
+    data: Vec<f32>,
+    rows: usize,
+    width: usize,
+}
+
+impl StepArgs {
+    fn parse(
+        model_hash: &[u8],
+        model_name: &str,
+        wire_dtype: &str,
+        timeout: Option<f64>,
+        entries: &[PyEntry],
+        hidden: &PyReadonlyArray2<'_, f32>,
+    ) -> PyResult<Self> {
+        let (data, shape) = matrix_of(hidden)?;
+        let [rows, width] = [shape.dims()[0], shape.dims()[1]].map(|n| n as usize);
+        Ok(StepArgs {
+            model: model_id(model_hash, model_name)?,
+            wire: DType::from_name(wire_dtype).map_err(to_py_err)?,
+            timeout: timeout.map(|t| seconds(t, "timeout")).transpose()?,
+            entries: entries_of(entries),
+            data,
+            rows,
+            width,
+        })
+    }
+}
+
 /// What `forward_chain` returns: the hops' outputs, and the failure that ended the route early.
 type ChainAnswer<'py> = (Vec<Bound<'py, PyArray2<f32>>>, Option<Py<pyo3::exceptions::PyBaseException>>);
 
@@ -230,12 +264,8 @@ impl PyNode {
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let peer = parse_peer(peer)?;
-        let model = model_id(model_hash, model_name)?;
-        let wire = DType::from_name(wire_dtype).map_err(to_py_err)?;
-        let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
-        let entries = entries_of(&entries);
-        let (data, shape) = matrix_of(&hidden)?;
-        let [rows, width] = [shape.dims()[0], shape.dims()[1]].map(|n| n as usize);
+        let StepArgs { model, wire, timeout, entries, data, rows, width } =
+            StepArgs::parse(model_hash, model_name, wire_dtype, timeout, &entries, &hidden)?;
         let hop = Hop { model: &model, span: Span { first_layer, layer_count }, entries: &entries, wire };
         let out = py.detach(|| span::forward(&self.node, peer, hop, &data, width, timeout)).map_err(to_py_err)?;
         PyArray1::from_vec(py, out).reshape([rows, width])
@@ -272,12 +302,8 @@ impl PyNode {
                 })
             })
             .collect::<PyResult<Vec<_>>>()?;
-        let model = model_id(model_hash, model_name)?;
-        let wire = DType::from_name(wire_dtype).map_err(to_py_err)?;
-        let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
-        let entries = entries_of(&entries);
-        let (data, shape) = matrix_of(&hidden)?;
-        let [rows, width] = [shape.dims()[0], shape.dims()[1]].map(|n| n as usize);
+        let StepArgs { model, wire, timeout, entries, data, rows, width } =
+            StepArgs::parse(model_hash, model_name, wire_dtype, timeout, &entries, &hidden)?;
         let outcome = py
             .detach(|| span::forward_chain(&self.node, &route, &model, &entries, wire, &data, width, timeout))
             .map_err(to_py_err)?;
