@@ -1,16 +1,21 @@
 """Private meshes (issue 12 part 1): `meshpy keygen` and `--network-key`, with real processes on
-127.0.0.1. A keyed mesh generates the one-process tokens; a node without the key or with
-another one cannot join, announce or be answered, and the keyed node logs each refusal. QUIC
+127.0.0.1. A keyed mesh generates the one-process tokens, and a capture of the loopback
+interface meanwhile holds neither the prompt nor its token ids nor hidden states in clear; a
+node without the key or with another one cannot join, announce or be answered, and the keyed
+node logs each refusal. QUIC
 cannot carry the key (its TLS handshake has no room for libp2p's private-network layer), so a
 keyed node refuses it, saying why."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from meshpy.errors import MeshpyError
@@ -27,6 +32,57 @@ PROMPT = "Write a short story about a lighthouse keeper."
 def meshpy(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "meshpy", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+class LoopbackCapture:
+    """Every frame on the loopback interface while open (a raw AF_PACKET socket: root or
+    CAP_NET_RAW, else the test is skipped). `control` sends bytes over a plain TCP connection
+    of its own, so a test can show the capture would see them in clear."""
+
+    def __init__(self) -> None:
+        try:
+            self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))  # ETH_P_ALL
+        except (PermissionError, AttributeError, OSError) as e:
+            pytest.skip(f"no packet capture here: {e}")
+        self._sock.bind(("lo", 0))
+        self._sock.settimeout(0.1)
+        self.frames: list[bytes] = []
+        self._control: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.frames.append(self._sock.recv(1 << 16))
+            except TimeoutError:
+                continue
+
+    def __enter__(self) -> LoopbackCapture:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close()
+
+    def control(self, data: bytes) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            with socket.create_connection(server.getsockname()) as out:
+                peer, _ = server.accept()
+                with peer:
+                    out.sendall(data)
+                    peer.recv(len(data))
+        self._control.append(data)
+
+    def holds(self, needle: bytes, skip_control: bool = False) -> bool:
+        """Whether any captured frame contains `needle` (frames carrying a control payload are
+        left out with `skip_control`)."""
+        frames = self.frames
+        if skip_control:
+            frames = [f for f in frames if not any(c in f for c in self._control)]
+        return any(needle in f for f in frames)
 
 
 def test_keygen_writes_an_owner_only_key_once(tmp_path: Path) -> None:
@@ -50,11 +106,22 @@ def test_a_keyed_mesh_admits_only_its_members(smollm2_gguf: Path, tmp_path: Path
         mesh.start_bootstrap()
         mesh.add_worker(smollm2_gguf, layers="0-14", threads=1)
         mesh.add_worker(smollm2_gguf, layers="15-29", threads=1)
-        # Members: the same tokens as one process, over either route.
+        # Members: the same tokens as one process, over either route; on the loopback wire
+        # meanwhile, neither the prompt's text, nor its token ids, nor the hidden states the
+        # End node sends.
         with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60, network_key=key) as model:
-            for route in ("chain", "star"):
-                model.pipeline.route_mode = route
-                assert greedy(model, PROMPT, 24) == want, route
+            with LoopbackCapture() as capture:
+                for route in ("chain", "star"):
+                    model.pipeline.route_mode = route
+                    assert greedy(model, PROMPT, 24) == want, route
+                capture.control(PROMPT.encode())
+            ids = model.encode(PROMPT)
+            hidden = model.end.embed(ids)
+        assert capture.holds(PROMPT.encode()), "the capture sees plain loopback traffic"
+        secrets = {"prompt text": PROMPT.encode(), "token ids (int32)": np.asarray(ids, "<i4").tobytes(),
+                   "token ids (int64)": np.asarray(ids, "<i8").tobytes(), "hidden states": hidden[0, :16].tobytes()}
+        for what, needle in secrets.items():
+            assert not capture.holds(needle, skip_control=True), f"{what} in clear on the wire"
         # A client without the key, or with another, cannot join.
         for client_key in (None, other):
             with pytest.raises(MeshpyError):
