@@ -39,11 +39,14 @@ def setting(
     choices: tuple[Any, ...] | None = None,
     short: str | None = None,
     positional: bool = False,
+    repeatable: bool = False,
 ) -> Any:
     """A settings field: default (none means required), description, bounds, choices; a
-    positional one is given on the command line without its flag (`meshpy keygen FILE`)."""
+    positional one is given on the command line without its flag (`meshpy keygen FILE`); a
+    repeatable one is a tuple of strings, its flag given once per value and its environment
+    variable holding them separated by commas or spaces."""
     meta = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "short": short,
-            "positional": positional}
+            "positional": positional, "repeatable": repeatable}
     if default is _MISSING:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -74,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         required = f.default is _MISSING
         help_text = meta.get("help", "")
         help_text += f" [env {_env(f.name)}" + ("]" if required else f"; default {f.default!r}]")
-        if meta.get("positional"):
+        if meta.get("repeatable"):
+            parser.add_argument(*names, dest=f.name, action="append", default=None, help=help_text)
+        elif meta.get("positional"):
             parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", type=str, default=None, help=help_text)
         elif tp is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -116,8 +121,11 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace | dict[str, Any])
                 raise InvalidArgumentError(f"{_flag(f.name)} is required (or set {_env(f.name)})")
             values[f.name] = f.default
             continue
-        value = _convert(f.name, tp, raw)
         meta = f.metadata
+        if meta.get("repeatable"):
+            values[f.name] = tuple(raw) if isinstance(raw, (list, tuple)) else tuple(str(raw).replace(",", " ").split())
+            continue
+        value = _convert(f.name, tp, raw)
         lo, hi, choices = meta.get("minimum"), meta.get("maximum"), meta.get("choices")
         if lo is not None and value < lo or hi is not None and value > hi:
             bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
@@ -151,6 +159,8 @@ class GenerateSettings:
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
     route: str = setting("chain", "how a step crosses the mesh: chain (worker to worker, N+1 link crossings for N workers) or star (each worker a round trip from here, 2N)", choices=("chain", "star"))
     network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
+    allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
+    node_dir: Path | None = setting(None, "directory of this client's identity key, so workers can name it in --allow-peer (default: a new identity each run)")
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
 
 
@@ -166,6 +176,7 @@ class NodeSettings:
     transport: str = setting("both", "transports to listen on", choices=_TRANSPORTS)
     node_dir: Path | None = setting(None, "directory of the node's identity key (default: per role and port)")
     network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
+    allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,7 @@ class StatusSettings:
     model: Path | None = setting(None, "only this model (default: every model the workers serve)", short="-m")
     transport: str = setting("tcp", "transport this client listens on", choices=_TRANSPORTS)
     network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
+    allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,8 @@ class ServeSettings:
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
     route: str = setting("chain", "how a step crosses the mesh: chain (worker to worker, N+1 link crossings for N workers) or star (each worker a round trip from here, 2N)", choices=("chain", "star"))
     network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
+    allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
+    node_dir: Path | None = setting(None, "directory of this client's identity key, so workers can name it in --allow-peer (default: a new identity each run)")
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
 
 

@@ -53,6 +53,8 @@ def _connect(settings: GenerateSettings) -> Model:
         wire_dtype=settings.wire_dtype,
         route=settings.route,
         network_key=settings.network_key,
+        allow_peers=settings.allow_peer,
+        node_dir=settings.node_dir,
         route_timeout=settings.route_timeout,
     )
     pipeline = model.pipeline

@@ -71,7 +71,8 @@ def _describe(info: dict[str, Any]) -> str:
 def run_status(settings: StatusSettings) -> int:
     """Prints every worker, its addresses and layers, then each model's uncovered layers."""
     node, node_dir = start_node(
-        NodeSettings(port=0, host="127.0.0.1", transport=settings.transport, network_key=settings.network_key), "status",
+        NodeSettings(port=0, host="127.0.0.1", transport=settings.transport, network_key=settings.network_key,
+                     allow_peer=settings.allow_peer), "status",
         parse_bootstrap(settings.bootstrap),
         dht_server=False,
     )

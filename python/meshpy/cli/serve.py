@@ -31,6 +31,8 @@ def _open(settings: ServeSettings) -> Model:
             wire_dtype=settings.wire_dtype,
             route=settings.route,
             network_key=settings.network_key,
+            allow_peers=settings.allow_peer,
+            node_dir=settings.node_dir,
             route_timeout=settings.route_timeout,
         )
     return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, kv_dtype=settings.kv_dtype)

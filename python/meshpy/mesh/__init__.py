@@ -50,6 +50,8 @@ def connect(
     wire_dtype: str = "f32",
     route: str = "chain",
     network_key: str | os.PathLike[str] | None = None,
+    allow_peers: Sequence[str] = (),
+    node_dir: str | os.PathLike[str] | None = None,
     route_timeout: float = 30.0,
     lanes: int | None = None,
 ) -> Model:
@@ -61,7 +63,9 @@ def connect(
     single-process tokens; "bf16" halves the bytes on the wire. `route`: "chain" passes each
     step from worker to worker (N + 1 link crossings for N workers), "star" makes each worker a
     round trip from here (2N); both give the same tokens. `network_key`: the mesh's key file,
-    for a mesh whose nodes hold one (TCP only). `lanes`: batches of
+    for a mesh whose nodes hold one (TCP only). `allow_peers`: the only peers to talk to (peer
+    ids, or files of them); `node_dir`: where this client keeps its identity, so that workers
+    can name it in their allow lists (default: a new identity each time). `lanes`: batches of
     generations kept in flight at once (default `MeshPipeline.in_flight`). Close the model
     to leave.
     """
@@ -70,8 +74,10 @@ def connect(
     identity = model_identity(source)
     addrs = parse_bootstrap(bootstrap if isinstance(bootstrap, str) else " ".join(bootstrap))
     key = None if network_key is None else Path(network_key)
-    node, node_dir = start_node(NodeSettings(port=0, host=host, transport=transport, network_key=key), "client", addrs, dht_server=False)
-    pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, route_mode=route, on_close=node_dir.cleanup)
+    settings = NodeSettings(port=0, host=host, transport=transport, network_key=key, allow_peer=tuple(allow_peers),
+                            node_dir=None if node_dir is None else Path(node_dir))
+    node, identity_dir = start_node(settings, "client", addrs, dht_server=False)
+    pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, route_mode=route, on_close=identity_dir.cleanup)
     try:
         pipeline.wait_for_route(route_timeout)
         end = EndModel(source, config, _native.ThreadPool(threads or default_threads(), idle_spin=MESH_IDLE_SPIN))

@@ -7,13 +7,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from meshpy import _native
 from meshpy.errors import InvalidArgumentError, NetworkError
 from meshpy.settings import NodeSettings
 
-__all__ = ["parse_bootstrap", "data_dir", "NodeDir", "start_node"]
+__all__ = ["parse_bootstrap", "allowed_peers", "data_dir", "NodeDir", "start_node"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,22 @@ def parse_bootstrap(text: str | None) -> list[str]:
         if "/p2p/" not in a:
             raise InvalidArgumentError(f"bootstrap address {a!r} lacks /p2p/<peer id> (copy it as `meshpy bootstrap` prints it)")
     return addrs
+
+
+def allowed_peers(values: Sequence[str]) -> list[str] | None:
+    """The peers `--allow-peer` values name: each a peer id, or a file of them (one per line,
+    `#` comments); None when no value is given (every peer allowed)."""
+    if not values:
+        return None
+    peers: list[str] = []
+    for value in values:
+        path = Path(value).expanduser()
+        if path.is_file():
+            lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+            peers += [line for line in lines if line]
+        else:
+            peers.append(value)
+    return peers
 
 
 def data_dir() -> Path:
@@ -63,7 +80,7 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
         key = None if settings.network_key is None else str(settings.network_key)
         node = _native.Node(
             str(node_dir.path), settings.port, settings.transport, bootstrap or [], None, host=settings.host,
-            network_key=key, **kwargs,
+            network_key=key, allow_peers=allowed_peers(settings.allow_peer), **kwargs,
         )
     except BaseException:
         node_dir.cleanup()

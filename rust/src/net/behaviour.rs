@@ -10,6 +10,8 @@ use libp2p::core::Transport as _;
 use libp2p::identity::Keypair;
 use libp2p::pnet::PnetConfig;
 use libp2p::kad::store::MemoryStore;
+use libp2p::allow_block_list;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, kad, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
@@ -35,6 +37,8 @@ pub struct MeshBehaviour {
     pub kad: kad::Behaviour<MemoryStore>,
     /// Streams of the tensor protocol (frames on long-lived streams; see `codec`).
     pub tensor: TensorStreams,
+    /// With an allow list, connections with any other peer are denied as they are made.
+    pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
 }
 
 /// Inbound tensor streams, as the swarm accepts them.
@@ -49,6 +53,13 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
     let tcp_config = tcp::Config::default().nodelay(true);
     let (query_timeout, provider_ttl) = (config.query_timeout, config.provider_ttl);
     let kad_mode = if config.dht_server { kad::Mode::Server } else { kad::Mode::Client };
+    let allow = config.allow_peers.as_ref().map(|peers| {
+        let mut allow = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+        for peer in peers {
+            allow.allow_peer(*peer);
+        }
+        allow
+    });
     let behaviour = move |key: &Keypair| {
         let peer_id = key.public().to_peer_id();
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
@@ -63,6 +74,7 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
             ping: ping::Behaviour::new(ping::Config::new()),
             kad,
             tensor,
+            allow: Toggle::from(allow),
         }
     };
     let swarm_config = |c: libp2p::swarm::Config| {

@@ -112,6 +112,9 @@ pub struct NodeConfig {
     /// The mesh's shared key: only nodes holding it can connect (TCP only; see
     /// `network_key`). `None`: an open mesh.
     pub network_key: Option<NetworkKey>,
+    /// The only peers this node connects with (both ways), if set: every other connection
+    /// is denied once the handshake names the peer, and logged.
+    pub allow_peers: Option<Vec<PeerId>>,
 }
 
 /// Environment variable giving [`NodeConfig::emulated_rtt`] in milliseconds.
@@ -147,6 +150,7 @@ impl NodeConfig {
             info: JsonObject::new(),
             emulated_rtt: emulated_rtt_from_env(),
             network_key: None,
+            allow_peers: None,
         }
     }
 }

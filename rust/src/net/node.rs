@@ -11,7 +11,7 @@ use futures::StreamExt;
 use libp2p::kad::{self, QueryId, QueryResult};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::swarm::{ConnectionId, ListenError, SwarmEvent};
 use libp2p::{identify, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 
@@ -629,6 +629,15 @@ impl Loop {
                 if let Some(tx) = self.dials.remove(&connection_id) {
                     let _ = tx.send(Err(Error::Network(format!("dial failed: {error}"))));
                 }
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error: ListenError::Denied { cause }, peer_id, .. } => {
+                // The allow list: the handshake named a peer not on it.
+                let peer = peer_id.map_or_else(|| "an unnamed peer".to_string(), |p| p.to_string());
+                let why = match cause.downcast_ref::<libp2p::allow_block_list::NotAllowed>() {
+                    Some(_) => "not on this node's allow list (--allow-peer)".to_string(),
+                    None => cause.to_string(),
+                };
+                tracing::warn!(from = %send_back_addr, "refused a connection from {peer}: {why}");
             }
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 // With a network key, a peer without it (or with another) fails here, in the

@@ -662,3 +662,23 @@ fn a_network_key_admits_only_the_nodes_holding_it() {
     assert!(a.dial(open_addr).is_err());
     assert!(!a.connected_peers().unwrap().contains(&outsider.peer_id()));
 }
+
+#[test]
+fn an_allow_list_admits_only_its_peers_both_ways() {
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new()).collect();
+    let friend = Node::start(config(&dirs[1], Transport::Tcp, vec![])).unwrap();
+    let stranger = Node::start(config(&dirs[2], Transport::Tcp, vec![])).unwrap();
+    let mut c = config(&dirs[0], Transport::Tcp, vec![]);
+    c.allow_peers = Some(vec![friend.peer_id()]);
+    let guarded = Node::start(c).unwrap();
+    let addr = guarded.listen_addrs().unwrap()[0].clone();
+    assert_eq!(friend.dial(addr.clone()).unwrap(), guarded.peer_id());
+    let reply = friend.request(guarded.peer_id(), Message::Ping(3).encode().unwrap(), None).unwrap();
+    assert_eq!(Message::decode(&reply, &Limits::default()).unwrap(), Message::Pong(3));
+    // The stranger's handshake completes, then the connection is denied: nothing is answered.
+    let _ = stranger.dial(addr);
+    assert!(stranger.request(guarded.peer_id(), Message::Ping(4).encode().unwrap(), Some(Duration::from_secs(3))).is_err());
+    // Nor does the guarded node connect out to it.
+    assert!(guarded.dial(stranger.listen_addrs().unwrap()[0].clone()).is_err());
+    assert!(!guarded.connected_peers().unwrap().contains(&stranger.peer_id()));
+}

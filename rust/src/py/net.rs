@@ -116,7 +116,7 @@ impl PyNode {
         host = "127.0.0.1", model_name = None, model_hash = None, request_timeout = 60.0,
         query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
         idle_timeout = 300.0, max_positions = None, info = None, provider_ttl = 600.0,
-        dht_server = true, network_key = None,
+        dht_server = true, network_key = None, allow_peers = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -139,6 +139,7 @@ impl PyNode {
         provider_ttl: f64,
         dht_server: bool,
         network_key: Option<PathBuf>,
+        allow_peers: Option<Vec<String>>,
     ) -> PyResult<Self> {
         let mut config = NodeConfig::new(node_dir);
         config.port = port;
@@ -150,6 +151,7 @@ impl PyNode {
         config.provider_ttl = seconds(provider_ttl, "provider_ttl")?;
         config.dht_server = dht_server;
         config.network_key = network_key.map(|path| NetworkKey::load(&path)).transpose().map_err(to_py_err)?;
+        config.allow_peers = allow_peers.map(|peers| peers.iter().map(|p| parse_peer(p)).collect::<PyResult<_>>()).transpose()?;
         if let Some(max) = max_frame_bytes {
             config.limits = Limits { max_frame_bytes: max, ..Limits::default() };
         }

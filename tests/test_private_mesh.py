@@ -149,3 +149,39 @@ def test_a_keyed_node_refuses_quic_and_says_why(tmp_path: Path) -> None:
                   timeout=60)
     assert done.returncode == 2
     assert "QUIC" in done.stderr and "--transport tcp" in done.stderr, done.stderr
+
+
+def peer_id_of(node_dir: Path) -> str:
+    """The peer id of the identity in `node_dir` (created there if missing)."""
+    from meshpy import _native
+
+    node = _native.Node(str(node_dir))
+    try:
+        return node.peer_id
+    finally:
+        node.close()
+
+
+def test_an_allow_list_serves_only_the_peers_it_names(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """Worker B (layers 15-29) allows the bootstrap node, worker A and one client, named by a
+    flag and by a file: that client gets the one-process tokens through A and B, chained and
+    star; a client B does not name finds no route for B's layers, and B logs the refusal with
+    its peer id."""
+    want = greedy(Model.load(smollm2_gguf, threads=1), PROMPT, 24)
+    a_dir, friend_dir = tmp_path / "a", tmp_path / "friend"
+    a_id, friend_id = peer_id_of(a_dir), peer_id_of(friend_dir)
+    with LocalMesh(transport="tcp") as mesh:
+        boot_id = mesh.start_bootstrap().rsplit("/p2p/", 1)[1]
+        allowed = tmp_path / "allowed.txt"
+        allowed.write_text(f"# the mesh\n{boot_id}\n{a_id}  # worker A\n")
+        mesh.add_worker(smollm2_gguf, layers="0-14", threads=1, extra=["--node-dir", str(a_dir)])
+        b = mesh.add_worker(smollm2_gguf, layers="15-29", threads=1,
+                            extra=["--allow-peer", str(allowed), "--allow-peer", friend_id])
+        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60, node_dir=friend_dir) as model:
+            for route in ("chain", "star"):
+                model.pipeline.route_mode = route
+                assert greedy(model, PROMPT, 24) == want, route
+        with pytest.raises(MeshpyError, match="15"):
+            connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=5)
+        refused = b.wait_for(r"refused a connection from (12D3\w+): not on this node's allow list", 10)
+        assert refused.group(1) not in (boot_id, a_id, friend_id)
