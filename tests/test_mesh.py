@@ -215,6 +215,36 @@ def test_a_vanished_worker_is_replaced_mid_generation(smollm2_gguf: Path, local_
             model.close_session(session)
 
 
+def test_sigterm_lets_a_workers_sessions_finish_and_starts_new_ones_elsewhere(smollm2_gguf: Path,
+                                                                             local_tokens: list[int]) -> None:
+    """The middle provider on a running session's route gets SIGTERM mid-decode: it withdraws
+    its records and refuses new sessions (the End node starts them on the other provider), the
+    running session finishes on it unchanged, and it exits cleanly once that session closes."""
+    import signal
+
+    with LocalMesh(transport="tcp") as mesh:
+        middle = start_with_two_middle_providers(mesh, smollm2_gguf)
+        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
+            session = model.new_session()
+            logits = model.prefill(session, model.encode(PROMPT))
+            tokens = []
+            for i in range(N_TOKENS):
+                tokens.append(int(np.argmax(model.end.samplable(logits))))
+                if i == 20:
+                    on_route = session.hops[1].provider.peer_id
+                    leaving = next(w for w in middle if on_route in "\n".join(w.stdout))
+                    leaving.proc.send_signal(signal.SIGTERM)
+                    leaving.wait_for(r"leaving: no new sessions", 10)
+                    # A new session meanwhile goes through the other provider: the same tokens.
+                    assert greedy(model, PROMPT, N_TOKENS) == local_tokens
+                logits = model.step(session, tokens[-1])
+            assert tokens == local_tokens
+            assert session.hops[1].provider.peer_id == on_route, "the running session stayed where it was"
+            model.close_session(session)
+            leaving.wait_for(r"left after its sessions ended", 30)
+            assert leaving.proc.wait(30) == 0
+
+
 class _KillAt:
     """A TokenSink that kills the middle provider holding the session when its `at`-th token
     arrives (on the scheduler's thread, so the next step meets the dead worker)."""

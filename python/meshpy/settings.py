@@ -198,6 +198,7 @@ class WorkerSettings(NodeSettings):
     kv_budget: str = setting("256MiB", "KV cache memory all sessions together may hold")
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     idle_timeout: float = setting(300.0, "seconds before an unused session is dropped", minimum=1.0)
+    drain_timeout: float = setting(30.0, "on SIGTERM or Ctrl-C, seconds to let held sessions end (no new ones start) before leaving; those still held then move with replay", minimum=0.0)
     kv_dtype: str | None = setting(None, "KV cache type (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
 
 

@@ -50,7 +50,11 @@ def run_worker(settings: WorkerSettings) -> int:
         print(f"meshpy worker {worker.peer_id} listening on:", file=sys.stderr)
         for addr in worker.listen_addrs():
             print(addr, flush=True)
-        worker.serve_forever()
+        try:
+            worker.serve_forever()
+        except KeyboardInterrupt:
+            # SIGTERM or Ctrl-C: leave without losing work; a second one stops at once.
+            worker.leave(settings.drain_timeout)
     finally:
         worker.close()
     return 0
@@ -64,6 +68,7 @@ def _describe(info: dict[str, Any]) -> str:
             f"{info.get('model_id', info.get('model_name'))} layers {first}-{first + count - 1} "
             f"({info.get('device', '?')}, {info.get('sessions', 0)} sessions, "
             f"KV {format_size(int(info.get('kv_used_bytes', 0)))} of {format_size(int(info.get('kv_budget_bytes', 0)))})"
+            + (", leaving" if info.get("draining") else "")
         )
     return "echo mode" if mode == "echo" else str(mode)
 

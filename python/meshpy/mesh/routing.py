@@ -88,8 +88,8 @@ def discover(node: _native.Node, model: ModelIdentity, n_layers: int, exclude: I
     peers = [peer for providers in found for peer, _addrs in providers if peer not in skip]
     out = []
     for peer, (info, rtt) in describe_peers(node, peers).items():
-        if info.get("mode") != "span":
-            continue
+        if info.get("mode") != "span" or info.get("draining"):
+            continue  # not a span, or leaving (it takes no new sessions)
         if info.get("model_hash") != model.digest.hex():
             # Cannot happen through the keys (they hold the hash) unless a worker lies.
             log.warning("provider %s serves %s, not %s; skipped", peer, info.get("model_name"), model.id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from meshpy import _native
 from meshpy.errors import InvalidArgumentError
@@ -151,16 +152,43 @@ class Worker:
         while not self._stopped.wait(1.0):
             pass
 
+    def leave(self, timeout: float) -> bool:
+        """Leaves without losing work: withdraws the announcements and takes no new sessions
+        (End nodes start them elsewhere), waits up to `timeout` seconds for the sessions held
+        to end, then stops the node. Sessions still held then move with replay (their End nodes
+        reroute when this worker is gone). True if every session ended in time."""
+        if self.node is None:
+            return True
+        self.node.drain()
+        self._withdraw()
+        deadline = time.monotonic() + timeout
+        held = self.node.session_count()
+        log.info("leaving: no new sessions; waiting up to %.0f s for %d held ones to end", timeout, held)
+        while held and time.monotonic() < deadline:
+            time.sleep(0.2)
+            held = self.node.session_count()
+        if held:
+            log.warning("leaving with %d sessions still held: their End nodes will move them, with replay", held)
+        else:
+            log.info("left after its sessions ended")
+        self.close()
+        return held == 0
+
+    def _withdraw(self) -> None:
+        """Stops announcing (best effort: records others hold expire with their TTL)."""
+        assert self.node is not None
+        for key in self._keys:
+            try:
+                self.node.stop_providing(key)
+            except Exception as e:  # noqa: BLE001 - leaving either way
+                log.debug("stop providing %s: %s", key, e)
+        self._keys.clear()
+
     def close(self) -> None:
         """Withdraws the announcements (best effort) and stops the node. Idempotent."""
         self._stopped.set()
         if self.node is not None:
-            for key in self._keys:
-                try:
-                    self.node.stop_providing(key)
-                except Exception as e:  # noqa: BLE001 - shutting down either way
-                    log.debug("stop providing %s: %s", key, e)
-            self._keys.clear()
+            self._withdraw()
             self.node.close()
             self.node = None
         if self._node_dir is not None:

@@ -358,6 +358,13 @@ impl NodeHandle {
         self.limits
     }
 
+    /// Tells the handler to take no new sessions (see [`FrameHandler::drain`]).
+    pub fn drain(&self) {
+        if let Some(h) = self.handler.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            h.drain();
+        }
+    }
+
     /// Sessions the handler holds (0 without a handler).
     pub fn session_count(&self) -> usize {
         self.handler.read().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |h| h.session_count())

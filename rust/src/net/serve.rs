@@ -19,6 +19,10 @@ pub trait FrameHandler: Send + Sync + 'static {
         0
     }
 
+    /// Stops taking new sessions (the node is leaving); sessions already held carry on.
+    /// Handlers without sessions ignore it.
+    fn drain(&self) {}
+
     /// Housekeeping the node runs about once a second (on its event-loop thread, so keep it
     /// short): e.g. dropping idle sessions.
     fn maintain(&self) {}

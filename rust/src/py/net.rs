@@ -195,6 +195,11 @@ impl PyNode {
         Ok(py.detach(|| self.node.dial(addr)).map_err(to_py_err)?.to_string())
     }
 
+    /// Takes no new sessions from now on (the worker is leaving); held ones carry on.
+    fn drain(&self) {
+        self.node.drain();
+    }
+
     /// Runs a DHT bootstrap and waits for it.
     fn bootstrap(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.node.bootstrap()).map_err(to_py_err)

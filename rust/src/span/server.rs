@@ -145,6 +145,9 @@ pub struct SpanHandler {
     table: Mutex<Table>,
     batches: Batcher<Queued>,
     stats: Mutex<BatchStats>,
+    /// Set when the worker is leaving: new sessions are refused (`CannotHoldSession`, so the
+    /// End node starts them elsewhere), held ones carry on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl SpanHandler {
@@ -160,6 +163,7 @@ impl SpanHandler {
             table: Mutex::new(Table::default()),
             batches: Batcher::default(),
             stats: Mutex::new(BatchStats::default()),
+            draining: Default::default(),
         }
     }
 
@@ -373,6 +377,13 @@ impl SpanHandler {
                     ))
                 }
                 Some(held) => out.push((Arc::clone(&held.session), false)),
+                None if e.start_pos == 0 && self.draining.load(std::sync::atomic::Ordering::Relaxed) => {
+                    return Err(refuse(
+                        ErrorCode::CannotHoldSession,
+                        Some(e.session),
+                        format!("cannot start session {}: this worker is leaving", e.session),
+                    ))
+                }
                 None if e.start_pos == 0 => {
                     let first = (span.first_layer - self.span.first_layer() as u32) as usize;
                     let layers = first..first + span.layer_count as usize;
@@ -545,8 +556,14 @@ impl FrameHandler for SpanHandler {
         self.expire_idle();
     }
 
+    fn drain(&self) {
+        if !self.draining.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!("leaving: no new sessions; {} held ones carry on", self.session_count());
+        }
+    }
+
     /// `{"mode": "span", "model_name", "model_hash" (hex), "first_layer", "n_layers",
-    /// "sessions", "kv_used_bytes", "kv_budget_bytes", "max_positions", "hidden",
+    /// "sessions", "kv_used_bytes", "draining", "kv_budget_bytes", "max_positions", "hidden",
     /// "span_calls", "span_entries", "largest_batch"}` (the last three: how sessions have
     /// shared span calls so far).
     fn info(&self) -> serde_json::Value {
@@ -567,6 +584,7 @@ impl FrameHandler for SpanHandler {
             "n_layers": self.span.n_layers(),
             "sessions": sessions,
             "kv_used_bytes": used,
+            "draining": self.draining.load(std::sync::atomic::Ordering::Relaxed),
             "kv_budget_bytes": self.session_limits.kv_budget_bytes,
             "max_positions": self.max_positions(),
             "hidden": self.span.config().hidden,

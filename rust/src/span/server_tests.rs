@@ -302,3 +302,21 @@ fn requests_arriving_while_a_batch_runs_share_the_next_span_call_with_their_own_
     assert_eq!(entries, 4 + 16 + 4, "four prefills, the blocker's 16 sessions, four steps");
     assert!(calls < 4 + 1 + 4, "the four steps shared span calls: {info}");
 }
+
+#[test]
+fn a_draining_worker_refuses_new_sessions_and_serves_held_ones() {
+    let h = handler(SessionLimits::default());
+    let mut rng = TestRng::new(4);
+    let (prompt, step) = (rng.gaussians(3 * TINY_HIDDEN), rng.gaussians(TINY_HIDDEN));
+    let layers = TINY_LAYERS as u32;
+    ask(&h, &forward(1, 0, 0, layers, &prompt)).unwrap();
+    h.drain();
+    assert_eq!(h.info()["draining"], true);
+    // A new session: refused with a code that sends the End node elsewhere.
+    let (refused, message) = ask(&h, &forward(2, 0, 0, layers, &prompt)).unwrap_err();
+    assert_eq!(refused, ErrorCode::CannotHoldSession);
+    assert!(refused.recoverable() && message.contains("leaving"), "{message}");
+    // The held one carries on.
+    assert_eq!(ask(&h, &forward(1, 3, 0, layers, &step)).unwrap().len(), TINY_HIDDEN);
+    assert_eq!(h.session_count(), 1);
+}
