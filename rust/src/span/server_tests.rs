@@ -216,6 +216,7 @@ fn info_describes_the_span_and_its_load() {
             "n_layers": 3,
             "sessions": 1,
             "kv_used_bytes": 3 * 2 * BYTES_PER_POSITION_LAYER,
+            "draining": false,
             "kv_budget_bytes": 1 << 20,
             "max_positions": 100,
             "hidden": TINY_HIDDEN,
