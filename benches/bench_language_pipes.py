@@ -70,8 +70,6 @@ from openai import OpenAI
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-if (REPO / "python" / "meshpy").is_dir():
-    sys.path.insert(0, str(REPO / "python"))
 
 from benches.bench_generate import commit, machine  # noqa: E402
 from benches.bench_serve import start_server  # noqa: E402

@@ -37,8 +37,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-if any((REPO / "python" / "meshpy").glob("_native*.so")):  # built in place by scripts/develop.sh
-    sys.path.insert(0, str(REPO / "python"))  # the tree's meshpy before an installed one
 
 from benches.bench_generate import commit, machine  # noqa: E402
 from benches.bench_speculation import PROMPTS  # noqa: E402

@@ -20,8 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for benches.bench_generate helpers and the benchmark text
-if any((REPO / "python" / "meshpy").glob("_native*.so")):  # built in place by scripts/develop.sh
-    sys.path.insert(0, str(REPO / "python"))  # the tree's meshpy before an installed one
 
 from benches.bench_generate import commit, machine, prompt_ids  # noqa: E402
 from meshpy.generation import Model, model_path  # noqa: E402

@@ -24,8 +24,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-if any((REPO / "python" / "meshpy").glob("_native*.so")):  # built in place by scripts/develop.sh
-    sys.path.insert(0, str(REPO / "python"))  # the tree's meshpy before an installed one
 
 from benches.bench_generate import commit, machine  # noqa: E402
 from meshpy.generation import Model, model_path  # noqa: E402

@@ -194,6 +194,27 @@ def start_with_two_middle_providers(mesh: LocalMesh, gguf: Path) -> list:
     return middle
 
 
+def greedy_until(model: Model, session, middle: list, n: int) -> tuple[list[int], str, object]:  # noqa: ANN001
+    """Prefills PROMPT in `session` and decodes `n` greedy tokens; those tokens, the middle
+    hop's provider, and which of the `middle` processes it is."""
+    logits = model.prefill(session, model.encode(PROMPT))
+    tokens = [int(np.argmax(model.end.samplable(logits)))]
+    while len(tokens) < n:
+        logits = model.step(session, tokens[-1])
+        tokens.append(int(np.argmax(model.end.samplable(logits))))
+    on_route = session.hops[1].provider.peer_id
+    return tokens, on_route, next(w for w in middle if on_route in "\n".join(w.stdout))
+
+
+def greedy_on(model: Model, session, tokens: list[int]) -> list[int]:  # noqa: ANN001
+    """The greedy tokens after `tokens` in `session`, up to N_TOKENS in all."""
+    out = list(tokens)
+    while len(out) < N_TOKENS:
+        logits = model.step(session, out[-1])
+        out.append(int(np.argmax(model.end.samplable(logits))))
+    return out[len(tokens):]
+
+
 def test_a_vanished_worker_is_replaced_mid_generation(smollm2_gguf: Path, local_tokens: list[int]) -> None:
     """Two providers of the middle layers; the one on the route is killed mid-decode. The
     client replays that hop's kept inputs on the other and the tokens do not change."""
@@ -201,15 +222,9 @@ def test_a_vanished_worker_is_replaced_mid_generation(smollm2_gguf: Path, local_
         middle = start_with_two_middle_providers(mesh, smollm2_gguf)
         with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
             session = model.new_session()
-            logits = model.prefill(session, model.encode(PROMPT))
-            tokens = []
-            for i in range(N_TOKENS):
-                tokens.append(int(np.argmax(model.end.samplable(logits))))
-                if i == 20:
-                    on_route = session.hops[1].provider.peer_id
-                    victim = next(w for w in middle if on_route in "\n".join(w.stdout))
-                    victim.kill()
-                logits = model.step(session, tokens[-1])
+            tokens, on_route, victim = greedy_until(model, session, middle, 21)
+            victim.kill()
+            tokens += greedy_on(model, session, tokens)
             assert tokens == local_tokens
             assert on_route not in {h.provider.peer_id for h in session.hops}
             model.close_session(session)
@@ -226,18 +241,12 @@ def test_sigterm_lets_a_workers_sessions_finish_and_starts_new_ones_elsewhere(sm
         middle = start_with_two_middle_providers(mesh, smollm2_gguf)
         with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
             session = model.new_session()
-            logits = model.prefill(session, model.encode(PROMPT))
-            tokens = []
-            for i in range(N_TOKENS):
-                tokens.append(int(np.argmax(model.end.samplable(logits))))
-                if i == 20:
-                    on_route = session.hops[1].provider.peer_id
-                    leaving = next(w for w in middle if on_route in "\n".join(w.stdout))
-                    leaving.proc.send_signal(signal.SIGTERM)
-                    leaving.wait_for(r"leaving: no new sessions", 10)
-                    # A new session meanwhile goes through the other provider: the same tokens.
-                    assert greedy(model, PROMPT, N_TOKENS) == local_tokens
-                logits = model.step(session, tokens[-1])
+            tokens, on_route, leaving = greedy_until(model, session, middle, 21)
+            leaving.proc.send_signal(signal.SIGTERM)
+            leaving.wait_for(r"leaving: no new sessions", 10)
+            # A new session meanwhile goes through the other provider: the same tokens.
+            assert greedy(model, PROMPT, N_TOKENS) == local_tokens
+            tokens += greedy_on(model, session, tokens)
             assert tokens == local_tokens
             assert session.hops[1].provider.peer_id == on_route, "the running session stayed where it was"
             model.close_session(session)

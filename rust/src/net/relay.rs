@@ -147,14 +147,14 @@ pub(crate) async fn answer_relay(peer: PeerId, frame: Vec<u8>, handler: Arc<dyn 
     };
     server.info.count_relay();
     let mut answer = run_handler(peer, forward_frame, handler).await;
-    if let Some((first, rest)) = next.split_first() {
+    if let Some((first, addrs)) = next.into_iter().next() {
         if answer.get(6) == Some(&(crate::wire::Kind::ForwardResult as u8)) {
-            if let Err(why) = pass_on(&answer, &relay, first, rest, server).await {
-                tracing::warn!(next = %first.0, "cannot pass a relay on: {why}");
+            if let Err(why) = pass_on(&answer, &relay, first, addrs, server).await {
+                tracing::warn!(next = %first, "cannot pass a relay on: {why}");
                 answer = error_frame(ErrorReply {
                     code: ErrorCode::RelayFailed,
                     session: relay.first_session(),
-                    message: format!("ran this hop, but could not pass its output on to {}: {why}", first.0),
+                    message: format!("ran this hop, but could not pass its output on to {first}: {why}"),
                 });
             }
         }
@@ -244,16 +244,11 @@ impl RelayHead {
     }
 }
 
-/// Sends `answer`'s output to `first` as a kept relay naming `rest`, and returns once the frame
-/// is written to its stream; the next hop's own answer (`Relayed`, or its refusal, which the End
-/// node collects from it) is only logged.
-async fn pass_on(
-    answer: &[u8],
-    relay: &RelayHead,
-    first: &(PeerId, Vec<Multiaddr>),
-    rest: &[(PeerId, Vec<Multiaddr>)],
-    server: &Server,
-) -> Result<(), String> {
+/// Sends `answer`'s output to the relay's next hop (`peer`, dialed at `addrs` if need be) as a
+/// kept relay naming the hops after it, and returns once the frame is written to its stream;
+/// the next hop's own answer (`Relayed`, or its refusal, which the End node collects from it)
+/// is only logged.
+async fn pass_on(answer: &[u8], relay: &RelayHead, peer: PeerId, addrs: Vec<Multiaddr>, server: &Server) -> Result<(), String> {
     let result = match Message::decode(answer, &server.limits) {
         Ok(Message::ForwardResult(r)) => r,
         Ok(other) => return Err(format!("the handler answered with a {} frame", other.kind())),
@@ -262,13 +257,13 @@ async fn pass_on(
     let onward = Message::Relay(Relay {
         chain: relay.chain,
         keep: true,
-        next: relay.next[relay.next.len() - rest.len()..].to_vec(),
-        forward: Forward { model: relay.model.clone(), span: relay.next[relay.next.len() - rest.len() - 1].span, entries: result.entries, hidden: result.hidden },
+        next: relay.next[1..].to_vec(),
+        forward: Forward { model: relay.model.clone(), span: relay.next[0].span, entries: result.entries, hidden: result.hidden },
     })
     .encode()
     .map_err(|e| e.to_string())?;
     let (sent_tx, sent_rx) = oneshot::channel();
-    let (pool, timeout, (peer, addrs)) = (server.pool.clone(), server.request_timeout, first.clone());
+    let (pool, timeout) = (server.pool.clone(), server.request_timeout);
     tokio::spawn(async move {
         let answer = tokio::time::timeout(timeout, pool.request_via(peer, &addrs, onward, Some(sent_tx))).await;
         match answer {
