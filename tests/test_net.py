@@ -93,11 +93,12 @@ def test_every_node_answers_info_and_a_bootstrap_node_answers_ping(tmp_path: Pat
             client.dial(node.listen_addrs()[0])
         info = client.info(boot.peer_id)
         assert info == {"mode": "none", "role": "bootstrap", "version": "0.1.0", "peer_id": boot.peer_id,
-                        "listen_addrs": boot.listen_addrs(), "relay": 1, "relays": 0}
+                        "listen_addrs": boot.listen_addrs(), "relay": 1, "relays": 0, "refusals": {}}
         assert boot.local_info() == info
         assert _native.decode_frame(client.request(boot.peer_id, _native.encode_ping(8))) == {"kind": "pong", "nonce": 8}
         refused = _native.decode_frame(client.request(boot.peer_id, forward(np.ones((1, 8), np.float32))))
         assert refused["code"] == "invalid_request"
+        assert client.info(boot.peer_id)["refusals"] == {"invalid_request": 1}
         info = client.info(echo.peer_id, timeout=5.0)
         assert (info["mode"], info["device"], info["threads"], info["peer_id"]) == ("echo", "cpu", 2, echo.peer_id)
         reply = _native.decode_frame(client.request(echo.peer_id, _native.encode_info()))
@@ -209,6 +210,53 @@ def test_vanished_peer_fails_fast(tmp_path: Path, transport: str) -> None:
         assert time.monotonic() - t0 < 5
         with pytest.raises(NetworkError, match="shut down"):
             a.listen_addrs()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_killed_dht_peer_stops_costing_lookups_once_its_connection_is_found_dead(tmp_path: Path, transport: str) -> None:
+    """A provider process killed outright (SIGKILL: over QUIC nothing tells its peers) is out of
+    every routing table once its connections are found dead (QUIC: 3 s without keep-alives),
+    so lookups stop waiting on it within seconds: with libp2p's defaults every later lookup
+    waited 5 s on a dial of it (10 s for the first)."""
+    import subprocess
+    import sys
+
+    with _native.Node(str(tmp_path / "boot"), 0, transport) as boot:
+        addr = boot.listen_addrs()[0]
+        script = (
+            "import sys, time\nfrom meshpy import _native\n"
+            f"n = _native.Node({str(tmp_path / 'doomed')!r}, 0, {transport!r}, [{addr!r}])\n"
+            "n.bootstrap(); n.start_providing(b'k'); print('ready', flush=True); time.sleep(600)\n"
+        )
+        env = {**os.environ, "PYTHONPATH": str(Path(_native.__file__).parents[1])}
+        doomed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            assert doomed.stdout is not None and doomed.stdout.readline().strip() == "ready"
+            with _native.Node(str(tmp_path / "w"), 0, transport, [addr]) as other, \
+                    _native.Node(str(tmp_path / "c"), 0, transport, [addr], dht_server=False) as client:
+                other.bootstrap()
+                other.start_providing(b"k")
+                client.bootstrap()
+                assert len(client.get_providers(b"k")) == 2
+                doomed.kill()
+                doomed.wait()
+                killed = time.monotonic()
+                waits = []  # (seconds since the kill when the lookup began, its duration)
+                while time.monotonic() - killed < 9:
+                    t0 = time.monotonic()
+                    assert other.peer_id in [p for p, _ in client.get_providers(b"k")]
+                    waits.append((t0 - killed, time.monotonic() - t0))
+                    time.sleep(0.2)
+                slow = [w for w in waits if w[1] > 1.0]
+                # Lookups may wait on the dead peer until the connections to it are found dead,
+                # or dial it once more meanwhile (3 s each) ...
+                assert len(slow) <= 2 and all(took < 4.5 for _, took in slow), waits
+                # ... and none once they have been (two such waits after the kill, plus a margin).
+                assert all(took < 1.0 for began, took in waits if began > 7.0), waits
+        finally:
+            doomed.kill()
+            doomed.wait()
+            doomed.stdout.close()
 
 
 # --- a worker serving SmolLM2 from Rust ---------------------------------------------------

@@ -235,6 +235,10 @@ class Node:
         provider_ttl: float = 600.0,
         dht_server: bool = True,
         network_key: str | os.PathLike[str] | None = None,
+        allow_peers: Sequence[str] | None = None,
+        peer_rate: float = 2000.0,
+        sessions_per_peer: int = 256,
+        kv_bytes_per_peer: int | None = None,
     ) -> None: ...
     @property
     def peer_id(self) -> str: ...
@@ -280,8 +284,8 @@ class Node:
     def info(self, peer: str, timeout: float | None = None) -> dict[str, Any]:
         """The peer's Info reply: "mode" ("span", "echo", "none"), "peer_id", "listen_addrs",
         its static info, and for "span" "model_name", "model_hash" (hex), "first_layer",
-        "n_layers", "sessions", "kv_used_bytes", "kv_budget_bytes", "max_positions", "hidden".
-        Raises NetworkError on an error frame, FrameError on any other answer."""
+        "n_layers", "sessions", "kv_used_bytes", "kv_budget_bytes", "max_positions", "hidden";
+        "refusals" counts the errors it answered by code. Raises NetworkError on an error frame, FrameError on any other answer."""
     def local_info(self) -> dict[str, Any]:
         """What this node answers to Info now."""
     def serve(
@@ -294,6 +298,8 @@ class Node:
         idle_timeout: float = 300.0,
         max_positions: int | None = None,
         info: dict[str, Any] | None = None,
+        sessions_per_peer: int = 256,
+        kv_bytes_per_peer: int | None = None,
     ) -> None:
         """Serves `serve` from now on (the constructor's arguments, same meaning); drops the
         previous handler's sessions; merges `info` into the static Info."""

@@ -177,6 +177,7 @@ class NodeSettings:
     node_dir: Path | None = setting(None, "directory of the node's identity key (default: per role and port)")
     network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
     allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
+    peer_rate: float | None = setting(None, "requests one peer may send this node per second, past which they are refused 'overloaded' (default 2000; 0: no limit)", minimum=0.0)
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,8 @@ class WorkerSettings(NodeSettings):
     device: str = setting("cpu", "where the layers run", choices=("cpu",))
     memory: str | None = setting(None, "memory for weights, KV cache and runtime, e.g. 2GiB (default: what is free)")
     kv_budget: str = setting("256MiB", "KV cache memory all sessions together may hold")
+    peer_sessions: int | None = setting(None, "sessions one peer may hold here at once (default 256); on a chained route a worker's sessions count against the worker before it", minimum=1)
+    peer_kv: str | None = setting(None, "KV cache memory one peer's sessions may hold together (default: all of --kv-budget); on a chained route a worker's sessions count against the worker before it")
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     idle_timeout: float = setting(300.0, "seconds before an unused session is dropped", minimum=1.0)
     drain_timeout: float = setting(30.0, "on SIGTERM or Ctrl-C, seconds to let held sessions end (no new ones start) before leaving; those still held then move with replay", minimum=0.0)

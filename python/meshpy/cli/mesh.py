@@ -69,8 +69,15 @@ def _describe(info: dict[str, Any]) -> str:
             f"({info.get('device', '?')}, {info.get('sessions', 0)} sessions, "
             f"KV {format_size(int(info.get('kv_used_bytes', 0)))} of {format_size(int(info.get('kv_budget_bytes', 0)))})"
             + (", leaving" if info.get("draining") else "")
+            + _refusals(info)
         )
-    return "echo mode" if mode == "echo" else str(mode)
+    return ("echo mode" if mode == "echo" else str(mode)) + _refusals(info)
+
+
+def _refusals(info: dict[str, Any]) -> str:
+    """The errors a node has answered, by code: ``; refused 3 overloaded, 1 malformed_frame``."""
+    counts = sorted((info.get("refusals") or {}).items(), key=lambda kv: -int(kv[1]))
+    return "; refused " + ", ".join(f"{n} {code}" for code, n in counts) if counts else ""
 
 
 def run_status(settings: StatusSettings) -> int:

@@ -78,6 +78,8 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
     node_dir = NodeDir(settings.node_dir, role, settings.port)
     try:
         key = None if settings.network_key is None else str(settings.network_key)
+        if settings.peer_rate is not None:
+            kwargs["peer_rate"] = settings.peer_rate
         node = _native.Node(
             str(node_dir.path), settings.port, settings.transport, bootstrap or [], None, host=settings.host,
             network_key=key, allow_peers=allowed_peers(settings.allow_peer), **kwargs,

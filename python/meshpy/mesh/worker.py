@@ -108,9 +108,20 @@ class Worker:
             kv_budget_bytes=kv_budget,
             idle_timeout=s.idle_timeout,
             info=info,
+            **self._peer_limits(),
         )
         log.info("announcing layers %s of %s", format_layers(layers), self.model.id)
         self._announce([self.model.layer_key(i) for i in layers] + [WORKERS_KEY])
+
+    def _peer_limits(self) -> dict[str, int]:
+        """The per-peer session limits asked for; those not given keep the core's defaults."""
+        s = self.settings
+        limits = {}
+        if s.peer_sessions is not None:
+            limits["sessions_per_peer"] = s.peer_sessions
+        if s.peer_kv is not None:
+            limits["kv_bytes_per_peer"] = parse_size(s.peer_kv)
+        return limits
 
     def _place(self, source: ModelSource, config: ModelConfig, kv_budget: int, memory: int, has_peers: bool) -> range:
         """The least-covered contiguous layers that fit `memory` (see `mesh.placement`)."""

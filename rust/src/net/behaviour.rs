@@ -44,6 +44,13 @@ pub struct MeshBehaviour {
 /// Inbound tensor streams, as the swarm accepts them.
 pub(crate) type InboundStreams = futures::channel::mpsc::UnboundedReceiver<(libp2p::PeerId, libp2p::Stream)>;
 
+/// How often an idle QUIC connection proves it is alive.
+const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// A QUIC connection silent this long is dead (three missed keep-alives).
+const QUIC_IDLE_TIMEOUT_MS: u32 = 3000;
+/// Longest a QUIC dial may take: a few round trips of even a slow intercontinental link.
+const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Builds the swarm for `keypair` with `config`'s timeouts; also returns the handle that opens
 /// tensor streams and the queue of inbound ones. With a network key, TCP connections carry
 /// libp2p's private-network layer under Noise and there is no QUIC (see `network_key`).
@@ -90,7 +97,16 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
             .with_tokio()
             .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
             .map_err(|e| net("TCP transport", &e))?
-            .with_quic()
+            .with_quic_config(|mut c| {
+                // Notice a vanished peer within seconds: quinn sees nothing when a process
+                // dies, so only keep-alives that stop being acknowledged tell (libp2p's
+                // defaults, 5 s pings and a 10 s idle timeout, cost every DHT query that
+                // reaches the dead peer in the meantime a 10 s wait, then 5 s per dial).
+                c.keep_alive_interval = QUIC_KEEP_ALIVE;
+                c.max_idle_timeout = QUIC_IDLE_TIMEOUT_MS;
+                c.handshake_timeout = QUIC_HANDSHAKE_TIMEOUT;
+                c
+            })
             .with_behaviour(behaviour)
             .map_err(|e| net("behaviour", &e))?
             .with_swarm_config(swarm_config)

@@ -6,12 +6,14 @@
 //! [`FrameHeader::parse`] against the receiver's [`Limits`], so an oversized or garbled frame
 //! is refused before its body is read or any buffer is sized from its lengths; the body's
 //! buffer then grows with the bytes that actually arrive (at most [`READ_CHUNK`] ahead), so a
-//! peer announcing a large frame and sending little of it holds little memory. A refusal is
+//! peer announcing a large frame and sending little of it holds little memory, and a frame that
+//! stops arriving for the stall timeout is refused, so nobody holds even that for long. A refusal is
 //! answered with an `Error` frame, after which the server closes that stream (its unread rest
 //! cannot be resynchronised); a peer that closes or breaks its stream mid-frame fails that one
 //! request, never the connection or other streams.
 
 use std::io;
+use std::time::Duration;
 
 use futures::prelude::*;
 use libp2p::StreamProtocol;
@@ -46,16 +48,18 @@ impl ReadError {
 }
 
 /// How far ahead of the bytes received a frame's buffer is allocated.
-pub const READ_CHUNK: usize = 1 << 20;
+pub const READ_CHUNK: usize = 256 << 10;
 
 /// Reads one frame: the fixed header, checked against `limits`, then exactly the bytes it
-/// announces.
-pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits) -> Result<Vec<u8>, ReadError> {
+/// announces. The first byte may take any time (an idle stream waits for its next request);
+/// after it, a pause of `stall` (when given; it needs a tokio runtime) refuses the frame.
+pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits, stall: Option<Duration>) -> Result<Vec<u8>, ReadError> {
     let mut fixed = [0u8; FIXED_HEADER_LEN];
-    let got = read_full(io, &mut fixed).await.map_err(ReadError::Io)?;
-    if got == 0 {
+    let first = read_full(io, &mut fixed[..1], None).await.map_err(|(e, _)| ReadError::Io(e))?;
+    if first == 0 {
         return Err(ReadError::Closed);
     }
+    let got = 1 + read_full(io, &mut fixed[1..], stall).await.map_err(|(e, n)| stalled_or_io(e, 1 + n, FIXED_HEADER_LEN))?;
     if got < FIXED_HEADER_LEN {
         return Err(refused(
             ErrorCode::MalformedFrame,
@@ -74,7 +78,7 @@ pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits) -> Re
         let start = frame.len();
         let want = (total - start).min(READ_CHUNK);
         frame.resize(start + want, 0);
-        let got = read_full(io, &mut frame[start..]).await.map_err(ReadError::Io)?;
+        let got = read_full(io, &mut frame[start..], stall).await.map_err(|(e, n)| stalled_or_io(e, start + n, total))?;
         if got < want {
             return Err(refused(
                 ErrorCode::MalformedFrame,
@@ -88,18 +92,34 @@ pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits) -> Re
     Ok(frame)
 }
 
-/// Fills `buf` unless the stream ends first; returns the bytes read.
-async fn read_full<T: AsyncRead + Unpin>(io: &mut T, buf: &mut [u8]) -> io::Result<usize> {
+/// Fills `buf` unless the stream ends first; returns the bytes read. With `stall`, a read that
+/// brings nothing for that long fails with `TimedOut`. A failure comes with the bytes read
+/// before it.
+async fn read_full<T: AsyncRead + Unpin>(io: &mut T, buf: &mut [u8], stall: Option<Duration>) -> Result<usize, (io::Error, usize)> {
     let mut filled = 0;
     while filled < buf.len() {
-        match io.read(&mut buf[filled..]).await {
+        let read = io.read(&mut buf[filled..]);
+        let got = match stall {
+            None => read.await,
+            Some(stall) => tokio::time::timeout(stall, read).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+        };
+        match got {
             Ok(0) => break,
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err((e, filled)),
         }
     }
     Ok(filled)
+}
+
+/// A failed read inside a frame: a stall is a refusal (the stream can still carry the reply),
+/// anything else the stream's failure.
+fn stalled_or_io(e: io::Error, at: usize, total: usize) -> ReadError {
+    if e.kind() != io::ErrorKind::TimedOut {
+        return ReadError::Io(e);
+    }
+    refused(ErrorCode::MalformedFrame, format!("the frame stalled: nothing more arrived after {at} of its {total} bytes"))
 }
 
 fn refused(code: ErrorCode, message: String) -> ReadError {

@@ -4,7 +4,8 @@
 //! device, thread count, version, bytes of weights loaded, ...), the handler's live one
 //! ([`FrameHandler::info`]: what it serves, sessions, KV memory; `{"mode": "none"}` without a
 //! handler), and the node's own `peer_id`, `listen_addrs` (each ending in `/p2p/<peer id>`) and
-//! `relay` (the version of chained routes it serves) and `relays` (how many it has run).
+//! `relay` (the version of chained routes it serves), `relays` (how many it has run) and
+//! `refusals` (the errors it has answered, by code name).
 //! Every node answers `Info`, whatever its handler, and a node without a handler still answers
 //! `Ping`.
 
@@ -16,7 +17,8 @@ use serde_json::{json, Map, Value};
 
 use super::codec::error_frame_for;
 use super::FrameHandler;
-use crate::wire::Message;
+use super::peers::Refusals;
+use crate::wire::{ErrorCode, Message};
 
 /// The chained-route protocol version a node serves, as its `Info` says (`"relay"`).
 pub const RELAY_VERSION: u32 = 1;
@@ -30,13 +32,15 @@ pub(crate) struct NodeInfo {
     peer_id: PeerId,
     /// Relays this node has run (for `Info`'s `"relays"`).
     relays: std::sync::atomic::AtomicU64,
+    /// Errors this node has answered, by code (for `Info`'s `"refusals"`).
+    refusals: Refusals,
     listen_addrs: RwLock<Vec<Multiaddr>>,
     fixed: RwLock<JsonObject>,
 }
 
 impl NodeInfo {
     pub(crate) fn new(peer_id: PeerId, fixed: JsonObject) -> Self {
-        NodeInfo { peer_id, relays: Default::default(), listen_addrs: RwLock::new(Vec::new()), fixed: RwLock::new(fixed) }
+        NodeInfo { peer_id, relays: Default::default(), refusals: Refusals::default(), listen_addrs: RwLock::new(Vec::new()), fixed: RwLock::new(fixed) }
     }
 
     /// The node's peer id.
@@ -47,6 +51,11 @@ impl NodeInfo {
     /// Counts a relay run.
     pub(crate) fn count_relay(&self) {
         self.relays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts an error answered.
+    pub(crate) fn count_refusal(&self, code: ErrorCode) {
+        self.refusals.count(code);
     }
 
     /// Records the listen addresses (without `/p2p/...`).
@@ -80,6 +89,7 @@ impl NodeInfo {
         out.insert("relay".to_string(), json!(RELAY_VERSION));
         out.insert("relays".to_string(), json!(self.relays.load(std::sync::atomic::Ordering::Relaxed)));
         out.insert("listen_addrs".to_string(), json!(addrs));
+        out.insert("refusals".to_string(), self.refusals.to_json());
         Value::Object(out)
     }
 

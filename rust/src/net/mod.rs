@@ -16,6 +16,7 @@ pub mod identity;
 mod info;
 pub mod network_key;
 mod node;
+mod peers;
 mod relay;
 mod serve;
 mod streams;
@@ -23,6 +24,8 @@ mod tensor;
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_limits;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -38,6 +41,7 @@ pub use info::JsonObject;
 pub use libp2p::{Multiaddr, PeerId};
 pub use network_key::NetworkKey;
 pub use node::{Node, NodeHandle, Pending, Providers};
+pub use peers::PeerLimits;
 pub use serve::{EchoHandler, FrameHandler};
 
 use crate::error::{Error, Result};
@@ -115,6 +119,8 @@ pub struct NodeConfig {
     /// The only peers this node connects with (both ways), if set: every other connection
     /// is denied once the handshake names the peer, and logged.
     pub allow_peers: Option<Vec<PeerId>>,
+    /// What one peer may ask of this node at once and per second (see `peers`).
+    pub peer_limits: PeerLimits,
 }
 
 /// Environment variable giving [`NodeConfig::emulated_rtt`] in milliseconds.
@@ -151,6 +157,7 @@ impl NodeConfig {
             emulated_rtt: emulated_rtt_from_env(),
             network_key: None,
             allow_peers: None,
+            peer_limits: PeerLimits::default(),
         }
     }
 }

@@ -123,6 +123,7 @@ impl Node {
             let server = Server {
                 handler: Arc::clone(&handler),
                 limits: config.limits,
+                gate: Arc::new(super::peers::PeerGate::new(config.peer_limits)),
                 info: Arc::clone(&info),
                 streams: Arc::clone(&streams),
                 pool: pool.clone(),
@@ -630,6 +631,14 @@ impl Loop {
                 if let Some(tx) = self.dials.remove(&connection_id) {
                     let _ = tx.send(Ok(peer_id));
                 }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause: Some(libp2p::swarm::ConnectionError::IO(e)), .. } => {
+                // The peer's last connection broke (not closed for idleness): it crashed or
+                // its network went away. Out of the routing table, so no DHT query (ours, or
+                // another node's through our answers) waits on it; it comes back when it
+                // connects again.
+                tracing::info!(peer = %peer_id, "lost the connection: {e}");
+                self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
             }
             SwarmEvent::OutgoingConnectionError { connection_id, error, peer_id } => {
                 tracing::debug!(peer = ?peer_id, "dial failed: {error}");

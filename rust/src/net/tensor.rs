@@ -25,6 +25,7 @@ use libp2p::{Multiaddr, PeerId, Stream};
 use super::behaviour::InboundStreams;
 use super::codec::{error_frame, error_frame_for, is_whole_frame, read_frame, write_frame, ReadError};
 use super::info::NodeInfo;
+use super::peers::PeerGate;
 use super::relay::{self, Outbox};
 use super::streams::Opener;
 use super::serve::unexpected;
@@ -151,7 +152,7 @@ impl StreamPool {
         if let Some(sent) = sent.take() {
             let _ = sent.send(Ok(()));
         }
-        let answer = match read_frame(&mut stream, &self.limits).await {
+        let answer = match read_frame(&mut stream, &self.limits, None).await {
             Ok(answer) => answer,
             Err(e @ (ReadError::Closed | ReadError::Io(_))) => return Err(Unanswered(e.into_error(&what))),
             Err(e) => return Ok(Err(e.into_error(&what))),
@@ -173,13 +174,14 @@ const OPEN_ATTEMPTS: u64 = 2;
 /// A request that got no answer at all (see [`StreamPool::exchange`]).
 struct Unanswered(Error);
 
-/// What serving a stream needs: the handler, the frame limits and the node's description;
-/// for relays, the node's streams to other peers, its request timeout, and the outputs
-/// waiting for a `Collect`.
+/// What serving a stream needs: the handler, the frame limits, the per-peer limits and the
+/// node's description; for relays, the node's streams to other peers, its request timeout,
+/// and the outputs waiting for a `Collect`.
 #[derive(Clone)]
 pub(crate) struct Server {
     pub(crate) handler: HandlerSlot,
     pub(crate) limits: Limits,
+    pub(crate) gate: Arc<PeerGate>,
     pub(crate) info: Arc<NodeInfo>,
     /// Inbound streams being served (each a task and, mid-frame, a buffer).
     pub(crate) streams: Arc<AtomicUsize>,
@@ -227,18 +229,33 @@ pub(crate) async fn maintain(handler: HandlerSlot, outbox: Arc<Outbox>, period: 
 }
 
 /// Answers frames on one stream until the peer closes it or a frame is refused. A peer that
-/// goes away mid-frame (stream reset, connection lost, write side closed early) ends the
-/// stream's task and frees its buffer; other streams and sessions carry on.
+/// goes away mid-frame (stream reset, connection lost, write side closed early) or stalls
+/// inside a frame ends the stream's task and frees its buffer; other streams and sessions
+/// carry on. A stream or request over the peer's limits is answered `Overloaded`; every error
+/// answered is counted for `Info`.
 async fn serve_stream(peer: PeerId, mut stream: Stream, server: Server) {
     let _counted = Counted::new(&server.streams);
+    let refuse_stream = |reply: ErrorReply| {
+        tracing::debug!(%peer, "refused a frame: {}", reply.message);
+        server.info.count_refusal(reply.code);
+        error_frame(reply)
+    };
+    let _slot = match server.gate.open_stream(peer) {
+        Ok(slot) => slot,
+        Err(reply) => {
+            let _ = write_frame(&mut stream, &refuse_stream(reply)).await;
+            let _ = stream.close().await;
+            return;
+        }
+    };
+    let stall = Some(server.gate.limits().stall_timeout);
     loop {
-        let frame = match read_frame(&mut stream, &server.limits).await {
+        let frame = match read_frame(&mut stream, &server.limits, stall).await {
             Ok(frame) => frame,
             Err(ReadError::Closed) => break,
             Err(ReadError::Refused(reply)) => {
-                tracing::debug!(%peer, "refused a frame: {}", reply.message);
                 // The rest of the refused frame is unread: answer, then end the stream.
-                let _ = write_frame(&mut stream, &error_frame(reply)).await;
+                let _ = write_frame(&mut stream, &refuse_stream(reply)).await;
                 let _ = stream.close().await;
                 break;
             }
@@ -247,7 +264,28 @@ async fn serve_stream(peer: PeerId, mut stream: Stream, server: Server) {
                 break;
             }
         };
-        let answer = answer(peer, frame, &server).await;
+        let collect = frame.get(6) == Some(&(Kind::Collect as u8));
+        let answer = match server.gate.admit_request(peer) {
+            Err(reply) => error_frame(reply),
+            // A collect may wait minutes for its relay: give up on it when its requester
+            // closes or resets the stream (an End node sends nothing more before the answer).
+            Ok(()) if collect => {
+                let mut probe = [0u8; 1];
+                tokio::select! {
+                    answer = answer(peer, frame, &server) => answer,
+                    _ = futures::AsyncReadExt::read(&mut stream, &mut probe) => {
+                        tracing::debug!(%peer, "a collect's requester went away before its answer");
+                        break;
+                    }
+                }
+            }
+            Ok(()) => answer(peer, frame, &server).await,
+        };
+        if answer.get(6) == Some(&(Kind::Error as u8)) {
+            if let Ok(Message::Error(reply)) = Message::decode(&answer, &Limits::unlimited()) {
+                server.info.count_refusal(reply.code);
+            }
+        }
         if let Err(e) = write_frame(&mut stream, &answer).await {
             tracing::debug!(%peer, "cannot send an answer: {e}");
             break;

@@ -100,6 +100,24 @@ pub struct PyNode {
     node: Node,
 }
 
+/// A span handler's limits from the Python arguments (`None`: the model's context, the whole
+/// budget).
+fn session_limits(
+    kv_budget_bytes: u64,
+    idle_timeout: f64,
+    max_positions: Option<usize>,
+    sessions_per_peer: usize,
+    kv_bytes_per_peer: Option<u64>,
+) -> PyResult<SessionLimits> {
+    Ok(SessionLimits {
+        kv_budget_bytes,
+        idle_timeout: seconds(idle_timeout, "idle_timeout")?,
+        max_positions: max_positions.unwrap_or(usize::MAX),
+        sessions_per_peer,
+        kv_bytes_per_peer: kv_bytes_per_peer.unwrap_or(u64::MAX),
+    })
+}
+
 #[pymethods]
 impl PyNode {
     /// Starts a node: loads or creates the identity in `node_dir`, listens on `host:port`
@@ -109,14 +127,18 @@ impl PyNode {
     /// static part of the node's `Info` replies. Provider records this node stores expire
     /// `provider_ttl` seconds after their last announcement; its own are re-announced every
     /// quarter of that. `dht_server=False` makes a client that queries the DHT without
-    /// serving it (for End nodes and `meshpy status`: they come and go).
+    /// serving it (for End nodes and `meshpy status`: they come and go). One peer may send
+    /// `peer_rate` requests per second (0: no limit), start `sessions_per_peer` sessions and
+    /// hold `kv_bytes_per_peer` of KV cache with them (None: the whole budget); past those its
+    /// requests are refused `overloaded`.
     #[new]
     #[pyo3(signature = (
         node_dir, port = 0, transport = "tcp", bootstrap = Vec::new(), serve = None, *,
         host = "127.0.0.1", model_name = None, model_hash = None, request_timeout = 60.0,
         query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
         idle_timeout = 300.0, max_positions = None, info = None, provider_ttl = 600.0,
-        dht_server = true, network_key = None, allow_peers = None,
+        dht_server = true, network_key = None, allow_peers = None, peer_rate = 2000.0,
+        sessions_per_peer = 256, kv_bytes_per_peer = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -140,6 +162,9 @@ impl PyNode {
         dht_server: bool,
         network_key: Option<PathBuf>,
         allow_peers: Option<Vec<String>>,
+        peer_rate: f64,
+        sessions_per_peer: usize,
+        kv_bytes_per_peer: Option<u64>,
     ) -> PyResult<Self> {
         let mut config = NodeConfig::new(node_dir);
         config.port = port;
@@ -152,6 +177,10 @@ impl PyNode {
         config.dht_server = dht_server;
         config.network_key = network_key.map(|path| NetworkKey::load(&path)).transpose().map_err(to_py_err)?;
         config.allow_peers = allow_peers.map(|peers| peers.iter().map(|p| parse_peer(p)).collect::<PyResult<_>>()).transpose()?;
+        if !(peer_rate.is_finite() && peer_rate >= 0.0) {
+            return Err(invalid(format!("peer_rate must be a number of requests per second, 0 for no limit; got {peer_rate}")));
+        }
+        config.peer_limits.requests_per_second = peer_rate;
         if let Some(max) = max_frame_bytes {
             config.limits = Limits { max_frame_bytes: max, ..Limits::default() };
         }
@@ -161,11 +190,13 @@ impl PyNode {
         config.handler = match serve {
             None => None,
             Some(s) if s.is_none() => None,
-            Some(s) => Some(handler_of(s, &config.limits, model_name, model_hash, SessionLimits {
+            Some(s) => Some(handler_of(s, &config.limits, model_name, model_hash, session_limits(
                 kv_budget_bytes,
-                idle_timeout: seconds(idle_timeout, "idle_timeout")?,
-                max_positions: max_positions.unwrap_or(usize::MAX),
-            })?),
+                idle_timeout,
+                max_positions,
+                sessions_per_peer,
+                kv_bytes_per_peer,
+            )?)?),
         };
         let node = py.detach(|| Node::start(config)).map_err(to_py_err)?;
         Ok(PyNode { node })
@@ -348,7 +379,8 @@ impl PyNode {
     /// into the static part of the node's Info replies.
     #[pyo3(signature = (
         serve, *, model_name = None, model_hash = None, kv_budget_bytes = 512 << 20,
-        idle_timeout = 300.0, max_positions = None, info = None,
+        idle_timeout = 300.0, max_positions = None, info = None, sessions_per_peer = 256,
+        kv_bytes_per_peer = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn serve(
@@ -361,12 +393,10 @@ impl PyNode {
         idle_timeout: f64,
         max_positions: Option<usize>,
         info: Option<&Bound<'_, PyAny>>,
+        sessions_per_peer: usize,
+        kv_bytes_per_peer: Option<u64>,
     ) -> PyResult<()> {
-        let session_limits = SessionLimits {
-            kv_budget_bytes,
-            idle_timeout: seconds(idle_timeout, "idle_timeout")?,
-            max_positions: max_positions.unwrap_or(usize::MAX),
-        };
+        let session_limits = session_limits(kv_budget_bytes, idle_timeout, max_positions, sessions_per_peer, kv_bytes_per_peer)?;
         let handler = match serve.filter(|s| !s.is_none()) {
             None => None,
             Some(s) => Some(handler_of(s, &self.node.limits(), model_name, model_hash, session_limits)?),

@@ -10,8 +10,12 @@
 //! window of a sliding-window layer), against a budget: a request is admitted when its tokens
 //! fit as if every layer grew by all of them (the most a step can add), and after the pass
 //! the session is accounted at what it really holds. A request that does not fit is refused
-//! with `CannotHoldSession`, so the client picks another provider. Every refused request
-//! leaves every cache as it was.
+//! with `CannotHoldSession`, so the client picks another provider. Each peer may also start
+//! at most `sessions_per_peer` sessions and hold `kv_bytes_per_peer` with them; past either
+//! its requests are refused `Overloaded`. A session counts against the peer that started it,
+//! the requester the worker can authenticate: on a chained route that is the previous
+//! worker, so a per-peer KV share must leave room for every session relayed through it.
+//! Every refused request leaves every cache as it was.
 //!
 //! Requests are idempotent: an entry whose start position is below the session's cache length
 //! is a retry (the client lost an answer, or replays a step), so the cache is cut back to that
@@ -50,12 +54,23 @@ pub struct SessionLimits {
     pub idle_timeout: Duration,
     /// Most positions one session may reach (capped by the model's context).
     pub max_positions: usize,
+    /// Most sessions one peer may hold here at once.
+    pub sessions_per_peer: usize,
+    /// Most KV bytes one peer's sessions may hold together (the budget caps it too).
+    pub kv_bytes_per_peer: u64,
 }
 
 impl Default for SessionLimits {
-    /// 512 MiB of KV cache, 5 minutes of idleness, the model's whole context.
+    /// 512 MiB of KV cache, 5 minutes of idleness, the model's whole context, 256 sessions
+    /// per peer, and no KV share per peer below the budget.
     fn default() -> Self {
-        SessionLimits { kv_budget_bytes: 512 << 20, idle_timeout: Duration::from_secs(300), max_positions: usize::MAX }
+        SessionLimits {
+            kv_budget_bytes: 512 << 20,
+            idle_timeout: Duration::from_secs(300),
+            max_positions: usize::MAX,
+            sessions_per_peer: 256,
+            kv_bytes_per_peer: u64::MAX,
+        }
     }
 }
 
@@ -69,9 +84,13 @@ struct Session {
     step: u64,
 }
 
-/// A session in the table: the layers it runs (fixed when it starts) and its state.
+/// A session in the table: the layers it runs (fixed when it starts), the peer that started
+/// it (its limits count the session), the KV bytes it held after its last request, and its
+/// state.
 struct Held {
     span: Span,
+    owner: PeerId,
+    bytes: u64,
     session: Arc<Mutex<Session>>,
 }
 
@@ -224,7 +243,7 @@ impl SpanHandler {
     /// Runs a decoded `Forward`: checks it, admits its sessions, and queues it for the next
     /// batch (see `batcher`); the response frame, a refusal's included.
     fn forward(&self, peer: PeerId, req: Forward<'_>) -> Vec<u8> {
-        let queued = match self.check_and_admit(&req) {
+        let queued = match self.check_and_admit(peer, &req) {
             Ok(queued) => queued,
             Err(refusal) => {
                 tracing::debug!(%peer, "refused a forward: {}", refusal.message);
@@ -237,7 +256,7 @@ impl SpanHandler {
 
     /// The checks a request passes alone (model, layers, width), then admission; the
     /// request, owned, ready to queue.
-    fn check_and_admit(&self, req: &Forward<'_>) -> Result<Queued, Refusal> {
+    fn check_and_admit(&self, peer: PeerId, req: &Forward<'_>) -> Result<Queued, Refusal> {
         let first_session = req.entries.first().map(|e| e.session);
         if req.model.hash != self.model.hash {
             return Err(refuse(
@@ -271,7 +290,7 @@ impl SpanHandler {
         }
         let view = req.hidden.as_view().ok_or_else(|| internal("a decoded tensor is not a view"))?;
         let total_tokens: u64 = req.entries.iter().map(|e| u64::from(e.n_tokens)).sum();
-        let sessions = self.admit(&req.entries, req.span, total_tokens)?;
+        let sessions = self.admit(peer, &req.entries, req.span, total_tokens)?;
         Ok(Queued { entries: req.entries.clone(), span: req.span, hidden: view.to_f32(), dtype: view.dtype(), shape, sessions, total_tokens })
     }
 
@@ -331,8 +350,8 @@ impl SpanHandler {
             let q = &job.input;
             let (mine, rest) = rows.split_at(q.hidden.len());
             rows = rest;
-            let held_after: i64 = locked.guards.iter().map(|g| g.cache.held_bytes() as i64).sum();
-            let grown = held_after - locked.held_before;
+            let held: Vec<u64> = locked.guards.iter().map(|g| held_bytes(&g.cache)).collect();
+            let grown = held.iter().sum::<u64>() as i64 - locked.held_before;
             for (g, e) in locked.guards.iter_mut().zip(&q.entries) {
                 g.last_used = now;
                 g.step = e.step;
@@ -344,6 +363,11 @@ impl SpanHandler {
             {
                 let mut table = self.lock_table();
                 table.used_bytes = (table.used_bytes as i128 - reserved as i128 + grown as i128).max(0) as u64;
+                for (e, bytes) in q.entries.iter().zip(held) {
+                    if let Some(h) = table.sessions.get_mut(&e.session) {
+                        h.bytes = bytes;
+                    }
+                }
             }
             // The caches have advanced: from here on the reservation is spent, whatever happens.
             let frame = Tensor::from_f32(mine, q.shape, q.dtype)
@@ -353,9 +377,9 @@ impl SpanHandler {
         }
     }
 
-    /// Finds or creates each entry's session (running `span`) and reserves KV bytes for the
-    /// request's tokens.
-    fn admit(&self, entries: &[Entry], span: Span, total_tokens: u64) -> Result<Admitted, Refusal> {
+    /// Finds or creates each entry's session (running `span`, started by `peer`) and reserves
+    /// KV bytes for the request's tokens, within the budget and `peer`'s limits.
+    fn admit(&self, peer: PeerId, entries: &[Entry], span: Span, total_tokens: u64) -> Result<Admitted, Refusal> {
         self.expire_idle();
         let bpp = self.bytes_per_position(span);
         let mut table = self.lock_table();
@@ -403,6 +427,30 @@ impl SpanHandler {
             }
         }
         let needed = total_tokens * bpp;
+        let (owned, owned_bytes) = table
+            .sessions
+            .values()
+            .filter(|h| h.owner == peer)
+            .fold((0usize, 0u64), |(n, b), h| (n + 1, b + h.bytes));
+        let new = out.iter().filter(|(_, new)| *new).count();
+        let limits = &self.session_limits;
+        if new > 0 && owned + new > limits.sessions_per_peer {
+            return Err(refuse(
+                ErrorCode::Overloaded,
+                Some(entries[0].session),
+                format!("{peer} holds {owned} sessions here; one peer may hold {}", limits.sessions_per_peer),
+            ));
+        }
+        if owned_bytes + needed > limits.kv_bytes_per_peer {
+            return Err(refuse(
+                ErrorCode::Overloaded,
+                Some(entries[0].session),
+                format!(
+                    "{peer}'s sessions hold {owned_bytes} KV bytes here; {needed} more would pass the {} one peer may hold",
+                    limits.kv_bytes_per_peer
+                ),
+            ));
+        }
         if table.used_bytes + needed > self.session_limits.kv_budget_bytes {
             let e = entries.iter().zip(&out).find(|(_, (_, new))| *new).map_or(entries[0], |(e, _)| *e);
             return Err(refuse(
@@ -417,7 +465,7 @@ impl SpanHandler {
         table.used_bytes += needed;
         for (e, (s, new)) in entries.iter().zip(&out) {
             if *new {
-                table.sessions.insert(e.session, Held { span, session: Arc::clone(s) });
+                table.sessions.insert(e.session, Held { span, owner: peer, bytes: 0, session: Arc::clone(s) });
                 tracing::info!(session = %e.session, "new session on layers {}..{}", span.first_layer, span.end());
             }
         }

@@ -91,7 +91,7 @@ mod tensor;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_fuzz;
+pub(crate) mod tests_fuzz;
 
 pub use batch::{Entry, ModelId, SessionId, Span, ENTRY_LEN, MAX_MODEL_NAME_LEN, MODEL_HASH_LEN};
 pub use frame::{FrameHeader, Kind, Limits, FIXED_HEADER_LEN, MAGIC, PAYLOAD_ALIGN, VERSION};

@@ -35,11 +35,14 @@ pub enum ErrorCode {
     /// A chained route broke at this hop: the worker could not pass its output on to the
     /// next one, or (answering a `Collect`) no relay reached it in time.
     RelayFailed = 11,
+    /// The requester is over one of this node's per-peer limits (sessions, KV bytes, requests
+    /// per second, streams at once); the message says which. Another provider may serve it.
+    Overloaded = 12,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::UnknownSession,
         ErrorCode::WrongModel,
         ErrorCode::WrongSpan,
@@ -51,6 +54,7 @@ impl ErrorCode {
         ErrorCode::FrameTooLarge,
         ErrorCode::Internal,
         ErrorCode::RelayFailed,
+        ErrorCode::Overloaded,
     ];
 
     /// Whether another provider of the layers (or the same worker, restarted) can serve the
@@ -66,6 +70,7 @@ impl ErrorCode {
                 | ErrorCode::WrongSpan
                 | ErrorCode::Internal
                 | ErrorCode::RelayFailed
+                | ErrorCode::Overloaded
         )
     }
 
@@ -74,7 +79,7 @@ impl ErrorCode {
         ErrorCode::ALL
             .into_iter()
             .find(|c| *c as u16 == code)
-            .ok_or_else(|| Error::Frame(format!("unknown error code {code} (known: 1..=11)")))
+            .ok_or_else(|| Error::Frame(format!("unknown error code {code} (known: 1..=12)")))
     }
 
     /// The snake_case name ("unknown_session", ...), as Python sees it.
@@ -91,6 +96,7 @@ impl ErrorCode {
             ErrorCode::FrameTooLarge => "frame_too_large",
             ErrorCode::Internal => "internal",
             ErrorCode::RelayFailed => "relay_failed",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 

@@ -52,7 +52,7 @@ pub(super) fn values(n: usize) -> Vec<f32> {
 }
 
 /// One valid frame of every kind (tensors of every dtype for the two tensor kinds).
-pub(super) fn frames_of_every_kind() -> Vec<Vec<u8>> {
+pub(crate) fn frames_of_every_kind() -> Vec<Vec<u8>> {
     let x = values(6 * 5);
     let shape = Shape::matrix(6, 5);
     let mut frames = Vec::new();
@@ -758,7 +758,7 @@ fn other_kinds_reject_lies() {
         f
     };
     assert!(frame_error(&with(&|f| f[24] = 0)).contains("byte 24: unknown error code 0"));
-    assert!(frame_error(&with(&|f| f[24] = 12)).contains("unknown error code 12"));
+    assert!(frame_error(&with(&|f| f[24] = 13)).contains("unknown error code 13"));
     assert!(frame_error(&with(&|f| f[26] = 2)).contains("has-session flag is 2"));
     assert!(frame_error(&with(&|f| f[30] = 1)).contains("nonzero session id"));
     assert!(frame_error(&with(&|f| put_u32(f, 43, 11))).contains("truncated"));

@@ -135,6 +135,54 @@ fn apply(frame: &mut Vec<u8>, m: &Mutation) {
     }
 }
 
+/// An endless supply of hostile frames for fuzzing a live node, from `seed`: random bytes
+/// (10%), a valid fixed header before a random body (10%), and frames of `targets` (frames
+/// the node would act on) or of every kind mutated one to four times by the strategies above
+/// (80%, mostly targets).
+pub(crate) struct FrameFuzzer {
+    runner: proptest::test_runner::TestRunner,
+    targets: Vec<Vec<u8>>,
+    every_kind: Vec<Vec<u8>>,
+}
+
+impl FrameFuzzer {
+    pub(crate) fn new(targets: Vec<Vec<u8>>, seed: u8) -> Self {
+        use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]);
+        FrameFuzzer { runner: TestRunner::new_with_rng(Config::default(), rng), targets, every_kind: frames_of_every_kind() }
+    }
+
+    fn draw<T: std::fmt::Debug>(&mut self, strategy: impl Strategy<Value = T>) -> T {
+        use proptest::strategy::ValueTree;
+        strategy.new_tree(&mut self.runner).expect("the strategies always generate").current()
+    }
+
+    /// The next hostile frame.
+    pub(crate) fn next_frame(&mut self) -> Vec<u8> {
+        let which = self.draw(0u32..10);
+        match which {
+            0 => self.draw(prop::collection::vec(any::<u8>(), 0..300)),
+            1 => {
+                let i = self.draw(0..self.every_kind.len());
+                let mut frame = self.every_kind[i][..FIXED_HEADER_LEN].to_vec();
+                frame.extend(self.draw(prop::collection::vec(any::<u8>(), 0..300)));
+                frame
+            }
+            _ => {
+                let targets = which < 8 && !self.targets.is_empty();
+                let n = if targets { self.targets.len() } else { self.every_kind.len() };
+                let i = self.draw(0..n);
+                let mut frame = if targets { self.targets[i].clone() } else { self.every_kind[i].clone() };
+                for _ in 0..self.draw(1usize..5) {
+                    let m = self.draw(mutation());
+                    apply(&mut frame, &m);
+                }
+                frame
+            }
+        }
+    }
+}
+
 /// The ingredients of a random message: kind index, entries (session, step, start, tokens),
 /// hidden width, dtype code, a pool of values, a text, a nonce.
 type Parts = (
