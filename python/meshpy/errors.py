@@ -122,6 +122,11 @@ class WorkerError(MeshpyError, RuntimeError):
         super().__init__(f"{peer + ': ' if peer else ''}{code}: {message}")
 
 
+class VerificationError(MeshpyError, RuntimeError):
+    """Providers of the same layers gave different outputs and no third one could say which
+    is right (`--verify`); the step's output is not used."""
+
+
 def format_layer_list(layers: list[int]) -> str:
     """Layer numbers as inclusive runs, for messages: ``[0, 1, 2, 7]`` as ``0-2, 7``."""
     runs: list[list[int]] = []

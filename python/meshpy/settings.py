@@ -162,6 +162,7 @@ class GenerateSettings:
     allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
     node_dir: Path | None = setting(None, "directory of this client's identity key, so workers can name it in --allow-peer (default: a new identity each run)")
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
+    verify: float = setting(0.0, "share of sessions (0 to 1) checked on a second provider of each hop's layers; a provider whose output disagrees is banned (a third one decides)", minimum=0.0, maximum=1.0)
 
 
 _TRANSPORTS = ("tcp", "quic", "both")
@@ -250,6 +251,7 @@ class ServeSettings:
     allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
     node_dir: Path | None = setting(None, "directory of this client's identity key, so workers can name it in --allow-peer (default: a new identity each run)")
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
+    verify: float = setting(0.0, "share of sessions (0 to 1) checked on a second provider of each hop's layers; a provider whose output disagrees is banned (a third one decides)", minimum=0.0, maximum=1.0)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ def _connect(settings: GenerateSettings) -> Model:
         allow_peers=settings.allow_peer,
         node_dir=settings.node_dir,
         route_timeout=settings.route_timeout,
+        verify=settings.verify,
     )
     pipeline = model.pipeline
     for p in pipeline.providers:  # type: ignore[attr-defined]

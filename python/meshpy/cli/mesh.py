@@ -9,7 +9,7 @@ from collections import defaultdict
 from typing import Any
 
 from meshpy.errors import format_layer_list
-from meshpy.mesh.identity import WORKERS_KEY, model_identity
+from meshpy.mesh.identity import CHECKERS_KEY, WORKERS_KEY, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.placement import format_size
 from meshpy.mesh.routing import describe_peers
@@ -94,12 +94,15 @@ def run_status(settings: StatusSettings) -> int:
             wanted = model_identity(open_model_source(model_path(settings.model)))
         workers = [peer for peer, _ in node.get_providers(WORKERS_KEY)]
         infos = describe_peers(node, workers)
+        bans = _bans(node)
         models: dict[str, tuple[int, list[range]]] = defaultdict(lambda: (0, []))
         print(f"{len(infos)} worker(s) answering ({len(workers) - len(infos)} listed but silent)")
         for peer, (info, rtt) in sorted(infos.items(), key=lambda kv: (str(kv[1][0].get("model_id")), kv[1][0].get("first_layer", 0))):
             if wanted is not None and info.get("model_hash") != wanted.digest.hex():
                 continue
             print(f"{peer}: {_describe(info)}, round trip {rtt * 1000:.1f} ms")
+            for checker, reason in bans.get(peer, []):
+                print(f"    BANNED by End node {checker}: {reason}")
             for addr in info.get("listen_addrs", []):
                 print(f"    {addr}")
             if info.get("mode") == "span" and "model_id" in info:
@@ -118,6 +121,20 @@ def run_status(settings: StatusSettings) -> int:
         node.close()
         node_dir.cleanup()
     return 0
+
+
+def _bans(node: _native.Node) -> dict[str, list[tuple[str, str]]]:
+    """Workers banned by the End nodes that check the mesh (--verify), from their Info:
+    worker -> [(End node, when and why)]; also prints each End node found."""
+    bans: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    checkers = describe_peers(node, [peer for peer, _ in node.get_providers(CHECKERS_KEY)])
+    for checker, (info, _rtt) in sorted(checkers.items()):
+        banned = info.get("banned") or {}
+        print(f"End node {checker} checks {float(info.get('verify', 0)):.0%} of its sessions; "
+              f"{len(banned)} worker(s) banned")
+        for peer, reason in banned.items():
+            bans[peer].append((checker, str(reason)))
+    return bans
 
 
 def run_keygen(settings: KeygenSettings) -> int:

@@ -34,6 +34,7 @@ def _open(settings: ServeSettings) -> Model:
             allow_peers=settings.allow_peer,
             node_dir=settings.node_dir,
             route_timeout=settings.route_timeout,
+            verify=settings.verify,
         )
     return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, kv_dtype=settings.kv_dtype)
 

@@ -18,7 +18,7 @@ from meshpy import _native
 from meshpy.end_model import EndModel
 from meshpy.generation import Model, default_threads, model_path
 from meshpy.mesh.client import MeshPipeline, MeshSession
-from meshpy.mesh.identity import ModelIdentity, model_identity
+from meshpy.mesh.identity import CHECKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.routing import Hop, Provider, describe_route
 from meshpy.mesh.worker import MESH_IDLE_SPIN, Worker
@@ -54,6 +54,7 @@ def connect(
     node_dir: str | os.PathLike[str] | None = None,
     route_timeout: float = 30.0,
     lanes: int | None = None,
+    verify: float = 0.0,
 ) -> Model:
     """A `Model` whose End model runs here and whose layers run on the mesh joined through
     `bootstrap`; waits up to `route_timeout` seconds for workers to cover every layer.
@@ -66,8 +67,9 @@ def connect(
     for a mesh whose nodes hold one (TCP only). `allow_peers`: the only peers to talk to (peer
     ids, or files of them); `node_dir`: where this client keeps its identity, so that workers
     can name it in their allow lists (default: a new identity each time). `lanes`: batches of
-    generations kept in flight at once (default `MeshPipeline.in_flight`). Close the model
-    to leave.
+    generations kept in flight at once (default `MeshPipeline.in_flight`). `verify`: the share
+    of sessions whose every hop also runs on a second provider and is compared (a provider
+    caught disagreeing is banned, and `meshpy status` shows why). Close the model to leave.
     """
     source = open_model_source(model_path(model))
     config = read_config(source)
@@ -77,11 +79,27 @@ def connect(
     settings = NodeSettings(port=0, host=host, transport=transport, network_key=key, allow_peer=tuple(allow_peers),
                             node_dir=None if node_dir is None else Path(node_dir))
     node, identity_dir = start_node(settings, "client", addrs, dht_server=False)
-    pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, route_mode=route, on_close=identity_dir.cleanup)
+    pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, route_mode=route, verify=verify,
+                            on_close=identity_dir.cleanup)
     try:
+        if verify:
+            _announce_checks(pipeline)
         pipeline.wait_for_route(route_timeout)
         end = EndModel(source, config, _native.ThreadPool(threads or default_threads(), idle_spin=MESH_IDLE_SPIN))
         return Model(source, config, end, pipeline, lanes=lanes)
     except BaseException:
         pipeline.close()
         raise
+
+
+def _announce_checks(pipeline: MeshPipeline) -> None:
+    """Makes a checking End node findable (under `CHECKERS_KEY`) and its `Info` say what it
+    checks and whom it banned and why, kept current as bans happen."""
+    node = pipeline.node
+
+    def describe(*_: object) -> None:
+        node.serve(None, info={"role": "end", "verify": pipeline.verify, "banned": pipeline.bans.reasons()})
+
+    describe()
+    pipeline.on_ban(describe)
+    node.start_providing(CHECKERS_KEY)

@@ -11,22 +11,39 @@ when a hop fails (the worker vanished, dropped the session, or cannot hold it), 
 goes on hop by hop from there, routes those layers through other providers, replays the kept
 inputs to rebuild their KV caches, and carries on where it was, so a lost worker costs time,
 not the generation.
+
+With `verify` > 0 that share of sessions is checked (`verify`): each hop also runs on a
+shadow provider of the same layers, hop by hop from here, and its output is used only when
+the two agree; on a mismatch a third provider, replayed to the session's state, decides, the
+one that disagrees is banned for the pipeline's life, and the session goes on with the two
+that agree. Sessions routed through a banned provider reroute with replay at their next step.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from meshpy import _native
-from meshpy.errors import ContextOverflowError, NetworkError, NoRouteError, RequestTimeoutError, WorkerError
+from meshpy.errors import (
+    ContextOverflowError,
+    NetworkError,
+    NoRouteError,
+    RequestTimeoutError,
+    VerificationError,
+    WorkerError,
+)
 from meshpy.mesh.identity import ModelIdentity
-from meshpy.mesh.routing import Hop, Provider, describe_route, discover, missing_layers, plan_route
+from meshpy.mesh.routing import Hop, Provider, describe_route, discover, missing_layers, plan_route, preference
+from meshpy.mesh.verify import VERIFY_TOLERANCE, Bans, disagreement
 from meshpy.models.config import ModelConfig
 
 __all__ = ["MeshPipeline", "MeshSession", "ROUTE_MODES", "WIRE_DTYPES"]
@@ -53,6 +70,11 @@ class _HopFailed(Exception):
         super().__init__(peer, error)
         self.peer = peer
         self.error = error
+
+
+class _RunAlone(Exception):
+    """`forward_batch` cannot take these sessions together (nothing has changed): the caller
+    runs them one by one through `forward`."""
 
 
 def _recoverable(error: BaseException) -> bool:
@@ -89,6 +111,9 @@ class MeshSession:
         #: Cleared when a chained step broke where a hop-by-hop one then went through: the
         #: links between these workers fail where the End node's own do not.
         self.chained = True
+        #: For a verified session, each hop's shadow (None where no second provider serves
+        #: its layers); None for a session that is not verified.
+        self.shadows: list[Hop | None] | None = None
 
 
 def _check_room(session: MeshSession, n: int) -> None:
@@ -115,13 +140,24 @@ class MeshPipeline:
         wire_dtype: str = "f32",
         route_mode: str = "chain",
         request_timeout: float = 120.0,
+        verify: float = 0.0,
+        verify_tolerance: float = VERIFY_TOLERANCE,
         on_close: Callable[[], object] | None = None,
     ) -> None:
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire dtype {wire_dtype!r}; known: {', '.join(WIRE_DTYPES)}")
         if route_mode not in ROUTE_MODES:
             raise ValueError(f"route mode {route_mode!r}; known: {', '.join(ROUTE_MODES)}")
+        if not 0.0 <= verify <= 1.0:
+            raise ValueError(f"verify is a share of sessions, from 0 to 1; got {verify}")
         self.route_mode = route_mode
+        self.verify = verify
+        self.verify_tolerance = verify_tolerance
+        self.bans = Bans()
+        #: Verified sessions, steps whose hops were compared, and mismatches found.
+        self.verify_counts = {"sessions": 0, "hop_checks": 0, "mismatches": 0}
+        self._on_ban: list[Callable[[str, str], object]] = []
+        self._shadow_pool: ThreadPoolExecutor | None = None
         self.node = node
         self.model = model
         self.n_layers = config.n_layers
@@ -132,10 +168,20 @@ class MeshPipeline:
         # Sessions on several threads (the HTTP server) mark failures concurrently.
         self._failed: dict[str, float] = {}
         self._failed_lock = threading.Lock()
+        #: Sessions started here per provider (primaries and shadows), so that equally good
+        #: providers take turns (`preference`).
+        self._started: Counter[str] = Counter()
         self._on_close = on_close
+
+    def on_ban(self, call: Callable[[str, str], object]) -> None:
+        """Calls `call(peer, reason)` whenever a provider is banned."""
+        self._on_ban.append(call)
 
     def close(self) -> None:
         """Stops the node (and whatever `on_close` releases). Idempotent."""
+        if self._shadow_pool is not None:
+            self._shadow_pool.shutdown(wait=False)
+            self._shadow_pool = None
         self.node.close()
         if self._on_close is not None:
             self._on_close()
@@ -147,7 +193,7 @@ class MeshPipeline:
         now = time.monotonic()
         with self._failed_lock:
             self._failed = {p: t for p, t in self._failed.items() if now - t < _FAILED_COOLDOWN}
-            return set(self._failed)
+            return set(self._failed) | set(self.bans.reasons())
 
     def _mark_failed(self, peer: str) -> None:
         with self._failed_lock:
@@ -163,10 +209,10 @@ class MeshPipeline:
         known ones do not cover them. Raises NoRouteError naming the uncovered layers."""
         stop = self.n_layers if stop is None else stop
         try:
-            return plan_route(self.providers, start, stop, self._excluded())
+            return plan_route(self.providers, start, stop, self._excluded(), self._started)
         except NoRouteError:
             self.refresh()
-            return plan_route(self.providers, start, stop, self._excluded())
+            return plan_route(self.providers, start, stop, self._excluded(), self._started)
 
     def wait_for_route(self, timeout: float, poll: float = 0.5) -> list[Hop]:
         """Polls the DHT until the layers are covered or `timeout` passes."""
@@ -191,6 +237,14 @@ class MeshPipeline:
         hops = self.route()
         session = MeshSession(secrets.randbits(128), hops, min(max_len or self.max_positions, self.max_positions))
         log.info("session %032x: route %s", session.id, describe_route(hops))
+        self._started.update(h.provider.peer_id for h in hops)
+        if self.verify and random.random() < self.verify:
+            session.shadows = [self._other_provider(hop, {hop.provider.peer_id}) for hop in hops]
+            session.chained = False  # checks happen here, between hops
+            self.verify_counts["sessions"] += 1
+            self._started.update(h.provider.peer_id for h in session.shadows if h is not None)
+            log.info("session %032x: verified; shadows %s", session.id,
+                     "; ".join(str(h) if h else "none" for h in session.shadows))
         return session
 
     def forward(self, session: MeshSession, hidden: np.ndarray) -> np.ndarray:
@@ -215,7 +269,10 @@ class MeshPipeline:
                 if rerouting:
                     self._reroute(session, i)
                     rerouting = False
-                y = self._send(session, session.hops[i], start, x)
+                hop = session.hops[i]
+                if hop.provider.peer_id in self.bans:
+                    raise _HopFailed(hop.provider.peer_id, WorkerError("banned", "this provider was caught lying (--verify)"))
+                y = self._send(session, hop, start, x) if session.shadows is None else self._checked(session, i, start, x)
             except _HopFailed as failure:
                 if reroutes >= _MAX_REROUTES:
                     raise failure.error from None
@@ -244,6 +301,10 @@ class MeshPipeline:
         x = np.ascontiguousarray(hidden, dtype=np.float32)
         for session, n in zip(sessions, counts):
             _check_room(session, n)
+            if session.shadows is not None:
+                raise _RunAlone("a verified session's hops are checked one by one")
+            if any(h.provider.peer_id in self.bans for h in session.hops):
+                raise _RunAlone("a session's route goes through a banned provider")
         bounds = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
         out = np.empty_like(x)
         groups: dict[tuple, list[int]] = {}
@@ -336,8 +397,12 @@ class MeshPipeline:
 
     def _chains(self, hops: Sequence[Hop]) -> bool:
         """Whether a step through `hops` goes chained: the mode asks for it, there is more
-        than one hop, and every hop's worker serves relays."""
-        return self.route_mode == "chain" and len(hops) > 1 and all(_serves_relays(h.provider) for h in hops)
+        than one hop, and every hop's worker serves relays and is not banned."""
+        return (
+            self.route_mode == "chain"
+            and len(hops) > 1
+            and all(_serves_relays(h.provider) and h.provider.peer_id not in self.bans for h in hops)
+        )
 
     def _chain(
         self, hops: Sequence[Hop], entries: list[tuple[int, int, int, int]], x: np.ndarray
@@ -365,6 +430,93 @@ class MeshPipeline:
                 )
         session.hops[i : i + 1] = new_hops
         session.inputs[i : i + 1] = new_inputs
+        if session.shadows is not None:
+            # The new hops' layers differ from the old one's: checking them would need new
+            # shadows replayed; this session goes on unchecked there.
+            session.shadows[i : i + 1] = [None] * len(new_hops)
         positions = 0 if history is None else len(history)
         log.info("session %032x: layers %d-%d now on %s (%d positions replayed)", session.id,
                  old.layers.start, old.layers.stop - 1, describe_route(new_hops), positions)
+
+    # --- honest-worker checks (verify) ---------------------------------------------------
+
+    def _other_provider(self, hop: Hop, besides: set[str]) -> Hop | None:
+        """A hop over `hop`'s layers on a provider not in `besides` (nor failed or banned),
+        the least busy; None when there is none, even after looking the providers up again."""
+        for attempt in range(2):
+            skip = besides | self._excluded()
+            others = [p for p in self.providers if p.peer_id not in skip
+                      and p.layers.start <= hop.layers.start and hop.layers.stop <= p.layers.stop]
+            if others:
+                return Hop(min(others, key=lambda p: preference(p, self._started)), hop.layers)
+            if attempt == 0:
+                self.refresh()
+        return None
+
+    def _checked(self, session: MeshSession, i: int, start: int, x: np.ndarray) -> np.ndarray:
+        """Hop `i` on its provider and on its shadow at once; the output when they agree,
+        else what a third provider decides (see `_arbitrate`). A failing primary raises
+        `_HopFailed` as an unchecked hop does; a failing shadow leaves the hop unchecked."""
+        assert session.shadows is not None
+        hop, shadow = session.hops[i], session.shadows[i]
+        if shadow is not None and shadow.provider.peer_id in self.bans:
+            session.shadows[i] = shadow = None
+        if shadow is None:
+            return self._send(session, hop, start, x)
+        if self._shadow_pool is None:
+            self._shadow_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshpy-shadow")
+        shadowed = self._shadow_pool.submit(self._send, session, shadow, start, x)
+        y = self._send(session, hop, start, x)
+        try:
+            z = shadowed.result()
+        except (_HopFailed, NetworkError, RequestTimeoutError, WorkerError) as e:
+            log.info("session %032x: shadow %s failed (%s); layers %d-%d go unchecked", session.id,
+                     shadow.provider.peer_id, e, hop.layers.start, hop.layers.stop - 1)
+            session.shadows[i] = None
+            return y
+        self.verify_counts["hop_checks"] += 1
+        if disagreement(y, z) <= self.verify_tolerance:
+            return y
+        return self._arbitrate(session, i, start, x, y, z)
+
+    def _arbitrate(self, session: MeshSession, i: int, start: int, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Hop `i`'s provider answered `y`, its shadow `z`, and they disagree: a third
+        provider, replayed to the session's state, runs the step; the one it disagrees with
+        is banned and replaced by it. Raises VerificationError when no third provider exists
+        or it agrees with neither."""
+        assert session.shadows is not None
+        self.verify_counts["mismatches"] += 1
+        hop, shadow = session.hops[i], session.shadows[i]
+        assert shadow is not None
+        a, b = hop.layers.start, hop.layers.stop - 1
+        pair = f"{hop.provider.peer_id} and {shadow.provider.peer_id}"
+        referee = self._other_provider(hop, {hop.provider.peer_id, shadow.provider.peer_id})
+        if referee is None:
+            raise VerificationError(f"layers {a}-{b}: {pair} disagree ({disagreement(y, z):.3g} of a row) "
+                                    "and no third provider serves them to say which is right")
+        history = np.concatenate(session.inputs[i]) if session.inputs[i] else None
+        if history is not None:
+            for pos in range(0, len(history), _REPLAY_CHUNK):
+                self._send(session, referee, pos, history[pos : pos + _REPLAY_CHUNK])
+        r = self._send(session, referee, start, x)
+        dy, dz = disagreement(y, r), disagreement(z, r)
+        tol = self.verify_tolerance
+        where = f"layers {a}-{b}, step {session.steps} of session {session.id:032x}"
+        if dy <= tol < dz:
+            liar, out = shadow.provider.peer_id, y
+            session.shadows[i] = referee
+            others = f"{hop.provider.peer_id} and {referee.provider.peer_id}"
+            off = dz
+        elif dz <= tol < dy:
+            liar, out = hop.provider.peer_id, z
+            session.hops[i], session.shadows[i] = shadow, referee
+            others = f"{shadow.provider.peer_id} and {referee.provider.peer_id}"
+            off = dy
+        else:
+            raise VerificationError(f"{where}: {pair} and {referee.provider.peer_id} give three different outputs "
+                                    f"({dy:.3g} and {dz:.3g} of a row from the third)")
+        reason = f"its output differed from {others}'s by {off:.3g} of a row (tolerance {tol:g}) at {where}"
+        self.bans.add(liar, reason)
+        for call in self._on_ban:
+            call(liar, reason)
+        return out

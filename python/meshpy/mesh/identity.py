@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: DHT key every worker provides, so `meshpy status` can list workers of any model.
 WORKERS_KEY = "meshpy/workers"
+#: DHT key End nodes that check workers (--verify) provide, so `meshpy status` can show their bans.
+CHECKERS_KEY = "meshpy/checkers"
 _CACHE_FILE = "file-hashes.json"
 _CHUNK = 8 << 20
 

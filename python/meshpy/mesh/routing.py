@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,9 +117,25 @@ def missing_layers(providers: Sequence[Provider], n_layers: int) -> list[int]:
     return [i for i, c in enumerate(coverage_of(providers, n_layers)) if c == 0]
 
 
-def plan_route(providers: Sequence[Provider], start: int, stop: int, exclude: Iterable[str] = ()) -> list[Hop]:
-    """Hops running layers `start..stop` in order; raises NoRouteError naming the missing
-    layers when no provider serves some of them."""
+#: Round trips within this many seconds of each other count as equal when choosing providers,
+#: so sessions spread over them instead of all going to the one a few microseconds closer.
+RTT_BUCKET = 0.010
+
+
+def preference(p: Provider, started: Mapping[str, int]) -> tuple[int, int, int, float]:
+    """How good a provider is for one more session (smaller is better): fewest sessions it
+    reported, then the round trip (in `RTT_BUCKET` steps), then fewest sessions this node
+    started on it (`started`; so equal providers take turns), then the exact round trip."""
+    return p.sessions, round(p.rtt / RTT_BUCKET), started.get(p.peer_id, 0), p.rtt
+
+
+def plan_route(
+    providers: Sequence[Provider], start: int, stop: int, exclude: Iterable[str] = (), started: Mapping[str, int] | None = None
+) -> list[Hop]:
+    """Hops running layers `start..stop` in order, the fewest there can be, each on the
+    provider `preference` likes best (`started`: sessions this node started on each peer);
+    raises NoRouteError naming the missing layers when no provider serves some of them."""
+    started = started or {}
     skip = set(exclude)
     usable = [p for p in providers if p.peer_id not in skip]
     hops: list[Hop] = []
@@ -129,7 +145,7 @@ def plan_route(providers: Sequence[Provider], start: int, stop: int, exclude: It
         if not here:
             missing = [i for i in range(pos, stop) if not any(i in p.layers for p in usable)]
             raise NoRouteError(missing)
-        best = min(here, key=lambda p: (-min(p.layers.stop, stop), p.sessions, p.rtt))
+        best = min(here, key=lambda p: (-min(p.layers.stop, stop), *preference(p, started)))
         end = min(best.layers.stop, stop)
         hops.append(Hop(best, range(pos, end)))
         pos = end

@@ -484,6 +484,18 @@ impl Loop {
         Ok(())
     }
 
+    /// Starts announcing `key`. The record carries this node's addresses (its listen ones,
+    /// while it knows no external one): a node that does not serve the DHT is in nobody's
+    /// routing table, and a record without addresses for such a node is never handed out.
+    fn provide(&mut self, key: Vec<u8>) -> std::result::Result<QueryId, kad::store::Error> {
+        if self.swarm.external_addresses().next().is_none() {
+            for addr in self.listen_addrs.clone() {
+                self.swarm.add_external_address(addr);
+            }
+        }
+        self.swarm.behaviour_mut().kad.start_providing(key.into())
+    }
+
     /// Remembers an address of `peer` for the swarm (dialing), the DHT and provider answers.
     fn learn(&mut self, peer: PeerId, addr: Multiaddr, dht_server: bool) {
         if peer == *self.swarm.local_peer_id() {
@@ -552,7 +564,7 @@ impl Loop {
                     let _ = tx.send(Err(Error::Network("cannot bootstrap: no known peers".to_string())));
                 }
             },
-            Command::StartProviding(key, tx) => match self.swarm.behaviour_mut().kad.start_providing(key.into()) {
+            Command::StartProviding(key, tx) => match self.provide(key) {
                 Ok(id) => {
                     self.provides.insert(id, tx);
                 }

@@ -167,6 +167,24 @@ pub struct SpanHandler {
     /// Set when the worker is leaving: new sessions are refused (`CannotHoldSession`, so the
     /// End node starts them elsewhere), held ones carry on.
     draining: std::sync::atomic::AtomicBool,
+    /// A test adversary ([`LIAR_ENV`]): the share of requests whose output it corrupts.
+    liar: Option<f64>,
+}
+
+/// Environment variable that turns a worker into a liar for tests of `--verify`: a number in
+/// (0, 1], the share of requests (picked by session and step) whose output rows it negates
+/// before answering. Read when a handler is made; never set it outside tests.
+pub const LIAR_ENV: &str = "MESHPY_TEST_LIAR";
+
+/// Whether the liar corrupts the answer for `session` at `step`: a fixed hash of the two
+/// against `rate`, so a test can tell in advance and a replay of the step lies alike.
+fn lies(rate: f64, session: SessionId, step: u64) -> bool {
+    // splitmix64's finalizer over the session's halves and the step.
+    let mut z = (session.0 as u64) ^ ((session.0 >> 64) as u64).rotate_left(32) ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 11) as f64 / (1u64 << 53) as f64) < rate
 }
 
 impl SpanHandler {
@@ -183,6 +201,9 @@ impl SpanHandler {
             batches: Batcher::default(),
             stats: Mutex::new(BatchStats::default()),
             draining: Default::default(),
+            liar: std::env::var(LIAR_ENV).ok().and_then(|v| v.parse::<f64>().ok()).filter(|r| *r > 0.0).inspect(|r| {
+                tracing::warn!("{LIAR_ENV}={r}: this worker corrupts that share of its outputs (a test adversary)")
+            }),
         }
     }
 
@@ -370,6 +391,14 @@ impl SpanHandler {
                 }
             }
             // The caches have advanced: from here on the reservation is spent, whatever happens.
+            let lied: Vec<f32>;
+            let mine = match self.liar {
+                Some(rate) if q.entries.iter().any(|e| lies(rate, e.session, e.step)) => {
+                    lied = mine.iter().map(|v| -v).collect();
+                    &lied[..]
+                }
+                _ => mine,
+            };
             let frame = Tensor::from_f32(mine, q.shape, q.dtype)
                 .and_then(|t| Message::ForwardResult(ForwardResult { entries: q.entries.clone(), hidden: t }).encode())
                 .unwrap_or_else(|err| error_frame(ErrorReply::from_error(&err, None)));
