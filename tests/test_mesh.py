@@ -75,7 +75,7 @@ def test_three_workers_place_themselves_and_match_one_process(three_workers: Loc
     mesh = three_workers
     assert [w.layers for w in mesh.workers] == [range(0, 10), range(10, 20), range(20, 30)]
     for w in mesh.workers:
-        assert w.wait_for(r"announcing layers \d+-\d+ of smollm2-135m-instruct\.q4_1@[0-9a-f]{12}")
+        assert w.wait_for(r"announcing layers \d+-\d+ of smollm2-135m-q4_1@[0-9a-f]{12}")
     with connect(smollm2_gguf, mesh.bootstrap_addr, transport=mesh.transport, threads=1, route_timeout=60) as model:
         route = model.pipeline.route()
         assert [h.layers for h in route] == [range(0, 10), range(10, 20), range(20, 30)]
@@ -156,9 +156,9 @@ def test_status_lists_workers_and_coverage(three_workers: LocalMesh) -> None:
     ).stdout
     assert out.startswith("3 worker(s) answering")
     for layers in ("0-9", "10-19", "20-29"):
-        assert re.search(rf"smollm2-135m-instruct\.q4_1@[0-9a-f]{{12}} layers {layers} \(cpu", out), out
+        assert re.search(rf"smollm2-135m-q4_1@[0-9a-f]{{12}} layers {layers} \(cpu", out), out
     assert "/ip4/127.0.0.1/" in out
-    assert re.search(r"model smollm2-135m-instruct\.q4_1@[0-9a-f]{12} \(30 layers\): every layer has a provider", out)
+    assert re.search(r"model smollm2-135m-q4_1@[0-9a-f]{12} \(30 layers\): every layer has a provider", out)
 
 
 def test_a_worker_holds_its_layers_not_the_model(three_workers: LocalMesh, smollm2_gguf: Path) -> None:

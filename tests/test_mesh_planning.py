@@ -33,19 +33,23 @@ def test_identity_is_the_content_not_the_name(tmp_path: Path, tiny_llama_dir: Pa
     a = tmp_path / "a"
     shutil.copytree(tiny_llama_dir, a)
     first = model_identity(open_model_source(a))
-    assert first.name == "a" and len(first.digest) == 32
-    assert first.id == f"a@{first.digest.hex()[:12]}"
+    assert first.name == "llama" and len(first.digest) == 32  # the config's model type, not "a"
+    assert first.id == f"llama@{first.digest.hex()[:12]}"
     assert first.layer_key(3) == f"{first.id}/layer/3"
-    # The same files elsewhere: same hash. Cached: the second read does not re-hash.
+    manifest = first.manifest
+    assert len(manifest["layers"]) == read_config(open_model_source(a)).n_layers
+    assert all(name.startswith(f"model.layers.{i}.") for i, names in enumerate(manifest["layers"]) for name in names)
+    assert "model.embed_tokens.weight" in manifest["shared"]
+    # The same files under another directory name: the same model.
     b = tmp_path / "b"
     shutil.copytree(tiny_llama_dir, b)
-    assert model_identity(open_model_source(b)).digest == first.digest
-    # One changed weight byte, same size and name: a different model.
+    assert model_identity(open_model_source(b)) == first
+    # One changed weight byte, same size: a different model (the cache notices the file changed).
     weights = next(b.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    os.utime(weights, ns=(1, 1))  # even with an old mtime, the size+mtime key changed
+    os.utime(weights, ns=(1, 1))
     assert model_identity(open_model_source(b)).digest != first.digest
     # A changed config changes it too.
     c = tmp_path / "c"
@@ -55,13 +59,30 @@ def test_identity_is_the_content_not_the_name(tmp_path: Path, tiny_llama_dir: Pa
     assert model_identity(open_model_source(c)).digest != first.digest
 
 
-def test_identity_of_a_gguf_and_its_cache(smollm2_gguf: Path, tmp_path: Path) -> None:
+def test_a_gguf_is_one_model_under_any_name_and_another_with_one_byte_changed(smollm2_gguf: Path, tmp_path: Path) -> None:
     source = open_model_source(smollm2_gguf)
     first = model_identity(source)
-    assert first.name == "smollm2-135m-instruct.q4_1"
-    cache = tmp_path / "cache" / "file-hashes.json"
+    assert first.name == "smollm2-135m-q4_1"
+    cache = tmp_path / "cache" / "tensor-hashes.json"
     assert str(smollm2_gguf.resolve()) in cache.read_text()
     assert model_identity(source) == first
+    # A copy under another name, elsewhere: the same id.
+    renamed = tmp_path / "elsewhere" / "my-favourite-model.gguf"
+    renamed.parent.mkdir()
+    shutil.copyfile(smollm2_gguf, renamed)
+    assert model_identity(open_model_source(renamed)) == first
+    # One byte of one tensor changed: another id.
+    ckpt = source.checkpoint
+    name = "blk.7.ffn_down.weight"
+    data = bytearray(renamed.read_bytes())
+    at = data.find(ckpt.tensor_bytes(name)[:64])
+    assert at > 0
+    data[at + 10] ^= 0x40
+    renamed.write_bytes(bytes(data))
+    changed = model_identity(open_model_source(renamed))
+    assert changed.digest != first.digest
+    diff = [n for n, t in changed.manifest["tensors"].items() if t != first.manifest["tensors"][n]]
+    assert diff == [name]
 
 
 def test_sizes_and_layer_ranges() -> None:

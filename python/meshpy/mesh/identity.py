@@ -1,10 +1,18 @@
-"""Which model a worker serves: a readable name plus a content hash of its weights and
-config, so two files that share a name but differ in content never end up on one route.
+"""Which model a worker serves, named by its content only: a manifest of the model and the
+hash of that manifest.
 
-The hash is SHA-256 over the files that define the model (a GGUF file whole; for an HF
-directory `config.json` and every weight file, each preceded by its name and size). Hashing
-a large model takes seconds, so results are cached per file (path, size, mtime) in
-`$MESHPY_CACHE_DIR` (default `$XDG_CACHE_HOME/meshpy`, else `~/.cache/meshpy`).
+The manifest lists what defines the model: its metadata (a GGUF file's key-values, tokenizer
+included, as canonical JSON; a checkpoint directory's config, tokenizer and generation files,
+each by content) and every tensor (type, shape, byte count, SHA-256 of its bytes), grouped by
+layer. The model's digest is the SHA-256 of the manifest, so renaming or moving the files
+changes nothing, and any changed tensor byte or metadata value changes the id. The readable
+name comes from the metadata too (a GGUF's basename, size and quantization; a directory's
+`_name_or_path` or model type), never from the file name.
+
+Hashing a large model takes seconds (an 8B GGUF is 4.4 GB), so each model's tensor hashes are
+cached per set of weight files (path, size, mtime) in `$MESHPY_CACHE_DIR` (default
+`$XDG_CACHE_HOME/meshpy`, else `~/.cache/meshpy`), and a terminal shows a progress bar
+meanwhile.
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from meshpy.models.source import ModelSource
 
-__all__ = ["ModelIdentity", "model_identity", "layer_key", "cache_dir", "WORKERS_KEY"]
+__all__ = ["ModelIdentity", "model_identity", "model_manifest", "layer_key", "cache_dir", "WORKERS_KEY", "CHECKERS_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +37,9 @@ log = logging.getLogger(__name__)
 WORKERS_KEY = "meshpy/workers"
 #: DHT key End nodes that check workers (--verify) provide, so `meshpy status` can show their bans.
 CHECKERS_KEY = "meshpy/checkers"
-_CACHE_FILE = "file-hashes.json"
-_CHUNK = 8 << 20
+_CACHE_FILE = "tensor-hashes.json"
+#: Bumped when the manifest's layout changes (the digest changes with it).
+MANIFEST_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,8 @@ class ModelIdentity:
 
     name: str
     digest: bytes
+    #: The manifest the digest hashes (see the module documentation).
+    manifest: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -67,43 +79,69 @@ def _slug(text: str) -> str:
     return slug[:64] or "model"
 
 
-def _defining_files(source: ModelSource) -> list[Path]:
+#: llama.cpp's `general.file_type` values, as its file names spell them.
+_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k", 11: "q3_k_s",
+               12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m", 16: "q5_k_s", 17: "q5_k_m", 18: "q6_k",
+               30: "iq4_xs", 32: "bf16"}
+
+
+def _readable_name(source: ModelSource) -> str:
+    """A name from the model's own metadata (not its file name)."""
     if source.format == "gguf":
-        return [source.path]
-    files = [source.path / "config.json"]
-    files += sorted(set(source.checkpoint.paths), key=lambda p: p.name)
-    return files
+        m = source.metadata
+        base = m.get("general.basename") or m.get("general.name") or m.get("general.architecture") or "model"
+        parts = [str(base), str(m.get("general.size_label") or ""), _FILE_TYPES.get(m.get("general.file_type"), "")]
+        return _slug("-".join(p for p in parts if p))
+    origin = str(source.config.get("_name_or_path") or "").rstrip("/").rsplit("/", 1)[-1]
+    return _slug(origin or str(source.config.get("model_type") or "model"))
 
 
-class _HashCache:
-    """SHA-256 per file, keyed by resolved path and invalidated by size or mtime."""
+_LAYER = re.compile(r"(?:^|\.)(?:blk|layers|h)\.(\d+)\.")
+
+
+def _layer_of(tensor: str) -> int | None:
+    """The layer a tensor belongs to (`blk.3.attn_q.weight`, `model.layers.3.mlp...`), or None."""
+    m = _LAYER.search(tensor)
+    return int(m.group(1)) if m else None
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr).encode()
+
+
+def _metadata_files(source: ModelSource) -> dict[str, str]:
+    """A checkpoint directory's defining non-weight files, by name, with the SHA-256 of each."""
+    names = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "chat_template.jinja", "chat_template.json"]
+    out = {}
+    for name in names:
+        path = source.path / name
+        if path.is_file():
+            out[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+class _TensorHashCache:
+    """Tensor hashes per model, keyed by its weight files' resolved paths, sizes and mtimes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.entries: dict[str, dict[str, object]] = json.loads(path.read_text())
+            self.entries: dict[str, dict[str, Any]] = json.loads(path.read_text())
         except (OSError, ValueError):
             self.entries = {}
-        self.dirty = False
 
-    def digest(self, file: Path) -> bytes:
-        st = file.stat()
-        key = str(file.resolve())
+    @staticmethod
+    def key(files: list[Path]) -> str:
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files)]
+        return hashlib.sha256(_canonical(stats)).hexdigest()
+
+    def get(self, key: str) -> dict[str, str] | None:
         entry = self.entries.get(key)
-        if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-            return bytes.fromhex(str(entry["sha256"]))
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        log.info("hashed %s (%d bytes)", file, st.st_size)
-        self.entries[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-        self.dirty = True
-        return h.digest()
+        return entry.get("tensors") if isinstance(entry, dict) else None
 
-    def save(self) -> None:
-        if not self.dirty:
-            return
+    def put(self, key: str, files: list[Path], tensors: dict[str, str]) -> None:
+        self.entries[key] = {"files": [str(f.resolve()) for f in files], "tensors": tensors}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Write then rename, so concurrent processes never read half a file.
@@ -111,17 +149,71 @@ class _HashCache:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.entries, f)
             os.replace(tmp, self.path)
-        except OSError as e:  # a read-only home only costs re-hashing next time
+        except OSError as e:  # a read-only home only costs hashing again next time
             log.warning("cannot save the hash cache %s: %s", self.path, e)
 
 
+def _tensor_hashes(source: ModelSource) -> dict[str, str]:
+    """SHA-256 of every tensor's bytes, from the cache or computed (with a progress bar)."""
+    from meshpy.cli.progress import ProgressBar
+
+    files = list(source.checkpoint.paths)
+    cache = _TensorHashCache(cache_dir() / _CACHE_FILE)
+    key = cache.key(files)
+    hit = cache.get(key)
+    names = source.checkpoint.tensor_names()
+    if hit is not None and set(hit) == set(names):
+        return hit
+    total = sum(f.stat().st_size for f in files)
+    bar = ProgressBar(f"hashing {source.path.name}", total >> 20)
+    done = 0
+    out = {}
+    try:
+        for name in names:
+            data = source.checkpoint.tensor_bytes(name)
+            out[name] = hashlib.sha256(data).hexdigest()
+            done += len(data)
+            bar.update(done >> 20)
+    finally:
+        bar.close()
+    log.info("hashed %d tensors of %s (%d bytes)", len(out), source.path, done)
+    cache.put(key, files, out)
+    return out
+
+
+def model_manifest(source: ModelSource) -> dict[str, Any]:
+    """The model's manifest (see the module documentation): JSON-ready."""
+    ckpt = source.checkpoint
+    hashes = _tensor_hashes(source)
+    tensors: dict[str, dict[str, Any]] = {}
+    layers: dict[int, list[str]] = {}
+    shared: list[str] = []
+    for name in ckpt.tensor_names():
+        dtype, shape = ckpt.tensor_info(name)
+        tensors[name] = {"type": dtype, "shape": list(shape), "sha256": hashes[name]}
+        layer = _layer_of(name)
+        (shared if layer is None else layers.setdefault(layer, [])).append(name)
+    if source.format == "gguf":
+        metadata = {"gguf": hashlib.sha256(_canonical(source.metadata)).hexdigest()}
+    else:
+        metadata = _metadata_files(source)
+    return {
+        "meshpy_manifest": MANIFEST_VERSION,
+        "format": source.format,
+        "name": _readable_name(source),
+        "metadata": metadata,
+        "tensors": tensors,
+        "layers": [layers[i] for i in sorted(layers)],
+        "shared": shared,
+    }
+
+
+def manifest_digest(manifest: dict[str, Any]) -> bytes:
+    """The SHA-256 naming a manifest (of its canonical JSON)."""
+    return hashlib.sha256(_canonical(manifest)).digest()
+
+
 def model_identity(source: ModelSource) -> ModelIdentity:
-    """The model's readable name and content hash."""
-    cache = _HashCache(cache_dir() / _CACHE_FILE)
-    h = hashlib.sha256(b"meshpy model v1\n")
-    for file in _defining_files(source):
-        h.update(f"{file.name}\n{file.stat().st_size}\n".encode())
-        h.update(cache.digest(file))
-    cache.save()
-    stem = source.path.name.removesuffix(".gguf") if source.format == "gguf" else source.path.name
-    return ModelIdentity(_slug(stem), h.digest())
+    """The model's readable name and content hash, from its manifest."""
+    manifest = model_manifest(source)
+    return ModelIdentity(manifest["name"], manifest_digest(manifest), manifest)
