@@ -215,7 +215,7 @@ def test_vanished_peer_fails_fast(tmp_path: Path, transport: str) -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_killed_dht_peer_stops_costing_lookups_once_its_connection_is_found_dead(tmp_path: Path, transport: str) -> None:
     """A provider process killed outright (SIGKILL: over QUIC nothing tells its peers) is out of
-    every routing table once its connections are found dead (QUIC: 3 s without keep-alives),
+    every routing table once its connections are found dead (QUIC: 5 s without keep-alives),
     so lookups stop waiting on it within seconds: with libp2p's defaults every later lookup
     waited 5 s on a dial of it (10 s for the first)."""
     import subprocess
@@ -242,17 +242,17 @@ def test_a_killed_dht_peer_stops_costing_lookups_once_its_connection_is_found_de
                 doomed.wait()
                 killed = time.monotonic()
                 waits = []  # (seconds since the kill when the lookup began, its duration)
-                while time.monotonic() - killed < 9:
+                while time.monotonic() - killed < 12:
                     t0 = time.monotonic()
                     assert other.peer_id in [p for p, _ in client.get_providers(b"k")]
                     waits.append((t0 - killed, time.monotonic() - t0))
                     time.sleep(0.2)
                 slow = [w for w in waits if w[1] > 1.0]
-                # Lookups may wait on the dead peer until the connections to it are found dead,
-                # or dial it once more meanwhile (3 s each) ...
-                assert len(slow) <= 2 and all(took < 4.5 for _, took in slow), waits
-                # ... and none once they have been (two such waits after the kill, plus a margin).
-                assert all(took < 1.0 for began, took in waits if began > 7.0), waits
+                # Lookups may wait on the dead peer until the connections to it are found dead
+                # (5 s), or dial it once more meanwhile (3 s) ...
+                assert len(slow) <= 2 and all(took < 6.5 for _, took in slow), waits
+                # ... and none once they have been (both waits after the kill, plus a margin).
+                assert all(took < 1.0 for began, took in waits if began > 10.0), waits
         finally:
             doomed.kill()
             doomed.wait()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from meshpy import _native
 from meshpy.errors import VerificationError
 from meshpy.generation import Model
 from meshpy.mesh import connect
@@ -61,6 +62,8 @@ def test_a_lying_worker_is_caught_banned_and_never_changes_a_verified_session(sm
                 )
                 gaps.append(disagreement(liar_out, honest_out))
             assert any(g > 1.0 for g in gaps) and any(g == 0.0 for g in gaps), gaps
+            for peer in (honest_id, liar_id):
+                pipeline.node.request(peer, _native.encode_close_session(list(range(100, 108))))
             # Two providers of layers 0-14 now, so every session's shadow pairs the liar with
             # the honest worker; without a third they cannot tell who lies.
             with pytest.raises(VerificationError, match="no third provider"):
@@ -73,6 +76,9 @@ def test_a_lying_worker_is_caught_banned_and_never_changes_a_verified_session(sm
             reason = pipeline.bans.reasons()[liar_id]
             assert re.search(rf"differed from ({honest_id} and {referee_id}|{referee_id} and {honest_id})'s", reason), reason
             assert pipeline.verify_counts["mismatches"] >= 1 and pipeline.verify_counts["sessions"] == 4
+            # Closed sessions left nothing behind: primaries, shadows and referees alike.
+            for peer in (honest_id, liar_id, referee_id):
+                assert pipeline.node.info(peer)["sessions"] == 0, peer
             status = meshpy("status", "--bootstrap", mesh.bootstrap_addr)
             assert status.returncode == 0, status.stderr
             assert "checks 100% of its sessions; 1 worker(s) banned" in status.stdout, status.stdout

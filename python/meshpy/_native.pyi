@@ -237,7 +237,7 @@ class Node:
         network_key: str | os.PathLike[str] | None = None,
         allow_peers: Sequence[str] | None = None,
         peer_rate: float = 2000.0,
-        sessions_per_peer: int = 256,
+        sessions_per_peer: int = 1024,
         kv_bytes_per_peer: int | None = None,
     ) -> None: ...
     @property
@@ -298,7 +298,7 @@ class Node:
         idle_timeout: float = 300.0,
         max_positions: int | None = None,
         info: dict[str, Any] | None = None,
-        sessions_per_peer: int = 256,
+        sessions_per_peer: int = 1024,
         kv_bytes_per_peer: int | None = None,
     ) -> None:
         """Serves `serve` from now on (the constructor's arguments, same meaning); drops the

@@ -198,7 +198,7 @@ class WorkerSettings(NodeSettings):
     device: str = setting("cpu", "where the layers run", choices=("cpu",))
     memory: str | None = setting(None, "memory for weights, KV cache and runtime, e.g. 2GiB (default: what is free)")
     kv_budget: str = setting("256MiB", "KV cache memory all sessions together may hold")
-    peer_sessions: int | None = setting(None, "sessions one peer may hold here at once (default 256); on a chained route a worker's sessions count against the worker before it", minimum=1)
+    peer_sessions: int | None = setting(None, "sessions one peer may hold here at once (default 1024); on a chained route a worker's sessions count against the worker before it", minimum=1)
     peer_kv: str | None = setting(None, "KV cache memory one peer's sessions may hold together (default: all of --kv-budget); on a chained route a worker's sessions count against the worker before it")
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     idle_timeout: float = setting(300.0, "seconds before an unused session is dropped", minimum=1.0)

@@ -76,7 +76,10 @@ def _describe(info: dict[str, Any]) -> str:
 
 def _refusals(info: dict[str, Any]) -> str:
     """The errors a node has answered, by code: ``; refused 3 overloaded, 1 malformed_frame``."""
-    counts = sorted((info.get("refusals") or {}).items(), key=lambda kv: -int(kv[1]))
+    refusals = info.get("refusals")
+    if not isinstance(refusals, dict):
+        return ""
+    counts = sorted(((str(k), v) for k, v in refusals.items() if isinstance(v, int)), key=lambda kv: -kv[1])
     return "; refused " + ", ".join(f"{n} {code}" for code, n in counts) if counts else ""
 
 
@@ -129,11 +132,13 @@ def _bans(node: _native.Node) -> dict[str, list[tuple[str, str]]]:
     bans: dict[str, list[tuple[str, str]]] = defaultdict(list)
     checkers = describe_peers(node, [peer for peer, _ in node.get_providers(CHECKERS_KEY)])
     for checker, (info, _rtt) in sorted(checkers.items()):
-        banned = info.get("banned") or {}
-        print(f"End node {checker} checks {float(info.get('verify', 0)):.0%} of its sessions; "
-              f"{len(banned)} worker(s) banned")
+        # What an End node says of others is its claim; a malformed one is skipped.
+        banned, verify = info.get("banned"), info.get("verify")
+        if not isinstance(banned, dict) or not isinstance(verify, (int, float)):
+            continue
+        print(f"End node {checker} checks {float(verify):.0%} of its sessions; {len(banned)} worker(s) banned")
         for peer, reason in banned.items():
-            bans[peer].append((checker, str(reason)))
+            bans[str(peer)].append((checker, str(reason)))
     return bans
 
 

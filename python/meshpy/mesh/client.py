@@ -28,13 +28,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
 from meshpy import _native
 from meshpy.errors import (
     ContextOverflowError,
+    MeshpyError,
     NetworkError,
     NoRouteError,
     RequestTimeoutError,
@@ -61,6 +62,8 @@ _FAILED_COOLDOWN = 30.0
 _MAX_REROUTES = 4
 #: Positions per frame when replaying a hop's inputs into a new provider.
 _REPLAY_CHUNK = 512
+#: Looking for a shadow or referee looks the providers up again at most this often (s).
+_REFRESH_GAP = 5.0
 
 
 class _HopFailed(Exception):
@@ -114,6 +117,9 @@ class MeshSession:
         #: For a verified session, each hop's shadow (None where no second provider serves
         #: its layers); None for a session that is not verified.
         self.shadows: list[Hop | None] | None = None
+        #: Every worker that may hold a cache of this session (hops, shadows, referees,
+        #: providers rerouted away from), for `close_session`.
+        self.peers: set[str] = {h.provider.peer_id for h in self.hops}
 
 
 def _check_room(session: MeshSession, n: int) -> None:
@@ -156,6 +162,9 @@ class MeshPipeline:
         self.bans = Bans()
         #: Verified sessions, steps whose hops were compared, and mismatches found.
         self.verify_counts = {"sessions": 0, "hop_checks": 0, "mismatches": 0}
+        # Sessions on several threads (the HTTP server) count and start shadows concurrently.
+        self._verify_lock = threading.Lock()
+        self._last_refresh = 0.0
         self._on_ban: list[Callable[[str, str], object]] = []
         self._shadow_pool: ThreadPoolExecutor | None = None
         self.node = node
@@ -201,6 +210,7 @@ class MeshPipeline:
 
     def refresh(self) -> list[Provider]:
         """Looks up the model's providers again (skipping ones that failed recently)."""
+        self._last_refresh = time.monotonic()
         self.providers = discover(self.node, self.model, self.n_layers, exclude=self._excluded())
         return self.providers
 
@@ -237,12 +247,14 @@ class MeshPipeline:
         hops = self.route()
         session = MeshSession(secrets.randbits(128), hops, min(max_len or self.max_positions, self.max_positions))
         log.info("session %032x: route %s", session.id, describe_route(hops))
-        self._started.update(h.provider.peer_id for h in hops)
+        with self._verify_lock:
+            self._started.update(h.provider.peer_id for h in hops)
         if self.verify and random.random() < self.verify:
             session.shadows = [self._other_provider(hop, {hop.provider.peer_id}) for hop in hops]
             session.chained = False  # checks happen here, between hops
-            self.verify_counts["sessions"] += 1
-            self._started.update(h.provider.peer_id for h in session.shadows if h is not None)
+            with self._verify_lock:
+                self.verify_counts["sessions"] += 1
+                self._started.update(h.provider.peer_id for h in session.shadows if h is not None)
             log.info("session %032x: verified; shadows %s", session.id,
                      "; ".join(str(h) if h else "none" for h in session.shadows))
         return session
@@ -366,11 +378,19 @@ class MeshPipeline:
             return
         session.closed = True
         frame = _native.encode_close_session([session.id])
-        for peer in dict.fromkeys(h.provider.peer_id for h in session.hops):
+
+        def close_on(peer: str) -> None:
             try:
                 self.node.request(peer, frame, timeout=5.0)
             except (NetworkError, RequestTimeoutError) as e:
                 log.info("closing session %032x on %s: %s", session.id, peer, e)
+
+        peers = list(dict.fromkeys([*(h.provider.peer_id for h in session.hops), *sorted(session.peers)]))
+        if len(peers) == 1:
+            close_on(peers[0])
+        else:
+            with ThreadPoolExecutor(max_workers=min(8, len(peers))) as ex:
+                list(ex.map(close_on, peers))
         session.inputs.clear()
 
     # --- one hop ----------------------------------------------------------------------
@@ -379,6 +399,7 @@ class MeshPipeline:
         """Runs `x` (positions `start..`) through one hop; the hop's output. A failure another
         provider may serve raises `_HopFailed`."""
         peer = hop.provider.peer_id
+        session.peers.add(peer)
         try:
             return self._hop(hop, [(session.id, session.steps, start, x.shape[0])], x)
         except (NetworkError, RequestTimeoutError, WorkerError) as e:
@@ -440,41 +461,50 @@ class MeshPipeline:
 
     # --- honest-worker checks (verify) ---------------------------------------------------
 
-    def _other_provider(self, hop: Hop, besides: set[str]) -> Hop | None:
+    def _other_provider(self, hop: Hop, besides: set[str], *, look_again: bool = False) -> Hop | None:
         """A hop over `hop`'s layers on a provider not in `besides` (nor failed or banned),
-        the least busy; None when there is none, even after looking the providers up again."""
+        the one `preference` likes best; None when there is none, even after looking the
+        providers up again (at most every `_REFRESH_GAP` seconds, unless `look_again`)."""
         for attempt in range(2):
             skip = besides | self._excluded()
             others = [p for p in self.providers if p.peer_id not in skip
                       and p.layers.start <= hop.layers.start and hop.layers.stop <= p.layers.stop]
             if others:
                 return Hop(min(others, key=lambda p: preference(p, self._started)), hop.layers)
-            if attempt == 0:
+            if attempt == 0 and (look_again or time.monotonic() - self._last_refresh > _REFRESH_GAP):
                 self.refresh()
         return None
 
     def _checked(self, session: MeshSession, i: int, start: int, x: np.ndarray) -> np.ndarray:
         """Hop `i` on its provider and on its shadow at once; the output when they agree,
         else what a third provider decides (see `_arbitrate`). A failing primary raises
-        `_HopFailed` as an unchecked hop does; a failing shadow leaves the hop unchecked."""
+        `_HopFailed` as an unchecked hop does (once the shadow's step is over, so a reroute
+        never meets it mid-step); a failing shadow leaves the hop unchecked, loudly."""
         assert session.shadows is not None
         hop, shadow = session.hops[i], session.shadows[i]
         if shadow is not None and shadow.provider.peer_id in self.bans:
             session.shadows[i] = shadow = None
         if shadow is None:
             return self._send(session, hop, start, x)
-        if self._shadow_pool is None:
-            self._shadow_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshpy-shadow")
-        shadowed = self._shadow_pool.submit(self._send, session, shadow, start, x)
-        y = self._send(session, hop, start, x)
+        with self._verify_lock:
+            if self._shadow_pool is None:
+                self._shadow_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshpy-shadow")
+            shadowed = self._shadow_pool.submit(self._send, session, shadow, start, x)
+        try:
+            y = self._send(session, hop, start, x)
+        except BaseException:
+            wait([shadowed])
+            session.shadows[i] = None
+            raise
         try:
             z = shadowed.result()
-        except (_HopFailed, NetworkError, RequestTimeoutError, WorkerError) as e:
-            log.info("session %032x: shadow %s failed (%s); layers %d-%d go unchecked", session.id,
-                     shadow.provider.peer_id, e, hop.layers.start, hop.layers.stop - 1)
+        except (_HopFailed, MeshpyError) as e:
+            log.warning("session %032x: shadow %s failed (%s); layers %d-%d go unchecked", session.id,
+                        shadow.provider.peer_id, e, hop.layers.start, hop.layers.stop - 1)
             session.shadows[i] = None
             return y
-        self.verify_counts["hop_checks"] += 1
+        with self._verify_lock:
+            self.verify_counts["hop_checks"] += 1
         if disagreement(y, z) <= self.verify_tolerance:
             return y
         return self._arbitrate(session, i, start, x, y, z)
@@ -482,26 +512,37 @@ class MeshPipeline:
     def _arbitrate(self, session: MeshSession, i: int, start: int, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Hop `i`'s provider answered `y`, its shadow `z`, and they disagree: a third
         provider, replayed to the session's state, runs the step; the one it disagrees with
-        is banned and replaced by it. Raises VerificationError when no third provider exists
-        or it agrees with neither."""
+        is banned and replaced by it. Raises VerificationError when no third provider exists,
+        it fails, or it agrees with neither."""
         assert session.shadows is not None
-        self.verify_counts["mismatches"] += 1
+        with self._verify_lock:
+            self.verify_counts["mismatches"] += 1
         hop, shadow = session.hops[i], session.shadows[i]
         assert shadow is not None
         a, b = hop.layers.start, hop.layers.stop - 1
         pair = f"{hop.provider.peer_id} and {shadow.provider.peer_id}"
-        referee = self._other_provider(hop, {hop.provider.peer_id, shadow.provider.peer_id})
+        referee = self._other_provider(hop, {hop.provider.peer_id, shadow.provider.peer_id}, look_again=True)
         if referee is None:
             raise VerificationError(f"layers {a}-{b}: {pair} disagree ({disagreement(y, z):.3g} of a row) "
                                     "and no third provider serves them to say which is right")
         history = np.concatenate(session.inputs[i]) if session.inputs[i] else None
-        if history is not None:
-            for pos in range(0, len(history), _REPLAY_CHUNK):
-                self._send(session, referee, pos, history[pos : pos + _REPLAY_CHUNK])
-        r = self._send(session, referee, start, x)
+        try:
+            if history is not None:
+                for pos in range(0, len(history), _REPLAY_CHUNK):
+                    self._send(session, referee, pos, history[pos : pos + _REPLAY_CHUNK])
+            r = self._send(session, referee, start, x)
+        except (_HopFailed, MeshpyError) as e:
+            raise VerificationError(f"layers {a}-{b}: {pair} disagree and the third provider "
+                                    f"{referee.provider.peer_id} failed ({e})") from e
         dy, dz = disagreement(y, r), disagreement(z, r)
         tol = self.verify_tolerance
         where = f"layers {a}-{b}, step {session.steps} of session {session.id:032x}"
+        if dy <= tol and dz <= tol:
+            # The third sits between two that differ by up to twice the tolerance: nobody is
+            # clearly wrong. Go on with the provider's output and keep checking.
+            log.warning("%s: %s differ by %.3g of a row but both are within %g of %s", where, pair,
+                        disagreement(y, z), tol, referee.provider.peer_id)
+            return y
         if dy <= tol < dz:
             liar, out = shadow.provider.peer_id, y
             session.shadows[i] = referee
@@ -517,6 +558,8 @@ class MeshPipeline:
                                     f"({dy:.3g} and {dz:.3g} of a row from the third)")
         reason = f"its output differed from {others}'s by {off:.3g} of a row (tolerance {tol:g}) at {where}"
         self.bans.add(liar, reason)
-        for call in self._on_ban:
+        with self._verify_lock:
+            calls = list(self._on_ban)
+        for call in calls:
             call(liar, reason)
         return out

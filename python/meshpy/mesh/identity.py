@@ -10,7 +10,7 @@ name comes from the metadata too (a GGUF's basename, size and quantization; a di
 `_name_or_path` or model type), never from the file name.
 
 Hashing a large model takes seconds (an 8B GGUF is 4.4 GB), so each model's tensor hashes are
-cached per set of weight files (path, size, mtime) in `$MESHPY_CACHE_DIR` (default
+cached per set of weight files (path, size, mtime, ctime, inode) in `$MESHPY_CACHE_DIR` (default
 `$XDG_CACHE_HOME/meshpy`, else `~/.cache/meshpy`), and a terminal shows a progress bar
 meanwhile.
 """
@@ -114,8 +114,9 @@ def _metadata_files(source: ModelSource) -> dict[str, str]:
     names = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "chat_template.jinja", "chat_template.json"]
     out = {}
+    root = source.path if source.path.is_dir() else source.path.parent  # a lone .safetensors file
     for name in names:
-        path = source.path / name
+        path = root / name
         if path.is_file():
             out[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
@@ -133,7 +134,9 @@ class _TensorHashCache:
 
     @staticmethod
     def key(files: list[Path]) -> str:
-        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(files)]
+        # ctime changes with any write, even one that restores the mtime (cp -p, rsync -t).
+        stats = [(str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                 for f in sorted(files) for st in [f.stat()]]
         return hashlib.sha256(_canonical(stats)).hexdigest()
 
     def get(self, key: str) -> dict[str, str] | None:

@@ -126,7 +126,7 @@ def preference(p: Provider, started: Mapping[str, int]) -> tuple[int, int, int, 
     """How good a provider is for one more session (smaller is better): fewest sessions it
     reported, then the round trip (in `RTT_BUCKET` steps), then fewest sessions this node
     started on it (`started`; so equal providers take turns), then the exact round trip."""
-    return p.sessions, round(p.rtt / RTT_BUCKET), started.get(p.peer_id, 0), p.rtt
+    return max(p.sessions, 0), round(max(p.rtt, 0.0) / RTT_BUCKET), started.get(p.peer_id, 0), p.rtt
 
 
 def plan_route(

@@ -46,8 +46,9 @@ pub(crate) type InboundStreams = futures::channel::mpsc::UnboundedReceiver<(libp
 
 /// How often an idle QUIC connection proves it is alive.
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
-/// A QUIC connection silent this long is dead (three missed keep-alives).
-const QUIC_IDLE_TIMEOUT_MS: u32 = 3000;
+/// A QUIC connection silent this long is dead (five missed keep-alives; long enough that an
+/// event loop busy for a few seconds, or a lossy moment, does not drop live peers).
+const QUIC_IDLE_TIMEOUT_MS: u32 = 5000;
 /// Longest a QUIC dial may take: a few round trips of even a slow intercontinental link.
 const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 

@@ -6,8 +6,9 @@
 //! [`FrameHeader::parse`] against the receiver's [`Limits`], so an oversized or garbled frame
 //! is refused before its body is read or any buffer is sized from its lengths; the body's
 //! buffer then grows with the bytes that actually arrive (at most [`READ_CHUNK`] ahead), so a
-//! peer announcing a large frame and sending little of it holds little memory, and a frame that
-//! stops arriving for the stall timeout is refused, so nobody holds even that for long. A refusal is
+//! peer announcing a large frame and sending little of it holds little memory; and a frame that
+//! pauses for the stall timeout, or takes longer than that plus its length at
+//! [`MIN_FRAME_RATE`], is refused, so nobody holds a buffer for long. A refusal is
 //! answered with an `Error` frame, after which the server closes that stream (its unread rest
 //! cannot be resynchronised); a peer that closes or breaks its stream mid-frame fails that one
 //! request, never the connection or other streams.
@@ -59,7 +60,12 @@ pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits, stall
     if first == 0 {
         return Err(ReadError::Closed);
     }
-    let got = 1 + read_full(io, &mut fixed[1..], stall).await.map_err(|(e, n)| stalled_or_io(e, 1 + n, FIXED_HEADER_LEN))?;
+    // Once begun, a frame must keep coming: no pause of `stall`, and all of it within `stall`
+    // plus its length at MIN_FRAME_RATE (so a byte now and then cannot hold a buffer forever).
+    let begun = tokio_now(stall);
+    let got = 1 + read_full(io, &mut fixed[1..], stall.map(|s| (s, deadline(begun, s, FIXED_HEADER_LEN))))
+        .await
+        .map_err(|(e, n)| stalled_or_io(e, 1 + n, FIXED_HEADER_LEN))?;
     if got < FIXED_HEADER_LEN {
         return Err(refused(
             ErrorCode::MalformedFrame,
@@ -78,7 +84,9 @@ pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits, stall
         let start = frame.len();
         let want = (total - start).min(READ_CHUNK);
         frame.resize(start + want, 0);
-        let got = read_full(io, &mut frame[start..], stall).await.map_err(|(e, n)| stalled_or_io(e, start + n, total))?;
+        let got = read_full(io, &mut frame[start..], stall.map(|s| (s, deadline(begun, s, total))))
+            .await
+            .map_err(|(e, n)| stalled_or_io(e, start + n, total))?;
         if got < want {
             return Err(refused(
                 ErrorCode::MalformedFrame,
@@ -92,16 +100,37 @@ pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limits: &Limits, stall
     Ok(frame)
 }
 
-/// Fills `buf` unless the stream ends first; returns the bytes read. With `stall`, a read that
-/// brings nothing for that long fails with `TimedOut`. A failure comes with the bytes read
-/// before it.
-async fn read_full<T: AsyncRead + Unpin>(io: &mut T, buf: &mut [u8], stall: Option<Duration>) -> Result<usize, (io::Error, usize)> {
+/// The slowest a frame may arrive once begun, on average (a live link is far faster).
+pub const MIN_FRAME_RATE: usize = 64 << 10;
+
+/// The time now, on tokio's clock, when limits apply (they need a tokio runtime).
+fn tokio_now(stall: Option<Duration>) -> Option<tokio::time::Instant> {
+    stall.map(|_| tokio::time::Instant::now())
+}
+
+/// When a frame of `len` bytes begun at `begun` must be whole.
+fn deadline(begun: Option<tokio::time::Instant>, stall: Duration, len: usize) -> tokio::time::Instant {
+    let begun = begun.unwrap_or_else(tokio::time::Instant::now);
+    begun + stall + Duration::from_secs_f64(len as f64 / MIN_FRAME_RATE as f64)
+}
+
+/// Fills `buf` unless the stream ends first; returns the bytes read. With `limits` (a pause,
+/// a deadline), a read that brings nothing for the pause, or runs past the deadline, fails
+/// with `TimedOut`. A failure comes with the bytes read before it.
+async fn read_full<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut [u8],
+    limits: Option<(Duration, tokio::time::Instant)>,
+) -> Result<usize, (io::Error, usize)> {
     let mut filled = 0;
     while filled < buf.len() {
         let read = io.read(&mut buf[filled..]);
-        let got = match stall {
+        let got = match limits {
             None => read.await,
-            Some(stall) => tokio::time::timeout(stall, read).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+            Some((stall, deadline)) => {
+                let until = deadline.min(tokio::time::Instant::now() + stall);
+                tokio::time::timeout_at(until, read).await.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+            }
         };
         match got {
             Ok(0) => break,
@@ -119,7 +148,10 @@ fn stalled_or_io(e: io::Error, at: usize, total: usize) -> ReadError {
     if e.kind() != io::ErrorKind::TimedOut {
         return ReadError::Io(e);
     }
-    refused(ErrorCode::MalformedFrame, format!("the frame stalled: nothing more arrived after {at} of its {total} bytes"))
+    refused(
+        ErrorCode::MalformedFrame,
+        format!("the frame stalled: {at} of its {total} bytes arrived, more slowly than this node waits for"),
+    )
 }
 
 fn refused(code: ErrorCode, message: String) -> ReadError {

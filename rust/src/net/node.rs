@@ -26,6 +26,15 @@ use crate::wire::Message;
 /// Providers of a key: each peer with the addresses known for it.
 pub type Providers = Vec<(PeerId, Vec<Multiaddr>)>;
 
+/// Whether a connection's failure says the peer went silent or away (a QUIC idle timeout, a
+/// TCP reset or timeout), as opposed to closing the connection cleanly.
+fn went_silent(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, TimedOut};
+    matches!(e.kind(), TimedOut | ConnectionReset | ConnectionAborted | BrokenPipe)
+        // QUIC's errors come wrapped in an `Other` I/O error; quinn names the timeout.
+        || format!("{e:?}").contains("TimedOut")
+}
+
 /// Where the loop sends one answer: a channel of capacity one, so sending never blocks the
 /// loop and the caller waits with a plain timeout, independent of the runtime (which may be
 /// gone by then).
@@ -132,7 +141,7 @@ impl Node {
             };
             tokio::spawn(tensor::serve(incoming, server));
             tokio::spawn(tensor::maintain(Arc::clone(&handler), outbox, Duration::from_secs(1)));
-            let mut state = Loop::new(swarm, pool, listen_addrs, Arc::clone(&info), config.network_key.is_some());
+            let mut state = Loop::new(swarm, pool, listen_addrs, Arc::clone(&info), config.network_key.is_some(), config.dht_server);
             for addr in &config.bootstrap {
                 state.add_bootstrap_peer(addr)?;
             }
@@ -451,10 +460,19 @@ struct Loop {
     next_batch: u64,
     /// Whether the mesh is keyed (refused connections are then said to be about the key).
     keyed: bool,
+    /// Whether this node serves the DHT ([`NodeConfig::dht_server`]).
+    dht_server: bool,
 }
 
 impl Loop {
-    fn new(swarm: Swarm<MeshBehaviour>, pool: StreamPool, listen_addrs: Vec<Multiaddr>, info: Arc<NodeInfo>, keyed: bool) -> Self {
+    fn new(
+        swarm: Swarm<MeshBehaviour>,
+        pool: StreamPool,
+        listen_addrs: Vec<Multiaddr>,
+        info: Arc<NodeInfo>,
+        keyed: bool,
+        dht_server: bool,
+    ) -> Self {
         Loop {
             swarm,
             pool,
@@ -468,6 +486,7 @@ impl Loop {
             batches: HashMap::new(),
             next_batch: 0,
             keyed,
+            dht_server,
         }
     }
 
@@ -484,11 +503,11 @@ impl Loop {
         Ok(())
     }
 
-    /// Starts announcing `key`. The record carries this node's addresses (its listen ones,
-    /// while it knows no external one): a node that does not serve the DHT is in nobody's
-    /// routing table, and a record without addresses for such a node is never handed out.
+    /// Starts announcing `key`. A node that does not serve the DHT is in nobody's routing
+    /// table, and a record without addresses for such a node is never handed out, so its
+    /// records carry its listen addresses (while it knows no external one).
     fn provide(&mut self, key: Vec<u8>) -> std::result::Result<QueryId, kad::store::Error> {
-        if self.swarm.external_addresses().next().is_none() {
+        if !self.dht_server && self.swarm.external_addresses().next().is_none() {
             for addr in self.listen_addrs.clone() {
                 self.swarm.add_external_address(addr);
             }
@@ -644,11 +663,13 @@ impl Loop {
                     let _ = tx.send(Ok(peer_id));
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause: Some(libp2p::swarm::ConnectionError::IO(e)), .. } => {
-                // The peer's last connection broke (not closed for idleness): it crashed or
-                // its network went away. Out of the routing table, so no DHT query (ours, or
-                // another node's through our answers) waits on it; it comes back when it
-                // connects again.
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause: Some(libp2p::swarm::ConnectionError::IO(e)), .. }
+                if went_silent(&e) =>
+            {
+                // The peer's last connection timed out or was reset: it crashed or its network
+                // went away (a clean close by the peer also surfaces as an I/O error, and is
+                // not this). Out of the routing table, so no DHT query (ours, or another
+                // node's through our answers) waits on it; it comes back when it connects again.
                 tracing::info!(peer = %peer_id, "lost the connection: {e}");
                 self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
             }

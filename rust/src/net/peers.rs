@@ -4,7 +4,8 @@
 //! most `max_streams` streams at once (each may hold a frame's read buffer), at most
 //! `requests_per_second` requests (a token bucket holding one second's worth, so a burst that
 //! size passes), and a frame that has begun must keep arriving (`stall_timeout` without a
-//! byte refuses it and frees its buffer). A request over a limit is answered `Overloaded`,
+//! byte, or the whole frame not in by `stall_timeout` plus its length at
+//! `codec::MIN_FRAME_RATE`, refuses it and frees its buffer). A request over a limit is answered `Overloaded`,
 //! which the End node treats as "try another provider"; the session limits per peer
 //! (sessions, KV bytes) are the span handler's (`span::server`).
 //!
@@ -27,7 +28,8 @@ pub struct PeerLimits {
     /// Requests one peer may send per second, on average; 0: no limit.
     pub requests_per_second: f64,
     /// Longest pause inside a frame (between its first byte and its last) before the frame
-    /// is refused and its stream closed.
+    /// is refused and its stream closed; a frame must also be whole within this plus its
+    /// length at `codec::MIN_FRAME_RATE`.
     pub stall_timeout: Duration,
 }
 

@@ -557,7 +557,7 @@ fn peer_vanishing_mid_frame(transport: Transport) {
     // The worker serves on while the dead peer's streams linger ...
     want.push(run(1, 6, 1));
     // ... until the connection is found dead: at once over TCP (the socket closes), over QUIC
-    // at its idle timeout (3 s: nothing is sent when a process dies).
+    // at its idle timeout (5 s: nothing is sent when a process dies).
     assert!(streams_back(), "{} streams, {baseline} before", worker.inbound_streams());
 
     // Session 1 went on as if nothing happened: session 2 now takes the same steps.

@@ -154,17 +154,35 @@ fn a_stalled_frame_is_refused_and_its_stream_freed() {
         });
         let (code, message) = outcome(&reply).unwrap_err();
         assert_eq!(code, ErrorCode::MalformedFrame);
-        assert!(message.contains(&format!("stalled: nothing more arrived after {cut} of its")), "{message}");
+        assert!(message.contains(&format!("stalled: {cut} of its")), "{message}");
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         drop(stream);
         assert!(eventually(Duration::from_secs(5), || worker.inbound_streams() == baseline));
     }
+    // A frame that keeps coming, a byte every 150 ms, too slowly for its length: refused at
+    // its deadline (0.3 s plus its length at 64 KiB/s), though it never paused for 0.3 s.
+    let mut stream = raw.stream_with(worker.peer_id(), &big[..FIXED_HEADER_LEN]);
+    let reply = raw.runtime.block_on(async {
+        for i in 0..25 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let _ = stream.write_all(&big[FIXED_HEADER_LEN + i..FIXED_HEADER_LEN + i + 1]).await;
+            let _ = stream.flush().await;
+        }
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply).await;
+        reply
+    });
+    let (code, message) = outcome(&reply).unwrap_err();
+    assert_eq!(code, ErrorCode::MalformedFrame);
+    assert!(message.contains("stalled"), "{message}");
+    drop(stream);
+    assert!(eventually(Duration::from_secs(5), || worker.inbound_streams() == baseline));
     // An idle stream (no byte of a frame yet) is not a stall: it stays open.
     let _idle = raw.stream_with(worker.peer_id(), &[]);
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(worker.inbound_streams(), baseline + 1);
     outcome(&client.request(worker.peer_id(), step(1, 2, 1), None).unwrap()).unwrap();
-    assert_eq!(refusals(&worker, "malformed_frame"), 2);
+    assert_eq!(refusals(&worker, "malformed_frame"), 3);
 }
 
 /// Resident memory of this process, in bytes.

@@ -138,7 +138,7 @@ impl PyNode {
         query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
         idle_timeout = 300.0, max_positions = None, info = None, provider_ttl = 600.0,
         dht_server = true, network_key = None, allow_peers = None, peer_rate = 2000.0,
-        sessions_per_peer = 256, kv_bytes_per_peer = None,
+        sessions_per_peer = 1024, kv_bytes_per_peer = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -379,7 +379,7 @@ impl PyNode {
     /// into the static part of the node's Info replies.
     #[pyo3(signature = (
         serve, *, model_name = None, model_hash = None, kv_budget_bytes = 512 << 20,
-        idle_timeout = 300.0, max_positions = None, info = None, sessions_per_peer = 256,
+        idle_timeout = 300.0, max_positions = None, info = None, sessions_per_peer = 1024,
         kv_bytes_per_peer = None,
     ))]
     #[allow(clippy::too_many_arguments)]

@@ -61,14 +61,15 @@ pub struct SessionLimits {
 }
 
 impl Default for SessionLimits {
-    /// 512 MiB of KV cache, 5 minutes of idleness, the model's whole context, 256 sessions
-    /// per peer, and no KV share per peer below the budget.
+    /// 512 MiB of KV cache, 5 minutes of idleness, the model's whole context, 1024 sessions
+    /// per peer (on a chained route every session relayed through a worker counts against
+    /// it), and no KV share per peer below the budget.
     fn default() -> Self {
         SessionLimits {
             kv_budget_bytes: 512 << 20,
             idle_timeout: Duration::from_secs(300),
             max_positions: usize::MAX,
-            sessions_per_peer: 256,
+            sessions_per_peer: 1024,
             kv_bytes_per_peer: u64::MAX,
         }
     }
@@ -94,11 +95,25 @@ struct Held {
     session: Arc<Mutex<Session>>,
 }
 
-/// Every session, and the KV bytes they hold or have reserved for requests in flight.
+/// Every session, and the KV bytes they hold or have reserved for requests in flight (in
+/// all, and reserved per requesting peer).
 #[derive(Default)]
 struct Table {
     sessions: HashMap<SessionId, Held>,
     used_bytes: u64,
+    reserved: HashMap<PeerId, u64>,
+}
+
+impl Table {
+    /// Gives back `bytes` of `peer`'s reservations.
+    fn unreserve(&mut self, peer: PeerId, bytes: u64) {
+        if let Some(r) = self.reserved.get_mut(&peer) {
+            *r = r.saturating_sub(bytes);
+            if *r == 0 {
+                self.reserved.remove(&peer);
+            }
+        }
+    }
 }
 
 /// The sessions of one request, in entry order, each marked when this request created it.
@@ -114,6 +129,8 @@ struct Queued {
     shape: Shape,
     sessions: Admitted,
     total_tokens: u64,
+    /// Who sent it (its reservation counts against this peer).
+    peer: PeerId,
 }
 
 /// A queued request's sessions, locked for its batch's span call: their guards in entry
@@ -312,7 +329,16 @@ impl SpanHandler {
         let view = req.hidden.as_view().ok_or_else(|| internal("a decoded tensor is not a view"))?;
         let total_tokens: u64 = req.entries.iter().map(|e| u64::from(e.n_tokens)).sum();
         let sessions = self.admit(peer, &req.entries, req.span, total_tokens)?;
-        Ok(Queued { entries: req.entries.clone(), span: req.span, hidden: view.to_f32(), dtype: view.dtype(), shape, sessions, total_tokens })
+        Ok(Queued {
+            entries: req.entries.clone(),
+            span: req.span,
+            hidden: view.to_f32(),
+            dtype: view.dtype(),
+            shape,
+            sessions,
+            total_tokens,
+            peer,
+        })
     }
 
     /// Runs one batch of queued requests and answers each: those whose sessions pass the
@@ -326,7 +352,7 @@ impl SpanHandler {
                 Ok(locked) => ready.push((job.as_ref(), locked)),
                 Err(refusal) => {
                     let q = &job.input;
-                    self.release(&q.entries, q.span, &q.sessions, q.total_tokens);
+                    self.release(q);
                     job.answer(error_frame(*refusal));
                 }
             }
@@ -360,7 +386,7 @@ impl SpanHandler {
                 }
                 drop(locked);
                 let q = &job.input;
-                self.release(&q.entries, q.span, &q.sessions, q.total_tokens);
+                self.release(q);
                 job.answer(error_frame(ErrorReply::from_error(&err, q.entries.first().map(|e| e.session))));
             }
             return;
@@ -384,6 +410,7 @@ impl SpanHandler {
             {
                 let mut table = self.lock_table();
                 table.used_bytes = (table.used_bytes as i128 - reserved as i128 + grown as i128).max(0) as u64;
+                table.unreserve(q.peer, reserved);
                 for (e, bytes) in q.entries.iter().zip(held) {
                     if let Some(h) = table.sessions.get_mut(&e.session) {
                         h.bytes = bytes;
@@ -456,11 +483,13 @@ impl SpanHandler {
             }
         }
         let needed = total_tokens * bpp;
-        let (owned, owned_bytes) = table
+        let (owned, held) = table
             .sessions
             .values()
             .filter(|h| h.owner == peer)
             .fold((0usize, 0u64), |(n, b), h| (n + 1, b + h.bytes));
+        // What the peer holds plus what its requests in flight have reserved.
+        let owned_bytes = held + table.reserved.get(&peer).copied().unwrap_or(0);
         let new = out.iter().filter(|(_, new)| *new).count();
         let limits = &self.session_limits;
         if new > 0 && owned + new > limits.sessions_per_peer {
@@ -492,6 +521,7 @@ impl SpanHandler {
             ));
         }
         table.used_bytes += needed;
+        *table.reserved.entry(peer).or_default() += needed;
         for (e, (s, new)) in entries.iter().zip(&out) {
             if *new {
                 table.sessions.insert(e.session, Held { span, owner: peer, bytes: 0, session: Arc::clone(s) });
@@ -502,10 +532,12 @@ impl SpanHandler {
     }
 
     /// Gives back a failed request's reservation and forgets the sessions it created.
-    fn release(&self, entries: &[Entry], span: Span, sessions: &[(Arc<Mutex<Session>>, bool)], total_tokens: u64) {
+    fn release(&self, q: &Queued) {
         let mut table = self.lock_table();
-        table.used_bytes = table.used_bytes.saturating_sub(total_tokens * self.bytes_per_position(span));
-        for (e, (s, new)) in entries.iter().zip(sessions) {
+        let reserved = q.total_tokens * self.bytes_per_position(q.span);
+        table.used_bytes = table.used_bytes.saturating_sub(reserved);
+        table.unreserve(q.peer, reserved);
+        for (e, (s, new)) in q.entries.iter().zip(&q.sessions) {
             if *new && table.sessions.get(&e.session).is_some_and(|t| Arc::ptr_eq(&t.session, s)) {
                 table.sessions.remove(&e.session);
             }
