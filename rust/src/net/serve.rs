@@ -35,6 +35,13 @@ pub trait FrameHandler: Send + Sync + 'static {
         false
     }
 
+    /// `handle(request)` on the node's event loop, for a request `inline` took; `None` when it
+    /// would have to wait (for other work the handler is doing), so the node runs `handle` on
+    /// the blocking pool instead. It must never block.
+    fn handle_inline(&self, peer: PeerId, request: &[u8]) -> Option<Vec<u8>> {
+        Some(self.handle(peer, request))
+    }
+
     /// The handler's live description for `Info` replies: a JSON object whose `"mode"` names
     /// the handler, with whatever a client choosing a peer wants to know (what it serves, its
     /// load). Called on the node's event loop, so keep it short.

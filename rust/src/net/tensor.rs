@@ -327,7 +327,9 @@ async fn answer(peer: PeerId, frame: Vec<u8>, server: &Server) -> Vec<u8> {
 /// blocking pool.
 pub(crate) async fn run_handler(peer: PeerId, frame: Vec<u8>, handler: Arc<dyn FrameHandler>) -> Vec<u8> {
     if handler.inline(&frame) {
-        return handler.handle(peer, &frame);
+        if let Some(answer) = handler.handle_inline(peer, &frame) {
+            return answer;
+        }
     }
     tokio::task::spawn_blocking(move || handler.handle(peer, &frame)).await.unwrap_or_else(|e| {
         error_frame(ErrorReply {

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
-use super::batcher::{Batcher, Job};
+use super::batcher::{Batcher, Claim, Job};
 use crate::net::{error_frame, error_frame_for, unexpected, FrameHandler};
 use crate::compute::ThreadPool;
 use crate::error::Error;
@@ -279,8 +279,9 @@ impl SpanHandler {
     }
 
     /// Runs a decoded `Forward`: checks it, admits its sessions, and queues it for the next
-    /// batch (see `batcher`); the response frame, a refusal's included.
-    fn forward(&self, peer: PeerId, req: Forward<'_>) -> Vec<u8> {
+    /// batch (see `batcher`), or runs it alone under `claim`; the response frame, a
+    /// refusal's included.
+    fn forward(&self, peer: PeerId, req: Forward<'_>, claim: Option<Claim<'_, Queued>>) -> Vec<u8> {
         let queued = match self.check_and_admit(peer, &req) {
             Ok(queued) => queued,
             Err(refusal) => {
@@ -289,7 +290,10 @@ impl SpanHandler {
             }
         };
         let crashed = || error_frame(*internal("the batch this request was in failed"));
-        self.batches.submit(queued, |batch| self.run_batch(batch), &crashed)
+        match claim {
+            Some(claim) => claim.run(queued, |batch| self.run_batch(batch), &crashed),
+            None => self.batches.submit(queued, |batch| self.run_batch(batch), &crashed),
+        }
     }
 
     /// The checks a request passes alone (model, layers, width), then admission; the
@@ -638,6 +642,19 @@ impl FrameHandler for SpanHandler {
         request.len() <= INLINE_FRAME_BYTES && self.lock_table().sessions.len() <= 1 && !self.busy()
     }
 
+    /// A `Forward` runs on the event loop only if it can run alone at once: with a batch
+    /// running or queued it would have to wait, so it goes to the blocking pool.
+    fn handle_inline(&self, peer: PeerId, request: &[u8]) -> Option<Vec<u8>> {
+        let claim = self.batches.claim_idle()?;
+        match Message::decode(request, &self.limits) {
+            Ok(Message::Forward(f)) => Some(self.forward(peer, f, Some(claim))),
+            _ => {
+                drop(claim);
+                Some(self.handle(peer, request))
+            }
+        }
+    }
+
     fn handle(&self, peer: PeerId, request: &[u8]) -> Vec<u8> {
         let message = match Message::decode(request, &self.limits) {
             Ok(m) => m,
@@ -647,7 +664,7 @@ impl FrameHandler for SpanHandler {
             }
         };
         match message {
-            Message::Forward(f) => self.forward(peer, f),
+            Message::Forward(f) => self.forward(peer, f, None),
             Message::CloseSession(ids) => {
                 let closed = self.close(&ids);
                 Message::CloseSessionAck(closed).encode().unwrap_or_else(|e| error_frame_for(&e, None))
