@@ -407,6 +407,13 @@ class MeshPipeline:
                 raise _HopFailed(peer, e) from e
             raise
 
+    def _replay(self, session: MeshSession, hop: Hop, history: np.ndarray) -> np.ndarray:
+        """Runs a session's kept inputs `history` (positions 0..) through `hop` in chunks, so
+        its cache holds what another provider's held; the outputs."""
+        return np.concatenate(
+            [self._send(session, hop, pos, history[pos : pos + _REPLAY_CHUNK]) for pos in range(0, len(history), _REPLAY_CHUNK)]
+        )
+
     def _hop(self, hop: Hop, entries: list[tuple[int, int, int, int]], x: np.ndarray) -> np.ndarray:
         """One request through `hop`: `entries` (session id, step, first position, rows) for
         the rows of `x` in order; the hop's output rows. One native call: the frame, the
@@ -446,9 +453,7 @@ class MeshPipeline:
         for hop in new_hops:
             new_inputs.append([] if x is None else [x])
             if x is not None:
-                x = np.concatenate(
-                    [self._send(session, hop, pos, x[pos : pos + _REPLAY_CHUNK]) for pos in range(0, len(x), _REPLAY_CHUNK)]
-                )
+                x = self._replay(session, hop, x)
         session.hops[i : i + 1] = new_hops
         session.inputs[i : i + 1] = new_inputs
         if session.shadows is not None:
@@ -528,8 +533,7 @@ class MeshPipeline:
         history = np.concatenate(session.inputs[i]) if session.inputs[i] else None
         try:
             if history is not None:
-                for pos in range(0, len(history), _REPLAY_CHUNK):
-                    self._send(session, referee, pos, history[pos : pos + _REPLAY_CHUNK])
+                self._replay(session, referee, history)
             r = self._send(session, referee, start, x)
         except (_HopFailed, MeshpyError) as e:
             raise VerificationError(f"layers {a}-{b}: {pair} disagree and the third provider "

@@ -471,6 +471,20 @@ impl RawPeer {
         })
     }
 
+    /// Everything the worker sends on `stream` until it closes it (after closing this side
+    /// first when `close`).
+    pub(crate) fn reply(&self, stream: &mut libp2p::Stream, close: bool) -> Vec<u8> {
+        use futures::{AsyncReadExt, AsyncWriteExt};
+        self.runtime.block_on(async {
+            if close {
+                stream.close().await.unwrap();
+            }
+            let mut reply = Vec::new();
+            let _ = stream.read_to_end(&mut reply).await;
+            reply
+        })
+    }
+
     /// Ends the peer's process, as far as the network can tell: the swarm and its connections
     /// are dropped without a goodbye.
     fn vanish(self) {
@@ -483,7 +497,6 @@ impl RawPeer {
 /// drops the stream, frees what it held, and keeps serving another peer's session, and new
 /// sessions.
 fn peer_vanishing_mid_frame(transport: Transport) {
-    use futures::{AsyncReadExt, AsyncWriteExt};
     let (dw, dc) = (TempDir::new(), TempDir::new());
     let model = crate::wire::ModelId { hash: [3; 32], name: "tiny".into() };
     let span = Arc::new(crate::model::tests::tiny_llama(0, 3, None));
@@ -526,12 +539,7 @@ fn peer_vanishing_mid_frame(transport: Transport) {
     // 1. The peer closes its write side: the frame is short, the worker says so.
     let raw = RawPeer::new(transport, worker.peer_id(), &addr);
     let mut stream = raw.stream_with(worker.peer_id(), cut);
-    let reply = raw.runtime.block_on(async {
-        stream.close().await.unwrap();
-        let mut reply = Vec::new();
-        stream.read_to_end(&mut reply).await.unwrap();
-        reply
-    });
+    let reply = raw.reply(&mut stream, true);
     match Message::decode(&reply, &Limits::default()).unwrap() {
         Message::Error(e) => {
             assert_eq!(e.code, ErrorCode::MalformedFrame);

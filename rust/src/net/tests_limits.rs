@@ -119,11 +119,7 @@ fn per_peer_limits_refuse_overloaded_and_are_counted() {
     let raw = RawPeer::new(Transport::Tcp, worker.peer_id(), &worker.listen_addrs().unwrap()[0]);
     let held: Vec<_> = (0..3).map(|_| raw.stream_with(worker.peer_id(), &[])).collect();
     let mut fourth = raw.stream_with(worker.peer_id(), &[]);
-    let reply = raw.runtime.block_on(async {
-        let mut reply = Vec::new();
-        fourth.read_to_end(&mut reply).await.unwrap();
-        reply
-    });
+    let reply = raw.reply(&mut fourth, false);
     let (code, message) = outcome(&reply).unwrap_err();
     assert_eq!(code, ErrorCode::Overloaded);
     assert!(message.contains("tensor streams open here"), "{message}");
@@ -147,11 +143,7 @@ fn a_stalled_frame_is_refused_and_its_stream_freed() {
     for cut in [5, FIXED_HEADER_LEN + 1000] {
         let started = Instant::now();
         let mut stream = raw.stream_with(worker.peer_id(), &big[..cut]);
-        let reply = raw.runtime.block_on(async {
-            let mut reply = Vec::new();
-            stream.read_to_end(&mut reply).await.unwrap();
-            reply
-        });
+        let reply = raw.reply(&mut stream, false);
         let (code, message) = outcome(&reply).unwrap_err();
         assert_eq!(code, ErrorCode::MalformedFrame);
         assert!(message.contains(&format!("stalled: {cut} of its")), "{message}");
@@ -162,16 +154,14 @@ fn a_stalled_frame_is_refused_and_its_stream_freed() {
     // A frame that keeps coming, a byte every 150 ms, too slowly for its length: refused at
     // its deadline (0.3 s plus its length at 64 KiB/s), though it never paused for 0.3 s.
     let mut stream = raw.stream_with(worker.peer_id(), &big[..FIXED_HEADER_LEN]);
-    let reply = raw.runtime.block_on(async {
+    raw.runtime.block_on(async {
         for i in 0..25 {
             tokio::time::sleep(Duration::from_millis(150)).await;
             let _ = stream.write_all(&big[FIXED_HEADER_LEN + i..FIXED_HEADER_LEN + i + 1]).await;
             let _ = stream.flush().await;
         }
-        let mut reply = Vec::new();
-        let _ = stream.read_to_end(&mut reply).await;
-        reply
     });
+    let reply = raw.reply(&mut stream, false);
     let (code, message) = outcome(&reply).unwrap_err();
     assert_eq!(code, ErrorCode::MalformedFrame);
     assert!(message.contains("stalled"), "{message}");
