@@ -44,6 +44,8 @@ class LoopbackCapture:
             self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))  # ETH_P_ALL
         except (PermissionError, AttributeError, OSError) as e:
             pytest.skip(f"no packet capture here: {e}")
+        # A session sends megabytes: a large buffer so the kernel drops no frame.
+        self._sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", socket.SO_RCVBUF), 64 << 20)
         self._sock.bind(("lo", 0))
         self._sock.settimeout(0.1)
         self.frames: list[bytes] = []
@@ -52,11 +54,14 @@ class LoopbackCapture:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        # Once told to stop, read on until the socket's queue is empty (a quiet 0.1 s), so
+        # frames already captured are never left unread.
+        while True:
             try:
                 self.frames.append(self._sock.recv(1 << 16))
             except TimeoutError:
-                continue
+                if self._stop.is_set():
+                    return
 
     def __enter__(self) -> LoopbackCapture:
         self._thread.start()
