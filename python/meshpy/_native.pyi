@@ -38,8 +38,18 @@ class Checkpoint:
         """A copy of the tensor's raw little-endian bytes."""
     def touch(self, names: Sequence[str]) -> int:
         """Test hook: reads the named tensors in place; returns the wrapping sum of their bytes."""
+    @property
+    def metadata_end(self) -> int | None:
+        """A GGUF file's byte count up to the end of its key-values; None for safetensors."""
+    def byte_range(self, name: str) -> tuple[pathlib.Path, int, int]:
+        """``(path, start, end)``: the file holding the tensor and its bytes' range there."""
     def __len__(self) -> int: ...
     def __contains__(self, name: str) -> bool: ...
+
+def gguf_store_header(prefix: bytes, tensors: Sequence[tuple[str, str, Sequence[int]]]) -> tuple[bytes, list[tuple[int, int]]]:
+    """The header of a GGUF file holding ``tensors`` (name, type name, shape outermost first) in
+    that order around ``prefix`` (another GGUF's bytes up to the end of its key-values), and
+    each tensor's ``(offset, length)`` in that file."""
 
 # quant (rust/src/py/quant.rs)
 # Type names are ggml's, any case: "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -303,6 +313,17 @@ class Node:
     ) -> None:
         """Serves `serve` from now on (the constructor's arguments, same meaning); drops the
         previous handler's sessions; merges `info` into the static Info."""
+    def seed(self, model: str, items: dict[str, bytes | tuple[str | os.PathLike[str], int, int]]) -> None:
+        """Serves ``items`` (bytes, or ``(path, offset, length)`` file ranges) as model ``model``
+        over the blob protocol, replacing what was served under that id."""
+    def unseed(self, model: str) -> None: ...
+    def blob_list(self, peer: str, addrs: Sequence[str] = ..., timeout: float | None = None) -> dict[str, Any]:
+        """``{"models": {model id: {item: length}}}``: what ``peer`` serves over the blob protocol."""
+    def blob_read(
+        self, peer: str, model: str, item: str, offset: int, length: int, addrs: Sequence[str] = ...,
+        timeout: float | None = None,
+    ) -> bytes:
+        """``length`` bytes (at most 4 MiB) of an item ``peer`` serves, from ``offset``."""
     def session_count(self) -> int: ...
     def drain(self) -> None:
         """Takes no new sessions (the worker is leaving); held ones carry on."""

@@ -39,6 +39,7 @@ class EndModel:
         else:
             raise FileNotFoundError(f"{source.path}: no tokenizer.json beside the weights")
         self.chat_template = source.chat_template or default_chat_template(source)
+        source.require({config.embedding_name, config.output_norm_name, config.output_name}, "the End model")
         self.embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
         self.head = _native.OutputHead(
             source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool,

@@ -26,6 +26,8 @@ __all__ = [
     "InvalidSamplingError",
     "NoRouteError",
     "WorkerError",
+    "VerificationError",
+    "ModelFetchError",
     "format_layer_list",
 ]
 
@@ -125,6 +127,11 @@ class WorkerError(MeshpyError, RuntimeError):
 class VerificationError(MeshpyError, RuntimeError):
     """Providers of the same layers gave different outputs and no third one could say which
     is right (`--verify`); the step's output is not used."""
+
+
+class ModelFetchError(MeshpyError, RuntimeError):
+    """A model could not be fetched from the mesh: nobody seeds it, no seeder served a part
+    intact, or the disk lacks room (the message says which)."""
 
 
 def format_layer_list(layers: list[int]) -> str:

@@ -71,6 +71,7 @@ class LocalSpan:
         if layers.step != 1 or not 0 <= layers.start < layers.stop <= config.n_layers:
             raise ValueError(f"layer range {layers} outside 0..{config.n_layers}")
         self.layers = layers
+        source.require((n for i in layers for n in config.layer_names(i).values()), f"layers {layers.start}-{layers.stop - 1}")
         self.native = _native.LlamaSpan(
             source.checkpoint,
             config.span_config(quantize, kv_dtype),

@@ -140,7 +140,7 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace | dict[str, Any])
 class GenerateSettings:
     """`meshpy generate`: one prompt through a model in this process."""
 
-    model: Path = setting(help="a .gguf file, an HF checkpoint directory, or a packaged model (smollm2, gemma3-270m)", short="-m")
+    model: Path = setting(help="a .gguf file, an HF checkpoint directory, a packaged model (smollm2, gemma3-270m), or with --bootstrap a model id (name@hash) to fetch from the mesh", short="-m")
     prompt: str = setting(help="the prompt (a user message, unless --raw)", short="-p")
     max_tokens: int = setting(256, "most tokens to generate", minimum=1, short="-n")
     temperature: float = setting(0.0, "sampling temperature; 0 is greedy", minimum=0.0, maximum=100.0)
@@ -163,6 +163,7 @@ class GenerateSettings:
     node_dir: Path | None = setting(None, "directory of this client's identity key, so workers can name it in --allow-peer (default: a new identity each run)")
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
     verify: float = setting(0.0, "share of sessions (0 to 1) checked on a second provider of each hop's layers; a provider whose output disagrees is banned (a third one decides)", minimum=0.0, maximum=1.0)
+    store: Path | None = setting(None, "with --bootstrap and a model id (name@hash): where the End model's tensors fetched from the mesh are kept (default: ~/.cache/meshpy/models)")
 
 
 _TRANSPORTS = ("tcp", "quic", "both")
@@ -193,7 +194,8 @@ class WorkerSettings(NodeSettings):
     """`meshpy worker`: host a range of a model's layers (or echo, without --model)."""
 
     bootstrap: str | None = setting(None, "multiaddr of a mesh node to join (comma-separated for several)")
-    model: Path | None = setting(None, "the model (GGUF file, HF directory, packaged name); none: echo mode", short="-m")
+    model: Path | None = setting(None, "the model: a GGUF file, an HF directory, a packaged name, or a model id (name@hash, as `meshpy status` shows it) to fetch from the mesh; none: echo mode", short="-m")
+    store: Path | None = setting(None, "where models fetched from the mesh are kept (default: ~/.cache/meshpy/models)")
     layers: str | None = setting(None, "layers to host, e.g. 0-7 (default: the least-covered range that fits --memory)")
     device: str = setting("cpu", "where the layers run", choices=("cpu",))
     memory: str | None = setting(None, "memory for weights, KV cache and runtime, e.g. 2GiB (default: what is free)")
@@ -204,6 +206,15 @@ class WorkerSettings(NodeSettings):
     idle_timeout: float = setting(300.0, "seconds before an unused session is dropped", minimum=1.0)
     drain_timeout: float = setting(30.0, "on SIGTERM or Ctrl-C, seconds to let held sessions end (no new ones start) before leaving; those still held then move with replay", minimum=0.0)
     kv_dtype: str | None = setting(None, "KV cache type (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
+
+
+@dataclass(frozen=True)
+class SeedSettings(NodeSettings):
+    """`meshpy seed`: serve a model's file to the mesh, so nodes started from its model id fetch
+    the parts they need from here (no layers run here)."""
+
+    model: Path | None = setting(None, "the model to serve (required): a GGUF file or a packaged model name", short="-m")
+    bootstrap: str | None = setting(None, "multiaddr of a mesh node to join (comma-separated for several); none: this node starts a mesh others join through it")
 
 
 @dataclass(frozen=True)
@@ -230,7 +241,7 @@ class ServeSettings:
     """`meshpy serve`: an OpenAI-compatible HTTP server for a model, its layers in this
     process or (with --bootstrap) on a mesh."""
 
-    model: Path = setting(help="a .gguf file, an HF checkpoint directory, or a packaged model (smollm2, gemma3-270m)", short="-m")
+    model: Path = setting(help="a .gguf file, an HF checkpoint directory, a packaged model (smollm2, gemma3-270m), or with --bootstrap a model id (name@hash) to fetch from the mesh", short="-m")
     bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several)")
     host: str = setting("127.0.0.1", "address the HTTP server listens on (0.0.0.0: every interface)")
     port: int = setting(8000, "HTTP port; 0 takes a free one", minimum=0, maximum=65535)
@@ -252,6 +263,7 @@ class ServeSettings:
     node_dir: Path | None = setting(None, "directory of this client's identity key, so workers can name it in --allow-peer (default: a new identity each run)")
     route_timeout: float = setting(30.0, "seconds to wait for workers to cover every layer", minimum=0.0)
     verify: float = setting(0.0, "share of sessions (0 to 1) checked on a second provider of each hop's layers; a provider whose output disagrees is banned (a third one decides)", minimum=0.0, maximum=1.0)
+    store: Path | None = setting(None, "with --bootstrap and a model id (name@hash): where the End model's tensors fetched from the mesh are kept (default: ~/.cache/meshpy/models)")
 
 
 @dataclass(frozen=True)

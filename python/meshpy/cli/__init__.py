@@ -16,6 +16,7 @@ from meshpy.settings import (
     KeygenSettings,
     ServeSettings,
     StatusSettings,
+    SeedSettings,
     WorkerSettings,
     add_arguments,
     from_namespace,
@@ -29,6 +30,7 @@ __all__ = ["main"]
 _COMMANDS: dict[str, tuple[type, str, str]] = {
     "generate": (GenerateSettings, "meshpy.cli.generate:run_generate", "generate a reply to one prompt"),
     "bootstrap": (BootstrapSettings, "meshpy.cli.mesh:run_bootstrap", "run a rendezvous node for a mesh"),
+    "seed": (SeedSettings, "meshpy.cli.mesh:run_seed", "serve a model's file to the mesh, for nodes that start from its id"),
     "worker": (WorkerSettings, "meshpy.cli.mesh:run_worker", "host a range of a model's layers for the mesh"),
     "status": (StatusSettings, "meshpy.cli.mesh:run_status", "list a mesh's workers and uncovered layers"),
     "serve": (ServeSettings, "meshpy.cli.serve:run_serve", "serve a model over an OpenAI-compatible HTTP API"),
@@ -37,7 +39,7 @@ _COMMANDS: dict[str, tuple[type, str, str]] = {
 }
 
 #: Commands that run as servers log what they do by default.
-_SERVERS = ("bootstrap", "worker", "serve")
+_SERVERS = ("bootstrap", "seed", "worker", "serve")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`meshpy bootstrap`, `meshpy worker` and `meshpy status`: running and inspecting a mesh."""
+"""`meshpy bootstrap`, `meshpy seed`, `meshpy worker` and `meshpy status`: running and inspecting a mesh."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import threading
 from collections import defaultdict
 from typing import Any
 
-from meshpy.errors import format_layer_list
+from meshpy.errors import InvalidArgumentError, format_layer_list
+from meshpy.mesh.fetch import seed
 from meshpy.mesh.identity import CHECKERS_KEY, WORKERS_KEY, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.placement import format_size
@@ -19,9 +20,9 @@ from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
 from meshpy import _native
 from meshpy.cli.signals import stop_on_sigterm
-from meshpy.settings import BootstrapSettings, KeygenSettings, NodeSettings, StatusSettings, WorkerSettings
+from meshpy.settings import BootstrapSettings, KeygenSettings, NodeSettings, SeedSettings, StatusSettings, WorkerSettings
 
-__all__ = ["run_bootstrap", "run_worker", "run_status", "run_keygen"]
+__all__ = ["run_bootstrap", "run_seed", "run_worker", "run_status", "run_keygen"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,29 @@ def run_bootstrap(settings: BootstrapSettings) -> int:
     node, node_dir = start_node(settings, "bootstrap")
     try:
         print(f"meshpy bootstrap node {node.peer_id}; join with --bootstrap and one of:", file=sys.stderr)
+        for addr in node.listen_addrs():
+            print(addr, flush=True)
+        threading.Event().wait()
+    finally:
+        node.close()
+        node_dir.cleanup()
+    return 0
+
+
+def run_seed(settings: SeedSettings) -> int:
+    """Serves a model's file over the blob protocol and runs until stopped."""
+    stop_on_sigterm()
+    if settings.model is None:
+        raise InvalidArgumentError("meshpy seed needs --model: the GGUF file to serve")
+    source = open_model_source(model_path(settings.model))
+    identity = model_identity(source)
+    node, node_dir = start_node(settings, "seed", parse_bootstrap(settings.bootstrap))
+    try:
+        if not seed(node, source, identity):
+            print(f"{source.path} cannot be served to peers: only GGUF models can be, so far", file=sys.stderr)
+            return 2
+        print(f"meshpy seed {node.peer_id} serves {identity.id} (start workers with --model {identity.id}); listening on:",
+              file=sys.stderr)
         for addr in node.listen_addrs():
             print(addr, flush=True)
         threading.Event().wait()

@@ -32,6 +32,7 @@ def _open(settings: ServeSettings) -> Model:
             route=settings.route,
             network_key=settings.network_key,
             allow_peers=settings.allow_peer,
+            store=settings.store,
             node_dir=settings.node_dir,
             route_timeout=settings.route_timeout,
             verify=settings.verify,

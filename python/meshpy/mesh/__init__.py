@@ -18,9 +18,11 @@ from meshpy import _native
 from meshpy.end_model import EndModel
 from meshpy.generation import Model, default_threads, model_path
 from meshpy.mesh.client import MeshPipeline, MeshSession
+from meshpy.mesh.fetch import fetch_end_model
 from meshpy.mesh.identity import CHECKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.routing import Hop, Provider, describe_route
+from meshpy.mesh.store import ModelStore, model_ref
 from meshpy.mesh.worker import MESH_IDLE_SPIN, Worker
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
@@ -55,12 +57,15 @@ def connect(
     route_timeout: float = 30.0,
     lanes: int | None = None,
     verify: float = 0.0,
+    store: str | os.PathLike[str] | None = None,
 ) -> Model:
     """A `Model` whose End model runs here and whose layers run on the mesh joined through
     `bootstrap`; waits up to `route_timeout` seconds for workers to cover every layer.
 
-    The End model needs the same checkpoint the workers have (its hash names the model in the
-    DHT); only embedding, final norm and head are loaded. `wire_dtype` "f32" gives exactly the
+    `model` is the checkpoint the workers have (its hash names the model in the DHT; only
+    embedding, final norm and head are loaded), or the model's id (`name@hash`, as `meshpy
+    status` shows it): the End model's tensors are then fetched from the mesh's seeders into
+    `store` (default `~/.cache/meshpy/models`) and the layers never come here. `wire_dtype` "f32" gives exactly the
     single-process tokens; "bf16" halves the bytes on the wire. `route`: "chain" passes each
     step from worker to worker (N + 1 link crossings for N workers), "star" makes each worker a
     round trip from here (2N); both give the same tokens. `network_key`: the mesh's key file,
@@ -71,16 +76,27 @@ def connect(
     of sessions whose every hop also runs on a second provider and is compared (a provider
     caught disagreeing is banned, and `meshpy status` shows why). Close the model to leave.
     """
-    source = open_model_source(model_path(model))
-    config = read_config(source)
-    identity = model_identity(source)
+    ref = model_ref(model)
+    fetched = None
+    if ref is None:
+        source = open_model_source(model_path(model))
     addrs = parse_bootstrap(bootstrap if isinstance(bootstrap, str) else " ".join(bootstrap))
     key = None if network_key is None else Path(network_key)
     settings = NodeSettings(port=0, host=host, transport=transport, network_key=key, allow_peer=tuple(allow_peers),
                             node_dir=None if node_dir is None else Path(node_dir))
     node, identity_dir = start_node(settings, "client", addrs, dht_server=False)
+    try:
+        if ref is not None:
+            source, fetched = fetch_end_model(node, ref, ModelStore(store))
+        config = read_config(source)
+        identity = model_identity(source)
+    except BaseException:
+        node.close()
+        identity_dir.cleanup()
+        raise
     pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, route_mode=route, verify=verify,
                             on_close=identity_dir.cleanup)
+    pipeline.fetched = fetched
     try:
         if verify:
             _announce_checks(pipeline)

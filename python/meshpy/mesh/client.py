@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
+from typing import Any
+
 import numpy as np
 
 from meshpy import _native
@@ -160,6 +162,8 @@ class MeshPipeline:
         self.verify = verify
         self.verify_tolerance = verify_tolerance
         self.bans = Bans()
+        #: What fetching the End model from the mesh read (`connect` from a model id), else None.
+        self.fetched: Any = None
         #: Verified sessions, steps whose hops were compared, and mismatches found.
         self.verify_counts = {"sessions": 0, "hop_checks": 0, "mismatches": 0}
         # Sessions on several threads (the HTTP server) count and start shadows concurrently.

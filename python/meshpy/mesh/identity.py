@@ -29,7 +29,10 @@ from typing import Any
 
 from meshpy.models.source import ModelSource
 
-__all__ = ["ModelIdentity", "model_identity", "model_manifest", "layer_key", "cache_dir", "WORKERS_KEY", "CHECKERS_KEY"]
+__all__ = [
+    "ModelIdentity", "model_identity", "model_manifest", "manifest_bytes", "manifest_digest", "metadata_hash", "layer_key",
+    "cache_dir", "WORKERS_KEY", "CHECKERS_KEY",
+]
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +200,7 @@ def model_manifest(source: ModelSource) -> dict[str, Any]:
         layer = _layer_of(name)
         (shared if layer is None else layers.setdefault(layer, [])).append(name)
     if source.format == "gguf":
-        metadata = {"gguf": hashlib.sha256(_canonical(source.metadata)).hexdigest()}
+        metadata = {"gguf": metadata_hash(source.metadata)}
     else:
         metadata = _metadata_files(source)
     return {
@@ -211,12 +214,23 @@ def model_manifest(source: ModelSource) -> dict[str, Any]:
     }
 
 
+def metadata_hash(metadata: dict[str, Any]) -> str:
+    """The SHA-256 (hex) a manifest records of a GGUF's key-values."""
+    return hashlib.sha256(_canonical(metadata)).hexdigest()
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest as its digest hashes it (canonical JSON): what peers serve and stores keep."""
+    return _canonical(manifest)
+
+
 def manifest_digest(manifest: dict[str, Any]) -> bytes:
     """The SHA-256 naming a manifest (of its canonical JSON)."""
     return hashlib.sha256(_canonical(manifest)).digest()
 
 
 def model_identity(source: ModelSource) -> ModelIdentity:
-    """The model's readable name and content hash, from its manifest."""
-    manifest = model_manifest(source)
+    """The model's readable name and content hash, from its manifest (a stored model's own,
+    since a store lacks the tensors it did not fetch)."""
+    manifest = source.manifest if source.manifest is not None else model_manifest(source)
     return ModelIdentity(manifest["name"], manifest_digest(manifest), manifest)

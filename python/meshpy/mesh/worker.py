@@ -14,6 +14,7 @@ import time
 from meshpy import _native
 from meshpy.errors import InvalidArgumentError
 from meshpy.generation import default_threads, model_path
+from meshpy.mesh.fetch import Fetcher, FetchReport, end_tensors, seed
 from meshpy.mesh.identity import WORKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import NodeDir, parse_bootstrap, start_node
 from meshpy.mesh.placement import (
@@ -27,6 +28,7 @@ from meshpy.mesh.placement import (
     parse_size,
 )
 from meshpy.mesh.routing import coverage_of, discover
+from meshpy.mesh.store import ModelRef, ModelStore, model_ref
 from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalSpan
@@ -53,6 +55,8 @@ class Worker:
         self.model: ModelIdentity | None = None
         self.layers: range | None = None
         self._span: LocalSpan | None = None
+        #: What fetching the model from the mesh read, for a worker started from a model id.
+        self.fetched: FetchReport | None = None
         self._node_dir: NodeDir | None = None
         self._keys: list[str] = []
         self._stopped = threading.Event()
@@ -65,7 +69,10 @@ class Worker:
         memory = parse_size(s.memory) if s.memory else None
         bootstrap = parse_bootstrap(s.bootstrap)
         model = None
-        if s.model is not None:
+        ref = model_ref(s.model) if s.model is not None else None
+        if ref is not None and not bootstrap:
+            raise InvalidArgumentError(f"--model {ref} names a model by id: join a mesh that seeds it (--bootstrap)")
+        if s.model is not None and ref is None:
             source = open_model_source(model_path(s.model))
             config = read_config(source)
             layers = parse_layers(s.layers, config.n_layers) if s.layers else None
@@ -73,6 +80,8 @@ class Worker:
             self.model = model_identity(source)
         self.node, self._node_dir = start_node(s, "worker", bootstrap)
         try:
+            if ref is not None:
+                model = self._fetch(ref, kv_budget, memory if memory is not None else available_memory())
             if model is None:
                 self._serve_echo()
             else:
@@ -81,6 +90,24 @@ class Worker:
             self.close()
             raise
         return self
+
+    def _fetch(self, ref: ModelRef, kv_budget: int, memory: int) -> tuple[ModelSource, ModelConfig, range]:
+        """Fetches the model's manifest and metadata, the shared tensors a worker needs, then
+        places its layers (as for a local file) and fetches just those."""
+        assert self.node is not None
+        s = self.settings
+        fetcher = Fetcher(self.node, ref, ModelStore(s.store))
+        stored = fetcher.open()
+        self.model = stored.identity
+        shared = set(stored.manifest["shared"]) - end_tensors(stored.manifest, stored.source().metadata)
+        fetcher.fetch(stored, shared, "shared tensors")
+        source = stored.source()
+        config = read_config(source)
+        layers = parse_layers(s.layers, config.n_layers) if s.layers else self._place(source, config, kv_budget, memory, True)
+        fetcher.fetch(stored, {n for i in layers for n in stored.manifest["layers"][i]}, f"layers {format_layers(layers)}")
+        self.fetched = fetcher.report
+        log.info("fetched %s of %s from %d seeders", format_size(fetcher.report.fetched_bytes), ref, len(fetcher.report.by_peer or {}))
+        return stored.source(), config, layers
 
     def _serve_echo(self) -> None:
         assert self.node is not None
@@ -100,7 +127,8 @@ class Worker:
         self._span = LocalSpan(source, config, layers, pool, kv_dtype=s.kv_dtype)
         self.layers = layers
         info = self._info(model_id=self.model.id, model_layers=config.n_layers, weights_bytes=self._span.native.nbytes,
-                          threads=pool.n_threads, kv_dtype=self._span.kv_dtype)
+                          threads=pool.n_threads, kv_dtype=self._span.kv_dtype,
+                          fetched=self.fetched.to_json() if self.fetched is not None else None)
         self.node.serve(
             self._span.native,
             model_name=self.model.name,
@@ -112,6 +140,7 @@ class Worker:
         )
         log.info("announcing layers %s of %s", format_layers(layers), self.model.id)
         self._announce([self.model.layer_key(i) for i in layers] + [WORKERS_KEY])
+        self._keys += seed(self.node, source, self.model)
 
     def _peer_limits(self) -> dict[str, int]:
         """The per-peer session limits asked for; those not given keep the core's defaults."""

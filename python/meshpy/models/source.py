@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from meshpy._native import Checkpoint
@@ -44,6 +45,9 @@ class ModelSource:
         tokenizer_config: ``tokenizer_config.json``, or ``{}``.
         chat_template: The Jinja chat template the checkpoint ships, if any.
         generation_config: ``generation_config.json``, or ``{}``.
+        manifest: For a model in the store (`meshpy.mesh.store`), its manifest; else None.
+        held: For a model in the store, the tensors it holds (the rest are not on this disk);
+            None when every tensor is.
     """
 
     path: Path
@@ -55,6 +59,21 @@ class ModelSource:
     tokenizer_config: dict[str, Any]
     chat_template: str | None
     generation_config: dict[str, Any]
+    manifest: dict[str, Any] | None = None
+    held: frozenset[str] | None = None
+
+    def require(self, names: Iterable[str], what: str) -> None:
+        """Raises ModelSourceError unless every tensor in `names` (those `what` needs) is on
+        this disk: a store holds only the tensors this node fetched."""
+        if self.held is None:
+            return
+        missing = sorted(set(names) - self.held)
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise ModelSourceError(
+                f"{self.path} holds only part of the model, not {shown}, which {what} needs; start from the "
+                "model id so the missing tensors are fetched from the mesh"
+            )
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -154,8 +173,11 @@ def _shards(directory: Path) -> tuple[list[Path], dict[str, str]]:
 
 
 def _gguf_source(path: Path, checkpoint: Checkpoint) -> ModelSource:
+    from meshpy.mesh.store import stored_part  # the store builds on this module
+
     metadata = checkpoint.metadata()
     template = metadata.get("tokenizer.chat_template")
+    manifest, held = stored_part(path)
     return ModelSource(
         path=path,
         format="gguf",
@@ -166,6 +188,8 @@ def _gguf_source(path: Path, checkpoint: Checkpoint) -> ModelSource:
         tokenizer_config={},
         chat_template=template if isinstance(template, str) else None,
         generation_config={},
+        manifest=manifest,
+        held=held,
     )
 
 

@@ -263,6 +263,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header> {
             )));
         }
     }
+    let metadata_end = r.pos();
     let alignment = alignment(&r, &metadata)?;
 
     let mut stored = Vec::with_capacity(tensor_count as usize);
@@ -318,7 +319,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header> {
     for info in stored {
         tensors.push(resolve(&r, info, data_start, alignment)?);
     }
-    Ok(Header { metadata, tensors })
+    Ok(Header { metadata, tensors, metadata_end: Some(metadata_end) })
 }
 
 /// Resolves a tensor info to its absolute byte range, checking type, size and bounds.
@@ -395,4 +396,49 @@ fn resolve(r: &Reader<'_>, info: StoredInfo, data_start: u64, alignment: u64) ->
         start: start as usize,
         end: end as usize,
     })
+}
+
+/// A tensor's place in a file: offset and byte count.
+pub type ByteRange = (u64, u64);
+
+/// The header of a GGUF file holding `tensors` (name, type, shape outermost first) in that
+/// order, around `prefix`: another GGUF file's bytes up to the end of its key-values
+/// ([`super::Checkpoint::metadata_end`]), kept byte for byte but for the tensor count. Returns
+/// the header, padded to the file's alignment, and each tensor's offset from the start of the
+/// file and byte count; the file ends after the last tensor's bytes.
+/// Every node building a store from the same metadata and tensor list lays it out alike.
+pub fn store_header(prefix: &[u8], tensors: &[(String, GgmlType, Vec<usize>)]) -> Result<(Vec<u8>, Vec<ByteRange>)> {
+    let what = Path::new("<a model's metadata>");
+    let bad = |detail: String| crate::error::Error::Format { path: what.to_path_buf(), detail };
+    if prefix.len() < 24 {
+        return Err(bad(format!("{} bytes are too few for a GGUF header", prefix.len())));
+    }
+    let mut header = prefix.to_vec();
+    header[8..16].copy_from_slice(&0u64.to_le_bytes());
+    let parsed = parse(what, &header)?;
+    if parsed.metadata_end != Some(header.len()) {
+        return Err(bad(format!("{} bytes follow the key-values", header.len() - parsed.metadata_end.unwrap_or(0))));
+    }
+    let r = Reader::new(what, &header, 0);
+    let alignment = alignment(&r, &parsed.metadata)?;
+    header[8..16].copy_from_slice(&(tensors.len() as u64).to_le_bytes());
+    let mut relative = Vec::with_capacity(tensors.len());
+    let mut at = 0u64;
+    for (name, ty, shape) in tensors {
+        let row = ty.row_bytes(shape.last().copied().unwrap_or(1))? as u64;
+        let rows: u64 = shape.iter().rev().skip(1).map(|&d| d as u64).product();
+        header.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        header.extend_from_slice(name.as_bytes());
+        header.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+        for &dim in shape.iter().rev() {
+            header.extend_from_slice(&(dim as u64).to_le_bytes());
+        }
+        header.extend_from_slice(&ty.ggml_id().to_le_bytes());
+        header.extend_from_slice(&at.to_le_bytes());
+        relative.push((at, row * rows));
+        at = (at + row * rows).next_multiple_of(alignment);
+    }
+    header.resize((header.len() as u64).next_multiple_of(alignment) as usize, 0);
+    let start = header.len() as u64;
+    Ok((header, relative.into_iter().map(|(offset, len)| (start + offset, len)).collect()))
 }

@@ -10,6 +10,7 @@
 //! what was being read.
 
 mod gguf;
+pub use gguf::{store_header, ByteRange};
 mod safetensors;
 
 use std::collections::BTreeMap;
@@ -283,6 +284,9 @@ pub(crate) struct RawTensor {
 pub(crate) struct Header {
     pub metadata: BTreeMap<String, MetaValue>,
     pub tensors: Vec<RawTensor>,
+    /// GGUF: where the key-values end (the tensor infos start); the bytes before are the
+    /// model's metadata as a peer serves it (see `gguf::store_header`).
+    pub metadata_end: Option<usize>,
 }
 
 /// One tensor of an open checkpoint.
@@ -301,6 +305,7 @@ pub struct Checkpoint {
     maps: Vec<Arc<Mmap>>,
     metadata: BTreeMap<String, MetaValue>,
     tensors: BTreeMap<String, Entry>,
+    metadata_end: Option<usize>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -370,6 +375,7 @@ impl Checkpoint {
         let mut maps = Vec::with_capacity(paths.len());
         let mut metadata = BTreeMap::new();
         let mut tensors: BTreeMap<String, Entry> = BTreeMap::new();
+        let mut metadata_end = None;
         for (file, path) in paths.iter().enumerate() {
             let map = Arc::new(map_file(path)?);
             let this = sniff(path, &map)?;
@@ -400,6 +406,7 @@ impl Checkpoint {
                 Format::Gguf => gguf::parse(path, &map)?,
                 Format::Safetensors => safetensors::parse(path, &map)?,
             };
+            metadata_end = metadata_end.or(header.metadata_end);
             for (key, value) in header.metadata {
                 metadata.entry(key).or_insert(value);
             }
@@ -439,7 +446,21 @@ impl Checkpoint {
             maps,
             metadata,
             tensors,
+            metadata_end,
         })
+    }
+
+    /// A GGUF file's first bytes up to the end of its key-values (magic, version, counts and
+    /// metadata, tokenizer included): what a peer fetching the model rebuilds a file around
+    /// (`gguf::store_header`). `None` for safetensors.
+    pub fn metadata_end(&self) -> Option<usize> {
+        self.metadata_end
+    }
+
+    /// The file holding tensor `name` and its bytes' range there (start, end).
+    pub fn byte_range(&self, name: &str) -> Result<(&Path, usize, usize)> {
+        let entry = self.entry(name)?;
+        Ok((&self.paths[entry.file], entry.start, entry.end))
     }
 
     /// The checkpoint's format.

@@ -15,7 +15,9 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, kad, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
-use super::streams::{Opener, TensorStreams};
+use super::blobs::BLOB_PROTOCOL;
+use super::codec::PROTOCOL;
+use super::streams::{Opener, ProtocolStreams};
 use super::NodeConfig;
 use crate::error::{Error, Result};
 
@@ -36,13 +38,18 @@ pub struct MeshBehaviour {
     /// The DHT: routing and provider records per (model, layer).
     pub kad: kad::Behaviour<MemoryStore>,
     /// Streams of the tensor protocol (frames on long-lived streams; see `codec`).
-    pub tensor: TensorStreams,
+    pub tensor: ProtocolStreams,
+    /// Streams of the blob protocol (model files' byte ranges; see `blobs`).
+    pub blobs: ProtocolStreams,
     /// With an allow list, connections with any other peer are denied as they are made.
     pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
 }
 
-/// Inbound tensor streams, as the swarm accepts them.
+/// Inbound streams of one protocol, as the swarm accepts them.
 pub(crate) type InboundStreams = futures::channel::mpsc::UnboundedReceiver<(libp2p::PeerId, libp2p::Stream)>;
+
+/// One protocol's ends: the handle that opens streams, and the queue of inbound ones.
+pub(crate) type ProtocolEnds = (Opener, InboundStreams);
 
 /// How often an idle QUIC connection proves it is alive.
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(1);
@@ -52,11 +59,13 @@ const QUIC_IDLE_TIMEOUT_MS: u32 = 5000;
 /// Longest a QUIC dial may take: a few round trips of even a slow intercontinental link.
 const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Builds the swarm for `keypair` with `config`'s timeouts; also returns the handle that opens
-/// tensor streams and the queue of inbound ones. With a network key, TCP connections carry
+/// Builds the swarm for `keypair` with `config`'s timeouts; also returns, for the tensor
+/// protocol and then the blob protocol, the handle that opens streams and the queue of inbound
+/// ones. With a network key, TCP connections carry
 /// libp2p's private-network layer under Noise and there is no QUIC (see `network_key`).
-pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swarm<MeshBehaviour>, Opener, InboundStreams)> {
-    let (tensor, opener, inbound) = TensorStreams::new();
+pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swarm<MeshBehaviour>, [ProtocolEnds; 2])> {
+    let (tensor, opener, inbound) = ProtocolStreams::new(PROTOCOL);
+    let (blobs, blob_opener, blob_inbound) = ProtocolStreams::new(BLOB_PROTOCOL);
     let net = |what: &str, e: &dyn std::fmt::Display| Error::Network(format!("{what}: {e}"));
     let tcp_config = tcp::Config::default().nodelay(true);
     let (query_timeout, provider_ttl) = (config.query_timeout, config.provider_ttl);
@@ -82,6 +91,7 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
             ping: ping::Behaviour::new(ping::Config::new()),
             kad,
             tensor,
+            blobs,
             allow: Toggle::from(allow),
         }
     };
@@ -133,5 +143,5 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
                 .build()
         }
     };
-    Ok((swarm, opener, inbound))
+    Ok((swarm, [(opener, inbound), (blob_opener, blob_inbound)]))
 }

@@ -1,7 +1,8 @@
 //! meshpy's peer-to-peer layer: a libp2p node per process (persistent Ed25519 identity, TCP
 //! with Noise and Yamux and/or QUIC, identify, ping, a Kademlia DHT holding provider records
-//! per "<model-id>/layer/<i>", and the tensor protocol "/meshpy/tensor/1": one `wire` frame
-//! per request and one per answer, on long-lived libp2p streams reused across requests).
+//! per "<model-id>/layer/<i>", the tensor protocol "/meshpy/tensor/1": one `wire` frame
+//! per request and one per answer, on long-lived libp2p streams reused across requests, and
+//! the blob protocol "/meshpy/blobs/1": byte ranges of model files, for fetching models).
 //!
 //! The node runs on a tokio runtime of its own; other threads (Python's included) drive it
 //! through [`NodeHandle`]'s blocking calls, which send commands over a channel and wait on a
@@ -11,6 +12,7 @@
 //! route's `Relay` and `Collect` the node serves itself around its handler (`relay`).
 
 mod behaviour;
+pub mod blobs;
 mod codec;
 pub mod identity;
 mod info;
@@ -26,6 +28,8 @@ mod tensor;
 pub(crate) mod tests;
 #[cfg(test)]
 mod tests_limits;
+#[cfg(test)]
+mod tests_blobs;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;

@@ -17,8 +17,10 @@ use tokio::sync::mpsc;
 
 use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent, KAD_PROTOCOL};
 use super::info::{JsonObject, NodeInfo};
+use super::blobs::{self, Seeds};
 use super::relay::Outbox;
 use super::tensor::{self, HandlerSlot, Server, StreamPool};
+use super::streams::Opener;
 use super::{identity, FrameHandler, NodeConfig, Transport};
 use crate::error::{Error, Result};
 use crate::wire::Message;
@@ -56,6 +58,7 @@ enum Command {
     GetProviders(Vec<u8>, Reply<Result<Providers>>),
     GetProvidersMany(Vec<Vec<u8>>, Reply<Result<Vec<Providers>>>),
     Request { peer: PeerId, frame: Vec<u8>, timeout: Duration, reply: Reply<Result<Vec<u8>>> },
+    Blob { peer: PeerId, addrs: Vec<Multiaddr>, body: Vec<u8>, timeout: Duration, reply: Reply<Result<Vec<u8>>> },
     Shutdown,
 }
 
@@ -67,6 +70,7 @@ pub struct NodeHandle {
     peer_id: PeerId,
     handler: HandlerSlot,
     info: Arc<NodeInfo>,
+    seeds: Arc<Seeds>,
     limits: crate::wire::Limits,
     streams: Arc<std::sync::atomic::AtomicUsize>,
     request_timeout: Duration,
@@ -122,9 +126,10 @@ impl Node {
         let handler: HandlerSlot = Arc::new(RwLock::new(config.handler.clone()));
         let info = Arc::new(NodeInfo::new(peer_id, config.info.clone()));
         let streams = Arc::default();
+        let seeds = Arc::new(Seeds::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let state = runtime.block_on(async {
-            let (mut swarm, opener, incoming) = build_swarm(keypair, &config)?;
+            let (mut swarm, [(opener, incoming), (blob_opener, blob_incoming)]) = build_swarm(keypair, &config)?;
             let listen_addrs = listen(&mut swarm, &config).await?;
             info.set_listen_addrs(&listen_addrs);
             let pool = StreamPool::new(opener, config.limits, config.emulated_rtt);
@@ -140,8 +145,10 @@ impl Node {
                 outbox: Arc::clone(&outbox),
             };
             tokio::spawn(tensor::serve(incoming, server));
+            let blob_gate = Arc::new(super::peers::PeerGate::new(config.peer_limits));
+            tokio::spawn(blobs::serve(blob_incoming, Arc::clone(&seeds), blob_gate));
             tokio::spawn(tensor::maintain(Arc::clone(&handler), outbox, Duration::from_secs(1)));
-            let mut state = Loop::new(swarm, pool, listen_addrs, Arc::clone(&info), config.network_key.is_some(), config.dht_server);
+            let mut state = Loop::new(swarm, pool, blob_opener, listen_addrs, Arc::clone(&info), config.network_key.is_some(), config.dht_server);
             for addr in &config.bootstrap {
                 state.add_bootstrap_peer(addr)?;
             }
@@ -156,6 +163,7 @@ impl Node {
             peer_id,
             handler,
             info,
+            seeds,
             limits: config.limits,
             streams,
             request_timeout: config.request_timeout,
@@ -323,6 +331,20 @@ impl NodeHandle {
         Ok(Pending { rx, deadline: std::time::Instant::now() + timeout + Duration::from_millis(200) })
     }
 
+    /// What this node serves over the blob protocol (see `blobs`); set it through this.
+    pub fn seeds(&self) -> &Seeds {
+        &self.seeds
+    }
+
+    /// Sends a blob request (`body`, a JSON object; see `blobs`) to `peer` on a stream of its
+    /// own, dialing `addrs` too if no connection is up, and returns the answer's payload. A
+    /// peer's refusal is [`Error::Network`] with the peer's reason.
+    pub fn blob_request(&self, peer: PeerId, addrs: Vec<Multiaddr>, body: Vec<u8>, timeout: Option<Duration>) -> Result<Vec<u8>> {
+        let timeout = timeout.unwrap_or(self.request_timeout);
+        let wait = timeout + Duration::from_millis(200);
+        self.call(|reply| Command::Blob { peer, addrs, body, timeout, reply }, wait, "blob request")?
+    }
+
     /// Asks `peer` to describe itself (an `Info` request) and returns its answer, a JSON
     /// object (see the `info` module for the keys). An `Error` frame in answer is
     /// [`Error::Network`], an answer that is not an `InfoReply` [`Error::Frame`].
@@ -447,6 +469,7 @@ struct Batch {
 struct Loop {
     swarm: Swarm<MeshBehaviour>,
     pool: StreamPool,
+    blob_opener: Opener,
     listen_addrs: Vec<Multiaddr>,
     /// Where `Info` replies read the listen addresses.
     info: Arc<NodeInfo>,
@@ -468,6 +491,7 @@ impl Loop {
     fn new(
         swarm: Swarm<MeshBehaviour>,
         pool: StreamPool,
+        blob_opener: Opener,
         listen_addrs: Vec<Multiaddr>,
         info: Arc<NodeInfo>,
         keyed: bool,
@@ -476,6 +500,7 @@ impl Loop {
         Loop {
             swarm,
             pool,
+            blob_opener,
             listen_addrs,
             info,
             addresses: HashMap::new(),
@@ -628,6 +653,15 @@ impl Loop {
                 tokio::spawn(async move {
                     let answer = tokio::time::timeout(timeout, pool.request(peer, frame)).await.unwrap_or_else(|_| {
                         Err(Error::Timeout(format!("request to {peer}: no answer within {:.3} s", timeout.as_secs_f64())))
+                    });
+                    let _ = reply.send(answer);
+                });
+            }
+            Command::Blob { peer, addrs, body, timeout, reply } => {
+                let opener = self.blob_opener.clone();
+                tokio::spawn(async move {
+                    let answer = tokio::time::timeout(timeout, blobs::request(opener, peer, addrs, body)).await.unwrap_or_else(|_| {
+                        Err(Error::Timeout(format!("blob request to {peer}: no answer within {:.3} s", timeout.as_secs_f64())))
                     });
                     let _ = reply.send(answer);
                 });

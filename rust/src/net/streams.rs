@@ -1,5 +1,6 @@
-//! A small libp2p behaviour handing out raw streams of the tensor protocol: outbound ones on
-//! request (dialing the peer first when needed), inbound ones to an unbounded queue.
+//! A small libp2p behaviour handing out raw streams of one protocol (the tensor protocol, the
+//! blob protocol): outbound ones on request (dialing the peer first when needed), inbound ones
+//! to an unbounded queue.
 //!
 //! libp2p-stream does the same but hands inbound streams over through a one-slot channel and
 //! drops those that arrive while the slot is taken, which concurrent requesters hit at once;
@@ -22,7 +23,7 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
-use super::codec::PROTOCOL;
+use libp2p::StreamProtocol;
 
 /// Where an opened stream (or why none) goes.
 pub(crate) type OpenReply = oneshot::Sender<Result<Stream, String>>;
@@ -42,7 +43,8 @@ impl Opener {
 }
 
 /// The behaviour; see the module documentation.
-pub struct TensorStreams {
+pub struct ProtocolStreams {
+    protocol: StreamProtocol,
     inbound: mpsc::UnboundedSender<(PeerId, Stream)>,
     requests: mpsc::UnboundedReceiver<(PeerId, Vec<Multiaddr>, OpenReply)>,
     connections: HashMap<PeerId, Vec<ConnectionId>>,
@@ -51,12 +53,14 @@ pub struct TensorStreams {
     events: VecDeque<ToSwarm<Infallible, OpenReply>>,
 }
 
-impl TensorStreams {
-    /// The behaviour, the handle to open streams with, and the queue of inbound streams.
-    pub(crate) fn new() -> (Self, Opener, mpsc::UnboundedReceiver<(PeerId, Stream)>) {
+impl ProtocolStreams {
+    /// The behaviour for `protocol`, the handle to open streams with, and the queue of
+    /// inbound streams.
+    pub(crate) fn new(protocol: StreamProtocol) -> (Self, Opener, mpsc::UnboundedReceiver<(PeerId, Stream)>) {
         let (inbound, inbound_rx) = mpsc::unbounded();
         let (requests_tx, requests) = mpsc::unbounded();
-        let behaviour = TensorStreams {
+        let behaviour = ProtocolStreams {
+            protocol,
             inbound,
             requests,
             connections: HashMap::new(),
@@ -84,11 +88,17 @@ impl TensorStreams {
     }
 
     fn handler(&self, peer: PeerId) -> Handler {
-        Handler { remote: peer, inbound: self.inbound.clone(), to_open: VecDeque::new(), opening: VecDeque::new() }
+        Handler {
+            protocol: self.protocol.clone(),
+            remote: peer,
+            inbound: self.inbound.clone(),
+            to_open: VecDeque::new(),
+            opening: VecDeque::new(),
+        }
     }
 }
 
-impl NetworkBehaviour for TensorStreams {
+impl NetworkBehaviour for ProtocolStreams {
     type ConnectionHandler = Handler;
     type ToSwarm = Infallible;
 
@@ -164,6 +174,7 @@ impl NetworkBehaviour for TensorStreams {
 
 /// Per connection: negotiates outbound streams in request order and queues inbound ones.
 pub struct Handler {
+    protocol: StreamProtocol,
     remote: PeerId,
     inbound: mpsc::UnboundedSender<(PeerId, Stream)>,
     /// Opens not yet asked of the connection.
@@ -181,7 +192,7 @@ impl ConnectionHandler for Handler {
     type OutboundOpenInfo = ();
 
     fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
-        SubstreamProtocol::new(ReadyUpgrade::new(PROTOCOL), ())
+        SubstreamProtocol::new(ReadyUpgrade::new(self.protocol.clone()), ())
     }
 
     fn poll(&mut self, _: &mut Context<'_>) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, (), Infallible>> {
@@ -189,7 +200,7 @@ impl ConnectionHandler for Handler {
             Some(reply) => {
                 self.opening.push_back(reply);
                 Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
-                    protocol: SubstreamProtocol::new(ReadyUpgrade::new(PROTOCOL), ()),
+                    protocol: SubstreamProtocol::new(ReadyUpgrade::new(self.protocol.clone()), ()),
                 })
             }
             None => Poll::Pending,
@@ -214,7 +225,7 @@ impl ConnectionHandler for Handler {
                 if let Some(reply) = self.opening.pop_front() {
                     let why = match error {
                         StreamUpgradeError::Timeout => "timed out negotiating the stream".to_string(),
-                        StreamUpgradeError::NegotiationFailed => format!("the peer does not speak {PROTOCOL}"),
+                        StreamUpgradeError::NegotiationFailed => format!("the peer does not speak {}", self.protocol),
                         StreamUpgradeError::Io(e) => e.to_string(),
                         StreamUpgradeError::Apply(never) => match never {},
                     };

@@ -14,7 +14,7 @@ use crate::wire::{
 };
 
 /// A fresh directory under the system temp dir, removed when dropped.
-pub(crate) struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
     pub(crate) fn new() -> Self {
@@ -445,7 +445,7 @@ impl RawPeer {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let keypair = identity::load_or_create(&dir.0).unwrap();
         let config = config(&dir, transport, vec![]);
-        let (mut swarm, opener, _incoming) = runtime.block_on(async { behaviour::build_swarm(keypair, &config) }).unwrap();
+        let (mut swarm, [(opener, _incoming), _blobs]) = runtime.block_on(async { behaviour::build_swarm(keypair, &config) }).unwrap();
         let mut base = addr.clone();
         base.pop();
         // Kademlia hands the address out for dials by peer id (reconnections).

@@ -94,6 +94,19 @@ impl Checkpoint {
         Ok((info.ty.name(), PyTuple::new(py, &info.shape)?))
     }
 
+    /// A GGUF file's byte count up to the end of its key-values (see
+    /// `Checkpoint::metadata_end` in Rust); None for safetensors.
+    #[getter]
+    fn metadata_end(&self) -> Option<usize> {
+        self.inner.metadata_end()
+    }
+
+    /// `(path, start, end)`: the file holding a tensor and its bytes' range there.
+    fn byte_range(&self, name: &str) -> PyResult<(PathBuf, usize, usize)> {
+        let (path, start, end) = self.inner.byte_range(name).map_err(to_py_err)?;
+        Ok((path.to_path_buf(), start, end))
+    }
+
     /// A copy of a tensor's raw little-endian bytes.
     fn tensor_bytes<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyBytes>> {
         let data = self.inner.data(name).map_err(to_py_err)?;
@@ -140,6 +153,26 @@ impl Checkpoint {
 }
 
 /// Adds `Checkpoint` to the module.
+/// `(header, ranges)`: the header of a GGUF file holding `tensors` (name, type name, shape
+/// outermost first) in that order around `prefix`, another GGUF's bytes up to the end of its
+/// key-values, and each tensor's `(offset, length)` in the file (see
+/// `checkpoint::store_header`).
+#[pyfunction]
+fn gguf_store_header<'py>(
+    py: Python<'py>,
+    prefix: &[u8],
+    tensors: Vec<(String, String, Vec<usize>)>,
+) -> PyResult<(Bound<'py, PyBytes>, Vec<checkpoint::ByteRange>)> {
+    let typed = tensors
+        .into_iter()
+        .map(|(name, ty, shape)| Ok((name, crate::quant::GgmlType::from_name(&ty)?, shape)))
+        .collect::<crate::error::Result<Vec<_>>>()
+        .map_err(to_py_err)?;
+    let (header, offsets) = checkpoint::store_header(prefix, &typed).map_err(to_py_err)?;
+    Ok((PyBytes::new(py, &header), offsets))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(gguf_store_header, m)?)?;
     m.add_class::<Checkpoint>()
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2};
 
 use super::json::{dict_to_map, value_to_dict};
@@ -17,6 +17,7 @@ use super::model::PyLlamaSpan;
 use super::wire::{entries_of, matrix_of, model_id, PyEntry};
 use super::to_py_err;
 use crate::error::Error;
+use crate::net::blobs::Blob;
 use crate::net::{
     EchoHandler, FrameHandler, Multiaddr, NetworkKey, Node, NodeConfig, PeerId, Providers, Transport,
 };
@@ -411,6 +412,72 @@ impl PyNode {
         Ok(())
     }
 
+    /// Serves model `model` over the blob protocol from now on (replacing what was served
+    /// under that id): `items` maps each item's name to its bytes, or to `(path, offset,
+    /// length)`, a range of a file (opened now, and checked to hold that range).
+    fn seed(&self, model: String, items: &Bound<'_, PyDict>) -> PyResult<()> {
+        let mut blobs = std::collections::BTreeMap::new();
+        for (name, value) in items.iter() {
+            let name: String = name.extract()?;
+            let blob = if let Ok(bytes) = value.cast::<PyBytes>() {
+                Blob::Bytes(Arc::from(bytes.as_bytes()))
+            } else {
+                let (path, offset, len): (PathBuf, u64, u64) = value.extract().map_err(|_| {
+                    invalid(format!("item {name:?} must be bytes or (path, offset, length)"))
+                })?;
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| Error::Io { path: path.clone(), source: e })
+                    .map_err(to_py_err)?;
+                let size = file.metadata().map_err(|e| Error::Io { path: path.clone(), source: e }).map_err(to_py_err)?.len();
+                if offset.checked_add(len).is_none_or(|end| end > size) {
+                    return Err(invalid(format!("item {name:?}: bytes {offset}..+{len} are past the end of {} ({size} bytes)", path.display())));
+                }
+                Blob::File { file: Arc::new(file), offset, len }
+            };
+            blobs.insert(name, blob);
+        }
+        self.node.seeds().set(model, blobs);
+        Ok(())
+    }
+
+    /// Stops serving `model` over the blob protocol.
+    fn unseed(&self, model: &str) {
+        self.node.seeds().remove(model);
+    }
+
+    /// What `peer` serves over the blob protocol: `{"models": {model id: {item: length}}}`.
+    /// `addrs` are dialed if no connection is up. NetworkError if it refuses or is unreachable.
+    #[pyo3(signature = (peer, addrs = Vec::new(), timeout = None))]
+    fn blob_list<'py>(&self, py: Python<'py>, peer: &str, addrs: Vec<String>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        let answer = self.blob_request(py, peer, addrs, serde_json::json!({"op": "list"}), timeout)?;
+        let value: serde_json::Value = serde_json::from_slice(&answer)
+            .map_err(|e| to_py_err(Error::Frame(format!("{peer} sent a blob list that is not JSON: {e}"))))?;
+        value_to_dict(py, &value)
+    }
+
+    /// `length` bytes (at most 4 MiB) of item `item` of model `model` from `offset`, read from
+    /// `peer`. NetworkError if it refuses (not served there, past the end) or is unreachable.
+    #[pyo3(signature = (peer, model, item, offset, length, addrs = Vec::new(), timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn blob_read<'py>(
+        &self,
+        py: Python<'py>,
+        peer: &str,
+        model: &str,
+        item: &str,
+        offset: u64,
+        length: u64,
+        addrs: Vec<String>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let request = serde_json::json!({"op": "read", "model": model, "item": item, "offset": offset, "len": length});
+        let answer = self.blob_request(py, peer, addrs, request, timeout)?;
+        if answer.len() as u64 != length {
+            return Err(to_py_err(Error::Frame(format!("{peer} sent {} bytes for a {length}-byte read", answer.len()))));
+        }
+        Ok(PyBytes::new(py, &answer))
+    }
+
     /// Sessions the served span holds (0 for echo or no handler).
     fn session_count(&self) -> usize {
         self.node.session_count()
@@ -427,6 +494,16 @@ impl PyNode {
 
     fn __exit__(&self, py: Python<'_>, _t: Py<PyAny>, _v: Py<PyAny>, _tb: Py<PyAny>) {
         self.close(py);
+    }
+}
+
+impl PyNode {
+    fn blob_request(&self, py: Python<'_>, peer: &str, addrs: Vec<String>, request: serde_json::Value, timeout: Option<f64>) -> PyResult<Vec<u8>> {
+        let peer = parse_peer(peer)?;
+        let addrs = addrs.iter().map(|a| parse_addr(a)).collect::<PyResult<Vec<_>>>()?;
+        let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
+        let body = request.to_string().into_bytes();
+        py.detach(|| self.node.blob_request(peer, addrs, body, timeout)).map_err(to_py_err)
     }
 }
 

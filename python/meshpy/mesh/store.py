@@ -1,0 +1,213 @@
+"""The local model store: the parts of models this node fetched, each checked against its
+manifest, ready to load and to serve to others.
+
+A stored model is a directory `<store>/<name>@<full hash>/` holding:
+
+- `manifest.json`: the model's manifest (see `mesh.identity`), byte for byte as its hash names it;
+- `model.gguf`: a GGUF file laid out from the manifest alone (`_native.gguf_store_header`: the
+  model's metadata, then every tensor in name order), so every node lays it out alike. Only the
+  tensors this node fetched hold bytes; the rest of the file is a hole (a sparse file), which
+  takes no disk space and which nothing reads: loading checks that every tensor it needs is held;
+- `held.json`: the tensors written and verified (their SHA-256 matched the manifest's), written
+  after their bytes are flushed, so a fetch cut short resumes from the last verified tensor.
+
+Why one sparse GGUF and not a file per tensor: the engine loads a store like any GGUF (memory
+mapped, nothing copied), and the file's config-bearing tensor infos (shapes, types) are all
+there for the family readers, while the disk holds only this node's share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from meshpy import _native
+from meshpy.errors import InvalidArgumentError
+from meshpy.mesh.identity import ModelIdentity, cache_dir, manifest_digest, metadata_hash
+from meshpy.models.source import ModelSource, open_model_source
+
+__all__ = ["ModelStore", "StoredModel", "default_store_dir", "parse_model_ref", "model_ref", "ModelRef", "stored_part", "check_metadata"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "model.gguf"
+HELD_FILE = "held.json"
+
+#: `name@hex`: a model id (12 hex digits, as DHT keys spell it) or a full 64-digit hash.
+_MODEL_REF = re.compile(r"^(?P<name>[a-z0-9._-]+)@(?P<hash>[0-9a-f]{12}|[0-9a-f]{64})$")
+
+
+class ModelRef:
+    """A model named by content: its readable name and a prefix of its hash (12 hex digits, as
+    a model id spells it, or all 64)."""
+
+    def __init__(self, name: str, hash_prefix: str) -> None:
+        self.name = name
+        self.hash_prefix = hash_prefix
+
+    @property
+    def id(self) -> str:
+        """The model id (`name@` and 12 hex digits), the prefix of the model's DHT keys."""
+        return f"{self.name}@{self.hash_prefix[:12]}"
+
+    def matches(self, digest: bytes, name: str) -> bool:
+        return digest.hex().startswith(self.hash_prefix) and name == self.name
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.hash_prefix}"
+
+
+def parse_model_ref(text: str) -> ModelRef | None:
+    """The model reference `text` spells (`smollm2-135m-q4_1@1a2b3c4d5e6f`), or None."""
+    m = _MODEL_REF.match(text.strip())
+    return ModelRef(m["name"], m["hash"]) if m else None
+
+
+def model_ref(model: str | os.PathLike[str]) -> ModelRef | None:
+    """The model id `model` spells, unless it names a file, a directory or a packaged model."""
+    from meshpy.models.packaged import PACKAGED_MODELS
+
+    text = str(model)
+    if Path(text).expanduser().exists() or text in PACKAGED_MODELS:
+        return None
+    return parse_model_ref(text)
+
+
+def default_store_dir() -> Path:
+    """`<cache dir>/models` (see `mesh.identity.cache_dir`)."""
+    return cache_dir() / "models"
+
+
+class StoredModel:
+    """One model's directory in the store (see the module documentation)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.manifest_bytes = (directory / MANIFEST_FILE).read_bytes()
+        self.manifest: dict[str, Any] = json.loads(self.manifest_bytes)
+        self.digest = manifest_digest(self.manifest)
+        try:
+            self.held: set[str] = set(json.loads((directory / HELD_FILE).read_text()))
+        except (OSError, ValueError):
+            self.held = set()
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(self.manifest["name"], self.digest, self.manifest)
+
+    @property
+    def weights(self) -> Path:
+        return self.dir / WEIGHTS_FILE
+
+    def layout(self) -> dict[str, tuple[int, int]]:
+        """Each tensor's `(offset, length)` in `model.gguf`."""
+        with open(self.weights, "rb") as f:
+            prefix = f.read(_metadata_end(self.weights))
+        return _layout(self.manifest, prefix)[1]
+
+    def source(self) -> ModelSource:
+        """The stored model, opened (its held tensors known to the loaders)."""
+        return open_model_source(self.weights)
+
+    def mark_held(self, names: list[str]) -> None:
+        """Records tensors as written and verified (their bytes must be flushed already)."""
+        self.held.update(names)
+        _write_atomically(self.dir / HELD_FILE, json.dumps(sorted(self.held)).encode())
+
+    def held_bytes(self) -> int:
+        layout = self.layout()
+        return sum(layout[name][1] for name in self.held if name in layout)
+
+    def disk_bytes(self) -> int:
+        """Bytes the store's weights file takes on disk (holes excluded)."""
+        return os.stat(self.weights).st_blocks * 512
+
+
+class ModelStore:
+    """The models this node stores, under `root` (default `default_store_dir()`)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_store_dir()
+
+    def find(self, ref: ModelRef) -> StoredModel | None:
+        """The stored model `ref` names, if any."""
+        if not self.root.is_dir():
+            return None
+        for directory in sorted(self.root.glob(f"{ref.name}@{ref.hash_prefix[:12]}*")):
+            if (directory / MANIFEST_FILE).is_file() and (directory / WEIGHTS_FILE).is_file():
+                stored = StoredModel(directory)
+                if ref.matches(stored.digest, stored.manifest.get("name", "")):
+                    return stored
+        return None
+
+    def create(self, manifest_bytes: bytes, metadata_prefix: bytes) -> StoredModel:
+        """A new stored model from its manifest (already checked against its hash) and its GGUF
+        metadata bytes (a GGUF's bytes up to the end of its key-values): writes the manifest and
+        the weights file's header, the rest of the file left a hole. The caller checks the
+        metadata against the manifest (`check_metadata`) before fetching anything else."""
+        manifest = json.loads(manifest_bytes)
+        if manifest.get("format") != "gguf":
+            raise InvalidArgumentError(
+                f"model {manifest.get('name')} is a {manifest.get('format')} checkpoint; only GGUF models can be "
+                "fetched from peers so far"
+            )
+        digest = manifest_digest(manifest)
+        directory = self.root / f"{manifest['name']}@{digest.hex()}"
+        directory.mkdir(parents=True, exist_ok=True)
+        header, layout = _layout(manifest, metadata_prefix)
+        end = max((offset + length for offset, length in layout.values()), default=len(header))
+        weights = directory / WEIGHTS_FILE
+        with open(weights, "wb") as f:
+            f.write(header)
+            f.truncate(end)  # the tensors' bytes: a hole until fetched
+        (directory / HELD_FILE).unlink(missing_ok=True)
+        _write_atomically(directory / MANIFEST_FILE, manifest_bytes)
+        return StoredModel(directory)
+
+    def remove(self, stored: StoredModel) -> None:
+        shutil.rmtree(stored.dir, ignore_errors=True)
+
+
+def stored_part(weights: Path) -> tuple[dict[str, Any] | None, frozenset[str] | None]:
+    """For a store's weights file, its manifest and the tensors it holds; `(None, None)` for
+    any other file."""
+    directory = weights.parent
+    if weights.name != WEIGHTS_FILE or not (directory / MANIFEST_FILE).is_file():
+        return None, None
+    stored = StoredModel(directory)
+    return stored.manifest, frozenset(stored.held)
+
+
+def check_metadata(stored: StoredModel) -> bool:
+    """Whether the stored weights file's metadata is the manifest's (the hash of its key-values)."""
+    metadata = _native.Checkpoint([stored.weights]).metadata()
+    return stored.manifest.get("metadata", {}).get("gguf") == metadata_hash(metadata)
+
+
+def _layout(manifest: dict[str, Any], prefix: bytes) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    names = sorted(manifest["tensors"])
+    tensors = [(name, manifest["tensors"][name]["type"], manifest["tensors"][name]["shape"]) for name in names]
+    header, ranges = _native.gguf_store_header(prefix, tensors)
+    return header, dict(zip(names, ranges, strict=True))
+
+
+def _metadata_end(weights: Path) -> int:
+    end = _native.Checkpoint([weights]).metadata_end
+    assert end is not None  # a store's weights are GGUF
+    return end
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
