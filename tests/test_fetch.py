@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,11 @@ from meshpy.generation import Model
 from meshpy.mesh import connect
 from meshpy.mesh.identity import manifest_bytes, model_identity
 from meshpy.mesh.launcher import LocalMesh, MeshProcess
+from meshpy.mesh.nodes import start_node
 from meshpy.mesh.store import ModelStore, parse_model_ref
 from meshpy.models.source import open_model_source
 from meshpy.pipeline import LocalSpan
+from meshpy.settings import NodeSettings
 
 PROMPT = "Name three colors of the rainbow."
 TOKENS = 64
@@ -89,18 +93,26 @@ def test_workers_and_the_end_node_fetch_only_their_part_from_one_seeder(
     with LocalMesh() as mesh:
         mesh.start_bootstrap()
         _seed(mesh, smollm2_gguf)
-        workers = [mesh.add_worker(model_id, layers=span, extra=["--store", str(tmp_path / f"w{i}")])
-                   for i, span in enumerate(LAYERS)]
+        # The last worker names the model by its name alone; the mesh resolves it to the id.
+        names = [model_id, model_id, model_id.split("@")[0]]
+        workers = [mesh.add_worker(name, layers=span, extra=["--store", str(tmp_path / f"w{i}")])
+                   for i, (name, span) in enumerate(zip(names, LAYERS, strict=True))]
+        status = subprocess.run([sys.executable, "-m", "meshpy", "status", "--bootstrap", mesh.bootstrap_addr, "--model", model_id],
+                                capture_output=True, text=True, env=mesh.env, timeout=120)
+        # The seeder and every worker (each for its part) seed the model.
+        assert f"model {model_id} (30 layers): every layer has a provider; 4 node(s) seed it" in status.stdout, status
         with connect(model_id, mesh.bootstrap_addr, store=tmp_path / "end") as model:
             tokens = greedy(model, PROMPT, TOKENS)
             assert tokens == expected
 
+            end_stored = ModelStore(tmp_path / "end").find(parse_model_ref(model_id))  # type: ignore[arg-type]
+            assert end_stored is not None and end_stored.held == set(shared)  # never a layer
             end_share = sum(sizes[n] for n in shared)
             end_fetched = model.pipeline.fetched.fetched_bytes  # type: ignore[attr-defined]
             print(f"End node: fetched {end_fetched} bytes; its share {end_share}, metadata {metadata_bytes}")
             assert end_share <= end_fetched <= (end_share + metadata_bytes) * 1.05
             for i, (span, worker) in enumerate(zip(LAYERS, workers, strict=True)):
-                peer = re.search(r"worker (\S+) listening", worker.tail(200)).group(1)  # type: ignore[union-attr]
+                peer = worker.wait_for(r"worker (\S+) listening").group(1)
                 share = sum(sizes[n] for layer in _layer_range(span) for n in layers[layer])
                 fetched = _fetched(model, peer)["fetched_bytes"]
                 print(f"worker {i} (layers {span}): fetched {fetched} bytes; its share {share}")
@@ -142,7 +154,7 @@ def test_a_seeder_serving_a_flipped_byte_is_caught_and_the_tensor_fetched_elsewh
         assert "banning seeder" in log and "do not match the manifest's hash" in log
         with connect(model_id, mesh.bootstrap_addr, store=tmp_path / "end") as model:
             tokens = greedy(model, PROMPT, TOKENS)
-            peer = re.search(r"worker (\S+) listening", worker.tail(400)).group(1)  # type: ignore[union-attr]
+            peer = worker.wait_for(r"worker (\S+) listening").group(1)
             fetched = _fetched(model, peer)
     assert tokens == expected
     assert fetched["rejected_bytes"] > 0
@@ -153,6 +165,48 @@ def test_a_seeder_serving_a_flipped_byte_is_caught_and_the_tensor_fetched_elsewh
     part = stored.source().checkpoint
     for name in stored.held:
         assert part.tensor_bytes(name) == original.tensor_bytes(name), name
+
+
+@pytest.mark.slow
+def test_a_restarted_worker_fetches_only_what_its_store_lacks(smollm2_gguf: Path, tmp_path: Path) -> None:
+    model_id = model_identity(open_model_source(smollm2_gguf)).id
+    sizes, layers, _, _ = _parts(smollm2_gguf)
+    store = ["--store", str(tmp_path / "w")]
+    with LocalMesh() as mesh:
+        mesh.start_bootstrap()
+        _seed(mesh, smollm2_gguf)
+        first = mesh.add_worker(model_id, layers="0-9", extra=store)
+        first.stop()
+        second = mesh.add_worker(model_id, layers="0-19", extra=store)
+        peer = second.wait_for(r"worker (\S+) listening").group(1)
+        node, node_dir = start_node(NodeSettings(port=0, host="127.0.0.1", transport="tcp"), "client",
+                                    [mesh.bootstrap_addr], dht_server=False)
+        try:
+            fetched = node.info(peer)["fetched"]["fetched_bytes"]
+        finally:
+            node.close()
+            node_dir.cleanup()
+    more = sum(sizes[n] for layer in range(10, 20) for n in layers[layer])
+    assert more <= fetched <= more * 1.05, (fetched, more)
+
+
+def test_a_disk_too_small_says_so_before_downloading(smollm2_gguf: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill ({mounted.stderr.strip()}): needs root")
+    try:
+        model_id = model_identity(open_model_source(smollm2_gguf)).id
+        with LocalMesh() as mesh:
+            mesh.start_bootstrap()
+            _seed(mesh, smollm2_gguf)
+            with pytest.raises(ModelFetchError, match=r"need 2\d\.\d MiB on disk, but .* has [0-9.]+ [KM]iB free"):
+                connect(model_id, mesh.bootstrap_addr, store=small)
+        stored = ModelStore(small).find(parse_model_ref(model_id))  # type: ignore[arg-type]
+        assert stored is not None and not stored.held  # nothing was downloaded
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ from collections import defaultdict
 from typing import Any
 
 from meshpy.errors import InvalidArgumentError, format_layer_list
-from meshpy.mesh.fetch import seed
+from meshpy.mesh.fetch import seed, seeds_key
+from meshpy.mesh.store import model_ref
 from meshpy.mesh.identity import CHECKERS_KEY, WORKERS_KEY, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.placement import format_size
@@ -116,16 +117,21 @@ def run_status(settings: StatusSettings) -> int:
         dht_server=False,
     )
     try:
-        wanted = None
+        wanted, wanted_layers = None, 0
         if settings.model is not None:
-            wanted = model_identity(open_model_source(model_path(settings.model)))
+            ref = model_ref(settings.model)
+            if ref is not None and ref.hash_prefix:
+                wanted = ref.id
+            else:
+                source = open_model_source(model_path(settings.model))
+                wanted, wanted_layers = model_identity(source).id, read_config(source).n_layers
         workers = [peer for peer, _ in node.get_providers(WORKERS_KEY)]
         infos = describe_peers(node, workers)
         bans = _bans(node)
         models: dict[str, tuple[int, list[range]]] = defaultdict(lambda: (0, []))
         print(f"{len(infos)} worker(s) answering ({len(workers) - len(infos)} listed but silent)")
         for peer, (info, rtt) in sorted(infos.items(), key=lambda kv: (str(kv[1][0].get("model_id")), kv[1][0].get("first_layer", 0))):
-            if wanted is not None and info.get("model_hash") != wanted.digest.hex():
+            if wanted is not None and info.get("model_id") != wanted:
                 continue
             print(f"{peer}: {_describe(info)}, round trip {rtt * 1000:.1f} ms")
             for checker, reason in bans.get(peer, []):
@@ -137,13 +143,13 @@ def run_status(settings: StatusSettings) -> int:
                 first = int(info["first_layer"])
                 spans.append(range(first, first + int(info["n_layers"])))
                 models[info["model_id"]] = (max(n, int(info.get("model_layers", 0))), spans)
-        if wanted is not None and wanted.id not in models:
-            n_layers = read_config(open_model_source(model_path(settings.model))).n_layers  # type: ignore[arg-type]
-            models[wanted.id] = (n_layers, [])
+        if wanted is not None and wanted not in models:
+            models[wanted] = (wanted_layers, [])
         for model_id, (n_layers, spans) in sorted(models.items()):
             missing = [i for i in range(n_layers) if not any(i in r for r in spans)]
             gaps = f"no provider for layers {format_layer_list(missing)}" if missing else "every layer has a provider"
-            print(f"model {model_id} ({n_layers} layers): {gaps}")
+            seeders = len(node.get_providers(seeds_key(model_id)))
+            print(f"model {model_id} ({n_layers} layers): {gaps}; {seeders} node(s) seed it")
     finally:
         node.close()
         node_dir.cleanup()

@@ -37,7 +37,7 @@ from meshpy.mesh.placement import format_size
 from meshpy.mesh.store import ModelRef, ModelStore, StoredModel, check_metadata
 from meshpy.models.source import ModelSource
 
-__all__ = ["Fetcher", "seed", "seed_items", "seeds_key", "end_tensors", "FetchReport", "fetch_end_model"]
+__all__ = ["Fetcher", "seed", "seed_items", "seeds_key", "name_key", "resolve", "end_tensors", "FetchReport", "fetch_end_model"]
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,48 @@ def seed_items(source: ModelSource, identity: ModelIdentity) -> dict[str, bytes 
     return items
 
 
+def name_key(name: str) -> str:
+    """The DHT key nodes seeding a model called `name` (any version of it) provide."""
+    return f"meshpy/name/{name}"
+
+
 def seed(node: _native.Node, source: ModelSource, identity: ModelIdentity) -> list[str]:
-    """Serves what `source` holds of the model and announces it; returns the DHT keys
-    provided (none for a checkpoint that cannot be served)."""
+    """Serves what `source` holds of the model and announces it (by id and by name); returns
+    the DHT keys provided (none for a checkpoint that cannot be served)."""
     items = seed_items(source, identity)
     if not items:
         log.info("not seeding %s: only GGUF models are served to peers so far", identity.id)
         return []
     node.seed(identity.id, items)
-    key = seeds_key(identity.id)
-    node.start_providing(key)
+    keys = [seeds_key(identity.id), name_key(identity.name)]
+    for key in keys:
+        node.start_providing(key)
     log.info("seeding %d tensors of %s", sum(k.startswith("tensor/") for k in items), identity.id)
-    return [key]
+    return keys
+
+
+def resolve(node: _native.Node, ref: ModelRef) -> ModelRef:
+    """`ref` if it names a model by id; for a bare name, the one model of that name the mesh's
+    seeders serve (ModelFetchError when none or several do, listing them)."""
+    if ref.hash_prefix:
+        return ref
+    ids = set()
+    for peer, addrs in node.get_providers(name_key(ref.name)):
+        if peer == node.peer_id:
+            continue
+        try:
+            models = node.blob_list(peer, addrs, timeout=READ_TIMEOUT).get("models", {})
+        except MeshpyError as e:
+            log.info("seeder %s did not answer: %s", peer, e)
+            continue
+        ids |= {m for m in models if m.startswith(f"{ref.name}@")}
+    if not ids:
+        raise ModelFetchError(f"nobody in this mesh seeds a model named {ref.name} (and no file of that name is here)")
+    if len(ids) > 1:
+        raise ModelFetchError(f"several models in this mesh are named {ref.name}: {', '.join(sorted(ids))}; pass one of these ids")
+    resolved = ModelRef(ref.name, ids.pop().split("@", 1)[1])
+    log.info("model %s is %s", ref.name, resolved)
+    return resolved
 
 
 def end_tensors(manifest: dict[str, Any], metadata: dict[str, Any]) -> set[str]:
@@ -291,7 +321,7 @@ def fetch_end_model(node: _native.Node, ref: ModelRef, store: ModelStore) -> tup
     """What an End node needs of model `ref` (metadata, tokenizer and every shared tensor:
     embedding, final norm, head), fetched into `store` from the seeders `node` can reach; the
     layers stay on the workers."""
-    fetcher = Fetcher(node, ref, store)
+    fetcher = Fetcher(node, resolve(node, ref), store)
     stored = fetcher.open()
     fetcher.fetch(stored, set(stored.manifest["shared"]), "the End model's tensors")
     log.info("End model of %s: fetched %s", ref, format_size(fetcher.report.fetched_bytes))

@@ -40,13 +40,16 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.gguf"
 HELD_FILE = "held.json"
 
-#: `name@hex`: a model id (12 hex digits, as DHT keys spell it) or a full 64-digit hash.
-_MODEL_REF = re.compile(r"^(?P<name>[a-z0-9._-]+)@(?P<hash>[0-9a-f]{12}|[0-9a-f]{64})$")
+#: `name@hex`: a model id (12 hex digits, as DHT keys spell it) or a full 64-digit hash; or a
+#: bare name, for the mesh to resolve (not one that looks like a file).
+_MODEL_REF = re.compile(r"^(?P<name>[a-z0-9._-]+)(?:@(?P<hash>[0-9a-f]{12}|[0-9a-f]{64}))?$")
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".json")
 
 
 class ModelRef:
     """A model named by content: its readable name and a prefix of its hash (12 hex digits, as
-    a model id spells it, or all 64)."""
+    a model id spells it, or all 64), or by name alone (`hash_prefix` empty) until the mesh
+    resolves it (`mesh.fetch.resolve`)."""
 
     def __init__(self, name: str, hash_prefix: str) -> None:
         self.name = name
@@ -61,17 +64,21 @@ class ModelRef:
         return digest.hex().startswith(self.hash_prefix) and name == self.name
 
     def __str__(self) -> str:
-        return f"{self.name}@{self.hash_prefix}"
+        return f"{self.name}@{self.hash_prefix}" if self.hash_prefix else self.name
 
 
 def parse_model_ref(text: str) -> ModelRef | None:
-    """The model reference `text` spells (`smollm2-135m-q4_1@1a2b3c4d5e6f`), or None."""
+    """The model reference `text` spells (`smollm2-135m-q4_1@1a2b3c4d5e6f`, or a bare name
+    such as `smollm2-135m-q4_1`), or None."""
     m = _MODEL_REF.match(text.strip())
-    return ModelRef(m["name"], m["hash"]) if m else None
+    if not m or (not m["hash"] and m["name"].endswith(_FILE_SUFFIXES)):
+        return None
+    return ModelRef(m["name"], m["hash"] or "")
 
 
 def model_ref(model: str | os.PathLike[str]) -> ModelRef | None:
-    """The model id `model` spells, unless it names a file, a directory or a packaged model."""
+    """The model id or name `model` spells, unless it names a file, a directory or a
+    packaged model."""
     from meshpy.models.packaged import PACKAGED_MODELS
 
     text = str(model)

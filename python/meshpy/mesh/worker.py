@@ -14,7 +14,7 @@ import time
 from meshpy import _native
 from meshpy.errors import InvalidArgumentError
 from meshpy.generation import default_threads, model_path
-from meshpy.mesh.fetch import Fetcher, FetchReport, end_tensors, seed
+from meshpy.mesh.fetch import Fetcher, FetchReport, end_tensors, resolve, seed
 from meshpy.mesh.identity import WORKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import NodeDir, parse_bootstrap, start_node
 from meshpy.mesh.placement import (
@@ -71,7 +71,8 @@ class Worker:
         model = None
         ref = model_ref(s.model) if s.model is not None else None
         if ref is not None and not bootstrap:
-            raise InvalidArgumentError(f"--model {ref} names a model by id: join a mesh that seeds it (--bootstrap)")
+            raise InvalidArgumentError(f"--model {ref} is neither a file here nor a packaged model; as a model id or name it "
+                                       "needs a mesh that seeds it (--bootstrap)")
         if s.model is not None and ref is None:
             source = open_model_source(model_path(s.model))
             config = read_config(source)
@@ -96,7 +97,7 @@ class Worker:
         places its layers (as for a local file) and fetches just those."""
         assert self.node is not None
         s = self.settings
-        fetcher = Fetcher(self.node, ref, ModelStore(s.store))
+        fetcher = Fetcher(self.node, resolve(self.node, ref), ModelStore(s.store))
         stored = fetcher.open()
         self.model = stored.identity
         shared = set(stored.manifest["shared"]) - end_tensors(stored.manifest, stored.source().metadata)
