@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 READ_BYTES = 4 << 20
 #: Tensors fetched at once (each from one seeder).
 PARALLEL_TENSORS = 4
+#: Largest manifest and GGUF metadata a seeder may claim (a 256k-token vocabulary's metadata is
+#: ~10 MiB; a manifest ~100 bytes per tensor): a claim past these is not read.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_METADATA_BYTES = 256 << 20
 #: Seconds one read may take before its seeder is given up on for that tensor.
 READ_TIMEOUT = 60.0
 
@@ -172,6 +176,9 @@ class Fetcher:
         reasons = []
         for seeder in self.seeders():
             if "manifest" not in seeder.items or "metadata" not in seeder.items:
+                continue
+            if seeder.items["manifest"] > MAX_MANIFEST_BYTES or seeder.items["metadata"] > MAX_METADATA_BYTES:
+                self._ban(seeder, f"it claims a {seeder.items['manifest']}-byte manifest and {seeder.items['metadata']}-byte metadata")
                 continue
             try:
                 manifest = self._read_item(seeder, "manifest")

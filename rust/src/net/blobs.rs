@@ -9,9 +9,10 @@
 //! `{"op": "list"}` (every model served here, with each item's length) or `{"op": "read",
 //! "model", "item", "offset", "len"}`. The answer is a u32 length, a status byte (0: the bytes
 //! follow; 1: an error message follows, UTF-8), then the payload. Requests are at most
-//! [`MAX_REQUEST`] bytes and reads at most [`MAX_READ`]; one peer's streams at once, requests
-//! per second and stalls are bounded by the node's [`super::PeerLimits`], counted apart from
-//! its tensor streams so a large download never crowds out inference.
+//! [`MAX_REQUEST`] bytes and reads at most [`MAX_READ`]; one peer may have [`STREAMS_PER_PEER`]
+//! streams open at once, and its requests per second and stalls are bounded by the node's
+//! [`super::PeerLimits`], counted apart from its tensor streams so a large download never
+//! crowds out inference.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -32,6 +33,9 @@ pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/meshpy/blobs/1")
 /// The most bytes one read may ask for: large enough that a fast link stays busy, small enough
 /// that a lost answer costs little and many peers' reads fit in memory at once.
 pub const MAX_READ: u64 = 4 << 20;
+/// Blob streams one peer may have open at once: with reads of at most [`MAX_READ`], a peer
+/// holds at most 64 MiB of this node's memory (a fetching node reads a few tensors at once).
+pub const STREAMS_PER_PEER: usize = 16;
 /// The most bytes of one request (a JSON object naming a range).
 pub const MAX_REQUEST: usize = 16 << 10;
 /// The most bytes of one answer: a read's bytes, or a list (names and lengths of every item

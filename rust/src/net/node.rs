@@ -145,7 +145,8 @@ impl Node {
                 outbox: Arc::clone(&outbox),
             };
             tokio::spawn(tensor::serve(incoming, server));
-            let blob_gate = Arc::new(super::peers::PeerGate::new(config.peer_limits));
+            let blob_limits = super::PeerLimits { max_streams: blobs::STREAMS_PER_PEER, ..config.peer_limits };
+            let blob_gate = Arc::new(super::peers::PeerGate::new(blob_limits));
             tokio::spawn(blobs::serve(blob_incoming, Arc::clone(&seeds), blob_gate));
             tokio::spawn(tensor::maintain(Arc::clone(&handler), outbox, Duration::from_secs(1)));
             let mut state = Loop::new(swarm, pool, blob_opener, listen_addrs, Arc::clone(&info), config.network_key.is_some(), config.dht_server);
