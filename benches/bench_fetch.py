@@ -163,7 +163,7 @@ def main() -> None:
         fetch_s = got["seconds"]
         print(f"{name:<24} {got['fetched_bytes'] / MiB:>11.1f} {share / MiB:>9.1f} {got['fetched_bytes'] / (share + metadata_bytes):>13.3f} "
               f"{fetch_s:>8.1f} {got['fetched_bytes'] / MiB / max(fetch_s, 1e-9):>7.0f} {stored.disk_bytes() / MiB:>17.1f} {str(only):>19}")
-        print(f"{'':<24} (process start to serving: {seconds:.1f} s; file apparent size {stored.weights.stat().st_size / MiB:.0f} MiB)")
+        print(f"{'':<24} (process start to serving: {seconds:.1f} s; file apparent size {stored.weights[0].stat().st_size / MiB:.0f} MiB)")
     print("peak RSS of seeder and workers (MiB): " + ", ".join(f"{r / MiB:.0f}" for r in rss))
     if args.tokens:
         from meshpy.generation import Model

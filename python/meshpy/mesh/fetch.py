@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from meshpy import _native
@@ -37,7 +38,7 @@ from meshpy.mesh.placement import format_size
 from meshpy.mesh.store import ModelRef, ModelStore, StoredModel, check_metadata
 from meshpy.models.source import ModelSource
 
-__all__ = ["Fetcher", "seed", "seed_items", "seeds_key", "name_key", "resolve", "end_tensors", "FetchReport", "fetch_end_model"]
+__all__ = ["Fetcher", "MeshFetcher", "seed", "seed_items", "seeds_key", "name_key", "resolve", "end_tensors", "FetchReport", "fetch_end_model"]
 
 log = logging.getLogger(__name__)
 
@@ -154,18 +155,76 @@ class FetchReport:
 
 
 class Fetcher:
+    """Fills a stored model with the tensors a node needs, from somewhere (`_fetch_tensor`:
+    the mesh's seeders, `MeshFetcher`; the Hub, `mesh.hub.HubFetcher`), several at once, with a
+    progress bar, after checking the disk has room; counts what it read (`report`)."""
+
+    def __init__(self, what: object, *, parallel: int = PARALLEL_TENSORS) -> None:
+        #: The model, for messages.
+        self.what = what
+        self.parallel = parallel
+        self.report = FetchReport(by_peer=Counter())
+        self._lock = threading.Lock()
+
+    def open(self) -> StoredModel:
+        """The model in the store, found or created with its metadata fetched."""
+        raise NotImplementedError
+
+    def _fetch_tensor(self, stored: StoredModel, name: str, where: tuple[Path, int, int]) -> str:
+        """Writes tensor `name` into its place `(file, offset, length)` and checks it; returns
+        the name."""
+        raise NotImplementedError
+
+    def fetch(self, stored: StoredModel, names: set[str] | list[str], what: str) -> None:
+        """Makes the store hold every tensor in `names`, fetching those it lacks; `what` names
+        them in logs and progress."""
+        from meshpy.cli.progress import ProgressBar
+
+        missing = sorted(set(names) - stored.held)
+        if not missing:
+            return
+        layout = stored.layout()
+        need = sum(layout[n][2] for n in missing)
+        free = shutil.disk_usage(stored.dir).free
+        if need > free:
+            raise ModelFetchError(
+                f"{what} of {self.what} need {format_size(need)} on disk, but {stored.dir} has {format_size(free)} free "
+                "(choose another place with --store DIR)"
+            )
+        started = time.monotonic()
+        log.info("fetching %s of %s: %d tensors, %s", what, self.what, len(missing), format_size(need))
+        bar = ProgressBar(f"fetching {what}", need >> 20)
+        done = 0
+        try:
+            with ThreadPoolExecutor(self.parallel, thread_name_prefix="meshpy-fetch") as pool:
+                for name in pool.map(lambda n: self._fetch_tensor(stored, n, layout[n]), missing):
+                    with self._lock:
+                        stored.mark_held([name])
+                        done += layout[name][2]
+                        bar.update(done >> 20)
+        finally:
+            bar.close()
+        self.report.seconds += time.monotonic() - started
+        log.info("fetched %s of %s: %s in %.1f s", what, self.what, format_size(need), time.monotonic() - started)
+
+    def _count(self, source: str, n: int) -> None:
+        with self._lock:
+            self.report.fetched_bytes += n
+            assert self.report.by_peer is not None
+            self.report.by_peer[source] += n
+
+
+class MeshFetcher(Fetcher):
     """Fetches the parts of model `ref` this node needs from the seeders in the mesh `node`
     joined, into `store`. `banned` maps each seeder caught serving wrong bytes to why."""
 
     def __init__(self, node: _native.Node, ref: ModelRef, store: ModelStore, *, parallel: int = PARALLEL_TENSORS) -> None:
+        super().__init__(ref, parallel=parallel)
         self.node = node
         self.ref = ref
         self.store = store
-        self.parallel = parallel
         self.banned: dict[str, str] = {}
-        self.report = FetchReport(by_peer=Counter())
         self._seeders: list[Seeder] | None = None
-        self._lock = threading.Lock()
 
     def open(self) -> StoredModel:
         """The model in the store: found there, or created from a seeder's manifest and
@@ -228,40 +287,8 @@ class Fetcher:
         self._seeders = found
         return found
 
-    def fetch(self, stored: StoredModel, names: set[str] | list[str], what: str) -> None:
-        """Makes the store hold every tensor in `names`, fetching those it lacks; `what` names
-        them in logs and progress."""
-        from meshpy.cli.progress import ProgressBar
-
-        missing = sorted(set(names) - stored.held)
-        if not missing:
-            return
-        layout = stored.layout()
-        need = sum(layout[n][1] for n in missing)
-        free = shutil.disk_usage(stored.dir).free
-        if need > free:
-            raise ModelFetchError(
-                f"{what} of {self.ref} need {format_size(need)} on disk, but {stored.dir} has {format_size(free)} free "
-                "(choose another place with --store DIR)"
-            )
-        started = time.monotonic()
-        log.info("fetching %s of %s: %d tensors, %s", what, self.ref, len(missing), format_size(need))
-        bar = ProgressBar(f"fetching {what}", need >> 20)
-        done = 0
-        try:
-            with ThreadPoolExecutor(self.parallel, thread_name_prefix="meshpy-fetch") as pool:
-                for name in pool.map(lambda n: self._fetch_tensor(stored, n, layout[n]), missing):
-                    with self._lock:
-                        stored.mark_held([name])
-                        done += layout[name][1]
-                        bar.update(done >> 20)
-        finally:
-            bar.close()
-        self.report.seconds += time.monotonic() - started
-        log.info("fetched %s of %s: %s in %.1f s", what, self.ref, format_size(need), time.monotonic() - started)
-
-    def _fetch_tensor(self, stored: StoredModel, name: str, where: tuple[int, int]) -> str:
-        offset, length = where
+    def _fetch_tensor(self, stored: StoredModel, name: str, where: tuple[Path, int, int]) -> str:
+        path, offset, length = where
         expected = stored.manifest["tensors"][name]["sha256"]
         item = f"tensor/{name}"
         tried: list[str] = []
@@ -276,7 +303,7 @@ class Fetcher:
             for seeder in candidates[start:] + candidates[:start]:
                 tried.append(seeder.peer)
                 try:
-                    if self._copy(stored, seeder, item, offset, length) == expected:
+                    if self._copy(path, seeder, item, offset, length) == expected:
                         return name
                 except MeshpyError as e:
                     log.warning("seeder %s failed serving %s: %s; trying another", seeder.peer, name, e)
@@ -286,15 +313,15 @@ class Fetcher:
                 self._ban(seeder, f"its bytes of tensor {name} do not match the manifest's hash")
         raise ModelFetchError(f"no seeder served tensor {name} of {self.ref} intact (tried {', '.join(tried) or 'none'})")
 
-    def _copy(self, stored: StoredModel, seeder: Seeder, item: str, offset: int, length: int) -> str:
-        """Reads `item` from `seeder` into the store at `offset`; returns its SHA-256 (hex)."""
+    def _copy(self, path: Path, seeder: Seeder, item: str, offset: int, length: int) -> str:
+        """Reads `item` from `seeder` into `path` at `offset`; returns its SHA-256 (hex)."""
         digest = hashlib.sha256()
-        fd = os.open(stored.weights, os.O_WRONLY)
+        fd = os.open(path, os.O_WRONLY)
         try:
             for at in range(0, length, READ_BYTES):
                 data = self.node.blob_read(seeder.peer, self.ref.id, item, at, min(READ_BYTES, length - at),
                                            seeder.addrs, timeout=READ_TIMEOUT)
-                self._count(seeder, len(data))
+                self._count(seeder.peer, len(data))
                 digest.update(data)
                 os.pwrite(fd, data, offset + at)
             os.fdatasync(fd)
@@ -308,15 +335,9 @@ class Fetcher:
         for at in range(0, length, READ_BYTES):
             data = self.node.blob_read(seeder.peer, self.ref.id, item, at, min(READ_BYTES, length - at), seeder.addrs,
                                        timeout=READ_TIMEOUT)
-            self._count(seeder, len(data))
+            self._count(seeder.peer, len(data))
             parts.append(data)
         return b"".join(parts)
-
-    def _count(self, seeder: Seeder, n: int) -> None:
-        with self._lock:
-            self.report.fetched_bytes += n
-            assert self.report.by_peer is not None
-            self.report.by_peer[seeder.peer] += n
 
     def _ban(self, seeder: Seeder, why: str) -> None:
         log.warning("banning seeder %s of %s: %s", seeder.peer, self.ref, why)
@@ -328,7 +349,7 @@ def fetch_end_model(node: _native.Node, ref: ModelRef, store: ModelStore) -> tup
     """What an End node needs of model `ref` (metadata, tokenizer and every shared tensor:
     embedding, final norm, head), fetched into `store` from the seeders `node` can reach; the
     layers stay on the workers."""
-    fetcher = Fetcher(node, resolve(node, ref), store)
+    fetcher = MeshFetcher(node, resolve(node, ref), store)
     stored = fetcher.open()
     fetcher.fetch(stored, set(stored.manifest["shared"]), "the End model's tensors")
     log.info("End model of %s: fetched %s", ref, format_size(fetcher.report.fetched_bytes))

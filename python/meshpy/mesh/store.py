@@ -1,15 +1,19 @@
 """The local model store: the parts of models this node fetched, each checked against its
 manifest, ready to load and to serve to others.
 
-A stored model is a directory `<store>/<name>@<full hash>/` holding:
+A stored model is a directory (`<store>/<name>@<full hash>/` for a model fetched from peers,
+`<store>/hub/...` for one from the Hub, `mesh.hub`) holding:
 
-- `manifest.json`: the model's manifest (see `mesh.identity`), byte for byte as its hash names it;
-- `model.gguf`: a GGUF file laid out from the manifest alone (`_native.gguf_store_header`: the
-  model's metadata, then every tensor in name order), so every node lays it out alike. Only the
-  tensors this node fetched hold bytes; the rest of the file is a hole (a sparse file), which
-  takes no disk space and which nothing reads: loading checks that every tensor it needs is held;
-- `held.json`: the tensors written and verified (their SHA-256 matched the manifest's), written
-  after their bytes are flushed, so a fetch cut short resumes from the last verified tensor.
+- `meshpy-manifest.json`: the model's manifest (see `mesh.identity`), byte for byte as its hash
+  names it;
+- the weights, as sparse files: only the tensors this node fetched hold bytes; the rest of each
+  file is a hole, which takes no disk space and which nothing reads (loading checks that every
+  tensor it needs is held). From peers, `model.gguf`, laid out from the manifest alone
+  (`_native.gguf_store_header`: the model's metadata, then every tensor in name order), so every
+  node lays it out alike. From the Hub, the repository's own files at their own offsets (a GGUF
+  as `model.gguf`; safetensors shards, index, config and tokenizer files under their names);
+- `meshpy-held.json`: the tensors written and checked, written after their bytes are flushed,
+  so a fetch cut short resumes from the last tensor it finished.
 
 Why one sparse GGUF and not a file per tensor: the engine loads a store like any GGUF (memory
 mapped, nothing copied), and the file's config-bearing tensor infos (shapes, types) are all
@@ -36,9 +40,9 @@ __all__ = ["ModelStore", "StoredModel", "default_store_dir", "parse_model_ref", 
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "meshpy-manifest.json"
 WEIGHTS_FILE = "model.gguf"
-HELD_FILE = "held.json"
+HELD_FILE = "meshpy-held.json"
 
 #: `name@hex`: a model id (12 hex digits, as DHT keys spell it) or a full 64-digit hash; or a
 #: bare name, for the mesh to resolve (not one that looks like a file).
@@ -110,18 +114,19 @@ class StoredModel:
         return ModelIdentity(self.manifest["name"], self.digest, self.manifest)
 
     @property
-    def weights(self) -> Path:
-        return self.dir / WEIGHTS_FILE
+    def weights(self) -> list[Path]:
+        """The weight files (sparse)."""
+        gguf = self.dir / WEIGHTS_FILE
+        return [gguf] if gguf.is_file() else sorted(self.dir.glob("*.safetensors"))
 
-    def layout(self) -> dict[str, tuple[int, int]]:
-        """Each tensor's `(offset, length)` in `model.gguf`."""
-        with open(self.weights, "rb") as f:
-            prefix = f.read(_metadata_end(self.weights))
-        return _layout(self.manifest, prefix)[1]
+    def layout(self) -> dict[str, tuple[Path, int, int]]:
+        """Each tensor's file and `(offset, length)` there."""
+        ckpt = _native.Checkpoint(self.weights)
+        return {name: (path, start, end - start) for name in ckpt.tensor_names() for path, start, end in [ckpt.byte_range(name)]}
 
     def source(self) -> ModelSource:
         """The stored model, opened (its held tensors known to the loaders)."""
-        return open_model_source(self.weights)
+        return open_model_source(self.dir)
 
     def mark_held(self, names: list[str]) -> None:
         """Records tensors as written and verified (their bytes must be flushed already)."""
@@ -130,11 +135,11 @@ class StoredModel:
 
     def held_bytes(self) -> int:
         layout = self.layout()
-        return sum(layout[name][1] for name in self.held if name in layout)
+        return sum(layout[name][2] for name in self.held if name in layout)
 
     def disk_bytes(self) -> int:
-        """Bytes the store's weights file takes on disk (holes excluded)."""
-        return os.stat(self.weights).st_blocks * 512
+        """Bytes the store's weight files take on disk (holes excluded)."""
+        return sum(os.stat(f).st_blocks * 512 for f in self.weights)
 
 
 class ModelStore:
@@ -170,10 +175,7 @@ class ModelStore:
         directory.mkdir(parents=True, exist_ok=True)
         header, layout = _layout(manifest, metadata_prefix)
         end = max((offset + length for offset, length in layout.values()), default=len(header))
-        weights = directory / WEIGHTS_FILE
-        with open(weights, "wb") as f:
-            f.write(header)
-            f.truncate(end)  # the tensors' bytes: a hole until fetched
+        sparse_file(directory / WEIGHTS_FILE, header, end)
         (directory / HELD_FILE).unlink(missing_ok=True)
         _write_atomically(directory / MANIFEST_FILE, manifest_bytes)
         return StoredModel(directory)
@@ -182,19 +184,30 @@ class ModelStore:
         shutil.rmtree(stored.dir, ignore_errors=True)
 
 
-def stored_part(weights: Path) -> tuple[dict[str, Any] | None, frozenset[str] | None]:
-    """For a store's weights file, its manifest and the tensors it holds; `(None, None)` for
-    any other file."""
-    directory = weights.parent
-    if weights.name != WEIGHTS_FILE or not (directory / MANIFEST_FILE).is_file():
+def stored_part(directory: Path) -> tuple[dict[str, Any] | None, frozenset[str] | None]:
+    """For a model directory in a store, its manifest and the tensors it holds; `(None, None)`
+    for any other directory."""
+    if not (directory / MANIFEST_FILE).is_file():
         return None, None
     stored = StoredModel(directory)
     return stored.manifest, frozenset(stored.held)
 
 
+def sparse_file(path: Path, head: bytes, size: int) -> None:
+    """Writes `head` at the start of a new file `size` bytes long, the rest a hole."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file, so readers never see half of it."""
+    _write_atomically(path, data)
+
+
 def check_metadata(stored: StoredModel) -> bool:
     """Whether the stored weights file's metadata is the manifest's (the hash of its key-values)."""
-    metadata = _native.Checkpoint([stored.weights]).metadata()
+    metadata = _native.Checkpoint(stored.weights).metadata()
     return stored.manifest.get("metadata", {}).get("gguf") == metadata_hash(metadata)
 
 
@@ -203,12 +216,6 @@ def _layout(manifest: dict[str, Any], prefix: bytes) -> tuple[bytes, dict[str, t
     tensors = [(name, manifest["tensors"][name]["type"], manifest["tensors"][name]["shape"]) for name in names]
     header, ranges = _native.gguf_store_header(prefix, tensors)
     return header, dict(zip(names, ranges, strict=True))
-
-
-def _metadata_end(weights: Path) -> int:
-    end = _native.Checkpoint([weights]).metadata_end
-    assert end is not None  # a store's weights are GGUF
-    return end
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

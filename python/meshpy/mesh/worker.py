@@ -14,7 +14,7 @@ import time
 from meshpy import _native
 from meshpy.errors import InvalidArgumentError
 from meshpy.generation import default_threads, model_path
-from meshpy.mesh.fetch import Fetcher, FetchReport, end_tensors, resolve, seed
+from meshpy.mesh.fetch import FetchReport, MeshFetcher, end_tensors, resolve, seed
 from meshpy.mesh.identity import WORKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import NodeDir, parse_bootstrap, start_node
 from meshpy.mesh.placement import (
@@ -97,7 +97,7 @@ class Worker:
         places its layers (as for a local file) and fetches just those."""
         assert self.node is not None
         s = self.settings
-        fetcher = Fetcher(self.node, resolve(self.node, ref), ModelStore(s.store))
+        fetcher = MeshFetcher(self.node, resolve(self.node, ref), ModelStore(s.store))
         stored = fetcher.open()
         self.model = stored.identity
         shared = set(stored.manifest["shared"]) - end_tensors(stored.manifest, stored.source().metadata)

@@ -177,7 +177,7 @@ def _gguf_source(path: Path, checkpoint: Checkpoint) -> ModelSource:
 
     metadata = checkpoint.metadata()
     template = metadata.get("tokenizer.chat_template")
-    manifest, held = stored_part(path)
+    manifest, held = stored_part(Path(checkpoint.paths[0]).parent)
     return ModelSource(
         path=path,
         format="gguf",
@@ -210,8 +210,11 @@ def _hf_source(
             raise CheckpointFormatError(
                 f"{directory / INDEX_FILE}: tensor {tensor!r} is mapped to {shard}, which lacks it"
             )
+    from meshpy.mesh.store import stored_part  # the store builds on this module
+
     tokenizer_config = _optional_json(directory / "tokenizer_config.json")
     tokenizer_json = directory / "tokenizer.json"
+    manifest, held = stored_part(directory)
     return ModelSource(
         path=path,
         format="safetensors",
@@ -222,6 +225,8 @@ def _hf_source(
         tokenizer_config=tokenizer_config,
         chat_template=_chat_template(directory, tokenizer_config),
         generation_config=_optional_json(directory / "generation_config.json"),
+        manifest=manifest,
+        held=held,
     )
 
 
