@@ -323,10 +323,18 @@ class _QueueSink:
 
 
 def model_path(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint path, or the path of a packaged model given by short name."""
+    """A checkpoint path; the path of a packaged model given by short name; or for a Hugging
+    Face Hub repository (`org/repo`, `org/repo:Q4_K_M`), the store directory it is downloaded
+    to (whole: this process runs every layer)."""
     p = Path(path)
     if not p.exists() and str(path) in PACKAGED_MODELS:
         return resolve_packaged(str(path))
+    if not p.exists():
+        from meshpy.mesh.hub import download_whole, hub_ref
+
+        ref = hub_ref(path)
+        if ref is not None:
+            return download_whole(ref)
     return p
 
 

@@ -18,7 +18,8 @@ from meshpy import _native
 from meshpy.end_model import EndModel
 from meshpy.generation import Model, default_threads, model_path
 from meshpy.mesh.client import MeshPipeline, MeshSession
-from meshpy.mesh.fetch import fetch_end_model
+from meshpy.mesh.fetch import fetch_part, fetcher_for
+from meshpy.mesh.hub import hub_ref
 from meshpy.mesh.identity import CHECKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.routing import Hop, Provider, describe_route
@@ -65,7 +66,9 @@ def connect(
     `model` is the checkpoint the workers have (its hash names the model in the DHT; only
     embedding, final norm and head are loaded), or the model's id (`name@hash`, as `meshpy
     status` shows it): the End model's tensors are then fetched from the mesh's seeders into
-    `store` (default `~/.cache/meshpy/models`) and the layers never come here. `wire_dtype` "f32" gives exactly the
+    `store` (default `~/.cache/meshpy/models`) and the layers never come here; or a Hugging
+    Face Hub repository (`org/repo`, `org/repo:Q4_K_M`), whose End-model tensors are downloaded
+    the same way (see `mesh.hub`). `wire_dtype` "f32" gives exactly the
     single-process tokens; "bf16" halves the bytes on the wire. `route`: "chain" passes each
     step from worker to worker (N + 1 link crossings for N workers), "star" makes each worker a
     round trip from here (2N); both give the same tokens. `network_key`: the mesh's key file,
@@ -76,9 +79,9 @@ def connect(
     of sessions whose every hop also runs on a second provider and is compared (a provider
     caught disagreeing is banned, and `meshpy status` shows why). Close the model to leave.
     """
-    ref = model_ref(model)
+    remote = model_ref(model) is not None or hub_ref(model) is not None
     fetched = None
-    if ref is None:
+    if not remote:
         source = open_model_source(model_path(model))
     addrs = parse_bootstrap(bootstrap if isinstance(bootstrap, str) else " ".join(bootstrap))
     key = None if network_key is None else Path(network_key)
@@ -86,8 +89,11 @@ def connect(
                             node_dir=None if node_dir is None else Path(node_dir))
     node, identity_dir = start_node(settings, "client", addrs, dht_server=False)
     try:
-        if ref is not None:
-            source, fetched = fetch_end_model(node, ref, ModelStore(store))
+        if remote:
+            fetcher = fetcher_for(node, model, ModelStore(store))
+            assert fetcher is not None
+            source = fetch_part(fetcher, None)[1]
+            fetched = fetcher.report
         config = read_config(source)
         identity = model_identity(source)
     except BaseException:

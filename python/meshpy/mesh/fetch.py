@@ -27,6 +27,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,13 @@ from meshpy.errors import MeshpyError, ModelFetchError
 from meshpy.mesh.identity import ModelIdentity, manifest_bytes
 from meshpy.mesh.placement import format_size
 from meshpy.mesh.store import ModelRef, ModelStore, StoredModel, check_metadata
+from meshpy.models.config import ModelConfig
 from meshpy.models.source import ModelSource
 
-__all__ = ["Fetcher", "MeshFetcher", "seed", "seed_items", "seeds_key", "name_key", "resolve", "end_tensors", "FetchReport", "fetch_end_model"]
+__all__ = [
+    "Fetcher", "MeshFetcher", "seed", "seed_items", "seeds_key", "name_key", "resolve", "end_tensors", "FetchReport",
+    "fetcher_for", "fetch_part",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,9 @@ def name_key(name: str) -> str:
 def seed(node: _native.Node, source: ModelSource, identity: ModelIdentity) -> list[str]:
     """Serves what `source` holds of the model and announces it (by id and by name); returns
     the DHT keys provided (none for a checkpoint that cannot be served)."""
+    if "hub" in identity.manifest:
+        log.info("not seeding %s: a model from the Hub has no per-tensor hashes for peers to check its parts by", identity.id)
+        return []
     items = seed_items(source, identity)
     if not items:
         log.info("not seeding %s: only GGUF models are served to peers so far", identity.id)
@@ -121,12 +129,54 @@ def resolve(node: _native.Node, ref: ModelRef) -> ModelRef:
     return resolved
 
 
-def end_tensors(manifest: dict[str, Any], metadata: dict[str, Any]) -> set[str]:
+def end_tensors(manifest: dict[str, Any], source: ModelSource) -> set[str]:
     """The shared tensors only an End node needs: those with a vocabulary-sized dimension
     (embedding, output head). Workers fetch every other shared tensor (norms, RoPE factors,
     which the family readers may read), End nodes all of them."""
-    vocab = len(metadata.get("tokenizer.ggml.tokens") or [])
+    config = source.config.get("text_config") or source.config
+    vocab = len(source.metadata.get("tokenizer.ggml.tokens") or []) or int(config.get("vocab_size") or 0)
     return {n for n in manifest["shared"] if vocab and vocab in manifest["tensors"][n]["shape"]}
+
+
+def fetcher_for(node: _native.Node, model: str | os.PathLike[str], store: ModelStore, *, joined: bool = True) -> Fetcher | None:
+    """The fetcher for `model` when it names a model to fetch (a model id or name the mesh
+    `node` joined resolves, or a Hub repository), else None (a file, a directory, a packaged
+    model)."""
+    from meshpy.mesh.hub import HubFetcher, hub_ref
+    from meshpy.mesh.store import model_ref
+
+    ref = model_ref(model)
+    if ref is not None:
+        if not joined:
+            raise ModelFetchError(f"{model} is neither a file here nor a packaged model; as a model id or name it needs a "
+                                  "mesh that seeds it (--bootstrap)")
+        return MeshFetcher(node, resolve(node, ref), store)
+    hub = hub_ref(model)
+    return HubFetcher(hub, store, agent=node.peer_id) if hub is not None else None
+
+
+def fetch_part(fetcher: Fetcher, layers: Callable[[ModelSource, ModelConfig], range] | None) -> tuple[StoredModel, ModelSource, ModelConfig, range | None]:
+    """Fetches a node's part of a model: the manifest and metadata, the shared tensors a worker
+    needs (all of them for an End node, `layers` None), then for a worker the layers `layers`
+    picks once the model's config is known (as for a local file). Returns the stored model,
+    it opened, its config and the layers."""
+    from meshpy.mesh.placement import format_layers
+    from meshpy.models.config import read_config
+
+    stored = fetcher.open()
+    shared = set(stored.manifest["shared"])
+    if layers is not None:
+        shared -= end_tensors(stored.manifest, stored.source())
+    fetcher.fetch(stored, shared, "the shared tensors" if layers is not None else "the End model's tensors")
+    source = stored.source()
+    config = read_config(source)
+    chosen = None
+    if layers is not None:
+        chosen = layers(source, config)
+        fetcher.fetch(stored, {n for i in chosen for n in stored.manifest["layers"][i]}, f"layers {format_layers(chosen)}")
+        source = stored.source()
+    log.info("fetched %s of %s in all", format_size(fetcher.report.fetched_bytes), fetcher.what)
+    return stored, source, config, chosen
 
 
 @dataclass
@@ -345,12 +395,3 @@ class MeshFetcher(Fetcher):
             self.banned[seeder.peer] = why
 
 
-def fetch_end_model(node: _native.Node, ref: ModelRef, store: ModelStore) -> tuple[ModelSource, FetchReport]:
-    """What an End node needs of model `ref` (metadata, tokenizer and every shared tensor:
-    embedding, final norm, head), fetched into `store` from the seeders `node` can reach; the
-    layers stay on the workers."""
-    fetcher = MeshFetcher(node, resolve(node, ref), store)
-    stored = fetcher.open()
-    fetcher.fetch(stored, set(stored.manifest["shared"]), "the End model's tensors")
-    log.info("End model of %s: fetched %s", ref, format_size(fetcher.report.fetched_bytes))
-    return stored.source(), fetcher.report

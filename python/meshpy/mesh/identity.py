@@ -187,31 +187,39 @@ def _tensor_hashes(source: ModelSource) -> dict[str, str]:
     return out
 
 
-def model_manifest(source: ModelSource) -> dict[str, Any]:
-    """The model's manifest (see the module documentation): JSON-ready."""
+def model_manifest(source: ModelSource, hub: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
+    """The model's manifest (see the module documentation): JSON-ready. For a model from the
+    Hub (`mesh.hub`), of which this node may hold only a part, `hub` names the repository,
+    commit and each file's SHA-256 in place of the tensors' hashes, and `name` may replace the
+    name the metadata gives."""
     ckpt = source.checkpoint
-    hashes = _tensor_hashes(source)
+    hashes = _tensor_hashes(source) if hub is None else None
     tensors: dict[str, dict[str, Any]] = {}
     layers: dict[int, list[str]] = {}
     shared: list[str] = []
-    for name in ckpt.tensor_names():
-        dtype, shape = ckpt.tensor_info(name)
-        tensors[name] = {"type": dtype, "shape": list(shape), "sha256": hashes[name]}
-        layer = _layer_of(name)
-        (shared if layer is None else layers.setdefault(layer, [])).append(name)
+    for tensor in ckpt.tensor_names():
+        dtype, shape = ckpt.tensor_info(tensor)
+        tensors[tensor] = {"type": dtype, "shape": list(shape)}
+        if hashes is not None:
+            tensors[tensor]["sha256"] = hashes[tensor]
+        layer = _layer_of(tensor)
+        (shared if layer is None else layers.setdefault(layer, [])).append(tensor)
     if source.format == "gguf":
         metadata = {"gguf": metadata_hash(source.metadata)}
     else:
         metadata = _metadata_files(source)
-    return {
+    manifest = {
         "meshpy_manifest": MANIFEST_VERSION,
         "format": source.format,
-        "name": _readable_name(source),
+        "name": name or _readable_name(source),
         "metadata": metadata,
         "tensors": tensors,
         "layers": [layers[i] for i in sorted(layers)],
         "shared": shared,
     }
+    if hub is not None:
+        manifest["hub"] = hub
+    return manifest
 
 
 def metadata_hash(metadata: dict[str, Any]) -> str:

@@ -14,7 +14,8 @@ import time
 from meshpy import _native
 from meshpy.errors import InvalidArgumentError
 from meshpy.generation import default_threads, model_path
-from meshpy.mesh.fetch import FetchReport, MeshFetcher, end_tensors, resolve, seed
+from meshpy.mesh.fetch import Fetcher, FetchReport, fetch_part, fetcher_for, seed
+from meshpy.mesh.hub import hub_ref
 from meshpy.mesh.identity import WORKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import NodeDir, parse_bootstrap, start_node
 from meshpy.mesh.placement import (
@@ -28,7 +29,7 @@ from meshpy.mesh.placement import (
     parse_size,
 )
 from meshpy.mesh.routing import coverage_of, discover
-from meshpy.mesh.store import ModelRef, ModelStore, model_ref
+from meshpy.mesh.store import ModelStore, model_ref
 from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalSpan
@@ -69,11 +70,8 @@ class Worker:
         memory = parse_size(s.memory) if s.memory else None
         bootstrap = parse_bootstrap(s.bootstrap)
         model = None
-        ref = model_ref(s.model) if s.model is not None else None
-        if ref is not None and not bootstrap:
-            raise InvalidArgumentError(f"--model {ref} is neither a file here nor a packaged model; as a model id or name it "
-                                       "needs a mesh that seeds it (--bootstrap)")
-        if s.model is not None and ref is None:
+        remote = s.model is not None and (model_ref(s.model) is not None or hub_ref(s.model) is not None)
+        if s.model is not None and not remote:
             source = open_model_source(model_path(s.model))
             config = read_config(source)
             layers = parse_layers(s.layers, config.n_layers) if s.layers else None
@@ -81,8 +79,11 @@ class Worker:
             self.model = model_identity(source)
         self.node, self._node_dir = start_node(s, "worker", bootstrap)
         try:
-            if ref is not None:
-                model = self._fetch(ref, kv_budget, memory if memory is not None else available_memory())
+            if remote:
+                assert s.model is not None
+                fetcher = fetcher_for(self.node, s.model, ModelStore(s.store), joined=bool(bootstrap))
+                assert fetcher is not None
+                model = self._fetch(fetcher, kv_budget, memory if memory is not None else available_memory(), bool(bootstrap))
             if model is None:
                 self._serve_echo()
             else:
@@ -92,23 +93,21 @@ class Worker:
             raise
         return self
 
-    def _fetch(self, ref: ModelRef, kv_budget: int, memory: int) -> tuple[ModelSource, ModelConfig, range]:
-        """Fetches the model's manifest and metadata, the shared tensors a worker needs, then
+    def _fetch(self, fetcher: Fetcher, kv_budget: int, memory: int, has_peers: bool) -> tuple[ModelSource, ModelConfig, range]:
+        """Fetches the model's manifest and metadata and the shared tensors a worker needs, then
         places its layers (as for a local file) and fetches just those."""
-        assert self.node is not None
         s = self.settings
-        fetcher = MeshFetcher(self.node, resolve(self.node, ref), ModelStore(s.store))
-        stored = fetcher.open()
-        self.model = stored.identity
-        shared = set(stored.manifest["shared"]) - end_tensors(stored.manifest, stored.source().metadata)
-        fetcher.fetch(stored, shared, "shared tensors")
-        source = stored.source()
-        config = read_config(source)
-        layers = parse_layers(s.layers, config.n_layers) if s.layers else self._place(source, config, kv_budget, memory, True)
-        fetcher.fetch(stored, {n for i in layers for n in stored.manifest["layers"][i]}, f"layers {format_layers(layers)}")
+
+        def place(source: ModelSource, config: ModelConfig) -> range:
+            self.model = model_identity(source)
+            if s.layers:
+                return parse_layers(s.layers, config.n_layers)
+            return self._place(source, config, kv_budget, memory, has_peers)
+
+        _, source, config, layers = fetch_part(fetcher, place)
+        assert layers is not None
         self.fetched = fetcher.report
-        log.info("fetched %s of %s from %d seeders", format_size(fetcher.report.fetched_bytes), ref, len(fetcher.report.by_peer or {}))
-        return stored.source(), config, layers
+        return source, config, layers
 
     def _serve_echo(self) -> None:
         assert self.node is not None
