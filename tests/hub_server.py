@@ -37,6 +37,8 @@ class _Repo:
     commit: str
     files: dict[str, Path]
     sha256: dict[str, str] = field(default_factory=dict)
+    #: Answer range requests with the whole file, as a server without range support does.
+    whole: bool = False
 
 
 class FakeHub:
@@ -65,10 +67,12 @@ class FakeHub:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
-    def add(self, repo: str, files: dict[str, Path], commit: str | None = None) -> None:
+    def add(self, repo: str, files: dict[str, Path], commit: str | None = None, whole: bool = False) -> None:
+        """Serves `files` as repository `repo` (at `commit`, default a hash of their hashes;
+        `whole`: ignoring byte ranges)."""
         sha = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
         commit = commit or hashlib.sha1(json.dumps(sha, sort_keys=True).encode()).hexdigest()
-        self.repos[repo] = _Repo(commit, dict(files), sha)
+        self.repos[repo] = _Repo(commit, dict(files), sha, whole)
 
     def bytes_to(self, agent_part: str, file_suffix: str = "") -> int:
         """Bytes sent in answers to clients whose user agent contains `agent_part`."""
@@ -100,7 +104,7 @@ class FakeHub:
                    "X-Linked-Etag": f'"{repo.sha256[m[3]]}"', "X-Linked-Size": str(size)}
         start, end, status = 0, size - 1, 200
         ranged = re.match(r"^bytes=(\d+)-(\d*)$", h.headers.get("Range", ""))
-        if ranged:
+        if ranged and not repo.whole:
             start = int(ranged[1])
             end = min(int(ranged[2]) if ranged[2] else size - 1, size - 1)
             if start > end:

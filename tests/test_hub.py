@@ -147,3 +147,20 @@ def test_a_sharded_safetensors_repo_and_offline_mode(hub: FakeHub, tiny_llama_di
         assert offline.returncode == 0 and offline.stdout == local.stdout, offline.stderr[-2000:]
         mesh.env["HF_ENDPOINT"] = hub_url
     del w1
+
+
+def test_a_hub_that_misbehaves_gets_a_clear_error(hub: FakeHub, smollm2_gguf: Path, tmp_path: Path) -> None:
+    """A server that ignores byte ranges is refused before its answer is read (no node takes in
+    a whole file it asked a part of); a commit that is not a commit hash never names a
+    directory."""
+    hub.add("meshpy-test/no-ranges", {"m.gguf": smollm2_gguf}, whole=True)
+    hub.add("meshpy-test/evil-commit", {"m.gguf": smollm2_gguf}, commit="../../../outside")
+    with LocalMesh(env=None) as mesh:
+        mesh.env.update(_env(hub, tmp_path / "hf"))
+        mesh.start_bootstrap()
+        for repo, why in (("meshpy-test/no-ranges", "must answer range requests"),
+                          ("meshpy-test/evil-commit", "no valid commit hash")):
+            with pytest.raises(Exception, match="exited"):
+                mesh.add_worker(repo, layers="0-9", extra=["--store", str(tmp_path / "w")], timeout=60)
+            assert why in mesh.workers[-1].tail(30)
+    assert not (tmp_path / "outside").exists()

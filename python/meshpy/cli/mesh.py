@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 import threading
 from collections import defaultdict
 from typing import Any
 
 from meshpy.errors import InvalidArgumentError, format_layer_list
-from meshpy.mesh.fetch import seed, seeds_key
-from meshpy.mesh.store import model_ref
+from meshpy.mesh.fetch import cannot_seed, seed, seeds_key
+from meshpy.mesh.hub import HubFetcher, hub_ref
+from meshpy.mesh.store import ModelStore, model_ref
 from meshpy.mesh.identity import CHECKERS_KEY, WORKERS_KEY, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.placement import format_size
@@ -48,13 +50,16 @@ def run_seed(settings: SeedSettings) -> int:
     stop_on_sigterm()
     if settings.model is None:
         raise InvalidArgumentError("meshpy seed needs --model: the GGUF file to serve")
+    if not Path(settings.model).expanduser().exists() and hub_ref(settings.model) is not None:
+        raise InvalidArgumentError(f"{settings.model} is a Hub repository: each node fetches it from the Hub (seed a file here)")
     source = open_model_source(model_path(settings.model))
     identity = model_identity(source)
+    why = cannot_seed(source, identity)
+    if why is not None:
+        raise InvalidArgumentError(f"{source.path} cannot be served to peers: {why}")
     node, node_dir = start_node(settings, "seed", parse_bootstrap(settings.bootstrap))
     try:
-        if not seed(node, source, identity):
-            print(f"{source.path} cannot be served to peers: only GGUF models can be, so far", file=sys.stderr)
-            return 2
+        seed(node, source, identity)
         print(f"meshpy seed {node.peer_id} serves {identity.id} (start workers with --model {identity.id}); listening on:",
               file=sys.stderr)
         for addr in node.listen_addrs():
@@ -120,8 +125,12 @@ def run_status(settings: StatusSettings) -> int:
         wanted, wanted_layers = None, 0
         if settings.model is not None:
             ref = model_ref(settings.model)
+            hub = hub_ref(settings.model)
             if ref is not None and ref.hash_prefix:
                 wanted = ref.id
+            elif hub is not None:  # its headers only, as a worker reads them
+                stored = HubFetcher(hub, ModelStore()).open()
+                wanted, wanted_layers = stored.identity.id, len(stored.manifest["layers"])
             else:
                 source = open_model_source(model_path(settings.model))
                 wanted, wanted_layers = model_identity(source).id, read_config(source).n_layers

@@ -3,9 +3,9 @@ started from a model id alone fetches just the parts it needs, checking each aga
 model's manifest.
 
 Seeding: a node serves, over the blob protocol (`net::blobs` in Rust), its model's manifest,
-its GGUF metadata (the file's bytes up to the end of its key-values) and every tensor it holds,
-and provides the DHT key `<model id>/seeds`. Workers seed what they load; `meshpy seed` seeds a
-file without serving layers.
+its GGUF metadata (the file's bytes up to the end of its key-values) and tensors it holds, and
+provides the DHT keys `<model id>/seeds` and `meshpy/name/<name>`. Workers seed the layers they
+serve and the shared tensors; `meshpy seed` seeds a whole file without serving layers.
 
 Fetching (`Fetcher`): find the seeders (the DHT key, then each one's listing), take the
 manifest from one whose copy hashes to the model id, lay out the store's file from it
@@ -36,12 +36,12 @@ from meshpy import _native
 from meshpy.errors import MeshpyError, ModelFetchError
 from meshpy.mesh.identity import ModelIdentity, manifest_bytes
 from meshpy.mesh.placement import format_size
-from meshpy.mesh.store import ModelRef, ModelStore, StoredModel, check_metadata
+from meshpy.mesh.store import MetadataMismatch, ModelRef, ModelStore, StoredModel, parse_model_ref
 from meshpy.models.config import ModelConfig
 from meshpy.models.source import ModelSource
 
 __all__ = [
-    "Fetcher", "MeshFetcher", "seed", "seed_items", "seeds_key", "name_key", "resolve", "end_tensors", "FetchReport",
+    "Fetcher", "MeshFetcher", "seed", "seed_items", "cannot_seed", "seeds_key", "name_key", "resolve", "end_tensors", "FetchReport",
     "fetcher_for", "fetch_part",
 ]
 
@@ -55,8 +55,46 @@ PARALLEL_TENSORS = 4
 #: ~10 MiB; a manifest ~100 bytes per tensor): a claim past these is not read.
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_METADATA_BYTES = 256 << 20
-#: Seconds one read may take before its seeder is given up on for that tensor.
-READ_TIMEOUT = 60.0
+#: A read may take this long plus its bytes at `MIN_READ_RATE` before its seeder is given up on
+#: for that tensor; a seeder failing `MAX_FAILURES` reads is dropped for the rest of the fetch.
+READ_TIMEOUT_BASE = 10.0
+MIN_READ_RATE = 1 << 20
+MAX_FAILURES = 3
+#: What a seeder refusing for its limits (not failing) says (`net::peers`, `net::blobs`).
+_BUSY = ("requests per second", "streams open here", "busy serving other reads")
+#: Times a read refused as busy is tried again (after 0.25 s, 0.5 s, ...) before it counts as failed.
+BUSY_RETRIES = 4
+#: Seeders are listed again (when a tensor has none left) at most this often.
+REFRESH_SECONDS = 10.0
+
+
+def read_timeout(nbytes: int) -> float:
+    """Seconds a read of `nbytes` may take."""
+    return READ_TIMEOUT_BASE + nbytes / MIN_READ_RATE
+
+
+def write_ranges(path: Path, offset: int, length: int, chunk: int, read: Callable[[int, int], bytes]) -> None:
+    """Writes `length` bytes into `path` at `offset`, `chunk` bytes at a time as `read(at, n)`
+    gives them (`at` counted from the start of the range), then flushes them to disk."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for at in range(0, length, chunk):
+            os.pwrite(fd, read(at, min(chunk, length - at)), offset + at)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _listed_items(listing: object, model_id: str) -> dict[str, int] | None:
+    """The items a seeder's listing says it serves of `model_id` (`{}` for none), or None when
+    the listing is malformed."""
+    models = listing.get("models") if isinstance(listing, dict) else None
+    if not isinstance(models, dict):
+        return None
+    items = models.get(model_id, {})
+    if not isinstance(items, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in items.items()):
+        return None
+    return dict(items)
 
 
 def seeds_key(model_id: str) -> str:
@@ -64,19 +102,27 @@ def seeds_key(model_id: str) -> str:
     return f"{model_id}/seeds"
 
 
-def seed_items(source: ModelSource, identity: ModelIdentity) -> dict[str, bytes | tuple[str, int, int]]:
+def cannot_seed(source: ModelSource, identity: ModelIdentity) -> str | None:
+    """Why `source` cannot be served to peers, or None."""
+    if "hub" in identity.manifest:
+        return "a model from the Hub has no per-tensor hashes for peers to check its parts by; each node fetches it from the Hub"
+    if source.checkpoint.metadata_end is None:
+        return "only GGUF models are served to peers so far, not safetensors checkpoints"
+    return None
+
+
+def seed_items(source: ModelSource, identity: ModelIdentity, only: set[str] | None = None) -> dict[str, bytes | tuple[str, int, int]]:
     """What a node holding `source` serves of it: the manifest, the GGUF metadata and every
-    tensor it holds (`{}` for a safetensors checkpoint, which cannot be served yet)."""
+    tensor it holds (those in `only`, if given)."""
     ckpt = source.checkpoint
     end = ckpt.metadata_end
-    if end is None:
-        return {}
+    assert end is not None and cannot_seed(source, identity) is None
     items: dict[str, bytes | tuple[str, int, int]] = {
         "manifest": manifest_bytes(identity.manifest),
         "metadata": (str(ckpt.paths[0]), 0, end),
     }
     for name in identity.manifest["tensors"]:
-        if source.held is None or name in source.held:
+        if (source.held is None or name in source.held) and (only is None or name in only):
             path, start, stop = ckpt.byte_range(name)
             items[f"tensor/{name}"] = (str(path), start, stop - start)
     return items
@@ -87,21 +133,21 @@ def name_key(name: str) -> str:
     return f"meshpy/name/{name}"
 
 
-def seed(node: _native.Node, source: ModelSource, identity: ModelIdentity) -> list[str]:
-    """Serves what `source` holds of the model and announces it (by id and by name); returns
-    the DHT keys provided (none for a checkpoint that cannot be served)."""
-    if "hub" in identity.manifest:
-        log.info("not seeding %s: a model from the Hub has no per-tensor hashes for peers to check its parts by", identity.id)
+def seed(node: _native.Node, source: ModelSource, identity: ModelIdentity, only: set[str] | None = None) -> list[str]:
+    """Serves what `source` holds of the model (of the tensors in `only`, if given) and
+    announces it (by id and by name); returns the DHT keys provided (none for a checkpoint
+    that cannot be served, `cannot_seed`)."""
+    why = cannot_seed(source, identity)
+    if why is not None:
+        log.info("not seeding %s: %s", identity.id, why)
         return []
-    items = seed_items(source, identity)
-    if not items:
-        log.info("not seeding %s: only GGUF models are served to peers so far", identity.id)
-        return []
+    items = seed_items(source, identity, only)
     node.seed(identity.id, items)
     keys = [seeds_key(identity.id), name_key(identity.name)]
     for key in keys:
         node.start_providing(key)
-    log.info("seeding %d tensors of %s", sum(k.startswith("tensor/") for k in items), identity.id)
+    log.info("seeding %d tensors of %s (full id %s@%s)", sum(k.startswith("tensor/") for k in items), identity.id,
+             identity.name, identity.digest.hex())
     return keys
 
 
@@ -115,11 +161,15 @@ def resolve(node: _native.Node, ref: ModelRef) -> ModelRef:
         if peer == node.peer_id:
             continue
         try:
-            models = node.blob_list(peer, addrs, timeout=READ_TIMEOUT).get("models", {})
+            listing = node.blob_list(peer, addrs, timeout=read_timeout(0))
         except MeshpyError as e:
             log.info("seeder %s did not answer: %s", peer, e)
             continue
-        ids |= {m for m in models if m.startswith(f"{ref.name}@")}
+        models = listing.get("models") if isinstance(listing, dict) else None
+        for model in models if isinstance(models, dict) else ():
+            parsed = parse_model_ref(model) if isinstance(model, str) else None
+            if parsed is not None and parsed.name == ref.name and len(parsed.hash_prefix) == 12:
+                ids.add(model)
     if not ids:
         raise ModelFetchError(f"nobody in this mesh seeds a model named {ref.name} (and no file of that name is here)")
     if len(ids) > 1:
@@ -273,15 +323,20 @@ class MeshFetcher(Fetcher):
         self.node = node
         self.ref = ref
         self.store = store
+        #: Seeders left out of this fetch (caught lying, or failing), with why.
         self.banned: dict[str, str] = {}
         self._seeders: list[Seeder] | None = None
+        self._listed_at = 0.0
+        self._failures: Counter[str] = Counter()
 
     def open(self) -> StoredModel:
         """The model in the store: found there, or created from a seeder's manifest and
-        metadata (each checked against the model id)."""
+        metadata (each checked against the model id). When seeders serve different manifests
+        that all match a short id, none is taken: the full hash must say which."""
         stored = self.store.find(self.ref)
         if stored is not None:
             return stored
+        manifests: dict[bytes, tuple[bytes, list[Seeder]]] = {}
         reasons = []
         for seeder in self.seeders():
             if "manifest" not in seeder.items or "metadata" not in seeder.items:
@@ -291,50 +346,78 @@ class MeshFetcher(Fetcher):
                 continue
             try:
                 manifest = self._read_item(seeder, "manifest")
-                digest = hashlib.sha256(manifest).digest()
-                parsed = json.loads(manifest)
-                if not self.ref.matches(digest, str(parsed.get("name"))) or manifest_bytes(parsed) != manifest:
-                    self._ban(seeder, f"it served a manifest that is not model {self.ref}'s (hash {digest.hex()[:12]})")
-                    continue
-                metadata = self._read_item(seeder, "metadata")
-                stored = self.store.create(manifest, metadata)
-            except (MeshpyError, ValueError) as e:
+            except MeshpyError as e:
                 reasons.append(f"{seeder.peer}: {e}")
-                log.warning("cannot take model %s's manifest from %s: %s", self.ref, seeder.peer, e)
                 continue
-            if not check_metadata(stored):
-                self.store.remove(stored)
-                self._ban(seeder, "it served metadata that does not match the manifest's hash")
+            digest = hashlib.sha256(manifest).digest()
+            if not self._is_manifest(manifest, digest):
+                self._ban(seeder, f"it served a manifest that is not model {self.ref}'s (hash {digest.hex()[:12]})")
                 continue
-            log.info("model %s: manifest and metadata from %s; %d tensors in %d layers", self.ref, seeder.peer,
-                     len(stored.manifest["tensors"]), len(stored.manifest["layers"]))
-            return stored
-        raise ModelFetchError(f"no seeder of model {self.ref} served its manifest intact ({'; '.join(reasons) or 'banned: ' + str(self.banned)})")
+            manifests.setdefault(digest, (manifest, []))[1].append(seeder)
+        if len(manifests) > 1:
+            full = ", ".join(f"{self.ref.name}@{d.hex()}" for d in manifests)
+            raise ModelFetchError(f"seeders serve {len(manifests)} different models that match {self.ref}: {full}; pass "
+                                  "the full id of the one you mean (someone may be forging a model of the same short id)")
+        for digest, (manifest, seeders) in manifests.items():
+            for seeder in seeders:
+                try:
+                    stored = self.store.create(manifest, self._read_item(seeder, "metadata"))
+                except MetadataMismatch:
+                    self._ban(seeder, "it served metadata that does not match the manifest's hash")
+                    continue
+                except (MeshpyError, ValueError) as e:
+                    reasons.append(f"{seeder.peer}: {e}")
+                    log.warning("cannot take model %s's metadata from %s: %s", self.ref, seeder.peer, e)
+                    continue
+                log.info("model %s is %s@%s: manifest and metadata from %s; %d tensors in %d layers", self.ref,
+                         self.ref.name, digest.hex(), seeder.peer, len(stored.manifest["tensors"]), len(stored.manifest["layers"]))
+                return stored
+        raise ModelFetchError(f"no seeder of model {self.ref} served its manifest and metadata intact "
+                              f"({'; '.join(reasons) or 'banned: ' + str(self.banned)})")
+
+    def _is_manifest(self, manifest: bytes, digest: bytes) -> bool:
+        """Whether `manifest` (with that hash) is one the model id names, in canonical form."""
+        if not digest.hex().startswith(self.ref.hash_prefix):
+            return False
+        try:
+            parsed = json.loads(manifest)
+        except ValueError:
+            return False
+        return isinstance(parsed, dict) and parsed.get("name") == self.ref.name and manifest_bytes(parsed) == manifest \
+            and isinstance(parsed.get("tensors"), dict)
 
     def seeders(self, refresh: bool = False) -> list[Seeder]:
-        """The peers serving parts of the model, with what each serves (looked up once,
-        again on `refresh`)."""
-        if self._seeders is not None and not refresh:
-            return [s for s in self._seeders if s.peer not in self.banned]
-        providers = self.node.get_providers(seeds_key(self.ref.id))
+        """The peers serving parts of the model, with what each serves (looked up once, again
+        on `refresh` but at most every `REFRESH_SECONDS`); those banned or dropped left out."""
+        with self._lock:
+            stale = self._seeders is None or (refresh and time.monotonic() - self._listed_at >= REFRESH_SECONDS)
+            if stale:
+                self._seeders = self._list_seeders()
+                self._listed_at = time.monotonic()
+            assert self._seeders is not None
+            current = [s for s in self._seeders if s.peer not in self.banned]
+        if not current:
+            raise ModelFetchError(
+                f"nobody seeds model {self.ref}: no peer in this mesh serves it (a worker started from the model's "
+                "file, or `meshpy seed --model FILE`, seeds it)" + (f"; dropped: {self.banned}" if self.banned else "")
+            )
+        return current
+
+    def _list_seeders(self) -> list[Seeder]:
         found = []
-        for peer, addrs in providers:
+        for peer, addrs in self.node.get_providers(seeds_key(self.ref.id)):
             if peer == self.node.peer_id or peer in self.banned:
                 continue
             try:
-                listing = self.node.blob_list(peer, addrs, timeout=READ_TIMEOUT)
+                listing = self.node.blob_list(peer, addrs, timeout=read_timeout(0))
             except MeshpyError as e:
                 log.info("seeder %s of %s did not answer: %s", peer, self.ref, e)
                 continue
-            items = listing.get("models", {}).get(self.ref.id)
-            if isinstance(items, dict) and items:
-                found.append(Seeder(peer, list(addrs), {str(k): int(v) for k, v in items.items()}))
-        if not found:
-            raise ModelFetchError(
-                f"nobody seeds model {self.ref}: no peer in this mesh serves it (a worker started from the model's "
-                "file, or `meshpy seed --model FILE`, seeds it)"
-            )
-        self._seeders = found
+            items = _listed_items(listing, self.ref.id)
+            if items is None:
+                log.info("seeder %s of %s sent a malformed listing; skipping it", peer, self.ref)
+            elif items:
+                found.append(Seeder(peer, list(addrs), items))
         return found
 
     def _fetch_tensor(self, stored: StoredModel, name: str, where: tuple[Path, int, int]) -> str:
@@ -352,42 +435,58 @@ class MeshFetcher(Fetcher):
             start = int(expected[:8], 16) % len(candidates) if candidates else 0
             for seeder in candidates[start:] + candidates[:start]:
                 tried.append(seeder.peer)
-                try:
-                    if self._copy(path, seeder, item, offset, length) == expected:
-                        return name
-                except MeshpyError as e:
-                    log.warning("seeder %s failed serving %s: %s; trying another", seeder.peer, name, e)
+                got = self._copy_patiently(path, seeder, item, offset, length)
+                if got is None:
                     continue
+                if got == expected:
+                    return name
                 with self._lock:
                     self.report.rejected_bytes += length
                 self._ban(seeder, f"its bytes of tensor {name} do not match the manifest's hash")
         raise ModelFetchError(f"no seeder served tensor {name} of {self.ref} intact (tried {', '.join(tried) or 'none'})")
 
+    def _copy_patiently(self, path: Path, seeder: Seeder, item: str, offset: int, length: int) -> str | None:
+        """`_copy`, again after a pause while the seeder says it is busy; None if it fails."""
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                return self._copy(path, seeder, item, offset, length)
+            except MeshpyError as e:
+                if attempt < BUSY_RETRIES and any(busy in str(e) for busy in _BUSY):
+                    time.sleep(0.25 * 2**attempt)
+                    continue
+                self._failed(seeder, f"serving {item}: {e}")
+                return None
+        return None
+
     def _copy(self, path: Path, seeder: Seeder, item: str, offset: int, length: int) -> str:
         """Reads `item` from `seeder` into `path` at `offset`; returns its SHA-256 (hex)."""
         digest = hashlib.sha256()
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            for at in range(0, length, READ_BYTES):
-                data = self.node.blob_read(seeder.peer, self.ref.id, item, at, min(READ_BYTES, length - at),
-                                           seeder.addrs, timeout=READ_TIMEOUT)
-                self._count(seeder.peer, len(data))
-                digest.update(data)
-                os.pwrite(fd, data, offset + at)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+
+        def read(at: int, n: int) -> bytes:
+            data = self._read(seeder, item, at, n)
+            digest.update(data)
+            return data
+
+        write_ranges(path, offset, length, READ_BYTES, read)
         return digest.hexdigest()
 
     def _read_item(self, seeder: Seeder, item: str) -> bytes:
         length = seeder.items[item]
-        parts = []
-        for at in range(0, length, READ_BYTES):
-            data = self.node.blob_read(seeder.peer, self.ref.id, item, at, min(READ_BYTES, length - at), seeder.addrs,
-                                       timeout=READ_TIMEOUT)
-            self._count(seeder.peer, len(data))
-            parts.append(data)
-        return b"".join(parts)
+        return b"".join(self._read(seeder, item, at, min(READ_BYTES, length - at)) for at in range(0, length, READ_BYTES))
+
+    def _read(self, seeder: Seeder, item: str, at: int, n: int) -> bytes:
+        data = self.node.blob_read(seeder.peer, self.ref.id, item, at, n, seeder.addrs, timeout=read_timeout(n))
+        self._count(seeder.peer, len(data))
+        return data
+
+    def _failed(self, seeder: Seeder, why: str) -> None:
+        """Counts a failed read; a seeder failing `MAX_FAILURES` times is dropped for this fetch."""
+        log.warning("seeder %s of %s failed %s; trying another", seeder.peer, self.ref, why)
+        with self._lock:
+            self._failures[seeder.peer] += 1
+            failures = self._failures[seeder.peer]
+        if failures == MAX_FAILURES:
+            self._ban(seeder, f"it failed {failures} reads (unreachable, or slower than {MIN_READ_RATE >> 10} KiB/s)")
 
     def _ban(self, seeder: Seeder, why: str) -> None:
         log.warning("banning seeder %s of %s: %s", seeder.peer, self.ref, why)

@@ -23,27 +23,30 @@ file names it by content instead (`mesh.identity`), and the two ids differ.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from meshpy import _native
 from meshpy.errors import MeshpyError, ModelFetchError
-from meshpy.mesh.fetch import Fetcher
-from meshpy.mesh.identity import _slug, manifest_bytes, model_manifest
-from meshpy.mesh.store import HELD_FILE, MANIFEST_FILE, WEIGHTS_FILE, ModelStore, StoredModel, sparse_file, write_atomically
+from meshpy.mesh.fetch import READ_TIMEOUT_BASE, Fetcher, read_timeout, write_ranges
+from meshpy.mesh.identity import manifest_bytes, model_manifest, slug
+from meshpy.mesh.store import MANIFEST_FILE, WEIGHTS_FILE, ModelStore, StoredModel, build_into, sparse_file, write_atomically
 from meshpy.models.source import open_model_source
 
 __all__ = ["HubRef", "hub_ref", "HubFetcher", "download_whole"]
 
 log = logging.getLogger(__name__)
 
-#: What the store keeps of the Hub's answer: repository, choice, commit, files.
+#: What the store keeps of the Hub's answer: repository, commit, the files' hashes and sizes, the
+#: choice asked for, and which store file holds which repository file (`local_files`).
 HUB_FILE = "meshpy-hub.json"
 #: Bytes per range request.
 READ_BYTES = 16 << 20
@@ -77,12 +80,14 @@ class HubRef:
 
 def hub_ref(model: str | os.PathLike[str]) -> HubRef | None:
     """The Hub reference `model` spells (`org/repo`, `org/repo:Q4_K_M`), unless it names a file
-    or directory here."""
+    or directory here, or looks like a path to one (`models/x.gguf`)."""
     text = str(model)
     if Path(text).expanduser().exists():
         return None
     m = _HUB_REF.match(text.strip())
-    return HubRef(m["repo"], m["choice"]) if m else None
+    if not m or m["repo"].endswith((".gguf", ".safetensors", ".json", ".bin")):
+        return None
+    return HubRef(m["repo"], m["choice"])
 
 
 def _offline() -> bool:
@@ -109,8 +114,14 @@ def _pick(ref: HubRef, files: dict[str, dict[str, Any]]) -> tuple[str, list[str]
                                   "(llama-gguf-split --merge) or choose another file")
         return "gguf", [name]
     if INDEX_FILE in files:
-        index = files[INDEX_FILE]
-        return "safetensors", sorted(set(index["weight_map"].values()))
+        weight_map = files[INDEX_FILE].get("weight_map") if isinstance(files[INDEX_FILE], dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFetchError(f"{ref.repo}: {INDEX_FILE} has no weight_map")
+        shards = sorted(set(weight_map.values()))
+        bad = [s for s in shards if not isinstance(s, str) or "/" in s or s.startswith(".") or s not in files]
+        if bad:
+            raise ModelFetchError(f"{ref.repo}: {INDEX_FILE} names shards that are not files of the repository: {bad[:4]}")
+        return "safetensors", shards
     if "model.safetensors" in files:
         return "safetensors", ["model.safetensors"]
     if len(ggufs) == 1:
@@ -150,18 +161,27 @@ class HubFetcher(Fetcher):
             info = HfApi(user_agent=self.user_agent).model_info(self.ref.repo, files_metadata=True)
         except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; the message says which
             raise ModelFetchError(f"cannot look up {self.ref.repo} on the Hub: {e}") from e
+        # The commit names a directory: only a commit hash may.
+        if not isinstance(info.sha, str) or not re.fullmatch(r"[0-9a-f]{40}", info.sha):
+            raise ModelFetchError(f"the Hub answered {self.ref.repo} with no valid commit hash ({info.sha!r})")
+        self._commit = info.sha
         files = {s.rfilename: s for s in info.siblings or []}
-        self._commit = str(info.sha)
         directory = root / self._commit
-        if (directory / MANIFEST_FILE).is_file():
-            (root / "last").write_text(self._commit)
-            return self._opened(directory)
+        if not (directory / MANIFEST_FILE).is_file():
+            build_into(directory, lambda aside: self._build(aside, files))
+        (root / "last").write_text(self._commit)
+        return self._opened(directory)
+
+    def _build(self, directory: Path, files: dict[str, Any]) -> None:
+        """Fills a new store directory: headers, small files, the record of the Hub's answer and
+        the manifest."""
         index = None
         if INDEX_FILE in files:
-            index = json.loads(Path(self._download_small(INDEX_FILE)).read_text())
-        kind, chosen = _pick(self.ref, {**{f: {} for f in files}, **({INDEX_FILE: index} if index else {})})
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
+            try:
+                index = json.loads(Path(self._download_small(INDEX_FILE)).read_text())
+            except ValueError as e:
+                raise ModelFetchError(f"{self.ref.repo}: {INDEX_FILE} is not JSON: {e}") from e
+        kind, chosen = _pick(self.ref, {**{f: {} for f in files}, **({INDEX_FILE: index} if index is not None else {})})
         sha = {f: (files[f].lfs.sha256 if files[f].lfs else files[f].blob_id) for f in chosen}
         sizes = {f: int(files[f].lfs.size if files[f].lfs else files[f].size or 0) for f in chosen}
         if kind == "gguf":
@@ -169,23 +189,21 @@ class HubFetcher(Fetcher):
             self._gguf_header(directory / WEIGHTS_FILE, chosen[0], sizes[chosen[0]])
             name = None
         else:
-            self._files = {Path(f).name: f for f in chosen}
+            self._files = {f: f for f in chosen}  # plain file names (checked by `_pick`)
             for f in SMALL_FILES:
                 if f in files:
                     shutil.copyfile(self._download_small(f), directory / f)
             for f in chosen:
-                self._safetensors_header(directory / Path(f).name, f, sizes[f])
-            name = _slug(self.ref.repo.rsplit("/", 1)[-1])
+                self._safetensors_header(directory / f, f, sizes[f])
+            name = slug(self.ref.repo.rsplit("/", 1)[-1])
         # The files chosen name the model, not how they were asked for (`:q4_1` or `:Q4_1`).
         hub = {"repo": self.ref.repo, "commit": self._commit, "files": sha}
         manifest = model_manifest(open_model_source(directory), hub=hub, name=name)
-        write_atomically(directory / HUB_FILE, json.dumps({"files": self._files, "choice": self.ref.choice, **hub}).encode())
+        write_atomically(directory / HUB_FILE, json.dumps({**hub, "local_files": self._files, "choice": self.ref.choice,
+                                                           "sizes": sizes}).encode())
         write_atomically(directory / MANIFEST_FILE, manifest_bytes(manifest))
-        (directory / HELD_FILE).unlink(missing_ok=True)
-        (root / "last").write_text(self._commit)
         log.info("model %s: %s at commit %s, %d tensors in %d layers", self.ref, ", ".join(chosen), self._commit[:12],
                  len(manifest["tensors"]), len(manifest["layers"]))
-        return StoredModel(directory)
 
     def _last(self, root: Path) -> Path | None:
         try:
@@ -196,7 +214,7 @@ class HubFetcher(Fetcher):
 
     def _opened(self, directory: Path) -> StoredModel:
         hub = json.loads((directory / HUB_FILE).read_text())
-        self._files, self._commit = hub["files"], hub["commit"]
+        self._files, self._commit = hub["local_files"], hub["commit"]
         log.info("model %s: commit %s from the store", self.ref, self._commit[:12])
         return StoredModel(directory)
 
@@ -214,35 +232,53 @@ class HubFetcher(Fetcher):
     def _download_small(self, repo_file: str) -> str:
         from huggingface_hub import hf_hub_download
 
-        return str(hf_hub_download(self.ref.repo, repo_file, revision=self._commit or None, user_agent=self.user_agent))
+        try:
+            return str(hf_hub_download(self.ref.repo, repo_file, revision=self._commit or None, user_agent=self.user_agent))
+        except Exception as e:  # noqa: BLE001 - huggingface_hub raises many kinds; the message says which
+            raise ModelFetchError(f"{self.ref.repo}: cannot download {repo_file}: {e}") from e
 
     def _read(self, repo_file: str, start: int, length: int) -> bytes:
-        """`length` bytes of a repository file from `start` (one range request)."""
+        """`length` (> 0) bytes of a repository file from `start`: one range request, whose
+        answer must say it is that range before anything is read, and must come within
+        `read_timeout(length)`."""
         from huggingface_hub.utils import build_hf_headers, get_session
 
         headers = build_hf_headers(user_agent=self.user_agent)
         headers["Range"] = f"bytes={start}-{start + length - 1}"
         headers["Accept-Encoding"] = "identity"
+        deadline = time.monotonic() + read_timeout(length)
+        what = f"{self.ref}: {repo_file} bytes {start}..+{length}"
         try:
-            response = get_session().get(self._url(repo_file), headers=headers, follow_redirects=True, timeout=60.0)
+            with get_session().stream("GET", self._url(repo_file), headers=headers, follow_redirects=True,
+                                      timeout=READ_TIMEOUT_BASE) as response:
+                got_range = response.headers.get("Content-Range", "")
+                if response.status_code != 206 or not got_range.startswith(f"bytes {start}-{start + length - 1}/"):
+                    raise ModelFetchError(f"{what}: HTTP {response.status_code}, Content-Range {got_range!r} (the server "
+                                          "must answer range requests: it cannot serve parts otherwise)")
+                parts, n = [], 0
+                for part in response.iter_bytes():
+                    n += len(part)
+                    if n > length or time.monotonic() > deadline:
+                        raise ModelFetchError(f"{what}: {'more bytes than asked for' if n > length else 'too slow'}")
+                    parts.append(part)
+        except ModelFetchError:
+            raise
         except Exception as e:  # noqa: BLE001 - the transport's errors, named in the message
-            raise ModelFetchError(f"{self.ref}: cannot read {repo_file}: {e}") from e
-        if response.status_code != 206 or len(response.content) != length:
-            raise ModelFetchError(f"{self.ref}: {repo_file} bytes {start}..+{length}: HTTP {response.status_code} with "
-                                  f"{len(response.content)} bytes (a server without range requests cannot serve parts)")
+            raise ModelFetchError(f"{what}: {e}") from e
+        if n != length:
+            raise ModelFetchError(f"{what}: {n} bytes came")
         self._count("hub", length)
-        return response.content
+        return b"".join(parts)
 
     def _gguf_header(self, path: Path, repo_file: str, size: int) -> None:
         """Reads the GGUF's first bytes, more each time, until its header parses from them alone."""
+        if size <= 0:
+            raise ModelFetchError(f"{self.ref}: the Hub lists {repo_file} with no size")
         sparse_file(path, b"", size)
         have = 0
         want = min(FIRST_HEADER_BYTES, size)
         while True:
-            data = self._read(repo_file, have, want - have)
-            with open(path, "r+b") as f:
-                f.seek(have)
-                f.write(data)
+            write_ranges(path, have, want - have, READ_BYTES, lambda at, n, base=have: self._read(repo_file, base + at, n))
             have = want
             error: Exception | None = None
             try:
@@ -260,22 +296,33 @@ class HubFetcher(Fetcher):
 
     def _safetensors_header(self, path: Path, repo_file: str, size: int) -> None:
         """Reads a safetensors file's header (its length, then its JSON)."""
+        if size < 8:
+            raise ModelFetchError(f"{self.ref}: the Hub lists {repo_file} as {size} bytes, too few for safetensors")
         n = int.from_bytes(self._read(repo_file, 0, 8), "little")
         if not 0 < n <= min(size - 8, 100 << 20):
             raise ModelFetchError(f"{self.ref}: {repo_file} declares a {n}-byte header in a {size}-byte file")
         sparse_file(path, n.to_bytes(8, "little") + self._read(repo_file, 8, n), size)
 
     def _fetch_tensor(self, stored: StoredModel, name: str, where: tuple[Path, int, int]) -> str:
+        """Writes tensor `name` from the Hub: trusted over TLS, as no per-tensor hash exists
+        (a whole download is checked against the files' hashes, `download_whole`)."""
         path, offset, length = where
         repo_file = self._files[path.name]
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            for at in range(0, length, READ_BYTES):
-                os.pwrite(fd, self._read(repo_file, offset + at, min(READ_BYTES, length - at)), offset + at)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        if length:
+            write_ranges(path, offset, length, READ_BYTES, lambda at, n: self._read(repo_file, offset + at, n))
         return name
+
+    def check_files(self, stored: StoredModel) -> None:
+        """Checks each whole weight file against the SHA-256 the Hub lists for it (every tensor
+        must be held)."""
+        hub = json.loads((stored.dir / HUB_FILE).read_text())
+        for local, repo_file in hub["local_files"].items():
+            digest = hashlib.sha256()
+            with open(stored.dir / local, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    digest.update(chunk)
+            if digest.hexdigest() != stored.manifest["hub"]["files"][repo_file]:
+                raise ModelFetchError(f"{self.ref}: {repo_file} as downloaded does not match the SHA-256 the Hub lists for it")
 
 
 def download_whole(ref: HubRef, store: str | os.PathLike[str] | None = None) -> Path:
@@ -283,5 +330,7 @@ def download_whole(ref: HubRef, store: str | os.PathLike[str] | None = None) -> 
     returns its directory, for a process that runs every layer."""
     fetcher = HubFetcher(ref, ModelStore(store))
     stored = fetcher.open()
-    fetcher.fetch(stored, set(stored.manifest["tensors"]), "the whole model")
+    if not stored.held >= set(stored.manifest["tensors"]):
+        fetcher.fetch(stored, set(stored.manifest["tensors"]), "the whole model")
+        fetcher.check_files(stored)
     return stored.dir

@@ -77,9 +77,10 @@ def cache_dir() -> Path:
     return Path(base) / "meshpy"
 
 
-def _slug(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.")
-    return slug[:64] or "model"
+def slug(text: str) -> str:
+    """`text` as a model name: lower case, `[a-z0-9._-]`, at most 64 characters."""
+    out = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.")
+    return out[:64] or "model"
 
 
 #: llama.cpp's `general.file_type` values, as its file names spell them.
@@ -94,9 +95,9 @@ def _readable_name(source: ModelSource) -> str:
         m = source.metadata
         base = m.get("general.basename") or m.get("general.name") or m.get("general.architecture") or "model"
         parts = [str(base), str(m.get("general.size_label") or ""), _FILE_TYPES.get(m.get("general.file_type"), "")]
-        return _slug("-".join(p for p in parts if p))
+        return slug("-".join(p for p in parts if p))
     origin = str(source.config.get("_name_or_path") or "").rstrip("/").rsplit("/", 1)[-1]
-    return _slug(origin or str(source.config.get("model_type") or "model"))
+    return slug(origin or str(source.config.get("model_type") or "model"))
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:blk|layers|h)\.(\d+)\.")

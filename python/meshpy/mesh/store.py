@@ -22,12 +22,15 @@ there for the family readers, while the disk holds only this node's share.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +39,15 @@ from meshpy.errors import InvalidArgumentError
 from meshpy.mesh.identity import ModelIdentity, cache_dir, manifest_digest, metadata_hash
 from meshpy.models.source import ModelSource, open_model_source
 
-__all__ = ["ModelStore", "StoredModel", "default_store_dir", "parse_model_ref", "model_ref", "ModelRef", "stored_part", "check_metadata"]
+__all__ = ["ModelStore", "StoredModel", "default_store_dir", "parse_model_ref", "model_ref", "ModelRef", "stored_part", "build_into", "locked",
+           "MetadataMismatch", "write_atomically", "sparse_file"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "meshpy-manifest.json"
 WEIGHTS_FILE = "model.gguf"
 HELD_FILE = "meshpy-held.json"
+LOCK_FILE = ".meshpy-lock"
 
 #: `name@hex`: a model id (12 hex digits, as DHT keys spell it) or a full 64-digit hash; or a
 #: bare name, for the mesh to resolve (not one that looks like a file).
@@ -129,9 +134,15 @@ class StoredModel:
         return open_model_source(self.dir)
 
     def mark_held(self, names: list[str]) -> None:
-        """Records tensors as written and verified (their bytes must be flushed already)."""
-        self.held.update(names)
-        _write_atomically(self.dir / HELD_FILE, json.dumps(sorted(self.held)).encode())
+        """Records tensors as written and verified (their bytes must be flushed already),
+        keeping what other processes sharing the store recorded meanwhile."""
+        with locked(self.dir / LOCK_FILE):
+            try:
+                self.held |= set(json.loads((self.dir / HELD_FILE).read_text()))
+            except (OSError, ValueError):
+                pass
+            self.held.update(names)
+            write_atomically(self.dir / HELD_FILE, json.dumps(sorted(self.held)).encode())
 
     def held_bytes(self) -> int:
         layout = self.layout()
@@ -161,27 +172,62 @@ class ModelStore:
 
     def create(self, manifest_bytes: bytes, metadata_prefix: bytes) -> StoredModel:
         """A new stored model from its manifest (already checked against its hash) and its GGUF
-        metadata bytes (a GGUF's bytes up to the end of its key-values): writes the manifest and
-        the weights file's header, the rest of the file left a hole. The caller checks the
-        metadata against the manifest (`check_metadata`) before fetching anything else."""
+        metadata bytes (a GGUF's bytes up to the end of its key-values): the weights file's
+        header, the rest of the file a hole, and the manifest. Raises MetadataMismatch when the
+        metadata is not the manifest's. Built aside and renamed into place, so the store never
+        holds half a model, and a process sharing the store that created it first wins."""
         manifest = json.loads(manifest_bytes)
         if manifest.get("format") != "gguf":
             raise InvalidArgumentError(
                 f"model {manifest.get('name')} is a {manifest.get('format')} checkpoint; only GGUF models can be "
                 "fetched from peers so far"
             )
-        digest = manifest_digest(manifest)
-        directory = self.root / f"{manifest['name']}@{digest.hex()}"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = self.root / f"{manifest['name']}@{manifest_digest(manifest).hex()}"
         header, layout = _layout(manifest, metadata_prefix)
         end = max((offset + length for offset, length in layout.values()), default=len(header))
-        sparse_file(directory / WEIGHTS_FILE, header, end)
-        (directory / HELD_FILE).unlink(missing_ok=True)
-        _write_atomically(directory / MANIFEST_FILE, manifest_bytes)
-        return StoredModel(directory)
 
-    def remove(self, stored: StoredModel) -> None:
-        shutil.rmtree(stored.dir, ignore_errors=True)
+        def build(aside: Path) -> None:
+            sparse_file(aside / WEIGHTS_FILE, header, end)
+            if manifest.get("metadata", {}).get("gguf") != metadata_hash(_native.Checkpoint([aside / WEIGHTS_FILE]).metadata()):
+                raise MetadataMismatch(f"the metadata served for {manifest['name']} is not its manifest's")
+            write_atomically(aside / MANIFEST_FILE, manifest_bytes)
+
+        return StoredModel(build_into(directory, build))
+
+
+class MetadataMismatch(ValueError):
+    """Metadata that is not what the model's manifest says."""
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `path` (created if missing) against other processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def build_into(directory: Path, build: Callable[[Path], None]) -> Path:
+    """`directory`, made by `build` in a new directory beside it then renamed into place, unless
+    it exists already (another process made it first: its copy is kept)."""
+    if directory.is_dir():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".building-"))
+    try:
+        build(aside)  # its files are flushed (sparse_file, write_atomically) before the rename
+        try:
+            os.rename(aside, directory)
+        except OSError:
+            if not directory.is_dir():
+                raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return directory
 
 
 def stored_part(directory: Path) -> tuple[dict[str, Any] | None, frozenset[str] | None]:
@@ -198,17 +244,9 @@ def sparse_file(path: Path, head: bytes, size: int) -> None:
     with open(path, "wb") as f:
         f.write(head)
         f.truncate(size)
+        f.flush()
+        os.fsync(f.fileno())
 
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file, so readers never see half of it."""
-    _write_atomically(path, data)
-
-
-def check_metadata(stored: StoredModel) -> bool:
-    """Whether the stored weights file's metadata is the manifest's (the hash of its key-values)."""
-    metadata = _native.Checkpoint(stored.weights).metadata()
-    return stored.manifest.get("metadata", {}).get("gguf") == metadata_hash(metadata)
 
 
 def _layout(manifest: dict[str, Any], prefix: bytes) -> tuple[bytes, dict[str, tuple[int, int]]]:
@@ -218,7 +256,8 @@ def _layout(manifest: dict[str, Any], prefix: bytes) -> tuple[bytes, dict[str, t
     return header, dict(zip(names, ranges, strict=True))
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file, so readers never see half of it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     with os.fdopen(fd, "wb") as f:
         f.write(data)

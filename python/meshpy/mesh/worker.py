@@ -140,7 +140,8 @@ class Worker:
         )
         log.info("announcing layers %s of %s", format_layers(layers), self.model.id)
         self._announce([self.model.layer_key(i) for i in layers] + [WORKERS_KEY])
-        self._keys += seed(self.node, source, self.model)
+        mine = {n for i in layers for n in config.layer_names(i).values()} | set(self.model.manifest.get("shared", []))
+        self._keys += seed(self.node, source, self.model, only=mine)
 
     def _peer_limits(self) -> dict[str, int]:
         """The per-peer session limits asked for; those not given keep the core's defaults."""

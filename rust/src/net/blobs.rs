@@ -10,9 +10,10 @@
 //! "model", "item", "offset", "len"}`. The answer is a u32 length, a status byte (0: the bytes
 //! follow; 1: an error message follows, UTF-8), then the payload. Requests are at most
 //! [`MAX_REQUEST`] bytes and reads at most [`MAX_READ`]; one peer may have [`STREAMS_PER_PEER`]
-//! streams open at once, and its requests per second and stalls are bounded by the node's
-//! [`super::PeerLimits`], counted apart from its tensor streams so a large download never
-//! crowds out inference.
+//! streams open at once, the node serves [`READS_IN_FLIGHT`] reads at once for all peers, and
+//! requests per second and stalls are bounded by the node's [`super::PeerLimits`] (a fetch of
+//! many small tensors sends hundreds of requests a second): blob streams are counted apart from
+//! tensor streams, so a large download never crowds out inference.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -21,6 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
 
 use super::behaviour::InboundStreams;
@@ -36,6 +38,9 @@ pub const MAX_READ: u64 = 4 << 20;
 /// Blob streams one peer may have open at once: with reads of at most [`MAX_READ`], a peer
 /// holds at most 64 MiB of this node's memory (a fetching node reads a few tensors at once).
 pub const STREAMS_PER_PEER: usize = 16;
+/// Reads in flight on one node, all peers together: at most 256 MiB of answers held at once,
+/// however many peers ask (a read waits for a permit up to the stall timeout, then is refused).
+pub const READS_IN_FLIGHT: usize = 64;
 /// The most bytes of one request (a JSON object naming a range).
 pub const MAX_REQUEST: usize = 16 << 10;
 /// The most bytes of one answer: a read's bytes, or a list (names and lengths of every item
@@ -141,20 +146,25 @@ impl Request {
 
 /// Accepts inbound blob streams and answers each on a task of its own.
 pub(crate) async fn serve(mut incoming: InboundStreams, seeds: Arc<Seeds>, gate: Arc<PeerGate>) {
+    let reads = Arc::new(Semaphore::new(READS_IN_FLIGHT));
     let corrupt = std::env::var_os(CORRUPT_ENV).is_some_and(|v| !v.is_empty());
     if corrupt {
         tracing::warn!("{CORRUPT_ENV} is set: this node flips a byte of every tensor range it serves (a test adversary)");
     }
     while let Some((peer, stream)) = incoming.next().await {
-        let (seeds, gate) = (Arc::clone(&seeds), Arc::clone(&gate));
-        tokio::spawn(async move { serve_stream(peer, stream, seeds, gate, corrupt).await });
+        let (seeds, gate, reads) = (Arc::clone(&seeds), Arc::clone(&gate), Arc::clone(&reads));
+        tokio::spawn(async move { serve_stream(peer, stream, seeds, gate, reads, corrupt).await });
     }
 }
 
-async fn serve_stream(peer: PeerId, mut stream: Stream, seeds: Arc<Seeds>, gate: Arc<PeerGate>, corrupt: bool) {
-    let answer = match gate.open_stream(peer) {
-        Err(refusal) => Err(refusal.message),
-        Ok(_slot) => answer(peer, &mut stream, &seeds, &gate).await,
+async fn serve_stream(peer: PeerId, mut stream: Stream, seeds: Arc<Seeds>, gate: Arc<PeerGate>, reads: Arc<Semaphore>, corrupt: bool) {
+    // The slot and the read permit are held until the answer is written: a peer that never
+    // reads its answers holds at most its streams' worth of this node's memory.
+    let slot = gate.open_stream(peer);
+    let mut permit = None;
+    let answer = match &slot {
+        Err(refusal) => Err(refusal.message.clone()),
+        Ok(_) => answer(peer, &mut stream, &seeds, &gate, &reads, &mut permit).await,
     };
     let answer = answer.map(|(mut bytes, tensor)| {
         if corrupt && tensor && !bytes.is_empty() {
@@ -179,11 +189,19 @@ async fn serve_stream(peer: PeerId, mut stream: Stream, seeds: Arc<Seeds>, gate:
     if !matches!(sent, Ok(Ok(()))) {
         tracing::debug!(%peer, "a blob answer could not be delivered");
     }
+    drop((slot, permit));
 }
 
 /// The answer to the one request `stream` carries (and whether it is a tensor's bytes), or why
-/// there is none.
-async fn answer(peer: PeerId, stream: &mut Stream, seeds: &Seeds, gate: &PeerGate) -> std::result::Result<(Vec<u8>, bool), String> {
+/// there is none. A read takes one of the node's read permits into `permit` first.
+async fn answer(
+    peer: PeerId,
+    stream: &mut Stream,
+    seeds: &Seeds,
+    gate: &PeerGate,
+    reads: &Arc<Semaphore>,
+    permit: &mut Option<OwnedSemaphorePermit>,
+) -> std::result::Result<(Vec<u8>, bool), String> {
     let stall = gate.limits().stall_timeout;
     let body = tokio::time::timeout(stall, read_message(stream, MAX_REQUEST))
         .await
@@ -197,6 +215,12 @@ async fn answer(peer: PeerId, stream: &mut Stream, seeds: &Seeds, gate: &PeerGat
                 return Err(format!("a read may ask for at most {MAX_READ} bytes, not {len}"));
             }
             let blob = seeds.get(&model, &item)?;
+            *permit = Some(
+                tokio::time::timeout(gate.limits().stall_timeout, Arc::clone(reads).acquire_owned())
+                    .await
+                    .map_err(|_| "this node is busy serving other reads; try another seeder".to_string())?
+                    .map_err(|_| "the node is shutting down".to_string())?,
+            );
             if offset.checked_add(len).is_none_or(|end| end > blob.len()) {
                 return Err(format!("bytes {offset}..+{len} are past the end of {item:?} ({} bytes)", blob.len()));
             }

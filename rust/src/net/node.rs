@@ -137,7 +137,7 @@ impl Node {
             let server = Server {
                 handler: Arc::clone(&handler),
                 limits: config.limits,
-                gate: Arc::new(super::peers::PeerGate::new(config.peer_limits)),
+                gate: Arc::new(super::peers::PeerGate::new(config.peer_limits, "tensor")),
                 info: Arc::clone(&info),
                 streams: Arc::clone(&streams),
                 pool: pool.clone(),
@@ -146,7 +146,7 @@ impl Node {
             };
             tokio::spawn(tensor::serve(incoming, server));
             let blob_limits = super::PeerLimits { max_streams: blobs::STREAMS_PER_PEER, ..config.peer_limits };
-            let blob_gate = Arc::new(super::peers::PeerGate::new(blob_limits));
+            let blob_gate = Arc::new(super::peers::PeerGate::new(blob_limits, "blob"));
             tokio::spawn(blobs::serve(blob_incoming, Arc::clone(&seeds), blob_gate));
             tokio::spawn(tensor::maintain(Arc::clone(&handler), outbox, Duration::from_secs(1)));
             let mut state = Loop::new(swarm, pool, blob_opener, listen_addrs, Arc::clone(&info), config.network_key.is_some(), config.dht_server);

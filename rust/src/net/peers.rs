@@ -52,6 +52,8 @@ struct Standing {
 /// The per-peer accounting of a node's server.
 pub(crate) struct PeerGate {
     limits: PeerLimits,
+    /// The protocol whose streams it counts ("tensor", "blob"), for messages.
+    what: &'static str,
     peers: Mutex<HashMap<PeerId, Standing>>,
 }
 
@@ -75,8 +77,8 @@ impl Drop for StreamSlot {
 }
 
 impl PeerGate {
-    pub(crate) fn new(limits: PeerLimits) -> Self {
-        PeerGate { limits, peers: Mutex::default() }
+    pub(crate) fn new(limits: PeerLimits, what: &'static str) -> Self {
+        PeerGate { limits, what, peers: Mutex::default() }
     }
 
     pub(crate) fn limits(&self) -> PeerLimits {
@@ -105,8 +107,9 @@ impl PeerGate {
         let s = self.standing(&mut peers, peer);
         if s.streams >= self.limits.max_streams {
             return Err(overloaded(format!(
-                "{peer} has {} tensor streams open here, the most one peer may have at once",
-                self.limits.max_streams
+                "{peer} has {} {} streams open here, the most one peer may have at once",
+                self.limits.max_streams,
+                self.what
             )));
         }
         s.streams += 1;

@@ -433,6 +433,7 @@ fn many_provider_lookups_run_at_once() {
 pub(crate) struct RawPeer {
     pub(crate) runtime: tokio::runtime::Runtime,
     pub(crate) opener: streams::Opener,
+    blob_opener: streams::Opener,
     swarm: tokio::task::JoinHandle<()>,
     _dir: TempDir,
 }
@@ -445,7 +446,8 @@ impl RawPeer {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let keypair = identity::load_or_create(&dir.0).unwrap();
         let config = config(&dir, transport, vec![]);
-        let (mut swarm, [(opener, _incoming), _blobs]) = runtime.block_on(async { behaviour::build_swarm(keypair, &config) }).unwrap();
+        let (mut swarm, [(opener, _incoming), (blob_opener, _blob_incoming)]) =
+            runtime.block_on(async { behaviour::build_swarm(keypair, &config) }).unwrap();
         let mut base = addr.clone();
         base.pop();
         // Kademlia hands the address out for dials by peer id (reconnections).
@@ -457,7 +459,7 @@ impl RawPeer {
                 swarm.select_next_some().await;
             }
         });
-        RawPeer { runtime, opener, swarm, _dir: dir }
+        RawPeer { runtime, opener, blob_opener, swarm, _dir: dir }
     }
 
     /// A new tensor stream to `peer` with `bytes` written on it.
@@ -465,6 +467,17 @@ impl RawPeer {
         use futures::AsyncWriteExt;
         self.runtime.block_on(async {
             let mut stream = self.opener.open(peer, Vec::new()).await.unwrap();
+            stream.write_all(bytes).await.unwrap();
+            stream.flush().await.unwrap();
+            stream
+        })
+    }
+
+    /// A new blob stream to `peer` with `bytes` written on it.
+    pub(crate) fn blob_stream_with(&self, peer: PeerId, bytes: &[u8]) -> libp2p::Stream {
+        use futures::AsyncWriteExt;
+        self.runtime.block_on(async {
+            let mut stream = self.blob_opener.open(peer, Vec::new()).await.unwrap();
             stream.write_all(bytes).await.unwrap();
             stream.flush().await.unwrap();
             stream

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
 
-use super::blobs::{Blob, MAX_READ};
-use super::tests::{config, TempDir};
+use super::blobs::{Blob, MAX_READ, STREAMS_PER_PEER};
+use super::tests::{config, RawPeer, TempDir};
 use super::*;
 
 fn pair(limits: PeerLimits) -> (TempDir, TempDir, Node, Node) {
@@ -80,4 +80,26 @@ fn a_peer_over_its_request_rate_is_refused() {
     let refused = outcomes.iter().filter_map(|o| o.as_ref().err()).collect::<Vec<_>>();
     assert!(!refused.is_empty(), "20 requests at once passed a 5-per-second limit");
     assert!(refused.iter().all(|e| e.to_string().contains("requests per second")), "{refused:?}");
+}
+
+#[test]
+fn a_peer_that_leaves_its_answers_unread_holds_no_more_than_its_streams() {
+    let (_da, _db, a, _b) = pair(PeerLimits::default());
+    let big: Vec<u8> = vec![7u8; MAX_READ as usize];
+    let mut items = BTreeMap::new();
+    items.insert("big".to_string(), Blob::Bytes(Arc::from(&big[..])));
+    a.seeds().set("m".to_string(), items);
+    let raw = RawPeer::new(Transport::Tcp, a.peer_id(), &a.listen_addrs().unwrap()[0]);
+    let request = serde_json::json!({"op": "read", "model": "m", "item": "big", "offset": 0, "len": MAX_READ}).to_string();
+    let mut framed = (request.len() as u32).to_le_bytes().to_vec();
+    framed.extend_from_slice(request.as_bytes());
+    // Each stream's 4 MiB answer waits on this peer, which never reads it.
+    let held: Vec<_> = (0..STREAMS_PER_PEER).map(|_| raw.blob_stream_with(a.peer_id(), &framed)).collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut one_more = raw.blob_stream_with(a.peer_id(), &framed);
+    let reply = raw.reply(&mut one_more, false);
+    assert_eq!(reply.get(4), Some(&1u8), "the stream past the limit was served");
+    let message = String::from_utf8_lossy(&reply[5..]);
+    assert!(message.contains("blob streams open here"), "{message}");
+    drop(held);
 }

@@ -417,6 +417,8 @@ impl PyNode {
     /// length)`, a range of a file (opened now, and checked to hold that range).
     fn seed(&self, model: String, items: &Bound<'_, PyDict>) -> PyResult<()> {
         let mut blobs = std::collections::BTreeMap::new();
+        // One open file per path, however many items it holds (a model has hundreds of tensors).
+        let mut files: std::collections::HashMap<PathBuf, (Arc<std::fs::File>, u64)> = std::collections::HashMap::new();
         for (name, value) in items.iter() {
             let name: String = name.extract()?;
             let blob = if let Ok(bytes) = value.cast::<PyBytes>() {
@@ -425,14 +427,20 @@ impl PyNode {
                 let (path, offset, len): (PathBuf, u64, u64) = value.extract().map_err(|_| {
                     invalid(format!("item {name:?} must be bytes or (path, offset, length)"))
                 })?;
-                let file = std::fs::File::open(&path)
-                    .map_err(|e| Error::Io { path: path.clone(), source: e })
-                    .map_err(to_py_err)?;
-                let size = file.metadata().map_err(|e| Error::Io { path: path.clone(), source: e }).map_err(to_py_err)?.len();
+                let (file, size) = match files.get(&path) {
+                    Some(open) => open.clone(),
+                    None => {
+                        let io = |e| to_py_err(Error::Io { path: path.clone(), source: e });
+                        let file = std::fs::File::open(&path).map_err(io)?;
+                        let size = file.metadata().map_err(io)?.len();
+                        files.insert(path.clone(), (Arc::new(file), size));
+                        files[&path].clone()
+                    }
+                };
                 if offset.checked_add(len).is_none_or(|end| end > size) {
                     return Err(invalid(format!("item {name:?}: bytes {offset}..+{len} are past the end of {} ({size} bytes)", path.display())));
                 }
-                Blob::File { file: Arc::new(file), offset, len }
+                Blob::File { file, offset, len }
             };
             blobs.insert(name, blob);
         }
