@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from meshpy.errors import ModelFetchError, ModelSourceError
@@ -28,6 +27,7 @@ from meshpy.mesh.store import ModelStore, parse_model_ref
 from meshpy.models.source import open_model_source
 from meshpy.pipeline import LocalSpan
 from meshpy.settings import NodeSettings
+from tests.test_mesh import greedy
 
 PROMPT = "Name three colors of the rainbow."
 TOKENS = 64
@@ -53,20 +53,6 @@ def _parts(gguf: Path) -> tuple[dict[str, int], list[list[str]], list[str], int]
         sizes[name] = end - start
     assert source.checkpoint.metadata_end is not None
     return sizes, manifest["layers"], manifest["shared"], len(manifest_bytes(manifest)) + source.checkpoint.metadata_end
-
-
-def greedy(model: Model, prompt: str, n: int) -> list[int]:
-    """`n` greedy tokens, not stopping at end-of-turn."""
-    session = model.new_session()
-    try:
-        logits = model.prefill(session, model.encode(prompt))
-        out = []
-        for _ in range(n):
-            out.append(int(np.argmax(model.end.samplable(logits))))
-            logits = model.step(session, out[-1])
-        return out
-    finally:
-        model.close_session(session)
 
 
 def _fetched(model: Model, worker_peer: str) -> dict:

@@ -14,7 +14,7 @@ from meshpy.mesh.fetch import cannot_seed, seed, seeds_key
 from meshpy.mesh.hub import HubFetcher, hub_ref
 from meshpy.mesh.store import ModelStore, model_ref
 from meshpy.mesh.identity import CHECKERS_KEY, WORKERS_KEY, model_identity
-from meshpy.mesh.nodes import parse_bootstrap, start_node
+from meshpy.mesh.nodes import NodeDir, parse_bootstrap, start_node
 from meshpy.mesh.placement import format_size
 from meshpy.mesh.routing import describe_peers
 from meshpy.mesh.worker import Worker
@@ -34,8 +34,13 @@ def run_bootstrap(settings: BootstrapSettings) -> int:
     """Starts a rendezvous node, prints its addresses, and runs until stopped."""
     stop_on_sigterm()
     node, node_dir = start_node(settings, "bootstrap")
+    return _serve_until_stopped(node, node_dir, f"meshpy bootstrap node {node.peer_id}; join with --bootstrap and one of:")
+
+
+def _serve_until_stopped(node: _native.Node, node_dir: NodeDir, banner: str) -> int:
+    """Prints `banner` (stderr) and the node's addresses (stdout), then serves until stopped."""
     try:
-        print(f"meshpy bootstrap node {node.peer_id}; join with --bootstrap and one of:", file=sys.stderr)
+        print(banner, file=sys.stderr)
         for addr in node.listen_addrs():
             print(addr, flush=True)
         threading.Event().wait()
@@ -60,15 +65,12 @@ def run_seed(settings: SeedSettings) -> int:
     node, node_dir = start_node(settings, "seed", parse_bootstrap(settings.bootstrap))
     try:
         seed(node, source, identity)
-        print(f"meshpy seed {node.peer_id} serves {identity.id} (start workers with --model {identity.id}); listening on:",
-              file=sys.stderr)
-        for addr in node.listen_addrs():
-            print(addr, flush=True)
-        threading.Event().wait()
-    finally:
+    except BaseException:
         node.close()
         node_dir.cleanup()
-    return 0
+        raise
+    return _serve_until_stopped(node, node_dir, f"meshpy seed {node.peer_id} serves {identity.id} (start workers with "
+                                                f"--model {identity.id}); listening on:")
 
 
 def run_worker(settings: WorkerSettings) -> int:
