@@ -148,10 +148,17 @@ RANDOM_BLOCK_TYPES = {
     Q.Q5_K: ((0, 2), (4, 16)),
     Q.IQ4_NL: ((0,), None),
     Q.IQ4_XS: ((0,), (2, 8)),
+    Q.MXFP4: ((), None),  # its scale is an E8M0 exponent byte (MXFP4_EXPONENTS)
 }
 # f16 scales every set of random blocks starts with: the largest finite, the smallest
 # subnormal, the smallest normal, zeros of both signs, one.
 EXTREME_HALVES = [65504.0, -65504.0, 2.0**-24, -(2.0**-24), 2.0**-14, 0.0, -0.0, 1.0]
+
+
+# MXFP4 exponents every set of random blocks starts with: the subnormal scales (0, 1), the
+# smallest normal one, the edges of what f16 holds exactly (104, 143), one (128), and the
+# largest a 4096-element dot keeps finite in f32.
+MXFP4_EXPONENTS = [0, 1, 2, 103, 104, 127, 128, 143, 144, 200]
 
 
 def _random_blocks(qtype: gguf.GGMLQuantizationType, n_blocks: int, seed: int) -> np.ndarray:
@@ -167,6 +174,9 @@ def _random_blocks(qtype: gguf.GGMLQuantizationType, n_blocks: int, seed: int) -
         d = (rng.standard_normal(n_blocks) * magnitude).astype(np.float16)
         d[: len(EXTREME_HALVES)] = EXTREME_HALVES
         blocks[:, at : at + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    if qtype == Q.MXFP4:
+        blocks[:, 0] = rng.integers(0, 201, n_blocks, dtype=np.uint8)
+        blocks[: len(MXFP4_EXPONENTS), 0] = MXFP4_EXPONENTS
     if scale_bytes is not None:
         lo, hi = scale_bytes
         blocks[8:16, lo:hi] = 0xFF
@@ -323,7 +333,17 @@ def test_stubs_match_the_extension() -> None:
     parts = re.split(r"^# (\w+) \(rust/src/py/\w+\.rs\)$", stub, flags=re.MULTILINE)
     section = dict(zip(parts[1::2], parts[2::2]))["quant"]
     functions = [node for node in ast.parse(section).body if isinstance(node, ast.FunctionDef)]
-    assert {f.name for f in functions} == {"dequantize", "quantize", "vec_dot", "simd_level", "simd_levels", "set_simd_level"}
+    assert {f.name for f in functions} == {"dequantize", "quantize", "vec_dot", "tensor_nbytes", "simd_level", "simd_levels", "set_simd_level"}
     for f in functions:
         runtime = list(inspect.signature(getattr(_native, f.name)).parameters)
         assert runtime == [a.arg for a in f.args.args], f.name
+
+
+def test_tensor_nbytes_is_what_the_file_stores(smollm2_gguf: Path) -> None:
+    """Every tensor's byte count from its type and shape equals its byte range in the file."""
+    ckpt = _native.Checkpoint([smollm2_gguf])
+    for name in ckpt.tensor_names():
+        type_name, shape = ckpt.tensor_info(name)
+        _, start, end = ckpt.byte_range(name)
+        assert _native.tensor_nbytes(type_name, list(shape)) == end - start, name
+    assert _native.tensor_nbytes("MXFP4", [4, 64]) == 4 * 2 * 17

@@ -67,6 +67,9 @@ def quantize(type_name: str, x: npt.NDArray[np.float32]) -> bytes:
 def vec_dot(type_name: str, w: bytes | bytearray | memoryview | npt.NDArray[np.generic], x: npt.NDArray[np.float32]) -> float:
     """Dot of weight row w with x (1-D float32), x quantized to the type's activation format."""
 
+def tensor_nbytes(type_name: str, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of that type and shape (outermost first) as a checkpoint stores it."""
+
 def simd_level() -> str:
     """The kernels' instruction set: "scalar", "avx2", "avx512" or "avx512vnni" (the CPU's
     best, or what MESHPY_ISA / set_simd_level chose)."""

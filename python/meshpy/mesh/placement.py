@@ -9,10 +9,10 @@ contiguous part of its range, so overlapping ranges still chain into routes.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
+from meshpy import _native
 from meshpy.errors import InvalidArgumentError
 from meshpy.models.config import ModelConfig, split_tensor_ref
 from meshpy.models.source import ModelSource
@@ -35,26 +35,6 @@ RUNTIME_OVERHEAD = 150 << 20
 #: Left free for the rest of the machine when `--memory` is not given.
 _FREE_MARGIN = 512 << 20
 
-# Bytes per block and values per block of the ggml types (llama.cpp ggml-common.h).
-_BLOCKS = {
-    "F32": (4, 1),
-    "F16": (2, 1),
-    "BF16": (2, 1),
-    "Q4_0": (18, 32),
-    "Q4_1": (20, 32),
-    "Q5_0": (22, 32),
-    "Q5_1": (24, 32),
-    "Q8_0": (34, 32),
-    "Q8_1": (36, 32),
-    "Q2_K": (84, 256),
-    "Q3_K": (110, 256),
-    "Q4_K": (144, 256),
-    "Q5_K": (176, 256),
-    "Q6_K": (210, 256),
-    "Q8_K": (292, 256),
-    "IQ4_NL": (18, 32),
-    "IQ4_XS": (136, 256),
-}
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
           "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
 
@@ -117,8 +97,7 @@ def layer_nbytes(source: ModelSource, config: ModelConfig, layer: int) -> int:
         # A role may be rows of a fused tensor (Phi-3's qkv_proj): count those rows only.
         name, rows = split_tensor_ref(ref, source.checkpoint)
         type_name, shape = source.checkpoint.tensor_info(name)
-        block_bytes, block_values = _BLOCKS.get(type_name.upper(), (4, 1))
-        nbytes = math.prod(shape) // block_values * block_bytes
+        nbytes = _native.tensor_nbytes(type_name, list(shape))
         total += nbytes if rows is None else nbytes // shape[0] * len(rows)
     return total
 

@@ -96,6 +96,16 @@ fn vec_dot<'py>(
     .map_err(to_py_err)
 }
 
+/// tensor_nbytes(type_name, shape) -> int: bytes of a tensor of that type and shape (outermost
+/// first) as a checkpoint stores it; InvalidArgumentError-like errors for a type or a row
+/// length that does not fit.
+#[pyfunction]
+fn tensor_nbytes(type_name: &str, shape: Vec<usize>) -> PyResult<usize> {
+    let ty = parse_type(type_name)?;
+    let row = ty.row_bytes(shape.last().copied().unwrap_or(1)).map_err(to_py_err)?;
+    Ok(row * shape.iter().rev().skip(1).product::<usize>())
+}
+
 /// simd_level() -> str: the instruction set the kernels use: "scalar", "avx2", "avx512" or
 /// "avx512vnni" (the CPU's best, or what `MESHPY_ISA` / `set_simd_level` chose).
 #[pyfunction]
@@ -128,6 +138,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(vec_dot, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor_nbytes, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
     // A bad MESHPY_ISA fails the import with a message naming the choices, rather than

@@ -22,7 +22,7 @@ use super::{check_dot, GgmlType, VecDotFn};
 const A16: usize = std::mem::size_of::<BlockA16>();
 
 /// The AVX2 kernel for weights of type `ty`; `None` for the activation-only types and the
-/// types with only a scalar kernel (Q5_1, Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS).
+/// types with only a scalar kernel (Q5_1, Q2_K, Q3_K, Q5_K, IQ4_NL, IQ4_XS, MXFP4).
 pub(super) fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
     Some(match ty {
         GgmlType::F32 => vec_dot_f32_f32_avx2,
@@ -40,7 +40,8 @@ pub(super) fn vec_dot_fn(ty: GgmlType) -> Option<VecDotFn> {
         | GgmlType::Q3K
         | GgmlType::Q5K
         | GgmlType::IQ4NL
-        | GgmlType::IQ4XS => return None,
+        | GgmlType::IQ4XS
+        | GgmlType::MXFP4 => return None,
         GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => return None,
     })
 }

@@ -247,6 +247,18 @@ pub struct BlockIQ4NL {
     pub qs: [u8; QK / 2],
 }
 
+/// MXFP4 (the OCP microscaling format's FP4): 32 weights as `2^(e - 128) * KVALUES_MXFP4[i]`,
+/// `e` a shared E8M0 exponent, `i` in 0..16 indexing E2M1's values doubled (see
+/// `reference::KVALUES_MXFP4`). 17 bytes, 4.25 bits per weight (gpt-oss's expert weights).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockMXFP4 {
+    /// Shared exponent (E8M0: the scale is a power of two).
+    pub e: u8,
+    /// Table indices: byte j holds element j (low nibble) and element j + 16 (high nibble).
+    pub qs: [u8; QK / 2],
+}
+
 /// IQ4_XS: 256 weights in 8 sub-blocks of 32, `d * (ls[j] - 32) * KVALUES_IQ4NL[i]`, i in
 /// 0..16, `ls` 6-bit. 136 bytes, 4.25 bits per weight.
 #[repr(C)]
@@ -320,6 +332,7 @@ const _: () = {
     assert!(size_of::<BlockQ6K>() == 210 && align_of::<BlockQ6K>() == 1);
     assert!(size_of::<BlockQ8K>() == 292 && align_of::<BlockQ8K>() == 1);
     assert!(size_of::<BlockIQ4NL>() == 18 && align_of::<BlockIQ4NL>() == 1);
+    assert!(size_of::<BlockMXFP4>() == 17 && align_of::<BlockMXFP4>() == 1);
     assert!(size_of::<BlockIQ4XS>() == 136 && align_of::<BlockIQ4XS>() == 1);
 };
 
@@ -483,6 +496,10 @@ unsafe impl Block for BlockQ8K {
 }
 // SAFETY: as above.
 unsafe impl Block for BlockIQ4NL {
+    const LEN: usize = QK;
+}
+// SAFETY: as above.
+unsafe impl Block for BlockMXFP4 {
     const LEN: usize = QK;
 }
 // SAFETY: as above.

@@ -75,6 +75,8 @@ pub enum GgmlType {
     IQ4XS,
     /// bfloat16 (id 30).
     BF16,
+    /// 4-bit E2M1 values with a power-of-two (E8M0) scale, blocks of 32 (id 39).
+    MXFP4,
     /// meshpy's 16-bit activation blocks of 32 ([`blocks::BlockA16`]), the activations of
     /// every quantized weight type. Not a ggml type: it never appears in files.
     A16,
@@ -84,7 +86,7 @@ pub enum GgmlType {
 pub const A16_ID: u32 = 0x4131_3600;
 
 /// Every ggml type supported in files, in id order (A16 is meshpy's, not listed).
-pub(crate) const ALL_TYPES: [GgmlType; 17] = [
+pub(crate) const ALL_TYPES: [GgmlType; 18] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Q4_0,
@@ -102,6 +104,7 @@ pub(crate) const ALL_TYPES: [GgmlType; 17] = [
     GgmlType::IQ4NL,
     GgmlType::IQ4XS,
     GgmlType::BF16,
+    GgmlType::MXFP4,
 ];
 
 /// ggml's names for the type ids it defines and we do not support (some are retired).
@@ -129,7 +132,6 @@ fn unsupported_ggml_name(id: u32) -> Option<&'static str> {
         36 => "IQ4_NL_4_4",
         37 => "IQ4_NL_4_8",
         38 => "IQ4_NL_8_8",
-        39 => "MXFP4",
         40 => "NVFP4",
         41 => "Q1_0",
         _ => return None,
@@ -193,12 +195,13 @@ impl GgmlType {
             GgmlType::IQ4NL => 20,
             GgmlType::IQ4XS => 23,
             GgmlType::BF16 => 30,
+            GgmlType::MXFP4 => 39,
             GgmlType::A16 => A16_ID,
         }
     }
 
     /// ggml's name: "F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K",
-    /// "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS", "BF16" (and "A16").
+    /// "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS", "BF16", "MXFP4" (and "A16").
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",
@@ -218,6 +221,7 @@ impl GgmlType {
             GgmlType::IQ4NL => "IQ4_NL",
             GgmlType::IQ4XS => "IQ4_XS",
             GgmlType::BF16 => "BF16",
+            GgmlType::MXFP4 => "MXFP4",
             GgmlType::A16 => "A16",
         }
     }
@@ -259,6 +263,7 @@ impl GgmlType {
             | GgmlType::Q8_0
             | GgmlType::Q8_1
             | GgmlType::IQ4NL
+            | GgmlType::MXFP4
             | GgmlType::A16 => blocks::QK,
             GgmlType::Q2K
             | GgmlType::Q3K
@@ -289,6 +294,7 @@ impl GgmlType {
             GgmlType::Q6K => size_of::<blocks::BlockQ6K>(),
             GgmlType::Q8K => size_of::<blocks::BlockQ8K>(),
             GgmlType::IQ4NL => size_of::<blocks::BlockIQ4NL>(),
+            GgmlType::MXFP4 => size_of::<blocks::BlockMXFP4>(),
             GgmlType::IQ4XS => size_of::<blocks::BlockIQ4XS>(),
             GgmlType::A16 => size_of::<blocks::BlockA16>(),
         }
@@ -325,7 +331,8 @@ impl GgmlType {
             | GgmlType::Q5K
             | GgmlType::Q6K
             | GgmlType::IQ4NL
-            | GgmlType::IQ4XS => GgmlType::A16,
+            | GgmlType::IQ4XS
+            | GgmlType::MXFP4 => GgmlType::A16,
             GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => self,
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => GgmlType::F32,
         }
@@ -375,6 +382,7 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
         GgmlType::Q8K => r::dequantize_row_q8_k_ref(as_blocks(src)?, dst),
         GgmlType::IQ4NL => r::dequantize_row_iq4_nl_ref(as_blocks(src)?, dst),
         GgmlType::IQ4XS => r::dequantize_row_iq4_xs_ref(as_blocks(src)?, dst),
+        GgmlType::MXFP4 => r::dequantize_row_mxfp4_ref(as_blocks(src)?, dst),
         GgmlType::A16 => r::dequantize_row_a16_ref(as_blocks(src)?, dst),
     }
     Ok(())
@@ -392,6 +400,7 @@ fn is_quantize_target(ty: GgmlType) -> bool {
             | GgmlType::Q6K
             | GgmlType::IQ4NL
             | GgmlType::IQ4XS
+            | GgmlType::MXFP4
     )
 }
 

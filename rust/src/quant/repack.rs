@@ -41,12 +41,13 @@ use std::ops::Range;
 use crate::compute::pages::huge_zeroed;
 
 use super::blocks::{
-    view_blocks, BlockA16, BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K,
+    view_blocks, BlockA16, BlockIQ4NL, BlockIQ4XS, BlockMXFP4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K,
     BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, F16Le, QK, QK_K,
 };
 use super::reference::{
     iq4nl_indices, iq4xs_indices, iq4xs_scales, q2k_quants, q2k_scales, q3k_quants, q3k_scales, q4k_quants,
-    q5_0_quants, q5_1_quants, q5k_quants, q6k_quants, unpack_q4k_scales, KVALUES_IQ4NL,
+    q5_0_quants, q5_1_quants, q5k_quants, q6k_quants, unpack_q4k_scales, KVALUES_IQ4NL, KVALUES_MXFP4,
+    e8m0_to_f32_half, mxfp4_indices,
 };
 use super::{GgmlType, SimdLevel};
 
@@ -85,10 +86,13 @@ pub enum RepackedKind {
     /// IQ4_XS: IQ4_NL's indices, 6-bit scales (offset 32) per block, f16 `d` per
     /// super-block.
     Iq4Xs = 10,
+    /// MXFP4: 4-bit indices into E2M1's values doubled, the block's power-of-two scale as an
+    /// f16 `d` (exact: weights whose scales f16 cannot hold stay unrepacked).
+    Mxfp4 = 11,
 }
 
 /// Every layout, in discriminant order.
-pub const ALL_KINDS: [RepackedKind; 11] = [
+pub const ALL_KINDS: [RepackedKind; 12] = [
     RepackedKind::Q4,
     RepackedKind::Q8,
     RepackedKind::Q5,
@@ -100,6 +104,7 @@ pub const ALL_KINDS: [RepackedKind; 11] = [
     RepackedKind::Q2K,
     RepackedKind::Iq4Nl,
     RepackedKind::Iq4Xs,
+    RepackedKind::Mxfp4,
 ];
 
 /// Every weight type with a repacked layout, in ggml id order.
@@ -198,6 +203,7 @@ impl RepackedKind {
             GgmlType::Q2K => Some(RepackedKind::Q2K),
             GgmlType::IQ4NL => Some(RepackedKind::Iq4Nl),
             GgmlType::IQ4XS => Some(RepackedKind::Iq4Xs),
+            GgmlType::MXFP4 => Some(RepackedKind::Mxfp4),
             _ => None,
         }
     }
@@ -215,7 +221,9 @@ impl RepackedKind {
             Some(Plane { bits, at, shl })
         }
         match self {
-            RepackedKind::Q4 | RepackedKind::Q4K | RepackedKind::Iq4Nl | RepackedKind::Iq4Xs => [plane(4, 0, 0), None],
+            RepackedKind::Q4 | RepackedKind::Q4K | RepackedKind::Iq4Nl | RepackedKind::Iq4Xs | RepackedKind::Mxfp4 => {
+                [plane(4, 0, 0), None]
+            }
             RepackedKind::Q8 => [plane(8, 0, 0), None],
             RepackedKind::Q5 | RepackedKind::Q5M | RepackedKind::Q5K => [plane(4, 0, 0), plane(1, 256, 4)],
             RepackedKind::Q6K => [plane(4, 0, 0), plane(2, 256, 4)],
@@ -241,6 +249,7 @@ impl RepackedKind {
     pub const fn table(self) -> Option<&'static [i8; 16]> {
         match self {
             RepackedKind::Iq4Nl | RepackedKind::Iq4Xs => Some(&KVALUES_IQ4NL),
+            RepackedKind::Mxfp4 => Some(&KVALUES_MXFP4),
             _ => None,
         }
     }
@@ -250,7 +259,7 @@ impl RepackedKind {
     pub const fn scales(self) -> Scales {
         match self {
             RepackedKind::Q4 | RepackedKind::Q5M => Scales::Legacy { min: true },
-            RepackedKind::Q8 | RepackedKind::Q5 | RepackedKind::Iq4Nl => Scales::Legacy { min: false },
+            RepackedKind::Q8 | RepackedKind::Q5 | RepackedKind::Iq4Nl | RepackedKind::Mxfp4 => Scales::Legacy { min: false },
             RepackedKind::Q4K | RepackedKind::Q5K => Scales::Super { signed: false, per_half: false, min: true },
             RepackedKind::Q6K | RepackedKind::Q3K => Scales::Super { signed: true, per_half: true, min: false },
             RepackedKind::Q2K => Scales::Super { signed: false, per_half: true, min: true },
@@ -346,6 +355,10 @@ fn source_blocks(ty: GgmlType, row: &[u8]) -> Vec<SrcBlock> {
         GgmlType::Q5_1 => view_blocks::<BlockQ5_1>(row).iter().map(|b| legacy(q5_1_quants(b), b.d.0, b.m.0)).collect(),
         GgmlType::Q8_0 => view_blocks::<BlockQ8_0>(row).iter().map(|b| legacy(b.qs.map(|v| v as u8), b.d.0, [0; 2])).collect(),
         GgmlType::IQ4NL => view_blocks::<BlockIQ4NL>(row).iter().map(|b| legacy(iq4nl_indices(b), b.d.0, [0; 2])).collect(),
+        GgmlType::MXFP4 => view_blocks::<BlockMXFP4>(row)
+            .iter()
+            .map(|b| legacy(mxfp4_indices(b), F16Le::from_f32(e8m0_to_f32_half(b.e)).0, [0; 2]))
+            .collect(),
         GgmlType::Q4K => view_blocks::<BlockQ4K>(row)
             .iter()
             .flat_map(|b| {
@@ -430,11 +443,15 @@ fn get_plane(quants: &[u8], plane: Plane, lane: usize, q: &mut [u32; QK]) {
 impl Repacked {
     /// Repacks `rows x cols` weights of type `ty` stored row-major as ggml rows in `src`.
     /// `None` when the type has no repacked layout, or (Q4_0) when a `-8 d` min would not
-    /// be exact in f16.
+    /// be exact in f16, or (MXFP4) when a block's scale would not be.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, src: &[u8]) -> Option<Self> {
         let kind = RepackedKind::for_type(ty)?;
         let row_bytes = ty.row_bytes(cols).ok()?;
         if src.len() != rows * row_bytes || rows == 0 {
+            return None;
+        }
+        // MXFP4's scale, a power of two, is exact in f16 from 2^-24 to 2^15 (e 104..=143).
+        if ty == GgmlType::MXFP4 && !view_blocks::<BlockMXFP4>(src).iter().all(|b| (104..=143).contains(&b.e)) {
             return None;
         }
         if ty == GgmlType::Q4_0 {

@@ -2,7 +2,7 @@
 //! the source type's), the scalar repacked reference equals the per-row reference dot, and
 //! the SIMD kernels match the scalar reference for 1..4 tokens, partial groups and extremes.
 
-use super::blocks::{F16Le, QK_K};
+use super::blocks::QK_K;
 use super::repack::{repacked_fn_at, repacked_types, Repacked, RepackedKind, MAX_TOKENS, ROWS};
 use super::*;
 use crate::test_rng::TestRng;
@@ -11,7 +11,7 @@ use crate::test_rng::TestRng;
 const REL_TOL: f32 = 1e-5;
 
 fn quantized(ty: GgmlType, x: &[f32]) -> Vec<u8> {
-    if ty.block_len() == QK_K || ty == GgmlType::IQ4NL {
+    if ty.block_len() == QK_K || ty == GgmlType::IQ4NL || ty == GgmlType::MXFP4 {
         return random_blocks(ty, x);
     }
     let mut out = vec![0u8; ty.row_bytes(x.len()).expect("whole blocks")];
@@ -28,10 +28,7 @@ fn random_blocks(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     out.iter_mut().for_each(|b| *b = gen.next_u64() as u8);
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     for block in out.chunks_exact_mut(ty.block_bytes()) {
-        for (i, &at) in super::tests::f16_scale_offsets(ty).iter().enumerate() {
-            let v = if i == 0 { amax / 500.0 } else { amax / 900.0 };
-            block[at..at + 2].copy_from_slice(&F16Le::from_f32(v).0);
-        }
+        super::tests::set_scales(ty, block, &[amax / 500.0, amax / 900.0]);
     }
     out
 }
@@ -140,9 +137,7 @@ fn repacked_kernels_at_extreme_quants() {
             let mut w = vec![byte; rows * ty.row_bytes(cols).expect("whole blocks")];
             for block in w.chunks_exact_mut(ty.block_bytes()) {
                 // The scale, then (where there is one) a negative min.
-                for (i, &at) in super::tests::f16_scale_offsets(ty).iter().enumerate() {
-                    block[at..at + 2].copy_from_slice(&F16Le::from_f32(if i == 0 { 0.01 } else { -0.05 }).0);
-                }
+                super::tests::set_scales(ty, block, &[0.01, -0.05]);
             }
             let acts: Vec<Vec<u8>> = [1.0f32, -1.0]
                 .iter()
@@ -153,5 +148,18 @@ fn repacked_kernels_at_extreme_quants() {
                 .collect();
             check(ty, rows, cols, &w, &acts);
         }
+    }
+}
+
+#[test]
+fn mxfp4_repacks_only_scales_f16_holds_exactly() {
+    // 2^(e - 128) is exact in f16 for e in 104..=143; a block outside keeps the matrix as stored.
+    let (rows, cols) = (16, 64);
+    let mut gen = TestRng::new(39);
+    let mut w = matrix(GgmlType::MXFP4, rows, cols, &mut gen);
+    assert!(Repacked::new(GgmlType::MXFP4, rows, cols, &w).is_some());
+    for e in [103u8, 144, 0, 255] {
+        w[0] = e;
+        assert!(Repacked::new(GgmlType::MXFP4, rows, cols, &w).is_none(), "e = {e}");
     }
 }

@@ -37,9 +37,9 @@ pub(super) fn kernel(kind: RepackedKind, level: SimdLevel) -> Option<RepackedFn>
     }
     Some(match level {
         SimdLevel::Scalar => return None,
-        SimdLevel::Avx2 => by_kind!(avx2; Q4, Q8, Q5, Q4K, Q6K, Q5M, Q5K, Q3K, Q2K, Iq4Nl, Iq4Xs),
-        SimdLevel::Avx512 => by_kind!(avx512; Q4, Q8, Q5, Q4K, Q6K, Q5M, Q5K, Q3K, Q2K, Iq4Nl, Iq4Xs),
-        SimdLevel::Avx512Vnni => by_kind!(avx512vnni; Q4, Q8, Q5, Q4K, Q6K, Q5M, Q5K, Q3K, Q2K, Iq4Nl, Iq4Xs),
+        SimdLevel::Avx2 => by_kind!(avx2; Q4, Q8, Q5, Q4K, Q6K, Q5M, Q5K, Q3K, Q2K, Iq4Nl, Iq4Xs, Mxfp4),
+        SimdLevel::Avx512 => by_kind!(avx512; Q4, Q8, Q5, Q4K, Q6K, Q5M, Q5K, Q3K, Q2K, Iq4Nl, Iq4Xs, Mxfp4),
+        SimdLevel::Avx512Vnni => by_kind!(avx512vnni; Q4, Q8, Q5, Q4K, Q6K, Q5M, Q5K, Q3K, Q2K, Iq4Nl, Iq4Xs, Mxfp4),
     })
 }
 

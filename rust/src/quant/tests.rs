@@ -11,7 +11,7 @@ use super::reference::dequantize_row_q4_k_ref;
 use super::*;
 
 /// Weight types with a dot product.
-const WEIGHT_TYPES: [GgmlType; 15] = [
+const WEIGHT_TYPES: [GgmlType; 16] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -27,23 +27,25 @@ const WEIGHT_TYPES: [GgmlType; 15] = [
     GgmlType::Q6K,
     GgmlType::IQ4NL,
     GgmlType::IQ4XS,
+    GgmlType::MXFP4,
 ];
 
 /// Weight types with only the scalar per-row kernel: no AVX2 / AVX-512 per-row twin (their
 /// SIMD is the repacked multi-row kind, written separately).
-const SCALAR_ONLY: [GgmlType; 6] = [
+const SCALAR_ONLY: [GgmlType; 7] = [
     GgmlType::Q5_1,
     GgmlType::Q2K,
     GgmlType::Q3K,
     GgmlType::Q5K,
     GgmlType::IQ4NL,
     GgmlType::IQ4XS,
+    GgmlType::MXFP4,
 ];
 
 /// Quantized weight types without a quantizer here (ggml searches for their scales): tests
 /// build their rows from random well-formed blocks.
-const NO_QUANTIZER: [GgmlType; 5] =
-    [GgmlType::Q2K, GgmlType::Q3K, GgmlType::Q5K, GgmlType::IQ4NL, GgmlType::IQ4XS];
+const NO_QUANTIZER: [GgmlType; 6] =
+    [GgmlType::Q2K, GgmlType::Q3K, GgmlType::Q5K, GgmlType::IQ4NL, GgmlType::IQ4XS, GgmlType::MXFP4];
 
 /// SIMD dot vs scalar dot: |simd - scalar| <= this * sum |w_i * a_i| (dequantized values).
 /// Both sum exact integer products per block; only the f32 accumulation order differs.
@@ -254,7 +256,22 @@ pub(super) fn f16_scale_offsets(ty: GgmlType) -> &'static [usize] {
         GgmlType::Q2K => &[80, 82],
         GgmlType::Q3K => &[108],
         GgmlType::Q6K => &[208],
+        GgmlType::MXFP4 => &[], // its scale is an exponent byte (`set_scales`)
         _ => unreachable!("{ty} is not a quantized weight type"),
+    }
+}
+
+/// Sets the scales of a block of quantized weight type `ty` to `values` (`d`, then the min
+/// or `dmin` where the type has one): its f16 fields, or MXFP4's E8M0 exponent (the power of
+/// two nearest |d|, kept where f16 holds it exactly, so the block repacks).
+pub(super) fn set_scales(ty: GgmlType, block: &mut [u8], values: &[f32]) {
+    if ty == GgmlType::MXFP4 {
+        let exponent = values[0].abs().max(f32::MIN_POSITIVE).log2().round() as i32 + 128;
+        block[0] = exponent.clamp(104, 143) as u8;
+        return;
+    }
+    for (&at, &v) in f16_scale_offsets(ty).iter().zip(values) {
+        block[at..at + 2].copy_from_slice(&F16Le::from_f32(v).0);
     }
 }
 
@@ -262,7 +279,7 @@ pub(super) fn f16_scale_offsets(ty: GgmlType) -> &'static [usize] {
 /// pattern, finite f16 scales.
 fn random_weights(ty: GgmlType, n: usize, rng: &mut TestRng) -> Vec<u8> {
     let mut bytes = rng.bytes(ty.row_bytes(n).expect("whole blocks"));
-    let scale = |rng: &mut TestRng| F16Le::from_f32((rng.uniform() as f32 - 0.5) * 0.2).0;
+    let scale = |rng: &mut TestRng| (rng.uniform() as f32 - 0.5) * 0.2;
     let size = ty.block_bytes();
     for block in bytes.chunks_exact_mut(size) {
         match ty {
@@ -273,9 +290,8 @@ fn random_weights(ty: GgmlType, n: usize, rng: &mut TestRng) -> Vec<u8> {
             }
             GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => unreachable!("not a weight type"),
             _ => {
-                for &at in f16_scale_offsets(ty) {
-                    block[at..at + 2].copy_from_slice(&scale(rng));
-                }
+                let values = [scale(rng), scale(rng)];
+                set_scales(ty, block, &values);
             }
         }
     }
@@ -361,9 +377,7 @@ fn simd_dots_match_scalar_on_random_blocks() {
 fn constant_weights(ty: GgmlType, n: usize, byte: u8, scale: f32) -> Vec<u8> {
     let mut w = vec![byte; ty.row_bytes(n).expect("whole blocks")];
     for block in w.chunks_exact_mut(ty.block_bytes()) {
-        for &at in f16_scale_offsets(ty) {
-            block[at..at + 2].copy_from_slice(&F16Le::from_f32(scale).0);
-        }
+        set_scales(ty, block, &[scale, scale]);
     }
     w
 }
@@ -652,6 +666,7 @@ fn ids_names_and_sizes() {
         (GgmlType::Q8K, 15, "Q8_K", 256, 292),
         (GgmlType::IQ4NL, 20, "IQ4_NL", 32, 18),
         (GgmlType::IQ4XS, 23, "IQ4_XS", 256, 136),
+        (GgmlType::MXFP4, 39, "MXFP4", 32, 17),
         (GgmlType::BF16, 30, "BF16", 1, 2),
     ];
     for (ty, id, name, len, bytes) in expected {

@@ -1,18 +1,33 @@
-//! Scalar reference kernels of the non-linear 4-bit formats IQ4_NL (blocks of 32) and IQ4_XS
-//! (super-blocks of 256 with 6-bit sub-block scales): each 4-bit field indexes the fixed table
-//! [`KVALUES_IQ4NL`]. Unpacking, dequantize, dot products against A16 activations.
+//! Scalar reference kernels of the 4-bit table formats: IQ4_NL (blocks of 32) and IQ4_XS
+//! (super-blocks of 256 with 6-bit sub-block scales), whose fields index the fixed table
+//! [`KVALUES_IQ4NL`], and MXFP4 (blocks of 32 with a power-of-two scale), whose fields index
+//! [`KVALUES_MXFP4`]. Unpacking, dequantize, dot products against A16 activations.
 //!
-//! Followed: `kvalues_iq4nl` in ggml/src/ggml-common.h, `dequantize_row_iq4_nl` and
-//! `dequantize_row_iq4_xs` in ggml/src/ggml-quants.c (`d * table[i]`, `(d * (ls - 32)) *
-//! table[i]`), the generic `ggml_vec_dot_iq4_{nl,xs}_q8_*` in ggml/src/ggml-cpu/quants.c.
+//! Followed: `kvalues_iq4nl` and `kvalues_mxfp4` in ggml/src/ggml-common.h,
+//! `dequantize_row_iq4_nl`, `dequantize_row_iq4_xs` and `dequantize_row_mxfp4` in
+//! ggml/src/ggml-quants.c (`d * table[i]`, `(d * (ls - 32)) * table[i]`,
+//! `ggml_e8m0_to_fp32_half(e) * table[i]`), the generic `ggml_vec_dot_{iq4_nl,iq4_xs,mxfp4}_q8_*`
+//! in ggml/src/ggml-cpu/quants.c.
 
-use crate::quant::blocks::{view_blocks, BlockA16, BlockIQ4NL, BlockIQ4XS, QK, QK_K};
+use crate::quant::blocks::{view_blocks, BlockA16, BlockIQ4NL, BlockIQ4XS, BlockMXFP4, QK, QK_K};
 use crate::quant::{check_dot, GgmlType};
 
 /// The 16 values a 4-bit IQ4_NL / IQ4_XS field stands for (ggml's `kvalues_iq4nl`), before
 /// the block's scale; denser near zero, where weights are.
 pub const KVALUES_IQ4NL: [i8; 16] =
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// The 16 values a 4-bit MXFP4 field stands for (ggml's `kvalues_mxfp4`): E2M1's values
+/// (0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) doubled, so integers; the block scale
+/// halves them back (`e8m0_to_f32_half`).
+pub const KVALUES_MXFP4: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Half the power of two an E8M0 exponent stands for, `2^(e - 128)` (ggml's
+/// `ggml_e8m0_to_fp32_half`: a subnormal for e < 2).
+#[inline]
+pub fn e8m0_to_f32_half(e: u8) -> f32 {
+    f32::from_bits(if e < 2 { 0x0020_0000u32 << e } else { (u32::from(e) - 1) << 23 })
+}
 
 // ---------------------------------------------------------------------------------------------
 // Unpacking shared by dequantize, dot and the repacking code.
@@ -28,6 +43,13 @@ fn nibbles_32(qs: &[u8]) -> [u8; QK] {
 /// `d * KVALUES_IQ4NL[i]`).
 #[inline]
 pub(crate) fn iq4nl_indices(x: &BlockIQ4NL) -> [u8; QK] {
+    nibbles_32(&x.qs)
+}
+
+/// The 32 table indices of an MXFP4 block in element order (the value is
+/// `e8m0_to_f32_half(e) * KVALUES_MXFP4[i]`).
+#[inline]
+pub(crate) fn mxfp4_indices(x: &BlockMXFP4) -> [u8; QK] {
     nibbles_32(&x.qs)
 }
 
@@ -67,6 +89,17 @@ pub fn dequantize_row_iq4_nl_ref(src: &[BlockIQ4NL], dst: &mut [f32]) {
     }
 }
 
+/// MXFP4: `2^(e - 128) * table[i]`.
+pub fn dequantize_row_mxfp4_ref(src: &[BlockMXFP4], dst: &mut [f32]) {
+    assert_eq!(dst.len(), src.len() * QK);
+    for (x, out) in src.iter().zip(dst.chunks_exact_mut(QK)) {
+        let d = e8m0_to_f32_half(x.e);
+        for (o, &i) in out.iter_mut().zip(&mxfp4_indices(x)) {
+            *o = d * KVALUES_MXFP4[i as usize] as f32;
+        }
+    }
+}
+
 /// IQ4_XS: `(d * ls) * table[i]` per sub-block of 32, `ls` already minus 32.
 pub fn dequantize_row_iq4_xs_ref(src: &[BlockIQ4XS], dst: &mut [f32]) {
     assert_eq!(dst.len(), src.len() * QK_K);
@@ -88,11 +121,11 @@ pub fn dequantize_row_iq4_xs_ref(src: &[BlockIQ4XS], dst: &mut [f32]) {
 
 /// `sum_j table[i_j] * a_j` over 32 elements, exactly (|sum| <= 32 * 127 * 32767 < 2^28).
 #[inline]
-fn table_dot(indices: &[u8], a: &BlockA16) -> i32 {
+fn table_dot(table: &[i8; 16], indices: &[u8], a: &BlockA16) -> i32 {
     indices
         .iter()
         .zip(&a.qs)
-        .map(|(&i, a)| KVALUES_IQ4NL[i as usize] as i32 * a.get() as i32)
+        .map(|(&i, a)| table[i as usize] as i32 * a.get() as i32)
         .sum()
 }
 
@@ -102,7 +135,18 @@ pub fn vec_dot_iq4_nl_a16_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let (w, a) = (view_blocks::<BlockIQ4NL>(w), view_blocks::<BlockA16>(a));
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
-        sum += x.d.to_f32() * (y.d.get() * table_dot(&iq4nl_indices(x), y) as f32);
+        sum += x.d.to_f32() * (y.d.get() * table_dot(&KVALUES_IQ4NL, &iq4nl_indices(x), y) as f32);
+    }
+    sum
+}
+
+/// MXFP4 x A16: `sum_b 2^(e - 128) * da * sum_j table[i_j] * a_j`.
+pub fn vec_dot_mxfp4_a16_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    check_dot(GgmlType::MXFP4, n, w, a);
+    let (w, a) = (view_blocks::<BlockMXFP4>(w), view_blocks::<BlockA16>(a));
+    let mut sum = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        sum += e8m0_to_f32_half(x.e) * (y.d.get() * table_dot(&KVALUES_MXFP4, &mxfp4_indices(x), y) as f32);
     }
     sum
 }
@@ -116,7 +160,7 @@ pub fn vec_dot_iq4_xs_a16_ref(n: usize, w: &[u8], a: &[u8]) -> f32 {
         let (ls, q) = (iq4xs_scales(x), iq4xs_indices(x));
         let d = x.d.to_f32();
         for (j, (q, y)) in q.chunks_exact(QK).zip(ys).enumerate() {
-            sum += d * ls[j] as f32 * (y.d.get() * table_dot(q, y) as f32);
+            sum += d * ls[j] as f32 * (y.d.get() * table_dot(&KVALUES_IQ4NL, q, y) as f32);
         }
     }
     sum

@@ -30,10 +30,10 @@ pub use float::{
 };
 // Not used in this crate yet: the repacked layouts of these types read blocks through them.
 #[allow(unused_imports)]
-pub(crate) use iquants::{iq4nl_indices, iq4xs_indices, iq4xs_scales};
+pub(crate) use iquants::{iq4nl_indices, iq4xs_indices, iq4xs_scales, mxfp4_indices};
 pub use iquants::{
-    dequantize_row_iq4_nl_ref, dequantize_row_iq4_xs_ref, vec_dot_iq4_nl_a16_ref,
-    vec_dot_iq4_xs_a16_ref, KVALUES_IQ4NL,
+    dequantize_row_iq4_nl_ref, dequantize_row_iq4_xs_ref, dequantize_row_mxfp4_ref, e8m0_to_f32_half,
+    vec_dot_iq4_nl_a16_ref, vec_dot_iq4_xs_a16_ref, vec_dot_mxfp4_a16_ref, KVALUES_IQ4NL, KVALUES_MXFP4,
 };
 pub(crate) use kquants::{q4k_quants, q6k_quants};
 #[allow(unused_imports)] // as above
@@ -88,6 +88,7 @@ pub fn vec_dot_fn_ref(ty: GgmlType) -> Option<VecDotFn> {
         GgmlType::Q6K => vec_dot_q6_k_a16_ref,
         GgmlType::IQ4NL => vec_dot_iq4_nl_a16_ref,
         GgmlType::IQ4XS => vec_dot_iq4_xs_a16_ref,
+        GgmlType::MXFP4 => vec_dot_mxfp4_a16_ref,
         GgmlType::Q8_1 | GgmlType::Q8K | GgmlType::A16 => return None,
     })
 }
