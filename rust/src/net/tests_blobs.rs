@@ -103,3 +103,29 @@ fn a_peer_that_leaves_its_answers_unread_holds_no_more_than_its_streams() {
     assert!(message.contains("blob streams open here"), "{message}");
     drop(held);
 }
+
+#[test]
+fn garbage_on_blob_streams_is_refused_and_the_node_serves_on() {
+    let limits = PeerLimits { stall_timeout: std::time::Duration::from_millis(500), ..PeerLimits::default() };
+    let (_da, _db, a, b) = pair(limits);
+    let mut items = BTreeMap::new();
+    items.insert("x".to_string(), Blob::Bytes(Arc::from(&b"abc"[..])));
+    a.seeds().set("m".to_string(), items);
+    let raw = RawPeer::new(Transport::Tcp, a.peer_id(), &a.listen_addrs().unwrap()[0]);
+    let mut rng = crate::test_rng::TestRng::new(7);
+    for i in 0..300u32 {
+        // Random lengths (most far over the limit), random bodies, bodies cut short.
+        let len = match i % 3 {
+            0 => rng.next_u64() as u32,
+            1 => (rng.next_u64() % 64) as u32,
+            _ => 16 << 10,
+        };
+        let mut bytes = len.to_le_bytes().to_vec();
+        bytes.extend((0..(rng.next_u64() % 200)).map(|_| rng.next_u64() as u8));
+        let mut stream = raw.blob_stream_with(a.peer_id(), &bytes);
+        let reply = raw.reply(&mut stream, true);
+        // Either a refusal with its reason, or nothing (the stream closed on a cut body).
+        assert!(reply.is_empty() || reply.get(4) == Some(&1u8), "garbage {i} was served: {reply:?}");
+    }
+    assert_eq!(read(&b, a.peer_id(), "m", "x", 0, 3).unwrap(), b"abc");
+}
