@@ -18,12 +18,11 @@ from meshpy import _native
 from meshpy.end_model import EndModel
 from meshpy.generation import Model, default_threads, model_path
 from meshpy.mesh.client import MeshPipeline, MeshSession
-from meshpy.mesh.fetch import fetch_part, fetcher_for
-from meshpy.mesh.hub import hub_ref
+from meshpy.mesh.fetch import fetch_part, fetcher_for, names_remote_model
 from meshpy.mesh.identity import CHECKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import parse_bootstrap, start_node
 from meshpy.mesh.routing import Hop, Provider, describe_route
-from meshpy.mesh.store import ModelStore, model_ref
+from meshpy.mesh.store import ModelStore
 from meshpy.mesh.worker import MESH_IDLE_SPIN, Worker
 from meshpy.models.config import read_config
 from meshpy.models.source import open_model_source
@@ -79,7 +78,7 @@ def connect(
     of sessions whose every hop also runs on a second provider and is compared (a provider
     caught disagreeing is banned, and `meshpy status` shows why). Close the model to leave.
     """
-    remote = model_ref(model) is not None or hub_ref(model) is not None
+    remote = names_remote_model(model)
     fetched = None
     if not remote:
         source = open_model_source(model_path(model))

@@ -28,7 +28,8 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from meshpy.models.source import ModelSource
 
 __all__ = [
     "Fetcher", "MeshFetcher", "seed", "seed_items", "cannot_seed", "seeds_key", "name_key", "resolve", "end_tensors", "FetchReport",
-    "fetcher_for", "fetch_part",
+    "fetcher_for", "fetch_part", "names_remote_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,15 @@ def end_tensors(manifest: dict[str, Any], source: ModelSource) -> set[str]:
     return {n for n in manifest["shared"] if vocab and vocab in manifest["tensors"][n]["shape"]}
 
 
+def names_remote_model(model: str | os.PathLike[str]) -> bool:
+    """Whether `model` names a model to fetch (a model id or name, a Hub repository) rather
+    than a file, a directory or a packaged model here."""
+    from meshpy.mesh.hub import hub_ref
+    from meshpy.mesh.store import model_ref
+
+    return model_ref(model) is not None or hub_ref(model) is not None
+
+
 def fetcher_for(node: _native.Node, model: str | os.PathLike[str], store: ModelStore, *, joined: bool = True) -> Fetcher | None:
     """The fetcher for `model` when it names a model to fetch (a model id or name the mesh
     `node` joined resolves, or a Hub repository), else None (a file, a directory, a packaged
@@ -246,15 +256,15 @@ class FetchReport:
     #: Bytes of tensors that failed their hash and were fetched again.
     rejected_bytes: int = 0
     #: Bytes received from each seeder.
-    by_peer: Counter[str] | None = None
+    by_peer: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"fetched_bytes": self.fetched_bytes, "rejected_bytes": self.rejected_bytes,
-                "by_peer": dict(self.by_peer or {}), "seconds": round(self.seconds, 3)}
+                "by_peer": dict(self.by_peer), "seconds": round(self.seconds, 3)}
 
 
-class Fetcher:
+class Fetcher(ABC):
     """Fills a stored model with the tensors a node needs, from somewhere (`_fetch_tensor`:
     the mesh's seeders, `MeshFetcher`; the Hub, `mesh.hub.HubFetcher`), several at once, with a
     progress bar, after checking the disk has room; counts what it read (`report`)."""
@@ -263,17 +273,17 @@ class Fetcher:
         #: The model, for messages.
         self.what = what
         self.parallel = parallel
-        self.report = FetchReport(by_peer=Counter())
+        self.report = FetchReport()
         self._lock = threading.Lock()
 
+    @abstractmethod
     def open(self) -> StoredModel:
         """The model in the store, found or created with its metadata fetched."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _fetch_tensor(self, stored: StoredModel, name: str, where: tuple[Path, int, int]) -> str:
-        """Writes tensor `name` into its place `(file, offset, length)` and checks it; returns
-        the name."""
-        raise NotImplementedError
+        """Writes tensor `name` into its place `(file, offset, length)` and checks it (against
+        what its source offers to check by); returns the name."""
 
     def fetch(self, stored: StoredModel, names: set[str] | list[str], what: str) -> None:
         """Makes the store hold every tensor in `names`, fetching those it lacks; `what` names
@@ -310,7 +320,6 @@ class Fetcher:
     def _count(self, source: str, n: int) -> None:
         with self._lock:
             self.report.fetched_bytes += n
-            assert self.report.by_peer is not None
             self.report.by_peer[source] += n
 
 

@@ -96,8 +96,9 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _pick(ref: HubRef, files: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
-    """`("gguf", [file])` or `("safetensors", [shards])` for `ref` among the repository's files."""
+def _pick(ref: HubRef, files: set[str], index: Any = None) -> tuple[str, list[str]]:
+    """`("gguf", [file])` or `("safetensors", [shards])` for `ref` among the repository's
+    `files`; `index` is its safetensors index (parsed), if it has one."""
     ggufs = sorted(f for f in files if f.endswith(".gguf"))
     if ref.choice is not None:
         if ref.choice.endswith(".gguf"):
@@ -113,8 +114,8 @@ def _pick(ref: HubRef, files: dict[str, dict[str, Any]]) -> tuple[str, list[str]
             raise ModelFetchError(f"{ref.repo}: {name} is one part of a split GGUF, which meshpy cannot read; merge it "
                                   "(llama-gguf-split --merge) or choose another file")
         return "gguf", [name]
-    if INDEX_FILE in files:
-        weight_map = files[INDEX_FILE].get("weight_map") if isinstance(files[INDEX_FILE], dict) else None
+    if index is not None:
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelFetchError(f"{ref.repo}: {INDEX_FILE} has no weight_map")
         shards = sorted(set(weight_map.values()))
@@ -125,7 +126,7 @@ def _pick(ref: HubRef, files: dict[str, dict[str, Any]]) -> tuple[str, list[str]
     if "model.safetensors" in files:
         return "safetensors", ["model.safetensors"]
     if len(ggufs) == 1:
-        return _pick(HubRef(ref.repo, ggufs[0]), files)
+        return _pick(HubRef(ref.repo, ggufs[0]), files, index)
     if ggufs:
         raise ModelFetchError(f"{ref.repo} has several GGUF files; choose one as {ref.repo}:QUANT or {ref.repo}:FILE "
                               f"({', '.join(ggufs)})")
@@ -181,7 +182,7 @@ class HubFetcher(Fetcher):
                 index = json.loads(Path(self._download_small(INDEX_FILE)).read_text())
             except ValueError as e:
                 raise ModelFetchError(f"{self.ref.repo}: {INDEX_FILE} is not JSON: {e}") from e
-        kind, chosen = _pick(self.ref, {**{f: {} for f in files}, **({INDEX_FILE: index} if index is not None else {})})
+        kind, chosen = _pick(self.ref, set(files), index)
         sha = {f: (files[f].lfs.sha256 if files[f].lfs else files[f].blob_id) for f in chosen}
         sizes = {f: int(files[f].lfs.size if files[f].lfs else files[f].size or 0) for f in chosen}
         if kind == "gguf":

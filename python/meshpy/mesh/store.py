@@ -144,10 +144,6 @@ class StoredModel:
             self.held.update(names)
             write_atomically(self.dir / HELD_FILE, json.dumps(sorted(self.held)).encode())
 
-    def held_bytes(self) -> int:
-        layout = self.layout()
-        return sum(layout[name][2] for name in self.held if name in layout)
-
     def disk_bytes(self) -> int:
         """Bytes the store's weight files take on disk (holes excluded)."""
         return sum(os.stat(f).st_blocks * 512 for f in self.weights)

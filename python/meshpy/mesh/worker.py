@@ -14,8 +14,7 @@ import time
 from meshpy import _native
 from meshpy.errors import InvalidArgumentError
 from meshpy.generation import default_threads, model_path
-from meshpy.mesh.fetch import Fetcher, FetchReport, fetch_part, fetcher_for, seed
-from meshpy.mesh.hub import hub_ref
+from meshpy.mesh.fetch import Fetcher, FetchReport, fetch_part, fetcher_for, names_remote_model, seed
 from meshpy.mesh.identity import WORKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import NodeDir, parse_bootstrap, start_node
 from meshpy.mesh.placement import (
@@ -29,7 +28,7 @@ from meshpy.mesh.placement import (
     parse_size,
 )
 from meshpy.mesh.routing import coverage_of, discover
-from meshpy.mesh.store import ModelStore, model_ref
+from meshpy.mesh.store import ModelStore
 from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalSpan
@@ -70,7 +69,7 @@ class Worker:
         memory = parse_size(s.memory) if s.memory else None
         bootstrap = parse_bootstrap(s.bootstrap)
         model = None
-        remote = s.model is not None and (model_ref(s.model) is not None or hub_ref(s.model) is not None)
+        remote = s.model is not None and names_remote_model(s.model)
         if s.model is not None and not remote:
             source = open_model_source(model_path(s.model))
             config = read_config(source)

@@ -464,20 +464,18 @@ impl RawPeer {
 
     /// A new tensor stream to `peer` with `bytes` written on it.
     pub(crate) fn stream_with(&self, peer: PeerId, bytes: &[u8]) -> libp2p::Stream {
-        use futures::AsyncWriteExt;
-        self.runtime.block_on(async {
-            let mut stream = self.opener.open(peer, Vec::new()).await.unwrap();
-            stream.write_all(bytes).await.unwrap();
-            stream.flush().await.unwrap();
-            stream
-        })
+        self.open_with(&self.opener, peer, bytes)
     }
 
     /// A new blob stream to `peer` with `bytes` written on it.
     pub(crate) fn blob_stream_with(&self, peer: PeerId, bytes: &[u8]) -> libp2p::Stream {
+        self.open_with(&self.blob_opener, peer, bytes)
+    }
+
+    fn open_with(&self, opener: &streams::Opener, peer: PeerId, bytes: &[u8]) -> libp2p::Stream {
         use futures::AsyncWriteExt;
         self.runtime.block_on(async {
-            let mut stream = self.blob_opener.open(peer, Vec::new()).await.unwrap();
+            let mut stream = opener.open(peer, Vec::new()).await.unwrap();
             stream.write_all(bytes).await.unwrap();
             stream.flush().await.unwrap();
             stream
