@@ -119,7 +119,7 @@ def test_the_long_factors_and_the_window_matter(tmp_path: Path) -> None:
 def test_a_prefill_past_the_original_context_equals_decoding_to_it() -> None:
     """The table is chosen per position, so one call over positions 0..111 gives the logits of
     the 96-token prefill and 16 decode steps. (transformers would rotate every position of
-    that one call with the long factors; see LlamaConfig::rope_long_inv_freq.)"""
+    that one call with the long factors; see DecoderConfig::rope_long_inv_freq.)"""
     prefill, decode = checks.prefill_and_decode(MINI)
     model = Model.load(MINI, threads=2)
     whole = model.logits_all(tiny_phi3.PREFILL_IDS + tiny_phi3.DECODE_IDS)

@@ -113,8 +113,9 @@ class KvCache:
         """Forgets positions from `len` on; `InvalidArgumentError` when a sliding-window
         layer no longer holds the positions a step at `len` needs."""
 
-class LlamaSpan:
-    """Layers first_layer .. first_layer + n_layers of a Llama-family model on the CPU.
+class DecoderSpan:
+    """Layers first_layer .. first_layer + n_layers of a decoder model on the CPU (every
+    supported family: one layer whose options the roles and config choose).
 
     `layer_names` maps roles to tensor names per layer: `attn_norm`, `attn_q`, `attn_k`,
     `attn_v`, `attn_output`, `ffn_norm`, `ffn_gate`, `ffn_up`, `ffn_down`, and optionally
@@ -125,7 +126,10 @@ class LlamaSpan:
     `ModelConfig.span_config()`; its Gemma 3 keys (`norm_offset`, `gelu_tanh`,
     `layer_sliding`, `sliding_window`, `rope_local_inv_freq`: empty for sliding layers that
     rotate as the others) and LongRoPE keys (`rope_long_inv_freq`, `rope_long_from`) may be
-    left out."""
+    left out. A layer naming a router `ffn_gate_inp` has a mixture of experts instead of the
+    dense MLP: roles `ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps` name stacked `[n_experts,
+    rows, cols]` tensors, or `ffn_gate_exps.{j}` ... one per expert; `config` then holds
+    `n_experts`, `n_experts_used` and `norm_topk_prob`."""
 
     def __init__(
         self,
@@ -233,7 +237,7 @@ class Node:
         port: int = 0,
         transport: Literal["tcp", "quic", "both"] = "tcp",
         bootstrap: Sequence[str] = ...,
-        serve: None | Literal["echo"] | LlamaSpan = None,
+        serve: None | Literal["echo"] | DecoderSpan = None,
         *,
         host: str = "127.0.0.1",
         model_name: str | None = None,
@@ -303,7 +307,7 @@ class Node:
         """What this node answers to Info now."""
     def serve(
         self,
-        serve: None | Literal["echo"] | LlamaSpan,
+        serve: None | Literal["echo"] | DecoderSpan,
         *,
         model_name: str | None = None,
         model_hash: bytes | None = None,

@@ -72,7 +72,7 @@ class LocalSpan:
             raise ValueError(f"layer range {layers} outside 0..{config.n_layers}")
         self.layers = layers
         source.require((n for i in layers for n in config.layer_names(i).values()), f"layers {layers.start}-{layers.stop - 1}")
-        self.native = _native.LlamaSpan(
+        self.native = _native.DecoderSpan(
             source.checkpoint,
             config.span_config(quantize, kv_dtype),
             layers.start,

@@ -20,7 +20,19 @@ from meshpy.errors import CheckpointFormatError, UnsupportedArchitectureError
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
 
-__all__ = ["ModelConfig", "read_config", "default_chat_template", "SUPPORTED_ARCHITECTURES", "row_slice", "split_tensor_ref", "check_layer_tensors", "sliding_layers"]
+__all__ = ["ModelConfig", "MoeSettings", "read_config", "default_chat_template", "SUPPORTED_ARCHITECTURES", "row_slice", "split_tensor_ref", "check_layer_tensors", "sliding_layers"]
+
+
+@dataclass(frozen=True)
+class MoeSettings:
+    """The mixture-of-experts block of the layers whose names include a router
+    (`ffn_gate_inp`; see rust/src/model/moe.rs)."""
+
+    n_experts: int
+    #: Experts each token runs (top-k).
+    n_experts_used: int
+    #: Whether the chosen experts' probabilities are divided by their sum.
+    norm_topk_prob: bool
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,8 @@ class ModelConfig:
     #: None: one table for every position.
     rope_long_inv_freq: np.ndarray | None = field(default=None, repr=False)
     rope_long_from: int = 0
+    #: Mixture-of-experts settings; None: every layer has a dense MLP.
+    moe: MoeSettings | None = None
 
     def layer_names(self, layer: int) -> dict[str, str]:
         """Tensor names of one layer by role (`attn_q` -> `blk.3.attn_q.weight`)."""
@@ -79,7 +93,7 @@ class ModelConfig:
         if window <= 0:
             raise CheckpointFormatError(f"{where}: sliding_window must be positive, not {window}")
         if self.rope_attention_factor != 1.0:
-            # The span's local table carries no attention factor (rust/src/model/llama.rs).
+            # The span's local table carries no attention factor (rust/src/model/decoder.rs).
             raise CheckpointFormatError(f"{where}: a sliding window with a scaled (YaRN) RoPE is not supported")
         return dataclasses.replace(
             self, layer_sliding=sliding, sliding_window=window, rope_local_inv_freq=self.rope_inv_freq
@@ -108,6 +122,7 @@ class ModelConfig:
             "rope_local_inv_freq": [] if self.rope_local_inv_freq is None else [float(x) for x in self.rope_local_inv_freq],
             "rope_long_inv_freq": [] if self.rope_long_inv_freq is None else [float(x) for x in self.rope_long_inv_freq],
             "rope_long_from": self.rope_long_from,
+            **(dataclasses.asdict(self.moe) if self.moe else {}),
         }
 
 
@@ -158,7 +173,7 @@ def check_layer_tensors(
 
 def read_config(source: ModelSource) -> ModelConfig:
     """Reads the model's settings from its checkpoint."""
-    from meshpy.models import gemma3, llama, mistral, phi3, qwen
+    from meshpy.models import gemma3, llama, mistral, phi3, qwen, qwen_moe
 
     arch = architecture_of(source)
     if arch in llama.ARCHITECTURES:
@@ -167,6 +182,8 @@ def read_config(source: ModelSource) -> ModelConfig:
         return mistral.read_config(source)
     if arch in qwen.ARCHITECTURES:
         return qwen.read_config(source)
+    if arch in qwen_moe.ARCHITECTURES:
+        return qwen_moe.read_config(source)
     if arch in gemma3.ARCHITECTURES:
         return gemma3.read_config(source)
     if arch in phi3.ARCHITECTURES:
@@ -181,6 +198,7 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM (HF; GGUF Mistral is llama)",
     "qwen2 (GGUF) / Qwen2ForCausalLM (HF)",
     "qwen3 (GGUF) / Qwen3ForCausalLM (HF)",
+    "qwen3moe (GGUF) / Qwen3MoeForCausalLM (HF)",
     "gemma3 (GGUF) / Gemma3ForCausalLM (HF, gemma3_text)",
     "phi3 (GGUF) / Phi3ForCausalLM (HF): Phi-3, Phi-3.5, Phi-4, Phi-4-mini",
 )

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 ARCHITECTURES = ("gemma3", "Gemma3ForCausalLM", "gemma3_text")
 
-# Roles of one layer (see rust/src/model/llama.rs) -> HF names (modeling_gemma3.py): Llama's,
+# Roles of one layer (see rust/src/model/decoder.rs) -> HF names (modeling_gemma3.py): Llama's,
 # with q/k norms and Gemma's four norms (its `post_attention_layernorm` follows attention).
 _HF_ROLES = {
     **llama._HF_ROLES,
@@ -137,7 +137,7 @@ def _from_gguf(source: ModelSource) -> ModelConfig:
     # llama.from_gguf reads the global layers' RoPE (base, linear scaling) and the shapes.
     base = llama.from_gguf(source)
     if base.rope_attention_factor != 1.0:
-        # The span's local table carries no attention factor (rust/src/model/llama.rs).
+        # The span's local table carries no attention factor (rust/src/model/decoder.rs).
         raise CheckpointFormatError(f"{where}: gemma3.rope.scaling.attn_factor is not supported")
     n_layers, head_dim = base.n_layers, base.head_dim
     n_rot = len(base.rope_inv_freq) * 2

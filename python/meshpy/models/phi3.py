@@ -14,8 +14,8 @@ models/phi3/modeling_phi3.py and configuration_phi3.py:
 - `rope_type` `longrope` (`su` and `yarn` read as longrope, as Phi3Config does): short-factor
   frequencies before `original_max_position_embeddings`, long-factor ones from it on, an
   attention factor on cos/sin (modeling_rope_utils.py, `_compute_longrope_parameters`,
-  `longrope_frequency_update`); see LlamaConfig::rope_long_inv_freq in
-  rust/src/model/llama.rs for the one case that differs (a prefill crossing the boundary);
+  `longrope_frequency_update`); see DecoderConfig::rope_long_inv_freq in
+  rust/src/model/decoder.rs for the one case that differs (a prefill crossing the boundary);
 - `sliding_window` (2047 in Phi-3-mini-4k), when set, applies to every layer
   (Phi3Model.forward builds `create_sliding_window_causal_mask` for all of them), with the
   same rotary table as a global layer.

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 ARCHITECTURES = ("qwen2", "qwen3", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
-# Optional roles of the span (see rust/src/model/llama.rs), by format.
+# Optional roles of the span (see rust/src/model/decoder.rs), by format.
 _GGUF_OPTIONAL = {
     "attn_q_bias": "blk.{i}.attn_q.bias",
     "attn_k_bias": "blk.{i}.attn_k.bias",
@@ -51,21 +51,38 @@ def _with_hf_sliding_window(base: ModelConfig, cfg: dict[str, Any], where: str) 
 
 def read_config(source: ModelSource) -> ModelConfig:
     """Settings and names from a Qwen2 / Qwen3 checkpoint."""
+    config = with_optional_roles(source)
+    check_layers(source, config, "Qwen")
+    return config
+
+
+def with_optional_roles(source: ModelSource) -> ModelConfig:
+    """The Llama layer's settings and names read the Qwen way (rotate-half RoPE, the HF sliding
+    window), with each layer's optional roles (biases, q/k norms) the checkpoint holds; not yet
+    checked for tensors left without a role (Qwen3-MoE replaces the MLP's roles first)."""
     if source.format == "gguf":
         base = llama.from_gguf(source)  # RoPE scaling (YaRN too) as llama.cpp applies it
-        optional, layer_prefix = _GGUF_OPTIONAL, "blk.{i}."
+        optional = _GGUF_OPTIONAL
         # llama.cpp permutes q/k rows only for Llama-style archs; Qwen keeps HF's rotate-half
         # (NeoX) layout, pairs half a head apart.
         base = dataclasses.replace(base, rope_interleaved=False)
     else:
-        cfg = source.config
-        base = _with_hf_sliding_window(llama.from_hf(source), cfg, str(source.path))
-        optional, layer_prefix = _HF_OPTIONAL, "model.layers.{i}."
+        base = _with_hf_sliding_window(llama.from_hf(source), source.config, str(source.path))
+        optional = _HF_OPTIONAL
     names = set(source.checkpoint.tensor_names())
     layers = []
     for i in range(base.n_layers):
         roles = base.layer_names(i)
         roles.update({r: p.format(i=i) for r, p in optional.items() if p.format(i=i) in names})
-        check_layer_tensors(str(source.path), names, "Qwen", layer_prefix.format(i=i), roles.values(), check_missing=False)
         layers.append(roles)
     return dataclasses.replace(base, layer_tensor_names=tuple(layers))
+
+
+def check_layers(source: ModelSource, config: ModelConfig, family: str) -> None:
+    """Every layer's tensors have a role (`check_layer_tensors`; a missing one is named by the
+    span loader)."""
+    names = set(source.checkpoint.tensor_names())
+    prefix = "blk.{i}." if source.format == "gguf" else "model.layers.{i}."
+    for i in range(config.n_layers):
+        roles = config.layer_names(i)
+        check_layer_tensors(str(source.path), names, family, prefix.format(i=i), roles.values(), check_missing=False)

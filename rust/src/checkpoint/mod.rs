@@ -230,6 +230,22 @@ impl TensorData {
         })
     }
 
+    /// Slice `i` of the outermost dimension with that dimension dropped, as a view of the same
+    /// map: one expert's matrix of a stacked `[n_experts, rows, cols]` tensor (llama.cpp's
+    /// `ffn_gate_exps`). Named `name[i]`.
+    pub fn outer(&self, i: usize) -> Result<TensorData> {
+        if self.info.shape.len() < 2 {
+            return Err(Error::Shape(format!("{}: cannot index a tensor of shape {:?}", self.info.name, self.info.shape)));
+        }
+        let mut one = self.rows(i..i + 1)?;
+        one.info = Arc::new(TensorInfo {
+            name: format!("{}[{i}]", self.info.name),
+            ty: self.info.ty,
+            shape: self.info.shape[1..].to_vec(),
+        });
+        Ok(one)
+    }
+
     /// Drops this tensor's pages from the process (`MADV_DONTNEED`), for callers that have
     /// copied the bytes elsewhere (repacked weights): the resident set then holds the copy
     /// only. The map stays valid: a later read faults the same bytes back in from the file.

@@ -342,6 +342,12 @@ impl ActRowsMut {
         self.ty
     }
 
+    /// The rows from `t` on, as a buffer of their own (one expert's rows of a
+    /// mixture-of-experts block, which products read as rows `0..`).
+    pub fn from_row(&self, t: usize) -> Self {
+        ActRowsMut { bytes: self.bytes.offset(t * self.row_bytes), ..*self }
+    }
+
     /// Row `t`'s bytes.
     ///
     /// # Safety

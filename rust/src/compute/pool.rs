@@ -326,6 +326,14 @@ impl<T> SharedMut<T> {
         self.len == 0
     }
 
+    /// The same buffer from index `start` on (a part that a product writes as if it were
+    /// the whole: one expert's rows of a mixture-of-experts block).
+    pub fn offset(&self, start: usize) -> Self {
+        assert!(start <= self.len, "SharedMut offset out of bounds");
+        // SAFETY: `start` is within the buffer (checked), so the pointer stays inside it.
+        SharedMut { ptr: unsafe { self.ptr.add(start) }, len: self.len - start }
+    }
+
     /// A mutable view of `range`.
     ///
     /// # Safety

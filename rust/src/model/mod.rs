@@ -3,12 +3,14 @@
 
 pub mod head;
 pub mod kv_cache;
-pub mod llama;
+pub mod moe;
+pub mod decoder;
 pub mod weights;
 
 pub use head::{OutputHead, TokenEmbedding};
 pub use kv_cache::{KvCache, KvDtype};
-pub use llama::{LlamaConfig, LlamaSpan, SeqChunk};
+pub use moe::MoeConfig;
+pub use decoder::{DecoderConfig, DecoderSpan, SeqChunk};
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -24,9 +24,9 @@ pub(crate) const TINY_LAYERS: usize = 3;
 
 /// The tiny model's settings, as the Python family module reads them from its config.json
 /// (rope theta 10000, HF rotary layout, context 256).
-fn tiny_config(quantize: Option<GgmlType>) -> LlamaConfig {
+fn tiny_config(quantize: Option<GgmlType>) -> DecoderConfig {
     let head_dim = 16;
-    LlamaConfig {
+    DecoderConfig {
         hidden: TINY_HIDDEN,
         n_heads: 4,
         n_kv_heads: 2,
@@ -46,11 +46,12 @@ fn tiny_config(quantize: Option<GgmlType>) -> LlamaConfig {
         rope_long_inv_freq: Vec::new(),
         rope_long_from: 0,
         kv_dtype: None,
+        moe: None,
     }
 }
 
 /// Layers `first .. first + n` of the tiny model; `quantize` converts its f32 matrices at load.
-pub(crate) fn tiny_llama(first: usize, n: usize, quantize: Option<GgmlType>) -> LlamaSpan {
+pub(crate) fn tiny_llama(first: usize, n: usize, quantize: Option<GgmlType>) -> DecoderSpan {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-llama/model.safetensors");
     let checkpoint = Checkpoint::open(&[path]).expect("the tiny checkpoint opens");
     let roles = [
@@ -72,7 +73,7 @@ pub(crate) fn tiny_llama(first: usize, n: usize, quantize: Option<GgmlType>) -> 
                 .collect::<BTreeMap<_, _>>()
         })
         .collect();
-    LlamaSpan::load(&checkpoint, tiny_config(quantize), first, names).expect("the tiny span loads")
+    DecoderSpan::load(&checkpoint, tiny_config(quantize), first, names).expect("the tiny span loads")
 }
 
 /// Prefill of 5 and 3 tokens for two sessions, then two decode steps, through `run` (which
@@ -91,7 +92,7 @@ fn prefill_and_decode(rng_seed: u64, mut run: impl FnMut(&mut [f32], &[usize], u
 
 /// A batch of two sessions through layers `ranges`, one after the other, each range with its
 /// own pair of caches (as workers serving consecutive spans hold them).
-fn through_ranges(span: &LlamaSpan, pool: &ThreadPool, ranges: &[std::ops::Range<usize>]) -> Vec<Vec<f32>> {
+fn through_ranges(span: &DecoderSpan, pool: &ThreadPool, ranges: &[std::ops::Range<usize>]) -> Vec<Vec<f32>> {
     let mut caches: Vec<[KvCache; 2]> =
         ranges.iter().map(|r| [span.new_cache_for(r.clone(), 64), span.new_cache_for(r.clone(), 64)]).collect();
     prefill_and_decode(7, |hidden, tokens, _| {
@@ -160,8 +161,8 @@ fn bad_ranges_and_caches_are_refused_without_touching_the_caches() {
 
 /// Settings of a tiny Qwen checkpoint (tests/fixtures/tiny_qwen.py: rope theta 1e6, eps 1e-5;
 /// the Qwen2 fixture's YaRN frequencies are left out, the reference layer takes the same ones).
-fn tiny_qwen_config(head_dim: usize) -> LlamaConfig {
-    LlamaConfig {
+fn tiny_qwen_config(head_dim: usize) -> DecoderConfig {
+    DecoderConfig {
         head_dim,
         rope_inv_freq: (0..head_dim / 2).map(|i| 1.0 / 1e6f32.powf(2.0 * i as f32 / head_dim as f32)).collect(),
         attn_scale: 1.0 / (head_dim as f32).sqrt(),
@@ -205,7 +206,7 @@ fn open_tiny(dir: &str) -> Checkpoint {
 /// residual. Gemma 3's options as modeling_gemma3.py applies them: norms times
 /// `norm_offset + weight`, the local rotary table and window on sliding layer `layer`,
 /// post-norms of the attention and MLP outputs, GELU-tanh.
-fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, layer: usize, x: &mut [f32]) {
+fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &DecoderConfig, layer: usize, x: &mut [f32]) {
     let (d, hd) = (cfg.hidden, cfg.head_dim);
     let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
     let n = x.len() / d;
@@ -318,13 +319,13 @@ fn reference_layer(ck: &Checkpoint, names: &LayerNames, cfg: &LlamaConfig, layer
 /// Checks `span` (model layers `first..`) against the scalar reference layers over 7 positions
 /// run as a prefill of 5 and two decode steps, with 1 and 3 threads: f32 both sides, only the
 /// summation order differs, so within 1e-4 of the values' scale. `what` names the case.
-fn assert_span_equals_the_reference(ck: &Checkpoint, cfg: &LlamaConfig, names: &[LayerNames], first: usize, seed: u64, what: &str) {
+fn assert_span_equals_the_reference(ck: &Checkpoint, cfg: &DecoderConfig, names: &[LayerNames], first: usize, seed: u64, what: &str) {
     let input = TestRng::new(seed).gaussians(7 * TINY_HIDDEN);
     let mut want = input.clone();
     for (i, layer) in names.iter().enumerate().skip(first) {
         reference_layer(ck, layer, cfg, i, &mut want);
     }
-    let span = LlamaSpan::load(ck, cfg.clone(), first, names[first..].to_vec()).expect("the tiny span loads");
+    let span = DecoderSpan::load(ck, cfg.clone(), first, names[first..].to_vec()).expect("the tiny span loads");
     for threads in [1, 3] {
         let pool = ThreadPool::new(threads);
         let mut cache = span.new_cache(64);
@@ -358,8 +359,8 @@ fn qwen_sub_ranges_equal_the_whole_span_bit_for_bit() {
         let ck = open_tiny(dir);
         let names: Vec<LayerNames> = (0..TINY_LAYERS).map(|i| qwen_names(&ck, i)).collect();
         for quantize in [None, Some(GgmlType::Q8_0)] {
-            let cfg = LlamaConfig { quantize, ..tiny_qwen_config(head_dim) };
-            let span = LlamaSpan::load(&ck, cfg, 0, names.clone()).unwrap();
+            let cfg = DecoderConfig { quantize, ..tiny_qwen_config(head_dim) };
+            let span = DecoderSpan::load(&ck, cfg, 0, names.clone()).unwrap();
             let pool = ThreadPool::new(3);
             let whole = through_ranges(&span, &pool, &[0..3]);
             assert_eq!(through_ranges(&span, &pool, &[0..1, 1..3]), whole, "{dir}, {quantize:?}");
@@ -373,19 +374,19 @@ fn a_bias_of_the_wrong_length_is_refused() {
     let mut names = qwen_names(&ck, 0);
     // The k bias (32 values) named as the q bias (64 expected).
     names.insert("attn_q_bias".into(), "model.layers.0.self_attn.k_proj.bias".into());
-    let err = LlamaSpan::load(&ck, tiny_qwen_config(16), 0, vec![names]).err().expect("refused");
+    let err = DecoderSpan::load(&ck, tiny_qwen_config(16), 0, vec![names]).err().expect("refused");
     assert!(err.to_string().contains("expected 64 values"), "{err}");
 }
 
 /// Settings of the tiny Gemma 3 checkpoint (tests/fixtures/tiny_gemma3.py), with a window of 4
 /// so the 7 test positions pass it: layers 0 and 1 slide with the local base 1e4, layer 2 is
 /// global with base 1e6 and linear factor 2.
-fn tiny_gemma3_config() -> LlamaConfig {
+fn tiny_gemma3_config() -> DecoderConfig {
     let head_dim = 32;
     let inv = |base: f32, factor: f32| -> Vec<f32> {
         (0..head_dim / 2).map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32) / factor).collect()
     };
-    LlamaConfig {
+    DecoderConfig {
         head_dim,
         eps: 1e-6,
         rope_inv_freq: inv(1e6, 2.0),
@@ -434,12 +435,12 @@ fn gemma3_layers_equal_the_scalar_reference() {
 /// 0.75 of it rotating), with the long table from position 4 and a window of 3 on every layer
 /// so the 7 test positions cross both; the frequencies are made up (not the fixture's): this
 /// checks the layer against the scalar reference, not the config reader.
-fn tiny_phi3_config() -> LlamaConfig {
+fn tiny_phi3_config() -> DecoderConfig {
     let pairs = 6; // 12 of 16 dims rotate
     let inv = |base: f32, factor: f32| -> Vec<f32> {
         (0..pairs).map(|i| 1.0 / base.powf(2.0 * i as f32 / (2 * pairs) as f32) / factor).collect()
     };
-    LlamaConfig {
+    DecoderConfig {
         rope_inv_freq: inv(1e4, 1.5),
         rope_long_inv_freq: inv(1e4, 7.0),
         rope_long_from: 4,
@@ -478,9 +479,9 @@ fn phi3_layers_equal_the_scalar_reference() {
 }
 
 /// The tiny Gemma 3 span of layers `first .. first + n` (window 4: layers 0 and 1 slide).
-pub(crate) fn tiny_gemma3(first: usize, n: usize) -> LlamaSpan {
+pub(crate) fn tiny_gemma3(first: usize, n: usize) -> DecoderSpan {
     let names: Vec<LayerNames> = (first..first + n).map(gemma3_names).collect();
-    LlamaSpan::load(&open_tiny("tiny-gemma3"), tiny_gemma3_config(), first, names).expect("the tiny Gemma span loads")
+    DecoderSpan::load(&open_tiny("tiny-gemma3"), tiny_gemma3_config(), first, names).expect("the tiny Gemma span loads")
 }
 
 /// Step sizes of a 48-position sequence (12 windows of 4): prefill chunks shorter and longer
@@ -489,7 +490,7 @@ const LONG_STEPS: [usize; 21] = [5, 1, 1, 1, 7, 1, 1, 1, 1, 1, 1, 1, 1, 9, 3, 1,
 
 /// Runs `LONG_STEPS` (then decode steps up to `total` positions) of one session through
 /// `span` with `cache`; returns each step's output.
-fn run_steps(span: &LlamaSpan, pool: &ThreadPool, cache: &mut KvCache, input: &[f32], total: usize) -> Vec<Vec<f32>> {
+fn run_steps(span: &DecoderSpan, pool: &ThreadPool, cache: &mut KvCache, input: &[f32], total: usize) -> Vec<Vec<f32>> {
     let mut out = Vec::new();
     let mut pos = 0;
     for n in LONG_STEPS.iter().copied().chain(std::iter::repeat(1)) {

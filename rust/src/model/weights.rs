@@ -71,12 +71,31 @@ impl<'a> LayerTensors<'a> {
     /// A weight matrix, quantized on load when asked and the stored type is a float type.
     pub fn matrix(&mut self, role: &str) -> Result<QMatrix> {
         let name = self.take_name(role)?;
-        let data = tensor_data(self.checkpoint, &name)?;
+        self.load_matrix(&name, tensor_data(self.checkpoint, &name)?)
+    }
+
+    /// The `n` experts' matrices of a mixture-of-experts role: one stacked tensor
+    /// `[n, rows, cols]` named for `role` (GGUF's `ffn_gate_exps`), or one matrix per expert
+    /// named for roles `role.0 .. role.{n-1}` (HF's `experts.{j}.gate_proj`).
+    pub fn experts(&mut self, role: &str, n: usize) -> Result<Vec<QMatrix>> {
+        if !self.has(role) {
+            return (0..n).map(|j| self.matrix(&format!("{role}.{j}"))).collect();
+        }
+        let name = self.take_name(role)?;
+        let stacked = tensor_data(self.checkpoint, &name)?;
+        if stacked.info().shape.len() != 3 || stacked.info().shape[0] != n {
+            return Err(Error::Shape(format!(
+                "{name}: expected {n} stacked expert matrices, the checkpoint has shape {:?}",
+                stacked.info().shape
+            )));
+        }
+        (0..n).map(|j| self.load_matrix(&format!("{name}[{j}]"), stacked.outer(j)?)).collect()
+    }
+
+    fn load_matrix(&self, name: &str, data: TensorData) -> Result<QMatrix> {
         match (self.quantize, data.info().ty) {
-            (Some(target), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => {
-                QMatrix::from_tensor_as(&name, data, target)
-            }
-            _ => QMatrix::from_tensor(&name, data),
+            (Some(target), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => QMatrix::from_tensor_as(name, data, target),
+            _ => QMatrix::from_tensor(name, data),
         }
     }
 

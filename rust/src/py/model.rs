@@ -14,7 +14,7 @@ use super::to_py_err;
 use crate::compute::pool::DEFAULT_IDLE_SPIN;
 use crate::compute::ThreadPool;
 use crate::model::KvDtype;
-use crate::model::{KvCache, LlamaConfig, LlamaSpan, OutputHead, SeqChunk, TokenEmbedding};
+use crate::model::{DecoderConfig, DecoderSpan, KvCache, MoeConfig, OutputHead, SeqChunk, TokenEmbedding};
 use crate::quant::GgmlType;
 
 /// Compute threads shared by the spans and heads of one process.
@@ -131,12 +131,12 @@ fn optional<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -
     }
 }
 
-fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
+fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<DecoderConfig> {
     let quantize = match d.get_item("quantize")? {
         Some(v) if !v.is_none() => Some(GgmlType::from_name(&v.extract::<String>()?).map_err(to_py_err)?),
         _ => None,
     };
-    Ok(LlamaConfig {
+    Ok(DecoderConfig {
         hidden: required(d, "hidden")?,
         n_heads: required(d, "n_heads")?,
         n_kv_heads: required(d, "n_kv_heads")?,
@@ -156,6 +156,14 @@ fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<LlamaConfig> {
         rope_long_inv_freq: optional(d, "rope_long_inv_freq")?.unwrap_or_default(),
         rope_long_from: optional(d, "rope_long_from")?.unwrap_or(0),
         kv_dtype: optional::<String>(d, "kv_dtype")?.map(|n| KvDtype::from_name(&n)).transpose().map_err(to_py_err)?,
+        moe: match optional::<usize>(d, "n_experts")? {
+            Some(n_experts) => Some(MoeConfig {
+                n_experts,
+                n_used: required(d, "n_experts_used")?,
+                norm_topk_prob: required(d, "norm_topk_prob")?,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -173,21 +181,21 @@ fn to_array2<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, cols: usize) -> 
 }
 
 /// Layers a..b of a Llama-family model (Llama, Qwen2, Qwen3) on the CPU.
-#[pyclass(name = "LlamaSpan", module = "meshpy._native", frozen)]
-pub struct PyLlamaSpan {
-    span: Arc<LlamaSpan>,
+#[pyclass(name = "DecoderSpan", module = "meshpy._native", frozen)]
+pub struct PyDecoderSpan {
+    span: Arc<DecoderSpan>,
     pool: Arc<ThreadPool>,
 }
 
-impl PyLlamaSpan {
+impl PyDecoderSpan {
     /// The span and its compute pool, for serving it from Rust (`py/net.rs`).
-    pub(crate) fn parts(&self) -> (Arc<LlamaSpan>, Arc<ThreadPool>) {
+    pub(crate) fn parts(&self) -> (Arc<DecoderSpan>, Arc<ThreadPool>) {
         (Arc::clone(&self.span), Arc::clone(&self.pool))
     }
 }
 
 #[pymethods]
-impl PyLlamaSpan {
+impl PyDecoderSpan {
     /// Loads the layers named in `layer_names` (one role -> tensor-name map per layer);
     /// `progress(layers_done)` is called after each layer when given.
     #[new]
@@ -206,7 +214,7 @@ impl PyLlamaSpan {
         let mut callback_error: Option<PyErr> = None;
         let span = py
             .detach(|| {
-                LlamaSpan::load_with_progress(ckpt, cfg, first_layer, layer_names, &mut |done| {
+                DecoderSpan::load_with_progress(ckpt, cfg, first_layer, layer_names, &mut |done| {
                     if let (Some(cb), None) = (&progress, &callback_error) {
                         if let Err(e) = Python::attach(|py| cb.call1(py, (done,)).map(drop)) {
                             callback_error = Some(e);
@@ -218,7 +226,7 @@ impl PyLlamaSpan {
         if let Some(e) = callback_error {
             return Err(e);
         }
-        Ok(PyLlamaSpan { span: Arc::new(span), pool: Arc::clone(&pool.pool) })
+        Ok(PyDecoderSpan { span: Arc::new(span), pool: Arc::clone(&pool.pool) })
     }
 
     #[getter]
@@ -376,7 +384,7 @@ impl PyOutputHead {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyThreadPool>()?;
     m.add_class::<PyKvCache>()?;
-    m.add_class::<PyLlamaSpan>()?;
+    m.add_class::<PyDecoderSpan>()?;
     m.add_class::<PyTokenEmbedding>()?;
     m.add_class::<PyOutputHead>()?;
     Ok(())

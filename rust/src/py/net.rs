@@ -1,6 +1,6 @@
 //! Bindings for `net`: a `Node` class wrapping the libp2p node. Arguments are parsed into Rust
 //! values first; every call that waits on the network releases the GIL. A node may serve
-//! nothing, echo frames, or a `LlamaSpan` (answered in Rust, no Python per token).
+//! nothing, echo frames, or a `DecoderSpan` (answered in Rust, no Python per token).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use pyo3::types::{PyBytes, PyDict};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2};
 
 use super::json::{dict_to_map, value_to_dict};
-use super::model::PyLlamaSpan;
+use super::model::PyDecoderSpan;
 use super::wire::{entries_of, matrix_of, model_id, PyEntry};
 use super::to_py_err;
 use crate::error::Error;
@@ -123,7 +123,7 @@ fn session_limits(
 impl PyNode {
     /// Starts a node: loads or creates the identity in `node_dir`, listens on `host:port`
     /// (0: a free port) over `transport` ("tcp", "quic", "both"), joins through `bootstrap`
-    /// multiaddrs. `serve` is None (refuse requests), "echo", or a `LlamaSpan`, which then
+    /// multiaddrs. `serve` is None (refuse requests), "echo", or a `DecoderSpan`, which then
     /// needs `model_name` and the 32-byte `model_hash`. `info` (a dict of JSON values) is the
     /// static part of the node's `Info` replies. Provider records this node stores expire
     /// `provider_ttl` seconds after their last announcement; its own are re-announced every
@@ -374,7 +374,7 @@ impl PyNode {
     }
 
     /// Sets what the node serves from now on, with the constructor's meaning of each argument:
-    /// `serve` None (refuse forwards), "echo", or a `LlamaSpan` with `model_name` and
+    /// `serve` None (refuse forwards), "echo", or a `DecoderSpan` with `model_name` and
     /// `model_hash`. So a worker can join the mesh first, look at what others serve, then load
     /// and serve its layers. The previous handler's sessions are dropped. `info` is merged
     /// into the static part of the node's Info replies.
@@ -526,14 +526,14 @@ fn handler_of(
     if let Ok(mode) = serve.extract::<String>() {
         return match mode.as_str() {
             "echo" => Ok(Arc::new(EchoHandler::new(*limits))),
-            _ => Err(invalid(format!("serve must be None, \"echo\" or a LlamaSpan, got {mode:?}"))),
+            _ => Err(invalid(format!("serve must be None, \"echo\" or a DecoderSpan, got {mode:?}"))),
         };
     }
     let span = serve
-        .cast::<PyLlamaSpan>()
-        .map_err(|_| invalid("serve must be None, \"echo\" or a LlamaSpan".to_string()))?;
+        .cast::<PyDecoderSpan>()
+        .map_err(|_| invalid("serve must be None, \"echo\" or a DecoderSpan".to_string()))?;
     let (Some(name), Some(hash)) = (model_name, model_hash) else {
-        return Err(invalid("serving a LlamaSpan needs model_name and model_hash".to_string()));
+        return Err(invalid("serving a DecoderSpan needs model_name and model_hash".to_string()));
     };
     let hash: [u8; MODEL_HASH_LEN] = hash
         .as_slice()

@@ -1,5 +1,5 @@
 //! The server half of the span protocol: a worker serving a span of layers. [`SpanHandler`] answers `Forward` frames by running a
-//! [`LlamaSpan`] on the CPU, entirely in Rust, with one KV cache per session.
+//! [`DecoderSpan`] on the CPU, entirely in Rust, with one KV cache per session.
 //!
 //! A worker loaded with layers `a..b` serves any contiguous sub-range `s..e` of them
 //! (`a <= s < e <= b`), so a client can route a session through part of a worker's span.
@@ -36,7 +36,7 @@ use super::batcher::{Batcher, Claim, Job};
 use crate::net::{error_frame, error_frame_for, unexpected, FrameHandler};
 use crate::compute::ThreadPool;
 use crate::error::Error;
-use crate::model::{KvCache, LlamaSpan, SeqChunk};
+use crate::model::{KvCache, DecoderSpan, SeqChunk};
 use crate::wire::{
     DType, Entry, ErrorCode, ErrorReply, Forward, ForwardResult, Limits, Message, ModelId, SessionId, Shape, Span, Tensor,
 };
@@ -173,7 +173,7 @@ fn internal(message: &str) -> Refusal {
 /// Serves `Forward` requests for one span of one model from a session table; see the module
 /// documentation for the session rules.
 pub struct SpanHandler {
-    span: Arc<LlamaSpan>,
+    span: Arc<DecoderSpan>,
     pool: Arc<ThreadPool>,
     model: ModelId,
     limits: Limits,
@@ -207,7 +207,7 @@ fn lies(rate: f64, session: SessionId, step: u64) -> bool {
 impl SpanHandler {
     /// A handler running `span` on `pool` for requests naming `model`, decoding frames within
     /// `limits`.
-    pub fn new(span: Arc<LlamaSpan>, pool: Arc<ThreadPool>, model: ModelId, limits: Limits, session_limits: SessionLimits) -> Self {
+    pub fn new(span: Arc<DecoderSpan>, pool: Arc<ThreadPool>, model: ModelId, limits: Limits, session_limits: SessionLimits) -> Self {
         SpanHandler {
             span,
             pool,

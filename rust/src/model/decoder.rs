@@ -1,4 +1,6 @@
-//! The Llama family's decoder layers on the CPU, run as a span (layers a..b).
+//! The decoder layers of every supported family on the CPU, run as a span (layers a..b): one
+//! layer whose options (biases, norms, fused tensors, sliding windows, a mixture of experts)
+//! come from the config and from which roles the family module names.
 //!
 //! Follows transformers' models/llama/modeling_llama.py (LlamaDecoderLayer: RMSNorm ->
 //! grouped-query attention with RoPE -> residual; RMSNorm -> SwiGLU MLP -> residual) and
@@ -27,9 +29,12 @@
 //! `rope_long_inv_freq`), and a sliding window on every layer that rotates with the global
 //! table (`rope_local_inv_freq` empty).
 //!
+//! Qwen3-MoE (transformers' models/qwen3_moe/modeling_qwen3_moe.py) is the Qwen3 layer whose
+//! MLP is a mixture of experts on the layers that name a router (`model::moe`).
+//!
 //! One forward call runs a batch of sequence chunks (each a session's next tokens with its
 //! own KV cache) through every layer of the span, or through a contiguous sub-range of its
-//! layers ([`LlamaSpan::forward_layers`], with caches of that many layers); all threads of the
+//! layers ([`DecoderSpan::forward_layers`], with caches of that many layers); all threads of the
 //! pool run the whole pass and meet at barriers between ops (see `compute::pool`).
 
 use std::ops::Range;
@@ -38,12 +43,13 @@ use crate::checkpoint::Checkpoint;
 use crate::compute::{attention, fastmath, ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::{KvCache, KvDtype, LayerShared, RowsShared};
+use crate::model::moe::{MoeBlock, MoeConfig, Routing};
 use crate::model::weights::{expect_shape, LayerNames, LayerTensors};
 use crate::quant::GgmlType;
 
 /// Settings of a Llama-family span, read from the checkpoint by the Python family module.
 #[derive(Clone, Debug)]
-pub struct LlamaConfig {
+pub struct DecoderConfig {
     /// Width of the hidden states.
     pub hidden: usize,
     /// Query heads.
@@ -97,11 +103,14 @@ pub struct LlamaConfig {
     pub rope_long_inv_freq: Vec<f32>,
     /// First position that uses `rope_long_inv_freq`.
     pub rope_long_from: usize,
-    /// How sessions' KV caches store keys and values; `None`: [`LlamaSpan::default_kv_dtype`].
+    /// How sessions' KV caches store keys and values; `None`: [`DecoderSpan::default_kv_dtype`].
     pub kv_dtype: Option<KvDtype>,
+    /// The mixture-of-experts settings of layers whose names include a router
+    /// (`ffn_gate_inp`); `None`: no layer may have one.
+    pub moe: Option<MoeConfig>,
 }
 
-impl LlamaConfig {
+impl DecoderConfig {
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
         if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
@@ -112,6 +121,9 @@ impl LlamaConfig {
         }
         if self.hidden == 0 || self.head_dim == 0 {
             return bad("hidden and head_dim must be positive".into());
+        }
+        if let Some(moe) = &self.moe {
+            moe.validate()?;
         }
         if !self.rope_long_inv_freq.is_empty() && self.rope_long_inv_freq.len() != self.rope_inv_freq.len() {
             return bad(format!(
@@ -150,7 +162,7 @@ impl LlamaConfig {
 }
 
 /// One decoder layer's weights.
-struct LlamaLayer {
+struct DecoderLayer {
     attn_norm: Vec<f32>,
     wq: QMatrix,
     wk: QMatrix,
@@ -172,13 +184,29 @@ struct LlamaLayer {
     ffn_post_norm: Option<Vec<f32>>,
     /// Whether this layer attends over a sliding window with the local rotary table.
     sliding: bool,
-    w_gate: QMatrix,
-    w_up: QMatrix,
-    w_down: QMatrix,
+    ffn: Ffn,
 }
 
-impl LlamaLayer {
-    fn load(checkpoint: &Checkpoint, cfg: &LlamaConfig, layer: usize, names: LayerNames) -> Result<Self> {
+/// A layer's feed-forward block.
+#[allow(clippy::large_enum_variant)] // one per layer: boxing would only add an indirection
+enum Ffn {
+    /// One gated MLP: gate and up `(ffn, hidden)`, down `(hidden, ffn)`.
+    Dense { gate: QMatrix, up: QMatrix, down: QMatrix },
+    /// A mixture of experts (see `model::moe`).
+    Moe(MoeBlock),
+}
+
+impl Ffn {
+    fn matrices(&self) -> Vec<&QMatrix> {
+        match self {
+            Ffn::Dense { gate, up, down } => vec![gate, up, down],
+            Ffn::Moe(moe) => std::iter::once(&moe.router).chain(moe.experts.iter().flat_map(|e| [&e.gate, &e.up, &e.down])).collect(),
+        }
+    }
+}
+
+impl DecoderLayer {
+    fn load(checkpoint: &Checkpoint, cfg: &DecoderConfig, layer: usize, names: LayerNames) -> Result<Self> {
         let mut t = LayerTensors::new(checkpoint, names, cfg.quantize);
         // Roles a checkpoint may lack (the Qwen options): loaded when named.
         let optional = |t: &mut LayerTensors, role: &str, len: usize| -> Result<Option<Vec<f32>>> {
@@ -200,7 +228,7 @@ impl LlamaLayer {
         }
         let (attn_post_norm, ffn_post_norm) =
             (optional(&mut t, "attn_post_norm", cfg.hidden)?, optional(&mut t, "ffn_post_norm", cfg.hidden)?);
-        let mut layer = LlamaLayer {
+        let mut layer = DecoderLayer {
             attn_norm: t.vector("attn_norm", cfg.hidden)?,
             wq: t.matrix("attn_q")?,
             wk: t.matrix("attn_k")?,
@@ -215,9 +243,14 @@ impl LlamaLayer {
             ffn_norm: t.vector("ffn_norm", cfg.hidden)?,
             ffn_post_norm,
             sliding: cfg.is_sliding(layer),
-            w_gate: t.matrix("ffn_gate")?,
-            w_up: t.matrix("ffn_up")?,
-            w_down: t.matrix("ffn_down")?,
+            ffn: if t.has("ffn_gate_inp") {
+                let moe = cfg.moe.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument(format!("layer {layer} names a router (ffn_gate_inp) but the config has no experts"))
+                })?;
+                Ffn::Moe(MoeBlock::load(&mut t, moe, cfg.hidden)?)
+            } else {
+                Ffn::Dense { gate: t.matrix("ffn_gate")?, up: t.matrix("ffn_up")?, down: t.matrix("ffn_down")? }
+            },
         };
         t.finish()?;
         if cfg.norm_offset != 0.0 {
@@ -228,21 +261,20 @@ impl LlamaLayer {
                 norm.iter_mut().for_each(|w| *w += cfg.norm_offset);
             }
         }
-        let ffn = layer.w_gate.rows();
         expect_shape(&layer.wq, "attn_q", cfg.q_dim(), cfg.hidden)?;
         expect_shape(&layer.wk, "attn_k", cfg.kv_dim(), cfg.hidden)?;
         expect_shape(&layer.wv, "attn_v", cfg.kv_dim(), cfg.hidden)?;
         expect_shape(&layer.wo, "attn_output", cfg.hidden, cfg.q_dim())?;
-        expect_shape(&layer.w_up, "ffn_up", ffn, cfg.hidden)?;
-        expect_shape(&layer.w_down, "ffn_down", cfg.hidden, ffn)?;
+        if let Ffn::Dense { gate, up, down } = &layer.ffn {
+            expect_shape(gate, "ffn_gate", gate.rows(), cfg.hidden)?;
+            expect_shape(up, "ffn_up", gate.rows(), cfg.hidden)?;
+            expect_shape(down, "ffn_down", cfg.hidden, gate.rows())?;
+        }
         Ok(layer)
     }
 
     fn nbytes(&self) -> usize {
-        [&self.wq, &self.wk, &self.wv, &self.wo, &self.w_gate, &self.w_up, &self.w_down]
-            .iter()
-            .map(|m| m.nbytes())
-            .sum::<usize>()
+        [&self.wq, &self.wk, &self.wv, &self.wo].into_iter().chain(self.ffn.matrices()).map(QMatrix::nbytes).sum::<usize>()
             + 4 * (self.attn_norm.len() + self.ffn_norm.len())
             + 4 * [&self.bq, &self.bk, &self.bv, &self.q_norm, &self.k_norm, &self.attn_post_norm, &self.ffn_post_norm]
                 .iter()
@@ -260,14 +292,17 @@ pub struct SeqChunk<'a> {
     pub n_tokens: usize,
 }
 
-/// Layers `first_layer .. first_layer + n_layers` of a Llama-family model.
-pub struct LlamaSpan {
-    cfg: LlamaConfig,
+/// Layers `first_layer .. first_layer + n_layers` of a decoder model.
+pub struct DecoderSpan {
+    cfg: DecoderConfig,
     first_layer: usize,
-    layers: Vec<LlamaLayer>,
+    layers: Vec<DecoderLayer>,
     /// Distinct activation types needed by the matrices reading each input.
     act_types: ActTypes,
+    /// Width of the dense MLPs (0: none).
     max_ffn: usize,
+    /// Width of the widest expert MLP (0: no layer has experts).
+    expert_ffn: usize,
     kv_dtype: KvDtype,
 }
 
@@ -275,8 +310,14 @@ pub struct LlamaSpan {
 struct ActTypes {
     attn_in: Vec<GgmlType>,
     attn_out: Vec<GgmlType>,
+    /// Dense gate and up, and routers.
     ffn_in: Vec<GgmlType>,
+    /// Dense down.
     ffn_mid: Vec<GgmlType>,
+    /// Experts' gate and up (rows grouped by expert).
+    moe_in: Vec<GgmlType>,
+    /// Experts' down.
+    moe_mid: Vec<GgmlType>,
 }
 
 fn union_types<'a>(mats: impl Iterator<Item = &'a QMatrix>) -> Vec<GgmlType> {
@@ -289,17 +330,17 @@ fn union_types<'a>(mats: impl Iterator<Item = &'a QMatrix>) -> Vec<GgmlType> {
     out
 }
 
-impl LlamaSpan {
+impl DecoderSpan {
     /// Loads layers `first_layer ..` with one name map per layer. Only these layers'
     /// tensors are touched, so resident memory grows with the span, not the model.
-    pub fn load(checkpoint: &Checkpoint, cfg: LlamaConfig, first_layer: usize, layer_names: Vec<LayerNames>) -> Result<Self> {
+    pub fn load(checkpoint: &Checkpoint, cfg: DecoderConfig, first_layer: usize, layer_names: Vec<LayerNames>) -> Result<Self> {
         Self::load_with_progress(checkpoint, cfg, first_layer, layer_names, &mut |_| {})
     }
 
     /// [`Self::load`], calling `on_layer(layers_done)` after each layer.
     pub fn load_with_progress(
         checkpoint: &Checkpoint,
-        cfg: LlamaConfig,
+        cfg: DecoderConfig,
         first_layer: usize,
         layer_names: Vec<LayerNames>,
         on_layer: &mut dyn FnMut(usize),
@@ -307,28 +348,43 @@ impl LlamaSpan {
         cfg.validate()?;
         let mut layers = Vec::with_capacity(layer_names.len());
         for names in layer_names {
-            layers.push(LlamaLayer::load(checkpoint, &cfg, first_layer + layers.len(), names)?);
+            layers.push(DecoderLayer::load(checkpoint, &cfg, first_layer + layers.len(), names)?);
             on_layer(layers.len());
         }
+        let dense = || {
+            layers.iter().filter_map(|l| match &l.ffn {
+                Ffn::Dense { gate, up, down } => Some([gate, up, down]),
+                Ffn::Moe(_) => None,
+            })
+        };
+        let moes = || {
+            layers.iter().filter_map(|l| match &l.ffn {
+                Ffn::Moe(moe) => Some(moe),
+                Ffn::Dense { .. } => None,
+            })
+        };
         let act_types = ActTypes {
             attn_in: union_types(layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv])),
             attn_out: union_types(layers.iter().map(|l| &l.wo)),
-            ffn_in: union_types(layers.iter().flat_map(|l| [&l.w_gate, &l.w_up])),
-            ffn_mid: union_types(layers.iter().map(|l| &l.w_down)),
+            ffn_in: union_types(dense().flat_map(|[g, u, _]| [g, u]).chain(moes().map(|m| &m.router))),
+            ffn_mid: union_types(dense().map(|[_, _, d]| d)),
+            moe_in: union_types(moes().flat_map(MoeBlock::input_matrices)),
+            moe_mid: union_types(moes().flat_map(|m| m.experts.iter().map(|e| &e.down))),
         };
-        let max_ffn = layers.first().map_or(0, |l| l.w_gate.rows());
-        if layers.iter().any(|l| l.w_gate.rows() != max_ffn) {
-            return Err(Error::Shape("layers of one span must share the MLP width".into()));
+        let max_ffn = dense().next().map_or(0, |[g, _, _]| g.rows());
+        if dense().any(|[g, _, _]| g.rows() != max_ffn) {
+            return Err(Error::Shape("dense layers of one span must share the MLP width".into()));
         }
+        let expert_ffn = moes().map(MoeBlock::ffn).max().unwrap_or(0);
         let kv_dtype = cfg.kv_dtype.unwrap_or_else(|| Self::default_kv_dtype(&layers));
-        Ok(LlamaSpan { cfg, first_layer, layers, act_types, max_ffn, kv_dtype })
+        Ok(DecoderSpan { cfg, first_layer, layers, act_types, max_ffn, expert_ffn, kv_dtype })
     }
 
     /// The KV cache type when the config names none: f16 (half the memory and the bytes
     /// attention reads, llama.cpp's default), except f32 when every K and V projection is
     /// f32: a full-precision checkpoint keeps full-precision keys and values, so it matches
     /// transformers to f32 rounding.
-    fn default_kv_dtype(layers: &[LlamaLayer]) -> KvDtype {
+    fn default_kv_dtype(layers: &[DecoderLayer]) -> KvDtype {
         if layers.iter().all(|l| l.wk.ty() == GgmlType::F32 && l.wv.ty() == GgmlType::F32) {
             KvDtype::F32
         } else {
@@ -342,7 +398,7 @@ impl LlamaSpan {
     }
 
     /// The span's settings.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &DecoderConfig {
         &self.cfg
     }
 
@@ -358,7 +414,7 @@ impl LlamaSpan {
 
     /// Bytes of weights the span holds.
     pub fn nbytes(&self) -> usize {
-        self.layers.iter().map(LlamaLayer::nbytes).sum()
+        self.layers.iter().map(DecoderLayer::nbytes).sum()
     }
 
     /// A new, empty KV cache for this span holding up to `max_len` positions (at most the
@@ -484,32 +540,47 @@ impl LlamaSpan {
         // Attention or MLP output awaiting its post-norm (Gemma 3), when a layer has one.
         let has_post = run_layers.iter().any(|l| l.attn_post_norm.is_some() || l.ffn_post_norm.is_some());
         let mut post = vec![0f32; if has_post { n_tok * d } else { 0 }];
-        let mut gate = vec![0f32; n_tok * self.max_ffn];
-        let mut up = vec![0f32; n_tok * self.max_ffn];
-        let make = |types: &[GgmlType], cols: usize| -> Result<Vec<ActRows>> {
-            types.iter().map(|&t| ActRows::new(t, cols, n_tok)).collect()
+        // A mixture-of-experts layer runs `n_used` rows ("slots") per token, grouped by expert;
+        // its gate/up products share the dense MLP's buffers.
+        let moe = run_layers.iter().any(|l| matches!(l.ffn, Ffn::Moe(_)));
+        let (n_slots, n_experts) = match (&cfg.moe, moe) {
+            (Some(m), true) => (n_tok * m.n_used, m.n_experts),
+            _ => (0, 0),
+        };
+        let ffn_len = (n_tok * self.max_ffn).max(n_slots * self.expert_ffn);
+        let mut gate = vec![0f32; ffn_len];
+        let mut up = vec![0f32; ffn_len];
+        let mut router = vec![0f32; n_tok * n_experts];
+        let mut expert_out = vec![0f32; n_slots * d];
+        let make = |types: &[GgmlType], cols: usize, rows: usize| -> Result<Vec<ActRows>> {
+            types.iter().map(|&t| ActRows::new(t, cols, rows)).collect()
         };
         // Activation rows are quantized by every thread into its own buffers (the products
         // read all rows): no barrier between a quantization and the product that reads it.
         let nth = pool.n_threads();
-        let mut owned: Vec<[Vec<ActRows>; 4]> = (0..nth)
-            .map(|_| -> Result<[Vec<ActRows>; 4]> {
+        let mut owned: Vec<[Vec<ActRows>; 6]> = (0..nth)
+            .map(|_| -> Result<[Vec<ActRows>; 6]> {
+                let t = &self.act_types;
                 Ok([
-                    make(&self.act_types.attn_in, d)?,
-                    make(&self.act_types.attn_out, qd)?,
-                    make(&self.act_types.ffn_in, d)?,
-                    make(&self.act_types.ffn_mid, self.max_ffn)?,
+                    make(&t.attn_in, d, n_tok)?,
+                    make(&t.attn_out, qd, n_tok)?,
+                    make(&t.ffn_in, d, n_tok)?,
+                    make(&t.ffn_mid, self.max_ffn, n_tok)?,
+                    make(if moe { &t.moe_in } else { &[] }, d, n_slots)?,
+                    make(if moe { &t.moe_mid } else { &[] }, self.expert_ffn, n_slots)?,
                 ])
             })
             .collect::<Result<_>>()?;
         let shared_acts = |rows: &mut Vec<ActRows>| rows.iter_mut().map(|a| a.shared()).collect::<Vec<_>>();
         let acts = owned
             .iter_mut()
-            .map(|[attn_in, attn_out, ffn_in, ffn_mid]| ThreadActs {
+            .map(|[attn_in, attn_out, ffn_in, ffn_mid, moe_in, moe_mid]| ThreadActs {
                 attn_in: shared_acts(attn_in),
                 attn_out: shared_acts(attn_out),
                 ffn_in: shared_acts(ffn_in),
                 ffn_mid: shared_acts(ffn_mid),
+                moe_in: shared_acts(moe_in),
+                moe_mid: shared_acts(moe_mid),
             })
             .collect();
         let bufs = Buffers {
@@ -521,6 +592,8 @@ impl LlamaSpan {
             post: SharedMut::new(&mut post),
             gate: SharedMut::new(&mut gate),
             up: SharedMut::new(&mut up),
+            router: SharedMut::new(&mut router),
+            expert_out: SharedMut::new(&mut expert_out),
             acts,
         };
         // Last fallible step, after every allocation that may fail: a sliding layer may drop
@@ -566,8 +639,13 @@ struct Buffers {
     att: SharedMut<f32>,
     /// `(n_tok, hidden)` when a layer has post-norms, else empty.
     post: SharedMut<f32>,
+    /// `(n_tok, max_ffn)`, or `(slots, expert_ffn)` in a mixture-of-experts layer.
     gate: SharedMut<f32>,
     up: SharedMut<f32>,
+    /// `(n_tok, n_experts)` router logits when a mixture-of-experts layer runs, else empty.
+    router: SharedMut<f32>,
+    /// `(slots, hidden)`: each slot's expert output, before its router weight.
+    expert_out: SharedMut<f32>,
     /// Per thread (indexed by `Ctx::tid`): its quantized activation rows.
     acts: Vec<ThreadActs>,
 }
@@ -578,6 +656,8 @@ struct ThreadActs {
     attn_out: Vec<ActRowsMut>,
     ffn_in: Vec<ActRowsMut>,
     ffn_mid: Vec<ActRowsMut>,
+    moe_in: Vec<ActRowsMut>,
+    moe_mid: Vec<ActRowsMut>,
 }
 
 fn act_for(acts: &[ActRowsMut], m: &QMatrix) -> ActRowsMut {
@@ -589,9 +669,9 @@ fn act_for(acts: &[ActRowsMut], m: &QMatrix) -> ActRowsMut {
 
 /// One forward call's shared state; `run` is what every thread executes.
 struct Pass<'a> {
-    span: &'a LlamaSpan,
+    span: &'a DecoderSpan,
     /// The layers this pass runs (the span's, or a sub-range); caches are indexed alike.
-    layers: &'a [LlamaLayer],
+    layers: &'a [DecoderLayer],
     n_tok: usize,
     row_seq: &'a [usize],
     row_pos: &'a [usize],
@@ -626,6 +706,8 @@ impl Pass<'_> {
         let mut scores = vec![0f32; self.max_ctx * (cfg.n_heads / cfg.n_kv_heads)];
         let mut xn = vec![0f32; d];
         let mut head_tmp = vec![0f32; hd];
+        // This thread's copy of the normed rows a mixture-of-experts layer regroups.
+        let mut normed = vec![0f32; if b.router.is_empty() { 0 } else { n * d }];
         // Quantizes every row of `src` (width `w`) into this thread's `dst` buffers.
         // SAFETY (all SharedMut accesses below): each thread writes only its own rows,
         // matrix rows or private buffers between barriers; reads of others' data follow a
@@ -738,15 +820,31 @@ impl Pass<'_> {
             quantize_all(b.att, qd, &acts.attn_out);
             self.project_residual(ctx, &layer.wo, act_for(&acts.attn_out, &layer.wo), layer.attn_post_norm.as_deref(), &mut xn);
 
+            let (w_gate, w_up, w_down) = match &layer.ffn {
+                Ffn::Dense { gate, up, down } => (gate, up, down),
+                Ffn::Moe(moe) => {
+                    // The router reads the normed rows as a dense MLP would; the experts read
+                    // them regrouped by expert, from this thread's f32 copy.
+                    for t in 0..n {
+                        let row = &mut normed[t * d..(t + 1) * d];
+                        ops::rms_norm(unsafe { b.x.slice(t * d..(t + 1) * d) }, &layer.ffn_norm, cfg.eps, row);
+                        for a in &acts.ffn_in {
+                            unsafe { a.set_row(t, row) };
+                        }
+                    }
+                    self.moe_residual(ctx, moe, &normed, layer.ffn_post_norm.as_deref(), &mut xn);
+                    continue;
+                }
+            };
             // MLP: RMSNorm, SwiGLU, down projection added to the residual.
             norm_all(&layer.ffn_norm, &acts.ffn_in, &mut xn);
-            let ffn = layer.w_gate.rows();
-            layer.w_gate.matmul_part(ctx, act_for(&acts.ffn_in, &layer.w_gate), n, b.gate, ffn, false, None);
-            layer.w_up.matmul_part(ctx, act_for(&acts.ffn_in, &layer.w_up), n, b.up, ffn, false, None);
+            let ffn = w_gate.rows();
+            w_gate.matmul_part(ctx, act_for(&acts.ffn_in, w_gate), n, b.gate, ffn, false, None);
+            w_up.matmul_part(ctx, act_for(&acts.ffn_in, w_up), n, b.up, ffn, false, None);
             // SwiGLU (or GeGLU with tanh GELU, Gemma 3) on the columns this thread computed in
             // both products (else after a barrier).
-            let cols = layer.w_gate.part_rows(ctx);
-            let own = cols == layer.w_up.part_rows(ctx);
+            let cols = w_gate.part_rows(ctx);
+            let own = cols == w_up.part_rows(ctx);
             if !own {
                 ctx.barrier();
             }
@@ -754,16 +852,87 @@ impl Pass<'_> {
             for t in 0..n {
                 let g = unsafe { b.gate.slice_mut(t * ffn + cols.start..t * ffn + cols.end) };
                 let u = unsafe { b.up.slice(t * ffn + cols.start..t * ffn + cols.end) };
-                if cfg.gelu_tanh {
-                    fastmath::gelu_tanh_mul(g, u);
-                } else {
-                    fastmath::silu_mul(g, u);
-                }
+                self.glu(g, u);
             }
             ctx.barrier();
             quantize_all(b.gate, ffn, &acts.ffn_mid);
-            self.project_residual(ctx, &layer.w_down, act_for(&acts.ffn_mid, &layer.w_down), layer.ffn_post_norm.as_deref(), &mut xn);
+            self.project_residual(ctx, w_down, act_for(&acts.ffn_mid, w_down), layer.ffn_post_norm.as_deref(), &mut xn);
         }
+    }
+
+    /// `gate = act(gate) * up`: SwiGLU, or GeGLU with tanh GELU (Gemma 3).
+    fn glu(&self, gate: &mut [f32], up: &[f32]) {
+        if self.span.cfg.gelu_tanh {
+            fastmath::gelu_tanh_mul(gate, up);
+        } else {
+            fastmath::silu_mul(gate, up);
+        }
+    }
+
+    /// A mixture-of-experts block on the normed rows (`normed`, this thread's `(n_tok,
+    /// hidden)` copy, also quantized for the router): route every row, run each chosen
+    /// expert's MLP on its rows only, and add each row's weighted expert outputs, summed in
+    /// expert order, to the residual (RMS-normed first with a post-norm). Five barriers, however
+    /// many experts run; ends at one.
+    fn moe_residual(&self, ctx: &Ctx, moe: &MoeBlock, normed: &[f32], post_norm: Option<&[f32]>, xn: &mut [f32]) {
+        let (cfg, b, n) = (&self.span.cfg, self.bufs, self.n_tok);
+        let acts = &b.acts[ctx.tid];
+        let d = cfg.hidden;
+        let m = cfg.moe.as_ref().expect("a layer with experts loads only with a MoE config");
+        moe.router.matmul_part(ctx, act_for(&acts.ffn_in, &moe.router), n, b.router, m.n_experts, false, None);
+        ctx.barrier();
+        // SAFETY (all SharedMut accesses below): as in `run`.
+        // Every thread routes every row (cheap), so no thread waits for another's choice.
+        let routing = Routing::new(unsafe { b.router.slice(0..n * m.n_experts) }, n, m);
+        for (s, &t) in routing.slot_row.iter().enumerate() {
+            for a in &acts.moe_in {
+                unsafe { a.set_row(s, &normed[t * d..(t + 1) * d]) };
+            }
+        }
+        let ffn = moe.ffn();
+        for (e, slots) in routing.used() {
+            let (ex, rows) = (&moe.experts[e], slots.len());
+            for (w, out) in [(&ex.gate, b.gate), (&ex.up, b.up)] {
+                w.matmul_part(ctx, act_for(&acts.moe_in, w).from_row(slots.start), rows, out.offset(slots.start * ffn), ffn, false, None);
+            }
+        }
+        ctx.barrier();
+        let n_slots = routing.slot_row.len();
+        for s in ctx.split(n_slots) {
+            let (g, u) = unsafe { (b.gate.slice_mut(s * ffn..(s + 1) * ffn), b.up.slice(s * ffn..(s + 1) * ffn)) };
+            self.glu(g, u);
+        }
+        ctx.barrier();
+        for s in 0..n_slots {
+            let row = unsafe { b.gate.slice(s * ffn..(s + 1) * ffn) };
+            for a in &acts.moe_mid {
+                unsafe { a.set_row(s, row) };
+            }
+        }
+        for (e, slots) in routing.used() {
+            let down = &moe.experts[e].down;
+            let act = act_for(&acts.moe_mid, down).from_row(slots.start);
+            down.matmul_part(ctx, act, slots.len(), b.expert_out.offset(slots.start * d), d, false, None);
+        }
+        ctx.barrier();
+        let k = m.n_used;
+        let mut sum = vec![0f32; d];
+        for t in ctx.split(n) {
+            sum.fill(0.0);
+            for &s in &routing.row_slots[t * k..(t + 1) * k] {
+                ops::axpy(routing.slot_weight[s], unsafe { b.expert_out.slice(s * d..(s + 1) * d) }, &mut sum);
+            }
+            let x = unsafe { b.x.slice_mut(t * d..(t + 1) * d) };
+            let add: &[f32] = match post_norm {
+                Some(w) => {
+                    ops::rms_norm(&sum, w, cfg.eps, xn);
+                    xn
+                }
+                None => &sum,
+            };
+            x.iter_mut().zip(add).for_each(|(x, &y)| *x += y);
+        }
+        ctx.barrier();
     }
 
     /// `x += m @ act`, or with a post-norm (Gemma 3) `x += rms_norm(m @ act)`: the product
