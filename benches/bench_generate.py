@@ -15,7 +15,12 @@ Timings are the median of several repeats; nothing here asserts a speed.
 from DIR first, e.g. a build for AVX2 only (`pip install --target DIR` with
 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 -DGGML_AVX512=OFF"), to compare AVX2 paths on an AVX-512 machine.
-A random-weight model of any size: `python benches/make_gguf.py` (Llama-3-8B shapes).
+A random-weight model of any size: `python benches/make_gguf.py` (Llama-3-8B shapes, or
+`--qwen3-30b-a3b` for a mixture of experts).
+
+`--separate` runs each engine in its own process, one after the other (the rounds then do not
+alternate): for a model only one engine's copy fits in memory at a time (a 17 GB
+Qwen3-30B-A3B on a 24 GiB machine).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import json
 import os
 import platform
 import statistics
@@ -122,15 +128,20 @@ class LlamaCppEngine:
 
 def decode_bytes_per_token(path: Path) -> int | None:
     """Bytes of weights a decode step reads: every tensor but the token embedding (of
-    which it reads one row), unless the model ties its head to it."""
+    which it reads one row), unless the model ties its head to it; of a mixture of experts'
+    stacked expert tensors, the share of the experts a token uses."""
     try:
         import gguf
     except ImportError:
         return None
     reader = gguf.GGUFReader(path)
     sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    arch = str(reader.fields["general.architecture"].contents())
+    experts = reader.fields.get(f"{arch}.expert_count")
+    used = reader.fields.get(f"{arch}.expert_used_count")
+    share = int(used.contents()) / int(experts.contents()) if experts and used else 1.0
     tied = "output.weight" not in sizes
-    return sum(n for name, n in sizes.items() if name != "token_embd.weight" or tied)
+    return int(sum(n * (share if "_exps." in name else 1.0) for name, n in sizes.items() if name != "token_embd.weight" or tied))
 
 
 def peak_rss() -> int:
@@ -148,6 +159,8 @@ def main() -> int:
     ap.add_argument("--isa", choices=_native.simd_levels(), help="force meshpy's kernel level (default: the CPU's best)")
     ap.add_argument("--llama-cpp", type=Path, help="import llama_cpp from this directory first (e.g. an AVX2-only build)")
     ap.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer read to measure the bandwidth")
+    ap.add_argument("--separate", action="store_true", help="each engine in its own process, one after the other")
+    ap.add_argument("--engine", choices=("meshpy", "llama.cpp"), help=argparse.SUPPRESS)  # one engine, for --separate
     args = ap.parse_args()
     if args.isa:
         _native.set_simd_level(args.isa)
@@ -155,6 +168,10 @@ def main() -> int:
         sys.path.insert(0, str(args.llama_cpp))
 
     path = Path(args.model) if Path(args.model).exists() else resolve_packaged(args.model)
+    if args.engine:
+        return measure_one(args, path)
+    if args.separate:
+        return separate(args, path)
     model = Model.load(path, threads=args.threads)
     ids = prompt_ids(model, args.prompt_tokens)
     quant = model.source.metadata.get("general.file_type", "?")
@@ -185,6 +202,59 @@ def main() -> int:
     ref = speeds("llama.cpp") if ref_engine is not None else None
     del model, ours_engine, ref_engine
     gc.collect()
+    report(args, path, ours, ref, rss)
+    return 0
+
+
+def measure_one(args: argparse.Namespace, path: Path) -> int:
+    """`--engine`: load one engine, time it, print its speeds and peak RSS as one JSON line."""
+    t0 = time.perf_counter()
+    if args.engine == "meshpy":
+        model = Model.load(path, threads=args.threads)
+        engine: MeshpyEngine | LlamaCppEngine = MeshpyEngine(model)
+        ids = prompt_ids(model, args.prompt_tokens)
+    else:
+        ids = json.loads(os.environ["BENCH_PROMPT_IDS"])
+        engine = LlamaCppEngine(path, args.threads, len(ids) + args.decode_tokens + 8, len(ids))
+    load = time.perf_counter() - t0
+    engine.round(ids, 2)
+    rounds = [engine.round(ids, args.decode_tokens) for _ in range(args.repeats)]
+    prefill, decode = zip(*rounds)
+    print("RESULT " + json.dumps({
+        "prefill": len(ids) / statistics.median(prefill), "decode": 1.0 / statistics.median(decode),
+        "rss": peak_rss(), "load_s": load, "ids": ids, "kernels": _native.simd_level(),
+    }), flush=True)
+    return 0
+
+
+def separate(args: argparse.Namespace, path: Path) -> int:
+    """`--separate`: meshpy, then llama.cpp on meshpy's prompt ids, each in a child process."""
+    def child(engine: str, env: dict[str, str]) -> dict:
+        argv = [sys.executable, __file__, "--model", str(path), "--threads", str(args.threads), "--engine", engine,
+                "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
+                "--repeats", str(args.repeats)]
+        argv += ["--isa", args.isa] if args.isa and engine == "meshpy" else []
+        argv += ["--llama-cpp", str(args.llama_cpp)] if args.llama_cpp and engine != "meshpy" else []
+        out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{engine} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        return json.loads(line.removeprefix("RESULT "))
+
+    ours = child("meshpy", {})
+    print(f"machine: {machine()}")
+    print(f"model: {path.name}, threads {args.threads}, meshpy kernels {ours['kernels']}, commit {commit()}")
+    print(f"prefill {len(ours['ids'])} tokens, decode {args.decode_tokens} tokens, median of {args.repeats} rounds, "
+          f"each engine in its own process (meshpy loaded in {ours['load_s']:.0f} s)")
+    ref = child("llama.cpp", {"BENCH_PROMPT_IDS": json.dumps(ours["ids"])}) if importlib.util.find_spec("llama_cpp") else None
+    if ref is not None:
+        print(f"llama.cpp loaded in {ref['load_s']:.0f} s; its peak RSS {ref['rss'] / 2**20:.0f} MiB (mmap: page cache pages it touched)")
+    report(args, path, (ours["prefill"], ours["decode"]), None if ref is None else (ref["prefill"], ref["decode"]), ours["rss"])
+    return 0
+
+
+def report(args: argparse.Namespace, path: Path, ours: tuple[float, float], ref: tuple[float, float] | None, rss: int) -> None:
+    """The table: each engine's speeds, their ratio, the bandwidth bound, meshpy's peak RSS."""
     bandwidth = _native.ThreadPool(args.threads).read_bandwidth(args.bandwidth_bytes)
     per_token = decode_bytes_per_token(path)
 
@@ -201,7 +271,6 @@ def main() -> int:
               f"read bandwidth ({args.threads} threads, {args.bandwidth_bytes >> 20} MiB buffer): {bandwidth / 1e9:.1f} GB/s, "
               f"so at most {bandwidth / per_token:.1f} tok/s")
     print(f"meshpy peak RSS: {rss / 2**20:.0f} MiB (weights in the file: {path.stat().st_size / 2**20:.0f} MiB)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Each worker hosts an equal share of the layers (given with --layers) and runs `-
 compute threads, as does the single process and the End node; the mesh's pipeline runs one
 span at a time, so every stage has the whole machine while it works. Timings are the median
 of several repeats; the ratio mesh/one-process is the figure of merit (issue 3 target: 0.85x
-for decode). Nothing here asserts a speed.
+for decode). Each worker's peak RSS is printed beside its layers. Nothing here asserts a
+speed.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--worker-timeout", type=float, default=600.0, help="seconds a worker may take to load")
     args = parser.parse_args()
 
     path = model_path(args.model)
@@ -76,13 +78,18 @@ def main() -> None:
     for n_workers in args.workers:
         with LocalMesh(transport=args.transport) as mesh:
             mesh.start_bootstrap()
-            for layers in split_layers(n_layers, n_workers):
-                mesh.add_worker(path, layers=format_layers(layers), threads=args.threads, kv_budget="256MiB")
+            workers = [
+                mesh.add_worker(path, layers=format_layers(layers), threads=args.threads, kv_budget="256MiB",
+                                timeout=args.worker_timeout)
+                for layers in split_layers(n_layers, n_workers)
+            ]
             with connect(path, mesh.bootstrap_addr, threads=args.threads, transport=args.transport,
                          wire_dtype=args.wire_dtype) as model:
                 prefill, decode = timed(model, ids, args.decode_tokens, args.repeats)
+            rss = [(format_layers(w.layers), w.rss_bytes(peak=True)) for w in workers]
         label = f"mesh, {n_workers} workers"
         print(f"{label:>22} {prefill:>14.1f} {decode:>13.1f} {1000 / decode:>9.2f} {decode / base_decode:>21.2f}x")
+        print(f"{'':>22} worker peak RSS: " + ", ".join(f"layers {layers} {b / 2**30:.2f} GiB" for layers, b in rss))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,15 @@
     PYTHONPATH=python python benches/make_gguf.py --layers 2 --hidden 512 --ffn 1536 --heads 8 --kv-heads 2 --out /tmp/tiny.gguf
     python benches/make_gguf.py --type Q3_K --check   # dequantize a few rows per tensor kind, write nothing
     ... --dequantized   # the same weights (same --seed) as F32, dequantized by gguf-py: a reference
+    ... --qwen3-30b-a3b --out /work/models/qwen3moe-q4_k.gguf [--layers 48]   # a mixture of experts
 
 Shapes default to Llama-3-8B's (32 layers, hidden 4096, FFN 14336, 32 heads, 8 KV heads).
+`--experts N` writes a `qwen3moe` file instead: per layer a router (`ffn_gate_inp`, F32, as
+llama.cpp's quantizer leaves it), q/k norms, and N experts of width `--expert-ffn` stacked in
+`ffn_{gate,up,down}_exps` (`[N, rows, cols]`, as llama.cpp's converter writes them), each token
+using `--experts-used`; `--qwen3-30b-a3b` sets Qwen3-30B-A3B's shapes (48 layers, hidden 2048,
+32 heads of 128, 4 KV heads, 128 experts of 768, 8 used).
+
 The vocabulary and every `tokenizer.*` key come from the packaged SmolLM2 GGUF (49152
 tokens), so llama.cpp and meshpy load the file and tokenize text; meshpy finds that GGUF,
 so it must import unless `--vocab-from` names one. Layer matrices use `--type`, the
@@ -167,7 +174,7 @@ TYPES = {
 
 def plan(args: argparse.Namespace, vocab: int) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape as (rows, columns), type) of every tensor, as llama.cpp's converter names them."""
-    head_dim = args.hidden // args.heads
+    head_dim = args.head_dim or args.hidden // args.heads
     h, kv = args.hidden, args.kv_heads * head_dim
     tensors = [("token_embd.weight", (vocab, h), args.embed_type)]
     for i in range(args.layers):
@@ -178,10 +185,23 @@ def plan(args: argparse.Namespace, vocab: int) -> list[tuple[str, tuple[int, ...
             (f"blk.{i}.attn_v.weight", (kv, h), args.type),
             (f"blk.{i}.attn_output.weight", (h, args.heads * head_dim), args.type),
             (f"blk.{i}.ffn_norm.weight", (h,), "F32"),
-            (f"blk.{i}.ffn_gate.weight", (args.ffn, h), args.type),
-            (f"blk.{i}.ffn_up.weight", (args.ffn, h), args.type),
-            (f"blk.{i}.ffn_down.weight", (h, args.ffn), args.type),
         ]
+        if args.experts:
+            n, f = args.experts, args.expert_ffn
+            tensors += [
+                (f"blk.{i}.attn_q_norm.weight", (head_dim,), "F32"),
+                (f"blk.{i}.attn_k_norm.weight", (head_dim,), "F32"),
+                (f"blk.{i}.ffn_gate_inp.weight", (n, h), "F32"),
+                (f"blk.{i}.ffn_gate_exps.weight", (n, f, h), args.type),
+                (f"blk.{i}.ffn_up_exps.weight", (n, f, h), args.type),
+                (f"blk.{i}.ffn_down_exps.weight", (n, h, f), args.type),
+            ]
+        else:
+            tensors += [
+                (f"blk.{i}.ffn_gate.weight", (args.ffn, h), args.type),
+                (f"blk.{i}.ffn_up.weight", (args.ffn, h), args.type),
+                (f"blk.{i}.ffn_down.weight", (h, args.ffn), args.type),
+            ]
     return tensors + [("output_norm.weight", (h,), "F32"), ("output.weight", (vocab, h), args.head_type)]
 
 
@@ -232,12 +252,12 @@ def write(args: argparse.Namespace, rng: np.random.Generator) -> None:
         args.vocab_from = resolve_packaged("smollm2")
     start = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    writer = GGUFWriter(args.out, "llama")
+    writer = GGUFWriter(args.out, "qwen3moe" if args.experts else "llama")
     vocab = copy_tokenizer(writer, args.vocab_from)
     tensors = plan(args, vocab)
     n_params = sum(math.prod(shape) for _, shape, _ in tensors)
     label = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
-    writer.add_name(f"random llama {label}-shape {args.type}")
+    writer.add_name(f"random {'qwen3moe' if args.experts else 'llama'} {label}-shape {args.type}")
     writer.add_file_type(TYPES[args.type][1])
     writer.add_quantization_version(2)
     writer.add_vocab_size(vocab)
@@ -247,7 +267,14 @@ def write(args: argparse.Namespace, rng: np.random.Generator) -> None:
     writer.add_feed_forward_length(args.ffn)
     writer.add_head_count(args.heads)
     writer.add_head_count_kv(args.kv_heads)
-    writer.add_rope_dimension_count(args.hidden // args.heads)
+    head_dim = args.head_dim or args.hidden // args.heads
+    writer.add_rope_dimension_count(head_dim)
+    if args.experts:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_expert_count(args.experts)
+        writer.add_expert_used_count(args.experts_used)
+        writer.add_expert_feed_forward_length(args.expert_ffn)
     writer.add_rope_freq_base(ROPE_THETA)
     writer.add_layer_norm_rms_eps(RMS_EPS)
     for name, shape, type_name in tensors:  # every tensor info precedes the data: declare, then stream
@@ -265,7 +292,7 @@ def write(args: argparse.Namespace, rng: np.random.Generator) -> None:
             data = dequantize(data, GGMLQuantizationType[type_name]).astype(np.float32).view(np.uint8)
         writer.write_tensor_data(data)
         written += data.nbytes
-        if name.endswith("ffn_down.weight") or not name.startswith("blk."):
+        if re.search(r"ffn_down(_exps)?\.weight$", name) or not name.startswith("blk."):
             print(f"{name:24s} {written / 1e9:6.2f} GB  {time.perf_counter() - start:6.1f} s", flush=True)
     writer.close()
     size = args.out.stat().st_size
@@ -290,9 +317,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="GGUF to write")
     parser.add_argument("--check", action="store_true", help="print mean/std of a few dequantized rows; write nothing")
     parser.add_argument("--dequantized", action="store_true", help="write the same model with every tensor dequantized to F32")
+    parser.add_argument("--head-dim", type=int, help="width of a head (default: hidden / heads)")
+    parser.add_argument("--experts", type=int, default=0, help="experts per layer: a qwen3moe file")
+    parser.add_argument("--experts-used", type=int, default=8)
+    parser.add_argument("--expert-ffn", type=int, default=768)
+    parser.add_argument("--qwen3-30b-a3b", action="store_true", help="Qwen3-30B-A3B's shapes (other flags still apply after)")
     args = parser.parse_args()
-    if args.hidden % args.heads or args.heads % args.kv_heads:
-        parser.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
+    if args.qwen3_30b_a3b:
+        shapes = dict(layers=48, hidden=2048, heads=32, head_dim=128, kv_heads=4, experts=128, experts_used=8, expert_ffn=768)
+        given = {a.dest for a in parser._actions if any(opt in sys.argv for opt in a.option_strings)}
+        for key, value in shapes.items():
+            if key not in given:
+                setattr(args, key, value)
+    if (args.head_dim is None and args.hidden % args.heads) or args.heads % args.kv_heads:
+        parser.error("--hidden must be a multiple of --heads (or give --head-dim), and --heads of --kv-heads")
     for name, shape, type_name in plan(args, vocab=1):
         if shape[-1] % GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]:
             parser.error(f"{name}: {shape[-1]} columns is not a whole number of {type_name} blocks")
