@@ -126,10 +126,16 @@ class DecoderSpan:
     `ModelConfig.span_config()`; its Gemma 3 keys (`norm_offset`, `gelu_tanh`,
     `layer_sliding`, `sliding_window`, `rope_local_inv_freq`: empty for sliding layers that
     rotate as the others) and LongRoPE keys (`rope_long_inv_freq`, `rope_long_from`) may be
-    left out. A layer naming a router `ffn_gate_inp` has a mixture of experts instead of the
-    dense MLP: roles `ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps` name stacked `[n_experts,
-    rows, cols]` tensors, or `ffn_gate_exps.{j}` ... one per expert; `config` then holds
-    `n_experts`, `n_experts_used` and `norm_topk_prob`."""
+    left out. gpt-oss adds `attn_output_bias` and `attn_sinks` (one logit per query head).
+    A layer naming a router `ffn_gate_inp` (optional `ffn_gate_inp_bias`) has a mixture of
+    experts instead of the dense MLP: roles `ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`
+    name stacked `[n_experts, rows, cols]` tensors, or `ffn_gate_exps.{j}` ... one per expert,
+    or `ffn_gate_up_exps_t` / `ffn_down_exps_t` transformers' gpt-oss layout (`[n_experts,
+    cols, rows]` used as `x @ W`, gate and up in alternating columns); optional biases
+    `ffn_gate_exps_bias`, `ffn_up_exps_bias`, `ffn_down_exps_bias` (`[n_experts, len]`) or
+    `ffn_gate_up_exps_bias` (interleaved). `config` then holds `n_experts`, `n_experts_used`,
+    `norm_topk_prob`, and optionally `expert_gating` ("softmax" or "topk_softmax") and
+    `swiglu_clamp` ((alpha, limit): gpt-oss's clamped SwiGLU)."""
 
     def __init__(
         self,

@@ -31,8 +31,12 @@ class MoeSettings:
     n_experts: int
     #: Experts each token runs (top-k).
     n_experts_used: int
-    #: Whether the chosen experts' probabilities are divided by their sum.
+    #: Whether the chosen experts' probabilities are divided by their sum ("softmax" gating).
     norm_topk_prob: bool
+    #: "softmax": over every expert, then the top k; "topk_softmax": over the top k logits.
+    expert_gating: str = "softmax"
+    #: gpt-oss's clamped SwiGLU of the experts, (alpha, limit); None: the span's activation.
+    swiglu_clamp: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,7 @@ def check_layer_tensors(
 
 def read_config(source: ModelSource) -> ModelConfig:
     """Reads the model's settings from its checkpoint."""
-    from meshpy.models import gemma3, llama, mistral, phi3, qwen, qwen_moe
+    from meshpy.models import gemma3, gpt_oss, llama, mistral, phi3, qwen, qwen_moe
 
     arch = architecture_of(source)
     if arch in llama.ARCHITECTURES:
@@ -184,6 +188,8 @@ def read_config(source: ModelSource) -> ModelConfig:
         return qwen.read_config(source)
     if arch in qwen_moe.ARCHITECTURES:
         return qwen_moe.read_config(source)
+    if arch in gpt_oss.ARCHITECTURES:
+        return gpt_oss.read_config(source)
     if arch in gemma3.ARCHITECTURES:
         return gemma3.read_config(source)
     if arch in phi3.ARCHITECTURES:
@@ -199,6 +205,7 @@ SUPPORTED_ARCHITECTURES = (
     "qwen2 (GGUF) / Qwen2ForCausalLM (HF)",
     "qwen3 (GGUF) / Qwen3ForCausalLM (HF)",
     "qwen3moe (GGUF) / Qwen3MoeForCausalLM (HF)",
+    "gpt-oss (GGUF) / GptOssForCausalLM (HF)",
     "gemma3 (GGUF) / Gemma3ForCausalLM (HF, gemma3_text)",
     "phi3 (GGUF) / Phi3ForCausalLM (HF): Phi-3, Phi-3.5, Phi-4, Phi-4-mini",
 )

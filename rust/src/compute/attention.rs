@@ -27,7 +27,7 @@ use crate::quant::{active_simd, cpu_simd, SimdLevel};
 
 /// The SIMD kernel of one element type and width (see `attend_at`).
 #[cfg(target_arch = "x86_64")]
-type KernelFn<E> = unsafe fn(&[f32], usize, &[E], &[E], usize, usize, usize, f32, &mut [f32], &mut [f32]);
+type KernelFn<E> = unsafe fn(&[f32], usize, &[E], &[E], usize, usize, usize, f32, &[f32], &mut [f32], &mut [f32]);
 
 /// An element type keys and values are stored in: f32, or f16 (half the bytes).
 pub trait KvElem: Copy + Send + Sync + 'static {
@@ -101,9 +101,11 @@ const MAX_GROUP: usize = 64;
 /// `q` holds the heads' query vectors one after another (`hd` values each); `keys`/`values`
 /// are the cache rows laid out `(position, n_kv_heads, head_dim)` with `stride = n_kv_heads *
 /// head_dim` and this KV head's offset applied; positions `first..=last` are attended (before
-/// `first`: outside the sliding window). `scores` is scratch of `heads * (last + 1)` floats;
-/// `out` receives the heads' outputs one after another. Equals `ops::attend_ref` per head to
-/// f32 rounding.
+/// `first`: outside the sliding window). `sinks` is empty, or one logit per head that joins
+/// the softmax's denominator with no value (gpt-oss's attention sinks: transformers'
+/// modeling_gpt_oss.py `eager_attention_forward` appends it to the scores and drops its
+/// probability). `scores` is scratch of `heads * (last + 1)` floats; `out` receives the heads'
+/// outputs one after another. Equals `ops::attend_ref` per head to f32 rounding.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub fn attend<E: KvElem>(
@@ -115,10 +117,11 @@ pub fn attend<E: KvElem>(
     first: usize,
     last: usize,
     scale: f32,
+    sinks: &[f32],
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    attend_at(active_simd(), q, hd, keys, values, stride, first, last, scale, scores, out)
+    attend_at(active_simd(), q, hd, keys, values, stride, first, last, scale, sinks, scores, out)
 }
 
 /// [`attend`] with the kernels of `level` (one the CPU has).
@@ -133,6 +136,7 @@ pub fn attend_at<E: KvElem>(
     first: usize,
     last: usize,
     scale: f32,
+    sinks: &[f32],
     scores: &mut [f32],
     out: &mut [f32],
 ) {
@@ -141,6 +145,7 @@ pub fn attend_at<E: KvElem>(
     assert!(
         hd > 0
             && q.len().is_multiple_of(hd)
+            && (sinks.is_empty() || sinks.len() * hd == q.len())
             && out.len() == q.len()
             && scores.len() >= q.len() / hd * n
             && first <= last
@@ -152,16 +157,17 @@ pub fn attend_at<E: KvElem>(
     if level >= SimdLevel::Avx2 && hd <= MAX_HD && hd.is_multiple_of(8) {
         let kernel = E::kernel(level >= SimdLevel::Avx512 && hd.is_multiple_of(16));
         let calls = q.chunks(MAX_GROUP * hd).zip(out.chunks_mut(MAX_GROUP * hd)).zip(scores.chunks_mut(MAX_GROUP * n));
-        for ((q, out), scores) in calls {
+        for (i, ((q, out), scores)) in calls.enumerate() {
+            let sinks = if sinks.is_empty() { sinks } else { &sinks[i * MAX_GROUP..(i * MAX_GROUP + q.len() / hd)] };
             // SAFETY: the CPU has `level` (asserted): AVX-512 F (+ AVX2, FMA) for the wide
             // kernel, AVX2, FMA and F16C (part of our AVX2 level) for the narrow one; the
             // lengths were checked above, and each call takes at most MAX_GROUP heads.
-            unsafe { kernel(q, hd, keys, values, stride, first, last, scale, scores, out) }
+            unsafe { kernel(q, hd, keys, values, stride, first, last, scale, sinks, scores, out) }
         }
         return;
     }
-    for ((q, out), scores) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).zip(scores.chunks_exact_mut(n)) {
-        ops::attend_ref(q, keys, values, stride, first, last, scale, scores, out);
+    for (j, ((q, out), scores)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).zip(scores.chunks_exact_mut(n)).enumerate() {
+        ops::attend_ref(q, keys, values, stride, first, last, scale, sinks.get(j).copied(), scores, out);
     }
 }
 
@@ -208,6 +214,7 @@ macro_rules! kernel {
                 first: usize,
                 last: usize,
                 scale: f32,
+                sinks: &[f32],
                 scores: &mut [f32],
                 out: &mut [f32],
             ) {
@@ -262,7 +269,8 @@ macro_rules! kernel {
                     for c in body.chunks_exact(L) {
                         max = $max(max, $load(c.as_ptr()));
                     }
-                    let max = $set1($hmax_all(max));
+                    let max_all = $hmax_all(max);
+                    let max = $set1(max_all);
                     let mut sum = $zero();
                     for c in body.chunks_exact_mut(L) {
                         let e = $exp($sub($load(c.as_ptr()), max));
@@ -274,7 +282,9 @@ macro_rules! kernel {
                     sum = $add(sum, e);
                     let n_tail = tail.len();
                     tail.copy_from_slice(&pad[..n_tail]);
-                    inv[j] = 1.0 / $hsum_all(sum);
+                    // A sink adds its exp to the denominator only.
+                    let sink = sinks.get(j).map_or(0.0, |&s| (s - max_all).exp());
+                    inv[j] = 1.0 / ($hsum_all(sum) + sink);
                 }
                 // Weighted sums of values: each value row read once per pass of up to
                 // HEADS_PER_PASS heads, `$pass_regs` output registers per head at a time.
@@ -548,17 +558,17 @@ mod tests {
                 let mut want = vec![0f32; heads * hd];
                 for (q, o) in q.chunks_exact(hd).zip(want.chunks_exact_mut(hd)) {
                     let mut s = vec![0f32; n];
-                    ops::attend_ref(q, &keys[off..], &values[off..], stride, first, last, 0.125, &mut s, o);
+                    ops::attend_ref(q, &keys[off..], &values[off..], stride, first, last, 0.125, None, &mut s, o);
                 }
                 for level in SimdLevel::ALL.into_iter().filter(|&l| l <= cpu_simd()) {
                     let (mut scores, mut out) = (vec![0f32; heads * n], vec![0f32; heads * hd]);
-                    attend_at(level, &q, hd, &keys[off..], &values[off..], stride, first, last, 0.125, &mut scores, &mut out);
+                    attend_at(level, &q, hd, &keys[off..], &values[off..], stride, first, last, 0.125, &[], &mut scores, &mut out);
                     for (a, b) in want.iter().zip(&out) {
                         assert!((a - b).abs() <= 2e-6 * (1.0 + a.abs()), "{level:?} hd {hd} x{heads} {first}..={last}: {a} vs {b}");
                     }
                     // A head's result does not depend on the heads sharing its call.
                     let (mut s1, mut o1) = (vec![0f32; n], vec![0f32; hd]);
-                    attend_at(level, &q[..hd], hd, &keys[off..], &values[off..], stride, first, last, 0.125, &mut s1, &mut o1);
+                    attend_at(level, &q[..hd], hd, &keys[off..], &values[off..], stride, first, last, 0.125, &[], &mut s1, &mut o1);
                     assert_eq!(o1, out[..hd], "{level:?} hd {hd} x{heads}");
                 }
                 // f16 keys and values: every level equals the reference on the same (widened)
@@ -568,18 +578,46 @@ mod tests {
                 let mut want16 = vec![0f32; heads * hd];
                 for (q, o) in q.chunks_exact(hd).zip(want16.chunks_exact_mut(hd)) {
                     let mut s = vec![0f32; n];
-                    ops::attend_ref(q, &k16[off..], &v16[off..], stride, first, last, 0.125, &mut s, o);
+                    ops::attend_ref(q, &k16[off..], &v16[off..], stride, first, last, 0.125, None, &mut s, o);
                 }
                 for (a, b) in want.iter().zip(&want16) {
                     assert!((a - b).abs() <= 1e-2 * (1.0 + a.abs()), "f16 hd {hd} x{heads} {first}..={last}: {a} vs {b}");
                 }
                 for level in SimdLevel::ALL.into_iter().filter(|&l| l <= cpu_simd()) {
                     let (mut scores, mut out) = (vec![0f32; heads * n], vec![0f32; heads * hd]);
-                    attend_at(level, &q, hd, &k16[off..], &v16[off..], stride, first, last, 0.125, &mut scores, &mut out);
+                    attend_at(level, &q, hd, &k16[off..], &v16[off..], stride, first, last, 0.125, &[], &mut scores, &mut out);
                     for (a, b) in want16.iter().zip(&out) {
                         assert!((a - b).abs() <= 2e-6 * (1.0 + a.abs()), "f16 {level:?} hd {hd} x{heads} {first}..={last}: {a} vs {b}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn sinks_join_the_denominator_at_every_level() {
+        let (hd, heads, stride, last) = (64, 3, 128, 20);
+        let n = last + 1;
+        let val = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+        let keys: Vec<f32> = (0..n * stride).map(val).collect();
+        let values: Vec<f32> = (0..n * stride).map(|i| val(i + 7)).collect();
+        let q: Vec<f32> = (0..heads * hd).map(|i| val(i + 3)).collect();
+        let sinks = [0.5f32, -2.0, 30.0];
+        let mut want = vec![0f32; heads * hd];
+        for ((q, o), &sink) in q.chunks_exact(hd).zip(want.chunks_exact_mut(hd)).zip(&sinks) {
+            ops::attend_ref(q, &keys, &values, stride, 2, last, 0.125, Some(sink), &mut vec![0f32; n], o);
+        }
+        let mut plain = vec![0f32; hd];
+        ops::attend_ref(&q[..hd], &keys, &values, stride, 2, last, 0.125, None, &mut vec![0f32; n], &mut plain);
+        // A sink only scales a head's output down: by p(sink) < 1, to ~0 for a huge sink.
+        let ratio = want[0] / plain[0];
+        assert!(ratio > 0.0 && ratio < 1.0, "{ratio}");
+        assert!(want[2 * hd..].iter().all(|v| v.abs() < 1e-9));
+        for level in SimdLevel::ALL.into_iter().filter(|&l| l <= cpu_simd()) {
+            let (mut scores, mut out) = (vec![0f32; heads * n], vec![0f32; heads * hd]);
+            attend_at(level, &q, hd, &keys, &values, stride, 2, last, 0.125, &sinks, &mut scores, &mut out);
+            for (a, b) in want.iter().zip(&out) {
+                assert!((a - b).abs() <= 2e-6 * (1.0 + a.abs()), "{level:?}: {a} vs {b}");
             }
         }
     }

@@ -92,24 +92,51 @@ impl QMatrix {
         if data.info().ty == target {
             return Self::from_tensor(name, data);
         }
-        Self::check_computable(name, target)?;
         let (rows, cols) = matrix_shape(name, &data.info().shape)?;
         let src_ty = data.info().ty;
         let src_row = src_ty.row_bytes(cols)?;
+        let m = Self::from_rows(name, rows, cols, target, |r, out| {
+            let src = data
+                .bytes()
+                .get(r * src_row..(r + 1) * src_row)
+                .ok_or_else(|| Error::Shape(format!("{name}: tensor shorter than its shape")))?;
+            quant::dequantize_row(src_ty, src, out)
+        })?;
+        data.release();
+        Ok(m)
+    }
+
+    /// A `rows x cols` matrix of `values` (row-major f32, made at load: a layout the
+    /// checkpoint does not store, such as transposed experts) in `target`, repacked where
+    /// [`Self::from_tensor`] would.
+    pub fn from_f32(name: &str, rows: usize, cols: usize, values: &[f32], target: GgmlType) -> Result<Self> {
+        if values.len() != rows * cols {
+            return Err(Error::Shape(format!("{name}: {} values for {rows}x{cols}", values.len())));
+        }
+        Self::from_rows(name, rows, cols, target, |r, out| {
+            out.copy_from_slice(&values[r * cols..(r + 1) * cols]);
+            Ok(())
+        })
+    }
+
+    /// Quantizes the rows `fill_row(r, row)` writes into `target`, repacked where possible.
+    fn from_rows(
+        name: &str,
+        rows: usize,
+        cols: usize,
+        target: GgmlType,
+        mut fill_row: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    ) -> Result<Self> {
+        Self::check_computable(name, target)?;
         let row_bytes = target.row_bytes(cols)?;
         let len = rows * row_bytes;
         let mut words = vec![0u64; len.div_ceil(8)];
         let bytes: &mut [u8] = bytemuck_words(&mut words, len);
         let mut tmp = vec![0f32; cols];
         for r in 0..rows {
-            let src = data
-                .bytes()
-                .get(r * src_row..(r + 1) * src_row)
-                .ok_or_else(|| Error::Shape(format!("{name}: tensor shorter than its shape")))?;
-            quant::dequantize_row(src_ty, src, &mut tmp)?;
+            fill_row(r, &mut tmp)?;
             quant::quantize_row(target, &tmp, &mut bytes[r * row_bytes..(r + 1) * row_bytes])?;
         }
-        data.release();
         let storage = try_repack(target, rows, cols, bytes).unwrap_or(Storage::Owned { words, len });
         Ok(QMatrix { ty: target, rows, cols, row_bytes, storage, dot: quant::vec_dot_fn(target) })
     }

@@ -141,6 +141,7 @@ pub fn attend_ref<E: KvElem>(
     first: usize,
     last: usize,
     scale: f32,
+    sink: Option<f32>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
@@ -150,7 +151,19 @@ pub fn attend_ref<E: KvElem>(
         let p = first + j;
         *s = E::dot(q, &keys[p * stride..p * stride + hd]) * scale;
     }
-    softmax(scores);
+    match sink {
+        None => softmax(scores),
+        Some(sink) => {
+            // The sink's logit joins the softmax; its probability is dropped.
+            let max = scores.iter().copied().fold(sink, f32::max);
+            let mut sum = (sink - max).exp();
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            scores.iter_mut().for_each(|s| *s /= sum);
+        }
+    }
     out.fill(0.0);
     for (j, &s) in scores.iter().enumerate() {
         let p = first + j;
@@ -212,7 +225,7 @@ mod tests {
         let v = [3.0f32, -1.0];
         let mut scores = [0f32; 1];
         let mut out = [0f32; 2];
-        attend_ref(&q, &k, &v, 2, 0, 0, 1.0, &mut scores, &mut out);
+        attend_ref(&q, &k, &v, 2, 0, 0, 1.0, None, &mut scores, &mut out);
         assert_eq!(out, [3.0, -1.0]);
     }
 }

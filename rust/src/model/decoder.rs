@@ -172,6 +172,10 @@ struct DecoderLayer {
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
     bv: Option<Vec<f32>>,
+    /// The attention output projection's bias (gpt-oss), `hidden` values.
+    bo: Option<Vec<f32>>,
+    /// Per query head, a logit that joins each softmax's denominator (gpt-oss's sinks).
+    sinks: Option<Vec<f32>>,
     /// Per-head RMSNorm weights of q and k before RoPE (Qwen3), `head_dim` values each.
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
@@ -221,6 +225,7 @@ impl DecoderLayer {
             optional(&mut t, "attn_k_bias", cfg.kv_dim())?,
             optional(&mut t, "attn_v_bias", cfg.kv_dim())?,
         );
+        let (bo, sinks) = (optional(&mut t, "attn_output_bias", cfg.hidden)?, optional(&mut t, "attn_sinks", cfg.n_heads)?);
         let (q_norm, k_norm) =
             (optional(&mut t, "attn_q_norm", cfg.head_dim)?, optional(&mut t, "attn_k_norm", cfg.head_dim)?);
         if q_norm.is_some() != k_norm.is_some() {
@@ -237,6 +242,8 @@ impl DecoderLayer {
             bq,
             bk,
             bv,
+            bo,
+            sinks,
             q_norm,
             k_norm,
             attn_post_norm,
@@ -276,7 +283,7 @@ impl DecoderLayer {
     fn nbytes(&self) -> usize {
         [&self.wq, &self.wk, &self.wv, &self.wo].into_iter().chain(self.ffn.matrices()).map(QMatrix::nbytes).sum::<usize>()
             + 4 * (self.attn_norm.len() + self.ffn_norm.len())
-            + 4 * [&self.bq, &self.bk, &self.bv, &self.q_norm, &self.k_norm, &self.attn_post_norm, &self.ffn_post_norm]
+            + 4 * [&self.bq, &self.bk, &self.bv, &self.bo, &self.sinks, &self.q_norm, &self.k_norm, &self.attn_post_norm, &self.ffn_post_norm]
                 .iter()
                 .map(|v| v.as_ref().map_or(0, Vec::len))
                 .sum::<usize>()
@@ -788,15 +795,16 @@ impl Pass<'_> {
                 let q = t * qd + heads.start * hd..t * qd + heads.end * hd;
                 let (qh, out) = unsafe { (b.q.slice(q.clone()), b.att.slice_mut(q)) };
                 let scale = cfg.attn_scale;
+                let sinks = layer.sinks.as_deref().map_or(&[][..], |s| &s[heads.clone()]);
                 // SAFETY: this layer's rows were written before the barrier above; nothing
                 // writes them until the next layer.
                 unsafe {
                     match (c.keys, c.values) {
                         (RowsShared::F32(k), RowsShared::F32(v)) => {
-                            attention::attend(qh, hd, k.slice(rows.clone()), v.slice(rows), kvd, first, last, scale, &mut scores, out)
+                            attention::attend(qh, hd, k.slice(rows.clone()), v.slice(rows), kvd, first, last, scale, sinks, &mut scores, out)
                         }
                         (RowsShared::F16(k), RowsShared::F16(v)) => {
-                            attention::attend(qh, hd, k.slice(rows.clone()), v.slice(rows), kvd, first, last, scale, &mut scores, out)
+                            attention::attend(qh, hd, k.slice(rows.clone()), v.slice(rows), kvd, first, last, scale, sinks, &mut scores, out)
                         }
                         _ => unreachable!("a cache stores keys and values in one type"),
                     }
@@ -818,7 +826,8 @@ impl Pass<'_> {
             }
             ctx.barrier();
             quantize_all(b.att, qd, &acts.attn_out);
-            self.project_residual(ctx, &layer.wo, act_for(&acts.attn_out, &layer.wo), layer.attn_post_norm.as_deref(), &mut xn);
+            let wo_act = act_for(&acts.attn_out, &layer.wo);
+            self.project_residual(ctx, &layer.wo, wo_act, layer.bo.as_deref(), layer.attn_post_norm.as_deref(), &mut xn);
 
             let (w_gate, w_up, w_down) = match &layer.ffn {
                 Ffn::Dense { gate, up, down } => (gate, up, down),
@@ -856,7 +865,7 @@ impl Pass<'_> {
             }
             ctx.barrier();
             quantize_all(b.gate, ffn, &acts.ffn_mid);
-            self.project_residual(ctx, w_down, act_for(&acts.ffn_mid, w_down), layer.ffn_post_norm.as_deref(), &mut xn);
+            self.project_residual(ctx, w_down, act_for(&acts.ffn_mid, w_down), None, layer.ffn_post_norm.as_deref(), &mut xn);
         }
     }
 
@@ -879,7 +888,8 @@ impl Pass<'_> {
         let acts = &b.acts[ctx.tid];
         let d = cfg.hidden;
         let m = cfg.moe.as_ref().expect("a layer with experts loads only with a MoE config");
-        moe.router.matmul_part(ctx, act_for(&acts.ffn_in, &moe.router), n, b.router, m.n_experts, false, None);
+        let router_act = act_for(&acts.ffn_in, &moe.router);
+        moe.router.matmul_part(ctx, router_act, n, b.router, m.n_experts, false, moe.router_bias.as_deref());
         ctx.barrier();
         // SAFETY (all SharedMut accesses below): as in `run`.
         // Every thread routes every row (cheap), so no thread waits for another's choice.
@@ -892,15 +902,19 @@ impl Pass<'_> {
         let ffn = moe.ffn();
         for (e, slots) in routing.used() {
             let (ex, rows) = (&moe.experts[e], slots.len());
-            for (w, out) in [(&ex.gate, b.gate), (&ex.up, b.up)] {
-                w.matmul_part(ctx, act_for(&acts.moe_in, w).from_row(slots.start), rows, out.offset(slots.start * ffn), ffn, false, None);
+            for (w, bias, out) in [(&ex.gate, &ex.gate_bias, b.gate), (&ex.up, &ex.up_bias, b.up)] {
+                let act = act_for(&acts.moe_in, w).from_row(slots.start);
+                w.matmul_part(ctx, act, rows, out.offset(slots.start * ffn), ffn, false, bias.as_deref());
             }
         }
         ctx.barrier();
         let n_slots = routing.slot_row.len();
         for s in ctx.split(n_slots) {
             let (g, u) = unsafe { (b.gate.slice_mut(s * ffn..(s + 1) * ffn), b.up.slice(s * ffn..(s + 1) * ffn)) };
-            self.glu(g, u);
+            match &m.clamped_swiglu {
+                Some(act) => act.apply(g, u),
+                None => self.glu(g, u),
+            }
         }
         ctx.barrier();
         for s in 0..n_slots {
@@ -910,9 +924,9 @@ impl Pass<'_> {
             }
         }
         for (e, slots) in routing.used() {
-            let down = &moe.experts[e].down;
-            let act = act_for(&acts.moe_mid, down).from_row(slots.start);
-            down.matmul_part(ctx, act, slots.len(), b.expert_out.offset(slots.start * d), d, false, None);
+            let ex = &moe.experts[e];
+            let act = act_for(&acts.moe_mid, &ex.down).from_row(slots.start);
+            ex.down.matmul_part(ctx, act, slots.len(), b.expert_out.offset(slots.start * d), d, false, ex.down_bias.as_deref());
         }
         ctx.barrier();
         let k = m.n_used;
@@ -935,15 +949,16 @@ impl Pass<'_> {
         ctx.barrier();
     }
 
-    /// `x += m @ act`, or with a post-norm (Gemma 3) `x += rms_norm(m @ act)`: the product
-    /// goes to `post`, then each thread normalizes and adds its own rows. Ends at a barrier.
-    fn project_residual(&self, ctx: &Ctx, m: &QMatrix, act: ActRowsMut, post_norm: Option<&[f32]>, xn: &mut [f32]) {
+    /// `x += m @ act (+ bias)`, or with a post-norm (Gemma 3) `x += rms_norm(m @ act)`: the
+    /// product goes to `post`, then each thread normalizes and adds its own rows. Ends at a
+    /// barrier.
+    fn project_residual(&self, ctx: &Ctx, m: &QMatrix, act: ActRowsMut, bias: Option<&[f32]>, post_norm: Option<&[f32]>, xn: &mut [f32]) {
         let (cfg, b, n) = (&self.span.cfg, self.bufs, self.n_tok);
         let d = cfg.hidden;
         match post_norm {
-            None => m.matmul_part(ctx, act, n, b.x, d, true, None),
+            None => m.matmul_part(ctx, act, n, b.x, d, true, bias),
             Some(w) => {
-                m.matmul_part(ctx, act, n, b.post, d, false, None);
+                m.matmul_part(ctx, act, n, b.post, d, false, bias);
                 ctx.barrier();
                 for t in ctx.split(n) {
                     // SAFETY: row t of `post` and `x` belongs to this thread after the barrier.

@@ -6,7 +6,10 @@
 //! over all experts' logits in f32, top-k, renormalized when `norm_topk_prob`;
 //! Qwen3MoeExperts: each chosen expert's SwiGLU MLP scaled by its weight, summed in expert
 //! order) and llama.cpp's `build_moe_ffn` with softmax gating for GGUF `qwen3moe`, which
-//! always renormalizes.
+//! always renormalizes. gpt-oss (transformers' models/gpt_oss/modeling_gpt_oss.py,
+//! GptOssTopKRouter and GptOssExperts; llama.cpp's `LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT`
+//! and `LLM_FFN_SWIGLU_OAI_MOE`) adds a router bias, a softmax over the top-k logits only,
+//! biases on every expert matrix and a clamped SwiGLU.
 //!
 //! Only the chosen experts run: a batch's rows are grouped by expert (each expert's rows
 //! contiguous, "slots"), so each expert's matrices are read once per batch, for prefill and
@@ -16,6 +19,36 @@ use crate::compute::{ops, QMatrix};
 use crate::error::{Error, Result};
 use crate::model::weights::{expect_shape, LayerTensors};
 
+/// How the router's logits become the chosen experts' weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gating {
+    /// Softmax over every expert, then the top k (Qwen3-MoE), renormalized with
+    /// `norm_topk_prob`.
+    Softmax,
+    /// The top k logits, then a softmax over those k (gpt-oss).
+    TopKSoftmax,
+}
+
+/// gpt-oss's expert activation: `min(gate, limit)`, `clamp(up, -limit, limit)`, then
+/// `gate * sigmoid(alpha * gate) * (up + 1)` (GptOssExperts._apply_gate; ggml's
+/// `swiglu_oai`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClampedSwiglu {
+    pub alpha: f32,
+    pub limit: f32,
+}
+
+impl ClampedSwiglu {
+    /// `gate = act(gate, up)` element-wise.
+    pub fn apply(&self, gate: &mut [f32], up: &[f32]) {
+        for (g, &u) in gate.iter_mut().zip(up) {
+            let x = g.min(self.limit);
+            let y = u.clamp(-self.limit, self.limit);
+            *g = x / (1.0 + (-self.alpha * x).exp()) * (y + 1.0);
+        }
+    }
+}
+
 /// Settings of the mixture-of-experts layers of a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeConfig {
@@ -24,8 +57,11 @@ pub struct MoeConfig {
     /// Experts each token runs (top-k).
     pub n_used: usize,
     /// Whether the chosen experts' probabilities are divided by their sum
-    /// (`norm_topk_prob`).
+    /// (`norm_topk_prob`; [`Gating::Softmax`] only).
     pub norm_topk_prob: bool,
+    pub gating: Gating,
+    /// The experts' activation when not the span's SwiGLU / GeGLU.
+    pub clamped_swiglu: Option<ClampedSwiglu>,
 }
 
 impl MoeConfig {
@@ -48,37 +84,76 @@ pub(crate) struct Expert {
     pub up: QMatrix,
     /// `(hidden, ffn)`.
     pub down: QMatrix,
+    /// Biases of the three products (gpt-oss), `ffn`, `ffn` and `hidden` values.
+    pub gate_bias: Option<Vec<f32>>,
+    pub up_bias: Option<Vec<f32>>,
+    pub down_bias: Option<Vec<f32>>,
 }
 
 /// One layer's router and experts.
 pub(crate) struct MoeBlock {
-    /// `(n_experts, hidden)`: a token's expert logits are `router @ x`.
+    /// `(n_experts, hidden)`: a token's expert logits are `router @ x (+ router_bias)`.
     pub router: QMatrix,
+    pub router_bias: Option<Vec<f32>>,
     pub experts: Vec<Expert>,
 }
 
 impl MoeBlock {
     /// Loads the roles `ffn_gate_inp` (router), `ffn_gate_exps`, `ffn_up_exps` and
-    /// `ffn_down_exps` (see [`LayerTensors::experts`]).
+    /// `ffn_down_exps` (see [`LayerTensors::experts`]), and the optional biases
+    /// `ffn_gate_inp_bias`, `ffn_gate_exps_bias`, `ffn_up_exps_bias`, `ffn_down_exps_bias`
+    /// (see [`LayerTensors::expert_vectors`]).
     pub fn load(t: &mut LayerTensors, cfg: &MoeConfig, hidden: usize) -> Result<Self> {
         let router = t.matrix("ffn_gate_inp")?;
         expect_shape(&router, "ffn_gate_inp", cfg.n_experts, hidden)?;
-        let gates = t.experts("ffn_gate_exps", cfg.n_experts)?;
-        let ups = t.experts("ffn_up_exps", cfg.n_experts)?;
-        let downs = t.experts("ffn_down_exps", cfg.n_experts)?;
+        let router_bias = if t.has("ffn_gate_inp_bias") { Some(t.vector("ffn_gate_inp_bias", cfg.n_experts)?) } else { None };
+        let n = cfg.n_experts;
+        // transformers' gpt-oss layout: gate and up fused, transposed, alternating columns.
+        let (gates, ups) = if t.has("ffn_gate_up_exps_t") {
+            let mut parts = t.transposed_experts("ffn_gate_up_exps_t", n, 2)?;
+            let up = parts.pop().expect("two parts");
+            (parts.pop().expect("two parts"), up)
+        } else {
+            (t.experts("ffn_gate_exps", n)?, t.experts("ffn_up_exps", n)?)
+        };
+        let downs = if t.has("ffn_down_exps_t") {
+            t.transposed_experts("ffn_down_exps_t", n, 1)?.pop().expect("one part")
+        } else {
+            t.experts("ffn_down_exps", n)?
+        };
         let ffn = gates[0].rows();
+        let (mut gate_biases, mut up_biases) = if t.has("ffn_gate_up_exps_bias") {
+            let mut parts = t.interleaved_expert_vectors("ffn_gate_up_exps_bias", n, 2, ffn)?;
+            let up = parts.pop();
+            (parts.pop(), up)
+        } else {
+            (t.expert_vectors("ffn_gate_exps_bias", n, ffn)?, t.expert_vectors("ffn_up_exps_bias", n, ffn)?)
+        };
+        let mut down_biases = t.expert_vectors("ffn_down_exps_bias", n, hidden)?;
+        // Expert `j`'s vector out of one role's `n` (moved, not copied).
+        fn take(biases: &mut Option<Vec<Vec<f32>>>, j: usize) -> Option<Vec<f32>> {
+            biases.as_mut().map(|b| std::mem::take(&mut b[j]))
+        }
         let experts = gates
             .into_iter()
             .zip(ups)
             .zip(downs)
-            .map(|((gate, up), down)| {
+            .enumerate()
+            .map(|(j, ((gate, up), down))| {
                 expect_shape(&gate, "ffn_gate_exps", ffn, hidden)?;
                 expect_shape(&up, "ffn_up_exps", ffn, hidden)?;
                 expect_shape(&down, "ffn_down_exps", hidden, ffn)?;
-                Ok(Expert { gate, up, down })
+                Ok(Expert {
+                    gate,
+                    up,
+                    down,
+                    gate_bias: take(&mut gate_biases, j),
+                    up_bias: take(&mut up_biases, j),
+                    down_bias: take(&mut down_biases, j),
+                })
             })
             .collect::<Result<_>>()?;
-        Ok(MoeBlock { router, experts })
+        Ok(MoeBlock { router, router_bias, experts })
     }
 
     /// Width of each expert's MLP.
@@ -107,26 +182,37 @@ pub(crate) struct Routing {
 }
 
 impl Routing {
-    /// Routes `n` rows from their router logits (`(n, n_experts)`): softmax in f32, the
-    /// `n_used` most probable experts (the lower index first among equals), their
-    /// probabilities renormalized to sum 1 when `norm_topk_prob`.
+    /// Routes `n` rows from their router logits (`(n, n_experts)`) by `cfg.gating`: the
+    /// `n_used` experts of highest logit (the lower index first among equals), weighted by
+    /// their softmax probability over all experts (renormalized to sum 1 when
+    /// `norm_topk_prob`), or by a softmax over the chosen logits only.
     pub fn new(logits: &[f32], n: usize, cfg: &MoeConfig) -> Routing {
         let (e_n, k) = (cfg.n_experts, cfg.n_used);
         let mut chosen = Vec::with_capacity(n * k); // (expert, weight) per row, k each
         let mut probs = vec![0f32; e_n];
         let mut order: Vec<usize> = Vec::with_capacity(e_n);
         for t in 0..n {
-            probs.copy_from_slice(&logits[t * e_n..(t + 1) * e_n]);
-            ops::softmax(&mut probs);
+            let row = &logits[t * e_n..(t + 1) * e_n];
             order.clear();
             order.extend(0..e_n);
-            // Stable: equal probabilities keep the lower expert first.
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+            // Stable: equal logits keep the lower expert first. Softmax keeps the order.
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
             let top = &mut order[..k];
-            let sum: f32 = top.iter().map(|&e| probs[e]).sum();
-            let scale = if cfg.norm_topk_prob { 1.0 / sum } else { 1.0 };
             top.sort_unstable();
-            chosen.extend(top.iter().map(|&e| (e, probs[e] * scale)));
+            match cfg.gating {
+                Gating::Softmax => {
+                    probs.copy_from_slice(row);
+                    ops::softmax(&mut probs);
+                    let sum: f32 = top.iter().map(|&e| probs[e]).sum();
+                    let scale = if cfg.norm_topk_prob { 1.0 / sum } else { 1.0 };
+                    chosen.extend(top.iter().map(|&e| (e, probs[e] * scale)));
+                }
+                Gating::TopKSoftmax => {
+                    let mut w: Vec<f32> = top.iter().map(|&e| row[e]).collect();
+                    ops::softmax(&mut w);
+                    chosen.extend(top.iter().zip(w).map(|(&e, w)| (e, w)));
+                }
+            }
         }
         let mut offsets = vec![0usize; e_n + 1];
         for &(e, _) in &chosen {
@@ -161,7 +247,7 @@ mod tests {
 
     #[test]
     fn routing_picks_the_most_probable_experts_and_groups_slots_by_expert() {
-        let cfg = MoeConfig { n_experts: 4, n_used: 2, norm_topk_prob: true };
+        let cfg = MoeConfig { n_experts: 4, n_used: 2, norm_topk_prob: true, gating: Gating::Softmax, clamped_swiglu: None };
         // Row 0 prefers experts 2 then 0; row 1 prefers 3 then 2.
         let logits = [1.0, -1.0, 2.0, 0.0, -3.0, 0.0, 1.0, 2.0];
         let r = Routing::new(&logits, 2, &cfg);
@@ -180,8 +266,32 @@ mod tests {
     }
 
     #[test]
+    fn top_k_softmax_weighs_the_chosen_logits_only() {
+        let cfg = MoeConfig { n_experts: 4, n_used: 2, norm_topk_prob: false, gating: Gating::TopKSoftmax, clamped_swiglu: None };
+        let r = Routing::new(&[1.0, -1.0, 2.0, 0.0], 1, &cfg);
+        assert_eq!(r.offsets, vec![0, 1, 1, 2, 2]);
+        let (p0, p2) = (1f32.exp(), 2f32.exp());
+        assert!((r.slot_weight[0] - p0 / (p0 + p2)).abs() < 1e-6);
+        assert!((r.slot_weight[1] - p2 / (p0 + p2)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clamped_swiglu_matches_torch() {
+        // transformers' GptOssExperts._apply_gate (alpha 1.702, limit 7) on
+        // gate = [-2, 0.5, 9], up = [1, -8, 3], computed with torch.
+        let act = ClampedSwiglu { alpha: 1.702, limit: 7.0 };
+        let mut g = [-2.0f32, 0.5, 9.0];
+        act.apply(&mut g, &[1.0, -8.0, 3.0]);
+        let sig = |x: f32| 1.0 / (1.0 + (-1.702 * x).exp());
+        let want = [-2.0 * sig(-2.0) * 2.0, 0.5 * sig(0.5) * -6.0, 7.0 * sig(7.0) * 4.0];
+        for (a, b) in g.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
     fn equal_logits_choose_the_lower_experts() {
-        let cfg = MoeConfig { n_experts: 4, n_used: 2, norm_topk_prob: true };
+        let cfg = MoeConfig { n_experts: 4, n_used: 2, norm_topk_prob: true, gating: Gating::Softmax, clamped_swiglu: None };
         let r = Routing::new(&[0.0; 4], 1, &cfg);
         assert_eq!(r.offsets, vec![0, 1, 2, 2, 2]);
         assert_eq!(r.slot_weight, vec![0.5, 0.5]);
@@ -189,7 +299,7 @@ mod tests {
 
     #[test]
     fn too_many_used_experts_are_refused() {
-        assert!(MoeConfig { n_experts: 4, n_used: 5, norm_topk_prob: true }.validate().is_err());
-        assert!(MoeConfig { n_experts: 4, n_used: 0, norm_topk_prob: true }.validate().is_err());
+        assert!(MoeConfig { n_experts: 4, n_used: 5, norm_topk_prob: true, gating: Gating::Softmax, clamped_swiglu: None }.validate().is_err());
+        assert!(MoeConfig { n_experts: 4, n_used: 0, norm_topk_prob: true, gating: Gating::Softmax, clamped_swiglu: None }.validate().is_err());
     }
 }

@@ -92,6 +92,68 @@ impl<'a> LayerTensors<'a> {
         (0..n).map(|j| self.load_matrix(&format!("{name}[{j}]"), stacked.outer(j)?)).collect()
     }
 
+    /// The `n` experts' matrices of a role stored transposed and interleaved, `[n, cols,
+    /// parts * rows]` and used as `x @ W` (transformers' gpt-oss `gate_up_proj`: gate and up in
+    /// alternating columns; `down_proj` with `parts` 1): per part `p`, each expert's `rows x
+    /// cols` matrix of the columns `p, p + parts, ...` of its slice, transposed. Converted at
+    /// load to the quantize-on-load type, else to the stored float type.
+    pub fn transposed_experts(&mut self, role: &str, n: usize, parts: usize) -> Result<Vec<Vec<QMatrix>>> {
+        let name = self.take_name(role)?;
+        let stacked = tensor_data(self.checkpoint, &name)?;
+        let info = stacked.info().clone();
+        let &[count, cols, width] = info.shape.as_slice() else {
+            return Err(Error::Shape(format!("{name}: expected [{n}, cols, rows] experts, got shape {:?}", info.shape)));
+        };
+        if count != n || !width.is_multiple_of(parts) {
+            return Err(Error::Shape(format!("{name}: shape {:?} is not {n} experts of {parts} interleaved parts", info.shape)));
+        }
+        let rows = width / parts;
+        let target = match (self.quantize, info.ty) {
+            (Some(q), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => q,
+            (_, ty @ (GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)) => ty,
+            (_, ty) => return Err(Error::UnsupportedType { name: format!("{ty} (tensor {name}: transposed experts)"), supported: "F32, F16, BF16".into() }),
+        };
+        let mut out: Vec<Vec<QMatrix>> = (0..parts).map(|_| Vec::with_capacity(n)).collect();
+        let (mut w, mut t) = (vec![0f32; cols * width], vec![0f32; rows * cols]);
+        for j in 0..n {
+            quant::dequantize_row(info.ty, stacked.outer(j)?.bytes(), &mut w)?; // (cols, width)
+            for (p, mats) in out.iter_mut().enumerate() {
+                for r in 0..rows {
+                    for c in 0..cols {
+                        t[r * cols + c] = w[c * width + r * parts + p];
+                    }
+                }
+                mats.push(QMatrix::from_f32(&format!("{name}[{j}].T[{p}::{parts}]"), rows, cols, &t, target)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `n` experts' vectors of a role stored interleaved, `[n, parts * len]`: per part
+    /// `p`, each expert's values `p, p + parts, ...` (gpt-oss's `gate_up_proj_bias`).
+    pub fn interleaved_expert_vectors(&mut self, role: &str, n: usize, parts: usize, len: usize) -> Result<Vec<Vec<Vec<f32>>>> {
+        let name = self.take_name(role)?;
+        let all = load_vector(self.checkpoint, &name, n * parts * len)?;
+        Ok((0..parts)
+            .map(|p| all.chunks_exact(parts * len).map(|e| e.iter().skip(p).step_by(parts).copied().collect()).collect())
+            .collect())
+    }
+
+    /// The `n` experts' vectors of a role (biases), `len` values each: one `[n, len]` tensor
+    /// named for `role`, or one vector per expert named for `role.0 .. role.{n-1}`; `None`
+    /// when neither is named.
+    pub fn expert_vectors(&mut self, role: &str, n: usize, len: usize) -> Result<Option<Vec<Vec<f32>>>> {
+        if self.has(&format!("{role}.0")) {
+            return (0..n).map(|j| self.vector(&format!("{role}.{j}"), len)).collect::<Result<_>>().map(Some);
+        }
+        if !self.has(role) {
+            return Ok(None);
+        }
+        let name = self.take_name(role)?;
+        let stacked = load_vector(self.checkpoint, &name, n * len)?;
+        Ok(Some(stacked.chunks_exact(len).map(<[f32]>::to_vec).collect()))
+    }
+
     fn load_matrix(&self, name: &str, data: TensorData) -> Result<QMatrix> {
         match (self.quantize, data.info().ty) {
             (Some(target), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => QMatrix::from_tensor_as(name, data, target),

@@ -14,6 +14,7 @@ use super::to_py_err;
 use crate::compute::pool::DEFAULT_IDLE_SPIN;
 use crate::compute::ThreadPool;
 use crate::model::KvDtype;
+use crate::model::moe::{ClampedSwiglu, Gating};
 use crate::model::{DecoderConfig, DecoderSpan, KvCache, MoeConfig, OutputHead, SeqChunk, TokenEmbedding};
 use crate::quant::GgmlType;
 
@@ -161,6 +162,16 @@ fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<DecoderConfig> {
                 n_experts,
                 n_used: required(d, "n_experts_used")?,
                 norm_topk_prob: required(d, "norm_topk_prob")?,
+                gating: match optional::<String>(d, "expert_gating")?.as_deref() {
+                    None | Some("softmax") => Gating::Softmax,
+                    Some("topk_softmax") => Gating::TopKSoftmax,
+                    Some(other) => {
+                        return Err(PyValueError::new_err(format!(
+                            "config[\"expert_gating\"]: {other:?} is not softmax or topk_softmax"
+                        )))
+                    }
+                },
+                clamped_swiglu: optional::<(f32, f32)>(d, "swiglu_clamp")?.map(|(alpha, limit)| ClampedSwiglu { alpha, limit }),
             }),
             None => None,
         },
