@@ -87,6 +87,34 @@ def test_quantize_on_load_stays_close(quant: str, max_rel_rms: float) -> None:
     checks.check_quantize_on_load(DATA / "tiny-gpt-oss", quant, max_rel_rms)
 
 
+def test_mxfp4_safetensors_load_as_mxfp4_blocks(tmp_path: Path) -> None:
+    """The released checkpoints' MXFP4 experts (`_blocks` / `_scales`) load as GGUF MXFP4
+    blocks with no value changed: the logits equal those of a twin whose experts hold the
+    same values dequantized (by gguf-py) in f32, to activation rounding (meshpy's A16),
+    measured 2.7e-4; placement counts the raw blocks' bytes."""
+    from meshpy.mesh.placement import layer_nbytes
+
+    mxfp4 = tiny_gpt_oss.as_mxfp4_checkpoint(DATA / "tiny-gpt-oss-notrunc", tmp_path / "mxfp4")
+    twin = tiny_gpt_oss.as_mxfp4_checkpoint(DATA / "tiny-gpt-oss-notrunc", tmp_path / "twin", dequantized=True)
+    source = open_model_source(mxfp4)
+    config = read_config(source)
+    assert config.layer_names(0)["ffn_gate_up_exps_blocks"] == "model.layers.0.mlp.experts.gate_up_proj_blocks"
+    assert source.checkpoint.tensor_info("model.layers.0.mlp.experts.down_proj_scales") == ("U8", (8, 64, 1))
+    f32_layer = layer_nbytes(open_model_source(twin), read_config(open_model_source(twin)), 0)
+    experts_f32 = 8 * (64 * 64 + 32 * 64) * 4
+    assert layer_nbytes(source, config, 0) == f32_layer - experts_f32 + experts_f32 // 4 // 32 * 17
+    checks.assert_logits_close(checks.prefill_and_decode(mxfp4), checks.prefill_and_decode(twin), atol=2e-3)
+
+
+@checks.live_transformers
+def test_mxfp4_safetensors_match_live_transformers(tmp_path: Path) -> None:
+    """transformers' own MXFP4 decoding of the same checkpoint gives the same logits, to
+    activation rounding: an independent check of the nibble order, the exponent and which
+    rows are gate and up. Measured 2.7e-4."""
+    mxfp4 = tiny_gpt_oss.as_mxfp4_checkpoint(DATA / "tiny-gpt-oss-notrunc", tmp_path / "mxfp4")
+    checks.assert_logits_close(checks.prefill_and_decode(mxfp4), tiny_gpt_oss.mxfp4_reference_logits(mxfp4), atol=2e-3)
+
+
 # HF name pieces -> llama.cpp's (gguf-py's tensor map for gpt-oss).
 GGUF_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",

@@ -33,7 +33,8 @@ class Checkpoint:
     def tensor_names(self) -> list[str]:
         """Every tensor name, sorted."""
     def tensor_info(self, name: str) -> tuple[str, tuple[int, ...]]:
-        """``(type name, shape)``, e.g. ``("Q4_K", (576, 1536))``; shape outermost first."""
+        """``(type name, shape)``, e.g. ``("Q4_K", (576, 1536))``; shape outermost first;
+        ``"U8"`` for a safetensors U8 tensor (raw bytes: MXFP4 blocks and exponents)."""
     def tensor_bytes(self, name: str) -> bytes:
         """A copy of the tensor's raw little-endian bytes."""
     def touch(self, names: Sequence[str]) -> int:
@@ -131,7 +132,9 @@ class DecoderSpan:
     experts instead of the dense MLP: roles `ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`
     name stacked `[n_experts, rows, cols]` tensors, or `ffn_gate_exps.{j}` ... one per expert,
     or `ffn_gate_up_exps_t` / `ffn_down_exps_t` transformers' gpt-oss layout (`[n_experts,
-    cols, rows]` used as `x @ W`, gate and up in alternating columns); optional biases
+    cols, rows]` used as `x @ W`, gate and up in alternating columns), or
+    `ffn_gate_up_exps_blocks` / `_scales` and `ffn_down_exps_blocks` / `_scales` its released
+    MXFP4 layout (U8 tensors, gate and up in alternating rows); optional biases
     `ffn_gate_exps_bias`, `ffn_up_exps_bias`, `ffn_down_exps_bias` (`[n_experts, len]`) or
     `ffn_gate_up_exps_bias` (interleaved). `config` then holds `n_experts`, `n_experts_used`,
     `norm_topk_prob`, and optionally `expert_gating` ("softmax" or "topk_softmax") and

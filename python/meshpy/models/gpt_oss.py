@@ -9,7 +9,10 @@ and weighs the top-k logits by their own softmax, with biased experts and a clam
 - GptOssTopKRouter: `router.weight` / `router.bias`, `topk(logits)` then a softmax over those;
 - GptOssExperts: `gate_up_proj` `[n_experts, hidden, 2 * ffn]` used as `x @ W` with gate and
   up in alternating columns, `down_proj` `[n_experts, ffn, hidden]`, their biases, and
-  `(clamp(up) + 1) * gate * sigmoid(1.702 * gate)` with gate clamped above at 7.
+  `(clamp(up) + 1) * gate * sigmoid(1.702 * gate)` with gate clamped above at 7;
+- the released checkpoints store the experts in MXFP4 instead (`gate_up_proj_blocks` /
+  `_scales`, rows = outputs, gate and up in alternating rows; integrations/mxfp4.py): loaded as
+  GGUF MXFP4 blocks, no value changed.
 
 GGUF `gpt-oss` as llama.cpp reads it (src/models/openai-moe.cpp; its converter,
 conversion/gpt_oss.py, transposes the experts and splits gate from up into `ffn_gate_exps` /
@@ -78,6 +81,17 @@ _HF_ROLES = {
 }
 
 
+# The released checkpoints' MXFP4 experts: blocks and exponents per matrix (see
+# rust/src/model/weights.rs, `mxfp4_experts`).
+_HF_MXFP4_ROLES = {
+    **{r: n for r, n in _HF_ROLES.items() if not r.endswith("_t")},
+    "ffn_gate_up_exps_blocks": "model.layers.{i}.mlp.experts.gate_up_proj_blocks",
+    "ffn_gate_up_exps_scales": "model.layers.{i}.mlp.experts.gate_up_proj_scales",
+    "ffn_down_exps_blocks": "model.layers.{i}.mlp.experts.down_proj_blocks",
+    "ffn_down_exps_scales": "model.layers.{i}.mlp.experts.down_proj_scales",
+}
+
+
 def _roles(source: ModelSource, n_layers: int, patterns: dict[str, str], prefix: str) -> tuple[dict[str, str], ...]:
     names = set(source.checkpoint.tensor_names())
     layers = []
@@ -101,18 +115,13 @@ def read_config(source: ModelSource) -> ModelConfig:
         roles = _roles(source, base.n_layers, _GGUF_ROLES, "blk.{i}.")
     else:
         cfg = source.config
-        if any(n.endswith("_blocks") for n in source.checkpoint.tensor_names()):
-            raise CheckpointFormatError(
-                f"{where}: MXFP4 expert tensors (gate_up_proj_blocks / _scales, as the released gpt-oss "
-                "checkpoints store them) are not read from safetensors yet; use a gpt-oss GGUF "
-                "(llama.cpp's converter repacks them to GGUF MXFP4) or a dequantized checkpoint"
-            )
         base = llama.from_hf(source)  # YaRN as transformers computes it (truncate honoured)
         n_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
         n_used = int(cfg.get("num_experts_per_tok", 0))
         window = int(cfg.get("sliding_window") or 0)
         sliding = sliding_layers(cfg, base.n_layers, lambda i: i % 2 == 0, where)
-        roles = _roles(source, base.n_layers, _HF_ROLES, "model.layers.{i}.")
+        mxfp4 = "model.layers.0.mlp.experts.gate_up_proj_blocks" in set(source.checkpoint.tensor_names())
+        roles = _roles(source, base.n_layers, _HF_MXFP4_ROLES if mxfp4 else _HF_ROLES, "model.layers.{i}.")
     if not 0 < n_used <= n_experts:
         raise CheckpointFormatError(f"{where}: {n_used} experts used per token of {n_experts}")
     if any(sliding) and window <= 0:

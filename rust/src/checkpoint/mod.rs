@@ -546,6 +546,22 @@ impl Checkpoint {
         Ok(self.supported(name)?.1)
     }
 
+    /// The bytes and shape of tensor `name` stored as safetensors `U8`, a dtype no kernel
+    /// computes with, for loaders that know what the bytes mean (transformers' MXFP4 blocks
+    /// and exponents).
+    pub fn u8_tensor(&self, name: &str) -> Result<(&[u8], &[usize])> {
+        let entry = self.entry(name)?;
+        match &entry.ty {
+            Err((type_name, shape)) if type_name == "dtype U8" || type_name == "U8" => {
+                Ok((&self.maps[entry.file][entry.start..entry.end], shape))
+            }
+            Err((type_name, shape)) => {
+                Err(Error::Shape(format!("{name}: expected a U8 tensor, it is {type_name} of shape {shape:?}")))
+            }
+            Ok(info) => Err(Error::Shape(format!("{name}: expected a U8 tensor, it is {} of shape {:?}", info.ty.name(), info.shape))),
+        }
+    }
+
     /// The bytes of tensor `name`, sharing the memory map (nothing is read until used).
     /// Errors as [`Checkpoint::info`].
     pub fn data(&self, name: &str) -> Result<TensorData> {

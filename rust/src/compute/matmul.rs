@@ -119,6 +119,22 @@ impl QMatrix {
         })
     }
 
+    /// A `rows x cols` matrix of `ty` blocks assembled at load (a block layout the checkpoint
+    /// stores differently, such as transformers' MXFP4), repacked where
+    /// [`Self::from_tensor`] would.
+    pub fn from_blocks(name: &str, ty: GgmlType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        Self::check_computable(name, ty)?;
+        let row_bytes = ty.row_bytes(cols)?;
+        let len = rows * row_bytes;
+        if bytes.len() != len {
+            return Err(Error::Shape(format!("{name}: {} bytes for {rows}x{cols} {}", bytes.len(), ty.name())));
+        }
+        let mut words = vec![0u64; len.div_ceil(8)];
+        bytemuck_words(&mut words, len).copy_from_slice(bytes);
+        let storage = try_repack(ty, rows, cols, bytes).unwrap_or(Storage::Owned { words, len });
+        Ok(QMatrix { ty, rows, cols, row_bytes, storage, dot: quant::vec_dot_fn(ty) })
+    }
+
     /// Quantizes the rows `fill_row(r, row)` writes into `target`, repacked where possible.
     fn from_rows(
         name: &str,

@@ -109,14 +109,20 @@ impl MoeBlock {
         let router_bias = if t.has("ffn_gate_inp_bias") { Some(t.vector("ffn_gate_inp_bias", cfg.n_experts)?) } else { None };
         let n = cfg.n_experts;
         // transformers' gpt-oss layout: gate and up fused, transposed, alternating columns.
-        let (gates, ups) = if t.has("ffn_gate_up_exps_t") {
+        let (gates, ups) = if t.has("ffn_gate_up_exps_blocks") {
+            let mut parts = t.mxfp4_experts("ffn_gate_up_exps_blocks", "ffn_gate_up_exps_scales", n, 2)?;
+            let up = parts.pop().expect("two parts");
+            (parts.pop().expect("two parts"), up)
+        } else if t.has("ffn_gate_up_exps_t") {
             let mut parts = t.transposed_experts("ffn_gate_up_exps_t", n, 2)?;
             let up = parts.pop().expect("two parts");
             (parts.pop().expect("two parts"), up)
         } else {
             (t.experts("ffn_gate_exps", n)?, t.experts("ffn_up_exps", n)?)
         };
-        let downs = if t.has("ffn_down_exps_t") {
+        let downs = if t.has("ffn_down_exps_blocks") {
+            t.mxfp4_experts("ffn_down_exps_blocks", "ffn_down_exps_scales", n, 1)?.pop().expect("one part")
+        } else if t.has("ffn_down_exps_t") {
             t.transposed_experts("ffn_down_exps_t", n, 1)?.pop().expect("one part")
         } else {
             t.experts("ffn_down_exps", n)?

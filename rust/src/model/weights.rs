@@ -129,6 +129,47 @@ impl<'a> LayerTensors<'a> {
         Ok(out)
     }
 
+    /// The `n` experts' matrices of two roles holding transformers' MXFP4 layout (the released
+    /// gpt-oss checkpoints): `blocks` `[n, parts * rows, cols / 32, 16]`, two E2M1 values per
+    /// byte with element `2k` in the low nibble of byte `k`, and `scales` `[n, parts * rows,
+    /// cols / 32]`, E8M0 exponents (transformers' integrations/mxfp4.py,
+    /// `convert_moe_packed_tensors`). Per part `p`, each expert's rows `p, p + parts, ...` as
+    /// GGUF MXFP4 blocks: the exponent, then elements `k` and `k + 16` in byte `k`, as llama.cpp's
+    /// converter repacks them (conversion/gpt_oss.py, `transform_nibble_layout`); no value
+    /// changes.
+    pub fn mxfp4_experts(&mut self, blocks_role: &str, scales_role: &str, n: usize, parts: usize) -> Result<Vec<Vec<QMatrix>>> {
+        let (blocks_name, scales_name) = (self.take_name(blocks_role)?, self.take_name(scales_role)?);
+        let (b, bs) = self.checkpoint.u8_tensor(&blocks_name)?;
+        let (sc, ss) = self.checkpoint.u8_tensor(&scales_name)?;
+        let ok = bs.len() == 4 && bs[0] == n && bs[3] == 16 && bs[1].is_multiple_of(parts) && ss == &bs[..3];
+        if !ok {
+            return Err(Error::Shape(format!(
+                "{blocks_name} {bs:?} / {scales_name} {ss:?}: expected uint8 [{n}, rows, blocks, 16] and [{n}, rows, blocks]"
+            )));
+        }
+        let (all_rows, nb) = (bs[1], bs[2]);
+        let (rows, cols) = (all_rows / parts, nb * 32);
+        let mut out: Vec<Vec<QMatrix>> = (0..parts).map(|_| Vec::with_capacity(n)).collect();
+        let mut ggml = vec![0u8; rows * nb * 17];
+        for j in 0..n {
+            for (p, mats) in out.iter_mut().enumerate() {
+                for r in 0..rows {
+                    let src_row = j * all_rows + r * parts + p;
+                    for k in 0..nb {
+                        let (src, dst) = ((src_row * nb + k) * 16, (r * nb + k) * 17);
+                        let nibble = |i: usize| (b[src + i / 2] >> (4 * (i % 2))) & 0x0F;
+                        ggml[dst] = sc[src_row * nb + k];
+                        for q in 0..16 {
+                            ggml[dst + 1 + q] = nibble(q) | (nibble(q + 16) << 4);
+                        }
+                    }
+                }
+                mats.push(QMatrix::from_blocks(&format!("{blocks_name}[{j}][{p}::{parts}]"), GgmlType::MXFP4, rows, cols, &ggml)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The `n` experts' vectors of a role stored interleaved, `[n, parts * len]`: per part
     /// `p`, each expert's values `p, p + parts, ...` (gpt-oss's `gate_up_proj_bias`).
     pub fn interleaved_expert_vectors(&mut self, role: &str, n: usize, parts: usize, len: usize) -> Result<Vec<Vec<Vec<f32>>>> {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
+use super::quant::RAW_BYTES;
 use super::to_py_err;
 use crate::checkpoint::{self, MetaValue};
 
@@ -84,14 +85,20 @@ impl Checkpoint {
         self.inner.tensor_names()
     }
 
-    /// `(type name, shape)` of a tensor, shape outermost first.
+    /// `(type name, shape)` of a tensor, shape outermost first; `"U8"` for a safetensors `U8`
+    /// tensor (raw bytes: MXFP4 blocks and exponents).
     fn tensor_info<'py>(
         &self,
         py: Python<'py>,
         name: &str,
     ) -> PyResult<(&'static str, Bound<'py, PyTuple>)> {
-        let info = self.inner.info(name).map_err(to_py_err)?;
-        Ok((info.ty.name(), PyTuple::new(py, &info.shape)?))
+        match self.inner.info(name) {
+            Ok(info) => Ok((info.ty.name(), PyTuple::new(py, &info.shape)?)),
+            Err(err) => match self.inner.u8_tensor(name) {
+                Ok((_, shape)) => Ok((RAW_BYTES, PyTuple::new(py, shape)?)),
+                Err(_) => Err(to_py_err(err)),
+            },
+        }
     }
 
     /// A GGUF file's byte count up to the end of its key-values (see
@@ -107,10 +114,15 @@ impl Checkpoint {
         Ok((path.to_path_buf(), start, end))
     }
 
-    /// A copy of a tensor's raw little-endian bytes.
+    /// A copy of a tensor's raw little-endian bytes (`U8` tensors too).
     fn tensor_bytes<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyBytes>> {
-        let data = self.inner.data(name).map_err(to_py_err)?;
-        Ok(PyBytes::new(py, data.bytes()))
+        match self.inner.data(name) {
+            Ok(data) => Ok(PyBytes::new(py, data.bytes())),
+            Err(err) => match self.inner.u8_tensor(name) {
+                Ok((bytes, _)) => Ok(PyBytes::new(py, bytes)),
+                Err(_) => Err(to_py_err(err)),
+            },
+        }
     }
 
     /// Test hook: reads every byte of the named tensors in place (no copy) and returns the

@@ -99,8 +99,15 @@ fn vec_dot<'py>(
 /// tensor_nbytes(type_name, shape) -> int: bytes of a tensor of that type and shape (outermost
 /// first) as a checkpoint stores it; InvalidArgumentError-like errors for a type or a row
 /// length that does not fit.
+/// The type name `Checkpoint.tensor_info` gives a safetensors `U8` tensor: raw bytes that only
+/// a loader knowing their meaning reads (transformers' MXFP4 blocks and exponents).
+pub(crate) const RAW_BYTES: &str = "U8";
+
 #[pyfunction]
 fn tensor_nbytes(type_name: &str, shape: Vec<usize>) -> PyResult<usize> {
+    if type_name == RAW_BYTES {
+        return Ok(shape.iter().product());
+    }
     let ty = parse_type(type_name)?;
     let row = ty.row_bytes(shape.last().copied().unwrap_or(1)).map_err(to_py_err)?;
     Ok(row * shape.iter().rev().skip(1).product::<usize>())
