@@ -104,6 +104,11 @@ def test_mxfp4_safetensors_load_as_mxfp4_blocks(tmp_path: Path) -> None:
     experts_f32 = 8 * (64 * 64 + 32 * 64) * 4
     assert layer_nbytes(source, config, 0) == f32_layer - experts_f32 + experts_f32 // 4 // 32 * 17
     checks.assert_logits_close(checks.prefill_and_decode(mxfp4), checks.prefill_and_decode(twin), atol=2e-3)
+    # The model's id covers the raw blocks too.
+    from meshpy.mesh.identity import model_manifest
+
+    blocks = model_manifest(source)["tensors"]["model.layers.0.mlp.experts.gate_up_proj_blocks"]
+    assert blocks["type"] == "U8" and blocks["shape"] == [8, 64, 2, 16] and len(blocks["sha256"]) == 64
 
 
 @checks.live_transformers

@@ -35,6 +35,9 @@ class Checkpoint:
     def tensor_info(self, name: str) -> tuple[str, tuple[int, ...]]:
         """``(type name, shape)``, e.g. ``("Q4_K", (576, 1536))``; shape outermost first;
         ``"U8"`` for a safetensors U8 tensor (raw bytes: MXFP4 blocks and exponents)."""
+    def tensor_sha256(self, name: str) -> str:
+        """SHA-256 (hex) of the tensor's stored bytes, read in place without the GIL; its
+        pages are dropped from this process afterwards (they stay in the page cache)."""
     def tensor_bytes(self, name: str) -> bytes:
         """A copy of the tensor's raw little-endian bytes."""
     def touch(self, names: Sequence[str]) -> int:

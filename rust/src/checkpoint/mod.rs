@@ -562,6 +562,26 @@ impl Checkpoint {
         }
     }
 
+    /// The SHA-256 of tensor `name`'s stored bytes (any type, `U8` included), as lowercase
+    /// hex. The bytes are read in place and their pages dropped from this process afterwards
+    /// (they stay in the page cache), so hashing a whole file neither copies it nor leaves it
+    /// all resident.
+    pub fn tensor_sha256(&self, name: &str) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let entry = self.entry(name)?;
+        let map = &self.maps[entry.file];
+        let digest = Sha256::digest(&map[entry.start..entry.end]);
+        #[cfg(unix)]
+        {
+            // SAFETY: as `TensorData::release`: a read-only map of a file nothing writes
+            // through; DONTNEED drops clean pages that refault with the same bytes.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start)
+            };
+        }
+        Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// The bytes of tensor `name`, sharing the memory map (nothing is read until used).
     /// Errors as [`Checkpoint::info`].
     pub fn data(&self, name: &str) -> Result<TensorData> {

@@ -114,6 +114,12 @@ impl Checkpoint {
         Ok((path.to_path_buf(), start, end))
     }
 
+    /// The SHA-256 (hex) of a tensor's stored bytes, read in place without the GIL; its pages
+    /// are dropped from this process afterwards.
+    fn tensor_sha256(&self, py: Python<'_>, name: &str) -> PyResult<String> {
+        py.detach(|| self.inner.tensor_sha256(name)).map_err(to_py_err)
+    }
+
     /// A copy of a tensor's raw little-endian bytes (`U8` tensors too).
     fn tensor_bytes<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyBytes>> {
         match self.inner.data(name) {
