@@ -59,6 +59,19 @@ def test_a_layer_s_bytes_count_every_expert(tmp_path: Path) -> None:
         assert span.nbytes == stored
 
 
+def test_a_config_without_experts_runs_as_dense_qwen3(tmp_path: Path) -> None:
+    """Qwen3MoeConfig with no expert layers (transformers then builds every MLP dense): the
+    tiny dense Qwen3 under that architecture gives its Qwen3 logits exactly."""
+    model_dir = checks.with_config(
+        DATA / "tiny-qwen3-tied", tmp_path / "no-experts", architectures=["Qwen3MoeForCausalLM"], num_experts=0
+    )
+    config = read_config(open_model_source(model_dir))
+    assert config.architecture == "Qwen3MoeForCausalLM" and config.moe is None
+    np.testing.assert_array_equal(
+        checks.prefill_and_decode(model_dir)[0], checks.prefill_and_decode(DATA / "tiny-qwen3-tied")[0]
+    )
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_stored_transformers_reference(variant: str) -> None:
     """A 96-token prefill and 16 decode steps. Measured: 5e-6."""

@@ -71,8 +71,13 @@ def read_config(source: ModelSource) -> ModelConfig:
         )
         step = int(cfg.get("decoder_sparse_step", 1))
         dense = set(cfg.get("mlp_only_layers") or [])
-        expert_layers = {i for i in range(base.n_layers) if i not in dense and step > 0 and (i + 1) % step == 0}
+        expert_layers = {
+            i for i in range(base.n_layers) if moe.n_experts > 0 and i not in dense and step > 0 and (i + 1) % step == 0
+        }
         roles_of = _hf_roles
+    if not expert_layers:  # no layer has experts: transformers builds it all dense
+        qwen.check_layers(source, base, "Qwen3-MoE")
+        return base
     if not 0 < moe.n_experts_used <= moe.n_experts:
         raise CheckpointFormatError(f"{where}: {moe.n_experts_used} experts used per token of {moe.n_experts}")
     layers = []

@@ -253,19 +253,7 @@ impl TensorData {
     /// neighbouring tensor (the range is widened to whole pages) are dropped too and, like
     /// all of them, come back on their next read.
     pub fn release(&self) {
-        #[cfg(unix)]
-        {
-            // SAFETY: the map is a read-only mapping of a file that nothing writes through,
-            // so DONTNEED only unmaps clean pages: the next access refaults identical bytes
-            // from the page cache / file, and no live reference ever observes other contents.
-            let _ = unsafe {
-                self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    self.start,
-                    self.end - self.start,
-                )
-            };
-        }
+        drop_pages(&self.map, self.start, self.end);
     }
 }
 
@@ -314,6 +302,20 @@ struct Entry {
     ty: std::result::Result<Arc<TensorInfo>, (String, Vec<usize>)>,
 }
 
+/// Drops bytes `start..end` of a map from the process (`MADV_DONTNEED`): a hint; a no-op off
+/// Unix.
+fn drop_pages(map: &Mmap, start: usize, end: usize) {
+    #[cfg(unix)]
+    {
+        // SAFETY: the map is a read-only shared mapping of a file that nothing writes through,
+        // so DONTNEED only unmaps clean pages: the next access refaults identical bytes from
+        // the page cache / file, and no live reference ever observes other contents.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, start, end);
+}
+
 /// An open checkpoint: memory-mapped files, their metadata and tensor index.
 pub struct Checkpoint {
     format: Format,
@@ -346,7 +348,7 @@ fn map_file(path: &Path) -> Result<Mmap> {
             "is a directory, not a checkpoint file",
         )));
     }
-    // SAFETY: the map is read-only and private to this process. If another process truncates
+    // SAFETY: the map is read-only (a shared mapping nothing writes through). If another process truncates
     // the file while it is mapped, reads past the new end fault (SIGBUS); that is the usual
     // contract of memory-mapped model files (llama.cpp, safetensors) and is documented here.
     let map = unsafe { Mmap::map(&file) }.map_err(io)?;
@@ -552,33 +554,45 @@ impl Checkpoint {
     pub fn u8_tensor(&self, name: &str) -> Result<(&[u8], &[usize])> {
         let entry = self.entry(name)?;
         match &entry.ty {
-            Err((type_name, shape)) if type_name == "dtype U8" || type_name == "U8" => {
+            Err((type_name, shape)) if type_name == safetensors::U8_TYPE => {
                 Ok((&self.maps[entry.file][entry.start..entry.end], shape))
             }
-            Err((type_name, shape)) => {
-                Err(Error::Shape(format!("{name}: expected a U8 tensor, it is {type_name} of shape {shape:?}")))
-            }
-            Ok(info) => Err(Error::Shape(format!("{name}: expected a U8 tensor, it is {} of shape {:?}", info.ty.name(), info.shape))),
+            _ => Err(Error::UnsupportedType {
+                name: format!("{} of tensor {name:?} (expected U8)", self.type_name(entry)),
+                supported: "U8".into(),
+            }),
         }
     }
 
-    /// The SHA-256 of tensor `name`'s stored bytes (any type, `U8` included), as lowercase
-    /// hex. The bytes are read in place and their pages dropped from this process afterwards
-    /// (they stay in the page cache), so hashing a whole file neither copies it nor leaves it
-    /// all resident.
+    fn type_name(&self, entry: &Entry) -> String {
+        match &entry.ty {
+            Ok(info) => info.ty.name().to_string(),
+            Err((type_name, _)) => type_name.clone(),
+        }
+    }
+
+    /// Drops tensor `name`'s pages from this process (see [`TensorData::release`]), for loaders
+    /// that copied its bytes elsewhere.
+    pub fn release(&self, name: &str) -> Result<()> {
+        let entry = self.entry(name)?;
+        drop_pages(&self.maps[entry.file], entry.start, entry.end);
+        Ok(())
+    }
+
+    /// The SHA-256 of tensor `name`'s stored bytes (any type this checkpoint can read, `U8`
+    /// included), as lowercase hex. The bytes are read in place and their pages dropped from
+    /// this process afterwards (they stay in the page cache), so hashing a whole file neither
+    /// copies it nor leaves it all resident.
     pub fn tensor_sha256(&self, name: &str) -> Result<String> {
         use sha2::{Digest, Sha256};
         let entry = self.entry(name)?;
+        if matches!(&entry.ty, Err((t, _)) if t != safetensors::U8_TYPE) {
+            // A GGUF tensor of unknown type has no known byte range: refuse, naming it.
+            self.supported(name)?;
+        }
         let map = &self.maps[entry.file];
         let digest = Sha256::digest(&map[entry.start..entry.end]);
-        #[cfg(unix)]
-        {
-            // SAFETY: as `TensorData::release`: a read-only map of a file nothing writes
-            // through; DONTNEED drops clean pages that refault with the same bytes.
-            let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, entry.start, entry.end - entry.start)
-            };
-        }
+        drop_pages(map, entry.start, entry.end);
         Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
     }
 

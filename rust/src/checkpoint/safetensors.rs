@@ -27,6 +27,10 @@ fn dtype_bytes(dtype: &str) -> Option<u64> {
     })
 }
 
+/// How a `U8` tensor's type reads in the index (no kernel computes with it; loaders that know
+/// the bytes' meaning read it with `Checkpoint::u8_tensor`).
+pub(crate) const U8_TYPE: &str = "dtype U8";
+
 /// Our type for a supported dtype.
 fn ggml_type(dtype: &str) -> Option<GgmlType> {
     match dtype {
@@ -124,6 +128,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header> {
             }
         }
         let ty = ggml_type(&dtype).ok_or_else(|| format!("dtype {dtype}"));
+        debug_assert!(dtype != "U8" || ty.as_ref().err().map(String::as_str) == Some(U8_TYPE));
         out.tensors.push(RawTensor {
             name,
             ty,

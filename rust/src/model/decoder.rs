@@ -47,7 +47,7 @@ use crate::model::moe::{MoeBlock, MoeConfig, Routing};
 use crate::model::weights::{expect_shape, LayerNames, LayerTensors};
 use crate::quant::GgmlType;
 
-/// Settings of a Llama-family span, read from the checkpoint by the Python family module.
+/// Settings of a decoder span, read from the checkpoint by the Python family module.
 #[derive(Clone, Debug)]
 pub struct DecoderConfig {
     /// Width of the hidden states.
@@ -308,7 +308,7 @@ pub struct DecoderSpan {
     act_types: ActTypes,
     /// Width of the dense MLPs (0: none).
     max_ffn: usize,
-    /// Width of the widest expert MLP (0: no layer has experts).
+    /// Width of the expert MLPs (0: no layer has experts).
     expert_ffn: usize,
     kv_dtype: KvDtype,
 }
@@ -382,7 +382,10 @@ impl DecoderSpan {
         if dense().any(|[g, _, _]| g.rows() != max_ffn) {
             return Err(Error::Shape("dense layers of one span must share the MLP width".into()));
         }
-        let expert_ffn = moes().map(MoeBlock::ffn).max().unwrap_or(0);
+        let expert_ffn = moes().next().map_or(0, MoeBlock::ffn);
+        if moes().any(|m| m.ffn() != expert_ffn) {
+            return Err(Error::Shape("expert layers of one span must share the expert width".into()));
+        }
         let kv_dtype = cfg.kv_dtype.unwrap_or_else(|| Self::default_kv_dtype(&layers));
         Ok(DecoderSpan { cfg, first_layer, layers, act_types, max_ffn, expert_ffn, kv_dtype })
     }
@@ -695,9 +698,10 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// Six barriers per layer: after q/k/v, after RoPE and the cache append, after
+    /// Six barriers per dense layer: after q/k/v, after RoPE and the cache append, after
     /// attention, after the output projection, after gate/up + SwiGLU, after the down
-    /// projection (one more after each projection with a post-norm, Gemma 3). Norms and
+    /// projection (one more after each projection with a post-norm, Gemma 3); a mixture of
+    /// experts has five instead of the MLP's two (`moe_residual`). Norms and
     /// quantization run on every thread for all rows into its own buffers (cheaper than a
     /// barrier for decode's single row), SwiGLU on the columns the thread itself computed.
     fn run(&self, ctx: &Ctx) {
@@ -851,9 +855,11 @@ impl Pass<'_> {
             w_gate.matmul_part(ctx, act_for(&acts.ffn_in, w_gate), n, b.gate, ffn, false, None);
             w_up.matmul_part(ctx, act_for(&acts.ffn_in, w_up), n, b.up, ffn, false, None);
             // SwiGLU (or GeGLU with tanh GELU, Gemma 3) on the columns this thread computed in
-            // both products (else after a barrier).
+            // both products (else after a barrier). Both are split alike, on every thread, when
+            // both are repacked or neither is: the same decision on every thread, so all take
+            // the same barriers.
             let cols = w_gate.part_rows(ctx);
-            let own = cols == w_up.part_rows(ctx);
+            let own = w_gate.is_repacked() == w_up.is_repacked();
             if !own {
                 ctx.barrier();
             }

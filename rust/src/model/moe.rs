@@ -34,7 +34,9 @@ pub enum Gating {
 /// `swiglu_oai`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClampedSwiglu {
+    /// Slope inside the sigmoid (1.702).
     pub alpha: f32,
+    /// Upper clamp of the gate, and symmetric clamp of up (7).
     pub limit: f32,
 }
 
@@ -59,6 +61,7 @@ pub struct MoeConfig {
     /// Whether the chosen experts' probabilities are divided by their sum
     /// (`norm_topk_prob`; [`Gating::Softmax`] only).
     pub norm_topk_prob: bool,
+    /// How the router's logits become weights.
     pub gating: Gating,
     /// The experts' activation when not the span's SwiGLU / GeGLU.
     pub clamped_swiglu: Option<ClampedSwiglu>,
@@ -71,6 +74,11 @@ impl MoeConfig {
                 "{} experts used per token of {} experts",
                 self.n_used, self.n_experts
             )));
+        }
+        if let Some(c) = self.clamped_swiglu {
+            if !(c.alpha.is_finite() && c.limit.is_finite() && c.limit >= 0.0) {
+                return Err(Error::InvalidArgument(format!("clamped SwiGLU needs a finite alpha and limit >= 0, got {c:?}")));
+            }
         }
         Ok(())
     }
@@ -94,6 +102,7 @@ pub(crate) struct Expert {
 pub(crate) struct MoeBlock {
     /// `(n_experts, hidden)`: a token's expert logits are `router @ x (+ router_bias)`.
     pub router: QMatrix,
+    /// `n_experts` values (gpt-oss).
     pub router_bias: Option<Vec<f32>>,
     pub experts: Vec<Expert>,
 }
@@ -104,7 +113,9 @@ impl MoeBlock {
     /// `ffn_gate_inp_bias`, `ffn_gate_exps_bias`, `ffn_up_exps_bias`, `ffn_down_exps_bias`
     /// (see [`LayerTensors::expert_vectors`]).
     pub fn load(t: &mut LayerTensors, cfg: &MoeConfig, hidden: usize) -> Result<Self> {
-        let router = t.matrix("ffn_gate_inp")?;
+        // Never converted on load: a rounded router may choose other experts (llama.cpp's
+        // quantizer leaves `ffn_gate_inp` as it is too).
+        let router = t.matrix_as_stored("ffn_gate_inp")?;
         expect_shape(&router, "ffn_gate_inp", cfg.n_experts, hidden)?;
         let router_bias = if t.has("ffn_gate_inp_bias") { Some(t.vector("ffn_gate_inp_bias", cfg.n_experts)?) } else { None };
         let n = cfg.n_experts;
@@ -128,6 +139,9 @@ impl MoeBlock {
             t.experts("ffn_down_exps", n)?
         };
         let ffn = gates[0].rows();
+        if ffn == 0 {
+            return Err(Error::Shape("experts of width 0".into()));
+        }
         let (mut gate_biases, mut up_biases) = if t.has("ffn_gate_up_exps_bias") {
             let mut parts = t.interleaved_expert_vectors("ffn_gate_up_exps_bias", n, 2, ffn)?;
             let up = parts.pop();
@@ -301,6 +315,20 @@ mod tests {
         let r = Routing::new(&[0.0; 4], 1, &cfg);
         assert_eq!(r.offsets, vec![0, 1, 2, 2, 2]);
         assert_eq!(r.slot_weight, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn a_clamp_that_would_panic_is_refused() {
+        for (alpha, limit) in [(1.702, -1.0), (1.702, f32::NAN), (f32::INFINITY, 7.0)] {
+            let cfg = MoeConfig {
+                n_experts: 4,
+                n_used: 2,
+                norm_topk_prob: false,
+                gating: Gating::TopKSoftmax,
+                clamped_swiglu: Some(ClampedSwiglu { alpha, limit }),
+            };
+            assert!(cfg.validate().is_err(), "{alpha} {limit}");
+        }
     }
 
     #[test]

@@ -74,6 +74,12 @@ impl<'a> LayerTensors<'a> {
         self.load_matrix(&name, tensor_data(self.checkpoint, &name)?)
     }
 
+    /// A weight matrix in its stored type, whatever quantize-on-load asks (routers).
+    pub fn matrix_as_stored(&mut self, role: &str) -> Result<QMatrix> {
+        let name = self.take_name(role)?;
+        QMatrix::from_tensor(&name, tensor_data(self.checkpoint, &name)?)
+    }
+
     /// The `n` experts' matrices of a mixture-of-experts role: one stacked tensor
     /// `[n, rows, cols]` named for `role` (GGUF's `ffn_gate_exps`), or one matrix per expert
     /// named for roles `role.0 .. role.{n-1}` (HF's `experts.{j}.gate_proj`).
@@ -126,6 +132,7 @@ impl<'a> LayerTensors<'a> {
                 mats.push(QMatrix::from_f32(&format!("{name}[{j}].T[{p}::{parts}]"), rows, cols, &t, target)?);
             }
         }
+        stacked.release();
         Ok(out)
     }
 
@@ -148,6 +155,9 @@ impl<'a> LayerTensors<'a> {
             )));
         }
         let (all_rows, nb) = (bs[1], bs[2]);
+        if all_rows == 0 || nb == 0 {
+            return Err(Error::Shape(format!("{blocks_name}: empty experts {bs:?}")));
+        }
         let (rows, cols) = (all_rows / parts, nb * 32);
         let mut out: Vec<Vec<QMatrix>> = (0..parts).map(|_| Vec::with_capacity(n)).collect();
         let mut ggml = vec![0u8; rows * nb * 17];
@@ -167,6 +177,9 @@ impl<'a> LayerTensors<'a> {
                 mats.push(QMatrix::from_blocks(&format!("{blocks_name}[{j}][{p}::{parts}]"), GgmlType::MXFP4, rows, cols, &ggml)?);
             }
         }
+        // The blocks now live repacked: drop the file's pages, as `QMatrix::from_tensor` does.
+        self.checkpoint.release(&blocks_name)?;
+        self.checkpoint.release(&scales_name)?;
         Ok(out)
     }
 

@@ -132,7 +132,7 @@ fn optional<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -
     }
 }
 
-fn llama_config(d: &Bound<'_, PyDict>) -> PyResult<DecoderConfig> {
+fn decoder_config(d: &Bound<'_, PyDict>) -> PyResult<DecoderConfig> {
     let quantize = match d.get_item("quantize")? {
         Some(v) if !v.is_none() => Some(GgmlType::from_name(&v.extract::<String>()?).map_err(to_py_err)?),
         _ => None,
@@ -191,7 +191,7 @@ fn to_array2<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, cols: usize) -> 
     PyArray1::from_vec(py, data).reshape([rows, cols])
 }
 
-/// Layers a..b of a Llama-family model (Llama, Qwen2, Qwen3) on the CPU.
+/// Layers a..b of a decoder model (every supported family) on the CPU.
 #[pyclass(name = "DecoderSpan", module = "meshpy._native", frozen)]
 pub struct PyDecoderSpan {
     span: Arc<DecoderSpan>,
@@ -220,7 +220,7 @@ impl PyDecoderSpan {
         pool: &PyThreadPool,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
-        let cfg = llama_config(config)?;
+        let cfg = decoder_config(config)?;
         let ckpt = checkpoint.inner();
         let mut callback_error: Option<PyErr> = None;
         let span = py
