@@ -84,18 +84,44 @@ impl<'a> LayerTensors<'a> {
     /// `[n, rows, cols]` named for `role` (GGUF's `ffn_gate_exps`), or one matrix per expert
     /// named for roles `role.0 .. role.{n-1}` (HF's `experts.{j}.gate_proj`).
     pub fn experts(&mut self, role: &str, n: usize) -> Result<Vec<QMatrix>> {
-        if !self.has(role) {
-            return (0..n).map(|j| self.matrix(&format!("{role}.{j}"))).collect();
+        let parts: Vec<(String, TensorData)> = if self.has(role) {
+            let name = self.take_name(role)?;
+            let stacked = tensor_data(self.checkpoint, &name)?;
+            if stacked.info().shape.len() != 3 || stacked.info().shape[0] != n {
+                return Err(Error::Shape(format!(
+                    "{name}: expected {n} stacked expert matrices, the checkpoint has shape {:?}",
+                    stacked.info().shape
+                )));
+            }
+            (0..n).map(|j| Ok((format!("{name}[{j}]"), stacked.outer(j)?))).collect::<Result<_>>()?
+        } else {
+            (0..n)
+                .map(|j| {
+                    let name = self.take_name(&format!("{role}.{j}"))?;
+                    let data = tensor_data(self.checkpoint, &name)?;
+                    Ok((name, data))
+                })
+                .collect::<Result<_>>()?
+        };
+        // Repacking dominates loading (a 30B mixture holds 18,432 expert matrices): the
+        // experts are independent, so every core repacks its share.
+        let quantize = self.quantize;
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
+        let chunk = n.div_ceil(threads).max(1);
+        let loaded: Vec<Result<Vec<QMatrix>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .chunks(chunk)
+                .map(|mine| {
+                    scope.spawn(move || mine.iter().map(|(name, data)| load_matrix(name, data.clone(), quantize)).collect())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::InvalidArgument("a repacking thread panicked".into())))).collect()
+        });
+        let mut out = Vec::with_capacity(n);
+        for chunk in loaded {
+            out.extend(chunk?);
         }
-        let name = self.take_name(role)?;
-        let stacked = tensor_data(self.checkpoint, &name)?;
-        if stacked.info().shape.len() != 3 || stacked.info().shape[0] != n {
-            return Err(Error::Shape(format!(
-                "{name}: expected {n} stacked expert matrices, the checkpoint has shape {:?}",
-                stacked.info().shape
-            )));
-        }
-        (0..n).map(|j| self.load_matrix(&format!("{name}[{j}]"), stacked.outer(j)?)).collect()
+        Ok(out)
     }
 
     /// The `n` experts' matrices of a role stored transposed and interleaved, `[n, cols,
@@ -209,10 +235,7 @@ impl<'a> LayerTensors<'a> {
     }
 
     fn load_matrix(&self, name: &str, data: TensorData) -> Result<QMatrix> {
-        match (self.quantize, data.info().ty) {
-            (Some(target), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => QMatrix::from_tensor_as(name, data, target),
-            _ => QMatrix::from_tensor(name, data),
-        }
+        load_matrix(name, data, self.quantize)
     }
 
     /// A 1-D tensor (norm weight or bias) of `len` values, dequantized to f32.
@@ -231,6 +254,14 @@ impl<'a> LayerTensors<'a> {
                 self.names.iter().map(|(r, n)| format!("{r}={n}")).collect::<Vec<_>>().join(", ")
             )))
         }
+    }
+}
+
+/// A weight matrix, converted to `quantize` on load when asked and stored as a float type.
+fn load_matrix(name: &str, data: TensorData, quantize: Option<GgmlType>) -> Result<QMatrix> {
+    match (quantize, data.info().ty) {
+        (Some(target), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => QMatrix::from_tensor_as(name, data, target),
+        _ => QMatrix::from_tensor(name, data),
     }
 }
 
