@@ -37,12 +37,10 @@ ARCHITECTURES = ("gpt-oss", "GptOssForCausalLM")
 #: GptOssExperts's fixed activation constants (alpha, limit); llama.cpp's are the same.
 SWIGLU_CLAMP = (1.702, 7.0)
 
+# llama.cpp's names: the Llama layer's attention (rust/src/model/decoder.rs roles), with biases,
+# sinks and the experts; the pre-MLP norm is `post_attention_norm`.
 _GGUF_ROLES = {
-    "attn_norm": "blk.{i}.attn_norm.weight",
-    "attn_q": "blk.{i}.attn_q.weight",
-    "attn_k": "blk.{i}.attn_k.weight",
-    "attn_v": "blk.{i}.attn_v.weight",
-    "attn_output": "blk.{i}.attn_output.weight",
+    **{r: n for r, n in llama._GGUF_ROLES.items() if r.startswith("attn_")},
     "attn_q_bias": "blk.{i}.attn_q.bias",
     "attn_k_bias": "blk.{i}.attn_k.bias",
     "attn_v_bias": "blk.{i}.attn_v.bias",
@@ -60,11 +58,7 @@ _GGUF_ROLES = {
 }
 
 _HF_ROLES = {
-    "attn_norm": "model.layers.{i}.input_layernorm.weight",
-    "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
-    "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
-    "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
-    "attn_output": "model.layers.{i}.self_attn.o_proj.weight",
+    **{r: n for r, n in llama._HF_ROLES.items() if r.startswith("attn_")},
     "attn_q_bias": "model.layers.{i}.self_attn.q_proj.bias",
     "attn_k_bias": "model.layers.{i}.self_attn.k_proj.bias",
     "attn_v_bias": "model.layers.{i}.self_attn.v_proj.bias",
@@ -73,7 +67,7 @@ _HF_ROLES = {
     "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "ffn_gate_inp": "model.layers.{i}.mlp.router.weight",
     "ffn_gate_inp_bias": "model.layers.{i}.mlp.router.bias",
-    # transformers' fused, transposed layout (see rust/src/model/weights.rs, `experts`).
+    # transformers' fused, transposed layout (see rust/src/model/weights.rs, `transposed_experts`).
     "ffn_gate_up_exps_t": "model.layers.{i}.mlp.experts.gate_up_proj",
     "ffn_gate_up_exps_bias": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
     "ffn_down_exps_t": "model.layers.{i}.mlp.experts.down_proj",
