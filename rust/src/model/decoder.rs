@@ -753,24 +753,22 @@ impl Pass<'_> {
             // and k, then append k and v to each row's session cache.
             let (cos, sin) =
                 if layer.sliding && !self.cos_local.is_empty() { (self.cos_local, self.sin_local) } else { (self.cos, self.sin) };
+            // Each head of a row: its RMSNorm when the layer has one, then RoPE.
+            let mut norm_rope = |row: &mut [f32], norm: &Option<Vec<f32>>, c: &[f32], s: &[f32]| {
+                for h in row.chunks_exact_mut(hd) {
+                    if let Some(w) = norm {
+                        ops::rms_norm(h, w, cfg.eps, &mut head_tmp);
+                        h.copy_from_slice(&head_tmp);
+                    }
+                    ops::rope_apply(h, c, s, cfg.rope_interleaved);
+                }
+            };
             for t in my_rows.clone() {
                 let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
                 let qrow = unsafe { b.q.slice_mut(t * qd..(t + 1) * qd) }; // (n_heads, head_dim)
-                for h in qrow.chunks_exact_mut(hd) {
-                    if let Some(w) = &layer.q_norm {
-                        ops::rms_norm(h, w, cfg.eps, &mut head_tmp);
-                        h.copy_from_slice(&head_tmp);
-                    }
-                    ops::rope_apply(h, c, s, cfg.rope_interleaved);
-                }
+                norm_rope(qrow, &layer.q_norm, c, s);
                 let krow = unsafe { b.k.slice_mut(t * kvd..(t + 1) * kvd) }; // (n_kv_heads, head_dim)
-                for h in krow.chunks_exact_mut(hd) {
-                    if let Some(w) = &layer.k_norm {
-                        ops::rms_norm(h, w, cfg.eps, &mut head_tmp);
-                        h.copy_from_slice(&head_tmp);
-                    }
-                    ops::rope_apply(h, c, s, cfg.rope_interleaved);
-                }
+                norm_rope(krow, &layer.k_norm, c, s);
                 let c = self.caches[self.row_seq[t]][li];
                 let r = self.row_pos[t] - c.base;
                 unsafe {

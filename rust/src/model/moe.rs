@@ -228,9 +228,10 @@ impl Routing {
                     chosen.extend(top.iter().map(|&e| (e, probs[e] * scale)));
                 }
                 Gating::TopKSoftmax => {
-                    let mut w: Vec<f32> = top.iter().map(|&e| row[e]).collect();
-                    ops::softmax(&mut w);
-                    chosen.extend(top.iter().zip(w).map(|(&e, w)| (e, w)));
+                    let w = &mut probs[..k];
+                    w.iter_mut().zip(top.iter()).for_each(|(w, &e)| *w = row[e]);
+                    ops::softmax(w);
+                    chosen.extend(top.iter().zip(w.iter()).map(|(&e, &w)| (e, w)));
                 }
             }
         }
