@@ -141,7 +141,12 @@ class DecoderSpan:
     `ffn_gate_exps_bias`, `ffn_up_exps_bias`, `ffn_down_exps_bias` (`[n_experts, len]`) or
     `ffn_gate_up_exps_bias` (interleaved). `config` then holds `n_experts`, `n_experts_used`,
     `norm_topk_prob`, and optionally `expert_gating` ("softmax" or "topk_softmax") and
-    `swiglu_clamp` ((alpha, limit): gpt-oss's clamped SwiGLU)."""
+    `swiglu_clamp` ((alpha, limit): gpt-oss's clamped SwiGLU). Gemma 4 adds `global_head_dim`
+    and `global_n_kv_heads` (global layers' shape), `v_norm`, `kv_source` (per layer, the
+    layer whose keys and values it shares, or None), `per_layer_input` and `n_layers`; roles
+    `layer_output_scale`, `ple_gate`, `ple_proj`, `ple_post_norm`; a layer without `attn_v`
+    takes values from the keys' projection, one with a `kv_source` names no k/v roles. Rows
+    in and out are `row_width_in` / `row_width_out` wide (`row_width`)."""
 
     def __init__(
         self,
@@ -163,11 +168,31 @@ class DecoderSpan:
     @property
     def kv_dtype(self) -> str:
         """How session caches store keys and values: "f32" or "f16"."""
+    @property
+    def row_width_in(self) -> int:
+        """Values per row entering the span (the hidden size for most models)."""
+    @property
+    def row_width_out(self) -> int:
+        """Values per row leaving the span."""
     def new_cache(self, max_len: int) -> KvCache: ...
     def forward(self, hidden: npt.NDArray[np.float32], cache: KvCache) -> npt.NDArray[np.float32]: ...
     def forward_batch(
         self, hidden: npt.NDArray[np.float32], entries: Sequence[tuple[KvCache, int]]
     ) -> npt.NDArray[np.float32]: ...
+
+def row_width(config: dict[str, Any], boundary: int) -> int:
+    """Values per row entering model layer `boundary` (`n_layers`: leaving the last) for span
+    settings `config`: the hidden size, plus Gemma 4's per-layer inputs of the layers from
+    `boundary` on and the shared keys and values crossing it."""
+
+class PerLayerInputs:
+    """Gemma 4's per-layer inputs (E2B/E4B), computed on the End node from token ids."""
+
+    def __init__(
+        self, checkpoint: Checkpoint, table_name: str, proj_name: str, norm_name: str, width: int, eps: float, pool: ThreadPool
+    ) -> None: ...
+    def compute(self, ids: Sequence[int], embedded: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """`(len(ids), n_layers * width)` inputs of tokens whose scaled embeddings are `embedded`."""
 
 class TokenEmbedding:
     """The token embedding table."""
@@ -293,13 +318,15 @@ class Node:
         hidden: npt.NDArray[np.float32],
         wire_dtype: str = "f32",
         timeout: float | None = None,
+        width_out: int | None = None,
     ) -> npt.NDArray[np.float32]:
         """One hop of the span protocol: `hidden` (rows of `entries`, in order) through the
-        layers on `peer`; the output, same shape. WorkerError (with `code`, `recoverable`)
+        layers on `peer`; the output, as many rows of `width_out` (default: the input's
+        width; `ModelConfig.row_widths`). WorkerError (with `code`, `recoverable`)
         when the worker refuses or its answer is not this request's result."""
     def forward_chain(
         self,
-        route: Sequence[tuple[str, Sequence[str], int, int]],
+        route: Sequence[tuple[str, Sequence[str], int, int, int]],
         model_hash: bytes,
         model_name: str,
         entries: Sequence[tuple[int, int, int, int]],
@@ -308,7 +335,7 @@ class Node:
         timeout: float | None = None,
     ) -> tuple[list[npt.NDArray[np.float32]], BaseException | None]:
         """A chained route: `hidden` through every hop of `route` (peer, its multiaddrs,
-        first layer, layer count), each worker passing its output to the next. The hops'
+        first layer, layer count, the width of its answer's rows), each worker passing its output to the next. The hops'
         outputs in order up to the first that failed, and that failure (or None)."""
     def info(self, peer: str, timeout: float | None = None) -> dict[str, Any]:
         """The peer's Info reply: "mode" ("span", "echo", "none"), "peer_id", "listen_addrs",

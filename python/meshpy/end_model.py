@@ -45,6 +45,15 @@ class EndModel:
             source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool,
             norm_offset=config.norm_offset,
         )
+        # Gemma 4's per-layer inputs, which depend on the token ids: computed here, so ids
+        # never leave this node; the spans get them with the hidden states.
+        self.per_layer_inputs = None
+        if config.per_layer_names is not None:
+            source.require(config.per_layer_names, "the End model")
+            table, proj, norm = config.per_layer_names
+            self.per_layer_inputs = _native.PerLayerInputs(
+                source.checkpoint, table, proj, norm, config.per_layer_input, config.eps, pool
+            )
 
     def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
         """Token ids of a prompt. Messages always go through the chat template; a string does
@@ -78,12 +87,20 @@ class EndModel:
             )
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
-        """Hidden states `(len(ids), hidden)` entering the first layer."""
-        return self.embedding.lookup(list(ids))
+        """Rows `(len(ids), width)` entering the first layer: the hidden states, followed by
+        every layer's per-layer inputs for a model with them (Gemma 4 E2B/E4B)."""
+        ids = list(ids)
+        hidden = self.embedding.lookup(ids)
+        if self.per_layer_inputs is None:
+            return hidden
+        return np.concatenate([hidden, self.per_layer_inputs.compute(ids, hidden)], axis=1)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
-        """Logits `(rows, vocab)` from the last layer's hidden states."""
-        return self.head.logits(np.ascontiguousarray(hidden, dtype=np.float32))
+        """Logits `(rows, vocab)` from the last layer's hidden states (soft-capped where the
+        model caps them)."""
+        logits = self.head.logits(np.ascontiguousarray(hidden, dtype=np.float32))
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else (np.tanh(logits / np.float32(cap)) * np.float32(cap)).astype(np.float32)
 
     def samplable(self, logits: np.ndarray) -> np.ndarray:
         """One row of logits with the head's rows past the tokenizer's vocabulary (padding

@@ -174,6 +174,8 @@ class MeshPipeline:
         self.node = node
         self.model = model
         self.n_layers = config.n_layers
+        # Values per row entering each layer boundary (the hidden size, or wider: Gemma 4).
+        self.row_widths = config.row_widths
         self.max_positions = config.max_positions
         self.wire_dtype = wire_dtype
         self.request_timeout = request_timeout
@@ -424,7 +426,7 @@ class MeshPipeline:
         round trip and the answer's checks happen in Rust without the GIL."""
         return self.node.forward(
             hop.provider.peer_id, self.model.digest, self.model.name, hop.layers.start, len(hop.layers), entries, x,
-            wire_dtype=self.wire_dtype, timeout=self.request_timeout,
+            wire_dtype=self.wire_dtype, timeout=self.request_timeout, width_out=self.row_widths[hop.layers.stop],
         )
 
     def _chains(self, hops: Sequence[Hop]) -> bool:
@@ -441,7 +443,10 @@ class MeshPipeline:
     ) -> tuple[list[np.ndarray], BaseException | None]:
         """One chained step through `hops`: each hop's output in order up to the first that
         failed, and that failure (None when all answered). One native call, GIL released."""
-        route = [(h.provider.peer_id, _addresses(h.provider), h.layers.start, len(h.layers)) for h in hops]
+        route = [
+            (h.provider.peer_id, _addresses(h.provider), h.layers.start, len(h.layers), self.row_widths[h.layers.stop])
+            for h in hops
+        ]
         return self.node.forward_chain(
             route, self.model.digest, self.model.name, entries, x, wire_dtype=self.wire_dtype, timeout=self.request_timeout
         )

@@ -8,6 +8,7 @@ module that knows its keys and tensor names.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Container, Iterable, Sequence, Set
 from dataclasses import dataclass, field
@@ -77,6 +78,32 @@ class ModelConfig:
     rope_long_from: int = 0
     #: Mixture-of-experts settings; None: every layer has a dense MLP.
     moe: MoeSettings | None = None
+    #: Head width and key/value heads of the global (not sliding) layers; 0: `head_dim` /
+    #: `n_kv_heads` (Gemma 4's global layers are wider).
+    global_head_dim: int = 0
+    global_n_kv_heads: int = 0
+    #: Values RMS-normed per head without a weight before caching (Gemma 4).
+    v_norm: bool = False
+    #: Per layer: the earlier layer whose keys and values it attends over, or None for its own
+    #: (Gemma 4's KV-shared layers). Empty: every layer has its own.
+    kv_source: tuple[int | None, ...] = ()
+    #: Gemma 4's per-layer inputs (E2B/E4B): width per layer (0: none), and the End model's
+    #: tensors computing them: the table, the projection and the norm.
+    per_layer_input: int = 0
+    per_layer_names: tuple[str, str, str] | None = None
+    #: `logits = cap * tanh(logits / cap)` on the End node (Gemma 4); None: no cap.
+    final_logit_softcap: float | None = None
+
+    @functools.cached_property
+    def row_widths(self) -> tuple[int, ...]:
+        """Values per row entering each layer boundary `0..n_layers` (`n_layers`: what the
+        last span gives back): the hidden size for most models; Gemma 4 carries per-layer
+        inputs and shared keys and values beside it (rust/src/model/decoder.rs,
+        `DecoderConfig::row_width`, the one definition)."""
+        from meshpy import _native
+
+        span = self.span_config()
+        return tuple(_native.row_width(span, b) for b in range(self.n_layers + 1))
 
     def layer_names(self, layer: int) -> dict[str, str]:
         """Tensor names of one layer by role (`attn_q` -> `blk.3.attn_q.weight`)."""
@@ -127,6 +154,12 @@ class ModelConfig:
             "rope_long_inv_freq": [] if self.rope_long_inv_freq is None else [float(x) for x in self.rope_long_inv_freq],
             "rope_long_from": self.rope_long_from,
             **(dataclasses.asdict(self.moe) if self.moe else {}),
+            "global_head_dim": self.global_head_dim,
+            "global_n_kv_heads": self.global_n_kv_heads,
+            "v_norm": self.v_norm,
+            "kv_source": list(self.kv_source),
+            "per_layer_input": self.per_layer_input,
+            "n_layers": self.n_layers,
         }
 
 
@@ -177,7 +210,7 @@ def check_layer_tensors(
 
 def read_config(source: ModelSource) -> ModelConfig:
     """Reads the model's settings from its checkpoint."""
-    from meshpy.models import gemma3, gpt_oss, llama, mistral, phi3, qwen, qwen_moe
+    from meshpy.models import gemma3, gemma4, gpt_oss, llama, mistral, phi3, qwen, qwen_moe
 
     arch = architecture_of(source)
     if arch in llama.ARCHITECTURES:
@@ -192,6 +225,8 @@ def read_config(source: ModelSource) -> ModelConfig:
         return gpt_oss.read_config(source)
     if arch in gemma3.ARCHITECTURES:
         return gemma3.read_config(source)
+    if arch in gemma4.ARCHITECTURES:
+        return gemma4.read_config(source)
     if arch in phi3.ARCHITECTURES:
         return phi3.read_config(source)
     raise UnsupportedArchitectureError(
@@ -207,6 +242,7 @@ SUPPORTED_ARCHITECTURES = (
     "qwen3moe (GGUF) / Qwen3MoeForCausalLM (HF)",
     "gpt-oss (GGUF) / GptOssForCausalLM (HF)",
     "gemma3 (GGUF) / Gemma3ForCausalLM (HF, gemma3_text)",
+    "Gemma4ForCausalLM (HF, gemma4_text)",
     "phi3 (GGUF) / Phi3ForCausalLM (HF): Phi-3, Phi-3.5, Phi-4, Phi-4-mini",
 )
 

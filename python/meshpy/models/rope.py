@@ -35,7 +35,7 @@ __all__ = [
     "SUPPORTED_ROPE_TYPES",
 ]
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 # Why a type transformers knows is refused (any other type is simply unknown).
 _REFUSED = {
@@ -64,10 +64,23 @@ def scaled_inv_freq(base: float, n_rot: int, scaling: Mapping[str, Any] | None) 
         return _llama3(inv_freq, scaling), 1.0
     if kind == "yarn":
         return _yarn(base, n_rot, scaling)
+    if kind == "proportional":
+        return _proportional(inv_freq, scaling), 1.0
     why = f" ({_REFUSED[kind]})" if kind in _REFUSED else ""
     raise CheckpointFormatError(
         f"unsupported rope scaling type {kind!r}{why}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
     )
+
+
+def _proportional(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
+    """Gemma 4's global layers (transformers' `_compute_proportional_rope_parameters`): the
+    first `partial_rotary_factor * n_rot // 2` pairs keep their frequencies over the whole
+    head's `n_rot`, the rest are 0 (they do not rotate), all divided by `factor`; so the pairs
+    stay half a head apart, unlike partial rotary elsewhere."""
+    angles = int(float(scaling.get("partial_rotary_factor", 1.0)) * inv_freq.size * 2 // 2)
+    out = inv_freq.copy()
+    out[angles:] = 0.0
+    return (out / np.float32(scaling.get("factor", 1.0))).astype(np.float32)
 
 
 def _llama3(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:

@@ -385,6 +385,11 @@ impl ActRowsMut {
         self.ty
     }
 
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// The rows from `t` on, as a buffer of their own (one expert's rows of a
     /// mixture-of-experts block, which products read as rows `0..`).
     pub fn from_row(&self, t: usize) -> Self {

@@ -42,7 +42,7 @@ use std::ops::Range;
 use crate::checkpoint::Checkpoint;
 use crate::compute::{attention, fastmath, ops, ActRows, ActRowsMut, Ctx, QMatrix, SharedMut, ThreadPool};
 use crate::error::{Error, Result};
-use crate::model::kv_cache::{KvCache, KvDtype, LayerShared, RowsShared};
+use crate::model::kv_cache::{KvCache, KvDtype, KvLayout, LayerShared, RowsShared};
 use crate::model::moe::{MoeBlock, MoeConfig, Routing};
 use crate::model::weights::{expect_shape, LayerNames, LayerTensors};
 use crate::quant::GgmlType;
@@ -108,19 +108,42 @@ pub struct DecoderConfig {
     /// The mixture-of-experts settings of layers whose names include a router
     /// (`ffn_gate_inp`); `None`: no layer may have one.
     pub moe: Option<MoeConfig>,
+    /// Width of one head in global (not sliding-window) layers; 0: `head_dim`. Gemma 4's
+    /// global layers have wider heads (`global_head_dim`) than its sliding ones.
+    pub global_head_dim: usize,
+    /// Key/value heads of global layers; 0: `n_kv_heads` (Gemma 4 with `attention_k_eq_v`:
+    /// `num_global_key_value_heads`).
+    pub global_n_kv_heads: usize,
+    /// Whether values are RMS-normed per head, without a weight, before they are cached
+    /// (Gemma 4's `v_norm`).
+    pub v_norm: bool,
+    /// Per model layer: the earlier layer whose cached keys and values it attends over
+    /// instead of computing its own (Gemma 4's KV-shared layers, `num_kv_shared_layers`), of
+    /// the same attention type. Empty, or `None` for a layer: its own.
+    pub kv_source: Vec<Option<usize>>,
+    /// Width of each layer's per-layer input (Gemma 4's `hidden_size_per_layer_input`,
+    /// computed by the End model from the token ids and sent with the hidden states); 0: the
+    /// model has none.
+    pub per_layer_input: usize,
+    /// Layers of the whole model (what the rows between spans carry depends on it, see
+    /// [`DecoderConfig::row_width`]); 0 when neither per-layer inputs nor shared keys and
+    /// values are used.
+    pub n_layers: usize,
 }
 
 impl DecoderConfig {
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
-        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return bad(format!("n_heads {} must be a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));
-        }
-        if self.rope_inv_freq.len() * 2 > self.head_dim {
-            return bad(format!("{} rotary pairs exceed head_dim {}", self.rope_inv_freq.len(), self.head_dim));
-        }
         if self.hidden == 0 || self.head_dim == 0 {
             return bad("hidden and head_dim must be positive".into());
+        }
+        for kv in [self.n_kv_heads, self.global_n_kv_heads()] {
+            if self.n_heads == 0 || kv == 0 || !self.n_heads.is_multiple_of(kv) {
+                return bad(format!("n_heads {} must be a multiple of the key/value heads {kv}", self.n_heads));
+            }
+        }
+        if self.rope_inv_freq.len() * 2 > self.global_head_dim() {
+            return bad(format!("{} rotary pairs exceed head_dim {}", self.rope_inv_freq.len(), self.global_head_dim()));
         }
         if let Some(moe) = &self.moe {
             moe.validate()?;
@@ -136,28 +159,91 @@ impl DecoderConfig {
             if self.sliding_window == 0 {
                 return bad("sliding-window layers need a positive sliding_window".into());
             }
-            if !self.rope_local_inv_freq.is_empty() && self.rope_local_inv_freq.len() != self.rope_inv_freq.len() {
-                return bad(format!(
-                    "{} local rotary frequencies, {} global ones",
-                    self.rope_local_inv_freq.len(),
-                    self.rope_inv_freq.len()
-                ));
+            let table = if self.rope_local_inv_freq.is_empty() { &self.rope_inv_freq } else { &self.rope_local_inv_freq };
+            if table.len() * 2 > self.head_dim {
+                return bad(format!("{} sliding-layer rotary pairs exceed head_dim {}", table.len(), self.head_dim));
+            }
+        }
+        if (self.per_layer_input > 0 || !self.kv_source.is_empty()) && self.n_layers == 0 {
+            return bad("per-layer inputs and shared keys and values need the model's n_layers".into());
+        }
+        if !self.kv_source.is_empty() && self.kv_source.len() != self.n_layers {
+            return bad(format!("kv_source names {} layers of a {}-layer model", self.kv_source.len(), self.n_layers));
+        }
+        for (layer, src) in self.kv_source.iter().enumerate() {
+            if let Some(src) = *src {
+                if src >= layer || self.kv_source_of(src).is_some() || self.is_sliding(src) != self.is_sliding(layer) {
+                    return bad(format!(
+                        "layer {layer} shares the keys and values of layer {src}: a source must be an earlier layer \
+                         of the same attention type with keys and values of its own"
+                    ));
+                }
             }
         }
         Ok(())
     }
 
-    fn kv_dim(&self) -> usize {
-        self.n_kv_heads * self.head_dim
+    fn global_head_dim(&self) -> usize {
+        if self.global_head_dim == 0 { self.head_dim } else { self.global_head_dim }
     }
 
-    fn q_dim(&self) -> usize {
-        self.n_heads * self.head_dim
+    fn global_n_kv_heads(&self) -> usize {
+        if self.global_n_kv_heads == 0 { self.n_kv_heads } else { self.global_n_kv_heads }
+    }
+
+    /// Width of one head of model layer `layer`.
+    fn head_dim_of(&self, layer: usize) -> usize {
+        if self.is_sliding(layer) { self.head_dim } else { self.global_head_dim() }
+    }
+
+    /// Key/value heads of model layer `layer`.
+    fn n_kv_heads_of(&self, layer: usize) -> usize {
+        if self.is_sliding(layer) { self.n_kv_heads } else { self.global_n_kv_heads() }
+    }
+
+    fn kv_dim_of(&self, layer: usize) -> usize {
+        self.n_kv_heads_of(layer) * self.head_dim_of(layer)
+    }
+
+    fn q_dim_of(&self, layer: usize) -> usize {
+        self.n_heads * self.head_dim_of(layer)
     }
 
     /// Whether model layer `layer` attends over a sliding window.
     fn is_sliding(&self, layer: usize) -> bool {
         self.layer_sliding.get(layer).copied().unwrap_or(false)
+    }
+
+    /// The layer whose keys and values model layer `layer` attends over, when not its own.
+    fn kv_source_of(&self, layer: usize) -> Option<usize> {
+        self.kv_source.get(layer).copied().flatten()
+    }
+
+    /// Source layers whose keys and values cross boundary `b` (the rows entering model layer
+    /// `b`): sources before `b` shared by a layer from `b` on, in order.
+    fn carried_sources(&self, b: usize) -> Vec<usize> {
+        let mut out: Vec<usize> =
+            self.kv_source.iter().enumerate().filter_map(|(l, src)| src.filter(|&s| l >= b && s < b)).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Values per row entering model layer `b` (a span boundary; `n_layers` is the model's
+    /// end): the hidden state, then the per-layer inputs of layers `b..` (Gemma 4 E2B/E4B,
+    /// computed by the End model), then this step's keys and values of the source layers
+    /// that layers from `b` on share (`carried_sources`: per source, keys then values), so a
+    /// split inside a KV-sharing group gives the same bits as one span. Without either, the
+    /// hidden state alone.
+    pub fn row_width(&self, b: usize) -> usize {
+        self.hidden
+            + self.n_layers.saturating_sub(b) * self.per_layer_input
+            + self.carried_sources(b).iter().map(|&s| 2 * self.kv_dim_of(s)).sum::<usize>()
+    }
+
+    /// The cache shape of model layer `layer`'s keys and values.
+    fn kv_layout_of(&self, layer: usize) -> KvLayout {
+        KvLayout { window: self.is_sliding(layer).then_some(self.sliding_window), kv_dim: self.kv_dim_of(layer) }
     }
 }
 
@@ -165,8 +251,11 @@ impl DecoderConfig {
 struct DecoderLayer {
     attn_norm: Vec<f32>,
     wq: QMatrix,
-    wk: QMatrix,
-    wv: QMatrix,
+    /// Key and value projections; `None` on a layer attending over another layer's keys and
+    /// values (`kv_source`), and `wv` alone where values are the keys' projection (Gemma 4's
+    /// `attention_k_eq_v`: `value_states = key_states` before the k norm).
+    wk: Option<QMatrix>,
+    wv: Option<QMatrix>,
     wo: QMatrix,
     /// q/k/v projection biases (Qwen2), `q_dim` / `kv_dim` / `kv_dim` values.
     bq: Option<Vec<f32>>,
@@ -188,7 +277,27 @@ struct DecoderLayer {
     ffn_post_norm: Option<Vec<f32>>,
     /// Whether this layer attends over a sliding window with the local rotary table.
     sliding: bool,
+    /// Its attention shape (Gemma 4's global layers differ from its sliding ones).
+    head_dim: usize,
+    n_kv_heads: usize,
+    /// The model layer whose cached keys and values this layer attends over, when not its own.
+    kv_source: Option<usize>,
     ffn: Ffn,
+    /// Gemma 4's per-layer input block, after the MLP.
+    per_layer: Option<PerLayerBlock>,
+    /// Multiplier of the whole hidden state at the layer's end (Gemma 4's `layer_scalar`).
+    output_scale: Option<f32>,
+}
+
+/// Gemma 4's per-layer input (transformers' Gemma4DecoderLayer, `hidden_size_per_layer_input`):
+/// `x += post_norm(proj(gelu_tanh(gate(x)) * input))`, `input` being this layer's slice of the
+/// per-layer inputs the End model computes from the token ids.
+struct PerLayerBlock {
+    /// `(per_layer_input, hidden)`.
+    gate: QMatrix,
+    /// `(hidden, per_layer_input)`.
+    proj: QMatrix,
+    post_norm: Vec<f32>,
 }
 
 /// A layer's feed-forward block.
@@ -212,6 +321,8 @@ impl Ffn {
 impl DecoderLayer {
     fn load(checkpoint: &Checkpoint, cfg: &DecoderConfig, layer: usize, names: LayerNames) -> Result<Self> {
         let mut t = LayerTensors::new(checkpoint, names, cfg.quantize);
+        let (hd, kv_dim, q_dim) = (cfg.head_dim_of(layer), cfg.kv_dim_of(layer), cfg.q_dim_of(layer));
+        let kv_source = cfg.kv_source_of(layer);
         // Roles a checkpoint may lack (the Qwen options): loaded when named.
         let optional = |t: &mut LayerTensors, role: &str, len: usize| -> Result<Option<Vec<f32>>> {
             if t.has(role) {
@@ -221,23 +332,37 @@ impl DecoderLayer {
             }
         };
         let (bq, bk, bv) = (
-            optional(&mut t, "attn_q_bias", cfg.q_dim())?,
-            optional(&mut t, "attn_k_bias", cfg.kv_dim())?,
-            optional(&mut t, "attn_v_bias", cfg.kv_dim())?,
+            optional(&mut t, "attn_q_bias", q_dim)?,
+            optional(&mut t, "attn_k_bias", kv_dim)?,
+            optional(&mut t, "attn_v_bias", kv_dim)?,
         );
         let (bo, sinks) = (optional(&mut t, "attn_output_bias", cfg.hidden)?, optional(&mut t, "attn_sinks", cfg.n_heads)?);
-        let (q_norm, k_norm) =
-            (optional(&mut t, "attn_q_norm", cfg.head_dim)?, optional(&mut t, "attn_k_norm", cfg.head_dim)?);
-        if q_norm.is_some() != k_norm.is_some() {
+        let (q_norm, k_norm) = (optional(&mut t, "attn_q_norm", hd)?, optional(&mut t, "attn_k_norm", hd)?);
+        // A layer sharing another's keys and values has no k norm of its own.
+        if q_norm.is_some() != (k_norm.is_some() || kv_source.is_some()) {
             return Err(Error::InvalidArgument("attn_q_norm and attn_k_norm come together".into()));
         }
         let (attn_post_norm, ffn_post_norm) =
             (optional(&mut t, "attn_post_norm", cfg.hidden)?, optional(&mut t, "ffn_post_norm", cfg.hidden)?);
+        let (wk, wv) = match kv_source {
+            Some(_) => (None, None),
+            None => (Some(t.matrix("attn_k")?), if t.has("attn_v") { Some(t.matrix("attn_v")?) } else { None }),
+        };
+        let per_layer = if cfg.per_layer_input > 0 {
+            Some(PerLayerBlock {
+                gate: t.matrix("ple_gate")?,
+                proj: t.matrix("ple_proj")?,
+                post_norm: t.vector("ple_post_norm", cfg.hidden)?,
+            })
+        } else {
+            None
+        };
+        let output_scale = optional(&mut t, "layer_output_scale", 1)?.map(|v| v[0]);
         let mut layer = DecoderLayer {
             attn_norm: t.vector("attn_norm", cfg.hidden)?,
             wq: t.matrix("attn_q")?,
-            wk: t.matrix("attn_k")?,
-            wv: t.matrix("attn_v")?,
+            wk,
+            wv,
             wo: t.matrix("attn_output")?,
             bq,
             bk,
@@ -250,6 +375,9 @@ impl DecoderLayer {
             ffn_norm: t.vector("ffn_norm", cfg.hidden)?,
             ffn_post_norm,
             sliding: cfg.is_sliding(layer),
+            head_dim: hd,
+            n_kv_heads: cfg.n_kv_heads_of(layer),
+            kv_source,
             ffn: if t.has("ffn_gate_inp") {
                 let moe = cfg.moe.as_ref().ok_or_else(|| {
                     Error::InvalidArgument(format!("layer {layer} names a router (ffn_gate_inp) but the config has no experts"))
@@ -258,35 +386,54 @@ impl DecoderLayer {
             } else {
                 Ffn::Dense { gate: t.matrix("ffn_gate")?, up: t.matrix("ffn_up")?, down: t.matrix("ffn_down")? }
             },
+            per_layer,
+            output_scale,
         };
         t.finish()?;
         if cfg.norm_offset != 0.0 {
-            for norm in [&mut layer.attn_norm, &mut layer.ffn_norm]
-                .into_iter()
-                .chain([&mut layer.q_norm, &mut layer.k_norm, &mut layer.attn_post_norm, &mut layer.ffn_post_norm].into_iter().flatten())
-            {
+            for norm in [&mut layer.attn_norm, &mut layer.ffn_norm].into_iter().chain(
+                [&mut layer.q_norm, &mut layer.k_norm, &mut layer.attn_post_norm, &mut layer.ffn_post_norm].into_iter().flatten(),
+            ) {
                 norm.iter_mut().for_each(|w| *w += cfg.norm_offset);
             }
         }
-        expect_shape(&layer.wq, "attn_q", cfg.q_dim(), cfg.hidden)?;
-        expect_shape(&layer.wk, "attn_k", cfg.kv_dim(), cfg.hidden)?;
-        expect_shape(&layer.wv, "attn_v", cfg.kv_dim(), cfg.hidden)?;
-        expect_shape(&layer.wo, "attn_output", cfg.hidden, cfg.q_dim())?;
+        expect_shape(&layer.wq, "attn_q", q_dim, cfg.hidden)?;
+        for (m, role) in [(&layer.wk, "attn_k"), (&layer.wv, "attn_v")] {
+            if let Some(m) = m {
+                expect_shape(m, role, kv_dim, cfg.hidden)?;
+            }
+        }
+        expect_shape(&layer.wo, "attn_output", cfg.hidden, q_dim)?;
         if let Ffn::Dense { gate, up, down } = &layer.ffn {
             expect_shape(gate, "ffn_gate", gate.rows(), cfg.hidden)?;
             expect_shape(up, "ffn_up", gate.rows(), cfg.hidden)?;
             expect_shape(down, "ffn_down", cfg.hidden, gate.rows())?;
         }
+        if let Some(p) = &layer.per_layer {
+            expect_shape(&p.gate, "ple_gate", cfg.per_layer_input, cfg.hidden)?;
+            expect_shape(&p.proj, "ple_proj", cfg.hidden, cfg.per_layer_input)?;
+        }
         Ok(layer)
     }
 
+    fn matrices(&self) -> impl Iterator<Item = &QMatrix> {
+        [Some(&self.wq), self.wk.as_ref(), self.wv.as_ref(), Some(&self.wo)]
+            .into_iter()
+            .flatten()
+            .chain(self.ffn.matrices())
+            .chain(self.per_layer.iter().flat_map(|p| [&p.gate, &p.proj]))
+    }
+
     fn nbytes(&self) -> usize {
-        [&self.wq, &self.wk, &self.wv, &self.wo].into_iter().chain(self.ffn.matrices()).map(QMatrix::nbytes).sum::<usize>()
-            + 4 * (self.attn_norm.len() + self.ffn_norm.len())
-            + 4 * [&self.bq, &self.bk, &self.bv, &self.bo, &self.sinks, &self.q_norm, &self.k_norm, &self.attn_post_norm, &self.ffn_post_norm]
-                .iter()
-                .map(|v| v.as_ref().map_or(0, Vec::len))
-                .sum::<usize>()
+        let vectors = [&self.bq, &self.bk, &self.bv, &self.bo, &self.sinks, &self.q_norm, &self.k_norm, &self.attn_post_norm, &self.ffn_post_norm]
+            .iter()
+            .map(|v| v.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
+            + self.attn_norm.len()
+            + self.ffn_norm.len()
+            + self.per_layer.as_ref().map_or(0, |p| p.post_norm.len())
+            + usize::from(self.output_scale.is_some());
+        self.matrices().map(QMatrix::nbytes).sum::<usize>() + 4 * vectors
     }
 }
 
@@ -304,37 +451,60 @@ pub struct DecoderSpan {
     cfg: DecoderConfig,
     first_layer: usize,
     layers: Vec<DecoderLayer>,
-    /// Distinct activation types needed by the matrices reading each input.
-    act_types: ActTypes,
-    /// Width of the dense MLPs (0: none).
+    /// Distinct activation shapes needed by the matrices reading each input.
+    act_shapes: ActShapes,
+    /// Width of the widest dense MLP (0: none).
     max_ffn: usize,
     /// Width of the expert MLPs (0: no layer has experts).
     expert_ffn: usize,
     kv_dtype: KvDtype,
 }
 
-/// Activation types per matrix group, the union over the span's layers.
-struct ActTypes {
-    attn_in: Vec<GgmlType>,
-    attn_out: Vec<GgmlType>,
-    /// Dense gate and up, and routers.
-    ffn_in: Vec<GgmlType>,
-    /// Dense down.
-    ffn_mid: Vec<GgmlType>,
+/// An activation buffer's shape: the type the matrices reading it take, and its row width.
+type ActShape = (GgmlType, usize);
+
+/// Activation shapes per matrix group, the union over the span's layers.
+struct ActShapes {
+    attn_in: Vec<ActShape>,
+    attn_out: Vec<ActShape>,
+    /// Dense gate and up, routers, and per-layer input gates (all read `hidden` columns).
+    ffn_in: Vec<ActShape>,
+    /// Dense down (as wide as each layer's MLP) and per-layer input projections.
+    ffn_mid: Vec<ActShape>,
     /// Experts' gate and up (rows grouped by expert).
-    moe_in: Vec<GgmlType>,
+    moe_in: Vec<ActShape>,
     /// Experts' down.
-    moe_mid: Vec<GgmlType>,
+    moe_mid: Vec<ActShape>,
 }
 
-fn union_types<'a>(mats: impl Iterator<Item = &'a QMatrix>) -> Vec<GgmlType> {
-    let mut out: Vec<GgmlType> = Vec::new();
+fn union_shapes<'a>(mats: impl Iterator<Item = &'a QMatrix>) -> Vec<ActShape> {
+    let mut out: Vec<ActShape> = Vec::new();
     for m in mats {
-        if !out.contains(&m.activation_type()) {
-            out.push(m.activation_type());
+        if !out.contains(&(m.activation_type(), m.cols())) {
+            out.push((m.activation_type(), m.cols()));
         }
     }
     out
+}
+
+/// Where each layer of a forward run keeps its keys and values in a session's cache: one
+/// cache layer per layer with keys and values of its own, and one per source layer outside
+/// the run that a layer of it shares (see `DecoderConfig::kv_source`).
+struct KvPlan {
+    layouts: Vec<KvLayout>,
+    /// Per run layer: its cache layer.
+    slot: Vec<usize>,
+    /// Source layers outside the run (model indices).
+    imported: Vec<usize>,
+    /// (model layer, cache layer) of every layer whose keys and values the cache holds.
+    holders: Vec<(usize, usize)>,
+}
+
+impl KvPlan {
+    /// The cache layer holding model layer `layer`'s keys and values, if any.
+    fn slot_of(&self, layer: usize) -> Option<usize> {
+        self.holders.iter().find(|(m, _)| *m == layer).map(|&(_, slot)| slot)
+    }
 }
 
 impl DecoderSpan {
@@ -370,24 +540,24 @@ impl DecoderSpan {
                 Ffn::Dense { .. } => None,
             })
         };
-        let act_types = ActTypes {
-            attn_in: union_types(layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv])),
-            attn_out: union_types(layers.iter().map(|l| &l.wo)),
-            ffn_in: union_types(dense().flat_map(|[g, u, _]| [g, u]).chain(moes().map(|m| &m.router))),
-            ffn_mid: union_types(dense().map(|[_, _, d]| d)),
-            moe_in: union_types(moes().flat_map(MoeBlock::input_matrices)),
-            moe_mid: union_types(moes().flat_map(|m| m.experts.iter().map(|e| &e.down))),
+        let per_layer = || layers.iter().filter_map(|l| l.per_layer.as_ref());
+        let act_shapes = ActShapes {
+            attn_in: union_shapes(layers.iter().flat_map(|l| [Some(&l.wq), l.wk.as_ref(), l.wv.as_ref()]).flatten()),
+            attn_out: union_shapes(layers.iter().map(|l| &l.wo)),
+            ffn_in: union_shapes(
+                dense().flat_map(|[g, u, _]| [g, u]).chain(moes().map(|m| &m.router)).chain(per_layer().map(|p| &p.gate)),
+            ),
+            ffn_mid: union_shapes(dense().map(|[_, _, d]| d).chain(per_layer().map(|p| &p.proj))),
+            moe_in: union_shapes(moes().flat_map(MoeBlock::input_matrices)),
+            moe_mid: union_shapes(moes().flat_map(|m| m.experts.iter().map(|e| &e.down))),
         };
-        let max_ffn = dense().next().map_or(0, |[g, _, _]| g.rows());
-        if dense().any(|[g, _, _]| g.rows() != max_ffn) {
-            return Err(Error::Shape("dense layers of one span must share the MLP width".into()));
-        }
+        let max_ffn = dense().map(|[g, _, _]| g.rows()).max().unwrap_or(0);
         let expert_ffn = moes().next().map_or(0, MoeBlock::ffn);
         if moes().any(|m| m.ffn() != expert_ffn) {
             return Err(Error::Shape("expert layers of one span must share the expert width".into()));
         }
         let kv_dtype = cfg.kv_dtype.unwrap_or_else(|| Self::default_kv_dtype(&layers));
-        Ok(DecoderSpan { cfg, first_layer, layers, act_types, max_ffn, expert_ffn, kv_dtype })
+        Ok(DecoderSpan { cfg, first_layer, layers, act_shapes, max_ffn, expert_ffn, kv_dtype })
     }
 
     /// The KV cache type when the config names none: f16 (half the memory and the bytes
@@ -395,7 +565,7 @@ impl DecoderSpan {
     /// f32: a full-precision checkpoint keeps full-precision keys and values, so it matches
     /// transformers to f32 rounding.
     fn default_kv_dtype(layers: &[DecoderLayer]) -> KvDtype {
-        if layers.iter().all(|l| l.wk.ty() == GgmlType::F32 && l.wv.ty() == GgmlType::F32) {
+        if layers.iter().flat_map(|l| [l.wk.as_ref(), l.wv.as_ref()]).flatten().all(|m| m.ty() == GgmlType::F32) {
             KvDtype::F32
         } else {
             KvDtype::F16
@@ -436,38 +606,61 @@ impl DecoderSpan {
     /// A new, empty KV cache for layers `layers` of this span (indices relative to its first
     /// layer; a sub-range run with [`Self::forward_layers`]), holding up to `max_len`
     /// positions (at most the model's context). Sliding-window layers keep only their window
-    /// (see `model::kv_cache`). Indices past the span make global layers (refused by
-    /// `forward_layers`).
+    /// (see `model::kv_cache`); a layer sharing another's keys and values keeps none. Indices
+    /// past the span are refused by `forward_layers`.
     pub fn new_cache_for(&self, layers: Range<usize>, max_len: usize) -> KvCache {
-        let windows: Vec<Option<usize>> = layers.map(|l| self.window_of(l)).collect();
-        KvCache::with_windows(&windows, self.cfg.kv_dim(), max_len.min(self.cfg.max_positions), self.kv_dtype)
+        let layers = layers.start.min(self.layers.len())..layers.end.min(self.layers.len());
+        KvCache::with_layers(&self.kv_plan(layers).layouts, max_len.min(self.cfg.max_positions), self.kv_dtype)
     }
 
-    /// The sliding window of span layer `layer`, `None` for a global layer.
-    fn window_of(&self, layer: usize) -> Option<usize> {
-        self.layers.get(layer).filter(|l| l.sliding).map(|_| self.cfg.sliding_window)
+    /// KV bytes one more position costs a session running span layers `layers`, at most
+    /// (sliding-window layers give theirs back once they drop old positions).
+    pub fn kv_bytes_per_position(&self, layers: Range<usize>) -> usize {
+        let layers = layers.start.min(self.layers.len())..layers.end.min(self.layers.len());
+        self.kv_plan(layers).layouts.iter().map(|l| 2 * l.kv_dim * self.kv_dtype.size()).sum()
     }
 
-    /// Runs the batch through every layer: `hidden` holds `(sum of n_tokens, hidden)` rows,
-    /// sequence after sequence, and is overwritten with the span's output. Each sequence's
-    /// cache grows by its token count; on error no cache changes.
-    pub fn forward(&self, pool: &ThreadPool, hidden: &mut [f32], seqs: &mut [SeqChunk]) -> Result<()> {
-        self.forward_layers(pool, hidden, seqs, 0..self.layers.len())
+    /// The cache layers of a run of span layers `layers`.
+    fn kv_plan(&self, layers: Range<usize>) -> KvPlan {
+        let mut plan = KvPlan { layouts: Vec::new(), slot: Vec::new(), imported: Vec::new(), holders: Vec::new() };
+        for l in layers {
+            let own = self.first_layer + l;
+            let holder = self.layers[l].kv_source.unwrap_or(own);
+            let slot = match plan.slot_of(holder) {
+                Some(slot) => slot,
+                None => {
+                    if holder != own {
+                        plan.imported.push(holder);
+                    }
+                    plan.layouts.push(self.cfg.kv_layout_of(holder));
+                    plan.holders.push((holder, plan.layouts.len() - 1));
+                    plan.layouts.len() - 1
+                }
+            };
+            plan.slot.push(slot);
+        }
+        plan
+    }
+
+    /// Runs the batch through every layer: `rows` holds `(sum of n_tokens, row_width(first
+    /// layer))` rows, sequence after sequence, and is replaced by the span's output rows
+    /// (`row_width(end)`; see [`DecoderConfig::row_width`]: the hidden state alone for most
+    /// models). Each sequence's cache grows by its token count; on error no cache changes.
+    pub fn forward(&self, pool: &ThreadPool, rows: &mut Vec<f32>, seqs: &mut [SeqChunk]) -> Result<()> {
+        self.forward_layers(pool, rows, seqs, 0..self.layers.len())
+    }
+
+    /// The width of the rows entering span layer `layer` (`n_layers`: leaving the span).
+    pub fn row_width(&self, layer: usize) -> usize {
+        self.cfg.row_width(self.first_layer + layer)
     }
 
     /// [`Self::forward`] through layers `layers` of the span only (indices relative to its
-    /// first layer; a non-empty range within `0..n_layers`). Every cache must have been made
-    /// for these layers ([`Self::new_cache_for`]). Running `a..m` then `m..b` gives
-    /// the same bits as running `a..b`.
-    pub fn forward_layers(
-        &self,
-        pool: &ThreadPool,
-        hidden: &mut [f32],
-        seqs: &mut [SeqChunk],
-        layers: Range<usize>,
-    ) -> Result<()> {
-        let cfg = &self.cfg;
-        let d = cfg.hidden;
+    /// first layer; a non-empty range within `0..n_layers`): rows of `row_width(layers.start)`
+    /// in, of `row_width(layers.end)` out. Every cache must have been made for these layers
+    /// ([`Self::new_cache_for`]). Running `a..m` then `m..b` gives the same bits as running
+    /// `a..b`.
+    pub fn forward_layers(&self, pool: &ThreadPool, rows: &mut Vec<f32>, seqs: &mut [SeqChunk], layers: Range<usize>) -> Result<()> {
         if layers.is_empty() || layers.end > self.layers.len() {
             return Err(Error::InvalidArgument(format!(
                 "layers {}..{} of a span of {} layers",
@@ -476,7 +669,58 @@ impl DecoderSpan {
                 self.layers.len()
             )));
         }
+        let (cfg, d) = (&self.cfg, self.cfg.hidden);
+        let (w_in, w_out) = (self.row_width(layers.start), self.row_width(layers.end));
+        let n_tok: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        if rows.len() != n_tok * w_in {
+            return Err(Error::Shape(format!("rows have {} values, expected {n_tok} tokens x {w_in}", rows.len())));
+        }
+        if w_in == d && w_out == d {
+            return self.run(pool, rows, seqs, layers, &[], &[], &mut []);
+        }
+        // Cut each row into its parts (see `DecoderConfig::row_width`).
+        let (first, end) = (self.first_layer + layers.start, self.first_layer + layers.end);
+        let p = cfg.per_layer_input;
+        let (ple_in, ple_run) = (cfg.n_layers.saturating_sub(first) * p, layers.len() * p);
+        let mut hidden = Vec::with_capacity(n_tok * d);
+        let mut per_layer = Vec::with_capacity(n_tok * ple_run);
+        let mut carry_in = Vec::with_capacity(n_tok * (w_in - d - ple_in));
+        for row in rows.chunks_exact(w_in) {
+            hidden.extend_from_slice(&row[..d]);
+            per_layer.extend_from_slice(&row[d..d + ple_run]);
+            carry_in.extend_from_slice(&row[d + ple_in..]);
+        }
+        let carry_out_width = w_out - d - cfg.n_layers.saturating_sub(end) * p;
+        let mut carry_out = vec![0f32; n_tok * carry_out_width];
+        self.run(pool, &mut hidden, seqs, layers, &per_layer, &carry_in, &mut carry_out)?;
+        let mut out = Vec::with_capacity(n_tok * w_out);
+        for (t, row) in rows.chunks_exact(w_in).enumerate() {
+            out.extend_from_slice(&hidden[t * d..(t + 1) * d]);
+            out.extend_from_slice(&row[d + ple_run..d + ple_in]);
+            out.extend_from_slice(&carry_out[t * carry_out_width..(t + 1) * carry_out_width]);
+        }
+        *rows = out;
+        Ok(())
+    }
+
+    /// One forward pass over the hidden states `hidden`, with the run layers' per-layer
+    /// inputs and the source keys and values carried in (`carry_in`, laid out for the run's
+    /// first boundary) and out (`carry_out`, for its end).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        pool: &ThreadPool,
+        hidden: &mut [f32],
+        seqs: &mut [SeqChunk],
+        layers: Range<usize>,
+        per_layer: &[f32],
+        carry_in: &[f32],
+        carry_out: &mut [f32],
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let d = cfg.hidden;
         let run_layers = &self.layers[layers.clone()];
+        let plan = self.kv_plan(layers.clone());
         let n_tok: usize = seqs.iter().map(|s| s.n_tokens).sum();
         if n_tok == 0 {
             return Ok(());
@@ -488,16 +732,13 @@ impl DecoderSpan {
             )));
         }
         for s in seqs.iter() {
-            let windows_match = s.cache.n_layers() == run_layers.len()
-                && layers.clone().enumerate().all(|(i, l)| s.cache.window(i) == self.window_of(l));
-            if !windows_match || s.cache.kv_dim() != cfg.kv_dim() {
+            if s.cache.layouts() != plan.layouts {
                 return Err(Error::InvalidArgument(format!(
-                    "KV cache was made for {} layers of width {}, this pass runs {} layers of width {} \
-                     (or other sliding-window layers: make it with new_cache_for(layers))",
+                    "KV cache was made for {} layers, this pass runs {} layers with {} cache layers \
+                     (or other sliding-window layers or widths: make it with new_cache_for(layers))",
                     s.cache.n_layers(),
-                    s.cache.kv_dim(),
                     run_layers.len(),
-                    cfg.kv_dim()
+                    plan.layouts.len()
                 )));
             }
             let needed = s.cache.len() + s.n_tokens;
@@ -506,7 +747,6 @@ impl DecoderSpan {
             }
         }
         // Per row: which sequence, which position; rotary tables per row.
-        let half = cfg.rope_inv_freq.len();
         let mut row_seq = Vec::with_capacity(n_tok);
         let mut row_pos = Vec::with_capacity(n_tok);
         for (i, s) in seqs.iter().enumerate() {
@@ -517,6 +757,7 @@ impl DecoderSpan {
         }
         // `long`: the frequencies from a position on (LongRoPE, see `rope_long_inv_freq`).
         let tables = |inv_freq: &[f32], long: Option<(&[f32], usize)>, factor: f32| {
+            let half = inv_freq.len();
             let mut cos = vec![0f32; n_tok * half];
             let mut sin = vec![0f32; n_tok * half];
             for (r, &p) in row_pos.iter().enumerate() {
@@ -541,14 +782,15 @@ impl DecoderSpan {
             (Vec::new(), Vec::new())
         };
 
-        // Scratch for the whole pass.
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        // Scratch for the whole pass, as wide as the widest layer's.
+        let qd = run_layers.iter().map(|l| cfg.n_heads * l.head_dim).max().unwrap_or(0);
+        let kvd = run_layers.iter().map(|l| l.n_kv_heads * l.head_dim).max().unwrap_or(0);
         let mut q = vec![0f32; n_tok * qd];
         let mut k = vec![0f32; n_tok * kvd];
         let mut v = vec![0f32; n_tok * kvd];
         let mut att = vec![0f32; n_tok * qd];
         // Attention or MLP output awaiting its post-norm (Gemma 3), when a layer has one.
-        let has_post = run_layers.iter().any(|l| l.attn_post_norm.is_some() || l.ffn_post_norm.is_some());
+        let has_post = run_layers.iter().any(|l| l.attn_post_norm.is_some() || l.ffn_post_norm.is_some() || l.per_layer.is_some());
         let mut post = vec![0f32; if has_post { n_tok * d } else { 0 }];
         // A mixture-of-experts layer runs `n_used` rows ("slots") per token, grouped by expert;
         // its gate/up products share the dense MLP's buffers.
@@ -557,27 +799,27 @@ impl DecoderSpan {
             (Some(m), true) => (n_tok * m.n_used, m.n_experts),
             _ => (0, 0),
         };
-        let ffn_len = (n_tok * self.max_ffn).max(n_slots * self.expert_ffn);
+        let ffn_len = (n_tok * self.max_ffn).max(n_slots * self.expert_ffn).max(n_tok * cfg.per_layer_input);
         let mut gate = vec![0f32; ffn_len];
         let mut up = vec![0f32; ffn_len];
         let mut router = vec![0f32; n_tok * n_experts];
         let mut expert_out = vec![0f32; n_slots * d];
-        let make = |types: &[GgmlType], cols: usize, rows: usize| -> Result<Vec<ActRows>> {
-            types.iter().map(|&t| ActRows::new(t, cols, rows)).collect()
+        let make = |shapes: &[ActShape], rows: usize| -> Result<Vec<ActRows>> {
+            shapes.iter().map(|&(t, cols)| ActRows::new(t, cols, rows)).collect()
         };
         // Activation rows are quantized by every thread into its own buffers (the products
         // read all rows): no barrier between a quantization and the product that reads it.
         let nth = pool.n_threads();
         let mut owned: Vec<[Vec<ActRows>; 6]> = (0..nth)
             .map(|_| -> Result<[Vec<ActRows>; 6]> {
-                let t = &self.act_types;
+                let t = &self.act_shapes;
                 Ok([
-                    make(&t.attn_in, d, n_tok)?,
-                    make(&t.attn_out, qd, n_tok)?,
-                    make(&t.ffn_in, d, n_tok)?,
-                    make(&t.ffn_mid, self.max_ffn, n_tok)?,
-                    make(if moe { &t.moe_in } else { &[] }, d, n_slots)?,
-                    make(if moe { &t.moe_mid } else { &[] }, self.expert_ffn, n_slots)?,
+                    make(&t.attn_in, n_tok)?,
+                    make(&t.attn_out, n_tok)?,
+                    make(&t.ffn_in, n_tok)?,
+                    make(&t.ffn_mid, n_tok)?,
+                    make(if moe { &t.moe_in } else { &[] }, n_slots)?,
+                    make(if moe { &t.moe_mid } else { &[] }, n_slots)?,
                 ])
             })
             .collect::<Result<_>>()?;
@@ -613,12 +855,13 @@ impl DecoderSpan {
         }
         let caches: Vec<Vec<LayerShared>> = seqs
             .iter_mut()
-            .map(|s| (0..run_layers.len()).map(|l| s.cache.layer_shared(l)).collect())
+            .map(|s| (0..plan.layouts.len()).map(|l| s.cache.layer_shared(l)).collect())
             .collect();
         let max_ctx = seqs.iter().map(|s| s.cache.len() + s.n_tokens).max().unwrap_or(0);
         let pass = Pass {
             span: self,
             layers: run_layers,
+            kv_slot: &plan.slot,
             n_tok,
             row_seq: &row_seq,
             row_pos: &row_pos,
@@ -626,13 +869,66 @@ impl DecoderSpan {
             sin: &sin,
             cos_local: &cos_local,
             sin_local: &sin_local,
+            per_layer,
             bufs: &bufs,
             caches: &caches,
             max_ctx,
         };
 
+        // This step's keys and values of the source layers other spans computed, into their
+        // mirrors in the caches, before any layer reads them.
+        let (first, end) = (self.first_layer + layers.start, self.first_layer + layers.end);
+        let carried = |b: usize| -> Vec<(usize, usize, usize)> {
+            // (source, its width, offset in a row's carried part)
+            let mut at = 0;
+            cfg.carried_sources(b)
+                .into_iter()
+                .map(|src| {
+                    let w = cfg.kv_dim_of(src);
+                    at += 2 * w;
+                    (src, w, at - 2 * w)
+                })
+                .collect()
+        };
+        let (carry_in_at, carry_out_at) = (carried(first), carried(end));
+        let (win, wout) = (carry_in_at.iter().map(|c| 2 * c.1).sum::<usize>(), carry_out_at.iter().map(|c| 2 * c.1).sum::<usize>());
+        for &(src, w, at) in &carry_in_at {
+            let Some(slot) = plan.imported.contains(&src).then(|| plan.slot_of(src)).flatten() else { continue };
+            for t in 0..n_tok {
+                let c = caches[row_seq[t]][slot];
+                let r = row_pos[t] - c.base;
+                // SAFETY: no job runs; the rows were reserved above.
+                unsafe {
+                    c.keys.write(r * w, &carry_in[t * win + at..t * win + at + w]);
+                    c.values.write(r * w, &carry_in[t * win + at + w..t * win + at + 2 * w]);
+                }
+            }
+        }
+
         pool.run(|ctx| pass.run(ctx));
 
+        // The sources later spans share: from the caches (rounded as stored, so they read the
+        // same values one span would), or passed through when this run does not hold them.
+        for &(src, w, at) in &carry_out_at {
+            for t in 0..n_tok {
+                let out = &mut carry_out[t * wout + at..t * wout + at + 2 * w];
+                match plan.slot_of(src) {
+                    Some(slot) => {
+                        let c = caches[row_seq[t]][slot];
+                        let r = row_pos[t] - c.base;
+                        // SAFETY: the job has ended.
+                        unsafe {
+                            c.keys.read(r * w, &mut out[..w]);
+                            c.values.read(r * w, &mut out[w..]);
+                        }
+                    }
+                    None => {
+                        let (_, _, from) = carry_in_at.iter().find(|c| c.0 == src).expect("a source passed through came in");
+                        out.copy_from_slice(&carry_in[t * win + from..t * win + from + 2 * w]);
+                    }
+                }
+            }
+        }
         for s in seqs.iter_mut() {
             s.cache.advance(s.n_tokens);
         }
@@ -673,15 +969,17 @@ struct ThreadActs {
 fn act_for(acts: &[ActRowsMut], m: &QMatrix) -> ActRowsMut {
     *acts
         .iter()
-        .find(|a| a.ty() == m.activation_type())
-        .expect("activation types are collected from these matrices at load")
+        .find(|a| a.ty() == m.activation_type() && a.cols() == m.cols())
+        .expect("activation shapes are collected from these matrices at load")
 }
 
 /// One forward call's shared state; `run` is what every thread executes.
 struct Pass<'a> {
     span: &'a DecoderSpan,
-    /// The layers this pass runs (the span's, or a sub-range); caches are indexed alike.
+    /// The layers this pass runs (the span's, or a sub-range).
     layers: &'a [DecoderLayer],
+    /// Per run layer: the cache layer holding its keys and values (see `KvPlan`).
+    kv_slot: &'a [usize],
     n_tok: usize,
     row_seq: &'a [usize],
     row_pos: &'a [usize],
@@ -691,8 +989,10 @@ struct Pass<'a> {
     /// global one).
     cos_local: &'a [f32],
     sin_local: &'a [f32],
+    /// Per row, the run layers' per-layer inputs (empty without them).
+    per_layer: &'a [f32],
     bufs: &'a Buffers,
-    /// Per sequence, per layer: the cache rows (row `p - base` holds position `p`).
+    /// Per sequence, per cache layer: the cache rows (row `p - base` holds position `p`).
     caches: &'a [Vec<LayerShared>],
     max_ctx: usize,
 }
@@ -706,27 +1006,29 @@ impl Pass<'_> {
     /// barrier for decode's single row), SwiGLU on the columns the thread itself computed.
     fn run(&self, ctx: &Ctx) {
         let cfg = &self.span.cfg;
-        let (d, hd) = (cfg.hidden, cfg.head_dim);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let half = cfg.rope_inv_freq.len();
+        let d = cfg.hidden;
         let n = self.n_tok;
         let b = self.bufs;
         let acts = &b.acts[ctx.tid];
         let my_rows = ctx.split(n);
+        let max_hd = self.layers.iter().map(|l| l.head_dim).max().unwrap_or(0);
+        let max_group = self.layers.iter().map(|l| cfg.n_heads / l.n_kv_heads).max().unwrap_or(0);
         // Scores of the heads of one KV group over the longest context.
-        let mut scores = vec![0f32; self.max_ctx * (cfg.n_heads / cfg.n_kv_heads)];
+        let mut scores = vec![0f32; self.max_ctx * max_group];
         let mut xn = vec![0f32; d];
-        let mut head_tmp = vec![0f32; hd];
+        let mut head_tmp = vec![0f32; max_hd];
+        // The weight of a norm without one (Gemma 4's v_norm).
+        let ones = vec![1f32; if cfg.v_norm { max_hd } else { 0 }];
         // This thread's copy of the normed rows a mixture-of-experts layer regroups.
         let mut normed = vec![0f32; if b.router.is_empty() { 0 } else { n * d }];
-        // Quantizes every row of `src` (width `w`) into this thread's `dst` buffers.
+        // Quantizes every row of `src` (width `w`) into this thread's `dst` buffer of that width.
         // SAFETY (all SharedMut accesses below): each thread writes only its own rows,
         // matrix rows or private buffers between barriers; reads of others' data follow a
         // barrier.
         let quantize_all = |src: SharedMut<f32>, w: usize, dst: &[ActRowsMut]| {
             for t in 0..n {
                 let row = unsafe { src.slice(t * w..(t + 1) * w) };
-                for a in dst {
+                for a in dst.iter().filter(|a| a.cols() == w) {
                     unsafe { a.set_row(t, row) };
                 }
             }
@@ -734,46 +1036,71 @@ impl Pass<'_> {
         let norm_all = |norm: &[f32], dst: &[ActRowsMut], xn: &mut [f32]| {
             for t in 0..n {
                 ops::rms_norm(unsafe { b.x.slice(t * d..(t + 1) * d) }, norm, cfg.eps, xn);
-                for a in dst {
+                for a in dst.iter().filter(|a| a.cols() == d) {
                     unsafe { a.set_row(t, xn) };
                 }
             }
         };
 
         for (li, layer) in self.layers.iter().enumerate() {
-            // Attention input: RMSNorm, quantize, q/k/v.
+            let hd = layer.head_dim;
+            let (qd, kvd) = (cfg.n_heads * hd, layer.n_kv_heads * hd);
+            let slot = self.kv_slot[li];
+            // Attention input: RMSNorm, quantize, q/k/v (k and v unless the layer shares
+            // another's; v unless it is k's projection).
             norm_all(&layer.attn_norm, &acts.attn_in, &mut xn);
             // Biases (Qwen2) are added by the product, as nn.Linear(bias=True) does.
             layer.wq.matmul_part(ctx, act_for(&acts.attn_in, &layer.wq), n, b.q, qd, false, layer.bq.as_deref());
-            layer.wk.matmul_part(ctx, act_for(&acts.attn_in, &layer.wk), n, b.k, kvd, false, layer.bk.as_deref());
-            layer.wv.matmul_part(ctx, act_for(&acts.attn_in, &layer.wv), n, b.v, kvd, false, layer.bv.as_deref());
+            if let Some(wk) = &layer.wk {
+                wk.matmul_part(ctx, act_for(&acts.attn_in, wk), n, b.k, kvd, false, layer.bk.as_deref());
+            }
+            if let Some(wv) = &layer.wv {
+                wv.matmul_part(ctx, act_for(&acts.attn_in, wv), n, b.v, kvd, false, layer.bv.as_deref());
+            }
             ctx.barrier();
 
             // Per-head q/k RMSNorm (Qwen3, before RoPE as in modeling_qwen3.py), RoPE on q
             // and k, then append k and v to each row's session cache.
-            let (cos, sin) =
-                if layer.sliding && !self.cos_local.is_empty() { (self.cos_local, self.sin_local) } else { (self.cos, self.sin) };
+            let (cos, sin, half) = if layer.sliding && !self.cos_local.is_empty() {
+                (self.cos_local, self.sin_local, cfg.rope_local_inv_freq.len())
+            } else {
+                (self.cos, self.sin, cfg.rope_inv_freq.len())
+            };
             // Each head of a row: its RMSNorm when the layer has one, then RoPE.
-            let mut norm_rope = |row: &mut [f32], norm: &Option<Vec<f32>>, c: &[f32], s: &[f32]| {
+            let mut norm_heads = |row: &mut [f32], norm: Option<&[f32]>, rope: Option<(&[f32], &[f32])>| {
                 for h in row.chunks_exact_mut(hd) {
                     if let Some(w) = norm {
-                        ops::rms_norm(h, w, cfg.eps, &mut head_tmp);
-                        h.copy_from_slice(&head_tmp);
+                        ops::rms_norm(h, w, cfg.eps, &mut head_tmp[..hd]);
+                        h.copy_from_slice(&head_tmp[..hd]);
                     }
-                    ops::rope_apply(h, c, s, cfg.rope_interleaved);
+                    if let Some((c, s)) = rope {
+                        ops::rope_apply(h, c, s, cfg.rope_interleaved);
+                    }
                 }
             };
             for t in my_rows.clone() {
-                let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                let rope = Some((&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]));
                 let qrow = unsafe { b.q.slice_mut(t * qd..(t + 1) * qd) }; // (n_heads, head_dim)
-                norm_rope(qrow, &layer.q_norm, c, s);
+                norm_heads(qrow, layer.q_norm.as_deref(), rope);
+                if layer.kv_source.is_some() {
+                    continue;
+                }
                 let krow = unsafe { b.k.slice_mut(t * kvd..(t + 1) * kvd) }; // (n_kv_heads, head_dim)
-                norm_rope(krow, &layer.k_norm, c, s);
-                let c = self.caches[self.row_seq[t]][li];
+                let vrow = unsafe { b.v.slice_mut(t * kvd..(t + 1) * kvd) };
+                if layer.wv.is_none() {
+                    // Gemma 4's attention_k_eq_v: values are the keys' projection, before
+                    // the k norm and RoPE (modeling_gemma4.py, Gemma4Attention).
+                    vrow.copy_from_slice(krow);
+                }
+                norm_heads(krow, layer.k_norm.as_deref(), rope);
+                if cfg.v_norm {
+                    norm_heads(vrow, Some(&ones[..hd]), None);
+                }
+                let c = self.caches[self.row_seq[t]][slot];
                 let r = self.row_pos[t] - c.base;
                 unsafe {
                     c.keys.write(r * kvd, krow);
-                    c.values.write(r * kvd, b.v.slice(t * kvd..(t + 1) * kvd));
+                    c.values.write(r * kvd, vrow);
                 }
             }
             ctx.barrier();
@@ -782,7 +1109,7 @@ impl Pass<'_> {
             // head are attended together, reading its keys and values once. Several rows:
             // (row, KV head) items dealt round-robin, which balances the causal triangle. One
             // row (decode): contiguous query heads per thread, grouped by KV head.
-            let group = cfg.n_heads / cfg.n_kv_heads;
+            let group = cfg.n_heads / layer.n_kv_heads;
             let mut attend_heads = |t: usize, heads: Range<usize>| {
                 let kvh = heads.start / group;
                 let p = self.row_pos[t];
@@ -791,7 +1118,7 @@ impl Pass<'_> {
                 let first = if layer.sliding { (p + 1).saturating_sub(cfg.sliding_window) } else { 0 };
                 // Cache rows are positions from `base` on (a sliding layer drops only rows
                 // before every window of the step: `base <= first`).
-                let c = self.caches[self.row_seq[t]][li];
+                let c = self.caches[self.row_seq[t]][slot];
                 let (first, last) = (first - c.base, p - c.base);
                 let rows = kvh * hd..(last + 1) * kvd;
                 let q = t * qd + heads.start * hd..t * qd + heads.end * hd;
@@ -821,8 +1148,8 @@ impl Pass<'_> {
                     h = end;
                 }
             } else {
-                for item in (ctx.tid..n * cfg.n_kv_heads).step_by(ctx.nth) {
-                    let (t, kvh) = (item / cfg.n_kv_heads, item % cfg.n_kv_heads);
+                for item in (ctx.tid..n * layer.n_kv_heads).step_by(ctx.nth) {
+                    let (t, kvh) = (item / layer.n_kv_heads, item % layer.n_kv_heads);
                     attend_heads(t, kvh * group..(kvh + 1) * group);
                 }
             }
@@ -831,45 +1158,70 @@ impl Pass<'_> {
             let wo_act = act_for(&acts.attn_out, &layer.wo);
             self.project_residual(ctx, &layer.wo, wo_act, layer.bo.as_deref(), layer.attn_post_norm.as_deref(), &mut xn);
 
-            let (w_gate, w_up, w_down) = match &layer.ffn {
-                Ffn::Dense { gate, up, down } => (gate, up, down),
+            match &layer.ffn {
                 Ffn::Moe(moe) => {
                     // The router reads the normed rows as a dense MLP would; the experts read
                     // them regrouped by expert, from this thread's f32 copy.
                     for t in 0..n {
                         let row = &mut normed[t * d..(t + 1) * d];
                         ops::rms_norm(unsafe { b.x.slice(t * d..(t + 1) * d) }, &layer.ffn_norm, cfg.eps, row);
-                        for a in &acts.ffn_in {
+                        for a in acts.ffn_in.iter().filter(|a| a.cols() == d) {
                             unsafe { a.set_row(t, row) };
                         }
                     }
                     self.moe_residual(ctx, moe, &normed, layer.ffn_post_norm.as_deref(), &mut xn);
-                    continue;
                 }
-            };
-            // MLP: RMSNorm, SwiGLU, down projection added to the residual.
-            norm_all(&layer.ffn_norm, &acts.ffn_in, &mut xn);
-            let ffn = w_gate.rows();
-            w_gate.matmul_part(ctx, act_for(&acts.ffn_in, w_gate), n, b.gate, ffn, false, None);
-            w_up.matmul_part(ctx, act_for(&acts.ffn_in, w_up), n, b.up, ffn, false, None);
-            // SwiGLU (or GeGLU with tanh GELU, Gemma 3) on the columns this thread computed in
-            // both products (else after a barrier). Both are split alike, on every thread, when
-            // both are repacked or neither is: the same decision on every thread, so all take
-            // the same barriers.
-            let cols = w_gate.part_rows(ctx);
-            let own = w_gate.is_repacked() == w_up.is_repacked();
-            if !own {
+                Ffn::Dense { gate: w_gate, up: w_up, down: w_down } => {
+                    // MLP: RMSNorm, SwiGLU, down projection added to the residual.
+                    norm_all(&layer.ffn_norm, &acts.ffn_in, &mut xn);
+                    let ffn = w_gate.rows();
+                    w_gate.matmul_part(ctx, act_for(&acts.ffn_in, w_gate), n, b.gate, ffn, false, None);
+                    w_up.matmul_part(ctx, act_for(&acts.ffn_in, w_up), n, b.up, ffn, false, None);
+                    // SwiGLU (or GeGLU with tanh GELU, Gemma 3) on the columns this thread
+                    // computed in both products (else after a barrier). Both are split alike,
+                    // on every thread, when both are repacked or neither is: the same decision
+                    // on every thread, so all take the same barriers.
+                    let cols = w_gate.part_rows(ctx);
+                    let own = w_gate.is_repacked() == w_up.is_repacked();
+                    if !own {
+                        ctx.barrier();
+                    }
+                    let cols = if own { cols } else { ctx.split(ffn) };
+                    for t in 0..n {
+                        let g = unsafe { b.gate.slice_mut(t * ffn + cols.start..t * ffn + cols.end) };
+                        let u = unsafe { b.up.slice(t * ffn + cols.start..t * ffn + cols.end) };
+                        self.glu(g, u);
+                    }
+                    ctx.barrier();
+                    quantize_all(b.gate, ffn, &acts.ffn_mid);
+                    let down_act = act_for(&acts.ffn_mid, w_down);
+                    self.project_residual(ctx, w_down, down_act, None, layer.ffn_post_norm.as_deref(), &mut xn);
+                }
+            }
+
+            // Gemma 4's per-layer input: `x += post_norm(proj(gelu_tanh(gate(x)) * input))`,
+            // `input` this layer's slice of the row's per-layer inputs.
+            if let Some(ple) = &layer.per_layer {
+                let p = cfg.per_layer_input;
+                let width = self.layers.len() * p;
+                quantize_all(b.x, d, &acts.ffn_in);
+                ple.gate.matmul_part(ctx, act_for(&acts.ffn_in, &ple.gate), n, b.gate, p, false, None);
+                ctx.barrier();
+                for t in my_rows.clone() {
+                    let g = unsafe { b.gate.slice_mut(t * p..(t + 1) * p) };
+                    fastmath::gelu_tanh_mul(g, &self.per_layer[t * width + li * p..t * width + (li + 1) * p]);
+                }
+                ctx.barrier();
+                quantize_all(b.gate, p, &acts.ffn_mid);
+                self.project_residual(ctx, &ple.proj, act_for(&acts.ffn_mid, &ple.proj), None, Some(&ple.post_norm), &mut xn);
+            }
+            // Gemma 4's layer_scalar scales the whole hidden state, residual included.
+            if let Some(scale) = layer.output_scale {
+                for t in my_rows.clone() {
+                    unsafe { b.x.slice_mut(t * d..(t + 1) * d) }.iter_mut().for_each(|x| *x *= scale);
+                }
                 ctx.barrier();
             }
-            let cols = if own { cols } else { ctx.split(ffn) };
-            for t in 0..n {
-                let g = unsafe { b.gate.slice_mut(t * ffn + cols.start..t * ffn + cols.end) };
-                let u = unsafe { b.up.slice(t * ffn + cols.start..t * ffn + cols.end) };
-                self.glu(g, u);
-            }
-            ctx.barrier();
-            quantize_all(b.gate, ffn, &acts.ffn_mid);
-            self.project_residual(ctx, w_down, act_for(&acts.ffn_mid, w_down), None, layer.ffn_post_norm.as_deref(), &mut xn);
         }
     }
 

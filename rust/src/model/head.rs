@@ -1,5 +1,6 @@
-//! The End model's tensors that run in Rust: the token embedding (rows looked up by id) and
-//! the output head (final RMSNorm + vocabulary projection, often tied to the embedding).
+//! The End model's tensors that run in Rust: the token embedding (rows looked up by id), the
+//! output head (final RMSNorm + vocabulary projection, often tied to the embedding), and
+//! Gemma 4's per-layer inputs.
 
 use crate::checkpoint::Checkpoint;
 use crate::compute::{ops, ActRows, QMatrix, SharedMut, ThreadPool};
@@ -89,5 +90,74 @@ impl OutputHead {
         let out = SharedMut::new(&mut logits);
         pool.run(|ctx| self.weight.matmul_part(ctx, act_rows, n, out, vocab, false, None));
         Ok(logits)
+    }
+}
+
+/// Gemma 4's per-layer inputs (E2B/E4B, `hidden_size_per_layer_input`), computed where the
+/// token ids are, on the End node, and sent to the spans with the hidden states; following
+/// transformers' Gemma4TextModel `get_per_layer_inputs` / `project_per_layer_inputs`:
+/// `((rms_norm(proj(x0) / sqrt(hidden)) per layer) + table[id] * sqrt(width)) / sqrt(2)`,
+/// `x0` the scaled token embedding.
+pub struct PerLayerInputs {
+    /// `(vocab, n_layers * width)`, scaled by `sqrt(width)` at lookup.
+    table: TokenEmbedding,
+    /// `(n_layers * width, hidden)`.
+    proj: QMatrix,
+    /// RMSNorm weight over one layer's `width` values, shared by every layer.
+    norm: Vec<f32>,
+    eps: f32,
+}
+
+impl PerLayerInputs {
+    /// Loads the table `table_name`, the projection `proj_name` and the norm `norm_name`, for
+    /// inputs `width` wide per layer.
+    pub fn load(checkpoint: &Checkpoint, table_name: &str, proj_name: &str, norm_name: &str, width: usize, eps: f32) -> Result<Self> {
+        let table = TokenEmbedding::load(checkpoint, table_name, (width as f32).sqrt())?;
+        let proj = QMatrix::from_tensor(proj_name, checkpoint.data(proj_name)?)?;
+        let norm = load_vector(checkpoint, norm_name, width)?;
+        if width == 0 || !table.hidden().is_multiple_of(width) || proj.rows() != table.hidden() {
+            return Err(Error::Shape(format!(
+                "per-layer inputs of width {width}: {table_name} has rows of {}, {proj_name} {} rows",
+                table.hidden(),
+                proj.rows()
+            )));
+        }
+        Ok(PerLayerInputs { table, proj, norm, eps })
+    }
+
+    /// Values per token: every layer's input.
+    pub fn row_width(&self) -> usize {
+        self.table.hidden()
+    }
+
+    /// `(ids.len(), n_layers * width)` inputs for tokens `ids` whose scaled embeddings are
+    /// `embedded` (`(ids.len(), hidden)`).
+    pub fn compute(&self, pool: &ThreadPool, ids: &[u32], embedded: &[f32]) -> Result<Vec<f32>> {
+        let (n, d, w) = (ids.len(), self.proj.cols(), self.norm.len());
+        if embedded.len() != n * d {
+            return Err(Error::Shape(format!("{} embedded values for {n} tokens of width {d}", embedded.len())));
+        }
+        let mut out = self.table.lookup(ids)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let width = self.row_width();
+        let mut act = ActRows::new(self.proj.activation_type(), d, n)?;
+        let act_rows = act.shared();
+        for (t, x) in embedded.chunks_exact(d).enumerate() {
+            // SAFETY: single-threaded here; the job below only reads.
+            unsafe { act_rows.set_row(t, x) };
+        }
+        let mut projected = vec![0f32; n * width];
+        let shared = SharedMut::new(&mut projected);
+        pool.run(|ctx| self.proj.matmul_part(ctx, act_rows, n, shared, width, false, None));
+        let (scale, mix) = ((d as f32).powf(-0.5), 0.5f32.sqrt());
+        let mut normed = vec![0f32; w];
+        for (p, o) in projected.chunks_exact_mut(w).zip(out.chunks_exact_mut(w)) {
+            p.iter_mut().for_each(|v| *v *= scale);
+            ops::rms_norm(p, &self.norm, self.eps, &mut normed);
+            o.iter_mut().zip(&normed).for_each(|(o, &v)| *o = (v + *o) * mix);
+        }
+        Ok(out)
     }
 }

@@ -62,6 +62,14 @@ impl KvDtype {
     }
 }
 
+/// One cache layer's shape: its sliding window (`None`: global) and its values per position
+/// for keys (and again for values), `n_kv_heads * head_dim`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub window: Option<usize>,
+    pub kv_dim: usize,
+}
+
 /// One layer's keys or values, in the cache's type.
 #[derive(Clone)]
 enum Rows {
@@ -139,6 +147,22 @@ pub(crate) enum RowsShared {
 }
 
 impl RowsShared {
+    /// Reads values `at..at + dst.len()` as f32.
+    ///
+    /// # Safety
+    /// As `SharedMut::slice`: no thread writes those values until the next barrier.
+    pub(crate) unsafe fn read(&self, at: usize, dst: &mut [f32]) {
+        match self {
+            RowsShared::F32(s) => dst.copy_from_slice(s.slice(at..at + dst.len())),
+            RowsShared::F16(s) => {
+                let n = dst.len();
+                for (d, x) in dst.iter_mut().zip(s.slice(at..at + n)) {
+                    *d = x.to_f32();
+                }
+            }
+        }
+    }
+
     /// Stores `src` at values `at..at + src.len()` (rounded to the cache's type).
     ///
     /// # Safety
@@ -161,6 +185,8 @@ impl RowsShared {
 struct LayerKv {
     keys: Rows,
     values: Rows,
+    /// Values per position for keys (and again for values): `n_kv_heads * head_dim`.
+    kv_dim: usize,
     /// Sliding window (positions a query sees, itself included); `None` for a global layer.
     window: Option<usize>,
     /// Absolute position of row 0 (always 0 for a global layer).
@@ -176,8 +202,8 @@ impl LayerKv {
     }
 
     /// Rows allocated.
-    fn rows(&self, kv_dim: usize) -> usize {
-        self.keys.len() / kv_dim
+    fn rows(&self) -> usize {
+        self.keys.len() / self.kv_dim
     }
 }
 
@@ -198,7 +224,6 @@ pub(crate) struct LayerShared {
 #[derive(Clone)]
 pub struct KvCache {
     dtype: KvDtype,
-    kv_dim: usize,
     len: usize,
     max_len: usize,
     layers: Vec<LayerKv>,
@@ -208,21 +233,27 @@ impl KvCache {
     /// An empty cache for `n_layers` global layers of `kv_dim = n_kv_heads * head_dim` values
     /// per position, holding at most `max_len` positions. Memory grows as positions arrive.
     pub fn new(n_layers: usize, kv_dim: usize, max_len: usize, dtype: KvDtype) -> Self {
-        Self::with_windows(&vec![None; n_layers], kv_dim, max_len, dtype)
+        Self::with_layers(&vec![KvLayout { window: None, kv_dim }; n_layers], max_len, dtype)
     }
 
-    /// An empty cache with one layer per entry of `windows`: `Some(w)` for a sliding-window
-    /// layer of window `w >= 1` (bounded memory), `None` for a global one.
-    pub fn with_windows(windows: &[Option<usize>], kv_dim: usize, max_len: usize, dtype: KvDtype) -> Self {
-        let layers = windows
+    /// An empty cache with one layer per entry of `layers`: a sliding-window layer of window
+    /// `w >= 1` (bounded memory) or a global one, each of its own width (Gemma 4's global
+    /// layers have wider heads than its sliding ones).
+    pub fn with_layers(layers: &[KvLayout], max_len: usize, dtype: KvDtype) -> Self {
+        let layers = layers
             .iter()
-            .map(|&window| {
-                let window = window.map(|w| w.max(1));
+            .map(|l| {
+                let window = l.window.map(|w| w.max(1));
                 let slack = window.map_or(0, LayerKv::default_slack);
-                LayerKv { keys: Rows::new(dtype), values: Rows::new(dtype), window, base: 0, slack }
+                LayerKv { keys: Rows::new(dtype), values: Rows::new(dtype), kv_dim: l.kv_dim, window, base: 0, slack }
             })
             .collect();
-        KvCache { dtype, kv_dim, len: 0, max_len, layers }
+        KvCache { dtype, len: 0, max_len, layers }
+    }
+
+    /// Each layer's window and width, as made.
+    pub fn layouts(&self) -> Vec<KvLayout> {
+        self.layers.iter().map(|l| KvLayout { window: l.window, kv_dim: l.kv_dim }).collect()
     }
 
     /// Positions seen (the next position is `len`).
@@ -245,9 +276,9 @@ impl KvCache {
         self.layers.len()
     }
 
-    /// Values per position per layer for keys (and again for values).
-    pub fn kv_dim(&self) -> usize {
-        self.kv_dim
+    /// Values per position of layer `layer` for keys (and again for values).
+    pub fn kv_dim(&self, layer: usize) -> usize {
+        self.layers[layer].kv_dim
     }
 
     /// How keys and values are stored.
@@ -264,18 +295,18 @@ impl KvCache {
     /// of a sliding one. What a worker's KV budget counts.
     pub fn held_bytes(&self) -> usize {
         // `len < base` only after truncating to 0 (nothing held until the next step resets it).
-        self.layers.iter().map(|l| self.len.saturating_sub(l.base) * self.layer_position_bytes()).sum()
+        self.layers.iter().map(|l| self.len.saturating_sub(l.base) * self.position_bytes(l)).sum()
     }
 
     /// Bytes one more position costs at most, across all layers (a sliding layer's rows
     /// grow by at most the step's tokens; dropping its old rows comes later).
     pub fn bytes_per_position(&self) -> usize {
-        self.layers.len() * self.layer_position_bytes()
+        self.layers.iter().map(|l| self.position_bytes(l)).sum()
     }
 
     /// Bytes of one position of one layer (keys and values).
-    fn layer_position_bytes(&self) -> usize {
-        2 * self.kv_dim * self.dtype.size()
+    fn position_bytes(&self, layer: &LayerKv) -> usize {
+        2 * layer.kv_dim * self.dtype.size()
     }
 
     /// The most rows a sliding layer of window `window` holds after a step of `step_tokens`
@@ -306,8 +337,9 @@ impl KvCache {
         if needed > self.max_len {
             return Err(Error::ContextOverflow { needed, limit: self.max_len });
         }
-        let (kv_dim, len, max_len) = (self.kv_dim, self.len, self.max_len);
+        let (len, max_len) = (self.len, self.max_len);
         for layer in &mut self.layers {
+            let kv_dim = layer.kv_dim;
             if len == 0 {
                 layer.base = 0; // starting over (a truncation to 0)
             }
@@ -334,17 +366,17 @@ impl KvCache {
                 // After a chunk longer than the slack, give back what decode steps leave
                 // unused (one reallocation when prefill turns to decode, not per step).
                 let steady = w.saturating_add(layer.slack).max(needed - layer.base);
-                if layer.rows(kv_dim) > steady.saturating_add(layer.slack) {
+                if layer.rows() > steady.saturating_add(layer.slack) {
                     for buf in [&mut layer.keys, &mut layer.values] {
                         buf.shrink_to(steady * kv_dim);
                     }
                 }
             }
             let rows = needed - layer.base;
-            if layer.rows(kv_dim) < rows {
+            if layer.rows() < rows {
                 // Geometric growth up to the steady bound, then exactly what a step needs.
                 let cap = w.saturating_add(layer.slack).min(max_len);
-                let target = rows.max((layer.rows(kv_dim) * 3 / 2).min(cap));
+                let target = rows.max((layer.rows() * 3 / 2).min(cap));
                 for buf in [&mut layer.keys, &mut layer.values] {
                     buf.grow_to(target * kv_dim);
                 }
@@ -392,7 +424,7 @@ impl KvCache {
     /// since (truncating keeps the keys and values in place): a failed retry's rollback.
     pub(crate) fn restore_len(&mut self, len: usize) {
         debug_assert!(
-            len <= self.max_len && self.layers.iter().all(|l| l.base <= len && l.keys.len() >= (len - l.base) * self.kv_dim)
+            len <= self.max_len && self.layers.iter().all(|l| l.base <= len && l.keys.len() >= (len - l.base) * l.kv_dim)
         );
         self.len = len;
     }
@@ -411,8 +443,8 @@ mod tests {
     /// Appends positions `len .. len + n`, each row's keys and values filled with the position.
     fn step(cache: &mut KvCache, n: usize) {
         cache.reserve(n).unwrap();
-        let kv_dim = cache.kv_dim();
         for layer in 0..cache.n_layers() {
+            let kv_dim = cache.kv_dim(layer);
             let l = cache.layer_shared(layer);
             for p in cache.len()..cache.len() + n {
                 let r = p - l.base;
@@ -430,7 +462,7 @@ mod tests {
     fn assert_rows_hold_their_positions(cache: &KvCache) {
         for l in &cache.layers {
             for p in l.base..cache.len() {
-                let r = (p - l.base) * cache.kv_dim;
+                let r = (p - l.base) * l.kv_dim;
                 assert_eq!((l.keys.at(r), l.values.at(r)), (p as f32, -(p as f32)), "position {p} (base {})", l.base);
             }
         }
@@ -439,7 +471,7 @@ mod tests {
     #[test]
     fn a_sliding_layer_keeps_its_window_through_chunks_decode_and_retries() {
         let (w, kv_dim) = (512, 4);
-        let mut cache = KvCache::with_windows(&[Some(w), None], kv_dim, 1 << 20, KvDtype::F32);
+        let mut cache = KvCache::with_layers(&[KvLayout { window: Some(w), kv_dim }, KvLayout { window: None, kv_dim }], 1 << 20, KvDtype::F32);
         let bound = |n| KvCache::sliding_rows_bound(w, n);
         // Prefill in chunks of 512 (as the End node sends them), then 2000 decode steps, with a
         // chunk of 700 in the middle.

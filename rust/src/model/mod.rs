@@ -8,7 +8,7 @@ pub mod moe;
 pub mod weights;
 
 pub use decoder::{DecoderConfig, DecoderSpan, SeqChunk};
-pub use head::{OutputHead, TokenEmbedding};
+pub use head::{OutputHead, PerLayerInputs, TokenEmbedding};
 pub use kv_cache::{KvCache, KvDtype};
 pub use moe::MoeConfig;
 

@@ -47,6 +47,12 @@ fn tiny_config(quantize: Option<GgmlType>) -> DecoderConfig {
         rope_long_from: 0,
         kv_dtype: None,
         moe: None,
+        global_head_dim: 0,
+        global_n_kv_heads: 0,
+        v_norm: false,
+        kv_source: Vec::new(),
+        per_layer_input: 0,
+        n_layers: 0,
     }
 }
 
@@ -78,7 +84,7 @@ pub(crate) fn tiny_llama(first: usize, n: usize, quantize: Option<GgmlType>) -> 
 
 /// Prefill of 5 and 3 tokens for two sessions, then two decode steps, through `run` (which
 /// gets the hidden states and both sessions' caches); returns every step's output.
-fn prefill_and_decode(rng_seed: u64, mut run: impl FnMut(&mut [f32], &[usize], usize)) -> Vec<Vec<f32>> {
+fn prefill_and_decode(rng_seed: u64, mut run: impl FnMut(&mut Vec<f32>, &[usize], usize)) -> Vec<Vec<f32>> {
     let mut rng = TestRng::new(rng_seed);
     let mut outputs = Vec::new();
     for (step, tokens) in [[5usize, 3], [1, 1], [1, 1]].iter().enumerate() {

@@ -15,7 +15,7 @@ use crate::compute::pool::DEFAULT_IDLE_SPIN;
 use crate::compute::ThreadPool;
 use crate::model::KvDtype;
 use crate::model::moe::{ClampedSwiglu, Gating};
-use crate::model::{DecoderConfig, DecoderSpan, KvCache, MoeConfig, OutputHead, SeqChunk, TokenEmbedding};
+use crate::model::{DecoderConfig, DecoderSpan, KvCache, MoeConfig, OutputHead, PerLayerInputs, SeqChunk, TokenEmbedding};
 use crate::quant::GgmlType;
 
 /// Compute threads shared by the spans and heads of one process.
@@ -175,6 +175,12 @@ fn decoder_config(d: &Bound<'_, PyDict>) -> PyResult<DecoderConfig> {
             }),
             None => None,
         },
+        global_head_dim: optional(d, "global_head_dim")?.unwrap_or(0),
+        global_n_kv_heads: optional(d, "global_n_kv_heads")?.unwrap_or(0),
+        v_norm: optional(d, "v_norm")?.unwrap_or(false),
+        kv_source: optional(d, "kv_source")?.unwrap_or_default(),
+        per_layer_input: optional(d, "per_layer_input")?.unwrap_or(0),
+        n_layers: optional(d, "n_layers")?.unwrap_or(0),
     })
 }
 
@@ -182,7 +188,7 @@ fn decoder_config(d: &Bound<'_, PyDict>) -> PyResult<DecoderConfig> {
 fn rows_of(array: &PyReadonlyArray2<'_, f32>, width: usize) -> PyResult<(usize, Vec<f32>)> {
     let shape = array.shape();
     if shape[1] != width {
-        return Err(PyValueError::new_err(format!("expected hidden states of width {width}, got shape {shape:?}")));
+        return Err(PyValueError::new_err(format!("expected rows of width {width}, got shape {shape:?}")));
     }
     Ok((shape[0], array.as_array().iter().copied().collect()))
 }
@@ -272,22 +278,35 @@ impl PyDecoderSpan {
         PyKvCache { inner: Arc::new(Mutex::new(self.span.new_cache(max_len))) }
     }
 
-    /// Runs `(tokens, hidden)` states of one session through the span; returns the output.
+    /// Runs one session's next rows through the span: `(tokens, row_width_in)` in (the
+    /// hidden states, with Gemma 4's per-layer inputs and carried keys and values after them:
+    /// `DecoderConfig::row_width`), `(tokens, row_width_out)` out.
     fn forward<'py>(
         &self,
         py: Python<'py>,
         hidden: PyReadonlyArray2<'py, f32>,
         cache: &PyKvCache,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let d = self.span.config().hidden;
-        let (rows, mut data) = rows_of(&hidden, d)?;
+        let (rows, mut data) = rows_of(&hidden, self.span.row_width(0))?;
         let (span, pool, cache) = (Arc::clone(&self.span), Arc::clone(&self.pool), Arc::clone(&cache.inner));
         py.detach(|| {
             let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
             span.forward(&pool, &mut data, &mut [SeqChunk { cache: &mut cache, n_tokens: rows }])
         })
         .map_err(to_py_err)?;
-        to_array2(py, data, rows, d)
+        to_array2(py, data, rows, self.span.row_width(self.span.n_layers()))
+    }
+
+    /// Values per row entering the span (the hidden state alone for most models).
+    #[getter]
+    fn row_width_in(&self) -> usize {
+        self.span.row_width(0)
+    }
+
+    /// Values per row leaving the span.
+    #[getter]
+    fn row_width_out(&self) -> usize {
+        self.span.row_width(self.span.n_layers())
     }
 
     /// Runs several sessions in one pass: `hidden` stacks each session's rows in the order
@@ -298,8 +317,7 @@ impl PyDecoderSpan {
         hidden: PyReadonlyArray2<'py, f32>,
         entries: Vec<(PyRef<'py, PyKvCache>, usize)>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let d = self.span.config().hidden;
-        let (rows, mut data) = rows_of(&hidden, d)?;
+        let (rows, mut data) = rows_of(&hidden, self.span.row_width(0))?;
         let caches: Vec<(Arc<Mutex<KvCache>>, usize)> = entries.iter().map(|(c, n)| (Arc::clone(&c.inner), *n)).collect();
         for (i, (c, _)) in caches.iter().enumerate() {
             if caches[..i].iter().any(|(o, _)| Arc::ptr_eq(o, c)) {
@@ -315,7 +333,7 @@ impl PyDecoderSpan {
             span.forward(&pool, &mut data, &mut seqs)
         })
         .map_err(to_py_err)?;
-        to_array2(py, data, rows, d)
+        to_array2(py, data, rows, self.span.row_width(self.span.n_layers()))
     }
 }
 
@@ -391,6 +409,52 @@ impl PyOutputHead {
     }
 }
 
+/// Gemma 4's per-layer inputs, computed on the End node.
+#[pyclass(name = "PerLayerInputs", module = "meshpy._native", frozen)]
+pub struct PyPerLayerInputs {
+    inner: Arc<PerLayerInputs>,
+    pool: Arc<ThreadPool>,
+}
+
+#[pymethods]
+impl PyPerLayerInputs {
+    #[new]
+    fn new(
+        checkpoint: &PyCheckpoint,
+        table_name: &str,
+        proj_name: &str,
+        norm_name: &str,
+        width: usize,
+        eps: f32,
+        pool: &PyThreadPool,
+    ) -> PyResult<Self> {
+        let inner = PerLayerInputs::load(checkpoint.inner(), table_name, proj_name, norm_name, width, eps).map_err(to_py_err)?;
+        Ok(PyPerLayerInputs { inner: Arc::new(inner), pool: Arc::clone(&pool.pool) })
+    }
+
+    /// `(len(ids), n_layers * width)` per-layer inputs of tokens `ids`, whose scaled
+    /// embeddings are `embedded` `(len(ids), hidden)`.
+    fn compute<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u32>,
+        embedded: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let data: Vec<f32> = embedded.as_array().iter().copied().collect();
+        let (inner, pool, n) = (Arc::clone(&self.inner), Arc::clone(&self.pool), ids.len());
+        let out = py.detach(|| inner.compute(&pool, &ids, &data)).map_err(to_py_err)?;
+        to_array2(py, out, n, self.inner.row_width())
+    }
+}
+
+/// Values per row entering model layer `boundary` of a model with span settings `config`
+/// (`DecoderConfig::row_width`: the hidden size, or more for Gemma 4's per-layer inputs and
+/// carried keys and values).
+#[pyfunction]
+fn row_width(config: &Bound<'_, PyDict>, boundary: usize) -> PyResult<usize> {
+    Ok(decoder_config(config)?.row_width(boundary))
+}
+
 /// Registers the model classes.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyThreadPool>()?;
@@ -398,5 +462,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDecoderSpan>()?;
     m.add_class::<PyTokenEmbedding>()?;
     m.add_class::<PyOutputHead>()?;
+    m.add_class::<PyPerLayerInputs>()?;
+    m.add_function(wrap_pyfunction!(row_width, m)?)?;
     Ok(())
 }

@@ -287,7 +287,7 @@ impl PyNode {
     /// decoding. Raises WorkerError (its `code`, `recoverable`, `peer`) when the worker
     /// refuses or answers with something other than this request's result, ShapeError when
     /// the rows do not match the entries, NetworkError / RequestTimeoutError from the network.
-    #[pyo3(signature = (peer, model_hash, model_name, first_layer, layer_count, entries, hidden, wire_dtype = "f32", timeout = None))]
+    #[pyo3(signature = (peer, model_hash, model_name, first_layer, layer_count, entries, hidden, wire_dtype = "f32", timeout = None, width_out = None))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -301,18 +301,21 @@ impl PyNode {
         hidden: PyReadonlyArray2<'py, f32>,
         wire_dtype: &str,
         timeout: Option<f64>,
+        width_out: Option<usize>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let peer = parse_peer(peer)?;
         let StepArgs { model, wire, timeout, entries, data, rows, width } =
             StepArgs::parse(model_hash, model_name, wire_dtype, timeout, &entries, &hidden)?;
-        let hop = Hop { model: &model, span: Span { first_layer, layer_count }, entries: &entries, wire };
+        let width_out = width_out.unwrap_or(width);
+        let hop = Hop { model: &model, span: Span { first_layer, layer_count }, entries: &entries, wire, width_out };
         let out = py.detach(|| span::forward(&self.node, peer, hop, &data, width, timeout)).map_err(to_py_err)?;
-        PyArray1::from_vec(py, out).reshape([rows, width])
+        PyArray1::from_vec(py, out).reshape([rows, width_out])
     }
 
     /// forward_chain(route, model_hash, model_name, entries, hidden, wire_dtype="f32",
     /// timeout=None) -> (outputs, error): runs `hidden` through every hop of `route` (tuples
-    /// of peer id, its addresses as multiaddr strings, first layer, layer count) as a chained
+    /// of peer id, its addresses as multiaddr strings, first layer, layer count, and the width
+    /// of the rows it answers: `width_out` of `forward`) as a chained
     /// route: each worker passes its output to the next, and every worker's output comes
     /// back to this node. `outputs` are the hops' outputs in route order up to the first
     /// that failed, `error` that failure (the exception `forward` would raise) or None.
@@ -322,7 +325,7 @@ impl PyNode {
     fn forward_chain<'py>(
         &self,
         py: Python<'py>,
-        route: Vec<(String, Vec<String>, u32, u32)>,
+        route: Vec<(String, Vec<String>, u32, u32, usize)>,
         model_hash: &[u8],
         model_name: &str,
         entries: Vec<PyEntry>,
@@ -332,12 +335,13 @@ impl PyNode {
     ) -> PyResult<ChainAnswer<'py>> {
         let route = route
             .iter()
-            .map(|(peer, addrs, first_layer, layer_count)| {
+            .map(|(peer, addrs, first_layer, layer_count, width_out)| {
                 Ok(ChainHop {
                     peer: parse_peer(peer)?,
                     // Hints a provider gave about itself: one that does not parse is left out.
                     addrs: addrs.iter().filter_map(|a| a.parse().ok()).collect(),
                     span: Span { first_layer: *first_layer, layer_count: *layer_count },
+                    width_out: *width_out,
                 })
             })
             .collect::<PyResult<Vec<_>>>()?;
@@ -349,7 +353,8 @@ impl PyNode {
         let outputs = outcome
             .outputs
             .into_iter()
-            .map(|out| PyArray1::from_vec(py, out).reshape([rows, width]))
+            .zip(&route)
+            .map(|(out, hop)| PyArray1::from_vec(py, out).reshape([rows, hop.width_out]))
             .collect::<PyResult<Vec<_>>>()?;
         let error = outcome.failure.map(|(_, err)| to_py_err(err).into_value(py));
         Ok((outputs, error))

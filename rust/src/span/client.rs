@@ -27,6 +27,9 @@ pub struct Hop<'a> {
     pub entries: &'a [Entry],
     /// How hidden states travel.
     pub wire: DType,
+    /// Values per row of the answer: the hidden size, or wider rows for a model that sends
+    /// more beside the hidden states (`DecoderConfig::row_width`).
+    pub width_out: usize,
 }
 
 /// Runs `hidden` (row-major f32, `width` per row, one row per token of `hop.entries` in
@@ -38,6 +41,7 @@ pub struct Hop<'a> {
 /// result of this request (other entries, another shape, another kind of frame).
 pub fn forward(node: &NodeHandle, peer: PeerId, hop: Hop<'_>, hidden: &[f32], width: usize, timeout: Option<Duration>) -> Result<Vec<f32>> {
     let shape = shape_of(hop.entries, hidden, width)?;
+    let answer = Shape::matrix(shape.dims()[0], u32::try_from(hop.width_out).map_err(|_| Error::Shape("width out of range".into()))?);
     let frame = Message::Forward(Forward {
         model: hop.model.clone(),
         span: hop.span,
@@ -46,7 +50,7 @@ pub fn forward(node: &NodeHandle, peer: PeerId, hop: Hop<'_>, hidden: &[f32], wi
     })
     .encode()?;
     let reply = node.request(peer, frame, timeout)?;
-    output_of(node, peer, &reply, hop.entries, shape)
+    output_of(node, peer, &reply, hop.entries, answer)
 }
 
 /// One worker of a chained route: who, where it may be dialed, and which layers it runs.
@@ -59,6 +63,8 @@ pub struct ChainHop {
     pub addrs: Vec<Multiaddr>,
     /// The layers it runs.
     pub span: Span,
+    /// Values per row of its answer (see [`Hop::width_out`]).
+    pub width_out: usize,
 }
 
 /// What a chained forward gave: each hop's output in route order, up to the first hop that
@@ -125,7 +131,8 @@ pub fn forward_chain(
     }
     let mut outputs = Vec::with_capacity(route.len());
     for (i, (hop, request)) in route.iter().zip(pending).enumerate() {
-        match request.and_then(|r| r.wait()).and_then(|reply| output_of(node, hop.peer, &reply, entries, shape)) {
+        let answer = Shape::matrix(shape.dims()[0], u32::try_from(hop.width_out).map_err(|_| Error::Shape("width out of range".into()))?);
+        match request.and_then(|r| r.wait()).and_then(|reply| output_of(node, hop.peer, &reply, entries, answer)) {
             Ok(values) => outputs.push(values),
             Err(err) => return Ok(ChainOutcome { outputs, failure: Some((i, err)) }),
         }

@@ -47,7 +47,7 @@ fn a_hop_returns_what_the_worker_computes_and_refusals_carry_their_code() {
     let mut rng = TestRng::new(11);
     let (prompt, step) = (rng.gaussians(5 * TINY_HIDDEN), rng.gaussians(TINY_HIDDEN));
     let m = model();
-    let hop = |entries: &'static [Entry], wire: DType| Hop { model: &m, span: WHOLE, entries, wire };
+    let hop = |entries: &'static [Entry], wire: DType| Hop { model: &m, span: WHOLE, entries, wire, width_out: TINY_HIDDEN };
 
     // Session 1 through the network; session 2, the same inputs, straight into the handler.
     let got = [
@@ -90,7 +90,7 @@ fn a_hop_returns_what_the_worker_computes_and_refusals_carry_their_code() {
     assert!(code.recoverable());
     // Another model: wrong_model, which no provider of these layers can fix.
     let other = ModelId { hash: [4; 32], name: "other".into() };
-    let wrong = forward(&client, worker.peer_id(), Hop { model: &other, span: WHOLE, entries: &[Entry { session: SessionId(5), step: 0, start_pos: 0, n_tokens: 1 }], wire: DType::F32 }, &step, TINY_HIDDEN, TIMEOUT);
+    let wrong = forward(&client, worker.peer_id(), Hop { model: &other, span: WHOLE, entries: &[Entry { session: SessionId(5), step: 0, start_pos: 0, n_tokens: 1 }], wire: DType::F32, width_out: TINY_HIDDEN }, &step, TINY_HIDDEN, TIMEOUT);
     let code = refusal(wrong.unwrap_err());
     assert_eq!(code, ErrorCode::WrongModel);
     assert!(!code.recoverable());
@@ -124,7 +124,7 @@ fn an_answer_of_another_shape_is_refused_as_the_peers_fault() {
     let (worker, client, _dirs) = pair(Arc::new(WideAnswers));
     let m = model();
     let entries = [entry(1, 0, 0, 3)];
-    let hop = Hop { model: &m, span: WHOLE, entries: &entries, wire: DType::F32 };
+    let hop = Hop { model: &m, span: WHOLE, entries: &entries, wire: DType::F32, width_out: TINY_HIDDEN };
     match forward(&client, worker.peer_id(), hop, &vec![0.0; 3 * TINY_HIDDEN], TINY_HIDDEN, TIMEOUT) {
         Err(Error::Worker { code: ErrorCode::InvalidRequest, message, .. }) => {
             assert!(message.contains("shape"), "{message}");
@@ -154,7 +154,7 @@ fn a_chained_route_gives_every_hops_output_as_hop_by_hop_calls_do() {
     let route: Vec<ChainHop> = workers
         .iter()
         .enumerate()
-        .map(|(l, w)| ChainHop { peer: w.peer_id(), addrs: w.listen_addrs().unwrap(), span: Span { first_layer: l as u32, layer_count: 1 } })
+        .map(|(l, w)| ChainHop { peer: w.peer_id(), addrs: w.listen_addrs().unwrap(), span: Span { first_layer: l as u32, layer_count: 1 }, width_out: TINY_HIDDEN })
         .collect();
     let m = model();
     let mut rng = TestRng::new(5);
@@ -164,7 +164,7 @@ fn a_chained_route_gives_every_hops_output_as_hop_by_hop_calls_do() {
         let mut outs: Vec<Vec<f32>> = Vec::new();
         for (hop, w) in route.iter().zip(&workers) {
             let input = outs.last().map_or(x, |o| o.as_slice());
-            let h = Hop { model: &m, span: hop.span, entries, wire: DType::F32 };
+            let h = Hop { model: &m, span: hop.span, entries, wire: DType::F32, width_out: TINY_HIDDEN };
             let out = forward(&client, w.peer_id(), h, input, TINY_HIDDEN, TIMEOUT).unwrap();
             outs.push(out);
         }
@@ -181,7 +181,7 @@ fn a_chained_route_gives_every_hops_output_as_hop_by_hop_calls_do() {
     }
 
     // A stale step (older than one that ran) is refused, not run over the newer cache.
-    let stale = forward(&client, workers[0].peer_id(), Hop { model: &m, span: route[0].span, entries: &[entry(1, 0, 0, 4)], wire: DType::F32 }, &prompt, TINY_HIDDEN, TIMEOUT);
+    let stale = forward(&client, workers[0].peer_id(), Hop { model: &m, span: route[0].span, entries: &[entry(1, 0, 0, 4)], wire: DType::F32, width_out: TINY_HIDDEN }, &prompt, TINY_HIDDEN, TIMEOUT);
     assert!(matches!(stale, Err(Error::Worker { code: ErrorCode::StepMismatch, ref message, .. }) if message.contains("older")), "{stale:?}");
 
     // A relay that would loop back or skip layers is refused before anything runs.

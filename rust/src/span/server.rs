@@ -270,8 +270,8 @@ impl SpanHandler {
     /// KV bytes one more position of a session running `span` costs at most (all its layers;
     /// sliding-window layers give theirs back once they drop old positions).
     fn bytes_per_position(&self, span: Span) -> u64 {
-        let cfg = self.span.config();
-        2 * u64::from(span.layer_count) * (cfg.n_kv_heads * cfg.head_dim * self.span.kv_dtype().size()) as u64
+        let first = (span.first_layer - self.span.first_layer() as u32) as usize;
+        self.span.kv_bytes_per_position(first..first + span.layer_count as usize) as u64
     }
 
     fn max_positions(&self) -> usize {
@@ -321,15 +321,22 @@ impl SpanHandler {
                 ),
             ));
         }
-        let width = self.span.config().hidden;
+        // The rows entering the asked layers: hidden states, and for Gemma 4 per-layer inputs
+        // and carried keys and values (`DecoderConfig::row_width`).
+        let first = (req.span.first_layer - mine.first_layer) as usize;
+        let width = self.span.row_width(first);
         let shape = req.hidden.shape();
         if shape.dims().last().copied() != Some(width as u32) {
             return Err(refuse(
                 ErrorCode::InvalidRequest,
                 first_session,
-                format!("hidden states of shape {:?}; this model's width is {width}", shape.dims()),
+                format!("hidden states of shape {:?}; rows entering layer {} of this model are {width} wide", shape.dims(), req.span.first_layer),
             ));
         }
+        // The answer's rows are as wide as those leaving the asked layers.
+        let mut dims = shape.dims().to_vec();
+        *dims.last_mut().expect("checked above") = self.span.row_width(first + req.span.layer_count as usize) as u32;
+        let shape = Shape::new(&dims).map_err(|e| internal(&e.to_string()))?;
         let view = req.hidden.as_view().ok_or_else(|| internal("a decoded tensor is not a view"))?;
         let total_tokens: u64 = req.entries.iter().map(|e| u64::from(e.n_tokens)).sum();
         let sessions = self.admit(peer, &req.entries, req.span, total_tokens)?;
@@ -374,13 +381,13 @@ impl SpanHandler {
         let entries = group.iter().map(|(job, _)| job.input.entries.len()).sum();
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(entries);
         let mut hidden: Vec<f32> = group.iter().flat_map(|(job, _)| job.input.hidden.iter().copied()).collect();
+        let first = (span.first_layer - self.span.first_layer() as u32) as usize;
         let result = {
             let mut seqs: Vec<SeqChunk> = group
                 .iter_mut()
                 .flat_map(|(job, locked)| locked.guards.iter_mut().zip(&job.input.entries))
                 .map(|(g, e)| SeqChunk { cache: &mut g.cache, n_tokens: e.n_tokens as usize })
                 .collect();
-            let first = (span.first_layer - self.span.first_layer() as u32) as usize;
             self.span.forward_layers(&self.pool, &mut hidden, &mut seqs, first..first + span.layer_count as usize)
         };
         if let Err(err) = result {
@@ -397,9 +404,10 @@ impl SpanHandler {
         }
         let now = Instant::now();
         let mut rows = hidden.as_slice();
+        let width_out = self.span.row_width(first + span.layer_count as usize);
         for (job, mut locked) in group {
             let q = &job.input;
-            let (mine, rest) = rows.split_at(q.hidden.len());
+            let (mine, rest) = rows.split_at(q.total_tokens as usize * width_out);
             rows = rest;
             let held: Vec<u64> = locked.guards.iter().map(|g| held_bytes(&g.cache)).collect();
             let grown = held.iter().sum::<u64>() as i64 - locked.held_before;

@@ -1,0 +1,156 @@
+"""Gemma 4 (python/meshpy/models/gemma4.py on the decoder span of rust/src/model/decoder.rs)
+against transformers on tiny random f32 checkpoints (tests/fixtures/tiny_gemma4.py): the dense
+31B-style model (wider global heads, `attention_k_eq_v`, proportional RoPE, `layer_scalar`,
+soft-capped logits) and the E2B-style one (per-layer inputs, KV-shared layers, the double-wide
+MLP), split into spans (also inside a KV-sharing group) and over mesh workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshpy import _native
+from meshpy.models import gemma4
+from meshpy.models.config import read_config
+from meshpy.models.source import open_model_source
+from meshpy.pipeline import LocalSpan
+from tests import family_checks as checks
+from tests.conftest import DATA
+from tests.fixtures import tiny_gemma4
+
+VARIANTS = ["tiny-gemma4", "tiny-gemma4-ple"]
+
+
+def test_config_reads_the_global_layers_own_shapes_and_rope() -> None:
+    cfg = read_config(open_model_source(DATA / "tiny-gemma4"))
+    assert cfg.architecture == "Gemma4ForCausalLM"
+    assert (cfg.head_dim, cfg.global_head_dim, cfg.n_kv_heads, cfg.global_n_kv_heads) == (16, 32, 2, 1)
+    assert cfg.attn_scale == 1.0 and cfg.v_norm and cfg.norm_offset == 0.0 and cfg.final_logit_softcap == 5.0
+    assert cfg.layer_sliding == (True, True, False, True, False)
+    # attention_k_eq_v: a global layer has no v_proj (values are the keys' projection).
+    assert "attn_v" not in cfg.layer_names(2) and cfg.layer_names(1)["attn_v"].endswith("v_proj.weight")
+    assert cfg.layer_names(0)["layer_output_scale"] == "model.layers.0.layer_scalar"
+    # Proportional RoPE: a quarter of the global head's pairs rotate, over the whole head's
+    # exponent (theta^(-2i/32)); the sliding layers rotate all 8 of theirs.
+    np.testing.assert_allclose(cfg.rope_inv_freq[:4], 1e6 ** (-np.arange(0, 8, 2) / 32), rtol=1e-6)
+    assert cfg.rope_inv_freq.size == 16 and not cfg.rope_inv_freq[4:].any()
+    np.testing.assert_allclose(cfg.rope_local_inv_freq, 1e4 ** (-np.arange(0, 16, 2) / 16), rtol=1e-6)
+    assert cfg.row_widths == (64,) * 6
+
+
+def test_kv_sharing_and_per_layer_inputs_set_what_crosses_each_boundary() -> None:
+    """The last 3 layers share the last earlier layer of their type (transformers'
+    `store_full_length_kv`: sliding 1, global 2), own no k/v tensors, and their MLPs are twice
+    as wide. A boundary's rows carry the hidden state, the per-layer inputs of the layers
+    after it, and the sources' keys and values that layers after it share."""
+    source = open_model_source(DATA / "tiny-gemma4-ple")
+    cfg = read_config(source)
+    assert cfg.kv_source == (None, None, None, 1, 1, 2)
+    assert "attn_k" not in cfg.layer_names(3) and "attn_k_norm" not in cfg.layer_names(5)
+    assert cfg.per_layer_input == 8
+    assert cfg.layer_names(0)["ple_gate"] == "model.layers.0.per_layer_input_gate.weight"
+    sliding_kv, global_kv = 2 * 16, 2 * 32  # keys and values of one KV head of 16 / of 32
+    assert cfg.row_widths == (
+        64 + 6 * 8,
+        64 + 5 * 8,
+        64 + 4 * 8 + sliding_kv,
+        64 + 3 * 8 + sliding_kv + global_kv,
+        64 + 2 * 8 + sliding_kv + global_kv,
+        64 + 1 * 8 + global_kv,
+        64,
+    )
+    assert gemma4.kv_sources((True, False, True, False, True, False), 2) == (None, None, None, None, 2, 3)
+    pool = _native.ThreadPool(1)
+    # A span of the sharing layers keeps a mirror of each source (f32 here), no cache of its own.
+    tail = LocalSpan(source, cfg, range(3, 6), pool)
+    assert tail.new_cache(8).bytes_per_position == (sliding_kv + global_kv) * 4
+    whole = LocalSpan(source, cfg, range(0, 6), pool)
+    assert whole.new_cache(8).bytes_per_position == (sliding_kv + sliding_kv + global_kv) * 4
+    assert (whole.native.row_width_in, whole.native.row_width_out) == (112, 64)
+    with pytest.raises(ValueError, match="rows of width 184"):
+        tail.forward(np.zeros((2, 112), np.float32), tail.new_cache(8))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_stored_transformers_reference(variant: str) -> None:
+    """A 96-token prefill (past the window of 8) and 16 decode steps, against transformers
+    run in float64 (see tiny_gemma4.reference_logits). Measured: 1.2e-5 (tiny-gemma4) and
+    3.0e-5 (-ple); against transformers' float32 run, 2.9e-5 and 5.4e-5."""
+    checks.check_stored_reference(DATA / variant)
+
+
+@checks.live_transformers
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_logits_match_live_transformers(tmp_path: Path, seed: int, variant: str) -> None:
+    model_dir = tiny_gemma4.build_checkpoint(tmp_path / "tiny", seed=seed, variant=variant)
+    checks.check_live_transformers(model_dir, tiny_gemma4.reference_logits)
+
+
+def test_two_and_three_spans_give_the_same_greedy_tokens_also_inside_a_kv_sharing_group() -> None:
+    """Cut at 3 (between the sources 1, 2 and their sharers 3..5) and at 2 and 4 (source 1
+    before the cut, source 2 after; sharers on both sides of 4): the carried keys and values
+    give bit-equal logits."""
+    checks.check_spans_give_the_same_tokens(
+        DATA / "tiny-gemma4-ple",
+        n_spans=(2, 3),
+        layers={2: [range(0, 3), range(3, 6)], 3: [range(0, 2), range(2, 4), range(4, 6)]},
+    )
+    checks.check_spans_give_the_same_tokens(DATA / "tiny-gemma4", n_spans=(2, 3))
+
+
+def test_a_batch_of_sessions_equals_each_session_alone() -> None:
+    """Rows with per-layer inputs, through the KV-sharing layers (a mirror of each source
+    filled from the carried columns): two sessions in one call, bit-equal to each alone."""
+    source = open_model_source(DATA / "tiny-gemma4-ple")
+    config = read_config(source)
+    span = LocalSpan(source, config, range(3, 6), _native.ThreadPool(2)).native
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, span.row_width_in)).astype(np.float32) for n in (20, 7))
+    steps = rng.standard_normal((2, 1, span.row_width_in)).astype(np.float32)
+    alone = []
+    for prompt, step in zip((a, b), steps):
+        cache = span.new_cache(64)
+        alone.append((span.forward(prompt, cache), span.forward(step, cache)))
+    caches = [span.new_cache(64), span.new_cache(64)]
+    prefill = span.forward_batch(np.concatenate([a, b]), [(caches[0], 20), (caches[1], 7)])
+    decode = span.forward_batch(np.concatenate(list(steps)), [(caches[0], 1), (caches[1], 1)])
+    np.testing.assert_array_equal(prefill[:20], alone[0][0])
+    np.testing.assert_array_equal(prefill[20:], alone[1][0])
+    np.testing.assert_array_equal(decode[:1], alone[0][1])
+    np.testing.assert_array_equal(decode[1:], alone[1][1])
+
+
+@pytest.mark.timeout(180)
+def test_workers_split_inside_a_kv_sharing_group_give_the_one_process_greedy_tokens(tmp_path: Path) -> None:
+    """Over two and three in-process workers on 127.0.0.1 (chained and star routes,
+    speculation): the frames carry the per-layer inputs and the shared keys and values, f32,
+    so the tokens equal exactly."""
+    checks.check_mesh_gives_the_one_process_tokens(DATA / "tiny-gemma4-ple", ["0-3", "4-5"], tmp_path / "two")
+    checks.check_mesh_gives_the_one_process_tokens(DATA / "tiny-gemma4-ple", ["0-1", "2-4", "5-5"], tmp_path / "three")
+
+
+def test_a_global_layer_s_v_proj_is_refused_under_attention_k_eq_v(tmp_path: Path) -> None:
+    """With `attention_k_eq_v` a global layer's values are its keys' projection: a v_proj
+    there would never run, so it is refused, named."""
+    checks.check_an_unused_tensor_is_refused(
+        DATA / "tiny-gemma4", tmp_path / "extra-v", "model.layers.2.self_attn.v_proj.weight", (32, 64)
+    )
+
+
+def test_a_shared_layer_s_own_kv_tensors_are_ignored_as_transformers_ignores_them(tmp_path: Path) -> None:
+    """transformers drops a KV-shared layer's k/v tensors at load
+    (`_keys_to_ignore_on_load_unexpected`); so does meshpy: same logits."""
+    from safetensors.numpy import load_file, save_file
+
+    import shutil
+
+    shutil.copytree(DATA / "tiny-gemma4-ple", tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    tensors["model.layers.4.self_attn.k_proj.weight"] = np.ones((16, 64), np.float32)
+    save_file(tensors, tmp_path / "m" / "model.safetensors")
+    cfg = read_config(open_model_source(tmp_path / "m"))
+    assert "attn_k" not in cfg.layer_names(4)
+    checks.assert_logits_close(checks.prefill_and_decode(tmp_path / "m"), checks.stored_reference(DATA / "tiny-gemma4-ple"))
