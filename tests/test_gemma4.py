@@ -1,8 +1,9 @@
 """Gemma 4 (python/meshpy/models/gemma4.py on the decoder span of rust/src/model/decoder.rs)
 against transformers on tiny random f32 checkpoints (tests/fixtures/tiny_gemma4.py): the dense
 31B-style model (wider global heads, `attention_k_eq_v`, proportional RoPE, `layer_scalar`,
-soft-capped logits) and the E2B-style one (per-layer inputs, KV-shared layers, the double-wide
-MLP), split into spans (also inside a KV-sharing group) and over mesh workers."""
+soft-capped logits), the E2B-style one (per-layer inputs, KV-shared layers, the double-wide
+MLP) and the 26B-A4B-style one (experts beside the dense MLP), split into spans (also inside a
+KV-sharing group) and over mesh workers."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests import family_checks as checks
 from tests.conftest import DATA
 from tests.fixtures import tiny_gemma4
 
-VARIANTS = ["tiny-gemma4", "tiny-gemma4-ple"]
+VARIANTS = ["tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe"]
 
 
 def test_config_reads_the_global_layers_own_shapes_and_rope() -> None:
@@ -76,8 +77,9 @@ def test_kv_sharing_and_per_layer_inputs_set_what_crosses_each_boundary() -> Non
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_stored_transformers_reference(variant: str) -> None:
     """A 96-token prefill (past the window of 8) and 16 decode steps, against transformers
-    run in float64 (see tiny_gemma4.reference_logits). Measured: 1.2e-5 (tiny-gemma4) and
-    3.0e-5 (-ple); against transformers' float32 run, 2.9e-5 and 5.4e-5."""
+    run in float64 (see tiny_gemma4.reference_logits). Measured: 1.2e-5 (tiny-gemma4), 3.0e-5
+    (-ple), 9.8e-6 (-moe); against transformers' float32 run, 2.9e-5 and 5.4e-5 for the first
+    two."""
     checks.check_stored_reference(DATA / variant)
 
 
@@ -87,6 +89,16 @@ def test_logits_match_stored_transformers_reference(variant: str) -> None:
 def test_logits_match_live_transformers(tmp_path: Path, seed: int, variant: str) -> None:
     model_dir = tiny_gemma4.build_checkpoint(tmp_path / "tiny", seed=seed, variant=variant)
     checks.check_live_transformers(model_dir, tiny_gemma4.reference_logits)
+
+
+def test_config_reads_the_experts_beside_the_dense_mlp() -> None:
+    cfg = read_config(open_model_source(DATA / "tiny-gemma4-moe"))
+    assert cfg.moe is not None and (cfg.moe.n_experts, cfg.moe.n_experts_used, cfg.moe.norm_topk_prob) == (8, 2, True)
+    layer = cfg.layer_names(3)
+    assert layer["ffn_gate_up_exps"] == "model.layers.3.experts.gate_up_proj"
+    assert layer["ffn_down_exps_scale"] == "model.layers.3.router.per_expert_scale"
+    assert layer["ffn_gate"] == "model.layers.3.mlp.gate_proj.weight"  # the dense MLP runs too
+    assert {"ffn_post_norm_1", "ffn_pre_norm_2", "ffn_post_norm_2", "ffn_post_norm"} <= set(layer)
 
 
 def test_two_and_three_spans_give_the_same_greedy_tokens_also_inside_a_kv_sharing_group() -> None:
@@ -99,14 +111,17 @@ def test_two_and_three_spans_give_the_same_greedy_tokens_also_inside_a_kv_sharin
         layers={2: [range(0, 3), range(3, 6)], 3: [range(0, 2), range(2, 4), range(4, 6)]},
     )
     checks.check_spans_give_the_same_tokens(DATA / "tiny-gemma4", n_spans=(2, 3))
+    checks.check_spans_give_the_same_tokens(DATA / "tiny-gemma4-moe", n_spans=(2, 3))
 
 
-def test_a_batch_of_sessions_equals_each_session_alone() -> None:
+@pytest.mark.parametrize(("variant", "layers"), [("tiny-gemma4-ple", range(3, 6)), ("tiny-gemma4-moe", range(0, 4))])
+def test_a_batch_of_sessions_equals_each_session_alone(variant: str, layers: range) -> None:
     """Rows with per-layer inputs, through the KV-sharing layers (a mirror of each source
-    filled from the carried columns): two sessions in one call, bit-equal to each alone."""
-    source = open_model_source(DATA / "tiny-gemma4-ple")
+    filled from the carried columns), or through experts beside the dense MLP: two sessions in
+    one call, bit-equal to each alone."""
+    source = open_model_source(DATA / variant)
     config = read_config(source)
-    span = LocalSpan(source, config, range(3, 6), _native.ThreadPool(2)).native
+    span = LocalSpan(source, config, layers, _native.ThreadPool(2)).native
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, span.row_width_in)).astype(np.float32) for n in (20, 7))
     steps = rng.standard_normal((2, 1, span.row_width_in)).astype(np.float32)
@@ -130,6 +145,7 @@ def test_workers_split_inside_a_kv_sharing_group_give_the_one_process_greedy_tok
     so the tokens equal exactly."""
     checks.check_mesh_gives_the_one_process_tokens(DATA / "tiny-gemma4-ple", ["0-3", "4-5"], tmp_path / "two")
     checks.check_mesh_gives_the_one_process_tokens(DATA / "tiny-gemma4-ple", ["0-1", "2-4", "5-5"], tmp_path / "three")
+    checks.check_mesh_gives_the_one_process_tokens(DATA / "tiny-gemma4-moe", ["0-1", "2-3"], tmp_path / "moe")
 
 
 def test_a_global_layer_s_v_proj_is_refused_under_attention_k_eq_v(tmp_path: Path) -> None:

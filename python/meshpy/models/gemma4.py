@@ -18,7 +18,9 @@ modeling_gemma4.py (docs/gemma4-reading-notes.md has the details and line citati
 - per-layer inputs (E2B/E4B, `hidden_size_per_layer_input`): computed by the End model from the
   token ids and the scaled embedding (`_native.PerLayerInputs`), carried with the hidden states
   to the spans, which add `post_norm(proj(gelu_tanh(gate(x)) * input))` after each MLP;
-- the final logits soft-capped: `cap * tanh(logits / cap)` (`final_logit_softcapping`).
+- the final logits soft-capped: `cap * tanh(logits / cap)` (`final_logit_softcapping`);
+- the 26B-A4B block (`enable_moe_block`): experts beside each layer's dense MLP, routed from
+  the raw residual (Gemma4TextRouter), three more norms (`Ffn::Parallel` in decoder.rs).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 
 from meshpy.errors import CheckpointFormatError
 from meshpy.models import gemma3, llama, rope
-from meshpy.models.config import ModelConfig, check_layer_tensors, sliding_layers
+from meshpy.models.config import ModelConfig, MoeSettings, check_layer_tensors, sliding_layers
 
 if TYPE_CHECKING:
     from meshpy.models.source import ModelSource
@@ -56,6 +58,17 @@ _HF_MLP = {
     "ffn_down": "layers.{i}.mlp.down_proj.weight",
     "ffn_post_norm": "layers.{i}.post_feedforward_layernorm.weight",
     "layer_output_scale": "layers.{i}.layer_scalar",
+}
+# The 26B-A4B block (`enable_moe_block`): experts beside the dense MLP, three more norms.
+_HF_MOE = {
+    "ffn_gate_inp": "layers.{i}.router.proj.weight",
+    "ffn_gate_inp_scale": "layers.{i}.router.scale",
+    "ffn_down_exps_scale": "layers.{i}.router.per_expert_scale",
+    "ffn_gate_up_exps": "layers.{i}.experts.gate_up_proj",
+    "ffn_down_exps": "layers.{i}.experts.down_proj",
+    "ffn_post_norm_1": "layers.{i}.post_feedforward_layernorm_1.weight",
+    "ffn_pre_norm_2": "layers.{i}.pre_feedforward_layernorm_2.weight",
+    "ffn_post_norm_2": "layers.{i}.post_feedforward_layernorm_2.weight",
 }
 _HF_PER_LAYER = {
     "ple_gate": "layers.{i}.per_layer_input_gate.weight",
@@ -115,8 +128,6 @@ def read_config(source: ModelSource) -> ModelConfig:
     cfg, prefix = _text_config(source)
     where = str(source.path)
     get = lambda key: llama._get(cfg, key, where)  # noqa: E731 - one-line accessor
-    if cfg.get("enable_moe_block"):
-        raise CheckpointFormatError(f"{where}: Gemma 4's mixture-of-experts block (26B-A4B) is not supported yet")
     if cfg.get("use_bidirectional_attention") == "all":
         raise CheckpointFormatError(f"{where}: bidirectional attention is not supported")
     if cfg.get("attention_bias"):
@@ -136,6 +147,13 @@ def read_config(source: ModelSource) -> ModelConfig:
     sources = kv_sources(sliding, int(cfg.get("num_kv_shared_layers") or 0))
     params = {**_DEFAULT_ROPE, **(cfg.get("rope_parameters") or {})}
     per_layer_input = int(cfg.get("hidden_size_per_layer_input") or 0)
+    # Gemma4TextRouter: softmax over every expert, the top k renormalized, then each times its
+    # per_expert_scale (the scale rides on the `ffn_down_exps_scale` role).
+    moe = (
+        MoeSettings(n_experts=int(get("num_experts")), n_experts_used=int(get("top_k_experts")), norm_topk_prob=True)
+        if cfg.get("enable_moe_block")
+        else None
+    )
 
     names = set(source.checkpoint.tensor_names())
     layers = []
@@ -147,6 +165,8 @@ def read_config(source: ModelSource) -> ModelConfig:
                 del patterns["attn_v"]
         if per_layer_input:
             patterns.update(_HF_PER_LAYER)
+        if moe is not None:
+            patterns.update(_HF_MOE)
         roles = {r: prefix + p.format(i=i) for r, p in patterns.items()}
         # transformers ignores a shared layer's own k/v tensors (`_keys_to_ignore_on_load_unexpected`).
         ignored = {prefix + p.format(i=i) for p in _HF_OWN_KV.values()} if sources[i] is not None else set()
@@ -202,6 +222,7 @@ def read_config(source: ModelSource) -> ModelConfig:
         if per_layer_input
         else None,
         final_logit_softcap=float(softcap) if softcap else None,
+        moe=moe,
     )
 
 

@@ -307,15 +307,57 @@ enum Ffn {
     Dense { gate: QMatrix, up: QMatrix, down: QMatrix },
     /// A mixture of experts (see `model::moe`).
     Moe(MoeBlock),
+    /// Gemma 4's 26B-A4B block (Gemma4TextDecoderLayer with `enable_moe_block`): the dense MLP
+    /// on the `ffn_norm`-normed residual and the experts on the `moe_norm`-normed one side by
+    /// side, each output RMS-normed (`dense_post_norm`, `moe_post_norm`), and their sum normed
+    /// by the layer's `ffn_post_norm` before the residual add.
+    Parallel {
+        gate: QMatrix,
+        up: QMatrix,
+        down: QMatrix,
+        moe: MoeBlock,
+        dense_post_norm: Vec<f32>,
+        moe_norm: Vec<f32>,
+        moe_post_norm: Vec<f32>,
+    },
 }
 
 impl Ffn {
     fn matrices(&self) -> Vec<&QMatrix> {
         match self {
             Ffn::Dense { gate, up, down } => vec![gate, up, down],
-            Ffn::Moe(moe) => std::iter::once(&moe.router).chain(moe.experts.iter().flat_map(|e| [&e.gate, &e.up, &e.down])).collect(),
+            Ffn::Moe(moe) => moe_matrices(moe).collect(),
+            Ffn::Parallel { gate, up, down, moe, .. } => [gate, up, down].into_iter().chain(moe_matrices(moe)).collect(),
         }
     }
+
+    /// The dense MLP's gate, up and down, if the block has one.
+    fn dense(&self) -> Option<[&QMatrix; 3]> {
+        match self {
+            Ffn::Dense { gate, up, down } | Ffn::Parallel { gate, up, down, .. } => Some([gate, up, down]),
+            Ffn::Moe(_) => None,
+        }
+    }
+
+    /// The experts, if the block has them.
+    fn moe(&self) -> Option<&MoeBlock> {
+        match self {
+            Ffn::Moe(moe) | Ffn::Parallel { moe, .. } => Some(moe),
+            Ffn::Dense { .. } => None,
+        }
+    }
+
+    /// The block's norm weights beyond the layer's (Gemma 4's three).
+    fn norms(&self) -> usize {
+        match self {
+            Ffn::Parallel { dense_post_norm, moe_norm, moe_post_norm, .. } => dense_post_norm.len() + moe_norm.len() + moe_post_norm.len(),
+            _ => 0,
+        }
+    }
+}
+
+fn moe_matrices(moe: &MoeBlock) -> impl Iterator<Item = &QMatrix> {
+    std::iter::once(&moe.router).chain(moe.experts.iter().flat_map(|e| [&e.gate, &e.up, &e.down]))
 }
 
 impl DecoderLayer {
@@ -382,7 +424,19 @@ impl DecoderLayer {
                 let moe = cfg.moe.as_ref().ok_or_else(|| {
                     Error::InvalidArgument(format!("layer {layer} names a router (ffn_gate_inp) but the config has no experts"))
                 })?;
-                Ffn::Moe(MoeBlock::load(&mut t, moe, cfg.hidden)?)
+                if t.has("ffn_pre_norm_2") {
+                    Ffn::Parallel {
+                        gate: t.matrix("ffn_gate")?,
+                        up: t.matrix("ffn_up")?,
+                        down: t.matrix("ffn_down")?,
+                        moe: MoeBlock::load(&mut t, moe, cfg.hidden)?,
+                        dense_post_norm: t.vector("ffn_post_norm_1", cfg.hidden)?,
+                        moe_norm: t.vector("ffn_pre_norm_2", cfg.hidden)?,
+                        moe_post_norm: t.vector("ffn_post_norm_2", cfg.hidden)?,
+                    }
+                } else {
+                    Ffn::Moe(MoeBlock::load(&mut t, moe, cfg.hidden)?)
+                }
             } else {
                 Ffn::Dense { gate: t.matrix("ffn_gate")?, up: t.matrix("ffn_up")?, down: t.matrix("ffn_down")? }
             },
@@ -404,7 +458,7 @@ impl DecoderLayer {
             }
         }
         expect_shape(&layer.wo, "attn_output", cfg.hidden, q_dim)?;
-        if let Ffn::Dense { gate, up, down } = &layer.ffn {
+        if let Some([gate, up, down]) = layer.ffn.dense() {
             expect_shape(gate, "ffn_gate", gate.rows(), cfg.hidden)?;
             expect_shape(up, "ffn_up", gate.rows(), cfg.hidden)?;
             expect_shape(down, "ffn_down", cfg.hidden, gate.rows())?;
@@ -432,6 +486,7 @@ impl DecoderLayer {
             + self.attn_norm.len()
             + self.ffn_norm.len()
             + self.per_layer.as_ref().map_or(0, |p| p.post_norm.len())
+            + self.ffn.norms()
             + usize::from(self.output_scale.is_some());
         self.matrices().map(QMatrix::nbytes).sum::<usize>() + 4 * vectors
     }
@@ -528,18 +583,8 @@ impl DecoderSpan {
             layers.push(DecoderLayer::load(checkpoint, &cfg, first_layer + layers.len(), names)?);
             on_layer(layers.len());
         }
-        let dense = || {
-            layers.iter().filter_map(|l| match &l.ffn {
-                Ffn::Dense { gate, up, down } => Some([gate, up, down]),
-                Ffn::Moe(_) => None,
-            })
-        };
-        let moes = || {
-            layers.iter().filter_map(|l| match &l.ffn {
-                Ffn::Moe(moe) => Some(moe),
-                Ffn::Dense { .. } => None,
-            })
-        };
+        let dense = || layers.iter().filter_map(|l| l.ffn.dense());
+        let moes = || layers.iter().filter_map(|l| l.ffn.moe());
         let per_layer = || layers.iter().filter_map(|l| l.per_layer.as_ref());
         let act_shapes = ActShapes {
             attn_in: union_shapes(layers.iter().flat_map(|l| [Some(&l.wq), l.wk.as_ref(), l.wv.as_ref()]).flatten()),
@@ -790,11 +835,13 @@ impl DecoderSpan {
         let mut v = vec![0f32; n_tok * kvd];
         let mut att = vec![0f32; n_tok * qd];
         // Attention or MLP output awaiting its post-norm (Gemma 3), when a layer has one.
-        let has_post = run_layers.iter().any(|l| l.attn_post_norm.is_some() || l.ffn_post_norm.is_some() || l.per_layer.is_some());
+        let has_post = run_layers.iter().any(|l| {
+            l.attn_post_norm.is_some() || l.ffn_post_norm.is_some() || l.per_layer.is_some() || matches!(l.ffn, Ffn::Parallel { .. })
+        });
         let mut post = vec![0f32; if has_post { n_tok * d } else { 0 }];
         // A mixture-of-experts layer runs `n_used` rows ("slots") per token, grouped by expert;
         // its gate/up products share the dense MLP's buffers.
-        let moe = run_layers.iter().any(|l| matches!(l.ffn, Ffn::Moe(_)));
+        let moe = run_layers.iter().any(|l| l.ffn.moe().is_some());
         let (n_slots, n_experts) = match (&cfg.moe, moe) {
             (Some(m), true) => (n_tok * m.n_used, m.n_experts),
             _ => (0, 0),
@@ -1169,33 +1216,39 @@ impl Pass<'_> {
                             unsafe { a.set_row(t, row) };
                         }
                     }
-                    self.moe_residual(ctx, moe, &normed, layer.ffn_post_norm.as_deref(), &mut xn);
+                    self.moe_residual(ctx, moe, &normed, None, layer.ffn_post_norm.as_deref(), &mut xn);
                 }
-                Ffn::Dense { gate: w_gate, up: w_up, down: w_down } => {
+                Ffn::Dense { gate, up, down } => {
                     // MLP: RMSNorm, SwiGLU, down projection added to the residual.
                     norm_all(&layer.ffn_norm, &acts.ffn_in, &mut xn);
-                    let ffn = w_gate.rows();
-                    w_gate.matmul_part(ctx, act_for(&acts.ffn_in, w_gate), n, b.gate, ffn, false, None);
-                    w_up.matmul_part(ctx, act_for(&acts.ffn_in, w_up), n, b.up, ffn, false, None);
-                    // SwiGLU (or GeGLU with tanh GELU, Gemma 3) on the columns this thread
-                    // computed in both products (else after a barrier). Both are split alike,
-                    // on every thread, when both are repacked or neither is: the same decision
-                    // on every thread, so all take the same barriers.
-                    let cols = w_gate.part_rows(ctx);
-                    let own = w_gate.is_repacked() == w_up.is_repacked();
-                    if !own {
-                        ctx.barrier();
-                    }
-                    let cols = if own { cols } else { ctx.split(ffn) };
+                    let act = self.gated_mlp(ctx, gate, up, down);
+                    self.project_residual(ctx, down, act, None, layer.ffn_post_norm.as_deref(), &mut xn);
+                }
+                Ffn::Parallel { gate, up, down, moe, dense_post_norm, moe_norm, moe_post_norm } => {
+                    // The dense MLP's output waits in `post` (the router's barrier in
+                    // `moe_residual` comes before anyone reads it).
+                    norm_all(&layer.ffn_norm, &acts.ffn_in, &mut xn);
+                    let act = self.gated_mlp(ctx, gate, up, down);
+                    down.matmul_part(ctx, act, n, b.post, d, false, None);
+                    // Experts on the moe_norm-normed residual; the router on the residual
+                    // normed without a weight, times its scale and hidden^-0.5
+                    // (Gemma4TextRouter), quantized after this thread's dense products read
+                    // its activation buffers.
+                    let root = (d as f32).powf(-0.5);
                     for t in 0..n {
-                        let g = unsafe { b.gate.slice_mut(t * ffn + cols.start..t * ffn + cols.end) };
-                        let u = unsafe { b.up.slice(t * ffn + cols.start..t * ffn + cols.end) };
-                        self.glu(g, u);
+                        let x = unsafe { b.x.slice(t * d..(t + 1) * d) };
+                        ops::rms_norm(x, moe_norm, cfg.eps, &mut normed[t * d..(t + 1) * d]);
+                        match &moe.router_scale {
+                            Some(scale) => {
+                                ops::rms_norm(x, scale, cfg.eps, &mut xn);
+                                xn.iter_mut().for_each(|v| *v *= root);
+                            }
+                            None => xn.copy_from_slice(&normed[t * d..(t + 1) * d]),
+                        }
+                        unsafe { act_for(&acts.ffn_in, &moe.router).set_row(t, &xn) };
                     }
-                    ctx.barrier();
-                    quantize_all(b.gate, ffn, &acts.ffn_mid);
-                    let down_act = act_for(&acts.ffn_mid, w_down);
-                    self.project_residual(ctx, w_down, down_act, None, layer.ffn_post_norm.as_deref(), &mut xn);
+                    let dense = Some((&dense_post_norm[..], &moe_post_norm[..]));
+                    self.moe_residual(ctx, moe, &normed, dense, layer.ffn_post_norm.as_deref(), &mut xn);
                 }
             }
 
@@ -1225,6 +1278,38 @@ impl Pass<'_> {
         }
     }
 
+    /// The gate and up products of a dense MLP on this thread's `ffn_in` rows (quantized by the
+    /// caller), the GLU, and the result quantized for `down`: the activation `down` reads.
+    fn gated_mlp(&self, ctx: &Ctx, w_gate: &QMatrix, w_up: &QMatrix, w_down: &QMatrix) -> ActRowsMut {
+        let (b, n) = (self.bufs, self.n_tok);
+        let acts = &b.acts[ctx.tid];
+        let ffn = w_gate.rows();
+        w_gate.matmul_part(ctx, act_for(&acts.ffn_in, w_gate), n, b.gate, ffn, false, None);
+        w_up.matmul_part(ctx, act_for(&acts.ffn_in, w_up), n, b.up, ffn, false, None);
+        // SwiGLU (or GeGLU with tanh GELU, Gemma 3) on the columns this thread computed in
+        // both products (else after a barrier). Both are split alike, on every thread, when
+        // both are repacked or neither is: the same decision on every thread, so all take the
+        // same barriers.
+        let cols = w_gate.part_rows(ctx);
+        let own = w_gate.is_repacked() == w_up.is_repacked();
+        if !own {
+            ctx.barrier();
+        }
+        let cols = if own { cols } else { ctx.split(ffn) };
+        for t in 0..n {
+            // SAFETY: as in `run`.
+            let g = unsafe { b.gate.slice_mut(t * ffn + cols.start..t * ffn + cols.end) };
+            let u = unsafe { b.up.slice(t * ffn + cols.start..t * ffn + cols.end) };
+            self.glu(g, u);
+        }
+        ctx.barrier();
+        let act = act_for(&acts.ffn_mid, w_down);
+        for t in 0..n {
+            unsafe { act.set_row(t, b.gate.slice(t * ffn..(t + 1) * ffn)) };
+        }
+        act
+    }
+
     /// `gate = act(gate) * up`: SwiGLU, or GeGLU with tanh GELU (Gemma 3).
     fn glu(&self, gate: &mut [f32], up: &[f32]) {
         if self.span.cfg.gelu_tanh {
@@ -1239,7 +1324,16 @@ impl Pass<'_> {
     /// expert's MLP on its rows only, and add each row's weighted expert outputs, summed in
     /// expert order, to the residual (RMS-normed first with a post-norm). Five barriers, however
     /// many experts run; ends at one.
-    fn moe_residual(&self, ctx: &Ctx, moe: &MoeBlock, normed: &[f32], post_norm: Option<&[f32]>, xn: &mut [f32]) {
+    #[allow(clippy::type_complexity)]
+    fn moe_residual(
+        &self,
+        ctx: &Ctx,
+        moe: &MoeBlock,
+        normed: &[f32],
+        dense: Option<(&[f32], &[f32])>,
+        post_norm: Option<&[f32]>,
+        xn: &mut [f32],
+    ) {
         let (cfg, b, n) = (&self.span.cfg, self.bufs, self.n_tok);
         let acts = &b.acts[ctx.tid];
         let d = cfg.hidden;
@@ -1249,7 +1343,10 @@ impl Pass<'_> {
         ctx.barrier();
         // SAFETY (all SharedMut accesses below): as in `run`.
         // Every thread routes every row (cheap), so no thread waits for another's choice.
-        let routing = Routing::new(unsafe { b.router.slice(0..n * m.n_experts) }, n, m);
+        let mut routing = Routing::new(unsafe { b.router.slice(0..n * m.n_experts) }, n, m);
+        if let Some(scale) = &moe.expert_scale {
+            routing.scale_experts(scale);
+        }
         for (s, &t) in routing.slot_row.iter().enumerate() {
             for a in &acts.moe_in {
                 unsafe { a.set_row(s, &normed[t * d..(t + 1) * d]) };
@@ -1286,11 +1383,17 @@ impl Pass<'_> {
         }
         ctx.barrier();
         let k = m.n_used;
-        let mut sum = vec![0f32; d];
+        let (mut sum, mut both) = (vec![0f32; d], vec![0f32; if dense.is_some() { d } else { 0 }]);
         for t in ctx.split(n) {
             sum.fill(0.0);
             for &s in &routing.row_slots[t * k..(t + 1) * k] {
                 ops::axpy(routing.slot_weight[s], unsafe { b.expert_out.slice(s * d..(s + 1) * d) }, &mut sum);
+            }
+            // Gemma 4: each branch normed, then summed (the outer norm follows).
+            if let Some((dense_norm, moe_norm)) = dense {
+                ops::rms_norm(unsafe { b.post.slice(t * d..(t + 1) * d) }, dense_norm, cfg.eps, &mut both);
+                ops::rms_norm(&sum, moe_norm, cfg.eps, xn);
+                sum.iter_mut().zip(both.iter().zip(xn.iter())).for_each(|(s, (&a, &e))| *s = a + e);
             }
             let x = unsafe { b.x.slice_mut(t * d..(t + 1) * d) };
             let add: &[f32] = match post_norm {

@@ -104,14 +104,21 @@ pub(crate) struct MoeBlock {
     pub router: QMatrix,
     /// `n_experts` values (gpt-oss).
     pub router_bias: Option<Vec<f32>>,
+    /// Gemma 4's router input (Gemma4TextRouter): the layer's residual RMS-normed without a
+    /// weight, times these `hidden` values and `hidden^-0.5`; `None`: the MLP's normed input.
+    pub router_scale: Option<Vec<f32>>,
+    /// Gemma 4's `per_expert_scale`: each chosen expert's weight times its value.
+    pub expert_scale: Option<Vec<f32>>,
     pub experts: Vec<Expert>,
 }
 
 impl MoeBlock {
     /// Loads the roles `ffn_gate_inp` (router), `ffn_gate_exps`, `ffn_up_exps` and
-    /// `ffn_down_exps` (see [`LayerTensors::experts`]), and the optional biases
-    /// `ffn_gate_inp_bias`, `ffn_gate_exps_bias`, `ffn_up_exps_bias`, `ffn_down_exps_bias`
-    /// (see [`LayerTensors::expert_vectors`]).
+    /// `ffn_down_exps` (see [`LayerTensors::experts`]; or `ffn_gate_up_exps` fused, see
+    /// [`LayerTensors::fused_experts`]), the optional biases `ffn_gate_inp_bias`,
+    /// `ffn_gate_exps_bias`, `ffn_up_exps_bias`, `ffn_down_exps_bias` (see
+    /// [`LayerTensors::expert_vectors`]), and Gemma 4's `ffn_gate_inp_scale` and
+    /// `ffn_down_exps_scale`.
     pub fn load(t: &mut LayerTensors, cfg: &MoeConfig, hidden: usize) -> Result<Self> {
         // Never converted on load: a rounded router may choose other experts (llama.cpp's
         // quantizer leaves `ffn_gate_inp` as it is too).
@@ -119,8 +126,15 @@ impl MoeBlock {
         expect_shape(&router, "ffn_gate_inp", cfg.n_experts, hidden)?;
         let router_bias = if t.has("ffn_gate_inp_bias") { Some(t.vector("ffn_gate_inp_bias", cfg.n_experts)?) } else { None };
         let n = cfg.n_experts;
+        let router_scale = if t.has("ffn_gate_inp_scale") { Some(t.vector("ffn_gate_inp_scale", hidden)?) } else { None };
+        let expert_scale = if t.has("ffn_down_exps_scale") { Some(t.vector("ffn_down_exps_scale", n)?) } else { None };
         // transformers' gpt-oss layout: gate and up fused, transposed, alternating columns.
-        let (gates, ups) = if t.has("ffn_gate_up_exps_blocks") {
+        let (gates, ups) = if t.has("ffn_gate_up_exps") {
+            // Gemma 4: gate rows, then up rows, of each stacked expert.
+            let mut parts = t.fused_experts("ffn_gate_up_exps", n, 2)?;
+            let up = parts.pop().expect("two parts");
+            (parts.pop().expect("two parts"), up)
+        } else if t.has("ffn_gate_up_exps_blocks") {
             let mut parts = t.mxfp4_experts("ffn_gate_up_exps_blocks", "ffn_gate_up_exps_scales", n, 2)?;
             let up = parts.pop().expect("two parts");
             (parts.pop().expect("two parts"), up)
@@ -173,7 +187,7 @@ impl MoeBlock {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(MoeBlock { router, router_bias, experts })
+        Ok(MoeBlock { router, router_bias, router_scale, expert_scale, experts })
     }
 
     /// Width of each expert's MLP.
@@ -202,6 +216,16 @@ pub(crate) struct Routing {
 }
 
 impl Routing {
+    /// Multiplies each slot's weight by its expert's `scale` (Gemma 4's `per_expert_scale`,
+    /// after the renormalization).
+    pub fn scale_experts(&mut self, scale: &[f32]) {
+        for (e, w) in scale.iter().enumerate() {
+            for s in self.offsets[e]..self.offsets[e + 1] {
+                self.slot_weight[s] *= w;
+            }
+        }
+    }
+
     /// Routes `n` rows from their router logits (`(n, n_experts)`) by `cfg.gating`: the
     /// `n_used` experts of highest logit (the lower index first among equals), weighted by
     /// their softmax probability over all experts (renormalized to sum 1 when

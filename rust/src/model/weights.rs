@@ -103,9 +103,37 @@ impl<'a> LayerTensors<'a> {
                 })
                 .collect::<Result<_>>()?
         };
+        self.load_all(parts)
+    }
+
+    /// The `n` experts' matrices of a role stacked fused, `[n, parts * rows, cols]`: per part
+    /// `p`, each expert's rows `p * rows .. (p + 1) * rows` (Gemma 4's `gate_up_proj`, gate
+    /// rows then up rows, split as transformers' `chunk(2)`).
+    pub fn fused_experts(&mut self, role: &str, n: usize, parts: usize) -> Result<Vec<Vec<QMatrix>>> {
+        let name = self.take_name(role)?;
+        let stacked = tensor_data(self.checkpoint, &name)?;
+        let shape = stacked.info().shape.clone();
+        if shape.len() != 3 || shape[0] != n || !shape[1].is_multiple_of(parts) {
+            return Err(Error::Shape(format!("{name}: expected {n} stacked experts of {parts} fused parts, got shape {shape:?}")));
+        }
+        let rows = shape[1] / parts;
+        let mut list = Vec::with_capacity(n * parts);
+        for p in 0..parts {
+            for j in 0..n {
+                let range = p * rows..(p + 1) * rows;
+                list.push((format!("{name}[{j}][{}:{}]", range.start, range.end), stacked.outer(j)?.rows(range)?));
+            }
+        }
+        let mut all = self.load_all(list)?.into_iter();
+        Ok((0..parts).map(|_| all.by_ref().take(n).collect()).collect())
+    }
+
+    /// Loads (repacks) every named matrix of `parts`, in order.
+    fn load_all(&self, parts: Vec<(String, TensorData)>) -> Result<Vec<QMatrix>> {
         // Repacking dominates loading (a 30B mixture holds 18,432 expert matrices): the
         // experts are independent, so every core repacks its share.
         let quantize = self.quantize;
+        let n = parts.len();
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
         let chunk = n.div_ceil(threads).max(1);
         let loaded: Vec<Result<Vec<QMatrix>>> = std::thread::scope(|scope| {
