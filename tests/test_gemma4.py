@@ -7,6 +7,8 @@ KV-sharing group) and over mesh workers."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from meshpy.pipeline import LocalSpan
 from tests import family_checks as checks
 from tests.conftest import DATA
 from tests.fixtures import tiny_gemma4
+from tests.fixtures.llama_gguf import gguf_logits
 
 VARIANTS = ["tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe"]
 
@@ -170,3 +173,132 @@ def test_a_shared_layer_s_own_kv_tensors_are_ignored_as_transformers_ignores_the
     cfg = read_config(open_model_source(tmp_path / "m"))
     assert "attn_k" not in cfg.layer_names(4)
     checks.assert_logits_close(checks.prefill_and_decode(tmp_path / "m"), checks.stored_reference(DATA / "tiny-gemma4-ple"))
+
+
+# HF name pieces -> llama.cpp's (conversion/gemma.py, Gemma4Model, and gguf-py's tensor map).
+GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "layer_scalar": "layer_output_scale.weight",
+    "per_layer_input_gate.weight": "inp_gate.weight",
+    "per_layer_projection.weight": "proj.weight",
+    "post_per_layer_input_norm.weight": "post_norm.weight",
+    "router.proj.weight": "ffn_gate_inp.weight",
+    "router.scale": "ffn_gate_inp.scale",
+    "router.per_expert_scale": "ffn_down_exps.scale",
+    "experts.gate_up_proj": "ffn_gate_up_exps.weight",
+    "experts.down_proj": "ffn_down_exps.weight",
+    "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+    "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+    "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
+}
+_GGUF_MODEL_NAMES = {
+    "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+    "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+    "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
+}
+
+
+def write_gguf(model_dir: Path, out: Path, vocab: bool = False) -> Path:
+    """The HF checkpoint as llama.cpp's converter writes it for gemma4 (conversion/gemma.py,
+    Gemma4Model over Gemma3Model and TextModel): norms unshifted, global head width as
+    `key_length` and the sliding one as `key_length_swa`, per-layer KV heads when
+    `num_global_key_value_heads` is set, per-layer MLP widths with the double-wide MLP, the
+    sliding pattern as booleans, `rope_freqs.weight` of 1 for the rotated pairs and 1e30 for
+    the others (the proportional RoPE), layer_scalar as `layer_output_scale.weight`, f32.
+    `vocab` adds a placeholder vocabulary so llama.cpp will load the file."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    from tests.fixtures import llama_gguf
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    n_layers, types = cfg["num_hidden_layers"], cfg["layer_types"]
+    swa = [t == "sliding_attention" for t in types]
+    w = gguf.GGUFWriter(str(out), "gemma4")
+    llama_gguf.add_hf_shape(w, cfg)
+    n_shared = cfg.get("num_kv_shared_layers") or 0
+    if cfg.get("use_double_wide_mlp"):
+        n_ff = cfg["intermediate_size"]
+        w.add_feed_forward_length([n_ff if i < n_layers - n_shared else 2 * n_ff for i in range(n_layers)])
+    if cfg.get("num_global_key_value_heads") is not None:
+        w.add_head_count_kv([cfg["num_key_value_heads"] if s else cfg["num_global_key_value_heads"] for s in swa])
+    w.add_key_length(cfg["global_head_dim"])
+    w.add_value_length(cfg["global_head_dim"])
+    w.add_key_length_swa(cfg["head_dim"])
+    w.add_value_length_swa(cfg["head_dim"])
+    rope = cfg["rope_parameters"]
+    w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+    w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+    w.add_rope_dimension_count(cfg["global_head_dim"])
+    w.add_rope_dimension_count_swa(cfg["head_dim"])
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_sliding_window_pattern(swa)
+    w.add_shared_kv_layers(n_shared)
+    w.add_embedding_length_per_layer_input(cfg.get("hidden_size_per_layer_input") or 0)
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if cfg.get("enable_moe_block"):
+        w.add_expert_count(cfg["num_experts"])
+        w.add_expert_used_count(cfg["top_k_experts"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if vocab:
+        llama_gguf.add_placeholder_vocab(w, cfg["vocab_size"])
+    rotated = int(cfg["global_head_dim"] * rope["full_attention"]["partial_rotary_factor"] / 2)
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (cfg["global_head_dim"] // 2 - rotated), np.float32))
+    for name, t in sorted(load_file(model_dir / "model.safetensors").items()):
+        if name in _GGUF_MODEL_NAMES:
+            gname = _GGUF_MODEL_NAMES[name]
+        else:
+            gname = llama_gguf.gguf_name(name, GGUF_NAMES)
+        w.add_tensor(gname, np.ascontiguousarray(t, dtype=np.float32))
+    llama_gguf.finish(w)
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_layout_matches_the_hf_layout(tmp_path: Path, variant: str) -> None:
+    """The GGUF path (gemma4 keys, llama.cpp's fixed KV-share mapping, rope_freqs as the
+    proportional RoPE, fused stacked experts, `blk.N.*` names) gives transformers' logits."""
+    path = write_gguf(DATA / variant, tmp_path / "g4.gguf")
+    config = read_config(open_model_source(path))
+    hf = read_config(open_model_source(DATA / variant))
+    assert config.architecture == "gemma4"
+    assert (config.kv_source, config.layer_sliding, config.global_head_dim) == (hf.kv_source, hf.layer_sliding, hf.global_head_dim)
+    np.testing.assert_allclose(config.rope_inv_freq, hf.rope_inv_freq, rtol=1e-6, atol=1e-30)
+    assert config.row_widths == hf.row_widths
+    checks.assert_logits_close(gguf_logits(path), checks.stored_reference(DATA / variant))
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_logits_equal_llama_cpp(tmp_path: Path, variant: str) -> None:
+    """llama.cpp runs the same GGUF (f32 KV cache, token ids fed directly) to the same logits
+    within its own rounding: ggml's CPU GELU reads a float16 table (ggml-cpu/vec.h,
+    GGML_GELU_FP16: x and gelu(x) both rounded to f16), which moves its logits up to 0.016
+    from transformers' float64 ones here. meshpy is exactly as far from llama.cpp as
+    transformers is (to 1e-4), every greedy token agrees, and the relative RMS is 0.0016 at
+    most (measured: max |diff| 0.0139 / 0.0161 / 0.0105 for the three variants, transformers'
+    0.0139 / 0.0161 / 0.0106)."""
+    from tests.fixtures import llama_gguf
+
+    path = write_gguf(DATA / variant, tmp_path / "g4.gguf", vocab=True)
+    theirs = llama_gguf.llama_cpp_logits(path, tiny_gemma4.PREFILL_IDS + tiny_gemma4.DECODE_IDS)
+    ours = np.concatenate(gguf_logits(path))
+    reference = np.concatenate(checks.stored_reference(DATA / variant))
+    assert np.abs(ours - theirs).max() < 0.03
+    assert np.abs(ours - theirs).max() <= np.abs(reference - theirs).max() + checks.LOGIT_ATOL
+    assert checks.relative_rms(ours, theirs) < 0.003
+    np.testing.assert_array_equal(ours.argmax(axis=1), theirs.argmax(axis=1))

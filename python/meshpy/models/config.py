@@ -242,7 +242,7 @@ SUPPORTED_ARCHITECTURES = (
     "qwen3moe (GGUF) / Qwen3MoeForCausalLM (HF)",
     "gpt-oss (GGUF) / GptOssForCausalLM (HF)",
     "gemma3 (GGUF) / Gemma3ForCausalLM (HF, gemma3_text)",
-    "Gemma4ForCausalLM (HF, gemma4_text)",
+    "gemma4 (GGUF) / Gemma4ForCausalLM (HF, gemma4_text; the text model of Gemma4ForConditionalGeneration)",
     "phi3 (GGUF) / Phi3ForCausalLM (HF): Phi-3, Phi-3.5, Phi-4, Phi-4-mini",
 )
 

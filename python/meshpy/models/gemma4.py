@@ -121,10 +121,155 @@ def _inv_freq(params: dict[str, Any], head_dim: int, where: str) -> np.ndarray:
     return inv_freq
 
 
+# The same roles in llama.cpp's GGUF names (conversion/gemma.py, Gemma4Model; src/models/
+# gemma4.cpp, load_arch_tensors).
+_GGUF_ATTENTION = {
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "attn_q": "blk.{i}.attn_q.weight",
+    "attn_output": "blk.{i}.attn_output.weight",
+    "attn_q_norm": "blk.{i}.attn_q_norm.weight",
+    "attn_post_norm": "blk.{i}.post_attention_norm.weight",
+}
+_GGUF_OWN_KV = {"attn_k": "blk.{i}.attn_k.weight", "attn_v": "blk.{i}.attn_v.weight", "attn_k_norm": "blk.{i}.attn_k_norm.weight"}
+_GGUF_MLP = {
+    "ffn_norm": "blk.{i}.ffn_norm.weight",
+    "ffn_gate": "blk.{i}.ffn_gate.weight",
+    "ffn_up": "blk.{i}.ffn_up.weight",
+    "ffn_down": "blk.{i}.ffn_down.weight",
+    "ffn_post_norm": "blk.{i}.post_ffw_norm.weight",
+    "layer_output_scale": "blk.{i}.layer_output_scale.weight",
+}
+_GGUF_MOE = {
+    "ffn_gate_inp": "blk.{i}.ffn_gate_inp.weight",
+    "ffn_gate_inp_scale": "blk.{i}.ffn_gate_inp.scale",
+    "ffn_down_exps_scale": "blk.{i}.ffn_down_exps.scale",
+    "ffn_gate_up_exps": "blk.{i}.ffn_gate_up_exps.weight",
+    "ffn_down_exps": "blk.{i}.ffn_down_exps.weight",
+    "ffn_post_norm_1": "blk.{i}.post_ffw_norm_1.weight",
+    "ffn_pre_norm_2": "blk.{i}.pre_ffw_norm_2.weight",
+    "ffn_post_norm_2": "blk.{i}.post_ffw_norm_2.weight",
+}
+_GGUF_PER_LAYER = {"ple_gate": "blk.{i}.inp_gate.weight", "ple_proj": "blk.{i}.proj.weight", "ple_post_norm": "blk.{i}.post_norm.weight"}
+
+
+def _from_gguf(source: ModelSource) -> ModelConfig:
+    """Settings and `blk.N.*` names from a llama.cpp `gemma4` GGUF, read as llama.cpp reads
+    them (llama_model_gemma4::load_arch_hparams / load_arch_tensors and its graph):
+
+    - `attention.sliding_window_pattern` marks sliding layers; their head width is
+      `key_length_swa`, the global layers' `key_length`; KV heads a scalar or per layer;
+    - a KV-shared layer (the last `attention.shared_kv_layers`) shares layer
+      `first_shared - 2` when sliding, `first_shared - 1` when global (llama.cpp's fixed
+      mapping, llama-model.cpp), so those layers must have the right types;
+    - global layers rotate over the whole head with base `rope.freq_base`, each pair's
+      frequency divided by `rope_freqs.weight` (the converter's 1e30 stands for "does not
+      rotate": the proportional RoPE); sliding layers over `rope.dimension_count_swa` with
+      `rope.freq_base_swa`;
+    - the embedding is scaled by sqrt(hidden) in f32, norms are plain, attention scaled by 1.
+    """
+    meta = source.metadata
+    where = str(source.path)
+    names = set(source.checkpoint.tensor_names())
+
+    def key(name: str, default: Any = None) -> Any:
+        full = f"gemma4.{name}"
+        if full in meta:
+            return meta[full]
+        if default is None:
+            raise CheckpointFormatError(f"{where}: missing {full!r}")
+        return default
+
+    n_layers, hidden = int(key("block_count")), int(key("embedding_length"))
+    sliding = tuple(bool(x) for x in key("attention.sliding_window_pattern"))
+    if len(sliding) != n_layers:
+        raise CheckpointFormatError(f"{where}: a sliding-window pattern of {len(sliding)} layers for {n_layers}")
+    head_dim, global_head_dim = int(key("attention.key_length_swa")), int(key("attention.key_length"))
+    kv = key("attention.head_count_kv")
+    kv_per_layer = [int(x) for x in kv] if isinstance(kv, list) else [int(kv)] * n_layers
+    n_kv = next((k for k, s in zip(kv_per_layer, sliding) if s), kv_per_layer[0])
+    global_kv = next((k for k, s in zip(kv_per_layer, sliding) if not s), n_kv)
+    if any(k != (n_kv if s else global_kv) for k, s in zip(kv_per_layer, sliding)):
+        raise CheckpointFormatError(f"{where}: KV heads {kv_per_layer} differ within a layer type")
+    n_shared = int(key("attention.shared_kv_layers", 0))
+    first_shared = n_layers - n_shared
+    sources = tuple(None if i < first_shared else first_shared - (2 if sliding[i] else 1) for i in range(n_layers))
+    for i, src in enumerate(sources):
+        if src is not None and (src < 0 or sliding[src] != sliding[i]):
+            raise CheckpointFormatError(f"{where}: KV-shared layer {i} would share layer {src}, of another type")
+    n_rot, n_rot_swa = int(key("rope.dimension_count", global_head_dim)), int(key("rope.dimension_count_swa", head_dim))
+    inv_freq = rope.default_inv_freq(float(key("rope.freq_base")), n_rot)
+    if "rope_freqs.weight" in names:
+        factors = np.frombuffer(source.checkpoint.tensor_bytes("rope_freqs.weight"), dtype=np.float32)
+        if factors.shape != inv_freq.shape:
+            raise CheckpointFormatError(f"{where}: rope_freqs.weight has {factors.size} values, expected {inv_freq.size}")
+        inv_freq = (inv_freq / factors).astype(np.float32)
+    per_layer_input = int(key("embedding_length_per_layer_input", 0))
+    n_experts = int(key("expert_count", 0))
+    moe = (
+        MoeSettings(n_experts=n_experts, n_experts_used=int(key("expert_used_count")), norm_topk_prob=True)
+        if n_experts
+        else None
+    )
+    layers = []
+    for i in range(n_layers):
+        patterns = {**_GGUF_ATTENTION, **_GGUF_MLP}
+        if sources[i] is None:
+            patterns.update(_GGUF_OWN_KV)
+            if f"blk.{i}.attn_v.weight" not in names:  # attention_k_eq_v
+                del patterns["attn_v"]
+        if f"blk.{i}.layer_output_scale.weight" not in names:
+            del patterns["layer_output_scale"]
+        if per_layer_input:
+            patterns.update(_GGUF_PER_LAYER)
+        if moe is not None and f"blk.{i}.ffn_gate_inp.weight" in names:
+            patterns.update(_GGUF_MOE)
+        roles = {r: p.format(i=i) for r, p in patterns.items()}
+        # A KV-shared layer's own k/v tensors are optional to llama.cpp and unused.
+        ignored = {p.format(i=i) for p in _GGUF_OWN_KV.values()} if sources[i] is not None else set()
+        check_layer_tensors(where, names - ignored, "Gemma 4", f"blk.{i}.", roles.values())
+        layers.append(roles)
+    softcap = meta.get("gemma4.final_logit_softcapping")
+    vocab = len(meta.get("tokenizer.ggml.tokens", [])) or int(key("vocab_size", source.checkpoint.tensor_info("token_embd.weight")[1][0]))
+    return ModelConfig(
+        architecture="gemma4",
+        n_layers=n_layers,
+        hidden=hidden,
+        n_heads=int(key("attention.head_count")),
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        eps=float(key("attention.layer_norm_rms_epsilon")),
+        vocab_size=vocab,
+        max_positions=int(key("context_length")),
+        rope_inv_freq=inv_freq,
+        rope_interleaved=False,
+        rope_attention_factor=1.0,
+        attn_scale=1.0,
+        embedding_name="token_embd.weight",
+        output_norm_name="output_norm.weight",
+        output_name="output.weight" if "output.weight" in names else "token_embd.weight",
+        embedding_scale=float(np.sqrt(np.float32(hidden))),
+        layer_tensor_names=tuple(layers),
+        gelu_tanh=True,
+        layer_sliding=sliding,
+        sliding_window=int(key("attention.sliding_window")),
+        rope_local_inv_freq=rope.default_inv_freq(float(key("rope.freq_base_swa", 10_000.0)), n_rot_swa),
+        global_head_dim=global_head_dim,
+        global_n_kv_heads=global_kv,
+        v_norm=True,
+        kv_source=sources if n_shared else (),
+        per_layer_input=per_layer_input,
+        per_layer_names=("per_layer_token_embd.weight", "per_layer_model_proj.weight", "per_layer_proj_norm.weight")
+        if per_layer_input
+        else None,
+        final_logit_softcap=float(softcap) if softcap else None,
+        moe=moe,
+    )
+
+
 def read_config(source: ModelSource) -> ModelConfig:
-    """Settings and names from a Gemma 4 text checkpoint (HF layout)."""
+    """Settings and names from a Gemma 4 text checkpoint (HF layout or GGUF)."""
     if source.format == "gguf":
-        raise CheckpointFormatError(f"{source.path}: GGUF gemma4 is not supported yet")
+        return _from_gguf(source)
     cfg, prefix = _text_config(source)
     where = str(source.path)
     get = lambda key: llama._get(cfg, key, where)  # noqa: E731 - one-line accessor
