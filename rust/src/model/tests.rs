@@ -649,3 +649,60 @@ fn a_cache_made_for_other_layers_is_refused() {
     assert!(err.to_string().contains("sliding-window layers"), "{err}");
     assert_eq!(cache.len(), 0);
 }
+
+/// Gemma 4 E2B's layout in miniature: sliding layers of one 16-wide KV head, global ones of
+/// one 32-wide head, the last three sharing layer 1 (sliding) and 2 (global), per-layer
+/// inputs of 8.
+fn kv_sharing_config() -> DecoderConfig {
+    DecoderConfig {
+        n_kv_heads: 1,
+        head_dim: 16,
+        global_head_dim: 32,
+        global_n_kv_heads: 1,
+        rope_inv_freq: vec![0.5; 16],
+        rope_local_inv_freq: vec![0.5; 8],
+        layer_sliding: vec![true, true, false, true, true, false],
+        sliding_window: 8,
+        kv_source: vec![None, None, None, Some(1), Some(1), Some(2)],
+        per_layer_input: 8,
+        n_layers: 6,
+        ..tiny_config(None)
+    }
+}
+
+#[test]
+fn rows_between_spans_carry_per_layer_inputs_and_the_shared_keys_and_values_crossing() {
+    let cfg = kv_sharing_config();
+    let (sliding_kv, global_kv) = (2 * 16, 2 * 32);
+    let widths: Vec<usize> = (0..=6).map(|b| cfg.row_width(b)).collect();
+    let p = 8;
+    assert_eq!(
+        widths,
+        [
+            TINY_HIDDEN + 6 * p,
+            TINY_HIDDEN + 5 * p,
+            TINY_HIDDEN + 4 * p + sliding_kv, // layer 1 ran; 3 and 4 share it
+            TINY_HIDDEN + 3 * p + sliding_kv + global_kv,
+            TINY_HIDDEN + 2 * p + sliding_kv + global_kv,
+            TINY_HIDDEN + p + global_kv, // only layer 5 is left, sharing layer 2
+            TINY_HIDDEN,
+        ]
+    );
+}
+
+#[test]
+fn a_kv_source_must_be_an_earlier_layer_of_the_same_type_with_its_own() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-llama/model.safetensors");
+    let checkpoint = Checkpoint::open(&[path]).expect("the tiny checkpoint opens");
+    let bad = |kv_source: Vec<Option<usize>>| DecoderConfig { kv_source, ..kv_sharing_config() };
+    for kv_source in [
+        vec![None, None, None, Some(2), Some(1), Some(2)], // a sliding layer sharing a global one
+        vec![None, None, None, Some(4), Some(1), Some(2)], // a later layer
+        vec![None, None, None, Some(1), Some(3), Some(2)], // a layer that shares itself
+        vec![None, Some(1)],                               // not one per layer
+    ] {
+        let err = DecoderSpan::load(&checkpoint, bad(kv_source.clone()), 0, Vec::new()).err().expect("refused");
+        assert!(matches!(err, crate::Error::InvalidArgument(_)), "{kv_source:?}: {err}");
+    }
+    DecoderSpan::load(&checkpoint, kv_sharing_config(), 0, Vec::new()).expect("the right layout loads");
+}

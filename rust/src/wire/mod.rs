@@ -59,8 +59,12 @@
 //! relay). Old readers refuse the new kinds as unknown; a node says it serves them in its
 //! `Info` (`"relay": 1`).
 //!
-//! In `Forward` and `ForwardResult` the tensor is `(sum of n_tokens, hidden)`: entry `i`'s
-//! rows follow entry `i - 1`'s. A batch has at least one entry, every entry at least one
+//! In `Forward` and `ForwardResult` the tensor is `(sum of n_tokens, width)`: entry `i`'s
+//! rows follow entry `i - 1`'s. `width` is the model's row width at the span's first layer
+//! (the request) and past its last (the result): the hidden size, except for Gemma 4, whose
+//! rows also carry the per-layer inputs of the layers still to run and the shared keys and
+//! values crossing that boundary (`model::DecoderConfig::row_width`). The frame layout is
+//! unchanged; a worker refuses rows of another width, naming the width it expects. A batch has at least one entry, every entry at least one
 //! token, no session twice, `start_pos + n_tokens` fits a u32, and `layer_count >= 1`.
 //!
 //! # Example
