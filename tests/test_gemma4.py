@@ -210,7 +210,39 @@ _GGUF_MODEL_NAMES = {
 }
 
 
-def write_gguf(model_dir: Path, out: Path, vocab: bool = False) -> Path:
+#: Texts the GGUF tokenizer test encodes: spaces, newline runs, accents and CJK (characters
+#: the tiny vocabulary lacks fall back to bytes), an emoji, and the chat format's tokens.
+TOKENIZER_TEXTS = [
+    "Pipeline parallel inference across machines",
+    "  two  spaces\n\nand a blank line\n\n\n\nfour newlines",
+    "héllo wörld, naïve café — 日本語のテキスト 🚀",
+    "<|turn>user\nHello there<turn|>\n<|turn>model\n",
+    "",
+]
+
+
+def gemma4_vocab(size: int) -> tuple[list[str], list[int], list[str]]:
+    """A Gemma-4-style vocabulary of exactly `size` tokens (tokens, GGUF token types, merges),
+    trained with the tokenizers library on the README: BPE over "▁"-escaped spaces, split at
+    newline runs, byte-fallback `<0xXX>` tokens, Gemma's control tokens, the rest unused."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]
+    base = special + [f"<0x{i:02X}>" for i in range(256)] + ["\n", "\n\n", "\n\n\n"]
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), behavior="isolated")
+    text = (Path(__file__).parents[1] / "README.md").read_text().splitlines(keepends=True)
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=size - 8, special_tokens=base, show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in by_id] + [f"<unused{i}>" for i in range(size - len(by_id))]
+    types = [3 if t in special else 6 if t.startswith("<0x") else 5 if t.startswith("<unused") else 1 for t in tokens]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    return tokens, types, merges
+
+
+def write_gguf(model_dir: Path, out: Path, vocab: bool = False, tokenizer: bool = False) -> Path:
     """The HF checkpoint as llama.cpp's converter writes it for gemma4 (conversion/gemma.py,
     Gemma4Model over Gemma3Model and TextModel): norms unshifted, global head width as
     `key_length` and the sliding one as `key_length_swa`, per-layer KV heads when
@@ -253,7 +285,17 @@ def write_gguf(model_dir: Path, out: Path, vocab: bool = False) -> Path:
         w.add_expert_count(cfg["num_experts"])
         w.add_expert_used_count(cfg["top_k_experts"])
         w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
-    if vocab:
+    if tokenizer:
+        tokens, types, merges = gemma4_vocab(cfg["vocab_size"])
+        w.add_tokenizer_model("gemma4")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(2)
+        w.add_eos_token_id(1)
+        w.add_add_space_prefix(False)
+        w.add_add_bos_token(True)
+    elif vocab:
         llama_gguf.add_placeholder_vocab(w, cfg["vocab_size"])
     rotated = int(cfg["global_head_dim"] * rope["full_attention"]["partial_rotary_factor"] / 2)
     w.add_tensor("rope_freqs.weight", np.array([1.0] * rotated + [1e30] * (cfg["global_head_dim"] // 2 - rotated), np.float32))
@@ -302,3 +344,38 @@ def test_gguf_logits_equal_llama_cpp(tmp_path: Path, variant: str) -> None:
     assert np.abs(ours - theirs).max() <= np.abs(reference - theirs).max() + checks.LOGIT_ATOL
     assert checks.relative_rms(ours, theirs) < 0.003
     np.testing.assert_array_equal(ours.argmax(axis=1), theirs.argmax(axis=1))
+
+
+def test_a_gguf_s_gemma4_tokenizer_escapes_spaces_keeps_newline_runs_and_round_trips(tmp_path: Path) -> None:
+    from meshpy.tokenizer import Tokenizer
+
+    path = write_gguf(DATA / "tiny-gemma4", tmp_path / "tok.gguf", tokenizer=True)
+    tok = Tokenizer.from_gguf_metadata(open_model_source(path).metadata)
+    pieces = lambda text: [tok.id_to_token(i) for i in tok.encode(text, add_special_tokens=False)]  # noqa: E731
+    assert tok.encode("", add_special_tokens=True) == [tok.bos_id]
+    assert pieces("a\n\n\nb")[1:-1] == ["\n\n\n"]  # a newline run that is a token, whole
+    joined = "".join(pieces("a b c"))
+    assert " " not in joined and joined.count("\u2581") == 2  # spaces escaped, no prefix
+    assert pieces("<|turn>user")[0] == "<|turn>"  # control tokens match whole
+    assert "<0xF0>" in pieces("🚀")  # no such token: its bytes
+    for text in TOKENIZER_TEXTS:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
+def test_a_gguf_s_gemma4_tokenizer_equals_llama_cpp_s(tmp_path: Path) -> None:
+    """`tokenizer.ggml.model == "gemma4"` (python/meshpy/tokenizer/gguf_gemma4.py) gives
+    llama.cpp's token ids for the same file, BOS added, and decodes them back to the text."""
+    import llama_cpp
+
+    from meshpy.tokenizer import Tokenizer
+
+    path = write_gguf(DATA / "tiny-gemma4", tmp_path / "tok.gguf", tokenizer=True)
+    ours = Tokenizer.from_gguf_metadata(open_model_source(path).metadata)
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in TOKENIZER_TEXTS:
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == llm.tokenize(text.encode(), add_bos=True, special=True), text
+        assert ours.decode(ids[1:]) == text
+    assert {ours.token_to_id("<turn|>"), ours.eos_id} <= ours.stop_ids

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from meshpy.errors import CheckpointFormatError, InvalidArgumentError
 from meshpy.tokenizer.gguf_byte_level import _build_byte_level_bpe
+from meshpy.tokenizer.gguf_gemma4 import _build_gemma4_bpe
 from meshpy.tokenizer.gguf_sentencepiece import _build_sentencepiece_bpe
 from meshpy.tokenizer.gguf_vocab import (
     TOKEN_TYPE_CONTROL,
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 _END_OF_GENERATION_TEXTS = (
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
     "<|endoftext|>", "<|eom_id|>", "<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+    "<turn|>", "<|tool_response>",
 )
 
 
@@ -119,10 +121,12 @@ class Tokenizer:
             spec = _build_byte_level_bpe(metadata, tokens, types)
         elif model == "llama":
             spec = _build_sentencepiece_bpe(metadata, tokens, types)
+        elif model == "gemma4":
+            spec = _build_gemma4_bpe(metadata, tokens, types)
         else:
             raise CheckpointFormatError(
                 f"unsupported tokenizer.ggml.model {model!r}; supported: 'gpt2' (byte-level BPE), "
-                "'llama' (SentencePiece)"
+                "'llama' (SentencePiece), 'gemma4' (BPE over escaped spaces)"
             )
 
         def special_id(key: str, default: int | None) -> int | None:
