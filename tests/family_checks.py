@@ -225,3 +225,29 @@ def check_mesh_gives_the_one_process_tokens(
                 assert model.speculation
                 got = list(model.generate_ids(model.encode(prompt), n_tokens))  # may stop at end of turn
                 assert got and got == want[: len(got)], route
+
+
+def check_a_batch_equals_each_session_alone(model_dir: Path, layers: range) -> None:
+    """Two sessions' prefills (20 and 7 random rows of the span's input width) in one forward
+    call, then a batched decode step: each session's output equals its own run, bit for bit
+    (every row's products are independent of the rows beside it)."""
+    from meshpy import _native
+    from meshpy.pipeline import LocalSpan
+
+    source = open_model_source(model_dir)
+    span = LocalSpan(source, read_config(source), layers, _native.ThreadPool(2)).native
+    rng = np.random.default_rng(0)
+    width = span.row_width_in
+    a, b = (rng.standard_normal((n, width)).astype(np.float32) for n in (20, 7))
+    steps = rng.standard_normal((2, 1, width)).astype(np.float32)
+    alone = []
+    for prompt, step in zip((a, b), steps):
+        cache = span.new_cache(64)
+        alone.append((span.forward(prompt, cache), span.forward(step, cache)))
+    caches = [span.new_cache(64), span.new_cache(64)]
+    prefill = span.forward_batch(np.concatenate([a, b]), [(caches[0], 20), (caches[1], 7)])
+    decode = span.forward_batch(np.concatenate(list(steps)), [(caches[0], 1), (caches[1], 1)])
+    np.testing.assert_array_equal(prefill[:20], alone[0][0])
+    np.testing.assert_array_equal(prefill[20:], alone[1][0])
+    np.testing.assert_array_equal(decode[:1], alone[0][1])
+    np.testing.assert_array_equal(decode[1:], alone[1][1])

@@ -122,23 +122,7 @@ def test_a_batch_of_sessions_equals_each_session_alone(variant: str, layers: ran
     """Rows with per-layer inputs, through the KV-sharing layers (a mirror of each source
     filled from the carried columns), or through experts beside the dense MLP: two sessions in
     one call, bit-equal to each alone."""
-    source = open_model_source(DATA / variant)
-    config = read_config(source)
-    span = LocalSpan(source, config, layers, _native.ThreadPool(2)).native
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, span.row_width_in)).astype(np.float32) for n in (20, 7))
-    steps = rng.standard_normal((2, 1, span.row_width_in)).astype(np.float32)
-    alone = []
-    for prompt, step in zip((a, b), steps):
-        cache = span.new_cache(64)
-        alone.append((span.forward(prompt, cache), span.forward(step, cache)))
-    caches = [span.new_cache(64), span.new_cache(64)]
-    prefill = span.forward_batch(np.concatenate([a, b]), [(caches[0], 20), (caches[1], 7)])
-    decode = span.forward_batch(np.concatenate(list(steps)), [(caches[0], 1), (caches[1], 1)])
-    np.testing.assert_array_equal(prefill[:20], alone[0][0])
-    np.testing.assert_array_equal(prefill[20:], alone[1][0])
-    np.testing.assert_array_equal(decode[:1], alone[0][1])
-    np.testing.assert_array_equal(decode[1:], alone[1][1])
+    checks.check_a_batch_equals_each_session_alone(DATA / variant, layers)
 
 
 @pytest.mark.timeout(180)

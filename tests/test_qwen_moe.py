@@ -97,23 +97,7 @@ def test_a_batch_of_sessions_equals_each_session_alone() -> None:
     """Two sessions' prefills in one forward call, their rows regrouped by expert together,
     then a batched decode step: each session's output equals its own run, bit for bit (every
     row's products are independent of the rows beside it)."""
-    source = open_model_source(DATA / "tiny-qwen3-moe")
-    config = read_config(source)
-    span = LocalSpan(source, config, range(0, config.n_layers), _native.ThreadPool(2)).native
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, config.hidden)).astype(np.float32) for n in (20, 7))
-    steps = rng.standard_normal((2, 1, config.hidden)).astype(np.float32)
-    alone = []
-    for prompt, step in zip((a, b), steps):
-        cache = span.new_cache(64)
-        alone.append((span.forward(prompt, cache), span.forward(step, cache)))
-    caches = [span.new_cache(64), span.new_cache(64)]
-    prefill = span.forward_batch(np.concatenate([a, b]), [(caches[0], 20), (caches[1], 7)])
-    decode = span.forward_batch(np.concatenate(list(steps)), [(caches[0], 1), (caches[1], 1)])
-    np.testing.assert_array_equal(prefill[:20], alone[0][0])
-    np.testing.assert_array_equal(prefill[20:], alone[1][0])
-    np.testing.assert_array_equal(decode[:1], alone[0][1])
-    np.testing.assert_array_equal(decode[1:], alone[1][1])
+    checks.check_a_batch_equals_each_session_alone(DATA / "tiny-qwen3-moe", range(0, 3))
 
 
 @pytest.mark.timeout(120)

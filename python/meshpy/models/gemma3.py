@@ -113,6 +113,18 @@ def _round_to_bf16(x: np.float32) -> np.float32:
     return np.float32(rounded.view(np.float32)[0])
 
 
+def embedding_scale(source: ModelSource, embedding_name: str, hidden: int) -> np.float32:
+    """`sqrt(hidden)` cast to the embedding's dtype, as Gemma's ScaledWordEmbedding multiplies
+    by it (transformers' Gemma3/Gemma4TextScaledWordEmbedding: `embed_scale.to(dtype)`)."""
+    scale = np.float32(hidden**0.5)
+    dtype = source.checkpoint.tensor_info(embedding_name)[0].lower()
+    if dtype == "bf16":
+        return _round_to_bf16(scale)
+    if dtype == "f16":
+        return np.float32(np.float16(scale))
+    return scale
+
+
 def _layer_roles(source: ModelSource, n_layers: int, patterns: dict[str, str], prefix: str) -> tuple[dict[str, str], ...]:
     """Every layer's role -> name map, each layer's tensors checked (`check_layer_tensors`)."""
     names = set(source.checkpoint.tensor_names())
@@ -182,13 +194,7 @@ def read_config(source: ModelSource) -> ModelConfig:
     if local_factor != 1.0 and any(sliding):
         raise CheckpointFormatError(f"{where}: scaled RoPE on sliding-window layers is not supported")
 
-    # Gemma3TextScaledWordEmbedding multiplies by the scale cast to the weight's dtype.
-    scale = np.float32(hidden**0.5)
-    dtype = source.checkpoint.tensor_info(base.embedding_name)[0].lower()
-    if dtype == "bf16":
-        scale = _round_to_bf16(scale)
-    elif dtype == "f16":
-        scale = np.float32(np.float16(scale))
+    scale = embedding_scale(source, base.embedding_name, hidden)
 
     return dataclasses.replace(
         base,

@@ -322,13 +322,7 @@ def read_config(source: ModelSource) -> ModelConfig:
     embedding = prefix + "embed_tokens.weight"
     tied = bool(cfg.get("tie_word_embeddings", True))
     output = "lm_head.weight" if "lm_head.weight" in names and not tied else embedding
-    # Gemma4TextScaledWordEmbedding multiplies by sqrt(hidden) cast to the weight's dtype.
-    scale = np.float32(hidden**0.5)
-    dtype = source.checkpoint.tensor_info(embedding)[0].lower()
-    if dtype == "bf16":
-        scale = gemma3._round_to_bf16(scale)
-    elif dtype == "f16":
-        scale = np.float32(np.float16(scale))
+    scale = gemma3.embedding_scale(source, embedding, hidden)
     softcap = cfg.get("final_logit_softcapping")
 
     return ModelConfig(

@@ -17,25 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
 
 from meshpy.errors import CheckpointFormatError
-from meshpy.tokenizer.gguf_vocab import (
-    TOKEN_TYPE_BYTE,
-    TOKEN_TYPE_CONTROL,
-    TOKEN_TYPE_UNKNOWN,
-    TOKEN_TYPE_UNUSED,
-    TOKEN_TYPE_USER_DEFINED,
-    _added_tokens,
-    _BackendSpec,
-    _byte_token_value,
-    _check_added_ids,
-    _required,
-)
-
-_SPACE_MARK = "\u2581"  # "▁"
+from meshpy.tokenizer.gguf_sentencepiece import escape_spaces
+from meshpy.tokenizer.gguf_vocab import _BackendSpec, _required
 
 
 def _build_gemma4_bpe(metadata: Mapping[str, Any], tokens: list[str], types: list[int]) -> _BackendSpec:
@@ -49,29 +37,8 @@ def _build_gemma4_bpe(metadata: Mapping[str, Any], tokens: list[str], types: lis
         merges.append((text[:cut], text[cut + 1 :]))
     backend = _HFTokenizer(BPE(vocab=vocab, merges=merges, byte_fallback=True, ignore_merges=True))
     add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", False))
-    norm: list[Any] = [normalizers.Prepend(_SPACE_MARK)] if add_space_prefix else []
-    norm.append(normalizers.Replace(" ", _SPACE_MARK))
-    backend.normalizer = normalizers.Sequence(norm)
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), behavior="isolated")
-    dec: list[Any] = [decoders.Replace(_SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_space_prefix:
-        dec.append(decoders.Strip(" ", 1, 0))
-    backend.decoder = decoders.Sequence(dec)
-    added = _added_tokens(tokens, types)
-    backend.add_tokens(added)
-    _check_added_ids(backend, tokens, added)
-
-    pieces = []
-    for token, kind in zip(tokens, types):
-        if kind == TOKEN_TYPE_BYTE:
-            value = _byte_token_value(token)
-            pieces.append(bytes([value]) if value is not None else token.encode("utf-8"))
-        elif kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED, TOKEN_TYPE_UNKNOWN):
-            pieces.append(token.encode("utf-8"))
-        elif kind == TOKEN_TYPE_UNUSED:
-            pieces.append(b"")
-        else:
-            pieces.append(token.replace(_SPACE_MARK, " ").encode("utf-8"))
+    pieces = escape_spaces(backend, tokens, types, add_space_prefix)
     # llama.cpp forces add_bos for gemma4 (llama_vocab::impl::load); its ids come from the file.
     return _BackendSpec(
         backend, pieces, add_bos=True, add_eos=False, default_bos=None, default_eos=None,

@@ -55,10 +55,23 @@ def _build_sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str], typ
     unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < n else None
     backend = _HFTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
     add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    backend.pre_tokenizer = None
+    pieces = escape_spaces(backend, tokens, types, add_space_prefix)
+    # llama.cpp's defaults for an SPM vocabulary: BOS 1, EOS 2, add BOS, no EOS.
+    return _BackendSpec(
+        backend, pieces, add_bos=True, add_eos=False, default_bos=1, default_eos=2,
+        strip_leading_space=add_space_prefix,
+    )
+
+
+def escape_spaces(backend: _HFTokenizer, tokens: list[str], types: list[int], add_space_prefix: bool) -> list[bytes]:
+    """The parts SentencePiece-style vocabularies share (this one and Gemma 4's): spaces
+    escaped to "▁" (and one prepended with `add_space_prefix`) and back, `<0xXX>` byte
+    tokens fused into text, the control / user-defined / unknown tokens matched whole in raw
+    text. Returns each token's bytes for detokenizing."""
     norm: list[Any] = [normalizers.Prepend(_SPACE_MARK)] if add_space_prefix else []
     norm.append(normalizers.Replace(" ", _SPACE_MARK))
     backend.normalizer = normalizers.Sequence(norm)
-    backend.pre_tokenizer = None
     dec: list[Any] = [decoders.Replace(_SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space_prefix:
         dec.append(decoders.Strip(" ", 1, 0))
@@ -66,7 +79,6 @@ def _build_sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str], typ
     added = _added_tokens(tokens, types)
     backend.add_tokens(added)
     _check_added_ids(backend, tokens, added)
-
     pieces = []
     for token, kind in zip(tokens, types):
         if kind == TOKEN_TYPE_BYTE:
@@ -78,8 +90,4 @@ def _build_sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str], typ
             pieces.append(b"")
         else:
             pieces.append(token.replace(_SPACE_MARK, " ").encode("utf-8"))
-    # llama.cpp's defaults for an SPM vocabulary: BOS 1, EOS 2, add BOS, no EOS.
-    return _BackendSpec(
-        backend, pieces, add_bos=True, add_eos=False, default_bos=1, default_eos=2,
-        strip_leading_space=add_space_prefix,
-    )
+    return pieces
