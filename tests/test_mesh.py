@@ -7,6 +7,7 @@ the single-process engine's exactly (f32 hidden states on the wire).
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -159,6 +160,22 @@ def test_status_lists_workers_and_coverage(three_workers: LocalMesh) -> None:
         assert re.search(rf"smollm2-135m-q4_1@[0-9a-f]{{12}} layers {layers} \(cpu", out), out
     assert "/ip4/127.0.0.1/" in out
     assert re.search(r"model smollm2-135m-q4_1@[0-9a-f]{12} \(30 layers\): every layer has a provider", out)
+
+
+def test_status_json_gives_the_same_view_as_data(three_workers: LocalMesh) -> None:
+    mesh = three_workers
+    out = subprocess.run(
+        [sys.executable, "-m", "meshpy", "status", "--json", "--bootstrap", mesh.bootstrap_addr, "--transport", mesh.transport],
+        capture_output=True, text=True, timeout=120, env=mesh.env, check=True,
+    ).stdout
+    status = json.loads(out)
+    assert (status["answering"], status["silent_workers"], status["end_nodes"]) == (3, 0, [])
+    workers = status["workers"]
+    assert [(w["first_layer"], w["n_layers"]) for w in workers] == [(0, 10), (10, 10), (20, 10)]
+    assert all(w["mode"] == "span" and w["rtt_ms"] > 0 and w["banned_by"] == [] and w["listen_addrs"] for w in workers)
+    [model] = status["models"]
+    assert re.fullmatch(r"smollm2-135m-q4_1@[0-9a-f]{12}", model["model_id"])
+    assert (model["n_layers"], model["uncovered_layers"]) == (30, [])
 
 
 def test_a_worker_holds_its_layers_not_the_model(three_workers: LocalMesh, smollm2_gguf: Path) -> None:

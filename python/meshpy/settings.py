@@ -234,6 +234,7 @@ class StatusSettings:
     transport: str = setting("tcp", "transport this client listens on", choices=_TRANSPORTS)
     network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
     allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
+    json: bool = setting(False, "print one JSON object (workers with their Info fields and round trips, End nodes, each model's uncovered layers and seeders) instead of text")
 
 
 @dataclass(frozen=True)

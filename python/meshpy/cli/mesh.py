@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -116,7 +117,8 @@ def _refusals(info: dict[str, Any]) -> str:
 
 
 def run_status(settings: StatusSettings) -> int:
-    """Prints every worker, its addresses and layers, then each model's uncovered layers."""
+    """Prints every worker, its addresses and layers, then each model's uncovered layers (as
+    text, or with --json as one JSON object: `mesh_status`)."""
     node, node_dir = start_node(
         NodeSettings(port=0, host="127.0.0.1", transport=settings.transport, network_key=settings.network_key,
                      allow_peer=settings.allow_peer), "status",
@@ -136,51 +138,89 @@ def run_status(settings: StatusSettings) -> int:
             else:
                 source = open_model_source(model_path(settings.model))
                 wanted, wanted_layers = model_identity(source).id, read_config(source).n_layers
-        workers = [peer for peer, _ in node.get_providers(WORKERS_KEY)]
-        infos = describe_peers(node, workers)
-        bans = _bans(node)
-        models: dict[str, tuple[int, list[range]]] = defaultdict(lambda: (0, []))
-        print(f"{len(infos)} worker(s) answering ({len(workers) - len(infos)} listed but silent)")
-        for peer, (info, rtt) in sorted(infos.items(), key=lambda kv: (str(kv[1][0].get("model_id")), kv[1][0].get("first_layer", 0))):
-            if wanted is not None and info.get("model_id") != wanted:
-                continue
-            print(f"{peer}: {_describe(info)}, round trip {rtt * 1000:.1f} ms")
-            for checker, reason in bans.get(peer, []):
-                print(f"    BANNED by End node {checker}: {reason}")
-            for addr in info.get("listen_addrs", []):
-                print(f"    {addr}")
-            if info.get("mode") == "span" and "model_id" in info:
-                n, spans = models[info["model_id"]]
-                first = int(info["first_layer"])
-                spans.append(range(first, first + int(info["n_layers"])))
-                models[info["model_id"]] = (max(n, int(info.get("model_layers", 0))), spans)
-        if wanted is not None and wanted not in models:
-            models[wanted] = (wanted_layers, [])
-        for model_id, (n_layers, spans) in sorted(models.items()):
-            missing = [i for i in range(n_layers) if not any(i in r for r in spans)]
-            gaps = f"no provider for layers {format_layer_list(missing)}" if missing else "every layer has a provider"
-            seeders = len(node.get_providers(seeds_key(model_id)))
-            print(f"model {model_id} ({n_layers} layers): {gaps}; {seeders} node(s) seed it")
+        status = mesh_status(node, wanted, wanted_layers)
     finally:
         node.close()
         node_dir.cleanup()
+    if settings.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        _print_status(status)
     return 0
 
 
-def _bans(node: _native.Node) -> dict[str, list[tuple[str, str]]]:
-    """Workers banned by the End nodes that check the mesh (--verify), from their Info:
-    worker -> [(End node, when and why)]; also prints each End node found."""
-    bans: dict[str, list[tuple[str, str]]] = defaultdict(list)
+def mesh_status(node: _native.Node, wanted: str | None = None, wanted_layers: int = 0) -> dict[str, Any]:
+    """What the mesh says of itself, as data: `answering` (workers that answered Info, of any
+    model), `workers` (each worker's Info fields, its
+    `peer`, `rtt_ms` and `banned_by` [{"end_node", "reason"}], in model and layer order; only
+    model `wanted`'s when given), `silent_workers` (listed but not answering), `end_nodes`
+    (those that check the mesh: `peer`, `verify`, `banned`), and `models` (`model_id`,
+    `n_layers`, `uncovered_layers`, `seeders`)."""
+    workers = [peer for peer, _ in node.get_providers(WORKERS_KEY)]
+    infos = describe_peers(node, workers)
+    end_nodes, bans = _bans(node)
+    listed: list[dict[str, Any]] = []
+    models: dict[str, tuple[int, list[range]]] = defaultdict(lambda: (0, []))
+    for peer, (info, rtt) in sorted(infos.items(), key=lambda kv: (str(kv[1][0].get("model_id")), kv[1][0].get("first_layer", 0))):
+        if wanted is not None and info.get("model_id") != wanted:
+            continue
+        listed.append({**info, "peer": peer, "rtt_ms": rtt * 1000, "banned_by": bans.get(peer, [])})
+        if info.get("mode") == "span" and "model_id" in info:
+            n, spans = models[info["model_id"]]
+            first = int(info["first_layer"])
+            spans.append(range(first, first + int(info["n_layers"])))
+            models[info["model_id"]] = (max(n, int(info.get("model_layers", 0))), spans)
+    if wanted is not None and wanted not in models:
+        models[wanted] = (wanted_layers, [])
+    coverage = [
+        {
+            "model_id": model_id,
+            "n_layers": n_layers,
+            "uncovered_layers": [i for i in range(n_layers) if not any(i in r for r in spans)],
+            "seeders": len(node.get_providers(seeds_key(model_id))),
+        }
+        for model_id, (n_layers, spans) in sorted(models.items())
+    ]
+    return {
+        "answering": len(infos),
+        "silent_workers": len(workers) - len(infos),
+        "workers": listed,
+        "end_nodes": end_nodes,
+        "models": coverage,
+    }
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    for end in status["end_nodes"]:
+        print(f"End node {end['peer']} checks {end['verify']:.0%} of its sessions; {end['banned']} worker(s) banned")
+    print(f"{status['answering']} worker(s) answering ({status['silent_workers']} listed but silent)")
+    for info in status["workers"]:
+        print(f"{info['peer']}: {_describe(info)}, round trip {info['rtt_ms']:.1f} ms")
+        for ban in info["banned_by"]:
+            print(f"    BANNED by End node {ban['end_node']}: {ban['reason']}")
+        for addr in info.get("listen_addrs", []):
+            print(f"    {addr}")
+    for model in status["models"]:
+        missing = model["uncovered_layers"]
+        gaps = f"no provider for layers {format_layer_list(missing)}" if missing else "every layer has a provider"
+        print(f"model {model['model_id']} ({model['n_layers']} layers): {gaps}; {model['seeders']} node(s) seed it")
+
+
+def _bans(node: _native.Node) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, str]]]]:
+    """The End nodes that check the mesh (--verify), from their Info ([{"peer", "verify",
+    "banned"}]), and the workers they banned: worker -> [{"end_node", "reason"}]."""
+    bans: dict[str, list[dict[str, str]]] = defaultdict(list)
+    end_nodes = []
     checkers = describe_peers(node, [peer for peer, _ in node.get_providers(CHECKERS_KEY)])
     for checker, (info, _rtt) in sorted(checkers.items()):
         # What an End node says of others is its claim; a malformed one is skipped.
         banned, verify = info.get("banned"), info.get("verify")
         if not isinstance(banned, dict) or not isinstance(verify, (int, float)):
             continue
-        print(f"End node {checker} checks {float(verify):.0%} of its sessions; {len(banned)} worker(s) banned")
+        end_nodes.append({"peer": checker, "verify": float(verify), "banned": len(banned)})
         for peer, reason in banned.items():
-            bans[str(peer)].append((checker, str(reason)))
-    return bans
+            bans[str(peer)].append({"end_node": checker, "reason": str(reason)})
+    return end_nodes, bans
 
 
 def run_keygen(settings: KeygenSettings) -> int:
