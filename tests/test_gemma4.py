@@ -21,7 +21,7 @@ from meshpy.models.source import open_model_source
 from meshpy.pipeline import LocalSpan
 from tests import family_checks as checks
 from tests.conftest import DATA
-from tests.fixtures import tiny_gemma4
+from tests.fixtures import llama_gguf, tiny_gemma4
 from tests.fixtures.llama_gguf import gguf_logits
 
 VARIANTS = ["tiny-gemma4", "tiny-gemma4-ple", "tiny-gemma4-moe"]
@@ -161,18 +161,11 @@ def test_a_shared_layer_s_own_kv_tensors_are_ignored_as_transformers_ignores_the
 
 # HF name pieces -> llama.cpp's (conversion/gemma.py, Gemma4Model, and gguf-py's tensor map).
 GGUF_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
+    **llama_gguf.GGUF_NAMES,
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "post_attention_norm.weight",
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
     "layer_scalar": "layer_output_scale.weight",
     "per_layer_input_gate.weight": "inp_gate.weight",
@@ -236,8 +229,6 @@ def write_gguf(model_dir: Path, out: Path, vocab: bool = False, tokenizer: bool 
     `vocab` adds a placeholder vocabulary so llama.cpp will load the file."""
     import gguf
     from safetensors.numpy import load_file
-
-    from tests.fixtures import llama_gguf
 
     cfg = json.loads((model_dir / "config.json").read_text())
     n_layers, types = cfg["num_hidden_layers"], cfg["layer_types"]
@@ -318,8 +309,6 @@ def test_gguf_logits_equal_llama_cpp(tmp_path: Path, variant: str) -> None:
     transformers is (to 1e-4), every greedy token agrees, and the relative RMS is 0.0016 at
     most (measured: max |diff| 0.0139 / 0.0161 / 0.0105 for the three variants, transformers'
     0.0139 / 0.0161 / 0.0106)."""
-    from tests.fixtures import llama_gguf
-
     path = write_gguf(DATA / variant, tmp_path / "g4.gguf", vocab=True)
     theirs = llama_gguf.llama_cpp_logits(path, tiny_gemma4.PREFILL_IDS + tiny_gemma4.DECODE_IDS)
     ours = np.concatenate(gguf_logits(path))

@@ -25,6 +25,7 @@ modeling_gemma4.py (docs/gemma4-reading-notes.md has the details and line citati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,27 +39,14 @@ if TYPE_CHECKING:
 
 ARCHITECTURES = ("Gemma4ForCausalLM", "gemma4_text", "Gemma4ForConditionalGeneration", "gemma4")
 
-# Roles of one layer (see rust/src/model/decoder.rs) -> HF names under the text model's prefix.
-_HF_ATTENTION = {
-    "attn_norm": "layers.{i}.input_layernorm.weight",
-    "attn_q": "layers.{i}.self_attn.q_proj.weight",
-    "attn_output": "layers.{i}.self_attn.o_proj.weight",
-    "attn_q_norm": "layers.{i}.self_attn.q_norm.weight",
-    "attn_post_norm": "layers.{i}.post_attention_layernorm.weight",
-}
-_HF_OWN_KV = {
-    "attn_k": "layers.{i}.self_attn.k_proj.weight",
-    "attn_v": "layers.{i}.self_attn.v_proj.weight",
-    "attn_k_norm": "layers.{i}.self_attn.k_norm.weight",
-}
-_HF_MLP = {
-    "ffn_norm": "layers.{i}.pre_feedforward_layernorm.weight",
-    "ffn_gate": "layers.{i}.mlp.gate_proj.weight",
-    "ffn_up": "layers.{i}.mlp.up_proj.weight",
-    "ffn_down": "layers.{i}.mlp.down_proj.weight",
-    "ffn_post_norm": "layers.{i}.post_feedforward_layernorm.weight",
+# Roles of one layer (see rust/src/model/decoder.rs) -> HF names under the text model's prefix:
+# Gemma 3's layer (same tensor names), plus `layer_scalar`.
+_HF_LAYER = {
+    **{role: name.removeprefix("model.") for role, name in gemma3._HF_ROLES.items()},
     "layer_output_scale": "layers.{i}.layer_scalar",
 }
+# The roles a KV-shared layer lacks.
+_OWN_KV = ("attn_k", "attn_v", "attn_k_norm")
 # The 26B-A4B block (`enable_moe_block`): experts beside the dense MLP, three more norms.
 _HF_MOE = {
     "ffn_gate_inp": "layers.{i}.router.proj.weight",
@@ -123,22 +111,7 @@ def _inv_freq(params: dict[str, Any], head_dim: int, where: str) -> np.ndarray:
 
 # The same roles in llama.cpp's GGUF names (conversion/gemma.py, Gemma4Model; src/models/
 # gemma4.cpp, load_arch_tensors).
-_GGUF_ATTENTION = {
-    "attn_norm": "blk.{i}.attn_norm.weight",
-    "attn_q": "blk.{i}.attn_q.weight",
-    "attn_output": "blk.{i}.attn_output.weight",
-    "attn_q_norm": "blk.{i}.attn_q_norm.weight",
-    "attn_post_norm": "blk.{i}.post_attention_norm.weight",
-}
-_GGUF_OWN_KV = {"attn_k": "blk.{i}.attn_k.weight", "attn_v": "blk.{i}.attn_v.weight", "attn_k_norm": "blk.{i}.attn_k_norm.weight"}
-_GGUF_MLP = {
-    "ffn_norm": "blk.{i}.ffn_norm.weight",
-    "ffn_gate": "blk.{i}.ffn_gate.weight",
-    "ffn_up": "blk.{i}.ffn_up.weight",
-    "ffn_down": "blk.{i}.ffn_down.weight",
-    "ffn_post_norm": "blk.{i}.post_ffw_norm.weight",
-    "layer_output_scale": "blk.{i}.layer_output_scale.weight",
-}
+_GGUF_LAYER = {**gemma3._GGUF_ROLES, "layer_output_scale": "blk.{i}.layer_output_scale.weight"}
 _GGUF_MOE = {
     "ffn_gate_inp": "blk.{i}.ffn_gate_inp.weight",
     "ffn_gate_inp_scale": "blk.{i}.ffn_gate_inp.scale",
@@ -150,6 +123,39 @@ _GGUF_MOE = {
     "ffn_post_norm_2": "blk.{i}.post_ffw_norm_2.weight",
 }
 _GGUF_PER_LAYER = {"ple_gate": "blk.{i}.inp_gate.weight", "ple_proj": "blk.{i}.proj.weight", "ple_post_norm": "blk.{i}.post_norm.weight"}
+
+
+def _layer_roles(
+    where: str,
+    names: set[str],
+    layer_prefix: str,
+    layer: dict[str, str],
+    extras: dict[str, str],
+    moe: dict[str, str],
+    sources: tuple[int | None, ...],
+    values_from_keys: Callable[[int], bool],
+    has_experts: Callable[[int], bool],
+) -> tuple[dict[str, str], ...]:
+    """Every layer's role -> name map from the format's patterns (`layer`, plus `extras`: the
+    per-layer inputs' roles when the model has them, and `moe` where `has_experts`), each
+    layer's tensors (those under `layer_prefix`) checked (`check_layer_tensors`). A KV-shared layer has no k/v roles (its
+    own k/v tensors, if any, are ignored, as transformers and llama.cpp ignore them); a layer
+    whose values are its keys' projection (`values_from_keys`) has no `attn_v`; the
+    `layer_output_scale` is optional (1 when absent, as llama.cpp's TENSOR_NOT_REQUIRED)."""
+    out = []
+    for i, source in enumerate(sources):
+        roles = {r: p.format(i=i) for r, p in {**layer, **extras, **(moe if has_experts(i) else {})}.items()}
+        own_kv = {r: roles.pop(r) for r in _OWN_KV}
+        if source is None:
+            roles.update(own_kv)
+            if values_from_keys(i):
+                del roles["attn_v"]
+        if roles["layer_output_scale"] not in names:
+            del roles["layer_output_scale"]
+        ignored = set(own_kv.values()) if source is not None else set()
+        check_layer_tensors(where, names - ignored, "Gemma 4", layer_prefix.format(i=i), roles.values())
+        out.append(roles)
+    return tuple(out)
 
 
 def _from_gguf(source: ModelSource) -> ModelConfig:
@@ -197,12 +203,10 @@ def _from_gguf(source: ModelSource) -> ModelConfig:
         if src is not None and (src < 0 or sliding[src] != sliding[i]):
             raise CheckpointFormatError(f"{where}: KV-shared layer {i} would share layer {src}, of another type")
     n_rot, n_rot_swa = int(key("rope.dimension_count", global_head_dim)), int(key("rope.dimension_count_swa", head_dim))
-    inv_freq = rope.default_inv_freq(float(key("rope.freq_base")), n_rot)
-    if "rope_freqs.weight" in names:
-        factors = np.frombuffer(source.checkpoint.tensor_bytes("rope_freqs.weight"), dtype=np.float32)
-        if factors.shape != inv_freq.shape:
-            raise CheckpointFormatError(f"{where}: rope_freqs.weight has {factors.size} values, expected {inv_freq.size}")
-        inv_freq = (inv_freq / factors).astype(np.float32)
+    # `rope_freqs.weight` divides each pair's frequency, as for Llama 3 (llama._gguf_rope).
+    inv_freq, factor = llama._gguf_rope(source, "gemma4", n_rot, float(key("rope.freq_base")), names)
+    if factor != 1.0:
+        raise CheckpointFormatError(f"{where}: RoPE with an attention factor is not supported for Gemma 4")
     per_layer_input = int(key("embedding_length_per_layer_input", 0))
     n_experts = int(key("expert_count", 0))
     moe = (
@@ -210,24 +214,11 @@ def _from_gguf(source: ModelSource) -> ModelConfig:
         if n_experts
         else None
     )
-    layers = []
-    for i in range(n_layers):
-        patterns = {**_GGUF_ATTENTION, **_GGUF_MLP}
-        if sources[i] is None:
-            patterns.update(_GGUF_OWN_KV)
-            if f"blk.{i}.attn_v.weight" not in names:  # attention_k_eq_v
-                del patterns["attn_v"]
-        if f"blk.{i}.layer_output_scale.weight" not in names:
-            del patterns["layer_output_scale"]
-        if per_layer_input:
-            patterns.update(_GGUF_PER_LAYER)
-        if moe is not None and f"blk.{i}.ffn_gate_inp.weight" in names:
-            patterns.update(_GGUF_MOE)
-        roles = {r: p.format(i=i) for r, p in patterns.items()}
-        # A KV-shared layer's own k/v tensors are optional to llama.cpp and unused.
-        ignored = {p.format(i=i) for p in _GGUF_OWN_KV.values()} if sources[i] is not None else set()
-        check_layer_tensors(where, names - ignored, "Gemma 4", f"blk.{i}.", roles.values())
-        layers.append(roles)
+    layers = _layer_roles(
+        where, names, "blk.{i}.", _GGUF_LAYER, _GGUF_PER_LAYER if per_layer_input else {}, _GGUF_MOE, sources,
+        lambda i: f"blk.{i}.attn_v.weight" not in names,  # attention_k_eq_v, as llama.cpp reads it
+        lambda i: moe is not None and f"blk.{i}.ffn_gate_inp.weight" in names,
+    )
     softcap = meta.get("gemma4.final_logit_softcapping")
     vocab = len(meta.get("tokenizer.ggml.tokens", [])) or int(key("vocab_size", source.checkpoint.tensor_info("token_embd.weight")[1][0]))
     return ModelConfig(
@@ -301,23 +292,11 @@ def read_config(source: ModelSource) -> ModelConfig:
     )
 
     names = set(source.checkpoint.tensor_names())
-    layers = []
-    for i in range(n_layers):
-        patterns = {**_HF_ATTENTION, **_HF_MLP}
-        if sources[i] is None:
-            patterns.update(_HF_OWN_KV)
-            if k_eq_v and not sliding[i]:
-                del patterns["attn_v"]
-        if per_layer_input:
-            patterns.update(_HF_PER_LAYER)
-        if moe is not None:
-            patterns.update(_HF_MOE)
-        roles = {r: prefix + p.format(i=i) for r, p in patterns.items()}
-        # transformers ignores a shared layer's own k/v tensors (`_keys_to_ignore_on_load_unexpected`).
-        ignored = {prefix + p.format(i=i) for p in _HF_OWN_KV.values()} if sources[i] is not None else set()
-        layer_prefix = f"{prefix}layers.{i}."
-        check_layer_tensors(where, names - ignored, "Gemma 4", layer_prefix, roles.values())
-        layers.append(roles)
+    full = lambda patterns: {r: prefix + p for r, p in patterns.items()}  # noqa: E731
+    layers = _layer_roles(
+        where, names, prefix + "layers.{i}.", full(_HF_LAYER), full(_HF_PER_LAYER) if per_layer_input else {},
+        full(_HF_MOE), sources, lambda i: k_eq_v and not sliding[i], lambda i: moe is not None,
+    )
 
     embedding = prefix + "embed_tokens.weight"
     tied = bool(cfg.get("tie_word_embeddings", True))

@@ -940,7 +940,11 @@ impl DecoderSpan {
         let (carry_in_at, carry_out_at) = (carried(first), carried(end));
         let (win, wout) = (carry_in_at.iter().map(|c| 2 * c.1).sum::<usize>(), carry_out_at.iter().map(|c| 2 * c.1).sum::<usize>());
         for &(src, w, at) in &carry_in_at {
-            let Some(slot) = plan.imported.contains(&src).then(|| plan.slot_of(src)).flatten() else { continue };
+            // Only the mirrors: a source this run holds writes its own rows.
+            if !plan.imported.contains(&src) {
+                continue;
+            }
+            let slot = plan.slot_of(src).expect("an imported source has a cache layer");
             for t in 0..n_tok {
                 let c = caches[row_seq[t]][slot];
                 let r = row_pos[t] - c.base;
