@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,10 @@ import pytest
 from meshpy.models.packaged import resolve_packaged
 
 DATA = Path(__file__).parent / "data"
+
+# No test's node looks for peers by multicast on this machine's own network (the LAN tests
+# turn it on inside network namespaces of their own).
+os.environ.setdefault("MESHPY_MDNS", "0")
 
 
 @pytest.fixture(scope="session")

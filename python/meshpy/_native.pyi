@@ -293,6 +293,7 @@ class Node:
         peer_rate: float = 2000.0,
         sessions_per_peer: int = 1024,
         kv_bytes_per_peer: int | None = None,
+        mdns: bool = False,
     ) -> None: ...
     @property
     def peer_id(self) -> str: ...

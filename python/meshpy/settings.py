@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
@@ -24,6 +25,7 @@ __all__ = [
     "StatusSettings",
     "ServeSettings",
     "KeygenSettings",
+    "InitSettings",
 ]
 
 T = TypeVar("T")
@@ -105,10 +107,12 @@ def _convert(name: str, tp: type, raw: Any) -> Any:
         raise InvalidArgumentError(f"{_flag(name)}: {raw!r} is not a valid {tp.__name__}") from None
 
 
-def from_namespace(cls: type[T], namespace: argparse.Namespace | dict[str, Any]) -> T:
-    """Builds settings from parsed flags, then environment variables, then defaults, and
+def from_namespace(cls: type[T], namespace: argparse.Namespace | dict[str, Any], config: Mapping[str, Any] | None = None) -> T:
+    """Builds settings from parsed flags, then environment variables, then `config` (the
+    config file's values for this command, `config_file.read_config_file`), then defaults, and
     checks bounds."""
     given = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
+    config = config or {}
     hints = get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -117,8 +121,10 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace | dict[str, Any])
         if raw is None:
             raw = os.environ.get(_env(f.name))
         if raw is None:
+            raw = config.get(f.name)
+        if raw is None:
             if f.default is _MISSING:
-                raise InvalidArgumentError(f"{_flag(f.name)} is required (or set {_env(f.name)})")
+                raise InvalidArgumentError(f"{_flag(f.name)} is required (or set {_env(f.name)}, or {f.name.replace('_', '-')} in the config file)")
             values[f.name] = f.default
             continue
         meta = f.metadata
@@ -154,7 +160,7 @@ class GenerateSettings:
     spans: int = setting(1, "run the layers as this many spans in turn (what the mesh does)", minimum=1)
     speculate: bool = setting(True, "draft tokens (by prompt lookup, or --draft-model) and verify them in one pass: the same greedy tokens, the same sampling distribution")
     draft_model: Path | None = setting(None, "a small model sharing the tokenizer that drafts the tokens to verify (default: prompt lookup)")
-    bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several)")
+    bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several), or lan: the mesh found on the local network (mDNS)")
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=("tcp", "quic", "both"))
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
     route: str = setting("chain", "how a step crosses the mesh: chain (worker to worker, N+1 link crossings for N workers) or star (each worker a round trip from here, 2N)", choices=("chain", "star"))
@@ -180,6 +186,7 @@ class NodeSettings:
     network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
     allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
     peer_rate: float | None = setting(None, "requests one peer may send this node per second, past which they are refused 'overloaded' (default 2000; 0: no limit)", minimum=0.0)
+    mdns: bool = setting(True, "find nodes on the local network by mDNS (multicast; only when listening beyond 127.0.0.1): with no --bootstrap, join the mesh found there, or start one its nodes find")
 
 
 @dataclass(frozen=True)
@@ -193,7 +200,7 @@ class BootstrapSettings(NodeSettings):
 class WorkerSettings(NodeSettings):
     """`meshpy worker`: host a range of a model's layers (or echo, without --model)."""
 
-    bootstrap: str | None = setting(None, "multiaddr of a mesh node to join (comma-separated for several)")
+    bootstrap: str | None = setting(None, "multiaddr of a mesh node to join (comma-separated for several), or lan: only the local network's mesh (mDNS); none: the local network's mesh if one answers (with --mdns), else a mesh of its own")
     model: Path | None = setting(None, "the model: a GGUF file, an HF directory, a packaged name, or a model id (name@hash, as `meshpy status` shows it) to fetch from the mesh; none: echo mode", short="-m")
     store: Path | None = setting(None, "where models fetched from the mesh are kept (default: ~/.cache/meshpy/models)")
     layers: str | None = setting(None, "layers to host, e.g. 0-7 (default: the least-covered range that fits --memory)")
@@ -214,7 +221,7 @@ class SeedSettings(NodeSettings):
     the parts they need from here (no layers run here)."""
 
     model: Path | None = setting(None, "the model to serve (required): a GGUF file or a packaged model name", short="-m")
-    bootstrap: str | None = setting(None, "multiaddr of a mesh node to join (comma-separated for several); none: this node starts a mesh others join through it")
+    bootstrap: str | None = setting(None, "multiaddr of a mesh node to join (comma-separated for several), or lan: the local network's mesh (mDNS); none: the local network's mesh if one answers (with --mdns), else a mesh of its own others join through it")
 
 
 @dataclass(frozen=True)
@@ -226,10 +233,19 @@ class KeygenSettings:
 
 
 @dataclass(frozen=True)
+class InitSettings:
+    """`meshpy init`: asks a few questions (role, model, mesh, memory, ports, network key) and
+    writes the config file every command reads."""
+
+    path: Path | None = setting(None, "where to write it (default: ~/.config/meshpy/config.toml, which every command reads)", positional=True)
+    force: bool = setting(False, "write over an existing file")
+
+
+@dataclass(frozen=True)
 class StatusSettings:
     """`meshpy status`: the workers of a mesh, their layers, and layers nobody serves."""
 
-    bootstrap: str = setting(help="multiaddr of a mesh node (comma-separated for several)")
+    bootstrap: str = setting(help="multiaddr of a mesh node (comma-separated for several), or lan: the mesh found on the local network (mDNS)")
     model: Path | None = setting(None, "only this model (default: every model the workers serve)", short="-m")
     transport: str = setting("tcp", "transport this client listens on", choices=_TRANSPORTS)
     network_key: Path | None = setting(None, "the mesh's key file (meshpy keygen FILE): only nodes holding it can connect; TCP only")
@@ -243,7 +259,7 @@ class ServeSettings:
     process or (with --bootstrap) on a mesh."""
 
     model: Path = setting(help="a .gguf file, an HF checkpoint directory, a packaged model (smollm2, gemma3-270m), or with --bootstrap a model id (name@hash) to fetch from the mesh", short="-m")
-    bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several)")
+    bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several), or lan: the mesh found on the local network (mDNS)")
     host: str = setting("127.0.0.1", "address the HTTP server listens on (0.0.0.0: every interface)")
     port: int = setting(8000, "HTTP port; 0 takes a free one", minimum=0, maximum=65535)
     api_key: str | None = setting(None, "require this key (Authorization: Bearer KEY) on the /v1 endpoints")

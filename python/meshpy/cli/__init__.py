@@ -8,11 +8,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from meshpy.config_file import CONFIG_ENV, config_path, default_config_path, read_config_file
 from meshpy.errors import MeshpyError
 from meshpy.settings import (
     BootstrapSettings,
     DemoSettings,
     GenerateSettings,
+    InitSettings,
     KeygenSettings,
     ServeSettings,
     StatusSettings,
@@ -36,7 +38,11 @@ _COMMANDS: dict[str, tuple[type, str, str]] = {
     "serve": (ServeSettings, "meshpy.cli.serve:run_serve", "serve a model over an OpenAI-compatible HTTP API"),
     "demo": (DemoSettings, "meshpy.cli.demo:run_demo", "a whole mesh and server on this machine, one request"),
     "keygen": (KeygenSettings, "meshpy.cli.mesh:run_keygen", "write a network key: only nodes holding it join the mesh"),
+    "init": (InitSettings, "meshpy.cli.init:run_init", "answer a few questions; writes the config file every command reads"),
 }
+
+#: Commands that read no config file (`init` writes it).
+_WITHOUT_CONFIG = ("init",)
 
 #: Commands that run as servers log what they do by default.
 _SERVERS = ("bootstrap", "seed", "worker", "serve")
@@ -47,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _target, help_text) in _COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=cls.__doc__), cls)
+        command = sub.add_parser(name, help=help_text, description=cls.__doc__)
+        add_arguments(command, cls)
+        if name not in _WITHOUT_CONFIG:
+            command.add_argument("--config", default=None, help="settings file (TOML; flags and MESHPY_* variables override its keys) "
+                                 f"[env {CONFIG_ENV}; default {default_config_path()} if it exists]")
     return parser
 
 
@@ -63,8 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls, target, _help = _COMMANDS[args.command]
     module, function = target.split(":")
     try:
+        config: dict[str, object] = {}
+        path = None if args.command in _WITHOUT_CONFIG else config_path(args.config)
+        if path is not None:
+            config = read_config_file(path, args.command, {name: c for name, (c, _t, _h) in _COMMANDS.items() if name not in _WITHOUT_CONFIG})
+            logging.getLogger(__name__).info("settings from %s", path)
         run = getattr(importlib.import_module(module), function)
-        return int(run(from_namespace(cls, args)))
+        return int(run(from_namespace(cls, args, config)))
     except MeshpyError as exc:
         print(f"meshpy: error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from meshpy.mesh.fetch import cannot_seed, seed, seeds_key
 from meshpy.mesh.hub import HubFetcher, hub_ref
 from meshpy.mesh.store import ModelStore, model_ref
 from meshpy.mesh.identity import CHECKERS_KEY, WORKERS_KEY, model_identity
-from meshpy.mesh.nodes import NodeDir, parse_bootstrap, start_node
+from meshpy.mesh.nodes import NodeDir, joins_by_lan, parse_bootstrap, start_node
 from meshpy.mesh.placement import format_size
 from meshpy.mesh.routing import describe_peers
 from meshpy.mesh.worker import Worker
@@ -63,7 +63,7 @@ def run_seed(settings: SeedSettings) -> int:
     why = cannot_seed(source, identity)
     if why is not None:
         raise InvalidArgumentError(f"{source.path} cannot be served to peers: {why}")
-    node, node_dir = start_node(settings, "seed", parse_bootstrap(settings.bootstrap))
+    node, node_dir = start_node(settings, "seed", parse_bootstrap(settings.bootstrap), lan=joins_by_lan(settings.bootstrap))
     try:
         seed(node, source, identity)
     except BaseException:
@@ -123,6 +123,7 @@ def run_status(settings: StatusSettings) -> int:
         NodeSettings(port=0, host="127.0.0.1", transport=settings.transport, network_key=settings.network_key,
                      allow_peer=settings.allow_peer), "status",
         parse_bootstrap(settings.bootstrap),
+        lan=joins_by_lan(settings.bootstrap),
         dht_server=False,
     )
     try:

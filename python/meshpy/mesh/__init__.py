@@ -20,7 +20,7 @@ from meshpy.generation import Model, default_threads, model_path
 from meshpy.mesh.client import MeshPipeline, MeshSession
 from meshpy.mesh.fetch import fetch_part, fetcher_for, names_remote_model
 from meshpy.mesh.identity import CHECKERS_KEY, ModelIdentity, model_identity
-from meshpy.mesh.nodes import parse_bootstrap, start_node
+from meshpy.mesh.nodes import joins_by_lan, parse_bootstrap, start_node
 from meshpy.mesh.routing import Hop, Provider, describe_route
 from meshpy.mesh.store import ModelStore
 from meshpy.mesh.worker import MESH_IDLE_SPIN, Worker
@@ -60,7 +60,7 @@ def connect(
     store: str | os.PathLike[str] | None = None,
 ) -> Model:
     """A `Model` whose End model runs here and whose layers run on the mesh joined through
-    `bootstrap`; waits up to `route_timeout` seconds for workers to cover every layer.
+    `bootstrap` (multiaddrs, or `"lan"`: the mesh mDNS finds on the local network); waits up to `route_timeout` seconds for workers to cover every layer.
 
     `model` is the checkpoint the workers have (its hash names the model in the DHT; only
     embedding, final norm and head are loaded), or the model's id (`name@hash`, as `meshpy
@@ -86,7 +86,8 @@ def connect(
     key = None if network_key is None else Path(network_key)
     settings = NodeSettings(port=0, host=host, transport=transport, network_key=key, allow_peer=tuple(allow_peers),
                             node_dir=None if node_dir is None else Path(node_dir))
-    node, identity_dir = start_node(settings, "client", addrs, dht_server=False)
+    lan = isinstance(bootstrap, str) and joins_by_lan(bootstrap)
+    node, identity_dir = start_node(settings, "client", addrs, lan=lan, dht_server=False)
     try:
         if remote:
             fetcher = fetcher_for(node, model, ModelStore(store))

@@ -41,9 +41,11 @@ def _die_with_parent() -> None:
 class MeshProcess:
     """One `meshpy` child process; its output lines are collected as they come."""
 
-    def __init__(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, args: Sequence[str], env: dict[str, str] | None = None, prefix: Sequence[str] = ()) -> None:
+        """Runs `meshpy ARGS`; `prefix` goes before the interpreter (`ip netns exec NS` runs it
+        on another network)."""
         self.name = name
-        self.args = [sys.executable, "-m", "meshpy", *args]
+        self.args = [*prefix, sys.executable, "-m", "meshpy", *args]
         self.proc = subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,

@@ -3,10 +3,12 @@ rendezvous node that `meshpy bootstrap` runs."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,13 +16,33 @@ from meshpy import _native
 from meshpy.errors import InvalidArgumentError, NetworkError
 from meshpy.settings import NodeSettings
 
-__all__ = ["parse_bootstrap", "allowed_peers", "data_dir", "NodeDir", "start_node"]
+__all__ = ["LAN", "joins_by_lan", "parse_bootstrap", "allowed_peers", "data_dir", "NodeDir", "uses_mdns", "start_node", "join_lan"]
 
 log = logging.getLogger(__name__)
 
 
+#: The bootstrap "address" that means: find the mesh on the local network (mDNS).
+LAN = "lan"
+
+#: How long a node that joins by the local network waits for a first peer: mDNS answers come
+#: within a second; the rest is margin for a loaded machine.
+LAN_WAIT = 10.0
+
+#: How long a worker or bootstrap node with no bootstrap address looks for a mesh on the local
+#: network before it starts one of its own.
+LAN_LOOK = 3.0
+
+
+def joins_by_lan(text: str | None) -> bool:
+    """Whether a bootstrap setting is `lan`: find the mesh on the local network."""
+    return (text or "").strip().lower() == LAN
+
+
 def parse_bootstrap(text: str | None) -> list[str]:
-    """Multiaddrs from a comma- or space-separated list; each must end in /p2p/<peer id>."""
+    """Multiaddrs from a comma- or space-separated list; each must end in /p2p/<peer id>.
+    `lan` gives none: the node finds its peers by mDNS (`start_node(lan=True)`)."""
+    if joins_by_lan(text):
+        return []
     addrs = [a for a in (text or "").replace(",", " ").split() if a]
     for a in addrs:
         if "/p2p/" not in a:
@@ -73,20 +95,45 @@ class NodeDir:
             self._temp = None
 
 
-def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = None, **kwargs: object) -> tuple[_native.Node, NodeDir]:
-    """A node listening as `settings` says, joined to the mesh through `bootstrap`."""
+def uses_mdns(settings: NodeSettings, lan: bool) -> bool:
+    """Whether a node looks for peers on the local network: when it joins by it (`lan`), or
+    when `--mdns` is on and it listens beyond loopback (a node only this machine can reach
+    has nothing to announce to the network)."""
+    return lan or (settings.mdns and not ipaddress.ip_address(settings.host).is_loopback)
+
+
+def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = None, *, lan: bool = False,
+               **kwargs: object) -> tuple[_native.Node, NodeDir]:
+    """A node listening as `settings` says, joined to the mesh through `bootstrap`, or with
+    `lan` through the first meshpy nodes mDNS finds on the local network (an error when none
+    answers within `LAN_WAIT`). Without either, a node with mDNS on looks for a mesh on the
+    local network for `LAN_LOOK` seconds and joins it if one answers."""
     node_dir = NodeDir(settings.node_dir, role, settings.port)
+    mdns = uses_mdns(settings, lan)
     try:
         key = None if settings.network_key is None else str(settings.network_key)
         if settings.peer_rate is not None:
             kwargs["peer_rate"] = settings.peer_rate
         node = _native.Node(
             str(node_dir.path), settings.port, settings.transport, bootstrap or [], None, host=settings.host,
-            network_key=key, allow_peers=allowed_peers(settings.allow_peer), **kwargs,
+            network_key=key, allow_peers=allowed_peers(settings.allow_peer), mdns=mdns, **kwargs,
         )
     except BaseException:
         node_dir.cleanup()
         raise
+    if mdns and not bootstrap:
+        try:
+            found = join_lan(node, LAN_WAIT if lan else LAN_LOOK)
+            if lan and not found:
+                key_hint = "this node's network key may not be the mesh's" if settings.network_key else "the mesh may have a network key (--network-key)"
+                raise NetworkError(f"no meshpy node answered on the local network within {LAN_WAIT:.0f} s (mDNS; {key_hint}); "
+                                   "join through an address instead (--bootstrap /ip4/.../p2p/...)")
+            log.info("%s node: %s", role, f"joined the mesh on the local network through {len(found)} node(s)" if found
+                     else "no mesh on the local network yet; others there will find this one")
+        except BaseException:
+            node.close()
+            node_dir.cleanup()
+            raise
     if bootstrap:
         try:
             node.bootstrap()
@@ -101,3 +148,21 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
             raise
     log.info("%s node %s listening on %s", role, node.peer_id, ", ".join(node.listen_addrs()))
     return node, node_dir
+
+
+def join_lan(node: _native.Node, timeout: float) -> list[str]:
+    """Waits up to `timeout` for mDNS to connect this node to peers on the local network that
+    serve the mesh's DHT, then fills the routing table through them (a DHT bootstrap);
+    returns the peers found (none: no mesh here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        peers = node.connected_peers()
+        if peers:
+            try:
+                node.bootstrap()  # fails until identify has put a DHT server in the table
+                return peers
+            except NetworkError:
+                pass
+        if time.monotonic() >= deadline:
+            return []
+        time.sleep(0.1)

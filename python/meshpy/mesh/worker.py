@@ -16,7 +16,7 @@ from meshpy.errors import InvalidArgumentError
 from meshpy.generation import default_threads, model_path
 from meshpy.mesh.fetch import Fetcher, FetchReport, fetch_part, fetcher_for, names_remote_model, seed
 from meshpy.mesh.identity import WORKERS_KEY, ModelIdentity, model_identity
-from meshpy.mesh.nodes import NodeDir, parse_bootstrap, start_node
+from meshpy.mesh.nodes import NodeDir, joins_by_lan, parse_bootstrap, start_node
 from meshpy.mesh.placement import (
     available_memory,
     choose_layers,
@@ -76,17 +76,18 @@ class Worker:
             layers = parse_layers(s.layers, config.n_layers) if s.layers else None
             model = (source, config, layers)
             self.model = model_identity(source)
-        self.node, self._node_dir = start_node(s, "worker", bootstrap)
+        self.node, self._node_dir = start_node(s, "worker", bootstrap, lan=joins_by_lan(s.bootstrap))
+        joined = bool(bootstrap) or bool(self.node.connected_peers())  # a mesh found on the local network
         try:
             if remote:
                 assert s.model is not None
-                fetcher = fetcher_for(self.node, s.model, ModelStore(s.store), joined=bool(bootstrap))
+                fetcher = fetcher_for(self.node, s.model, ModelStore(s.store), joined=joined)
                 assert fetcher is not None
-                model = self._fetch(fetcher, kv_budget, memory if memory is not None else available_memory(), bool(bootstrap))
+                model = self._fetch(fetcher, kv_budget, memory if memory is not None else available_memory(), joined)
             if model is None:
                 self._serve_echo()
             else:
-                self._serve_model(*model, kv_budget=kv_budget, memory=memory, has_peers=bool(bootstrap))
+                self._serve_model(*model, kv_budget=kv_budget, memory=memory, has_peers=joined)
         except BaseException:
             self.close()
             raise

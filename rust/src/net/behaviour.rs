@@ -1,5 +1,5 @@
-//! The node's libp2p behaviour (identify, ping, Kademlia in server mode, and raw streams for
-//! the tensor protocol) and the swarm built around it: TCP with Noise and Yamux, and
+//! The node's libp2p behaviour (identify, ping, Kademlia in server mode, raw streams for
+//! the tensor protocol, and mDNS on the local network when asked) and the swarm built around it: TCP with Noise and Yamux, and
 //! QUIC, on tokio. Both transports can always dial; which ones listen is the node's choice.
 //! With a network key, TCP alone, under the private-network layer.
 
@@ -13,7 +13,7 @@ use libp2p::kad::store::MemoryStore;
 use libp2p::allow_block_list;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identify, kad, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::{identify, kad, mdns, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
 use super::blobs::BLOB_PROTOCOL;
 use super::codec::PROTOCOL;
@@ -43,6 +43,9 @@ pub struct MeshBehaviour {
     pub blobs: ProtocolStreams,
     /// With an allow list, connections with any other peer are denied as they are made.
     pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    /// Finds nodes on the local network ([`NodeConfig::mdns`]): each one found is dialed, and
+    /// joins the DHT once identify shows it speaks meshpy's Kademlia.
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 /// Inbound streams of one protocol, as the swarm accepts them.
@@ -77,8 +80,10 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
         }
         allow
     });
+    let lan = config.mdns;
     let behaviour = move |key: &Keypair| {
         let peer_id = key.public().to_peer_id();
+        let mdns = if lan { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config.set_query_timeout(query_timeout);
         // Records of dead providers expire; live ones are re-announced well before.
@@ -86,14 +91,15 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
         kad_config.set_provider_publication_interval(Some(provider_ttl / 4));
         let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
         kad.set_mode(Some(kad_mode));
-        MeshBehaviour {
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(MeshBehaviour {
             identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())),
             ping: ping::Behaviour::new(ping::Config::new()),
             kad,
             tensor,
             blobs,
             allow: Toggle::from(allow),
-        }
+            mdns: Toggle::from(mdns),
+        })
     };
     let swarm_config = |c: libp2p::swarm::Config| {
         c.with_idle_connection_timeout(Duration::from_secs(300))

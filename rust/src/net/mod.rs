@@ -125,6 +125,10 @@ pub struct NodeConfig {
     pub allow_peers: Option<Vec<PeerId>>,
     /// What one peer may ask of this node at once and per second (see `peers`).
     pub peer_limits: PeerLimits,
+    /// Whether to find other nodes on the local network by mDNS (multicast DNS queries and
+    /// answers on every non-loopback interface), so a mesh forms with no bootstrap address.
+    /// Off by default here: it sends packets to the whole local network.
+    pub mdns: bool,
 }
 
 /// Environment variable giving [`NodeConfig::emulated_rtt`] in milliseconds.
@@ -162,6 +166,7 @@ impl NodeConfig {
             network_key: None,
             allow_peers: None,
             peer_limits: PeerLimits::default(),
+            mdns: false,
         }
     }
 }

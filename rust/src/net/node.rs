@@ -12,7 +12,8 @@ use libp2p::kad::{self, QueryId, QueryResult};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, ListenError, SwarmEvent};
-use libp2p::{identify, Multiaddr, PeerId, Swarm};
+use libp2p::swarm::dial_opts::PeerCondition;
+use libp2p::{identify, mdns, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 
 use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent, KAD_PROTOCOL};
@@ -674,6 +675,7 @@ impl Loop {
     fn on_event(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Mdns(mdns::Event::Discovered(found))) => self.on_lan_peers(found),
             SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 let dht_server = info.protocols.contains(&KAD_PROTOCOL);
                 for addr in info.listen_addrs {
@@ -730,6 +732,28 @@ impl Loop {
                 tracing::warn!(from = %send_back_addr, "refused a connection: {error}{why}");
             }
             _ => {}
+        }
+    }
+
+    /// Nodes mDNS found on the local network: each one not connected is dialed at the
+    /// addresses it announced. Nothing is trusted yet: a peer joins the routing table once
+    /// identify shows it serves meshpy's DHT (`learn`), and a keyed mesh's handshake refuses
+    /// nodes of other meshes on the same network.
+    fn on_lan_peers(&mut self, found: Vec<(PeerId, Multiaddr)>) {
+        let local = *self.swarm.local_peer_id();
+        let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for (peer, addr) in found.into_iter().filter(|(peer, _)| *peer != local) {
+            by_peer.entry(peer).or_default().push(split_peer(&addr).0);
+        }
+        for (peer, addrs) in by_peer {
+            tracing::debug!(%peer, ?addrs, "found on the local network");
+            for addr in &addrs {
+                self.swarm.add_peer_address(peer, addr.clone());
+            }
+            let opts = DialOpts::peer_id(peer).addresses(addrs).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, "not dialing a node found on the local network: {e}");
+            }
         }
     }
 

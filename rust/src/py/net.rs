@@ -131,7 +131,8 @@ impl PyNode {
     /// serving it (for End nodes and `meshpy status`: they come and go). One peer may send
     /// `peer_rate` requests per second (0: no limit), start `sessions_per_peer` sessions and
     /// hold `kv_bytes_per_peer` of KV cache with them (None: the whole budget); past those its
-    /// requests are refused `overloaded`.
+    /// requests are refused `overloaded`. `mdns=True` finds other nodes on the local network
+    /// (multicast DNS on every non-loopback interface), so a mesh forms without bootstrap.
     #[new]
     #[pyo3(signature = (
         node_dir, port = 0, transport = "tcp", bootstrap = Vec::new(), serve = None, *,
@@ -139,7 +140,7 @@ impl PyNode {
         query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
         idle_timeout = 300.0, max_positions = None, info = None, provider_ttl = 600.0,
         dht_server = true, network_key = None, allow_peers = None, peer_rate = 2000.0,
-        sessions_per_peer = 1024, kv_bytes_per_peer = None,
+        sessions_per_peer = 1024, kv_bytes_per_peer = None, mdns = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -166,6 +167,7 @@ impl PyNode {
         peer_rate: f64,
         sessions_per_peer: usize,
         kv_bytes_per_peer: Option<u64>,
+        mdns: bool,
     ) -> PyResult<Self> {
         let mut config = NodeConfig::new(node_dir);
         config.port = port;
@@ -176,6 +178,7 @@ impl PyNode {
         config.query_timeout = seconds(query_timeout, "query_timeout")?;
         config.provider_ttl = seconds(provider_ttl, "provider_ttl")?;
         config.dht_server = dht_server;
+        config.mdns = mdns;
         config.network_key = network_key.map(|path| NetworkKey::load(&path)).transpose().map_err(to_py_err)?;
         config.allow_peers = allow_peers.map(|peers| peers.iter().map(|p| parse_peer(p)).collect::<PyResult<_>>()).transpose()?;
         if !(peer_rate.is_finite() && peer_rate >= 0.0) {
