@@ -187,6 +187,8 @@ class NodeSettings:
     allow_peer: tuple[str, ...] = setting((), "serve and route through this peer only (repeat for each; a file of peer ids, one per line, counts as its lines); none: every peer", repeatable=True)
     peer_rate: float | None = setting(None, "requests one peer may send this node per second, past which they are refused 'overloaded' (default 2000; 0: no limit)", minimum=0.0)
     mdns: bool = setting(True, "find nodes on the local network by mDNS (multicast; only when listening beyond 127.0.0.1): with no --bootstrap, join the mesh found there, or start one its nodes find")
+    relay: bool = setting(False, "relay connections for nodes behind NATs that others cannot reach (they reserve a slot here); for nodes others can reach")
+    hole_punch: bool = setting(True, "turn relayed connections into direct ones when both ends' NATs allow it (DCUtR hole punching)")
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,7 @@ class BootstrapSettings(NodeSettings):
     """`meshpy bootstrap`: a rendezvous node; prints the addresses others pass to --bootstrap."""
 
     port: int = setting(9000, "port to listen on (TCP and UDP for QUIC); 0 takes a free one", minimum=0, maximum=65535)
+    relay: bool = setting(True, "relay connections for nodes behind NATs that others cannot reach (they reserve a slot here)")
 
 
 @dataclass(frozen=True)

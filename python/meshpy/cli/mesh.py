@@ -63,7 +63,8 @@ def run_seed(settings: SeedSettings) -> int:
     why = cannot_seed(source, identity)
     if why is not None:
         raise InvalidArgumentError(f"{source.path} cannot be served to peers: {why}")
-    node, node_dir = start_node(settings, "seed", parse_bootstrap(settings.bootstrap), lan=joins_by_lan(settings.bootstrap))
+    node, node_dir = start_node(settings, "seed", parse_bootstrap(settings.bootstrap), lan=joins_by_lan(settings.bootstrap),
+                                 serves=True)
     try:
         seed(node, source, identity)
     except BaseException:
@@ -105,6 +106,17 @@ def _describe(info: dict[str, Any]) -> str:
             + _refusals(info)
         )
     return ("echo mode" if mode == "echo" else str(mode)) + _refusals(info)
+
+
+def _reach(info: dict[str, Any]) -> str:
+    """`; behind a NAT, via relay 12D3..; reached relayed` and the like."""
+    out = ""
+    if info.get("reachability") == "private":
+        relays = info.get("relayed_through") or []
+        out += "; behind a NAT, " + (f"via relay {', '.join(map(str, relays))}" if relays else "no relay: unreachable")
+    if info.get("link"):
+        out += f"; reached {info['link']}"
+    return out
 
 
 def _refusals(info: dict[str, Any]) -> str:
@@ -152,20 +164,22 @@ def run_status(settings: StatusSettings) -> int:
 
 def mesh_status(node: _native.Node, wanted: str | None = None, wanted_layers: int = 0) -> dict[str, Any]:
     """What the mesh says of itself, as data: `answering` (workers that answered Info, of any
-    model), `workers` (each worker's Info fields, its
-    `peer`, `rtt_ms` and `banned_by` [{"end_node", "reason"}], in model and layer order; only
+    model), `workers` (each worker's Info fields, `reachability` and `relayed_through` among
+    them, its `peer`, `rtt_ms`, `link` (how this node reached it: "direct" or "relayed") and
+    `banned_by` [{"end_node", "reason"}], in model and layer order; only
     model `wanted`'s when given), `silent_workers` (listed but not answering), `end_nodes`
     (those that check the mesh: `peer`, `verify`, `banned`), and `models` (`model_id`,
     `n_layers`, `uncovered_layers`, `seeders`)."""
     workers = [peer for peer, _ in node.get_providers(WORKERS_KEY)]
     infos = describe_peers(node, workers)
+    links = _links(node)
     end_nodes, bans = _bans(node)
     listed: list[dict[str, Any]] = []
     models: dict[str, tuple[int, list[range]]] = defaultdict(lambda: (0, []))
     for peer, (info, rtt) in sorted(infos.items(), key=lambda kv: (str(kv[1][0].get("model_id")), kv[1][0].get("first_layer", 0))):
         if wanted is not None and info.get("model_id") != wanted:
             continue
-        listed.append({**info, "peer": peer, "rtt_ms": rtt * 1000, "banned_by": bans.get(peer, [])})
+        listed.append({**info, "peer": peer, "rtt_ms": rtt * 1000, "banned_by": bans.get(peer, []), "link": links.get(peer)})
         if info.get("mode") == "span" and "model_id" in info:
             n, spans = models[info["model_id"]]
             first = int(info["first_layer"])
@@ -191,12 +205,22 @@ def mesh_status(node: _native.Node, wanted: str | None = None, wanted_layers: in
     }
 
 
+def _links(node: _native.Node) -> dict[str, str]:
+    """How this node reaches each connected peer: "direct" when any connection is (a hole
+    punched one included), else "relayed"."""
+    links: dict[str, str] = {}
+    for c in node.connections():
+        if not c["relayed"] or c["peer"] not in links:
+            links[c["peer"]] = "relayed" if c["relayed"] else "direct"
+    return links
+
+
 def _print_status(status: dict[str, Any]) -> None:
     for end in status["end_nodes"]:
         print(f"End node {end['peer']} checks {end['verify']:.0%} of its sessions; {end['banned']} worker(s) banned")
     print(f"{status['answering']} worker(s) answering ({status['silent_workers']} listed but silent)")
     for info in status["workers"]:
-        print(f"{info['peer']}: {_describe(info)}, round trip {info['rtt_ms']:.1f} ms")
+        print(f"{info['peer']}: {_describe(info)}, round trip {info['rtt_ms']:.1f} ms{_reach(info)}")
         for ban in info["banned_by"]:
             print(f"    BANNED by End node {ban['end_node']}: {ban['reason']}")
         for addr in info.get("listen_addrs", []):

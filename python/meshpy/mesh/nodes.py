@@ -16,7 +16,7 @@ from meshpy import _native
 from meshpy.errors import InvalidArgumentError, NetworkError
 from meshpy.settings import NodeSettings
 
-__all__ = ["LAN", "joins_by_lan", "parse_bootstrap", "allowed_peers", "data_dir", "NodeDir", "uses_mdns", "start_node", "join_lan"]
+__all__ = ["LAN", "joins_by_lan", "parse_bootstrap", "allowed_peers", "data_dir", "NodeDir", "uses_mdns", "start_node", "join_lan", "settle_reachability"]
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,14 @@ def uses_mdns(settings: NodeSettings, lan: bool) -> bool:
 
 
 def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = None, *, lan: bool = False,
-               **kwargs: object) -> tuple[_native.Node, NodeDir]:
+               serves: bool = False, **kwargs: object) -> tuple[_native.Node, NodeDir]:
     """A node listening as `settings` says, joined to the mesh through `bootstrap`, or with
     `lan` through the first meshpy nodes mDNS finds on the local network (an error when none
     answers within `LAN_WAIT`). Without either, a node with mDNS on looks for a mesh on the
-    local network for `LAN_LOOK` seconds and joins it if one answers."""
+    local network for `LAN_LOOK` seconds and joins it if one answers. A node that `serves`
+    (others dial it: workers, seeds) then learns whether it is reachable, and behind a NAT
+    gets a relay slot, before it returns (`settle_reachability`), so what it announces next
+    carries addresses others can reach."""
     node_dir = NodeDir(settings.node_dir, role, settings.port)
     mdns = uses_mdns(settings, lan)
     try:
@@ -116,7 +119,8 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
             kwargs["peer_rate"] = settings.peer_rate
         node = _native.Node(
             str(node_dir.path), settings.port, settings.transport, bootstrap or [], None, host=settings.host,
-            network_key=key, allow_peers=allowed_peers(settings.allow_peer), mdns=mdns, **kwargs,
+            network_key=key, allow_peers=allowed_peers(settings.allow_peer), mdns=mdns, relay_server=settings.relay,
+            hole_punch=settings.hole_punch, **kwargs,
         )
     except BaseException:
         node_dir.cleanup()
@@ -146,8 +150,39 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
             node.close()
             node_dir.cleanup()
             raise
+    if serves and node.connected_peers():
+        settle_reachability(node, role)
     log.info("%s node %s listening on %s", role, node.peer_id, ", ".join(node.listen_addrs()))
     return node, node_dir
+
+
+#: How long a serving node waits to learn whether peers can reach it and, if not, for a relay
+#: slot: a probe is a dial back (a round trip or a refused connection), a slot one more round
+#: trip; the rest is margin for a slow link.
+REACH_WAIT = 15.0
+
+
+def settle_reachability(node: _native.Node, role: str) -> dict[str, object]:
+    """Waits (up to `REACH_WAIT`) until peers' dial-back probes tell whether this node is
+    reachable and, when it is not, until a relay holds a slot for it; logs the outcome and
+    returns `node.reachability()`."""
+    deadline = time.monotonic() + REACH_WAIT
+    while True:
+        state = node.reachability()
+        settled = state["reachability"] == "public" or state["reachability"] == "private" and state["relayed_through"]
+        if settled or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if state["reachability"] == "public":
+        log.info("%s node: reachable directly", role)
+    elif state["relayed_through"]:
+        log.info("%s node: behind a NAT; reachable through relay %s", role, ", ".join(state["relayed_through"]))  # type: ignore[arg-type]
+    elif state["reachability"] == "private":
+        log.warning("%s node: behind a NAT and no relay holds a slot for it: other nodes cannot reach it (open its port, "
+                    "or join through a node running with --relay; `meshpy bootstrap` relays)", role)
+    else:
+        log.info("%s node: no peer has probed its reachability yet", role)
+    return state
 
 
 def join_lan(node: _native.Node, timeout: float) -> list[str]:

@@ -76,7 +76,7 @@ class Worker:
             layers = parse_layers(s.layers, config.n_layers) if s.layers else None
             model = (source, config, layers)
             self.model = model_identity(source)
-        self.node, self._node_dir = start_node(s, "worker", bootstrap, lan=joins_by_lan(s.bootstrap))
+        self.node, self._node_dir = start_node(s, "worker", bootstrap, lan=joins_by_lan(s.bootstrap), serves=True)
         joined = bool(bootstrap) or bool(self.node.connected_peers())  # a mesh found on the local network
         try:
             if remote:

@@ -13,7 +13,7 @@ use libp2p::kad::store::MemoryStore;
 use libp2p::allow_block_list;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{identify, kad, mdns, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::{autonat, dcutr, identify, kad, mdns, noise, ping, relay, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
 
 use super::blobs::BLOB_PROTOCOL;
 use super::codec::PROTOCOL;
@@ -46,6 +46,44 @@ pub struct MeshBehaviour {
     /// Finds nodes on the local network ([`NodeConfig::mdns`]): each one found is dialed, and
     /// joins the DHT once identify shows it speaks meshpy's Kademlia.
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Tells whether this node is reachable from outside (peers try to dial it back): a node
+    /// behind a NAT then listens through a relay. Every node also answers others' probes.
+    pub autonat: autonat::Behaviour,
+    /// Relays connections between nodes that cannot reach each other ([`NodeConfig::relay_server`]).
+    pub relay: Toggle<relay::Behaviour>,
+    /// Reserves a slot on a relay, and dials peers through relays (`/p2p-circuit` addresses).
+    pub relay_client: relay::client::Behaviour,
+    /// Upgrades a relayed connection to a direct one by hole punching ([`NodeConfig::hole_punch`]).
+    pub dcutr: Toggle<dcutr::Behaviour>,
+}
+
+/// How a node probes its own reachability: soon after it starts (the mesh places layers
+/// right after joining), against any connected peer, private addresses included (meshes run on
+/// home and office networks), one answer enough to decide.
+fn autonat_config() -> autonat::Config {
+    autonat::Config {
+        boot_delay: Duration::from_millis(500),
+        retry_interval: Duration::from_secs(20),
+        refresh_interval: Duration::from_secs(300),
+        timeout: Duration::from_secs(10),
+        throttle_server_period: Duration::from_secs(1),
+        only_global_ips: false,
+        confidence_max: 1,
+        ..autonat::Config::default()
+    }
+}
+
+/// What a relay carries: hidden states of whole generations, so no byte or time limit per
+/// circuit (libp2p's defaults, 128 KiB and 2 minutes, are for hole punching only), and enough
+/// circuits for a mesh's workers and End nodes.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_circuits: 1024,
+        max_circuits_per_peer: 64,
+        max_circuit_duration: Duration::from_secs(24 * 3600),
+        max_circuit_bytes: 0,
+        ..relay::Config::default()
+    }
 }
 
 /// Inbound streams of one protocol, as the swarm accepts them.
@@ -80,8 +118,8 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
         }
         allow
     });
-    let lan = config.mdns;
-    let behaviour = move |key: &Keypair| {
+    let (lan, relay_server, hole_punch) = (config.mdns, config.relay_server, config.hole_punch);
+    let behaviour = move |key: &Keypair, relay_client: relay::client::Behaviour| {
         let peer_id = key.public().to_peer_id();
         let mdns = if lan { Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?) } else { None };
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
@@ -92,13 +130,20 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
         let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
         kad.set_mode(Some(kad_mode));
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(MeshBehaviour {
-            identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())),
+            // Listen addresses change when a relay slot is reserved: peers must hear of it.
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public()).with_push_listen_addr_updates(true),
+            ),
             ping: ping::Behaviour::new(ping::Config::new()),
             kad,
             tensor,
             blobs,
             allow: Toggle::from(allow),
             mdns: Toggle::from(mdns),
+            autonat: autonat::Behaviour::new(peer_id, autonat_config()),
+            relay: Toggle::from(relay_server.then(|| relay::Behaviour::new(peer_id, relay_config()))),
+            relay_client,
+            dcutr: Toggle::from(hole_punch.then(|| dcutr::Behaviour::new(peer_id))),
         })
     };
     let swarm_config = |c: libp2p::swarm::Config| {
@@ -124,6 +169,8 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
                 c.handshake_timeout = QUIC_HANDSHAKE_TIMEOUT;
                 c
             })
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| net("relay client", &e))?
             .with_behaviour(behaviour)
             .map_err(|e| net("behaviour", &e))?
             .with_swarm_config(swarm_config)
@@ -143,6 +190,8 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
                     )
                 })
                 .map_err(|e| net("private TCP transport", &e))?
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .map_err(|e| net("relay client", &e))?
                 .with_behaviour(behaviour)
                 .map_err(|e| net("behaviour", &e))?
                 .with_swarm_config(swarm_config)

@@ -44,7 +44,7 @@ pub(crate) use serve::unexpected;
 pub use info::JsonObject;
 pub use libp2p::{Multiaddr, PeerId};
 pub use network_key::NetworkKey;
-pub use node::{Node, NodeHandle, Pending, Providers};
+pub use node::{Connection, Node, NodeHandle, Pending, Providers, Reachability};
 pub use peers::PeerLimits;
 pub use serve::{EchoHandler, FrameHandler};
 
@@ -129,6 +129,13 @@ pub struct NodeConfig {
     /// answers on every non-loopback interface), so a mesh forms with no bootstrap address.
     /// Off by default here: it sends packets to the whole local network.
     pub mdns: bool,
+    /// Whether this node relays connections for peers that cannot reach each other (a node
+    /// behind a NAT reserves a slot on one it is connected to, and is reachable through it).
+    /// Only for nodes others can reach: the bootstrap node, or a public worker.
+    pub relay_server: bool,
+    /// Whether to try turning a relayed connection into a direct one (DCUtR hole punching):
+    /// both ends dial each other at once through their NATs. Off: relayed connections stay so.
+    pub hole_punch: bool,
 }
 
 /// Environment variable giving [`NodeConfig::emulated_rtt`] in milliseconds.
@@ -167,6 +174,8 @@ impl NodeConfig {
             allow_peers: None,
             peer_limits: PeerLimits::default(),
             mdns: false,
+            relay_server: false,
+            hole_punch: true,
         }
     }
 }

@@ -13,7 +13,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, ListenError, SwarmEvent};
 use libp2p::swarm::dial_opts::PeerCondition;
-use libp2p::{identify, mdns, Multiaddr, PeerId, Swarm};
+use libp2p::{autonat, dcutr, identify, mdns, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::mpsc;
 
 use super::behaviour::{build_swarm, MeshBehaviour, MeshBehaviourEvent, KAD_PROTOCOL};
@@ -60,7 +60,47 @@ enum Command {
     GetProvidersMany(Vec<Vec<u8>>, Reply<Result<Vec<Providers>>>),
     Request { peer: PeerId, frame: Vec<u8>, timeout: Duration, reply: Reply<Result<Vec<u8>>> },
     Blob { peer: PeerId, addrs: Vec<Multiaddr>, body: Vec<u8>, timeout: Duration, reply: Reply<Result<Vec<u8>>> },
+    Connections(Reply<Vec<Connection>>),
+    Reachability(Reply<Reachability>),
     Shutdown,
+}
+
+/// One open connection: to whom, at which address, and whether through a relay.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    /// The peer at the other end.
+    pub peer: PeerId,
+    /// Its address as this connection sees it (a `/p2p-circuit` one when relayed).
+    pub addr: Multiaddr,
+    /// Whether the connection runs through a relay (else direct, maybe hole punched).
+    pub relayed: bool,
+    /// Whether this node dialed it (else the peer did).
+    pub outbound: bool,
+}
+
+/// Whether others can reach this node, as AutoNAT's probes (peers dialing it back) tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reachability {
+    /// Not probed yet (no peer to probe with, or no answer yet).
+    Unknown,
+    /// Peers reached this node directly.
+    Public,
+    /// Peers could not: behind a NAT or firewall. With `relays`, reachable through those.
+    Private {
+        /// Relays holding a slot for this node.
+        relays: Vec<PeerId>,
+    },
+}
+
+impl Reachability {
+    /// "public", "private" or "unknown" (as `Info` says it).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Reachability::Unknown => "unknown",
+            Reachability::Public => "public",
+            Reachability::Private { .. } => "private",
+        }
+    }
 }
 
 /// A cheap, cloneable way to drive a node from any thread. Every call blocks the calling
@@ -150,6 +190,14 @@ impl Node {
             let blob_gate = Arc::new(super::peers::PeerGate::new(blob_limits, "blob"));
             tokio::spawn(blobs::serve(blob_incoming, Arc::clone(&seeds), blob_gate));
             tokio::spawn(tensor::maintain(Arc::clone(&handler), outbox, Duration::from_secs(1)));
+            if config.relay_server {
+                // A relay is a node others can reach, as its operator says by running one; a
+                // relay advertises its service only with a confirmed address, which probes by
+                // the first peers would otherwise take seconds to give it.
+                for addr in listen_addrs.iter().filter(|a| !is_loopback(a)) {
+                    swarm.add_external_address(addr.clone());
+                }
+            }
             let mut state = Loop::new(swarm, pool, blob_opener, listen_addrs, Arc::clone(&info), config.network_key.is_some(), config.dht_server);
             for addr in &config.bootstrap {
                 state.add_bootstrap_peer(addr)?;
@@ -399,6 +447,16 @@ impl NodeHandle {
         }
     }
 
+    /// Every open connection of this node (see [`Connection`]).
+    pub fn connections(&self) -> Result<Vec<Connection>> {
+        self.call(Command::Connections, self.query_timeout, "connections")
+    }
+
+    /// Whether others can reach this node, and through which relays if not directly.
+    pub fn reachability(&self) -> Result<Reachability> {
+        self.call(Command::Reachability, self.query_timeout, "reachability")
+    }
+
     /// Sessions the handler holds (0 without a handler).
     pub fn session_count(&self) -> usize {
         self.handler.read().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |h| h.session_count())
@@ -438,6 +496,15 @@ impl Pending {
 
 fn stopped() -> Error {
     Error::Network("the node is shut down".to_string())
+}
+
+/// Whether `addr` is a loopback one (127.0.0.0/8, ::1).
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 /// `addr` without a trailing `/p2p/<id>`, and that id.
@@ -487,6 +554,15 @@ struct Loop {
     keyed: bool,
     /// Whether this node serves the DHT ([`NodeConfig::dht_server`]).
     dht_server: bool,
+    /// Open connections, for [`NodeHandle::connections`].
+    connections: HashMap<ConnectionId, Connection>,
+    /// Peers that run a relay (identify lists the relay's hop protocol), with the address
+    /// this node reached each at.
+    relay_peers: HashMap<PeerId, Multiaddr>,
+    /// Relays this node asked for a slot, and whether the slot is held.
+    reservations: HashMap<PeerId, bool>,
+    /// What AutoNAT last decided.
+    nat: autonat::NatStatus,
 }
 
 impl Loop {
@@ -514,7 +590,63 @@ impl Loop {
             next_batch: 0,
             keyed,
             dht_server,
+            connections: HashMap::new(),
+            relay_peers: HashMap::new(),
+            reservations: HashMap::new(),
+            nat: autonat::NatStatus::Unknown,
         }
+    }
+
+    /// Relays a node behind a NAT reserves a slot on (more than one keeps it reachable when
+    /// one leaves).
+    const RELAYS_WANTED: usize = 2;
+
+    /// When this node cannot be reached directly, asks known relays for a slot (up to
+    /// [`Self::RELAYS_WANTED`]): it then listens at `<relay>/p2p-circuit`, an address peers
+    /// learn through identify and the DHT.
+    fn reserve_relays(&mut self) {
+        if self.nat != autonat::NatStatus::Private {
+            return;
+        }
+        let candidates: Vec<(PeerId, Multiaddr)> =
+            self.relay_peers.iter().filter(|(p, _)| !self.reservations.contains_key(*p)).map(|(p, a)| (*p, a.clone())).collect();
+        for (relay, addr) in candidates {
+            if self.reservations.len() >= Self::RELAYS_WANTED {
+                break;
+            }
+            let circuit = addr.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(_) => {
+                    tracing::info!(%relay, "not reachable directly: asking relay {relay} for a slot");
+                    self.reservations.insert(relay, false);
+                }
+                Err(e) => tracing::warn!(%circuit, "cannot listen through relay: {e}"),
+            }
+        }
+    }
+
+    /// What [`NodeHandle::reachability`] answers.
+    fn reachability(&self) -> Reachability {
+        match self.nat {
+            autonat::NatStatus::Unknown => Reachability::Unknown,
+            autonat::NatStatus::Public(_) => Reachability::Public,
+            autonat::NatStatus::Private => Reachability::Private {
+                relays: self.reservations.iter().filter(|(_, held)| **held).map(|(p, _)| *p).collect(),
+            },
+        }
+    }
+
+    /// Puts reachability in `Info` (`"reachability"`, `"relayed_through"`).
+    fn publish_reachability(&self) {
+        let r = self.reachability();
+        let mut fields = JsonObject::new();
+        fields.insert("reachability".into(), r.name().into());
+        let relays = match &r {
+            Reachability::Private { relays } => relays.iter().map(|p| serde_json::Value::from(p.to_string())).collect(),
+            _ => Vec::new(),
+        };
+        fields.insert("relayed_through".into(), relays.into());
+        self.info.update(fields);
     }
 
     /// Adds a bootstrap address (which must name its peer) to the routing table and dials it.
@@ -659,6 +791,12 @@ impl Loop {
                     let _ = reply.send(answer);
                 });
             }
+            Command::Connections(tx) => {
+                let _ = tx.send(self.connections.values().cloned().collect());
+            }
+            Command::Reachability(tx) => {
+                let _ = tx.send(self.reachability());
+            }
             Command::Blob { peer, addrs, body, timeout, reply } => {
                 let opener = self.blob_opener.clone();
                 tokio::spawn(async move {
@@ -676,12 +814,46 @@ impl Loop {
         match event {
             SwarmEvent::Behaviour(MeshBehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(MeshBehaviourEvent::Mdns(mdns::Event::Discovered(found))) => self.on_lan_peers(found),
-            SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Identify(identify::Event::Received { connection_id, peer_id, info })) => {
                 let dht_server = info.protocols.contains(&KAD_PROTOCOL);
-                for addr in info.listen_addrs {
+                // A peer's loopback addresses are its own machine's: worth dialing only when
+                // it is on this machine too (reached over loopback).
+                let same_machine = self.connections.get(&connection_id).is_some_and(|c| is_loopback(&c.addr));
+                for addr in info.listen_addrs.into_iter().filter(|a| same_machine || !is_loopback(a)) {
                     self.learn(peer_id, addr, dht_server);
                 }
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) && !self.relay_peers.contains_key(&peer_id) {
+                    // Reachable at the address this node dialed it at (the source address of
+                    // a connection it opened to us says nothing of where it listens).
+                    let dialed = self.connections.values().find(|c| c.peer == peer_id && c.outbound && !c.relayed);
+                    if let Some(addr) = dialed.map(|c| c.addr.clone()) {
+                        tracing::debug!(relay = %peer_id, %addr, "a relay");
+                        self.relay_peers.insert(peer_id, addr);
+                        self.reserve_relays();
+                    }
+                }
             }
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new })) => {
+                tracing::info!("reachability: {old:?} -> {new:?}");
+                self.nat = new;
+                self.reserve_relays();
+                self.publish_reachability();
+            }
+            SwarmEvent::Behaviour(MeshBehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                ..
+            })) => {
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "reachable through relay {relay_peer_id}");
+                }
+                self.reservations.insert(relay_peer_id, true);
+                self.publish_reachability();
+            }
+            SwarmEvent::Behaviour(MeshBehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+                Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punched: a direct connection to {remote_peer_id}"),
+                Err(e) => tracing::info!(peer = %remote_peer_id, "no direct connection to {remote_peer_id}, staying relayed: {e}"),
+            },
             SwarmEvent::Behaviour(_) => {}
             SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
                 self.listen_addrs.push(address);
@@ -693,6 +865,9 @@ impl Loop {
             }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                 tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
+                let addr = split_peer(endpoint.get_remote_address()).0;
+                let (relayed, outbound) = (endpoint.is_relayed(), endpoint.is_dialer());
+                self.connections.insert(connection_id, Connection { peer: peer_id, addr, relayed, outbound });
                 if endpoint.is_dialer() {
                     self.learn(peer_id, split_peer(endpoint.get_remote_address()).0, false);
                 }
@@ -700,15 +875,11 @@ impl Loop {
                     let _ = tx.send(Ok(peer_id));
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause: Some(libp2p::swarm::ConnectionError::IO(e)), .. }
-                if went_silent(&e) =>
-            {
-                // The peer's last connection timed out or was reset: it crashed or its network
-                // went away (a clean close by the peer also surfaces as an I/O error, and is
-                // not this). Out of the routing table, so no DHT query (ours, or another
-                // node's through our answers) waits on it; it comes back when it connects again.
-                tracing::info!(peer = %peer_id, "lost the connection: {e}");
-                self.swarm.behaviour_mut().kad.remove_peer(&peer_id);
+            SwarmEvent::ConnectionClosed { connection_id, peer_id, num_established, cause, .. } => {
+                self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    self.on_peer_gone(peer_id, cause);
+                }
             }
             SwarmEvent::OutgoingConnectionError { connection_id, error, peer_id } => {
                 tracing::debug!(peer = ?peer_id, "dial failed: {error}");
@@ -725,13 +896,36 @@ impl Loop {
                 };
                 tracing::warn!(from = %send_back_addr, "refused a connection from {peer}: {why}");
             }
-            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } if self.keyed => {
                 // With a network key, a peer without it (or with another) fails here, in the
                 // handshake, before it is anyone: its address is all there is to name.
-                let why = if self.keyed { " (no network key, or another one)" } else { "" };
-                tracing::warn!(from = %send_back_addr, "refused a connection: {error}{why}");
+                tracing::warn!(from = %send_back_addr, "refused a connection: {error} (no network key, or another one)");
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                // Hole punching's crossing dials fail here by design; nothing to warn of.
+                tracing::debug!(from = %send_back_addr, "an incoming connection failed: {error}");
             }
             _ => {}
+        }
+    }
+
+    /// `peer`'s last connection closed.
+    fn on_peer_gone(&mut self, peer: PeerId, cause: Option<libp2p::swarm::ConnectionError>) {
+        if self.relay_peers.remove(&peer).is_some() && self.reservations.remove(&peer).is_some() {
+            // Its slot went with it; another relay may take over.
+            tracing::info!(relay = %peer, "lost relay {peer}");
+            self.reserve_relays();
+            self.publish_reachability();
+        }
+        if let Some(libp2p::swarm::ConnectionError::IO(e)) = cause {
+            if went_silent(&e) {
+                // The peer's last connection timed out or was reset: it crashed or its network
+                // went away (a clean close by the peer also surfaces as an I/O error, and is
+                // not this). Out of the routing table, so no DHT query (ours, or another
+                // node's through our answers) waits on it; it comes back when it connects again.
+                tracing::info!(%peer, "lost the connection: {e}");
+                self.swarm.behaviour_mut().kad.remove_peer(&peer);
+            }
         }
     }
 

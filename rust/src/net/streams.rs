@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures::channel::{mpsc, oneshot};
@@ -24,21 +25,37 @@ use libp2p::swarm::{
 use libp2p::{Multiaddr, PeerId};
 
 use libp2p::StreamProtocol;
+use libp2p::multiaddr::Protocol;
 
-/// Where an opened stream (or why none) goes.
-pub(crate) type OpenReply = oneshot::Sender<Result<Stream, String>>;
+/// Where an opened stream (or why none) goes, with whether its connection is relayed.
+pub(crate) type OpenReply = oneshot::Sender<Result<(Stream, bool), String>>;
+
+/// Peers with at least one direct (not relayed) connection, shared with the stream pools: a
+/// relayed stream is not reused once its peer is reachable directly (hole punched).
+pub(crate) type DirectPeers = Arc<Mutex<HashMap<PeerId, usize>>>;
 
 /// Asks the behaviour for a new outbound stream to a peer; cloneable, usable from any task.
 #[derive(Clone)]
-pub(crate) struct Opener(mpsc::UnboundedSender<(PeerId, Vec<Multiaddr>, OpenReply)>);
+pub(crate) struct Opener(mpsc::UnboundedSender<(PeerId, Vec<Multiaddr>, OpenReply)>, DirectPeers);
 
 impl Opener {
     /// A new stream to `peer`, once a connection is up and the protocol negotiated; `addrs`
     /// are tried, besides those the node knows, if it must dial.
     pub(crate) async fn open(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<Stream, String> {
+        Ok(self.open_tagged(peer, addrs).await?.0)
+    }
+
+    /// [`open`](Self::open), also saying whether the stream runs over a relayed connection
+    /// (a direct connection is used when the peer has one).
+    pub(crate) async fn open_tagged(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(Stream, bool), String> {
         let (tx, rx) = oneshot::channel();
         self.0.unbounded_send((peer, addrs, tx)).map_err(|_| "the node is shut down".to_string())?;
         rx.await.map_err(|_| "the connection closed while opening a stream".to_string())?
+    }
+
+    /// Whether `peer` has a direct connection now.
+    pub(crate) fn is_direct(&self, peer: &PeerId) -> bool {
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).contains_key(peer)
     }
 }
 
@@ -47,7 +64,9 @@ pub struct ProtocolStreams {
     protocol: StreamProtocol,
     inbound: mpsc::UnboundedSender<(PeerId, Stream)>,
     requests: mpsc::UnboundedReceiver<(PeerId, Vec<Multiaddr>, OpenReply)>,
-    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Each peer's connections, and whether each is relayed.
+    connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
+    direct: DirectPeers,
     /// Opens waiting for a connection to their peer.
     waiting: HashMap<PeerId, Vec<OpenReply>>,
     events: VecDeque<ToSwarm<Infallible, OpenReply>>,
@@ -59,19 +78,23 @@ impl ProtocolStreams {
     pub(crate) fn new(protocol: StreamProtocol) -> (Self, Opener, mpsc::UnboundedReceiver<(PeerId, Stream)>) {
         let (inbound, inbound_rx) = mpsc::unbounded();
         let (requests_tx, requests) = mpsc::unbounded();
+        let direct = DirectPeers::default();
         let behaviour = ProtocolStreams {
             protocol,
             inbound,
             requests,
             connections: HashMap::new(),
+            direct: Arc::clone(&direct),
             waiting: HashMap::new(),
             events: VecDeque::new(),
         };
-        (behaviour, Opener(requests_tx), inbound_rx)
+        (behaviour, Opener(requests_tx, direct), inbound_rx)
     }
 
     fn open(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, reply: OpenReply) {
-        if let Some(&connection) = self.connections.get(&peer).and_then(|c| c.first()) {
+        // A direct connection when there is one (a relayed one stays open beside a hole-punched one).
+        let best = self.connections.get(&peer).and_then(|c| c.iter().find(|(_, relayed)| !relayed).or(c.first()));
+        if let Some(&(connection, _)) = best {
             self.events.push_back(ToSwarm::NotifyHandler { peer_id: peer, handler: NotifyHandler::One(connection), event: reply });
             return;
         }
@@ -87,10 +110,11 @@ impl ProtocolStreams {
         }
     }
 
-    fn handler(&self, peer: PeerId) -> Handler {
+    fn handler(&self, peer: PeerId, relayed: bool) -> Handler {
         Handler {
             protocol: self.protocol.clone(),
             remote: peer,
+            relayed,
             inbound: self.inbound.clone(),
             to_open: VecDeque::new(),
             opening: VecDeque::new(),
@@ -106,27 +130,31 @@ impl NetworkBehaviour for ProtocolStreams {
         &mut self,
         _: ConnectionId,
         peer: PeerId,
-        _: &Multiaddr,
-        _: &Multiaddr,
+        local: &Multiaddr,
+        remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, is_relayed(local) || is_relayed(remote)))
     }
 
     fn handle_established_outbound_connection(
         &mut self,
         _: ConnectionId,
         peer: PeerId,
-        _: &Multiaddr,
+        addr: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, is_relayed(addr)))
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
             FromSwarm::ConnectionEstablished(e) => {
-                self.connections.entry(e.peer_id).or_default().push(e.connection_id);
+                let relayed = e.endpoint.is_relayed();
+                self.connections.entry(e.peer_id).or_default().push((e.connection_id, relayed));
+                if !relayed {
+                    *self.direct.lock().unwrap_or_else(|e| e.into_inner()).entry(e.peer_id).or_default() += 1;
+                }
                 for reply in self.waiting.remove(&e.peer_id).unwrap_or_default() {
                     self.events.push_back(ToSwarm::NotifyHandler {
                         peer_id: e.peer_id,
@@ -136,8 +164,17 @@ impl NetworkBehaviour for ProtocolStreams {
                 }
             }
             FromSwarm::ConnectionClosed(e) => {
+                if !e.endpoint.is_relayed() {
+                    let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(n) = direct.get_mut(&e.peer_id) {
+                        *n -= 1;
+                        if *n == 0 {
+                            direct.remove(&e.peer_id);
+                        }
+                    }
+                }
                 if let Some(c) = self.connections.get_mut(&e.peer_id) {
-                    c.retain(|id| *id != e.connection_id);
+                    c.retain(|(id, _)| *id != e.connection_id);
                     if c.is_empty() {
                         self.connections.remove(&e.peer_id);
                     }
@@ -176,6 +213,8 @@ impl NetworkBehaviour for ProtocolStreams {
 pub struct Handler {
     protocol: StreamProtocol,
     remote: PeerId,
+    /// Whether this connection runs through a relay.
+    relayed: bool,
     inbound: mpsc::UnboundedSender<(PeerId, Stream)>,
     /// Opens not yet asked of the connection.
     to_open: VecDeque<OpenReply>,
@@ -218,7 +257,7 @@ impl ConnectionHandler for Handler {
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, .. }) => {
                 if let Some(reply) = self.opening.pop_front() {
-                    let _ = reply.send(Ok(stream));
+                    let _ = reply.send(Ok((stream, self.relayed)));
                 }
             }
             ConnectionEvent::DialUpgradeError(DialUpgradeError { error, .. }) => {
@@ -235,4 +274,9 @@ impl ConnectionHandler for Handler {
             _ => {}
         }
     }
+}
+
+/// Whether `addr` goes through a relay (`.../p2p-circuit/...`).
+pub(crate) fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }

@@ -36,11 +36,14 @@ use crate::wire::{ErrorCode, ErrorReply, FrameHeader, Kind, Limits, Message, FIX
 /// The handler slot, shared by the node (to set it) and the serving tasks (to call it).
 pub(crate) type HandlerSlot = Arc<RwLock<Option<Arc<dyn FrameHandler>>>>;
 
+/// Idle streams per peer, each with whether it is relayed.
+type IdleStreams = HashMap<PeerId, Vec<(Stream, bool)>>;
+
 /// Idle tensor streams per peer, and how to open more.
 #[derive(Clone)]
 pub(crate) struct StreamPool {
     opener: Opener,
-    idle: Arc<Mutex<HashMap<PeerId, Vec<Stream>>>>,
+    idle: Arc<Mutex<IdleStreams>>,
     limits: Limits,
     /// Half of it passes before each request goes out, half after its answer comes in
     /// ([`super::NodeConfig::emulated_rtt`]).
@@ -55,12 +58,23 @@ impl StreamPool {
         StreamPool { opener, idle: Arc::default(), limits, emulated_rtt }
     }
 
-    fn take_idle(&self, peer: PeerId) -> Option<Stream> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&peer)?.pop()
+    /// An idle stream to `peer`; relayed ones are dropped once the peer is reachable
+    /// directly, so traffic moves off the relay as soon as a hole is punched.
+    fn take_idle(&self, peer: PeerId) -> Option<(Stream, bool)> {
+        let direct = self.opener.is_direct(&peer);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let streams = idle.get_mut(&peer)?;
+        if direct {
+            streams.retain(|(_, relayed)| !relayed);
+        }
+        streams.pop()
     }
 
-    fn put_idle(&self, peer: PeerId, stream: Stream) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).entry(peer).or_default().push(stream);
+    fn put_idle(&self, peer: PeerId, stream: Stream, relayed: bool) {
+        if relayed && self.opener.is_direct(&peer) {
+            return;
+        }
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).entry(peer).or_default().push((stream, relayed));
     }
 
     /// Forgets every idle stream (before shutdown).
@@ -68,9 +82,9 @@ impl StreamPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    async fn open(&self, peer: PeerId, addrs: &[Multiaddr]) -> Result<Stream> {
+    async fn open(&self, peer: PeerId, addrs: &[Multiaddr]) -> Result<(Stream, bool)> {
         self.opener
-            .open(peer, addrs.to_vec())
+            .open_tagged(peer, addrs.to_vec())
             .await
             .map_err(|e| Error::Network(format!("cannot open a tensor stream to {peer}: {e}")))
     }
@@ -131,7 +145,7 @@ impl StreamPool {
     async fn exchange(
         &self,
         peer: PeerId,
-        mut stream: Stream,
+        (mut stream, relayed): (Stream, bool),
         bytes: &[u8],
         whole: bool,
         sent: &mut Option<Sent>,
@@ -159,7 +173,7 @@ impl StreamPool {
         };
         // After an error answer the server may close the stream; do not reuse it.
         if whole && answer.get(6) != Some(&(Kind::Error as u8)) {
-            self.put_idle(peer, stream);
+            self.put_idle(peer, stream, relayed);
         }
         Ok(Ok(answer))
     }

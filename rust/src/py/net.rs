@@ -19,7 +19,7 @@ use super::to_py_err;
 use crate::error::Error;
 use crate::net::blobs::Blob;
 use crate::net::{
-    EchoHandler, FrameHandler, Multiaddr, NetworkKey, Node, NodeConfig, PeerId, Providers, Transport,
+    EchoHandler, FrameHandler, Multiaddr, NetworkKey, Reachability, Node, NodeConfig, PeerId, Providers, Transport,
 };
 use crate::span::{self, ChainHop, Hop, SessionLimits, SpanHandler};
 use crate::wire::{DType, Limits, ModelId, Span, MODEL_HASH_LEN};
@@ -133,6 +133,9 @@ impl PyNode {
     /// hold `kv_bytes_per_peer` of KV cache with them (None: the whole budget); past those its
     /// requests are refused `overloaded`. `mdns=True` finds other nodes on the local network
     /// (multicast DNS on every non-loopback interface), so a mesh forms without bootstrap.
+    /// `relay_server=True` relays connections for nodes that cannot reach each other (nodes
+    /// behind a NAT reserve a slot on it); `hole_punch=False` keeps relayed connections so
+    /// instead of trying a direct one.
     #[new]
     #[pyo3(signature = (
         node_dir, port = 0, transport = "tcp", bootstrap = Vec::new(), serve = None, *,
@@ -140,7 +143,8 @@ impl PyNode {
         query_timeout = 30.0, max_frame_bytes = None, kv_budget_bytes = 512 << 20,
         idle_timeout = 300.0, max_positions = None, info = None, provider_ttl = 600.0,
         dht_server = true, network_key = None, allow_peers = None, peer_rate = 2000.0,
-        sessions_per_peer = 1024, kv_bytes_per_peer = None, mdns = false,
+        sessions_per_peer = 1024, kv_bytes_per_peer = None, mdns = false, relay_server = false,
+        hole_punch = true,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -168,6 +172,8 @@ impl PyNode {
         sessions_per_peer: usize,
         kv_bytes_per_peer: Option<u64>,
         mdns: bool,
+        relay_server: bool,
+        hole_punch: bool,
     ) -> PyResult<Self> {
         let mut config = NodeConfig::new(node_dir);
         config.port = port;
@@ -179,6 +185,8 @@ impl PyNode {
         config.provider_ttl = seconds(provider_ttl, "provider_ttl")?;
         config.dht_server = dht_server;
         config.mdns = mdns;
+        config.relay_server = relay_server;
+        config.hole_punch = hole_punch;
         config.network_key = network_key.map(|path| NetworkKey::load(&path)).transpose().map_err(to_py_err)?;
         config.allow_peers = allow_peers.map(|peers| peers.iter().map(|p| parse_peer(p)).collect::<PyResult<_>>()).transpose()?;
         if !(peer_rate.is_finite() && peer_rate >= 0.0) {
@@ -222,6 +230,38 @@ impl PyNode {
     fn connected_peers(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         let peers = py.detach(|| self.node.connected_peers()).map_err(to_py_err)?;
         Ok(peers.iter().map(ToString::to_string).collect())
+    }
+
+    /// Every open connection: dicts with `peer`, `addr` (a `/p2p-circuit` one when relayed),
+    /// `relayed` and `outbound` (this node dialed it).
+    fn connections<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let connections = py.detach(|| self.node.connections()).map_err(to_py_err)?;
+        connections
+            .iter()
+            .map(|c| {
+                let d = PyDict::new(py);
+                d.set_item("peer", c.peer.to_string())?;
+                d.set_item("addr", c.addr.to_string())?;
+                d.set_item("relayed", c.relayed)?;
+                d.set_item("outbound", c.outbound)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// Whether others can reach this node, as peers' dial-back probes (AutoNAT) tell: a dict
+    /// with `reachability` ("unknown", "public" or "private") and `relayed_through` (the
+    /// relays holding a slot for it when private).
+    fn reachability<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = py.detach(|| self.node.reachability()).map_err(to_py_err)?;
+        let d = PyDict::new(py);
+        d.set_item("reachability", r.name())?;
+        let relays: Vec<String> = match &r {
+            Reachability::Private { relays } => relays.iter().map(ToString::to_string).collect(),
+            _ => Vec::new(),
+        };
+        d.set_item("relayed_through", relays)?;
+        Ok(d)
     }
 
     /// Connects to a multiaddr; returns the peer id.
