@@ -216,6 +216,7 @@ class WorkerSettings(NodeSettings):
     idle_timeout: float = setting(300.0, "seconds before an unused session is dropped", minimum=1.0)
     drain_timeout: float = setting(30.0, "on SIGTERM or Ctrl-C, seconds to let held sessions end (no new ones start) before leaving; those still held then move with replay", minimum=0.0)
     kv_dtype: str | None = setting(None, "KV cache type (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
+    rebalance: bool = setting(True, "when layers lose their last provider and every layer here has another, move to them (one such worker moves; its sessions move with replay); not with --layers or a model fetched from the mesh")
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ def connect(
     store: str | os.PathLike[str] | None = None,
 ) -> Model:
     """A `Model` whose End model runs here and whose layers run on the mesh joined through
-    `bootstrap` (multiaddrs, or `"lan"`: the mesh mDNS finds on the local network); waits up to `route_timeout` seconds for workers to cover every layer.
+    `bootstrap` (multiaddrs, or `"lan"`: the mesh mDNS finds on the local network); waits up to `route_timeout` seconds for workers to cover every layer (and as long, mid-generation, for a
+    layer range whose last provider left to be taken over).
 
     `model` is the checkpoint the workers have (its hash names the model in the DHT; only
     embedding, final norm and head are loaded), or the model's id (`name@hash`, as `meshpy
@@ -101,6 +102,7 @@ def connect(
         identity_dir.cleanup()
         raise
     pipeline = MeshPipeline(node, identity, config, wire_dtype=wire_dtype, route_mode=route, verify=verify,
+                            route_timeout=route_timeout,
                             on_close=identity_dir.cleanup)
     pipeline.fetched = fetched
     try:

@@ -36,6 +36,7 @@ import numpy as np
 
 from meshpy import _native
 from meshpy.errors import (
+    format_layer_list,
     ContextOverflowError,
     MeshpyError,
     NetworkError,
@@ -148,6 +149,7 @@ class MeshPipeline:
         wire_dtype: str = "f32",
         route_mode: str = "chain",
         request_timeout: float = 120.0,
+        route_timeout: float = 30.0,
         verify: float = 0.0,
         verify_tolerance: float = VERIFY_TOLERANCE,
         on_close: Callable[[], object] | None = None,
@@ -159,6 +161,9 @@ class MeshPipeline:
         if not 0.0 <= verify <= 1.0:
             raise ValueError(f"verify is a share of sessions, from 0 to 1; got {verify}")
         self.route_mode = route_mode
+        #: How long a session whose layers lost every provider waits for one (a worker
+        #: re-placing itself, `Worker.rebalance`) before it fails.
+        self.route_timeout = route_timeout
         self.verify = verify
         self.verify_tolerance = verify_tolerance
         self.bans = Bans()
@@ -229,6 +234,19 @@ class MeshPipeline:
         except NoRouteError:
             self.refresh()
             return plan_route(self.providers, start, stop, self._excluded(), self._started)
+
+    def _route_when_covered(self, start: int, stop: int, poll: float = 0.5) -> list[Hop]:
+        """A route over `start..stop`, waiting up to `route_timeout` while nobody serves some
+        of those layers (their last provider just left; a spare worker takes them over)."""
+        deadline = time.monotonic() + self.route_timeout
+        while True:
+            try:
+                return self.route(start, stop)
+            except NoRouteError as e:
+                if time.monotonic() >= deadline:
+                    raise NoRouteError(e.missing_layers, f"after {self.route_timeout:.0f} s: {e}") from None
+                log.info("layers %s have no provider; waiting for one", format_layer_list(e.missing_layers))
+            time.sleep(poll)
 
     def wait_for_route(self, timeout: float, poll: float = 0.5) -> list[Hop]:
         """Polls the DHT until the layers are covered or `timeout` passes."""
@@ -456,7 +474,7 @@ class MeshPipeline:
         the hop's kept inputs there so their caches hold what the lost one held."""
         old = session.hops[i]
         history = np.concatenate(session.inputs[i]) if session.inputs[i] else None
-        new_hops = self.route(old.layers.start, old.layers.stop)
+        new_hops = self._route_when_covered(old.layers.start, old.layers.stop)
         new_inputs: list[list[np.ndarray]] = []
         x = history
         for hop in new_hops:
