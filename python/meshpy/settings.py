@@ -189,6 +189,7 @@ class NodeSettings:
     mdns: bool = setting(True, "find nodes on the local network by mDNS (multicast; only when listening beyond 127.0.0.1): with no --bootstrap, join the mesh found there, or start one its nodes find")
     relay: bool = setting(False, "relay connections for nodes behind NATs that others cannot reach (they reserve a slot here); for nodes others can reach")
     hole_punch: bool = setting(True, "turn relayed connections into direct ones when both ends' NATs allow it (DCUtR hole punching)")
+    metrics_port: int | None = setting(None, "serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port; none: no metrics server)", minimum=0, maximum=65535)
 
 
 @dataclass(frozen=True)

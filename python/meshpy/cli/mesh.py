@@ -7,17 +7,17 @@ import logging
 import sys
 from pathlib import Path
 import threading
-from collections import defaultdict
 from typing import Any
 
 from meshpy.errors import InvalidArgumentError, format_layer_list
-from meshpy.mesh.fetch import cannot_seed, seed, seeds_key
+from meshpy.mesh.fetch import cannot_seed, seed
 from meshpy.mesh.hub import HubFetcher, hub_ref
 from meshpy.mesh.store import ModelStore, model_ref
-from meshpy.mesh.identity import CHECKERS_KEY, WORKERS_KEY, model_identity
+from meshpy.mesh.identity import model_identity
 from meshpy.mesh.nodes import NodeDir, joins_by_lan, parse_bootstrap, start_node
 from meshpy.mesh.placement import format_size
-from meshpy.mesh.routing import describe_peers
+from meshpy.mesh.status import mesh_status
+from meshpy.metrics import serve_node_metrics
 from meshpy.mesh.worker import Worker
 from meshpy.generation import model_path
 from meshpy.models.config import read_config
@@ -35,17 +35,24 @@ def run_bootstrap(settings: BootstrapSettings) -> int:
     """Starts a rendezvous node, prints its addresses, and runs until stopped."""
     stop_on_sigterm()
     node, node_dir = start_node(settings, "bootstrap")
-    return _serve_until_stopped(node, node_dir, f"meshpy bootstrap node {node.peer_id}; join with --bootstrap and one of:")
+    return _serve_until_stopped(node, node_dir, f"meshpy bootstrap node {node.peer_id}; join with --bootstrap and one of:",
+                                settings)
 
 
-def _serve_until_stopped(node: _native.Node, node_dir: NodeDir, banner: str) -> int:
-    """Prints `banner` (stderr) and the node's addresses (stdout), then serves until stopped."""
+def _serve_until_stopped(node: _native.Node, node_dir: NodeDir, banner: str, settings: NodeSettings) -> int:
+    """Prints `banner` (stderr) and the node's addresses (stdout), then serves (and its
+    metrics, with --metrics-port) until stopped."""
+    metrics = None
     try:
+        if settings.metrics_port is not None:
+            metrics = serve_node_metrics(node, settings.host, settings.metrics_port)
         print(banner, file=sys.stderr)
         for addr in node.listen_addrs():
             print(addr, flush=True)
         threading.Event().wait()
     finally:
+        if metrics is not None:
+            metrics.close()
         node.close()
         node_dir.cleanup()
     return 0
@@ -72,7 +79,7 @@ def run_seed(settings: SeedSettings) -> int:
         node_dir.cleanup()
         raise
     return _serve_until_stopped(node, node_dir, f"meshpy seed {node.peer_id} serves {identity.id} (start workers with "
-                                                f"--model {identity.id}); listening on:")
+                                                f"--model {identity.id}); listening on:", settings)
 
 
 def run_worker(settings: WorkerSettings) -> int:
@@ -162,59 +169,6 @@ def run_status(settings: StatusSettings) -> int:
     return 0
 
 
-def mesh_status(node: _native.Node, wanted: str | None = None, wanted_layers: int = 0) -> dict[str, Any]:
-    """What the mesh says of itself, as data: `answering` (workers that answered Info, of any
-    model), `workers` (each worker's Info fields, `reachability` and `relayed_through` among
-    them, its `peer`, `rtt_ms`, `link` (how this node reached it: "direct" or "relayed") and
-    `banned_by` [{"end_node", "reason"}], in model and layer order; only
-    model `wanted`'s when given), `silent_workers` (listed but not answering), `end_nodes`
-    (those that check the mesh: `peer`, `verify`, `banned`), and `models` (`model_id`,
-    `n_layers`, `uncovered_layers`, `seeders`)."""
-    workers = [peer for peer, _ in node.get_providers(WORKERS_KEY)]
-    infos = describe_peers(node, workers)
-    links = _links(node)
-    end_nodes, bans = _bans(node)
-    listed: list[dict[str, Any]] = []
-    models: dict[str, tuple[int, list[range]]] = defaultdict(lambda: (0, []))
-    for peer, (info, rtt) in sorted(infos.items(), key=lambda kv: (str(kv[1][0].get("model_id")), kv[1][0].get("first_layer", 0))):
-        if wanted is not None and info.get("model_id") != wanted:
-            continue
-        listed.append({**info, "peer": peer, "rtt_ms": rtt * 1000, "banned_by": bans.get(peer, []), "link": links.get(peer)})
-        if info.get("mode") == "span" and "model_id" in info:
-            n, spans = models[info["model_id"]]
-            first = int(info["first_layer"])
-            spans.append(range(first, first + int(info["n_layers"])))
-            models[info["model_id"]] = (max(n, int(info.get("model_layers", 0))), spans)
-    if wanted is not None and wanted not in models:
-        models[wanted] = (wanted_layers, [])
-    coverage = [
-        {
-            "model_id": model_id,
-            "n_layers": n_layers,
-            "uncovered_layers": [i for i in range(n_layers) if not any(i in r for r in spans)],
-            "seeders": len(node.get_providers(seeds_key(model_id))),
-        }
-        for model_id, (n_layers, spans) in sorted(models.items())
-    ]
-    return {
-        "answering": len(infos),
-        "silent_workers": len(workers) - len(infos),
-        "workers": listed,
-        "end_nodes": end_nodes,
-        "models": coverage,
-    }
-
-
-def _links(node: _native.Node) -> dict[str, str]:
-    """How this node reaches each connected peer: "direct" when any connection is (a hole
-    punched one included), else "relayed"."""
-    links: dict[str, str] = {}
-    for c in node.connections():
-        if not c["relayed"] or c["peer"] not in links:
-            links[c["peer"]] = "relayed" if c["relayed"] else "direct"
-    return links
-
-
 def _print_status(status: dict[str, Any]) -> None:
     for end in status["end_nodes"]:
         print(f"End node {end['peer']} checks {end['verify']:.0%} of its sessions; {end['banned']} worker(s) banned")
@@ -229,23 +183,6 @@ def _print_status(status: dict[str, Any]) -> None:
         missing = model["uncovered_layers"]
         gaps = f"no provider for layers {format_layer_list(missing)}" if missing else "every layer has a provider"
         print(f"model {model['model_id']} ({model['n_layers']} layers): {gaps}; {model['seeders']} node(s) seed it")
-
-
-def _bans(node: _native.Node) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, str]]]]:
-    """The End nodes that check the mesh (--verify), from their Info ([{"peer", "verify",
-    "banned"}]), and the workers they banned: worker -> [{"end_node", "reason"}]."""
-    bans: dict[str, list[dict[str, str]]] = defaultdict(list)
-    end_nodes = []
-    checkers = describe_peers(node, [peer for peer, _ in node.get_providers(CHECKERS_KEY)])
-    for checker, (info, _rtt) in sorted(checkers.items()):
-        # What an End node says of others is its claim; a malformed one is skipped.
-        banned, verify = info.get("banned"), info.get("verify")
-        if not isinstance(banned, dict) or not isinstance(verify, (int, float)):
-            continue
-        end_nodes.append({"peer": checker, "verify": float(verify), "banned": len(banned)})
-        for peer, reason in banned.items():
-            bans[str(peer)].append({"end_node": checker, "reason": str(reason)})
-    return end_nodes, bans
 
 
 def run_keygen(settings: KeygenSettings) -> int:

@@ -15,6 +15,7 @@ import time
 from meshpy import _native
 from meshpy.errors import InvalidArgumentError, MeshpyError, format_layer_list
 from meshpy.generation import default_threads, model_path
+from meshpy.metrics import MetricsServer, serve_node_metrics
 from meshpy.mesh.fetch import Fetcher, FetchReport, fetch_part, fetcher_for, names_remote_model, seed
 from meshpy.mesh.identity import WORKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import NodeDir, joins_by_lan, parse_bootstrap, start_node
@@ -60,6 +61,8 @@ class Worker:
         self.model: ModelIdentity | None = None
         self.layers: range | None = None
         self._span: LocalSpan | None = None
+        #: Its `/metrics` server, with --metrics-port.
+        self.metrics: MetricsServer | None = None
         #: What `rebalance` needs to re-place this worker (source, config, KV budget), when it may.
         self._movable: tuple[ModelSource, ModelConfig, int] | None = None
         #: What fetching the model from the mesh read, for a worker started from a model id.
@@ -84,6 +87,8 @@ class Worker:
             model = (source, config, layers)
             self.model = model_identity(source)
         self.node, self._node_dir = start_node(s, "worker", bootstrap, lan=joins_by_lan(s.bootstrap), serves=True)
+        if s.metrics_port is not None:
+            self.metrics = serve_node_metrics(self.node, s.host, s.metrics_port)
         joined = bool(bootstrap) or bool(self.node.connected_peers())  # a mesh found on the local network
         try:
             if remote:
@@ -285,6 +290,9 @@ class Worker:
     def close(self) -> None:
         """Withdraws the announcements (best effort) and stops the node. Idempotent."""
         self._stopped.set()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.node is not None:
             self._withdraw()
             self.node.close()

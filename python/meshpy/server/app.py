@@ -20,14 +20,19 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from meshpy import _native
 from meshpy.errors import MeshpyError
 from meshpy.generation import Model
+from meshpy.metrics import RequestCounter, ServerMetrics
 from meshpy.server import protocol
 from meshpy.server.coverage import Coverage
+from meshpy.server.dashboard import dashboard_routes
 from meshpy.server.engine import Delta, Failed, Finished, GenerationJob, Outbox
 from meshpy.server.errors import APIError, api_error, invalid
 from meshpy.server.protocol import ChatRequest, CompletionRequest, Options
@@ -79,6 +84,9 @@ class ServerState:
         self.completed = 0
         self.cancelled = 0
         self.refused_busy = 0
+        #: The client node when the layers run on a mesh (for metrics and the dashboard).
+        self.node: _native.Node | None = getattr(model.pipeline, "node", None)
+        self.metrics = ServerMetrics(lambda: len(self.jobs), lambda: self.waiting, self.node)
 
     def check_key(self, request: Request) -> None:
         """401 unless the request carries the API key (when one is set)."""
@@ -155,7 +163,7 @@ class ServerState:
         if self._outbox is None or self._outbox.loop is not loop:  # the app served on another loop
             self._outbox = Outbox(loop)
         job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, on_done=self._done,
-                            outbox=self._outbox)
+                            outbox=self._outbox, metrics=self.metrics)
         job.start()  # may raise (the model closing): then it is not tracked
         self.jobs.add(job)
         return job
@@ -173,6 +181,7 @@ class ServerState:
             self.cancelled += 1
         else:
             self.completed += 1
+        self.metrics.ended("cancelled" if job.cancelled else "completed", job.stats.prompt_tokens)
 
     async def shutdown(self) -> None:
         """Cancels every generation and waits (off the loop) for their sessions to close."""
@@ -399,6 +408,9 @@ def create_app(
         state.check_model(req.options.model)
         return await _generate(state, request, req.prompt, True, req.options, _Shape(chat=False))
 
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def on_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException) and exc.status_code in (404, 405):
             error = APIError(exc.status_code, f"no route {request.method} {request.url.path}", code="unknown_url")
@@ -417,15 +429,19 @@ def create_app(
 
     handlers: dict[Any, Callable[..., Any]] = {APIError: on_error, HTTPException: on_error, MeshpyError: on_error,
                                                Exception: on_error}
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        *dashboard_routes(state),
+    ]
     app = Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/completions", completions, methods=["POST"]),
-        ],
+        routes=routes,
         exception_handlers=handlers,
         lifespan=lifespan,
+        middleware=[Middleware(RequestCounter, counter=state.metrics.requests, routes=tuple(r.path for r in routes))],
     )
     app.state.meshpy = state
     return app

@@ -13,14 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshpy.generation import GenerationStats, Model
 from meshpy.sampling import SamplingParams
 from meshpy.scheduler import Ticket
 from meshpy.tokenizer import IncrementalDecoder
+
+if TYPE_CHECKING:
+    from meshpy.metrics import ServerMetrics
 
 __all__ = ["StopText", "Delta", "Finished", "Failed", "Event", "Outbox", "GenerationJob"]
 
@@ -138,6 +142,7 @@ class GenerationJob:
         *,
         on_done: Callable[[GenerationJob], object] | None = None,
         outbox: Outbox | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.model = model
         self.prompt_ids = list(prompt_ids)
@@ -153,11 +158,15 @@ class GenerationJob:
         self._decoder = IncrementalDecoder(model.tokenizer)
         self._stops = StopText(self.stop)
         self._ticket: Ticket | None = None
+        self._metrics = metrics
+        #: When the generation was submitted, and when its last token came (perf_counter).
+        self._started = self._last_token = 0.0
 
     def start(self) -> GenerationJob:
         """Submits the generation; call from the event loop that will read the events."""
         if self._outbox is None:
             self._outbox = Outbox(asyncio.get_running_loop())
+        self._started = time.perf_counter()
         self._ticket = self.model.submit(self.prompt_ids, self.max_tokens, self.sampling, self, self.stats)
         return self
 
@@ -181,6 +190,13 @@ class GenerationJob:
         self._outbox.post(self._events.put_nowait, event)
 
     def token(self, token: int) -> bool:
+        if self._metrics is not None:
+            now = time.perf_counter()
+            if self._last_token:
+                self._metrics.next_token(now - self._last_token)
+            else:
+                self._metrics.first_token(now - self._started)
+            self._last_token = now
         text = self._stops.add(self._decoder.add(token))
         if text:
             self._emit(Delta(text))

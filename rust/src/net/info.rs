@@ -4,8 +4,9 @@
 //! device, thread count, version, bytes of weights loaded, ...), the handler's live one
 //! ([`FrameHandler::info`]: what it serves, sessions, KV memory; `{"mode": "none"}` without a
 //! handler), and the node's own `peer_id`, `listen_addrs` (each ending in `/p2p/<peer id>`) and
-//! `relay` (the version of chained routes it serves), `relays` (how many it has run) and
-//! `refusals` (the errors it has answered, by code name).
+//! `relay` (the version of chained routes it serves), `relays` (how many it has run),
+//! `refusals` (the errors it has answered, by code name) and `traffic` (frame bytes sent to
+//! and received from each peer).
 //! Every node answers `Info`, whatever its handler, and a node without a handler still answers
 //! `Ping`.
 
@@ -26,6 +27,26 @@ pub const RELAY_VERSION: u32 = 1;
 /// A JSON object (the static part of a node's description).
 pub type JsonObject = Map<String, Value>;
 
+/// Bytes of tensor-protocol frames exchanged with each peer, both ways (for `Info`'s
+/// `"traffic"`: `{peer: {"sent": n, "received": n}}`), whoever asked.
+#[derive(Default)]
+pub(crate) struct Traffic(std::sync::Mutex<std::collections::HashMap<PeerId, [u64; 2]>>);
+
+impl Traffic {
+    /// Counts `sent` and `received` bytes with `peer`.
+    pub(crate) fn count(&self, peer: PeerId, sent: usize, received: usize) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(peer).or_default();
+        entry[0] += sent as u64;
+        entry[1] += received as u64;
+    }
+
+    fn to_json(&self) -> Value {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Value::Object(map.iter().map(|(p, [s, r])| (p.to_string(), json!({ "sent": s, "received": r }))).collect())
+    }
+}
+
 /// The node's side of its description, shared by the event loop (which keeps the listen
 /// addresses current), the handle (which sets the static part) and the serving tasks.
 pub(crate) struct NodeInfo {
@@ -36,11 +57,20 @@ pub(crate) struct NodeInfo {
     refusals: Refusals,
     listen_addrs: RwLock<Vec<Multiaddr>>,
     fixed: RwLock<JsonObject>,
+    /// Frame bytes per peer (for `Info`'s `"traffic"`), shared with the stream pool.
+    pub(crate) traffic: std::sync::Arc<Traffic>,
 }
 
 impl NodeInfo {
     pub(crate) fn new(peer_id: PeerId, fixed: JsonObject) -> Self {
-        NodeInfo { peer_id, relays: Default::default(), refusals: Refusals::default(), listen_addrs: RwLock::new(Vec::new()), fixed: RwLock::new(fixed) }
+        NodeInfo {
+            peer_id,
+            relays: Default::default(),
+            refusals: Refusals::default(),
+            listen_addrs: RwLock::new(Vec::new()),
+            fixed: RwLock::new(fixed),
+            traffic: Default::default(),
+        }
     }
 
     /// The node's peer id.
@@ -90,6 +120,7 @@ impl NodeInfo {
         out.insert("relays".to_string(), json!(self.relays.load(std::sync::atomic::Ordering::Relaxed)));
         out.insert("listen_addrs".to_string(), json!(addrs));
         out.insert("refusals".to_string(), self.refusals.to_json());
+        out.insert("traffic".to_string(), self.traffic.to_json());
         Value::Object(out)
     }
 

@@ -173,7 +173,7 @@ impl Node {
             let (mut swarm, [(opener, incoming), (blob_opener, blob_incoming)]) = build_swarm(keypair, &config)?;
             let listen_addrs = listen(&mut swarm, &config).await?;
             info.set_listen_addrs(&listen_addrs);
-            let pool = StreamPool::new(opener, config.limits, config.emulated_rtt);
+            let pool = StreamPool::new(opener, config.limits, config.emulated_rtt, Arc::clone(&info.traffic));
             let outbox = Arc::new(Outbox::default());
             let server = Server {
                 handler: Arc::clone(&handler),

@@ -24,7 +24,7 @@ use libp2p::{Multiaddr, PeerId, Stream};
 
 use super::behaviour::InboundStreams;
 use super::codec::{error_frame, error_frame_for, is_whole_frame, read_frame, write_frame, ReadError};
-use super::info::NodeInfo;
+use super::info::{NodeInfo, Traffic};
 use super::peers::PeerGate;
 use super::relay::{self, Outbox};
 use super::streams::Opener;
@@ -48,14 +48,16 @@ pub(crate) struct StreamPool {
     /// Half of it passes before each request goes out, half after its answer comes in
     /// ([`super::NodeConfig::emulated_rtt`]).
     emulated_rtt: Duration,
+    /// Where bytes exchanged with each peer are counted.
+    traffic: Arc<Traffic>,
 }
 
 /// Told once a request's frame is written to its stream (`Ok`), or why it never was.
 pub(crate) type Sent = oneshot::Sender<std::result::Result<(), String>>;
 
 impl StreamPool {
-    pub(crate) fn new(opener: Opener, limits: Limits, emulated_rtt: Duration) -> Self {
-        StreamPool { opener, idle: Arc::default(), limits, emulated_rtt }
+    pub(crate) fn new(opener: Opener, limits: Limits, emulated_rtt: Duration, traffic: Arc<Traffic>) -> Self {
+        StreamPool { opener, idle: Arc::default(), limits, emulated_rtt, traffic }
     }
 
     /// An idle stream to `peer`; relayed ones are dropped once the peer is reachable
@@ -166,8 +168,12 @@ impl StreamPool {
         if let Some(sent) = sent.take() {
             let _ = sent.send(Ok(()));
         }
+        self.traffic.count(peer, bytes.len(), 0);
         let answer = match read_frame(&mut stream, &self.limits, None).await {
-            Ok(answer) => answer,
+            Ok(answer) => {
+                self.traffic.count(peer, 0, answer.len());
+                answer
+            }
             Err(e @ (ReadError::Closed | ReadError::Io(_))) => return Err(Unanswered(e.into_error(&what))),
             Err(e) => return Ok(Err(e.into_error(&what))),
         };
@@ -265,7 +271,10 @@ async fn serve_stream(peer: PeerId, mut stream: Stream, server: Server) {
     let stall = Some(server.gate.limits().stall_timeout);
     loop {
         let frame = match read_frame(&mut stream, &server.limits, stall).await {
-            Ok(frame) => frame,
+            Ok(frame) => {
+                server.info.traffic.count(peer, 0, frame.len());
+                frame
+            }
             Err(ReadError::Closed) => break,
             Err(ReadError::Refused(reply)) => {
                 // The rest of the refused frame is unread: answer, then end the stream.
@@ -304,6 +313,7 @@ async fn serve_stream(peer: PeerId, mut stream: Stream, server: Server) {
             tracing::debug!(%peer, "cannot send an answer: {e}");
             break;
         }
+        server.info.traffic.count(peer, answer.len(), 0);
     }
 }
 

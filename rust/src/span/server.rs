@@ -149,13 +149,16 @@ struct BatchStats {
     calls: u64,
     entries: u64,
     largest: usize,
+    /// Time spent in span calls ("span_seconds").
+    busy: std::time::Duration,
 }
 
 impl BatchStats {
-    fn record(&mut self, entries: usize) {
+    fn record(&mut self, entries: usize, took: std::time::Duration) {
         self.calls += 1;
         self.entries += entries as u64;
         self.largest = self.largest.max(entries);
+        self.busy += took;
     }
 }
 
@@ -379,7 +382,7 @@ impl SpanHandler {
     /// request's accounting and answer.
     fn run_group(&self, span: Span, mut group: Vec<(&Job<Queued>, Locked<'_>)>) {
         let entries = group.iter().map(|(job, _)| job.input.entries.len()).sum();
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(entries);
+        let started = std::time::Instant::now();
         let mut hidden: Vec<f32> = group.iter().flat_map(|(job, _)| job.input.hidden.iter().copied()).collect();
         let first = (span.first_layer - self.span.first_layer() as u32) as usize;
         let result = {
@@ -390,6 +393,7 @@ impl SpanHandler {
                 .collect();
             self.span.forward_layers(&self.pool, &mut hidden, &mut seqs, first..first + span.layer_count as usize)
         };
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(entries, started.elapsed());
         if let Err(err) = result {
             for (job, mut locked) in group {
                 for &(i, len) in &locked.cut {
@@ -698,7 +702,7 @@ impl FrameHandler for SpanHandler {
 
     /// `{"mode": "span", "model_name", "model_hash" (hex), "first_layer", "n_layers",
     /// "sessions", "kv_used_bytes", "draining", "kv_budget_bytes", "max_positions", "hidden",
-    /// "span_calls", "span_entries", "largest_batch"}` (the last three: how sessions have
+    /// "span_calls", "span_entries", "largest_batch", "span_seconds"}` (the last four: how sessions have
     /// shared span calls so far).
     fn info(&self) -> serde_json::Value {
         let (sessions, used) = {
@@ -712,6 +716,7 @@ impl FrameHandler for SpanHandler {
             "span_calls": stats.calls,
             "span_entries": stats.entries,
             "largest_batch": stats.largest,
+            "span_seconds": stats.busy.as_secs_f64(),
             "model_name": self.model.name,
             "model_hash": hash,
             "first_layer": self.span.first_layer(),
