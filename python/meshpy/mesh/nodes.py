@@ -108,7 +108,7 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
     `lan` through the first meshpy nodes mDNS finds on the local network (an error when none
     answers within `LAN_WAIT`). Without either, a node with mDNS on looks for a mesh on the
     local network for `LAN_LOOK` seconds and joins it if one answers. A node that `serves`
-    (others dial it: workers, seeds) then learns whether it is reachable, and behind a NAT
+    (others dial it: workers, seeds) and listens beyond loopback then learns whether it is reachable, and behind a NAT
     gets a relay slot, before it returns (`settle_reachability`), so what it announces next
     carries addresses others can reach."""
     node_dir = NodeDir(settings.node_dir, role, settings.port)
@@ -150,8 +150,8 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
             node.close()
             node_dir.cleanup()
             raise
-    if serves and node.connected_peers():
-        settle_reachability(node, role)
+    if serves and not ipaddress.ip_address(settings.host).is_loopback and node.connected_peers():
+        settle_reachability(node, role)  # (a node on loopback is reachable from this machine only, whatever probes say)
     log.info("%s node %s listening on %s", role, node.peer_id, ", ".join(node.listen_addrs()))
     return node, node_dir
 

@@ -256,8 +256,14 @@ fn node_without_handler_refuses_forwards_answers_info_and_ping_and_both_transpor
     assert_eq!(error_code(&reply), ErrorCode::InvalidRequest);
     let reply = b.request(a.peer_id(), Message::Ping(5).encode().unwrap(), None).unwrap();
     assert_eq!(Message::decode(&reply, &Limits::default()).unwrap(), Message::Pong(5));
-    let info = b.info(a.peer_id(), None).unwrap();
+    let mut info = b.info(a.peer_id(), None).unwrap();
     let listed: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    // Traffic: a counted the frames b sent it and its answers (the Info reply itself is
+    // counted once written, after this copy of the description was made).
+    let traffic = info.as_object_mut().unwrap().remove("traffic").unwrap();
+    let with_b = &traffic[b.peer_id().to_string()];
+    assert!(with_b["received"].as_u64().unwrap() > 0 && with_b["sent"].as_u64().unwrap() > 0, "{traffic}");
+    assert_eq!(traffic.as_object().unwrap().len(), 1);
     assert_eq!(
         info,
         serde_json::json!({
@@ -265,7 +271,10 @@ fn node_without_handler_refuses_forwards_answers_info_and_ping_and_both_transpor
             "relay": 1, "relays": 0, "refusals": {"invalid_request": 1},
         })
     );
-    assert_eq!(a.describe(), info);
+    let mut now = a.describe();
+    let later = now.as_object_mut().unwrap().remove("traffic").unwrap();
+    assert!(later[b.peer_id().to_string()]["sent"].as_u64() > with_b["sent"].as_u64(), "the Info reply is counted");
+    assert_eq!(now, info);
     // An Info frame with bytes it should not have is refused, and a reply kind is no request.
     let mut long_info = Message::Info.encode().unwrap();
     long_info[8] = 8;

@@ -203,8 +203,11 @@ fn info_describes_the_span_and_its_load() {
     let limits = SessionLimits { kv_budget_bytes: 1 << 20, max_positions: 100, ..SessionLimits::default() };
     let h = handler(limits);
     ask(&h, &forward(1, 0, 1, 2, &TestRng::new(2).gaussians(3 * TINY_HIDDEN))).unwrap();
+    let mut info = h.info();
+    let seconds = info.as_object_mut().unwrap().remove("span_seconds").unwrap();
+    assert!(seconds.as_f64().unwrap() > 0.0, "the span call's time: {seconds}");
     assert_eq!(
-        h.info(),
+        info,
         serde_json::json!({
             "mode": "span",
             "span_calls": 1,
