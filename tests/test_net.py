@@ -92,9 +92,13 @@ def test_every_node_answers_info_and_a_bootstrap_node_answers_ping(tmp_path: Pat
         for node in (boot, echo):
             client.dial(node.listen_addrs()[0])
         info = client.info(boot.peer_id)
+        # The Info request's bytes, counted on arrival (the reply after it is sent).
+        assert info.pop("traffic") == {client.peer_id: {"received": 24, "sent": 0}}
         assert info == {"mode": "none", "role": "bootstrap", "version": "0.1.0", "peer_id": boot.peer_id,
                         "listen_addrs": boot.listen_addrs(), "relay": 1, "relays": 0, "refusals": {}}
-        assert boot.local_info() == info
+        now = boot.local_info()
+        assert now.pop("traffic")[client.peer_id]["sent"] > 0
+        assert now == info
         assert _native.decode_frame(client.request(boot.peer_id, _native.encode_ping(8))) == {"kind": "pong", "nonce": 8}
         refused = _native.decode_frame(client.request(boot.peer_id, forward(np.ones((1, 8), np.float32))))
         assert refused["code"] == "invalid_request"
@@ -102,7 +106,11 @@ def test_every_node_answers_info_and_a_bootstrap_node_answers_ping(tmp_path: Pat
         info = client.info(echo.peer_id, timeout=5.0)
         assert (info["mode"], info["device"], info["threads"], info["peer_id"]) == ("echo", "cpu", 2, echo.peer_id)
         reply = _native.decode_frame(client.request(echo.peer_id, _native.encode_info()))
-        assert reply == {"kind": "info_reply", "info": info}
+        assert reply["kind"] == "info_reply"
+        again = reply["info"]
+        # Only the traffic moved on: one more request in, one more reply out.
+        assert again.pop("traffic")[client.peer_id]["received"] > info.pop("traffic")[client.peer_id]["received"]
+        assert again == info
     with pytest.raises(InvalidArgumentError, match="info"):
         _native.Node(str(tmp_path / "bad"), 0, "tcp", info={"x": float("inf")})
     with pytest.raises(InvalidArgumentError, match="info"):

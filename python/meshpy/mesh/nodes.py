@@ -29,8 +29,9 @@ LAN = "lan"
 LAN_WAIT = 10.0
 
 #: How long a worker or bootstrap node with no bootstrap address looks for a mesh on the local
-#: network before it starts one of its own.
-LAN_LOOK = 3.0
+#: network before it starts one of its own: libp2p's mDNS asks at about 0.5, 1.5 and 3.5 s
+#: (and the nodes already there ask too, and find it), so a lost packet costs one more round.
+LAN_LOOK = 5.0
 
 
 def joins_by_lan(text: str | None) -> bool:

@@ -147,6 +147,7 @@ class Worker:
         self._span = LocalSpan(source, config, layers, pool, kv_dtype=s.kv_dtype)
         self.layers = layers
         info = self._info(model_id=self.model.id, model_layers=config.n_layers, weights_bytes=self._span.native.nbytes,
+                          rebalances=self._movable is not None,
                           threads=pool.n_threads, kv_dtype=self._span.kv_dtype,
                           fetched=self.fetched.to_json() if self.fetched is not None else None)
         self.node.serve(
@@ -167,8 +168,8 @@ class Worker:
         """Closes a gap in the mesh: when some layers have no live provider and every layer of
         this worker's has another, moves here to the least-covered window of as many layers as
         it holds (`choose_layers`, which takes uncovered layers first). Of all the workers that
-        could move (each of their layers served elsewhere too), only the one with the smallest
-        peer id does, so one gap draws one worker. Its sessions are dropped as it moves: their
+        could move (Info `rebalances`, each of their layers served elsewhere too), only the one
+        with the smallest peer id does, so one gap draws one worker. Its sessions are dropped as it moves: their
         End nodes replay them on the other providers of its old layers. Returns the new layers,
         or None when it stays."""
         if self._movable is None or self.node is None or self.model is None or self.layers is None:
@@ -183,7 +184,9 @@ class Worker:
         with_me = list(coverage)
         for i in self.layers:
             with_me[i] += 1
-        movers = [self.peer_id] + [p.peer_id for p in others if all(with_me[i] >= 2 for i in p.layers)]
+        # Workers that may move (their Info says so: pinned ones never do) and would open no gap.
+        movers = [self.peer_id] + [p.peer_id for p in others
+                                   if p.info.get("rebalances") and all(with_me[i] >= 2 for i in p.layers)]
         if min(movers) != self.peer_id:
             return None  # another spare worker moves
         layers = choose_layers(coverage, len(self.layers))

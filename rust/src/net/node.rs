@@ -944,7 +944,14 @@ impl Loop {
             for addr in &addrs {
                 self.swarm.add_peer_address(peer, addr.clone());
             }
-            let opts = DialOpts::peer_id(peer).addresses(addrs).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            // Both ends find each other at the same moment and dial: from their listening
+            // ports (libp2p's port reuse), the two dials would meet as one TCP simultaneous
+            // open that neither handshake survives. Fresh ports make two connections instead.
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .allocate_new_port()
+                .build();
             if let Err(e) = self.swarm.dial(opts) {
                 tracing::debug!(%peer, "not dialing a node found on the local network: {e}");
             }
