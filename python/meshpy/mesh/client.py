@@ -449,10 +449,14 @@ class MeshPipeline:
 
     def _chains(self, hops: Sequence[Hop]) -> bool:
         """Whether a step through `hops` goes chained: the mode asks for it, there is more
-        than one hop, and every hop's worker serves relays and is not banned."""
+        than one hop, every hop's worker serves relays and is not banned, and no worker comes
+        twice (a relay refuses a route through itself; it happens when a worker a session
+        used moved to the layers of a lost one, `Worker.rebalance`: hop by hop, the old hop
+        then fails over with replay)."""
         return (
             self.route_mode == "chain"
             and len(hops) > 1
+            and len({h.provider.peer_id for h in hops}) == len(hops)
             and all(_serves_relays(h.provider) and h.provider.peer_id not in self.bans for h in hops)
         )
 
