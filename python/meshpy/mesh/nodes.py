@@ -100,7 +100,12 @@ def uses_mdns(settings: NodeSettings, lan: bool) -> bool:
     """Whether a node looks for peers on the local network: when it joins by it (`lan`), or
     when `--mdns` is on and it listens beyond loopback (a node only this machine can reach
     has nothing to announce to the network)."""
-    return lan or (settings.mdns and not ipaddress.ip_address(settings.host).is_loopback)
+    return lan or (settings.mdns and not on_loopback(settings))
+
+
+def on_loopback(settings: NodeSettings) -> bool:
+    """Whether the node listens on loopback only (reachable from this machine alone)."""
+    return ipaddress.ip_address(settings.host).is_loopback
 
 
 def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = None, *, lan: bool = False,
@@ -151,8 +156,8 @@ def start_node(settings: NodeSettings, role: str, bootstrap: list[str] | None = 
             node.close()
             node_dir.cleanup()
             raise
-    if serves and not ipaddress.ip_address(settings.host).is_loopback and node.connected_peers():
-        settle_reachability(node, role)  # (a node on loopback is reachable from this machine only, whatever probes say)
+    if serves and not on_loopback(settings) and node.connected_peers():
+        settle_reachability(node, role)
     log.info("%s node %s listening on %s", role, node.peer_id, ", ".join(node.listen_addrs()))
     return node, node_dir
 

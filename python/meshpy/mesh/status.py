@@ -12,7 +12,7 @@ from meshpy.mesh.fetch import seeds_key
 from meshpy.mesh.identity import CHECKERS_KEY, WORKERS_KEY
 from meshpy.mesh.routing import describe_peers
 
-__all__ = ["mesh_status"]
+__all__ = ["mesh_status", "node_links"]
 
 
 def mesh_status(node: _native.Node, wanted: str | None = None, wanted_layers: int = 0) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def mesh_status(node: _native.Node, wanted: str | None = None, wanted_layers: in
     `n_layers`, `uncovered_layers`, `seeders`)."""
     workers = [peer for peer, _ in node.get_providers(WORKERS_KEY)]
     infos = describe_peers(node, workers)
-    links = _links(node)
+    links = node_links(node)
     end_nodes, bans = _bans(node)
     listed: list[dict[str, Any]] = []
     models: dict[str, tuple[int, list[range]]] = defaultdict(lambda: (0, []))
@@ -58,7 +58,7 @@ def mesh_status(node: _native.Node, wanted: str | None = None, wanted_layers: in
     }
 
 
-def _links(node: _native.Node) -> dict[str, str]:
+def node_links(node: _native.Node) -> dict[str, str]:
     """How this node reaches each connected peer: "direct" when any connection is (a hole
     punched one included), else "relayed"."""
     links: dict[str, str] = {}
