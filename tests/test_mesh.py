@@ -202,11 +202,12 @@ def test_cli_generate_through_the_mesh(three_workers: LocalMesh, smollm2_gguf: P
     assert re.search(r"\[route: layers 0-9 on \S+; layers 10-19 on \S+; layers 20-29 on \S+\]", remote.stderr)
 
 
-def start_with_two_middle_providers(mesh: LocalMesh, gguf: Path) -> list:
-    """A bootstrap node and workers for layers 0-9, 10-19 (two of them, returned) and 20-29."""
+def start_with_two_middle_providers(mesh: LocalMesh, gguf: Path, extra: tuple[str, ...] = ()) -> list:
+    """A bootstrap node and workers for layers 0-9, 10-19 (two of them, returned, started with
+    `extra` arguments) and 20-29."""
     mesh.start_bootstrap()
     mesh.add_worker(gguf, layers="0-9", threads=1)
-    middle = [mesh.add_worker(gguf, layers="10-19", threads=1) for _ in range(2)]
+    middle = [mesh.add_worker(gguf, layers="10-19", threads=1, extra=extra) for _ in range(2)]
     mesh.add_worker(gguf, layers="20-29", threads=1)
     return middle
 
@@ -247,15 +248,16 @@ def test_a_vanished_worker_is_replaced_mid_generation(smollm2_gguf: Path, local_
             model.close_session(session)
 
 
-def test_sigterm_lets_a_workers_sessions_finish_and_starts_new_ones_elsewhere(smollm2_gguf: Path,
-                                                                             local_tokens: list[int]) -> None:
-    """The middle provider on a running session's route gets SIGTERM mid-decode: it withdraws
-    its records and refuses new sessions (the End node starts them on the other provider), the
-    running session finishes on it unchanged, and it exits cleanly once that session closes."""
+def test_sigterm_without_hand_over_lets_a_workers_sessions_finish_and_starts_new_ones_elsewhere(
+        smollm2_gguf: Path, local_tokens: list[int]) -> None:
+    """The middle provider on a running session's route gets SIGTERM mid-decode, with
+    `--no-hand-over`: it withdraws its records and refuses new sessions (the End node starts
+    them on the other provider), the running session finishes on it unchanged, and it exits
+    cleanly once that session closes. (With hand-over, the default: tests/test_handover.py.)"""
     import signal
 
     with LocalMesh(transport="tcp") as mesh:
-        middle = start_with_two_middle_providers(mesh, smollm2_gguf)
+        middle = start_with_two_middle_providers(mesh, smollm2_gguf, extra=("--no-hand-over",))
         with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
             session = model.new_session()
             tokens, on_route, leaving = greedy_until(model, session, middle, 21)
@@ -267,7 +269,7 @@ def test_sigterm_lets_a_workers_sessions_finish_and_starts_new_ones_elsewhere(sm
             assert tokens == local_tokens
             assert session.hops[1].provider.peer_id == on_route, "the running session stayed where it was"
             model.close_session(session)
-            leaving.wait_for(r"left after its sessions ended", 30)
+            leaving.wait_for(r"left: 0 sessions handed over, the others ended", 30)
             assert leaving.proc.wait(30) == 0
 
 

@@ -114,13 +114,17 @@ class NoRouteError(MeshpyError, LookupError):
 class WorkerError(MeshpyError, RuntimeError):
     """A worker refused a request; ``code`` is the wire error code (``unknown_session``,
     ``cannot_hold_session``, ``wrong_model``, ...), ``recoverable`` whether another provider
-    of the layers may serve it (the wire's rule, ``ErrorCode::recoverable`` in the core)."""
+    of the layers may serve it (the wire's rule, ``ErrorCode::recoverable`` in the core),
+    ``moved_to`` the worker holding the session now (``session_moved``: a leaving worker handed
+    it over with its KV cache)."""
 
-    def __init__(self, code: str, message: str, peer: str | None = None, *, recoverable: bool = False) -> None:
+    def __init__(self, code: str, message: str, peer: str | None = None, *, recoverable: bool = False,
+                 moved_to: str | None = None) -> None:
         self.code = code
         self.message = message
         self.peer = peer
         self.recoverable = recoverable
+        self.moved_to = moved_to
         super().__init__(f"{peer + ': ' if peer else ''}{code}: {message}")
 
 

@@ -215,7 +215,8 @@ class WorkerSettings(NodeSettings):
     peer_kv: str | None = setting(None, "KV cache memory one peer's sessions may hold together (default: all of --kv-budget); on a chained route a worker's sessions count against the worker before it")
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     idle_timeout: float = setting(300.0, "seconds before an unused session is dropped", minimum=1.0)
-    drain_timeout: float = setting(30.0, "on SIGTERM or Ctrl-C, seconds to let held sessions end (no new ones start) before leaving; those still held then move with replay", minimum=0.0)
+    drain_timeout: float = setting(30.0, "on SIGTERM or Ctrl-C, seconds to let held sessions end or move (no new ones start) before leaving; those still held then move with replay", minimum=0.0)
+    hand_over: bool = setting(True, "on leaving, hand each held session with its KV cache to another worker of its layers, so its End node goes on there with nothing to replay")
     kv_dtype: str | None = setting(None, "KV cache type (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
     rebalance: bool = setting(True, "when layers lose their last provider and every layer here has another, move to them (one such worker moves; its sessions move with replay); not with --layers or a model fetched from the mesh")
 

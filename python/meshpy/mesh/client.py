@@ -10,7 +10,10 @@ hop's output comes back here, and every hop's inputs are kept for the life of th
 when a hop fails (the worker vanished, dropped the session, or cannot hold it), the client
 goes on hop by hop from there, routes those layers through other providers, replays the kept
 inputs to rebuild their KV caches, and carries on where it was, so a lost worker costs time,
-not the generation.
+not the generation. A worker that leaves hands its sessions over with their KV caches
+instead (`Worker.leave`): asked meanwhile, it answers `session_moving` (ask again shortly),
+then `session_moved` naming the worker holding the session now, and the client sends the same
+step there, replaying nothing (`recovery` counts both ways).
 
 With `verify` > 0 that share of sessions is checked (`verify`): each hop also runs on a
 shadow provider of the same layers, hop by hop from here, and its output is used only when
@@ -46,7 +49,17 @@ from meshpy.errors import (
     WorkerError,
 )
 from meshpy.mesh.identity import ModelIdentity
-from meshpy.mesh.routing import Hop, Provider, describe_route, discover, missing_layers, plan_route, preference
+from meshpy.mesh.routing import (
+    Hop,
+    Provider,
+    describe_peers,
+    describe_route,
+    discover,
+    missing_layers,
+    plan_route,
+    preference,
+    provider_from_info,
+)
 from meshpy.mesh.verify import VERIFY_TOLERANCE, Bans, disagreement
 from meshpy.models.config import ModelConfig
 
@@ -67,6 +80,10 @@ _MAX_REROUTES = 4
 _REPLAY_CHUNK = 512
 #: Looking for a shadow or referee looks the providers up again at most this often (s).
 _REFRESH_GAP = 5.0
+#: How often a hop whose session is being handed over is asked again (s).
+_MOVING_POLL = 0.002
+#: Hand-overs one forward may follow before treating the hop as failed.
+_MAX_MOVES = 4
 
 
 class _HopFailed(Exception):
@@ -78,9 +95,22 @@ class _HopFailed(Exception):
         self.error = error
 
 
+class _HopMoved(_HopFailed):
+    """The hop's worker handed the session over, KV cache and all, to `to`."""
+
+    def __init__(self, peer: str, error: Exception, to: str) -> None:
+        super().__init__(peer, error)
+        self.to = to
+
+
 class _RunAlone(Exception):
     """`forward_batch` cannot take these sessions together (nothing has changed): the caller
     runs them one by one through `forward`."""
+
+
+def _handed_over(error: BaseException) -> bool:
+    """Whether `error` says the session is being or was handed to another worker."""
+    return isinstance(error, WorkerError) and error.code in ("session_moving", "session_moved")
 
 
 def _recoverable(error: BaseException) -> bool:
@@ -191,6 +221,12 @@ class MeshPipeline:
         #: Sessions started here per provider (primaries and shadows), so that equally good
         #: providers take turns (`preference`).
         self._started: Counter[str] = Counter()
+        #: What recovering sessions has cost: hops rerouted (their kept inputs replayed into
+        #: other providers: `replayed_positions`, per new hop), and hops that followed a
+        #: session handed over with its KV cache (`handovers`, nothing replayed) and the
+        #: seconds their steps waited for it (`handover_wait_s`).
+        self.recovery = {"reroutes": 0, "replayed_positions": 0, "handovers": 0, "handover_wait_s": 0.0}
+        self._recovery_lock = threading.Lock()
         self._on_close = on_close
 
     def on_ban(self, call: Callable[[str, str], object]) -> None:
@@ -214,6 +250,10 @@ class MeshPipeline:
         with self._failed_lock:
             self._failed = {p: t for p, t in self._failed.items() if now - t < _FAILED_COOLDOWN}
             return set(self._failed) | set(self.bans.reasons())
+
+    def _count(self, key: str, amount: float = 1) -> None:
+        with self._recovery_lock:
+            self.recovery[key] += amount
 
     def _mark_failed(self, peer: str) -> None:
         with self._failed_lock:
@@ -297,9 +337,10 @@ class MeshPipeline:
             if error is not None:
                 if not _recoverable(error):
                     raise error
-                broke = i
+                if not _handed_over(error):
+                    broke = i  # a link failed (a hand-over is no reason to stop chaining)
                 log.info("session %032x: the chained route broke at hop %d (%s); going on hop by hop", session.id, i, error)
-        reroutes, rerouting = 0, False
+        reroutes, rerouting, moves = 0, False, 0
         while i < len(session.hops):
             try:
                 if rerouting:
@@ -310,6 +351,11 @@ class MeshPipeline:
                     raise _HopFailed(hop.provider.peer_id, WorkerError("banned", "this provider was caught lying (--verify)"))
                 y = self._send(session, hop, start, x) if session.shadows is None else self._checked(session, i, start, x)
             except _HopFailed as failure:
+                if isinstance(failure, _HopMoved) and not rerouting and moves < _MAX_MOVES:
+                    moved = self._follow(session, i, failure)
+                    if moved:
+                        moves += 1
+                        continue
                 if reroutes >= _MAX_REROUTES:
                     raise failure.error from None
                 reroutes += 1
@@ -420,16 +466,64 @@ class MeshPipeline:
     # --- one hop ----------------------------------------------------------------------
 
     def _send(self, session: MeshSession, hop: Hop, start: int, x: np.ndarray) -> np.ndarray:
-        """Runs `x` (positions `start..`) through one hop; the hop's output. A failure another
-        provider may serve raises `_HopFailed`."""
+        """Runs `x` (positions `start..`) through one hop; the hop's output. While the hop's
+        worker hands the session over, asks again; once it has, raises `_HopMoved` naming
+        where it went. A failure another provider may serve raises `_HopFailed`."""
         peer = hop.provider.peer_id
         session.peers.add(peer)
-        try:
-            return self._hop(hop, [(session.id, session.steps, start, x.shape[0])], x)
-        except (NetworkError, RequestTimeoutError, WorkerError) as e:
-            if _recoverable(e):
-                raise _HopFailed(peer, e) from e
-            raise
+        waiting_since = None
+        while True:
+            try:
+                return self._hop(hop, [(session.id, session.steps, start, x.shape[0])], x)
+            except (NetworkError, RequestTimeoutError, WorkerError) as e:
+                if isinstance(e, WorkerError) and e.code == "session_moving":
+                    now = time.monotonic()
+                    waiting_since = waiting_since or now
+                    if now - waiting_since < self.request_timeout:
+                        time.sleep(_MOVING_POLL)
+                        continue
+                if waiting_since is not None:
+                    self._count("handover_wait_s", time.monotonic() - waiting_since)
+                if isinstance(e, WorkerError) and e.code == "session_moved" and e.moved_to:
+                    raise _HopMoved(peer, e, e.moved_to) from e
+                if _recoverable(e):
+                    raise _HopFailed(peer, e) from e
+                raise
+
+    def _follow(self, session: MeshSession, i: int, moved: _HopMoved) -> bool:
+        """Points hop `i` at the worker its session was handed to (its cache is there: nothing
+        to replay); False when that worker is not found serving the hop's layers."""
+        old = session.hops[i]
+        provider = self._provider(moved.to, old.layers)
+        if provider is None:
+            log.warning("session %032x: %s handed it to %s, which does not serve layers %d-%d", session.id,
+                        moved.peer, moved.to, old.layers.start, old.layers.stop - 1)
+            return False
+        session.hops[i] = Hop(provider, old.layers)
+        session.peers.add(moved.to)
+        self._count("handovers")
+        log.info("session %032x: layers %d-%d handed over from %s to %s with their KV cache (nothing replayed)",
+                 session.id, old.layers.start, old.layers.stop - 1, moved.peer, moved.to)
+        return True
+
+    def _provider(self, peer: str, layers: range) -> Provider | None:
+        """`peer` as a provider serving `layers`: as known, else looked up again."""
+        def known() -> Provider | None:
+            return next((p for p in self.providers if p.peer_id == peer
+                         and p.layers.start <= layers.start and layers.stop <= p.layers.stop), None)
+
+        found = known()
+        if found is None:
+            self.refresh()
+            found = known()
+        if found is None:
+            # Not announced (yet): ask it directly.
+            described = describe_peers(self.node, [peer]).get(peer)
+            if described is not None:
+                p = provider_from_info(peer, *described, self.model, self.n_layers)
+                if p is not None and p.layers.start <= layers.start and layers.stop <= p.layers.stop:
+                    found = p
+        return found
 
     def _replay(self, session: MeshSession, hop: Hop, history: np.ndarray) -> np.ndarray:
         """Runs a session's kept inputs `history` (positions 0..) through `hop` in chunks, so
@@ -485,6 +579,7 @@ class MeshPipeline:
             new_inputs.append([] if x is None else [x])
             if x is not None:
                 x = self._replay(session, hop, x)
+                self._count("replayed_positions", len(x))
         session.hops[i : i + 1] = new_hops
         session.inputs[i : i + 1] = new_inputs
         if session.shadows is not None:
@@ -492,6 +587,7 @@ class MeshPipeline:
             # shadows replayed; this session goes on unchecked there.
             session.shadows[i : i + 1] = [None] * len(new_hops)
         positions = 0 if history is None else len(history)
+        self._count("reroutes")
         log.info("session %032x: layers %d-%d now on %s (%d positions replayed)", session.id,
                  old.layers.start, old.layers.stop - 1, describe_route(new_hops), positions)
 
@@ -565,6 +661,7 @@ class MeshPipeline:
         try:
             if history is not None:
                 self._replay(session, referee, history)
+                self._count("replayed_positions", len(history))
             r = self._send(session, referee, start, x)
         except (_HopFailed, MeshpyError) as e:
             raise VerificationError(f"layers {a}-{b}: {pair} disagree and the third provider "

@@ -30,6 +30,7 @@ __all__ = [
     "coverage_of",
     "describe_route",
     "missing_layers",
+    "provider_from_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,21 +87,26 @@ def discover(node: _native.Node, model: ModelIdentity, n_layers: int, exclude: I
     found = node.get_providers_many(keys)
     skip = set(exclude) | {node.peer_id}
     peers = [peer for providers in found for peer, _addrs in providers if peer not in skip]
-    out = []
-    for peer, (info, rtt) in describe_peers(node, peers).items():
-        if info.get("mode") != "span" or info.get("draining"):
-            continue  # not a span, or leaving (it takes no new sessions)
-        if info.get("model_hash") != model.digest.hex():
-            # Cannot happen through the keys (they hold the hash) unless a worker lies.
-            log.warning("provider %s serves %s, not %s; skipped", peer, info.get("model_name"), model.id)
-            continue
-        first, count = int(info["first_layer"]), int(info["n_layers"])
-        if not (0 <= first and count > 0 and first + count <= n_layers):
-            log.warning("provider %s announces layers %d+%d outside the model; skipped", peer, first, count)
-            continue
-        out.append(Provider(peer, range(first, first + count), rtt, int(info.get("sessions", 0)), info))
+    out = [p for peer, (info, rtt) in describe_peers(node, peers).items()
+           if (p := provider_from_info(peer, info, rtt, model, n_layers)) is not None]
     out.sort(key=lambda p: (p.layers.start, p.peer_id))
     return out
+
+
+def provider_from_info(peer: str, info: dict[str, Any], rtt: float, model: ModelIdentity, n_layers: int) -> Provider | None:
+    """The provider `peer` is by its `Info` (answered in `rtt` seconds), or None when it
+    serves no layers of `model` or is leaving (it takes no new sessions)."""
+    if info.get("mode") != "span" or info.get("draining"):
+        return None
+    if info.get("model_hash") != model.digest.hex():
+        # Cannot happen through the keys (they hold the hash) unless a worker lies.
+        log.warning("provider %s serves %s, not %s; skipped", peer, info.get("model_name"), model.id)
+        return None
+    first, count = int(info["first_layer"]), int(info["n_layers"])
+    if not (0 <= first and count > 0 and first + count <= n_layers):
+        log.warning("provider %s announces layers %d+%d outside the model; skipped", peer, first, count)
+        return None
+    return Provider(peer, range(first, first + count), rtt, int(info.get("sessions", 0)), info)
 
 
 def coverage_of(providers: Sequence[Provider], n_layers: int) -> list[int]:

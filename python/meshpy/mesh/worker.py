@@ -29,7 +29,7 @@ from meshpy.mesh.placement import (
     parse_layers,
     parse_size,
 )
-from meshpy.mesh.routing import coverage_of, discover
+from meshpy.mesh.routing import coverage_of, discover, preference
 from meshpy.mesh.store import ModelStore
 from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.source import ModelSource, open_model_source
@@ -50,6 +50,9 @@ MESH_IDLE_SPIN = 0.0
 #: about this plus loading the layers (the issue asks for 30 s in all).
 REBALANCE_EVERY = 2.0
 
+#: Longest one session's hand-over (its KV state sent, checked and loaded) may take.
+HANDOVER_TIMEOUT = 60.0
+
 
 class Worker:
     """A mesh worker running in this process. `start()` returns once it serves and has
@@ -60,6 +63,8 @@ class Worker:
         self.node: _native.Node | None = None
         self.model: ModelIdentity | None = None
         self.layers: range | None = None
+        #: The model's layer count, once a model is served.
+        self.n_layers: int | None = None
         self._span: LocalSpan | None = None
         #: Its `/metrics` server, with --metrics-port.
         self.metrics: MetricsServer | None = None
@@ -146,6 +151,7 @@ class Worker:
         pool = _native.ThreadPool(s.threads or default_threads(), idle_spin=MESH_IDLE_SPIN)
         self._span = LocalSpan(source, config, layers, pool, kv_dtype=s.kv_dtype)
         self.layers = layers
+        self.n_layers = config.n_layers
         info = self._info(model_id=self.model.id, model_layers=config.n_layers, weights_bytes=self._span.native.nbytes,
                           rebalances=self._movable is not None,
                           threads=pool.n_threads, kv_dtype=self._span.kv_dtype,
@@ -260,25 +266,47 @@ class Worker:
 
     def leave(self, timeout: float) -> bool:
         """Leaves without losing work: withdraws the announcements and takes no new sessions
-        (End nodes start them elsewhere), waits up to `timeout` seconds for the sessions held
-        to end, then stops the node. Sessions still held then move with replay (their End nodes
-        reroute when this worker is gone). True if every session ended in time."""
+        (End nodes start them elsewhere), hands each held session with its KV cache to another
+        worker of its layers (`--hand-over`; its End node goes on there, replaying nothing),
+        and waits up to `timeout` seconds for the End nodes of those to learn where they went
+        and for the sessions that stayed to end; then stops the node. Sessions still held then
+        move with replay (their End nodes reroute when this worker is gone). True if every
+        session moved or ended in time."""
         if self.node is None:
             return True
         self.node.drain()
         self._withdraw()
         deadline = time.monotonic() + timeout
         held = self.node.session_count()
-        log.info("leaving: no new sessions; waiting up to %.0f s for %d held ones to end", timeout, held)
-        while held and time.monotonic() < deadline:
-            time.sleep(0.2)
+        log.info("leaving: no new sessions; %d held", held)
+        moved = self._hand_over() if held and self.settings.hand_over else 0
+        held = self.node.session_count()
+        if held:
+            log.info("waiting up to %.0f s for %d held sessions to end", max(deadline - time.monotonic(), 0.0), held)
+        while (held or self.node.moves_untold()) and time.monotonic() < deadline:
+            time.sleep(0.05)
             held = self.node.session_count()
         if held:
             log.warning("leaving with %d sessions still held: their End nodes will move them, with replay", held)
         else:
-            log.info("left after its sessions ended")
+            log.info("left: %d sessions handed over, the others ended", moved)
         self.close()
         return held == 0
+
+    def _hand_over(self) -> int:
+        """Hands the held sessions to the other providers of their layers (the least busy
+        first); how many moved."""
+        assert self.node is not None and self.model is not None and self.n_layers is not None
+        others = sorted(discover(self.node, self.model, self.n_layers), key=lambda p: preference(p, {}))
+        handed = self.node.hand_over([(p.peer_id, p.layers.start, len(p.layers)) for p in others], timeout=HANDOVER_TIMEOUT)
+        for h in handed:
+            if h["to"] is not None:
+                log.info("handed session %032x over to %s: %d positions, %d bytes, requests held back %.1f ms",
+                         h["session"], h["to"], h["positions"], h["bytes"], h["seconds"] * 1e3)
+            else:
+                log.warning("session %032x stays (its End node replays it elsewhere if this worker goes first): %s",
+                            h["session"], h["error"])
+        return sum(h["to"] is not None for h in handed)
 
     def _withdraw(self) -> None:
         """Stops announcing (best effort: records others hold expire with their TTL)."""

@@ -429,10 +429,144 @@ impl KvCache {
         self.len = len;
     }
 
+    /// The cache's state as bytes, for handing a session to another worker of the same layers
+    /// ([`import_state`](Self::import_state) reads it back; same bits). Little-endian:
+    /// version (u8, 1), type (u8: 0 f32, 1 f16), layers (u32), positions (u64), then per
+    /// layer its width (u32), window (u32, 0 for a global layer), first position held (u64),
+    /// then the keys and the values of the positions it holds, in the cache's type. Only
+    /// what is held travels: a sliding layer's window, not the whole context.
+    pub fn export_state(&self) -> Vec<u8> {
+        let held: usize = self.layers.iter().map(|l| self.len.saturating_sub(l.base) * l.kv_dim * 2 * self.dtype.size()).sum();
+        let mut out = Vec::with_capacity(STATE_HEADER_LEN + self.layers.len() * STATE_LAYER_LEN + held);
+        out.push(STATE_VERSION);
+        out.push(match self.dtype {
+            KvDtype::F32 => 0,
+            KvDtype::F16 => 1,
+        });
+        out.extend_from_slice(&(self.layers.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.len as u64).to_le_bytes());
+        for l in &self.layers {
+            // After a truncation to 0 a sliding layer may keep an old base: nothing is held.
+            let base = if self.len == 0 { 0 } else { l.base };
+            let values = (self.len - base) * l.kv_dim;
+            out.extend_from_slice(&(l.kv_dim as u32).to_le_bytes());
+            out.extend_from_slice(&(l.window.unwrap_or(0) as u32).to_le_bytes());
+            out.extend_from_slice(&(base as u64).to_le_bytes());
+            for rows in [&l.keys, &l.values] {
+                match rows {
+                    Rows::F32(v) => v[..values].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                    Rows::F16(v) => v[..values].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+                }
+            }
+        }
+        out
+    }
+
+    /// Loads a state [`export_state`](Self::export_state) wrote into this empty cache, which
+    /// must have the same layers (widths, windows) and type; an error naming the difference
+    /// otherwise (a corrupt or foreign state), leaving the cache empty.
+    pub fn import_state(&mut self, state: &[u8]) -> Result<()> {
+        if self.len != 0 {
+            return Err(Error::InvalidArgument("a KV state loads only into an empty cache".to_string()));
+        }
+        let result = self.read_state(state);
+        if result.is_err() {
+            *self = KvCache::with_layers(&self.layouts(), self.max_len, self.dtype);
+        }
+        result
+    }
+
+    fn read_state(&mut self, state: &[u8]) -> Result<()> {
+        let bad = |what: String| Error::InvalidArgument(format!("KV state: {what}"));
+        let mut r = StateReader { bytes: state, at: 0 };
+        let version = r.take(1)?[0];
+        if version != STATE_VERSION {
+            return Err(bad(format!("version {version}, this worker reads {STATE_VERSION}")));
+        }
+        let dtype = match r.take(1)?[0] {
+            0 => KvDtype::F32,
+            1 => KvDtype::F16,
+            t => return Err(bad(format!("unknown cache type {t}"))),
+        };
+        if dtype != self.dtype {
+            return Err(bad(format!("a {} cache; this worker keeps {}", dtype.name(), self.dtype.name())));
+        }
+        let n_layers = r.u32()? as usize;
+        if n_layers != self.layers.len() {
+            return Err(bad(format!("{n_layers} cache layers; these layers have {}", self.layers.len())));
+        }
+        let len = usize::try_from(r.u64()?).map_err(|_| bad("positions overflow".to_string()))?;
+        if len > self.max_len {
+            return Err(bad(format!("{len} positions; this cache holds at most {}", self.max_len)));
+        }
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let (kv_dim, window) = (r.u32()? as usize, r.u32()? as usize);
+            if kv_dim != l.kv_dim || window != l.window.unwrap_or(0) {
+                return Err(bad(format!(
+                    "layer {i} is {kv_dim} wide with window {window}; here {} with window {}",
+                    l.kv_dim,
+                    l.window.unwrap_or(0)
+                )));
+            }
+            let base = r.u64()?;
+            let base = usize::try_from(base).ok().filter(|&b| b <= len && (b == 0 || l.window.is_some()));
+            let Some(base) = base else {
+                return Err(bad(format!("layer {i} starts at a position it cannot (of {len})")));
+            };
+            let values = (len - base) * kv_dim;
+            l.base = base;
+            for rows in [&mut l.keys, &mut l.values] {
+                let bytes = r.take(values * dtype.size())?; // present before anything is allocated
+                rows.grow_to(values);
+                match rows {
+                    Rows::F32(v) => v.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(x, b)| *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    Rows::F16(v) => v.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(x, b)| *x = f16::from_le_bytes([b[0], b[1]])),
+                }
+            }
+        }
+        if r.at != state.len() {
+            return Err(bad(format!("{} bytes past its end", state.len() - r.at)));
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Shared handles on layer `layer`'s key and value rows for one forward job.
     pub(crate) fn layer_shared(&mut self, layer: usize) -> LayerShared {
         let l = &mut self.layers[layer];
         LayerShared { keys: l.keys.shared(), values: l.values.shared(), base: l.base }
+    }
+}
+
+/// [`KvCache::export_state`]'s format version.
+const STATE_VERSION: u8 = 1;
+/// Bytes before the layers in a state: version, type, layers, positions.
+const STATE_HEADER_LEN: usize = 1 + 1 + 4 + 8;
+/// Bytes of a layer's header in a state: width, window, first position.
+const STATE_LAYER_LEN: usize = 4 + 4 + 8;
+
+/// Reads a state's fields in order, never past its end.
+struct StateReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> StateReader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
+            Error::InvalidArgument(format!("KV state: ends at byte {} where {n} more were due", self.bytes.len()))
+        })?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
 }
 
@@ -505,6 +639,67 @@ mod tests {
         step(&mut cache, 3);
         assert_eq!(cache.layers[0].base, 0);
         assert_rows_hold_their_positions(&cache);
+    }
+
+    #[test]
+    fn a_state_exported_and_imported_is_the_same_cache_and_goes_on_alike() {
+        let layouts = [KvLayout { window: Some(8), kv_dim: 4 }, KvLayout { window: None, kv_dim: 6 }];
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut cache = KvCache::with_layers(&layouts, 256, dtype);
+            for n in [5, 1, 1, 7, 1, 1, 1, 1, 1, 1, 1, 1, 1] {
+                step(&mut cache, n);
+            }
+            assert!(cache.layers[0].base > 0, "the sliding layer dropped rows");
+            let state = cache.export_state();
+            // Only what is held travels: the sliding layer's rows from its base.
+            let held = cache.held_bytes();
+            assert_eq!(state.len(), STATE_HEADER_LEN + 2 * STATE_LAYER_LEN + held);
+            let mut copy = KvCache::with_layers(&layouts, 256, dtype);
+            copy.import_state(&state).unwrap();
+            assert_eq!((copy.len(), copy.held_bytes()), (cache.len(), held));
+            assert_eq!(copy.export_state(), state);
+            assert_rows_hold_their_positions(&copy);
+            // Both go on alike, retries of the last step included.
+            copy.check_truncate(cache.len() - 1).unwrap();
+            for c in [&mut cache, &mut copy] {
+                step(c, 3);
+                step(c, 1);
+            }
+            assert_eq!(copy.export_state(), cache.export_state());
+        }
+    }
+
+    #[test]
+    fn a_foreign_or_damaged_state_is_refused_and_leaves_the_cache_empty() {
+        let layouts = [KvLayout { window: Some(8), kv_dim: 4 }, KvLayout { window: None, kv_dim: 6 }];
+        let mut cache = KvCache::with_layers(&layouts, 256, KvDtype::F32);
+        step(&mut cache, 20);
+        let state = cache.export_state();
+        let refused = |layouts: &[KvLayout], dtype, max_len, state: &[u8]| {
+            let mut c = KvCache::with_layers(layouts, max_len, dtype);
+            let err = c.import_state(state).unwrap_err().to_string();
+            assert_eq!((c.len(), c.held_bytes()), (0, 0), "{err}");
+            err
+        };
+        assert!(refused(&layouts, KvDtype::F16, 256, &state).contains("a f32 cache; this worker keeps f16"));
+        assert!(refused(&layouts[..1], KvDtype::F32, 256, &state).contains("2 cache layers; these layers have 1"));
+        let wider = [layouts[0], KvLayout { window: None, kv_dim: 8 }];
+        assert!(refused(&wider, KvDtype::F32, 256, &state).contains("layer 1 is 6 wide"));
+        assert!(refused(&layouts, KvDtype::F32, 10, &state).contains("20 positions; this cache holds at most 10"));
+        assert!(refused(&layouts, KvDtype::F32, 256, &state[..state.len() - 1]).contains("ends at byte"));
+        let mut longer = state.clone();
+        longer.push(0);
+        assert!(refused(&layouts, KvDtype::F32, 256, &longer).contains("1 bytes past its end"));
+        let mut version = state.clone();
+        version[0] = 9;
+        assert!(refused(&layouts, KvDtype::F32, 256, &version).contains("version 9"));
+        // Every truncation of the state is refused, never a panic.
+        for n in 0..state.len() {
+            let mut c = KvCache::with_layers(&layouts, 256, KvDtype::F32);
+            assert!(c.import_state(&state[..n]).is_err());
+        }
+        // A cache that holds positions takes no state.
+        assert!(cache.clone().import_state(&state).unwrap_err().to_string().contains("only into an empty cache"));
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub use libp2p::{Multiaddr, PeerId};
 pub use network_key::NetworkKey;
 pub use node::{Connection, Node, NodeHandle, Pending, Providers, Reachability};
 pub use peers::PeerLimits;
-pub use serve::{EchoHandler, FrameHandler};
+pub use serve::{EchoHandler, FrameHandler, Handed, SendFrame};
 
 use crate::error::{Error, Result};
 use crate::wire::Limits;

@@ -447,6 +447,21 @@ impl NodeHandle {
         }
     }
 
+    /// Hands the handler's sessions to other workers of their layers (see
+    /// [`FrameHandler::hand_over`]), each transfer a request of at most `timeout`. Blocks.
+    pub fn hand_over(&self, targets: &[(PeerId, crate::wire::Span)], timeout: Option<Duration>) -> Vec<super::Handed> {
+        let handler = self.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match handler {
+            Some(h) => h.hand_over(targets, &|peer, frame| self.request(peer, frame, timeout)),
+            None => Vec::new(),
+        }
+    }
+
+    /// Sessions handed over whose End node does not yet know (see [`FrameHandler::moves_untold`]).
+    pub fn moves_untold(&self) -> usize {
+        self.handler.read().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |h| h.moves_untold())
+    }
+
     /// Every open connection of this node (see [`Connection`]).
     pub fn connections(&self) -> Result<Vec<Connection>> {
         self.call(Command::Connections, self.query_timeout, "connections")

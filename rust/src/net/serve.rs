@@ -5,7 +5,25 @@
 use libp2p::PeerId;
 
 use super::codec::{error_frame, error_frame_for};
-use crate::wire::{ErrorCode, ErrorReply, ForwardResult, Limits, Message};
+use crate::wire::{ErrorCode, ErrorReply, ForwardResult, Limits, Message, SessionId, Span};
+
+/// What became of one session a leaving worker tried to hand over ([`FrameHandler::hand_over`]).
+#[derive(Clone, Debug)]
+pub struct Handed {
+    pub session: SessionId,
+    /// The worker holding it now, or why it stayed here (no other provider of its layers,
+    /// every one refused it or failed).
+    pub to: std::result::Result<PeerId, String>,
+    /// Positions its cache held, and the bytes of their state.
+    pub positions: usize,
+    pub bytes: usize,
+    /// From starting to hold its requests back to the new worker's acknowledgement.
+    pub seconds: f64,
+}
+
+/// Sends one request frame to a peer and waits for its answer (how a handler reaches other
+/// workers, through its node).
+pub type SendFrame<'a> = &'a dyn Fn(PeerId, Vec<u8>) -> crate::error::Result<Vec<u8>>;
 
 /// Answers one request frame with one response frame. Implementations never fail: every
 /// problem becomes an `Error` frame, so the requester always learns why.
@@ -22,6 +40,20 @@ pub trait FrameHandler: Send + Sync + 'static {
     /// Stops taking new sessions (the node is leaving); sessions already held carry on.
     /// Handlers without sessions ignore it.
     fn drain(&self) {}
+
+    /// Hands every session held to another worker serving its layers (the node is leaving):
+    /// to the first of `targets` (a peer and the layers it serves) that serves the session's
+    /// layers and takes it, through `send`. Blocks while the transfers run; never call it on
+    /// the event loop. Handlers without sessions hand nothing over.
+    fn hand_over(&self, _targets: &[(PeerId, Span)], _send: SendFrame<'_>) -> Vec<Handed> {
+        Vec::new()
+    }
+
+    /// Sessions handed over whose End node has not yet asked for them here (and so does not
+    /// yet know where they went): a leaving worker stays until this is 0 or its drain time ends.
+    fn moves_untold(&self) -> usize {
+        0
+    }
 
     /// Housekeeping the node runs about once a second (on its event-loop thread, so keep it
     /// short): e.g. dropping idle sessions.

@@ -275,6 +275,41 @@ impl PyNode {
         self.node.drain();
     }
 
+    /// Hands each session the served span holds to another worker of its layers, with its KV
+    /// cache: to the first of `targets` (peer id, first layer, layer count) serving the
+    /// session's layers that takes it. Blocks while the transfers run (each at most `timeout`
+    /// seconds). A list of dicts, one per session: `session` (int), `to` (peer id, or None
+    /// when it stayed), `error` (why it stayed, else None), `positions`, `bytes` (the state
+    /// sent), `seconds` (its requests held back that long).
+    #[pyo3(signature = (targets, timeout = None))]
+    fn hand_over<'py>(&self, py: Python<'py>, targets: Vec<(String, u32, u32)>, timeout: Option<f64>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let targets = targets
+            .iter()
+            .map(|(peer, first, count)| Ok((parse_peer(peer)?, Span { first_layer: *first, layer_count: *count })))
+            .collect::<PyResult<Vec<_>>>()?;
+        let timeout = timeout.map(|t| seconds(t, "timeout")).transpose()?;
+        let handed = py.detach(|| self.node.hand_over(&targets, timeout));
+        handed
+            .iter()
+            .map(|h| {
+                let d = PyDict::new(py);
+                d.set_item("session", h.session.0)?;
+                d.set_item("to", h.to.as_ref().ok().map(ToString::to_string))?;
+                d.set_item("error", h.to.as_ref().err())?;
+                d.set_item("positions", h.positions)?;
+                d.set_item("bytes", h.bytes)?;
+                d.set_item("seconds", h.seconds)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// Sessions handed over whose End node has not yet asked for them here (it learns where
+    /// they went when it does); a leaving worker waits for 0.
+    fn moves_untold(&self) -> usize {
+        self.node.moves_untold()
+    }
+
     /// Runs a DHT bootstrap and waits for it.
     fn bootstrap(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.node.bootstrap()).map_err(to_py_err)

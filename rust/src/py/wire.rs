@@ -205,7 +205,8 @@ fn encode_info_reply<'py>(py: Python<'py>, info: &Bound<'py, PyAny>) -> PyResult
 /// error "code", "session", "message"; close_session(_ack) "sessions"; ping / pong "nonce";
 /// info_reply "info" (a dict); relay the forward keys, "chain", "keep" and "next" (tuples of peer id
 /// bytes, address bytes list, first layer, layer count); collect "chain", "entries", "wait_ms"; info
-/// and relayed none. Raises `FrameError` / `FrameTooLargeError` for
+/// and relayed none; handover "model_hash", "model_name", "first_layer", "layer_count",
+/// "session", "step", "owner", "digest", "state" (bytes); handover_ack "session". Raises `FrameError` / `FrameTooLargeError` for
 /// anything that is not a valid frame (an info reply that is not one JSON object included).
 #[pyfunction]
 #[pyo3(signature = (data, max_frame_bytes = None))]
@@ -271,6 +272,18 @@ fn decode_frame<'py>(
         Message::Ping(nonce) | Message::Pong(nonce) => d.set_item("nonce", nonce)?,
         Message::Info => {}
         Message::InfoReply(json) => d.set_item("info", json_to_dict(py, json)?)?,
+        Message::Handover(h) => {
+            d.set_item("model_hash", PyBytes::new(py, &h.model.hash))?;
+            d.set_item("model_name", &h.model.name)?;
+            d.set_item("first_layer", h.span.first_layer)?;
+            d.set_item("layer_count", h.span.layer_count)?;
+            d.set_item("session", h.session.0)?;
+            d.set_item("step", h.step)?;
+            d.set_item("owner", PyBytes::new(py, &h.owner))?;
+            d.set_item("digest", PyBytes::new(py, &h.digest))?;
+            d.set_item("state", PyBytes::new(py, h.state))?;
+        }
+        Message::HandoverAck(id) => d.set_item("session", id.0)?,
     }
     Ok(d)
 }

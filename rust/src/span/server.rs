@@ -25,20 +25,29 @@
 //! a request still counts all its tokens as new. Steps never go back: a request whose step is
 //! older than the last one run is stale (a chained route's relay the End node overtook by
 //! retrying) and refused with `StepMismatch`, so it cannot cut a newer cache back.
+//!
+//! A worker that is leaving hands its sessions over ([`SpanHandler::hand_over`]): for each, it
+//! holds the session's requests back (`SessionMoving`: ask again shortly), sends the cache's
+//! state to another provider of the session's layers in a `Handover` frame with its SHA-256,
+//! and once that worker has checked and loaded it (`HandoverAck`), answers every later request
+//! for the session `SessionMoved`, naming the new worker: the End node sends the same step
+//! there and replays nothing. A hand-over that fails leaves the session here as it was.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
+use sha2::{Digest, Sha256};
 
 use super::batcher::{Batcher, Claim, Job};
-use crate::net::{error_frame, error_frame_for, unexpected, FrameHandler};
+use crate::net::{error_frame, error_frame_for, unexpected, FrameHandler, Handed, SendFrame};
 use crate::compute::ThreadPool;
 use crate::error::Error;
 use crate::model::{KvCache, DecoderSpan, SeqChunk};
 use crate::wire::{
-    DType, Entry, ErrorCode, ErrorReply, Forward, ForwardResult, Limits, Message, ModelId, SessionId, Shape, Span, Tensor,
+    DType, Entry, ErrorCode, ErrorReply, Forward, ForwardResult, Handover, Limits, Message, ModelId, SessionId, Shape, Span,
+    Tensor,
 };
 
 /// Largest request frame a [`SpanHandler`] answers on the node's event loop: 64 KiB is a few
@@ -95,16 +104,46 @@ struct Held {
     session: Arc<Mutex<Session>>,
 }
 
+/// A session handed over (or being handed over) to another worker.
+enum Moved {
+    /// Its state is on its way: its requests are answered `SessionMoving`.
+    Moving,
+    /// Held by `to` now: its requests are answered `SessionMoved`. `told`: its `owner` (the
+    /// End node) was answered so itself (a previous worker relaying a step to this one does
+    /// not count: the End node may not have collected that answer yet); `at`: when it moved
+    /// (markers go after the idle timeout).
+    To { to: PeerId, owner: PeerId, told: bool, at: Instant },
+}
+
 /// Every session, and the KV bytes they hold or have reserved for requests in flight (in
-/// all, and reserved per requesting peer).
+/// all, and reserved per requesting peer); sessions handed over, and how many came and went.
 #[derive(Default)]
 struct Table {
     sessions: HashMap<SessionId, Held>,
     used_bytes: u64,
     reserved: HashMap<PeerId, u64>,
+    moved: HashMap<SessionId, Moved>,
+    handed_over: u64,
+    taken_over: u64,
 }
 
 impl Table {
+    /// The refusal for `peer`'s request on `session` when it moved or is moving away; marks
+    /// the End node told when it is the one asking.
+    fn moved_refusal(&mut self, session: SessionId, peer: PeerId) -> Option<Refusal> {
+        match self.moved.get_mut(&session)? {
+            Moved::Moving => Some(refuse(
+                ErrorCode::SessionMoving,
+                Some(session),
+                format!("session {session} is being handed to another worker; ask again shortly"),
+            )),
+            Moved::To { to, owner, told, .. } => {
+                *told |= *owner == peer;
+                Some(Box::new(ErrorReply::moved(session, &to.to_string())))
+            }
+        }
+    }
+
     /// Gives back `bytes` of `peer`'s reservations.
     fn unreserve(&mut self, peer: PeerId, bytes: u64) {
         if let Some(r) = self.reserved.get_mut(&peer) {
@@ -263,6 +302,7 @@ impl SpanHandler {
             table.used_bytes = table.used_bytes.saturating_sub(*bytes);
             tracing::info!(session = %id, "session expired after {:.0} s idle", idle.as_secs_f64());
         }
+        table.moved.retain(|_, m| !matches!(m, Moved::To { at, .. } if now.duration_since(*at) > idle));
         expired.len()
     }
 
@@ -457,6 +497,9 @@ impl SpanHandler {
         let mut table = self.lock_table();
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
+            if let Some(refusal) = table.moved_refusal(e.session, peer) {
+                return Err(refusal);
+            }
             match table.sessions.get(&e.session) {
                 Some(held) if held.span != span => {
                     return Err(refuse(
@@ -566,8 +609,14 @@ impl SpanHandler {
     fn lock_sessions<'a>(&self, q: &'a Queued) -> Result<Locked<'a>, Refusal> {
         let mut guards = Vec::with_capacity(q.sessions.len());
         for (e, (s, _)) in q.entries.iter().zip(&q.sessions) {
-            // Two requests for one session at once is a client bug; refuse rather than wait.
-            let guard = s.try_lock().map_err(|_| {
+            // Two requests for one session at once is a client bug; refuse rather than wait. A
+            // session handed over since this request was admitted (the hand-over holds its lock
+            // while the state travels) is refused as moving or moved.
+            let guard = s.try_lock();
+            if let Some(refusal) = self.lock_table().moved_refusal(e.session, q.peer) {
+                return Err(refusal);
+            }
+            let guard = guard.map_err(|_| {
                 refuse(ErrorCode::StepMismatch, Some(e.session), format!("session {} is busy with another request", e.session))
             })?;
             if e.step < guard.step {
@@ -621,9 +670,14 @@ impl SpanHandler {
     }
 
     /// Closes `ids`; returns those that were held.
-    fn close(&self, ids: &[SessionId]) -> Vec<SessionId> {
+    fn close(&self, peer: PeerId, ids: &[SessionId]) -> Vec<SessionId> {
         let mut closed = Vec::new();
         for id in ids {
+            // A session handed over: its End node is done with it (the new worker's copy
+            // expires idle unless the End node closes it there too).
+            if let Some(Moved::To { owner, told, .. }) = self.lock_table().moved.get_mut(id) {
+                *told |= *owner == peer;
+            }
             let removed = self.lock_table().sessions.remove(id);
             if let Some(held) = removed {
                 // Wait for a request in flight on it, then give its positions back.
@@ -635,6 +689,160 @@ impl SpanHandler {
             }
         }
         closed
+    }
+}
+
+impl SpanHandler {
+    /// Hands each session held to the first of `targets` serving its layers that takes it
+    /// (see the module documentation); what became of each.
+    pub fn hand_over(&self, targets: &[(PeerId, Span)], send: SendFrame<'_>) -> Vec<Handed> {
+        let held: Vec<(SessionId, Span, PeerId, Arc<Mutex<Session>>)> =
+            self.lock_table().sessions.iter().map(|(id, h)| (*id, h.span, h.owner, Arc::clone(&h.session))).collect();
+        held.into_iter().map(|(id, span, owner, session)| self.hand_over_one(id, span, owner, &session, targets, send)).collect()
+    }
+
+    fn hand_over_one(
+        &self,
+        id: SessionId,
+        span: Span,
+        owner: PeerId,
+        session: &Arc<Mutex<Session>>,
+        targets: &[(PeerId, Span)],
+        send: SendFrame<'_>,
+    ) -> Handed {
+        let started = Instant::now();
+        let mut handed = Handed { session: id, to: Err(String::new()), positions: 0, bytes: 0, seconds: 0.0 };
+        let takers: Vec<PeerId> = targets
+            .iter()
+            .filter(|(_, t)| t.first_layer <= span.first_layer && span.end() <= t.end())
+            .map(|(p, _)| *p)
+            .collect();
+        if takers.is_empty() {
+            handed.to = Err(format!("no other worker serves layers {}..{}", span.first_layer, span.end()));
+            return handed;
+        }
+        // From here its requests are held back; then wait for one running to finish.
+        self.lock_table().moved.insert(id, Moved::Moving);
+        let guard = session.lock().unwrap_or_else(|e| e.into_inner());
+        let still_held = self.lock_table().sessions.get(&id).is_some_and(|h| Arc::ptr_eq(&h.session, session));
+        if !still_held {
+            self.lock_table().moved.remove(&id); // closed or expired meanwhile
+            handed.to = Err("closed before it could move".to_string());
+            return handed;
+        }
+        let state = guard.cache.export_state();
+        (handed.positions, handed.bytes) = (guard.cache.len(), state.len());
+        let frame = Message::Handover(Handover {
+            model: self.model.clone(),
+            span,
+            session: id,
+            step: guard.step,
+            owner: owner.to_bytes(),
+            digest: Sha256::digest(&state).into(),
+            state: &state,
+        })
+        .encode();
+        let mut why = Vec::new();
+        match frame {
+            Err(e) => why.push(e.to_string()),
+            Ok(frame) => {
+                for peer in takers {
+                    match send(peer, frame.clone()).and_then(|answer| {
+                        Message::decode(&answer, &Limits::unlimited()).map(|m| match m {
+                            Message::HandoverAck(got) if got == id => Ok(()),
+                            Message::Error(e) => Err(format!("{}: {}", e.code, e.message)),
+                            other => Err(format!("answered a {} frame", other.kind())),
+                        })
+                    }) {
+                        Ok(Ok(())) => {
+                            handed.to = Ok(peer);
+                            break;
+                        }
+                        Ok(Err(refused)) => why.push(format!("{peer}: {refused}")),
+                        Err(e) => why.push(format!("{peer}: {e}")),
+                    }
+                }
+            }
+        }
+        let mut table = self.lock_table();
+        match handed.to {
+            Ok(to) => {
+                if let Some(h) = table.sessions.remove(&id) {
+                    table.used_bytes = table.used_bytes.saturating_sub(h.bytes);
+                }
+                table.moved.insert(id, Moved::To { to, owner, told: false, at: Instant::now() });
+                table.handed_over += 1;
+                tracing::info!(session = %id, "handed over to {to}: {} positions, {} bytes", handed.positions, handed.bytes);
+            }
+            Err(_) => {
+                table.moved.remove(&id);
+                handed.to = Err(why.join("; "));
+            }
+        }
+        drop(table);
+        drop(guard);
+        handed.seconds = started.elapsed().as_secs_f64();
+        handed
+    }
+
+    /// Takes over a session another worker hands over: checks it (model, layers, digest, the
+    /// state against these layers' cache) and holds it within the budget and its owner's
+    /// limits; the `HandoverAck`, or a refusal that leaves nothing behind.
+    fn take_over(&self, h: Handover<'_>) -> Result<Vec<u8>, Refusal> {
+        let session = Some(h.session);
+        if h.model.hash != self.model.hash {
+            return Err(refuse(ErrorCode::WrongModel, session, format!("this worker serves {}, not {}", self.model, h.model)));
+        }
+        let mine = self.span();
+        if h.span.first_layer < mine.first_layer || h.span.end() > mine.end() {
+            return Err(refuse(
+                ErrorCode::WrongSpan,
+                session,
+                format!("this worker serves layers {}..{}, the session runs {}..{}", mine.first_layer, mine.end(), h.span.first_layer, h.span.end()),
+            ));
+        }
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(refuse(ErrorCode::CannotHoldSession, session, "this worker is leaving too".to_string()));
+        }
+        let owner = PeerId::from_bytes(&h.owner)
+            .map_err(|e| refuse(ErrorCode::InvalidRequest, session, format!("the session's owner is not a peer id ({e})")))?;
+        let digest: [u8; 32] = Sha256::digest(h.state).into();
+        if digest != h.digest {
+            return Err(refuse(ErrorCode::InvalidRequest, session, "the KV state does not match its digest (damaged on the way)".to_string()));
+        }
+        let first = (h.span.first_layer - mine.first_layer) as usize;
+        let mut cache = self.span.new_cache_for(first..first + h.span.layer_count as usize, self.max_positions());
+        cache.import_state(h.state).map_err(|e| refuse(ErrorCode::InvalidRequest, session, e.to_string()))?;
+        let bytes = held_bytes(&cache);
+        let positions = cache.len();
+        let mut table = self.lock_table();
+        if table.sessions.contains_key(&h.session) {
+            return Err(refuse(ErrorCode::InvalidRequest, session, format!("session {} is held here already", h.session)));
+        }
+        let limits = &self.session_limits;
+        let (owned, owned_bytes) = table
+            .sessions
+            .values()
+            .filter(|s| s.owner == owner)
+            .fold((0usize, 0u64), |(n, b), s| (n + 1, b + s.bytes));
+        let owned_bytes = owned_bytes + table.reserved.get(&owner).copied().unwrap_or(0);
+        if owned + 1 > limits.sessions_per_peer || owned_bytes + bytes > limits.kv_bytes_per_peer {
+            return Err(refuse(ErrorCode::Overloaded, session, format!("{owner} is at its session or KV limit here")));
+        }
+        if table.used_bytes + bytes > limits.kv_budget_bytes {
+            return Err(refuse(
+                ErrorCode::CannotHoldSession,
+                session,
+                format!("cannot hold session {}: its {bytes} KV bytes would pass the budget ({} of {} bytes in use)", h.session, table.used_bytes, limits.kv_budget_bytes),
+            ));
+        }
+        table.moved.remove(&h.session); // it may come back to a worker it once left
+        table.used_bytes += bytes;
+        table.taken_over += 1;
+        let state = Session { cache, last_used: Instant::now(), step: h.step };
+        table.sessions.insert(h.session, Held { span: h.span, owner, bytes, session: Arc::new(Mutex::new(state)) });
+        tracing::info!(session = %h.session, "took over a session on layers {}..{}: {positions} positions", h.span.first_layer, h.span.end());
+        Message::HandoverAck(h.session).encode().map_err(|e| internal(&e.to_string()))
     }
 }
 
@@ -678,10 +886,14 @@ impl FrameHandler for SpanHandler {
         match message {
             Message::Forward(f) => self.forward(peer, f, None),
             Message::CloseSession(ids) => {
-                let closed = self.close(&ids);
+                let closed = self.close(peer, &ids);
                 Message::CloseSessionAck(closed).encode().unwrap_or_else(|e| error_frame_for(&e, None))
             }
             Message::Ping(nonce) => Message::Pong(nonce).encode().unwrap_or_else(|e| error_frame_for(&e, None)),
+            Message::Handover(h) => self.take_over(h).unwrap_or_else(|refusal| {
+                tracing::info!(%peer, "refused a hand-over: {}", refusal.message);
+                error_frame(*refusal)
+            }),
             other => unexpected(other.kind()),
         }
     }
@@ -700,14 +912,23 @@ impl FrameHandler for SpanHandler {
         }
     }
 
+    fn hand_over(&self, targets: &[(PeerId, Span)], send: SendFrame<'_>) -> Vec<Handed> {
+        SpanHandler::hand_over(self, targets, send)
+    }
+
+    fn moves_untold(&self) -> usize {
+        self.lock_table().moved.values().filter(|m| matches!(m, Moved::To { told: false, .. })).count()
+    }
+
     /// `{"mode": "span", "model_name", "model_hash" (hex), "first_layer", "n_layers",
     /// "sessions", "kv_used_bytes", "draining", "kv_budget_bytes", "max_positions", "hidden",
-    /// "span_calls", "span_entries", "largest_batch", "span_seconds"}` (the last four: how sessions have
-    /// shared span calls so far).
+    /// "span_calls", "span_entries", "largest_batch", "span_seconds" (how sessions have
+    /// shared span calls so far), "handed_over", "taken_over"}` (sessions moved away to other
+    /// workers and here from them, with their KV caches).
     fn info(&self) -> serde_json::Value {
-        let (sessions, used) = {
+        let (sessions, used, handed_over, taken_over) = {
             let table = self.lock_table();
-            (table.sessions.len(), table.used_bytes)
+            (table.sessions.len(), table.used_bytes, table.handed_over, table.taken_over)
         };
         let hash: String = self.model.hash.iter().map(|b| format!("{b:02x}")).collect();
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -727,6 +948,8 @@ impl FrameHandler for SpanHandler {
             "kv_budget_bytes": self.session_limits.kv_budget_bytes,
             "max_positions": self.max_positions(),
             "hidden": self.span.config().hidden,
+            "handed_over": handed_over,
+            "taken_over": taken_over,
         })
     }
 }

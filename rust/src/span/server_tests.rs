@@ -42,7 +42,12 @@ fn forward(session: u128, start: u32, first: u32, count: u32, hidden: &[f32]) ->
 
 /// The handler's answer: the output rows, or the error's code and message.
 fn ask(h: &SpanHandler, frame: &[u8]) -> Result<Vec<f32>, (ErrorCode, String)> {
-    let reply = h.handle(PeerId::random(), frame);
+    ask_from(h, PeerId::random(), frame)
+}
+
+/// [`ask`] from `peer`.
+fn ask_from(h: &SpanHandler, peer: PeerId, frame: &[u8]) -> Result<Vec<f32>, (ErrorCode, String)> {
+    let reply = h.handle(peer, frame);
     match Message::decode(&reply, &Limits::default()).unwrap() {
         Message::ForwardResult(r) => Ok(r.hidden.to_f32()),
         Message::Error(e) => Err((e.code, e.message)),
@@ -223,6 +228,8 @@ fn info_describes_the_span_and_its_load() {
             "kv_budget_bytes": 1 << 20,
             "max_positions": 100,
             "hidden": TINY_HIDDEN,
+            "handed_over": 0,
+            "taken_over": 0,
         })
     );
 }
@@ -323,4 +330,123 @@ fn a_draining_worker_refuses_new_sessions_and_serves_held_ones() {
     // The held one carries on.
     assert_eq!(ask(&h, &forward(1, 3, 0, layers, &step)).unwrap().len(), TINY_HIDDEN);
     assert_eq!(h.session_count(), 1);
+}
+
+/// `h`'s answer to a frame, decoded (any kind).
+fn reply(h: &SpanHandler, peer: PeerId, frame: &[u8]) -> Message<'static> {
+    let answer = h.handle(peer, frame);
+    match Message::decode(&answer, &Limits::default()).unwrap() {
+        Message::HandoverAck(id) => Message::HandoverAck(id),
+        Message::Error(e) => Message::Error(e),
+        other => panic!("unexpected {:?}", other.kind()),
+    }
+}
+
+fn info_count(h: &SpanHandler, key: &str) -> u64 {
+    h.info()[key].as_u64().unwrap()
+}
+
+#[test]
+fn a_session_handed_over_goes_on_at_the_other_worker_with_the_same_outputs() {
+    let (a, b, reference) = (handler(SessionLimits::default()), handler(SessionLimits::default()), handler(SessionLimits::default()));
+    let (peer_a, peer_b, elsewhere, end_node) = (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
+    let mut rng = TestRng::new(9);
+    let prompt = rng.gaussians(5 * TINY_HIDDEN);
+    let steps: Vec<Vec<f32>> = (0..4).map(|_| rng.gaussians(TINY_HIDDEN)).collect();
+    // Session 7 on layers 1..3 of `a` (and of the reference), started by `end_node`: the
+    // prompt and one step.
+    for (start, x) in [(0, &prompt), (5, &steps[0])] {
+        let (got, want) = (ask_from(&a, end_node, &forward(7, start, 1, 2, x)), ask(&reference, &forward(7, start, 1, 2, x)));
+        assert_eq!(got.unwrap(), want.unwrap());
+    }
+    let held = a.used_kv_bytes();
+    // `a` leaves: a worker serving only layer 0 cannot take it; `b` serves 0..3 and does.
+    // While the state travels, `a` holds the session's requests back.
+    let handed = a.hand_over(&[(elsewhere, Span { first_layer: 0, layer_count: 1 }), (peer_b, Span { first_layer: 0, layer_count: 3 })], &|peer, frame| {
+        assert_eq!(peer, peer_b);
+        assert_eq!(code(ask(&a, &forward(7, 6, 1, 2, &steps[1]))), ErrorCode::SessionMoving);
+        Ok(b.handle(peer_a, &frame))
+    });
+    assert_eq!(handed.len(), 1);
+    assert_eq!((handed[0].session, handed[0].to.as_ref().ok(), handed[0].positions), (SessionId(7), Some(&peer_b), 6));
+    assert_eq!(handed[0].bytes as u64, 14 + 2 * 16 + held, "the state: its header and the held positions");
+    assert_eq!((a.session_count(), a.used_kv_bytes(), a.moves_untold()), (0, 0, 1));
+    assert_eq!((b.session_count(), b.used_kv_bytes()), (1, held));
+    // `a` now names `b`; a worker relaying the session's step here is told too, but the End
+    // node counts as told only once it asks itself.
+    for (peer, untold) in [(PeerId::random(), 1), (end_node, 0)] {
+        let answer = a.handle(peer, &forward(7, 6, 1, 2, &steps[1]));
+        let Message::Error(e) = Message::decode(&answer, &Limits::default()).unwrap() else { panic!("not an error") };
+        assert_eq!((e.code, e.moved_to()), (ErrorCode::SessionMoved, Some(peer_b.to_string().as_str())));
+        assert_eq!(a.moves_untold(), untold);
+    }
+    // `b` goes on from position 6 with the reference's outputs, a retry of a step included.
+    let mut start = 6;
+    for x in &steps[1..] {
+        assert_eq!(ask(&b, &forward(7, start, 1, 2, x)).unwrap(), ask(&reference, &forward(7, start, 1, 2, x)).unwrap());
+        start += 1;
+    }
+    assert_eq!(ask(&b, &forward(7, start - 1, 1, 2, &steps[3])).unwrap(), ask(&reference, &forward(7, start - 1, 1, 2, &steps[3])).unwrap());
+    assert_eq!((info_count(&a, "handed_over"), info_count(&b, "taken_over")), (1, 1));
+}
+
+#[test]
+fn a_hand_over_refused_or_lost_leaves_the_session_where_it_was() {
+    let a = handler(SessionLimits::default());
+    let reference = handler(SessionLimits::default());
+    let full = handler(SessionLimits { kv_budget_bytes: BYTES_PER_POSITION_LAYER, ..SessionLimits::default() });
+    let other_model = SpanHandler::new(
+        Arc::new(tiny_llama(0, TINY_LAYERS, None)),
+        Arc::new(ThreadPool::new(1)),
+        ModelId { hash: [4; 32], name: "other".into() },
+        Limits::default(),
+        SessionLimits::default(),
+    );
+    let taker = handler(SessionLimits::default());
+    let peers: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+    let whole = Span { first_layer: 0, layer_count: 3 };
+    let mut rng = TestRng::new(3);
+    let prompt = rng.gaussians(4 * TINY_HIDDEN);
+    let step = rng.gaussians(TINY_HIDDEN);
+    ask(&a, &forward(1, 0, 0, 3, &prompt)).unwrap();
+    ask(&reference, &forward(1, 0, 0, 3, &prompt)).unwrap();
+    let held = a.used_kv_bytes();
+    // Nobody else serves the layers.
+    let handed = a.hand_over(&[], &|_, _| panic!("nothing to send to"));
+    assert!(handed[0].to.as_ref().unwrap_err().contains("no other worker serves layers 0..3"));
+    // A full worker, another model's, a state damaged on the way, a peer that vanished: each
+    // refuses or fails, and the session stays, whole.
+    let handed = a.hand_over(&[(peers[0], whole), (peers[1], whole), (peers[2], whole), (peers[3], whole)], &|peer, mut frame| {
+        if peer == peers[0] {
+            Ok(full.handle(peers[4], &frame))
+        } else if peer == peers[1] {
+            Ok(other_model.handle(peers[4], &frame))
+        } else if peer == peers[2] {
+            *frame.last_mut().unwrap() ^= 1; // the state is the payload, at the end
+            Ok(taker.handle(peers[4], &frame))
+        } else {
+            Err(crate::error::Error::Network(format!("{peer} is gone")))
+        }
+    });
+    let why = handed[0].to.as_ref().unwrap_err();
+    for expected in ["cannot_hold_session", "wrong_model", "does not match its digest", "is gone"] {
+        assert!(why.contains(expected), "{expected} in {why}");
+    }
+    assert_eq!((a.session_count(), a.used_kv_bytes(), a.moves_untold()), (1, held, 0));
+    assert_eq!((full.session_count(), other_model.session_count(), taker.session_count()), (0, 0, 0));
+    assert_eq!(ask(&a, &forward(1, 4, 0, 3, &step)).unwrap(), ask(&reference, &forward(1, 4, 0, 3, &step)).unwrap());
+    // A hand-over of a session the taker holds already is refused; a sound one is taken.
+    let state = {
+        let handed = a.hand_over(&[(peers[2], whole)], &|_, frame| {
+            let first = reply(&taker, peers[4], &frame);
+            assert_eq!(first, Message::HandoverAck(SessionId(1)));
+            let Message::Error(again) = reply(&taker, peers[4], &frame) else { panic!("taken twice") };
+            assert!(again.message.contains("held here already"), "{}", again.message);
+            Ok(taker.handle(peers[4], &Message::HandoverAck(SessionId(1)).encode().unwrap()).len().to_le_bytes().to_vec())
+        });
+        handed[0].to.clone()
+    };
+    // The taker's ack was lost (the answer did not decode): the session stays at `a` too.
+    assert!(state.is_err());
+    assert_eq!(a.session_count(), 1);
 }

@@ -47,11 +47,15 @@ pub enum Kind {
     Collect = 11,
     /// A worker's answer to the `Relay` a previous worker sent it: ran, and passed on.
     Relayed = 12,
+    /// A session's KV cache, from a worker that is leaving to another provider of its layers.
+    Handover = 13,
+    /// The answer to a `Handover`: the session is held here now.
+    HandoverAck = 14,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Forward,
         Kind::ForwardResult,
         Kind::Error,
@@ -64,6 +68,8 @@ impl Kind {
         Kind::Relay,
         Kind::Collect,
         Kind::Relayed,
+        Kind::Handover,
+        Kind::HandoverAck,
     ];
 
     /// The kind with wire code `code`, or a frame error naming it.
@@ -73,7 +79,7 @@ impl Kind {
             .find(|k| *k as u8 == code)
             .ok_or_else(|| {
                 Error::Frame(format!(
-                    "unknown message kind {code} at byte 6 (known: 1..=12)"
+                    "unknown message kind {code} at byte 6 (known: 1..=14)"
                 ))
             })
     }
@@ -93,6 +99,8 @@ impl Kind {
             Kind::Relay => "relay",
             Kind::Collect => "collect",
             Kind::Relayed => "relayed",
+            Kind::Handover => "handover",
+            Kind::HandoverAck => "handover_ack",
         }
     }
 }

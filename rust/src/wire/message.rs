@@ -87,6 +87,25 @@ pub struct Collect {
     pub wait_ms: u32,
 }
 
+/// Length of a [`Handover`]'s state digest (SHA-256).
+pub const STATE_DIGEST_LEN: usize = 32;
+
+/// A `Handover` request: hold session `session` of layers `span` of `model` from now on, with
+/// the KV cache `state` (the payload, as `KvCache::export_state` writes it) whose SHA-256 is
+/// `digest`; `step` is the last step it ran, and the session counts against `owner` (the
+/// peer that started it). Answered `HandoverAck` once held, or an `Error`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handover<'a> {
+    pub model: ModelId,
+    pub span: Span,
+    pub session: SessionId,
+    pub step: u64,
+    /// The owner's peer id, 1 to [`MAX_PEER_ID_LEN`] bytes.
+    pub owner: Vec<u8>,
+    pub digest: [u8; STATE_DIGEST_LEN],
+    pub state: &'a [u8],
+}
+
 /// A message: what one frame carries.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message<'a> {
@@ -117,6 +136,10 @@ pub enum Message<'a> {
     Collect(Collect),
     /// A kept relay ran (the output waits for its `Collect`) and went on.
     Relayed,
+    /// Take over a session with its KV cache.
+    Handover(Handover<'a>),
+    /// The session a `Handover` named is held here now.
+    HandoverAck(SessionId),
 }
 
 /// Bytes of an encoded tensor descriptor with `ndim` dimensions: dtype, ndim, u32 dims.
@@ -145,6 +168,8 @@ impl<'a> Message<'a> {
             Message::Relay(_) => Kind::Relay,
             Message::Collect(_) => Kind::Collect,
             Message::Relayed => Kind::Relayed,
+            Message::Handover(_) => Kind::Handover,
+            Message::HandoverAck(_) => Kind::HandoverAck,
         }
     }
 
@@ -198,7 +223,18 @@ impl<'a> Message<'a> {
                 }
                 check_json_object(json).map_err(|e| invalid(format!("info {e}")))?;
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Info | Message::Relayed => {}
+            Message::Handover(h) => {
+                if h.model.name.len() > MAX_MODEL_NAME_LEN {
+                    return Err(invalid(format!("model name is {} bytes, at most {MAX_MODEL_NAME_LEN} fit a frame", h.model.name.len())));
+                }
+                if let Some(problem) = h.span.problem() {
+                    return Err(invalid(problem));
+                }
+                if h.owner.is_empty() || h.owner.len() > MAX_PEER_ID_LEN {
+                    return Err(invalid(format!("a handover owner of {} bytes (1 to {MAX_PEER_ID_LEN})", h.owner.len())));
+                }
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Info | Message::Relayed | Message::HandoverAck(_) => {}
         }
         Ok(())
     }
@@ -218,6 +254,8 @@ impl<'a> Message<'a> {
             Message::Ping(_) | Message::Pong(_) => 8,
             Message::Info | Message::Relayed => 0,
             Message::InfoReply(json) => 4 + json.len(),
+            Message::Handover(h) => MODEL_HASH_LEN + 1 + h.model.name.len() + 8 + 16 + 8 + 1 + h.owner.len() + STATE_DIGEST_LEN,
+            Message::HandoverAck(_) => 16,
         }
     }
 
@@ -231,7 +269,10 @@ impl<'a> Message<'a> {
         Ok(FrameHeader {
             kind: self.kind(),
             header_len,
-            payload_len: self.tensor().map_or(0, |t| t.byte_len() as u64),
+            payload_len: match self {
+                Message::Handover(h) => h.state.len() as u64,
+                _ => self.tensor().map_or(0, |t| t.byte_len() as u64),
+            },
         })
     }
 
@@ -309,11 +350,27 @@ impl<'a> Message<'a> {
                 w.u32(json.len() as u32);
                 w.bytes(json.as_bytes());
             }
+            Message::Handover(h) => {
+                w.bytes(&h.model.hash);
+                w.u8(h.model.name.len() as u8);
+                w.bytes(h.model.name.as_bytes());
+                w.u32(h.span.first_layer);
+                w.u32(h.span.layer_count);
+                w.u128(h.session.0);
+                w.u64(h.step);
+                w.u8(h.owner.len() as u8);
+                w.bytes(&h.owner);
+                w.bytes(&h.digest);
+            }
+            Message::HandoverAck(id) => w.u128(id.0),
         }
         let pad = FIXED_HEADER_LEN + h.header_len as usize - w.pos();
         w.bytes(&[0u8; 8][..pad]);
         if let Some(t) = self.tensor() {
             t.write_bytes(w.reserve(t.byte_len()));
+        }
+        if let Message::Handover(h) = self {
+            w.bytes(h.state);
         }
         debug_assert_eq!(w.pos(), buf.len(), "encoder sized the frame wrongly");
     }
@@ -337,7 +394,7 @@ impl<'a> Message<'a> {
         let section_end = FIXED_HEADER_LEN + h.header_len as usize;
         let mut r = Reader::new(&frame[FIXED_HEADER_LEN..section_end], FIXED_HEADER_LEN);
         let payload = &frame[section_end..];
-        if !matches!(h.kind, Kind::Forward | Kind::ForwardResult | Kind::Relay) && !payload.is_empty() {
+        if !matches!(h.kind, Kind::Forward | Kind::ForwardResult | Kind::Relay | Kind::Handover) && !payload.is_empty() {
             return Err(Error::Frame(format!(
                 "a {} frame has no payload, this one has {} bytes",
                 h.kind,
@@ -375,6 +432,23 @@ impl<'a> Message<'a> {
                 Message::Collect(Collect { chain, entries, wait_ms })
             }
             Kind::Relayed => Message::Relayed,
+            Kind::Handover => {
+                let hash = r.array::<MODEL_HASH_LEN>("model hash")?;
+                let name_len = r.u8("model name length")?;
+                let name = read_str(&mut r, name_len.into(), "model name")?;
+                let span = read_span(&mut r)?;
+                let session = SessionId(r.u128("session id")?);
+                let step = r.u64("step")?;
+                let at = r.offset();
+                let owner_len = r.u8("owner length")? as usize;
+                if owner_len == 0 {
+                    return Err(Error::Frame(format!("handover at byte {at} has an empty owner")));
+                }
+                let owner = r.take(owner_len, "owner")?.to_vec();
+                let digest = r.array::<STATE_DIGEST_LEN>("state digest")?;
+                Message::Handover(Handover { model: ModelId { hash, name }, span, session, step, owner, digest, state: payload })
+            }
+            Kind::HandoverAck => Message::HandoverAck(SessionId(r.u128("session id")?)),
             Kind::ForwardResult => {
                 let entries = read_entries(&mut r, limits)?;
                 let hidden = read_batch_tensor(&mut r, &entries, payload, limits)?;

@@ -38,11 +38,17 @@ pub enum ErrorCode {
     /// The requester is over one of this node's per-peer limits (sessions, KV bytes, requests
     /// per second, streams at once); the message says which. Another provider may serve it.
     Overloaded = 12,
+    /// The session is being handed to another worker (this one is leaving): send the same
+    /// request again shortly; the answer then is `SessionMoved`, or the session stays here.
+    SessionMoving = 13,
+    /// The session was handed to another worker with its KV cache: send it there, nothing
+    /// to replay. The message ends with that worker's peer id ([`ErrorReply::moved_to`]).
+    SessionMoved = 14,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::UnknownSession,
         ErrorCode::WrongModel,
         ErrorCode::WrongSpan,
@@ -55,11 +61,14 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::RelayFailed,
         ErrorCode::Overloaded,
+        ErrorCode::SessionMoving,
+        ErrorCode::SessionMoved,
     ];
 
     /// Whether another provider of the layers (or the same worker, restarted) can serve the
     /// request after this refusal: the End node reroutes and replays the session's inputs
-    /// then. The others (wrong model, context overflow, a request the worker cannot act on,
+    /// then (after `SessionMoving` / `SessionMoved` it first waits / follows the session,
+    /// with nothing to replay). The others (wrong model, context overflow, a request the worker cannot act on,
     /// a malformed or oversized frame) would fail anywhere, so they end the request.
     pub fn recoverable(self) -> bool {
         matches!(
@@ -71,6 +80,8 @@ impl ErrorCode {
                 | ErrorCode::Internal
                 | ErrorCode::RelayFailed
                 | ErrorCode::Overloaded
+                | ErrorCode::SessionMoving
+                | ErrorCode::SessionMoved
         )
     }
 
@@ -79,7 +90,7 @@ impl ErrorCode {
         ErrorCode::ALL
             .into_iter()
             .find(|c| *c as u16 == code)
-            .ok_or_else(|| Error::Frame(format!("unknown error code {code} (known: 1..=12)")))
+            .ok_or_else(|| Error::Frame(format!("unknown error code {code} (known: 1..=14)")))
     }
 
     /// The snake_case name ("unknown_session", ...), as Python sees it.
@@ -97,6 +108,8 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::RelayFailed => "relay_failed",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::SessionMoving => "session_moving",
+            ErrorCode::SessionMoved => "session_moved",
         }
     }
 
@@ -146,6 +159,16 @@ pub struct ErrorReply {
 }
 
 impl ErrorReply {
+    /// The `SessionMoved` reply for `session`, now held by peer `to` (its base58 id).
+    pub fn moved(session: SessionId, to: &str) -> ErrorReply {
+        ErrorReply { code: ErrorCode::SessionMoved, session: Some(session), message: format!("session {session} moved to {to}") }
+    }
+
+    /// The peer a `SessionMoved` reply names (its message's last word), else `None`.
+    pub fn moved_to(&self) -> Option<&str> {
+        (self.code == ErrorCode::SessionMoved).then(|| self.message.rsplit(' ').next()).flatten().filter(|p| !p.is_empty())
+    }
+
     /// The reply a worker sends when a request failed with `err`.
     pub fn from_error(err: &Error, session: Option<SessionId>) -> ErrorReply {
         ErrorReply {

@@ -110,6 +110,25 @@ fn other_messages() -> Vec<Message<'static>> {
         Message::Info,
         Message::Collect(Collect { chain: u64::MAX, entries: entries(), wait_ms: 120_000 }),
         Message::Relayed,
+        Message::Handover(Handover {
+            model: model(),
+            span: Span { first_layer: 10, layer_count: 5 },
+            session: SessionId(u128::MAX - 7),
+            step: 41,
+            owner: vec![0x00, 0x24, 0x08, 0x01, 0x12, 0x20, 7, 7, 7],
+            digest: [0xab; STATE_DIGEST_LEN],
+            state: b"\x01\x01 seven bytes and some more",
+        }),
+        Message::Handover(Handover {
+            model: model(),
+            span: Span { first_layer: 0, layer_count: 1 },
+            session: SessionId(1),
+            step: 0,
+            owner: vec![1],
+            digest: [0; STATE_DIGEST_LEN],
+            state: b"",
+        }),
+        Message::HandoverAck(SessionId(99)),
         Message::InfoReply("{}".to_string()),
         Message::InfoReply(
             r#"{"mode": "span", "first_layer": 10, "n_layers": 10, "name": "\u00e9t\u00e9 \u2713", "x": [1.5, null]}"#
@@ -680,8 +699,8 @@ fn fixed_header_lies_are_errors() {
     assert!(frame_error(&golden_with(|f| f[0] = b'X')).contains("bad magic"));
     assert!(frame_error(&golden_with(|f| f[4] = 2)).contains("unsupported version 2"));
     assert!(frame_error(&golden_with(|f| f[6] = 0)).contains("unknown message kind 0"));
-    assert!(frame_error(&golden_with(|f| f[6] = 13))
-        .contains("unknown message kind 13 at byte 6 (known: 1..=12)"));
+    assert!(frame_error(&golden_with(|f| f[6] = 15))
+        .contains("unknown message kind 15 at byte 6 (known: 1..=14)"));
     assert!(frame_error(&golden_with(|f| f[7] = 1)).contains("flags"));
     assert!(frame_error(&golden_with(|f| f[13] = 1)).contains("reserved"));
     // header_len: not padding the payload to 8, or pointing past / short of the fields.
@@ -758,7 +777,7 @@ fn other_kinds_reject_lies() {
         f
     };
     assert!(frame_error(&with(&|f| f[24] = 0)).contains("byte 24: unknown error code 0"));
-    assert!(frame_error(&with(&|f| f[24] = 13)).contains("unknown error code 13"));
+    assert!(frame_error(&with(&|f| f[24] = 15)).contains("unknown error code 15"));
     assert!(frame_error(&with(&|f| f[26] = 2)).contains("has-session flag is 2"));
     assert!(frame_error(&with(&|f| f[30] = 1)).contains("nonzero session id"));
     assert!(frame_error(&with(&|f| put_u32(f, 43, 11))).contains("truncated"));

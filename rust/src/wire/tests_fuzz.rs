@@ -198,7 +198,7 @@ type Parts = (
 /// A random valid message (tensor kinds with random batches, shapes and dtypes).
 fn message_parts() -> impl Strategy<Value = Parts> {
     (
-        0u8..12,
+        0u8..15,
         prop::collection::vec((any::<u128>(), any::<u64>(), 0u32..1 << 20, 1u32..4), 1..5),
         1u32..6,
         1u8..4,
@@ -218,7 +218,7 @@ proptest! {
 
     #[test]
     fn random_bodies_behind_a_valid_fixed_header_never_panic(
-        kind in 0u8..11,
+        kind in 0u8..16,
         header_len in 0u32..200,
         payload_len in 0u64..200,
         body in prop::collection::vec(any::<u8>(), 0..400),
@@ -308,6 +308,16 @@ proptest! {
             }),
             10 => Message::Collect(Collect { chain: nonce, entries: entries.clone(), wait_ms: nonce as u32 }),
             11 => Message::Relayed,
+            12 => Message::Handover(Handover {
+                model: ModelId { hash: [nonce as u8; 32], name: text.clone() },
+                span: Span { first_layer: (nonce >> 40) as u32, layer_count: 1 + (nonce as u32 >> 8) % 64 },
+                session: ids[0],
+                step: nonce,
+                owner: vec![nonce as u8; 1 + (nonce as usize >> 3) % 60],
+                digest: [(nonce >> 8) as u8; STATE_DIGEST_LEN],
+                state: text.as_bytes(),
+            }),
+            13 => Message::HandoverAck(ids[0]),
             _ => Message::InfoReply(serde_json::json!({ "text": text, "nonce": nonce, "ids": ids.len() }).to_string()),
         };
         let frame = msg.encode().unwrap();
