@@ -60,3 +60,86 @@ def test_a_leaving_worker_hands_its_sessions_over_and_the_stream_goes_on_unchang
               f"on the leaving worker); End node: longest step {max(step_times) * 1e3:.1f} ms vs median "
               f"{typical * 1e3:.1f} ms, {recovery['handover_wait_s'] * 1e3:.1f} ms waiting on 'moving', "
               f"0 positions replayed")
+
+
+def test_a_leaving_worker_hands_over_every_served_stream_and_none_changes(smollm2_gguf: Path) -> None:
+    """Six concurrent greedy chat streams through `create_app` and the openai client (their
+    steps batched by the scheduler); the middle worker holding some of their sessions gets
+    SIGTERM mid-decode. Each of its sessions moves with its KV cache, the batched iteration
+    that meets a moved session falls back to each session's own forward, which follows it, and
+    every stream's text equals the one-process reply; `/metrics` counts the hand-overs and no
+    replayed position."""
+    import asyncio
+
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from meshpy.generation import Model
+    from meshpy.server import AppServer, create_app
+
+    prompts = [f"{PROMPT} In version {i} the bottle is {c}." for i, c in enumerate(
+        ("green", "blue", "red", "clear", "brown", "white"))]
+    n = 48
+    local = Model.load(smollm2_gguf, threads=1)
+    want = [local.generate(p, max_tokens=n).text for p in prompts]
+    with LocalMesh(transport="tcp") as mesh:
+        middle = start_with_two_middle_providers(mesh, smollm2_gguf)
+        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model, \
+                AppServer(create_app(model, "smollm2"), port=0) as server:
+            chunks = [0] * len(prompts)
+            left: list[tuple[object, int, list[int]]] = []  # (worker, its sessions, chunk counts)
+
+            async def one(client: openai.AsyncOpenAI, i: int) -> str:
+                stream = await client.chat.completions.create(
+                    model="smollm2", messages=[{"role": "user", "content": prompts[i]}], stream=True,
+                    temperature=0, max_tokens=n)
+                parts = []
+                async with stream:
+                    async for c in stream:
+                        if c.choices and c.choices[0].delta.content:
+                            parts.append(c.choices[0].delta.content)
+                            chunks[i] += 1
+                return "".join(parts)
+
+            def leave_when_all_decode() -> None:
+                deadline = time.monotonic() + 120
+                while min(chunks) < 4:
+                    if time.monotonic() > deadline:
+                        return  # a stream failed or stalled: `gather` reports it
+                    time.sleep(0.005)
+                held = {p.peer_id: p.sessions for p in model.pipeline.refresh() if p.layers.start == 10}
+                peer, sessions = max(held.items(), key=lambda kv: kv[1])
+                leaving = next(w for w in middle if peer in "\n".join(w.stdout))
+                leaving.proc.send_signal(signal.SIGTERM)
+                left.append((leaving, sessions, list(chunks)))
+
+            async def all_streams() -> list[str]:
+                async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
+                                              timeout=300) as client:
+                    leaver = asyncio.get_running_loop().run_in_executor(None, leave_when_all_decode)
+                    texts = await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
+                    await leaver
+                    return list(texts)
+
+            got = asyncio.run(all_streams())
+            assert left, "the streams never all decoded"
+            leaving, sessions, at = left[0]
+            assert sessions >= 1 and max(at) < n - 4, f"left mid-decode: {left}"
+            assert got == want
+            leaving.wait_for(rf"left: {sessions} sessions handed over", 30)
+            assert leaving.proc.wait(30) == 0
+            recovery = model.pipeline.recovery
+            assert recovery["replayed_positions"] == 0 and recovery["handovers"] == sessions, recovery
+            metrics = {s.name: s.value for f in text_string_to_metric_families(httpx_get(server.url + "/metrics"))
+                       for s in f.samples}
+            assert metrics["meshpy_mesh_handovers_total"] == sessions
+            assert metrics["meshpy_mesh_replayed_positions_total"] == 0
+            print(f"\n{sessions} of {len(prompts)} streams handed over mid-decode (at chunks {at}); "
+                  f"{recovery['handover_wait_s'] * 1e3:.1f} ms waited on 'moving' in all, 0 positions replayed")
+
+
+def httpx_get(url: str) -> str:
+    """The body at `url`."""
+    import httpx
+
+    return httpx.get(url, timeout=10).text

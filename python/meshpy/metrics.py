@@ -3,10 +3,11 @@
 - A mesh node's own (`NodeCollector`, read from its `Info` at each scrape, so nothing is
   counted twice): frame bytes sent to and received from each peer, errors answered by code,
   chained relays run, whether it is reachable; a worker's sessions, KV cache bytes and budget,
-  span calls, entries and seconds.
+  span calls, entries and seconds, sessions handed over and taken over.
 - The End node's server (`ServerMetrics`): requests by route and status, prompt and completion
   tokens, generations by outcome, time to first token and inter-token latency histograms, and
-  the queue (generations running, requests waiting).
+  the queue (generations running, requests waiting); on a mesh, reroutes, replayed positions
+  and hand-overs followed (`RecoveryCollector`).
 
 Workers, bootstrap and seed nodes serve theirs with `--metrics-port` (`serve_node_metrics`);
 the End node at `/metrics` of its HTTP server.
@@ -26,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshpy import _native
 
-__all__ = ["NodeCollector", "ServerMetrics", "MetricsServer", "serve_node_metrics", "RequestCounter"]
+__all__ = ["NodeCollector", "RecoveryCollector", "ServerMetrics", "MetricsServer", "serve_node_metrics", "RequestCounter"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,32 @@ class NodeCollector(Collector):
                                   value=float(info.get("span_entries", 0)))
         yield CounterMetricFamily("meshpy_worker_span_seconds", "Seconds spent in forward passes",
                                   value=float(info.get("span_seconds", 0.0)))
+        yield CounterMetricFamily("meshpy_worker_sessions_handed_over",
+                                  "Sessions this worker handed to another with their KV caches (leaving)",
+                                  value=float(info.get("handed_over", 0)))
+        yield CounterMetricFamily("meshpy_worker_sessions_taken_over",
+                                  "Sessions another worker handed to this one with their KV caches",
+                                  value=float(info.get("taken_over", 0)))
+
+
+class RecoveryCollector(Collector):
+    """What keeping sessions alive has cost an End node on a mesh (`MeshPipeline.recovery`):
+    hops rerouted and the positions replayed into new providers, and hops that followed a
+    session a leaving worker handed over (nothing replayed) and the seconds they waited."""
+
+    def __init__(self, recovery: Callable[[], dict[str, float]]) -> None:
+        self.recovery = recovery
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.recovery()
+        yield CounterMetricFamily("meshpy_mesh_reroutes", "Hops moved to other providers with replay (a worker failed)",
+                                  value=float(r["reroutes"]))
+        yield CounterMetricFamily("meshpy_mesh_replayed_positions", "Positions replayed into new providers' caches",
+                                  value=float(r["replayed_positions"]))
+        yield CounterMetricFamily("meshpy_mesh_handovers", "Hops that followed a session handed over with its KV cache",
+                                  value=float(r["handovers"]))
+        yield CounterMetricFamily("meshpy_mesh_handover_wait_seconds", "Seconds steps waited while sessions were handed over",
+                                  value=float(r["handover_wait_s"]))
 
 
 class MetricsServer:
@@ -109,7 +136,8 @@ class ServerMetrics:
     and `waiting` are read when scraped; `node`, when the layers run on a mesh, adds the
     client node's own (`NodeCollector`)."""
 
-    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], node: _native.Node | None = None) -> None:
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], node: _native.Node | None = None,
+                 recovery: Callable[[], dict[str, float]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("meshpy_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r)
@@ -126,6 +154,8 @@ class ServerMetrics:
         waiting_gauge.set_function(lambda: float(waiting()))
         if node is not None:
             r.register(NodeCollector(node))
+        if recovery is not None:
+            r.register(RecoveryCollector(recovery))
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -86,7 +86,9 @@ class ServerState:
         self.refused_busy = 0
         #: The client node when the layers run on a mesh (for metrics and the dashboard).
         self.node: _native.Node | None = getattr(model.pipeline, "node", None)
-        self.metrics = ServerMetrics(lambda: len(self.jobs), lambda: self.waiting, self.node)
+        recovery = getattr(model.pipeline, "recovery", None)
+        self.metrics = ServerMetrics(lambda: len(self.jobs), lambda: self.waiting, self.node,
+                                     (lambda: dict(recovery)) if recovery is not None else None)
 
     def check_key(self, request: Request) -> None:
         """401 unless the request carries the API key (when one is set)."""

@@ -745,6 +745,11 @@ impl SpanHandler {
         let mut why = Vec::new();
         match frame {
             Err(e) => why.push(e.to_string()),
+            // One frame carries the whole state (a 4096-position session of 16 layers of an 8B
+            // model in f16 is 256 MiB, the default limit): a larger one stays, for replay.
+            Ok(frame) if frame.len() as u64 > self.limits.max_frame_bytes => {
+                why.push(format!("its state of {} bytes is over the {}-byte frame limit", frame.len(), self.limits.max_frame_bytes))
+            }
             Ok(frame) => {
                 for peer in takers {
                     match send(peer, frame.clone()).and_then(|answer| {
