@@ -1,7 +1,8 @@
 """Workers behind home routers (network namespaces with nftables masquerade, no port open):
 each learns it is unreachable (AutoNAT), reserves a slot on the bootstrap node's relay, and
 serves through it; an End node on the public network generates the one-process tokens, relayed
-and, once hole punching (DCUtR over QUIC) opens direct paths, direct. `status` shows which."""
+and, once hole punching (DCUtR) and dials out from behind the NATs open direct paths, direct.
+`status` shows which."""
 
 from __future__ import annotations
 
@@ -41,10 +42,15 @@ def test_workers_behind_nats_serve_through_the_relay(inet: HomeInternet, smollm2
         reachable = [a for a in w["listen_addrs"] if "/ip4/192.168." not in a and "/ip4/127." not in a]
         assert reachable and all(f"/p2p/{relayed['relay']}/p2p-circuit/" in a for a in reachable), reachable
 
-    # Hole punching on: whichever links it opens mid-generation (streams move off the relay),
-    # the tokens stay the same.
+    # Hole punching on: the two workers punch through both NATs to each other (DCUtR over
+    # TCP), and each dials the public End node directly once it has reached them through the
+    # relay; streams move off the relay mid-generation and the tokens stay the same.
     punched = inet.serve(smollm2_gguf, tmp_path / "punched", PROMPT, N_TOKENS, hole_punch=True)
     assert punched["tokens"] == expected
+    peers = [w["peer"] for w in punched["status"]["workers"]]
+    assert [punched["links"][p] for p in peers] == ["direct", "direct"], punched["links"]
+    for log, other in zip(punched["worker_logs"], reversed(peers)):
+        assert f"hole punched: a direct connection to {other}" in log, log
 
     # The same workers reachable directly: no relay, no NAT.
     direct = inet.serve(smollm2_gguf, tmp_path / "direct", PROMPT, N_TOKENS, behind_nat=False)

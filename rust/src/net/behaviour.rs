@@ -100,6 +100,12 @@ const QUIC_IDLE_TIMEOUT_MS: u32 = 5000;
 /// Longest a QUIC dial may take: a few round trips of even a slow intercontinental link.
 const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Longest any dial may take to connect and finish its handshakes (libp2p's default is 10 s).
+/// A NAT drops unsolicited packets silently, so a dial to a node behind one fails only by
+/// timing out; AutoNAT's dial-back must fail within its probe's 10 s for the node to learn
+/// it is private at all.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Builds the swarm for `keypair` with `config`'s timeouts; also returns, for the tensor
 /// protocol and then the blob protocol, the handle that opens streams and the queue of inbound
 /// ones. With a network key, TCP connections carry
@@ -174,6 +180,7 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
             .with_behaviour(behaviour)
             .map_err(|e| net("behaviour", &e))?
             .with_swarm_config(swarm_config)
+            .with_connection_timeout(CONNECTION_TIMEOUT)
             .build(),
         Some(network_key) => {
             let psk = network_key.psk();
@@ -195,6 +202,7 @@ pub(crate) fn build_swarm(keypair: Keypair, config: &NodeConfig) -> Result<(Swar
                 .with_behaviour(behaviour)
                 .map_err(|e| net("behaviour", &e))?
                 .with_swarm_config(swarm_config)
+                .with_connection_timeout(CONNECTION_TIMEOUT)
                 .build()
         }
     };

@@ -133,8 +133,10 @@ pub struct NodeConfig {
     /// behind a NAT reserves a slot on one it is connected to, and is reachable through it).
     /// Only for nodes others can reach: the bootstrap node, or a public worker.
     pub relay_server: bool,
-    /// Whether to try turning a relayed connection into a direct one (DCUtR hole punching):
-    /// both ends dial each other at once through their NATs. Off: relayed connections stay so.
+    /// Whether to try turning a relayed connection into a direct one: DCUtR hole punching
+    /// (both ends dial each other at once through their NATs), and a plain dial out to a
+    /// peer that reached this node through a relay (a node behind a NAT can reach a public
+    /// one). Off: relayed connections stay so.
     pub hole_punch: bool,
 }
 

@@ -834,7 +834,12 @@ impl Loop {
                 // A peer's loopback addresses are its own machine's: worth dialing only when
                 // it is on this machine too (reached over loopback).
                 let same_machine = self.connections.get(&connection_id).is_some_and(|c| is_loopback(&c.addr));
-                for addr in info.listen_addrs.into_iter().filter(|a| same_machine || !is_loopback(a)) {
+                let addrs: Vec<Multiaddr> = info.listen_addrs.into_iter().filter(|a| same_machine || !is_loopback(a)).collect();
+                // Part of `hole_punch`: turning relayed connections into direct ones.
+                if self.swarm.behaviour().dcutr.is_enabled() && self.connections.get(&connection_id).is_some_and(|c| c.relayed) {
+                    self.dial_direct(peer_id, &addrs);
+                }
+                for addr in addrs {
                     self.learn(peer_id, addr, dht_server);
                 }
                 if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) && !self.relay_peers.contains_key(&peer_id) {
@@ -970,6 +975,24 @@ impl Loop {
             if let Err(e) = self.swarm.dial(opts) {
                 tracing::debug!(%peer, "not dialing a node found on the local network: {e}");
             }
+        }
+    }
+
+    /// A peer reached only through a relay may be reachable directly from here: a worker
+    /// behind a NAT can dial out to a public End node, though the End node cannot dial in.
+    /// DCUtR hole punching does not cover that case over TCP (its NAT-side dial takes the
+    /// listener's role, so a public peer that simply accepts it meets two listeners), so try a
+    /// plain dial to the peer's direct addresses, from a fresh port (DCUtR's dials reuse the
+    /// listening one). Streams move to the direct connection once it is up.
+    fn dial_direct(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        let direct: Vec<Multiaddr> = addrs.iter().filter(|a| !super::streams::is_relayed(a)).cloned().collect();
+        if direct.is_empty() || self.connections.values().any(|c| c.peer == peer && !c.relayed) {
+            return;
+        }
+        tracing::debug!(%peer, ?direct, "reached through a relay; dialing it directly");
+        let opts = DialOpts::peer_id(peer).addresses(direct).condition(PeerCondition::NotDialing).allocate_new_port().build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "no direct dial: {e}");
         }
     }
 

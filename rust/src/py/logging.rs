@@ -9,6 +9,10 @@ use tracing::Level;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
+/// Environment variable adding per-library log levels, as `target=level` pairs separated by
+/// commas (to look inside libp2p: `libp2p_dcutr=debug`).
+const LOG_TARGETS_ENV: &str = "MESHPY_LOG_TARGETS";
+
 /// Sends Rust log events at `level` ("error", "warning", "info", "debug") and above to
 /// stderr. The first call sets the level for the life of the process; later calls do
 /// nothing and return False.
@@ -22,8 +26,15 @@ fn init_logging(level: &str) -> PyResult<bool> {
         "trace" => Level::TRACE,
         other => return Err(PyValueError::new_err(format!("unknown log level {other:?}"))),
     };
-    // Our events at `level`; libraries' (libp2p logs every listener at info) at warnings.
-    let filter = Targets::new().with_target("meshpy_native", level).with_default(Level::WARN.min(level));
+    // Our events at `level`; libraries' (libp2p logs every listener at info) at warnings,
+    // unless `MESHPY_LOG_TARGETS` names some ("libp2p_dcutr=debug,libp2p_swarm=debug").
+    let mut filter = Targets::new().with_target("meshpy_native", level).with_default(Level::WARN.min(level));
+    if let Ok(targets) = std::env::var(LOG_TARGETS_ENV) {
+        let extra: Targets = targets.parse().map_err(|e| PyValueError::new_err(format!("{LOG_TARGETS_ENV}={targets:?}: {e}")))?;
+        for (target, level) in extra.iter() {
+            filter = filter.with_target(target, level);
+        }
+    }
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false).with_filter(filter);
     Ok(tracing_subscriber::registry().with(layer).try_init().is_ok())
 }
