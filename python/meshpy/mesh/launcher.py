@@ -173,14 +173,15 @@ class LocalMesh:
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
         timeout: float = 120.0,
+        prefix: Sequence[str] = (),
     ) -> MeshProcess:
         """Starts a worker joined to the bootstrap node (with `env` added to the mesh's
-        environment); returns once it has announced."""
+        environment, `prefix` before the interpreter); returns once it has announced."""
         args = ["worker", *self._node_args(), "--bootstrap", self.bootstrap_addr, "--kv-budget", kv_budget]
         for flag, value in (("--model", model), ("--layers", layers), ("--memory", memory), ("--threads", threads)):
             if value is not None:
                 args += [flag, str(value)]
-        worker = MeshProcess(f"worker {len(self.workers)}", [*args, *extra], {**self.env, **(env or {})})
+        worker = MeshProcess(f"worker {len(self.workers)}", [*args, *extra], {**self.env, **(env or {})}, prefix=prefix)
         self.workers.append(worker)
         m = worker.wait_for(_ANNOUNCED, timeout)
         worker.layers = range(int(m.group(1)), int(m.group(2)) + 1) if m.group(1) else None

@@ -29,6 +29,7 @@ __all__ = [
     "plan_route",
     "coverage_of",
     "describe_route",
+    "layer_seconds",
     "missing_layers",
     "provider_from_info",
 ]
@@ -128,11 +129,20 @@ def missing_layers(providers: Sequence[Provider], n_layers: int) -> list[int]:
 RTT_BUCKET = 0.010
 
 
+def layer_seconds(p: Provider) -> float | None:
+    """Seconds one decode step takes per layer on `p`, as it measured at load (Info
+    `decode_ms_per_layer`); None when it did not say."""
+    ms = p.info.get("decode_ms_per_layer")
+    return ms / 1000.0 if isinstance(ms, (int, float)) and ms > 0 else None
+
+
 def preference(p: Provider, started: Mapping[str, int]) -> tuple[int, int, int, float]:
     """How good a provider is for one more session (smaller is better): fewest sessions it
-    reported, then the round trip (in `RTT_BUCKET` steps), then fewest sessions this node
-    started on it (`started`; so equal providers take turns), then the exact round trip."""
-    return max(p.sessions, 0), round(max(p.rtt, 0.0) / RTT_BUCKET), started.get(p.peer_id, 0), p.rtt
+    reported, then the time a step costs there, the round trip plus its layers' compute (in
+    `RTT_BUCKET` steps), then fewest sessions this node started on it (`started`; so equal
+    providers take turns), then the exact round trip."""
+    step = max(p.rtt, 0.0) + (layer_seconds(p) or 0.0) * len(p.layers)
+    return max(p.sessions, 0), round(step / RTT_BUCKET), started.get(p.peer_id, 0), p.rtt
 
 
 def plan_route(

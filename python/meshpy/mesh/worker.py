@@ -29,7 +29,7 @@ from meshpy.mesh.placement import (
     parse_layers,
     parse_size,
 )
-from meshpy.mesh.routing import coverage_of, discover, preference
+from meshpy.mesh.routing import Provider, coverage_of, discover, layer_seconds, preference
 from meshpy.mesh.store import ModelStore
 from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.source import ModelSource, open_model_source
@@ -53,6 +53,36 @@ REBALANCE_EVERY = 2.0
 #: Longest one session's hand-over (its KV state sent, checked and loaded) may take.
 HANDOVER_TIMEOUT = 60.0
 
+#: A worker moves for throughput only when that raises the mesh's slowest layer's throughput
+#: (the sum of its providers' speeds, which bounds every generation's) by this factor: the
+#: measured speeds are noisy, and a move costs its sessions a hand-over.
+THROUGHPUT_GAIN = 2.0
+
+#: How long a worker moving for throughput waits for the End nodes of the sessions it handed
+#: over to learn where they went (one told later replays instead).
+MOVE_TELL_WAIT = 1.0
+
+
+def best_window(throughput: list[float], layers: range, speed: float) -> tuple[range, float]:
+    """Where a worker of `speed` now on `layers` raises the slowest layer's `throughput` (per
+    layer, this worker included) most, moving its `len(layers)` contiguous layers: the window,
+    and that slowest throughput after (its current layers when nothing does better)."""
+    without = list(throughput)
+    for i in layers:
+        without[i] -= speed
+    count, n = len(layers), len(throughput)
+
+    def slowest_with(window: range) -> float:
+        return min(t + (speed if i in window else 0.0) for i, t in enumerate(without))
+
+    best, best_min = layers, slowest_with(layers)
+    for start in range(n - count + 1):
+        window = range(start, start + count)
+        m = slowest_with(window)
+        if m > best_min * (1 + 1e-9):
+            best, best_min = window, m
+    return best, best_min
+
 
 class Worker:
     """A mesh worker running in this process. `start()` returns once it serves and has
@@ -65,6 +95,8 @@ class Worker:
         self.layers: range | None = None
         #: The model's layer count, once a model is served.
         self.n_layers: int | None = None
+        #: Seconds a decode step takes per layer here, measured at load.
+        self.layer_seconds: float | None = None
         self._span: LocalSpan | None = None
         #: Its `/metrics` server, with --metrics-port.
         self.metrics: MetricsServer | None = None
@@ -152,9 +184,11 @@ class Worker:
         self._span = LocalSpan(source, config, layers, pool, kv_dtype=s.kv_dtype)
         self.layers = layers
         self.n_layers = config.n_layers
+        self.layer_seconds = self._span.decode_seconds(config.row_widths[layers.start]) / len(layers)
         info = self._info(model_id=self.model.id, model_layers=config.n_layers, weights_bytes=self._span.native.nbytes,
                           rebalances=self._movable is not None,
                           threads=pool.n_threads, kv_dtype=self._span.kv_dtype,
+                          decode_ms_per_layer=round(self.layer_seconds * 1e3, 4),
                           fetched=self.fetched.to_json() if self.fetched is not None else None)
         self.node.serve(
             self._span.native,
@@ -165,19 +199,27 @@ class Worker:
             info=info,
             **self._peer_limits(),
         )
-        log.info("announcing layers %s of %s", format_layers(layers), self.model.id)
+        log.info("announcing layers %s of %s (a decode step: %.3f ms per layer)", format_layers(layers), self.model.id,
+                 self.layer_seconds * 1e3)
         self._announce([self.model.layer_key(i) for i in layers] + [WORKERS_KEY])
         mine = {n for i in layers for n in config.layer_names(i).values()} | set(self.model.manifest.get("shared", []))
         self._keys += seed(self.node, source, self.model, only=mine)
 
     def rebalance(self) -> range | None:
-        """Closes a gap in the mesh: when some layers have no live provider and every layer of
-        this worker's has another, moves here to the least-covered window of as many layers as
-        it holds (`choose_layers`, which takes uncovered layers first). Of all the workers that
-        could move (Info `rebalances`, each of their layers served elsewhere too), only the one
-        with the smallest peer id does, so one gap draws one worker. Its sessions are dropped as it moves: their
-        End nodes replay them on the other providers of its old layers. Returns the new layers,
-        or None when it stays."""
+        """Re-places this worker when the mesh needs it elsewhere; the new layers, or None when
+        it stays. Only workers placed by coverage move (Info `rebalances`; pinned ones never).
+
+        - A gap: some layers have no live provider and every layer of this worker's has
+          another. It moves to the least-covered window of as many layers as it holds
+          (`choose_layers`, uncovered layers first). Of all the workers that could (each of
+          their layers served elsewhere too), the one with the smallest peer id does, so one
+          gap draws one worker. Its sessions are dropped at once (their End nodes are stuck on
+          the gap and replay them on the other providers of its old layers).
+        - Throughput: every generation crosses every layer, so the mesh runs no faster than
+          its slowest layer, whose throughput is the sum of its providers' speeds (Petals'
+          rule; speeds as each worker measured a decode step at load). When moving a worker
+          would raise that minimum by `THROUGHPUT_GAIN`, the one with the smallest peer id among
+          those whose move would moves, handing its sessions over first (`_throughput_move`)."""
         if self._movable is None or self.node is None or self.model is None or self.layers is None:
             return None
         source, config, kv_budget = self._movable
@@ -185,29 +227,74 @@ class Worker:
         others = discover(self.node, self.model, n)
         coverage = coverage_of(others, n)
         missing = [i for i in range(n) if coverage[i] == 0 and i not in self.layers]
-        if not missing or any(coverage[i] == 0 for i in self.layers):
-            return None  # no gap, or this worker is the only provider of some of its layers
-        with_me = list(coverage)
-        for i in self.layers:
-            with_me[i] += 1
-        # Workers that may move (their Info says so: pinned ones never do) and would open no gap.
-        movers = [self.peer_id] + [p.peer_id for p in others
-                                   if p.info.get("rebalances") and all(with_me[i] >= 2 for i in p.layers)]
-        if min(movers) != self.peer_id:
-            return None  # another spare worker moves
-        layers = choose_layers(coverage, len(self.layers))
-        if layers == self.layers:
-            return None
-        log.info("layers %s lost their last provider; moving from layers %s to %s", format_layer_list(missing),
-                 format_layers(self.layers), format_layers(layers))
-        # The old layers go first (their sessions with them: other providers hold those layers),
-        # so the worker never needs memory for both ranges.
+        if not missing:
+            layers = self._throughput_move(others, n)
+            if layers is None:
+                return None
+            log.info("layers %s are the mesh's slowest; moving from layers %s to them", format_layers(layers),
+                     format_layers(self.layers))
+            self._hand_over_and_tell()
+        else:
+            if any(coverage[i] == 0 for i in self.layers):
+                return None  # this worker is the only provider of some of its layers
+            with_me = list(coverage)
+            for i in self.layers:
+                with_me[i] += 1
+            # Workers that may move and would open no gap.
+            movers = [self.peer_id] + [p.peer_id for p in others
+                                       if p.info.get("rebalances") and all(with_me[i] >= 2 for i in p.layers)]
+            if min(movers) != self.peer_id:
+                return None  # another spare worker moves
+            layers = choose_layers(coverage, len(self.layers))
+            if layers == self.layers:
+                return None
+            log.info("layers %s lost their last provider; moving from layers %s to %s", format_layer_list(missing),
+                     format_layers(self.layers), format_layers(layers))
+        # The old layers go first, so the worker never needs memory for both ranges.
         self._withdraw()
         self.node.serve(None)
         self._span = None
         self.layers = layers
         self._load_and_serve(source, config, layers, kv_budget)
         return layers
+
+    def _throughput_move(self, others: list[Provider], n: int) -> range | None:
+        """Where this worker should move to raise the slowest layer's throughput by
+        `THROUGHPUT_GAIN` (see `rebalance`), when it is the one that should; else None. Needs
+        every provider's measured speed."""
+        assert self.layers is not None and self.layer_seconds is not None and self.node is not None
+        speeds = {p.peer_id: layer_seconds(p) for p in others}
+        if any(v is None for v in speeds.values()):
+            return None  # a worker that did not measure its speed: nothing to compare
+        workers = [(p.peer_id, p.layers, 1.0 / speeds[p.peer_id], bool(p.info.get("rebalances"))) for p in others]
+        workers.append((self.peer_id, self.layers, 1.0 / self.layer_seconds, True))
+        throughput = [0.0] * n
+        for _, layers, speed, _ in workers:
+            for i in layers:
+                throughput[i] += speed
+        slowest = min(throughput)
+        moves = {}
+        for peer, layers, speed, movable in workers:
+            if not movable:
+                continue
+            window, after = best_window(throughput, layers, speed)
+            if window != layers and after >= THROUGHPUT_GAIN * slowest:
+                moves[peer] = window
+        if not moves or min(moves) != self.peer_id:
+            return None
+        return moves[self.peer_id]
+
+    def _hand_over_and_tell(self) -> None:
+        """Before moving: takes no new sessions, hands the held ones to the other providers of
+        its layers, and waits up to `MOVE_TELL_WAIT` for their End nodes to learn where."""
+        assert self.node is not None
+        if not (self.settings.hand_over and self.node.session_count()):
+            return
+        self.node.drain()
+        self._hand_over()
+        deadline = time.monotonic() + MOVE_TELL_WAIT
+        while self.node.moves_untold() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _peer_limits(self) -> dict[str, int]:
         """The per-peer session limits asked for; those not given keep the core's defaults."""
