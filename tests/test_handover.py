@@ -14,7 +14,16 @@ import pytest
 
 from meshpy.mesh import connect
 from meshpy.mesh.launcher import LocalMesh
-from tests.test_mesh import N_TOKENS, PROMPT, greedy, greedy_until, local_tokens, start_with_two_middle_providers
+from tests.test_mesh import (
+    N_TOKENS,
+    PROMPT,
+    bottle_prompts,
+    greedy,
+    greedy_until,
+    local_tokens,
+    serve_streams,
+    start_with_two_middle_providers,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -69,16 +78,12 @@ def test_a_leaving_worker_hands_over_every_served_stream_and_none_changes(smollm
     that meets a moved session falls back to each session's own forward, which follows it, and
     every stream's text equals the one-process reply; `/metrics` counts the hand-overs and no
     replayed position."""
-    import asyncio
-
-    import openai
     from prometheus_client.parser import text_string_to_metric_families
 
     from meshpy.generation import Model
     from meshpy.server import AppServer, create_app
 
-    prompts = [f"{PROMPT} In version {i} the bottle is {c}." for i, c in enumerate(
-        ("green", "blue", "red", "clear", "brown", "white"))]
+    prompts = bottle_prompts(("green", "blue", "red", "clear", "brown", "white"))
     n = 48
     local = Model.load(smollm2_gguf, threads=1)
     want = [local.generate(p, max_tokens=n).text for p in prompts]
@@ -86,42 +91,16 @@ def test_a_leaving_worker_hands_over_every_served_stream_and_none_changes(smollm
         middle = start_with_two_middle_providers(mesh, smollm2_gguf)
         with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model, \
                 AppServer(create_app(model, "smollm2"), port=0) as server:
-            chunks = [0] * len(prompts)
             left: list[tuple[object, int, list[int]]] = []  # (worker, its sessions, chunk counts)
 
-            async def one(client: openai.AsyncOpenAI, i: int) -> str:
-                stream = await client.chat.completions.create(
-                    model="smollm2", messages=[{"role": "user", "content": prompts[i]}], stream=True,
-                    temperature=0, max_tokens=n)
-                parts = []
-                async with stream:
-                    async for c in stream:
-                        if c.choices and c.choices[0].delta.content:
-                            parts.append(c.choices[0].delta.content)
-                            chunks[i] += 1
-                return "".join(parts)
-
-            def leave_when_all_decode() -> None:
-                deadline = time.monotonic() + 120
-                while min(chunks) < 4:
-                    if time.monotonic() > deadline:
-                        return  # a stream failed or stalled: `gather` reports it
-                    time.sleep(0.005)
+            def leave(chunks: list[int]) -> None:
                 held = {p.peer_id: p.sessions for p in model.pipeline.refresh() if p.layers.start == 10}
                 peer, sessions = max(held.items(), key=lambda kv: kv[1])
                 leaving = next(w for w in middle if peer in "\n".join(w.stdout))
                 leaving.proc.send_signal(signal.SIGTERM)
                 left.append((leaving, sessions, list(chunks)))
 
-            async def all_streams() -> list[str]:
-                async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
-                                              timeout=300) as client:
-                    leaver = asyncio.get_running_loop().run_in_executor(None, leave_when_all_decode)
-                    texts = await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
-                    await leaver
-                    return list(texts)
-
-            got = asyncio.run(all_streams())
+            got = serve_streams(server.base_url, prompts, n, leave)
             assert left, "the streams never all decoded"
             leaving, sessions, at = left[0]
             assert sessions >= 1 and max(at) < n - 4, f"left mid-decode: {left}"

@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -321,21 +321,61 @@ def test_a_vanished_worker_is_replaced_while_drafts_are_rewound(smollm2_gguf: Pa
     assert stats.draft_tokens > stats.accepted_draft_tokens, stats
 
 
+def serve_streams(base_url: str, prompts: list[str], n: int, when_all_decode: Callable[[list[int]], object]) -> list[str]:
+    """Greedy chat replies of `n` tokens to every prompt at once, streamed through the openai
+    client from the server at `base_url`; once every stream has 4 chunks, `when_all_decode`
+    runs on a thread with the chunk counts so far (a list it may copy). The replies' texts."""
+    import asyncio
+    import time
+
+    import openai
+
+    chunks = [0] * len(prompts)
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> str:
+        stream = await client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": prompts[i]}], stream=True,
+            temperature=0, max_tokens=n)
+        parts = []
+        async with stream:
+            async for c in stream:
+                if c.choices and c.choices[0].delta.content:
+                    parts.append(c.choices[0].delta.content)
+                    chunks[i] += 1
+        return "".join(parts)
+
+    def act() -> None:
+        deadline = time.monotonic() + 120
+        while min(chunks) < 4:
+            if time.monotonic() > deadline:
+                return  # a stream failed or stalled: `gather` reports it
+            time.sleep(0.005)
+        when_all_decode(chunks)
+
+    async def all_streams() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300) as client:
+            actor = asyncio.get_running_loop().run_in_executor(None, act)
+            texts = await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
+            await actor
+            return list(texts)
+
+    return asyncio.run(all_streams())
+
+
+def bottle_prompts(colors: tuple[str, ...]) -> list[str]:
+    """PROMPT in one version per color."""
+    return [f"{PROMPT} In version {i} the bottle is {c}." for i, c in enumerate(colors)]
+
+
 def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm2_gguf: Path) -> None:
     """Eight concurrent greedy chat streams through `create_app` and the openai client, their
     steps batched by the End node's scheduler and on the workers; the middle worker their
     sessions run on is killed mid-decode. The failed iteration falls back to each session's
     own forward, which reroutes and replays, and every stream's text equals the one-process
     reply."""
-    import asyncio
-    import time
-
-    import openai
-
     from meshpy.server import AppServer, create_app
 
-    prompts = [f"{PROMPT} In version {i} the bottle is {c}." for i, c in enumerate(
-        ("green", "blue", "red", "clear", "brown", "white", "black", "gold"))]
+    prompts = bottle_prompts(("green", "blue", "red", "clear", "brown", "white", "black", "gold"))
     n = 64
     local = Model.load(smollm2_gguf, threads=1)
     want = [local.generate(p, max_tokens=n).text for p in prompts]
@@ -343,41 +383,15 @@ def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm
         middle = start_with_two_middle_providers(mesh, smollm2_gguf)
         with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model, \
                 AppServer(create_app(model, "smollm2"), port=0) as server:
-            chunks = [0] * len(prompts)
             killed: list[list[int]] = []  # the streams' chunk counts at the kill
 
-            async def one(client: openai.AsyncOpenAI, i: int) -> str:
-                stream = await client.chat.completions.create(
-                    model="smollm2", messages=[{"role": "user", "content": prompts[i]}], stream=True,
-                    temperature=0, max_tokens=n)
-                parts = []
-                async with stream:
-                    async for c in stream:
-                        if c.choices and c.choices[0].delta.content:
-                            parts.append(c.choices[0].delta.content)
-                            chunks[i] += 1
-                return "".join(parts)
-
-            def kill_when_all_decode() -> None:
-                deadline = time.monotonic() + 120
-                while min(chunks) < 4:
-                    if time.monotonic() > deadline:
-                        return  # a stream failed or stalled: `gather` reports it
-                    time.sleep(0.005)
+            def kill(chunks: list[int]) -> None:
                 busy = {p.peer_id for p in model.pipeline.refresh() if p.sessions and p.layers.start == 10}
                 victim = next(w for w in middle if any(peer in "\n".join(w.stdout) for peer in busy))
                 victim.kill()
                 killed.append(list(chunks))
 
-            async def all_streams() -> list[str]:
-                async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
-                                              timeout=300) as client:
-                    killer = asyncio.get_running_loop().run_in_executor(None, kill_when_all_decode)
-                    texts = await asyncio.gather(*(one(client, i) for i in range(len(prompts))))
-                    await killer
-                    return list(texts)
-
-            got = asyncio.run(all_streams())
+            got = serve_streams(server.base_url, prompts, n, kill)
             assert killed and max(killed[0]) < n - 4, f"killed mid-decode: {killed}"
             assert got == want
             # The route was chained (the default) and stayed so after the reroute: every

@@ -144,6 +144,13 @@ impl Table {
         }
     }
 
+    /// The sessions `peer` started here, and the KV bytes they hold plus what its requests in
+    /// flight have reserved.
+    fn owned_by(&self, peer: PeerId) -> (usize, u64) {
+        let (n, held) = self.sessions.values().filter(|h| h.owner == peer).fold((0usize, 0u64), |(n, b), h| (n + 1, b + h.bytes));
+        (n, held + self.reserved.get(&peer).copied().unwrap_or(0))
+    }
+
     /// Gives back `bytes` of `peer`'s reservations.
     fn unreserve(&mut self, peer: PeerId, bytes: u64) {
         if let Some(r) = self.reserved.get_mut(&peer) {
@@ -339,31 +346,34 @@ impl SpanHandler {
         }
     }
 
-    /// The checks a request passes alone (model, layers, width), then admission; the
-    /// request, owned, ready to queue.
-    fn check_and_admit(&self, peer: PeerId, req: &Forward<'_>) -> Result<Queued, Refusal> {
-        let first_session = req.entries.first().map(|e| e.session);
-        if req.model.hash != self.model.hash {
-            return Err(refuse(
-                ErrorCode::WrongModel,
-                first_session,
-                format!("this worker serves {}, not {}", self.model, req.model),
-            ));
+    /// Refuses a request for another model, or for layers outside this worker's.
+    fn check_served(&self, model: &ModelId, span: Span, session: Option<SessionId>) -> Result<(), Refusal> {
+        if model.hash != self.model.hash {
+            return Err(refuse(ErrorCode::WrongModel, session, format!("this worker serves {}, not {model}", self.model)));
         }
         let mine = self.span();
-        if req.span.first_layer < mine.first_layer || req.span.end() > mine.end() {
+        if span.first_layer < mine.first_layer || span.end() > mine.end() {
             return Err(refuse(
                 ErrorCode::WrongSpan,
-                first_session,
+                session,
                 format!(
                     "this worker serves layers {}..{}, the request asks for {}..{}",
                     mine.first_layer,
                     mine.end(),
-                    req.span.first_layer,
-                    req.span.end()
+                    span.first_layer,
+                    span.end()
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The checks a request passes alone (model, layers, width), then admission; the
+    /// request, owned, ready to queue.
+    fn check_and_admit(&self, peer: PeerId, req: &Forward<'_>) -> Result<Queued, Refusal> {
+        let first_session = req.entries.first().map(|e| e.session);
+        self.check_served(&req.model, req.span, first_session)?;
+        let mine = self.span();
         // The rows entering the asked layers: hidden states, and for Gemma 4 per-layer inputs
         // and carried keys and values (`DecoderConfig::row_width`).
         let first = (req.span.first_layer - mine.first_layer) as usize;
@@ -542,13 +552,7 @@ impl SpanHandler {
             }
         }
         let needed = total_tokens * bpp;
-        let (owned, held) = table
-            .sessions
-            .values()
-            .filter(|h| h.owner == peer)
-            .fold((0usize, 0u64), |(n, b), h| (n + 1, b + h.bytes));
-        // What the peer holds plus what its requests in flight have reserved.
-        let owned_bytes = held + table.reserved.get(&peer).copied().unwrap_or(0);
+        let (owned, owned_bytes) = table.owned_by(peer);
         let new = out.iter().filter(|(_, new)| *new).count();
         let limits = &self.session_limits;
         if new > 0 && owned + new > limits.sessions_per_peer {
@@ -795,17 +799,8 @@ impl SpanHandler {
     /// limits; the `HandoverAck`, or a refusal that leaves nothing behind.
     fn take_over(&self, h: Handover<'_>) -> Result<Vec<u8>, Refusal> {
         let session = Some(h.session);
-        if h.model.hash != self.model.hash {
-            return Err(refuse(ErrorCode::WrongModel, session, format!("this worker serves {}, not {}", self.model, h.model)));
-        }
+        self.check_served(&h.model, h.span, session)?;
         let mine = self.span();
-        if h.span.first_layer < mine.first_layer || h.span.end() > mine.end() {
-            return Err(refuse(
-                ErrorCode::WrongSpan,
-                session,
-                format!("this worker serves layers {}..{}, the session runs {}..{}", mine.first_layer, mine.end(), h.span.first_layer, h.span.end()),
-            ));
-        }
         if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(refuse(ErrorCode::CannotHoldSession, session, "this worker is leaving too".to_string()));
         }
@@ -825,12 +820,7 @@ impl SpanHandler {
             return Err(refuse(ErrorCode::InvalidRequest, session, format!("session {} is held here already", h.session)));
         }
         let limits = &self.session_limits;
-        let (owned, owned_bytes) = table
-            .sessions
-            .values()
-            .filter(|s| s.owner == owner)
-            .fold((0usize, 0u64), |(n, b), s| (n + 1, b + s.bytes));
-        let owned_bytes = owned_bytes + table.reserved.get(&owner).copied().unwrap_or(0);
+        let (owned, owned_bytes) = table.owned_by(owner);
         if owned + 1 > limits.sessions_per_peer || owned_bytes + bytes > limits.kv_bytes_per_peer {
             return Err(refuse(ErrorCode::Overloaded, session, format!("{owner} is at its session or KV limit here")));
         }
