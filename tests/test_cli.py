@@ -43,6 +43,14 @@ def test_packaged_name_and_env_settings(monkeypatch: pytest.MonkeyPatch) -> None
     assert "generated 3 tokens" in run.stderr or "finish: stop" in run.stderr
 
 
+def test_version() -> None:
+    from meshpy import _native
+
+    done = meshpy_cli("--version", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("meshpy-llm ") and f"(core {_native.__version__})" in done.stdout, done.stdout
+
+
 def test_bad_flag_values_are_rejected_clearly() -> None:
     run = meshpy_cli("generate", "-m", "smollm2", "-p", "x", "--temperature", "-1")
     assert run.returncode == 2

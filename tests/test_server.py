@@ -245,6 +245,30 @@ def test_malformed_and_incomplete_bodies(server: AppServer) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
 
 
+def test_tokenize_and_detokenize_as_llama_server_does(server: AppServer, model: Model) -> None:
+    tok = model.tokenizer
+    text = "Hello world, <|im_start|> and ünïcode"
+    r = httpx.post(server.url + "/tokenize", json={"content": text}, timeout=30)
+    assert r.status_code == 200
+    ids = r.json()["tokens"]
+    assert ids == tok.encode(text, add_special_tokens=False)
+    assert tok.encode("<|im_start|>", add_special_tokens=False)[0] in ids, "special tokens in the text are matched"
+    with_bos = httpx.post(server.url + "/tokenize", json={"content": text, "add_special": True}, timeout=30).json()["tokens"]
+    assert with_bos == tok.encode(text, add_special_tokens=True)
+    pieces = httpx.post(server.url + "/tokenize", json={"content": "Hello world", "with_pieces": True}, timeout=30).json()
+    assert "".join(p["piece"] for p in pieces["tokens"]) == "Hello world"
+    assert [p["id"] for p in pieces["tokens"]] == tok.encode("Hello world", add_special_tokens=False)
+    r = httpx.post(server.url + "/detokenize", json={"tokens": ids}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"content": text}
+    for route, body, param in (("/tokenize", {"content": 5}, "content"), ("/tokenize", {}, "content"),
+                               ("/tokenize", {"content": "x", "with_pieces": "yes"}, "with_pieces"),
+                               ("/tokenize", {"content": "x", "parse_special": False}, "parse_special"),
+                               ("/detokenize", {"tokens": "1 2"}, "tokens"), ("/detokenize", {"tokens": [1, True]}, "tokens"),
+                               ("/detokenize", {"tokens": [1, 10**9]}, "tokens")):
+        r = httpx.post(server.url + route, json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (route, body, r.json())
+
+
 def test_api_key(model: Model) -> None:
     with AppServer(create_app(model, "smollm2", api_key=KEY), port=0) as keyed:
         with client_for(keyed, "wrong") as c:

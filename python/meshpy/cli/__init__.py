@@ -48,9 +48,24 @@ _WITHOUT_CONFIG = ("init",)
 _SERVERS = ("bootstrap", "seed", "worker", "serve")
 
 
+def _version() -> str:
+    """`meshpy-llm X (core Y)`: the installed distribution's version (the source tree's, run
+    from a checkout) and the Rust extension's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from meshpy import _native
+
+    try:
+        package = version("meshpy-llm")
+    except PackageNotFoundError:
+        package = f"{_native.__version__} (source tree)"
+    return f"meshpy-llm {package} (core {_native.__version__})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshpy", description="Peer-to-peer, pipeline-parallel LLM inference.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _target, help_text) in _COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=cls.__doc__)

@@ -410,6 +410,37 @@ def create_app(
         state.check_model(req.options.model)
         return await _generate(state, request, req.prompt, True, req.options, _Shape(chat=False))
 
+    async def tokenize(request: Request) -> Response:
+        # llama-server's /tokenize: {"content", "add_special" (false), "with_pieces" (false)}.
+        state.check_key(request)
+        body = await _json_body(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise APIError(400, "'content' must be a string", param="content")
+        options = {k: body.get(k, default) for k, default in (("add_special", False), ("with_pieces", False), ("parse_special", True))}
+        for name, value in options.items():
+            if not isinstance(value, bool):
+                raise APIError(400, f"'{name}' must be true or false", param=name)
+        if not options["parse_special"]:
+            raise APIError(400, "'parse_special': false is not supported (special tokens written in the text are "
+                                "always matched)", param="parse_special")
+        tokenizer = model.tokenizer
+        ids = tokenizer.encode(content, add_special_tokens=options["add_special"])
+        tokens = [{"id": i, "piece": tokenizer.decode([i])} for i in ids] if options["with_pieces"] else ids
+        return JSONResponse({"tokens": tokens})
+
+    async def detokenize(request: Request) -> Response:
+        # llama-server's /detokenize: {"tokens": [ids]} -> {"content"}.
+        state.check_key(request)
+        ids = (await _json_body(request)).get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise APIError(400, "'tokens' must be a list of token ids", param="tokens")
+        vocab = model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return JSONResponse({"content": model.tokenizer.decode(ids)})
+
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -437,6 +468,8 @@ def create_app(
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         *dashboard_routes(state),
     ]
     app = Starlette(
