@@ -297,8 +297,8 @@ class DemoSettings:
 
     model: Path = setting(Path("smollm2"), "the model (a packaged name, a .gguf file or an HF directory)", short="-m")
     workers: int = setting(2, "worker processes splitting the layers", minimum=1, maximum=64)
-    prompt: str = setting("What is the capital of France? Answer in one sentence.", "the demo's chat message", short="-p")
-    max_tokens: int = setting(64, "most tokens in the demo's reply", minimum=1, short="-n")
+    prompt: str = setting("Write a short paragraph about Paris, the capital of France.", "the demo's chat message", short="-p")
+    max_tokens: int = setting(128, "most tokens in the demo's reply", minimum=1, short="-n")
     host: str = setting("127.0.0.1", "address the HTTP server listens on")
     port: int = setting(8000, "HTTP port; 0 takes a free one", minimum=0, maximum=65535)
     threads: int | None = setting(None, "compute threads per process (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
