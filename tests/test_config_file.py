@@ -4,12 +4,10 @@ drives it: in a terminal (tmux), answering its questions."""
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from meshpy.config_file import read_config_file
 from meshpy.errors import InvalidArgumentError
 from meshpy.mesh.launcher import MeshProcess
 from meshpy.settings import WorkerSettings, from_namespace
+from tests.fixtures.terminal import Terminal
 
 COMMANDS = {name: cls for name, (cls, _t, _h) in _COMMANDS.items() if name != "init"}
 
@@ -102,36 +101,6 @@ def test_the_cli_reads_the_file_and_says_what_is_wrong(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     assert "generated 3 tokens" in run.stderr or "finish: stop" in run.stderr
-
-
-class Terminal:
-    """A program in a tmux pane, read and typed into as a person would."""
-
-    def __init__(self, name: str, command: str, env: dict[str, str]) -> None:
-        self.name = name
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k in ("PYTHONPATH", "MESHPY_DATA_DIR", "XDG_CONFIG_HOME", "PATH", "HOME"))
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "200", "-y", "60",
-                        f"env {exports} {command}; echo EXITED $?; sleep 600"], check=True)
-
-    def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-200", "-t", self.name],
-                              capture_output=True, text=True, check=True).stdout
-
-    def wait_for(self, pattern: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen().rstrip()  # a prompt waiting for an answer ends the screen
-            if re.search(pattern, screen):
-                return screen
-            time.sleep(0.2)
-        raise AssertionError(f"no {pattern!r} on the screen within {timeout} s:\n{self.screen()}")
-
-    def type(self, text: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
-        subprocess.run(["tmux", "send-keys", "-t", self.name, "Enter"], check=True)
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], check=False, capture_output=True)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux; .ci/run installs it)")

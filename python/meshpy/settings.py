@@ -176,6 +176,16 @@ _TRANSPORTS = ("tcp", "quic", "both")
 
 
 @dataclass(frozen=True)
+class ChatSettings(GenerateSettings):
+    """`meshpy chat`: a conversation in the terminal with a model in this process, or on a mesh
+    with --bootstrap. Each reply sees the whole conversation (the model's chat template);
+    /reset starts over, /exit or Ctrl-D leaves, Ctrl-C stops a reply."""
+
+    prompt: str | None = setting(None, "a first message (then the conversation goes on in the terminal)", short="-p")
+    system: str | None = setting(None, "a system message opening the conversation")
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     """What every mesh node shares: where it listens and how it joins."""
 

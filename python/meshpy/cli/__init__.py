@@ -12,6 +12,7 @@ from meshpy.config_file import CONFIG_ENV, config_path, default_config_path, rea
 from meshpy.errors import MeshpyError
 from meshpy.settings import (
     BootstrapSettings,
+    ChatSettings,
     DemoSettings,
     GenerateSettings,
     InitSettings,
@@ -31,6 +32,7 @@ __all__ = ["main"]
 #: when that command runs), and its help line.
 _COMMANDS: dict[str, tuple[type, str, str]] = {
     "generate": (GenerateSettings, "meshpy.cli.generate:run_generate", "generate a reply to one prompt"),
+    "chat": (ChatSettings, "meshpy.cli.chat:run_chat", "a conversation in the terminal, with a local model or a mesh"),
     "bootstrap": (BootstrapSettings, "meshpy.cli.mesh:run_bootstrap", "run a rendezvous node for a mesh"),
     "seed": (SeedSettings, "meshpy.cli.mesh:run_seed", "serve a model's file to the mesh, for nodes that start from its id"),
     "worker": (WorkerSettings, "meshpy.cli.mesh:run_worker", "host a range of a model's layers for the mesh"),

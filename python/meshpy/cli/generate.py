@@ -10,18 +10,28 @@ from meshpy.generation import Model
 from meshpy.sampling import SamplingParams
 from meshpy.settings import GenerateSettings
 
-__all__ = ["run_generate"]
+__all__ = ["connect_or_load", "run_generate"]
 
 
 def run_generate(settings: GenerateSettings) -> int:
     """Loads the model, streams the reply to stdout and prints timings to stderr."""
     t0 = time.perf_counter()
+    with connect_or_load(settings) as model:
+        return _generate(model, settings, time.perf_counter() - t0)
+
+
+def connect_or_load(settings: GenerateSettings) -> Model:
+    """The model as the settings ask: on the mesh (`--bootstrap`) or in this process, with
+    its speculation settings and draft model."""
     model = _connect(settings) if settings.bootstrap else _load(settings)
     model.speculation = settings.speculate
-    with model:
-        if settings.draft_model is not None:
+    if settings.draft_model is not None:
+        try:
             model.use_draft_model(settings.draft_model, threads=settings.threads)
-        return _generate(model, settings, time.perf_counter() - t0)
+        except BaseException:
+            model.close()
+            raise
+    return model
 
 
 def _load(settings: GenerateSettings) -> Model:
