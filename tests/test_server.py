@@ -245,6 +245,72 @@ def test_malformed_and_incomplete_bodies(server: AppServer) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
 
 
+def assert_openai_type(cls: type, body: dict[str, Any]) -> None:
+    """`body` validates strictly as the openai package's `cls`, and carries no field that type
+    (or any type nested in it) lacks."""
+    from pydantic import BaseModel
+
+    def no_extra(obj: object, where: str) -> None:
+        if isinstance(obj, BaseModel):
+            assert not obj.model_extra, f"{where} ({type(obj).__name__}) has fields the openai types lack: {sorted(obj.model_extra)}"
+            for name in type(obj).model_fields:
+                no_extra(getattr(obj, name), f"{where}.{name}")
+        elif isinstance(obj, list):
+            for i, item in enumerate(obj):
+                no_extra(item, f"{where}[{i}]")
+
+    no_extra(cls.model_validate(body, strict=True), cls.__name__)
+
+
+def sse_chunks(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON chunks of a streamed response, up to `data: [DONE]` (which must come)."""
+    chunks, done = [], False
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                chunks.append(json.loads(line[6:]))
+    assert done
+    return chunks
+
+
+def test_every_response_is_the_openai_types_field_for_field(server: AppServer) -> None:
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    chat = {"model": "smollm2", "messages": QUESTION, "max_tokens": 6, "temperature": 0}
+    whole = httpx.post(server.base_url + "/chat/completions", json=chat, timeout=60).json()
+    assert_openai_type(ChatCompletion, whole)
+    assert whole["choices"][0]["message"]["refusal"] is None, "the message carries refusal, as the API's does"
+    chunks = sse_chunks(server.base_url + "/chat/completions", {**chat, "stream": True, "stream_options": {"include_usage": True}})
+    for chunk in chunks:
+        assert_openai_type(ChatCompletionChunk, chunk)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": chunks[0]["choices"][0]["delta"]["content"],
+                                                 "refusal": None}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == \
+        whole["choices"][0]["message"]["content"]
+    text = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
+    whole = httpx.post(server.base_url + "/completions", json=text, timeout=60).json()
+    assert_openai_type(Completion, whole)
+    chunks = sse_chunks(server.base_url + "/completions", {**text, "stream": True, "stream_options": {"include_usage": True}})
+    for chunk in chunks:
+        # The package types a streamed legacy completion chunk as `Completion`, whose
+        # finish_reason leaves out the null the API streams until the last chunk (the client
+        # builds stream chunks without validating them): check the rest of each chunk.
+        choices = [{**c, "finish_reason": c["finish_reason"] or "stop"} for c in chunk["choices"]]
+        assert_openai_type(Completion, {**chunk, "choices": choices})
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 2) + ["length"]
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == whole["choices"][0]["text"]
+    models = httpx.get(server.base_url + "/models", timeout=30).json()
+    from openai.types import Model as OpenAIModel
+
+    for entry in models["data"]:
+        OpenAIModel.model_validate(entry, strict=True)  # our extra fields (context length, layers) are allowed here
+
+
 def test_tokenize_and_detokenize_as_llama_server_does(server: AppServer, model: Model) -> None:
     tok = model.tokenizer
     text = "Hello world, <|im_start|> and ünïcode"

@@ -263,7 +263,7 @@ class _Shape:
         if text is None:
             delta = None
         elif first:
-            delta = {"role": "assistant", "content": text}
+            delta = {"role": "assistant", "content": text, "refusal": None}
         else:
             delta = {"content": text} if finish is None else {}
         return protocol.chat_chunk(id, model, created, delta, finish, usage, with_usage=with_usage)

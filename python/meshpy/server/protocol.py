@@ -260,12 +260,15 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def _head(id: str, object: str, model: str, created: int | None) -> dict[str, Any]:
-    return {"id": id, "object": object, "created": int(time.time()) if created is None else created, "model": model}
+    # `system_fingerprint`: the API's backend configuration tag; none here, as the API may send.
+    return {"id": id, "object": object, "created": int(time.time()) if created is None else created, "model": model,
+            "system_fingerprint": None}
 
 
 def chat_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
     """A whole chat completion."""
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+    message = {"role": "assistant", "content": text, "refusal": None}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
     return {**_head(id, "chat.completion", model, None), "choices": [choice], "usage": usage}
 
 
