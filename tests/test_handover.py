@@ -122,3 +122,28 @@ def httpx_get(url: str) -> str:
     import httpx
 
     return httpx.get(url, timeout=10).text
+
+
+def test_a_session_nobody_else_can_take_stays_and_finishes_on_the_leaving_worker(
+    smollm2_gguf: Path, local_tokens: list[int]
+) -> None:
+    """The only provider of layers 10-19 is told to leave mid-stream: there is nobody to hand
+    the session to, so it stays there (said in the log), the stream finishes on it unchanged,
+    and the worker leaves once the session is closed."""
+    with LocalMesh(transport="tcp") as mesh:
+        mesh.start_bootstrap()
+        only = [mesh.add_worker(smollm2_gguf, layers=layers, threads=1) for layers in ("0-9", "10-19", "20-29")][1]
+        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
+            session = model.new_session()
+            tokens, on_route, leaving = greedy_until(model, session, [only], LEAVE_AT)
+            leaving.proc.send_signal(signal.SIGTERM)
+            leaving.wait_for(r"session [0-9a-f]{32} stays .*no other worker serves layers 10\.\.20", 20)
+            while len(tokens) < N_TOKENS:
+                logits = model.step(session, tokens[-1])
+                tokens.append(int(np.argmax(model.end.samplable(logits))))
+            assert tokens == local_tokens
+            assert session.hops[1].provider.peer_id == on_route
+            assert model.pipeline.recovery["handovers"] == 0 and model.pipeline.recovery["replayed_positions"] == 0
+            model.close_session(session)
+            leaving.wait_for(r"left: 0 sessions handed over, the others ended", 30)
+            assert leaving.proc.wait(30) == 0
