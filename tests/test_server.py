@@ -211,6 +211,10 @@ def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
         ({"messages": []}, 400, "messages", "invalid_value"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+        # Never silently ignored: a client asking for JSON, tools or log probabilities.
+        ({"response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools", "unsupported_parameter"),
+        ({"logprobs": True}, 400, "logprobs", "unsupported_parameter"),
     ],
 )
 def test_request_errors(client: openai.OpenAI, kwargs: dict[str, Any], status: int, param: str, code: str) -> None:
@@ -283,6 +287,8 @@ def test_every_response_is_the_openai_types_field_for_field(server: AppServer) -
     chat = {"model": "smollm2", "messages": QUESTION, "max_tokens": 6, "temperature": 0}
     whole = httpx.post(server.base_url + "/chat/completions", json=chat, timeout=60).json()
     assert_openai_type(ChatCompletion, whole)
+    as_text = {**chat, "response_format": {"type": "text"}}  # plain text asked for explicitly: fine
+    assert httpx.post(server.base_url + "/chat/completions", json=as_text, timeout=60).json()["choices"] == whole["choices"]
     assert whole["choices"][0]["message"]["refusal"] is None, "the message carries refusal, as the API's does"
     chunks = sse_chunks(server.base_url + "/chat/completions", {**chat, "stream": True, "stream_options": {"include_usage": True}})
     for chunk in chunks:

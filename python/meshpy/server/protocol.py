@@ -215,7 +215,9 @@ class ChatRequest:
             elif content is None:
                 raise invalid(f"{where}.content is required", f"{where}.content", "missing_required_parameter")
             messages.append({"role": "system" if role == "developer" else role, "content": _content(content, f"{where}.content")})
-        _reject_unsupported(body, [("top_logprobs", None)])
+        # A client asking for JSON, functions or audio must not get prose back as if it were.
+        _reject_unsupported(body, [("top_logprobs", None), ("response_format", {"type": "text"}), ("functions", None),
+                                   ("function_call", None), ("audio", None), ("prediction", None)])
         return cls(messages, Options.parse(body, ("max_completion_tokens", "max_tokens")))
 
 
