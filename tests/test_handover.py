@@ -17,11 +17,11 @@ from meshpy.mesh.launcher import LocalMesh
 from tests.test_mesh import (
     N_TOKENS,
     PROMPT,
-    bottle_prompts,
     greedy,
     greedy_until,
     local_tokens,
     serve_streams,
+    serving_streams,
     start_with_two_middle_providers,
 )
 
@@ -80,41 +80,32 @@ def test_a_leaving_worker_hands_over_every_served_stream_and_none_changes(smollm
     replayed position."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from meshpy.generation import Model
-    from meshpy.server import AppServer, create_app
-
-    prompts = bottle_prompts(("green", "blue", "red", "clear", "brown", "white"))
     n = 48
-    local = Model.load(smollm2_gguf, threads=1)
-    want = [local.generate(p, max_tokens=n).text for p in prompts]
-    with LocalMesh(transport="tcp") as mesh:
-        middle = start_with_two_middle_providers(mesh, smollm2_gguf)
-        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model, \
-                AppServer(create_app(model, "smollm2"), port=0) as server:
-            left: list[tuple[object, int, list[int]]] = []  # (worker, its sessions, chunk counts)
+    with serving_streams(smollm2_gguf, ("green", "blue", "red", "clear", "brown", "white"), n) as s:
+        left: list[tuple[object, int, list[int]]] = []  # (worker, its sessions, chunk counts)
 
-            def leave(chunks: list[int]) -> None:
-                held = {p.peer_id: p.sessions for p in model.pipeline.refresh() if p.layers.start == 10}
-                peer, sessions = max(held.items(), key=lambda kv: kv[1])
-                leaving = next(w for w in middle if peer in "\n".join(w.stdout))
-                leaving.proc.send_signal(signal.SIGTERM)
-                left.append((leaving, sessions, list(chunks)))
+        def leave(chunks: list[int]) -> None:
+            held = {p.peer_id: p.sessions for p in s.model.pipeline.refresh() if p.layers.start == 10}
+            peer, sessions = max(held.items(), key=lambda kv: kv[1])
+            leaving = next(w for w in s.middle if peer in "\n".join(w.stdout))
+            leaving.proc.send_signal(signal.SIGTERM)
+            left.append((leaving, sessions, list(chunks)))
 
-            got = serve_streams(server.base_url, prompts, n, leave)
-            assert left, "the streams never all decoded"
-            leaving, sessions, at = left[0]
-            assert sessions >= 1 and max(at) < n - 4, f"left mid-decode: {left}"
-            assert got == want
-            leaving.wait_for(rf"left: {sessions} sessions handed over", 30)
-            assert leaving.proc.wait(30) == 0
-            recovery = model.pipeline.recovery
-            assert recovery["replayed_positions"] == 0 and recovery["handovers"] == sessions, recovery
-            metrics = {s.name: s.value for f in text_string_to_metric_families(httpx_get(server.url + "/metrics"))
-                       for s in f.samples}
-            assert metrics["meshpy_mesh_handovers_total"] == sessions
-            assert metrics["meshpy_mesh_replayed_positions_total"] == 0
-            print(f"\n{sessions} of {len(prompts)} streams handed over mid-decode (at chunks {at}); "
-                  f"{recovery['handover_wait_s'] * 1e3:.1f} ms waited on 'moving' in all, 0 positions replayed")
+        got = serve_streams(s.server.base_url, s.prompts, n, leave)
+        assert left, "the streams never all decoded"
+        leaving, sessions, at = left[0]
+        assert sessions >= 1 and max(at) < n - 4, f"left mid-decode: {left}"
+        assert got == s.want
+        leaving.wait_for(rf"left: {sessions} sessions handed over", 30)
+        assert leaving.proc.wait(30) == 0
+        recovery = s.model.pipeline.recovery
+        assert recovery["replayed_positions"] == 0 and recovery["handovers"] == sessions, recovery
+        metrics = {m.name: m.value for f in text_string_to_metric_families(httpx_get(s.server.url + "/metrics"))
+                   for m in f.samples}
+        assert metrics["meshpy_mesh_handovers_total"] == sessions
+        assert metrics["meshpy_mesh_replayed_positions_total"] == 0
+        print(f"\n{sessions} of {len(s.prompts)} streams handed over mid-decode (at chunks {at}); "
+              f"{recovery['handover_wait_s'] * 1e3:.1f} ms waited on 'moving' in all, 0 positions replayed")
 
 
 def httpx_get(url: str) -> str:

@@ -13,7 +13,9 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -362,9 +364,31 @@ def serve_streams(base_url: str, prompts: list[str], n: int, when_all_decode: Ca
     return asyncio.run(all_streams())
 
 
-def bottle_prompts(colors: tuple[str, ...]) -> list[str]:
-    """PROMPT in one version per color."""
-    return [f"{PROMPT} In version {i} the bottle is {c}." for i, c in enumerate(colors)]
+class ServedMesh(NamedTuple):
+    """Prompts, their one-process greedy replies, the two providers of layers 10-19 and the End
+    node serving the model through them (`serving_streams`)."""
+
+    prompts: list[str]
+    want: list[str]
+    middle: list
+    model: Model
+    server: Any
+
+
+@contextmanager
+def serving_streams(gguf: Path, colors: tuple[str, ...], n: int) -> Iterator[ServedMesh]:
+    """PROMPT in one version per color, each one's reply of `n` greedy tokens in one process,
+    and an OpenAI server whose End node runs the layers on a mesh with two middle providers."""
+    from meshpy.server import AppServer, create_app
+
+    prompts = [f"{PROMPT} In version {i} the bottle is {c}." for i, c in enumerate(colors)]
+    local = Model.load(gguf, threads=1)
+    want = [local.generate(p, max_tokens=n).text for p in prompts]
+    with LocalMesh(transport="tcp") as mesh:
+        middle = start_with_two_middle_providers(mesh, gguf)
+        with connect(gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model, \
+                AppServer(create_app(model, "smollm2"), port=0) as server:
+            yield ServedMesh(prompts, want, middle, model, server)
 
 
 def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm2_gguf: Path) -> None:
@@ -373,31 +397,23 @@ def test_a_worker_killed_while_eight_served_streams_run_changes_no_stream(smollm
     sessions run on is killed mid-decode. The failed iteration falls back to each session's
     own forward, which reroutes and replays, and every stream's text equals the one-process
     reply."""
-    from meshpy.server import AppServer, create_app
-
-    prompts = bottle_prompts(("green", "blue", "red", "clear", "brown", "white", "black", "gold"))
     n = 64
-    local = Model.load(smollm2_gguf, threads=1)
-    want = [local.generate(p, max_tokens=n).text for p in prompts]
-    with LocalMesh(transport="tcp") as mesh:
-        middle = start_with_two_middle_providers(mesh, smollm2_gguf)
-        with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model, \
-                AppServer(create_app(model, "smollm2"), port=0) as server:
-            killed: list[list[int]] = []  # the streams' chunk counts at the kill
+    with serving_streams(smollm2_gguf, ("green", "blue", "red", "clear", "brown", "white", "black", "gold"), n) as s:
+        killed: list[list[int]] = []  # the streams' chunk counts at the kill
 
-            def kill(chunks: list[int]) -> None:
-                busy = {p.peer_id for p in model.pipeline.refresh() if p.sessions and p.layers.start == 10}
-                victim = next(w for w in middle if any(peer in "\n".join(w.stdout) for peer in busy))
-                victim.kill()
-                killed.append(list(chunks))
+        def kill(chunks: list[int]) -> None:
+            busy = {p.peer_id for p in s.model.pipeline.refresh() if p.sessions and p.layers.start == 10}
+            victim = next(w for w in s.middle if any(peer in "\n".join(w.stdout) for peer in busy))
+            victim.kill()
+            killed.append(list(chunks))
 
-            got = serve_streams(server.base_url, prompts, n, kill)
-            assert killed and max(killed[0]) < n - 4, f"killed mid-decode: {killed}"
-            assert got == want
-            # The route was chained (the default) and stayed so after the reroute: every
-            # worker left, the new middle one included, ran relays.
-            assert all(p.info["relays"] > 0 for p in model.pipeline.refresh())
-            assert model.scheduler.counters()[2] >= 2, "the streams shared iterations"
+        got = serve_streams(s.server.base_url, s.prompts, n, kill)
+        assert killed and max(killed[0]) < n - 4, f"killed mid-decode: {killed}"
+        assert got == s.want
+        # The route was chained (the default) and stayed so after the reroute: every
+        # worker left, the new middle one included, ran relays.
+        assert all(p.info["relays"] > 0 for p in s.model.pipeline.refresh())
+        assert s.model.scheduler.counters()[2] >= 2, "the streams shared iterations"
 
 
 def test_in_process_workers_echo_and_no_route(smollm2_gguf: Path, tmp_path: Path, local_tokens: list[int]) -> None:

@@ -507,22 +507,18 @@ class MeshPipeline:
         return True
 
     def _provider(self, peer: str, layers: range) -> Provider | None:
-        """`peer` as a provider serving `layers`: as known, else looked up again."""
+        """`peer` as a provider serving `layers`: as known, else looked up again, else (not
+        announced yet) as it describes itself."""
         def known() -> Provider | None:
-            return next((p for p in self.providers if p.peer_id == peer
-                         and p.layers.start <= layers.start and layers.stop <= p.layers.stop), None)
+            return next((p for p in self.providers if p.peer_id == peer and p.serves(layers)), None)
 
         found = known()
         if found is None:
             self.refresh()
             found = known()
-        if found is None:
-            # Not announced (yet): ask it directly.
-            described = describe_peers(self.node, [peer]).get(peer)
-            if described is not None:
-                p = provider_from_info(peer, *described, self.model, self.n_layers)
-                if p is not None and p.layers.start <= layers.start and layers.stop <= p.layers.stop:
-                    found = p
+        if found is None and (described := describe_peers(self.node, [peer]).get(peer)) is not None:
+            p = provider_from_info(peer, *described, self.model, self.n_layers)
+            found = p if p is not None and p.serves(layers) else None
         return found
 
     def _replay(self, session: MeshSession, hop: Hop, history: np.ndarray) -> np.ndarray:
@@ -599,8 +595,7 @@ class MeshPipeline:
         providers up again (at most every `_REFRESH_GAP` seconds, unless `look_again`)."""
         for attempt in range(2):
             skip = besides | self._excluded()
-            others = [p for p in self.providers if p.peer_id not in skip
-                      and p.layers.start <= hop.layers.start and hop.layers.stop <= p.layers.stop]
+            others = [p for p in self.providers if p.peer_id not in skip and p.serves(hop.layers)]
             if others:
                 return Hop(min(others, key=lambda p: preference(p, self._started)), hop.layers)
             if attempt == 0 and (look_again or time.monotonic() - self._last_refresh > _REFRESH_GAP):

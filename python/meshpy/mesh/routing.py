@@ -50,6 +50,10 @@ class Provider:
     sessions: int = 0
     info: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def serves(self, layers: range) -> bool:
+        """Whether every layer of `layers` is one of this provider's."""
+        return self.layers.start <= layers.start and layers.stop <= self.layers.stop
+
 
 @dataclass(frozen=True)
 class Hop:

@@ -286,15 +286,24 @@ class Worker:
 
     def _hand_over_and_tell(self) -> None:
         """Before moving: takes no new sessions, hands the held ones to the other providers of
-        its layers, and waits up to `MOVE_TELL_WAIT` for their End nodes to learn where."""
+        its layers, and waits up to `MOVE_TELL_WAIT` for their End nodes to learn where (those
+        that stayed are dropped with the old layers: their End nodes replay them)."""
         assert self.node is not None
-        if not (self.settings.hand_over and self.node.session_count()):
-            return
-        self.node.drain()
-        self._hand_over()
-        deadline = time.monotonic() + MOVE_TELL_WAIT
-        while self.node.moves_untold() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if self.settings.hand_over and self.node.session_count():
+            self.node.drain()
+            self._hand_over()
+            self._settle(time.monotonic() + MOVE_TELL_WAIT, until_ended=False)
+
+    def _settle(self, deadline: float, *, until_ended: bool) -> int:
+        """Waits until `deadline` at most for the End nodes of the sessions handed over to
+        learn where they went, and (`until_ended`) for the sessions held to end; the sessions
+        still held."""
+        assert self.node is not None
+        held = self.node.session_count()
+        while ((until_ended and held) or self.node.moves_untold()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            held = self.node.session_count()
+        return held
 
     def _peer_limits(self) -> dict[str, int]:
         """The per-peer session limits asked for; those not given keep the core's defaults."""
@@ -366,13 +375,11 @@ class Worker:
         deadline = time.monotonic() + timeout
         held = self.node.session_count()
         log.info("leaving: no new sessions; %d held", held)
-        moved = self._hand_over() if held and self.settings.hand_over else 0
+        moved = self._hand_over()
         held = self.node.session_count()
         if held:
             log.info("waiting up to %.0f s for %d held sessions to end", max(deadline - time.monotonic(), 0.0), held)
-        while (held or self.node.moves_untold()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-            held = self.node.session_count()
+        held = self._settle(deadline, until_ended=True)
         if held:
             log.warning("leaving with %d sessions still held: their End nodes will move them, with replay", held)
         else:
@@ -382,8 +389,11 @@ class Worker:
 
     def _hand_over(self) -> int:
         """Hands the held sessions to the other providers of their layers (the least busy
-        first); how many moved."""
-        assert self.node is not None and self.model is not None and self.n_layers is not None
+        first), unless `--no-hand-over`; how many moved."""
+        assert self.node is not None
+        if not (self.settings.hand_over and self.node.session_count()):
+            return 0
+        assert self.model is not None and self.n_layers is not None
         others = sorted(discover(self.node, self.model, self.n_layers), key=lambda p: preference(p, {}))
         handed = self.node.hand_over([(p.peer_id, p.layers.start, len(p.layers)) for p in others], timeout=HANDOVER_TIMEOUT)
         for h in handed:

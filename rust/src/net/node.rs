@@ -421,8 +421,12 @@ impl NodeHandle {
 
     /// What this node answers to `Info` now (see the `info` module for the keys).
     pub fn describe(&self) -> serde_json::Value {
-        let handler = self.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
-        self.info.describe(handler.as_deref())
+        self.info.describe(self.handler().as_deref())
+    }
+
+    /// The handler serving now, if any.
+    fn handler(&self) -> Option<Arc<dyn FrameHandler>> {
+        self.handler.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Inbound tensor streams being served now (idle pooled streams of requesters included).
@@ -442,7 +446,7 @@ impl NodeHandle {
 
     /// Tells the handler to take no new sessions (see [`FrameHandler::drain`]).
     pub fn drain(&self) {
-        if let Some(h) = self.handler.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(h) = self.handler() {
             h.drain();
         }
     }
@@ -450,16 +454,12 @@ impl NodeHandle {
     /// Hands the handler's sessions to other workers of their layers (see
     /// [`FrameHandler::hand_over`]), each transfer a request of at most `timeout`. Blocks.
     pub fn hand_over(&self, targets: &[(PeerId, crate::wire::Span)], timeout: Option<Duration>) -> Vec<super::Handed> {
-        let handler = self.handler.read().unwrap_or_else(|e| e.into_inner()).clone();
-        match handler {
-            Some(h) => h.hand_over(targets, &|peer, frame| self.request(peer, frame, timeout)),
-            None => Vec::new(),
-        }
+        self.handler().map_or_else(Vec::new, |h| h.hand_over(targets, &|peer, frame| self.request(peer, frame, timeout)))
     }
 
     /// Sessions handed over whose End node does not yet know (see [`FrameHandler::moves_untold`]).
     pub fn moves_untold(&self) -> usize {
-        self.handler.read().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |h| h.moves_untold())
+        self.handler().map_or(0, |h| h.moves_untold())
     }
 
     /// Every open connection of this node (see [`Connection`]).
@@ -474,7 +474,7 @@ impl NodeHandle {
 
     /// Sessions the handler holds (0 without a handler).
     pub fn session_count(&self) -> usize {
-        self.handler.read().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |h| h.session_count())
+        self.handler().map_or(0, |h| h.session_count())
     }
 
     /// Sends a command and waits at most `timeout` for its answer.

@@ -37,8 +37,7 @@ pub(crate) fn to_py_err(err: Error) -> PyErr {
             Error::Worker { peer, code, message } => {
                 let kwargs = pyo3::types::PyDict::new(py);
                 kwargs.set_item("recoverable", code.recoverable())?;
-                let reply = crate::wire::ErrorReply { code: *code, session: None, message: message.clone() };
-                kwargs.set_item("moved_to", reply.moved_to())?;
+                kwargs.set_item("moved_to", crate::wire::moved_to(*code, message))?;
                 class.call((code.name(), message, peer), Some(&kwargs))
             }
             _ => class.call1((message.clone(),)),

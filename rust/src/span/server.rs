@@ -352,7 +352,7 @@ impl SpanHandler {
             return Err(refuse(ErrorCode::WrongModel, session, format!("this worker serves {}, not {model}", self.model)));
         }
         let mine = self.span();
-        if span.first_layer < mine.first_layer || span.end() > mine.end() {
+        if !mine.contains(span) {
             return Err(refuse(
                 ErrorCode::WrongSpan,
                 session,
@@ -716,11 +716,7 @@ impl SpanHandler {
     ) -> Handed {
         let started = Instant::now();
         let mut handed = Handed { session: id, to: Err(String::new()), positions: 0, bytes: 0, seconds: 0.0 };
-        let takers: Vec<PeerId> = targets
-            .iter()
-            .filter(|(_, t)| t.first_layer <= span.first_layer && span.end() <= t.end())
-            .map(|(p, _)| *p)
-            .collect();
+        let takers: Vec<PeerId> = targets.iter().filter(|(_, t)| t.contains(span)).map(|(p, _)| *p).collect();
         if takers.is_empty() {
             handed.to = Err(format!("no other worker serves layers {}..{}", span.first_layer, span.end()));
             return handed;
@@ -756,19 +752,12 @@ impl SpanHandler {
             }
             Ok(frame) => {
                 for peer in takers {
-                    match send(peer, frame.clone()).and_then(|answer| {
-                        Message::decode(&answer, &Limits::unlimited()).map(|m| match m {
-                            Message::HandoverAck(got) if got == id => Ok(()),
-                            Message::Error(e) => Err(format!("{}: {}", e.code, e.message)),
-                            other => Err(format!("answered a {} frame", other.kind())),
-                        })
-                    }) {
-                        Ok(Ok(())) => {
+                    match offer(send, peer, frame.clone(), id) {
+                        Ok(()) => {
                             handed.to = Ok(peer);
                             break;
                         }
-                        Ok(Err(refused)) => why.push(format!("{peer}: {refused}")),
-                        Err(e) => why.push(format!("{peer}: {e}")),
+                        Err(refused) => why.push(format!("{peer}: {refused}")),
                     }
                 }
             }
@@ -838,6 +827,17 @@ impl SpanHandler {
         table.sessions.insert(h.session, Held { span: h.span, owner, bytes, session: Arc::new(Mutex::new(state)) });
         tracing::info!(session = %h.session, "took over a session on layers {}..{}: {positions} positions", h.span.first_layer, h.span.end());
         Message::HandoverAck(h.session).encode().map_err(|e| internal(&e.to_string()))
+    }
+}
+
+/// Sends a `Handover` frame for session `id` to `peer`: Ok once it holds the session, else
+/// its refusal or what went wrong on the way.
+fn offer(send: SendFrame<'_>, peer: PeerId, frame: Vec<u8>, id: SessionId) -> Result<(), String> {
+    let answer = send(peer, frame).map_err(|e| e.to_string())?;
+    match Message::decode(&answer, &Limits::unlimited()).map_err(|e| e.to_string())? {
+        Message::HandoverAck(got) if got == id => Ok(()),
+        Message::Error(e) => Err(format!("{}: {}", e.code, e.message)),
+        other => Err(format!("answered a {} frame", other.kind())),
     }
 }
 

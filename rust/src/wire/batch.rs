@@ -65,6 +65,11 @@ impl Span {
         u64::from(self.first_layer) + u64::from(self.layer_count)
     }
 
+    /// Whether every layer of `other` is one of this span's.
+    pub fn contains(&self, other: Span) -> bool {
+        self.first_layer <= other.first_layer && other.end() <= self.end()
+    }
+
     /// Why the span is invalid, if it is: no layers, or an end past `u32::MAX`.
     pub(crate) fn problem(&self) -> Option<String> {
         if self.layer_count == 0 {

@@ -103,7 +103,7 @@ pub use message::{
     Collect, Forward, ForwardResult, Handover, Message, NextHop, Relay, MAX_HOP_ADDRS, MAX_HOP_ADDR_LEN, MAX_PEER_ID_LEN,
     MAX_RELAY_HOPS, STATE_DIGEST_LEN,
 };
-pub use reply::{ErrorCode, ErrorReply};
+pub use reply::{moved_to, ErrorCode, ErrorReply};
 pub use tensor::{
     bf16_bytes_to_f32, bf16_to_f32, f16_bytes_to_f32, f32_bytes_to_f32, f32_to_bf16,
     f32_to_bf16_bytes, f32_to_f16_bytes, f32_to_f32_bytes, DType, Shape, Tensor, TensorView,

@@ -147,6 +147,12 @@ impl fmt::Display for ErrorCode {
     }
 }
 
+/// The peer a refusal with `code` and `message` says the session moved to: the message's last
+/// word, for `SessionMoved` ([`ErrorReply::moved`] writes it so); else `None`.
+pub fn moved_to(code: ErrorCode, message: &str) -> Option<&str> {
+    (code == ErrorCode::SessionMoved).then(|| message.rsplit(' ').next()).flatten().filter(|p| !p.is_empty())
+}
+
 /// The body of an `Error` frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErrorReply {
@@ -164,9 +170,9 @@ impl ErrorReply {
         ErrorReply { code: ErrorCode::SessionMoved, session: Some(session), message: format!("session {session} moved to {to}") }
     }
 
-    /// The peer a `SessionMoved` reply names (its message's last word), else `None`.
+    /// The peer a `SessionMoved` reply names, else `None` (see [`moved_to`]).
     pub fn moved_to(&self) -> Option<&str> {
-        (self.code == ErrorCode::SessionMoved).then(|| self.message.rsplit(' ').next()).flatten().filter(|p| !p.is_empty())
+        moved_to(self.code, &self.message)
     }
 
     /// The reply a worker sends when a request failed with `err`.
