@@ -49,7 +49,7 @@ class _Count:
         self.ended = threading.Event()
         self.error: BaseException | None = None
 
-    def token(self, token: int) -> bool:
+    def token(self, token: int, logprob: object = None) -> bool:
         self.n += 1
         return True
 

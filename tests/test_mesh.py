@@ -286,7 +286,7 @@ class _KillAt:
         self.done = threading.Event()
         self.error: BaseException | None = None
 
-    def token(self, token: int) -> bool:
+    def token(self, token: int, logprob: object = None) -> bool:
         self.tokens.append(token)
         if len(self.tokens) == self.at:
             busy = {p.peer_id for p in self.model.pipeline.refresh() if p.sessions}

@@ -39,7 +39,7 @@ class Recorder:
         self.seen_at_first: list[int] | None = None
         self.ended = threading.Event()
 
-    def token(self, token: int) -> bool:
+    def token(self, token: int, logprob: object = None) -> bool:
         if not self.tokens:
             self.seen_at_first = [len(o.tokens) for o in self.others]
         self.tokens.append(token)

@@ -211,10 +211,9 @@ def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
         ({"messages": []}, 400, "messages", "invalid_value"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
-        # Never silently ignored: a client asking for JSON, tools or log probabilities.
+        # Never silently ignored: a client asking for JSON or tools.
         ({"response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools", "unsupported_parameter"),
-        ({"logprobs": True}, 400, "logprobs", "unsupported_parameter"),
     ],
 )
 def test_request_errors(client: openai.OpenAI, kwargs: dict[str, Any], status: int, param: str, code: str) -> None:
@@ -241,9 +240,9 @@ def test_malformed_and_incomplete_bodies(server: AppServer) -> None:
                        ({"model": "smollm2", "prompt": "hello " * 9000}, "context_length_exceeded"),
                        ({"model": "smollm2", "prompt": [1, 2, 10**7]}, "invalid_value"),
                        ({"model": "smollm2", "prompt": ["one", "two"]}, "invalid_value"),
-                       ({"model": "smollm2", "prompt": "hi", "echo": True}, "unsupported_parameter")):
+                       ({"model": "smollm2", "prompt": "hi", "suffix": "!"}, "unsupported_parameter")):
         r = httpx.post(url, json=body, timeout=30)
-        assert r.status_code == 400 and r.json()["error"]["param"] in ("prompt", "echo")
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("prompt", "suffix")
         assert r.json()["error"]["code"] == code, r.json()
     r = httpx.get(server.base_url + "/embeddings", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"

@@ -266,16 +266,19 @@ class Model:
         self.draft_model = DraftModel(Model.load(path, threads=threads), self)
 
     def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, sink: TokenSink,
-               stats: GenerationStats, speculate: bool | None = None) -> Ticket:
+               stats: GenerationStats, speculate: bool | None = None, *, logprobs: int | None = None,
+               prompt_logprobs: bool = False) -> Ticket:
         """Starts a generation of up to `max_tokens` (>= 1) tokens on the scheduler, cut to the
         context left after the prompt; its tokens go to `sink` (see `meshpy.scheduler`);
-        `speculate` (default `self.speculation`) turns drafting on or off for it.
-        Raises ContextOverflowError when the prompt does not fit."""
+        `speculate` (default `self.speculation`) turns drafting on or off for it; `logprobs`
+        (alternatives to list) reports each token's log-probability, `prompt_logprobs` the
+        prompt's too (and allows `max_tokens` 0). Raises ContextOverflowError when the prompt
+        does not fit."""
         self.end.check_context(len(prompt_ids))
         budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
         speculate = self.speculation if speculate is None else speculate
         return self.scheduler.submit(prompt_ids, budget, Sampler(sampling), self.end.tokenizer.stop_ids, sink, stats,
-                                     speculate, self.draft_length, self.draft_model)
+                                     speculate, self.draft_length, self.draft_model, logprobs, prompt_logprobs)
 
     def stream(
         self,
@@ -310,7 +313,7 @@ class _QueueSink:
         self.reason: str | None = None
         self.error: BaseException | None = None
 
-    def token(self, token: int) -> bool:
+    def token(self, token: int, logprob: object) -> bool:
         self.tokens.put(token)
         return True
 

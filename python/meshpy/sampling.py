@@ -17,11 +17,13 @@ import numpy as np
 
 from meshpy.errors import InvalidSamplingError
 
-__all__ = ["SamplingParams", "Sampler", "sample_rows"]
+__all__ = ["SamplingParams", "Sampler", "sample_rows", "TokenLogprob", "token_logprobs", "MAX_TOP_LOGPROBS"]
 
 # Nucleus search starts with this many candidates and doubles until they hold top_p of the
 # probability, so a 262k vocabulary is not fully sorted for every token.
 _NUCLEUS_START = 64
+#: Most alternatives a token's log-probability may list (OpenAI's limit for `top_logprobs`).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -192,3 +194,34 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
             keep = int(np.searchsorted(mass, top_p, side="left")) + 1
             return order[: min(keep, len(order))]
         k = min(n, k * 4)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the likeliest tokens at its position."""
+
+    token: int
+    logprob: float
+    #: `(token id, log-probability)` of the most likely tokens there, likeliest first.
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top_n: int) -> list[TokenLogprob]:
+    """Row i's log-probability of `tokens[i]` and its `top_n` likeliest tokens, for logits
+    `(rows, n_tokens)`. This is the model's own distribution (log-softmax of the raw logits,
+    before temperature, top-k and top-p), as log-likelihood scoring needs, and as vLLM and
+    OpenAI report it."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = x.max(axis=1, keepdims=True)
+    norm = top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))  # log of each row's softmax total
+    out = []
+    for i, token in enumerate(tokens):
+        row = x[i]
+        best: tuple[tuple[int, float], ...] = ()
+        if top_n > 0:
+            k = min(top_n, row.size)
+            ids = np.argpartition(row, row.size - k)[row.size - k :]
+            ids = ids[np.argsort(-row[ids], kind="stable")]
+            best = tuple((int(j), float(row[j] - norm[i, 0])) for j in ids)
+        out.append(TokenLogprob(int(token), float(row[token] - norm[i, 0]), best))
+    return out

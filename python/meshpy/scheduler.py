@@ -20,8 +20,10 @@ With several lanes (a mesh: each hop is a stage on another machine) the lanes' b
 flight at once, so while one batch crosses the second worker the next crosses the first.
 
 Generations report through a `TokenSink` called on scheduler threads: `token` for each token
-(returning False stops the generation there, as a stop string does), then `end` once, then
-`closed` once its session is closed. A
+(returning False stops the generation there, as a stop string does; with its log-probability
+when the generation asked for them), then `end` once, then `closed` once its session is
+closed; a generation that asked for its prompt's log-probabilities gets them through `prompt`
+as its chunks are run (for log-likelihood scoring; with a budget of 0 it stops there). A
 generation whose iteration fails is run again on its own, so a bad request fails alone.
 """
 
@@ -39,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from meshpy.errors import InvalidSamplingError
-from meshpy.sampling import Sampler, sample_rows
+from meshpy.sampling import Sampler, TokenLogprob, sample_rows, token_logprobs
 from meshpy.speculation import DraftModel, Speculator, agreeing
 
 if TYPE_CHECKING:
@@ -58,6 +60,8 @@ PREFILL_SHARE = 1.0
 #: Threads that open sessions, and threads that close them (on a mesh each may wait on the
 #: network: a vanished worker answers a close only by its timeout).
 SESSION_THREADS = 4
+#: Prompt rows whose logits are held at once when the prompt's log-probabilities are asked for.
+_LOGPROB_ROWS = 64
 #: Weight of the newest measurement in the running averages of iteration costs.
 _EMA = 0.2
 #: Names of the scheduler's threads start with this (see `on_scheduler_thread`).
@@ -74,8 +78,13 @@ def on_scheduler_thread() -> bool:
 class TokenSink(Protocol):
     """Where a generation's tokens go; both methods are called on a scheduler thread."""
 
-    def token(self, token: int) -> bool:
-        """One generated token; False stops the generation after it (finish reason `stop`)."""
+    def token(self, token: int, logprob: TokenLogprob | None) -> bool:
+        """One generated token, with its log-probability if the generation asked for them
+        (else None); False stops the generation after it (finish reason `stop`)."""
+
+    def prompt(self, logprobs: list[TokenLogprob | None]) -> None:
+        """Log-probabilities of the next prompt tokens, in order (None for the first, which
+        nothing predicts); called only for a generation that asked for them."""
 
     def end(self, finish_reason: str | None, error: BaseException | None) -> None:
         """The generation ended (`stop`, `length`, `cancelled`), or failed with `error`."""
@@ -91,9 +100,13 @@ class Ticket:
 
     def __init__(self, prompt: Sequence[int], budget: int, sampler: Sampler, stop_ids: frozenset[int],
                  sink: TokenSink, stats: GenerationStats, speculate: bool = False, draft_length: int | None = None,
-                 draft_model: DraftModel | None = None) -> None:
+                 draft_model: DraftModel | None = None, logprobs: int | None = None,
+                 prompt_logprobs: bool = False) -> None:
         self.prompt = list(prompt)
         self.budget = budget
+        #: Alternatives listed with each token's log-probability; None: no log-probabilities.
+        self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
         self.sampler = sampler
         self.stop_ids = stop_ids
         self.sink = sink
@@ -294,10 +307,15 @@ class _Lane:
                 self._finish(ticket, None, out)
                 continue
             if ticket.next_token is None:
+                if ticket.prompt_logprobs and not self._report_prompt(ticket, out):
+                    continue
                 ticket.fed += len(ids)
                 if ticket.fed < len(ticket.prompt):
                     continue
                 ticket.stats.prefill_seconds = time.perf_counter() - ticket.started
+                if ticket.budget == 0:  # only the prompt was asked for
+                    self._finish(ticket, "length")
+                    continue
                 out = out[-1:]
             want.append((ticket, out))
         if not want:
@@ -315,11 +333,30 @@ class _Lane:
         picks = iter(sample_rows(samplers, plain, n_tokens))
         now = time.perf_counter()
         for (ticket, _), v, block in zip(want, verifying, blocks):
-            picked = _verify_sampled(ticket, logits[block.start : block.stop, :n_tokens]) if v else [
-                next(picks) for _ in block]
-            self._take(ticket, picked, now)
+            rows = logits[block.start : block.stop, :n_tokens]
+            picked = _verify_sampled(ticket, rows) if v else [next(picks) for _ in block]
+            self._take(ticket, picked, now, rows)
 
-    def _take(self, ticket: Ticket, picked: list[int | BaseException], now: float) -> None:
+    def _report_prompt(self, ticket: Ticket, out: np.ndarray) -> bool:
+        """Hands the sink the log-probabilities of the prompt tokens this chunk's rows predict
+        (row j predicts token `fed + j + 1`; the prompt's last row predicts the first
+        generated token, which `_take` reports); False if that failed and ended it."""
+        start = ticket.fed
+        n = min(len(out), len(ticket.prompt) - 1 - start)  # rows that predict a prompt token
+        try:
+            entries: list[TokenLogprob | None] = [None] if start == 0 else []
+            end = self.model.end
+            for at in range(0, n, _LOGPROB_ROWS):  # bounded memory with a large vocabulary
+                upto = min(n, at + _LOGPROB_ROWS)
+                rows = end.logits(out[at:upto])[:, : end.tokenizer.vocab_size]
+                entries += token_logprobs(rows, ticket.prompt[start + 1 + at : start + 1 + upto], ticket.logprobs or 0)
+            ticket.sink.prompt(entries)
+        except Exception as e:  # noqa: BLE001 - this generation's failure only
+            self._finish(ticket, None, e)
+            return False
+        return True
+
+    def _take(self, ticket: Ticket, picked: list[int | BaseException], now: float, rows: np.ndarray) -> None:
         """Hands a generation the tokens picked for its rows this iteration: one, or with a
         draft the drafted tokens the picks agree with and the pick after the last of them (so
         greedy output equals plain decoding, and sampled output, picked by the rejection
@@ -351,8 +388,11 @@ class _Lane:
                 for token in tokens:
                     spec.lookup.append(token)
         before = ticket.stats.completion_tokens
-        for i, token in enumerate(tokens):
-            if (i and ticket.cancelled) or not self._advance(ticket, token, now):
+        logprobs: list[TokenLogprob | None] = [None] * len(tokens)
+        if ticket.logprobs is not None and tokens:
+            logprobs = list(token_logprobs(rows[: len(tokens)], tokens, ticket.logprobs))
+        for i, (token, logprob) in enumerate(zip(tokens, logprobs)):
+            if (i and ticket.cancelled) or not self._advance(ticket, token, now, logprob):
                 break
         if spec is not None and draft and error is None:
             # Drafted tokens kept and handed out (a stop or the budget may end the step early).
@@ -360,8 +400,9 @@ class _Lane:
         if error is not None and ticket in self.active:
             self._finish(ticket, None, error)
 
-    def _advance(self, ticket: Ticket, token: int, now: float) -> bool:
-        """Hands `token` to the generation; False once it ended."""
+    def _advance(self, ticket: Ticket, token: int, now: float, logprob: TokenLogprob | None) -> bool:
+        """Hands `token` (and its log-probability, if asked for) to the generation; False once
+        it ended."""
         stats = ticket.stats
         if ticket.next_token is not None:  # a decode step ran
             stats.decode_seconds += now - ticket.last
@@ -372,7 +413,7 @@ class _Lane:
             return False
         stats.completion_tokens += 1
         try:
-            go_on = ticket.sink.token(token)
+            go_on = ticket.sink.token(token, logprob)
         except Exception as e:  # noqa: BLE001 - the sink's failure ends only its generation
             self._finish(ticket, None, e)
             return False
@@ -540,17 +581,22 @@ class Scheduler:
         speculate: bool = False,
         draft_length: int | None = None,
         draft_model: DraftModel | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
     ) -> Ticket:
         """Starts a generation of up to `budget` tokens after `prompt`; its tokens go to
         `sink`, its counts to `stats` (a `GenerationStats`). With `speculate`, the
         generation drafts tokens by prompt lookup (`meshpy.speculation`), `draft_length` of
         them per match if set, else as many as its acceptance and their cost justify; with
-        `draft_model`, that model drafts instead of prompt lookup."""
+        `draft_model`, that model drafts instead of prompt lookup. `logprobs` (the number of
+        alternatives to list, 0 or more) gives the sink each token's log-probability;
+        `prompt_logprobs` the prompt's too, and then `budget` may be 0 (the prompt only)."""
         if not prompt:
             raise ValueError("the prompt is empty")
-        if budget < 1:
+        if budget < (0 if prompt_logprobs else 1):
             raise ValueError(f"a generation needs a budget of at least 1 token, got {budget}")
-        ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats, speculate, draft_length, draft_model)
+        ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats, speculate, draft_length, draft_model,
+                        logprobs, prompt_logprobs)
         with self._lock:
             if self.closed:
                 raise RuntimeError("the model is closed")

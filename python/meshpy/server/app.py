@@ -33,9 +33,10 @@ from meshpy.metrics import RequestCounter, ServerMetrics
 from meshpy.server import protocol
 from meshpy.server.coverage import Coverage
 from meshpy.server.dashboard import dashboard_routes
-from meshpy.server.engine import Delta, Failed, Finished, GenerationJob, Outbox
+from meshpy.server.engine import Delta, Failed, Finished, GenerationJob, Outbox, ScoredToken
 from meshpy.server.errors import APIError, api_error, invalid
 from meshpy.server.protocol import ChatRequest, CompletionRequest, Options
+from meshpy.tokenizer import Tokenizer
 
 __all__ = ["create_app", "ServerState"]
 
@@ -135,7 +136,7 @@ class ServerState:
                 f"{len(ids) + options.max_tokens} ({len(ids)} in the prompt, {options.max_tokens} to complete)",
                 "max_tokens", "context_length_exceeded",
             )
-        max_tokens = options.max_tokens or min(self.default_max_tokens or room, room)
+        max_tokens = options.max_tokens if options.max_tokens is not None else min(self.default_max_tokens or room, room)
         return ids, max_tokens
 
     async def admit(self) -> None:
@@ -164,8 +165,8 @@ class ServerState:
         loop = asyncio.get_running_loop()
         if self._outbox is None or self._outbox.loop is not loop:  # the app served on another loop
             self._outbox = Outbox(loop)
-        job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, on_done=self._done,
-                            outbox=self._outbox, metrics=self.metrics)
+        job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, logprobs=options.logprobs,
+                            echo=options.echo, on_done=self._done, outbox=self._outbox, metrics=self.metrics)
         job.start()  # may raise (the model closing): then it is not tracked
         self.jobs.add(job)
         return job
@@ -245,20 +246,42 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 
 class _Shape:
-    """How one endpoint words its answers: whole body and stream chunks."""
+    """How one endpoint words its answers: whole body and stream chunks, with the
+    log-probabilities of their tokens when asked for."""
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, tokenizer: Tokenizer, logprobs: bool) -> None:
         self.chat = chat
         self.prefix = "chatcmpl" if chat else "cmpl"
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs
+        self._offset = 0  # where the next token starts in the text (completions' `text_offset`)
 
-    def body(self, id: str, model: str, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+    def scored(self, tokens: Sequence[ScoredToken]) -> dict[str, Any] | None:
+        """The `logprobs` of a choice, or of a chunk, holding these tokens (None when not
+        asked for); a stream's chunks are given their tokens in order."""
+        if not self.logprobs:
+            return None
+        pairs = [(t.token, t.logprob) for t in tokens]
+        if self.chat:
+            return protocol.chat_logprobs(pairs, self.tokenizer)
+        offsets = []
+        for t in tokens:
+            offsets.append(self._offset)
+            self._offset += len(t.piece)
+        return protocol.completion_logprobs(pairs, offsets, self.tokenizer)
+
+    def body(self, id: str, model: str, text: str, finish: str, usage: dict[str, int],
+             tokens: Sequence[ScoredToken]) -> dict[str, Any]:
         build = protocol.chat_body if self.chat else protocol.completion_body
-        return build(id, model, text, finish, usage)
+        return build(id, model, text, finish, usage, self.scored(tokens))
 
     def chunk(self, id: str, model: str, created: int, text: str | None, finish: str | None = None,
-              usage: dict[str, int] | None = None, *, with_usage: bool, first: bool = False) -> dict[str, Any]:
+              usage: dict[str, int] | None = None, *, with_usage: bool, first: bool = False,
+              tokens: Sequence[ScoredToken] = ()) -> dict[str, Any]:
+        logprobs = self.scored(tokens) if tokens else None
         if not self.chat:
-            return protocol.completion_chunk(id, model, created, text, finish, usage, with_usage=with_usage)
+            return protocol.completion_chunk(id, model, created, text, finish, usage, with_usage=with_usage,
+                                             logprobs=logprobs)
         delta: dict[str, Any] | None
         if text is None:
             delta = None
@@ -266,7 +289,7 @@ class _Shape:
             delta = {"role": "assistant", "content": text, "refusal": None}
         else:
             delta = {"content": text} if finish is None else {}
-        return protocol.chat_chunk(id, model, created, delta, finish, usage, with_usage=with_usage)
+        return protocol.chat_chunk(id, model, created, delta, finish, usage, with_usage=with_usage, logprobs=logprobs)
 
 
 async def _generate(
@@ -292,12 +315,15 @@ async def _generate(
 
 
 async def _whole(state: ServerState, request: Request, job: GenerationJob, shape: _Shape) -> Response:
+    tokens: list[ScoredToken] = []
+
     async def collect() -> tuple[str, Finished]:
         parts = []
         while True:
             event = await job.next_event()
             if isinstance(event, Delta):
                 parts.append(event.text)
+                tokens.extend(event.tokens)
             elif isinstance(event, Failed):
                 raise api_error(event.error)
             else:
@@ -308,7 +334,8 @@ async def _whole(state: ServerState, request: Request, job: GenerationJob, shape
         return Response(status_code=499)  # nobody reads it; the generation is cancelled
     text, end = result
     usage = protocol.usage_body(end.prompt_tokens, end.completion_tokens)
-    return JSONResponse(shape.body(protocol.new_id(shape.prefix), state.model_name, text, end.finish_reason, usage))
+    return JSONResponse(shape.body(protocol.new_id(shape.prefix), state.model_name, text, end.finish_reason, usage,
+                                   tokens))
 
 
 async def _stream(state: ServerState, request: Request, job: GenerationJob, options: Options, shape: _Shape) -> Response:
@@ -326,7 +353,7 @@ async def _stream(state: ServerState, request: Request, job: GenerationJob, opti
         yield _sse(shape.chunk(id, model, created, "", with_usage=with_usage, first=True))
         while True:
             if isinstance(event, Delta):
-                yield _sse(shape.chunk(id, model, created, event.text, with_usage=with_usage))
+                yield _sse(shape.chunk(id, model, created, event.text, with_usage=with_usage, tokens=event.tokens))
             elif isinstance(event, Finished):
                 yield _sse(shape.chunk(id, model, created, "", event.finish_reason, with_usage=with_usage))
                 if with_usage:
@@ -402,13 +429,15 @@ def create_app(
         state.check_key(request)
         req = ChatRequest.parse(await _json_body(request))
         state.check_model(req.options.model)
-        return await _generate(state, request, req.messages, False, req.options, _Shape(chat=True))
+        return await _generate(state, request, req.messages, False, req.options,
+                               _Shape(True, model.tokenizer, req.options.logprobs is not None))
 
     async def completions(request: Request) -> Response:
         state.check_key(request)
         req = CompletionRequest.parse(await _json_body(request))
         state.check_model(req.options.model)
-        return await _generate(state, request, req.prompt, True, req.options, _Shape(chat=False))
+        return await _generate(state, request, req.prompt, True, req.options,
+                               _Shape(False, model.tokenizer, req.options.logprobs is not None))
 
     async def tokenize(request: Request) -> Response:
         # llama-server's /tokenize: {"content", "add_special" (false), "with_pieces" (false)}.

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meshpy.generation import GenerationStats, Model
-from meshpy.sampling import SamplingParams
+from meshpy.sampling import SamplingParams, TokenLogprob
 from meshpy.scheduler import Ticket
 from meshpy.tokenizer import IncrementalDecoder
 
 if TYPE_CHECKING:
     from meshpy.metrics import ServerMetrics
 
-__all__ = ["StopText", "Delta", "Finished", "Failed", "Event", "Outbox", "GenerationJob"]
+__all__ = ["StopText", "ScoredToken", "Delta", "Finished", "Failed", "Event", "Outbox", "GenerationJob"]
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,23 @@ class StopText:
 
 
 @dataclass(frozen=True)
+class ScoredToken:
+    """A token of the text, with the text it added and its log-probability under the model
+    (None for a prompt's first token, which nothing predicts)."""
+
+    token: int
+    piece: str
+    logprob: TokenLogprob | None
+
+
+@dataclass(frozen=True)
 class Delta:
-    """New text of the reply."""
+    """New text of the reply, and the tokens it came from when log-probabilities were asked
+    for (a token whose text is held back, a character split over tokens or the start of a
+    stop string, comes with the text it completes)."""
 
     text: str
+    tokens: tuple[ScoredToken, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,8 @@ class GenerationJob:
         sampling: SamplingParams,
         stop: Sequence[str] = (),
         *,
+        logprobs: int | None = None,
+        echo: bool = False,
         on_done: Callable[[GenerationJob], object] | None = None,
         outbox: Outbox | None = None,
         metrics: ServerMetrics | None = None,
@@ -149,6 +164,11 @@ class GenerationJob:
         self.max_tokens = max_tokens
         self.sampling = sampling
         self.stop = tuple(stop)
+        #: Alternatives listed per token; None: no log-probabilities.
+        self.logprobs = logprobs
+        #: Whether the first `Delta` is the prompt (with its tokens' log-probabilities, when
+        #: asked for): the completions endpoint's `echo`.
+        self.echo = echo
         #: True once the generation stopped early because of `cancel`.
         self.cancelled = False
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
@@ -157,6 +177,8 @@ class GenerationJob:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._decoder = IncrementalDecoder(model.tokenizer)
         self._stops = StopText(self.stop)
+        self._scored: list[ScoredToken] = []  # tokens whose text has not been emitted yet
+        self._prompt_decoder = IncrementalDecoder(model.tokenizer) if echo else None
         self._ticket: Ticket | None = None
         self._metrics = metrics
         #: When the generation was submitted, and when its last token came (perf_counter).
@@ -167,7 +189,8 @@ class GenerationJob:
         if self._outbox is None:
             self._outbox = Outbox(asyncio.get_running_loop())
         self._started = time.perf_counter()
-        self._ticket = self.model.submit(self.prompt_ids, self.max_tokens, self.sampling, self, self.stats)
+        self._ticket = self.model.submit(self.prompt_ids, self.max_tokens, self.sampling, self, self.stats,
+                                         logprobs=self.logprobs, prompt_logprobs=self.echo)
         return self
 
     def cancel(self) -> None:
@@ -189,7 +212,27 @@ class GenerationJob:
         assert self._outbox is not None
         self._outbox.post(self._events.put_nowait, event)
 
-    def token(self, token: int) -> bool:
+    def prompt(self, logprobs: list[TokenLogprob | None]) -> None:
+        decoder = self._prompt_decoder
+        assert decoder is not None
+        for logprob in logprobs:
+            token = self.prompt_ids[len(self._scored)]
+            self._scored.append(ScoredToken(token, decoder.add(token), logprob))
+        if len(self._scored) == len(self.prompt_ids):  # the whole prompt: echo it
+            last = self._scored[-1]
+            self._scored[-1] = ScoredToken(last.token, last.piece + decoder.flush(), last.logprob)
+            self._emit_text("".join(t.piece for t in self._scored), force=True)
+
+    def _emit_text(self, text: str, force: bool = False) -> None:
+        """Emits `text` with the tokens scored since the last emission (only those, with
+        `force`, when there is no text)."""
+        if not text and not (force and self._scored):
+            return
+        tokens = tuple(self._scored) if self.logprobs is not None else ()
+        self._scored = []
+        self._emit(Delta(text, tokens))
+
+    def token(self, token: int, logprob: TokenLogprob | None) -> bool:
         if self._metrics is not None:
             now = time.perf_counter()
             if self._last_token:
@@ -197,9 +240,10 @@ class GenerationJob:
             else:
                 self._metrics.first_token(now - self._started)
             self._last_token = now
-        text = self._stops.add(self._decoder.add(token))
-        if text:
-            self._emit(Delta(text))
+        piece = self._decoder.add(token)
+        if self.logprobs is not None:
+            self._scored.append(ScoredToken(token, piece, logprob))
+        self._emit_text(self._stops.add(piece), force=self._stops.stopped)
         return not self._stops.stopped
 
     def end(self, finish_reason: str | None, error: BaseException | None) -> None:
@@ -212,9 +256,11 @@ class GenerationJob:
                     self.cancelled = True
                     log.info("generation cancelled after %d tokens", self.stats.completion_tokens)
                 elif not self._stops.stopped:
-                    text = self._stops.add(self._decoder.flush()) + self._stops.flush()
-                    if text:
-                        self._emit(Delta(text))
+                    tail = self._decoder.flush()
+                    if tail and self._scored:  # the last token's text, completed
+                        last = self._scored[-1]
+                        self._scored[-1] = ScoredToken(last.token, last.piece + tail, last.logprob)
+                    self._emit_text(self._stops.add(tail) + self._stops.flush(), force=True)
                 # OpenAI's reasons are `stop` and `length`: a cancelled one ended by its limit.
                 reason = "stop" if self._stops.stopped or finish_reason == "stop" else "length"
                 event = Finished(reason, self.stats.prompt_tokens, self.stats.completion_tokens)

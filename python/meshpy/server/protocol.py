@@ -7,6 +7,7 @@ stream chunks are built as plain dicts by the `*_body` / `*_chunk` functions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -15,8 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meshpy.sampling import SamplingParams
+from meshpy.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from meshpy.server.errors import invalid
+from meshpy.tokenizer import Tokenizer
 
 __all__ = [
     "Options",
@@ -29,6 +31,8 @@ __all__ = [
     "chat_chunk",
     "completion_body",
     "completion_chunk",
+    "chat_logprobs",
+    "completion_logprobs",
 ]
 
 #: Roles a chat message may have; "developer" is OpenAI's newer name for "system".
@@ -120,15 +124,24 @@ def _reject_unsupported(body: Mapping[str, Any], extra: Sequence[tuple[str, obje
         value = _number(body, name, 0.0, -2.0, 2.0)
         if value != 0.0:
             raise invalid(f"'{name}' is not supported (only 0)", name, "unsupported_value")
-    for name, neutral in (("logprobs", False), ("logit_bias", None), ("tools", None), *extra):
+    for name, neutral in (("logit_bias", None), ("tools", None), *extra):
         value = body.get(name)
         if value is not None and value != neutral and value != [] and value != {}:
             raise invalid(f"'{name}' is not supported", name, "unsupported_parameter")
 
 
+def _top_count(body: Mapping[str, Any], name: str) -> int:
+    """How many likeliest alternatives to list with each token (0 when not given)."""
+    value = _int(body, name, minimum=0) or 0
+    if value > MAX_TOP_LOGPROBS:
+        raise invalid(f"'{name}' must be at most {MAX_TOP_LOGPROBS}, got {value}", name, "invalid_value")
+    return value
+
+
 @dataclass(frozen=True)
 class Options:
-    """What both endpoints share: the token limit, sampling, stop strings, streaming."""
+    """What both endpoints share: the token limit, sampling, stop strings, streaming, and
+    log-probabilities (each endpoint reads its own fields for them)."""
 
     model: str
     max_tokens: int | None
@@ -136,14 +149,18 @@ class Options:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    #: Alternatives listed with each token's log-probability; None: no log-probabilities.
+    logprobs: int | None = None
+    #: Completions: the prompt comes first in the text (with its log-probabilities).
+    echo: bool = False
 
     @classmethod
-    def parse(cls, body: Mapping[str, Any], limit_fields: Sequence[str]) -> Options:
+    def parse(cls, body: Mapping[str, Any], limit_fields: Sequence[str], min_tokens: int = 1) -> Options:
         """Reads the shared fields; `limit_fields` name the token limit, first found wins."""
         model = _model(body)
         max_tokens = None
         for name in limit_fields:
-            max_tokens = _int(body, name, minimum=1)
+            max_tokens = _int(body, name, minimum=min_tokens)
             if max_tokens is not None:
                 break
         temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
@@ -216,9 +233,15 @@ class ChatRequest:
                 raise invalid(f"{where}.content is required", f"{where}.content", "missing_required_parameter")
             messages.append({"role": "system" if role == "developer" else role, "content": _content(content, f"{where}.content")})
         # A client asking for JSON, functions or audio must not get prose back as if it were.
-        _reject_unsupported(body, [("top_logprobs", None), ("response_format", {"type": "text"}), ("functions", None),
+        _reject_unsupported(body, [("response_format", {"type": "text"}), ("functions", None),
                                    ("function_call", None), ("audio", None), ("prediction", None)])
-        return cls(messages, Options.parse(body, ("max_completion_tokens", "max_tokens")))
+        logprobs = None
+        if _bool(body, "logprobs"):
+            logprobs = _top_count(body, "top_logprobs")
+        elif body.get("top_logprobs") is not None:
+            raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+        options = Options.parse(body, ("max_completion_tokens", "max_tokens"))
+        return cls(messages, dataclasses.replace(options, logprobs=logprobs))
 
 
 @dataclass(frozen=True)
@@ -241,8 +264,15 @@ class CompletionRequest:
         elif not isinstance(prompt, str):
             raise invalid("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt",
                           "invalid_value")
-        _reject_unsupported(body, [("echo", False), ("suffix", None), ("best_of", 1)])
-        return cls(prompt, Options.parse(body, ("max_tokens",)))
+        _reject_unsupported(body, [("suffix", None), ("best_of", 1)])
+        logprobs = None if body.get("logprobs") is None else _top_count(body, "logprobs")
+        # `max_tokens` 0 with `echo`: the prompt's log-probabilities alone (log-likelihood scoring).
+        options = Options.parse(body, ("max_tokens",), min_tokens=0)
+        echo = _bool(body, "echo")
+        if options.max_tokens == 0 and not echo:
+            raise invalid("'max_tokens' must be >= 1 (0 only with 'echo': true, to score the prompt)", "max_tokens",
+                          "invalid_value")
+        return cls(prompt, dataclasses.replace(options, logprobs=logprobs, echo=echo))
 
 
 # --- responses ---------------------------------------------------------------------------
@@ -267,42 +297,77 @@ def _head(id: str, object: str, model: str, created: int | None) -> dict[str, An
             "system_fingerprint": None}
 
 
-def chat_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+def _spelling(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
+    """A token as text and as its UTF-8 bytes (which may be part of a character)."""
+    data = tokenizer.token_bytes(token)
+    return data.decode("utf-8", errors="replace"), list(data)
+
+
+def chat_logprobs(tokens: Sequence[tuple[int, TokenLogprob | None]], tokenizer: Tokenizer) -> dict[str, Any]:
+    """A chat choice's `logprobs`: each token with its log-probability and alternatives."""
+    content = []
+    for token, scored in tokens:
+        text, data = _spelling(tokenizer, token)
+        top = []
+        for alt, logprob in scored.top if scored is not None else ():
+            alt_text, alt_data = _spelling(tokenizer, alt)
+            top.append({"token": alt_text, "logprob": logprob, "bytes": alt_data})
+        content.append({"token": text, "logprob": scored.logprob if scored is not None else 0.0, "bytes": data,
+                        "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: Sequence[tuple[int, TokenLogprob | None]], offsets: Sequence[int],
+                        tokenizer: Tokenizer) -> dict[str, Any]:
+    """A text completion choice's `logprobs` (the legacy shape): the tokens, their
+    log-probabilities (None for the prompt's first, with `echo`), the likeliest tokens at each
+    place as {text: log-probability}, and where each token starts in the choice's text."""
+    texts, values, tops = [], [], []
+    for token, scored in tokens:
+        texts.append(_spelling(tokenizer, token)[0])
+        values.append(None if scored is None else scored.logprob)
+        tops.append(None if scored is None else {_spelling(tokenizer, alt)[0]: lp for alt, lp in scored.top})
+    return {"tokens": texts, "token_logprobs": values, "top_logprobs": tops, "text_offset": list(offsets)}
+
+
+def chat_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, int],
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A whole chat completion."""
     message = {"role": "assistant", "content": text, "refusal": None}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_head(id, "chat.completion", model, None), "choices": [choice], "usage": usage}
 
 
 def chat_chunk(
     id: str, model: str, created: int, delta: dict[str, Any] | None, finish_reason: str | None = None,
-    usage: dict[str, int] | None = None, *, with_usage: bool = False,
+    usage: dict[str, int] | None = None, *, with_usage: bool = False, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One chunk of a streamed chat completion: a delta, the final finish reason, or (with
     `delta` None) the usage chunk, whose `choices` is empty."""
     chunk = _head(id, "chat.completion.chunk", model, created)
     chunk["choices"] = [] if delta is None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     ]
     if with_usage:
         chunk["usage"] = usage
     return chunk
 
 
-def completion_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+def completion_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, int],
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A whole text completion."""
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_head(id, "text_completion", model, None), "choices": [choice], "usage": usage}
 
 
 def completion_chunk(
     id: str, model: str, created: int, text: str | None, finish_reason: str | None = None,
-    usage: dict[str, int] | None = None, *, with_usage: bool = False,
+    usage: dict[str, int] | None = None, *, with_usage: bool = False, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One chunk of a streamed text completion (`text` None: the usage chunk)."""
     chunk = _head(id, "text_completion", model, created)
     chunk["choices"] = [] if text is None else [
-        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     ]
     if with_usage:
         chunk["usage"] = usage

@@ -252,6 +252,14 @@ class Tokenizer:
             text = text[1:]
         return text
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the text (for a byte-level vocabulary, maybe part of
+        a UTF-8 character; where the tokenizer keeps no byte table, its text's UTF-8)."""
+        (token_id,) = self._check_ids([token_id])
+        if self._pieces is not None:
+            return self._pieces[token_id]
+        return self._backend.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary's spelling of one token (``"Ġthe"``, ``"▁the"``, ``"<|im_end|>"``)."""
         self._check_ids([token_id])
