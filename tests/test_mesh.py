@@ -96,7 +96,9 @@ def test_three_workers_place_themselves_and_match_one_process(three_workers: Loc
         model.pipeline.wire_dtype = "bf16"
         assert greedy(model, PROMPT, N_TOKENS) == local_tokens
         model.pipeline.wire_dtype = "f32"
-        # Every session was closed on every worker.
+        # Every session was closed on every worker, or kept by the prompt cache until cleared.
+        assert all(p.info["sessions"] == model.prompt_cache.sessions for p in model.pipeline.refresh())
+        model.prompt_cache.clear()
         assert all(p.info["sessions"] == 0 for p in model.pipeline.refresh())
         # The public path: generate() stops at end of turn, same tokens as far as it goes.
         completion = model.generate(PROMPT, max_tokens=N_TOKENS)

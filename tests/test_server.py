@@ -563,6 +563,7 @@ def test_mesh_speculative_stream_matches_plain(mesh_server: tuple[AppServer, Mod
 @pytest.mark.slow
 def test_mesh_dropped_stream_frees_worker_sessions(mesh_server: tuple[AppServer, Model]) -> None:
     server, model = mesh_server
+    model.prompt_cache.clear()  # sessions of earlier tests kept for their prompts
     wait_until(lambda: worker_sessions(model) == [0, 0], what="idle workers")
     before = health(server)["cancelled_generations"]
     with client_for(server) as c:
@@ -571,6 +572,9 @@ def test_mesh_dropped_stream_frees_worker_sessions(mesh_server: tuple[AppServer,
                 if i == 5:
                     assert worker_sessions(model) == [1, 1]  # the session holds a KV cache on each
                     break
+    # Freed, or kept (the prompt cache's, which clearing it frees on every worker).
+    wait_until(lambda: worker_sessions(model) == [model.prompt_cache.sessions] * 2 == [1, 1], what="the session kept")
+    model.prompt_cache.clear()
     wait_until(lambda: worker_sessions(model) == [0, 0], what="sessions freed on every worker")
     assert health(server)["cancelled_generations"] == before + 1
 

@@ -25,6 +25,7 @@ from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.packaged import PACKAGED_MODELS, resolve_packaged
 from meshpy.models.source import ModelSource, open_model_source
 from meshpy.pipeline import LocalPipeline, LocalSpan, Pipeline, split_layers
+from meshpy.prompt_cache import PromptCache
 from meshpy.sampling import Sampler, SamplingParams
 from meshpy.scheduler import PREFILL_CHUNK, Scheduler, Ticket, TokenSink, on_scheduler_thread
 from meshpy.speculation import DraftModel
@@ -56,6 +57,8 @@ class GenerationStats:
     #: Speculative decoding: tokens drafted for verification, and those the model kept.
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    #: Prompt tokens whose caches a kept session gave (not prefilled; `meshpy.prompt_cache`).
+    cached_tokens: int = 0
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -134,6 +137,9 @@ class Model:
         #: Drafts from this small local model (`meshpy.speculation.DraftModel`, sharing the
         #: tokenizer) instead of prompt lookup; see `use_draft_model`.
         self.draft_model: DraftModel | None = None
+        #: Sessions of ended generations kept for prompts that start the same way (None: every
+        #: prompt is prefilled whole; models with sliding-window layers have none).
+        self.prompt_cache: PromptCache | None = PromptCache(pipeline) if PromptCache.supports(config) else None
 
     @classmethod
     def load(
@@ -184,9 +190,24 @@ class Model:
         """Frees a session's KV caches (on the workers, for a mesh)."""
         self.pipeline.close_session(session)
 
+    def reuse_session(self, prompt: Sequence[int]) -> tuple[Any, int] | None:
+        """A kept session holding the start of `prompt`, cut back to it, and how many of its
+        tokens it holds; None when the prompt cache has none (see `meshpy.prompt_cache`)."""
+        return self.prompt_cache.take(prompt) if self.prompt_cache is not None else None
+
+    def end_session(self, session: Any, tokens: Sequence[int], *, keep: bool = True) -> None:
+        """An ended generation's session, whose caches hold `tokens`: kept in the prompt
+        cache (with `keep`, when there is one), else closed."""
+        if keep and self.prompt_cache is not None:
+            self.prompt_cache.put(tokens, session)
+        else:
+            self.close_session(session)
+
     def close(self) -> None:
         """Stops its generations and releases what the model holds open (the mesh client's node)."""
         self.scheduler.close()
+        if self.prompt_cache is not None:
+            self.prompt_cache.close()
         close = getattr(self.pipeline, "close", None)
         if close is not None:
             close()

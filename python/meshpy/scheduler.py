@@ -126,6 +126,7 @@ class Ticket:
             self.speculator = None
         self.draft: list[int] = []
         self.shadow: list[int] = []
+        self.generated: list[int] = []  # the tokens handed to the sink
         self.started = 0.0
         self.last = 0.0
         self._cancel = threading.Event()
@@ -243,7 +244,11 @@ class _Lane:
             stats = ticket.stats
             log.info("speculation: %d tokens drafted, %d kept, %.2f tokens per verification pass", stats.draft_tokens,
                      stats.accepted_draft_tokens, (stats.accepted_draft_tokens + spec.passes) / spec.passes)
-        _end_ticket(ticket, reason, error, self.closer, self.model.close_session)
+        model = self.model
+        # A session that ran without error is kept for a prompt that starts the same way
+        # (`meshpy.prompt_cache`); its caches hold the prompt and the tokens handed out.
+        _end_ticket(ticket, reason, error, self.closer,
+                    lambda session: model.end_session(session, ticket.prompt + ticket.generated, keep=error is None))
 
     # --- one iteration ----------------------------------------------------------------
 
@@ -412,6 +417,7 @@ class _Lane:
             self._finish(ticket, "stop")
             return False
         stats.completion_tokens += 1
+        ticket.generated.append(token)
         try:
             go_on = ticket.sink.token(token, logprob)
         except Exception as e:  # noqa: BLE001 - the sink's failure ends only its generation
@@ -618,7 +624,14 @@ class Scheduler:
             _end_ticket(ticket, "cancelled", None)
             return
         try:
-            ticket.session = model.new_session()
+            # A kept session sharing the prompt's start (`meshpy.prompt_cache`) skips that
+            # much prefill; a generation scoring its whole prompt needs every row run.
+            reused = None if ticket.prompt_logprobs else model.reuse_session(ticket.prompt)
+            if reused is not None:
+                ticket.session, ticket.fed = reused
+                ticket.stats.cached_tokens = ticket.fed
+            else:
+                ticket.session = model.new_session()
         except Exception as e:  # noqa: BLE001 - no route, no room: this request's error
             lane.admit(None)
             _end_ticket(ticket, None, e)

@@ -270,13 +270,13 @@ class _Shape:
             self._offset += len(t.piece)
         return protocol.completion_logprobs(pairs, offsets, self.tokenizer)
 
-    def body(self, id: str, model: str, text: str, finish: str, usage: dict[str, int],
+    def body(self, id: str, model: str, text: str, finish: str, usage: dict[str, Any],
              tokens: Sequence[ScoredToken]) -> dict[str, Any]:
         build = protocol.chat_body if self.chat else protocol.completion_body
         return build(id, model, text, finish, usage, self.scored(tokens))
 
     def chunk(self, id: str, model: str, created: int, text: str | None, finish: str | None = None,
-              usage: dict[str, int] | None = None, *, with_usage: bool, first: bool = False,
+              usage: dict[str, Any] | None = None, *, with_usage: bool, first: bool = False,
               tokens: Sequence[ScoredToken] = ()) -> dict[str, Any]:
         logprobs = self.scored(tokens) if tokens else None
         if not self.chat:
@@ -333,7 +333,7 @@ async def _whole(state: ServerState, request: Request, job: GenerationJob, shape
     if not connected or result is None:
         return Response(status_code=499)  # nobody reads it; the generation is cancelled
     text, end = result
-    usage = protocol.usage_body(end.prompt_tokens, end.completion_tokens)
+    usage = protocol.usage_body(end.prompt_tokens, end.completion_tokens, end.cached_tokens)
     return JSONResponse(shape.body(protocol.new_id(shape.prefix), state.model_name, text, end.finish_reason, usage,
                                    tokens))
 
@@ -357,7 +357,7 @@ async def _stream(state: ServerState, request: Request, job: GenerationJob, opti
             elif isinstance(event, Finished):
                 yield _sse(shape.chunk(id, model, created, "", event.finish_reason, with_usage=with_usage))
                 if with_usage:
-                    usage = protocol.usage_body(event.prompt_tokens, event.completion_tokens)
+                    usage = protocol.usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
                     yield _sse(shape.chunk(id, model, created, None, usage=usage, with_usage=True))
                 break
             else:  # failed mid-stream: the status is sent already, so the error is an event

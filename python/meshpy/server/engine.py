@@ -94,6 +94,8 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    #: Prompt tokens a kept session held (not prefilled again; `meshpy.prompt_cache`).
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,8 @@ class GenerationJob:
                     self._emit_text(self._stops.add(tail) + self._stops.flush(), force=True)
                 # OpenAI's reasons are `stop` and `length`: a cancelled one ended by its limit.
                 reason = "stop" if self._stops.stopped or finish_reason == "stop" else "length"
-                event = Finished(reason, self.stats.prompt_tokens, self.stats.completion_tokens)
+                event = Finished(reason, self.stats.prompt_tokens, self.stats.completion_tokens,
+                                 self.stats.cached_tokens)
         finally:  # whatever happened above, the request hears of its end
             self._emit(event)
 

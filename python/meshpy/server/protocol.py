@@ -283,11 +283,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """Token counts; `cached_tokens`: prompt tokens whose KV caches were reused, not computed."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -330,7 +332,7 @@ def completion_logprobs(tokens: Sequence[tuple[int, TokenLogprob | None]], offse
     return {"tokens": texts, "token_logprobs": values, "top_logprobs": tops, "text_offset": list(offsets)}
 
 
-def chat_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, int],
+def chat_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, Any],
               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A whole chat completion."""
     message = {"role": "assistant", "content": text, "refusal": None}
@@ -340,7 +342,7 @@ def chat_body(id: str, model: str, text: str, finish_reason: str, usage: dict[st
 
 def chat_chunk(
     id: str, model: str, created: int, delta: dict[str, Any] | None, finish_reason: str | None = None,
-    usage: dict[str, int] | None = None, *, with_usage: bool = False, logprobs: dict[str, Any] | None = None,
+    usage: dict[str, Any] | None = None, *, with_usage: bool = False, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One chunk of a streamed chat completion: a delta, the final finish reason, or (with
     `delta` None) the usage chunk, whose `choices` is empty."""
@@ -353,7 +355,7 @@ def chat_chunk(
     return chunk
 
 
-def completion_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, int],
+def completion_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, Any],
                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A whole text completion."""
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -362,7 +364,7 @@ def completion_body(id: str, model: str, text: str, finish_reason: str, usage: d
 
 def completion_chunk(
     id: str, model: str, created: int, text: str | None, finish_reason: str | None = None,
-    usage: dict[str, int] | None = None, *, with_usage: bool = False, logprobs: dict[str, Any] | None = None,
+    usage: dict[str, Any] | None = None, *, with_usage: bool = False, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One chunk of a streamed text completion (`text` None: the usage chunk)."""
     chunk = _head(id, "text_completion", model, created)
