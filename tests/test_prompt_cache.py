@@ -125,14 +125,16 @@ def test_kept_sessions_are_bounded_and_the_least_recently_used_goes_first(model:
 @pytest.mark.slow
 def test_mesh_workers_reuse_the_kept_caches(smollm2_gguf: Path, uncached: dict[str, list[int]]) -> None:
     """On a 2-worker mesh the kept session's caches stay on its workers: the second request
-    sends only its new tokens, gets the tokens a whole prefill gives, and clearing the cache
-    frees the sessions on every worker."""
+    sends only its new tokens and gets the tokens a whole prefill gives; a worker without
+    room for a new session gets the kept ones back first; clearing the cache frees the
+    sessions on every worker."""
     from meshpy.mesh import connect
 
     with LocalMesh(transport="tcp") as mesh:
         mesh.start_bootstrap()
-        mesh.add_worker(smollm2_gguf, layers="0-14", threads=1)
-        mesh.add_worker(smollm2_gguf, layers="15-29", threads=1)
+        # Room for about 1,450 positions: one kept session of the system prompt, not two.
+        mesh.add_worker(smollm2_gguf, layers="0-14", threads=1, kv_budget="16MiB")
+        mesh.add_worker(smollm2_gguf, layers="15-29", threads=1, kv_budget="16MiB")
         with connect(smollm2_gguf, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
             assert model.prompt_cache is not None
 
@@ -147,5 +149,10 @@ def test_mesh_workers_reuse_the_kept_caches(smollm2_gguf: Path, uncached: dict[s
                 stats.append(gen.stats)
             assert stats[0].cached_tokens == 0 and stats[1].cached_tokens > 900 and stats[2].cached_tokens > 900
             assert worker_sessions() == [1, 1]
+            other = [{"role": "user", "content": "Summarise these rules: " + SYSTEM}]  # shares no start
+            gen = model.stream(other, max_tokens=4)
+            "".join(gen)
+            assert gen.stats.cached_tokens == 0 and gen.stats.completion_tokens == 4
+            assert worker_sessions() == [1, 1], "the kept session made room for it, and it is kept now"
             model.prompt_cache.clear()
             assert worker_sessions() == [0, 0]

@@ -140,6 +140,9 @@ class Model:
         #: Sessions of ended generations kept for prompts that start the same way (None: every
         #: prompt is prefilled whole; models with sliding-window layers have none).
         self.prompt_cache: PromptCache | None = PromptCache(pipeline) if PromptCache.supports(config) else None
+        if self.prompt_cache is not None and hasattr(pipeline, "make_room"):
+            # A worker without room for a new session first gets back the kept ones.
+            pipeline.make_room = self.prompt_cache.clear
 
     @classmethod
     def load(

@@ -131,11 +131,12 @@ class PromptCache:
                 evicted.append(self._kept.pop(0))
         self._close(evicted)
 
-    def clear(self) -> None:
-        """Closes every kept session."""
+    def clear(self) -> bool:
+        """Closes every kept session; True if there was one."""
         with self._lock:
             kept, self._kept = self._kept, []
         self._close(kept)
+        return bool(kept)
 
     def close(self) -> None:
         """Closes every kept session, and those put from now on (the model is closing)."""

@@ -225,6 +225,10 @@ class MeshPipeline:
         #: other providers: `replayed_positions`, per new hop), and hops that followed a
         #: session handed over with its KV cache (`handovers`, nothing replayed) and the
         #: seconds their steps waited for it (`handover_wait_s`).
+        #: Called when a worker has no room for a session: gives back what this End node keeps
+        #: on the workers beyond its running generations (the prompt cache's sessions); True
+        #: if it freed something, and the request is then sent again.
+        self.make_room: Callable[[], bool] | None = None
         self.recovery = {"reroutes": 0, "replayed_positions": 0, "handovers": 0, "handover_wait_s": 0.0}
         self._recovery_lock = threading.Lock()
         self._on_close = on_close
@@ -471,11 +475,16 @@ class MeshPipeline:
         where it went. A failure another provider may serve raises `_HopFailed`."""
         peer = hop.provider.peer_id
         session.peers.add(peer)
-        waiting_since = None
+        waiting_since, made_room = None, False
         while True:
             try:
                 return self._hop(hop, [(session.id, session.steps, start, x.shape[0])], x)
             except (NetworkError, RequestTimeoutError, WorkerError) as e:
+                full = isinstance(e, WorkerError) and e.code in ("cannot_hold_session", "overloaded")
+                if full and not made_room and self.make_room is not None and self.make_room():
+                    log.info("session %032x: %s had no room; gave back kept sessions, asking again", session.id, peer)
+                    made_room = True
+                    continue
                 if isinstance(e, WorkerError) and e.code == "session_moving":
                     now = time.monotonic()
                     waiting_since = waiting_since or now
