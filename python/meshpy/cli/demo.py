@@ -13,7 +13,7 @@ import time
 
 from meshpy.cli.serve import served_name
 from meshpy.cli.signals import stop_on_sigterm
-from meshpy.errors import ModelSourceError
+from meshpy.errors import MeshpyError
 from meshpy.generation import model_path
 from meshpy.mesh import connect
 from meshpy.mesh.launcher import LocalMesh
@@ -35,7 +35,9 @@ def run_demo(settings: DemoSettings) -> int:
     from meshpy.server import AppServer, bind, create_app, layer_coverage
 
     if importlib.util.find_spec("openai") is None:
-        raise ModelSourceError("the demo talks to the server through the openai package: pip install openai")
+        # An extra, not a dependency: nothing but the demo uses the client.
+        raise MeshpyError("the demo talks to its server through the openai package, which meshpy installs only "
+                          "with its demo extra: pip install 'meshpy-llm[demo]' (or: pip install openai)")
     stop_on_sigterm()
     sock = bind(settings.host, settings.port)  # a taken port fails before anything starts
     try:
