@@ -42,6 +42,11 @@ class Pipeline(Protocol):
     def close_session(self, session: Any) -> None:
         """Frees the session's caches."""
 
+    def fork(self, session: Any, n_positions: int) -> Any:
+        """A new session holding a copy of the session's first `n_positions` positions
+        (generations sharing a prompt prefill it once); raises when it cannot be made, leaving
+        nothing behind."""
+
 
 def split_layers(n_layers: int, n_spans: int) -> list[range]:
     """Cuts `0..n_layers` into `n_spans` contiguous ranges of near-equal size."""
@@ -178,3 +183,7 @@ class LocalPipeline:
     def close_session(self, session: PipelineSession) -> None:
         """Drops the session's caches."""
         session.caches.clear()
+
+    def fork(self, session: PipelineSession, n_positions: int) -> PipelineSession:
+        """A new session holding a copy of the session's first `n_positions` positions."""
+        return PipelineSession([cache.fork(n_positions) for cache in session.caches])

@@ -467,6 +467,39 @@ class MeshPipeline:
                 list(ex.map(close_on, peers))
         session.inputs.clear()
 
+    def fork(self, session: MeshSession, n_positions: int) -> MeshSession:
+        """A new session on the same route holding a copy of the session's first
+        `n_positions` positions: each worker of the route copies its cache (`ForkSession`),
+        and the End node the kept inputs. Raises the first refusal (no room, a worker gone),
+        with the copies made closed again; a verified session is not forked."""
+        if session.shadows is not None:
+            raise ValueError("a verified session's shadows hold caches too: it is not forked")
+        if not 0 < n_positions <= session.n_positions:
+            raise ValueError(f"cannot fork {n_positions} positions of a session holding {session.n_positions}")
+        child = MeshSession(secrets.randbits(128), session.hops, session.max_len)
+        child.inputs = [[np.concatenate(kept)[:n_positions]] if kept else [] for kept in session.inputs]
+        child.n_positions, child.steps, child.chained = n_positions, session.steps, session.chained
+        frame = _native.encode_fork_session(session.id, child.id, n_positions)
+
+        def fork_on(peer: str) -> BaseException | None:
+            try:
+                reply = _native.decode_frame(self.node.request(peer, frame, timeout=self.request_timeout))
+            except Exception as e:  # noqa: BLE001 - reported below
+                return e
+            if reply["kind"] == "fork_session_ack" and reply["session"] == child.id:
+                return None
+            if reply["kind"] == "error":
+                return WorkerError(reply["code"], reply["message"], peer)
+            return WorkerError("invalid_request", f"answered a fork with a {reply['kind']} frame", peer)
+
+        peers = list(dict.fromkeys(h.provider.peer_id for h in session.hops))
+        with ThreadPoolExecutor(max_workers=min(8, len(peers))) as ex:
+            errors = [e for e in ex.map(fork_on, peers) if e is not None]
+        if errors:
+            self.close_session(child)  # the copies some workers made (unknown ids are ignored)
+            raise errors[0]
+        return child
+
     # --- one hop ----------------------------------------------------------------------
 
     def _send(self, session: MeshSession, hop: Hop, start: int, x: np.ndarray) -> np.ndarray:

@@ -113,6 +113,14 @@ impl PyKvCache {
     fn truncate(&self, len: usize) -> PyResult<()> {
         self.lock().truncate(len).map_err(to_py_err)
     }
+
+    /// A new cache holding a copy of this one's first `len` positions (generations sharing
+    /// a prompt prefill it once); an error as for `truncate`.
+    fn fork(&self, len: usize) -> PyResult<PyKvCache> {
+        let mut copy = self.lock().clone();
+        copy.truncate(len).map_err(to_py_err)?;
+        Ok(PyKvCache { inner: Arc::new(Mutex::new(copy)) })
+    }
 }
 
 fn required<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {

@@ -15,7 +15,7 @@ use super::json::{dict_to_json, json_to_dict};
 use super::to_py_err;
 use crate::error::Error;
 use crate::wire::{
-    self, DType, Entry, ErrorCode, ErrorReply, Forward, ForwardResult, FrameHeader, Limits,
+    self, DType, Entry, ErrorCode, ErrorReply, ForkSession, Forward, ForwardResult, FrameHeader, Limits,
     Message, ModelId, SessionId, Shape, Span, Tensor, MODEL_HASH_LEN,
 };
 
@@ -172,6 +172,13 @@ fn encode_close_session<'py>(
     )
 }
 
+/// encode_fork_session(source, target, positions) -> bytes: a `ForkSession` frame (start
+/// session `target` as a copy of `source`'s first `positions` positions).
+#[pyfunction]
+fn encode_fork_session(py: Python<'_>, source: u128, target: u128, positions: u32) -> PyResult<Bound<'_, PyBytes>> {
+    encode(py, Message::ForkSession(ForkSession { source: SessionId(source), target: SessionId(target), positions }))
+}
+
 /// encode_ping(nonce, pong=False) -> bytes: a `Ping` frame, or with `pong` a `Pong`.
 #[pyfunction]
 #[pyo3(signature = (nonce, pong = false))]
@@ -206,7 +213,8 @@ fn encode_info_reply<'py>(py: Python<'py>, info: &Bound<'py, PyAny>) -> PyResult
 /// info_reply "info" (a dict); relay the forward keys, "chain", "keep" and "next" (tuples of peer id
 /// bytes, address bytes list, first layer, layer count); collect "chain", "entries", "wait_ms"; info
 /// and relayed none; handover "model_hash", "model_name", "first_layer", "layer_count",
-/// "session", "step", "owner", "digest", "state" (bytes); handover_ack "session". Raises `FrameError` / `FrameTooLargeError` for
+/// "session", "step", "owner", "digest", "state" (bytes); handover_ack "session"; fork_session
+/// "source", "target", "positions"; fork_session_ack "session". Raises `FrameError` / `FrameTooLargeError` for
 /// anything that is not a valid frame (an info reply that is not one JSON object included).
 #[pyfunction]
 #[pyo3(signature = (data, max_frame_bytes = None))]
@@ -283,7 +291,12 @@ fn decode_frame<'py>(
             d.set_item("digest", PyBytes::new(py, &h.digest))?;
             d.set_item("state", PyBytes::new(py, h.state))?;
         }
-        Message::HandoverAck(id) => d.set_item("session", id.0)?,
+        Message::HandoverAck(id) | Message::ForkSessionAck(id) => d.set_item("session", id.0)?,
+        Message::ForkSession(f) => {
+            d.set_item("source", f.source.0)?;
+            d.set_item("target", f.target.0)?;
+            d.set_item("positions", f.positions)?;
+        }
     }
     Ok(d)
 }
@@ -344,6 +357,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_forward_result, m)?)?;
     m.add_function(wrap_pyfunction!(encode_error, m)?)?;
     m.add_function(wrap_pyfunction!(encode_close_session, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_fork_session, m)?)?;
     m.add_function(wrap_pyfunction!(encode_ping, m)?)?;
     m.add_function(wrap_pyfunction!(encode_info, m)?)?;
     m.add_function(wrap_pyfunction!(encode_info_reply, m)?)?;

@@ -46,7 +46,7 @@ use crate::compute::ThreadPool;
 use crate::error::Error;
 use crate::model::{KvCache, DecoderSpan, SeqChunk};
 use crate::wire::{
-    DType, Entry, ErrorCode, ErrorReply, Forward, ForwardResult, Handover, Limits, Message, ModelId, SessionId, Shape, Span,
+    DType, Entry, ErrorCode, ErrorReply, ForkSession, Forward, ForwardResult, Handover, Limits, Message, ModelId, SessionId, Shape, Span,
     Tensor,
 };
 
@@ -830,6 +830,64 @@ impl SpanHandler {
     }
 }
 
+impl SpanHandler {
+    /// Starts session `f.target` as a copy of session `f.source`'s first `f.positions`
+    /// positions (its layers, its owner, its last step), within the budget and the owner's
+    /// limits: generations sharing a prompt prefill it once. Any peer knowing the source's id
+    /// may ask, as for closing it (ids are the End node's secrets; on a chained route the
+    /// owner is the previous worker, not the End node). The `ForkSessionAck`, or a refusal
+    /// that leaves nothing behind.
+    fn fork(&self, f: ForkSession) -> Result<Vec<u8>, Refusal> {
+        let target = Some(f.target);
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(refuse(ErrorCode::CannotHoldSession, target, "this worker is leaving".to_string()));
+        }
+        let (source, span, owner) = {
+            let table = self.lock_table();
+            let held = table.sessions.get(&f.source).ok_or_else(|| {
+                refuse(ErrorCode::UnknownSession, Some(f.source), format!("session {} is not held here", f.source))
+            })?;
+            (Arc::clone(&held.session), held.span, held.owner)
+        };
+        // Waits for a request in flight on the source; the copy holds what it left.
+        let (cache, step) = {
+            let guard = source.lock().unwrap_or_else(|e| e.into_inner());
+            if f.positions as usize > guard.cache.len() {
+                return Err(refuse(
+                    ErrorCode::InvalidRequest,
+                    target,
+                    format!("session {} holds {} positions, not {}", f.source, guard.cache.len(), f.positions),
+                ));
+            }
+            let mut cache = guard.cache.clone();
+            cache.truncate(f.positions as usize).map_err(|e| refuse(ErrorCode::StepMismatch, target, e.to_string()))?;
+            (cache, guard.step)
+        };
+        let bytes = held_bytes(&cache);
+        let mut table = self.lock_table();
+        if table.sessions.contains_key(&f.target) {
+            return Err(refuse(ErrorCode::InvalidRequest, target, format!("session {} is held here already", f.target)));
+        }
+        let limits = &self.session_limits;
+        let (owned, owned_bytes) = table.owned_by(owner);
+        if owned + 1 > limits.sessions_per_peer || owned_bytes + bytes > limits.kv_bytes_per_peer {
+            return Err(refuse(ErrorCode::Overloaded, target, format!("{owner} is at its session or KV limit here")));
+        }
+        if table.used_bytes + bytes > limits.kv_budget_bytes {
+            return Err(refuse(
+                ErrorCode::CannotHoldSession,
+                target,
+                format!("cannot hold session {}: its {bytes} KV bytes would pass the budget ({} of {} bytes in use)", f.target, table.used_bytes, limits.kv_budget_bytes),
+            ));
+        }
+        table.used_bytes += bytes;
+        let state = Session { cache, last_used: Instant::now(), step };
+        table.sessions.insert(f.target, Held { span, owner, bytes, session: Arc::new(Mutex::new(state)) });
+        tracing::debug!(session = %f.target, "forked from session {} at {} positions", f.source, f.positions);
+        Message::ForkSessionAck(f.target).encode().map_err(|e| internal(&e.to_string()))
+    }
+}
+
 /// Sends a `Handover` frame for session `id` to `peer`: Ok once it holds the session, else
 /// its refusal or what went wrong on the way.
 fn offer(send: SendFrame<'_>, peer: PeerId, frame: Vec<u8>, id: SessionId) -> Result<(), String> {
@@ -887,6 +945,10 @@ impl FrameHandler for SpanHandler {
             Message::Ping(nonce) => Message::Pong(nonce).encode().unwrap_or_else(|e| error_frame_for(&e, None)),
             Message::Handover(h) => self.take_over(h).unwrap_or_else(|refusal| {
                 tracing::info!(%peer, "refused a hand-over: {}", refusal.message);
+                error_frame(*refusal)
+            }),
+            Message::ForkSession(f) => self.fork(f).unwrap_or_else(|refusal| {
+                tracing::debug!(%peer, "refused a fork: {}", refusal.message);
                 error_frame(*refusal)
             }),
             other => unexpected(other.kind()),

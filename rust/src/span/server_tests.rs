@@ -13,7 +13,7 @@ use crate::model::tests::{tiny_gemma3, tiny_llama, TINY_HIDDEN, TINY_LAYERS};
 use crate::model::KvCache;
 use crate::quant::GgmlType;
 use crate::test_rng::TestRng;
-use crate::wire::{DType, Entry, ErrorCode, Forward, Limits, Message, ModelId, SessionId, Shape, Span, Tensor};
+use crate::wire::{DType, Entry, ErrorCode, ForkSession, Forward, Limits, Message, ModelId, SessionId, Shape, Span, Tensor};
 
 /// KV bytes of one position in one layer of the tiny model: keys and values, 32 floats each.
 const BYTES_PER_POSITION_LAYER: u64 = 2 * 32 * 4;
@@ -337,6 +337,7 @@ fn reply(h: &SpanHandler, peer: PeerId, frame: &[u8]) -> Message<'static> {
     let answer = h.handle(peer, frame);
     match Message::decode(&answer, &Limits::default()).unwrap() {
         Message::HandoverAck(id) => Message::HandoverAck(id),
+        Message::ForkSessionAck(id) => Message::ForkSessionAck(id),
         Message::Error(e) => Message::Error(e),
         other => panic!("unexpected {:?}", other.kind()),
     }
@@ -449,4 +450,44 @@ fn a_hand_over_refused_or_lost_leaves_the_session_where_it_was() {
     // The taker's ack was lost (the answer did not decode): the session stays at `a` too.
     assert!(state.is_err());
     assert_eq!(a.session_count(), 1);
+}
+
+fn fork(h: &SpanHandler, source: u128, target: u128, positions: u32) -> Result<(), (ErrorCode, String)> {
+    let frame = Message::ForkSession(ForkSession { source: SessionId(source), target: SessionId(target), positions }).encode().unwrap();
+    match reply(h, PeerId::random(), &frame) {
+        Message::ForkSessionAck(id) if id == SessionId(target) => Ok(()),
+        Message::Error(e) => Err((e.code, e.message)),
+        other => panic!("unexpected {:?}", other.kind()),
+    }
+}
+
+#[test]
+fn a_forked_session_goes_on_from_the_copied_prefix_as_the_source_would() {
+    let limits = SessionLimits { kv_budget_bytes: 24 * TINY_LAYERS as u64 * BYTES_PER_POSITION_LAYER, ..SessionLimits::default() };
+    let h = handler(limits);
+    let per_position = TINY_LAYERS as u64 * BYTES_PER_POSITION_LAYER;
+    let mut rng = TestRng::new(21);
+    let prompt = rng.gaussians(6 * TINY_HIDDEN);
+    let (a, b) = (rng.gaussians(TINY_HIDDEN), rng.gaussians(TINY_HIDDEN));
+    let layers = TINY_LAYERS as u32;
+    ask(&h, &forward(1, 0, 0, layers, &prompt)).unwrap();
+    ask(&h, &forward(1, 6, 0, layers, &a)).unwrap();
+    // Session 2: the first 6 positions of session 1 (the prompt), then its own step.
+    fork(&h, 1, 2, 6).unwrap();
+    assert_eq!((h.session_count(), h.used_kv_bytes()), (2, 13 * per_position));
+    let forked = ask(&h, &forward(2, 6, 0, layers, &b)).unwrap();
+    // The same step on a session that ran the prompt itself.
+    ask(&h, &forward(3, 0, 0, layers, &prompt)).unwrap();
+    assert_eq!(ask(&h, &forward(3, 6, 0, layers, &b)).unwrap(), forked);
+    // The source is untouched: its next step continues from its own 7 positions.
+    ask(&h, &forward(1, 7, 0, layers, &b)).unwrap();
+    // Refusals leave nothing behind: an unknown source, too many positions, a taken id, no room.
+    let before = (h.session_count(), h.used_kv_bytes());
+    assert_eq!(fork(&h, 9, 4, 1).unwrap_err().0, ErrorCode::UnknownSession);
+    assert_eq!(fork(&h, 1, 4, 9).unwrap_err().0, ErrorCode::InvalidRequest);
+    assert_eq!(fork(&h, 1, 2, 3).unwrap_err().0, ErrorCode::InvalidRequest);
+    assert_eq!(fork(&h, 1, 4, 8).unwrap_err().0, ErrorCode::CannotHoldSession);
+    assert_eq!((h.session_count(), h.used_kv_bytes()), before);
+    // Forking into itself is not a frame at all.
+    assert!(Message::ForkSession(ForkSession { source: SessionId(1), target: SessionId(1), positions: 1 }).encode().is_err());
 }

@@ -51,11 +51,15 @@ pub enum Kind {
     Handover = 13,
     /// The answer to a `Handover`: the session is held here now.
     HandoverAck = 14,
+    /// Start a session as a copy of another's first positions (End node -> worker).
+    ForkSession = 15,
+    /// The answer to a `ForkSession`: the new session is held here.
+    ForkSessionAck = 16,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Forward,
         Kind::ForwardResult,
         Kind::Error,
@@ -70,6 +74,8 @@ impl Kind {
         Kind::Relayed,
         Kind::Handover,
         Kind::HandoverAck,
+        Kind::ForkSession,
+        Kind::ForkSessionAck,
     ];
 
     /// The kind with wire code `code`, or a frame error naming it.
@@ -79,7 +85,7 @@ impl Kind {
             .find(|k| *k as u8 == code)
             .ok_or_else(|| {
                 Error::Frame(format!(
-                    "unknown message kind {code} at byte 6 (known: 1..=14)"
+                    "unknown message kind {code} at byte 6 (known: 1..=16)"
                 ))
             })
     }
@@ -101,6 +107,8 @@ impl Kind {
             Kind::Relayed => "relayed",
             Kind::Handover => "handover",
             Kind::HandoverAck => "handover_ack",
+            Kind::ForkSession => "fork_session",
+            Kind::ForkSessionAck => "fork_session_ack",
         }
     }
 }

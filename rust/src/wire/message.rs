@@ -106,6 +106,17 @@ pub struct Handover<'a> {
     pub state: &'a [u8],
 }
 
+/// A `ForkSession` request: start session `target` as a copy of the first `positions`
+/// positions of session `source`'s KV cache here (its layers, its owner's limits, its last
+/// step), so generations sharing a prompt prefill it once. Answered `ForkSessionAck(target)`,
+/// or an `Error` that leaves nothing behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForkSession {
+    pub source: SessionId,
+    pub target: SessionId,
+    pub positions: u32,
+}
+
 /// A message: what one frame carries.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Message<'a> {
@@ -140,6 +151,10 @@ pub enum Message<'a> {
     Handover(Handover<'a>),
     /// The session a `Handover` named is held here now.
     HandoverAck(SessionId),
+    /// Start a session as a copy of another's first positions.
+    ForkSession(ForkSession),
+    /// The session a `ForkSession` started is held here now.
+    ForkSessionAck(SessionId),
 }
 
 /// Bytes of an encoded tensor descriptor with `ndim` dimensions: dtype, ndim, u32 dims.
@@ -170,6 +185,8 @@ impl<'a> Message<'a> {
             Message::Relayed => Kind::Relayed,
             Message::Handover(_) => Kind::Handover,
             Message::HandoverAck(_) => Kind::HandoverAck,
+            Message::ForkSession(_) => Kind::ForkSession,
+            Message::ForkSessionAck(_) => Kind::ForkSessionAck,
         }
     }
 
@@ -234,7 +251,17 @@ impl<'a> Message<'a> {
                     return Err(invalid(format!("a handover owner of {} bytes (1 to {MAX_PEER_ID_LEN})", h.owner.len())));
                 }
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Info | Message::Relayed | Message::HandoverAck(_) => {}
+            Message::ForkSession(f) => {
+                if f.source == f.target {
+                    return Err(invalid(format!("session {} cannot be forked into itself", f.source)));
+                }
+            }
+            Message::Ping(_)
+            | Message::Pong(_)
+            | Message::Info
+            | Message::Relayed
+            | Message::HandoverAck(_)
+            | Message::ForkSessionAck(_) => {}
         }
         Ok(())
     }
@@ -255,7 +282,8 @@ impl<'a> Message<'a> {
             Message::Info | Message::Relayed => 0,
             Message::InfoReply(json) => 4 + json.len(),
             Message::Handover(h) => MODEL_HASH_LEN + 1 + h.model.name.len() + 8 + 16 + 8 + 1 + h.owner.len() + STATE_DIGEST_LEN,
-            Message::HandoverAck(_) => 16,
+            Message::HandoverAck(_) | Message::ForkSessionAck(_) => 16,
+            Message::ForkSession(_) => 16 + 16 + 4,
         }
     }
 
@@ -362,7 +390,12 @@ impl<'a> Message<'a> {
                 w.bytes(&h.owner);
                 w.bytes(&h.digest);
             }
-            Message::HandoverAck(id) => w.u128(id.0),
+            Message::HandoverAck(id) | Message::ForkSessionAck(id) => w.u128(id.0),
+            Message::ForkSession(f) => {
+                w.u128(f.source.0);
+                w.u128(f.target.0);
+                w.u32(f.positions);
+            }
         }
         let pad = FIXED_HEADER_LEN + h.header_len as usize - w.pos();
         w.bytes(&[0u8; 8][..pad]);
@@ -449,6 +482,16 @@ impl<'a> Message<'a> {
                 Message::Handover(Handover { model: ModelId { hash, name }, span, session, step, owner, digest, state: payload })
             }
             Kind::HandoverAck => Message::HandoverAck(SessionId(r.u128("session id")?)),
+            Kind::ForkSessionAck => Message::ForkSessionAck(SessionId(r.u128("session id")?)),
+            Kind::ForkSession => {
+                let source = SessionId(r.u128("source session id")?);
+                let target = SessionId(r.u128("target session id")?);
+                let positions = r.u32("positions")?;
+                if source == target {
+                    return Err(Error::Frame(format!("session {source} cannot be forked into itself")));
+                }
+                Message::ForkSession(ForkSession { source, target, positions })
+            }
             Kind::ForwardResult => {
                 let entries = read_entries(&mut r, limits)?;
                 let hidden = read_batch_tensor(&mut r, &entries, payload, limits)?;

@@ -100,7 +100,7 @@ pub(crate) mod tests_fuzz;
 pub use batch::{Entry, ModelId, SessionId, Span, ENTRY_LEN, MAX_MODEL_NAME_LEN, MODEL_HASH_LEN};
 pub use frame::{FrameHeader, Kind, Limits, FIXED_HEADER_LEN, MAGIC, PAYLOAD_ALIGN, VERSION};
 pub use message::{
-    Collect, Forward, ForwardResult, Handover, Message, NextHop, Relay, MAX_HOP_ADDRS, MAX_HOP_ADDR_LEN, MAX_PEER_ID_LEN,
+    Collect, ForkSession, Forward, ForwardResult, Handover, Message, NextHop, Relay, MAX_HOP_ADDRS, MAX_HOP_ADDR_LEN, MAX_PEER_ID_LEN,
     MAX_RELAY_HOPS, STATE_DIGEST_LEN,
 };
 pub use reply::{moved_to, ErrorCode, ErrorReply};

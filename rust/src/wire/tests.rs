@@ -129,6 +129,8 @@ fn other_messages() -> Vec<Message<'static>> {
             state: b"",
         }),
         Message::HandoverAck(SessionId(99)),
+        Message::ForkSession(ForkSession { source: SessionId(7), target: SessionId(u128::MAX), positions: 1000 }),
+        Message::ForkSessionAck(SessionId(u128::MAX)),
         Message::InfoReply("{}".to_string()),
         Message::InfoReply(
             r#"{"mode": "span", "first_layer": 10, "n_layers": 10, "name": "\u00e9t\u00e9 \u2713", "x": [1.5, null]}"#
@@ -699,8 +701,8 @@ fn fixed_header_lies_are_errors() {
     assert!(frame_error(&golden_with(|f| f[0] = b'X')).contains("bad magic"));
     assert!(frame_error(&golden_with(|f| f[4] = 2)).contains("unsupported version 2"));
     assert!(frame_error(&golden_with(|f| f[6] = 0)).contains("unknown message kind 0"));
-    assert!(frame_error(&golden_with(|f| f[6] = 15))
-        .contains("unknown message kind 15 at byte 6 (known: 1..=14)"));
+    assert!(frame_error(&golden_with(|f| f[6] = 17))
+        .contains("unknown message kind 17 at byte 6 (known: 1..=16)"));
     assert!(frame_error(&golden_with(|f| f[7] = 1)).contains("flags"));
     assert!(frame_error(&golden_with(|f| f[13] = 1)).contains("reserved"));
     // header_len: not padding the payload to 8, or pointing past / short of the fields.

@@ -218,7 +218,7 @@ proptest! {
 
     #[test]
     fn random_bodies_behind_a_valid_fixed_header_never_panic(
-        kind in 0u8..16,
+        kind in 0u8..17,
         header_len in 0u32..200,
         payload_len in 0u64..200,
         body in prop::collection::vec(any::<u8>(), 0..400),
@@ -318,6 +318,8 @@ proptest! {
                 state: text.as_bytes(),
             }),
             13 => Message::HandoverAck(ids[0]),
+            14 => Message::ForkSession(ForkSession { source: ids[0], target: SessionId(ids[0].0 ^ 1), positions: nonce as u32 }),
+            15 => Message::ForkSessionAck(ids[0]),
             _ => Message::InfoReply(serde_json::json!({ "text": text, "nonce": nonce, "ids": ids.len() }).to_string()),
         };
         let frame = msg.encode().unwrap();
