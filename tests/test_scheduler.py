@@ -25,6 +25,9 @@ N_TOKENS = 16
 @pytest.fixture(scope="module")
 def model(smollm2_gguf: Path) -> Model:
     with Model.load(smollm2_gguf, threads=2) as m:
+        # Every prompt prefilled whole: these tests time prefill against decoding, and run a
+        # prompt alone before running it again (tests/test_prompt_cache.py tests the cache).
+        m.prompt_cache = None
         yield m
 
 

@@ -205,7 +205,7 @@ def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
         ({"top_p": 1.5}, 400, "top_p", "invalid_value"),
         ({"seed": -1}, 400, "seed", "invalid_value"),
         ({"max_tokens": 0}, 400, "max_tokens", "invalid_value"),
-        ({"n": 2}, 400, "n", "unsupported_value"),
+        ({"n": 17}, 400, "n", "invalid_value"),
         ({"max_tokens": 10_000}, 400, "max_tokens", "context_length_exceeded"),
         ({"messages": [{"role": "user", "content": "hello " * 9000}]}, 400, "messages", "context_length_exceeded"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),

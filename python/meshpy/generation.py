@@ -291,18 +291,21 @@ class Model:
 
     def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, sink: TokenSink,
                stats: GenerationStats, speculate: bool | None = None, *, logprobs: int | None = None,
-               prompt_logprobs: bool = False) -> Ticket:
+               prompt_logprobs: bool = False,
+               followers: Sequence[tuple[SamplingParams, TokenSink, GenerationStats]] = ()) -> Ticket:
         """Starts a generation of up to `max_tokens` (>= 1) tokens on the scheduler, cut to the
         context left after the prompt; its tokens go to `sink` (see `meshpy.scheduler`);
         `speculate` (default `self.speculation`) turns drafting on or off for it; `logprobs`
         (alternatives to list) reports each token's log-probability, `prompt_logprobs` the
-        prompt's too (and allows `max_tokens` 0). Raises ContextOverflowError when the prompt
-        does not fit."""
+        prompt's too (and allows `max_tokens` 0). Each of `followers` (sampling, sink, stats)
+        is another generation of the prompt, sharing its prefill (the ticket's `group` holds
+        all of them). Raises ContextOverflowError when the prompt does not fit."""
         self.end.check_context(len(prompt_ids))
         budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
         speculate = self.speculation if speculate is None else speculate
         return self.scheduler.submit(prompt_ids, budget, Sampler(sampling), self.end.tokenizer.stop_ids, sink, stats,
-                                     speculate, self.draft_length, self.draft_model, logprobs, prompt_logprobs)
+                                     speculate, self.draft_length, self.draft_model, logprobs, prompt_logprobs,
+                                     [(Sampler(p), sink, st) for p, sink, st in followers])
 
     def stream(
         self,

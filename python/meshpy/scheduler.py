@@ -23,7 +23,12 @@ Generations report through a `TokenSink` called on scheduler threads: `token` fo
 (returning False stops the generation there, as a stop string does; with its log-probability
 when the generation asked for them), then `end` once, then `closed` once its session is
 closed; a generation that asked for its prompt's log-probabilities gets them through `prompt`
-as its chunks are run (for log-likelihood scoring; with a budget of 0 it stops there). A
+as its chunks are run (for log-likelihood scoring; with a budget of 0 it stops there).
+
+Several generations of one prompt (the API's `n`) prefill it once: the first runs the prompt,
+and when its last row's logits are in, each other one starts from a copy of its session
+(`Pipeline.fork`; where a copy cannot be made, it prefills on its own) and samples its first
+token from those same logits with its own sampler. A
 generation whose iteration fails is run again on its own, so a bad request fails alone.
 """
 
@@ -129,6 +134,11 @@ class Ticket:
         self.generated: list[int] = []  # the tokens handed to the sink
         self.started = 0.0
         self.last = 0.0
+        #: Generations of the same prompt waiting for this one's prefill, to start from a copy
+        #: of its session; emptied when they start.
+        self.followers: list[Ticket] = []
+        #: This ticket and those that followed it, in order (as submitted).
+        self.group: list[Ticket] = [self]
         self._cancel = threading.Event()
         self._done = threading.Event()
 
@@ -322,6 +332,7 @@ class _Lane:
                     self._finish(ticket, "length")
                     continue
                 out = out[-1:]
+                want.extend((follower, out) for follower in self._start_followers(ticket))
             want.append((ticket, out))
         if not want:
             return
@@ -341,6 +352,35 @@ class _Lane:
             rows = logits[block.start : block.stop, :n_tokens]
             picked = _verify_sampled(ticket, rows) if v else [next(picks) for _ in block]
             self._take(ticket, picked, now, rows)
+
+    def _start_followers(self, leader: Ticket) -> list[Ticket]:
+        """Starts the generations waiting for `leader`'s prefill, each on a copy of its
+        session; those whose copy could not be made start a session of their own and
+        prefill. The ones started from a copy (their first token comes from the leader's
+        last row)."""
+        followers, leader.followers = leader.followers, []
+        started = []
+        for f in followers:
+            if f.cancelled:
+                _end_ticket(f, "cancelled", None)
+                continue
+            try:
+                f.session = self.model.pipeline.fork(leader.session, leader.session.n_positions)
+            except Exception as e:  # noqa: BLE001 - no copy: this one prefills on its own
+                log.info("a session could not be copied (%s); this generation prefills its prompt itself", e)
+                try:
+                    f.session = self.model.new_session()
+                except Exception as e2:  # noqa: BLE001 - this generation's error
+                    _end_ticket(f, None, e2)
+                    continue
+                f.started = time.perf_counter()
+                self.active.append(f)
+                continue
+            f.fed, f.started = leader.fed, leader.started
+            f.stats.prefill_seconds, f.stats.cached_tokens = leader.stats.prefill_seconds, leader.stats.cached_tokens
+            self.active.append(f)
+            started.append(f)
+        return started
 
     def _report_prompt(self, ticket: Ticket, out: np.ndarray) -> bool:
         """Hands the sink the log-probabilities of the prompt tokens this chunk's rows predict
@@ -496,7 +536,11 @@ def _verify_sampled(ticket: Ticket, logits: np.ndarray) -> list[int | BaseExcept
 def _end_ticket(ticket: Ticket, reason: str | None, error: BaseException | None,
                 closer: _SessionThreads | None = None, close: Callable[[Any], object] | None = None) -> None:
     """Tells the ticket's sink it ended; then, with `close`, has `closer` close its session
-    before the ticket is done (without, it has no session and is done at once)."""
+    before the ticket is done (without, it has no session and is done at once). Generations
+    still waiting for its prefill end the same way."""
+    followers, ticket.followers = ticket.followers, []
+    for f in followers:
+        _end_ticket(f, reason, error)
     if ticket.speculator is not None:
         try:
             ticket.speculator.close()
@@ -589,6 +633,7 @@ class Scheduler:
         draft_model: DraftModel | None = None,
         logprobs: int | None = None,
         prompt_logprobs: bool = False,
+        followers: Sequence[tuple[Sampler, TokenSink, GenerationStats]] = (),
     ) -> Ticket:
         """Starts a generation of up to `budget` tokens after `prompt`; its tokens go to
         `sink`, its counts to `stats` (a `GenerationStats`). With `speculate`, the
@@ -596,13 +641,19 @@ class Scheduler:
         them per match if set, else as many as its acceptance and their cost justify; with
         `draft_model`, that model drafts instead of prompt lookup. `logprobs` (the number of
         alternatives to list, 0 or more) gives the sink each token's log-probability;
-        `prompt_logprobs` the prompt's too, and then `budget` may be 0 (the prompt only)."""
+        `prompt_logprobs` the prompt's too, and then `budget` may be 0 (the prompt only).
+        Each of `followers` (sampler, sink, stats) is another generation of the same prompt,
+        started from a copy of this one's session once it has prefilled (see the module
+        documentation); they are the returned ticket's `followers` until then."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if budget < (0 if prompt_logprobs else 1):
             raise ValueError(f"a generation needs a budget of at least 1 token, got {budget}")
         ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats, speculate, draft_length, draft_model,
                         logprobs, prompt_logprobs)
+        ticket.followers = [Ticket(prompt, budget, s, stop_ids, k, st, speculate, draft_length, draft_model, logprobs)
+                            for s, k, st in followers]
+        ticket.group = [ticket, *ticket.followers]
         with self._lock:
             if self.closed:
                 raise RuntimeError("the model is closed")

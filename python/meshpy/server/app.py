@@ -159,26 +159,35 @@ class ServerState:
         finally:
             self.waiting -= 1
 
-    def start(self, ids: list[int], max_tokens: int, options: Options) -> GenerationJob:
-        """Starts a generation on the model's scheduler, in a slot taken by `admit`; it is tracked
-        (and holds the slot) until it ends."""
+    def start(self, ids: list[int], max_tokens: int, options: Options) -> list[GenerationJob]:
+        """Starts a request's generations (its `n` choices, sharing the prompt's prefill) on the
+        model's scheduler, in the slot `admit` took; they are tracked until each ends, and
+        hold the slot until the last does. Their events share the first one's queue."""
         loop = asyncio.get_running_loop()
         if self._outbox is None or self._outbox.loop is not loop:  # the app served on another loop
             self._outbox = Outbox(loop)
-        job = GenerationJob(self.model, ids, max_tokens, options.sampling, options.stop, logprobs=options.logprobs,
-                            echo=options.echo, on_done=self._done, outbox=self._outbox, metrics=self.metrics)
-        job.start()  # may raise (the model closing): then it is not tracked
-        self.jobs.add(job)
-        return job
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        left = [options.n]  # generations of this request still running
+
+        def done(job: GenerationJob) -> None:
+            left[0] -= 1
+            self._done(job, slot=left[0] == 0)
+
+        jobs = [GenerationJob(self.model, ids, max_tokens, options.choice_sampling(i), options.stop,
+                              logprobs=options.logprobs, echo=options.echo, on_done=done, outbox=self._outbox,
+                              metrics=self.metrics, index=i, events=events) for i in range(options.n)]
+        jobs[0].start(jobs[1:])  # may raise (the model closing): then none is tracked
+        self.jobs.update(jobs)
+        return jobs
 
     def release_unused_slot(self) -> None:
         """Gives back a slot `admit` took for a generation that never started."""
         if self._slots is not None:
             self._slots.release()
 
-    def _done(self, job: GenerationJob) -> None:
+    def _done(self, job: GenerationJob, slot: bool) -> None:
         self.jobs.discard(job)
-        if self._slots is not None:
+        if slot and self._slots is not None:
             self._slots.release()
         if job.cancelled:
             self.cancelled += 1
@@ -226,15 +235,16 @@ class _GenerationStream(StreamingResponse):
     """Server-sent events of one generation; however the response ends (finished, client
     gone, server stopping) the generation is cancelled."""
 
-    def __init__(self, events: AsyncIterator[bytes], job: GenerationJob) -> None:
+    def __init__(self, events: AsyncIterator[bytes], jobs: list[GenerationJob]) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        self.job = job
+        self.jobs = jobs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancel()
+            for job in self.jobs:
+                job.cancel()
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
@@ -254,34 +264,39 @@ class _Shape:
         self.prefix = "chatcmpl" if chat else "cmpl"
         self.tokenizer = tokenizer
         self.logprobs = logprobs
-        self._offset = 0  # where the next token starts in the text (completions' `text_offset`)
+        self._offsets: dict[int, int] = {}  # per choice, where its next token starts (`text_offset`)
 
-    def scored(self, tokens: Sequence[ScoredToken]) -> dict[str, Any] | None:
-        """The `logprobs` of a choice, or of a chunk, holding these tokens (None when not
-        asked for); a stream's chunks are given their tokens in order."""
+    def scored(self, index: int, tokens: Sequence[ScoredToken]) -> dict[str, Any] | None:
+        """The `logprobs` of choice `index`, or of a chunk of it, holding these tokens (None
+        when not asked for); a stream's chunks are given their tokens in order."""
         if not self.logprobs:
             return None
         pairs = [(t.token, t.logprob) for t in tokens]
         if self.chat:
             return protocol.chat_logprobs(pairs, self.tokenizer)
-        offsets = []
+        offsets, at = [], self._offsets.get(index, 0)
         for t in tokens:
-            offsets.append(self._offset)
-            self._offset += len(t.piece)
+            offsets.append(at)
+            at += len(t.piece)
+        self._offsets[index] = at
         return protocol.completion_logprobs(pairs, offsets, self.tokenizer)
 
-    def body(self, id: str, model: str, text: str, finish: str, usage: dict[str, Any],
-             tokens: Sequence[ScoredToken]) -> dict[str, Any]:
-        build = protocol.chat_body if self.chat else protocol.completion_body
-        return build(id, model, text, finish, usage, self.scored(tokens))
+    def body(self, id: str, model: str, choices: Sequence[tuple[str, str, Sequence[ScoredToken]]],
+             usage: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer; `choices`: each choice's text, finish reason and tokens."""
+        if self.chat:
+            return protocol.chat_body(id, model, [protocol.chat_choice(i, text, finish, self.scored(i, tokens))
+                                                  for i, (text, finish, tokens) in enumerate(choices)], usage)
+        return protocol.completion_body(id, model, [protocol.completion_choice(i, text, finish, self.scored(i, tokens))
+                                                    for i, (text, finish, tokens) in enumerate(choices)], usage)
 
     def chunk(self, id: str, model: str, created: int, text: str | None, finish: str | None = None,
               usage: dict[str, Any] | None = None, *, with_usage: bool, first: bool = False,
-              tokens: Sequence[ScoredToken] = ()) -> dict[str, Any]:
-        logprobs = self.scored(tokens) if tokens else None
+              tokens: Sequence[ScoredToken] = (), index: int = 0) -> dict[str, Any]:
+        logprobs = self.scored(index, tokens) if tokens else None
         if not self.chat:
             return protocol.completion_chunk(id, model, created, text, finish, usage, with_usage=with_usage,
-                                             logprobs=logprobs)
+                                             logprobs=logprobs, index=index)
         delta: dict[str, Any] | None
         if text is None:
             delta = None
@@ -289,7 +304,13 @@ class _Shape:
             delta = {"role": "assistant", "content": text, "refusal": None}
         else:
             delta = {"content": text} if finish is None else {}
-        return protocol.chat_chunk(id, model, created, delta, finish, usage, with_usage=with_usage, logprobs=logprobs)
+        return protocol.chat_chunk(id, model, created, delta, finish, usage, with_usage=with_usage, logprobs=logprobs,
+                                   index=index)
+
+
+def _usage(ends: Sequence[Finished]) -> dict[str, Any]:
+    """A request's usage: its prompt once (its choices share it), every choice's tokens."""
+    return protocol.usage_body(ends[0].prompt_tokens, sum(e.completion_tokens for e in ends), ends[0].cached_tokens)
 
 
 async def _generate(
@@ -298,75 +319,84 @@ async def _generate(
     ids, max_tokens = await run_in_threadpool(state.prompt_ids, prompt, raw, options)
     await state.admit()
     try:
-        job = state.start(ids, max_tokens, options)
+        jobs = state.start(ids, max_tokens, options)
     except BaseException:
         state.release_unused_slot()
         raise
     handed_over = False
     try:
         if options.stream:
-            response = await _stream(state, request, job, options, shape)
+            response = await _stream(state, request, jobs, options, shape)
             handed_over = isinstance(response, _GenerationStream)
             return response
-        return await _whole(state, request, job, shape)
+        return await _whole(state, request, jobs, shape)
     finally:
         if not handed_over:
-            job.cancel()
+            for job in jobs:
+                job.cancel()
 
 
-async def _whole(state: ServerState, request: Request, job: GenerationJob, shape: _Shape) -> Response:
-    tokens: list[ScoredToken] = []
+async def _whole(state: ServerState, request: Request, jobs: list[GenerationJob], shape: _Shape) -> Response:
+    n = len(jobs)
+    texts: list[list[str]] = [[] for _ in range(n)]
+    tokens: list[list[ScoredToken]] = [[] for _ in range(n)]
+    ends: list[Finished | None] = [None] * n
 
-    async def collect() -> tuple[str, Finished]:
-        parts = []
-        while True:
-            event = await job.next_event()
+    async def collect() -> None:
+        while not all(ends):
+            index, event = await jobs[0].next_event()
             if isinstance(event, Delta):
-                parts.append(event.text)
-                tokens.extend(event.tokens)
+                texts[index].append(event.text)
+                tokens[index].extend(event.tokens)
             elif isinstance(event, Failed):
                 raise api_error(event.error)
             else:
-                return "".join(parts), event
+                ends[index] = event
 
-    connected, result = await _unless_disconnected(request, collect())
-    if not connected or result is None:
-        return Response(status_code=499)  # nobody reads it; the generation is cancelled
-    text, end = result
-    usage = protocol.usage_body(end.prompt_tokens, end.completion_tokens, end.cached_tokens)
-    return JSONResponse(shape.body(protocol.new_id(shape.prefix), state.model_name, text, end.finish_reason, usage,
-                                   tokens))
+    connected, _ = await _unless_disconnected(request, collect())
+    if not connected:
+        return Response(status_code=499)  # nobody reads it; the generations are cancelled
+    done = [e for e in ends if e is not None]
+    choices = [("".join(t), e.finish_reason, k) for t, e, k in zip(texts, done, tokens)]
+    return JSONResponse(shape.body(protocol.new_id(shape.prefix), state.model_name, choices, _usage(done)))
 
 
-async def _stream(state: ServerState, request: Request, job: GenerationJob, options: Options, shape: _Shape) -> Response:
+async def _stream(state: ServerState, request: Request, jobs: list[GenerationJob], options: Options,
+                  shape: _Shape) -> Response:
     # The first event decides the status: a generation that fails before its first text (no
     # route, a worker refusing) is answered with an HTTP error, not a broken stream.
-    connected, first = await _unless_disconnected(request, job.next_event())
+    connected, first = await _unless_disconnected(request, jobs[0].next_event())
     if not connected or first is None:
         return Response(status_code=499)
-    if isinstance(first, Failed):
-        raise api_error(first.error)
+    if isinstance(first[1], Failed):
+        raise api_error(first[1].error)
     id, created, model, with_usage = protocol.new_id(shape.prefix), int(time.time()), state.model_name, options.include_usage
+    n = len(jobs)
 
     async def events() -> AsyncIterator[bytes]:
-        event = first
-        yield _sse(shape.chunk(id, model, created, "", with_usage=with_usage, first=True))
+        index, event = first
+        for i in range(n):  # each choice opens with the role
+            yield _sse(shape.chunk(id, model, created, "", with_usage=with_usage, first=True, index=i))
+        ends: list[Finished | None] = [None] * n
         while True:
             if isinstance(event, Delta):
-                yield _sse(shape.chunk(id, model, created, event.text, with_usage=with_usage, tokens=event.tokens))
+                yield _sse(shape.chunk(id, model, created, event.text, with_usage=with_usage, tokens=event.tokens,
+                                       index=index))
             elif isinstance(event, Finished):
-                yield _sse(shape.chunk(id, model, created, "", event.finish_reason, with_usage=with_usage))
-                if with_usage:
-                    usage = protocol.usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-                    yield _sse(shape.chunk(id, model, created, None, usage=usage, with_usage=True))
-                break
+                yield _sse(shape.chunk(id, model, created, "", event.finish_reason, with_usage=with_usage, index=index))
+                ends[index] = event
+                if all(ends):
+                    if with_usage:
+                        usage = _usage([e for e in ends if e is not None])
+                        yield _sse(shape.chunk(id, model, created, None, usage=usage, with_usage=True))
+                    break
             else:  # failed mid-stream: the status is sent already, so the error is an event
                 yield _sse(api_error(event.error).body())
                 break
-            event = await job.next_event()
+            index, event = await jobs[0].next_event()
         yield _sse("[DONE]")
 
-    return _GenerationStream(events(), job)
+    return _GenerationStream(events(), jobs)
 
 
 # --- routes ------------------------------------------------------------------------------

@@ -160,6 +160,8 @@ class GenerationJob:
         on_done: Callable[[GenerationJob], object] | None = None,
         outbox: Outbox | None = None,
         metrics: ServerMetrics | None = None,
+        index: int = 0,
+        events: asyncio.Queue[tuple[int, Event]] | None = None,
     ) -> None:
         self.model = model
         self.prompt_ids = list(prompt_ids)
@@ -176,7 +178,10 @@ class GenerationJob:
         self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
         self._on_done = on_done
         self._outbox = outbox
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        #: The choice this is of the request (the API's `n`); events go out tagged with it, to
+        #: a queue the request's choices may share.
+        self.index = index
+        self._events: asyncio.Queue[tuple[int, Event]] = events if events is not None else asyncio.Queue()
         self._decoder = IncrementalDecoder(model.tokenizer)
         self._stops = StopText(self.stop)
         self._scored: list[ScoredToken] = []  # tokens whose text has not been emitted yet
@@ -186,13 +191,17 @@ class GenerationJob:
         #: When the generation was submitted, and when its last token came (perf_counter).
         self._started = self._last_token = 0.0
 
-    def start(self) -> GenerationJob:
-        """Submits the generation; call from the event loop that will read the events."""
+    def start(self, followers: Sequence[GenerationJob] = ()) -> GenerationJob:
+        """Submits the generation, and `followers` (other choices of the same prompt, which
+        share its prefill); call from the event loop that will read the events."""
         if self._outbox is None:
             self._outbox = Outbox(asyncio.get_running_loop())
         self._started = time.perf_counter()
         self._ticket = self.model.submit(self.prompt_ids, self.max_tokens, self.sampling, self, self.stats,
-                                         logprobs=self.logprobs, prompt_logprobs=self.echo)
+                                         logprobs=self.logprobs, prompt_logprobs=self.echo,
+                                         followers=[(f.sampling, f, f.stats) for f in followers])
+        for job, ticket in zip(followers, self._ticket.group[1:]):
+            job._outbox, job._started, job._ticket = self._outbox, self._started, ticket
         return self
 
     def cancel(self) -> None:
@@ -200,8 +209,9 @@ class GenerationJob:
         if self._ticket is not None:
             self._ticket.cancel()
 
-    async def next_event(self) -> Event:
-        """The next event, waiting for it without blocking the loop."""
+    async def next_event(self) -> tuple[int, Event]:
+        """The next event on this job's queue (its choice index and the event), waiting for it
+        without blocking the loop."""
         return await self._events.get()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -212,7 +222,7 @@ class GenerationJob:
 
     def _emit(self, event: Event) -> None:
         assert self._outbox is not None
-        self._outbox.post(self._events.put_nowait, event)
+        self._outbox.post(self._events.put_nowait, (self.index, event))
 
     def prompt(self, logprobs: list[TokenLogprob | None]) -> None:
         decoder = self._prompt_decoder

@@ -28,8 +28,10 @@ __all__ = [
     "new_id",
     "usage_body",
     "chat_body",
+    "chat_choice",
     "chat_chunk",
     "completion_body",
+    "completion_choice",
     "completion_chunk",
     "chat_logprobs",
     "completion_logprobs",
@@ -39,6 +41,8 @@ __all__ = [
 _ROLES = ("system", "user", "assistant", "developer")
 #: Most stop strings a request may give (OpenAI's limit).
 _MAX_STOPS = 4
+#: Most choices one request may ask for (`n`): each is a generation with its own session.
+MAX_CHOICES = 16
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -117,9 +121,6 @@ def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _reject_unsupported(body: Mapping[str, Any], extra: Sequence[tuple[str, object]] = ()) -> None:
     """400 for options that would change the answer but that meshpy does not implement."""
-    n = _int(body, "n", minimum=1)
-    if n is not None and n > 1:
-        raise invalid(f"'n' must be 1: meshpy generates one choice per request, got {n}", "n", "unsupported_value")
     for name in ("presence_penalty", "frequency_penalty"):
         value = _number(body, name, 0.0, -2.0, 2.0)
         if value != 0.0:
@@ -153,6 +154,16 @@ class Options:
     logprobs: int | None = None
     #: Completions: the prompt comes first in the text (with its log-probabilities).
     echo: bool = False
+    #: Choices to generate for the prompt (they share its prefill).
+    n: int = 1
+
+    def choice_sampling(self, index: int) -> SamplingParams:
+        """Choice `index`'s sampling: a seeded request's choices differ (seeds `seed`,
+        `seed + 1`, ...) and each repeats."""
+        p = self.sampling
+        if p.seed is None or index == 0:
+            return p
+        return dataclasses.replace(p, seed=p.seed + index)
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], limit_fields: Sequence[str], min_tokens: int = 1) -> Options:
@@ -170,6 +181,9 @@ class Options:
         if top_p == 0.0:  # only the likeliest token is left: greedy
             temperature, top_p = 0.0, 1.0
         stream = _bool(body, "stream")
+        n = _int(body, "n", minimum=1) or 1
+        if n > MAX_CHOICES:
+            raise invalid(f"'n' must be at most {MAX_CHOICES}, got {n}", "n", "invalid_value")
         include_usage = False
         options = body.get("stream_options")
         if options is not None:
@@ -185,6 +199,7 @@ class Options:
             stop=_stop(body),
             stream=stream,
             include_usage=include_usage,
+            n=n,
         )
 
 
@@ -269,6 +284,8 @@ class CompletionRequest:
         # `max_tokens` 0 with `echo`: the prompt's log-probabilities alone (log-likelihood scoring).
         options = Options.parse(body, ("max_tokens",), min_tokens=0)
         echo = _bool(body, "echo")
+        if echo and options.n > 1:
+            raise invalid("'echo' with 'n' > 1 is not supported", "echo", "unsupported_value")
         if options.max_tokens == 0 and not echo:
             raise invalid("'max_tokens' must be >= 1 (0 only with 'echo': true, to score the prompt)", "max_tokens",
                           "invalid_value")
@@ -332,44 +349,53 @@ def completion_logprobs(tokens: Sequence[tuple[int, TokenLogprob | None]], offse
     return {"tokens": texts, "token_logprobs": values, "top_logprobs": tops, "text_offset": list(offsets)}
 
 
-def chat_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, Any],
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A whole chat completion."""
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One choice of a whole chat completion."""
     message = {"role": "assistant", "content": text, "refusal": None}
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {**_head(id, "chat.completion", model, None), "choices": [choice], "usage": usage}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_body(id: str, model: str, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+    """A whole chat completion (`choices` from `chat_choice`)."""
+    return {**_head(id, "chat.completion", model, None), "choices": choices, "usage": usage}
 
 
 def chat_chunk(
     id: str, model: str, created: int, delta: dict[str, Any] | None, finish_reason: str | None = None,
     usage: dict[str, Any] | None = None, *, with_usage: bool = False, logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One chunk of a streamed chat completion: a delta, the final finish reason, or (with
-    `delta` None) the usage chunk, whose `choices` is empty."""
+    """One chunk of a streamed chat completion: choice `index`'s delta or final finish
+    reason, or (with `delta` None) the usage chunk, whose `choices` is empty."""
     chunk = _head(id, "chat.completion.chunk", model, created)
     chunk["choices"] = [] if delta is None else [
-        {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     ]
     if with_usage:
         chunk["usage"] = usage
     return chunk
 
 
-def completion_body(id: str, model: str, text: str, finish_reason: str, usage: dict[str, Any],
-                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A whole text completion."""
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {**_head(id, "text_completion", model, None), "choices": [choice], "usage": usage}
+def completion_choice(index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One choice of a whole text completion."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_body(id: str, model: str, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+    """A whole text completion (`choices` from `completion_choice`)."""
+    return {**_head(id, "text_completion", model, None), "choices": choices, "usage": usage}
 
 
 def completion_chunk(
     id: str, model: str, created: int, text: str | None, finish_reason: str | None = None,
     usage: dict[str, Any] | None = None, *, with_usage: bool = False, logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One chunk of a streamed text completion (`text` None: the usage chunk)."""
+    """One chunk of a streamed text completion: choice `index`'s text (`text` None: the
+    usage chunk)."""
     chunk = _head(id, "text_completion", model, created)
     chunk["choices"] = [] if text is None else [
-        {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     ]
     if with_usage:
         chunk["usage"] = usage
