@@ -14,12 +14,16 @@ from typing import Any
 
 import jsonschema
 import numpy as np
+import openai
 import pytest
+from openai.types.chat import ChatCompletion
 
 from meshpy.constraint import ConstraintError, Grammar, Matcher, _disagreeing_ids, _lltokenizer_from_bytes, _Vocabulary, _vocabulary
 from meshpy.generation import Model
 from meshpy.tokenizer import Tokenizer
+from meshpy.server import AppServer, create_app
 from tests.conftest import DATA
+from tests.test_server import assert_openai_type, client_for, error_of
 
 MAX_TOKENS = 200
 
@@ -135,30 +139,62 @@ def test_schema_list_is_varied() -> None:
         assert keyword in text, keyword
 
 
+@pytest.fixture(scope="module")
+def client(model: Model) -> Iterator[openai.OpenAI]:
+    with AppServer(create_app(model, "smollm2"), port=0) as server, client_for(server) as c:
+        yield c
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("prompt", "schema"), SCHEMAS, ids=[f"schema{i}" for i in range(len(SCHEMAS))])
-def test_json_schema_output_validates(model: Model, prompt: str, schema: dict[str, Any]) -> None:
-    grammar = Grammar.from_response_format(response_format(schema), model.tokenizer)
-    assert grammar is not None
-    text, ended = greedy(model, grammar, prompt)
-    assert ended, f"no end in {MAX_TOKENS} tokens: {text!r}"
-    value = json.loads(text)
-    jsonschema.validate(value, schema)
+def test_json_schema_output_validates(client: openai.OpenAI, prompt: str, schema: dict[str, Any]) -> None:
+    """Through the official client, greedy: the reply parses and validates, and it ended on its
+    own (the grammar complete), not at the token limit."""
+    reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": prompt}],
+                                           response_format=response_format(schema), temperature=0, max_tokens=MAX_TOKENS)
+    assert_openai_type(ChatCompletion, reply.model_dump(mode="json", exclude_unset=True))
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    jsonschema.validate(json.loads(choice.message.content), schema)
 
 
 @pytest.mark.slow
-def test_json_object_output_is_a_dict(model: Model) -> None:
+def test_json_object_output_is_a_dict_whole_streamed_and_sampled(client: openai.OpenAI, model: Model) -> None:
+    args: dict[str, Any] = {"model": "smollm2", "messages": [{"role": "user", "content": "Describe a cat as a JSON object."}],
+                            "response_format": {"type": "json_object"}, "max_tokens": MAX_TOKENS}
+    whole = client.chat.completions.create(**args, temperature=0)
+    assert isinstance(json.loads(whole.choices[0].message.content), dict)
+    with client.chat.completions.create(**args, temperature=0, stream=True) as stream:
+        chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    # Sampled, three choices sharing a prefill, each with its own grammar state.
+    prompt, schema = SCHEMAS[0]
+    sampled = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": prompt}],
+                                             response_format=response_format(schema), temperature=1.0, seed=5, n=3,
+                                             max_tokens=MAX_TOKENS)
+    for choice in sampled.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
     grammar = Grammar.from_response_format({"type": "json_object"}, model.tokenizer)
     assert grammar is not None
     timings: list[float] = []
     text, ended = greedy(model, grammar, "Describe a cat as a JSON object.", timings)
-    assert ended, text
-    assert isinstance(json.loads(text), dict)
+    assert ended and text == whole.choices[0].message.content, "the library alone gives the server's reply"
     us = np.array(timings) * 1e6
     print(
         f"\nmask_logits on {model.tokenizer.vocab_size} tokens over {len(us)} steps: "
         f"median {np.median(us):.0f} us, mean {us.mean():.0f} us, max {us.max():.0f} us"
     )
+
+
+def test_bad_response_formats_are_400(client: openai.OpenAI) -> None:
+    for fmt, where in (({"type": "xml"}, "response_format.type"), ({"type": "json_schema"}, "json_schema"),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "compile")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}],
+                                           response_format=fmt, max_tokens=4)
+        error = error_of(info.value)
+        assert error["param"] == "response_format" and where in error["message"], error
 
 
 def test_text_is_no_grammar(model: Model) -> None:

@@ -211,9 +211,11 @@ def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
         ({"messages": []}, 400, "messages", "invalid_value"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
-        # Never silently ignored: a client asking for JSON or tools.
-        ({"response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools", "unsupported_parameter"),
+        # Never silently ignored: a schema that says nothing, a bias meshpy does not apply.
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format", "invalid_value"),
+        ({"logit_bias": {"42": 5}}, 400, "logit_bias", "unsupported_parameter"),
+        # SmolLM2's own chat template does not render tools: the model cannot be offered any.
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools", "unsupported_value"),
     ],
 )
 def test_request_errors(client: openai.OpenAI, kwargs: dict[str, Any], status: int, param: str, code: str) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from meshpy.errors import MeshpyError
 from meshpy.tokenizer import Tokenizer
 
-__all__ = ["ConstraintError", "Grammar", "Matcher"]
+__all__ = ["ConstraintError", "Grammar", "Matcher", "json_rule"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,17 @@ class Grammar:
         reason: an unknown keyword or format, a bad ``$ref`` or pattern, an unsatisfiable
         combination)."""
         return _vocabulary(tokenizer).grammar(schema)
+
+    @classmethod
+    def from_lark(cls, lark: str, tokenizer: Tokenizer) -> Grammar:
+        """The grammar of a Lark text in llguidance's dialect (`json_rule` writes a rule for
+        JSON valid against a schema, laid out as JSON schemas here are); raises
+        :class:`ConstraintError` when it does not compile."""
+        try:
+            text = llguidance.LLMatcher.grammar_from_lark(lark)
+        except ValueError as e:
+            raise ConstraintError(f"the grammar does not compile: {e}") from e
+        return _vocabulary(tokenizer).compiled("lark:" + lark, text, {"lark": lark})
 
     def start(self) -> Matcher:
         """A matcher at the start of a generation."""
@@ -230,20 +241,36 @@ class _Vocabulary:
             text = llguidance.LLMatcher.grammar_from_json_schema(key, defaults=_JSON_OPTIONS)
         except ValueError as e:
             raise ConstraintError(f"the JSON schema does not compile: {e}") from e
+        return self.compiled(key, text, json.loads(key))
+
+    def compiled(self, key: str, text: str, schema: Mapping[str, Any]) -> Grammar:
+        """The grammar `text` (llguidance's serialized form) compiled for this tokenizer and
+        kept under `key`, or the one kept there."""
+        with self._lock:
+            grammar = self._grammars.get(key)
+            if grammar is not None:
+                self._grammars.move_to_end(key)
+                return grammar
         # Compiles the grammar (llguidance releases the GIL meanwhile); errors are reported by
         # the matcher, not raised.
         matcher = llguidance.LLMatcher(self.lltokenizer, text, log_level=0)
         if matcher.is_error():
-            raise ConstraintError(f"the JSON schema does not compile: {matcher.get_error()}")
+            raise ConstraintError(f"the grammar does not compile: {matcher.get_error()}")
         for warning in matcher.get_grammar_warnings():
-            logger.info("JSON schema: %s", warning)
-        grammar = Grammar(self, matcher, json.loads(key))
+            logger.info("grammar: %s", warning)
+        grammar = Grammar(self, matcher, schema)
         with self._lock:
             self._grammars[key] = grammar
             self._grammars.move_to_end(key)
             while len(self._grammars) > _GRAMMARS_PER_TOKENIZER:
                 self._grammars.popitem(last=False)
         return grammar
+
+
+def json_rule(schema: Mapping[str, Any]) -> str:
+    """A Lark rule body (for `Grammar.from_lark`) matching JSON valid against `schema`, laid
+    out as `Grammar.from_json_schema` lays it out."""
+    return "%json " + json.dumps({"x-guidance": _JSON_OPTIONS, **schema})
 
 
 _vocabularies: weakref.WeakKeyDictionary[Tokenizer, _Vocabulary] = weakref.WeakKeyDictionary()

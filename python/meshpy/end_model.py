@@ -55,17 +55,18 @@ class EndModel:
                 source.checkpoint, table, proj, norm, config.per_layer_input, config.eps, pool
             )
 
-    def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
-        """Token ids of a prompt. Messages always go through the chat template; a string does
+    def encode(self, prompt: Prompt, *, raw: bool = False, tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt. Messages always go through the chat template (with `tools`,
+        the functions the model may call, for a template that renders them); a string does
         too (as one user message) unless `raw`."""
         if isinstance(prompt, str) and raw:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         # The template writes any BOS itself, so special tokens are not added again.
-        return self.tokenizer.encode(self.render(messages), add_special_tokens=False)
+        return self.tokenizer.encode(self.render(messages, tools), add_special_tokens=False)
 
-    def render(self, messages: Sequence[dict[str, Any]]) -> str:
-        """The chat template applied to messages, ending with the assistant's turn."""
+    def render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The chat template applied to messages (and `tools`), ending with the assistant's turn."""
         if not self.chat_template:
             raise ChatTemplateError(
                 f"{self.source.path} ships no chat template; pass raw text instead (--raw)"
@@ -76,6 +77,7 @@ class EndModel:
             add_generation_prompt=True,
             bos_token=self.tokenizer.bos_text or "",
             eos_token=self.tokenizer.eos_text or "",
+            tools=list(tools) if tools else None,
         )
 
     def check_context(self, n_prompt: int, max_new: int = 0) -> None:

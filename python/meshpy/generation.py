@@ -181,9 +181,9 @@ class Model:
         """The model's tokenizer."""
         return self.end.tokenizer
 
-    def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
-        """Token ids of a prompt (chat template applied unless `raw`)."""
-        return self.end.encode(prompt, raw=raw)
+    def encode(self, prompt: Prompt, *, raw: bool = False, tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt (chat template applied, with `tools`, unless `raw`)."""
+        return self.end.encode(prompt, raw=raw, tools=tools)
 
     def new_session(self) -> Any:
         """A fresh generation session (KV caches on every span)."""
@@ -292,20 +292,22 @@ class Model:
     def submit(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, sink: TokenSink,
                stats: GenerationStats, speculate: bool | None = None, *, logprobs: int | None = None,
                prompt_logprobs: bool = False,
-               followers: Sequence[tuple[SamplingParams, TokenSink, GenerationStats]] = ()) -> Ticket:
+               followers: Sequence[tuple[SamplingParams, TokenSink, GenerationStats]] = (),
+               constraint: Any = None) -> Ticket:
         """Starts a generation of up to `max_tokens` (>= 1) tokens on the scheduler, cut to the
         context left after the prompt; its tokens go to `sink` (see `meshpy.scheduler`);
         `speculate` (default `self.speculation`) turns drafting on or off for it; `logprobs`
         (alternatives to list) reports each token's log-probability, `prompt_logprobs` the
         prompt's too (and allows `max_tokens` 0). Each of `followers` (sampling, sink, stats)
         is another generation of the prompt, sharing its prefill (the ticket's `group` holds
-        all of them). Raises ContextOverflowError when the prompt does not fit."""
+        all of them). `constraint` (a `meshpy.constraint.Grammar`) limits the tokens to what it
+        allows. Raises ContextOverflowError when the prompt does not fit."""
         self.end.check_context(len(prompt_ids))
         budget = min(max_tokens, self.config.max_positions - len(prompt_ids))
         speculate = self.speculation if speculate is None else speculate
         return self.scheduler.submit(prompt_ids, budget, Sampler(sampling), self.end.tokenizer.stop_ids, sink, stats,
                                      speculate, self.draft_length, self.draft_model, logprobs, prompt_logprobs,
-                                     [(Sampler(p), sink, st) for p, sink, st in followers])
+                                     [(Sampler(p), sink, st) for p, sink, st in followers], constraint)
 
     def stream(
         self,

@@ -28,7 +28,11 @@ as its chunks are run (for log-likelihood scoring; with a budget of 0 it stops t
 Several generations of one prompt (the API's `n`) prefill it once: the first runs the prompt,
 and when its last row's logits are in, each other one starts from a copy of its session
 (`Pipeline.fork`; where a copy cannot be made, it prefills on its own) and samples its first
-token from those same logits with its own sampler. A
+token from those same logits with its own sampler.
+
+A constrained generation (structured output, a forced tool call: `meshpy.constraint`) has
+its rows' logits masked to the tokens its grammar allows before its token is picked, and ends
+once the grammar is complete; it does not draft. A
 generation whose iteration fails is run again on its own, so a bad request fails alone.
 """
 
@@ -106,8 +110,11 @@ class Ticket:
     def __init__(self, prompt: Sequence[int], budget: int, sampler: Sampler, stop_ids: frozenset[int],
                  sink: TokenSink, stats: GenerationStats, speculate: bool = False, draft_length: int | None = None,
                  draft_model: DraftModel | None = None, logprobs: int | None = None,
-                 prompt_logprobs: bool = False) -> None:
+                 prompt_logprobs: bool = False, constraint: Any = None) -> None:
         self.prompt = list(prompt)
+        #: The grammar's state for this generation (`meshpy.constraint.Matcher`), or None.
+        self.matcher = constraint.start() if constraint is not None else None
+        speculate = speculate and self.matcher is None  # drafts would need the grammar's state per row
         self.budget = budget
         #: Alternatives listed with each token's log-probability; None: no log-probabilities.
         self.logprobs = logprobs
@@ -338,6 +345,13 @@ class _Lane:
             return
         logits = model.end.logits(np.concatenate([rows for _, rows in want]))
         n_tokens = model.end.tokenizer.vocab_size
+        for (ticket, _), start in zip(want, _starts(want)):
+            if ticket.matcher is not None:  # one row: constrained generations do not draft
+                try:
+                    ticket.matcher.mask_logits(logits[start])
+                except Exception as e:  # noqa: BLE001 - this generation's failure
+                    logits[start] = np.nan  # its pick fails with the sampler's error; then it ends
+                    log.info("masking a constrained generation's logits failed: %s", e)
         # Sampled generations verifying a draft pick their tokens one row at a time (the
         # rejection rule); every other row is picked at once.
         verifying = [bool(t.draft) and not t.sampler.params.greedy for t, _ in want]
@@ -459,11 +473,13 @@ class _Lane:
         stats.completion_tokens += 1
         ticket.generated.append(token)
         try:
+            if ticket.matcher is not None:
+                ticket.matcher.accept(token)
             go_on = ticket.sink.token(token, logprob)
         except Exception as e:  # noqa: BLE001 - the sink's failure ends only its generation
             self._finish(ticket, None, e)
             return False
-        if not go_on:
+        if not go_on or (ticket.matcher is not None and ticket.matcher.done):  # a complete grammar stops too
             self._finish(ticket, "stop")
         elif stats.completion_tokens >= ticket.budget:
             self._finish(ticket, "length")
@@ -634,6 +650,7 @@ class Scheduler:
         logprobs: int | None = None,
         prompt_logprobs: bool = False,
         followers: Sequence[tuple[Sampler, TokenSink, GenerationStats]] = (),
+        constraint: Any = None,
     ) -> Ticket:
         """Starts a generation of up to `budget` tokens after `prompt`; its tokens go to
         `sink`, its counts to `stats` (a `GenerationStats`). With `speculate`, the
@@ -644,15 +661,16 @@ class Scheduler:
         `prompt_logprobs` the prompt's too, and then `budget` may be 0 (the prompt only).
         Each of `followers` (sampler, sink, stats) is another generation of the same prompt,
         started from a copy of this one's session once it has prefilled (see the module
-        documentation); they are the returned ticket's `followers` until then."""
+        documentation); they are the returned ticket's `followers` until then. `constraint`
+        (a `meshpy.constraint.Grammar`) limits every one of them to what it allows."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if budget < (0 if prompt_logprobs else 1):
             raise ValueError(f"a generation needs a budget of at least 1 token, got {budget}")
         ticket = Ticket(prompt, budget, sampler, stop_ids, sink, stats, speculate, draft_length, draft_model,
-                        logprobs, prompt_logprobs)
-        ticket.followers = [Ticket(prompt, budget, s, stop_ids, k, st, speculate, draft_length, draft_model, logprobs)
-                            for s, k, st in followers]
+                        logprobs, prompt_logprobs, constraint)
+        ticket.followers = [Ticket(prompt, budget, s, stop_ids, k, st, speculate, draft_length, draft_model, logprobs,
+                                   constraint=constraint) for s, k, st in followers]
         ticket.group = [ticket, *ticket.followers]
         with self._lock:
             if self.closed:

@@ -37,6 +37,8 @@ from meshpy.server.engine import Delta, Failed, Finished, GenerationJob, Outbox,
 from meshpy.server.errors import APIError, api_error, invalid
 from meshpy.server.protocol import ChatRequest, CompletionRequest, Options
 from meshpy.tokenizer import Tokenizer
+from meshpy.constraint import ConstraintError, Grammar
+from meshpy.tools import ToolCall, ToolFormat
 
 __all__ = ["create_app", "ServerState"]
 
@@ -109,6 +111,46 @@ class ServerState:
                 param="model", code="model_not_found",
             )
 
+    def tool_format(self, options: Options) -> ToolFormat | None:
+        """The format the model writes tool calls in, when the request offers tools (and does
+        not say "none"); 400 when the model's chat template does not render tools."""
+        if not options.tools or options.tool_choice == "none":
+            return None
+        fmt = ToolFormat.for_template(self.model.end.chat_template)
+        if fmt is None:
+            raise invalid("this model's chat template does not render tools, so the model cannot be offered any",
+                          "tools", "unsupported_value")
+        return fmt
+
+    def offered_tools(self, options: Options) -> list[dict[str, Any]] | None:
+        """The tools the chat template renders: none with `tool_choice` "none"."""
+        return options.tools if options.tools and options.tool_choice != "none" else None
+
+    def constraint(self, options: Options) -> Grammar | None:
+        """The grammar the request's tokens must follow: a call of the tools `tool_choice`
+        forces, or its `response_format`'s JSON; None when free. 400 for a format or schema
+        that does not compile. Blocking (the first grammar for a tokenizer takes a while)."""
+        fmt = self.tool_format(options)
+        forced = options.tool_choice if fmt is not None and options.tool_choice not in ("auto", "none") else None
+        if forced is not None and options.response_format is not None:
+            raise invalid("'response_format' cannot be combined with a forced tool call ('tool_choice')",
+                          "response_format", "invalid_value")
+        try:
+            if forced is not None:
+                assert fmt is not None and options.tools is not None
+                tools = [t for t in options.tools if forced == "required" or t["function"]["name"] == forced]
+                return Grammar.from_lark(fmt.grammar(tools), self.model.tokenizer)
+            if options.response_format is not None:
+                return Grammar.from_response_format(options.response_format, self.model.tokenizer)
+        except ConstraintError as e:
+            raise invalid(str(e), "tools" if forced is not None else "response_format", "invalid_value") from None
+        return None
+
+    def prepare(self, prompt: str | Sequence[Any], raw: bool, options: Options) -> tuple[list[int], int, Grammar | None]:
+        """`prompt_ids` and the request's `constraint`. Blocking: run it on a thread."""
+        ids, max_tokens = self.prompt_ids(prompt, raw, options)
+        return ids, max_tokens, self.constraint(options)
+
     def prompt_ids(self, prompt: str | Sequence[Any], raw: bool, options: Options) -> tuple[list[int], int]:
         """The prompt's token ids (chat messages, text, or token ids) and the completion
         token limit; 400 when they do not fit the context. Blocking (chat template,
@@ -116,6 +158,7 @@ class ServerState:
         model = self.model
         param = "prompt" if raw else "messages"
         limit = model.config.max_positions
+        self.tool_format(options)  # a model that cannot be offered tools: 400 before anything runs
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             vocab = model.tokenizer.vocab_size
             bad = next((t for t in prompt if t >= vocab), None)
@@ -123,7 +166,7 @@ class ServerState:
                 raise invalid(f"token id {bad} is outside the vocabulary (0..{vocab - 1})", "prompt", "invalid_value")
             ids = list(prompt)
         else:
-            ids = model.encode(prompt, raw=raw)  # type: ignore[arg-type]
+            ids = model.encode(prompt, raw=raw, tools=self.offered_tools(options))  # type: ignore[arg-type]
         if not ids:
             raise invalid("the prompt is empty", param, "invalid_value")
         if len(ids) >= limit:
@@ -159,7 +202,8 @@ class ServerState:
         finally:
             self.waiting -= 1
 
-    def start(self, ids: list[int], max_tokens: int, options: Options) -> list[GenerationJob]:
+    def start(self, ids: list[int], max_tokens: int, options: Options,
+              constraint: Grammar | None = None) -> list[GenerationJob]:
         """Starts a request's generations (its `n` choices, sharing the prompt's prefill) on the
         model's scheduler, in the slot `admit` took; they are tracked until each ends, and
         hold the slot until the last does. Their events share the first one's queue."""
@@ -173,9 +217,12 @@ class ServerState:
             left[0] -= 1
             self._done(job, slot=left[0] == 0)
 
+        tools = self.tool_format(options)
         jobs = [GenerationJob(self.model, ids, max_tokens, options.choice_sampling(i), options.stop,
-                              logprobs=options.logprobs, echo=options.echo, on_done=done, outbox=self._outbox,
-                              metrics=self.metrics, index=i, events=events) for i in range(options.n)]
+                              logprobs=options.logprobs, echo=options.echo, tools=tools, constraint=constraint,
+                              on_done=done,
+                              outbox=self._outbox, metrics=self.metrics, index=i, events=events)
+                for i in range(options.n)]
         jobs[0].start(jobs[1:])  # may raise (the model closing): then none is tracked
         self.jobs.update(jobs)
         return jobs
@@ -281,18 +328,19 @@ class _Shape:
         self._offsets[index] = at
         return protocol.completion_logprobs(pairs, offsets, self.tokenizer)
 
-    def body(self, id: str, model: str, choices: Sequence[tuple[str, str, Sequence[ScoredToken]]],
+    def body(self, id: str, model: str, choices: Sequence[tuple[str, str, Sequence[ScoredToken], Sequence[ToolCall]]],
              usage: dict[str, Any]) -> dict[str, Any]:
-        """The whole answer; `choices`: each choice's text, finish reason and tokens."""
+        """The whole answer; `choices`: each choice's text, finish reason, tokens and tool calls."""
         if self.chat:
-            return protocol.chat_body(id, model, [protocol.chat_choice(i, text, finish, self.scored(i, tokens))
-                                                  for i, (text, finish, tokens) in enumerate(choices)], usage)
+            return protocol.chat_body(id, model, [
+                protocol.chat_choice(i, text, finish, self.scored(i, tokens), [c.body() for c in calls])
+                for i, (text, finish, tokens, calls) in enumerate(choices)], usage)
         return protocol.completion_body(id, model, [protocol.completion_choice(i, text, finish, self.scored(i, tokens))
-                                                    for i, (text, finish, tokens) in enumerate(choices)], usage)
+                                                    for i, (text, finish, tokens, _) in enumerate(choices)], usage)
 
     def chunk(self, id: str, model: str, created: int, text: str | None, finish: str | None = None,
               usage: dict[str, Any] | None = None, *, with_usage: bool, first: bool = False,
-              tokens: Sequence[ScoredToken] = (), index: int = 0) -> dict[str, Any]:
+              tokens: Sequence[ScoredToken] = (), index: int = 0, calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         logprobs = self.scored(index, tokens) if tokens else None
         if not self.chat:
             return protocol.completion_chunk(id, model, created, text, finish, usage, with_usage=with_usage,
@@ -304,6 +352,8 @@ class _Shape:
             delta = {"role": "assistant", "content": text, "refusal": None}
         else:
             delta = {"content": text} if finish is None else {}
+            if calls:
+                delta = {"content": text or None, "tool_calls": list(calls)}
         return protocol.chat_chunk(id, model, created, delta, finish, usage, with_usage=with_usage, logprobs=logprobs,
                                    index=index)
 
@@ -316,10 +366,10 @@ def _usage(ends: Sequence[Finished]) -> dict[str, Any]:
 async def _generate(
     state: ServerState, request: Request, prompt: Any, raw: bool, options: Options, shape: _Shape
 ) -> Response:
-    ids, max_tokens = await run_in_threadpool(state.prompt_ids, prompt, raw, options)
+    ids, max_tokens, constraint = await run_in_threadpool(state.prepare, prompt, raw, options)
     await state.admit()
     try:
-        jobs = state.start(ids, max_tokens, options)
+        jobs = state.start(ids, max_tokens, options, constraint)
     except BaseException:
         state.release_unused_slot()
         raise
@@ -340,6 +390,7 @@ async def _whole(state: ServerState, request: Request, jobs: list[GenerationJob]
     n = len(jobs)
     texts: list[list[str]] = [[] for _ in range(n)]
     tokens: list[list[ScoredToken]] = [[] for _ in range(n)]
+    calls: list[list[ToolCall]] = [[] for _ in range(n)]
     ends: list[Finished | None] = [None] * n
 
     async def collect() -> None:
@@ -348,6 +399,7 @@ async def _whole(state: ServerState, request: Request, jobs: list[GenerationJob]
             if isinstance(event, Delta):
                 texts[index].append(event.text)
                 tokens[index].extend(event.tokens)
+                calls[index].extend(event.calls)
             elif isinstance(event, Failed):
                 raise api_error(event.error)
             else:
@@ -357,7 +409,7 @@ async def _whole(state: ServerState, request: Request, jobs: list[GenerationJob]
     if not connected:
         return Response(status_code=499)  # nobody reads it; the generations are cancelled
     done = [e for e in ends if e is not None]
-    choices = [("".join(t), e.finish_reason, k) for t, e, k in zip(texts, done, tokens)]
+    choices = [("".join(t), e.finish_reason, k, c) for t, e, k, c in zip(texts, done, tokens, calls)]
     return JSONResponse(shape.body(protocol.new_id(shape.prefix), state.model_name, choices, _usage(done)))
 
 
@@ -378,10 +430,13 @@ async def _stream(state: ServerState, request: Request, jobs: list[GenerationJob
         for i in range(n):  # each choice opens with the role
             yield _sse(shape.chunk(id, model, created, "", with_usage=with_usage, first=True, index=i))
         ends: list[Finished | None] = [None] * n
+        n_calls = [0] * n  # tool calls each choice has streamed
         while True:
             if isinstance(event, Delta):
+                calls = [c.body(index=n_calls[index] + k) for k, c in enumerate(event.calls)]
+                n_calls[index] += len(calls)
                 yield _sse(shape.chunk(id, model, created, event.text, with_usage=with_usage, tokens=event.tokens,
-                                       index=index))
+                                       index=index, calls=calls))
             elif isinstance(event, Finished):
                 yield _sse(shape.chunk(id, model, created, "", event.finish_reason, with_usage=with_usage, index=index))
                 ends[index] = event

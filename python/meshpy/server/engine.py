@@ -22,8 +22,10 @@ from meshpy.generation import GenerationStats, Model
 from meshpy.sampling import SamplingParams, TokenLogprob
 from meshpy.scheduler import Ticket
 from meshpy.tokenizer import IncrementalDecoder
+from meshpy.tools import ToolCall, ToolCallParser, ToolFormat
 
 if TYPE_CHECKING:
+    from meshpy.constraint import Grammar
     from meshpy.metrics import ServerMetrics
 
 __all__ = ["StopText", "ScoredToken", "Delta", "Finished", "Failed", "Event", "Outbox", "GenerationJob"]
@@ -85,6 +87,8 @@ class Delta:
 
     text: str
     tokens: tuple[ScoredToken, ...] = ()
+    #: Tool calls completed with this text (see `meshpy.tools`).
+    calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ class GenerationJob:
         *,
         logprobs: int | None = None,
         echo: bool = False,
+        tools: ToolFormat | None = None,
+        constraint: Grammar | None = None,
         on_done: Callable[[GenerationJob], object] | None = None,
         outbox: Outbox | None = None,
         metrics: ServerMetrics | None = None,
@@ -186,6 +192,10 @@ class GenerationJob:
         self._stops = StopText(self.stop)
         self._scored: list[ScoredToken] = []  # tokens whose text has not been emitted yet
         self._prompt_decoder = IncrementalDecoder(model.tokenizer) if echo else None
+        #: The grammar the tokens must follow (`meshpy.constraint`), or None.
+        self.constraint = constraint
+        #: Reads tool calls out of the text, in the model's format (None: no tools offered).
+        self._tools = ToolCallParser(tools) if tools is not None else None
         self._ticket: Ticket | None = None
         self._metrics = metrics
         #: When the generation was submitted, and when its last token came (perf_counter).
@@ -199,7 +209,8 @@ class GenerationJob:
         self._started = time.perf_counter()
         self._ticket = self.model.submit(self.prompt_ids, self.max_tokens, self.sampling, self, self.stats,
                                          logprobs=self.logprobs, prompt_logprobs=self.echo,
-                                         followers=[(f.sampling, f, f.stats) for f in followers])
+                                         followers=[(f.sampling, f, f.stats) for f in followers],
+                                         constraint=self.constraint)
         for job, ticket in zip(followers, self._ticket.group[1:]):
             job._outbox, job._started, job._ticket = self._outbox, self._started, ticket
         return self
@@ -233,16 +244,26 @@ class GenerationJob:
         if len(self._scored) == len(self.prompt_ids):  # the whole prompt: echo it
             last = self._scored[-1]
             self._scored[-1] = ScoredToken(last.token, last.piece + decoder.flush(), last.logprob)
-            self._emit_text("".join(t.piece for t in self._scored), force=True)
+            text = "".join(t.piece for t in self._scored)
+            tokens = tuple(self._scored) if self.logprobs is not None else ()
+            self._scored = []
+            self._emit(Delta(text, tokens))
 
-    def _emit_text(self, text: str, force: bool = False) -> None:
-        """Emits `text` with the tokens scored since the last emission (only those, with
-        `force`, when there is no text)."""
-        if not text and not (force and self._scored):
+    def _emit_text(self, text: str, force: bool = False, last: bool = False) -> None:
+        """Emits `text` (what of it is not a tool call, and the calls completed) with the
+        tokens scored since the last emission (only those, with `force`, when there is no
+        text); `last`: the reply has ended."""
+        calls: list[ToolCall] = []
+        if self._tools is not None:
+            text, calls = self._tools.feed(text)
+            if last:
+                rest, more = self._tools.finish()
+                text, calls = text + rest, calls + more
+        if not text and not calls and not (force and self._scored):
             return
         tokens = tuple(self._scored) if self.logprobs is not None else ()
         self._scored = []
-        self._emit(Delta(text, tokens))
+        self._emit(Delta(text, tokens, tuple(calls)))
 
     def token(self, token: int, logprob: TokenLogprob | None) -> bool:
         if self._metrics is not None:
@@ -272,9 +293,14 @@ class GenerationJob:
                     if tail and self._scored:  # the last token's text, completed
                         last = self._scored[-1]
                         self._scored[-1] = ScoredToken(last.token, last.piece + tail, last.logprob)
-                    self._emit_text(self._stops.add(tail) + self._stops.flush(), force=True)
-                # OpenAI's reasons are `stop` and `length`: a cancelled one ended by its limit.
+                    self._emit_text(self._stops.add(tail) + self._stops.flush(), force=True, last=True)
+                elif self._tools is not None:
+                    self._emit_text("", force=True, last=True)
+                # OpenAI's reasons are `stop` and `length` (a cancelled one ended by its
+                # limit), and `tool_calls` when the reply called tools.
                 reason = "stop" if self._stops.stopped or finish_reason == "stop" else "length"
+                if self._tools is not None and self._tools.calls:
+                    reason = "tool_calls"
                 event = Finished(reason, self.stats.prompt_tokens, self.stats.completion_tokens,
                                  self.stats.cached_tokens)
         finally:  # whatever happened above, the request hears of its end

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Roles a chat message may have; "developer" is OpenAI's newer name for "system".
-_ROLES = ("system", "user", "assistant", "developer")
+_ROLES = ("system", "user", "assistant", "developer", "tool")
 #: Most stop strings a request may give (OpenAI's limit).
 _MAX_STOPS = 4
 #: Most choices one request may ask for (`n`): each is a generation with its own session.
@@ -125,7 +125,7 @@ def _reject_unsupported(body: Mapping[str, Any], extra: Sequence[tuple[str, obje
         value = _number(body, name, 0.0, -2.0, 2.0)
         if value != 0.0:
             raise invalid(f"'{name}' is not supported (only 0)", name, "unsupported_value")
-    for name, neutral in (("logit_bias", None), ("tools", None), *extra):
+    for name, neutral in (("logit_bias", None), *extra):
         value = body.get(name)
         if value is not None and value != neutral and value != [] and value != {}:
             raise invalid(f"'{name}' is not supported", name, "unsupported_parameter")
@@ -156,6 +156,13 @@ class Options:
     echo: bool = False
     #: Choices to generate for the prompt (they share its prefill).
     n: int = 1
+    #: Chat: the functions the model may call (rendered by its chat template), and
+    #: `tool_choice`: "auto", "required", "none" or one function's name (None without tools).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | None = None
+    #: Chat: OpenAI's `response_format` (JSON, or JSON valid against a schema: constrained
+    #: decoding, `meshpy.constraint`); None for text.
+    response_format: dict[str, Any] | None = None
 
     def choice_sampling(self, index: int) -> SamplingParams:
         """Choice `index`'s sampling: a seeded request's choices differ (seeds `seed`,
@@ -217,11 +224,82 @@ def _content(value: object, where: str) -> str:
     raise invalid(f"{where} must be a string or a list of text parts", where, "invalid_type")
 
 
+def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The request's `tools` (functions: name, description, JSON-schema parameters)."""
+    value = body.get("tools")
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise invalid("'tools' must be a list of tools", "tools", "invalid_type")
+    tools, names = [], set()
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise invalid(f"{where} must be {{'type': 'function', 'function': {{...}}}}", where, "invalid_value")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name or name in names:
+            raise invalid(f"{where}.function.name must be a distinct non-empty string", f"{where}.function.name",
+                          "invalid_value")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise invalid(f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters",
+                          "invalid_type")
+        description = fn.get("description")
+        if description is not None and not isinstance(description, str):
+            raise invalid(f"{where}.function.description must be a string", f"{where}.function.description",
+                          "invalid_type")
+        names.add(name)
+        tools.append({"type": "function", "function": {k: v for k, v in fn.items() if k in ("name", "description", "parameters")}})
+    return tools
+
+
+def _tool_choice(body: Mapping[str, Any], tools: list[dict[str, Any]] | None) -> str | None:
+    """`tool_choice`: "none", "auto", "required", or the name of the function to call; None
+    without tools."""
+    value = body.get("tool_choice")
+    if tools is None:
+        if value not in (None, "none"):
+            raise invalid("'tool_choice' needs 'tools'", "tool_choice", "invalid_value")
+        return None
+    if value is None:
+        return "auto"
+    if value in ("none", "auto", "required"):
+        return value
+    fn = value.get("function") if isinstance(value, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(name, str):
+        raise invalid("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                      "{'name': ...}}", "tool_choice", "invalid_value")
+    if name not in {t["function"]["name"] for t in tools}:
+        raise invalid(f"'tool_choice' names {name!r}, which is not among the tools", "tool_choice", "invalid_value")
+    return name
+
+
+def _tool_calls(value: object, where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier `tool_calls`, their arguments decoded (templates write
+    them with `tojson`)."""
+    if not isinstance(value, list):
+        raise invalid(f"{where} must be a list", where, "invalid_type")
+    calls = []
+    for i, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise invalid(f"{where}[{i}] must hold function.name and function.arguments (a JSON string)", f"{where}[{i}]",
+                          "invalid_value")
+        try:
+            arguments = json.loads(fn["arguments"])
+        except json.JSONDecodeError:
+            raise invalid(f"{where}[{i}].function.arguments is not JSON", f"{where}[{i}]", "invalid_value") from None
+        calls.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
+    return calls
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     """POST /v1/chat/completions."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     options: Options
 
     @classmethod
@@ -246,17 +324,37 @@ class ChatRequest:
                 content = ""
             elif content is None:
                 raise invalid(f"{where}.content is required", f"{where}.content", "missing_required_parameter")
-            messages.append({"role": "system" if role == "developer" else role, "content": _content(content, f"{where}.content")})
+            message: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                       "content": _content(content, f"{where}.content")}
+            if role == "assistant" and m.get("tool_calls"):
+                message["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            if role == "tool":
+                if not isinstance(m.get("tool_call_id"), str):
+                    raise invalid(f"{where}.tool_call_id is required", f"{where}.tool_call_id",
+                                  "missing_required_parameter")
+                message["tool_call_id"] = m["tool_call_id"]
+            if isinstance(m.get("name"), str):
+                message["name"] = m["name"]
+            messages.append(message)
         # A client asking for JSON, functions or audio must not get prose back as if it were.
-        _reject_unsupported(body, [("response_format", {"type": "text"}), ("functions", None),
-                                   ("function_call", None), ("audio", None), ("prediction", None)])
+        tools = _tools(body)
+        tool_choice = _tool_choice(body, tools)
+        if body.get("parallel_tool_calls") is not None:
+            _bool(body, "parallel_tool_calls")  # checked; several calls are always read back
+        _reject_unsupported(body, [("functions", None), ("function_call", None), ("audio", None), ("prediction", None)])
+        response_format = body.get("response_format")
+        if response_format is not None and not isinstance(response_format, dict):
+            raise invalid("'response_format' must be an object", "response_format", "invalid_type")
+        if response_format == {"type": "text"}:
+            response_format = None
         logprobs = None
         if _bool(body, "logprobs"):
             logprobs = _top_count(body, "top_logprobs")
         elif body.get("top_logprobs") is not None:
             raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         options = Options.parse(body, ("max_completion_tokens", "max_tokens"))
-        return cls(messages, dataclasses.replace(options, logprobs=logprobs))
+        return cls(messages, dataclasses.replace(options, logprobs=logprobs, tools=tools, tool_choice=tool_choice,
+                                                 response_format=response_format))
 
 
 @dataclass(frozen=True)
@@ -349,9 +447,13 @@ def completion_logprobs(tokens: Sequence[tuple[int, TokenLogprob | None]], offse
     return {"tokens": texts, "token_logprobs": values, "top_logprobs": tops, "text_offset": list(offsets)}
 
 
-def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One choice of a whole chat completion."""
-    message = {"role": "assistant", "content": text, "refusal": None}
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None = None,
+                tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One choice of a whole chat completion (with the tool calls it made: then its content
+    is null when it wrote nothing else)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message.update(content=text or None, tool_calls=tool_calls)
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
