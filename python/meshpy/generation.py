@@ -256,15 +256,17 @@ class Model:
         sampling: SamplingParams | None = None,
         *,
         stats: GenerationStats | None = None,
+        constraint: Any = None,
     ) -> Iterator[int]:
-        """Yields generated token ids until an end-of-turn token or `max_tokens`."""
+        """Yields generated token ids until an end-of-turn token or `max_tokens` (or, with
+        `constraint`, a `meshpy.constraint.Grammar`, until its text is complete)."""
         stats = stats if stats is not None else GenerationStats(prompt_tokens=len(prompt_ids))
         self.end.check_context(len(prompt_ids))
         stats.finish_reason = "length"
         if max_tokens <= 0:
             return
         sink = _QueueSink()
-        ticket = self.submit(prompt_ids, max_tokens, sampling or SamplingParams(), sink, stats)
+        ticket = self.submit(prompt_ids, max_tokens, sampling or SamplingParams(), sink, stats, constraint=constraint)
         yielded = 0
         try:
             while (token := sink.tokens.get()) is not None:
