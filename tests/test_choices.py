@@ -29,18 +29,6 @@ def model(smollm2_gguf: Path) -> Iterator[Model]:
         yield m
 
 
-@pytest.fixture(scope="module")
-def server(model: Model) -> Iterator[AppServer]:
-    with AppServer(create_app(model, "smollm2"), port=0) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server: AppServer) -> Iterator[openai.OpenAI]:
-    with client_for(server) as c:
-        yield c
-
-
 class EmbeddedTokens:
     """Counts the tokens the End model embeds (every row the layers run starts there)."""
 

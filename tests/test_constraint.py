@@ -21,9 +21,8 @@ from openai.types.chat import ChatCompletion
 from meshpy.constraint import ConstraintError, Grammar, Matcher, _disagreeing_ids, _lltokenizer_from_bytes, _Vocabulary, _vocabulary
 from meshpy.generation import Model
 from meshpy.tokenizer import Tokenizer
-from meshpy.server import AppServer, create_app
 from tests.conftest import DATA
-from tests.test_server import assert_openai_type, client_for, error_of
+from tests.test_server import assert_openai_type, error_of
 
 MAX_TOKENS = 200
 
@@ -137,12 +136,6 @@ def test_schema_list_is_varied() -> None:
     text = json.dumps([s for _, s in SCHEMAS])
     for keyword in ("minItems", "maxItems", "enum", "maxLength", "required", '"number"', '"integer"', '"boolean"', "additionalProperties", "pattern"):
         assert keyword in text, keyword
-
-
-@pytest.fixture(scope="module")
-def client(model: Model) -> Iterator[openai.OpenAI]:
-    with AppServer(create_app(model, "smollm2"), port=0) as server, client_for(server) as c:
-        yield c
 
 
 @pytest.mark.slow

@@ -17,28 +17,16 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from meshpy.generation import Model
-from meshpy.server import AppServer, create_app
+from meshpy.server import AppServer
 from tests.conftest import DATA
 from tests.test_speculation import QUOTING
-from tests.test_server import QUESTION, assert_openai_type, client_for, error_of, sse_chunks
+from tests.test_server import QUESTION, assert_openai_type, error_of, sse_chunks
 
 
 @pytest.fixture(scope="module")
 def model(smollm2_gguf: Path) -> Iterator[Model]:
     with Model.load(smollm2_gguf, threads=2) as m:
         yield m
-
-
-@pytest.fixture(scope="module")
-def server(model: Model) -> Iterator[AppServer]:
-    with AppServer(create_app(model, "smollm2"), port=0) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server: AppServer) -> Iterator[openai.OpenAI]:
-    with client_for(server) as c:
-        yield c
 
 
 def first_predicted(body: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from meshpy.generation import Model
 from meshpy.mesh.launcher import LocalMesh, MeshProcess
 from meshpy.sampling import SamplingParams
 from meshpy.server import AppServer, StopText, create_app, layer_coverage
+from tests.conftest import client_for
 from tests.test_speculation import QUOTING
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -52,26 +53,10 @@ def health(server: AppServer) -> dict[str, Any]:
     return httpx.get(server.url + "/health", timeout=10).json()
 
 
-def client_for(server: AppServer, api_key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=api_key, max_retries=0, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def model(smollm2_gguf: Path) -> Iterator[Model]:
     with Model.load(smollm2_gguf, threads=1) as m:
         yield m
-
-
-@pytest.fixture(scope="module")
-def server(model: Model) -> Iterator[AppServer]:
-    with AppServer(create_app(model, "smollm2"), port=0) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server: AppServer) -> Iterator[openai.OpenAI]:
-    with client_for(server) as c:
-        yield c
 
 
 def stream_text(chunks: Any) -> tuple[str, list[Any]]:

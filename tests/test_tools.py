@@ -17,7 +17,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from meshpy.generation import Model
-from meshpy.server import AppServer, create_app
+from meshpy.server import AppServer
 from meshpy.server.protocol import ChatRequest
 from meshpy.tools import HERMES, LLAMA3, MISTRAL, ToolCallParser, ToolFormat
 from tests.conftest import DATA
@@ -78,12 +78,6 @@ def test_the_format_comes_from_the_template() -> None:
 def model(smollm2_gguf: Path) -> Iterator[Model]:
     with Model.load(smollm2_gguf, threads=2) as m:
         yield m
-
-
-@pytest.fixture(scope="module")
-def server(model: Model) -> Iterator[AppServer]:
-    with AppServer(create_app(model, "smollm2"), port=0) as s:
-        yield s
 
 
 @pytest.fixture(params=["qwen3_style_tools", "llama3_style_tools"])
