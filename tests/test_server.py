@@ -227,9 +227,11 @@ def test_malformed_and_incomplete_bodies(server: AppServer) -> None:
                        ({"model": "smollm2", "prompt": "hello " * 9000}, "context_length_exceeded"),
                        ({"model": "smollm2", "prompt": [1, 2, 10**7]}, "invalid_value"),
                        ({"model": "smollm2", "prompt": ["one", "two"]}, "invalid_value"),
-                       ({"model": "smollm2", "prompt": "hi", "suffix": "!"}, "unsupported_parameter")):
+                       ({"model": "smollm2", "prompt": "hi", "suffix": "!"}, "unsupported_parameter"),
+                       ({"model": "smollm2", "prompt": "hi", "response_format": {"type": "json_object"}},
+                        "unsupported_parameter")):
         r = httpx.post(url, json=body, timeout=30)
-        assert r.status_code == 400 and r.json()["error"]["param"] in ("prompt", "suffix")
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("prompt", "suffix", "response_format")
         assert r.json()["error"]["code"] == code, r.json()
     r = httpx.get(server.base_url + "/embeddings", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"

@@ -377,7 +377,8 @@ class CompletionRequest:
         elif not isinstance(prompt, str):
             raise invalid("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt",
                           "invalid_value")
-        _reject_unsupported(body, [("suffix", None), ("best_of", 1)])
+        _reject_unsupported(body, [("suffix", None), ("best_of", 1), ("response_format", None), ("tools", None),
+                                   ("tool_choice", None)])
         logprobs = None if body.get("logprobs") is None else _top_count(body, "logprobs")
         # `max_tokens` 0 with `echo`: the prompt's log-probabilities alone (log-likelihood scoring).
         options = Options.parse(body, ("max_tokens",), min_tokens=0)
