@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletion
@@ -74,6 +75,9 @@ def test_a_repeated_system_prompt_is_prefilled_once(model: Model, uncached: dict
         # The second shares the system prompt; the third the second's too, up to its question.
         assert system_tokens - 8 <= cached[1] < usage.prompt_tokens
         assert cached[2] >= cached[1]
+        metrics = httpx.get(server.url + "/metrics", timeout=30).text
+        assert f"meshpy_prompt_cached_tokens_total {float(cached[1] + cached[2])}" in metrics
+        assert "meshpy_prompt_cache_sessions 1.0" in metrics
     assert model.prompt_cache.sessions == 1, "one session, taken and kept again by each request"
 
 

@@ -137,11 +137,13 @@ class ServerMetrics:
     client node's own (`NodeCollector`)."""
 
     def __init__(self, running: Callable[[], int], waiting: Callable[[], int], node: _native.Node | None = None,
-                 recovery: Callable[[], dict[str, float]] | None = None) -> None:
+                 recovery: Callable[[], dict[str, float]] | None = None, kept: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("meshpy_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r)
         self.prompt_tokens = Counter("meshpy_prompt_tokens", "Prompt tokens of finished generations", registry=r)
+        self.cached_tokens = Counter("meshpy_prompt_cached_tokens",
+                                     "Prompt tokens not prefilled: a kept session held them (prompt caching)", registry=r)
         self.completion_tokens = Counter("meshpy_completion_tokens", "Tokens generated", registry=r)
         self.generations = Counter("meshpy_generations", "Generations ended, by outcome", ["outcome"], registry=r)
         self.ttft = Histogram("meshpy_time_to_first_token_seconds", "From a generation's start to its first token",
@@ -152,6 +154,10 @@ class ServerMetrics:
         running_gauge.set_function(lambda: float(running()))
         waiting_gauge = Gauge("meshpy_requests_waiting", "Requests waiting for a generation slot", registry=r)
         waiting_gauge.set_function(lambda: float(waiting()))
+        if kept is not None:
+            kept_gauge = Gauge("meshpy_prompt_cache_sessions", "Sessions kept for prompts that start the same way",
+                               registry=r)
+            kept_gauge.set_function(lambda: float(kept()))
         if node is not None:
             r.register(NodeCollector(node))
         if recovery is not None:
@@ -165,9 +171,10 @@ class ServerMetrics:
         self.itl.observe(seconds)
         self.completion_tokens.inc()
 
-    def ended(self, outcome: str, prompt_tokens: int) -> None:
+    def ended(self, outcome: str, prompt_tokens: int, cached_tokens: int = 0) -> None:
         self.generations.labels(outcome).inc()
         self.prompt_tokens.inc(prompt_tokens)
+        self.cached_tokens.inc(cached_tokens)
 
 
 class RequestCounter:

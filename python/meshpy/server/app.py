@@ -90,8 +90,10 @@ class ServerState:
         #: The client node when the layers run on a mesh (for metrics and the dashboard).
         self.node: _native.Node | None = getattr(model.pipeline, "node", None)
         recovery = getattr(model.pipeline, "recovery", None)
+        cache = model.prompt_cache
         self.metrics = ServerMetrics(lambda: len(self.jobs), lambda: self.waiting, self.node,
-                                     (lambda: dict(recovery)) if recovery is not None else None)
+                                     (lambda: dict(recovery)) if recovery is not None else None,
+                                     (lambda: cache.sessions) if cache is not None else None)
 
     def check_key(self, request: Request) -> None:
         """401 unless the request carries the API key (when one is set)."""
@@ -240,7 +242,8 @@ class ServerState:
             self.cancelled += 1
         else:
             self.completed += 1
-        self.metrics.ended("cancelled" if job.cancelled else "completed", job.stats.prompt_tokens)
+        self.metrics.ended("cancelled" if job.cancelled else "completed", job.stats.prompt_tokens,
+                           job.stats.cached_tokens)
 
     async def shutdown(self) -> None:
         """Cancels every generation and waits (off the loop) for their sessions to close."""
