@@ -802,11 +802,24 @@ impl SpanHandler {
         let first = (h.span.first_layer - mine.first_layer) as usize;
         let mut cache = self.span.new_cache_for(first..first + h.span.layer_count as usize, self.max_positions());
         cache.import_state(h.state).map_err(|e| refuse(ErrorCode::InvalidRequest, session, e.to_string()))?;
-        let bytes = held_bytes(&cache);
         let positions = cache.len();
+        let mut table = self.hold(h.session, h.span, owner, Session { cache, last_used: Instant::now(), step: h.step })?;
+        table.moved.remove(&h.session); // it may come back to a worker it once left
+        table.taken_over += 1;
+        drop(table);
+        tracing::info!(session = %h.session, "took over a session on layers {}..{}: {positions} positions", h.span.first_layer, h.span.end());
+        Message::HandoverAck(h.session).encode().map_err(|e| internal(&e.to_string()))
+    }
+
+    /// Holds a whole session made elsewhere (taken over, forked) as `id`, counted against
+    /// `owner`, when the id is free, the owner's limits and the budget allow its bytes; the
+    /// table, still locked, or the refusal (nothing held).
+    fn hold(&self, id: SessionId, span: Span, owner: PeerId, state: Session) -> Result<MutexGuard<'_, Table>, Refusal> {
+        let session = Some(id);
+        let bytes = held_bytes(&state.cache);
         let mut table = self.lock_table();
-        if table.sessions.contains_key(&h.session) {
-            return Err(refuse(ErrorCode::InvalidRequest, session, format!("session {} is held here already", h.session)));
+        if table.sessions.contains_key(&id) {
+            return Err(refuse(ErrorCode::InvalidRequest, session, format!("session {id} is held here already")));
         }
         let limits = &self.session_limits;
         let (owned, owned_bytes) = table.owned_by(owner);
@@ -817,20 +830,14 @@ impl SpanHandler {
             return Err(refuse(
                 ErrorCode::CannotHoldSession,
                 session,
-                format!("cannot hold session {}: its {bytes} KV bytes would pass the budget ({} of {} bytes in use)", h.session, table.used_bytes, limits.kv_budget_bytes),
+                format!("cannot hold session {id}: its {bytes} KV bytes would pass the budget ({} of {} bytes in use)", table.used_bytes, limits.kv_budget_bytes),
             ));
         }
-        table.moved.remove(&h.session); // it may come back to a worker it once left
         table.used_bytes += bytes;
-        table.taken_over += 1;
-        let state = Session { cache, last_used: Instant::now(), step: h.step };
-        table.sessions.insert(h.session, Held { span: h.span, owner, bytes, session: Arc::new(Mutex::new(state)) });
-        tracing::info!(session = %h.session, "took over a session on layers {}..{}: {positions} positions", h.span.first_layer, h.span.end());
-        Message::HandoverAck(h.session).encode().map_err(|e| internal(&e.to_string()))
+        table.sessions.insert(id, Held { span, owner, bytes, session: Arc::new(Mutex::new(state)) });
+        Ok(table)
     }
-}
 
-impl SpanHandler {
     /// Starts session `f.target` as a copy of session `f.source`'s first `f.positions`
     /// positions (its layers, its owner, its last step), within the budget and the owner's
     /// limits: generations sharing a prompt prefill it once. Any peer knowing the source's id
@@ -863,26 +870,7 @@ impl SpanHandler {
             cache.truncate(f.positions as usize).map_err(|e| refuse(ErrorCode::StepMismatch, target, e.to_string()))?;
             (cache, guard.step)
         };
-        let bytes = held_bytes(&cache);
-        let mut table = self.lock_table();
-        if table.sessions.contains_key(&f.target) {
-            return Err(refuse(ErrorCode::InvalidRequest, target, format!("session {} is held here already", f.target)));
-        }
-        let limits = &self.session_limits;
-        let (owned, owned_bytes) = table.owned_by(owner);
-        if owned + 1 > limits.sessions_per_peer || owned_bytes + bytes > limits.kv_bytes_per_peer {
-            return Err(refuse(ErrorCode::Overloaded, target, format!("{owner} is at its session or KV limit here")));
-        }
-        if table.used_bytes + bytes > limits.kv_budget_bytes {
-            return Err(refuse(
-                ErrorCode::CannotHoldSession,
-                target,
-                format!("cannot hold session {}: its {bytes} KV bytes would pass the budget ({} of {} bytes in use)", f.target, table.used_bytes, limits.kv_budget_bytes),
-            ));
-        }
-        table.used_bytes += bytes;
-        let state = Session { cache, last_used: Instant::now(), step };
-        table.sessions.insert(f.target, Held { span, owner, bytes, session: Arc::new(Mutex::new(state)) });
+        drop(self.hold(f.target, span, owner, Session { cache, last_used: Instant::now(), step })?);
         tracing::debug!(session = %f.target, "forked from session {} at {} positions", f.source, f.positions);
         Message::ForkSessionAck(f.target).encode().map_err(|e| internal(&e.to_string()))
     }
