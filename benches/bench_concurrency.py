@@ -100,6 +100,7 @@ def main() -> None:
     path = model_path(args.model)
     n_layers = read_config(open_model_source(path)).n_layers
     local = Model.load(path, threads=args.threads)
+    local.keep_prompts(0)  # every round prefills its prompts (the prompt cache would skip repeats)
     text = prompt_ids(local, args.prompt_tokens * max(args.streams) + args.prompt_tokens)
     prompts = [text[i * args.prompt_tokens:(i + 1) * args.prompt_tokens] for i in range(max(args.streams))]
     print(f"machine: {machine()}; commit {commit()}; model {path.name}; {args.threads} threads per process; "
@@ -120,6 +121,7 @@ def main() -> None:
         for lanes in args.lanes:
             with connect(path, mesh.bootstrap_addr, threads=args.threads, transport=args.transport,
                          lanes=lanes) as model:
+                model.keep_prompts(0)
                 row(f"mesh, {args.workers} workers, {lanes} in flight", model, prompts, args.streams,
                     args.decode_tokens)
                 pipeline = model.pipeline

@@ -89,6 +89,7 @@ def main() -> None:
                 for layers in split_layers(config.n_layers, args.workers):
                     mesh.add_worker(path, layers=format_layers(layers), threads=1)
                 with connect(path, mesh.bootstrap_addr, threads=1, route_timeout=60) as model:
+                    model.keep_prompts(0)  # each round prefills its prompt (no prompt cache)
                     if args.draft_model:
                         model.use_draft_model(model_path(args.draft_model), threads=1)
                     measured = measured_rtt_ms(model)

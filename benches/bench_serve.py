@@ -115,6 +115,7 @@ def single_request(client: OpenAI, model: str, path: Path, threads: int, max_tok
     question = "Tell me a story about the number 7."
     with Model.load(path, threads=threads) as local:
         local.speculation = speculate
+        local.keep_prompts(0)  # the timed run prefills its prompt, as the server's does
         local.generate(question, max_tokens=8)  # warm-up
         done = local.generate(question, max_tokens=max_tokens)
     stats = done.stats
@@ -180,11 +181,12 @@ def main() -> None:
             mesh.start_bootstrap()
             for layers in split_layers(config.n_layers, args.workers):
                 mesh.add_worker(path, layers=format_layers(layers), threads=1, kv_budget="512MiB")
-            proc, url = start_server(["--model", str(path), "--bootstrap", mesh.bootstrap_addr, "--threads", "1", *extra],
+            proc, url = start_server(["--model", str(path), "--bootstrap", mesh.bootstrap_addr, "--threads", "1",
+                                      "--prompt-cache", "0", *extra],
                                      mesh.env)
             where = f"mesh of {args.workers} workers (1 thread each), End node 1 thread"
         else:
-            proc, url = start_server(["--model", str(path), "--threads", str(args.threads), *extra])
+            proc, url = start_server(["--model", str(path), "--threads", str(args.threads), "--prompt-cache", "0", *extra])
             where = f"one process, {args.threads} threads"
         try:
             client = OpenAI(base_url=f"{url}/v1", api_key="none", timeout=600)

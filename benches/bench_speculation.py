@@ -47,6 +47,7 @@ PROMPTS = {
 class MeshpyRun:
     def __init__(self, path: Path, threads: int) -> None:
         self.model = Model.load(path, threads=threads)
+        self.model.keep_prompts(0)  # each round prefills its prompt, as llama.cpp's (reset) does
 
     def run(self, prompt: str, n: int, speculate: bool) -> tuple[float, list[int], GenerationStats]:
         ids = self.model.encode(prompt, raw=True)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types import Completion
@@ -18,7 +19,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from meshpy.generation import Model
 from meshpy.mesh.launcher import LocalMesh
 from meshpy.server import AppServer, create_app
-from tests.test_server import QUESTION, assert_openai_type, client_for, sse_chunks
+from tests.test_server import QUESTION, assert_openai_type, client_for, error_of, sse_chunks
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,18 @@ def test_streamed_choices_interleave_and_add_up(server: AppServer, client: opena
     assert chunks[-1]["usage"]["completion_tokens"] == whole.usage.completion_tokens
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="smollm2", prompt="Hi", max_tokens=2, echo=True, n=2)
+
+
+def test_each_choice_takes_a_generation_slot(model: Model) -> None:
+    """`max_concurrent` bounds generations (and the sessions they hold), choices included: a
+    request for more choices than the server runs at once is refused, one for as many runs."""
+    with AppServer(create_app(model, "smollm2", max_concurrent=2), port=0) as server, client_for(server) as client:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="smollm2", prompt="Hi", max_tokens=2, n=3)
+        assert error_of(info.value)["param"] == "n"
+        assert len(client.completions.create(model="smollm2", prompt="Hi", max_tokens=2, n=2).choices) == 2
+        health = httpx.get(server.url + "/health", timeout=10).json()
+        assert health["active_generations"] == 0 and health["completed_generations"] == 2
 
 
 @pytest.mark.slow

@@ -160,6 +160,12 @@ def test_json_object_output_is_a_dict_whole_streamed_and_sampled(client: openai.
     with client.chat.completions.create(**args, temperature=0, stream=True) as stream:
         chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    # Log-probabilities stay the model's own (every value finite: the mask only limits the pick).
+    scored = client.chat.completions.create(**args, temperature=0, logprobs=True, top_logprobs=5)
+    assert scored.choices[0].message.content == whole.choices[0].message.content
+    entries = scored.choices[0].logprobs.content
+    assert entries and all(np.isfinite(e.logprob) and all(np.isfinite(t.logprob) for t in e.top_logprobs) for e in entries)
+    assert any(len(e.top_logprobs) == 5 for e in entries)
     # Sampled, three choices sharing a prefill, each with its own grammar state.
     prompt, schema = SCHEMAS[0]
     sampled = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": prompt}],

@@ -100,6 +100,16 @@ def test_a_growing_chat_prefills_only_its_new_turn(model: Model) -> None:
         model.prompt_cache = cache
 
 
+def test_prompt_caching_can_be_turned_off(smollm2_gguf: Path) -> None:
+    with Model.load(smollm2_gguf, threads=2) as m:
+        m.keep_prompts(3)
+        assert m.prompt_cache is not None and m.prompt_cache.max_sessions == 3
+        m.keep_prompts(0)  # `meshpy serve --prompt-cache 0`
+        assert m.prompt_cache is None
+        for _ in range(2):
+            assert m.generate(chat(QUESTIONS[0]), max_tokens=2).stats.cached_tokens == 0
+
+
 def test_kept_sessions_are_bounded_and_the_least_recently_used_goes_first(model: Model) -> None:
     cache = PromptCache(model.pipeline, max_sessions=2, max_positions=10_000, max_idle=60)
     original, model.prompt_cache = model.prompt_cache, cache
@@ -121,6 +131,13 @@ def test_kept_sessions_are_bounded_and_the_least_recently_used_goes_first(model:
         model.generate(prompts[1] + " dragon and a very long story with many words that run past thirty tokens",
                        max_tokens=12, raw=True)
         assert cache.sessions == 0, "a session holding more than the bound is closed"
+        # Idle ones are closed while nothing else happens, too.
+        model.prompt_cache = idle = PromptCache(model.pipeline, max_idle=0.3)
+        model.generate(prompts[1], max_tokens=2, raw=True)
+        assert idle.sessions == 1
+        time.sleep(1.0)
+        assert idle.sessions == 0, "closed by the sweeper"
+        idle.close()
     finally:
         cache.close()
         model.prompt_cache = original

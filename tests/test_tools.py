@@ -38,11 +38,17 @@ PARSED = [
     (HERMES, 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
              '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', "Let me check.\n", ["get_weather", "get_time"]),
     (HERMES, "No tools needed: 2 < 3.", "No tools needed: 2 < 3.", []),
+    (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>\nand then\n<tool_call>\n'
+             '{"name": "get_time", "arguments": {}}\n</tool_call>', "and then\n", ["get_weather", "get_time"]),
+    (HERMES, '<tool_call>\n{"name": "launch_rockets", "arguments": {}}\n</tool_call>',
+     '<tool_call>\n{"name": "launch_rockets", "arguments": {}}\n</tool_call>', []),  # not an offered tool
     (HERMES, "<tool_call>\nnot json\n</tool_call>", "<tool_call>\nnot json\n</tool_call>", []),
     (LLAMA3, '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {}}', "",
      ["get_weather", "get_time"]),
     (LLAMA3, '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', "", ["get_weather"]),
     (LLAMA3, "The weather is {nice}", "The weather is {nice}", []),
+    (LLAMA3, '{"name": "Ada", "born": 1815}', '{"name": "Ada", "born": 1815}', []),  # JSON, not a call
+    (LLAMA3, "<b>bold</b> text", "<b>bold</b> text", []),
     (MISTRAL, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', "", ["get_weather"]),
     (MISTRAL, "Sunny [TOOL_CALLS] maybe", "Sunny [TOOL_CALLS] maybe", []),
 ]
@@ -54,7 +60,7 @@ def test_calls_are_read_back_however_the_text_is_split(fmt: ToolFormat, text: st
         for parts in ([text[:split], text[split:]], list(text) if split == 0 else []):
             if not parts:
                 continue
-            parser = ToolCallParser(fmt)
+            parser = ToolCallParser(fmt, ["get_weather", "get_time"])
             shown, calls = [], []
             for part in parts:
                 c, k = parser.feed(part)

@@ -201,7 +201,7 @@ def test_lying_fields_name_the_problem() -> None:
     cases = {
         "bad magic": edited(0, b"MSHQ"),
         "unsupported version 2": edited(4, b"\x02"),
-        "unknown message kind 15": edited(6, b"\x0f"),
+        "unknown message kind 17": edited(6, b"\x11"),
         "unknown tensor dtype 7": edited(105, b"\x07"),
         "tensor rank 5": edited(106, b"\x05"),
         "2 rows, the entries 3 tokens": edited(101, (3).to_bytes(4, "little")),
@@ -273,6 +273,7 @@ def test_stubs_match_the_extension() -> None:
         "encode_forward_result",
         "encode_error",
         "encode_close_session",
+        "encode_fork_session",
         "encode_ping",
         "encode_info",
         "encode_info_reply",

@@ -62,7 +62,9 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        """Prompt tokens prefilled (those a kept session held are not) per second."""
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -192,6 +194,16 @@ class Model:
     def close_session(self, session: Any) -> None:
         """Frees a session's KV caches (on the workers, for a mesh)."""
         self.pipeline.close_session(session)
+
+    def keep_prompts(self, sessions: int) -> None:
+        """Keeps up to `sessions` ended generations' sessions for the prompt cache (0: none,
+        prompt caching off)."""
+        if sessions <= 0:
+            if self.prompt_cache is not None:
+                self.prompt_cache.close()
+            self.prompt_cache = None
+        elif self.prompt_cache is not None:
+            self.prompt_cache.max_sessions = sessions
 
     def reuse_session(self, prompt: Sequence[int]) -> tuple[Any, int] | None:
         """A kept session holding the start of `prompt`, cut back to it, and how many of its

@@ -62,6 +62,9 @@ class PromptCache:
         self._kept: list[_Kept] = []  # least recently used first
         self._lock = threading.Lock()
         self._closed = False  # after `close`, sessions are closed, not kept
+        # Closes idle sessions while nothing else happens (started with the first one kept).
+        self._sweeper: threading.Thread | None = None
+        self._stop = threading.Event()
         #: Prompts that reused a kept session, and the prompt tokens that were not prefilled.
         self.hits = 0
         self.reused_tokens = 0
@@ -126,6 +129,9 @@ class PromptCache:
                 evicted = [kept]
             else:
                 self._kept.append(kept)
+                if self._sweeper is None:
+                    self._sweeper = threading.Thread(target=self._sweep, name="meshpy-prompt-cache", daemon=True)
+                    self._sweeper.start()
                 evicted = self._expired()
             while len(self._kept) > self.max_sessions or sum(len(k.tokens) for k in self._kept) > self.max_positions:
                 evicted.append(self._kept.pop(0))
@@ -142,7 +148,16 @@ class PromptCache:
         """Closes every kept session, and those put from now on (the model is closing)."""
         with self._lock:
             self._closed = True
+        self._stop.set()
         self.clear()
+
+    def _sweep(self) -> None:
+        """Closes sessions idle past `max_idle`, checking every quarter of it (at most a
+        minute apart), until the cache is closed."""
+        while not self._stop.wait(min(max(self.max_idle / 4, 0.05), 60.0)):
+            with self._lock:
+                stale = self._expired()
+            self._close(stale)
 
     @property
     def sessions(self) -> int:

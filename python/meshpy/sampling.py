@@ -222,6 +222,7 @@ def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top_n: int) -> lis
             k = min(top_n, row.size)
             ids = np.argpartition(row, row.size - k)[row.size - k :]
             ids = ids[np.argsort(-row[ids], kind="stable")]
-            best = tuple((int(j), float(row[j] - norm[i, 0])) for j in ids)
+            # Tokens of probability 0 (-inf, as a grammar's mask leaves them) are no alternative.
+            best = tuple((int(j), float(row[j] - norm[i, 0])) for j in ids if np.isfinite(row[j]))
         out.append(TokenLogprob(int(token), float(row[token] - norm[i, 0]), best))
     return out

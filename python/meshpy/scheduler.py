@@ -146,6 +146,11 @@ class Ticket:
         self.followers: list[Ticket] = []
         #: This ticket and those that followed it, in order (as submitted).
         self.group: list[Ticket] = [self]
+        #: Whether its session is kept for the prompt cache when it ends (of a group sharing
+        #: a prompt, only the first's is: the others would only push other prefixes out).
+        self.keep_session = True
+        #: An error met outside the pass (masking its logits), ending it at its next pick.
+        self.failure: BaseException | None = None
         self._cancel = threading.Event()
         self._done = threading.Event()
 
@@ -265,7 +270,8 @@ class _Lane:
         # A session that ran without error is kept for a prompt that starts the same way
         # (`meshpy.prompt_cache`); its caches hold the prompt and the tokens handed out.
         _end_ticket(ticket, reason, error, self.closer,
-                    lambda session: model.end_session(session, ticket.prompt + ticket.generated, keep=error is None))
+                    lambda session: model.end_session(session, ticket.prompt + ticket.generated,
+                                                      keep=error is None and ticket.keep_session))
 
     # --- one iteration ----------------------------------------------------------------
 
@@ -345,13 +351,18 @@ class _Lane:
             return
         logits = model.end.logits(np.concatenate([rows for _, rows in want]))
         n_tokens = model.end.tokenizer.vocab_size
+        # Constrained rows are masked before the pick; their log-probabilities stay the
+        # model's own (from the row as it was), as for every other row.
+        unmasked: dict[int, np.ndarray] = {}
         for (ticket, _), start in zip(want, _starts(want)):
             if ticket.matcher is not None:  # one row: constrained generations do not draft
+                if ticket.logprobs is not None:
+                    unmasked[id(ticket)] = logits[start : start + 1, :n_tokens].copy()
                 try:
                     ticket.matcher.mask_logits(logits[start])
-                except Exception as e:  # noqa: BLE001 - this generation's failure
-                    logits[start] = np.nan  # its pick fails with the sampler's error; then it ends
-                    log.info("masking a constrained generation's logits failed: %s", e)
+                except Exception as e:  # noqa: BLE001 - this generation's failure, reported by `_take`
+                    ticket.failure = e
+                    logits[start] = 0.0  # some pick, never used
         # Sampled generations verifying a draft pick their tokens one row at a time (the
         # rejection rule); every other row is picked at once.
         verifying = [bool(t.draft) and not t.sampler.params.greedy for t, _ in want]
@@ -365,7 +376,10 @@ class _Lane:
         for (ticket, _), v, block in zip(want, verifying, blocks):
             rows = logits[block.start : block.stop, :n_tokens]
             picked = _verify_sampled(ticket, rows) if v else [next(picks) for _ in block]
-            self._take(ticket, picked, now, rows)
+            if ticket.failure is not None:
+                self._finish(ticket, None, ticket.failure)
+                continue
+            self._take(ticket, picked, now, unmasked.get(id(ticket), rows))
 
     def _start_followers(self, leader: Ticket) -> list[Ticket]:
         """Starts the generations waiting for `leader`'s prefill, each on a copy of its
@@ -672,6 +686,8 @@ class Scheduler:
         ticket.followers = [Ticket(prompt, budget, s, stop_ids, k, st, speculate, draft_length, draft_model, logprobs,
                                    constraint=constraint) for s, k, st in followers]
         ticket.group = [ticket, *ticket.followers]
+        for follower in ticket.followers:
+            follower.keep_session = False
         with self._lock:
             if self.closed:
                 raise RuntimeError("the model is closed")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 from meshpy.errors import InvalidArgumentError
+from meshpy.prompt_cache import DEFAULT_MAX_SESSIONS
 
 __all__ = [
     "setting",
@@ -285,6 +286,7 @@ class ServeSettings:
     speculate: bool = setting(True, "draft tokens (by prompt lookup, or --draft-model) and verify them in one pass: the same greedy tokens, the same sampling distribution")
     draft_model: Path | None = setting(None, "a small model sharing the tokenizer that drafts the tokens to verify (default: prompt lookup)")
     max_waiting: int = setting(64, "requests waiting for a slot; beyond this they get 429 (server busy)", minimum=0, maximum=100000)
+    prompt_cache: int = setting(DEFAULT_MAX_SESSIONS, "sessions of ended requests kept so a prompt that starts the same way prefills only the rest (their KV caches stay here or on the workers); 0 turns prompt caching off", minimum=0, maximum=1024)
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     quantize: str | None = setting(None, "quantize float weights at load (without --bootstrap)", choices=("Q8_0", "Q4_0"))
     kv_dtype: str | None = setting(None, "KV cache type, without --bootstrap (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ToolCall", "ToolFormat", "ToolCallParser", "HERMES", "LLAMA3", "MISTRAL", "new_call_id"]
+__all__ = ["ToolCall", "ToolFormat", "ToolUse", "ToolCallParser", "HERMES", "LLAMA3", "MISTRAL", "new_call_id"]
 
 
 def new_call_id() -> str:
@@ -90,9 +90,16 @@ class ToolFormat:
             return LLAMA3
         return None
 
-    def parse(self, text: str) -> list[ToolCall] | None:
+    def parse(self, text: str, names: Collection[str] | None = None) -> list[ToolCall] | None:
         """The calls in `text` (what follows the opening, up to the end of the reply), or None
-        when it does not hold calls of this format."""
+        when it does not hold calls of this format (or, with `names`, calls a function not
+        among them: then it is text that looks like a call)."""
+        calls = self._parse(text)
+        if calls is not None and names is not None and any(c.name not in names for c in calls):
+            return None
+        return calls
+
+    def _parse(self, text: str) -> list[ToolCall] | None:
         if self is HERMES:
             calls = []
             for block in text.split(self.closing):
@@ -156,13 +163,32 @@ LLAMA3 = ToolFormat("llama3", "", "", "parameters")
 MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", "", "arguments")
 
 
+@dataclass(frozen=True)
+class ToolUse:
+    """A request's tools as its reply is read: the model's format, the functions offered (a
+    call of another is text), and whether several calls may come back (`parallel_tool_calls`;
+    else only the first counts)."""
+
+    format: ToolFormat
+    names: frozenset[str]
+    parallel: bool = True
+
+    def parser(self) -> ToolCallParser:
+        return ToolCallParser(self.format, self.names)
+
+
+_PYTHON_TAG = "<|python_tag|>"
+
+
 class ToolCallParser:
     """Splits a reply, as its text comes, into content and tool calls (see the module
     documentation). `feed` returns the content that may be shown now and the calls completed;
-    `finish` what is left once the reply ends."""
+    `finish` what is left once the reply ends. With `names`, only calls of those functions
+    count as calls (a reply that looks like a call of another is text)."""
 
-    def __init__(self, format: ToolFormat) -> None:
+    def __init__(self, format: ToolFormat, names: Collection[str] | None = None) -> None:
         self.format = format
+        self.names = None if names is None else frozenset(names)
         self.calls: list[ToolCall] = []
         self._held = ""  # text from a (possible) call's opening on
         self._in_call = False
@@ -174,16 +200,17 @@ class ToolCallParser:
             if not fmt.opening:  # Llama 3: a reply whose first non-space character opens an object
                 if self._started:
                     return text, []
-                stripped = (self._held + text).lstrip()
-                if not stripped:
-                    self._held += text
+                held = self._held + text
+                stripped = held.lstrip()
+                if not stripped or (len(stripped) < len(_PYTHON_TAG) and _PYTHON_TAG.startswith(stripped)):
+                    self._held = held  # too early to tell
                     return "", []
                 self._started = True
-                if stripped.startswith("{") or stripped.startswith("<|python_tag|>") or "<|python_tag|>".startswith(stripped):
-                    self._in_call, self._held = True, self._held + text
+                if stripped.startswith("{") or stripped.startswith(_PYTHON_TAG):
+                    self._in_call, self._held = True, held
                     return "", []
-                out, self._held = self._held + text, ""
-                return out, []
+                self._held = ""
+                return held, []
             text = self._held + text
             at = text.find(fmt.opening)
             if at < 0:  # hold back what may be the opening's start
@@ -197,18 +224,23 @@ class ToolCallParser:
             content = ""
         done: list[ToolCall] = []
         if fmt.closing:  # Hermes: each closed block is a call
-            while (end := self._held.find(fmt.closing)) >= 0:
+            while True:
+                stripped = self._held.lstrip()
+                if stripped and not (stripped.startswith(fmt.opening) or fmt.opening.startswith(stripped)):
+                    # Text after the calls: read on from there (it may open another call).
+                    self._held, self._in_call = "", False
+                    self.calls += done
+                    more, calls = self.feed(stripped)
+                    return content + more, done + calls
+                end = self._held.find(fmt.closing)
+                if end < 0:
+                    break
                 block, self._held = self._held[: end + len(fmt.closing)], self._held[end + len(fmt.closing) :]
-                parsed = fmt.parse(block)
+                parsed = fmt.parse(block, self.names)
                 if parsed is None:  # not a call after all: it is content
                     content += block
                     continue
                 done += parsed
-                self._held = self._held.lstrip()
-                if not self._held.startswith(fmt.opening[: len(self._held)]):
-                    self._in_call = False  # text after the calls
-                    content, self._held = content + self._held, ""
-                    break
         self.calls += done
         return content, done
 
@@ -217,7 +249,7 @@ class ToolCallParser:
         if not self._in_call or not held.strip():
             return held, []
         body = held.removeprefix(self.format.opening) if self.format.opening else held
-        parsed = self.format.parse(body)
+        parsed = self.format.parse(body, self.names)
         if parsed is None:
             return held, []  # not a call: the model wrote this as text
         self.calls += parsed

@@ -52,6 +52,7 @@ def run_serve(settings: ServeSettings) -> int:
         sock.close()
         raise
     model.speculation = settings.speculate
+    model.keep_prompts(settings.prompt_cache)
     with model:
         if settings.draft_model is not None:
             model.use_draft_model(settings.draft_model, threads=settings.threads)

@@ -84,6 +84,8 @@ _REFRESH_GAP = 5.0
 _MOVING_POLL = 0.002
 #: Hand-overs one forward may follow before treating the hop as failed.
 _MAX_MOVES = 4
+#: Seconds a worker has to copy a session (`fork`): a copy is one round trip.
+_FORK_TIMEOUT = 10.0
 
 
 class _HopFailed(Exception):
@@ -483,7 +485,9 @@ class MeshPipeline:
 
         def fork_on(peer: str) -> BaseException | None:
             try:
-                reply = _native.decode_frame(self.node.request(peer, frame, timeout=self.request_timeout))
+                # A copy is one round trip; a worker that cannot answer soon costs only this
+                # choice its shared prefill (it then prefills on its own).
+                reply = _native.decode_frame(self.node.request(peer, frame, timeout=min(self.request_timeout, _FORK_TIMEOUT)))
             except Exception as e:  # noqa: BLE001 - reported below
                 return e
             if reply["kind"] == "fork_session_ack" and reply["session"] == child.id:

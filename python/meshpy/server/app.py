@@ -38,7 +38,7 @@ from meshpy.server.errors import APIError, api_error, invalid
 from meshpy.server.protocol import ChatRequest, CompletionRequest, Options
 from meshpy.tokenizer import Tokenizer
 from meshpy.constraint import ConstraintError, Grammar
-from meshpy.tools import ToolCall, ToolFormat
+from meshpy.tools import ToolCall, ToolFormat, ToolUse
 
 __all__ = ["create_app", "ServerState"]
 
@@ -80,8 +80,10 @@ class ServerState:
         self.created = int(time.time())
         self.jobs: set[GenerationJob] = set()
         self.waiting = 0
-        # Free generation slots; made on first use, inside the app's event loop.
+        # Free generation slots, and the lock a request holds while it takes its slots; made on
+        # first use, inside the app's event loop.
         self._slots: asyncio.Semaphore | None = None
+        self._admitting: asyncio.Lock | None = None
         # Events from the scheduler's threads to the app's event loop; made on first use.
         self._outbox: Outbox | None = None
         self.completed = 0
@@ -184,66 +186,77 @@ class ServerState:
         max_tokens = options.max_tokens if options.max_tokens is not None else min(self.default_max_tokens or room, room)
         return ids, max_tokens
 
-    async def admit(self) -> None:
-        """Takes a generation slot: at once if fewer than `max_concurrent` generations run,
-        else after waiting in line (first come, first served) with at most `max_waiting`
-        others; a request beyond that is refused with 429 (which OpenAI clients retry after
-        a pause). Each generation holds the CPU and a KV cache on every worker, so running
-        more at once only slows every one of them; the wait is what a slot costs."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_concurrent)
-        if self._slots.locked() and self.waiting >= self.max_waiting:
+    async def admit(self, n: int = 1) -> None:
+        """Takes a slot for each of a request's `n` generations: at once if that many are
+        free, else after waiting in line (first come, first served) with at most
+        `max_waiting` others; a request beyond that is refused with 429 (which OpenAI clients
+        retry after a pause). Each generation holds the CPU and a KV cache on every worker, so
+        running more at once only slows every one of them; the wait is what a slot costs.
+        One request takes its slots at a time, so two never each hold part of what they need."""
+        if n > self.max_concurrent:
+            raise invalid(f"'n' is {n}; this server runs at most {self.max_concurrent} generations at once", "n",
+                          "invalid_value")
+        if self._slots is None or self._admitting is None:
+            self._slots, self._admitting = asyncio.Semaphore(self.max_concurrent), asyncio.Lock()
+        if (self._slots.locked() or self._admitting.locked()) and self.waiting >= self.max_waiting:
             self.refused_busy += 1
             raise APIError(
                 429, f"the server is busy: {len(self.jobs)} generations running and {self.waiting} waiting "
                 "(its limits); retry later", "rate_limit_error", code="server_busy",
             )
         self.waiting += 1
+        taken = 0
         try:
-            await self._slots.acquire()
+            async with self._admitting:
+                while taken < n:
+                    await self._slots.acquire()
+                    taken += 1
+        except BaseException:
+            for _ in range(taken):
+                self._slots.release()
+            raise
         finally:
             self.waiting -= 1
 
     def start(self, ids: list[int], max_tokens: int, options: Options,
               constraint: Grammar | None = None) -> list[GenerationJob]:
         """Starts a request's generations (its `n` choices, sharing the prompt's prefill) on the
-        model's scheduler, in the slot `admit` took; they are tracked until each ends, and
-        hold the slot until the last does. Their events share the first one's queue."""
+        model's scheduler, in the slots `admit` took (one each); they are tracked until each
+        ends. Their events share the first one's queue."""
         loop = asyncio.get_running_loop()
         if self._outbox is None or self._outbox.loop is not loop:  # the app served on another loop
             self._outbox = Outbox(loop)
         events: asyncio.Queue[Any] = asyncio.Queue()
-        left = [options.n]  # generations of this request still running
-
-        def done(job: GenerationJob) -> None:
-            left[0] -= 1
-            self._done(job, slot=left[0] == 0)
-
-        tools = self.tool_format(options)
+        fmt = self.tool_format(options)
+        tools = None
+        if fmt is not None and options.tools is not None:
+            tools = ToolUse(fmt, frozenset(t["function"]["name"] for t in options.tools), options.parallel_tool_calls)
         jobs = [GenerationJob(self.model, ids, max_tokens, options.choice_sampling(i), options.stop,
                               logprobs=options.logprobs, echo=options.echo, tools=tools, constraint=constraint,
-                              on_done=done,
-                              outbox=self._outbox, metrics=self.metrics, index=i, events=events)
+                              on_done=self._done, outbox=self._outbox, metrics=self.metrics, index=i, events=events)
                 for i in range(options.n)]
         jobs[0].start(jobs[1:])  # may raise (the model closing): then none is tracked
         self.jobs.update(jobs)
         return jobs
 
-    def release_unused_slot(self) -> None:
-        """Gives back a slot `admit` took for a generation that never started."""
+    def release_unused_slots(self, n: int) -> None:
+        """Gives back the slots `admit` took for generations that never started."""
         if self._slots is not None:
-            self._slots.release()
+            for _ in range(n):
+                self._slots.release()
 
-    def _done(self, job: GenerationJob, slot: bool) -> None:
+    def _done(self, job: GenerationJob) -> None:
         self.jobs.discard(job)
-        if slot and self._slots is not None:
+        if self._slots is not None:
             self._slots.release()
         if job.cancelled:
             self.cancelled += 1
         else:
             self.completed += 1
-        self.metrics.ended("cancelled" if job.cancelled else "completed", job.stats.prompt_tokens,
-                           job.stats.cached_tokens)
+        # A request's choices share its prompt: counted once, with the first.
+        first = job.index == 0
+        self.metrics.ended("cancelled" if job.cancelled else "completed", job.stats.prompt_tokens if first else 0,
+                           job.stats.cached_tokens if first else 0)
 
     async def shutdown(self) -> None:
         """Cancels every generation and waits (off the loop) for their sessions to close."""
@@ -370,11 +383,11 @@ async def _generate(
     state: ServerState, request: Request, prompt: Any, raw: bool, options: Options, shape: _Shape
 ) -> Response:
     ids, max_tokens, constraint = await run_in_threadpool(state.prepare, prompt, raw, options)
-    await state.admit()
+    await state.admit(options.n)
     try:
         jobs = state.start(ids, max_tokens, options, constraint)
     except BaseException:
-        state.release_unused_slot()
+        state.release_unused_slots(options.n)
         raise
     handed_over = False
     try:

@@ -22,7 +22,7 @@ from meshpy.generation import GenerationStats, Model
 from meshpy.sampling import SamplingParams, TokenLogprob
 from meshpy.scheduler import Ticket
 from meshpy.tokenizer import IncrementalDecoder
-from meshpy.tools import ToolCall, ToolCallParser, ToolFormat
+from meshpy.tools import ToolCall, ToolUse
 
 if TYPE_CHECKING:
     from meshpy.constraint import Grammar
@@ -161,7 +161,7 @@ class GenerationJob:
         *,
         logprobs: int | None = None,
         echo: bool = False,
-        tools: ToolFormat | None = None,
+        tools: ToolUse | None = None,
         constraint: Grammar | None = None,
         on_done: Callable[[GenerationJob], object] | None = None,
         outbox: Outbox | None = None,
@@ -195,7 +195,9 @@ class GenerationJob:
         #: The grammar the tokens must follow (`meshpy.constraint`), or None.
         self.constraint = constraint
         #: Reads tool calls out of the text, in the model's format (None: no tools offered).
-        self._tools = ToolCallParser(tools) if tools is not None else None
+        self._tools = tools.parser() if tools is not None else None
+        self._one_call = tools is not None and not tools.parallel  # `parallel_tool_calls: false`
+        self._calls_sent = 0
         self._ticket: Ticket | None = None
         self._metrics = metrics
         #: When the generation was submitted, and when its last token came (perf_counter).
@@ -259,6 +261,9 @@ class GenerationJob:
             if last:
                 rest, more = self._tools.finish()
                 text, calls = text + rest, calls + more
+            if self._one_call:  # only the first call counts
+                calls = calls[: max(0, 1 - self._calls_sent)]
+            self._calls_sent += len(calls)
         if not text and not calls and not (force and self._scored):
             return
         tokens = tuple(self._scored) if self.logprobs is not None else ()

@@ -160,6 +160,8 @@ class Options:
     #: `tool_choice`: "auto", "required", "none" or one function's name (None without tools).
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | None = None
+    #: Whether a reply may call several tools (else only its first call counts).
+    parallel_tool_calls: bool = True
     #: Chat: OpenAI's `response_format` (JSON, or JSON valid against a schema: constrained
     #: decoding, `meshpy.constraint`); None for text.
     response_format: dict[str, Any] | None = None
@@ -339,8 +341,7 @@ class ChatRequest:
         # A client asking for JSON, functions or audio must not get prose back as if it were.
         tools = _tools(body)
         tool_choice = _tool_choice(body, tools)
-        if body.get("parallel_tool_calls") is not None:
-            _bool(body, "parallel_tool_calls")  # checked; several calls are always read back
+        parallel_calls = body.get("parallel_tool_calls") is None or _bool(body, "parallel_tool_calls")
         _reject_unsupported(body, [("functions", None), ("function_call", None), ("audio", None), ("prediction", None)])
         response_format = body.get("response_format")
         if response_format is not None and not isinstance(response_format, dict):
@@ -354,7 +355,7 @@ class ChatRequest:
             raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         options = Options.parse(body, ("max_completion_tokens", "max_tokens"))
         return cls(messages, dataclasses.replace(options, logprobs=logprobs, tools=tools, tool_choice=tool_choice,
-                                                 response_format=response_format))
+                                                 parallel_tool_calls=parallel_calls, response_format=response_format))
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,14 @@ impl Rows {
         })
     }
 
+    /// A copy of the first `n` values.
+    fn prefix(&self, n: usize) -> Rows {
+        match self {
+            Rows::F32(v) => Rows::F32(v[..n].to_vec()),
+            Rows::F16(v) => Rows::F16(v[..n].to_vec()),
+        }
+    }
+
     fn copy_within(&mut self, src: std::ops::Range<usize>, dest: usize) {
         each!(self, v => v.copy_within(src, dest))
     }
@@ -412,6 +420,30 @@ impl KvCache {
         Ok(())
     }
 
+    /// A new cache holding a copy of this one's first `len` positions (at most all of them):
+    /// only the rows those positions occupy are copied, so a fork costs what it holds. An
+    /// error as for [`truncate`](Self::truncate).
+    pub fn fork(&self, len: usize) -> Result<KvCache> {
+        self.check_truncate(len)?;
+        let len = len.min(self.len);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let values = len.saturating_sub(l.base).min(l.rows()) * l.kv_dim;
+                LayerKv {
+                    keys: l.keys.prefix(values),
+                    values: l.values.prefix(values),
+                    kv_dim: l.kv_dim,
+                    window: l.window,
+                    base: l.base,
+                    slack: l.slack,
+                }
+            })
+            .collect();
+        Ok(KvCache { dtype: self.dtype, len, max_len: self.max_len, layers })
+    }
+
     /// Forgets every position from `len` on (to replay or roll back); an error, leaving the
     /// cache as it was, when a sliding layer already dropped keys a step at `len` needs.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
@@ -666,6 +698,34 @@ mod tests {
                 step(c, 1);
             }
             assert_eq!(copy.export_state(), cache.export_state());
+        }
+    }
+
+    #[test]
+    fn a_fork_copies_only_the_positions_it_holds_and_goes_on_as_the_cut_back_source() {
+        let layouts = [KvLayout { window: Some(8), kv_dim: 4 }, KvLayout { window: None, kv_dim: 6 }];
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut cache = KvCache::with_layers(&layouts, 256, dtype);
+            for n in [40, 1, 1, 1] {
+                step(&mut cache, n);
+            }
+            let fork = cache.fork(41).unwrap();
+            assert_eq!(fork.len(), 41);
+            // Rows for positions 0..41 of the global layer, base..41 of the sliding one: no more.
+            assert_eq!(fork.layers[1].rows(), 41);
+            assert_eq!(fork.layers[0].rows(), 41 - fork.layers[0].base);
+            assert_rows_hold_their_positions(&fork);
+            let mut cut = cache.clone();
+            cut.truncate(41).unwrap();
+            let mut fork = fork;
+            for c in [&mut cut, &mut fork] {
+                step(c, 2);
+                step(c, 1);
+            }
+            assert_eq!(fork.export_state(), cut.export_state());
+            assert_eq!(cache.len(), 43, "the source is untouched");
+            // Further back than the sliding layer holds: refused, as truncating would be.
+            assert!(cache.fork(10).err().is_some_and(|e| e.to_string().contains("cannot rewind")));
         }
     }
 

@@ -117,8 +117,7 @@ impl PyKvCache {
     /// A new cache holding a copy of this one's first `len` positions (generations sharing
     /// a prompt prefill it once); an error as for `truncate`.
     fn fork(&self, len: usize) -> PyResult<PyKvCache> {
-        let mut copy = self.lock().clone();
-        copy.truncate(len).map_err(to_py_err)?;
+        let copy = self.lock().fork(len).map_err(to_py_err)?;
         Ok(PyKvCache { inner: Arc::new(Mutex::new(copy)) })
     }
 }

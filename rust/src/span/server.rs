@@ -866,8 +866,7 @@ impl SpanHandler {
                     format!("session {} holds {} positions, not {}", f.source, guard.cache.len(), f.positions),
                 ));
             }
-            let mut cache = guard.cache.clone();
-            cache.truncate(f.positions as usize).map_err(|e| refuse(ErrorCode::StepMismatch, target, e.to_string()))?;
+            let cache = guard.cache.fork(f.positions as usize).map_err(|e| refuse(ErrorCode::StepMismatch, target, e.to_string()))?;
             (cache, guard.step)
         };
         drop(self.hold(f.target, span, owner, Session { cache, last_used: Instant::now(), step })?);

@@ -14,13 +14,13 @@
 //! |-------:|-----:|--------------------------------------------------------------------|
 //! |      0 |    4 | magic `b"MSHP"`                                                    |
 //! |      4 |    2 | version u16, `1`                                                   |
-//! |      6 |    1 | kind u8: 1 Forward, 2 ForwardResult, 3 Error, 4 CloseSession, 5 CloseSessionAck, 6 Ping, 7 Pong, 8 Info, 9 InfoReply, 10 Relay, 11 Collect, 12 Relayed |
+//! |      6 |    1 | kind u8: 1 Forward, 2 ForwardResult, 3 Error, 4 CloseSession, 5 CloseSessionAck, 6 Ping, 7 Pong, 8 Info, 9 InfoReply, 10 Relay, 11 Collect, 12 Relayed, 13 Handover, 14 HandoverAck, 15 ForkSession, 16 ForkSessionAck |
 //! |      7 |    1 | flags u8, `0` (none defined in version 1)                          |
 //! |      8 |    4 | header_len u32: bytes of the header section, padding included       |
 //! |     12 |    4 | reserved u32, `0`                                                  |
 //! |     16 |    8 | payload_len u64: bytes of the payload                              |
 //! |     24 |  h.. | header section: the kind's fields (below), then 0..=7 zero bytes so that `24 + header_len` is a multiple of 8 |
-//! | 24 + header_len | payload_len | payload: raw little-endian tensor bytes, row-major (kinds 1, 2 and 10 only; otherwise empty) |
+//! | 24 + header_len | payload_len | payload: raw little-endian tensor bytes, row-major (kinds 1, 2 and 10), a KV cache state (13); otherwise empty |
 //!
 //! The payload thus starts 8-byte aligned relative to the frame. Unknown versions, kinds,
 //! flags, dtypes and error codes, nonzero reserved or padding bytes, and any byte the kind
@@ -47,6 +47,9 @@
 //! | Relay (10) | `chain u64 \| keep u8 (0/1) \| n u8 (<= 64) \| n × next hop \| then exactly a Forward's fields` |
 //! | Collect (11) | `chain u64 \| wait_ms u32 \| entries` |
 //! | Relayed (12) | empty |
+//! | Handover (13) | `model hash [u8; 32] \| name_len u8 \| name \| first_layer u32 \| layer_count u32 \| session u128 \| step u64 \| owner_len u8 (>= 1) \| owner peer id \| state digest [u8; 32] (SHA-256 of the payload)`; the payload is the cache state (`KvCache::export_state`) |
+//! | HandoverAck (14), ForkSessionAck (16) | `session u128` |
+//! | ForkSession (15) | `source u128 \| target u128 (not the source) \| positions u32` |
 //!
 //! A *next hop* is `peer_len u8 (>= 1) \| peer id bytes \| n_addrs u8 (<= 8) \| n_addrs ×
 //! (addr_len u16 (1..=1024) \| address bytes) \| first_layer u32 \| layer_count u32`; the peer
@@ -58,6 +61,10 @@
 //! output waits for the End node's `Collect` (sent to every later hop along with the first
 //! relay). Old readers refuse the new kinds as unknown; a node says it serves them in its
 //! `Info` (`"relay": 1`).
+//!
+//! Kinds 13-14 move a session off a leaving worker with its KV cache; kinds 15-16 start a
+//! session as a copy of another's first positions on the same worker (several generations of
+//! one prompt, or a kept prompt, prefill it once).
 //!
 //! In `Forward` and `ForwardResult` the tensor is `(sum of n_tokens, width)`: entry `i`'s
 //! rows follow entry `i - 1`'s. `width` is the model's row width at the span's first layer
