@@ -354,7 +354,8 @@ class _Lane:
         # Constrained rows are masked before the pick; their log-probabilities stay the
         # model's own (from the row as it was), as for every other row.
         unmasked: dict[int, np.ndarray] = {}
-        for (ticket, _), start in zip(want, _starts(want)):
+        starts = _starts(want)  # each entry's first logits row
+        for (ticket, _), start in zip(want, starts):
             if ticket.matcher is not None:  # one row: constrained generations do not draft
                 if ticket.logprobs is not None:
                     unmasked[id(ticket)] = logits[start : start + 1, :n_tokens].copy()
@@ -366,7 +367,7 @@ class _Lane:
         # Sampled generations verifying a draft pick their tokens one row at a time (the
         # rejection rule); every other row is picked at once.
         verifying = [bool(t.draft) and not t.sampler.params.greedy for t, _ in want]
-        blocks = [range(start, start + len(rows)) for start, (_, rows) in zip(_starts(want), want)]
+        blocks = [range(start, start + len(rows)) for start, (_, rows) in zip(starts, want)]
         samplers = [t.sampler for (t, _), v, block in zip(want, verifying, blocks) if not v for _ in block]
         plain = logits
         if any(verifying):  # (a copy of the other rows only when some are left out)
