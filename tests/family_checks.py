@@ -60,9 +60,10 @@ def with_config(src: Path, out_dir: Path, drop_none: bool = False, **changes: ob
     return out_dir
 
 
-def prefill_and_decode(model_dir: Path, n_spans: int = 1) -> Logits:
-    """Our logits for PREFILL_IDS, then for each of DECODE_IDS in the same session."""
-    model = Model.load(model_dir, threads=2, n_spans=n_spans)
+def prefill_and_decode(model_dir: Path, n_spans: int = 1, device: str = "cpu") -> Logits:
+    """Our logits for PREFILL_IDS, then for each of DECODE_IDS in the same session, with the
+    layers on `device` (the torch path for any but "cpu")."""
+    model = Model.load(model_dir, threads=2, n_spans=n_spans, device=device)
     session = model.new_session()
     prefill = model.logits_all(PREFILL_IDS, session)
     decode = np.stack([model.logits_all([t], session)[0] for t in DECODE_IDS])
@@ -86,10 +87,11 @@ def relative_rms(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.sqrt(((got - ref) ** 2).mean()) / ref.std())
 
 
-def check_stored_reference(model_dir: Path) -> None:
-    """Prefill and decode steps give transformers' stored logits, in the stored shapes."""
+def check_stored_reference(model_dir: Path, device: str = "cpu", n_spans: int = 1) -> None:
+    """Prefill and decode steps give transformers' stored logits, in the stored shapes, with
+    the layers on `device` cut into `n_spans` spans."""
     want = stored_reference(model_dir)
-    got = prefill_and_decode(model_dir)
+    got = prefill_and_decode(model_dir, n_spans, device)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     assert got[0].shape == want[0].shape == (len(PREFILL_IDS), vocab)
     assert got[1].shape == want[1].shape == (len(DECODE_IDS), vocab)
@@ -195,11 +197,15 @@ def check_mesh_gives_the_one_process_tokens(
     n_tokens: int = 24,
     local: Model | None = None,
     transport: str = "tcp",
+    devices: Sequence[str] | None = None,
+    end_device: str = "cpu",
 ) -> None:
     """One in-process worker per `layers` spec ("0-1": layers 0 and 1) on 127.0.0.1 over
-    `transport`: f32 hidden states on the wire, so the greedy tokens equal one process's
-    (`local`, or the model loaded with one thread) exactly, on the chained route and on the
-    star one, step by step and with speculative decoding."""
+    `transport`, each on its `devices` entry (default "cpu"; the torch path for others): f32
+    hidden states on the wire, so the greedy tokens equal one process's (`local`, or the
+    model loaded with one thread on the CPU path) exactly, on the chained route and on the
+    star one, step by step and with speculative decoding. `end_device`: where the End node's
+    embedding and head run."""
     from meshpy.mesh import Worker, WorkerSettings, connect
     from meshpy.mesh.launcher import LocalMesh
     from tests.test_mesh import greedy
@@ -212,12 +218,12 @@ def check_mesh_gives_the_one_process_tokens(
         started = [
             workers.enter_context(Worker(WorkerSettings(
                 bootstrap=addr, model=model_dir, layers=spec, threads=1, node_dir=node_dir / spec,
-                port=0, host="127.0.0.1", transport=transport,
+                port=0, host="127.0.0.1", transport=transport, device=device,
             )))
-            for spec in layers
+            for spec, device in zip(layers, devices or ["cpu"] * len(layers), strict=True)
         ]
         assert [w.layers for w in started] == ranges
-        with connect(model_dir, addr, threads=1, route_timeout=30, transport=transport) as model:
+        with connect(model_dir, addr, threads=1, route_timeout=30, transport=transport, device=end_device) as model:
             assert [h.layers for h in model.pipeline.route()] == ranges
             for route in ("chain", "star"):
                 model.pipeline.route_mode = route

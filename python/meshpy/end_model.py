@@ -25,9 +25,10 @@ Prompt = str | Sequence[dict[str, Any]]
 
 
 class EndModel:
-    """Tokenizer, chat template, embedding and head of one model."""
+    """Tokenizer, chat template, embedding and head of one model; the embedding and head run
+    on the Rust CPU path, or with torch on `device` (see `meshpy.gpu`)."""
 
-    def __init__(self, source: ModelSource, config: ModelConfig, pool: _native.ThreadPool) -> None:
+    def __init__(self, source: ModelSource, config: ModelConfig, pool: _native.ThreadPool, device: str = "cpu") -> None:
         self.source = source
         self.config = config
         if source.format == "gguf":
@@ -40,11 +41,15 @@ class EndModel:
             raise FileNotFoundError(f"{source.path}: no tokenizer.json beside the weights")
         self.chat_template = source.chat_template or default_chat_template(source)
         source.require({config.embedding_name, config.output_norm_name, config.output_name}, "the End model")
-        self.embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
-        self.head = _native.OutputHead(
-            source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool,
-            norm_offset=config.norm_offset,
-        )
+        self.device = device
+        if device == "cpu":
+            self.embedding = _native.TokenEmbedding(source.checkpoint, config.embedding_name, config.embedding_scale)
+            self.head = _native.OutputHead(
+                source.checkpoint, config.output_norm_name, config.output_name, config.eps, pool,
+                norm_offset=config.norm_offset,
+            )
+        else:
+            self.embedding, self.head = _torch_end(source, config, device)
         # Gemma 4's per-layer inputs, which depend on the token ids: computed here, so ids
         # never leave this node; the spans get them with the hidden states.
         self.per_layer_inputs = None
@@ -112,3 +117,19 @@ class EndModel:
             logits = logits.copy()
             logits[n_tokens:] = -np.inf
         return logits
+
+
+def _torch_end(source: ModelSource, config: ModelConfig, device: str) -> tuple[Any, Any]:
+    """The embedding and head on a torch device (imports torch: only when asked for)."""
+    from meshpy.gpu import require
+    from meshpy.gpu.backend import compute_dtype
+    from meshpy.gpu.end import TorchEmbedding, TorchHead
+
+    torch_device = require(device)
+    dtype = compute_dtype(torch_device)
+    checkpoint = source.checkpoint
+    embedding = TorchEmbedding(checkpoint, config.embedding_name, config.embedding_scale, torch_device, dtype)
+    tied = embedding.table if config.output_name == config.embedding_name else None
+    head = TorchHead(checkpoint, config.output_norm_name, config.output_name, config.eps, config.norm_offset,
+                     torch_device, dtype, tied=tied)
+    return embedding, head

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidArgumentError",
     "FrameError",
     "FrameTooLargeError",
+    "BackendError",
     "IdentityError",
     "NetworkError",
     "RequestTimeoutError",
@@ -89,6 +90,10 @@ class NetworkError(MeshpyError, ConnectionError):
 
 class RequestTimeoutError(MeshpyError, TimeoutError):
     """A network request or query got no answer in time."""
+
+
+class BackendError(MeshpyError, RuntimeError):
+    """The torch path failed to compute a span (its error, e.g. CUDA out of memory)."""
 
 
 class ModelSourceError(MeshpyError, FileNotFoundError):

@@ -21,6 +21,7 @@ import numpy as np
 
 from meshpy import _native
 from meshpy.end_model import EndModel, Prompt
+from meshpy.gpu import check_device
 from meshpy.models.config import ModelConfig, read_config
 from meshpy.models.packaged import PACKAGED_MODELS, resolve_packaged
 from meshpy.models.source import ModelSource, open_model_source
@@ -156,24 +157,27 @@ class Model:
         n_spans: int = 1,
         progress: Callable[[int, int], object] | None = None,
         kv_dtype: str | None = None,
+        device: str = "cpu",
     ) -> Model:
         """Loads a GGUF file or an HF checkpoint directory.
 
         `quantize` ("Q8_0" or "Q4_0") converts float weight matrices at load; `n_spans`
         cuts the layers into that many spans run one after another (as the mesh would);
         `progress(layers_loaded, n_layers)` is called as layers load; `kv_dtype` ("f16" or
-        "f32") overrides how KV caches store keys and values (see `LocalSpan.kv_dtype`).
+        "f32") overrides how KV caches store keys and values (see `LocalSpan.kv_dtype`);
+        `device` runs the layers with torch ("cuda", "cuda:N", "torch-cpu"; see `meshpy.gpu`).
         """
+        check_device(device)
         source = open_model_source(model_path(path))
         config = read_config(source)
         pool = _native.ThreadPool(threads or default_threads())
-        end = EndModel(source, config, pool)
+        end = EndModel(source, config, pool, device)
         spans = []
         for layers in split_layers(config.n_layers, n_spans):
             report = None
             if progress is not None:
                 report = lambda done, start=layers.start: progress(start + done, config.n_layers)  # noqa: E731
-            spans.append(LocalSpan(source, config, layers, pool, quantize, report, kv_dtype))
+            spans.append(LocalSpan(source, config, layers, pool, quantize, report, kv_dtype, device))
         log.info("loaded %s: %d layers in %d span(s), %d threads, %s KV cache", source.path, config.n_layers, n_spans,
                  pool.n_threads, spans[0].kv_dtype)
         return cls(source, config, end, LocalPipeline(spans, config.max_positions))

@@ -62,7 +62,9 @@ def split_layers(n_layers: int, n_spans: int) -> list[range]:
 
 
 class LocalSpan:
-    """Layers `layers` of a model, loaded from the checkpoint into this process."""
+    """Layers `layers` of a model, loaded from the checkpoint into this process: run by the
+    Rust CPU forward pass (`device` "cpu"), or by torch (`meshpy.gpu`: "cuda", "cuda:N",
+    "torch-cpu"), which copies the weights the CPU loader resolved."""
 
     def __init__(
         self,
@@ -73,19 +75,29 @@ class LocalSpan:
         quantize: str | None = None,
         progress: Callable[[int], object] | None = None,
         kv_dtype: str | None = None,
+        device: str = "cpu",
     ) -> None:
         if layers.step != 1 or not 0 <= layers.start < layers.stop <= config.n_layers:
             raise ValueError(f"layer range {layers} outside 0..{config.n_layers}")
         self.layers = layers
         source.require((n for i in layers for n in config.layer_names(i).values()), f"layers {layers.start}-{layers.stop - 1}")
-        self.native = _native.DecoderSpan(
-            source.checkpoint,
-            config.span_config(quantize, kv_dtype),
-            layers.start,
-            [config.layer_names(i) for i in layers],
-            pool,
-            progress,
-        )
+        span_config = config.span_config(quantize, kv_dtype)
+        names = [config.layer_names(i) for i in layers]
+        native = _native.DecoderSpan(source.checkpoint, span_config, layers.start, names, pool, progress)
+        self.device = device
+        self.native: _native.DecoderSpan | _native.TorchSpan = native
+        #: Bytes of weights held (on the device for the torch path).
+        self.nbytes = native.nbytes
+        if device != "cpu":
+            from meshpy.gpu.backend import torch_span  # torch only when asked for
+
+            self.native, self.nbytes = torch_span(native, span_config, device, source.checkpoint, names)
+
+    @property
+    def device_name(self) -> str:
+        """Where the layers run, as a worker's status shows it: "cpu", "torch-cpu",
+        "cuda:0 NVIDIA H100 80GB HBM3"."""
+        return "cpu" if self.device == "cpu" else self.native.device
 
     @property
     def kv_dtype(self) -> str:
@@ -101,6 +113,10 @@ class LocalSpan:
     def forward(self, hidden: np.ndarray, cache: _native.KvCache) -> np.ndarray:
         """The span's output hidden states for one session's next rows."""
         return self.native.forward(np.ascontiguousarray(hidden, dtype=np.float32), cache)
+
+    def fork(self, cache: _native.KvCache, n_positions: int) -> _native.KvCache:
+        """A new cache holding a copy of `cache`'s first `n_positions` positions."""
+        return self.native.fork(cache, n_positions)
 
     def decode_seconds(self, width: int, batches: int = 5, batch_seconds: float = 0.01, max_steps: int = 256) -> float:
         """Seconds one decode step of one session takes here, measured: single-token steps on
@@ -186,4 +202,4 @@ class LocalPipeline:
 
     def fork(self, session: PipelineSession, n_positions: int) -> PipelineSession:
         """A new session holding a copy of the session's first `n_positions` positions."""
-        return PipelineSession([cache.fork(n_positions) for cache in session.caches])
+        return PipelineSession([span.fork(cache, n_positions) for span, cache in zip(self.spans, session.caches)])

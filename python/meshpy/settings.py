@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 from meshpy.errors import InvalidArgumentError
+from meshpy.gpu import DEVICE_HELP
 from meshpy.prompt_cache import DEFAULT_MAX_SESSIONS
 
 __all__ = [
@@ -159,6 +160,7 @@ class GenerateSettings:
     quantize: str | None = setting(None, "quantize float weights at load", choices=("Q8_0", "Q4_0"))
     kv_dtype: str | None = setting(None, "KV cache type (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
     spans: int = setting(1, "run the layers as this many spans in turn (what the mesh does)", minimum=1)
+    device: str = setting("cpu", "where the embedding and head (and, without --bootstrap, the layers) run: " + DEVICE_HELP)
     speculate: bool = setting(True, "draft tokens (by prompt lookup, or --draft-model) and verify them in one pass: the same greedy tokens, the same sampling distribution")
     draft_model: Path | None = setting(None, "a small model sharing the tokenizer that drafts the tokens to verify (default: prompt lookup)")
     bootstrap: str | None = setting(None, "run the layers on the mesh joined through this multiaddr (comma-separated for several), or lan: the mesh found on the local network (mDNS)")
@@ -219,7 +221,7 @@ class WorkerSettings(NodeSettings):
     model: Path | None = setting(None, "the model: a GGUF file, an HF directory, a packaged name, or a model id (name@hash, as `meshpy status` shows it) to fetch from the mesh; none: echo mode", short="-m")
     store: Path | None = setting(None, "where models fetched from the mesh are kept (default: ~/.cache/meshpy/models)")
     layers: str | None = setting(None, "layers to host, e.g. 0-7 (default: the least-covered range that fits --memory)")
-    device: str = setting("cpu", "where the layers run", choices=("cpu",))
+    device: str = setting("cpu", "where the layers run: " + DEVICE_HELP)
     memory: str | None = setting(None, "memory for weights, KV cache and runtime, e.g. 2GiB (default: what is free)")
     kv_budget: str = setting("256MiB", "KV cache memory all sessions together may hold")
     peer_sessions: int | None = setting(None, "sessions one peer may hold here at once (default 1024); on a chained route a worker's sessions count against the worker before it", minimum=1)
@@ -290,6 +292,7 @@ class ServeSettings:
     threads: int | None = setting(None, "compute threads (default: the CPUs available)", minimum=1, maximum=1024, short="-t")
     quantize: str | None = setting(None, "quantize float weights at load (without --bootstrap)", choices=("Q8_0", "Q4_0"))
     kv_dtype: str | None = setting(None, "KV cache type, without --bootstrap (default: f16, or f32 for a checkpoint whose K/V projections are f32)", choices=("f16", "f32"))
+    device: str = setting("cpu", "where the embedding and head (and, without --bootstrap, the layers) run: " + DEVICE_HELP)
     transport: str = setting("tcp", "transport the mesh client listens on (it dials either)", choices=_TRANSPORTS)
     wire_dtype: str = setting("f32", "hidden states on the wire: f32 gives exactly the single-process tokens", choices=("f32", "bf16", "f16"))
     route: str = setting("chain", "how a step crosses the mesh: chain (worker to worker, N+1 link crossings for N workers) or star (each worker a round trip from here, 2N)", choices=("chain", "star"))

@@ -63,6 +63,9 @@ pub enum Error {
     /// A network request got no answer in time.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// Another backend (the torch path) failed to compute: its error, as it said it.
+    #[error("backend error: {0}")]
+    Backend(String),
 }
 
 /// Result with the core's [`Error`].

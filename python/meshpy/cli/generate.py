@@ -45,7 +45,7 @@ def _load(settings: GenerateSettings) -> Model:
     try:
         return Model.load(
             settings.model, threads=settings.threads, quantize=settings.quantize, n_spans=settings.spans, progress=progress,
-            kv_dtype=settings.kv_dtype,
+            kv_dtype=settings.kv_dtype, device=settings.device,
         )
     finally:
         bar.close()
@@ -68,6 +68,7 @@ def _connect(settings: GenerateSettings) -> Model:
         node_dir=settings.node_dir,
         route_timeout=settings.route_timeout,
         verify=settings.verify,
+        device=settings.device,
     )
     pipeline = model.pipeline
     for p in pipeline.providers:  # type: ignore[attr-defined]

@@ -36,8 +36,10 @@ def _open(settings: ServeSettings) -> Model:
             node_dir=settings.node_dir,
             route_timeout=settings.route_timeout,
             verify=settings.verify,
+            device=settings.device,
         )
-    return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, kv_dtype=settings.kv_dtype)
+    return Model.load(settings.model, threads=settings.threads, quantize=settings.quantize, kv_dtype=settings.kv_dtype,
+                      device=settings.device)
 
 
 def run_serve(settings: ServeSettings) -> int:

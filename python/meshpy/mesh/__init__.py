@@ -16,6 +16,7 @@ from pathlib import Path
 
 from meshpy import _native
 from meshpy.end_model import EndModel
+from meshpy.gpu import check_device
 from meshpy.generation import Model, default_threads, model_path
 from meshpy.mesh.client import MeshPipeline, MeshSession
 from meshpy.mesh.fetch import fetch_part, fetcher_for, names_remote_model
@@ -58,6 +59,7 @@ def connect(
     lanes: int | None = None,
     verify: float = 0.0,
     store: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
 ) -> Model:
     """A `Model` whose End model runs here and whose layers run on the mesh joined through
     `bootstrap` (multiaddrs, or `"lan"`: the mesh mDNS finds on the local network); waits up to `route_timeout` seconds for workers to cover every layer (and as long, mid-generation, for a
@@ -77,8 +79,10 @@ def connect(
     can name it in their allow lists (default: a new identity each time). `lanes`: batches of
     generations kept in flight at once (default `MeshPipeline.in_flight`). `verify`: the share
     of sessions whose every hop also runs on a second provider and is compared (a provider
-    caught disagreeing is banned, and `meshpy status` shows why). Close the model to leave.
+    caught disagreeing is banned, and `meshpy status` shows why). `device`: where the embedding
+    and head run ("cpu", or with torch: "cuda", "cuda:N", "torch-cpu"). Close the model to leave.
     """
+    check_device(device)
     remote = names_remote_model(model)
     fetched = None
     if not remote:
@@ -109,7 +113,7 @@ def connect(
         if verify:
             _announce_checks(pipeline)
         pipeline.wait_for_route(route_timeout)
-        end = EndModel(source, config, _native.ThreadPool(threads or default_threads(), idle_spin=MESH_IDLE_SPIN))
+        end = EndModel(source, config, _native.ThreadPool(threads or default_threads(), idle_spin=MESH_IDLE_SPIN), device)
         return Model(source, config, end, pipeline, lanes=lanes)
     except BaseException:
         pipeline.close()

@@ -23,6 +23,7 @@ __all__ = [
     "parse_layers",
     "format_layers",
     "available_memory",
+    "device_memory",
     "layer_nbytes",
     "layers_that_fit",
     "choose_layers",
@@ -90,15 +91,34 @@ def available_memory() -> int:
         raise InvalidArgumentError("cannot tell how much memory is free here; pass --memory") from None
 
 
-def layer_nbytes(source: ModelSource, config: ModelConfig, layer: int) -> int:
-    """Bytes of one layer's weights as stored in the checkpoint."""
+def device_memory(device: str, memory: int | None) -> int:
+    """What a worker on `device` may fill with layers and KV: `memory` (--memory) where given
+    for the CPU path, else the host's free memory; on a GPU its free memory, capped by
+    `memory`."""
+    if device in ("cpu", "torch-cpu"):
+        return memory if memory is not None else available_memory()
+    from meshpy.gpu.memory import free_memory
+
+    free = free_memory(device)
+    return free if memory is None else min(free, memory)
+
+
+def layer_nbytes(source: ModelSource, config: ModelConfig, layer: int, device: str = "cpu") -> int:
+    """Bytes of one layer's weights as `device` holds them: as stored in the checkpoint for
+    the CPU path; on a torch device see `meshpy.gpu.memory.weight_bytes`."""
     total = 0
-    for ref in config.layer_names(layer).values():
+    for role, ref in config.layer_names(layer).items():
         # A role may be rows of a fused tensor (Phi-3's qkv_proj): count those rows only.
         name, rows = split_tensor_ref(ref, source.checkpoint)
         type_name, shape = source.checkpoint.tensor_info(name)
         nbytes = _native.tensor_nbytes(type_name, list(shape))
-        total += nbytes if rows is None else nbytes // shape[0] * len(rows)
+        if rows is not None:
+            nbytes, shape = nbytes // shape[0] * len(rows), (len(rows), *shape[1:])
+        if device != "cpu":
+            from meshpy.gpu.memory import weight_bytes
+
+            nbytes = weight_bytes(role, type_name, tuple(shape), nbytes, device)
+        total += nbytes
     return total
 
 

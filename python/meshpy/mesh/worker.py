@@ -15,13 +15,14 @@ import time
 from meshpy import _native
 from meshpy.errors import InvalidArgumentError, MeshpyError, format_layer_list
 from meshpy.generation import default_threads, model_path
+from meshpy.gpu import check_device
 from meshpy.metrics import MetricsServer, serve_node_metrics
 from meshpy.mesh.fetch import Fetcher, FetchReport, fetch_part, fetcher_for, names_remote_model, seed
 from meshpy.mesh.identity import WORKERS_KEY, ModelIdentity, model_identity
 from meshpy.mesh.nodes import NodeDir, joins_by_lan, parse_bootstrap, start_node
 from meshpy.mesh.placement import (
-    available_memory,
     choose_layers,
+    device_memory,
     format_layers,
     format_size,
     layer_nbytes,
@@ -112,6 +113,7 @@ class Worker:
         """Checks the settings and opens the model (failing before joining anything), then
         joins the mesh, places and loads the layers, serves and announces them."""
         s = self.settings
+        check_device(s.device)
         kv_budget = parse_size(s.kv_budget)
         memory = parse_size(s.memory) if s.memory else None
         bootstrap = parse_bootstrap(s.bootstrap)
@@ -132,7 +134,7 @@ class Worker:
                 assert s.model is not None
                 fetcher = fetcher_for(self.node, s.model, ModelStore(s.store), joined=joined)
                 assert fetcher is not None
-                model = self._fetch(fetcher, kv_budget, memory if memory is not None else available_memory(), joined)
+                model = self._fetch(fetcher, kv_budget, device_memory(s.device, memory), joined)
             if model is None:
                 self._serve_echo()
             else:
@@ -170,7 +172,7 @@ class Worker:
     ) -> None:
         assert self.node is not None and self.model is not None
         if layers is None:
-            layers = self._place(source, config, kv_budget, memory if memory is not None else available_memory(), has_peers)
+            layers = self._place(source, config, kv_budget, device_memory(self.settings.device, memory), has_peers)
             # Placed by coverage (not pinned by --layers), from a whole local file: it may move.
             if self.settings.rebalance and self.fetched is None:
                 self._movable = (source, config, kv_budget)
@@ -181,11 +183,11 @@ class Worker:
         assert self.node is not None and self.model is not None
         s = self.settings
         pool = _native.ThreadPool(s.threads or default_threads(), idle_spin=MESH_IDLE_SPIN)
-        self._span = LocalSpan(source, config, layers, pool, kv_dtype=s.kv_dtype)
+        self._span = LocalSpan(source, config, layers, pool, kv_dtype=s.kv_dtype, device=s.device)
         self.layers = layers
         self.n_layers = config.n_layers
         self.layer_seconds = self._span.decode_seconds(config.row_widths[layers.start]) / len(layers)
-        info = self._info(model_id=self.model.id, model_layers=config.n_layers, weights_bytes=self._span.native.nbytes,
+        info = self._info(model_id=self.model.id, model_layers=config.n_layers, weights_bytes=self._span.nbytes, device=self._span.device_name,
                           rebalances=self._movable is not None,
                           threads=pool.n_threads, kv_dtype=self._span.kv_dtype,
                           decode_ms_per_layer=round(self.layer_seconds * 1e3, 4),
@@ -318,7 +320,7 @@ class Worker:
     def _place(self, source: ModelSource, config: ModelConfig, kv_budget: int, memory: int, has_peers: bool) -> range:
         """The least-covered contiguous layers that fit `memory` (see `mesh.placement`)."""
         assert self.node is not None and self.model is not None
-        per_layer = [layer_nbytes(source, config, i) for i in range(config.n_layers)]
+        per_layer = [layer_nbytes(source, config, i, self.settings.device) for i in range(config.n_layers)]
         count = layers_that_fit(per_layer, memory, kv_budget)
         if count == 0:
             raise InvalidArgumentError(

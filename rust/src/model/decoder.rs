@@ -241,6 +241,42 @@ impl DecoderConfig {
             + self.carried_sources(b).iter().map(|&s| 2 * self.kv_dim_of(s)).sum::<usize>()
     }
 
+    /// Where a run of span layers `layers` (relative to `first_layer`) keeps its keys and
+    /// values: one cache layer per layer holding its own, and one per source layer outside
+    /// the run that a layer of it shares.
+    pub(crate) fn kv_plan(&self, first_layer: usize, layers: Range<usize>) -> KvPlan {
+        let mut plan = KvPlan { layouts: Vec::new(), slot: Vec::new(), imported: Vec::new(), holders: Vec::new() };
+        for l in layers {
+            let own = first_layer + l;
+            let holder = self.kv_source_of(own).unwrap_or(own);
+            let slot = match plan.slot_of(holder) {
+                Some(slot) => slot,
+                None => {
+                    if holder != own {
+                        plan.imported.push(holder);
+                    }
+                    plan.layouts.push(self.kv_layout_of(holder));
+                    plan.holders.push((holder, plan.layouts.len() - 1));
+                    plan.layouts.len() - 1
+                }
+            };
+            plan.slot.push(slot);
+        }
+        plan
+    }
+
+    /// The cache layers' shapes of a run of span layers `layers` (see `kv_plan`).
+    pub fn kv_layouts(&self, first_layer: usize, layers: Range<usize>) -> Vec<KvLayout> {
+        self.kv_plan(first_layer, layers).layouts
+    }
+
+    /// KV bytes one more position costs a session running span layers `layers` with caches
+    /// of `dtype`, at most (sliding-window layers give theirs back once they drop old
+    /// positions).
+    pub fn kv_bytes_per_position(&self, first_layer: usize, layers: Range<usize>, dtype: KvDtype) -> usize {
+        self.kv_layouts(first_layer, layers).iter().map(|l| 2 * l.kv_dim * dtype.size()).sum()
+    }
+
     /// The cache shape of model layer `layer`'s keys and values.
     fn kv_layout_of(&self, layer: usize) -> KvLayout {
         KvLayout { window: self.is_sliding(layer).then_some(self.sliding_window), kv_dim: self.kv_dim_of(layer) }
@@ -492,6 +528,116 @@ impl DecoderLayer {
     }
 }
 
+/// One weight of a layer as another backend takes it (the torch path, `meshpy.gpu`):
+/// dequantized to f32, row-major, in the shape the forward pass uses it (a matrix
+/// `(out, in)`, experts stacked `(n, out, in)`), norm offsets already added.
+pub struct ExportedWeight {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// One layer as loaded, for another backend: its attention shape and its weights by role
+/// (the checkpoint roles of [`LayerTensors`], e.g. `attn_q`, `ffn_gate_exps`), so the other
+/// backend never re-derives what loading resolved (row slices, fused, transposed or MXFP4
+/// experts, norm offsets).
+pub struct LayerExport {
+    pub sliding: bool,
+    pub head_dim: usize,
+    pub n_kv_heads: usize,
+    pub kv_source: Option<usize>,
+    pub weights: Vec<(String, ExportedWeight)>,
+}
+
+fn export_matrix(m: &QMatrix) -> Result<ExportedWeight> {
+    let mut values = vec![0f32; m.rows() * m.cols()];
+    for (r, row) in values.chunks_exact_mut(m.cols().max(1)).enumerate() {
+        m.dequantize_row(r, row)?;
+    }
+    Ok(ExportedWeight { shape: vec![m.rows(), m.cols()], values })
+}
+
+fn export_stack<'a>(mats: impl Iterator<Item = &'a QMatrix>) -> Result<ExportedWeight> {
+    let (mut shape, mut values, mut n) = (Vec::new(), Vec::new(), 0);
+    for m in mats {
+        let w = export_matrix(m)?;
+        shape = w.shape;
+        values.extend_from_slice(&w.values);
+        n += 1;
+    }
+    shape.insert(0, n);
+    Ok(ExportedWeight { shape, values })
+}
+
+fn export_vector(v: &[f32]) -> ExportedWeight {
+    ExportedWeight { shape: vec![v.len()], values: v.to_vec() }
+}
+
+impl DecoderLayer {
+    fn export(&self) -> Result<LayerExport> {
+        let mut w: Vec<(String, ExportedWeight)> = Vec::new();
+        let vector = |w: &mut Vec<(String, ExportedWeight)>, role: &str, v: &Option<Vec<f32>>| {
+            if let Some(v) = v {
+                w.push((role.to_string(), export_vector(v)));
+            }
+        };
+        vector(&mut w, "attn_norm", &Some(self.attn_norm.clone()));
+        vector(&mut w, "ffn_norm", &Some(self.ffn_norm.clone()));
+        for (role, v) in [
+            ("attn_q_bias", &self.bq),
+            ("attn_k_bias", &self.bk),
+            ("attn_v_bias", &self.bv),
+            ("attn_output_bias", &self.bo),
+            ("attn_sinks", &self.sinks),
+            ("attn_q_norm", &self.q_norm),
+            ("attn_k_norm", &self.k_norm),
+            ("attn_post_norm", &self.attn_post_norm),
+            ("ffn_post_norm", &self.ffn_post_norm),
+        ] {
+            vector(&mut w, role, v);
+        }
+        vector(&mut w, "layer_output_scale", &self.output_scale.map(|s| vec![s]));
+        for (role, m) in [("attn_q", Some(&self.wq)), ("attn_k", self.wk.as_ref()), ("attn_v", self.wv.as_ref()), ("attn_output", Some(&self.wo))] {
+            if let Some(m) = m {
+                w.push((role.to_string(), export_matrix(m)?));
+            }
+        }
+        if let Some([gate, up, down]) = self.ffn.dense() {
+            for (role, m) in [("ffn_gate", gate), ("ffn_up", up), ("ffn_down", down)] {
+                w.push((role.to_string(), export_matrix(m)?));
+            }
+        }
+        if let Ffn::Parallel { dense_post_norm, moe_norm, moe_post_norm, .. } = &self.ffn {
+            for (role, v) in [("ffn_post_norm_1", dense_post_norm), ("ffn_pre_norm_2", moe_norm), ("ffn_post_norm_2", moe_post_norm)] {
+                w.push((role.to_string(), export_vector(v)));
+            }
+        }
+        if let Some(moe) = self.ffn.moe() {
+            w.push(("ffn_gate_inp".to_string(), export_matrix(&moe.router)?));
+            vector(&mut w, "ffn_gate_inp_bias", &moe.router_bias);
+            vector(&mut w, "ffn_gate_inp_scale", &moe.router_scale);
+            vector(&mut w, "ffn_down_exps_scale", &moe.expert_scale);
+            w.push(("ffn_gate_exps".to_string(), export_stack(moe.experts.iter().map(|e| &e.gate))?));
+            w.push(("ffn_up_exps".to_string(), export_stack(moe.experts.iter().map(|e| &e.up))?));
+            w.push(("ffn_down_exps".to_string(), export_stack(moe.experts.iter().map(|e| &e.down))?));
+            let gate_biases: Option<Vec<Vec<f32>>> = moe.experts.iter().map(|e| e.gate_bias.clone()).collect();
+            let up_biases: Option<Vec<Vec<f32>>> = moe.experts.iter().map(|e| e.up_bias.clone()).collect();
+            let down_biases: Option<Vec<Vec<f32>>> = moe.experts.iter().map(|e| e.down_bias.clone()).collect();
+            for (role, biases) in [("ffn_gate_exps_bias", gate_biases), ("ffn_up_exps_bias", up_biases), ("ffn_down_exps_bias", down_biases)] {
+                if let Some(b) = biases {
+                    let len = b.first().map_or(0, Vec::len);
+                    w.push((role.to_string(), ExportedWeight { shape: vec![b.len(), len], values: b.concat() }));
+                }
+            }
+        }
+        if let Some(p) = &self.per_layer {
+            w.push(("ple_gate".to_string(), export_matrix(&p.gate)?));
+            w.push(("ple_proj".to_string(), export_matrix(&p.proj)?));
+            w.push(("ple_post_norm".to_string(), export_vector(&p.post_norm)));
+        }
+        Ok(LayerExport { sliding: self.sliding, head_dim: self.head_dim, n_kv_heads: self.n_kv_heads, kv_source: self.kv_source, weights: w })
+    }
+}
+
 /// A session's next tokens in a batched forward call. Its positions continue the cache:
 /// `cache.len() .. cache.len() + n_tokens`.
 pub struct SeqChunk<'a> {
@@ -545,7 +691,7 @@ fn union_shapes<'a>(mats: impl Iterator<Item = &'a QMatrix>) -> Vec<ActShape> {
 /// Where each layer of a forward run keeps its keys and values in a session's cache: one
 /// cache layer per layer with keys and values of its own, and one per source layer outside
 /// the run that a layer of it shares (see `DecoderConfig::kv_source`).
-struct KvPlan {
+pub(crate) struct KvPlan {
     layouts: Vec<KvLayout>,
     /// Per run layer: its cache layer.
     slot: Vec<usize>,
@@ -637,6 +783,14 @@ impl DecoderSpan {
         self.layers.len()
     }
 
+    /// Span layer `layer` as loaded, dequantized for another backend (see [`LayerExport`]).
+    pub fn export_layer(&self, layer: usize) -> Result<LayerExport> {
+        self.layers
+            .get(layer)
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} of a span of {} layers", self.layers.len())))?
+            .export()
+    }
+
     /// Bytes of weights the span holds.
     pub fn nbytes(&self) -> usize {
         self.layers.iter().map(DecoderLayer::nbytes).sum()
@@ -662,29 +816,12 @@ impl DecoderSpan {
     /// (sliding-window layers give theirs back once they drop old positions).
     pub fn kv_bytes_per_position(&self, layers: Range<usize>) -> usize {
         let layers = layers.start.min(self.layers.len())..layers.end.min(self.layers.len());
-        self.kv_plan(layers).layouts.iter().map(|l| 2 * l.kv_dim * self.kv_dtype.size()).sum()
+        self.cfg.kv_bytes_per_position(self.first_layer, layers, self.kv_dtype)
     }
 
     /// The cache layers of a run of span layers `layers`.
     fn kv_plan(&self, layers: Range<usize>) -> KvPlan {
-        let mut plan = KvPlan { layouts: Vec::new(), slot: Vec::new(), imported: Vec::new(), holders: Vec::new() };
-        for l in layers {
-            let own = self.first_layer + l;
-            let holder = self.layers[l].kv_source.unwrap_or(own);
-            let slot = match plan.slot_of(holder) {
-                Some(slot) => slot,
-                None => {
-                    if holder != own {
-                        plan.imported.push(holder);
-                    }
-                    plan.layouts.push(self.cfg.kv_layout_of(holder));
-                    plan.holders.push((holder, plan.layouts.len() - 1));
-                    plan.layouts.len() - 1
-                }
-            };
-            plan.slot.push(slot);
-        }
-        plan
+        self.cfg.kv_plan(self.first_layer, layers)
     }
 
     /// Runs the batch through every layer: `rows` holds `(sum of n_tokens, row_width(first
@@ -777,6 +914,9 @@ impl DecoderSpan {
             )));
         }
         for s in seqs.iter() {
+            if s.cache.slot().is_some() {
+                return Err(Error::InvalidArgument("a KV cache kept by another backend (torch) runs there, not on the CPU".into()));
+            }
             if s.cache.layouts() != plan.layouts {
                 return Err(Error::InvalidArgument(format!(
                     "KV cache was made for {} layers, this pass runs {} layers with {} cache layers \

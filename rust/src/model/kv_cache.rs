@@ -19,6 +19,13 @@
 //!   ones, and 0 (starting over needs no keys). Further back is an error, never wrong
 //!   results. Truncating moves nothing (a failed retry can restore the length); a layer
 //!   truncated to 0 restarts its rows at the next step.
+//!
+//! A cache may keep its rows elsewhere ([`KvCache::elsewhere`]): another backend (the torch
+//! path, on a GPU) stores them under a [`Slot`] id, and this cache is only the book-keeping
+//! (positions, bases, what is held), so budgets, retries and refusals follow the same rules
+//! whichever backend computes.
+
+use std::sync::{Arc, Mutex};
 
 use half::f16;
 
@@ -75,14 +82,18 @@ pub struct KvLayout {
 enum Rows {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    /// Kept by another backend ([`KvCache::elsewhere`]): how many values it would hold here.
+    Elsewhere(usize),
 }
 
-/// `$body` with `$v` bound to the rows' vector, whatever its type.
+/// `$body` with `$v` bound to the rows' vector, whatever its type; `$elsewhere` for rows
+/// another backend keeps (`n` bound to their count).
 macro_rules! each {
-    ($rows:expr, $v:ident => $body:expr) => {
+    ($rows:expr, $v:ident => $body:expr, $n:ident => $elsewhere:expr) => {
         match $rows {
             Rows::F32($v) => $body,
             Rows::F16($v) => $body,
+            Rows::Elsewhere($n) => $elsewhere,
         }
     };
 }
@@ -96,13 +107,15 @@ impl Rows {
     }
 
     fn len(&self) -> usize {
-        each!(self, v => v.len())
+        each!(self, v => v.len(), n => *n)
     }
 
+    /// Bytes allocated in this process (none for rows kept elsewhere).
     fn capacity_bytes(&self) -> usize {
         match self {
             Rows::F32(v) => v.capacity() * 4,
             Rows::F16(v) => v.capacity() * 2,
+            Rows::Elsewhere(_) => 0,
         }
     }
 
@@ -111,14 +124,14 @@ impl Rows {
         each!(self, v => {
             v.reserve_exact(len.saturating_sub(v.len()));
             v.resize(len, Default::default());
-        })
+        }, n => *n = len)
     }
 
     fn shrink_to(&mut self, len: usize) {
         each!(self, v => {
             v.truncate(len);
             v.shrink_to_fit();
-        })
+        }, n => *n = (*n).min(len))
     }
 
     /// A copy of the first `n` values.
@@ -126,24 +139,86 @@ impl Rows {
         match self {
             Rows::F32(v) => Rows::F32(v[..n].to_vec()),
             Rows::F16(v) => Rows::F16(v[..n].to_vec()),
+            Rows::Elsewhere(_) => Rows::Elsewhere(n),
         }
     }
 
+    /// Moves values `src` to `dest` (rows kept elsewhere are indexed by absolute position
+    /// there: nothing moves).
     fn copy_within(&mut self, src: std::ops::Range<usize>, dest: usize) {
-        each!(self, v => v.copy_within(src, dest))
+        each!(self, v => v.copy_within(src, dest), _n => ())
     }
 
     fn shared(&mut self) -> RowsShared {
         match self {
             Rows::F32(v) => RowsShared::F32(SharedMut::new(v)),
             Rows::F16(v) => RowsShared::F16(SharedMut::new(v)),
+            Rows::Elsewhere(_) => unreachable!("the CPU forward refuses caches kept elsewhere"),
+        }
+    }
+
+    /// Appends the first `n` values' little-endian bytes to `out`.
+    fn write_le(&self, n: usize, out: &mut Vec<u8>) {
+        match self {
+            Rows::F32(v) => v[..n].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Rows::F16(v) => v[..n].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Rows::Elsewhere(_) => unreachable!("rows kept elsewhere are exported by their backend"),
+        }
+    }
+
+    /// Sets the first values from little-endian `bytes` (as many as they hold).
+    fn read_le(&mut self, bytes: &[u8]) {
+        match self {
+            Rows::F32(v) => v.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(x, b)| *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Rows::F16(v) => v.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(x, b)| *x = f16::from_le_bytes([b[0], b[1]])),
+            Rows::Elsewhere(_) => unreachable!("rows kept elsewhere are imported by their backend"),
         }
     }
 
     #[cfg(test)]
     #[allow(clippy::useless_conversion)] // f32 -> f32 in the f32 arm, f16 -> f32 in the other
     fn at(&self, i: usize) -> f32 {
-        each!(self, v => f32::from(v[i]))
+        each!(self, v => f32::from(v[i]), _n => unreachable!())
+    }
+}
+
+/// `rows(layer, from, to, out)`: appends the keys then the values of positions `from..to` of
+/// cache layer `layer` to `out` (see [`KvCache::export_state_with`]).
+pub type ReadRows<'a> = dyn FnMut(usize, usize, usize, &mut Vec<u8>) -> Result<()> + 'a;
+
+/// `put(layer, base, keys, values)`: takes a layer's rows from a state, little-endian bytes of
+/// positions `base..` (see [`KvCache::import_state_with`]).
+pub type PutRows<'a> = dyn FnMut(usize, usize, &[u8], &[u8]) -> Result<()> + 'a;
+
+/// The id under which another backend keeps one cache's keys and values. Dropping it (with
+/// its cache) queues the id on the backend's free list: never a call into the backend, since
+/// a cache may be dropped under the session table's lock, where taking Python's GIL could
+/// deadlock. The backend frees queued ids at its next call.
+pub struct Slot {
+    id: u64,
+    /// The span layers the cache was made for (the backend lays its rows out for them).
+    layers: std::ops::Range<usize>,
+    freed: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Slot {
+    /// Slot `id` of a cache for span layers `layers`, queued on `freed` when dropped.
+    pub fn new(id: u64, layers: std::ops::Range<usize>, freed: Arc<Mutex<Vec<u64>>>) -> Self {
+        Slot { id, layers, freed }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn layers(&self) -> std::ops::Range<usize> {
+        self.layers.clone()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.freed.lock().unwrap_or_else(|e| e.into_inner()).push(self.id);
     }
 }
 
@@ -229,12 +304,13 @@ pub(crate) struct LayerShared {
 /// Keys and values of a session's positions, per layer, laid out `(row, n_kv_heads,
 /// head_dim)` so appending a token is one contiguous write; sliding-window layers hold a
 /// bounded window (see the module documentation).
-#[derive(Clone)]
 pub struct KvCache {
     dtype: KvDtype,
     len: usize,
     max_len: usize,
     layers: Vec<LayerKv>,
+    /// Where another backend keeps the rows (`None`: here).
+    slot: Option<Slot>,
 }
 
 impl KvCache {
@@ -256,7 +332,29 @@ impl KvCache {
                 LayerKv { keys: Rows::new(dtype), values: Rows::new(dtype), kv_dim: l.kv_dim, window, base: 0, slack }
             })
             .collect();
-        KvCache { dtype, len: 0, max_len, layers }
+        KvCache { dtype, len: 0, max_len, layers, slot: None }
+    }
+
+    /// [`with_layers`](Self::with_layers) for a cache whose rows another backend keeps under
+    /// `slot` (indexed by absolute position there): this one keeps the book only.
+    pub fn elsewhere(layers: &[KvLayout], max_len: usize, dtype: KvDtype, slot: Slot) -> Self {
+        let mut cache = Self::with_layers(layers, max_len, dtype);
+        for l in &mut cache.layers {
+            (l.keys, l.values) = (Rows::Elsewhere(0), Rows::Elsewhere(0));
+        }
+        cache.slot = Some(slot);
+        cache
+    }
+
+    /// The slot of a cache whose rows are kept elsewhere.
+    pub fn slot(&self) -> Option<&Slot> {
+        self.slot.as_ref()
+    }
+
+    /// Each layer's first position held (rows before it were dropped), as a step starting
+    /// now would see them: what another backend needs besides the positions.
+    pub fn bases(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| if self.len == 0 { 0 } else { l.base }).collect()
     }
 
     /// Each layer's window and width, as made.
@@ -424,6 +522,19 @@ impl KvCache {
     /// only the rows those positions occupy are copied, so a fork costs what it holds. An
     /// error as for [`truncate`](Self::truncate).
     pub fn fork(&self, len: usize) -> Result<KvCache> {
+        if self.slot.is_some() {
+            return Err(Error::InvalidArgument("a cache kept elsewhere forks through its backend".into()));
+        }
+        self.fork_book(len, None)
+    }
+
+    /// [`fork`](Self::fork) of a cache kept elsewhere: the copy's book, its rows to be copied
+    /// by the backend into `slot`.
+    pub fn fork_elsewhere(&self, len: usize, slot: Slot) -> Result<KvCache> {
+        self.fork_book(len, Some(slot))
+    }
+
+    fn fork_book(&self, len: usize, slot: Option<Slot>) -> Result<KvCache> {
         self.check_truncate(len)?;
         let len = len.min(self.len);
         let layers = self
@@ -441,7 +552,7 @@ impl KvCache {
                 }
             })
             .collect();
-        Ok(KvCache { dtype: self.dtype, len, max_len: self.max_len, layers })
+        Ok(KvCache { dtype: self.dtype, len, max_len: self.max_len, layers, slot })
     }
 
     /// Forgets every position from `len` on (to replay or roll back); an error, leaving the
@@ -468,6 +579,20 @@ impl KvCache {
     /// then the keys and the values of the positions it holds, in the cache's type. Only
     /// what is held travels: a sliding layer's window, not the whole context.
     pub fn export_state(&self) -> Vec<u8> {
+        let own = |layer: usize, from: usize, to: usize, out: &mut Vec<u8>| {
+            let l = &self.layers[layer];
+            let values = (to - from) * l.kv_dim;
+            l.keys.write_le(values, out);
+            l.values.write_le(values, out);
+            Ok::<(), Error>(())
+        };
+        self.export_state_with(&mut { own }).expect("a cache's own rows export")
+    }
+
+    /// [`export_state`](Self::export_state) with the rows from `rows(layer, from, to, out)`,
+    /// which appends the keys then the values of positions `from..to` of cache layer `layer`
+    /// (for a cache kept elsewhere, read from its backend).
+    pub fn export_state_with(&self, rows: &mut ReadRows<'_>) -> Result<Vec<u8>> {
         let held: usize = self.layers.iter().map(|l| self.len.saturating_sub(l.base) * l.kv_dim * 2 * self.dtype.size()).sum();
         let mut out = Vec::with_capacity(STATE_HEADER_LEN + self.layers.len() * STATE_LAYER_LEN + held);
         out.push(STATE_VERSION);
@@ -477,38 +602,49 @@ impl KvCache {
         });
         out.extend_from_slice(&(self.layers.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.len as u64).to_le_bytes());
-        for l in &self.layers {
+        for (i, l) in self.layers.iter().enumerate() {
             // After a truncation to 0 a sliding layer may keep an old base: nothing is held.
             let base = if self.len == 0 { 0 } else { l.base };
-            let values = (self.len - base) * l.kv_dim;
             out.extend_from_slice(&(l.kv_dim as u32).to_le_bytes());
             out.extend_from_slice(&(l.window.unwrap_or(0) as u32).to_le_bytes());
             out.extend_from_slice(&(base as u64).to_le_bytes());
-            for rows in [&l.keys, &l.values] {
-                match rows {
-                    Rows::F32(v) => v[..values].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-                    Rows::F16(v) => v[..values].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-                }
+            let at = out.len();
+            rows(i, base, self.len, &mut out)?;
+            let expected = 2 * (self.len - base) * l.kv_dim * self.dtype.size();
+            if out.len() - at != expected {
+                return Err(Error::Shape(format!("layer {i}'s rows came as {} bytes, not {expected}", out.len() - at)));
             }
         }
-        out
+        Ok(out)
     }
 
     /// Loads a state [`export_state`](Self::export_state) wrote into this empty cache, which
     /// must have the same layers (widths, windows) and type; an error naming the difference
     /// otherwise (a corrupt or foreign state), leaving the cache empty.
     pub fn import_state(&mut self, state: &[u8]) -> Result<()> {
+        self.import_state_with(state, &mut |_, _, _, _| Ok(()))
+    }
+
+    /// [`import_state`](Self::import_state), giving each layer's rows to `put(layer, base,
+    /// keys, values)` (little-endian bytes of positions `base..`): a cache kept elsewhere
+    /// hands them to its backend; one kept here has already stored them.
+    pub fn import_state_with(&mut self, state: &[u8], put: &mut PutRows<'_>) -> Result<()> {
         if self.len != 0 {
             return Err(Error::InvalidArgument("a KV state loads only into an empty cache".to_string()));
         }
-        let result = self.read_state(state);
+        let result = self.read_state(state, put);
         if result.is_err() {
-            *self = KvCache::with_layers(&self.layouts(), self.max_len, self.dtype);
+            self.len = 0;
+            for l in &mut self.layers {
+                l.base = 0;
+                l.keys.shrink_to(0);
+                l.values.shrink_to(0);
+            }
         }
         result
     }
 
-    fn read_state(&mut self, state: &[u8]) -> Result<()> {
+    fn read_state(&mut self, state: &[u8], put: &mut PutRows<'_>) -> Result<()> {
         let bad = |what: String| Error::InvalidArgument(format!("KV state: {what}"));
         let mut r = StateReader { bytes: state, at: 0 };
         let version = r.take(1)?[0];
@@ -547,14 +683,15 @@ impl KvCache {
             };
             let values = (len - base) * kv_dim;
             l.base = base;
-            for rows in [&mut l.keys, &mut l.values] {
-                let bytes = r.take(values * dtype.size())?; // present before anything is allocated
+            // Present before anything is allocated.
+            let (keys, vals) = (r.take(values * dtype.size())?, r.take(values * dtype.size())?);
+            for (rows, bytes) in [(&mut l.keys, keys), (&mut l.values, vals)] {
                 rows.grow_to(values);
-                match rows {
-                    Rows::F32(v) => v.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(x, b)| *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                    Rows::F16(v) => v.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(x, b)| *x = f16::from_le_bytes([b[0], b[1]])),
+                if !matches!(rows, Rows::Elsewhere(_)) {
+                    rows.read_le(bytes);
                 }
             }
+            put(i, base, keys, vals)?;
         }
         if r.at != state.len() {
             return Err(bad(format!("{} bytes past its end", state.len() - r.at)));
@@ -715,7 +852,7 @@ mod tests {
             assert_eq!(fork.layers[1].rows(), 41);
             assert_eq!(fork.layers[0].rows(), 41 - fork.layers[0].base);
             assert_rows_hold_their_positions(&fork);
-            let mut cut = cache.clone();
+            let mut cut = cache.fork(cache.len()).unwrap();
             cut.truncate(41).unwrap();
             let mut fork = fork;
             for c in [&mut cut, &mut fork] {
@@ -759,7 +896,7 @@ mod tests {
             assert!(c.import_state(&state[..n]).is_err());
         }
         // A cache that holds positions takes no state.
-        assert!(cache.clone().import_state(&state).unwrap_err().to_string().contains("only into an empty cache"));
+        assert!(cache.fork(cache.len()).unwrap().import_state(&state).unwrap_err().to_string().contains("only into an empty cache"));
     }
 
     #[test]
@@ -778,5 +915,52 @@ mod tests {
         unsafe { l.keys.write(0, &[1.0 / 3.0; 8]) };
         assert_eq!(f16s.layers[0].keys.at(0), f16::from_f32(1.0 / 3.0).to_f32());
         assert!(KvDtype::from_name("bf16").unwrap_err().to_string().contains("f32 or f16"));
+    }
+
+    #[test]
+    fn a_cache_kept_elsewhere_keeps_the_same_book_and_state_as_one_kept_here() {
+        let layouts = [KvLayout { window: Some(8), kv_dim: 4 }, KvLayout { window: None, kv_dim: 2 }];
+        let mut here = KvCache::with_layers(&layouts, 100, KvDtype::F16);
+        let freed = Arc::new(Mutex::new(Vec::new()));
+        let mut there = KvCache::elsewhere(&layouts, 100, KvDtype::F16, Slot::new(7, 2..4, Arc::clone(&freed)));
+        assert_eq!((there.slot().map(Slot::id), there.slot().map(Slot::layers)), (Some(7), Some(2..4)));
+        for n in [5, 1, 1, 20, 1, 1, 1, 3] {
+            step(&mut here, n);
+            there.reserve(n).unwrap();
+            there.advance(n);
+            assert_eq!((here.len(), here.held_bytes(), here.bases()), (there.len(), there.held_bytes(), there.bases()));
+            for t in 0..=here.len() {
+                assert_eq!(here.check_truncate(t).is_ok(), there.check_truncate(t).is_ok(), "truncating to {t}");
+            }
+        }
+        assert_eq!(there.nbytes(), 0, "no rows in this process");
+        // Its backend's rows (here: the other cache's) make the same state, byte for byte.
+        let from_here = |layer: usize, from: usize, to: usize, out: &mut Vec<u8>| {
+            let l = &here.layers[layer];
+            assert_eq!(from, if here.len == 0 { 0 } else { l.base });
+            l.keys.write_le((to - from) * l.kv_dim, out);
+            l.values.write_le((to - from) * l.kv_dim, out);
+            Ok(())
+        };
+        let state = there.export_state_with(&mut { from_here }).unwrap();
+        assert_eq!(state, here.export_state());
+        assert!(there.export_state_with(&mut |_, _, _, _| Ok(())).is_err(), "rows missing from a state");
+        // Imported elsewhere: the book as exported, each layer's rows handed to the backend.
+        let mut taken = KvCache::elsewhere(&layouts, 100, KvDtype::F16, Slot::new(8, 2..4, Arc::clone(&freed)));
+        let mut got = Vec::new();
+        taken.import_state_with(&state, &mut |layer, base, keys, values| {
+            got.push((layer, base, keys.len(), values.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((taken.len(), taken.held_bytes(), taken.bases()), (here.len(), here.held_bytes(), here.bases()));
+        let rows = |l: usize| here.len() - here.bases()[l];
+        assert_eq!(got, vec![(0, here.bases()[0], rows(0) * 4 * 2, rows(0) * 4 * 2), (1, 0, rows(1) * 2 * 2, rows(1) * 2 * 2)]);
+        // A fork keeps the book under its own slot; dropping caches queues their slots.
+        let fork = there.fork_elsewhere(there.len() - 1, Slot::new(9, 2..4, Arc::clone(&freed))).unwrap();
+        assert_eq!((fork.len(), fork.slot().map(Slot::id)), (there.len() - 1, Some(9)));
+        assert!(there.fork(1).is_err(), "a cache kept elsewhere forks through its backend");
+        drop((there, taken, fork));
+        assert_eq!(*freed.lock().unwrap(), vec![7, 8, 9]);
     }
 }

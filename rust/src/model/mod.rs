@@ -9,7 +9,7 @@ pub mod weights;
 
 pub use decoder::{DecoderConfig, DecoderSpan, SeqChunk};
 pub use head::{OutputHead, PerLayerInputs, TokenEmbedding};
-pub use kv_cache::{KvCache, KvDtype};
+pub use kv_cache::{KvCache, KvDtype, KvLayout, Slot};
 pub use moe::MoeConfig;
 
 #[cfg(test)]

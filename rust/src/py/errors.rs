@@ -22,6 +22,7 @@ fn class_name(err: &Error) -> &'static str {
         Error::Network(_) => "NetworkError",
         Error::Worker { .. } => "WorkerError",
         Error::Timeout(_) => "RequestTimeoutError",
+        Error::Backend(_) => "BackendError",
     }
 }
 

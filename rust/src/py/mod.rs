@@ -9,6 +9,7 @@ mod logging;
 mod model;
 mod net;
 mod quant;
+mod torch_span;
 mod wire;
 
 use pyo3::prelude::*;
@@ -23,6 +24,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     model::register(m)?;
     net::register(m)?;
     quant::register(m)?;
+    torch_span::register(m)?;
     wire::register(m)?;
     Ok(())
 }

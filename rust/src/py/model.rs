@@ -71,6 +71,16 @@ impl PyKvCache {
     fn lock(&self) -> MutexGuard<'_, KvCache> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Wraps a cache made in Rust.
+    pub(crate) fn wrap(cache: KvCache) -> Self {
+        PyKvCache { inner: Arc::new(Mutex::new(cache)) }
+    }
+
+    /// The cache, shared with a forward pass running without the GIL.
+    pub(crate) fn shared(&self) -> Arc<Mutex<KvCache>> {
+        Arc::clone(&self.inner)
+    }
 }
 
 #[pymethods]
@@ -139,7 +149,7 @@ fn optional<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -
     }
 }
 
-fn decoder_config(d: &Bound<'_, PyDict>) -> PyResult<DecoderConfig> {
+pub(crate) fn decoder_config(d: &Bound<'_, PyDict>) -> PyResult<DecoderConfig> {
     let quantize = match d.get_item("quantize")? {
         Some(v) if !v.is_none() => Some(GgmlType::from_name(&v.extract::<String>()?).map_err(to_py_err)?),
         _ => None,
@@ -280,9 +290,43 @@ impl PyDecoderSpan {
         self.span.kv_dtype().name()
     }
 
+    /// layer_weights(layer) -> dict: span layer `layer` as loaded, for the torch path:
+    /// `sliding` (bool), `head_dim`, `n_kv_heads`, `kv_source` (model layer or None), and
+    /// each weight by checkpoint role as a float32 array (dequantized; matrices `(out, in)`,
+    /// experts stacked `(n, out, in)`, norm offsets added).
+    fn layer_weights<'py>(&self, py: Python<'py>, layer: usize) -> PyResult<Bound<'py, PyDict>> {
+        let span = Arc::clone(&self.span);
+        let export = py.detach(move || span.export_layer(layer)).map_err(to_py_err)?;
+        let out = PyDict::new(py);
+        out.set_item("sliding", export.sliding)?;
+        out.set_item("head_dim", export.head_dim)?;
+        out.set_item("n_kv_heads", export.n_kv_heads)?;
+        out.set_item("kv_source", export.kv_source)?;
+        for (role, w) in export.weights {
+            let flat = PyArray1::from_vec(py, w.values);
+            out.set_item(role, flat.reshape(w.shape)?)?;
+        }
+        Ok(out)
+    }
+
     /// A new session cache of at most `max_len` positions.
     fn new_cache(&self, max_len: usize) -> PyKvCache {
         PyKvCache { inner: Arc::new(Mutex::new(self.span.new_cache(max_len))) }
+    }
+
+    /// The cache's state, as a worker hands a session over (`KvCache::export_state`).
+    fn export_state<'py>(&self, py: Python<'py>, cache: &PyKvCache) -> Bound<'py, pyo3::types::PyBytes> {
+        pyo3::types::PyBytes::new(py, &cache.lock().export_state())
+    }
+
+    /// Loads a state (from this or the torch path) into an empty cache of this span.
+    fn import_state(&self, cache: &PyKvCache, state: &[u8]) -> PyResult<()> {
+        cache.lock().import_state(state).map_err(to_py_err)
+    }
+
+    /// A new cache holding a copy of `cache`'s first `len` positions (as `KvCache.fork`).
+    fn fork(&self, cache: &PyKvCache, len: usize) -> PyResult<PyKvCache> {
+        cache.fork(len)
     }
 
     /// Runs one session's next rows through the span: `(tokens, row_width_in)` in (the

@@ -14,6 +14,7 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2};
 
 use super::json::{dict_to_map, value_to_dict};
 use super::model::PyDecoderSpan;
+use super::torch_span::PyTorchSpan;
 use super::wire::{entries_of, matrix_of, model_id, PyEntry};
 use super::to_py_err;
 use crate::error::Error;
@@ -21,7 +22,7 @@ use crate::net::blobs::Blob;
 use crate::net::{
     EchoHandler, FrameHandler, Multiaddr, NetworkKey, Reachability, Node, NodeConfig, PeerId, Providers, Transport,
 };
-use crate::span::{self, ChainHop, Hop, SessionLimits, SpanHandler};
+use crate::span::{self, ChainHop, CpuSpan, Hop, SessionLimits, SpanBackend, SpanHandler};
 use crate::wire::{DType, Limits, ModelId, Span, MODEL_HASH_LEN};
 
 /// The arguments `forward` and `forward_chain` share, parsed.
@@ -271,8 +272,8 @@ impl PyNode {
     }
 
     /// Takes no new sessions from now on (the worker is leaving); held ones carry on.
-    fn drain(&self) {
-        self.node.drain();
+    fn drain(&self, py: Python<'_>) {
+        py.detach(|| self.node.drain());
     }
 
     /// Hands each session the served span holds to another worker of its layers, with its KV
@@ -306,8 +307,8 @@ impl PyNode {
 
     /// Sessions handed over whose End node has not yet asked for them here (it learns where
     /// they went when it does); a leaving worker waits for 0.
-    fn moves_untold(&self) -> usize {
-        self.node.moves_untold()
+    fn moves_untold(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.node.moves_untold())
     }
 
     /// Runs a DHT bootstrap and waits for it.
@@ -453,7 +454,8 @@ impl PyNode {
 
     /// What this node answers to `Info` now, as a dict.
     fn local_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        value_to_dict(py, &self.node.describe())
+        let info = py.detach(|| self.node.describe());
+        value_to_dict(py, &info)
     }
 
     /// Sets what the node serves from now on, with the constructor's meaning of each argument:
@@ -570,8 +572,8 @@ impl PyNode {
     }
 
     /// Sessions the served span holds (0 for echo or no handler).
-    fn session_count(&self) -> usize {
-        self.node.session_count()
+    fn session_count(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.node.session_count())
     }
 
     /// Stops the node (listeners closed, runtime stopped). Idempotent.
@@ -609,12 +611,17 @@ fn handler_of(
     if let Ok(mode) = serve.extract::<String>() {
         return match mode.as_str() {
             "echo" => Ok(Arc::new(EchoHandler::new(*limits))),
-            _ => Err(invalid(format!("serve must be None, \"echo\" or a DecoderSpan, got {mode:?}"))),
+            _ => Err(invalid(format!("serve must be None, \"echo\", a DecoderSpan or a TorchSpan, got {mode:?}"))),
         };
     }
-    let span = serve
-        .cast::<PyDecoderSpan>()
-        .map_err(|_| invalid("serve must be None, \"echo\" or a DecoderSpan".to_string()))?;
+    let backend: Arc<dyn SpanBackend> = if let Ok(span) = serve.cast::<PyDecoderSpan>() {
+        let (span, pool) = span.get().parts();
+        Arc::new(CpuSpan { span, pool })
+    } else if let Ok(span) = serve.cast::<PyTorchSpan>() {
+        span.get().backend()
+    } else {
+        return Err(invalid("serve must be None, \"echo\", a DecoderSpan or a TorchSpan".to_string()));
+    };
     let (Some(name), Some(hash)) = (model_name, model_hash) else {
         return Err(invalid("serving a DecoderSpan needs model_name and model_hash".to_string()));
     };
@@ -622,8 +629,7 @@ fn handler_of(
         .as_slice()
         .try_into()
         .map_err(|_| invalid(format!("model_hash must be {MODEL_HASH_LEN} bytes, got {}", hash.len())))?;
-    let (span, pool) = span.get().parts();
-    Ok(Arc::new(SpanHandler::new(span, pool, ModelId { hash, name }, *limits, session_limits)))
+    Ok(Arc::new(SpanHandler::with_backend(backend, ModelId { hash, name }, *limits, session_limits)))
 }
 
 /// Registers the net classes.

@@ -2,6 +2,7 @@
 //! ([`client`]) and the worker that answers it ([`server`]). Frames are `wire`'s; `net`
 //! carries them.
 
+pub mod backend;
 mod batcher;
 pub mod client;
 mod server;
@@ -12,4 +13,5 @@ mod client_tests;
 mod server_tests;
 
 pub use client::{forward, forward_chain, ChainHop, ChainOutcome, Hop};
+pub use backend::{CpuSpan, SpanBackend};
 pub use server::{SessionLimits, SpanHandler};

@@ -42,9 +42,10 @@ use sha2::{Digest, Sha256};
 
 use super::batcher::{Batcher, Claim, Job};
 use crate::net::{error_frame, error_frame_for, unexpected, FrameHandler, Handed, SendFrame};
-use crate::compute::ThreadPool;
 use crate::error::Error;
-use crate::model::{KvCache, DecoderSpan, SeqChunk};
+use super::backend::{CpuSpan, SpanBackend};
+use crate::compute::ThreadPool;
+use crate::model::{DecoderSpan, KvCache, SeqChunk};
 use crate::wire::{
     DType, Entry, ErrorCode, ErrorReply, ForkSession, Forward, ForwardResult, Handover, Limits, Message, ModelId, SessionId, Shape, Span,
     Tensor,
@@ -222,8 +223,7 @@ fn internal(message: &str) -> Refusal {
 /// Serves `Forward` requests for one span of one model from a session table; see the module
 /// documentation for the session rules.
 pub struct SpanHandler {
-    span: Arc<DecoderSpan>,
-    pool: Arc<ThreadPool>,
+    span: Arc<dyn SpanBackend>,
     model: ModelId,
     limits: Limits,
     session_limits: SessionLimits,
@@ -254,12 +254,16 @@ fn lies(rate: f64, session: SessionId, step: u64) -> bool {
 }
 
 impl SpanHandler {
-    /// A handler running `span` on `pool` for requests naming `model`, decoding frames within
-    /// `limits`.
+    /// A handler running `span` on the CPU with `pool` for requests naming `model`, decoding
+    /// frames within `limits`.
     pub fn new(span: Arc<DecoderSpan>, pool: Arc<ThreadPool>, model: ModelId, limits: Limits, session_limits: SessionLimits) -> Self {
+        Self::with_backend(Arc::new(CpuSpan { span, pool }), model, limits, session_limits)
+    }
+
+    /// [`Self::new`] for a span computed by `span`, whichever backend.
+    pub fn with_backend(span: Arc<dyn SpanBackend>, model: ModelId, limits: Limits, session_limits: SessionLimits) -> Self {
         SpanHandler {
             span,
-            pool,
             model,
             limits,
             session_limits,
@@ -441,7 +445,7 @@ impl SpanHandler {
                 .flat_map(|(job, locked)| locked.guards.iter_mut().zip(&job.input.entries))
                 .map(|(g, e)| SeqChunk { cache: &mut g.cache, n_tokens: e.n_tokens as usize })
                 .collect();
-            self.span.forward_layers(&self.pool, &mut hidden, &mut seqs, first..first + span.layer_count as usize)
+            self.span.forward_layers(&mut hidden, &mut seqs, first..first + span.layer_count as usize)
         };
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(entries, started.elapsed());
         if let Err(err) = result {
@@ -730,7 +734,14 @@ impl SpanHandler {
             handed.to = Err("closed before it could move".to_string());
             return handed;
         }
-        let state = guard.cache.export_state();
+        let state = match self.span.export_state(&guard.cache) {
+            Ok(state) => state,
+            Err(e) => {
+                self.lock_table().moved.remove(&id);
+                handed.to = Err(format!("its state could not be read: {e}"));
+                return handed;
+            }
+        };
         (handed.positions, handed.bytes) = (guard.cache.len(), state.len());
         let frame = Message::Handover(Handover {
             model: self.model.clone(),
@@ -801,7 +812,7 @@ impl SpanHandler {
         }
         let first = (h.span.first_layer - mine.first_layer) as usize;
         let mut cache = self.span.new_cache_for(first..first + h.span.layer_count as usize, self.max_positions());
-        cache.import_state(h.state).map_err(|e| refuse(ErrorCode::InvalidRequest, session, e.to_string()))?;
+        self.span.import_state(&mut cache, h.state).map_err(|e| refuse(ErrorCode::InvalidRequest, session, e.to_string()))?;
         let positions = cache.len();
         let mut table = self.hold(h.session, h.span, owner, Session { cache, last_used: Instant::now(), step: h.step })?;
         table.moved.remove(&h.session); // it may come back to a worker it once left
@@ -866,7 +877,7 @@ impl SpanHandler {
                     format!("session {} holds {} positions, not {}", f.source, guard.cache.len(), f.positions),
                 ));
             }
-            let cache = guard.cache.fork(f.positions as usize).map_err(|e| refuse(ErrorCode::StepMismatch, target, e.to_string()))?;
+            let cache = self.span.fork(&guard.cache, f.positions as usize).map_err(|e| refuse(ErrorCode::StepMismatch, target, e.to_string()))?;
             (cache, guard.step)
         };
         drop(self.hold(f.target, span, owner, Session { cache, last_used: Instant::now(), step })?);
@@ -899,7 +910,7 @@ impl FrameHandler for SpanHandler {
     /// batch (inline ones would run one by one on the event loop). Prefill chunks always go
     /// to the pool.
     fn inline(&self, request: &[u8]) -> bool {
-        request.len() <= INLINE_FRAME_BYTES && self.lock_table().sessions.len() <= 1 && !self.busy()
+        self.span.runs_inline() && request.len() <= INLINE_FRAME_BYTES && self.lock_table().sessions.len() <= 1 && !self.busy()
     }
 
     /// A `Forward` runs on the event loop only if it can run alone at once: with a batch
@@ -964,7 +975,8 @@ impl FrameHandler for SpanHandler {
         self.lock_table().moved.values().filter(|m| matches!(m, Moved::To { told: false, .. })).count()
     }
 
-    /// `{"mode": "span", "model_name", "model_hash" (hex), "first_layer", "n_layers",
+    /// `{"mode": "span", "device" (where the layers run: "cpu", "torch-cpu", "cuda:0 NVIDIA
+    /// ..."), "model_name", "model_hash" (hex), "first_layer", "n_layers",
     /// "sessions", "kv_used_bytes", "draining", "kv_budget_bytes", "max_positions", "hidden",
     /// "span_calls", "span_entries", "largest_batch", "span_seconds" (how sessions have
     /// shared span calls so far), "handed_over", "taken_over"}` (sessions moved away to other
@@ -978,6 +990,7 @@ impl FrameHandler for SpanHandler {
         let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         serde_json::json!({
             "mode": "span",
+            "device": self.span.device(),
             "span_calls": stats.calls,
             "span_entries": stats.entries,
             "largest_batch": stats.largest,

@@ -214,6 +214,7 @@ fn info_describes_the_span_and_its_load() {
     assert_eq!(
         info,
         serde_json::json!({
+            "device": "cpu",
             "mode": "span",
             "span_calls": 1,
             "span_entries": 1,
