@@ -7,7 +7,7 @@ transformers `generate` on the same GPU, in one run of well under ten minutes.
 
 What it measures, after load and warm-up, in this process:
 - the span: every layer of the file as one `LocalSpan` on the device (matrices stored as
-  Q8_0 / Q4_0 / Q4_K kept in their blocks and multiplied by the dequantizing Triton kernels,
+  Q8_0 / Q4_0 / Q5_0 / Q4_K / Q6_K kept in their blocks and multiplied by the dequantizing Triton kernels,
   others bf16), sessions prefilled to each context, then timed decode steps of 1 and 8
   sessions batched (`forward_batch`, the call a worker makes per batch): tokens/s, and the
   weight bytes one step reads over its time against the bandwidth;

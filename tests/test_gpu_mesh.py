@@ -137,9 +137,9 @@ def test_the_end_node_on_torch_gives_the_cpu_paths_rows_logits_and_tokens(smollm
 
 
 def test_matrices_kept_in_their_blocks_give_the_dense_outputs(gemma3_gguf: Path) -> None:
-    """Gemma 3 270M (Q4_K_M): the matrices stored as Q8_0 / Q4_0 / Q4_K stay in their GGUF
-    blocks (what a GPU worker holds, multiplied by the dequantizing kernels; here their
-    dequantize-and-matmul fallback), the others dequantized: the span's outputs equal the
+    """Gemma 3 270M (Q4_K_M): the matrices stored in a type the GPU kernels serve stay in
+    their GGUF blocks (what a GPU worker holds, multiplied by the dequantizing kernels; here
+    their dequantize-and-matmul fallback), the others dequantized: the span's outputs equal the
     all-dense span's to f32 rounding, and it holds those matrices' stored bytes."""
     from meshpy import _native
     from meshpy.gpu.backend import BLOCK_ROLES, torch_span
@@ -157,7 +157,7 @@ def test_matrices_kept_in_their_blocks_give_the_dense_outputs(gemma3_gguf: Path)
     dense, dense_bytes = torch_span(cpu.native, span_config, "torch-cpu", source.checkpoint, names, keep_quantized=False)
     kept = [source.checkpoint.tensor_info(n) for names_i in names for r, n in names_i.items() if r in BLOCK_ROLES]
     kept = [(ty, shape) for ty, shape in kept if ty in KERNEL_TYPES]
-    assert kept  # attn_output and ffn_down are Q4_K in this file (the rest mostly Q5_0)
+    assert kept  # Q5_0 and Q4_K in this file
     saved = sum(4 * int(np.prod(shape)) - _native.tensor_nbytes(ty, list(shape)) for ty, shape in kept)
     assert blocks_bytes == dense_bytes - saved
     rows = np.random.default_rng(0).standard_normal((6, config.hidden)).astype(np.float32)

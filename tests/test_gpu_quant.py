@@ -1,8 +1,8 @@
 """meshpy.gpu.quant against meshpy._native: the torch dequantizers bit-exact with the Rust
 scalar references (and so with ggml) on random blocks of every type they serve; QuantLinear's
 dequantize-and-matmul path against a float64 product of the reference weights; the Triton
-kernels (Q8_0, Q4_0, Q4_K) against that path, on CUDA or under TRITON_INTERPRET=1 (run in a
-subprocess here when this process has neither)."""
+kernels (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) against that path, on CUDA or under TRITON_INTERPRET=1
+(run in a subprocess here when this process has neither)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ F32_DOT_RTOL = 2e-6
 # the output rounded once more. Measured for f16: <= 3e-4.
 HALF_DOT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
-# (rows, cols): rows not a multiple of BLOCK_N (32); several blocks, and for the legacy types a
-# last K tile (128 elements) half full.
-KERNEL_SHAPES = {"Q8_0": (40, 32 * 10), "Q4_0": (40, 32 * 10), "Q4_K": (40, 512)}
+# (rows, cols): rows not a multiple of BLOCK_N (32); several K tiles, for the legacy types a
+# last tile (128 elements) half full, for Q6_K three super-blocks (split_k 2: two and one).
+KERNEL_SHAPES = {
+    "Q8_0": (40, 32 * 10), "Q4_0": (40, 32 * 10), "Q5_0": (40, 32 * 10),
+    "Q4_K": (40, 512), "Q6_K": (40, 768),
+}  # fmt: skip
 
 
 def _blocks(ty: str, rows: int, cols: int, seed: int = 0, random_bytes: bool = False) -> np.ndarray:

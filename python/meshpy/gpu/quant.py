@@ -253,15 +253,16 @@ def dequantize(ty: str, blocks: Tensor, dtype: torch.dtype = torch.float32) -> T
 # replaces each, in place, by its `triton.jit` version (and binds `tl`).
 
 #: The types with a Triton kernel; other types take the dequantize-and-matmul path.
-KERNEL_TYPES = frozenset({"Q8_0", "Q4_0", "Q4_K"})
+KERNEL_TYPES = frozenset({"Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K"})
 #: The most rows of x the kernels take (decode, speculation, small batches); more is prefill.
 KERNEL_MAX_M = 16
 #: Weight rows per program.
 BLOCK_N = 32
 #: Elements per K tile, by type. Untuned (no GPU has timed them yet); compiled for sm_90 by
 #: triton 3.9 at 4 warps they take <= 140 registers a thread, but Q4_K with m > 1: 168, and
-#: with f32 x (full-precision FMA dot) it spills (~3 KB of stack).
-TILE_K = {"Q8_0": 128, "Q4_0": 128, "Q4_K": 256}
+#: with f32 x (full-precision FMA dot) it spills (~3 KB of stack). Q5_0 and Q6_K are not yet
+#: compiled for a GPU at all.
+TILE_K = {"Q8_0": 128, "Q4_0": 128, "Q5_0": 128, "Q4_K": 256, "Q6_K": 256}
 
 tl: Any = None  # triton.language, bound by _triton_kernel()
 
@@ -314,6 +315,23 @@ def _tile_q4_0(row_ptr, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.conste
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
+def _tile_q5_0(row_ptr, n_mask, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    """W[rows, k0 : k0 + BLOCK_K] from Q5_0 blocks (22 bytes: f16 d, 4 bytes qh, 16 bytes qs;
+    ggml-common.h `block_q5_0`): element j's low 4 bits are nibble j // 16 of qs byte j % 16 (as
+    Q4_0), its fifth bit is bit j of the little-endian u32 qh, i.e. bit j % 8 of qh byte j // 8
+    (ggml `dequantize_row_q5_0`'s `xh_0`, `xh_1`); (q - 16) * d."""
+    blk = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    mask = n_mask[:, None] & (blk < K // 32)[None, :]
+    base = row_ptr[:, None] + blk[None, :] * 22
+    d = _load_f16(base, mask)
+    j = tl.arange(0, 32)
+    byte = tl.load(base[:, :, None] + 6 + (j % 16)[None, None, :], mask=mask[:, :, None], other=0)
+    high = tl.load(base[:, :, None] + 2 + (j // 8)[None, None, :], mask=mask[:, :, None], other=0)
+    q = ((byte >> (4 * (j // 16))[None, None, :]) & 0x0F) | (((high >> (j % 8)[None, None, :]) & 1) << 4)
+    w = (q.to(tl.float32) - 16.0) * d[:, :, None]  # (BLOCK_N, blocks, 32)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
 def _tile_q4_k(row_ptr, n_mask, k0, BLOCK_N: tl.constexpr):  # type: ignore[no-untyped-def]
     """W[rows, k0 : k0 + 256] from one Q4_K super-block per row (144 bytes: f16 d, f16 dmin,
     12 bytes scales, 128 bytes qs): sub-block s's scale and min as `get_scale_min_k4`, its
@@ -339,6 +357,29 @@ def _tile_q4_k(row_ptr, n_mask, k0, BLOCK_N: tl.constexpr):  # type: ignore[no-u
     return tl.reshape(w, (BLOCK_N, 256))
 
 
+def _tile_q6_k(row_ptr, n_mask, k0, BLOCK_N: tl.constexpr):  # type: ignore[no-untyped-def]
+    """W[rows, k0 : k0 + 256] from one Q6_K super-block per row (210 bytes: 128 bytes ql, 64
+    bytes qh, 16 int8 scales, f16 d; ggml-common.h `block_q6_K`), as 16 sub-blocks b of 16.
+    Element 16b + i lies in half h = b // 8 at l = 16 (b % 2) + i of 32-element group
+    k = (b // 2) % 4; its low 4 bits are nibble k // 2 of ql[64h + 32 (k % 2) + l], its top 2
+    bits 2k..2k+2 of qh[32h + l] (ggml `dequantize_row_q6_K`'s q1..q4); (d sc[b]) (q - 32)."""
+    base = row_ptr + (k0 // 256) * 210  # (BLOCK_N,)
+    d = _load_f16(base + 208, n_mask)
+    b = tl.arange(0, 16)
+    sc = tl.load(base[:, None] + 192 + b[None, :], mask=n_mask[:, None], other=0)  # (BLOCK_N, 16)
+    scale = d[:, None] * sc.to(tl.int8, bitcast=True).to(tl.float32)
+    h = b // 8
+    k = (b // 2) % 4
+    l = (16 * (b % 2))[:, None] + tl.arange(0, 16)[None, :]  # noqa: E741  (16 sub-blocks, 16)
+    ql = base[:, None, None] + (64 * h + 32 * (k % 2))[None, :, None] + l[None, :, :]
+    qh = base[:, None, None] + (128 + 32 * h)[None, :, None] + l[None, :, :]
+    low = tl.load(ql, mask=n_mask[:, None, None], other=0)  # (BLOCK_N, 16, 16)
+    top = tl.load(qh, mask=n_mask[:, None, None], other=0)
+    q = ((low >> (4 * (k // 2))[None, :, None]) & 0x0F) | (((top >> (2 * k)[None, :, None]) & 3) << 4)
+    w = scale[:, :, None] * (q.to(tl.float32) - 32.0)
+    return tl.reshape(w, (BLOCK_N, 256))
+
+
 def _matmul_kernel(  # type: ignore[no-untyped-def]
     x_ptr, w_ptr, out_ptr, M, N, K, row_bytes, tiles_per_split,
     QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -360,8 +401,12 @@ def _matmul_kernel(  # type: ignore[no-untyped-def]
             w = _tile_q8_0(row_ptr, n_mask, k0, K, BLOCK_N, BLOCK_K)
         elif QTYPE == "Q4_0":
             w = _tile_q4_0(row_ptr, n_mask, k0, K, BLOCK_N, BLOCK_K)
-        else:
+        elif QTYPE == "Q5_0":
+            w = _tile_q5_0(row_ptr, n_mask, k0, K, BLOCK_N, BLOCK_K)
+        elif QTYPE == "Q4_K":
             w = _tile_q4_k(row_ptr, n_mask, k0, BLOCK_N)
+        else:
+            w = _tile_q6_k(row_ptr, n_mask, k0, BLOCK_N)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = m_mask[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=x_mask, other=0.0)
@@ -379,13 +424,13 @@ def _matmul_kernel(  # type: ignore[no-untyped-def]
 def _triton_kernel() -> Any:
     """`_matmul_kernel` as a Triton kernel (the interpreter's when TRITON_INTERPRET is set at
     the first call); imports triton and jits this section's functions in place."""
-    global tl, _load_f16, _tile_q8_0, _tile_q4_0, _tile_q4_k
+    global tl, _load_f16, _tile_q8_0, _tile_q4_0, _tile_q5_0, _tile_q4_k, _tile_q6_k
     import triton
     import triton.language
 
     tl = triton.language
-    _load_f16, _tile_q8_0, _tile_q4_0, _tile_q4_k = (
-        triton.jit(f) for f in (_load_f16, _tile_q8_0, _tile_q4_0, _tile_q4_k)
+    _load_f16, _tile_q8_0, _tile_q4_0, _tile_q5_0, _tile_q4_k, _tile_q6_k = (
+        triton.jit(f) for f in (_load_f16, _tile_q8_0, _tile_q4_0, _tile_q5_0, _tile_q4_k, _tile_q6_k)
     )
     return triton.jit(_matmul_kernel)
 

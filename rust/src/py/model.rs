@@ -17,6 +17,7 @@ use crate::model::KvDtype;
 use crate::model::moe::{ClampedSwiglu, Gating};
 use crate::model::{DecoderConfig, DecoderSpan, KvCache, MoeConfig, OutputHead, PerLayerInputs, SeqChunk, TokenEmbedding};
 use crate::quant::GgmlType;
+use crate::span::{CpuSpan, SpanBackend};
 
 /// Compute threads shared by the spans and heads of one process.
 #[pyclass(name = "ThreadPool", module = "meshpy._native", frozen)]
@@ -226,6 +227,11 @@ impl PyDecoderSpan {
     pub(crate) fn parts(&self) -> (Arc<DecoderSpan>, Arc<ThreadPool>) {
         (Arc::clone(&self.span), Arc::clone(&self.pool))
     }
+
+    /// The span as the span server and `forward_sessions` run it.
+    fn backend(&self) -> CpuSpan {
+        CpuSpan { span: Arc::clone(&self.span), pool: Arc::clone(&self.pool) }
+    }
 }
 
 #[pymethods]
@@ -338,14 +344,8 @@ impl PyDecoderSpan {
         hidden: PyReadonlyArray2<'py, f32>,
         cache: &PyKvCache,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (rows, mut data) = rows_of(&hidden, self.span.row_width(0))?;
-        let (span, pool, cache) = (Arc::clone(&self.span), Arc::clone(&self.pool), Arc::clone(&cache.inner));
-        py.detach(|| {
-            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-            span.forward(&pool, &mut data, &mut [SeqChunk { cache: &mut cache, n_tokens: rows }])
-        })
-        .map_err(to_py_err)?;
-        to_array2(py, data, rows, self.span.row_width(self.span.n_layers()))
+        let rows = hidden.shape()[0];
+        forward_sessions(py, &self.backend(), hidden, &[(cache.shared(), rows)])
     }
 
     /// Values per row entering the span (the hidden state alone for most models).
@@ -368,24 +368,34 @@ impl PyDecoderSpan {
         hidden: PyReadonlyArray2<'py, f32>,
         entries: Vec<(PyRef<'py, PyKvCache>, usize)>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let (rows, mut data) = rows_of(&hidden, self.span.row_width(0))?;
-        let caches: Vec<(Arc<Mutex<KvCache>>, usize)> = entries.iter().map(|(c, n)| (Arc::clone(&c.inner), *n)).collect();
-        for (i, (c, _)) in caches.iter().enumerate() {
-            if caches[..i].iter().any(|(o, _)| Arc::ptr_eq(o, c)) {
-                return Err(PyValueError::new_err("a KV cache appears twice in one batch"));
-            }
-        }
-        let (span, pool) = (Arc::clone(&self.span), Arc::clone(&self.pool));
-        py.detach(|| {
-            let mut guards: Vec<MutexGuard<'_, KvCache>> =
-                caches.iter().map(|(c, _)| c.lock().unwrap_or_else(|e| e.into_inner())).collect();
-            let mut seqs: Vec<SeqChunk> =
-                guards.iter_mut().zip(&caches).map(|(g, (_, n))| SeqChunk { cache: g, n_tokens: *n }).collect();
-            span.forward(&pool, &mut data, &mut seqs)
-        })
-        .map_err(to_py_err)?;
-        to_array2(py, data, rows, self.span.row_width(self.span.n_layers()))
+        let entries: Vec<(Arc<Mutex<KvCache>>, usize)> = entries.iter().map(|(c, n)| (c.shared(), *n)).collect();
+        forward_sessions(py, &self.backend(), hidden, &entries)
     }
+}
+
+/// Runs each entry's rows (stacked in `hidden`, in the entries' order) through every layer
+/// of `span` in one pass, the GIL released: `forward` and `forward_batch` of both span
+/// classes (`DecoderSpan`, `TorchSpan`).
+pub(crate) fn forward_sessions<'py>(
+    py: Python<'py>,
+    span: &dyn SpanBackend,
+    hidden: PyReadonlyArray2<'py, f32>,
+    entries: &[(Arc<Mutex<KvCache>>, usize)],
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let n = span.n_layers();
+    let (rows, mut data) = rows_of(&hidden, span.row_width(0))?;
+    for (i, (c, _)) in entries.iter().enumerate() {
+        if entries[..i].iter().any(|(o, _)| Arc::ptr_eq(o, c)) {
+            return Err(PyValueError::new_err("a KV cache appears twice in one batch"));
+        }
+    }
+    py.detach(|| {
+        let mut guards: Vec<MutexGuard<'_, KvCache>> = entries.iter().map(|(c, _)| c.lock().unwrap_or_else(|e| e.into_inner())).collect();
+        let mut seqs: Vec<SeqChunk> = guards.iter_mut().zip(entries).map(|(g, (_, n))| SeqChunk { cache: g, n_tokens: *n }).collect();
+        span.forward_layers(&mut data, &mut seqs, 0..n)
+    })
+    .map_err(to_py_err)?;
+    to_array2(py, data, rows, span.row_width(n))
 }
 
 /// The token embedding table.

@@ -13,7 +13,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use super::model::{decoder_config, PyKvCache};
+use super::model::{decoder_config, forward_sessions, PyKvCache};
 use super::to_py_err;
 use crate::error::{Error, Result};
 use crate::model::{DecoderConfig, KvCache, KvDtype, SeqChunk, Slot};
@@ -297,34 +297,14 @@ impl PyTorchSpan {
         hidden: PyReadonlyArray2<'py, f32>,
         entries: Vec<(PyRef<'py, PyKvCache>, usize)>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let width = self.backend.row_width(0);
-        if hidden.shape()[1] != width {
-            return Err(PyValueError::new_err(format!("expected rows of width {width}, got shape {:?}", hidden.shape())));
-        }
-        let rows = hidden.shape()[0];
-        let mut data: Vec<f32> = hidden.as_array().iter().copied().collect();
-        let caches: Vec<(Arc<Mutex<KvCache>>, usize)> = entries.iter().map(|(c, n)| (c.shared(), *n)).collect();
-        for (i, (c, _)) in caches.iter().enumerate() {
-            if caches[..i].iter().any(|(o, _)| Arc::ptr_eq(o, c)) {
-                return Err(PyValueError::new_err("a KV cache appears twice in one batch"));
-            }
-        }
-        let backend = Arc::clone(&self.backend);
-        let n = backend.n_layers;
-        py.detach(|| {
-            let mut guards: Vec<MutexGuard<'_, KvCache>> = caches.iter().map(|(c, _)| c.lock().unwrap_or_else(|e| e.into_inner())).collect();
-            let mut seqs: Vec<SeqChunk> = guards.iter_mut().zip(&caches).map(|(g, (_, n))| SeqChunk { cache: g, n_tokens: *n }).collect();
-            backend.forward_layers(&mut data, &mut seqs, 0..n)
-        })
-        .map_err(to_py_err)?;
-        let out = PyArray1::from_vec(py, data);
-        out.reshape([rows, self.backend.row_width(n)])
+        let entries: Vec<(Arc<Mutex<KvCache>>, usize)> = entries.iter().map(|(c, n)| (c.shared(), *n)).collect();
+        forward_sessions(py, self.backend.as_ref(), hidden, &entries)
     }
 
     /// One session's next rows through the span.
-    fn forward<'py>(&self, py: Python<'py>, hidden: PyReadonlyArray2<'py, f32>, cache: PyRef<'py, PyKvCache>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let n = hidden.shape()[0];
-        self.forward_batch(py, hidden, vec![(cache, n)])
+    fn forward<'py>(&self, py: Python<'py>, hidden: PyReadonlyArray2<'py, f32>, cache: &PyKvCache) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let rows = hidden.shape()[0];
+        forward_sessions(py, self.backend.as_ref(), hidden, &[(cache.shared(), rows)])
     }
 }
 
