@@ -323,8 +323,9 @@ class Worker:
         per_layer = [layer_nbytes(source, config, i, self.settings.device) for i in range(config.n_layers)]
         count = layers_that_fit(per_layer, memory, kv_budget)
         if count == 0:
+            room = "--memory" if self.settings.device in ("cpu", "torch-cpu") else f"{self.settings.device}'s free memory"
             raise InvalidArgumentError(
-                f"--memory {format_size(memory)} holds no layer of {self.model.id} "
+                f"{room} {format_size(memory)} holds no layer of {self.model.id} "
                 f"(one needs {format_size(max(per_layer))} next to a {format_size(kv_budget)} KV budget "
                 "and 150 MiB for the process)"
             )
