@@ -21,6 +21,9 @@ from meshpy import _native  # noqa: E402
 from meshpy.gpu import quant  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Where the meshpy this process imported lives (the checkout's python/, or the installed
+#: wheel's site-packages): child processes import the same one.
+MESHPY_HOME = str(Path(quant.__file__).resolve().parents[2])
 
 # Types _native.quantize makes (blocks from random f32 rows, as a checkpoint holds them).
 QUANTIZED_TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
@@ -139,7 +142,7 @@ def test_cpu_path_does_not_import_triton() -> None:
         "print('triton' in sys.modules)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [MESHPY_HOME, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
@@ -200,7 +203,7 @@ def test_kernels_in_interpreter() -> None:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [MESHPY_HOME, str(ROOT), env.get("PYTHONPATH")]))
     args = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "test_kernel_"]
     done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""

@@ -270,8 +270,14 @@ def test_a_killed_dht_peer_stops_costing_lookups_once_its_connection_is_found_de
 # --- a worker serving SmolLM2 from Rust ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2_worker(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+@pytest.fixture(scope="module", params=["cpu", "torch-cpu"])
+def smollm2_worker(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):  # noqa: ANN201
+    """A node serving SmolLM2's 30 layers on the CPU path, then on the torch path (the same
+    frames, sessions, budget and refusals), with a local model on the same path to compare:
+    one session's rows through either path give the same bits every time."""
+    device = request.param
+    if device != "cpu":
+        pytest.importorskip("torch")
     from meshpy.generation import Model
     from meshpy.models.config import read_config
     from meshpy.models.packaged import resolve_packaged
@@ -279,10 +285,10 @@ def smollm2_worker(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from meshpy.pipeline import LocalSpan
 
     path = resolve_packaged("smollm2")
-    local = Model.load(path, threads=1)
+    local = Model.load(path, threads=1, device=device)
     source = open_model_source(path)
     config = read_config(source)
-    span = LocalSpan(source, config, range(0, config.n_layers), _native.ThreadPool(1))
+    span = LocalSpan(source, config, range(0, config.n_layers), _native.ThreadPool(1), device=device)
     model_hash = hashlib.sha256(b"smollm2 test hash").digest()
     root = tmp_path_factory.mktemp("worker")
     worker = _native.Node(str(root / "w"), 0, "tcp", [], span.native, model_name="smollm2", model_hash=model_hash,
